@@ -1,0 +1,31 @@
+# `make demo` and `make test` create .venv when it is missing, then run.
+# GPU users who keep their own torch: `make TORCH= test` skips the pinned CPU-tested build.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+export NO_ALBUMENTATIONS_UPDATE := 1
+
+.PHONY: demo test lint bench clean-demo
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(if $(strip $(TORCH)),$(PY) -m pip install --quiet $(TORCH))
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip check
+	touch $@
+
+demo: $(VENV)/.installed
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash demo/run.sh
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+bench: $(VENV)/.installed
+	$(PY) bench/ingest.py
+
+clean-demo:
+	rm -rf demo/out

@@ -1,0 +1,107 @@
+"""Validating image bytes: every image is decoded once, and what is wrong with it gets a name.
+
+Rejection reasons (the vocabulary shared by every source):
+    empty_file       zero bytes
+    not_an_image     no image format recognised in the bytes
+    too_many_pixels  the header declares more than --max-pixels (refused before decoding)
+    too_small        the short side, after EXIF orientation, is under --min-side
+    truncated        the data ends before the image does
+    corrupt          the decoder failed on the data for another reason
+Accepted images keep their original bytes; flags record what is unusual about them.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+
+# EXIF orientations 5-8 turn the image by 90 degrees: width and height swap on display.
+_TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
+_ORIENTATION_TAG = 0x0112
+
+REASONS = {
+    "empty_file": "zero-byte file",
+    "not_an_image": "no image format recognised",
+    "too_many_pixels": "declared size over --max-pixels (not decoded)",
+    "too_small": "short side under --min-side",
+    "truncated": "data ends before the image does",
+    "corrupt": "decoder failed",
+    "unreadable": "could not be read from the source",
+    "download_failed": "URL could not be downloaded",
+    "duplicate": "same bytes as an earlier sample",
+}
+
+
+@dataclass(frozen=True)
+class ImageCheck:
+    """What decoding an image told us. ``reason`` is None when it is accepted."""
+
+    reason: str | None = None
+    detail: str | None = None
+    width: int | None = None  # as displayed, after EXIF orientation
+    height: int | None = None
+    format: str | None = None  # PIL's name: JPEG, PNG, WEBP, GIF, BMP, TIFF
+    mode: str | None = None  # RGB, RGBA, L, LA, P, CMYK, I;16, 1, ...
+    orientation: int = 1
+    animated: bool = False
+
+    @property
+    def flags(self) -> list[str]:
+        """Accepted but unusual, for the index: counted in the stage totals."""
+        flags = []
+        if self.animated:
+            flags.append("animated")  # the first frame is what later stages use
+        if self.orientation != 1:
+            flags.append("exif_rotated")
+        if self.mode is not None and self.mode not in ("RGB", "L"):
+            flags.append(f"mode_{self.mode}")
+        return flags
+
+
+def check_image(data: bytes, *, min_side: int = 64, max_pixels: int = 89_478_485) -> ImageCheck:
+    """Decode ``data`` fully once and say whether it is a usable image, and why not."""
+    if not data:
+        return ImageCheck("empty_file")
+    try:
+        with warnings.catch_warnings():
+            # We apply our own pixel limit; PIL's warning would be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # reads the header only
+        with img:
+            width, height = img.size
+            if width * height > max_pixels:
+                return ImageCheck(
+                    "too_many_pixels",
+                    f"{width}x{height} = {width * height} pixels > {max_pixels}",
+                    width, height, img.format, img.mode,
+                )
+            orientation = _orientation(img)
+            if orientation in _TRANSPOSED_ORIENTATIONS:
+                width, height = height, width
+            if min(width, height) < min_side:
+                return ImageCheck("too_small", f"{width}x{height}, short side < {min_side}",
+                                  width, height, img.format, img.mode, orientation)
+            animated = bool(getattr(img, "is_animated", False))
+            img.load()  # decodes every pixel of the first frame
+            return ImageCheck(None, None, width, height, img.format, img.mode, orientation, animated)
+    except Image.DecompressionBombError as e:
+        return ImageCheck("too_many_pixels", str(e))
+    except UnidentifiedImageError:
+        return ImageCheck("not_an_image", "no image format recognised")
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
+        message = str(e) or type(e).__name__
+        truncated = "truncated" in message or "broken data stream" in message or isinstance(e, EOFError)
+        return ImageCheck("truncated" if truncated else "corrupt", message[:300])
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        value = img.getexif().get(_ORIENTATION_TAG, 1)
+        return int(value) if 1 <= int(value) <= 8 else 1
+    except Exception:  # a broken EXIF block must not reject an image that decodes
+        return 1

@@ -1,0 +1,216 @@
+"""`curate ingest SRC --out DATA/images`: raw images from anywhere into clean shards.
+
+Each image is read, keyed by its content, decoded once to validate it and stored with its
+original bytes. Per output shard: ``KEY.jpg`` (the original bytes, whatever their format:
+img2dataset's convention, so every sample has the same fields), ``KEY.json`` (metadata)
+and ``KEY.txt`` (the original caption, empty if none). The final pass drops duplicates that
+landed in different shards, keeping the first in shard order, so the accepted samples do
+not depend on how many workers ran.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from PIL import Image
+
+from curate.images import ImageCheck, check_image
+from curate.runner import ShardTask, Stage
+from curate.shards import OK, ShardWriter, committed_shards, read_index, reject_samples, sample_key
+from curate.sources import Record, Source
+
+log = logging.getLogger("curate")
+
+IMAGE_FIELD = "jpg"
+INDEX_SCHEMA = {
+    "source": pl.Utf8,
+    "width": pl.Int32,
+    "height": pl.Int32,
+    "format": pl.Utf8,
+    "mode": pl.Utf8,
+    "bytes": pl.Int64,
+    "caption": pl.Utf8,
+}
+
+
+def _check(record: Record, min_side: int, max_pixels: int) -> tuple[Record, str | None, ImageCheck | None]:
+    """Runs in a worker process: read the bytes if needed, key them, decode once."""
+    if record.error is not None:
+        return record, None, None
+    if record.data is None:
+        try:
+            with open(record.path, "rb") as f:
+                record.data = f.read()
+        except OSError as e:
+            record.error = ("unreadable", f"{type(e).__name__}: {e}"[:300])
+            return record, None, None
+    return record, sample_key(record.data), check_image(record.data, min_side=min_side, max_pixels=max_pixels)
+
+
+def _check_batch(records: list[Record], min_side: int, max_pixels: int) -> list:
+    return [_check(r, min_side, max_pixels) for r in records]
+
+
+def _init_worker(max_pixels: int) -> None:
+    # Our own --max-pixels applies; PIL's global limit must not refuse below it.
+    Image.MAX_IMAGE_PIXELS = max(max_pixels, Image.MAX_IMAGE_PIXELS or 0)
+
+
+def _batched(items: Iterable[Record], size: int) -> Iterator[list[Record]]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class IngestStage(Stage):
+    name = "ingest"
+    version = 1
+    index_schema = INDEX_SCHEMA
+    packages = ("kiln", "pillow", "polars", "pyarrow", "webdataset", "img2dataset", "datasets")
+
+    def __init__(self, source: Source, out_dir: str | os.PathLike, *, shard_size: int = 1000,
+                 min_side: int = 64, max_pixels: int = 89_478_485, workers: int = 1):
+        if shard_size < 1 or min_side < 1 or max_pixels < 1 or workers < 1:
+            raise ValueError("shard_size, min_side, max_pixels and workers must be positive")
+        self.source = source
+        self.out_dir = Path(out_dir)
+        self.shard_size, self.min_side, self.max_pixels = shard_size, min_side, max_pixels
+        self.workers = workers
+        self.pool = None
+
+    def config(self) -> dict[str, Any]:
+        return {"source": self.source.describe(), "shard_size": self.shard_size,
+                "min_side": self.min_side, "max_pixels": self.max_pixels}
+
+    def provenance(self) -> dict[str, Any]:
+        return {"source": self.source.location()}
+
+    def plan(self) -> list[ShardTask]:
+        return self.source.plan(self.shard_size)
+
+    def prepare(self, todo: list[ShardTask]) -> None:
+        self.source.prepare(todo, self.out_dir, self.workers)
+
+    def __enter__(self) -> IngestStage:
+        _init_worker(self.max_pixels)
+        if self.workers > 1:
+            # spawn, not fork: polars and pyarrow hold threads that fork would copy mid-state.
+            ctx = multiprocessing.get_context("spawn")
+            self.pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(self.max_pixels,))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+    def _checked(self, records: Iterable[Record]) -> Iterator[tuple[Record, str | None, ImageCheck | None]]:
+        """Checks in input order; with a pool, a bounded window of batches is in flight."""
+        if self.pool is None:
+            for record in records:
+                yield _check(record, self.min_side, self.max_pixels)
+            return
+        window: deque = deque()
+        for batch in _batched(records, 8):
+            window.append(self.pool.apply_async(_check_batch, (batch, self.min_side, self.max_pixels)))
+            if len(window) >= 4 * self.workers:
+                yield from window.popleft().get()
+        while window:
+            yield from window.popleft().get()
+
+    def process(self, task: ShardTask, writer: ShardWriter, progress: Callable[[int], None]) -> None:
+        first_source: dict[str, str] = {}
+        for record, key, check in self._checked(self.source.records(task)):
+            progress(1)
+            row = {"source": record.source, "caption": record.caption,
+                   "bytes": len(record.data) if record.data is not None else None}
+            if record.error is not None:
+                reason, detail = record.error
+                writer.reject(key, reason, row=row, detail=detail)
+                continue
+            row.update(width=check.width, height=check.height, format=check.format, mode=check.mode)
+            if check.reason is not None:
+                writer.reject(key, check.reason, row=row, detail=check.detail)
+            elif key in first_source:
+                writer.reject(key, "duplicate", row=row, detail=f"same bytes as {first_source[key]}")
+            else:
+                first_source[key] = record.source
+                meta = {"key": key, **{k: v for k, v in row.items() if k != "caption"},
+                        "orientation": check.orientation, "animated": check.animated,
+                        "original_caption": record.caption, **({"source_meta": record.meta} if record.meta else {})}
+                writer.add(key, {IMAGE_FIELD: record.data,
+                                 "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode(),
+                                 "txt": (record.caption or "").encode()},
+                           row=row, flags=check.flags)
+        self.source.done(task)
+
+    def finalize(self, out_dir: Path, tasks: list[ShardTask]) -> dict[str, Any]:
+        self._drop_cross_shard_duplicates(out_dir)
+        self.source.cleanup(out_dir)
+        return summarize_images(out_dir)
+
+    def _drop_cross_shard_duplicates(self, out_dir: Path) -> None:
+        """Keep the first accepted copy of each key in shard order; reject the later ones."""
+        first: dict[str, tuple[int, str, str]] = {}
+        later: dict[int, dict[str, str]] = {}
+        depends: dict[int, dict[str, str]] = {}
+        shards = committed_shards(out_dir)
+        fingerprints = {s.shard_id: s.meta.fingerprint for s in shards}
+        for shard in shards:
+            df = read_index(shard.index_path, columns=["key", "status", "source"]).filter(pl.col("status") == OK)
+            for key, source in zip(df["key"].to_list(), df["source"].to_list(), strict=True):
+                if key in first:
+                    owner, owner_source, _ = first[key]
+                    later.setdefault(shard.shard_id, {})[key] = f"same bytes as {owner_source}"
+                    depends.setdefault(shard.shard_id, {})[str(owner)] = fingerprints[owner]
+                else:
+                    first[key] = (shard.shard_id, source, shard.meta.fingerprint)
+        by_id = {s.shard_id: s for s in shards}
+        for shard_id, rejections in sorted(later.items()):
+            log.info("ingest: shard %d has %d duplicates of earlier shards", shard_id, len(rejections))
+            reject_samples(by_id[shard_id], rejections, "duplicate", depends_on=depends[shard_id])
+
+
+def summarize_images(stage_dir: str | os.PathLike) -> dict[str, Any]:
+    """Formats, modes and sizes of the accepted images (for _stage.json and `curate stats`)."""
+    paths = [str(s.index_path) for s in committed_shards(stage_dir)]
+    if not paths:
+        return {}
+    ok = pl.scan_parquet(paths).filter(pl.col("status") == OK).select(
+        "format", "mode", "width", "height", "bytes"
+    ).collect()
+    if ok.height == 0:
+        return {"images": 0}
+
+    def counts(column: str) -> dict[str, int]:
+        vc = ok[column].fill_null("?").value_counts(sort=True)
+        return {str(k): int(v) for k, v in vc.iter_rows()}
+
+    def quantiles(column: str) -> dict[str, float]:
+        s = ok[column].cast(pl.Float64)
+        return {"min": s.min(), "p50": s.quantile(0.5), "p95": s.quantile(0.95), "max": s.max()}
+
+    short_side = ok.select(pl.min_horizontal("width", "height").alias("short"))["short"]
+    return {
+        "images": ok.height,
+        "formats": counts("format"),
+        "modes": counts("mode"),
+        "short_side": {"min": short_side.min(), "p50": short_side.quantile(0.5), "max": short_side.max()},
+        "megapixels_p50": round(float((ok["width"] * ok["height"]).quantile(0.5)) / 1e6, 3),
+        "bytes": quantiles("bytes"),
+        "total_bytes": int(ok["bytes"].sum()),
+    }

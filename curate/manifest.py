@@ -1,0 +1,202 @@
+"""Manifests: the versioned JSON file a training run reads (``train --shards manifests/long.json``).
+
+A manifest lists the training shards with their sample counts and checksums, the latent spec
+(everything needed to turn stored latents into model inputs and model outputs back into
+images with the same VAE), the caption selection and provenance. ``long.json``,
+``short.json`` and ``mix.json`` point at the same shards and differ only in ``captions``.
+
+Loading validates every field and names the bad one in the error. Shard paths are relative
+to the manifest's folder (or absolute). Shards are data, never code: ``pipe:`` URLs, which
+run a shell command, are refused unless the caller allows them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MANIFEST_VERSION = 1
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; the message names the file and the field or shard."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LatentNormalization(_Strict):
+    """FLUX.2-style normalisation applied after the VAE: patchify, then per-channel batch-norm stats."""
+
+    kind: Literal["batchnorm"] = "batchnorm"
+    patch_size: int = Field(2, ge=1)
+    mean: list[float]
+    var: list[float]
+    eps: float = Field(1e-4, ge=0)
+
+    @model_validator(mode="after")
+    def _same_length(self) -> LatentNormalization:
+        if len(self.mean) != len(self.var):
+            raise ValueError(f"mean has {len(self.mean)} values but var has {len(self.var)}")
+        if any(v < 0 for v in self.var):
+            raise ValueError("var must not be negative")
+        return self
+
+
+class LatentSpec(_Strict):
+    """How the stored latents were made and how to use them."""
+
+    vae: str  # as the user named it: an alias (flux, flux2), a Hub id or a folder
+    vae_id: str  # the resolved Hub id or absolute folder
+    vae_class: str  # diffusers class: AutoencoderKL, AutoencoderKLFlux2, ...
+    revision: str | None = None
+    channels: int = Field(gt=0)  # latent channels as stored (16 for Flux, 32 for FLUX.2)
+    downsample: int = Field(gt=0)  # pixels per latent cell on each side (8)
+    stored: Literal["dist", "mean"]  # dist: mean and std, a fresh latent is sampled per epoch
+    dtype: Literal["bfloat16", "float16", "float32"]
+    scaling_factor: float = 1.0  # model input = (latent - shift_factor) * scaling_factor
+    shift_factor: float = 0.0
+    normalization: LatentNormalization | None = None
+    resolution: int = Field(gt=0)  # target pixel area is resolution**2
+    buckets: list[tuple[int, int]] = Field(default_factory=list)  # (height, width) in pixels
+
+    @field_validator("buckets")
+    @classmethod
+    def _bucket_sides(cls, buckets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        for h, w in buckets:
+            if h <= 0 or w <= 0:
+                raise ValueError(f"bucket {h}x{w} must have positive sides")
+        return buckets
+
+
+class ShardEntry(_Strict):
+    path: str  # relative to the manifest's folder, absolute, or a URL
+    samples: int = Field(ge=0)
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+
+
+class Manifest(_Strict):
+    version: Literal[1] = MANIFEST_VERSION
+    name: str = Field(min_length=1)
+    shards: list[ShardEntry] = Field(min_length=1)
+    samples: int = Field(ge=0)
+    latent: LatentSpec
+    captions: dict[str, float]  # caption variant -> probability of being chosen for a sample
+    provenance: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("captions")
+    @classmethod
+    def _caption_weights(cls, captions: dict[str, float]) -> dict[str, float]:
+        if not captions:
+            raise ValueError("must select at least one caption variant, e.g. {\"long\": 1.0}")
+        for name, weight in captions.items():
+            if not name or not math.isfinite(weight) or weight <= 0:
+                raise ValueError(f"weight of {name!r} must be a positive number (got {weight})")
+        if abs(sum(captions.values()) - 1.0) > 1e-6:
+            raise ValueError(f"weights must sum to 1 (got {sum(captions.values())})")
+        return captions
+
+    @model_validator(mode="after")
+    def _sample_count(self) -> Manifest:
+        total = sum(s.samples for s in self.shards)
+        if total != self.samples:
+            raise ValueError(f"samples is {self.samples} but the shards hold {total}")
+        return self
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    problems = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        problems.append(f"field '{loc}': {msg}")
+    return f"{source}: invalid manifest: " + "; ".join(problems)
+
+
+def parse_manifest(data: dict[str, Any], source: str = "manifest") -> Manifest:
+    """Validate a manifest given as a dict; errors name the field."""
+    if not isinstance(data, dict):
+        raise ManifestError(f"{source}: a manifest is a JSON object, got {type(data).__name__}")
+    version = data.get("version")
+    if version is not None and version != MANIFEST_VERSION:
+        raise ManifestError(f"{source}: field 'version': this toolkit reads version {MANIFEST_VERSION}, got {version!r}")
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as e:
+        raise ManifestError(_format_error(source, e)) from None
+
+
+def load_manifest(
+    path: str | os.PathLike,
+    *,
+    check_files: bool = False,
+    check_checksums: bool = False,
+    allow_pipe: bool = False,
+) -> Manifest:
+    """Read and validate ``path``; optionally check every shard exists (and its sha256)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no such manifest") from None
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}: not valid JSON: {e}") from None
+    manifest = parse_manifest(data, str(path))
+    urls = shard_urls(manifest, path, allow_pipe=allow_pipe)
+    if check_files or check_checksums:
+        verify_shards(manifest, urls, checksums=check_checksums, source=str(path))
+    return manifest
+
+
+def shard_urls(manifest: Manifest, manifest_path: str | os.PathLike, *, allow_pipe: bool = False) -> list[str]:
+    """Shard locations as webdataset URLs: relative paths resolved against the manifest's folder."""
+    base = Path(manifest_path).resolve().parent
+    urls = []
+    for i, shard in enumerate(manifest.shards):
+        if shard.path.startswith("pipe:") and not allow_pipe:
+            raise ManifestError(
+                f"{manifest_path}: field 'shards.{i}.path': {shard.path!r} runs a shell command; "
+                "shards are data, not code (allow pipe: URLs explicitly if you trust this manifest)"
+            )
+        if "://" in shard.path or shard.path.startswith("pipe:") or os.path.isabs(shard.path):
+            urls.append(shard.path)
+        else:
+            urls.append(str(base / shard.path))
+    return urls
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_shards(manifest: Manifest, urls: list[str], *, checksums: bool, source: str = "manifest") -> None:
+    """Every local shard exists and, if asked, matches its recorded sha256."""
+    for i, (shard, url) in enumerate(zip(manifest.shards, urls, strict=True)):
+        if "://" in url or url.startswith("pipe:"):
+            continue  # remote shards are checked as they stream
+        if not os.path.exists(url):
+            raise ManifestError(f"{source}: shard {i} ({shard.path}) does not exist at {url}")
+        if checksums and shard.sha256 is not None and file_sha256(url) != shard.sha256:
+            raise ManifestError(f"{source}: shard {i} ({shard.path}) does not match its sha256: "
+                                "the file changed after the manifest was written")
+
+
+def write_manifest(manifest: Manifest, path: str | os.PathLike) -> Path:
+    """Write atomically (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
+    os.replace(tmp, path)
+    return path

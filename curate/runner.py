@@ -1,0 +1,277 @@
+"""The one stage runner: ingest, recaption and encode-latents are all this loop.
+
+    plan every output shard (deterministic, the same on every worker)
+    take this worker's share (--rank/--world-size, torchrun, Slurm)
+    skip shards already committed with the same input fingerprint and config
+    process the rest shard by shard, committing each atomically
+    when every shard is committed: the stage's final pass, then _stage.json
+
+Scaling out is "launch more workers" (torchrun, Slurm arrays); workers never talk to each
+other. Whichever worker finds every shard committed runs the final pass; it is
+deterministic and idempotent, so two workers doing it at once write the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from curate.shards import (
+    Shard,
+    ShardWriter,
+    add_counts,
+    committed_shards,
+    delete_shard,
+    open_shard,
+    remove_temporaries,
+    stable_hash,
+)
+
+log = logging.getLogger("curate")
+
+STAGE_FILE = "_stage.json"
+
+
+class CurateError(Exception):
+    """A user-facing error: bad arguments or input. The CLI prints it and exits with 2."""
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One output shard to produce: its id, the fingerprint of its input, and what to read."""
+
+    shard_id: int
+    fingerprint: str
+    num_inputs: int  # input samples expected, for the progress bar
+    payload: Any = None
+
+
+class Stage:
+    """What a stage provides to the runner. Subclasses stay short: plan, process, finalize."""
+
+    name: str = "stage"
+    version: int = 1  # bump when the stage's output changes for the same input and config
+    index_schema: dict = {}
+    with_tar: bool = True
+    unit: str = "img"
+    packages: tuple[str, ...] = ("kiln",)  # versions recorded in _stage.json
+
+    def config(self) -> dict[str, Any]:
+        """Settings that change the output; their hash decides whether committed shards are reused."""
+        return {}
+
+    def provenance(self) -> dict[str, Any]:
+        """Context recorded in _stage.json that does not change the output (paths, hosts)."""
+        return {}
+
+    def plan(self) -> list[ShardTask]:
+        raise NotImplementedError
+
+    def prepare(self, todo: list[ShardTask]) -> None:
+        """Called once with this worker's pending shards before processing (e.g. downloads)."""
+
+    def process(self, task: ShardTask, writer: ShardWriter, progress: Callable[[int], None]) -> None:
+        raise NotImplementedError
+
+    def finalize(self, out_dir: Path, tasks: list[ShardTask]) -> dict[str, Any]:
+        """Final pass once every shard is committed; returns a summary for _stage.json."""
+        return {}
+
+    def __enter__(self) -> Stage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class WorkerShare:
+    rank: int
+    world_size: int
+
+    def take(self, tasks: list[ShardTask]) -> list[ShardTask]:
+        # Strided: with shards of equal size, every worker gets the same amount of work.
+        return tasks[self.rank :: self.world_size]
+
+
+def resolve_share(rank: int | None = None, world_size: int | None = None) -> WorkerShare:
+    """Explicit flags win; then torchrun (RANK/WORLD_SIZE); then Slurm tasks and arrays.
+
+    Inside a Slurm array each array task may itself run several tasks (srun -n K): the
+    worker index is then array_index * K + SLURM_PROCID over COUNT * K workers.
+    """
+    env = os.environ
+    if rank is None and world_size is None:
+        if "RANK" in env and "WORLD_SIZE" in env:
+            rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+        elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+            ntasks = int(env.get("SLURM_NTASKS", 1))
+            index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+            rank = index * ntasks + int(env.get("SLURM_PROCID", 0))
+            world_size = int(env["SLURM_ARRAY_TASK_COUNT"]) * ntasks
+        elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+            rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        else:
+            rank, world_size = 0, 1
+    elif rank is None or world_size is None:
+        raise CurateError("--rank and --world-size go together")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise CurateError(f"worker rank {rank} is outside 0..{world_size - 1}")
+    return WorkerShare(rank, world_size)
+
+
+def package_versions(names: Iterable[str]) -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+@dataclass
+class StageResult:
+    processed: list[int] = field(default_factory=list)  # shard ids this worker wrote
+    skipped: list[int] = field(default_factory=list)  # shard ids already committed
+    complete: bool = False  # every shard of the stage is committed and the final pass ran
+    summary: dict[str, Any] = field(default_factory=dict)  # _stage.json, when complete
+
+
+def _is_done(shard: Shard | None, task: ShardTask, config_hash: str, fingerprints: dict[str, str]) -> bool:
+    return (
+        shard is not None
+        and shard.meta.fingerprint == task.fingerprint
+        and shard.meta.config_hash == config_hash
+        and all(fingerprints.get(sid) == fp for sid, fp in shard.meta.depends_on.items())
+        and shard.intact()
+    )
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def run_stage(
+    stage: Stage,
+    out_dir: str | os.PathLike,
+    *,
+    share: WorkerShare | None = None,
+    progress: bool = True,
+) -> StageResult:
+    """Run this worker's share of a stage; finish the stage if every shard is then committed."""
+    out_dir = Path(out_dir)
+    share = share or WorkerShare(0, 1)
+    tasks = stage.plan()
+    ids = [t.shard_id for t in tasks]
+    if ids != sorted(set(ids)):
+        raise RuntimeError(f"{stage.name}: plan must list unique shard ids in order")
+    config = {"stage": stage.name, "stage_version": stage.version, **stage.config()}
+    config_hash = stable_hash(config)
+    fingerprints = {str(t.shard_id): t.fingerprint for t in tasks}
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    result = StageResult()
+    mine = share.take(tasks)
+    todo = []
+    for task in mine:
+        if _is_done(open_shard(out_dir, task.shard_id), task, config_hash, fingerprints):
+            result.skipped.append(task.shard_id)
+        else:
+            todo.append(task)
+    log.info(
+        "%s: %d shards in all; worker %d/%d has %d, %d already committed, %d to do",
+        stage.name, len(tasks), share.rank, share.world_size, len(mine), len(result.skipped), len(todo),
+    )
+
+    with stage:
+        if todo:
+            stage.prepare(todo)
+        bar = tqdm(
+            total=sum(t.num_inputs for t in todo),
+            unit=stage.unit,
+            desc=f"{stage.name} [{share.rank}/{share.world_size}]",
+            disable=not progress,
+            dynamic_ncols=True,
+            mininterval=0.5 if sys.stderr.isatty() else 10.0,
+            file=sys.stderr,
+        )
+        with bar:
+            for task in todo:
+                remove_temporaries(out_dir, task.shard_id)
+                writer = ShardWriter(out_dir, task.shard_id, stage.index_schema, with_tar=stage.with_tar)
+                try:
+                    stage.process(task, writer, bar.update)
+                    writer.commit(stage=stage.name, fingerprint=task.fingerprint, config_hash=config_hash)
+                except BaseException:
+                    writer.abort()
+                    raise
+                result.processed.append(task.shard_id)
+
+        # Finish the stage if every worker's shards are in (this one may be the last to end).
+        if all(_is_done(open_shard(out_dir, t.shard_id), t, config_hash, fingerprints) for t in tasks):
+            extra = stage.finalize(out_dir, tasks)
+            result.summary = _finish(stage, out_dir, tasks, config, config_hash, extra)
+            result.complete = True
+        else:
+            log.info("%s: other workers' shards are still missing; the last worker to end finishes the stage",
+                     stage.name)
+    return result
+
+
+def _finish(
+    stage: Stage,
+    out_dir: Path,
+    tasks: list[ShardTask],
+    config: dict[str, Any],
+    config_hash: str,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    planned = {t.shard_id for t in tasks}
+    totals: dict[str, Any] = {}
+    seconds = 0.0
+    for shard in committed_shards(out_dir):
+        if shard.shard_id not in planned:
+            # Left from an earlier run over a larger input: a clean run would not have it.
+            log.info("%s: removing shard %d, which is no longer in the plan", stage.name, shard.shard_id)
+            delete_shard(shard)
+            continue
+        totals = add_counts(totals, shard.meta.counts)
+        seconds += shard.meta.seconds
+    summary = {
+        "stage": stage.name,
+        "format_version": 1,
+        "complete": True,
+        "shards": len(tasks),
+        "totals": totals,
+        "throughput": {
+            # Per worker, from the time spent inside each shard: comparable across runs
+            # whatever the number of workers.
+            f"{stage.unit}_per_second_per_worker": round(totals["seen"] / seconds, 2) if seconds else None,
+            "worker_seconds": round(seconds, 2),
+        },
+        "summary": extra,
+        "config": config,
+        "config_hash": config_hash,
+        "provenance": stage.provenance(),
+        "versions": package_versions(stage.packages),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    _write_json_atomic(out_dir / STAGE_FILE, summary)
+    log.info("%s: complete, %d ok and %d rejected of %d seen", stage.name,
+             totals["ok"], totals["rejected"], totals["seen"])
+    return summary
+

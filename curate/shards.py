@@ -1,0 +1,409 @@
+"""The shard contract: a webdataset tar plus a parquet index beside it.
+
+    DATA/STAGE/000042.tar       samples: members ``KEY.EXT`` grouped by key (plain webdataset)
+    DATA/STAGE/000042.parquet   one row per *input* sample (ok or rejected, with the reason),
+                                and file-level metadata: input fingerprint, config hash,
+                                counts, the tar's size and sha256
+
+Both are written under hidden temporary names, flushed to disk and renamed; the index is
+renamed last and is the commit marker, so a shard without its index does not exist and a
+reader never sees half a shard. Stages whose output is a table only (captions) write the
+index without a tar.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import polars as pl
+import pyarrow.parquet as pq
+
+OK = "ok"
+REJECTED = "rejected"
+META_KEY = b"kiln"
+SHARD_RE = re.compile(r"^(\d{6,})\.parquet$")
+
+# Columns every index has; stages add their own after these.
+BASE_SCHEMA: dict[str, pl.DataType] = {
+    "key": pl.Utf8,
+    "status": pl.Utf8,
+    "reason": pl.Utf8,
+    "detail": pl.Utf8,
+    "flags": pl.List(pl.Utf8),
+}
+
+
+class ShardError(RuntimeError):
+    """A shard on disk is missing, inconsistent or not ours."""
+
+
+def sample_key(data: bytes) -> str:
+    """The content-derived key of a sample: 128-bit BLAKE2b of its original bytes, in hex.
+
+    The same bytes give the same key in every run, every stage and every worker, which is
+    what makes reruns idempotent and exact duplicates detectable.
+    """
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def shard_name(shard_id: int) -> str:
+    return f"{shard_id:06d}"
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 of a JSON-serialisable object, independent of dict order."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+@dataclass
+class ShardMeta:
+    """File-level metadata stored in the index; what the runner checks to skip a shard."""
+
+    stage: str
+    shard_id: int
+    fingerprint: str
+    config_hash: str
+    counts: dict[str, Any]
+    tar_bytes: int | None = None
+    tar_sha256: str | None = None
+    seconds: float = 0.0
+    # Other shards whose content decided this one (cross-shard deduplication):
+    # {shard_id: input fingerprint}. If any of them changes, this shard is redone.
+    depends_on: dict[str, str] = field(default_factory=dict)
+    format_version: int = 1
+
+    @classmethod
+    def from_json(cls, blob: bytes | str) -> ShardMeta:
+        return cls(**json.loads(blob))
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A committed shard: its paths and metadata."""
+
+    shard_id: int
+    index_path: Path
+    tar_path: Path | None
+    meta: ShardMeta
+
+    def intact(self) -> bool:
+        """Whether the tar on disk is the one the index describes (size check, no hashing)."""
+        if self.meta.tar_bytes is None:
+            return True
+        try:
+            return self.tar_path is not None and self.tar_path.stat().st_size == self.meta.tar_bytes
+        except FileNotFoundError:
+            return False
+
+
+class _HashingFile(io.RawIOBase):
+    """Write-through wrapper that hashes and counts the bytes of the tar as they are written."""
+
+    def __init__(self, raw: BinaryIO):
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:  # type: ignore[override]
+        self.sha.update(b)
+        self.size += len(b)
+        return self.raw.write(b)
+
+    def tell(self) -> int:
+        return self.size
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    # Fixed ownership and mtime so that the same samples give byte-identical tars.
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def _fsync_replace(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_temporaries(out_dir: Path, shard_id: int) -> None:
+    """Delete what a killed writer of this shard left behind (never visible to readers)."""
+    for tmp in glob.glob(str(out_dir / f".{shard_name(shard_id)}.*.tmp-*")):
+        Path(tmp).unlink(missing_ok=True)
+
+
+class ShardWriter:
+    """Writes one shard: ``add`` accepted samples, ``reject`` the others, then ``commit``.
+
+    ``schema`` holds the stage's own index columns (after the base columns); every row gets
+    every column, missing values as null, so that all shards of a stage share one schema.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        shard_id: int,
+        schema: Mapping[str, pl.DataType],
+        *,
+        with_tar: bool = True,
+    ):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.shard_id = shard_id
+        self.schema = {**BASE_SCHEMA, **schema}
+        self.rows: list[dict[str, Any]] = []
+        self.started = time.perf_counter()
+        name = shard_name(shard_id)
+        suffix = f".tmp-{os.getpid()}"
+        self.final_tar = self.out_dir / f"{name}.tar" if with_tar else None
+        self.final_index = self.out_dir / f"{name}.parquet"
+        self.tmp_tar = self.out_dir / f".{name}.tar{suffix}" if with_tar else None
+        self.tmp_index = self.out_dir / f".{name}.parquet{suffix}"
+        self._raw = open(self.tmp_tar, "wb") if self.tmp_tar else None  # noqa: SIM115
+        self._hashing = _HashingFile(self._raw) if self._raw else None
+        self._tar = (
+            tarfile.open(fileobj=self._hashing, mode="w", format=tarfile.USTAR_FORMAT)
+            if self._hashing
+            else None
+        )
+
+    def add(
+        self,
+        key: str,
+        members: Mapping[str, bytes],
+        row: Mapping[str, Any] | None = None,
+        flags: Iterable[str] = (),
+    ) -> None:
+        """An accepted sample: its members go to the tar (in the given order) and a row to the index."""
+        self.write_members(key, members)
+        self.rows.append({**(row or {}), "key": key, "status": OK, "reason": None,
+                          "detail": None, "flags": sorted(set(flags))})
+
+    def write_members(self, key: str, members: Mapping[str, bytes]) -> None:
+        """Members ``KEY.EXT`` into the tar, without an index row (``add`` does both)."""
+        if self._tar is not None:
+            for ext, data in members.items():
+                self._tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+
+    def reject(
+        self,
+        key: str | None,
+        reason: str,
+        row: Mapping[str, Any] | None = None,
+        detail: str | None = None,
+        flags: Iterable[str] = (),
+    ) -> None:
+        """A rejected input sample: recorded in the index with its reason, nothing in the tar."""
+        self.rows.append({**(row or {}), "key": key, "status": REJECTED, "reason": reason,
+                          "detail": detail, "flags": sorted(set(flags))})
+
+    def frame(self) -> pl.DataFrame:
+        return pl.DataFrame(
+            [{k: r.get(k) for k in self.schema} for r in self.rows],
+            schema=self.schema,
+            orient="row",
+        )
+
+    def commit(
+        self,
+        *,
+        stage: str,
+        fingerprint: str,
+        config_hash: str,
+        depends_on: Mapping[str, str] | None = None,
+        seconds: float | None = None,
+    ) -> Shard:
+        """Flush, fsync and rename: tar first, index last (the index is the commit marker)."""
+        df = self.frame()
+        tar_bytes = tar_sha = None
+        if self._tar is not None:
+            self._tar.close()
+            tar_bytes, tar_sha = self._hashing.size, self._hashing.sha.hexdigest()
+            self._raw.close()
+        meta = ShardMeta(
+            stage=stage,
+            shard_id=self.shard_id,
+            fingerprint=fingerprint,
+            config_hash=config_hash,
+            counts=count_rows(df),
+            tar_bytes=tar_bytes,
+            tar_sha256=tar_sha,
+            seconds=round(time.perf_counter() - self.started if seconds is None else seconds, 4),
+            depends_on=dict(depends_on or {}),
+        )
+        table = df.to_arrow()
+        table = table.replace_schema_metadata({META_KEY: json.dumps(asdict(meta)).encode()})
+        pq.write_table(table, self.tmp_index)
+        if self.tmp_tar is not None:
+            _fsync_replace(self.tmp_tar, self.final_tar)
+        _fsync_replace(self.tmp_index, self.final_index)
+        _fsync_dir(self.out_dir)
+        return Shard(self.shard_id, self.final_index, self.final_tar, meta)
+
+    def abort(self) -> None:
+        """Drop everything written so far (the shard stays uncommitted)."""
+        if self._tar is not None:
+            try:
+                self._tar.close()
+            except OSError:
+                pass
+            self._raw.close()
+        for tmp in (self.tmp_tar, self.tmp_index):
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+
+
+def count_rows(df: pl.DataFrame) -> dict[str, Any]:
+    """``seen = ok + rejected``, rejections by reason, flags by name."""
+    statuses = Counter(df["status"].to_list())
+    reasons = Counter(r for r in df.filter(pl.col("status") == REJECTED)["reason"].to_list())
+    flags = Counter(f for fl in df["flags"].to_list() for f in (fl or []))
+    return {
+        "seen": df.height,
+        "ok": statuses.get(OK, 0),
+        "rejected": statuses.get(REJECTED, 0),
+        "reasons": dict(sorted(reasons.items())),
+        "flags": dict(sorted(flags.items())),
+    }
+
+
+def add_counts(total: dict[str, Any], counts: Mapping[str, Any]) -> dict[str, Any]:
+    """Sum two count records (as made by ``count_rows``)."""
+    out = {k: total.get(k, 0) + counts.get(k, 0) for k in ("seen", "ok", "rejected")}
+    for group in ("reasons", "flags"):
+        merged = Counter(total.get(group, {}))
+        merged.update(counts.get(group, {}))
+        out[group] = dict(sorted(merged.items()))
+    return out
+
+
+def read_meta(index_path: str | os.PathLike) -> ShardMeta:
+    schema = pq.read_schema(index_path)
+    blob = (schema.metadata or {}).get(META_KEY)
+    if blob is None:
+        raise ShardError(f"{index_path}: not a shard index written by this toolkit (no metadata)")
+    return ShardMeta.from_json(blob)
+
+
+def read_index(index_path: str | os.PathLike, columns: list[str] | None = None) -> pl.DataFrame:
+    return pl.read_parquet(index_path, columns=columns)
+
+
+def open_shard(out_dir: str | os.PathLike, shard_id: int) -> Shard | None:
+    """The committed shard with this id, or None if it is not committed."""
+    out_dir = Path(out_dir)
+    index = out_dir / f"{shard_name(shard_id)}.parquet"
+    if not index.exists():
+        return None
+    meta = read_meta(index)
+    tar = out_dir / f"{shard_name(shard_id)}.tar" if meta.tar_bytes is not None else None
+    return Shard(shard_id, index, tar, meta)
+
+
+def committed_shards(stage_dir: str | os.PathLike) -> list[Shard]:
+    """Every committed shard of a stage output, in id order."""
+    stage_dir = Path(stage_dir)
+    if not stage_dir.is_dir():
+        return []
+    ids = sorted(int(m.group(1)) for p in os.listdir(stage_dir) if (m := SHARD_RE.match(p)))
+    return [s for i in ids if (s := open_shard(stage_dir, i)) is not None]
+
+
+def delete_shard(shard: Shard) -> None:
+    """Uncommit first (index), then remove the tar, so the shard vanishes atomically."""
+    shard.index_path.unlink(missing_ok=True)
+    if shard.tar_path is not None:
+        shard.tar_path.unlink(missing_ok=True)
+
+
+def split_member(name: str) -> tuple[str, str]:
+    """webdataset's rule: the key is the path up to the first dot of the basename."""
+    dirname, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{dirname}/{stem}" if dirname else stem), ext
+
+
+def iter_tar_samples(tar_path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) for each group of consecutive members sharing a key."""
+    with tarfile.open(tar_path, mode="r|") as tar:
+        key, members = None, {}
+        for info in tar:
+            if not info.isfile():
+                continue
+            k, ext = split_member(info.name)
+            if key is not None and k != key:
+                yield key, members
+                members = {}
+            key = k
+            members[ext] = tar.extractfile(info).read()
+        if key is not None:
+            yield key, members
+
+
+def reject_samples(
+    shard: Shard,
+    rejections: Mapping[str, str],
+    reason: str,
+    *,
+    depends_on: Mapping[str, str] | None = None,
+) -> Shard:
+    """Rewrite a committed shard with some accepted samples turned into rejections.
+
+    ``rejections`` maps key -> detail. The rows keep their place in the index (nothing is
+    lost from the accounting); the members leave the tar. The new tar and index are
+    committed the same way as a fresh shard, so a kill during the rewrite leaves either the
+    old shard, the new one, or an index whose tar size does not match (which the runner
+    treats as uncommitted and redoes).
+    """
+    out_dir = shard.index_path.parent
+    old = read_index(shard.index_path)
+    stage_schema = {k: v for k, v in old.schema.items() if k not in BASE_SCHEMA}
+    writer = ShardWriter(out_dir, shard.shard_id, stage_schema, with_tar=shard.tar_path is not None)
+    try:
+        if shard.tar_path is not None:
+            for key, members in iter_tar_samples(shard.tar_path):
+                if key not in rejections:
+                    writer.write_members(key, members)
+        for row in old.iter_rows(named=True):
+            if row["status"] == OK and row["key"] in rejections:
+                row.update(status=REJECTED, reason=reason, detail=rejections[row["key"]])
+            writer.rows.append(row)
+        meta = shard.meta
+        return writer.commit(
+            stage=meta.stage,
+            fingerprint=meta.fingerprint,
+            config_hash=meta.config_hash,
+            depends_on={**meta.depends_on, **(depends_on or {})},
+            seconds=meta.seconds,
+        )
+    except BaseException:
+        writer.abort()
+        raise

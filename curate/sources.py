@@ -1,0 +1,489 @@
+"""Where `curate ingest` reads images from: folders, URL lists, webdataset tars, HF datasets.
+
+A source splits its input into output shards (``plan``) deterministically, whatever the
+number of workers, and yields the records of one shard in a fixed order (``records``). A
+record carries the bytes (or a path to read them from), the original caption and where the
+sample came from; a record that could not be read at all carries the rejection instead.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from curate.images import IMAGE_EXTENSIONS
+from curate.runner import CurateError, ShardTask
+from curate.shards import split_member, stable_hash
+
+log = logging.getLogger("curate")
+
+CAPTION_COLUMNS = ("caption", "text", "alt_text", "alt", "prompt", "description", "txt", "TEXT")
+URL_COLUMNS = ("url", "URL", "image_url", "img_url", "link")
+URL_LIST_SUFFIXES = (".parquet", ".csv", ".tsv", ".jsonl", ".ndjson", ".json", ".txt")
+HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+@dataclass
+class Record:
+    source: str  # where the sample came from: a relative path, a URL, tar::member, hf row
+    data: bytes | None = None
+    path: str | None = None  # read in the worker when data is None
+    caption: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    error: tuple[str, str] | None = None  # (reason, detail) when nothing could be read
+
+
+def _chunks(n: int, size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _read_caption_file(path: Path) -> tuple[str | None, dict[str, Any]]:
+    """A sidecar caption: .txt is the caption; .json may hold caption/text/alt plus metadata."""
+    try:
+        if path.suffix == ".txt":
+            return path.read_text(encoding="utf-8", errors="replace").strip(), {}
+        meta = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+    except (OSError, ValueError) as e:
+        return None, {"sidecar_error": f"{path.name}: {e}"[:200]}
+    if not isinstance(meta, dict):
+        return None, {"sidecar": meta}
+    caption = next((meta[c] for c in CAPTION_COLUMNS if isinstance(meta.get(c), str)), None)
+    return caption, {"sidecar": meta}
+
+
+class Source:
+    kind = "source"
+
+    def describe(self) -> dict[str, Any]:
+        """Settings of the source that change the output (hashed into the stage config)."""
+        return {"kind": self.kind}
+
+    def location(self) -> str:
+        raise NotImplementedError
+
+    def plan(self, shard_size: int) -> list[ShardTask]:
+        raise NotImplementedError
+
+    def prepare(self, todo: list[ShardTask], out_dir: Path, workers: int) -> None:
+        """Fetch what the pending shards need (downloads); most sources need nothing."""
+
+    def records(self, task: ShardTask) -> Iterator[Record]:
+        raise NotImplementedError
+
+    def done(self, task: ShardTask) -> None:
+        """The shard is committed: drop anything kept for it."""
+
+    def cleanup(self, out_dir: Path) -> None:
+        """The stage is complete: drop scratch space."""
+
+
+class FolderSource(Source):
+    """Images under a folder, searched recursively, in sorted path order.
+
+    A sidecar ``NAME.txt`` or ``NAME.json`` beside ``NAME.jpg`` holds the original caption.
+    """
+
+    kind = "folder"
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def location(self) -> str:
+        return str(self.root.resolve())
+
+    def _files(self) -> list[tuple[str, os.stat_result, list[tuple[str, os.stat_result]]]]:
+        images, others = [], {}
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in filenames:
+                if name.startswith("."):
+                    continue
+                full = Path(dirpath, name)
+                rel = full.relative_to(self.root).as_posix()
+                suffix = full.suffix.lower()
+                if suffix in IMAGE_EXTENSIONS:
+                    images.append(rel)
+                elif suffix in (".txt", ".json"):
+                    others[rel] = full
+        out = []
+        for rel in sorted(images):
+            stem = rel.rsplit(".", 1)[0]
+            sidecars = [(s, (self.root / s).stat()) for s in (f"{stem}.txt", f"{stem}.json") if s in others]
+            out.append((rel, (self.root / rel).stat(), sidecars))
+        return out
+
+    def plan(self, shard_size: int) -> list[ShardTask]:
+        files = self._files()
+        if not files:
+            raise CurateError(f"{self.root}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        tasks = []
+        for shard_id, (start, end) in enumerate(_chunks(len(files), shard_size)):
+            chunk = files[start:end]
+            # Path, size and mtime of every file (images and sidecars): a changed file changes
+            # its shard's fingerprint, and only that shard is redone.
+            fingerprint = stable_hash(
+                [(rel, st.st_size, st.st_mtime_ns, [(s, ss.st_size, ss.st_mtime_ns) for s, ss in side])
+                 for rel, st, side in chunk]
+            )
+            payload = [(rel, [s for s, _ in side]) for rel, _, side in chunk]
+            tasks.append(ShardTask(shard_id, fingerprint, len(chunk), payload))
+        return tasks
+
+    def records(self, task: ShardTask) -> Iterator[Record]:
+        for rel, sidecars in task.payload:
+            caption, meta = None, {}
+            for sidecar in sidecars:  # .txt before .json: the plain caption wins
+                c, m = _read_caption_file(self.root / sidecar)
+                caption = caption if caption is not None else c
+                meta.update(m)
+            yield Record(source=rel, path=str(self.root / rel), caption=caption, meta=meta)
+
+
+def _group_tar(tar_path: str, label: str) -> Iterator[Record]:
+    """Records from a webdataset tar, reading members in order; a broken tar ends in a rejection."""
+    key, members, last = None, {}, None
+    try:
+        with tarfile.open(tar_path, mode="r|*") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                k, ext = split_member(info.name)
+                if key is not None and k != key:
+                    yield _record_from_members(label, key, members)
+                    members = {}
+                key, last = k, info.name
+                members[ext.lower()] = tar.extractfile(info).read()
+    except (tarfile.TarError, OSError, EOFError, UnicodeDecodeError) as e:
+        if key is not None:
+            yield Record(source=f"{label}::{key}", error=("unreadable", f"tar member unreadable: {e}"[:300]))
+        else:
+            yield Record(source=label, error=("unreadable", f"tar unreadable after {last!r}: {e}"[:300]))
+        return
+    if key is not None:
+        yield _record_from_members(label, key, members)
+
+
+def _record_from_members(label: str, key: str, members: dict[str, bytes]) -> Record:
+    source = f"{label}::{key}"
+    image_ext = next((e for e in members if "." + e.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS), None)
+    meta: dict[str, Any] = {}
+    caption = None
+    if "json" in members:
+        try:
+            meta = json.loads(members["json"])
+        except ValueError:
+            meta = {}
+        if isinstance(meta, dict):
+            caption = next((meta[c] for c in CAPTION_COLUMNS if isinstance(meta.get(c), str)), None)
+            meta = {k: v for k, v in meta.items() if isinstance(v, str | int | float | bool) or v is None}
+        else:
+            meta = {}
+    if "txt" in members:
+        caption = members["txt"].decode("utf-8", errors="replace").strip()
+    if image_ext is None:
+        return Record(source=source, error=("unreadable", f"no image member among {sorted(members)}"))
+    url = meta.get("url")
+    return Record(source=url if isinstance(url, str) else source, data=members[image_ext],
+                  caption=caption or None, meta={"tar_member": f"{key}.{image_ext}", **meta})
+
+
+class TarSource(Source):
+    """Existing webdataset tars (img2dataset output for instance); each tar gives one shard."""
+
+    kind = "tars"
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self.paths = self._expand(spec)
+
+    @staticmethod
+    def _expand(spec: str) -> list[Path]:
+        path = Path(spec)
+        if path.is_dir():
+            paths = sorted(path.rglob("*.tar"))
+        elif path.is_file():
+            paths = [path]
+        else:
+            import braceexpand
+
+            paths = sorted({Path(p) for pattern in braceexpand.braceexpand(spec) for p in glob.glob(pattern)})
+        return [p for p in paths if not p.name.startswith(".")]
+
+    def location(self) -> str:
+        return self.spec
+
+    def plan(self, shard_size: int) -> list[ShardTask]:
+        if not self.paths:
+            raise CurateError(f"{self.spec}: no .tar files found")
+        common = Path(os.path.commonpath([p.resolve().parent for p in self.paths]))
+        tasks = []
+        for shard_id, path in enumerate(self.paths):
+            st = path.stat()
+            label = path.resolve().relative_to(common).as_posix()
+            # Sample count unknown until read: a rough guess from the size for the progress bar.
+            tasks.append(ShardTask(shard_id, stable_hash([label, st.st_size, st.st_mtime_ns]),
+                                   max(1, st.st_size // 150_000), (str(path), label)))
+        return tasks
+
+    def records(self, task: ShardTask) -> Iterator[Record]:
+        path, label = task.payload
+        yield from _group_tar(path, label)
+        yield from _img2dataset_failures(Path(path).with_suffix(".parquet"))
+
+
+def _img2dataset_failures(parquet: Path) -> Iterator[Record]:
+    """img2dataset records failed downloads only in the parquet beside its tar."""
+    if not parquet.exists():
+        return
+    try:
+        df = pl.read_parquet(parquet)
+    except Exception:
+        return
+    if not {"status", "error_message", "url"} <= set(df.columns):
+        return  # not img2dataset's table (our own index, for instance)
+    for row in df.filter(pl.col("status") != "success").sort("key").iter_rows(named=True):
+        yield Record(source=row["url"], error=("download_failed", str(row["error_message"])[:300]))
+
+
+class UrlListSource(Source):
+    """A table of URLs (parquet, csv, tsv, jsonl, or txt with one URL a line), fetched with img2dataset.
+
+    The list is cut into shards of --shard-size rows; each worker downloads its pending
+    shards in one img2dataset run (original bytes, no re-encoding) and the results are
+    normalised into our shards in the list's row order.
+    """
+
+    kind = "urls"
+
+    def __init__(self, path: str | os.PathLike, *, url_column: str | None = None,
+                 caption_column: str | None = None, threads: int = 32, timeout: int = 10, retries: int = 2):
+        self.path = Path(path)
+        self.table = self._read(self.path)
+        self.url_column = self._pick(url_column, URL_COLUMNS, "url")
+        self.caption_column = self._pick(caption_column, CAPTION_COLUMNS, "caption", required=False)
+        self.threads, self.timeout, self.retries = threads, timeout, retries
+        self.downloads: dict[int, Path] = {}
+
+    @staticmethod
+    def _read(path: Path) -> pl.DataFrame:
+        name = path.name.lower()
+        try:
+            if name.endswith(".parquet"):
+                return pl.read_parquet(path)
+            if name.endswith(".csv"):
+                return pl.read_csv(path, infer_schema=False)
+            if name.endswith(".tsv"):
+                return pl.read_csv(path, separator="\t", infer_schema=False, quote_char=None)
+            if name.endswith((".jsonl", ".ndjson")):
+                return pl.read_ndjson(path)
+            if name.endswith(".json"):
+                return pl.read_json(path)
+            lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+            return pl.DataFrame({"url": lines})
+        except Exception as e:
+            raise CurateError(f"{path}: cannot read the URL list: {e}") from e
+
+    def _pick(self, given: str | None, candidates: tuple[str, ...], what: str, required: bool = True) -> str | None:
+        if given is not None:
+            if given not in self.table.columns:
+                raise CurateError(f"{self.path}: no column {given!r} (columns: {self.table.columns})")
+            return given
+        found = next((c for c in candidates if c in self.table.columns), None)
+        if found is None and required:
+            raise CurateError(f"{self.path}: no {what} column found among {self.table.columns}; "
+                              f"name it with --{what}-column")
+        return found
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "url_column": self.url_column, "caption_column": self.caption_column}
+
+    def location(self) -> str:
+        return str(self.path.resolve())
+
+    def _rows(self) -> pl.DataFrame:
+        cols = {"url": pl.col(self.url_column).cast(pl.Utf8)}
+        if self.caption_column:
+            cols["caption"] = pl.col(self.caption_column).cast(pl.Utf8)
+        else:
+            cols["caption"] = pl.lit(None, dtype=pl.Utf8)
+        return self.table.select(**cols)
+
+    def plan(self, shard_size: int) -> list[ShardTask]:
+        rows = self._rows()
+        if rows.height == 0:
+            raise CurateError(f"{self.path}: the URL list is empty")
+        self.shard_size = shard_size
+        tasks = []
+        for shard_id, (start, end) in enumerate(_chunks(rows.height, shard_size)):
+            chunk = rows.slice(start, end - start)
+            digest = hashlib.sha256()
+            for url, caption in chunk.iter_rows():
+                digest.update(f"{url}\t{caption}\n".encode())
+            tasks.append(ShardTask(shard_id, digest.hexdigest(), chunk.height, (start, end)))
+        return tasks
+
+    def prepare(self, todo: list[ShardTask], out_dir: Path, workers: int) -> None:
+        from curate.download import download_urls
+
+        rows = self._rows()
+        batch = pl.concat([rows.slice(t.payload[0], t.payload[1] - t.payload[0]) for t in todo])
+        scratch = out_dir / "_downloads" / stable_hash([t.fingerprint for t in todo])[:16]
+        shards = download_urls(batch, scratch, shard_size=self.shard_size, processes=workers,
+                               threads=self.threads, timeout=self.timeout, retries=self.retries)
+        # All pending chunks are full except perhaps the list's last, which comes last:
+        # img2dataset's n-th shard is our n-th pending shard.
+        self.downloads = {t.shard_id: shards[i] for i, t in enumerate(todo)}
+
+    def records(self, task: ShardTask) -> Iterator[Record]:
+        from curate.download import read_download
+
+        yield from read_download(self.downloads[task.shard_id])
+
+    def done(self, task: ShardTask) -> None:
+        prefix = self.downloads.pop(task.shard_id, None)
+        if prefix is not None:
+            for p in prefix.parent.glob(prefix.name + "*"):
+                p.unlink(missing_ok=True)
+
+    def cleanup(self, out_dir: Path) -> None:
+        shutil.rmtree(out_dir / "_downloads", ignore_errors=True)
+
+
+class HFSource(Source):
+    """A Hugging Face dataset: ``hf:NAME[:SPLIT]`` from the Hub, or a ``save_to_disk`` folder."""
+
+    kind = "hf"
+
+    def __init__(self, spec: str, *, split: str | None = None, image_column: str | None = None,
+                 caption_column: str | None = None):
+        import datasets
+
+        self.spec = spec
+        if spec.startswith("hf:"):
+            name, _, hub_split = spec[3:].partition(":")
+            split = hub_split or split or "train"
+            try:
+                ds = datasets.load_dataset(name, split=split)
+            except Exception as e:
+                raise CurateError(f"{spec}: cannot load the dataset: {e}") from e
+        else:
+            ds = datasets.load_from_disk(spec)
+            if isinstance(ds, datasets.DatasetDict):
+                split = split or ("train" if "train" in ds else next(iter(ds)))
+                if split not in ds:
+                    raise CurateError(f"{spec}: no split {split!r} (splits: {list(ds)})")
+                ds = ds[split]
+        self.split = split
+        self.image_column = image_column or self._detect_image_column(ds)
+        if self.image_column not in ds.column_names:
+            raise CurateError(f"{spec}: no column {self.image_column!r} (columns: {ds.column_names})")
+        if caption_column is not None and caption_column not in ds.column_names:
+            raise CurateError(f"{spec}: no column {caption_column!r} (columns: {ds.column_names})")
+        self.caption_column = caption_column or next(
+            (c for c in CAPTION_COLUMNS if c in ds.column_names and ds.features[c].dtype == "string"), None
+        )
+        if isinstance(ds.features[self.image_column], datasets.Image):
+            ds = ds.cast_column(self.image_column, datasets.Image(decode=False))  # original bytes
+        self.ds = ds
+
+    def _detect_image_column(self, ds) -> str:
+        import datasets
+
+        for name, feature in ds.features.items():
+            if isinstance(feature, datasets.Image):
+                return name
+        for name in ("image", "img", "jpg", "png"):
+            if name in ds.column_names:
+                return name
+        raise CurateError(f"{self.spec}: no image column found among {ds.column_names}; name it with --image-column")
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "split": self.split, "image_column": self.image_column,
+                "caption_column": self.caption_column}
+
+    def location(self) -> str:
+        return self.spec
+
+    def plan(self, shard_size: int) -> list[ShardTask]:
+        if len(self.ds) == 0:
+            raise CurateError(f"{self.spec}: the dataset has no rows")
+        return [
+            ShardTask(shard_id, stable_hash([self.ds._fingerprint, start, end]), end - start, (start, end))
+            for shard_id, (start, end) in enumerate(_chunks(len(self.ds), shard_size))
+        ]
+
+    def records(self, task: ShardTask) -> Iterator[Record]:
+        start, end = task.payload
+        columns = [self.image_column] + ([self.caption_column] if self.caption_column else [])
+        rows = self.ds.select_columns(columns).select(range(start, end))
+        for offset, row in enumerate(rows):
+            source = f"{self.spec}[{start + offset}]"
+            image = row[self.image_column]
+            caption = row.get(self.caption_column) if self.caption_column else None
+            if isinstance(image, dict) and image.get("bytes") is not None:
+                yield Record(source=source, data=image["bytes"], caption=caption)
+            elif isinstance(image, dict) and image.get("path"):
+                yield Record(source=source, path=image["path"], caption=caption)
+            elif isinstance(image, bytes | bytearray):
+                yield Record(source=source, data=bytes(image), caption=caption)
+            else:
+                yield Record(source=source, error=("unreadable", f"no image bytes in column {self.image_column!r}"))
+
+
+def open_source(
+    spec: str,
+    *,
+    kind: str = "auto",
+    url_column: str | None = None,
+    caption_column: str | None = None,
+    image_column: str | None = None,
+    split: str | None = None,
+    download_threads: int = 32,
+    download_timeout: int = 10,
+    download_retries: int = 2,
+) -> Source:
+    """Pick the source type from SRC (or --source-type) and open it; a bad SRC is a CurateError."""
+    path = Path(spec)
+    if kind == "auto":
+        if spec.startswith("hf:"):
+            kind = "hf"
+        elif path.is_dir() and any((path / m).exists() for m in HF_MARKERS):
+            kind = "hf"
+        elif path.is_dir():
+            has_images = any(Path(f).suffix.lower() in IMAGE_EXTENSIONS
+                             for _, _, files in os.walk(path) for f in files)
+            kind = "folder" if has_images or not list(path.rglob("*.tar")) else "tars"
+        elif path.is_file() and path.name.lower().endswith(".tar"):
+            kind = "tars"
+        elif path.is_file() and path.name.lower().endswith(URL_LIST_SUFFIXES):
+            kind = "urls"
+        elif any(ch in spec for ch in "*?{") and TarSource._expand(spec):
+            kind = "tars"
+        elif not path.exists():
+            raise CurateError(f"{spec}: no such file or folder")
+        else:
+            raise CurateError(f"{spec}: not a folder of images, URL list ({', '.join(URL_LIST_SUFFIXES)}), "
+                              "webdataset tar or Hugging Face dataset")
+    if kind not in ("hf", "tars") and not path.exists():
+        raise CurateError(f"{spec}: no such file or folder")
+    if kind == "folder":
+        return FolderSource(path)
+    if kind == "tars":
+        return TarSource(spec)
+    if kind == "urls":
+        return UrlListSource(path, url_column=url_column, caption_column=caption_column,
+                             threads=download_threads, timeout=download_timeout, retries=download_retries)
+    if kind == "hf":
+        return HFSource(spec, split=split, image_column=image_column, caption_column=caption_column)
+    raise CurateError(f"unknown source type {kind!r}")

@@ -1,0 +1,121 @@
+"""Shared fixtures: image folders with good and bad files, built in a few milliseconds."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+
+from curate.shards import committed_shards, iter_tar_samples
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def noise_image(seed: int, size: tuple[int, int] = (96, 80), mode: str = "RGB") -> Image.Image:
+    """Random pixels: every seed gives different bytes, so no accidental duplicates."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    arr = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+    return Image.fromarray(arr).convert(mode) if mode != "RGB" else Image.fromarray(arr)
+
+
+def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height but whose data is tiny (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def write_good_images(root: Path, n: int, start_seed: int = 0, size=(96, 80)) -> list[Path]:
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = root / f"good_{start_seed + i:04d}.jpg"
+        p.write_bytes(encode(noise_image(start_seed + i, size), "JPEG", quality=80))
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture
+def mixed_folder(tmp_path: Path) -> Path:
+    """Good, unusual-but-valid and bad images, with sidecar captions; the expected counts are in the test."""
+    root = tmp_path / "src"
+    (root / "nested" / "deeper").mkdir(parents=True)
+    good = noise_image(1)
+    (root / "a_rgb.jpg").write_bytes(encode(good, "JPEG"))
+    (root / "a_rgb.txt").write_text("a photo of noise\n")
+    (root / "b_png.png").write_bytes(encode(noise_image(2), "PNG"))
+    (root / "b_png.json").write_text('{"caption": "json caption", "license": "cc0"}')
+    (root / "nested" / "c.webp").write_bytes(encode(noise_image(3), "WEBP"))
+    (root / "nested" / "d.bmp").write_bytes(encode(noise_image(4), "BMP"))
+    (root / "nested" / "deeper" / "e.tiff").write_bytes(encode(noise_image(5), "TIFF"))
+    (root / "f_cmyk.jpg").write_bytes(encode(noise_image(6, mode="CMYK"), "JPEG"))
+    (root / "g_rgba.png").write_bytes(encode(noise_image(7, mode="RGBA"), "PNG"))
+    (root / "h_palette.png").write_bytes(encode(noise_image(8, mode="P"), "PNG"))
+    sixteen = Image.fromarray((np.random.default_rng(9).random((80, 96)) * 65535).astype(np.uint16))
+    (root / "i_16bit.png").write_bytes(encode(sixteen, "PNG"))
+    frames = [noise_image(10 + k, mode="P") for k in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    (root / "j_animated.gif").write_bytes(buf.getvalue())
+    rotated = noise_image(13, size=(120, 70))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (root / "k_rotated.jpg").write_bytes(encode(rotated, "JPEG", exif=exif.tobytes()))
+    # bad ones
+    (root / "bad_empty.jpg").write_bytes(b"")
+    jpeg = encode(noise_image(14, size=(200, 160)), "JPEG")
+    (root / "bad_truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (root / "bad_text.png").write_text("this is not an image")
+    (root / "bad_tiny.png").write_bytes(encode(noise_image(15, size=(40, 30)), "PNG"))
+    (root / "bad_bomb.png").write_bytes(png_header_only(30000, 30000))
+    (root / "z_duplicate.jpg").write_bytes((root / "a_rgb.jpg").read_bytes())
+    (root / "notes.md").write_text("not an image extension: ignored")
+    return root
+
+
+def run_cli(*args: str, check: bool = True, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """The `curate` command as a user runs it, in a subprocess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "curate", *args], capture_output=True, text=True,
+                          env=full_env, cwd=REPO, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"curate {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def snapshot(stage_dir: Path) -> dict:
+    """Everything a consumer can observe of a stage output: tar bytes and index rows per shard."""
+    out = {}
+    for shard in committed_shards(stage_dir):
+        rows = pl.read_parquet(shard.index_path).to_dicts()
+        tar = shard.tar_path.read_bytes() if shard.tar_path else None
+        out[shard.shard_id] = (tar, rows, shard.meta.counts, shard.meta.depends_on)
+    return out
+
+
+def samples(stage_dir: Path) -> dict[str, dict[str, bytes]]:
+    out = {}
+    for shard in committed_shards(stage_dir):
+        for key, members in iter_tar_samples(shard.tar_path):
+            assert key not in out, f"key {key} is in two shards"
+            out[key] = members
+    return out

@@ -1,0 +1,303 @@
+"""`curate ingest` from folders, tars and HF datasets; reruns, kills and workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+from conftest import REPO, encode, noise_image, run_cli, samples, snapshot, write_good_images
+from PIL import Image
+
+from curate.ingest import IngestStage
+from curate.runner import STAGE_FILE, WorkerShare, run_stage
+from curate.shards import committed_shards, read_index
+from curate.sources import FolderSource, open_source
+
+EXPECTED_REASONS = {"empty_file": 1, "truncated": 1, "not_an_image": 1, "too_small": 1,
+                    "too_many_pixels": 1, "duplicate": 1}
+
+
+def ingest(src: Path, out: Path, share: WorkerShare | None = None, **kwargs):
+    stage = IngestStage(open_source(str(src)), out, **{"shard_size": 100, **kwargs})
+    return run_stage(stage, out, share=share, progress=False)
+
+
+def test_folder_ingest_counts_every_reason(mixed_folder: Path, tmp_path: Path):
+    out = tmp_path / "images"
+    result = ingest(mixed_folder, out)
+    assert result.complete
+    stage = json.loads((out / STAGE_FILE).read_text())
+    totals = stage["totals"]
+    assert totals["seen"] == 17
+    assert totals["ok"] == 11
+    assert totals["reasons"] == EXPECTED_REASONS
+    assert totals["ok"] + totals["rejected"] == totals["seen"]
+    assert totals["flags"]["animated"] == 1
+    assert totals["flags"]["exif_rotated"] == 1
+    for mode, n in {"CMYK": 1, "RGBA": 1, "P": 2, "I;16": 1}.items():  # the GIF is P too
+        assert totals["flags"][f"mode_{mode}"] == n, mode
+    assert stage["versions"]["pillow"]
+    assert stage["config"]["min_side"] == 64
+
+    index = pl.concat([read_index(s.index_path) for s in committed_shards(out)])
+    by_source = {r["source"]: r for r in index.to_dicts()}
+    assert by_source["bad_bomb.png"]["reason"] == "too_many_pixels"
+    assert "900000000 pixels" in by_source["bad_bomb.png"]["detail"]
+    assert by_source["z_duplicate.jpg"]["detail"] == "same bytes as a_rgb.jpg"
+    # EXIF orientation 6: stored 120x70, displayed 70x120
+    assert (by_source["k_rotated.jpg"]["width"], by_source["k_rotated.jpg"]["height"]) == (70, 120)
+    assert by_source["i_16bit.png"]["mode"] == "I;16"
+    assert by_source["a_rgb.jpg"]["caption"] == "a photo of noise"
+    assert by_source["b_png.png"]["caption"] == "json caption"
+
+    # Original bytes, unchanged, under the content key; metadata and caption beside them.
+    got = samples(out)
+    assert len(got) == 11
+    for rel in ("a_rgb.jpg", "nested/deeper/e.tiff", "j_animated.gif", "f_cmyk.jpg"):
+        row = by_source[rel]
+        assert got[row["key"]]["jpg"] == (mixed_folder / rel).read_bytes()
+    meta = json.loads(got[by_source["b_png.png"]["key"]]["json"])
+    assert meta["format"] == "PNG" and meta["source_meta"]["sidecar"]["license"] == "cc0"
+    assert got[by_source["a_rgb.jpg"]["key"]]["txt"] == b"a photo of noise"
+    assert got[by_source["c.webp" if "c.webp" in by_source else "nested/c.webp"]["key"]]["txt"] == b""
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path, monkeypatch):
+    from conftest import png_header_only
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "bomb.png").write_bytes(png_header_only(20000, 20000))
+    write_good_images(src, 1)
+    loaded = []
+    original_load = Image.Image.load
+    monkeypatch.setattr("PIL.ImageFile.ImageFile.load", lambda self: loaded.append(self.size) or original_load(self))
+    out = tmp_path / "out"
+    result = ingest(src, out, workers=1)
+    assert result.summary["totals"]["reasons"] == {"too_many_pixels": 1}
+    assert (20000, 20000) not in loaded and loaded, "the bomb's pixels must never be decoded"
+
+
+def test_rerun_skips_committed_and_redoes_changed_shards(tmp_path: Path):
+    src = tmp_path / "src"
+    write_good_images(src, 12)
+    out = tmp_path / "out"
+    first = ingest(src, out, shard_size=4)
+    assert first.processed == [0, 1, 2]
+    before = snapshot(out)
+    again = ingest(src, out, shard_size=4)
+    assert again.processed == [] and again.skipped == [0, 1, 2]
+    assert snapshot(out) == before
+    # One changed file: only its shard is redone.
+    (src / "good_0005.jpg").write_bytes(encode(noise_image(999), "JPEG"))
+    changed = ingest(src, out, shard_size=4)
+    assert changed.processed == [1]
+    # A changed setting redoes everything.
+    assert ingest(src, out, shard_size=4, min_side=50).processed == [0, 1, 2]
+
+
+def test_shrunk_input_removes_stale_shards(tmp_path: Path):
+    src = tmp_path / "src"
+    paths = write_good_images(src, 9)
+    out = tmp_path / "out"
+    ingest(src, out, shard_size=3)
+    for p in paths[6:]:
+        p.unlink()
+    result = ingest(src, out, shard_size=3)
+    assert [s.shard_id for s in committed_shards(out)] == [0, 1]
+    assert result.summary["totals"]["seen"] == 6
+
+
+def _make_dup_heavy_folder(src: Path, n: int = 60) -> None:
+    """Shards of 8: copies of the same images land in different shards and in the same one."""
+    write_good_images(src, n, size=(160, 120))
+    for i in range(0, n, 7):
+        (src / f"zz_copy_{i:04d}.jpg").write_bytes((src / f"good_{i:04d}.jpg").read_bytes())
+    (src / "bad.jpg").write_bytes(b"")
+
+
+def test_duplicates_across_shards_are_resolved_in_shard_order(tmp_path: Path):
+    src = tmp_path / "src"
+    _make_dup_heavy_folder(src)
+    out = tmp_path / "out"
+    result = ingest(src, out, shard_size=8)
+    totals = result.summary["totals"]
+    assert totals["reasons"] == {"duplicate": 9, "empty_file": 1}
+    assert totals["ok"] == 60
+    assert len(samples(out)) == 60  # no key twice anywhere
+    rewritten = [s for s in committed_shards(out) if s.meta.depends_on]
+    assert rewritten and all(s.intact() for s in rewritten)
+    # Rerunning finds everything committed, rewritten shards included.
+    assert ingest(src, out, shard_size=8).processed == []
+
+
+def test_two_ranks_split_shards_and_equal_one_worker(tmp_path: Path):
+    src = tmp_path / "src"
+    _make_dup_heavy_folder(src)
+    one = tmp_path / "one"
+    ingest(src, one, shard_size=8)
+    two = tmp_path / "two"
+    r0 = ingest(src, two, shard_size=8, share=WorkerShare(0, 2))
+    assert not r0.complete  # rank 1's shards are missing: rank 0 cannot finish the stage
+    r1 = ingest(src, two, shard_size=8, share=WorkerShare(1, 2))
+    assert r1.complete
+    assert set(r0.processed).isdisjoint(r1.processed)
+    assert sorted(r0.processed + r1.processed) == list(range(9))
+    assert snapshot(one) == snapshot(two)
+
+
+def test_number_of_decoding_workers_does_not_change_output(tmp_path: Path, mixed_folder: Path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    ingest(mixed_folder, a, shard_size=5, workers=1)
+    ingest(mixed_folder, b, shard_size=5, workers=2)
+    assert snapshot(a) == snapshot(b)
+
+
+def _visible_shards_are_whole(out: Path) -> None:
+    for shard in committed_shards(out):
+        assert shard.tar_path.exists()
+
+
+def test_sigkill_at_any_moment_then_rerun_equals_clean_run(tmp_path: Path):
+    src = tmp_path / "src"
+    _make_dup_heavy_folder(src, n=120)
+    clean = tmp_path / "clean"
+    run_cli("ingest", str(src), "--out", str(clean), "--shard-size", "8", "--workers", "1", "--no-progress")
+    reference = snapshot(clean)
+    assert len(reference) == 18  # 120 images, 18 copies, 1 empty file: 139 inputs in shards of 8
+
+    killed = tmp_path / "killed"
+    args = [sys.executable, "-m", "curate", "ingest", str(src), "--out", str(killed),
+            "--shard-size", "8", "--workers", "1", "--no-progress"]
+    kills = 0
+    for wait_for_shards in (1, 5, 11, 18):
+        proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None:
+            if len(list(killed.glob("*.parquet"))) >= wait_for_shards:
+                break
+            time.sleep(0.002)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        _visible_shards_are_whole(killed)
+    assert kills >= 2, "the run finished before it could be killed; make the input larger"
+    run_cli("ingest", str(src), "--out", str(killed), "--shard-size", "8", "--workers", "1", "--no-progress")
+    assert snapshot(killed) == reference
+    assert not [p for p in os.listdir(killed) if ".tmp-" in p]
+    assert json.loads((killed / STAGE_FILE).read_text())["totals"] == \
+        json.loads((clean / STAGE_FILE).read_text())["totals"]
+
+
+def test_reingesting_our_own_tars_keeps_keys_and_bytes(mixed_folder: Path, tmp_path: Path):
+    first = tmp_path / "first"
+    ingest(mixed_folder, first)
+    second = tmp_path / "second"
+    result = run_stage(IngestStage(open_source(str(first)), second), second, progress=False)
+    assert result.summary["totals"]["ok"] == 11
+    assert samples(first).keys() == samples(second).keys()
+    for key, members in samples(second).items():
+        assert members["jpg"] == samples(first)[key]["jpg"]
+
+
+def test_broken_tar_member_is_recorded(tmp_path: Path):
+    src = tmp_path / "src"
+    write_good_images(src, 6, size=(200, 150))
+    out = tmp_path / "shards"
+    ingest(src, out)
+    tar = out / "000000.tar"
+    data = tar.read_bytes()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "000000.tar").write_bytes(data[: int(len(data) * 0.6)])
+    result = run_stage(IngestStage(open_source(str(broken)), tmp_path / "re"), tmp_path / "re", progress=False)
+    totals = result.summary["totals"]
+    assert totals["reasons"].get("unreadable", 0) + totals["reasons"].get("truncated", 0) >= 1
+    assert totals["ok"] >= 2
+
+
+def test_hf_dataset_saved_to_disk(tmp_path: Path):
+    import datasets
+
+    files = write_good_images(tmp_path / "raw", 5)
+    ds = datasets.Dataset.from_dict(
+        {"image": [str(p) for p in files], "text": [f"caption {i}" for i in range(5)], "id": list(range(5))}
+    ).cast_column("image", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "hfds"))
+    out = tmp_path / "out"
+    result = ingest(tmp_path / "hfds", out, shard_size=2)
+    assert result.summary["totals"]["ok"] == 5
+    assert result.summary["config"]["source"] == {"kind": "hf", "split": None, "image_column": "image",
+                                                  "caption_column": "text"}
+    index = pl.concat([read_index(s.index_path) for s in committed_shards(out)])
+    assert index["caption"].to_list() == [f"caption {i}" for i in range(5)]
+    got = samples(out)
+    assert sorted(m["jpg"] for m in got.values()) == sorted(p.read_bytes() for p in files)
+
+
+def test_shards_read_back_with_webdataset_and_datasets(mixed_folder: Path, tmp_path: Path):
+    import datasets
+    import webdataset as wds
+
+    out = tmp_path / "out"
+    ingest(mixed_folder, out, shard_size=6)
+    tars = sorted(str(p) for p in out.glob("*.tar"))
+    n = 0
+    for sample in wds.WebDataset(tars, shardshuffle=False).decode("pil"):
+        assert isinstance(sample["jpg"], Image.Image)
+        assert sample["json"]["key"] == sample["__key__"]
+        n += 1
+    assert n == 11
+    ds = datasets.load_dataset("webdataset", data_files={"train": tars}, split="train")
+    assert len(ds) == 11
+    assert {ds[i]["jpg"].size for i in range(len(ds))} >= {(96, 80)}
+    assert set(ds[0]["json"]) >= {"key", "width", "height", "format", "mode"}
+
+
+def test_cli_ingest_then_stats(mixed_folder: Path, tmp_path: Path):
+    out = tmp_path / "images"
+    proc = run_cli("ingest", str(mixed_folder), "--out", str(out), "--workers", "2")
+    assert "complete" in proc.stdout and "too_many_pixels" in proc.stdout
+    stats = run_cli("stats", str(out))
+    assert "seen" in stats.stdout and "17" in stats.stdout and "duplicate" in stats.stdout
+    raw = json.loads(run_cli("stats", str(out), "--json").stdout)
+    assert raw["totals"]["reasons"] == EXPECTED_REASONS
+
+
+@pytest.mark.parametrize("setup", ["missing", "empty_folder", "no_images", "empty_url_list"])
+def test_bad_src_is_a_clear_error_with_exit_2(tmp_path: Path, setup: str):
+    src = tmp_path / "src"
+    if setup == "empty_folder":
+        src.mkdir()
+    elif setup == "no_images":
+        src.mkdir()
+        (src / "readme.txt").write_text("nothing here")
+    elif setup == "empty_url_list":
+        src = tmp_path / "urls.csv"
+        src.write_text("url,caption\n")
+    proc = run_cli("ingest", str(src), "--out", str(tmp_path / "out"), check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("curate: error:") and str(src) in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_stats_on_a_folder_that_is_not_a_stage(tmp_path: Path):
+    proc = run_cli("stats", str(tmp_path), check=False)
+    assert proc.returncode == 2 and "not a stage output" in proc.stderr
+
+
+def test_folder_plan_does_not_depend_on_listing_order(tmp_path: Path):
+    src = tmp_path / "src"
+    write_good_images(src / "b", 3)
+    write_good_images(src / "a", 3, start_seed=10)
+    tasks = FolderSource(src).plan(4)
+    assert [rel for rel, _ in tasks[0].payload][:3] == ["a/good_0010.jpg", "a/good_0011.jpg", "a/good_0012.jpg"]
+    assert [t.num_inputs for t in tasks] == [4, 2]

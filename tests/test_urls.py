@@ -1,0 +1,80 @@
+"""URL-list ingest through img2dataset, from an HTTP server on 127.0.0.1 started by the test."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+from pathlib import Path
+
+import polars as pl
+import pytest
+from conftest import samples, write_good_images
+
+from curate.ingest import IngestStage
+from curate.runner import run_stage
+from curate.shards import committed_shards, read_index
+from curate.sources import open_source
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def image_server(tmp_path: Path):
+    root = tmp_path / "www"
+    files = write_good_images(root, 7, size=(120, 90))
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", files
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
+def test_url_list_ingest_through_img2dataset(image_server, tmp_path: Path, fmt: str):
+    base, files = image_server
+    urls = [f"{base}/{p.name}" for p in files] + [f"{base}/missing.jpg", f"{base}/broken.jpg"]
+    urls.insert(3, f"{base}/{files[0].name}")  # the same image under a second URL
+    table = pl.DataFrame({"URL": urls, "TEXT": [f"alt text {i}" for i in range(len(urls))]})
+    url_list = tmp_path / f"urls.{fmt}"
+    {"parquet": table.write_parquet, "csv": table.write_csv, "jsonl": table.write_ndjson}[fmt](url_list)
+
+    out = tmp_path / "images"
+    source = open_source(str(url_list), download_timeout=5, download_retries=0)
+    assert (source.url_column, source.caption_column) == ("URL", "TEXT")
+    result = run_stage(IngestStage(source, out, shard_size=4, workers=1), out, progress=False)
+    totals = result.summary["totals"]
+    assert totals["seen"] == 10
+    assert totals["ok"] == 7
+    assert totals["reasons"]["download_failed"] == 1
+    assert totals["reasons"]["duplicate"] == 1
+    assert sum(totals["reasons"].values()) == 3  # broken.jpg: truncated or corrupt
+    assert not (out / "_downloads").exists()
+
+    index = pl.concat([read_index(s.index_path) for s in committed_shards(out)])
+    assert index["source"].to_list() == urls  # the list's order, whatever order downloads finished in
+    assert index.filter(pl.col("source") == f"{base}/missing.jpg")["detail"][0]
+    got = samples(out)
+    assert sorted(m["jpg"] for m in got.values()) == sorted(p.read_bytes() for p in files)
+    assert index["caption"].to_list() == [f"alt text {i}" for i in range(len(urls))]
+    # A rerun downloads nothing again.
+    again = run_stage(IngestStage(open_source(str(url_list)), out, shard_size=4), out, progress=False)
+    assert again.processed == []
+
+
+def test_url_list_without_url_column_is_a_clear_error(tmp_path: Path):
+    from curate.runner import CurateError
+
+    url_list = tmp_path / "list.csv"
+    url_list.write_text("link_to_image,caption\nhttp://127.0.0.1:9/a.jpg,x\n")
+    with pytest.raises(CurateError, match="no url column"):
+        open_source(str(url_list))
+    assert open_source(str(url_list), url_column="link_to_image").url_column == "link_to_image"

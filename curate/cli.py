@@ -8,7 +8,8 @@ import logging
 import os
 import sys
 
-from curate.runner import CurateError, resolve_share, run_stage
+# Stage modules are imported inside the commands: decoding workers are spawned processes that
+# re-import the entry script, and they should not pay for polars and pyarrow.
 
 
 def _default_workers() -> int:
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from curate.ingest import IngestStage
+    from curate.runner import resolve_share, run_stage
     from curate.sources import open_source
 
     share = resolve_share(args.rank, args.world_size)
@@ -96,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, name, None)
         if isinstance(value, int) and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    from curate.runner import CurateError
+
     try:
         return {"ingest": cmd_ingest, "stats": cmd_stats}[args.command](args)
     except CurateError as e:

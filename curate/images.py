@@ -12,6 +12,7 @@ Accepted images keep their original bytes; flags record what is unusual about th
 
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
 from dataclasses import dataclass
@@ -35,6 +36,15 @@ REASONS = {
     "download_failed": "URL could not be downloaded",
     "duplicate": "same bytes as an earlier sample",
 }
+
+
+def sample_key(data: bytes) -> str:
+    """The content-derived key of a sample: 128-bit BLAKE2b of its original bytes, in hex.
+
+    The same bytes give the same key in every run, every stage and every worker, which is
+    what makes reruns idempotent and exact duplicates detectable.
+    """
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -105,3 +115,29 @@ def _orientation(img: Image.Image) -> int:
         return int(value) if 1 <= int(value) <= 8 else 1
     except Exception:  # a broken EXIF block must not reject an image that decodes
         return 1
+
+
+def read_and_check(
+    data: bytes | None, path: str | None, min_side: int, max_pixels: int
+) -> tuple[bytes | None, str | None, ImageCheck | None, tuple[str, str] | None]:
+    """Worker-side work of ingest: read the file if needed, key the bytes, decode once.
+
+    Lives here, with no heavy imports, so that decoding processes start fast.
+    Returns (data, key, check, error); error is (reason, detail) when nothing could be read.
+    """
+    if data is None:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            return None, None, None, ("unreadable", f"{type(e).__name__}: {e}"[:300])
+    return data, sample_key(data), check_image(data, min_side=min_side, max_pixels=max_pixels), None
+
+
+def read_and_check_batch(items: list[tuple[bytes | None, str | None]], min_side: int, max_pixels: int) -> list:
+    return [read_and_check(data, path, min_side, max_pixels) for data, path in items]
+
+
+def allow_pixels(max_pixels: int) -> None:
+    """Our --max-pixels applies; PIL's own global limit must not refuse images below it."""
+    Image.MAX_IMAGE_PIXELS = max(max_pixels, Image.MAX_IMAGE_PIXELS or 0)

@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-from PIL import Image
 
-from curate.images import ImageCheck, check_image
+from curate.images import ImageCheck, allow_pixels, read_and_check, read_and_check_batch
 from curate.runner import ShardTask, Stage
-from curate.shards import OK, ShardWriter, committed_shards, read_index, reject_samples, sample_key
+from curate.shards import OK, ShardWriter, committed_shards, read_index, reject_samples
 from curate.sources import Record, Source
 
 log = logging.getLogger("curate")
@@ -39,29 +38,6 @@ INDEX_SCHEMA = {
     "bytes": pl.Int64,
     "caption": pl.Utf8,
 }
-
-
-def _check(record: Record, min_side: int, max_pixels: int) -> tuple[Record, str | None, ImageCheck | None]:
-    """Runs in a worker process: read the bytes if needed, key them, decode once."""
-    if record.error is not None:
-        return record, None, None
-    if record.data is None:
-        try:
-            with open(record.path, "rb") as f:
-                record.data = f.read()
-        except OSError as e:
-            record.error = ("unreadable", f"{type(e).__name__}: {e}"[:300])
-            return record, None, None
-    return record, sample_key(record.data), check_image(record.data, min_side=min_side, max_pixels=max_pixels)
-
-
-def _check_batch(records: list[Record], min_side: int, max_pixels: int) -> list:
-    return [_check(r, min_side, max_pixels) for r in records]
-
-
-def _init_worker(max_pixels: int) -> None:
-    # Our own --max-pixels applies; PIL's global limit must not refuse below it.
-    Image.MAX_IMAGE_PIXELS = max(max_pixels, Image.MAX_IMAGE_PIXELS or 0)
 
 
 def _batched(items: Iterable[Record], size: int) -> Iterator[list[Record]]:
@@ -105,11 +81,12 @@ class IngestStage(Stage):
         self.source.prepare(todo, self.out_dir, self.workers)
 
     def __enter__(self) -> IngestStage:
-        _init_worker(self.max_pixels)
+        allow_pixels(self.max_pixels)
         if self.workers > 1:
             # spawn, not fork: polars and pyarrow hold threads that fork would copy mid-state.
+            # The workers import only curate.images (PIL), so they start in a fraction of a second.
             ctx = multiprocessing.get_context("spawn")
-            self.pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(self.max_pixels,))
+            self.pool = ctx.Pool(self.workers, initializer=allow_pixels, initargs=(self.max_pixels,))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -119,18 +96,37 @@ class IngestStage(Stage):
             self.pool = None
 
     def _checked(self, records: Iterable[Record]) -> Iterator[tuple[Record, str | None, ImageCheck | None]]:
-        """Checks in input order; with a pool, a bounded window of batches is in flight."""
+        """(record with its bytes, key, check) in input order; with a pool, a bounded window
+        of batches is in flight so that memory stays flat whatever the shard size."""
+
+        def merge(record: Record, result: tuple) -> tuple[Record, str | None, ImageCheck | None]:
+            data, key, check, error = result
+            record.data, record.error = data, record.error or error
+            return record, key, check
+
         if self.pool is None:
             for record in records:
-                yield _check(record, self.min_side, self.max_pixels)
+                if record.error is not None:
+                    yield record, None, None
+                else:
+                    yield merge(record, read_and_check(record.data, record.path, self.min_side, self.max_pixels))
             return
         window: deque = deque()
+
+        def drain() -> Iterator[tuple[Record, str | None, ImageCheck | None]]:
+            batch, pending = window.popleft()
+            results = iter(pending.get())
+            for record in batch:
+                yield (record, None, None) if record.error is not None else merge(record, next(results))
+
         for batch in _batched(records, 8):
-            window.append(self.pool.apply_async(_check_batch, (batch, self.min_side, self.max_pixels)))
+            todo = [(r.data, r.path) for r in batch if r.error is None]
+            window.append((batch, self.pool.apply_async(read_and_check_batch,
+                                                        (todo, self.min_side, self.max_pixels))))
             if len(window) >= 4 * self.workers:
-                yield from window.popleft().get()
+                yield from drain()
         while window:
-            yield from window.popleft().get()
+            yield from drain()
 
     def process(self, task: ShardTask, writer: ShardWriter, progress: Callable[[int], None]) -> None:
         first_source: dict[str, str] = {}

@@ -30,6 +30,9 @@ from typing import Any, BinaryIO
 import polars as pl
 import pyarrow.parquet as pq
 
+# Keys are part of the contract; images.py computes them so decoding workers import nothing heavy.
+from curate.images import sample_key  # noqa: F401
+
 OK = "ok"
 REJECTED = "rejected"
 META_KEY = b"kiln"
@@ -47,15 +50,6 @@ BASE_SCHEMA: dict[str, pl.DataType] = {
 
 class ShardError(RuntimeError):
     """A shard on disk is missing, inconsistent or not ours."""
-
-
-def sample_key(data: bytes) -> str:
-    """The content-derived key of a sample: 128-bit BLAKE2b of its original bytes, in hex.
-
-    The same bytes give the same key in every run, every stage and every worker, which is
-    what makes reruns idempotent and exact duplicates detectable.
-    """
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def shard_name(shard_id: int) -> str:

@@ -38,7 +38,7 @@ def image_server(tmp_path: Path):
         server.server_close()
 
 
-@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
 def test_url_list_ingest_through_img2dataset(image_server, tmp_path: Path, fmt: str):
     base, files = image_server
     urls = [f"{base}/{p.name}" for p in files] + [f"{base}/missing.jpg", f"{base}/broken.jpg"]
@@ -78,3 +78,22 @@ def test_url_list_without_url_column_is_a_clear_error(tmp_path: Path):
     with pytest.raises(CurateError, match="no url column"):
         open_source(str(url_list))
     assert open_source(str(url_list), url_column="link_to_image").url_column == "link_to_image"
+
+
+@pytest.mark.parametrize("fmt", ["tsv", "jsonl", "json", "txt"])
+def test_url_list_formats_are_read(tmp_path: Path, fmt: str):
+    table = pl.DataFrame({"url": ["http://127.0.0.1:9/a.jpg", "http://127.0.0.1:9/b.jpg"], "caption": ["a", "b"]})
+    path = tmp_path / f"list.{fmt}"
+    if fmt == "tsv":
+        table.write_csv(path, separator="\t")
+    elif fmt == "jsonl":
+        table.write_ndjson(path)
+    elif fmt == "json":
+        table.write_json(path)
+    else:
+        path.write_text("\n".join(table["url"]) + "\n")
+    source = open_source(str(path))
+    tasks = source.plan(shard_size=1)
+    assert [t.num_inputs for t in tasks] == [1, 1]
+    assert source._rows()["url"].to_list() == table["url"].to_list()
+    assert source.caption_column == (None if fmt == "txt" else "caption")

@@ -1,0 +1,115 @@
+"""Folder ingest throughput against a bare single-process loop, measured in one run.
+
+The bare loop is what a user would write by hand: read each file, decode it fully with
+PIL, append the bytes to a tar. `curate ingest` does that plus content keys, EXIF
+orientation, validation, the parquet index, fsync and atomic commits. Figures are ratios
+of images/s in the same run on the same files (page cache warm for both).
+
+    python bench/ingest.py [--images 2000] [--side 1024] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from curate.ingest import IngestStage  # noqa: E402
+from curate.runner import run_stage  # noqa: E402
+from curate.sources import FolderSource  # noqa: E402
+
+
+def make_images(root: Path, n: int, side: int) -> None:
+    """Photo-like JPEGs: smooth gradients, shapes and mild noise (decode cost like real photos).
+
+    A few noisy backgrounds are made once; each image draws its own shapes on one, so every
+    file is different (no duplicates) and generation stays fast.
+    """
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    h, w = side * 3 // 4, side
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    backgrounds = []
+    for _ in range(16):
+        c0, c1 = rng.random(3) * 255, rng.random(3) * 255
+        t = ((xx * rng.random() + yy * rng.random()) / (w + h))[..., None]
+        arr = c0 * (1 - t) + c1 * t + rng.normal(0, 6, (h, w, 3))
+        backgrounds.append(Image.fromarray(arr.clip(0, 255).astype(np.uint8)))
+    for i in range(n):
+        img = backgrounds[i % len(backgrounds)].copy()
+        draw = ImageDraw.Draw(img)
+        for _ in range(6):
+            x, y = rng.integers(0, w), rng.integers(0, h)
+            r = int(rng.integers(10, side // 4))
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+        img.save(root / f"img_{i:05d}.jpg", quality=90)
+        (root / f"img_{i:05d}.txt").write_text(f"image number {i}")
+
+
+def bare_loop(src: Path, out: Path) -> None:
+    out.mkdir(parents=True)
+    with tarfile.open(out / "000000.tar", "w") as tar:
+        for path in sorted(src.glob("*.jpg")):
+            data = path.read_bytes()
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+            info = tarfile.TarInfo(path.name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def curate_ingest(src: Path, out: Path, workers: int) -> None:
+    stage = IngestStage(FolderSource(src), out, shard_size=1000, workers=workers)
+    run_stage(stage, out, progress=False)
+
+
+def timed(fn, out: Path, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
+        fn(out)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--side", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    cores = len(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "src"
+        make_images(src, args.images, args.side)
+        mb = sum(p.stat().st_size for p in src.glob("*.jpg")) / 1e6
+        bare_loop(src, Path(tmp) / "warm")  # warm the page cache for everyone
+        bare = timed(lambda o: bare_loop(src, o), Path(tmp) / "bare", args.repeats)
+        rows = [("bare loop (1 process)", bare)]
+        for workers in sorted({1, 2, cores}):
+            t = timed(lambda o, w=workers: curate_ingest(src, o, w), Path(tmp) / f"w{workers}", args.repeats)
+            rows.append((f"curate ingest --workers {workers}", t))
+    print(f"# bench/ingest.py: {args.images} JPEGs {args.side}x{args.side * 3 // 4} ({mb:.0f} MB), "
+          f"{cores} cores, {platform.processor() or platform.machine()}, median of {args.repeats}")
+    print("| run | images/s | ratio to bare loop |")
+    print("| --- | ---: | ---: |")
+    for name, t in rows:
+        print(f"| {name} | {args.images / t:.0f} | {bare / t:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

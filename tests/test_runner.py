@@ -1,0 +1,146 @@
+"""The shared runner and the shard contract, independent of any stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from curate.runner import CurateError, ShardTask, Stage, WorkerShare, resolve_share, run_stage
+from curate.shards import (
+    ShardWriter,
+    committed_shards,
+    iter_tar_samples,
+    open_shard,
+    read_index,
+    reject_samples,
+    sample_key,
+)
+
+
+class Squares(Stage):
+    """A toy stage: input shard i holds numbers; each sample stores its square; odd ones rejected."""
+
+    name = "squares"
+    index_schema = {"value": pl.Int64}
+
+    def __init__(self, inputs: list[list[int]], fail_on: int | None = None):
+        self.inputs, self.fail_on = inputs, fail_on
+
+    def config(self):
+        return {"power": 2}
+
+    def plan(self):
+        return [ShardTask(i, json.dumps(xs), len(xs), xs) for i, xs in enumerate(self.inputs)]
+
+    def process(self, task, writer, progress):
+        for x in task.payload:
+            if x == self.fail_on:
+                raise RuntimeError("boom")
+            key = sample_key(str(x).encode())
+            if x % 2:
+                writer.reject(key, "odd", row={"value": x}, detail=f"{x} is odd")
+            else:
+                writer.add(key, {"txt": str(x * x).encode()}, row={"value": x}, flags=["big"] if x > 5 else [])
+            progress(1)
+
+
+ENV_KEYS = ["RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_ARRAY_TASK_ID",
+            "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"]
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, (0, 1)),
+        ({"RANK": "3", "WORLD_SIZE": "8"}, (3, 8)),
+        ({"SLURM_PROCID": "5", "SLURM_NTASKS": "6"}, (5, 6)),
+        ({"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "10", "SLURM_ARRAY_TASK_MIN": "1"}, (6, 10)),
+        ({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_PROCID": "1", "SLURM_NTASKS": "3"},
+         (7, 12)),
+        # torchrun inside a Slurm allocation: torchrun's global rank wins
+        ({"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, (1, 2)),
+    ],
+)
+def test_worker_share_from_environment(monkeypatch, env, expected):
+    for k in ENV_KEYS:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    share = resolve_share()
+    assert (share.rank, share.world_size) == expected
+    assert resolve_share(1, 4) == WorkerShare(1, 4)  # flags win
+
+
+def test_bad_worker_share_is_a_clear_error():
+    with pytest.raises(CurateError, match="outside"):
+        resolve_share(4, 4)
+    with pytest.raises(CurateError, match="go together"):
+        resolve_share(1, None)
+
+
+def test_stage_counts_and_stage_file(tmp_path: Path):
+    result = run_stage(Squares([[1, 2, 3], [4, 6, 8], [9]]), tmp_path, progress=False)
+    assert result.complete and result.processed == [0, 1, 2]
+    totals = result.summary["totals"]
+    assert totals == {"seen": 7, "ok": 4, "rejected": 3, "reasons": {"odd": 3}, "flags": {"big": 2}}
+    assert json.loads((tmp_path / "_stage.json").read_text())["totals"] == totals
+    for shard in committed_shards(tmp_path):
+        c = shard.meta.counts
+        assert c["ok"] + c["rejected"] == c["seen"] == read_index(shard.index_path).height
+    assert [k for k, _ in iter_tar_samples(tmp_path / "000001.tar")] == [sample_key(b"4"), sample_key(b"6"),
+                                                                         sample_key(b"8")]
+
+
+def test_failure_mid_shard_leaves_no_visible_shard_and_rerun_completes(tmp_path: Path):
+    with pytest.raises(RuntimeError, match="boom"):
+        run_stage(Squares([[2], [4, 6, 8]], fail_on=6), tmp_path, progress=False)
+    assert [s.shard_id for s in committed_shards(tmp_path)] == [0]
+    assert not list(tmp_path.glob(".*tmp-*")), "temporaries are removed on failure"
+    assert not (tmp_path / "_stage.json").exists()
+    result = run_stage(Squares([[2], [4, 6, 8]]), tmp_path, progress=False)
+    assert result.skipped == [0] and result.processed == [1] and result.complete
+
+
+def test_tar_without_index_is_not_a_shard_and_a_mismatched_tar_is_redone(tmp_path: Path):
+    run_stage(Squares([[2], [4]]), tmp_path, progress=False)
+    (tmp_path / "000001.parquet").unlink()  # as if killed between the two renames
+    assert open_shard(tmp_path, 1) is None
+    (tmp_path / "000000.tar").write_bytes(b"truncated")  # as if the tar were replaced under the index
+    assert not open_shard(tmp_path, 0).intact()
+    result = run_stage(Squares([[2], [4]]), tmp_path, progress=False)
+    assert result.processed == [0, 1]
+    assert all(s.intact() for s in committed_shards(tmp_path))
+
+
+def test_leftover_temporaries_are_cleaned_before_a_shard_is_redone(tmp_path: Path):
+    tmp_path.mkdir(exist_ok=True)
+    stale = tmp_path / ".000000.tar.tmp-99999"
+    stale.write_bytes(b"half a tar")
+    run_stage(Squares([[2]]), tmp_path, progress=False)
+    assert not stale.exists()
+
+
+def test_reject_samples_rewrites_tar_and_index(tmp_path: Path):
+    writer = ShardWriter(tmp_path, 0, {"value": pl.Int64})
+    for x in (2, 4, 6):
+        writer.add(sample_key(bytes([x])), {"txt": b"x"}, row={"value": x})
+    shard = writer.commit(stage="t", fingerprint="f", config_hash="c")
+    new = reject_samples(shard, {sample_key(bytes([4])): "same as elsewhere"}, "duplicate",
+                         depends_on={"7": "fp7"})
+    assert [k for k, _ in iter_tar_samples(new.tar_path)] == [sample_key(bytes([2])), sample_key(bytes([6]))]
+    rows = read_index(new.index_path).to_dicts()
+    assert [r["status"] for r in rows] == ["ok", "rejected", "ok"]
+    assert rows[1]["reason"] == "duplicate" and rows[1]["detail"] == "same as elsewhere"
+    assert new.meta.counts["reasons"] == {"duplicate": 1}
+    assert new.meta.depends_on == {"7": "fp7"} and new.intact()
+
+
+def test_identical_samples_give_byte_identical_tars(tmp_path: Path):
+    for name in ("a", "b"):
+        w = ShardWriter(tmp_path / name, 0, {})
+        w.add("k1", {"txt": b"hello", "json": b"{}"})
+        w.commit(stage="t", fingerprint="f", config_hash="c")
+    assert (tmp_path / "a" / "000000.tar").read_bytes() == (tmp_path / "b" / "000000.tar").read_bytes()

@@ -51,9 +51,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download-retries", type=int, default=2, help="URL lists: retries per URL")
     _add_worker_args(p)
 
+    p = sub.add_parser("recaption", help="long and short captions from a vision-language model",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("images", help="an image stage folder written by `curate ingest`, e.g. DATA/images")
+    p.add_argument("--out", required=True, help="output folder, e.g. DATA/captions/qwen2vl")
+    p.add_argument("--model", default="qwen2-vl",
+                   help="alias (qwen2-vl, qwen2-vl-2b, qwen2.5-vl, qwen2.5-vl-3b, qwen3-vl), Hub id or local folder;"
+                        " with --backend openai, the served model name")
+    p.add_argument("--revision", default=None, help="pinned Hub revision (commit hash or tag)")
+    p.add_argument("--backend", choices=["auto", "transformers", "vllm", "openai"], default="auto",
+                   help="auto: vllm if installed and a GPU is present, else transformers")
+    p.add_argument("--endpoint", default=None, help="openai: base URL of the server, e.g. http://localhost:8000/v1")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                   help="openai: environment variable holding the API key (never logged)")
+    p.add_argument("--batch-size", type=int, default=8, help="transformers: images per generate call")
+    p.add_argument("--concurrency", type=int, default=32, help="openai: requests in flight")
+    p.add_argument("--prompts", action="append", default=[],
+                   help="extra prompt file (.json like curate/prompt_sets/default.json, or .txt: one variant "
+                        "named after the file); repeatable")
+    p.add_argument("--variants", default="long,short", help="caption variants to generate, in order")
+    p.add_argument("--max-pixels", type=int, default=802_816, help="images are downscaled to at most this area")
+    p.add_argument("--use-orig-caption", action="store_true",
+                   help="give the model the image's original alt-text as context")
+    p.add_argument("--retries", type=int, default=2, help="new tries for a flagged caption")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--decode-workers", type=int, default=min(4, _default_workers()),
+                   help="DataLoader processes decoding and resizing images")
+    _add_worker_args(p)
+
     p = sub.add_parser("stats", help="totals and rejection reasons of a stage output")
     p.add_argument("stage_dir", help="a stage folder, e.g. DATA/images")
     p.add_argument("--json", action="store_true", help="print the raw statistics as JSON")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="caption stages: write a histogram of caption lengths per variant")
     return parser
 
 
@@ -78,11 +110,63 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recaption(args: argparse.Namespace) -> int:
+    from curate.captioners import CaptionerError, Sampling, choose_backend, open_captioner
+    from curate.models import resolve_model
+    from curate.prompts import load_prompts
+    from curate.recaption import CaptionSettings, RecaptionStage
+    from curate.runner import CurateError, resolve_share, run_stage
+
+    share = resolve_share(args.rank, args.world_size)
+    backend = choose_backend(args.backend)
+    # A served model's name is whatever the server calls it; elsewhere resolve aliases and folders.
+    model = args.model if backend == "openai" and not _is_alias(args.model) else resolve_model(args.model, "vlm").id
+    try:
+        prompts = load_prompts(args.prompts, [v.strip() for v in args.variants.split(",") if v.strip()])
+    except ValueError as e:
+        raise CurateError(str(e)) from e
+    settings = CaptionSettings(
+        prompts=prompts,
+        sampling=Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed),
+        max_pixels=args.max_pixels, retries=args.retries, use_orig_caption=args.use_orig_caption,
+    )
+    # Images per generate call: a few batches (transformers), many concurrent requests so that slow
+    # ones do not idle the rest (openai), a large offline batch for vLLM's scheduler.
+    chunk = {"openai": 4 * args.concurrency, "vllm": 256}.get(backend, 2 * args.batch_size)
+
+    def load():
+        try:
+            return open_captioner(backend, model, revision=args.revision, endpoint=args.endpoint,
+                                  batch_size=args.batch_size, concurrency=args.concurrency,
+                                  max_pixels=args.max_pixels, api_key_env=args.api_key_env)
+        except CaptionerError as e:
+            raise CurateError(str(e)) from e
+
+    stage = RecaptionStage(args.images, model, load, settings, revision=args.revision, chunk_images=chunk,
+                           decode_workers=args.decode_workers)
+    result = run_stage(stage, args.out, share=share, progress=not args.no_progress)
+    if result.complete:
+        from curate.stats import format_stats
+
+        print(format_stats(result.summary, args.out))
+    return 0
+
+
+def _is_alias(name: str) -> bool:
+    from curate.models import VLMS
+
+    return name in VLMS
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from curate.stats import format_stats, stage_stats
 
     stats = stage_stats(args.stage_dir)
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats, args.stage_dir))
+    if args.plot:
+        from curate.recaption import plot_caption_lengths
+
+        print(f"wrote {plot_caption_lengths(args.stage_dir, args.plot)}")
     return 0
 
 
@@ -94,14 +178,14 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for name in ("workers", "shard_size", "min_side", "max_pixels"):
+    for name in ("workers", "shard_size", "min_side", "max_pixels", "batch_size", "concurrency"):
         value = getattr(args, name, None)
         if isinstance(value, int) and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     from curate.runner import CurateError
 
     try:
-        return {"ingest": cmd_ingest, "stats": cmd_stats}[args.command](args)
+        return {"ingest": cmd_ingest, "recaption": cmd_recaption, "stats": cmd_stats}[args.command](args)
     except CurateError as e:
         print(f"curate: error: {e}", file=sys.stderr)
         return 2

@@ -141,3 +141,43 @@ def read_and_check_batch(items: list[tuple[bytes | None, str | None]], min_side:
 def allow_pixels(max_pixels: int) -> None:
     """Our --max-pixels applies; PIL's own global limit must not refuse images below it."""
     Image.MAX_IMAGE_PIXELS = max(max_pixels, Image.MAX_IMAGE_PIXELS or 0)
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Any decoded image as 8-bit RGB, displayed the right way up.
+
+    EXIF orientation is applied; transparency (RGBA, LA, PA, palette with a transparent
+    colour) is composited on ``background`` (white: what a viewer shows, and what avoids the
+    black fringes of dropping alpha); 16- and 32-bit images are scaled to 8 bits instead of
+    clipped; CMYK goes through PIL's conversion.
+    """
+    import numpy as np
+    from PIL import ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        img = Image.fromarray(((arr - lo) / (hi - lo or 1.0) * 255.0 + 0.5).astype(np.uint8), mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, background)
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def fit_pixels(img: Image.Image, max_pixels: int, multiple: int = 1) -> Image.Image:
+    """Downscale (never upscale) so that width * height <= max_pixels, keeping the aspect ratio."""
+    w, h = img.size
+    if w * h <= max_pixels:
+        return img
+    scale = (max_pixels / (w * h)) ** 0.5
+    nw, nh = max(multiple, int(w * scale) // multiple * multiple), max(multiple, int(h * scale) // multiple * multiple)
+    return img.resize((nw, nh), Image.Resampling.LANCZOS, reducing_gap=3.0)

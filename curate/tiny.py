@@ -675,3 +675,25 @@ def build_tiny_flux2_vae(out_dir: str | os.PathLike[str], seed: int = 0) -> Path
         return {"class": type(vae).__name__, "num_parameters": _num_parameters(vae)}
 
     return _build_once(out_dir, spec, required, build)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m curate.tiny KIND OUT_DIR`: build a tiny model for the demo (idempotent)."""
+    import argparse
+
+    builders: dict[str, Callable[[Path], Path]] = {
+        "qwen2-vl": lambda out: build_tiny_qwen2_vl(out, variant="qwen2-vl"),
+        "qwen2.5-vl": lambda out: build_tiny_qwen2_vl(out, variant="qwen2.5-vl"),
+        "flux-vae": build_tiny_flux_vae,
+        "flux2-vae": build_tiny_flux2_vae,
+    }
+    parser = argparse.ArgumentParser(prog="python -m curate.tiny", description=main.__doc__)
+    parser.add_argument("kind", choices=sorted(builders))
+    parser.add_argument("out_dir", type=Path)
+    args = parser.parse_args(argv)
+    print(builders[args.kind](args.out_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

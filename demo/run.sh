@@ -10,3 +10,13 @@ curate ingest demo/images --out "$DATA/images" --shard-size 16 --workers 2 --no-
 
 echo "== stats"
 curate stats "$DATA/images"
+
+echo "== 2. a tiny vision-language model: the real Qwen2-VL classes, randomly initialised, saved locally"
+python -m curate.tiny qwen2-vl "$DATA/models/tiny-qwen2-vl"
+
+echo "== 3. recaption: long and short captions (random weights: expect nonsense, and the QA rejecting some)"
+# demo/prompts.json keeps the real prompts' shape with small token limits so the demo runs in a minute on a CPU.
+curate recaption "$DATA/images" --out "$DATA/captions/tiny-qwen2-vl" --model "$DATA/models/tiny-qwen2-vl" \
+    --backend transformers --prompts demo/prompts.json --batch-size 8 --max-pixels 65536 --decode-workers 2 \
+    --no-progress
+curate stats "$DATA/captions/tiny-qwen2-vl" --plot "$DATA/captions/tiny-qwen2-vl-lengths.png"

@@ -1,0 +1,46 @@
+"""One registry of model aliases: short names users type, mapped to Hub ids.
+
+Any Hub id (``org/name``) or local folder works too; an alias is only a convenience. The
+registry records what each alias is, so that logs and outputs name the real model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from curate.runner import CurateError
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str  # what the user typed
+    id: str  # Hub id or absolute local folder
+    local: bool  # a folder on disk (no download, no revision)
+
+
+VLMS = {
+    "qwen2-vl": "Qwen/Qwen2-VL-7B-Instruct",
+    "qwen2-vl-2b": "Qwen/Qwen2-VL-2B-Instruct",
+    "qwen2-vl-7b": "Qwen/Qwen2-VL-7B-Instruct",
+    "qwen2.5-vl": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
+    "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "qwen3-vl": "Qwen/Qwen3-VL-8B-Instruct",
+    "qwen3-vl-8b": "Qwen/Qwen3-VL-8B-Instruct",
+}
+
+REGISTRIES = {"vlm": VLMS}
+
+
+def resolve_model(name: str, kind: str) -> ModelRef:
+    """An alias, a local folder or a Hub id; anything else is a clear error listing the aliases."""
+    aliases = REGISTRIES[kind]
+    if name in aliases:
+        return ModelRef(name, aliases[name], local=False)
+    if os.path.isdir(name):
+        return ModelRef(name, os.path.abspath(name), local=True)
+    if name.count("/") == 1 and not name.startswith((".", "/")) and all(name.split("/")):
+        return ModelRef(name, name, local=False)
+    raise CurateError(f"{name!r} is not a known {kind} alias ({', '.join(sorted(aliases))}), "
+                      "a local folder, or a Hub id like org/name")

@@ -1,0 +1,321 @@
+"""`curate recaption DATA/images --out DATA/captions/NAME --model qwen2-vl`.
+
+For every accepted image of the image stage, one caption per variant (long, short, ...)
+from a vision-language model. Each caption goes through quality control; a flagged one is
+retried with another seed and temperature, and what still fails is recorded with its
+reason. Output per image shard: DATA/captions/NAME/000123.parquet (a table, no tar) with
+one row per image: the captions, word counts, flags, retries, and how they were made.
+
+Images are decoded, turned to RGB and resized to --max-pixels in DataLoader workers,
+ahead of the model, across shard boundaries, so the model never waits on JPEG decoding.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from curate.caption_qa import CaptionQA, check_caption
+from curate.captioners.base import Captioner, CaptionRequest, Generation, Sampling
+from curate.prompts import PromptSpec, build_prompt
+from curate.runner import STAGE_FILE, CurateError, ShardTask, Stage
+from curate.shards import (
+    OK,
+    ShardWriter,
+    committed_shards,
+    iter_tar_samples,
+    read_index,
+    stable_hash,
+)
+
+log = logging.getLogger("curate")
+
+
+@dataclass(frozen=True)
+class CaptionSettings:
+    """What decides the captions (hashed into the stage config), apart from the model."""
+
+    prompts: dict[str, PromptSpec]
+    sampling: Sampling
+    max_pixels: int = 802_816  # 1024 visual tokens of Qwen2-VL (28x28 pixels each)
+    retries: int = 2
+    use_orig_caption: bool = False
+
+
+class _ImageStream:
+    """Decoded, RGB, resized images of several shards, in order, from DataLoader workers.
+
+    Workers split the samples by their global position (item g goes to worker g % n), and
+    the DataLoader takes from workers in turn, so the stream comes out in exactly the
+    order of the shards, shard after shard, while workers decode ahead.
+    """
+
+    def __init__(self, shards: list[tuple[int, str]], max_pixels: int, workers: int):
+        import torch.utils.data as tud
+
+        class Images(tud.IterableDataset):
+            def __iter__(self) -> Iterator[tuple[int, str, Any, str | None]]:
+                info = tud.get_worker_info()
+                wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
+                position = 0
+                for shard_id, tar in shards:
+                    for key, members in iter_tar_samples(tar):
+                        if position % n == wid:
+                            yield (shard_id, key, *_decode(members, max_pixels))
+                        position += 1
+
+        self.loader = tud.DataLoader(Images(), batch_size=None, num_workers=workers,
+                                     prefetch_factor=8 if workers else None, collate_fn=lambda x: x)
+        self.iterator = iter(self.loader)
+
+    def take(self, shard_id: int, count: int) -> Iterator[tuple[str, Any, str | None]]:
+        for _ in range(count):
+            got_shard, key, image, error = next(self.iterator)
+            if got_shard != shard_id:
+                raise CurateError(f"image shard {shard_id} holds fewer samples than its index lists")
+            yield key, image, error
+
+    def close(self) -> None:
+        del self.iterator
+
+
+def _decode(members: dict[str, bytes], max_pixels: int) -> tuple[Any, str | None]:
+    from PIL import Image
+
+    from curate.images import fit_pixels, to_rgb
+
+    try:
+        with Image.open(io.BytesIO(members["jpg"])) as img:
+            img.load()
+            return fit_pixels(to_rgb(img), max_pixels), None
+    except Exception as e:  # validated at ingest; a failure here is recorded, not fatal
+        return None, f"{type(e).__name__}: {e}"[:300]
+
+
+class RecaptionStage(Stage):
+    name = "recaption"
+    version = 1
+    with_tar = False
+    packages = ("kiln", "torch", "transformers", "vllm", "httpx2", "pillow", "polars")
+
+    def __init__(self, images_dir: str | Path, model_name: str, open_captioner: Callable[[], Captioner],
+                 settings: CaptionSettings, *, revision: str | None = None, chunk_images: int = 32,
+                 decode_workers: int = 2):
+        self.images_dir = Path(images_dir)
+        self.model_name, self.revision = model_name, revision
+        self.open_captioner = open_captioner
+        self.settings = settings
+        self.variants = list(settings.prompts)
+        reserved = {"key", "status", "reason", "detail", "flags", "orig_caption", "model", "revision", "backend",
+                    "sampling", "seconds"}
+        if clash := reserved & set(self.variants):
+            raise CurateError(f"caption variant names {sorted(clash)} are reserved column names; rename them")
+        self.chunk_images = max(1, chunk_images)
+        self.decode_workers = decode_workers
+        self.captioner: Captioner | None = None
+        self.stream: _ImageStream | None = None
+        schema: dict[str, pl.DataType] = {}
+        for v in self.variants:
+            schema |= {v: pl.Utf8, f"{v}_words": pl.Int32, f"{v}_flags": pl.List(pl.Utf8),
+                       f"{v}_retries": pl.Int32, f"{v}_tokens": pl.Int32, f"{v}_failed_text": pl.Utf8,
+                       f"{v}_prompt_hash": pl.Utf8}
+        schema |= {"orig_caption": pl.Utf8, "model": pl.Utf8, "revision": pl.Utf8, "backend": pl.Utf8,
+                   "sampling": pl.Utf8, "seconds": pl.Float32}
+        self.index_schema = schema
+
+    def config(self) -> dict[str, Any]:
+        s = self.settings
+        return {"model": self.model_name, "revision": self.revision,
+                "prompts": {v: p.hash for v, p in s.prompts.items()}, "sampling": s.sampling.as_dict(),
+                "max_pixels": s.max_pixels, "retries": s.retries, "use_orig_caption": s.use_orig_caption}
+
+    def provenance(self) -> dict[str, Any]:
+        c = self.captioner
+        return {"images": str(self.images_dir.resolve()),
+                **({"backend": c.backend, "model_id": c.model_id, "resolved_revision": c.revision} if c else {})}
+
+    def plan(self) -> list[ShardTask]:
+        if not (self.images_dir / STAGE_FILE).exists():
+            raise CurateError(f"{self.images_dir}: not a complete image stage (no {STAGE_FILE}); "
+                              "run `curate ingest` to completion first")
+        shards = committed_shards(self.images_dir)
+        if not shards:
+            raise CurateError(f"{self.images_dir}: no image shards")
+        # Same shard ids as the images: captions/000123.parquet describes images/000123.tar.
+        return [ShardTask(s.shard_id, stable_hash([s.meta.fingerprint, s.meta.tar_sha256]),
+                          s.meta.counts["ok"], (str(s.index_path), str(s.tar_path))) for s in shards]
+
+    def prepare(self, todo: list[ShardTask]) -> None:
+        self.captioner = self.open_captioner()
+        self.stream = _ImageStream([(t.shard_id, t.payload[1]) for t in todo], self.settings.max_pixels,
+                                   self.decode_workers)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+        if self.captioner is not None:
+            self.captioner.close()
+            self.captioner = None
+
+    def process(self, task: ShardTask, writer: ShardWriter, progress: Callable[[int], None]) -> None:
+        index = read_index(task.payload[0], columns=["key", "status", "caption"]).filter(pl.col("status") == OK)
+        originals = dict(zip(index["key"].to_list(), index["caption"].to_list(), strict=True))
+        rows: dict[str, dict[str, Any]] = {}
+        chunk: list[tuple[str, Any]] = []
+        for key, image, error in self.stream.take(task.shard_id, len(originals)):
+            if error is not None:
+                rows[key] = {"status": "rejected", "reason": "unreadable", "detail": error}
+                progress(1)
+                continue
+            chunk.append((key, image))
+            if len(chunk) == self.chunk_images:
+                rows.update(self._caption_chunk(chunk, originals))
+                progress(len(chunk))
+                chunk = []
+        if chunk:
+            rows.update(self._caption_chunk(chunk, originals))
+            progress(len(chunk))
+        for key in originals:  # the image index's order
+            row = rows[key] | {"orig_caption": originals[key]}
+            if row.pop("status") == OK:
+                writer.add(key, {}, row=row, flags=row.pop("flags"))
+            else:
+                writer.reject(key, row.pop("reason"), row=row, detail=row.pop("detail"),
+                              flags=row.pop("flags", []))
+
+    def _caption_chunk(self, chunk: list[tuple[str, Any]], originals: dict[str, str | None]) -> dict[str, dict]:
+        """Every variant of every image in the chunk, retrying flagged captions; one row per image."""
+        s, captioner = self.settings, self.captioner
+        started = time.perf_counter()
+        pending = [
+            CaptionRequest(key=f"{key}/{v}", variant=v, image=image,
+                           prompt=build_prompt(s.prompts[v], originals.get(key), s.use_orig_caption),
+                           sampling=_variant_sampling(s.sampling, s.prompts[v]))
+            for key, image in chunk for v in self.variants
+        ]
+        final: dict[str, tuple[CaptionQA, Generation, int]] = {}
+        for attempt in range(s.retries + 1):
+            if not pending:
+                break
+            tries = [_with_sampling(r, r.sampling.for_attempt(attempt)) for r in pending]
+            generations = captioner.generate(tries)
+            retry = []
+            for request, generation in zip(pending, generations, strict=True):
+                qa = check_caption(generation.text, generation.finish_reason, s.prompts[request.variant])
+                final[request.key] = (qa, generation, attempt)
+                if qa.failures and attempt < s.retries:
+                    retry.append(request)
+            pending = retry
+        seconds = (time.perf_counter() - started) / len(chunk)
+        sampling = json.dumps(s.sampling.as_dict(), sort_keys=True)
+        return {key: self._row(key, final, seconds, sampling) for key, _ in chunk}
+
+    def _row(self, key: str, final: dict, seconds: float, sampling: str) -> dict[str, Any]:
+        c = self.captioner
+        row: dict[str, Any] = {"model": c.model_id, "revision": c.revision, "backend": c.backend,
+                               "sampling": sampling, "seconds": seconds}
+        flags, failures = [], []
+        for v in self.variants:
+            qa, generation, attempt = final[f"{key}/{v}"]
+            ok = not qa.failures
+            row |= {v: qa.text if ok else None, f"{v}_failed_text": None if ok else generation.text[:2000],
+                    f"{v}_words": qa.words, f"{v}_flags": qa.flags, f"{v}_retries": attempt,
+                    f"{v}_tokens": generation.tokens, f"{v}_prompt_hash": self.settings.prompts[v].hash}
+            flags += [f"{v}_{f}" for f in qa.flags] + ([f"{v}_retried"] if attempt else [])
+            if not ok:
+                failures.append((v, qa.failures[0], generation.error))
+        row["flags"] = flags
+        if not failures:
+            return row | {"status": OK}
+        v, reason, error = failures[0]
+        detail = "; ".join(f"{v}: {r}" + (f" ({e})" if e else "") for v, r, e in failures)
+        return row | {"status": "rejected", "reason": f"{v}_{reason}", "detail": detail}
+
+    def finalize(self, out_dir: Path, tasks: list[ShardTask]) -> dict[str, Any]:
+        return summarize_captions(out_dir, self.variants)
+
+
+def _variant_sampling(base: Sampling, spec: PromptSpec) -> Sampling:
+    return Sampling(temperature=base.temperature, top_p=base.top_p, max_new_tokens=spec.max_new_tokens,
+                    seed=base.seed, repetition_penalty=base.repetition_penalty)
+
+
+def _with_sampling(request: CaptionRequest, sampling: Sampling) -> CaptionRequest:
+    return CaptionRequest(key=request.key, variant=request.variant, image=request.image,
+                          prompt=request.prompt, sampling=sampling, system=request.system)
+
+
+def summarize_captions(stage_dir: str | Path, variants: list[str] | None = None) -> dict[str, Any]:
+    """Captions ok per variant, words mean/median/p95, generated tokens/s (for _stage.json and stats)."""
+    paths = [str(s.index_path) for s in committed_shards(stage_dir)]
+    if not paths:
+        return {}
+    df = pl.concat([pl.read_parquet(p) for p in paths], how="diagonal_relaxed")
+    if variants is None:
+        variants = [c[: -len("_prompt_hash")] for c in df.columns if c.endswith("_prompt_hash")]
+    out: dict[str, Any] = {"images": df.height}
+    tokens = 0
+    for v in variants:
+        ok = df.filter(pl.col(v).is_not_null())
+        words = ok[f"{v}_words"].cast(pl.Float64)
+        out[f"{v}_captions"] = {
+            "ok": ok.height,
+            "words_mean": round(words.mean(), 1) if ok.height else None,
+            "words_median": words.median() if ok.height else None,
+            "words_p95": words.quantile(0.95) if ok.height else None,
+            "retried": int((df[f"{v}_retries"] > 0).sum()),
+        }
+        tokens += int(df[f"{v}_tokens"].sum() or 0)
+    seconds = float(df["seconds"].sum() or 0.0)
+    out["generated_tokens_per_second_per_worker"] = round(tokens / seconds, 1) if seconds else None
+    return out
+
+
+def plot_caption_lengths(stage_dir: str | Path, png: str | Path, bins: int = 40) -> Path:
+    """A PNG histogram of caption lengths (words) per variant, drawn with PIL (no plotting dependency)."""
+    from PIL import Image, ImageDraw
+
+    paths = [str(s.index_path) for s in committed_shards(stage_dir)]
+    if not paths:
+        raise CurateError(f"{stage_dir}: no caption shards")
+    df = pl.concat([pl.read_parquet(p) for p in paths], how="diagonal_relaxed")
+    variants = [c[: -len("_prompt_hash")] for c in df.columns if c.endswith("_prompt_hash")]
+    panel_w, panel_h, margin = 640, 220, 40
+    img = Image.new("RGB", (panel_w, panel_h * len(variants)), "white")
+    draw = ImageDraw.Draw(img)
+    colours = [(52, 101, 164), (204, 102, 0), (78, 154, 6), (117, 80, 123)]
+    for i, v in enumerate(variants):
+        words = df.filter(pl.col(v).is_not_null())[f"{v}_words"].to_list()
+        top = i * panel_h
+        draw.text((margin, top + 8), f"{v}: {len(words)} captions, words per caption", fill="black")
+        if not words:
+            continue
+        lo, hi = min(words), max(words) + 1
+        width = max(1, -(-(hi - lo) // bins))
+        counts = [0] * (-(-(hi - lo) // width))
+        for w in words:
+            counts[(w - lo) // width] += 1
+        plot_w, plot_h = panel_w - 2 * margin, panel_h - 2 * margin - 10
+        bar_w = plot_w / len(counts)
+        for j, c in enumerate(counts):
+            h = plot_h * c / max(counts)
+            x0 = margin + j * bar_w
+            y1 = top + panel_h - margin
+            draw.rectangle((x0, y1 - h, x0 + max(1.0, bar_w - 1), y1), fill=colours[i % len(colours)])
+        draw.line((margin, top + panel_h - margin, panel_w - margin, top + panel_h - margin), fill="black")
+        draw.text((margin, top + panel_h - margin + 4), str(lo), fill="black")
+        draw.text((panel_w - margin - 30, top + panel_h - margin + 4), str(hi - 1), fill="black")
+        draw.text((panel_w - margin - 90, top + 8), f"max bin {max(counts)}", fill="black")
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    img.save(png)
+    return png

@@ -1,0 +1,257 @@
+"""The recaption stage: QA and retries with a scripted captioner, then the real paths
+(tiny Qwen2-VL through transformers, the openai backend) through the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+from conftest import REPO, run_cli, snapshot, write_good_images
+
+from curate.captioners.base import Captioner, CaptionRequest, Generation, Sampling
+from curate.ingest import IngestStage
+from curate.prompts import load_prompts
+from curate.recaption import CaptionSettings, RecaptionStage
+from curate.runner import STAGE_FILE, CurateError, WorkerShare, run_stage
+from curate.shards import committed_shards, read_index
+from curate.sources import open_source
+
+GOOD_LONG = (
+    "A red ceramic mug sits on a weathered oak table beside a folded linen napkin, lit by soft morning light "
+    "from a window on the left. Steam rises from the coffee inside, and the mug's glaze shows small crackles "
+    "near the rim. Behind it, out of focus, a bookshelf holds rows of paperbacks in muted blues and greens. "
+    "The composition is centred, with shallow depth of field and warm colour grading, like a lifestyle "
+    "photograph for a cafe menu. A handwritten label on the mug reads \"MONDAY\" in white letters."
+)
+GOOD_SHORT = "A red ceramic mug of coffee on an oak table."
+
+
+class ScriptedCaptioner(Captioner):
+    """Answers from a script keyed by (image number, variant, attempt); records every request."""
+
+    backend = "scripted"
+    model_id = "scripted/model"
+    revision = "abc123"
+
+    def __init__(self, script: dict[tuple[int, str, int], tuple[str, str]], numbering: dict[str, int]):
+        self.script, self.numbering, self.calls = script, numbering, []
+
+    def generate(self, requests: list[CaptionRequest]) -> list[Generation]:
+        out = []
+        for r in requests:
+            key, variant = r.key.split("/")
+            attempt = 0 if r.sampling.seed < 1000 else r.sampling.seed // 1000
+            self.calls.append((self.numbering[key], variant, attempt, r.sampling, r.image.size, r.prompt))
+            default = (GOOD_LONG if variant == "long" else GOOD_SHORT, "stop")
+            text, finish = self.script.get((self.numbering[key], variant, attempt), default)
+            out.append(Generation(text=text, finish_reason=finish, tokens=len(text.split())))
+        return out
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    for i, p in enumerate(write_good_images(src, 6, size=(400, 300))):
+        p.with_suffix(".txt").write_text(f"alt text {i}")
+    out = tmp_path / "images"
+    run_stage(IngestStage(open_source(str(src)), out, shard_size=4), out, progress=False)
+    return out
+
+
+def numbering(images: Path) -> dict[str, int]:
+    rows = pl.concat([read_index(s.index_path) for s in committed_shards(images)])
+    return {k: int(s.split("_")[1].split(".")[0]) for k, s in zip(rows["key"], rows["source"], strict=True)}
+
+
+def recaption(images: Path, out: Path, captioner: Captioner, retries: int = 2, **kwargs):
+    settings = CaptionSettings(prompts=load_prompts([], ["long", "short"]), sampling=Sampling(seed=7),
+                               max_pixels=200 * 150, retries=retries, **kwargs)
+    stage = RecaptionStage(images, "scripted/model", lambda: captioner, settings, chunk_images=3,
+                           decode_workers=0)
+    return run_stage(stage, out, progress=False)
+
+
+def test_every_qa_flag_and_retry_path(images: Path, tmp_path: Path):
+    n = numbering(images)
+    script = {
+        (0, "long", 0): ("I'm sorry, but I can't help with identifying this image.", "stop"),  # refusal, then fine
+        (1, "short", 0): ("The image shows a red mug on a table.", "stop"),  # boilerplate stripped, accepted
+        (2, "long", 0): ("a mug " * 80, "stop"),  # repetition
+        (2, "long", 1): ("a mug " * 80, "stop"),
+        (2, "long", 2): ("a mug " * 80, "stop"),  # still failing after 2 retries: rejected
+        (3, "long", 0): (GOOD_LONG[:300], "length"),  # truncated at the token limit
+        (3, "short", 0): ("", "stop"),  # empty
+        (4, "short", 0): (GOOD_LONG, "stop"),  # too long for short
+        (4, "short", 1): ("Mug.", "stop"),  # too short
+        (5, "long", 0): ("", "error"),  # backend error, then fine
+    }
+    captioner = ScriptedCaptioner(script, n)
+    out = tmp_path / "captions"
+    result = recaption(images, out, captioner)
+    totals = result.summary["totals"]
+    assert totals["seen"] == 6 and totals["ok"] == 5
+    assert totals["reasons"] == {"long_repetition": 1}
+    flags = totals["flags"]
+    assert flags["long_retried"] == 4 and flags["short_retried"] == 2
+    assert flags["short_boilerplate_stripped"] == 1
+    assert flags["long_repetition"] == 1
+
+    rows = {n[r["key"]]: r for s in committed_shards(out) for r in read_index(s.index_path).to_dicts()}
+    assert rows[1]["short"] == "A red mug on a table."
+    assert rows[2]["status"] == "rejected" and rows[2]["long"] is None
+    assert rows[2]["long_failed_text"].startswith("a mug a mug") and rows[2]["long_retries"] == 2
+    assert rows[2]["short"] == GOOD_SHORT  # the other variant is kept
+    assert rows[0]["long"] == GOOD_LONG and rows[0]["long_retries"] == 1
+    assert rows[4]["short_retries"] == 2
+    assert rows[0]["model"] == "scripted/model" and rows[0]["revision"] == "abc123"
+    assert rows[0]["long_prompt_hash"] != rows[0]["short_prompt_hash"]
+    assert rows[0]["orig_caption"] == "alt text 0"
+    assert json.loads(rows[0]["sampling"])["seed"] == 7
+
+    # Retries used other seeds and a higher temperature; images were resized to the budget.
+    attempts = {(i, v, a): s for i, v, a, s, _, _ in captioner.calls}
+    assert attempts[(0, "long", 1)].seed != attempts[(0, "long", 0)].seed
+    assert attempts[(0, "long", 1)].temperature > attempts[(0, "long", 0)].temperature
+    assert all(w * h <= 200 * 150 for *_, (w, h), _ in [(c[0], c[1], c[2], c[3], c[4], c[5])
+                                                        for c in captioner.calls])
+    summary = result.summary["summary"]
+    assert summary["long_captions"]["ok"] == 5 and summary["short_captions"]["ok"] == 6
+    assert summary["short_captions"]["words_median"] > 3
+
+
+def test_original_caption_is_context_only_when_asked(images: Path, tmp_path: Path):
+    plain = ScriptedCaptioner({}, numbering(images))
+    recaption(images, tmp_path / "a", plain)
+    assert not any("alt text" in prompt for *_, prompt in plain.calls)
+    with_orig = ScriptedCaptioner({}, numbering(images))
+    recaption(images, tmp_path / "b", with_orig, use_orig_caption=True)
+    assert all(f"alt text {i}" in prompt for i, *_, prompt in with_orig.calls)
+    assert (tmp_path / "a" / STAGE_FILE).exists()
+    # A different setting is a different stage config: nothing reused across them.
+    assert json.loads((tmp_path / "a" / STAGE_FILE).read_text())["config_hash"] != \
+        json.loads((tmp_path / "b" / STAGE_FILE).read_text())["config_hash"]
+
+
+def test_rerun_skips_and_two_ranks_split_the_shards(images: Path, tmp_path: Path):
+    n = numbering(images)
+    one = tmp_path / "one"
+    recaption(images, one, ScriptedCaptioner({}, n))
+    captioner = ScriptedCaptioner({}, n)
+    again = recaption(images, one, captioner)
+    assert again.processed == [] and captioner.calls == []
+    two = tmp_path / "two"
+    settings = CaptionSettings(prompts=load_prompts([], ["long", "short"]), sampling=Sampling(seed=7),
+                               max_pixels=200 * 150)
+    results = []
+    for rank in (0, 1):
+        stage = RecaptionStage(images, "scripted/model", lambda: ScriptedCaptioner({}, n), settings,
+                               chunk_images=3, decode_workers=0)
+        results.append(run_stage(stage, two, share=WorkerShare(rank, 2), progress=False))
+    assert results[0].processed == [0] and results[1].processed == [1] and results[1].complete
+    strip = lambda snap: {k: [{c: v for c, v in r.items() if c != "seconds"} for r in rows]  # noqa: E731
+                          for k, (_, rows, _, _) in snap.items()}
+    assert strip(snapshot(one)) == strip(snapshot(two))
+
+
+def test_incomplete_image_stage_is_refused(images: Path, tmp_path: Path):
+    (images / STAGE_FILE).unlink()
+    with pytest.raises(CurateError, match="run `curate ingest` to completion"):
+        recaption(images, tmp_path / "c", ScriptedCaptioner({}, {}))
+
+
+TEST_PROMPTS = {"variants": {"long": {"prompt": "Describe this image in detail.", "min_words": 1,
+                                      "max_words": 400, "max_new_tokens": 12},
+                             "short": {"prompt": "Name the main subject.", "min_words": 1, "max_words": 15,
+                                       "max_new_tokens": 6}}}
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tmp_path_factory) -> Path:
+    from curate.tiny import build_tiny_qwen2_vl
+
+    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("vlm") / "qwen2-vl", tokenizer="small")
+
+
+def _cli_args(images: Path, out: Path, model: Path, prompts: Path) -> list[str]:
+    return ["recaption", str(images), "--out", str(out), "--model", str(model), "--backend", "transformers",
+            "--prompts", str(prompts), "--batch-size", "4", "--decode-workers", "1", "--max-pixels", "40000",
+            "--retries", "1", "--no-progress"]
+
+
+def test_kill_and_rerun_equals_a_clean_run_with_the_tiny_model(tmp_path: Path, tiny_vlm: Path):
+    src = tmp_path / "src"
+    write_good_images(src, 24, size=(200, 150))
+    images = tmp_path / "images"
+    run_cli("ingest", str(src), "--out", str(images), "--shard-size", "4", "--workers", "1", "--no-progress")
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(TEST_PROMPTS))
+    env = {"OMP_NUM_THREADS": "1"}
+    clean = tmp_path / "clean"
+    run_cli(*_cli_args(images, clean, tiny_vlm, prompts), env=env)
+    stats = run_cli("stats", str(clean), "--plot", str(tmp_path / "lengths.png"))
+    assert "long captions: ok" in stats.stdout and (tmp_path / "lengths.png").stat().st_size > 1000
+
+    killed = tmp_path / "killed"
+    kills = 0
+    for wait_for in (1, 3):
+        proc = subprocess.Popen([sys.executable, "-m", "curate", *_cli_args(images, killed, tiny_vlm, prompts)],
+                                cwd=REPO, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and len(list(killed.glob("*.parquet"))) < wait_for:
+            time.sleep(0.01)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 1
+    run_cli(*_cli_args(images, killed, tiny_vlm, prompts), env=env)
+
+    def comparable(stage: Path) -> dict:
+        return {k: [{c: v for c, v in r.items() if c != "seconds"} for r in rows]
+                for k, (_, rows, _, _) in snapshot(stage).items()}
+
+    assert comparable(killed) == comparable(clean)
+    rows = pl.concat([read_index(s.index_path) for s in committed_shards(clean)])
+    assert rows.height == 24 and rows["backend"].unique().to_list() == ["transformers"]
+
+
+def test_openai_backend_through_the_cli_never_writes_the_api_key(images: Path, tmp_path: Path):
+    from fake_openai_server import FakeOpenAIServer, Reply
+
+    secret = "sk-test-DO-NOT-LEAK-0123456789"
+    out = tmp_path / "captions"
+    with FakeOpenAIServer(models=("served-vlm",)) as server:
+        server.enqueue(Reply.http_error(429, retry_after="0"), Reply.http_error(500))  # retried, then fine
+        server.on("In one sentence", Reply.refusal())  # the first short caption is refused, then retried
+        proc = run_cli("-v", "recaption", str(images), "--out", str(out), "--backend", "openai",
+                       "--endpoint", server.url, "--model", "served-vlm", "--api-key-env", "MY_VLM_KEY",
+                       "--concurrency", "4", "--decode-workers", "1", "--no-progress",
+                       env={"MY_VLM_KEY": secret})
+        requests = server.chat_requests()
+    assert all(r.headers.get("authorization") == f"Bearer {secret}" for r in requests)
+    totals = json.loads((out / STAGE_FILE).read_text())["totals"]
+    assert totals["seen"] == 6 and totals["flags"]["short_retried"] >= 1
+    rows = pl.concat([read_index(s.index_path) for s in committed_shards(out)])
+    assert rows["backend"].unique().to_list() == ["openai"] and rows["model"].unique().to_list() == ["served-vlm"]
+    assert secret not in proc.stdout + proc.stderr
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_openai_backend_with_a_wrong_model_name_fails_before_any_shard(images: Path, tmp_path: Path):
+    from fake_openai_server import FakeOpenAIServer
+
+    with FakeOpenAIServer(models=("served-vlm",)) as server:
+        proc = run_cli("recaption", str(images), "--out", str(tmp_path / "c"), "--backend", "openai",
+                       "--endpoint", server.url, "--model", "other-name", "--no-progress", check=False)
+    assert proc.returncode == 2 and "served-vlm" in proc.stderr
+    assert not list((tmp_path / "c").glob("*.parquet"))

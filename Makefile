@@ -26,6 +26,7 @@ lint: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/ingest.py
+	$(PY) bench/recaption.py
 
 clean-demo:
 	rm -rf demo/out

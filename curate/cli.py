@@ -81,6 +81,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DataLoader processes decoding and resizing images")
     _add_worker_args(p)
 
+    p = sub.add_parser("encode-latents", help="VAE latents and captions into training shards, and the manifests",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("images", help="an image stage folder written by `curate ingest`")
+    p.add_argument("--captions", default=None, help="a caption stage folder written by `curate recaption`")
+    p.add_argument("--out", required=True, help="output folder, e.g. DATA/latents/flux2-256")
+    p.add_argument("--vae", default="flux2", help="alias (flux, flux2, repa-e-flux), Hub id or local folder")
+    p.add_argument("--vae-class", default=None, help="diffusers class for a Hub id or folder (read from its config)")
+    p.add_argument("--revision", default=None, help="pinned Hub revision of the VAE")
+    p.add_argument("--resolution", type=int, default=256, help="side of the square target (its area with buckets)")
+    p.add_argument("--buckets", action="store_true", help="aspect-ratio buckets of about resolution**2 pixels")
+    p.add_argument("--bucket-multiple", type=int, default=16,
+                   help="bucket sides divisible by this (VAE downsampling x denoiser patch)")
+    p.add_argument("--store", choices=["dist", "mean"], default="dist",
+                   help="dist: mean and std, training samples a fresh latent each epoch; mean: the mean only")
+    p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16", help="stored latent dtype")
+    p.add_argument("--batch-size", type=int, default=32, help="images per VAE forward")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder")
+    p.add_argument("--decode-workers", type=int, default=min(4, _default_workers()),
+                   help="DataLoader processes decoding and resizing images")
+    p.add_argument("--allow-missing-captions", action="store_true",
+                   help="keep images without an accepted caption (their original caption is still stored)")
+    p.add_argument("--manifest-dir", default="manifests", help="where long.json, short.json and mix.json go")
+    p.add_argument("--name", default=None, help="prefix of the manifest names (NAME-long.json)")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    _add_worker_args(p)
+
     p = sub.add_parser("stats", help="totals and rejection reasons of a stage output")
     p.add_argument("stage_dir", help="a stage folder, e.g. DATA/images")
     p.add_argument("--json", action="store_true", help="print the raw statistics as JSON")
@@ -152,6 +178,26 @@ def cmd_recaption(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_encode_latents(args: argparse.Namespace) -> int:
+    from curate.encode_latents import EncodeLatentsStage
+    from curate.runner import resolve_share, run_stage
+
+    share = resolve_share(args.rank, args.world_size)
+    stage = EncodeLatentsStage(
+        args.images, args.captions, args.out, args.vae, revision=args.revision, vae_class=args.vae_class,
+        resolution=args.resolution, buckets=args.buckets, bucket_multiple=args.bucket_multiple, store=args.store,
+        dtype=args.dtype, batch_size=args.batch_size, compile=args.compile, decode_workers=args.decode_workers,
+        allow_missing_captions=args.allow_missing_captions, manifest_dir=args.manifest_dir, name=args.name,
+        device=args.device,
+    )
+    result = run_stage(stage, args.out, share=share, progress=not args.no_progress)
+    if result.complete:
+        from curate.stats import format_stats
+
+        print(format_stats(result.summary, args.out))
+    return 0
+
+
 def _is_alias(name: str) -> bool:
     from curate.models import VLMS
 
@@ -178,14 +224,16 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for name in ("workers", "shard_size", "min_side", "max_pixels", "batch_size", "concurrency"):
+    for name in ("workers", "shard_size", "min_side", "max_pixels", "batch_size", "concurrency", "resolution"):
         value = getattr(args, name, None)
         if isinstance(value, int) and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     from curate.runner import CurateError
 
     try:
-        return {"ingest": cmd_ingest, "recaption": cmd_recaption, "stats": cmd_stats}[args.command](args)
+        commands = {"ingest": cmd_ingest, "recaption": cmd_recaption, "encode-latents": cmd_encode_latents,
+                    "stats": cmd_stats}
+        return commands[args.command](args)
     except CurateError as e:
         print(f"curate: error: {e}", file=sys.stderr)
         return 2

@@ -55,6 +55,7 @@ class LatentSpec(_Strict):
 
     vae: str  # as the user named it: an alias (flux, flux2), a Hub id or a folder
     vae_id: str  # the resolved Hub id or absolute folder
+    vae_subfolder: str | None = None  # e.g. "vae" inside a pipeline repository
     vae_class: str  # diffusers class: AutoencoderKL, AutoencoderKLFlux2, ...
     revision: str | None = None
     channels: int = Field(gt=0)  # latent channels as stored (16 for Flux, 32 for FLUX.2)

@@ -30,6 +30,25 @@ VLMS = {
     "qwen3-vl-8b": "Qwen/Qwen3-VL-8B-Instruct",
 }
 
+
+@dataclass(frozen=True)
+class VaeEntry:
+    """A VAE alias: where its weights live and which diffusers class loads them."""
+
+    id: str  # Hub id
+    subfolder: str | None  # "vae" inside a pipeline repository, None for a VAE-only repository
+    cls: str  # diffusers class name
+
+
+# FLUX.1-schnell and FLUX.2-klein-4B are not gated; every FLUX.2 model ships the same VAE.
+VAES = {
+    "flux": VaeEntry(id="black-forest-labs/FLUX.1-schnell", subfolder="vae", cls="AutoencoderKL"),
+    "flux2": VaeEntry(
+        id="black-forest-labs/FLUX.2-klein-4B", subfolder="vae", cls="AutoencoderKLFlux2"
+    ),
+    "repa-e-flux": VaeEntry(id="REPA-E/e2e-flux-vae", subfolder=None, cls="AutoencoderKL"),
+}
+
 REGISTRIES = {"vlm": VLMS}
 
 

@@ -1,0 +1,383 @@
+"""Preprocessing of the encode-latents stage: decode, orient, resize, crop, and batch by shape.
+
+Runs in DataLoader worker processes (``ShardImageLoader``), so that decoding and resizing
+overlap with encoding on the device.
+
+- Without buckets every image becomes ``resolution x resolution``: the short side is resized
+  to ``resolution`` (antialiased) and the centre is cropped.
+- With buckets (``make_buckets``) every image goes to the bucket, a (height, width) of about
+  ``resolution**2`` pixels, whose aspect ratio is closest to its own (``assign_bucket``); it is
+  resized to cover the bucket and the centre cropped, so little of the image is lost.
+
+Every processed image comes with a record of what was done to it, kept with the latent:
+``{"orig_size": [w, h], "resized_size": [w, h], "crop_box": [left, top, right, bottom],
+"target_size": [h, w]}``. ``orig_size`` is as displayed (after EXIF orientation), and
+``crop_box`` is in those original pixel coordinates: the part of the original that the
+latent shows. That is what SDXL-style size and crop conditioning needs, and what tells a
+user which part of an image was kept.
+
+Tensors leave the workers as **uint8, CHW, RGB**: the image is 8-bit anyway, so nothing is
+lost, and a uint8 tensor is 4x smaller than float32 in the workers' shared memory and the
+batches the stage stacks. The stage converts a stacked batch on the device with
+``to_model_range`` (uint8 [0, 255] -> float [-1, 1], what diffusers VAEs expect).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import tarfile
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.utils.data as tud
+from PIL import Image, UnidentifiedImageError
+
+from curate.images import _TRANSPOSED_ORIENTATIONS, _orientation, to_rgb
+from curate.runner import CurateError
+from curate.shards import split_member
+
+# The image stage stores the original bytes under KEY.jpg whatever the real format.
+IMAGE_MEMBER = "jpg"
+
+# A bucket's area may exceed resolution**2 by at most this much: a bigger latent than the
+# square one would cost memory the user did not plan for. Below it, the nearest grid point wins.
+MAX_AREA_EXCESS = 0.05
+
+# Lanczos runs on an image at most this many times the target size; above it PIL first
+# shrinks by an integer factor with a box filter (``Image.reduce``): fast, antialiased, and
+# with 3.0 indistinguishable from Lanczos all the way (PIL's documentation).
+REDUCING_GAP = 3.0
+# JPEGs are decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, ``Image.draft``) when
+# the result stays at least this many times the size needed; decoding is most of the cost of
+# a big JPEG, and PIL's own ``thumbnail`` uses the same margin of 2 by default.
+DRAFT_GAP = 2.0
+
+
+# -- buckets --------------------------------------------------------------------------------------
+
+
+def make_buckets(resolution: int, multiple: int, *, max_aspect: float = 4.0) -> list[tuple[int, int]]:
+    """Aspect-ratio buckets (height, width) of about ``resolution**2`` pixels.
+
+    Both sides are multiples of ``multiple`` (the VAE's downsampling times the denoiser's
+    patch size: 8 * 2 = 16 for Flux latents and a 2x2-patch transformer), and the aspect
+    ratios run from ``1/max_aspect`` to ``max_aspect``. For every short side on the grid the
+    long side is the grid point that brings the area closest to ``resolution**2`` without
+    exceeding it by more than 5% (kohya/SDXL tables round down instead, which loses up to
+    ``multiple/short`` of the area: 12% for 256 px buckets at 4:1). Sorted by aspect ratio
+    (height / width), landscape first; the square ``(resolution, resolution)`` is always there.
+    """
+    if resolution <= 0 or multiple <= 0:
+        raise ValueError(f"resolution ({resolution}) and multiple ({multiple}) must be positive")
+    if resolution % multiple:
+        raise ValueError(f"resolution {resolution} is not a multiple of {multiple} "
+                         "(the VAE downsampling times the patch size)")
+    if max_aspect < 1.0:
+        raise ValueError(f"max_aspect must be >= 1, got {max_aspect}")
+    side = resolution // multiple  # in grid units; the target area is side**2 units
+    area = side * side
+    buckets = {(resolution, resolution)}
+    for short in range(1, side):
+        long = round(area / short)
+        if long * short > area * (1 + MAX_AREA_EXCESS):
+            long -= 1
+        if long / short > max_aspect * (1 + 1e-9):
+            continue
+        buckets.add((short * multiple, long * multiple))
+        buckets.add((long * multiple, short * multiple))
+    return sorted(buckets, key=lambda hw: (hw[0] / hw[1], hw[0]))
+
+
+def assign_bucket(width: int, height: int, buckets: Iterable[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket (height, width) whose aspect ratio is closest to the image's, in log space.
+
+    Log space makes 2:1 and 1:2 equally far from 1:1, so landscape and portrait images are
+    treated alike; ties go to the first bucket in the given order.
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    ratio = math.log(height / width)
+    best, best_distance = None, math.inf
+    for bh, bw in buckets:
+        distance = abs(math.log(bh / bw) - ratio)
+        if distance < best_distance:
+            best, best_distance = (int(bh), int(bw)), distance
+    if best is None:
+        raise ValueError("no buckets to choose from")
+    return best
+
+
+# -- resize and crop ------------------------------------------------------------------------------
+
+
+def crop_record(width: int, height: int, target_hw: tuple[int, int]) -> tuple[tuple[float, ...], dict]:
+    """The centred box of a ``width x height`` image that, scaled, exactly covers ``target_hw``.
+
+    Returns the box (float original pixel coordinates) and the record kept with the sample.
+    The scale is the one that makes the image cover the target: one side matches the target
+    exactly, the other is cropped equally on both ends.
+    """
+    th, tw = target_hw
+    scale = max(tw / width, th / height)
+    crop_w, crop_h = min(width, tw / scale), min(height, th / scale)  # min: float noise at equality
+    left, top = (width - crop_w) / 2, (height - crop_h) / 2
+    box = (left, top, left + crop_w, top + crop_h)
+    record = {
+        "orig_size": [int(width), int(height)],
+        "resized_size": [max(tw, round(width * scale)), max(th, round(height * scale))],
+        "crop_box": [round(v, 2) for v in box],
+        "target_size": [int(th), int(tw)],
+    }
+    return box, record
+
+
+def _resize_box(img: Image.Image, target_hw: tuple[int, int], box: tuple[float, ...]) -> Image.Image:
+    # Resampling the box straight to the target is the same as resizing the whole image and
+    # cropping, without sub-pixel rounding of the crop and without resampling pixels that
+    # are then thrown away.
+    th, tw = target_hw
+    return img.resize((tw, th), Image.Resampling.LANCZOS, box=box, reducing_gap=REDUCING_GAP)
+
+
+def resize_and_crop(img: Image.Image, target_hw: tuple[int, int]) -> tuple[Image.Image, dict]:
+    """Resize ``img`` (antialiased Lanczos) to cover ``target_hw`` (height, width), crop the centre.
+
+    Returns the ``target_hw`` image and its record (see the module docstring); the record's
+    ``crop_box`` is in ``img``'s pixel coordinates, rounded to 0.01.
+    """
+    box, record = crop_record(img.width, img.height, target_hw)
+    return _resize_box(img, target_hw, box), record
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as a uint8 tensor [3, H, W] (contiguous, ready for shared memory)."""
+    # One copy, HWC -> CHW; it also makes the array writable (PIL's buffer is read-only).
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)))
+
+
+def to_model_range(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 pixels [0, 255] as float in [-1, 1], the VAE's input range; run it on the device."""
+    return pixels.to(dtype).div_(127.5).sub_(1.0)
+
+
+def preprocess(
+    data: bytes,
+    *,
+    resolution: int,
+    buckets: list[tuple[int, int]] | None = None,
+    draft: bool = True,
+) -> tuple[torch.Tensor, dict]:
+    """Original image bytes -> (uint8 tensor [3, H, W], record), as the encode-latents stage needs.
+
+    The first frame of an animation is used; ``to_rgb`` applies EXIF orientation, composites
+    transparency on white and converts CMYK, 16-bit and palette images. Without ``buckets``
+    the result is ``resolution x resolution`` (short side resized, centre cropped); with them,
+    the image's bucket. Big JPEGs are decoded at a reduced scale first when ``draft`` (see
+    ``DRAFT_GAP``); the record is in original pixel coordinates either way.
+    Raises ValueError (with the decoder's message) when the bytes cannot be decoded.
+    """
+    if not data:
+        raise ValueError("empty image data")
+    try:
+        with warnings.catch_warnings():
+            # Pixel limits were applied at ingest; PIL's warning would be noise here.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        with img:
+            stored_w, stored_h = img.size
+            turned = _orientation(img) in _TRANSPOSED_ORIENTATIONS
+            width, height = (stored_h, stored_w) if turned else (stored_w, stored_h)
+            target = assign_bucket(width, height, buckets) if buckets else (resolution, resolution)
+            box, record = crop_record(width, height, target)
+            shrink = 1.0
+            if draft and img.format == "JPEG":
+                scale = max(target[1] / width, target[0] / height)
+                need = (math.ceil(stored_w * scale * DRAFT_GAP), math.ceil(stored_h * scale * DRAFT_GAP))
+                drafted = img.draft(None, need)
+                if drafted is not None:
+                    shrink = stored_w / drafted[1][2]  # 1, 2, 4 or 8
+            img.load()
+            rgb = to_rgb(img)
+    except MemoryError:
+        raise
+    except UnidentifiedImageError as e:
+        # PIL's message names the BytesIO's address: it would make the index differ run to run.
+        raise ValueError("cannot decode image: no image format recognised") from e
+    except Exception as e:  # whatever the decoder raises, the stage records it as a rejection
+        raise ValueError(f"cannot decode image: {type(e).__name__}: {e}"[:300]) from e
+    # A drafted pixel i covers original pixels [i * shrink, (i + 1) * shrink): the box scales
+    # exactly, and stays inside the real content (the last drafted pixel may be partial).
+    out = _resize_box(rgb, target, tuple(v / shrink for v in box))
+    return to_tensor(out), record
+
+
+# -- loading shards in workers --------------------------------------------------------------------
+
+
+def _iter_samples(tar_path: str, wanted: Callable[[int, str], bool]) -> Iterator[tuple[str, bytes | None]]:
+    """(key, image bytes or None) for every sample of a tar, in order; bytes only when wanted.
+
+    ``wanted(i, key)`` is asked once per sample (i counts samples from 0). Every worker walks
+    every tar, but the bytes of samples it does not own are seeked over, never read.
+    """
+    with tarfile.open(tar_path, mode="r:") as tar:
+        key: str | None = None
+        image: bytes | None = None
+        want, i = False, -1
+        for info in tar:
+            if not info.isfile():
+                continue
+            k, ext = split_member(info.name)
+            if k != key:
+                if key is not None:
+                    yield key, image
+                i += 1
+                key, image, want = k, None, wanted(i, k)
+            if want and ext == IMAGE_MEMBER:
+                image = tar.extractfile(info).read()
+        if key is not None:
+            yield key, image
+
+
+class _ShardSamples(tud.IterableDataset):
+    """The samples of several shards; worker w of n handles global positions g with g % n == w."""
+
+    def __init__(self, shards: list[tuple[int, str]], resolution: int, buckets: list[tuple[int, int]] | None,
+                 skip_keys: Mapping[int, set[str]], only_keys: Mapping[int, set[str]] | None, draft: bool):
+        self.shards, self.resolution, self.buckets = shards, resolution, buckets
+        self.skip_keys, self.only_keys, self.draft = skip_keys, only_keys, draft
+
+    def _skipped(self, shard_id: int, key: str) -> bool:
+        if key in self.skip_keys.get(shard_id, ()):
+            return True
+        return self.only_keys is not None and shard_id in self.only_keys and key not in self.only_keys[shard_id]
+
+    def __iter__(self) -> Iterator[tuple[int, str, torch.Tensor | None, dict]]:
+        info = tud.get_worker_info()
+        wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        base = 0
+        for shard_id, tar in self.shards:
+            def wanted(i: int, key: str, base: int = base, shard_id: int = shard_id) -> bool:
+                return (base + i) % n == wid and not self._skipped(shard_id, key)
+
+            count = 0
+            for i, (key, data) in enumerate(_iter_samples(tar, wanted)):
+                count += 1
+                if (base + i) % n != wid:
+                    continue
+                if self._skipped(shard_id, key):
+                    yield shard_id, key, None, {"skipped": True}
+                elif data is None:
+                    yield shard_id, key, None, {"error": f"no {IMAGE_MEMBER} member in the sample"}
+                else:
+                    try:
+                        tensor, record = preprocess(data, resolution=self.resolution, buckets=self.buckets,
+                                                    draft=self.draft)
+                        yield shard_id, key, tensor, record
+                    except Exception as e:  # validated at ingest; a failure here is a rejection
+                        message = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+                        yield shard_id, key, None, {"error": message[:300]}
+            base += count
+
+
+def _identity(item: Any) -> Any:  # module level: picklable under the spawn/forkserver start methods
+    return item
+
+
+class ShardImageLoader:
+    """Preprocessed images of several image shards, in exactly the shards' order.
+
+    Iterating gives ``(shard_id, key, tensor, record)`` for every sample of every shard, shard
+    after shard; ``take(shard_id, count)`` gives the next ``count`` as ``(key, tensor, record)``
+    and checks they belong to that shard. ``tensor`` is uint8 [3, H, W] (see ``preprocess``);
+    when it is None, ``record`` says why: ``{"skipped": True}`` for a key the caller asked to
+    skip (never read nor decoded, e.g. no accepted caption), ``{"error": "..."}`` for bytes
+    that could not be decoded.
+
+    ``workers`` DataLoader processes decode ahead (0: in this process). Global position g goes
+    to worker g % workers, and the DataLoader takes from the workers in turn, so the stream
+    comes out in input order whatever the number of workers (``recaption._ImageStream``'s idea).
+
+    ``skip_keys[shard_id]`` are keys to skip; ``only_keys[shard_id]``, the other way round,
+    the only keys to decode in that shard (shards absent from ``only_keys`` are decoded whole).
+    """
+
+    def __init__(
+        self,
+        shards: list[tuple[int, str]],
+        *,
+        resolution: int,
+        buckets: list[tuple[int, int]] | None = None,
+        workers: int = 2,
+        skip_keys: Mapping[int, set[str]] | None = None,
+        only_keys: Mapping[int, set[str]] | None = None,
+        prefetch: int = 8,
+        draft: bool = True,
+    ):
+        dataset = _ShardSamples([(int(s), str(t)) for s, t in shards], resolution, buckets,
+                                dict(skip_keys or {}), None if only_keys is None else dict(only_keys), draft)
+        self.loader = tud.DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_identity,
+                                     prefetch_factor=prefetch if workers else None)
+        self._iterator: Iterator | None = iter(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[int, str, torch.Tensor | None, dict]]:
+        if self._iterator is None:
+            raise CurateError("the image loader is closed")
+        yield from self._iterator
+
+    def take(self, shard_id: int, count: int) -> Iterator[tuple[str, torch.Tensor | None, dict]]:
+        """The next ``count`` samples, which must be those of ``shard_id`` (its tar's sample count)."""
+        if self._iterator is None:
+            raise CurateError("the image loader is closed")
+        for _ in range(count):
+            try:
+                got_shard, key, tensor, record = next(self._iterator)
+            except StopIteration:
+                raise CurateError(f"image shard {shard_id} holds fewer samples than its index lists "
+                                  f"({count})") from None
+            if got_shard != shard_id:
+                raise CurateError(f"image shard {shard_id} holds fewer samples than its index lists ({count}); "
+                                  f"the next sample belongs to shard {got_shard}")
+            yield key, tensor, record
+
+    def close(self) -> None:
+        """Stop the worker processes (deleting the DataLoader's iterator shuts them down)."""
+        self._iterator = None
+
+    def __enter__(self) -> ShardImageLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- batching -------------------------------------------------------------------------------------
+
+
+def batch_by_bucket(
+    items: Iterable[tuple[str, torch.Tensor, dict]], batch_size: int
+) -> Iterator[list[tuple[str, torch.Tensor, dict]]]:
+    """Group ``(key, tensor, record)`` into batches of one tensor shape, at most ``batch_size`` each.
+
+    A batch is yielded as soon as its bucket has ``batch_size`` items, so memory stays bounded
+    when ``items`` is a lazy stream; at the end every partial group is flushed, in the order
+    the groups first appeared. Within a bucket the input order is kept, but batches of
+    different buckets interleave: the caller restores input order when writing (by key).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    groups: dict[tuple[int, ...], list[tuple[str, torch.Tensor, dict]]] = {}
+    for item in items:
+        shape = tuple(item[1].shape)
+        group = groups.setdefault(shape, [])
+        group.append(item)
+        if len(group) == batch_size:
+            yield group
+            groups[shape] = []
+    for group in groups.values():
+        if group:
+            yield group

@@ -1,0 +1,272 @@
+"""`curate encode-latents DATA/images --captions DATA/captions/NAME --out DATA/latents/flux2-256 --vae flux2`.
+
+Encodes every captioned image once with a diffusers VAE and writes the training shards:
+per sample ``KEY.latent.safetensors`` (the latent distribution's mean and std at the VAE's
+native grid, or the mean only, in bf16 or fp16), one ``KEY.VARIANT.txt`` per caption
+variant of the captions table plus ``KEY.orig.txt`` (the original caption; empty files
+where a caption is missing, so every sample has the same fields), and ``KEY.json``
+(bucket, crop box, original size, which captions are present). At the end it writes the
+manifests that `train --shards manifests/long.json` reads: the same shards, one caption
+selection each, with the full latent spec.
+
+Decoding and resizing run in DataLoader workers ahead of the encoder; batches hold one
+bucket shape; serialising the results overlaps with encoding the next batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from curate.manifest import Manifest, ShardEntry, file_sha256, write_manifest
+from curate.runner import STAGE_FILE, CurateError, ShardTask, Stage
+from curate.shards import OK, ShardWriter, committed_shards, read_index, stable_hash
+
+log = logging.getLogger("curate")
+
+DTYPES = ("bfloat16", "float16")
+
+
+def _serialize(mean, std) -> bytes:
+    from safetensors.torch import save
+
+    tensors = {"mean": mean.contiguous()}
+    if std is not None:
+        tensors["std"] = std.contiguous()
+    return save(tensors)
+
+
+class EncodeLatentsStage(Stage):
+    name = "encode-latents"
+    version = 1
+    packages = ("kiln", "torch", "diffusers", "safetensors", "pillow", "polars")
+    index_schema = {
+        "bucket_h": pl.Int32,
+        "bucket_w": pl.Int32,
+        "orig_w": pl.Int32,
+        "orig_h": pl.Int32,
+        "captions": pl.List(pl.Utf8),
+    }
+
+    def __init__(self, images_dir: str | Path, captions_dir: str | Path | None, out_dir: str | Path, vae: str, *,
+                 revision: str | None = None, vae_class: str | None = None, resolution: int = 256,
+                 buckets: bool = False, bucket_multiple: int = 16, store: str = "dist", dtype: str = "bfloat16",
+                 batch_size: int = 32, compile: bool = False, decode_workers: int = 2,
+                 allow_missing_captions: bool = False, manifest_dir: str | Path = "manifests",
+                 name: str | None = None, device: str | None = None):
+        if store not in ("dist", "mean"):
+            raise CurateError(f"--store must be dist or mean, not {store!r}")
+        if dtype not in DTYPES:
+            raise CurateError(f"--dtype must be one of {DTYPES}, not {dtype!r}")
+        if resolution % bucket_multiple:
+            raise CurateError(f"--resolution {resolution} must be a multiple of {bucket_multiple}")
+        self.images_dir, self.out_dir = Path(images_dir), Path(out_dir)
+        self.captions_dir = Path(captions_dir) if captions_dir else None
+        self.vae_name, self.revision, self.vae_class = vae, revision, vae_class
+        self.resolution, self.use_buckets, self.bucket_multiple = resolution, buckets, bucket_multiple
+        self.store, self.dtype, self.batch_size, self.compile = store, dtype, batch_size, compile
+        self.decode_workers, self.allow_missing_captions = decode_workers, allow_missing_captions
+        self.manifest_dir, self.manifest_name, self.device = Path(manifest_dir), name, device
+        self.variants = self._caption_variants()
+        self.loaded = None
+        self.loader = None
+
+    # -- what decides the output -------------------------------------------------------------------------
+
+    def _caption_variants(self) -> list[str]:
+        if self.captions_dir is None:
+            if not self.allow_missing_captions:
+                raise CurateError("--captions is required (or --allow-missing-captions to train on original captions)")
+            return []
+        stage_file = self.captions_dir / STAGE_FILE
+        if not stage_file.exists():
+            raise CurateError(f"{self.captions_dir}: not a complete caption stage (no {STAGE_FILE}); "
+                              "run `curate recaption` to completion first")
+        return list(json.loads(stage_file.read_text())["config"]["prompts"])
+
+    def bucket_table(self) -> list[tuple[int, int]]:
+        from curate.buckets import make_buckets
+
+        if not self.use_buckets:
+            return [(self.resolution, self.resolution)]
+        return make_buckets(self.resolution, self.bucket_multiple)
+
+    def config(self) -> dict[str, Any]:
+        return {"vae": self.vae_name, "revision": self.revision, "vae_class": self.vae_class,
+                "resolution": self.resolution, "buckets": self.bucket_table(), "store": self.store,
+                "dtype": self.dtype, "variants": self.variants, "draft_jpeg_decoding": True,
+                "allow_missing_captions": self.allow_missing_captions}
+
+    def provenance(self) -> dict[str, Any]:
+        out = {"images": str(self.images_dir.resolve()),
+               "captions": str(self.captions_dir.resolve()) if self.captions_dir else None}
+        if self.loaded is not None:
+            out |= {"vae_id": self.loaded.id, "vae_class": self.loaded.cls, "vae_revision": self.loaded.revision}
+        return out
+
+    def plan(self) -> list[ShardTask]:
+        if not (self.images_dir / STAGE_FILE).exists():
+            raise CurateError(f"{self.images_dir}: not a complete image stage (no {STAGE_FILE})")
+        tasks = []
+        for shard in committed_shards(self.images_dir):
+            captions = None
+            if self.captions_dir is not None:
+                captions = self.captions_dir / shard.index_path.name
+                if not captions.exists():
+                    raise CurateError(f"{captions}: no captions for image shard {shard.shard_id}; "
+                                      "were they made from another image stage?")
+            fingerprint = stable_hash([shard.meta.fingerprint, shard.meta.tar_sha256,
+                                       file_sha256(captions) if captions else None])
+            tasks.append(ShardTask(shard.shard_id, fingerprint, shard.meta.counts["ok"],
+                                   (str(shard.index_path), str(shard.tar_path), str(captions) if captions else None)))
+        if not tasks:
+            raise CurateError(f"{self.images_dir}: no image shards")
+        return tasks
+
+    # -- doing it ----------------------------------------------------------------------------------------
+
+    def _captions(self, task: ShardTask) -> tuple[list[str], dict[str, str | None], dict[str, dict[str, str]]]:
+        """Image keys in order, their original captions, and the accepted captions per key."""
+        images = read_index(task.payload[0], columns=["key", "status", "caption"]).filter(pl.col("status") == OK)
+        keys = images["key"].to_list()
+        originals = dict(zip(keys, images["caption"].to_list(), strict=True))
+        accepted: dict[str, dict[str, str]] = {k: {} for k in keys}
+        if task.payload[2] is not None:
+            table = read_index(task.payload[2])
+            for row in table.select(["key", *self.variants]).iter_rows(named=True):
+                if row["key"] in accepted:
+                    accepted[row["key"]] = {v: row[v] for v in self.variants if row[v]}
+        return keys, originals, accepted
+
+    def prepare(self, todo: list[ShardTask]) -> None:
+        from curate.buckets import ShardImageLoader
+        from curate.vae import load_vae
+
+        self.loaded = load_vae(self.vae_name, revision=self.revision, vae_class=self.vae_class,
+                               device=self.device)
+        if self.compile:
+            import torch
+
+            self.loaded.model.encoder = torch.compile(self.loaded.model.encoder, dynamic=False)
+        skip = {}
+        for task in todo:
+            keys, _, accepted = self._captions(task)
+            skip[task.shard_id] = {k for k in keys if self._missing_caption(accepted[k])}
+        buckets = self.bucket_table() if self.use_buckets else None
+        self.loader = ShardImageLoader([(t.shard_id, t.payload[1]) for t in todo], resolution=self.resolution,
+                                       buckets=buckets, workers=self.decode_workers, skip_keys=skip)
+
+    def _missing_caption(self, accepted: dict[str, str]) -> bool:
+        return bool(self.variants) and not accepted and not self.allow_missing_captions
+
+    def __exit__(self, *exc: object) -> None:
+        if self.loader is not None:
+            self.loader.close()
+            self.loader = None
+
+    def process(self, task: ShardTask, writer: ShardWriter, progress: Callable[[int], None]) -> None:
+        from curate.buckets import batch_by_bucket, to_model_range
+        from curate.vae import encode_batch
+
+        keys, originals, accepted = self._captions(task)
+        results: dict[str, tuple[Future | None, dict]] = {}
+
+        def decoded():
+            """Images as they come from the loader; skipped and undecodable ones are set aside."""
+            for key, tensor, record in self.loader.take(task.shard_id, len(keys)):
+                if tensor is None:
+                    results[key] = (None, record)
+                    progress(1)
+                else:
+                    yield key, tensor, record
+
+        with ThreadPoolExecutor(1) as serializer:  # safetensors writing overlaps the next batch's encode
+            for batch in batch_by_bucket(decoded(), self.batch_size):
+                import torch
+
+                device = next(self.loaded.model.parameters()).device
+                pixels = to_model_range(torch.stack([t for _, t, _ in batch]).to(device, non_blocking=True))
+                mean, std = encode_batch(self.loaded, pixels)
+                dtype = getattr(torch, self.dtype)
+                mean = mean.to("cpu", dtype)
+                std = std.to("cpu", dtype) if self.store == "dist" else None
+                for i, (key, _, record) in enumerate(batch):
+                    results[key] = (serializer.submit(_serialize, mean[i], None if std is None else std[i]), record)
+                progress(len(batch))
+            for key in keys:  # the image index's order
+                future, record = results[key]
+                row = {"orig_w": (record.get("orig_size") or [None, None])[0],
+                       "orig_h": (record.get("orig_size") or [None, None])[1],
+                       "captions": sorted(accepted[key])}
+                if future is None:
+                    reason = "no_caption" if record.get("skipped") else "unreadable"
+                    writer.reject(key, reason, row=row, detail=record.get("error"))
+                    continue
+                bucket_h, bucket_w = record["target_size"]
+                row |= {"bucket_h": bucket_h, "bucket_w": bucket_w}
+                meta = {"key": key, **record, "captions": sorted(accepted[key]),
+                        "stored": self.store, "dtype": self.dtype}
+                members = {"latent.safetensors": future.result(),
+                           **{f"{v}.txt": (accepted[key].get(v) or "").encode() for v in self.variants},
+                           "orig.txt": (originals[key] or "").encode(),
+                           "json": json.dumps(meta, sort_keys=True).encode()}
+                flags = [] if len(accepted[key]) == len(self.variants) else ["some_captions_missing"]
+                writer.add(key, members, row=row, flags=flags)
+
+    def finalize(self, out_dir: Path, tasks: list[ShardTask]) -> dict[str, Any]:
+        written = self.write_manifests(out_dir)
+        return {"manifests": [str(p) for p in written], "buckets": len(self.bucket_table())}
+
+    # -- manifests ---------------------------------------------------------------------------------------
+
+    def caption_selections(self) -> dict[str, dict[str, float]]:
+        """long.json, short.json and mix.json when both exist; one per variant otherwise."""
+        variants = self.variants or ["orig"]
+        selections = {v: {v: 1.0} for v in variants}
+        if len(variants) > 1:
+            selections["mix"] = {v: round(1.0 / len(variants), 12) for v in variants}
+            drift = 1.0 - sum(selections["mix"].values())
+            selections["mix"][variants[0]] += drift
+        return selections
+
+    def write_manifests(self, out_dir: Path) -> list[Path]:
+        from curate.vae import latent_spec_for, load_vae
+
+        loaded = self.loaded or load_vae(self.vae_name, revision=self.revision, vae_class=self.vae_class,
+                                         device="cpu")
+        spec = latent_spec_for(loaded, stored=self.store, dtype=self.dtype, resolution=self.resolution,
+                               buckets=self.bucket_table())
+        shards = committed_shards(out_dir)
+        prefix = f"{self.manifest_name}-" if self.manifest_name else ""
+        provenance = {"images": self._stage_summary(self.images_dir),
+                      "captions": self._stage_summary(self.captions_dir) if self.captions_dir else None,
+                      "latents": {"path": str(out_dir.resolve()), "vae": loaded.id, "vae_class": loaded.cls,
+                                  "revision": loaded.revision}}
+        written = []
+        self.manifest_dir.mkdir(parents=True, exist_ok=True)
+        for selection_name, weights in self.caption_selections().items():
+            entries = [ShardEntry(path=os.path.relpath(s.tar_path.resolve(), self.manifest_dir.resolve()),
+                                  samples=s.meta.counts["ok"], sha256=s.meta.tar_sha256)
+                       for s in shards if s.meta.counts["ok"] > 0]
+            if not entries:
+                raise CurateError(f"{out_dir}: no sample was encoded; no manifest to write")
+            manifest = Manifest(name=f"{prefix}{selection_name}", shards=entries,
+                                samples=sum(e.samples for e in entries), latent=spec, captions=weights,
+                                provenance=provenance)
+            written.append(write_manifest(manifest, self.manifest_dir / f"{prefix}{selection_name}.json"))
+        log.info("encode-latents: wrote %s", ", ".join(str(p) for p in written))
+        return written
+
+    @staticmethod
+    def _stage_summary(stage_dir: Path) -> dict[str, Any]:
+        stage = json.loads((stage_dir / STAGE_FILE).read_text())
+        return {"path": str(stage_dir.resolve()), "stage": stage["stage"], "config": stage["config"],
+                "config_hash": stage["config_hash"], "totals": stage["totals"]}
+

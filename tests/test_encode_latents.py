@@ -1,0 +1,238 @@
+"""`curate encode-latents`: tiny Flux and FLUX.2 VAEs loaded by path, manifests, decoding, kills."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+from conftest import REPO, encode, noise_image, run_cli, snapshot
+from safetensors.torch import load as load_safetensors
+from test_recaption import ScriptedCaptioner, numbering
+
+from curate.buckets import preprocess, to_model_range
+from curate.captioners.base import Sampling
+from curate.encode_latents import EncodeLatentsStage
+from curate.ingest import IngestStage
+from curate.manifest import ManifestError, load_manifest, shard_urls
+from curate.prompts import load_prompts
+from curate.recaption import CaptionSettings, RecaptionStage
+from curate.runner import CurateError, run_stage
+from curate.shards import committed_shards, iter_tar_samples, read_index
+from curate.sources import open_source
+from curate.vae import (
+    decode_to_images,
+    from_model_output,
+    load_vae,
+    load_vae_for_spec,
+    to_model_input,
+)
+
+
+@pytest.fixture(scope="module")
+def vaes(tmp_path_factory) -> dict[str, Path]:
+    from curate.tiny import build_tiny_flux2_vae, build_tiny_flux_vae
+
+    root = tmp_path_factory.mktemp("vaes")
+    return {"flux": build_tiny_flux_vae(root / "flux"), "flux2": build_tiny_flux2_vae(root / "flux2")}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """Ingested images of several aspect ratios, captioned by a scripted captioner (one refused)."""
+    root = tmp_path_factory.mktemp("data")
+    src = root / "src"
+    src.mkdir()
+    sizes = [(96, 96), (160, 96), (96, 160), (200, 80), (120, 90), (90, 120), (128, 128), (150, 100), (100, 150)]
+    for i, size in enumerate(sizes):
+        (src / f"img_{i}.jpg").write_bytes(encode(noise_image(100 + i, size), "JPEG", quality=90))
+        (src / f"img_{i}.txt").write_text(f"original caption {i}")
+    images = root / "images"
+    run_stage(IngestStage(open_source(str(src)), images, shard_size=4), images, progress=False)
+    n = numbering_by_name(images)
+    script = {(n["img_2.jpg"], v, a): ("I'm sorry, I cannot describe this.", "stop")
+              for v in ("long", "short") for a in range(3)}
+    captions = root / "captions"
+    settings = CaptionSettings(prompts=load_prompts([], ["long", "short"]), sampling=Sampling(seed=3))
+    captioner = ScriptedCaptioner(script, {k: i for k, i in numbering(images).items()})
+    run_stage(RecaptionStage(images, "scripted/model", lambda: captioner, settings, decode_workers=0), captions,
+              progress=False)
+    return {"images": images, "captions": captions, "src": src}
+
+
+def numbering_by_name(images: Path) -> dict[str, int]:
+    rows = pl.concat([read_index(s.index_path) for s in committed_shards(images)])
+    by_key = numbering(images)
+    return {src: by_key[k] for k, src in zip(rows["key"], rows["source"], strict=True)}
+
+
+def encode_stage(data, vae: Path, out: Path, manifests: Path, **kwargs) -> EncodeLatentsStage:
+    options = {"resolution": 64, "batch_size": 3, "decode_workers": 0, "manifest_dir": manifests, "device": "cpu"}
+    return EncodeLatentsStage(data["images"], data["captions"], out, str(vae), **{**options, **kwargs})
+
+
+@pytest.mark.parametrize("kind", ["flux", "flux2"])
+def test_stored_latents_decode_through_the_manifest_like_the_vae_directly(data, vaes, tmp_path: Path, kind: str):
+    out, manifests = tmp_path / "latents", tmp_path / "manifests"
+    result = run_stage(encode_stage(data, vaes[kind], out, manifests, store="dist", dtype="bfloat16"), out,
+                       progress=False)
+    totals = result.summary["totals"]
+    assert totals["seen"] == 9 and totals["ok"] == 8 and totals["reasons"] == {"no_caption": 1}
+
+    manifest_path = manifests / "long.json"
+    manifest = load_manifest(manifest_path, check_checksums=True)
+    assert manifest.samples == 8 and manifest.latent.channels == (16 if kind == "flux" else 32)
+    assert manifest.latent.stored == "dist" and manifest.latent.dtype == "bfloat16"
+    assert (manifest.latent.normalization is not None) == (kind == "flux2")
+
+    # One stored sample: its mean, decoded through the manifest's spec, equals decode(encode(x)) done by hand.
+    tar = shard_urls(manifest, manifest_path)[0]
+    key, members = next(iter_tar_samples(tar))
+    latent = load_safetensors(members["latent.safetensors"])
+    assert set(latent) == {"mean", "std"} and latent["mean"].dtype == torch.bfloat16
+    meta = json.loads(members["json"])
+    assert meta["captions"] == ["long", "short"] and members["long.txt"]
+    assert members["orig.txt"].decode().startswith("original caption")
+
+    original = _original_bytes(data, key)
+    pixels, record = preprocess(original, resolution=64, buckets=None)
+    assert record["crop_box"] == meta["crop_box"]
+    vae = load_vae(str(vaes[kind]), device="cpu")
+    with torch.no_grad():
+        direct = vae.model.decode(vae.model.encode(to_model_range(pixels[None])).latent_dist.mean).sample
+    direct = ((direct + 1) / 2).clamp(0, 1)
+    model_space = to_model_input(latent["mean"][None].float(), manifest.latent)
+    assert torch.allclose(from_model_output(model_space, manifest.latent), latent["mean"][None].float(), atol=1e-5)
+    via_manifest = decode_to_images(model_space, manifest.latent, load_vae_for_spec(manifest.latent, "cpu"))
+    # The stored mean is bf16: the same decode, within what bf16 rounding of the latent moves.
+    assert (via_manifest - direct).abs().mean() < 2e-2
+    exact = decode_to_images(to_model_input(latent["mean"][None].float(), manifest.latent), manifest.latent, vae)
+    with torch.no_grad():
+        by_hand = ((vae.model.decode(latent["mean"][None].float()).sample + 1) / 2).clamp(0, 1)
+    assert torch.allclose(exact, by_hand, atol=1e-5)
+
+
+def _original_bytes(data, key: str) -> bytes:
+    for shard in committed_shards(data["images"]):
+        for k, members in iter_tar_samples(shard.tar_path):
+            if k == key:
+                return members["jpg"]
+    raise KeyError(key)
+
+
+def test_three_manifests_differ_only_in_caption_selection(data, vaes, tmp_path: Path):
+    out, manifests = tmp_path / "latents", tmp_path / "manifests"
+    run_stage(encode_stage(data, vaes["flux"], out, manifests, name="tiny"), out, progress=False)
+    loaded = {n: json.loads((manifests / f"tiny-{n}.json").read_text()) for n in ("long", "short", "mix")}
+    assert loaded["long"]["captions"] == {"long": 1.0}
+    assert loaded["short"]["captions"] == {"short": 1.0}
+    assert loaded["mix"]["captions"] == {"long": 0.5, "short": 0.5}
+    for n in ("short", "mix"):
+        for field in ("shards", "samples", "latent", "provenance", "version"):
+            assert loaded[n][field] == loaded["long"][field], field
+        load_manifest(manifests / f"tiny-{n}.json", check_checksums=True)
+    prov = loaded["long"]["provenance"]
+    assert prov["images"]["stage"] == "ingest" and prov["captions"]["config"]["model"] == "scripted/model"
+
+
+def test_missing_or_changed_shard_is_a_clear_error(data, vaes, tmp_path: Path):
+    out, manifests = tmp_path / "latents", tmp_path / "manifests"
+    run_stage(encode_stage(data, vaes["flux"], out, manifests), out, progress=False)
+    first = sorted(out.glob("*.tar"))[0]
+    blob = bytearray(first.read_bytes())
+    blob[700] ^= 0xFF  # one flipped byte inside the first member's data
+    first.write_bytes(bytes(blob))
+    with pytest.raises(ManifestError, match="does not match its sha256"):
+        load_manifest(manifests / "long.json", check_checksums=True)
+    first.unlink()
+    with pytest.raises(ManifestError, match="does not exist"):
+        load_manifest(manifests / "long.json", check_files=True)
+
+
+def test_buckets_keep_aspect_ratio_and_batches_share_a_shape(data, vaes, tmp_path: Path):
+    out, manifests = tmp_path / "latents", tmp_path / "manifests"
+    run_stage(encode_stage(data, vaes["flux"], out, manifests, buckets=True, store="mean"), out, progress=False)
+    manifest = load_manifest(manifests / "long.json")
+    assert len(manifest.latent.buckets) > 3 and manifest.latent.stored == "mean"
+    rows = pl.concat([read_index(s.index_path) for s in committed_shards(out)]).filter(pl.col("status") == "ok")
+    shapes = set(zip(rows["bucket_h"], rows["bucket_w"], strict=True))
+    assert len(shapes) >= 3  # landscape, portrait and square images landed in different buckets
+    for shard in committed_shards(out):
+        for _, members in iter_tar_samples(shard.tar_path):
+            meta = json.loads(members["json"])
+            latent = load_safetensors(members["latent.safetensors"])
+            assert set(latent) == {"mean"}
+            h, w = meta["target_size"]
+            assert latent["mean"].shape == (16, h // 8, w // 8)
+            ow, oh = meta["orig_size"]
+            assert (w >= h) == (ow >= oh) or abs(ow - oh) < 0.1 * max(ow, oh)
+
+
+def test_without_captions_only_with_allow_missing(data, vaes, tmp_path: Path):
+    with pytest.raises(CurateError, match="--captions is required"):
+        EncodeLatentsStage(data["images"], None, tmp_path / "x", str(vaes["flux"]))
+    out, manifests = tmp_path / "latents", tmp_path / "manifests"
+    stage = EncodeLatentsStage(data["images"], None, out, str(vaes["flux"]), resolution=64, decode_workers=0,
+                               allow_missing_captions=True, manifest_dir=manifests, device="cpu")
+    assert run_stage(stage, out, progress=False).summary["totals"]["ok"] == 9
+    assert json.loads((manifests / "orig.json").read_text())["captions"] == {"orig": 1.0}
+
+
+def test_shards_load_with_datasets(data, vaes, tmp_path: Path):
+    import datasets
+
+    out, manifests = tmp_path / "latents", tmp_path / "manifests"
+    run_stage(encode_stage(data, vaes["flux2"], out, manifests), out, progress=False)
+    tars = sorted(str(p) for p in out.glob("*.tar"))
+    ds = datasets.load_dataset("webdataset", data_files={"train": tars}, split="train")
+    assert len(ds) == 8
+    row = ds[0]
+    assert isinstance(row["long.txt"], str) and row["json"]["captions"]
+    latent = load_safetensors(row["latent.safetensors"])
+    assert latent["mean"].shape[0] == 32
+
+
+def _cli(data, vae: Path, out: Path, manifests: Path) -> list[str]:
+    return ["encode-latents", str(data["images"]), "--captions", str(data["captions"]), "--out", str(out),
+            "--vae", str(vae), "--resolution", "64", "--buckets", "--batch-size", "2", "--decode-workers", "1",
+            "--manifest-dir", str(manifests), "--device", "cpu", "--no-progress"]
+
+
+def test_kill_and_rerun_equals_a_clean_run(data, vaes, tmp_path: Path):
+    # Same thread count in every run: float sums in the convolutions depend on it.
+    env = {"OMP_NUM_THREADS": "1"}
+    clean = tmp_path / "clean"
+    run_cli(*_cli(data, vaes["flux2"], clean, tmp_path / "m1"), env=env)
+    killed = tmp_path / "killed"
+    kills = 0
+    for wait_for in (1, 2):
+        proc = subprocess.Popen([sys.executable, "-m", "curate", *_cli(data, vaes["flux2"], killed, tmp_path / "m2")],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, **env})
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and len(list(killed.glob("*.parquet"))) < wait_for:
+            time.sleep(0.005)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 1
+    run_cli(*_cli(data, vaes["flux2"], killed, tmp_path / "m2"), env=env)
+    assert snapshot(killed) == snapshot(clean)
+    a = json.loads((tmp_path / "m1" / "long.json").read_text())
+    b = json.loads((tmp_path / "m2" / "long.json").read_text())
+    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+
+
+def test_stats_show_the_manifests(data, vaes, tmp_path: Path):
+    out = tmp_path / "latents"
+    run_cli(*_cli(data, vaes["flux"], out, tmp_path / "m"))
+    stats = run_cli("stats", str(out)).stdout
+    assert "no_caption" in stats and "long.json" in stats

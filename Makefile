@@ -29,4 +29,4 @@ bench: $(VENV)/.installed
 	$(PY) bench/recaption.py
 
 clean-demo:
-	rm -rf demo/out
+	rm -rf demo/out manifests/demo-*.json

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp}"
-pip install -q --no-deps .carry/diffusers-*.whl 2>/dev/null || pip install -q --no-deps diffusers
+python -m pip install -q --no-deps .carry/diffusers-*.whl 2>/dev/null || python -m pip install -q --no-deps diffusers
 python -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 python bench/gpu_vae.py --iters 20 | tee "$OUT/gpu_vae.md"

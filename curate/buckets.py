@@ -37,6 +37,7 @@ import torch.utils.data as tud
 from PIL import Image, UnidentifiedImageError
 
 from curate.images import _TRANSPOSED_ORIENTATIONS, _orientation, to_rgb
+from curate.procs import die_with_parent
 from curate.runner import CurateError
 from curate.shards import split_member
 
@@ -321,7 +322,8 @@ class ShardImageLoader:
         dataset = _ShardSamples([(int(s), str(t)) for s, t in shards], resolution, buckets,
                                 dict(skip_keys or {}), None if only_keys is None else dict(only_keys), draft)
         self.loader = tud.DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_identity,
-                                     prefetch_factor=prefetch if workers else None)
+                                     prefetch_factor=prefetch if workers else None,
+                                     worker_init_fn=die_with_parent)
         self._iterator: Iterator | None = iter(self.loader)
 
     def __iter__(self) -> Iterator[tuple[int, str, torch.Tensor | None, dict]]:

@@ -40,6 +40,13 @@ INDEX_SCHEMA = {
 }
 
 
+def _init_worker(max_pixels: int) -> None:
+    from curate.procs import die_with_parent
+
+    die_with_parent()
+    allow_pixels(max_pixels)
+
+
 def _batched(items: Iterable[Record], size: int) -> Iterator[list[Record]]:
     batch = []
     for item in items:
@@ -86,7 +93,7 @@ class IngestStage(Stage):
             # spawn, not fork: polars and pyarrow hold threads that fork would copy mid-state.
             # The workers import only curate.images (PIL), so they start in a fraction of a second.
             ctx = multiprocessing.get_context("spawn")
-            self.pool = ctx.Pool(self.workers, initializer=allow_pixels, initargs=(self.max_pixels,))
+            self.pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(self.max_pixels,))
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -25,6 +25,7 @@ import polars as pl
 
 from curate.caption_qa import CaptionQA, check_caption
 from curate.captioners.base import Captioner, CaptionRequest, Generation, Sampling
+from curate.procs import die_with_parent
 from curate.prompts import PromptSpec, build_prompt
 from curate.runner import STAGE_FILE, CurateError, ShardTask, Stage
 from curate.shards import (
@@ -73,7 +74,8 @@ class _ImageStream:
                         position += 1
 
         self.loader = tud.DataLoader(Images(), batch_size=None, num_workers=workers,
-                                     prefetch_factor=8 if workers else None, collate_fn=lambda x: x)
+                                     prefetch_factor=8 if workers else None, collate_fn=lambda x: x,
+                                     worker_init_fn=die_with_parent)
         self.iterator = iter(self.loader)
 
     def take(self, shard_id: int, count: int) -> Iterator[tuple[str, Any, str | None]]:

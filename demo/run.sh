@@ -20,3 +20,15 @@ curate recaption "$DATA/images" --out "$DATA/captions/tiny-qwen2-vl" --model "$D
     --backend transformers --prompts demo/prompts.json --batch-size 8 --max-pixels 65536 --decode-workers 2 \
     --no-progress
 curate stats "$DATA/captions/tiny-qwen2-vl" --plot "$DATA/captions/tiny-qwen2-vl-lengths.png"
+
+echo "== 4. a tiny FLUX.2 autoencoder (the real AutoencoderKLFlux2 class, randomly initialised)"
+python -m curate.tiny flux2-vae "$DATA/models/tiny-flux2-vae"
+
+echo "== 5. encode-latents: training shards and manifests/demo-{long,short,mix}.json"
+# Random-weight captions are often rejected; --allow-missing-captions keeps those images (with their
+# original caption) so that the demo always has data to train on. Real runs leave it off.
+curate encode-latents "$DATA/images" --captions "$DATA/captions/tiny-qwen2-vl" --out "$DATA/latents/tiny-flux2-256" \
+    --vae "$DATA/models/tiny-flux2-vae" --resolution 256 --buckets --batch-size 8 --decode-workers 2 \
+    --allow-missing-captions --manifest-dir manifests --name demo --device cpu --no-progress
+curate stats "$DATA/latents/tiny-flux2-256"
+ls -l manifests/demo-*.json

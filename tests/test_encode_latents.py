@@ -213,14 +213,14 @@ def test_kill_and_rerun_equals_a_clean_run(data, vaes, tmp_path: Path):
     killed = tmp_path / "killed"
     kills = 0
     for wait_for in (1, 2):
-        proc = subprocess.Popen([sys.executable, "-m", "curate", *_cli(data, vaes["flux2"], killed, tmp_path / "m2")],
+        proc = subprocess.Popen(start_new_session=True, args=[sys.executable, "-m", "curate", *_cli(data, vaes["flux2"], killed, tmp_path / "m2")],
                                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env={**os.environ, **env})
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None and len(list(killed.glob("*.parquet"))) < wait_for:
             time.sleep(0.005)
         if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole job, workers included, as a preemption does
             kills += 1
         proc.wait()
     assert kills >= 1

@@ -178,14 +178,14 @@ def test_sigkill_at_any_moment_then_rerun_equals_clean_run(tmp_path: Path):
             "--shard-size", "8", "--workers", "1", "--no-progress"]
     kills = 0
     for wait_for_shards in (1, 5, 11, 18):
-        proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(start_new_session=True, args=args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 60
         while time.time() < deadline and proc.poll() is None:
             if len(list(killed.glob("*.parquet"))) >= wait_for_shards:
                 break
             time.sleep(0.002)
         if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole job, workers included, as a preemption does
             kills += 1
         proc.wait()
         _visible_shards_are_whole(killed)

@@ -201,14 +201,14 @@ def test_kill_and_rerun_equals_a_clean_run_with_the_tiny_model(tmp_path: Path, t
     killed = tmp_path / "killed"
     kills = 0
     for wait_for in (1, 3):
-        proc = subprocess.Popen([sys.executable, "-m", "curate", *_cli_args(images, killed, tiny_vlm, prompts)],
+        proc = subprocess.Popen(start_new_session=True, args=[sys.executable, "-m", "curate", *_cli_args(images, killed, tiny_vlm, prompts)],
                                 cwd=REPO, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None and len(list(killed.glob("*.parquet"))) < wait_for:
             time.sleep(0.01)
         if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole job, workers included, as a preemption does
             kills += 1
         proc.wait()
     assert kills >= 1

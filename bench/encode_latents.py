@@ -1,0 +1,127 @@
+"""`curate encode-latents` against the bare VAE and against a naive loop, measured in one run.
+
+1. Stage / bare: the whole stage (read shards, decode and resize in DataLoader workers,
+   bucket batches, encode, serialise, commit) against the bare VAE forward pass on tensors
+   already decoded, with the same model and batch size. Uses the full-size Flux VAE
+   architecture, randomly initialised, so that compute dominates as it does in practice.
+2. Stage / naive: against the loop people write first: for each image, open, transform,
+   encode alone, `torch.save` one file. With the tiny VAE (per-image overheads dominate)
+   and with the full-size one.
+
+    python bench/encode_latents.py [--images 24] [--resolution 256] [--batch-size 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ingest import make_images  # noqa: E402
+
+from curate.buckets import preprocess, to_model_range  # noqa: E402
+from curate.encode_latents import EncodeLatentsStage  # noqa: E402
+from curate.ingest import IngestStage  # noqa: E402
+from curate.runner import run_stage  # noqa: E402
+from curate.sources import FolderSource  # noqa: E402
+from curate.tiny import build_tiny_flux_vae  # noqa: E402
+from curate.vae import load_vae  # noqa: E402
+
+
+def full_size_flux_vae(folder: Path) -> Path:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2, norm_num_groups=32, scaling_factor=0.3611, shift_factor=0.1159,
+        use_quant_conv=False, use_post_quant_conv=False,
+    ).save_pretrained(folder)
+    return folder
+
+
+def stage_run(images: Path, vae: Path, out: Path, resolution: int, batch: int) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    stage = EncodeLatentsStage(images, None, out, str(vae), resolution=resolution, batch_size=batch,
+                               decode_workers=2, allow_missing_captions=True, manifest_dir=out / "manifests",
+                               device="cpu")
+    start = time.perf_counter()
+    run_stage(stage, out, progress=False)
+    return time.perf_counter() - start
+
+
+def bare_run(src: Path, vae: Path, resolution: int, batch: int) -> float:
+    loaded = load_vae(str(vae), device="cpu")
+    pixels = [preprocess(p.read_bytes(), resolution=resolution)[0] for p in sorted(src.glob("*.jpg"))]
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(pixels), batch):
+            dist = loaded.model.encode(to_model_range(torch.stack(pixels[i: i + batch]))).latent_dist
+            _ = dist.mean.to(torch.bfloat16), dist.std.to(torch.bfloat16)
+    return time.perf_counter() - start
+
+
+def naive_run(src: Path, vae: Path, out: Path, resolution: int) -> float:
+    import torchvision.transforms.functional as F
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    from diffusers import AutoencoderKL
+
+    start = time.perf_counter()
+    model = AutoencoderKL.from_pretrained(vae).eval()
+    with torch.inference_mode():
+        for path in sorted(src.glob("*.jpg")):
+            img = Image.open(path).convert("RGB")
+            img = F.center_crop(F.resize(img, resolution), resolution)
+            x = F.to_tensor(img)[None] * 2 - 1
+            dist = model.encode(x).latent_dist
+            torch.save({"mean": dist.mean[0].to(torch.bfloat16), "std": dist.std[0].to(torch.bfloat16)},
+                       out / f"{path.stem}.pt")
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=24, help="images for the full-size VAE runs")
+    parser.add_argument("--tiny-images", type=int, default=400, help="images for the tiny VAE runs")
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        full = full_size_flux_vae(tmp / "flux-full")
+        tiny = build_tiny_flux_vae(tmp / "flux-tiny")
+        for label, vae, n in (("full-size Flux VAE", full, args.images), ("tiny Flux VAE", tiny, args.tiny_images)):
+            src = tmp / f"src-{n}"
+            make_images(src, n, 640)
+            images = tmp / f"images-{n}"
+            run_stage(IngestStage(FolderSource(src), images, shard_size=max(8, n // 4)), images, progress=False)
+            stage = stage_run(images, vae, tmp / "latents", args.resolution, args.batch_size)
+            naive = naive_run(src, vae, tmp / "naive", args.resolution)
+            bare = bare_run(src, vae, args.resolution, args.batch_size) if vae == full else None
+            rows.append((label, n, stage, bare, naive))
+    print(f"# bench/encode_latents.py: {args.resolution} px, batch {args.batch_size}, CPU "
+          f"({len(os.sched_getaffinity(0))} cores, {platform.machine()}), torch {torch.__version__}")
+    print("| VAE | images | stage images/s | bare VAE images/s | stage / bare | naive loop images/s | stage / naive |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for label, n, stage, bare, naive in rows:
+        bare_cols = f"{n / bare:.2f} | {bare / stage:.2f}" if bare else "- | -"
+        print(f"| {label} | {n} | {n / stage:.2f} | {bare_cols} | {n / naive:.2f} | {naive / stage:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

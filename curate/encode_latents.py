@@ -99,7 +99,10 @@ class EncodeLatentsStage(Stage):
         return make_buckets(self.resolution, self.bucket_multiple)
 
     def config(self) -> dict[str, Any]:
+        from curate.models import local_fingerprint
+
         return {"vae": self.vae_name, "revision": self.revision, "vae_class": self.vae_class,
+                "local_vae_files": local_fingerprint(self.vae_name),
                 "resolution": self.resolution, "buckets": self.bucket_table(), "store": self.store,
                 "dtype": self.dtype, "variants": self.variants, "draft_jpeg_decoding": True,
                 "allow_missing_captions": self.allow_missing_captions}

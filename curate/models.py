@@ -63,3 +63,23 @@ def resolve_model(name: str, kind: str) -> ModelRef:
         return ModelRef(name, name, local=False)
     raise CurateError(f"{name!r} is not a known {kind} alias ({', '.join(sorted(aliases))}), "
                       "a local folder, or a Hub id like org/name")
+
+
+def local_fingerprint(path: str) -> str | None:
+    """For a local model folder: a hash of its files' names, sizes and mtimes, else None.
+
+    Stage configs hold the model's name; a folder rebuilt or retrained in place keeps its
+    name, so its fingerprint goes into the config too and the stage's outputs are redone.
+    """
+    import hashlib
+
+    if not os.path.isdir(path):
+        return None
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            st = os.stat(full)
+            digest.update(f"{os.path.relpath(full, path)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]

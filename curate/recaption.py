@@ -135,7 +135,10 @@ class RecaptionStage(Stage):
 
     def config(self) -> dict[str, Any]:
         s = self.settings
+        from curate.models import local_fingerprint
+
         return {"model": self.model_name, "revision": self.revision,
+                "local_model_files": local_fingerprint(self.model_name),
                 "prompts": {v: p.hash for v, p in s.prompts.items()}, "sampling": s.sampling.as_dict(),
                 "max_pixels": s.max_pixels, "retries": s.retries, "use_orig_caption": s.use_orig_caption}
 

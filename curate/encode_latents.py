@@ -154,9 +154,14 @@ class EncodeLatentsStage(Stage):
 
         self.loaded = load_vae(self.vae_name, revision=self.revision, vae_class=self.vae_class,
                                device=self.device)
-        if self.compile:
-            import torch
+        import torch
 
+        if next(self.loaded.model.parameters()).device.type == "cpu" and self.decode_workers:
+            # On a CPU-only machine the decoding workers and the encoder share the cores; more
+            # threads than cores makes OpenMP spin and the encoder slows down several times.
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            torch.set_num_threads(max(1, cores - self.decode_workers))
+        if self.compile:
             self.loaded.model.encoder = torch.compile(self.loaded.model.encoder, dynamic=False)
         skip = {}
         for task in todo:

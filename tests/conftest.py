@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import struct
 import subprocess
 import sys
+import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -119,3 +122,26 @@ def samples(stage_dir: Path) -> dict[str, dict[str, bytes]]:
             assert key not in out, f"key {key} is in two shards"
             out[key] = members
     return out
+
+
+def kill_at(args: list[str], stage_dir: Path, committed: tuple[int, ...], env: dict | None = None,
+            check: Callable[[Path], None] | None = None, timeout: float = 120.0) -> int:
+    """Run `curate ARGS` once per entry of ``committed``, SIGKILLing the whole job (workers
+    included, as a preemption does) once that many shards are committed; returns the kills.
+
+    ``check`` runs on the stage folder after each kill (what a reader could see then).
+    """
+    kills = 0
+    for count in committed:
+        proc = subprocess.Popen([sys.executable, "-m", "curate", *args], cwd=REPO, env={**os.environ, **(env or {})},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None and len(list(stage_dir.glob("*.parquet"))) < count:
+            time.sleep(0.002)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        if check is not None:
+            check(stage_dir)
+    return kills

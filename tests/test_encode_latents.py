@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import polars as pl
 import pytest
 import torch
-from conftest import REPO, encode, noise_image, run_cli, snapshot
+from conftest import encode, kill_at, noise_image, run_cli, snapshot
 from safetensors.torch import load as load_safetensors
 from test_recaption import ScriptedCaptioner, numbering
 
@@ -211,18 +206,7 @@ def test_kill_and_rerun_equals_a_clean_run(data, vaes, tmp_path: Path):
     clean = tmp_path / "clean"
     run_cli(*_cli(data, vaes["flux2"], clean, tmp_path / "m1"), env=env)
     killed = tmp_path / "killed"
-    kills = 0
-    for wait_for in (1, 2):
-        proc = subprocess.Popen(start_new_session=True, args=[sys.executable, "-m", "curate", *_cli(data, vaes["flux2"], killed, tmp_path / "m2")],
-                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                env={**os.environ, **env})
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None and len(list(killed.glob("*.parquet"))) < wait_for:
-            time.sleep(0.005)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the whole job, workers included, as a preemption does
-            kills += 1
-        proc.wait()
+    kills = kill_at(_cli(data, vaes["flux2"], killed, tmp_path / "m2"), killed, (1, 2), env=env)
     assert kills >= 1
     run_cli(*_cli(data, vaes["flux2"], killed, tmp_path / "m2"), env=env)
     assert snapshot(killed) == snapshot(clean)

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import REPO, encode, noise_image, run_cli, samples, snapshot, write_good_images
+from conftest import encode, kill_at, noise_image, run_cli, samples, snapshot, write_good_images
 from PIL import Image
 
 from curate.ingest import IngestStage
@@ -174,21 +170,8 @@ def test_sigkill_at_any_moment_then_rerun_equals_clean_run(tmp_path: Path):
     assert len(reference) == 18  # 120 images, 18 copies, 1 empty file: 139 inputs in shards of 8
 
     killed = tmp_path / "killed"
-    args = [sys.executable, "-m", "curate", "ingest", str(src), "--out", str(killed),
-            "--shard-size", "8", "--workers", "1", "--no-progress"]
-    kills = 0
-    for wait_for_shards in (1, 5, 11, 18):
-        proc = subprocess.Popen(start_new_session=True, args=args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 60
-        while time.time() < deadline and proc.poll() is None:
-            if len(list(killed.glob("*.parquet"))) >= wait_for_shards:
-                break
-            time.sleep(0.002)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the whole job, workers included, as a preemption does
-            kills += 1
-        proc.wait()
-        _visible_shards_are_whole(killed)
+    args = ["ingest", str(src), "--out", str(killed), "--shard-size", "8", "--workers", "1", "--no-progress"]
+    kills = kill_at(args, killed, (1, 5, 11, 18), check=_visible_shards_are_whole)
     assert kills >= 2, "the run finished before it could be killed; make the input larger"
     run_cli("ingest", str(src), "--out", str(killed), "--shard-size", "8", "--workers", "1", "--no-progress")
     assert snapshot(killed) == reference

@@ -4,16 +4,11 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import REPO, run_cli, snapshot, write_good_images
+from conftest import kill_at, run_cli, snapshot, write_good_images
 
 from curate.captioners.base import Captioner, CaptionRequest, Generation, Sampling
 from curate.ingest import IngestStage
@@ -199,18 +194,7 @@ def test_kill_and_rerun_equals_a_clean_run_with_the_tiny_model(tmp_path: Path, t
     assert "long captions: ok" in stats.stdout and (tmp_path / "lengths.png").stat().st_size > 1000
 
     killed = tmp_path / "killed"
-    kills = 0
-    for wait_for in (1, 3):
-        proc = subprocess.Popen(start_new_session=True, args=[sys.executable, "-m", "curate", *_cli_args(images, killed, tiny_vlm, prompts)],
-                                cwd=REPO, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None and len(list(killed.glob("*.parquet"))) < wait_for:
-            time.sleep(0.01)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the whole job, workers included, as a preemption does
-            kills += 1
-        proc.wait()
+    kills = kill_at(_cli_args(images, killed, tiny_vlm, prompts), killed, (1, 3), env=env)
     assert kills >= 1
     run_cli(*_cli_args(images, killed, tiny_vlm, prompts), env=env)
 

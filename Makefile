@@ -27,6 +27,7 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) bench/ingest.py
 	$(PY) bench/recaption.py
+	$(PY) bench/encode_latents.py
 
 clean-demo:
 	rm -rf demo/out manifests/demo-*.json

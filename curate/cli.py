@@ -115,9 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run(stage, args: argparse.Namespace, share) -> int:
+    """This worker's share of a stage; the stage's statistics if this worker finished it."""
+    from curate.runner import run_stage
+    from curate.stats import format_stats
+
+    result = run_stage(stage, args.out, share=share, progress=not args.no_progress)
+    if result.complete:
+        print(format_stats(result.summary, args.out))
+    return 0
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     from curate.ingest import IngestStage
-    from curate.runner import resolve_share, run_stage
+    from curate.runner import resolve_share
     from curate.sources import open_source
 
     share = resolve_share(args.rank, args.world_size)
@@ -128,12 +139,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     )
     stage = IngestStage(source, args.out, shard_size=args.shard_size, min_side=args.min_side,
                         max_pixels=args.max_pixels, workers=args.workers)
-    result = run_stage(stage, args.out, share=share, progress=not args.no_progress)
-    if result.complete:
-        from curate.stats import format_stats
-
-        print(format_stats(result.summary, args.out))
-    return 0
+    return _run(stage, args, share)
 
 
 def cmd_recaption(args: argparse.Namespace) -> int:
@@ -141,7 +147,7 @@ def cmd_recaption(args: argparse.Namespace) -> int:
     from curate.models import resolve_model
     from curate.prompts import load_prompts
     from curate.recaption import CaptionSettings, RecaptionStage
-    from curate.runner import CurateError, resolve_share, run_stage
+    from curate.runner import CurateError, resolve_share
 
     share = resolve_share(args.rank, args.world_size)
     backend = choose_backend(args.backend)
@@ -170,17 +176,12 @@ def cmd_recaption(args: argparse.Namespace) -> int:
 
     stage = RecaptionStage(args.images, model, load, settings, revision=args.revision, chunk_images=chunk,
                            decode_workers=args.decode_workers)
-    result = run_stage(stage, args.out, share=share, progress=not args.no_progress)
-    if result.complete:
-        from curate.stats import format_stats
-
-        print(format_stats(result.summary, args.out))
-    return 0
+    return _run(stage, args, share)
 
 
 def cmd_encode_latents(args: argparse.Namespace) -> int:
     from curate.encode_latents import EncodeLatentsStage
-    from curate.runner import resolve_share, run_stage
+    from curate.runner import resolve_share
 
     share = resolve_share(args.rank, args.world_size)
     stage = EncodeLatentsStage(
@@ -190,12 +191,7 @@ def cmd_encode_latents(args: argparse.Namespace) -> int:
         allow_missing_captions=args.allow_missing_captions, manifest_dir=args.manifest_dir, name=args.name,
         device=args.device,
     )
-    result = run_stage(stage, args.out, share=share, progress=not args.no_progress)
-    if result.complete:
-        from curate.stats import format_stats
-
-        print(format_stats(result.summary, args.out))
-    return 0
+    return _run(stage, args, share)
 
 
 def _is_alias(name: str) -> bool:

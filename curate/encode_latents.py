@@ -180,9 +180,12 @@ class EncodeLatentsStage(Stage):
             self.loader = None
 
     def process(self, task: ShardTask, writer: ShardWriter, progress: Callable[[int], None]) -> None:
+        import torch
+
         from curate.buckets import batch_by_bucket, to_model_range
         from curate.vae import encode_batch
 
+        # Read again rather than kept from prepare(): a worker's pending shards can be many.
         keys, originals, accepted = self._captions(task)
         results: dict[str, tuple[Future | None, dict]] = {}
 
@@ -195,14 +198,12 @@ class EncodeLatentsStage(Stage):
                 else:
                     yield key, tensor, record
 
+        device = next(self.loaded.model.parameters()).device
+        dtype = getattr(torch, self.dtype)
         with ThreadPoolExecutor(1) as serializer:  # safetensors writing overlaps the next batch's encode
             for batch in batch_by_bucket(decoded(), self.batch_size):
-                import torch
-
-                device = next(self.loaded.model.parameters()).device
                 pixels = to_model_range(torch.stack([t for _, t, _ in batch]).to(device, non_blocking=True))
                 mean, std = encode_batch(self.loaded, pixels)
-                dtype = getattr(torch, self.dtype)
                 mean = mean.to("cpu", dtype)
                 std = std.to("cpu", dtype) if self.store == "dist" else None
                 for i, (key, _, record) in enumerate(batch):

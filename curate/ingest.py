@@ -168,7 +168,7 @@ class IngestStage(Stage):
 
     def _drop_cross_shard_duplicates(self, out_dir: Path) -> None:
         """Keep the first accepted copy of each key in shard order; reject the later ones."""
-        first: dict[str, tuple[int, str, str]] = {}
+        first: dict[str, tuple[int, str]] = {}
         later: dict[int, dict[str, str]] = {}
         depends: dict[int, dict[str, str]] = {}
         shards = committed_shards(out_dir)
@@ -177,11 +177,11 @@ class IngestStage(Stage):
             df = read_index(shard.index_path, columns=["key", "status", "source"]).filter(pl.col("status") == OK)
             for key, source in zip(df["key"].to_list(), df["source"].to_list(), strict=True):
                 if key in first:
-                    owner, owner_source, _ = first[key]
+                    owner, owner_source = first[key]
                     later.setdefault(shard.shard_id, {})[key] = f"same bytes as {owner_source}"
                     depends.setdefault(shard.shard_id, {})[str(owner)] = fingerprints[owner]
                 else:
-                    first[key] = (shard.shard_id, source, shard.meta.fingerprint)
+                    first[key] = (shard.shard_id, source)
         by_id = {s.shard_id: s for s in shards}
         for shard_id, rejections in sorted(later.items()):
             log.info("ingest: shard %d has %d duplicates of earlier shards", shard_id, len(rejections))

@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -204,14 +204,14 @@ class RecaptionStage(Stage):
         pending = [
             CaptionRequest(key=f"{key}/{v}", variant=v, image=image,
                            prompt=build_prompt(s.prompts[v], originals.get(key), s.use_orig_caption),
-                           sampling=_variant_sampling(s.sampling, s.prompts[v]))
+                           sampling=replace(s.sampling, max_new_tokens=s.prompts[v].max_new_tokens))
             for key, image in chunk for v in self.variants
         ]
         final: dict[str, tuple[CaptionQA, Generation, int]] = {}
         for attempt in range(s.retries + 1):
             if not pending:
                 break
-            tries = [_with_sampling(r, r.sampling.for_attempt(attempt)) for r in pending]
+            tries = [replace(r, sampling=r.sampling.for_attempt(attempt)) for r in pending]
             generations = captioner.generate(tries)
             retry = []
             for request, generation in zip(pending, generations, strict=True):
@@ -249,24 +249,22 @@ class RecaptionStage(Stage):
         return summarize_captions(out_dir, self.variants)
 
 
-def _variant_sampling(base: Sampling, spec: PromptSpec) -> Sampling:
-    return Sampling(temperature=base.temperature, top_p=base.top_p, max_new_tokens=spec.max_new_tokens,
-                    seed=base.seed, repetition_penalty=base.repetition_penalty)
-
-
-def _with_sampling(request: CaptionRequest, sampling: Sampling) -> CaptionRequest:
-    return CaptionRequest(key=request.key, variant=request.variant, image=request.image,
-                          prompt=request.prompt, sampling=sampling, system=request.system)
+def _caption_table(stage_dir: str | Path) -> tuple[pl.DataFrame, list[str]] | None:
+    """Every committed caption row of a stage, and its variants (None when nothing is committed)."""
+    paths = [str(s.index_path) for s in committed_shards(stage_dir)]
+    if not paths:
+        return None
+    df = pl.concat([pl.read_parquet(p) for p in paths], how="diagonal_relaxed")
+    return df, [c[: -len("_prompt_hash")] for c in df.columns if c.endswith("_prompt_hash")]
 
 
 def summarize_captions(stage_dir: str | Path, variants: list[str] | None = None) -> dict[str, Any]:
     """Captions ok per variant, words mean/median/p95, generated tokens/s (for _stage.json and stats)."""
-    paths = [str(s.index_path) for s in committed_shards(stage_dir)]
-    if not paths:
+    table = _caption_table(stage_dir)
+    if table is None:
         return {}
-    df = pl.concat([pl.read_parquet(p) for p in paths], how="diagonal_relaxed")
-    if variants is None:
-        variants = [c[: -len("_prompt_hash")] for c in df.columns if c.endswith("_prompt_hash")]
+    df, found = table
+    variants = found if variants is None else variants
     out: dict[str, Any] = {"images": df.height}
     tokens = 0
     for v in variants:
@@ -289,11 +287,10 @@ def plot_caption_lengths(stage_dir: str | Path, png: str | Path, bins: int = 40)
     """A PNG histogram of caption lengths (words) per variant, drawn with PIL (no plotting dependency)."""
     from PIL import Image, ImageDraw
 
-    paths = [str(s.index_path) for s in committed_shards(stage_dir)]
-    if not paths:
+    table = _caption_table(stage_dir)
+    if table is None:
         raise CurateError(f"{stage_dir}: no caption shards")
-    df = pl.concat([pl.read_parquet(p) for p in paths], how="diagonal_relaxed")
-    variants = [c[: -len("_prompt_hash")] for c in df.columns if c.endswith("_prompt_hash")]
+    df, variants = table
     panel_w, panel_h, margin = 640, 220, 40
     img = Image.new("RGB", (panel_w, panel_h * len(variants)), "white")
     draw = ImageDraw.Draw(img)

@@ -60,6 +60,12 @@ def images(tmp_path: Path) -> Path:
     return out
 
 
+def rows_without_timing(stage: Path) -> dict:
+    """Every index row of every shard, less the seconds each took (the only field that varies)."""
+    return {k: [{c: v for c, v in r.items() if c != "seconds"} for r in rows]
+            for k, (_, rows, _, _) in snapshot(stage).items()}
+
+
 def numbering(images: Path) -> dict[str, int]:
     rows = pl.concat([read_index(s.index_path) for s in committed_shards(images)])
     return {k: int(s.split("_")[1].split(".")[0]) for k, s in zip(rows["key"], rows["source"], strict=True)}
@@ -150,9 +156,7 @@ def test_rerun_skips_and_two_ranks_split_the_shards(images: Path, tmp_path: Path
                                chunk_images=3, decode_workers=0)
         results.append(run_stage(stage, two, share=WorkerShare(rank, 2), progress=False))
     assert results[0].processed == [0] and results[1].processed == [1] and results[1].complete
-    strip = lambda snap: {k: [{c: v for c, v in r.items() if c != "seconds"} for r in rows]  # noqa: E731
-                          for k, (_, rows, _, _) in snap.items()}
-    assert strip(snapshot(one)) == strip(snapshot(two))
+    assert rows_without_timing(one) == rows_without_timing(two)
 
 
 def test_incomplete_image_stage_is_refused(images: Path, tmp_path: Path):
@@ -198,11 +202,7 @@ def test_kill_and_rerun_equals_a_clean_run_with_the_tiny_model(tmp_path: Path, t
     assert kills >= 1
     run_cli(*_cli_args(images, killed, tiny_vlm, prompts), env=env)
 
-    def comparable(stage: Path) -> dict:
-        return {k: [{c: v for c, v in r.items() if c != "seconds"} for r in rows]
-                for k, (_, rows, _, _) in snapshot(stage).items()}
-
-    assert comparable(killed) == comparable(clean)
+    assert rows_without_timing(killed) == rows_without_timing(clean)
     rows = pl.concat([read_index(s.index_path) for s in committed_shards(clean)])
     assert rows.height == 24 and rows["backend"].unique().to_list() == ["transformers"]
 

@@ -49,7 +49,13 @@ VAES = {
     "repa-e-flux": VaeEntry(id="REPA-E/e2e-flux-vae", subfolder=None, cls="AutoencoderKL"),
 }
 
-REGISTRIES = {"vlm": VLMS}
+# Text encoders for the denoiser: PRX conditions on the encoder half of T5Gemma 2B-2B (UL2), loaded
+# without its decoder (train/text.py); any T5Gemma checkpoint or PRX pipeline folder works too.
+TEXT_ENCODERS = {
+    "t5gemma": "google/t5gemma-2b-2b-ul2",
+}
+
+REGISTRIES = {"vlm": VLMS, "text": TEXT_ENCODERS}
 
 
 def resolve_model(name: str, kind: str) -> ModelRef:

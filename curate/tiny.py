@@ -66,9 +66,11 @@ __all__ = [
     "QWEN2_5_VL_SPECIAL_TOKENS",
     "QWEN2_VL_CHAT_TEMPLATE",
     "DEFAULT_STOP_RATE",
+    "GEMMA_SPECIAL_TOKENS",
     "build_tiny_qwen2_vl",
     "build_tiny_flux_vae",
     "build_tiny_flux2_vae",
+    "build_tiny_t5gemma",
     "read_marker",
 ]
 
@@ -991,6 +993,138 @@ def build_tiny_flux2_vae(out_dir: str | os.PathLike[str], seed: int = 0) -> Path
     return _build_once(out_dir, spec, required, build)
 
 
+# --------------------------------------------------------------------------- T5Gemma text encoder
+
+# Gemma's special tokens at Gemma's ids (T5GemmaModuleConfig's defaults: pad 0, eos 1, bos 2).
+GEMMA_SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
+# The fixed English words the tiny BPE is trained on: caption vocabulary, so test prompts become a
+# few real subwords each rather than byte-fallback tokens. Changing it changes the tokenizer: bump
+# _T5GEMMA_RECIPE.
+_T5GEMMA_WORDS = (
+    "a an the of and with on in at to from by for is are this that there it its "
+    "photo photograph picture image painting drawing illustration render sketch poster "
+    "red orange yellow green blue purple pink brown black white gray grey gold silver "
+    "dark light bright pale colorful vivid soft warm cold "
+    "cat dog bird horse cow fish person man woman child people girl boy face hand eye "
+    "tree trees flower flowers grass field forest mountain mountains lake river sea ocean "
+    "beach sand sky cloud clouds sun moon star stars snow rain water fire stone rock "
+    "city street road building buildings house window door wall roof bridge car bus train "
+    "boat plane table chair bed room kitchen cup plate bowl glass bottle book lamp clock "
+    "apple bread cake food fruit cube sphere ball box shape circle square line pattern "
+    "small large big tiny tall short long wide round flat old new young happy "
+    "sitting standing walking running flying lying holding wearing looking "
+    "front back side top bottom left right center middle near next behind above below "
+    "background foreground detail detailed close up view shot scene style realistic "
+    "sharp focus shallow depth lighting shadow shadows night day morning evening sunset "
+    "one two three four five many several some other each"
+).split()
+_T5GEMMA_RECIPE = 1
+
+
+def _tiny_gemma_tokenizer() -> Any:
+    """A ``GemmaTokenizer`` over a small byte-fallback BPE, with Gemma's special tokens and ids.
+
+    Like Gemma's: spaces become ``▁``, unknown characters fall back to the 256 ``<0xNN>`` byte
+    tokens, ``<bos>`` is prepended to every sequence, no ``<eos>`` is appended, and padding is on
+    the left (``GemmaTokenizer``'s default).
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import GemmaTokenizer
+
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    bpe.normalizer = normalizers.Replace(" ", "▁")
+    # Merges are learned within words ("▁red"), as SentencePiece does; GemmaTokenizer applies them
+    # to the whole normalised string, which gives the same pieces since no merge crosses a "▁".
+    bpe.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024,
+        min_frequency=1,
+        show_progress=False,
+        special_tokens=[*GEMMA_SPECIAL_TOKENS, *byte_tokens],  # ids 0-4, then 5-260
+    )
+    words = list(_T5GEMMA_WORDS)
+    corpus = [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]
+    bpe.train_from_iterator([*corpus, *_FALLBACK_CORPUS], trainer=trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    tok = GemmaTokenizer(
+        vocab=dict(model["vocab"]),
+        merges=merges,
+        model_max_length=256,
+        add_bos_token=True,
+        add_eos_token=False,
+    )
+    ids = tok.convert_tokens_to_ids(list(GEMMA_SPECIAL_TOKENS))
+    if ids != list(range(len(GEMMA_SPECIAL_TOKENS))):
+        raise RuntimeError(f"Gemma special tokens landed at unexpected ids: {ids}")
+    return tok
+
+
+def build_tiny_t5gemma(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Build a tiny random T5Gemma text encoder (transformers ``T5GemmaEncoder``) plus tokenizer.
+
+    Why: ``PRXPipeline`` takes a ``T5GemmaEncoder`` as ``text_encoder`` (PRX exports save
+    ``T5GemmaModel.from_pretrained("google/t5gemma-2b-2b-ul2").encoder``), and the trainer, its
+    tests and exported pipelines must load one offline. The folder is laid out like the
+    ``text_encoder/`` folder diffusers' PRX loader reads (``T5GemmaEncoder`` weights without prefix,
+    a composite ``T5GemmaConfig`` whose ``encoder`` is the model's config) with a Gemma-style
+    tokenizer beside it that ``AutoTokenizer`` loads (``model_max_length`` 256). The
+    encoder mirrors T5Gemma-2B's except sizes: hidden 32, 2 layers (one sliding-window, one full
+    attention, as they alternate), 2 query heads sharing 1 key/value head, GeGLU MLP, soft-capped
+    attention logits, RMSNorm.
+    """
+    spec = {"builder": "t5gemma", "recipe": RECIPE_VERSION, "t5gemma_recipe": _T5GEMMA_RECIPE,
+            "seed": int(seed)}
+    required = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+    def build(tmp: Path) -> dict[str, Any]:
+        from transformers import T5GemmaConfig
+        from transformers.models.t5gemma.modeling_t5gemma import T5GemmaEncoder
+
+        tok = _tiny_gemma_tokenizer()
+        module = {
+            "vocab_size": -(-len(tok) // 64) * 64,  # padded like real embedding tables
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "query_pre_attn_scalar": 16,  # T5Gemma-2B uses its head_dim (256)
+            "sliding_window": 4096,
+            "max_position_embeddings": 8192,
+            "pad_token_id": 0,
+            "eos_token_id": 1,
+            "bos_token_id": 2,
+        }
+        # The encoder-decoder config holds the encoder's (it fills in the dropout rates that a bare
+        # T5GemmaModuleConfig lacks); the decoder half only has to exist.
+        composite = T5GemmaConfig(encoder=module, decoder=module, vocab_size=module["vocab_size"],
+                                  is_encoder_decoder=False)
+        config = composite.encoder
+        with _seeded(seed):
+            model = T5GemmaEncoder(config).eval()
+        with _quiet_transformers():
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        # diffusers loads a PRX text encoder (["prx", "T5GemmaEncoder"] in model_index.json) with
+        # T5GemmaConfig.from_pretrained(folder).encoder: it needs the composite config, and reading
+        # the module config that save_pretrained writes gives T5Gemma-2B's default sizes instead.
+        composite.architectures = ["T5GemmaEncoder"]
+        composite.save_pretrained(tmp)
+        return {
+            "class": type(model).__name__,
+            "tokenizer_class": type(tok).__name__,
+            "num_parameters": _num_parameters(model),
+            "hidden_size": config.hidden_size,
+            "vocab_size": config.vocab_size,
+            "tokens": len(tok),
+        }
+
+    return _build_once(out_dir, spec, required, build)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m curate.tiny KIND OUT_DIR`: build a tiny model for the demo (idempotent)."""
     import argparse
@@ -1000,6 +1134,7 @@ def main(argv: list[str] | None = None) -> int:
         "qwen2.5-vl": lambda out: build_tiny_qwen2_vl(out, variant="qwen2.5-vl"),
         "flux-vae": build_tiny_flux_vae,
         "flux2-vae": build_tiny_flux2_vae,
+        "t5gemma": build_tiny_t5gemma,
     }
     parser = argparse.ArgumentParser(prog="python -m curate.tiny", description=main.__doc__)
     parser.add_argument("kind", choices=sorted(builders))

@@ -1,0 +1,149 @@
+"""Synthetic latent shards and manifests, written the way `curate encode-latents` writes them.
+
+Tests of the trainer need latent datasets of a chosen geometry (shard count, samples per
+shard, bucket shapes, missing captions, rejected rows) in milliseconds, without running a
+VAE. ``make_latent_dataset`` writes them with the same ShardWriter, the same tar members
+(``KEY.latent.safetensors``, ``KEY.VARIANT.txt``, ``KEY.orig.txt``, ``KEY.json``), the
+same index columns and the same three manifests as the real stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save
+
+from curate.encode_latents import EncodeLatentsStage
+from curate.manifest import LatentSpec, Manifest, ShardEntry, file_sha256, write_manifest
+from curate.shards import ShardWriter, committed_shards, stable_hash
+
+STAGE = "encode-latents"
+
+
+def sample_key(seed: int, index: int, rejected: bool = False) -> str:
+    """A 128-bit hex key like the real ones (content hashes), unique per (seed, index)."""
+    tag = f"kiln-test/{seed}/{'rejected' if rejected else 'ok'}/{index}".encode()
+    return hashlib.blake2b(tag, digest_size=16).hexdigest()
+
+
+def caption_text(variant: str, index: int) -> str:
+    """The caption of ``variant`` for global sample ``index`` (what the tests expect to read)."""
+    return f"{'original' if variant == 'orig' else variant} caption of sample {index}"
+
+
+def make_latent_dataset(
+    root: Path,
+    *,
+    shards: int = 3,
+    per_shard: int = 8,
+    channels: int = 16,
+    sizes: list[tuple[int, int]] = [(4, 4)],  # noqa: B006 - read only; the signature others call
+    variants: tuple[str, ...] = ("long", "short"),
+    missing: dict[int, tuple[str, ...]] | None = None,
+    stored: str = "dist",
+    dtype: str = "bfloat16",
+    vae_dir: Path | None = None,
+    rejected_every: int = 0,
+    seed: int = 0,
+) -> dict[str, Path]:
+    """Write ``shards`` latent shards and the manifests long.json, short.json, mix.json.
+
+    - ``per_shard`` accepted samples per shard; global sample index ``i`` runs over accepted
+      samples in shard order (shard ``i // per_shard``). With ``rejected_every`` = n > 0 a
+      rejected row (reason ``unreadable``, nothing in the tar) follows every n-th accepted
+      sample, so shards have more index rows than samples, as real ones do.
+    - ``sizes``: latent (h, w) grids at the VAE's native resolution; sample ``i`` gets
+      ``sizes[i % len(sizes)]``. The index's bucket_h/bucket_w are in pixels (side x downsample).
+    - latents: mean ~ N(0, 1), std in [0.05, 0.1) (``stored="dist"``) or the mean only.
+    - captions: ``caption_text(variant, i)`` for each variant and for ``orig``;
+      ``missing[i]`` names variants (``orig`` included) left out for sample ``i``: an empty
+      txt member and, for caption variants, absent from the json's and the index's ``captions``.
+    - latent spec: from the tiny VAE in ``vae_dir`` (so that decoding through the manifest
+      works; ``channels`` must match it), else a plain one (scaling 1, shift 0, downsample 8).
+
+    Returns ``{"root": root, "latents": folder, VARIANT: manifest path, ..., "mix": path}``.
+    """
+    root = Path(root)
+    missing = missing or {}
+    out_dir = root / "latents"
+    manifest_dir = root / "manifests"
+    loaded = None
+    if vae_dir is not None:
+        from curate.vae import load_vae
+
+        loaded = load_vae(str(vae_dir), device="cpu")
+        if loaded.channels != channels:
+            raise ValueError(f"the VAE in {vae_dir} has {loaded.channels} channels, not {channels}")
+    downsample = loaded.downsample if loaded is not None else 8
+    buckets = sorted({(h * downsample, w * downsample) for h, w in sizes})
+    torch_dtype = getattr(torch, dtype)
+    rng = np.random.default_rng(seed)
+
+    for shard_id in range(shards):
+        writer = ShardWriter(out_dir, shard_id, EncodeLatentsStage.index_schema)
+        for pos in range(per_shard):
+            i = shard_id * per_shard + pos
+            key = sample_key(seed, i)
+            h, w = sizes[i % len(sizes)]
+            mean = torch.from_numpy(rng.standard_normal((channels, h, w), dtype=np.float32))
+            std = torch.from_numpy(0.05 + 0.05 * rng.random((channels, h, w), dtype=np.float32))
+            tensors = {"mean": mean.to(torch_dtype).contiguous()}
+            if stored == "dist":
+                tensors["std"] = std.to(torch_dtype).contiguous()
+            left_out = set(missing.get(i, ()))
+            present = sorted(v for v in variants if v not in left_out)
+            size = [w * downsample, h * downsample]
+            record = {"orig_size": size, "resized_size": size, "crop_box": [0, 0, *size],
+                      "target_size": [h * downsample, w * downsample]}
+            meta = {"key": key, **record, "captions": present, "stored": stored, "dtype": dtype}
+            members = {
+                "latent.safetensors": save(tensors),
+                **{f"{v}.txt": ("" if v in left_out else caption_text(v, i)).encode() for v in variants},
+                "orig.txt": ("" if "orig" in left_out else caption_text("orig", i)).encode(),
+                "json": json.dumps(meta, sort_keys=True).encode(),
+            }
+            row = {"bucket_h": h * downsample, "bucket_w": w * downsample, "orig_w": size[0],
+                   "orig_h": size[1], "captions": present}
+            flags = [] if len(present) == len(variants) else ["some_captions_missing"]
+            writer.add(key, members, row=row, flags=flags)
+            if rejected_every and (pos + 1) % rejected_every == 0:
+                writer.reject(sample_key(seed, i, rejected=True), "unreadable",
+                              row={"orig_w": None, "orig_h": None, "captions": present},
+                              detail="synthetic rejection")
+        writer.commit(stage=STAGE, fingerprint=stable_hash(["test", seed, shard_id]),
+                      config_hash=stable_hash(["test", channels, stored, dtype]))
+
+    if loaded is not None:
+        from curate.vae import latent_spec_for
+
+        spec = latent_spec_for(loaded, stored=stored, dtype=dtype, resolution=buckets[0][0],
+                               buckets=buckets)
+    else:
+        spec = LatentSpec(vae="test", vae_id="test", vae_class="AutoencoderKL", channels=channels,
+                          downsample=downsample, stored=stored, dtype=dtype, scaling_factor=1.0,
+                          shift_factor=0.0, resolution=buckets[0][0], buckets=buckets)
+
+    # As EncodeLatentsStage.write_manifests: one manifest per variant plus an even mix, same
+    # shards (relative to the manifest folder, empty shards left out), full latent spec.
+    selections = {v: {v: 1.0} for v in variants}
+    if len(variants) > 1:
+        selections["mix"] = {v: round(1.0 / len(variants), 12) for v in variants}
+        selections["mix"][variants[0]] += 1.0 - sum(selections["mix"].values())
+    committed = committed_shards(out_dir)
+    entries = [ShardEntry(path=os.path.relpath(s.tar_path.resolve(), manifest_dir.resolve()),
+                          samples=s.meta.counts["ok"], sha256=file_sha256(s.tar_path))
+               for s in committed if s.meta.counts["ok"] > 0]
+    provenance = {"latents": {"path": str(out_dir.resolve()), "vae": spec.vae_id,
+                              "vae_class": spec.vae_class, "revision": spec.revision},
+                  "synthetic": {"seed": seed}}
+    paths: dict[str, Path] = {"root": root, "latents": out_dir}
+    for name, weights in selections.items():
+        manifest = Manifest(name=name, shards=entries, samples=sum(e.samples for e in entries),
+                            latent=spec, captions=weights, provenance=provenance)
+        paths[name] = write_manifest(manifest, manifest_dir / f"{name}.json")
+    return paths

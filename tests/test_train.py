@@ -1,0 +1,211 @@
+"""The trainer end to end on tiny components: learning, exact resume, DDP, errors before work,
+sample grids and export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from latent_data import make_latent_dataset
+from PIL import Image
+
+from train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from train.cli import main as train_main
+from train.config import build_config
+from train.metrics import read_metrics
+from train.trainer import train
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    from curate.tiny import build_tiny_flux2_vae, build_tiny_flux_vae, build_tiny_t5gemma
+
+    root = tmp_path_factory.mktemp("models")
+    return {"text": build_tiny_t5gemma(root / "t5gemma"), "flux": build_tiny_flux_vae(root / "flux"),
+            "flux2": build_tiny_flux2_vae(root / "flux2")}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, models) -> dict[str, Path]:
+    """Three shards of 8 samples: 16-channel latents of the tiny Flux VAE, 32 px images."""
+    return make_latent_dataset(tmp_path_factory.mktemp("latents"), shards=3, per_shard=8,
+                               vae_dir=models["flux"], rejected_every=5)
+
+
+def tiny_args(models, **overrides) -> list[str]:
+    settings = {"text_encoder": str(models["text"]), "sample_every": 0, "data.workers": 0,
+                "log.every": 1, "log.tensorboard": "false", **overrides}
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+def run_train(manifest: Path, out: Path, models, *extra: str, **overrides) -> int:
+    return train_main(["--shards", str(manifest), "--out", str(out), "--preset", "tiny", *extra,
+                       *tiny_args(models, **overrides)])
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    return [(m["step"], m["loss"]) for m in read_metrics(run)]
+
+
+def test_overfitting_a_few_samples_drives_the_loss_down(tmp_path: Path, models):
+    few = make_latent_dataset(tmp_path / "few", shards=1, per_shard=4, stored="mean", vae_dir=models["flux"])
+    cfg = build_config("tiny", overrides=tiny_args(models, steps=300, global_batch=4, micro_batch=4,
+                                                    caption_dropout=0.0, lr=3e-3, **{"log.every": 10}),
+                       shards=str(few["long"]), out=str(tmp_path / "run"))
+    result = train(cfg)
+    metrics = read_metrics(tmp_path / "run")
+    first, last = metrics[0]["loss"], sum(m["loss"] for m in metrics[-3:]) / 3
+    assert result.steps == 300 and len(metrics) == 30
+    assert first / last > 4, (first, last)
+    for name in ("loss_t0.0-0.3", "loss_t0.3-0.6", "loss_t0.6-1.0"):  # learnt at every noise level
+        assert metrics[-1][name] < metrics[0][name] / 3, name
+    assert {"grad_norm", "lr", "images_per_s", "data_wait_share", "peak_memory_gb"} <= metrics[-1].keys()
+
+
+def _cli_cmd(manifest: Path, out: Path, models, **overrides) -> list[str]:
+    return [sys.executable, "-m", "train", "--shards", str(manifest), "--out", str(out), "--preset", "tiny",
+            *tiny_args(models, **overrides)]
+
+
+def test_sigkill_and_resume_continue_the_exact_loss_sequence(tmp_path: Path, models, dataset):
+    settings = {"steps": 60, "checkpoint_every": 5, "data.workers": 2, "caption_dropout": 0.2}
+    clean = tmp_path / "clean"
+    subprocess.run(_cli_cmd(dataset["mix"], clean, models, **settings), check=True, cwd=REPO,
+                   capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli_cmd(dataset["mix"], killed, models, **settings), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list_checkpoints(killed) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    at_kill = [s for s, _ in list_checkpoints(killed)]
+    assert at_kill and at_kill[-1] < 60, f"the run ended before it could be killed: {at_kill}"
+    # Without --resume a run folder with checkpoints is refused; with it, the run continues.
+    refused = subprocess.run(_cli_cmd(dataset["mix"], killed, models, **settings), cwd=REPO,
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "--resume auto" in refused.stderr
+    subprocess.run([*_cli_cmd(dataset["mix"], killed, models, **settings), "--resume", "auto"],
+                   check=True, cwd=REPO, capture_output=True)
+    assert losses(killed) == losses(clean)  # exactly, every step
+    assert len(losses(clean)) == 60
+    a = load_checkpoint(latest_checkpoint(clean))["model"]
+    b = load_checkpoint(latest_checkpoint(killed))["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(tmp_path: Path, models, dataset):
+    settings = {"steps": 6, "checkpoint_every": 6, "global_batch": 8, "micro_batch": 2,
+                "data.workers": 1, "caption_dropout": 0.3}
+    one = tmp_path / "one"
+    subprocess.run(_cli_cmd(dataset["long"], one, models, **settings), check=True, cwd=REPO,
+                   capture_output=True)
+    two = tmp_path / "two"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run([*torchrun, *_cli_cmd(dataset["long"], two, models, **settings)[1:]], cwd=REPO,
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = load_checkpoint(latest_checkpoint(one))
+    b = load_checkpoint(latest_checkpoint(two))
+    assert b["world_size"] == 2 and a["world_size"] == 1
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-6)
+    for (s1, l1), (s2, l2) in zip(losses(one), losses(two), strict=True):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4)
+
+
+def test_sample_grid_decodes_through_the_manifests_vae(tmp_path: Path, models, dataset):
+    run = tmp_path / "run"
+    assert run_train(dataset["long"], run, models, steps=4, sample_every=2, **{"log.tensorboard": "true"}) == 0
+    grids = sorted((run / "samples").glob("*.png"))
+    assert [p.name for p in grids] == ["step_00000002.png", "step_00000004.png"]
+    image = Image.open(grids[-1])
+    assert image.size == (64, 64)  # 4 prompts in a 2 x 2 grid of 32 px images
+    assert len(set(image.convert("L").getdata())) > 10  # decoded pictures, not a flat fill
+    assert any((run / "tensorboard").iterdir())
+
+
+def test_export_loads_in_prx_pipeline_and_generates(tmp_path: Path, models, dataset):
+    from diffusers import PRXPipeline
+
+    run = tmp_path / "run"
+    assert run_train(dataset["long"], run, models, steps=3) == 0
+    out = tmp_path / "exported"
+    assert train_main(["export", str(run), "--to", str(out)]) == 0
+    pipe = PRXPipeline.from_pretrained(str(out))
+    image = pipe("a red cube on a table", num_inference_steps=2, height=32, width=32, use_resolution_binning=False,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+
+
+# ---- errors before work -----------------------------------------------------------------------------
+
+
+def _no_work_done(run: Path) -> bool:
+    return not list_checkpoints(run) and not read_metrics(run)
+
+
+def test_channels_of_another_vae_are_refused_on_resume(tmp_path: Path, models, dataset, capsys):
+    run = tmp_path / "run"
+    assert run_train(dataset["long"], run, models, steps=2) == 0
+    flux2 = make_latent_dataset(tmp_path / "flux2", shards=1, per_shard=4, channels=32, vae_dir=models["flux2"])
+    assert run_train(flux2["long"], run, models, "--resume", "auto", steps=4) == 2
+    err = capsys.readouterr().err
+    assert "in_channels=16" in err and "128 model channels" in err
+    assert [s for s, _ in list_checkpoints(run)] == [2]
+
+
+def test_resume_with_another_config_is_refused(tmp_path: Path, models, dataset, capsys):
+    run = tmp_path / "run"
+    assert run_train(dataset["long"], run, models, steps=2) == 0
+    assert run_train(dataset["long"], run, models, "--resume", "auto", steps=4, lr=0.5) == 2
+    assert "the config differs from the run's: lr: 0.001 -> 0.5" in capsys.readouterr().err
+    assert run_train(dataset["long"], run, models, "--resume", "auto", steps=4) == 0  # steps may grow
+    assert [s for s, _ in list_checkpoints(run)][-1] == 4
+
+
+def _edited(manifest: Path, tmp_path: Path, **changes) -> Path:
+    data = json.loads(manifest.read_text())
+    data.update(changes)
+    out = manifest.parent / f"edited-{tmp_path.name}.json"
+    out.write_text(json.dumps(data))
+    return out
+
+
+def test_unknown_caption_key_is_refused(tmp_path: Path, models, dataset, capsys):
+    bad = _edited(dataset["long"], tmp_path, captions={"longest": 1.0})
+    assert run_train(bad, tmp_path / "run", models, steps=2) == 2
+    assert "longest" in capsys.readouterr().err
+    assert _no_work_done(tmp_path / "run")
+
+
+def test_missing_and_corrupt_shards_are_refused(tmp_path: Path, models, capsys):
+    data = make_latent_dataset(tmp_path / "d", shards=2, per_shard=4, vae_dir=models["flux"])
+    tars = sorted(data["latents"].glob("*.tar"))
+    tars[1].write_bytes(tars[1].read_bytes()[:-1024])  # truncated
+    assert run_train(data["long"], tmp_path / "run", models, steps=2) == 2
+    assert "000001.tar" in (err := capsys.readouterr().err) and "truncated" in err, err
+    tars[0].unlink()
+    assert run_train(data["long"], tmp_path / "run", models, steps=2) == 2
+    assert "000000.tar" in (err := capsys.readouterr().err) and "does not exist" in err, err
+    assert _no_work_done(tmp_path / "run")
+
+
+def test_bf16_weights_guard(tmp_path: Path, models, dataset, capsys):
+    assert run_train(dataset["long"], tmp_path / "run", models, steps=2, weights_dtype="bfloat16") == 2
+    assert "almost 4 FID points" in capsys.readouterr().err
+    assert _no_work_done(tmp_path / "run")
+    assert run_train(dataset["long"], tmp_path / "run", models, steps=2, weights_dtype="bfloat16",
+                     allow_bf16_weights="true") == 0
+    assert "weights stored in bfloat16" in capsys.readouterr().err
+    weights = load_checkpoint(latest_checkpoint(tmp_path / "run"))["model"]
+    assert all(w.dtype == torch.bfloat16 for w in weights.values() if w.is_floating_point())

@@ -1,0 +1,80 @@
+"""Atomic checkpoints in ``RUN/checkpoints/step_NNNNNNNN.pt``; the last K are kept.
+
+A checkpoint holds everything a resumed run needs to continue the same loss sequence: the
+model and optimizer states, the LR schedule, the step (which is also the data position: the
+loader derives every batch from the step), the resolved config, the manifest's checksum and the
+data-order fingerprint. Random draws are derived from (seed, step, slot), so there is no RNG
+stream to save. Loading uses ``weights_only=True``: a checkpoint is data, never code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^step_(\d{8})\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used for this run."""
+
+
+def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / f"step_{step:08d}.pt"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Committed checkpoints, oldest first (temporary files of a killed save are not listed)."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = _NAME.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Write under a temporary name, fsync, rename; then drop all but the newest ``keep``."""
+    final = checkpoint_path(run_dir, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    for _, old in list_checkpoints(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    for stale in final.parent.glob(".step_*.pt.tmp-*"):  # left by a save that was killed
+        if stale != tmp:
+            stale.unlink(missing_ok=True)
+    return final
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which one
+        raise CheckpointError(f"cannot load checkpoint {path}: {e}") from None
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

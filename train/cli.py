@@ -1,0 +1,85 @@
+"""``train``: train a denoiser on a manifest, or export a run for diffusers.
+
+    train --shards manifests/long.json --out runs/NAME [--preset tiny|small|prx-1.2b]
+          [--config FILE.yaml] [--resume auto] [key=value ...]
+    torchrun --nproc_per_node 8 -m train --shards ... --out ...
+    train export runs/NAME --to DIR [--step N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from curate.manifest import ManifestError
+from curate.runner import CurateError
+from train.checkpoint import CheckpointError
+from train.config import PRESETS, ConfigError
+from train.data import DataError
+
+# What a user can fix (bad arguments, data or run folder): a message and exit status 2, no traceback.
+USER_ERRORS = (ConfigError, ManifestError, CheckpointError, CurateError, DataError, FileNotFoundError)
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train", description="Train a PRX denoiser on precomputed latents (rectified flow).",
+        epilog="`train export RUN --to DIR` writes a folder that diffusers' PRXPipeline loads.")
+    p.add_argument("--shards", help="the manifest to train on (manifests/long.json)")
+    p.add_argument("--out", help="the run folder: config, checkpoints, metrics, samples")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="model size and schedule; default prx-1.2b")
+    p.add_argument("--config", dest="config_file", help="a YAML file of config keys")
+    p.add_argument("--resume", default="never",
+                   help="auto: continue from the run folder's latest checkpoint; or a checkpoint "
+                        "file; never (default) refuses a run folder that has checkpoints")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides: steps=1000 lr=3e-4 flow.shift=2 ...")
+    return p
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train export",
+                                description="Write a run's checkpoint as a diffusers PRXPipeline folder.")
+    p.add_argument("run", type=Path, help="the run folder")
+    p.add_argument("--to", type=Path, required=True, help="the folder to write")
+    p.add_argument("--step", type=int, default=None, help="the checkpoint's step (default: latest)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["export"]:
+            return _export(_export_parser().parse_args(argv[1:]))
+        return _train(_train_parser().parse_args(argv))
+    except USER_ERRORS as e:
+        rank = os.environ.get("RANK")
+        prefix = f"train (rank {rank})" if rank not in (None, "0") else "train"
+        print(f"{prefix}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    from train.config import build_config
+    from train.trainer import train
+
+    cfg = build_config(args.preset, args.config_file, args.overrides, shards=args.shards, out=args.out)
+    result = train(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained {result.steps} steps; last loss {result.last_loss}; run folder {result.run_dir}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from train.export import export_run
+
+    out = export_run(args.run, args.to, step=args.step)
+    print(f"exported to {out}: PRXPipeline.from_pretrained({str(out)!r})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,814 @@
+"""Training data: one item per optimizer step, micro-batches of latents and captions from a manifest.
+
+The batch sequence is a pure function of (seed, manifest, global_batch, micro_batch, workers,
+shuffle_buffer): not of the number of ranks, and not of where a run was resumed. That is
+what makes a 2-GPU run see exactly the batches of a 1-GPU run with gradient accumulation,
+and what lets a checkpoint resume with nothing but its step number.
+
+How (the terms the code uses):
+
+- A step consumes ``slots = global_batch / micro_batch`` micro-batches; rank ``r`` of ``W``
+  owns slots ``[r * accum, (r + 1) * accum)`` with ``accum = slots / W``.
+- ``k = max(workers, 1)`` loader processes per rank. There are ``S = slots * k`` independent
+  *streams*, stream ``j = slot * k + phase``. The micro-batch of slot ``q`` at step ``s`` is
+  batch number ``s // k`` of stream ``(q, s % k)``. Worker ``w`` serves the steps with phase
+  ``(start_step + w) % k``, so every stream is read by exactly one process, sequentially.
+- A stream is an infinite sequence of micro-batches planned from metadata only (each
+  shard's parquet index: its ok keys in tar order and their buckets), one *stream epoch*
+  after another. Epoch ``e`` orders the shards by a permutation seeded from (seed, e), the
+  same for all streams. With at least ``S`` shards, stream ``j`` takes ``order[j::S]``;
+  with fewer, every stream walks all shards and keeps the samples whose position in the
+  epoch's concatenation is ``j`` modulo ``S`` (each stream then reads every shard).
+- Shuffling is a *block* shuffle: the stream's samples of an epoch are cut into blocks of
+  ``shuffle_buffer`` samples and each block is permuted (seeded from seed, e, j, block).
+  Memory is one block per stream, not the dataset; samples move at most one block away
+  from their shard neighbours, so shards should be written in random order (ingest does).
+- Bucket batching: every bucket shape has a pending list; a sample joins its bucket's list
+  and a full list (``micro_batch`` samples) is emitted. Pending lists carry over block and
+  epoch boundaries, so a stream with fewer samples per epoch than a micro-batch still yields.
+- Per sample, from (seed, stream epoch, key): the caption variant (drawn with the manifest's
+  ``captions`` weights, with fallbacks when a sample lacks it) and, for ``stored: dist``
+  latents, a fresh draw ``mean + std * eps`` (a new one every epoch).
+- Resuming at batch ``n`` of a stream replays the metadata plan to ``n`` (no tar reading),
+  then reads the current block from the shard holding its first unread sample and re-reads
+  the pending carry-over samples from their shards.
+
+Tars are read sequentially through webdataset's tar iterator; every key read is checked
+against the index (a shard rewritten after planning is an error naming it, never a silent
+reshuffle). ``check_data`` validates the whole dataset before the first step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tarfile
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load as load_safetensors
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+from curate.manifest import Manifest, ManifestError, shard_urls, verify_shards
+from curate.procs import die_with_parent
+from curate.shards import OK, ShardError, read_meta, stable_hash
+from curate.vae import model_channels, model_downsample, sample_latent, to_model_input
+
+__all__ = [
+    "DATA_ORDER_VERSION",
+    "DataError",
+    "DataSettings",
+    "DataSummary",
+    "LatentLoader",
+    "MicroBatch",
+    "StepBatch",
+    "check_data",
+    "data_fingerprint",
+    "fingerprint",
+    "fingerprint_diff",
+    "sample_seed",
+]
+
+log = logging.getLogger("train")
+
+# Bumped whenever the planning or per-sample randomness changes: a checkpoint made with another
+# version would resume onto a different batch sequence.
+DATA_ORDER_VERSION = 1
+
+# Domain tags keep the RNG streams of shard order and block shuffles independent.
+_SHARD_ORDER, _BLOCK_SHUFFLE = 0, 1
+# Per-shard index metadata kept by one loader process; the plan touches a stream's shards in
+# order, so a small LRU holds everything in use.
+_INDEX_CACHE = 64
+
+FALLBACKS = ("renormalised", "other_variant", "empty")
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; the message names the shard (or setting) and the problem."""
+
+
+# --------------------------------------------------------------------------- public types
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """What decides the batch sequence (all but prefetch and pin_memory) and how it is loaded."""
+
+    seed: int
+    global_batch: int  # samples per optimizer step, over all ranks
+    micro_batch: int  # samples per forward pass
+    workers: int = 2  # DataLoader processes per rank; part of the data order (streams)
+    shuffle_buffer: int = 1000  # block size of the block shuffle, in samples per stream
+    sample_latents: bool = True  # stored "dist": draw mean + std * eps (else use the mean)
+    prefetch: int = 2  # steps each worker prepares ahead
+    pin_memory: bool = False
+
+    def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise DataError(f"data seed must be >= 0, got {self.seed}")
+        if self.micro_batch < 1 or self.global_batch < 1:
+            raise DataError(f"global_batch ({self.global_batch}) and micro_batch "
+                            f"({self.micro_batch}) must be positive")
+        if self.global_batch % self.micro_batch:
+            raise DataError(f"global_batch {self.global_batch} is not divisible by micro_batch "
+                            f"{self.micro_batch}")
+        if self.workers < 0 or self.shuffle_buffer < 1 or self.prefetch < 1:
+            raise DataError(f"workers must be >= 0, shuffle_buffer and prefetch >= 1 (got "
+                            f"{self.workers}, {self.shuffle_buffer}, {self.prefetch})")
+
+    @property
+    def slots(self) -> int:
+        """Micro-batches per optimizer step, over all ranks."""
+        return self.global_batch // self.micro_batch
+
+    @property
+    def streams_per_slot(self) -> int:
+        """``k``: one stream per loader process (the main process when workers is 0)."""
+        return max(self.workers, 1)
+
+    @property
+    def streams(self) -> int:
+        return self.slots * self.streams_per_slot
+
+
+@dataclass
+class MicroBatch:
+    """One forward pass worth of samples, all of one bucket shape."""
+
+    latents: torch.Tensor  # [B, model channels, h, w] float32, already through to_model_input
+    captions: list[str]
+    keys: list[str]
+    variants: list[str]  # the caption variant used per sample ("" when no caption was found)
+    fallbacks: dict[str, int] = field(default_factory=dict)  # FALLBACKS kind -> samples
+
+    def pin_memory(self) -> MicroBatch:
+        # DataLoader(pin_memory=True) calls this on objects it does not know.
+        return MicroBatch(self.latents.pin_memory(), self.captions, self.keys, self.variants,
+                          self.fallbacks)
+
+
+@dataclass
+class StepBatch:
+    """Everything one rank consumes in one optimizer step: its ``accum`` micro-batches in slot order."""
+
+    step: int
+    micro: list[MicroBatch]
+
+    def pin_memory(self) -> StepBatch:
+        return StepBatch(self.step, [m.pin_memory() for m in self.micro])
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    samples: int
+    shards: int
+    buckets: dict[tuple[int, int], int]  # (height, width) in pixels -> samples
+    model_channels: int
+    captions: dict[str, int]  # caption variant -> samples whose index lists it
+    streams: int | None  # S, when settings were given
+    notes: list[str]
+
+
+def sample_seed(seed: int, epoch: int, key: str) -> int:
+    """The seed of one sample's caption choice and latent draw in one stream epoch (63 bits)."""
+    digest = hashlib.blake2b(f"{seed}\0{epoch}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def fingerprint(settings: DataSettings, manifest: Manifest) -> dict[str, Any]:
+    """Everything that decides the batch sequence, for a checkpoint to refuse a resume that
+    would silently train on another order. World size, prefetch and pin_memory are absent on
+    purpose: they do not change it."""
+    shards = [(s.sha256 or s.path, s.samples) for s in manifest.shards]
+    return {
+        "data_order": DATA_ORDER_VERSION,
+        "seed": settings.seed,
+        "global_batch": settings.global_batch,
+        "micro_batch": settings.micro_batch,
+        "streams_per_slot": settings.streams_per_slot,  # workers 0 and 1 give the same order
+        "shuffle_buffer": settings.shuffle_buffer,
+        "sample_latents": settings.sample_latents,
+        "captions": dict(manifest.captions),
+        "shards": stable_hash(shards),
+        "latent": stable_hash(manifest.latent.model_dump(mode="json")),
+    }
+
+
+def data_fingerprint(settings: DataSettings, manifest: Manifest) -> str:
+    """:func:`fingerprint` as one string (``data-order-V:sha256``), for a checkpoint field that is
+    compared for equality; keep the dict too to name what changed (:func:`fingerprint_diff`)."""
+    return f"data-order-{DATA_ORDER_VERSION}:{stable_hash(fingerprint(settings, manifest))}"
+
+
+def fingerprint_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The fields that differ, as ``name: saved -> current`` lines (empty when resumable)."""
+    return [f"{name}: {saved.get(name)!r} -> {current.get(name)!r}"
+            for name in sorted(set(saved) | set(current)) if saved.get(name) != current.get(name)]
+
+
+# --------------------------------------------------------------------------- shards and their indexes
+
+
+def _local_shard_paths(manifest: Manifest, manifest_path: str | os.PathLike, allow_pipe: bool) -> list[str]:
+    """Local tar paths; URLs are refused because the plan needs the index beside every tar."""
+    try:
+        urls = shard_urls(manifest, manifest_path, allow_pipe=allow_pipe)
+    except ManifestError as e:
+        raise DataError(str(e)) from None
+    paths = []
+    for i, (entry, url) in enumerate(zip(manifest.shards, urls, strict=True)):
+        url = url.removeprefix("file://")
+        if "://" in url or url.startswith("pipe:"):
+            raise DataError(
+                f"{manifest_path}: shard {i} ({entry.path}) is a URL; training reads local or "
+                "mounted shards for now (the batch plan is made from the parquet index beside "
+                "each tar): copy or mount the shards and point the manifest at the files")
+        paths.append(url)
+    return paths
+
+
+def _index_path(tar: str) -> str:
+    return os.path.splitext(tar)[0] + ".parquet"
+
+
+def _bucket_code(h: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return (h.astype(np.int64) << 32) | w.astype(np.int64)
+
+
+def _bucket_hw(code: int) -> tuple[int, int]:
+    return code >> 32, code & 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class _ShardInfo:
+    keys: list[str]  # ok keys in tar order
+    buckets: np.ndarray  # int64 bucket codes (pixels), parallel to keys
+
+
+class _ShardTable:
+    """The plan's view of the data: the non-empty shards in manifest order (empty ones can never
+    yield, and leaving them out means every stream owns at least one sample when shards >= S),
+    their ok counts from the manifest, and keys and buckets read from the indexes on demand."""
+
+    def __init__(self, manifest: Manifest, paths: list[str], source: str):
+        keep = [i for i, s in enumerate(manifest.shards) if s.samples > 0]
+        self.paths = [paths[i] for i in keep]
+        self.labels = [f"{source}: shard {i} ({manifest.shards[i].path})" for i in keep]
+        self.counts = np.array([manifest.shards[i].samples for i in keep], dtype=np.int64)
+        self._cache: OrderedDict[int, _ShardInfo] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def info(self, i: int) -> _ShardInfo:
+        if i in self._cache:
+            self._cache.move_to_end(i)
+            return self._cache[i]
+        index = _index_path(self.paths[i])
+        # pyarrow without threads, not polars: this runs in forked DataLoader workers, and polars'
+        # thread pool, started in the parent (check_data, the curate stages), deadlocks after fork.
+        try:
+            table = pq.read_table(index, columns=["key", "status", "bucket_h", "bucket_w"],
+                                  use_threads=False)
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{self.labels[i]}: cannot read its index {index}: {e}") from e
+        ok = table.filter(pc.equal(table["status"], OK))
+        if ok.num_rows != self.counts[i]:
+            raise DataError(f"{self.labels[i]}: its index lists {ok.num_rows} ok samples but the "
+                            f"manifest says {self.counts[i]}: the shard changed after the manifest "
+                            "was written")
+        if ok["bucket_h"].null_count or ok["bucket_w"].null_count:
+            raise DataError(f"{self.labels[i]}: ok samples without a bucket in {index}")
+        info = _ShardInfo(ok["key"].to_pylist(),
+                          _bucket_code(ok["bucket_h"].to_numpy(), ok["bucket_w"].to_numpy()))
+        self._cache[i] = info
+        if len(self._cache) > _INDEX_CACHE:
+            self._cache.popitem(last=False)
+        return info
+
+
+# --------------------------------------------------------------------------- the plan (metadata only)
+
+
+class _Ref(NamedTuple):
+    """One planned use of a sample: unique within a stream (a sample recurs once per epoch)."""
+
+    epoch: int
+    seq: int  # position in the stream's sequence for the epoch, i.e. tar reading order
+    shard: int  # index into the _ShardTable
+    ordinal: int  # position among the shard's ok samples, which is its position in the tar
+    bucket: int  # bucket code (pixels)
+
+
+class _Plan:
+    """Stream ``j``'s micro-batches as lists of refs, from the indexes alone (no tar reading)."""
+
+    def __init__(self, table: _ShardTable, j: int, n_streams: int, seed: int, shuffle_buffer: int,
+                 micro_batch: int):
+        self.table, self.j, self.n_streams = table, j, n_streams
+        self.seed, self.buffer, self.micro = seed, shuffle_buffer, micro_batch
+        self.epoch = -1
+        self.count = 0  # samples of this stream in the current epoch
+        self.next_block = 0
+        self.block: list[_Ref] = []  # the current block, permuted
+        self.pos = 0  # refs of the block already added to pending lists
+        self.pending: dict[int, list[_Ref]] = {}  # bucket code -> refs waiting for a full batch
+        self.emitted = 0
+
+    def _start_epoch(self) -> None:
+        self.epoch += 1
+        n, S, j = len(self.table), self.n_streams, self.j
+        order = np.random.default_rng([self.seed, _SHARD_ORDER, self.epoch]).permutation(n)
+        if n >= S:
+            shards, stride, offset = order[j::S], 1, 0
+        else:
+            shards, stride, offset = order, S, j
+        counts = self.table.counts[shards]
+        total = int(counts.sum())
+        self.count = total if stride == 1 else max(0, math.ceil((total - offset) / stride))
+        if self.count == 0:
+            # Never spin over empty epochs looking for a batch that cannot come.
+            raise DataError(f"stream {j} of {S} gets no sample in epoch {self.epoch} ({total} samples "
+                            f"in {n} non-empty shards): the dataset needs at least {S} samples "
+                            "(global_batch / micro_batch x max(workers, 1) streams); use fewer "
+                            "workers or a larger micro-batch")
+        self.shards, self.stride, self.offset = shards, stride, offset
+        self.shard_counts, self.cum = counts, np.cumsum(counts)
+        self.next_block = 0
+
+    def _new_block(self) -> list[_Ref]:
+        """Start the next block; returns its refs in sequence (tar) order."""
+        if self.epoch < 0 or self.next_block * self.buffer >= self.count:
+            self._start_epoch()
+        b = self.next_block
+        self.next_block += 1
+        seq = np.arange(b * self.buffer, min((b + 1) * self.buffer, self.count), dtype=np.int64)
+        position = self.offset + seq * self.stride  # in the concatenation of self.shards
+        which = np.searchsorted(self.cum, position, side="right")
+        ordinal = position - (self.cum[which] - self.shard_counts[which])
+        shard = self.shards[which]
+        bucket = np.empty(len(seq), dtype=np.int64)
+        for s in np.unique(shard):
+            mask = shard == s
+            bucket[mask] = self.table.info(int(s)).buckets[ordinal[mask]]
+        refs = [_Ref(self.epoch, int(q), int(s), int(o), int(bk))
+                for q, s, o, bk in zip(seq, shard, ordinal, bucket, strict=True)]
+        perm = np.random.default_rng([self.seed, _BLOCK_SHUFFLE, self.epoch, self.j, b]).permutation(len(refs))
+        self.block = [refs[p] for p in perm]
+        self.pos = 0
+        return refs
+
+    def next_batch(self, on_block: Callable[[list[_Ref]], None] | None = None) -> list[_Ref]:
+        """The next micro-batch's refs; ``on_block`` gets each new block's refs (to read them)."""
+        while True:
+            if self.pos >= len(self.block):
+                refs = self._new_block()
+                if on_block is not None:
+                    on_block(refs)
+            ref = self.block[self.pos]
+            self.pos += 1
+            waiting = self.pending.setdefault(ref.bucket, [])
+            waiting.append(ref)
+            if len(waiting) == self.micro:
+                del self.pending[ref.bucket]
+                self.emitted += 1
+                return waiting
+
+
+# --------------------------------------------------------------------------- reading tars
+
+
+@dataclass
+class _Sample:
+    key: str
+    mean: torch.Tensor
+    std: torch.Tensor | None
+    texts: dict[str, str]  # variant (orig included) -> caption as stored
+    listed: list[str] | None  # the json's "captions": the variants the curator accepted
+
+
+def _tar_samples(path: str, label: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) per sample, through webdataset's tar iteration (members grouped by key)."""
+    try:
+        with open(path, "rb") as f:
+            key, members = None, {}
+            for item in tar_file_iterator(f):
+                k, ext = base_plus_ext(item["fname"])
+                if k is None:
+                    continue
+                if k != key:
+                    if key is not None:
+                        yield key, members
+                    key, members = k, {}
+                members[ext] = item["data"]
+            if key is not None:
+                yield key, members
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"{label}: cannot read {path}: {e}") from e
+
+
+def _decode(key: str, members: dict[str, bytes], label: str) -> _Sample:
+    try:
+        tensors = load_safetensors(members["latent.safetensors"])
+        listed = None
+        if "json" in members:
+            listed = json.loads(members["json"]).get("captions")
+        texts = {ext[: -len(".txt")]: data.decode("utf-8") for ext, data in members.items()
+                 if ext.endswith(".txt")}
+        return _Sample(key, tensors["mean"], tensors.get("std"), texts, listed)
+    except (KeyError, ValueError, UnicodeDecodeError, RuntimeError) as e:
+        raise DataError(f"{label}: sample {key} is not a latent sample "
+                        f"(latent.safetensors with a mean, txt captions, json): {e!r}") from e
+
+
+class _Cursor:
+    """Sequential reader over shards: serves refs in the order given, reopening a shard only
+    when asked for a sample behind its position (a restore, or a new epoch)."""
+
+    def __init__(self, table: _ShardTable):
+        self.table = table
+        self.shard: int | None = None
+        self.next_ordinal = 0
+        self._samples: Iterator[tuple[str, dict[str, bytes]]] | None = None
+
+    def close(self) -> None:
+        if self._samples is not None:
+            self._samples.close()  # type: ignore[attr-defined]
+            self._samples = None
+        self.shard = None
+
+    def _open(self, shard: int) -> None:
+        self.close()
+        self.shard, self.next_ordinal = shard, 0
+        self._samples = _tar_samples(self.table.paths[shard], self.table.labels[shard])
+
+    def read(self, refs: list[_Ref]) -> dict[_Ref, _Sample]:
+        out: dict[_Ref, _Sample] = {}
+        last: tuple[_Ref, _Sample] | None = None
+        for ref in refs:
+            if last is not None and (last[0].shard, last[0].ordinal) == (ref.shard, ref.ordinal):
+                out[ref] = last[1]  # the same sample pending from two epochs (tiny datasets)
+                continue
+            if self.shard != ref.shard or self.next_ordinal > ref.ordinal:
+                self._open(ref.shard)
+            keys = self.table.info(ref.shard).keys
+            label = self.table.labels[ref.shard]
+            while True:
+                item = next(self._samples, None)
+                ordinal = self.next_ordinal
+                if item is None:
+                    raise DataError(f"{label}: the tar ends after {ordinal} samples but its index "
+                                    f"lists {len(keys)}: the shard changed after planning")
+                self.next_ordinal += 1
+                if item[0] != keys[ordinal]:
+                    raise DataError(f"{label}: sample {ordinal} of the tar is {item[0]} but the index "
+                                    f"lists {keys[ordinal]}: the shard changed after planning")
+                if ordinal == ref.ordinal:
+                    break
+            sample = _decode(item[0], item[1], label)
+            out[ref] = sample
+            last = (ref, sample)
+        return out
+
+
+# --------------------------------------------------------------------------- micro-batches
+
+
+class _Builder:
+    """Per-sample choices (caption variant, latent draw) and the stacked model input."""
+
+    def __init__(self, manifest: Manifest, settings: DataSettings):
+        self.spec = manifest.latent
+        self.seed = settings.seed
+        self.draw = settings.sample_latents and self.spec.stored == "dist"
+        self.weights = dict(manifest.captions)
+
+    @staticmethod
+    def _pick(weights: dict[str, float], u: float) -> str:
+        total, acc = sum(weights.values()), 0.0
+        for name, w in weights.items():
+            acc += w / total
+            if u < acc:
+                return name
+        return next(reversed(weights))  # u within rounding of 1
+
+    def caption(self, s: _Sample, rng: np.random.Generator) -> tuple[str, str, str | None]:
+        """(variant, caption, fallback kind or None). A variant counts as present when its txt is
+        non-empty and, for curated variants, the json lists it ("orig" is never listed there)."""
+        present = {v: t for v, t in s.texts.items()
+                   if t.strip() and (v == "orig" or s.listed is None or v in s.listed)}
+        chosen = self._pick(self.weights, rng.random())
+        if chosen in present:
+            return chosen, present[chosen], None
+        among = {v: w for v, w in self.weights.items() if v in present}
+        if among:
+            v = self._pick(among, rng.random())
+            return v, present[v], "renormalised"
+        # Any caption beats none: curated variants first (sorted, for determinism), then the original.
+        for v in [*sorted(s.listed or ()), "orig", *sorted(present)]:
+            if v in present:
+                return v, present[v], "other_variant"
+        return "", "", "empty"
+
+    def build(self, refs: list[_Ref], samples: list[_Sample], label: Callable[[int], str]) -> MicroBatch:
+        latents, captions, variants, keys = [], [], [], []
+        fallbacks: Counter[str] = Counter()
+        ds = self.spec.downsample
+        for ref, s in zip(refs, samples, strict=True):
+            h = sample_seed(self.seed, ref.epoch, s.key)
+            variant, text, kind = self.caption(s, np.random.default_rng(h))
+            if kind is not None:
+                fallbacks[kind] += 1
+            bh, bw = _bucket_hw(ref.bucket)
+            expected = (self.spec.channels, bh // ds, bw // ds)
+            if tuple(s.mean.shape) != expected:
+                raise DataError(f"{label(ref.shard)}: sample {s.key} has a latent of shape "
+                                f"{list(s.mean.shape)}, but its bucket {bh}x{bw} and the manifest's "
+                                f"latent spec imply {list(expected)}")
+            if self.draw:
+                if s.std is None:
+                    raise DataError(f"{label(ref.shard)}: sample {s.key} has no std, but the "
+                                    "manifest says the latents are stored as distributions")
+                z = sample_latent(s.mean, s.std, torch.Generator().manual_seed(h))
+            else:
+                z = s.mean.float()
+            latents.append(z)
+            captions.append(text)
+            variants.append(variant)
+            keys.append(s.key)
+        x = to_model_input(torch.stack(latents), self.spec).float().contiguous()
+        return MicroBatch(x, captions, keys, variants, dict(fallbacks))
+
+
+class _Stream:
+    """A plan plus the samples it needs in memory: the current block and the pending carry-over."""
+
+    def __init__(self, table: _ShardTable, builder: _Builder, j: int, settings: DataSettings):
+        self.table, self.builder = table, builder
+        self.plan = _Plan(table, j, settings.streams, settings.seed, settings.shuffle_buffer,
+                          settings.micro_batch)
+        self.cursor = _Cursor(table)
+        self.store: dict[_Ref, _Sample] = {}
+
+    def restore(self, batches: int) -> None:
+        """Position at batch number ``batches``: replay the plan, then read what it still needs."""
+        if batches == 0:
+            return
+        for _ in range(batches):
+            self.plan.next_batch()
+        pending = sorted((r for refs in self.plan.pending.values() for r in refs),
+                         key=lambda r: (r.shard, r.ordinal))
+        carry = _Cursor(self.table)  # its own cursor: pending samples lie behind the block's
+        try:
+            self.store.update(carry.read(pending))
+        finally:
+            carry.close()
+        rest = sorted(self.plan.block[self.plan.pos:], key=lambda r: r.seq)
+        self.store.update(self.cursor.read(rest))
+
+    def _load_block(self, refs: list[_Ref]) -> None:
+        self.store.update(self.cursor.read(refs))
+
+    def next_micro(self) -> MicroBatch:
+        refs = self.plan.next_batch(self._load_block)
+        samples = [self.store.pop(r) for r in refs]
+        return self.builder.build(refs, samples, lambda i: self.table.labels[i])
+
+    def close(self) -> None:
+        self.cursor.close()
+
+
+class _StepDataset(IterableDataset):
+    """Yields this rank's StepBatch for the steps its process serves (see the module docstring)."""
+
+    def __init__(self, manifest: Manifest, paths: list[str], source: str, settings: DataSettings,
+                 slots: range, start_step: int):
+        super().__init__()
+        self.manifest, self.paths, self.source = manifest, paths, source
+        self.settings, self.slots, self.start_step = settings, slots, start_step
+
+    def __iter__(self) -> Iterator[StepBatch]:
+        k = self.settings.streams_per_slot
+        info = get_worker_info()
+        worker = 0 if info is None else info.id
+        if (1 if info is None else info.num_workers) != (k if self.settings.workers else 1):
+            raise RuntimeError(f"served by {info.num_workers if info else 0} workers, planned for "
+                               f"{self.settings.workers}")
+        first = self.start_step + worker
+        table = _ShardTable(self.manifest, self.paths, self.source)
+        builder = _Builder(self.manifest, self.settings)
+        streams = [_Stream(table, builder, q * k + first % k, self.settings) for q in self.slots]
+        try:
+            for stream in streams:
+                stream.restore(first // k)
+            step = first
+            while True:
+                yield StepBatch(step, [stream.next_micro() for stream in streams])
+                step += k
+        finally:
+            for stream in streams:
+                stream.close()
+
+
+# --------------------------------------------------------------------------- the loader
+
+
+class LatentLoader:
+    """This rank's infinite sequence of StepBatch, from ``start_step`` on.
+
+    ``workers`` > 0 reads in DataLoader processes (worker ``w`` serves steps
+    ``start_step + w + i * workers``; the DataLoader's in-order round robin delivers them in
+    step order, which is checked). ``fallbacks`` counts the caption fallbacks delivered so far.
+    Use as a context manager, or call ``close``, to stop the workers.
+    """
+
+    def __init__(self, manifest: Manifest, manifest_path: str | os.PathLike, settings: DataSettings,
+                 *, rank: int = 0, world_size: int = 1, start_step: int = 0,
+                 allow_pipe: bool = False):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is not in a world of {world_size}")
+        if start_step < 0:
+            raise DataError(f"start_step must be >= 0, got {start_step}")
+        if settings.slots % world_size:
+            raise DataError(f"global_batch {settings.global_batch} / micro_batch {settings.micro_batch}"
+                            f" = {settings.slots} micro-batches per step cannot be split evenly over "
+                            f"{world_size} ranks")
+        self.settings, self.rank, self.world_size = settings, rank, world_size
+        self.start_step = start_step
+        self.accum = settings.slots // world_size
+        paths = _local_shard_paths(manifest, manifest_path, allow_pipe)
+        nonempty = sum(1 for s in manifest.shards if s.samples > 0)
+        if nonempty < settings.streams:
+            if manifest.samples < settings.streams:
+                raise DataError(f"{manifest_path}: {manifest.samples} samples cannot feed "
+                                f"{settings.streams} streams (global_batch / micro_batch x "
+                                "max(workers, 1)); use fewer workers or a larger micro-batch")
+            if rank == 0:
+                log.warning("%s: %d shards for %d data streams: every stream reads every shard and "
+                            "keeps 1/%d of its samples (more shards read less)", manifest_path,
+                            nonempty, settings.streams, settings.streams)
+        slots = range(rank * self.accum, (rank + 1) * self.accum)
+        self._dataset = _StepDataset(manifest, paths, str(manifest_path), settings, slots, start_step)
+        self._active: Iterator[StepBatch] | None = None
+        self.fallbacks: Counter[str] = Counter()
+
+    def __iter__(self) -> Iterator[StepBatch]:
+        self.close()  # a new iteration starts over at start_step
+        self._active = self._generate()
+        return self._active
+
+    def _generate(self) -> Iterator[StepBatch]:
+        s = self.settings
+        if s.workers == 0:
+            source: Iterator[StepBatch] = iter(self._dataset)
+        else:
+            loader = DataLoader(
+                self._dataset, batch_size=None, num_workers=s.workers, pin_memory=s.pin_memory,
+                prefetch_factor=s.prefetch, worker_init_fn=die_with_parent,
+                # Its own generator: the workers' base seed must not consume the global torch RNG,
+                # which the training loop may use for noise and timesteps.
+                generator=torch.Generator().manual_seed(s.seed))
+            source = iter(loader)
+        expected = self.start_step
+        try:
+            for item in source:
+                if item.step != expected:
+                    raise RuntimeError(f"data loader delivered step {item.step} where step "
+                                       f"{expected} was due; the batch order would be wrong")
+                for micro in item.micro:
+                    self.fallbacks.update(micro.fallbacks)
+                yield item
+                expected += 1
+        finally:
+            shutdown = getattr(source, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            elif hasattr(source, "close"):
+                source.close()
+
+    def close(self) -> None:
+        """Stop the workers (if any) and drop their prefetched steps."""
+        if self._active is not None:
+            self._active.close()  # type: ignore[attr-defined]
+            self._active = None
+
+    def __enter__(self) -> LatentLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- checking before training
+
+
+def check_data(
+    manifest: Manifest,
+    manifest_path: str | os.PathLike,
+    *,
+    verify: Literal["none", "size", "checksums"] = "size",
+    allow_pipe: bool = False,
+    settings: DataSettings | None = None,
+) -> DataSummary:
+    """Validate every shard of ``manifest`` before the first step; raise DataError naming the
+    shard and the problem.
+
+    Checks: the tar and its index exist; (``size``) the tar has the size its index recorded;
+    (``checksums``) it hashes to the manifest's sha256 (reads every byte); the index records the
+    manifest's sha256 when both know one (a shard re-committed after the manifest); the index
+    lists as many ok samples as the manifest says, each with a bucket whose sides the VAE's
+    grid divides; every caption variant the manifest selects is listed by some sample. ``orig``
+    (the original captions) is accepted whenever there are samples: encode-latents writes
+    ``KEY.orig.txt`` for every sample, and the index does not record whether it is empty; an
+    empty one falls back like any missing caption. With ``settings`` it also checks that every
+    stream gets samples, and notes when streams outnumber shards.
+    """
+    if verify not in ("none", "size", "checksums"):
+        raise ValueError(f"verify must be none, size or checksums, not {verify!r}")
+    source = str(manifest_path)
+    paths = _local_shard_paths(manifest, manifest_path, allow_pipe)
+    spec = manifest.latent
+    grid = model_downsample(spec)
+    buckets: Counter[tuple[int, int]] = Counter()
+    listed: Counter[str] = Counter()
+    notes: list[str] = []
+    for i, (entry, tar) in enumerate(zip(manifest.shards, paths, strict=True)):
+        label = f"{source}: shard {i} ({entry.path})"
+        index = _index_path(tar)
+        if not os.path.isfile(tar):
+            raise DataError(f"{label}: the tar {tar} does not exist")
+        if not os.path.isfile(index):
+            raise DataError(f"{label}: its index {index} does not exist (a shard without its "
+                            "index was never committed)")
+        try:
+            meta = read_meta(index)
+            df = pl.read_parquet(index)
+        except (ShardError, OSError, pl.exceptions.PolarsError) as e:
+            raise DataError(f"{label}: cannot read its index {index}: {e}") from e
+        if verify != "none" and meta.tar_bytes is not None and os.path.getsize(tar) != meta.tar_bytes:
+            raise DataError(f"{label}: the tar has {os.path.getsize(tar)} bytes but its index "
+                            f"recorded {meta.tar_bytes} (truncated, or rewritten after it was committed)")
+        if entry.sha256 and meta.tar_sha256 and entry.sha256 != meta.tar_sha256:
+            raise DataError(f"{label}: its index records another sha256 than the manifest: the "
+                            "shard was re-committed after the manifest was written")
+        missing = [c for c in ("key", "status", "bucket_h", "bucket_w", "captions") if c not in df.columns]
+        if missing:
+            raise DataError(f"{label}: its index has no {', '.join(missing)} column(s): not a "
+                            "latent shard (written by curate encode-latents)")
+        ok = df.filter(pl.col("status") == OK)
+        if ok.height != entry.samples:
+            raise DataError(f"{label}: its index lists {ok.height} ok samples but the manifest "
+                            f"says {entry.samples}")
+        if ok["bucket_h"].null_count() or ok["bucket_w"].null_count():
+            raise DataError(f"{label}: ok samples without a bucket in its index")
+        shard_buckets = Counter(zip(ok["bucket_h"].to_list(), ok["bucket_w"].to_list(), strict=True))
+        for h, w in shard_buckets:
+            if h % grid or w % grid:
+                raise DataError(f"{label}: bucket {h}x{w} is not divisible by {grid}, the "
+                                "model-space grid of the manifest's latent spec")
+        buckets.update(shard_buckets)
+        for variants in ok["captions"].to_list():
+            listed.update(variants or ())
+    if verify == "checksums":
+        try:
+            verify_shards(manifest, paths, checksums=True, source=source)
+        except ManifestError as e:
+            raise DataError(str(e)) from None
+        if any(s.sha256 is None for s in manifest.shards):
+            notes.append("some shards have no sha256 in the manifest; their checksums were not verified")
+    for variant in manifest.captions:
+        if variant != "orig" and listed[variant] == 0:
+            have = ", ".join(sorted(listed)) or "none"
+            raise DataError(f"{source}: field 'captions' selects {variant!r}, but no sample has "
+                            f"that caption (the shards have: {have}, and 'orig', the original "
+                            "captions)")
+        if variant != "orig" and listed[variant] < manifest.samples:
+            notes.append(f"{manifest.samples - listed[variant]} of {manifest.samples} samples have "
+                         f"no {variant!r} caption; they fall back to another variant")
+    streams = None
+    if settings is not None:
+        streams = settings.streams
+        nonempty = sum(1 for s in manifest.shards if s.samples > 0)
+        if nonempty < streams:
+            if manifest.samples < streams:
+                raise DataError(f"{source}: {manifest.samples} samples cannot feed {streams} "
+                                "streams (global_batch / micro_batch x max(workers, 1)); use "
+                                "fewer workers or a larger micro-batch")
+            notes.append(f"{nonempty} shards for {streams} streams: every stream reads every "
+                         f"shard and keeps 1/{streams} of its samples")
+    return DataSummary(samples=manifest.samples, shards=len(manifest.shards),
+                       buckets=dict(sorted(buckets.items())), model_channels=model_channels(spec),
+                       captions=dict(sorted(listed.items())), streams=streams, notes=notes)

@@ -1,0 +1,105 @@
+"""Rectified flow, the whole objective and sampler in one place (check it by eye).
+
+Convention (PRX, SD3, diffusers' FlowMatchEulerDiscreteScheduler): ``t = 0`` is data,
+``t = 1`` is noise, ``x_t = (1 - t) x0 + t eps``; the denoiser predicts the velocity
+``dx_t/dt = eps - x0`` and is called with ``t`` in [0, 1] (PRXPipeline passes
+``timestep / 1000``). Sampling integrates from t = 1 down to t = 0 with Euler steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+# Loss is reported per timestep bin: low noise [0, 0.3), middle [0.3, 0.6), high noise [0.6, 1].
+TIMESTEP_BINS = (0.0, 0.3, 0.6)
+TIMESTEP_BIN_NAMES = ("loss_t0.0-0.3", "loss_t0.3-0.6", "loss_t0.6-1.0")
+
+
+def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's resolution shift: ``s t / (1 + (s - 1) t)``; s > 1 moves mass towards noise."""
+    if shift == 1.0:
+        return t
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def sample_timesteps(
+    n: int,
+    generator: torch.Generator,
+    *,
+    mean: float = 0.0,
+    std: float = 1.0,
+    uniform_share: float = 0.1,
+    shift: float = 1.0,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Logit-normal(mean, std) timesteps, a ``uniform_share`` of them uniform instead.
+
+    The uniform part keeps the ends of [0, 1] trained (logit-normal alone almost never draws
+    t near 0 or 1). Drawn on the CPU generator so the draw is the same on every device.
+    """
+    logit_normal = torch.sigmoid(mean + std * torch.randn(n, generator=generator))
+    uniform = torch.rand(n, generator=generator)
+    pick_uniform = torch.rand(n, generator=generator) < uniform_share
+    t = torch.where(pick_uniform, uniform, logit_normal)
+    return shift_timesteps(t, shift).to(device)
+
+
+def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``x_t = (1 - t) x0 + t eps``, ``t`` of shape [B] broadcast over the rest."""
+    t = t.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+    return (1 - t) * x0 + t * noise
+
+
+def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    return noise - x0
+
+
+def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per sample, in float32 whatever the autocast dtype."""
+    return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+def loss_by_bin(losses: torch.Tensor, t: torch.Tensor) -> dict[str, tuple[float, int]]:
+    """Sum of the per-sample losses and sample count in each timestep bin (for logging)."""
+    edges = torch.tensor([*TIMESTEP_BINS[1:], 1.01], device=t.device)
+    bins = torch.bucketize(t, edges, right=True)
+    out = {}
+    for i, name in enumerate(TIMESTEP_BIN_NAMES):
+        mask = bins == i
+        out[name] = (float(losses.detach()[mask].sum()), int(mask.sum()))
+    return out
+
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def euler_sample(
+    velocity: VelocityFn, noise: torch.Tensor, steps: int, *, shift: float = 1.0
+) -> torch.Tensor:
+    """Integrate ``dx/dt = v(x, t)`` from t = 1 (noise) to t = 0 with ``steps`` Euler steps.
+
+    The time grid is uniform in t before the shift and ends exactly at t = 0.
+    """
+    grid = shift_timesteps(torch.linspace(1.0, 0.0, steps + 1), shift)
+    x = noise
+    for t, t_next in zip(grid[:-1], grid[1:], strict=True):
+        t_batch = torch.full((x.shape[0],), float(t), device=x.device)
+        x = x + (float(t_next) - float(t)) * velocity(x, t_batch).to(x.dtype)
+    return x
+
+
+def with_guidance(
+    velocity_cond: VelocityFn, velocity_uncond: VelocityFn, scale: float
+) -> VelocityFn:
+    """Classifier-free guidance: ``v_u + scale (v_c - v_u)``; scale 1 is the conditional model."""
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        v_c = velocity_cond(x, t)
+        if scale == 1.0:
+            return v_c
+        v_u = velocity_uncond(x, t)
+        return v_u + scale * (v_c - v_u)
+
+    return guided

@@ -1,0 +1,137 @@
+"""Where metrics go: ``RUN/metrics.jsonl`` always, TensorBoard and wandb when asked, a progress bar.
+
+Only rank 0 writes. JSONL is the record the tests and ``evaluate`` read; a resumed run
+appends after dropping lines from steps it is about to redo, so the file reads like one
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLogger:
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        *,
+        enabled: bool,
+        start_step: int,
+        total_steps: int,
+        tensorboard: bool = True,
+        wandb: bool = False,
+        wandb_project: str = "kiln",
+        config: dict[str, Any] | None = None,
+    ):
+        self.enabled = enabled
+        self.path = Path(run_dir) / METRICS_FILE
+        self.tb = self.wandb = self.bar = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _truncate_after(self.path, start_step)
+        self.file = open(self.path, "a", buffering=1)  # noqa: SIM115 - closed in close()
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
+            except ImportError:
+                warnings.warn("tensorboard is not installed: metrics go to metrics.jsonl only",
+                              stacklevel=2)
+        if wandb:
+            try:
+                import wandb as wandb_module
+            except ImportError:
+                raise RuntimeError("log.wandb=true but wandb is not installed (pip install wandb)") from None
+            self.wandb = wandb_module.init(project=wandb_project, dir=str(run_dir), config=config,
+                                           name=Path(run_dir).name, resume="allow",
+                                           id=_wandb_id(Path(run_dir)))
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                        disable=not sys.stderr.isatty() and os.environ.get("KILN_PROGRESS") != "1")
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: v for k, v in metrics.items() if v is not None}
+        self.file.write(json.dumps({"step": step, **clean}) + "\n")
+        if self.tb is not None:
+            for key, value in clean.items():
+                if isinstance(value, int | float):
+                    self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(clean, step=step)
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{clean[k]:.4g}" for k in ("loss", "lr", "images_per_s") if k in clean},
+                                 refresh=False)
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def note(self, message: str) -> None:
+        """A line for the user (rank 0 only), printed above the progress bar."""
+        if self.enabled:
+            tqdm.write(message, file=sys.stderr)
+
+    def add_image(self, tag: str, path: Path, step: int) -> None:
+        if self.tb is not None:
+            import numpy as np
+            from PIL import Image
+
+            self.tb.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+        if self.wandb is not None:
+            import wandb as wandb_module
+
+            self.wandb.log({tag: wandb_module.Image(str(path))}, step=step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        self.file.close()
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop lines of steps > ``step``: logged after the checkpoint a resume starts from."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", -1) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:  # a line cut off by a kill
+            continue
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(f"{line}\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """A stable id per run folder, so a resumed run continues the same wandb run."""
+    import hashlib
+
+    return hashlib.blake2b(str(run_dir.resolve()).encode(), digest_size=8).hexdigest()

@@ -1,0 +1,403 @@
+"""The training loop: read it top to bottom.
+
+One process per GPU (torchrun) or one process on a CPU. Every check that can fail runs before
+the first step. Each optimizer step consumes ``global_batch`` samples as ``global_batch /
+micro_batch`` slots, each slot one forward/backward pass; a rank owns ``accum`` consecutive
+slots. Every random draw of a slot (caption dropout, timesteps, noise) comes from a generator
+seeded by (seed, step, slot), and the loader derives the slot's batch from the step too, so
+the run is the same on 1 or N ranks and a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import resource
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from curate.manifest import LatentSpec, Manifest, file_sha256, load_manifest
+from curate.vae import model_downsample
+from train import flow
+from train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from train.config import (
+    ConfigError,
+    TrainConfig,
+    differences,
+    from_dict,
+    to_dict,
+    to_yaml,
+)
+from train.data import DataSettings, LatentLoader, StepBatch, check_data, fingerprint_diff
+from train.data import fingerprint as data_fingerprint
+from train.metrics import MetricsLogger
+from train.model import (
+    build_denoiser,
+    check_channels,
+    count_parameters,
+    denoiser_config,
+    peak_tflops,
+    train_flops_per_sample,
+)
+from train.text import TextEncoder
+
+DataSource = Callable[[int, int], Iterator[StepBatch]]  # (start step, rank) -> step batches
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss...)."""
+
+
+@dataclass
+class World:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: int  # optimizer steps completed, in total
+    resumed_from: int | None
+    last_loss: float | None
+
+
+def train(cfg: TrainConfig, *, resume: str = "never", data: DataSource | None = None) -> RunResult:
+    """Train as configured; ``resume`` is "never", "auto" (the latest checkpoint) or a path.
+
+    ``data`` replaces the manifest's shard loader with any source of step batches (benchmarks
+    feed tensors held in memory, or images encoded on the fly); it is given the start step and
+    the rank and returns an iterator of :class:`~train.data.StepBatch`.
+    """
+    world = setup_world(cfg.device)
+    try:
+        return _train(cfg, world, resume, data)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None) -> RunResult:
+    if not cfg.shards or not cfg.out:
+        raise ConfigError("both --shards (a manifest) and --out (the run folder) are needed")
+    run_dir = Path(cfg.out)
+
+    # ---- everything that can fail, before any step ------------------------------------------
+    manifest = load_manifest(cfg.shards, allow_pipe=cfg.data.allow_pipe)
+    manifest_sha = file_sha256(cfg.shards)
+    slots = cfg.global_batch // cfg.micro_batch
+    if slots % world.world_size:
+        raise ConfigError(f"global_batch / micro_batch = {slots} slots cannot be split over "
+                          f"{world.world_size} ranks; choose micro_batch so that it can")
+    accum = slots // world.world_size
+    settings = DataSettings(seed=cfg.seed, global_batch=cfg.global_batch, micro_batch=cfg.micro_batch,
+                            workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer,
+                            sample_latents=cfg.data.sample_latents, prefetch=cfg.data.prefetch,
+                            pin_memory=world.device.type == "cuda")
+    summary = check_data(manifest, cfg.shards, verify=cfg.data.verify if world.main else "none",
+                         allow_pipe=cfg.data.allow_pipe, settings=settings)
+    fingerprint = data_fingerprint(settings, manifest)
+    text = TextEncoder.load(cfg.text_encoder, device=world.device, max_tokens=cfg.max_tokens)
+    architecture = denoiser_config(cfg.model, manifest.latent, text.dim)
+    checkpoint = _find_checkpoint(run_dir, resume)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint)
+        _check_resume(state, cfg, manifest_sha, fingerprint, architecture, manifest, checkpoint)
+    else:
+        state = None
+
+    # ---- model, optimizer, schedule ---------------------------------------------------------------
+    model = build_denoiser(architecture, seed=cfg.seed).to(world.device)
+    if cfg.weights_dtype == "bfloat16":
+        model.to(torch.bfloat16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.optim.betas),
+                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    warmup = cfg.optim.warmup_steps
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
+    start_step, window = 0, _Window()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        start_step = int(state["step"])
+        window = _Window(**state["window"])
+    flops_per_sample = None
+    if world.device.type == "cuda":
+        latent_shape = (architecture["in_channels"], *_grid(manifest.latent))
+        flops_per_sample = train_flops_per_sample(model, latent_shape, cfg.max_tokens, text.dim)
+    peak = peak_tflops(world.device, cfg.log.peak_tflops)
+
+    ddp_model = model
+    if world.world_size > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[world.local_rank] if world.device.type == "cuda" else None)
+    if cfg.compile:
+        ddp_model = torch.compile(ddp_model)
+
+    # ---- the run folder ------------------------------------------------------------------------------
+    logger = MetricsLogger(run_dir, enabled=world.main, start_step=start_step, total_steps=cfg.steps,
+                           tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
+                           wandb_project=cfg.log.wandb_project, config=to_dict(cfg))
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        logger.note(f"config ({cfg.preset} preset, resolved):\n{to_yaml(cfg)}")
+        logger.note(
+            f"data: {summary.samples} samples in {summary.shards} shards, latents "
+            f"{manifest.latent.vae_class} {manifest.latent.vae} -> {architecture['in_channels']} "
+            f"model channels; {world.world_size} rank(s) x {accum} micro-batch(es) of "
+            f"{cfg.micro_batch}; denoiser {count_parameters(model) / 1e6:.2f}M parameters; "
+            f"text encoder {text.name} ({text.dim}-d)")
+        if cfg.weights_dtype == "bfloat16":
+            logger.note("WARNING: weights stored in bfloat16 (allow_bf16_weights=true): "
+                        "expect worse FID than fp32 weights with bf16 autocast")
+        if state is not None:
+            logger.note(f"resumed from {checkpoint} at step {start_step}")
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=world.device.type == "cuda")
+    first_slot = world.rank * accum
+    last_loss = None
+    vae = None
+    if data is None:
+        loader = LatentLoader(manifest, cfg.shards, settings, rank=world.rank, world_size=world.world_size,
+                              start_step=start_step, allow_pipe=cfg.data.allow_pipe)
+        batches = iter(loader)
+    else:
+        loader, batches = None, data(start_step, world.rank)
+    ddp_model.train()
+    try:
+        for step in range(start_step, cfg.steps):
+            tick = time.perf_counter()
+            batch = next(batches)
+            waited = time.perf_counter() - tick
+            if batch.step != step:
+                raise TrainingError(f"the loader delivered step {batch.step} for step {step}")
+
+            step_losses = torch.zeros(2 + 2 * len(flow.TIMESTEP_BIN_NAMES), dtype=torch.float64)
+            for i, micro in enumerate(batch.micro):
+                g = slot_generator(cfg.seed, step, first_slot + i)
+                n = micro.latents.shape[0]
+                dropped = torch.rand(n, generator=g) < cfg.caption_dropout
+                captions = ["" if d else c for c, d in zip(micro.captions, dropped.tolist(), strict=True)]
+                t = flow.sample_timesteps(n, g, mean=cfg.flow.logit_mean, std=cfg.flow.logit_std,
+                                          uniform_share=cfg.flow.uniform_share, shift=cfg.flow.shift)
+                noise = torch.randn(micro.latents.shape, generator=g)
+
+                x0 = micro.latents.to(world.device, non_blocking=True)
+                noise, t = noise.to(world.device), t.to(world.device)
+                x_t = flow.interpolate(x0, noise, t)
+                context, mask = text.encode(captions)
+                sync = i == len(batch.micro) - 1
+                with (contextlib.nullcontext() if sync or world.world_size == 1 else ddp_model.no_sync()):
+                    with autocast:
+                        prediction = ddp_model(hidden_states=x_t.to(_param_dtype(model)), timestep=t,
+                                               encoder_hidden_states=context.to(_param_dtype(model)),
+                                               attention_mask=mask,
+                                               return_dict=False)[0]
+                    losses = flow.per_sample_loss(prediction, flow.velocity_target(x0, noise))
+                    (losses.mean() / accum).backward()
+                step_losses += _loss_sums(losses, t)
+
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            if world.world_size > 1:
+                dist.all_reduce(step_losses)
+            last_loss = float(step_losses[0] / step_losses[1])
+            if not torch.isfinite(torch.tensor(last_loss)):
+                raise TrainingError(f"the loss is {last_loss} at step {step + 1}: lower lr, check "
+                                    "the data (curate stats), or resume from an earlier checkpoint")
+            done = step + 1
+            window.add(step_losses, float(grad_norm), time.perf_counter() - tick, waited)
+            logger.advance()
+
+            if done % cfg.log.every == 0 or done == cfg.steps:
+                metrics = window.metrics(cfg.global_batch, world, flops_per_sample, peak)
+                metrics["lr"] = schedule.get_last_lr()[0]
+                logger.log(done, metrics)
+                window = _Window()
+            if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps) and world.main:
+                vae = vae or _load_vae(manifest.latent, world.device)
+                path = _sample(model, text, manifest, vae, cfg, run_dir, done)
+                logger.add_image("samples", path, done)
+                ddp_model.train()
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                snapshot = {
+                    "step": done,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "window": window.state(),
+                    "config": to_dict(cfg),
+                    "denoiser": architecture,
+                    "latent_spec": manifest.latent.model_dump(mode="json"),
+                    "manifest_sha256": manifest_sha,
+                    "data_fingerprint": fingerprint,
+                    "text_encoder": {"name": text.name, "id": text.id, "revision": text.revision,
+                                     "max_tokens": cfg.max_tokens},
+                    "world_size": world.world_size,
+                }
+                if world.main:
+                    save_checkpoint(run_dir, done, snapshot, keep=cfg.keep_checkpoints)
+                if world.world_size > 1:
+                    dist.barrier()  # nobody races ahead of a checkpoint that may be resumed from
+    finally:
+        if loader is not None:
+            loader.close()
+        logger.close()
+    return RunResult(run_dir, max(start_step, cfg.steps), start_step if state is not None else None, last_loss)
+
+
+# ---- pieces the loop uses -----------------------------------------------------------------------------
+
+
+def setup_world(device: str = "auto") -> World:
+    """torchrun's environment (NCCL on GPUs, gloo on CPUs), or one local process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast may use TF32
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return World(rank, world_size, local_rank, dev)
+
+
+def slot_generator(seed: int, step: int, slot: int) -> torch.Generator:
+    """The random stream of one slot of one step: the same wherever and whenever it runs."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{slot}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+
+
+def _loss_sums(losses: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """[sum, count, then sum and count per timestep bin], float64 for an exact all-reduce order."""
+    values = [float(losses.detach().sum()), losses.numel()]
+    for total, count in flow.loss_by_bin(losses, t).values():
+        values += [total, count]
+    return torch.tensor(values, dtype=torch.float64)
+
+
+class _Window:
+    """Sums over the steps since the last metrics line (saved in checkpoints, so a resumed run
+    logs the same averages)."""
+
+    def __init__(self, losses: list[float] | None = None, grad_norm: float = 0.0, seconds: float = 0.0,
+                 waited: float = 0.0, steps: int = 0):
+        self.losses = torch.tensor(losses, dtype=torch.float64) if losses is not None else None
+        self.grad_norm, self.seconds, self.waited, self.steps = grad_norm, seconds, waited, steps
+
+    def add(self, losses: torch.Tensor, grad_norm: float, seconds: float, waited: float) -> None:
+        self.losses = losses.clone() if self.losses is None else self.losses + losses
+        self.grad_norm += grad_norm
+        self.seconds += seconds
+        self.waited += waited
+        self.steps += 1
+
+    def state(self) -> dict[str, Any]:
+        return {"losses": None if self.losses is None else self.losses.tolist(), "grad_norm": self.grad_norm,
+                "seconds": self.seconds, "waited": self.waited, "steps": self.steps}
+
+    def metrics(self, global_batch: int, world: World, flops_per_sample: float | None,
+                peak: float | None) -> dict[str, Any]:
+        sums = self.losses.tolist()
+        out: dict[str, Any] = {"loss": sums[0] / sums[1]}
+        for j, name in enumerate(flow.TIMESTEP_BIN_NAMES):
+            total, count = sums[2 + 2 * j], sums[3 + 2 * j]
+            out[name] = total / count if count else None
+        out["grad_norm"] = self.grad_norm / self.steps
+        images_per_s = global_batch * self.steps / self.seconds if self.seconds else None
+        out["images_per_s"] = images_per_s
+        out["data_wait_share"] = self.waited / self.seconds if self.seconds else None
+        if world.device.type == "cuda":
+            out["peak_memory_gb"] = torch.cuda.max_memory_allocated(world.device) / 2**30
+            if flops_per_sample and peak and images_per_s:
+                out["mfu"] = flops_per_sample * images_per_s / world.world_size / (peak * 1e12)
+        else:
+            out["peak_memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return out
+
+
+def _param_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def _grid(spec: LatentSpec) -> tuple[int, int]:
+    down = model_downsample(spec)
+    return spec.resolution // down, spec.resolution // down
+
+
+def _find_checkpoint(run_dir: Path, resume: str) -> Path | None:
+    if resume == "never":
+        found = latest_checkpoint(run_dir)
+        if found is not None:
+            raise ConfigError(f"{run_dir} already holds checkpoints (latest {found.name}): pass "
+                              "--resume auto to continue it, or choose another --out")
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(resume)
+    if not path.is_file():
+        raise ConfigError(f"--resume {resume}: no such checkpoint file")
+    return path
+
+
+def _check_resume(state: dict[str, Any], cfg: TrainConfig, manifest_sha: str, fingerprint: dict[str, Any],
+                  architecture: dict[str, Any], manifest: Manifest, path: Path) -> None:
+    """A resume must continue the same experiment: refuse anything else, naming the difference."""
+    changed = differences(from_dict(state["config"]), cfg)
+    if changed:
+        raise ConfigError(f"cannot resume {path}: the config differs from the run's: "
+                          + "; ".join(changed) + " (start a new run with another --out)")
+    check_channels(state["denoiser"], manifest.latent, f"checkpoint {path}")
+    if state["denoiser"] != architecture:
+        raise ConfigError(f"cannot resume {path}: the denoiser would be built differently "
+                          f"({state['denoiser']} vs {architecture})")
+    if state["manifest_sha256"] != manifest_sha:
+        raise ConfigError(f"cannot resume {path}: the manifest {cfg.shards} changed since the run "
+                          "started (its sha256 differs)")
+    changed = fingerprint_diff(state["data_fingerprint"], fingerprint)
+    if changed:
+        raise CheckpointError(f"cannot resume {path}: the data order would differ from the run's: "
+                              + "; ".join(changed))
+
+
+def _load_vae(spec: LatentSpec, device: torch.device) -> Any:
+    from curate.vae import load_vae_for_spec
+
+    return load_vae_for_spec(spec, device=device)
+
+
+def _sample(model: torch.nn.Module, text: TextEncoder, manifest: Manifest, vae: Any, cfg: TrainConfig,
+            run_dir: Path, step: int) -> Path:
+    from train.sample import sample_grid
+
+    size = cfg.sample.size or manifest.latent.resolution
+    path = run_dir / "samples" / f"step_{step:08d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sample_grid(model, text, cfg.sample.prompts, spec=manifest.latent, vae=vae, height=size, width=size,
+                steps=cfg.sample.steps, guidance=cfg.sample.guidance, shift=cfg.flow.shift,
+                seed=cfg.sample.seed, path=path)
+    return path

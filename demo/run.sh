@@ -32,3 +32,17 @@ curate encode-latents "$DATA/images" --captions "$DATA/captions/tiny-qwen2-vl" -
     --allow-missing-captions --manifest-dir manifests --name demo --device cpu --no-progress
 curate stats "$DATA/latents/tiny-flux2-256"
 ls -l manifests/demo-*.json
+
+echo "== 6. a tiny T5Gemma text encoder (the real class PRXPipeline loads, randomly initialised)"
+python -m curate.tiny t5gemma "$DATA/models/tiny-t5gemma"
+
+echo "== 7. train: the tiny preset on manifests/demo-long.json, with a sample grid every 100 steps"
+# --resume auto makes a rerun of the demo continue (or find finished) the same run.
+train --shards manifests/demo-long.json --out "$DATA/runs/tiny" --preset tiny --resume auto \
+    text_encoder="$DATA/models/tiny-t5gemma" steps=200 log.every=20 sample_every=100 data.workers=2
+tail -n 2 "$DATA/runs/tiny/metrics.jsonl"
+ls -l "$DATA/runs/tiny/samples"
+
+echo "== 8. export for diffusers' PRXPipeline, then generate from the exported folder"
+train export "$DATA/runs/tiny" --to "$DATA/export/tiny"
+train generate "$DATA/export/tiny" "a red fox in the snow" --steps 8 --out "$DATA/export/tiny-sample.png"

@@ -145,6 +145,24 @@ def test_export_loads_in_prx_pipeline_and_generates(tmp_path: Path, models, data
     image = pipe("a red cube on a table", num_inference_steps=2, height=32, width=32, use_resolution_binning=False,
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (32, 32)
+    png = tmp_path / "cube.png"
+    assert train_main(["generate", str(out), "a red cube", "--out", str(png), "--steps", "2"]) == 0
+    assert Image.open(png).size == (32, 32)
+
+
+def test_flux2_runs_export_latents_and_generate_decodes_them(tmp_path: Path, models):
+    """PRXPipeline cannot decode FLUX.2's normalised latents itself; `train generate` can."""
+    data = make_latent_dataset(tmp_path / "d", shards=1, per_shard=4, channels=32, sizes=[(4, 4)],
+                               vae_dir=models["flux2"])
+    run = tmp_path / "run"
+    assert run_train(data["long"], run, models, steps=2) == 0
+    assert load_checkpoint(latest_checkpoint(run))["denoiser"]["in_channels"] == 128
+    out = tmp_path / "exported"
+    assert train_main(["export", str(run), "--to", str(out)]) == 0
+    assert json.loads((out / "kiln_export.json").read_text())["mode"] == "latents"
+    png = tmp_path / "img.png"
+    assert train_main(["generate", str(out), "one", "two", "--out", str(png), "--steps", "2"]) == 0
+    assert [Image.open(tmp_path / f"img-{i}.png").size for i in (0, 1)] == [(32, 32), (32, 32)]
 
 
 # ---- errors before work -----------------------------------------------------------------------------

@@ -4,6 +4,7 @@
           [--config FILE.yaml] [--resume auto] [key=value ...]
     torchrun --nproc_per_node 8 -m train --shards ... --out ...
     train export runs/NAME --to DIR [--step N]
+    train generate DIR "a prompt" ... --out image.png
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ USER_ERRORS = (ConfigError, ManifestError, CheckpointError, CurateError, DataErr
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train", description="Train a PRX denoiser on precomputed latents (rectified flow).",
-        epilog="`train export RUN --to DIR` writes a folder that diffusers' PRXPipeline loads.")
+        epilog="`train export RUN --to DIR` writes a folder that diffusers' PRXPipeline loads; "
+               "`train generate DIR PROMPT --out FILE.png` samples from it.")
     p.add_argument("--shards", help="the manifest to train on (manifests/long.json)")
     p.add_argument("--out", help="the run folder: config, checkpoints, metrics, samples")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -49,11 +51,27 @@ def _export_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _generate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train generate",
+                                description="Generate images from an exported folder with PRXPipeline.")
+    p.add_argument("folder", type=Path, help="a folder written by `train export`")
+    p.add_argument("prompts", nargs="+", help="one image per prompt")
+    p.add_argument("--out", type=Path, required=True, help="PNG path; several prompts add -0, -1 ...")
+    p.add_argument("--size", type=int, default=None, help="pixels per side (default: the training resolution)")
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["export"]:
             return _export(_export_parser().parse_args(argv[1:]))
+        if argv[:1] == ["generate"]:
+            return _generate(_generate_parser().parse_args(argv[1:]))
         return _train(_train_parser().parse_args(argv))
     except USER_ERRORS as e:
         rank = os.environ.get("RANK")
@@ -78,6 +96,22 @@ def _export(args: argparse.Namespace) -> int:
 
     out = export_run(args.run, args.to, step=args.step)
     print(f"exported to {out}: PRXPipeline.from_pretrained({str(out)!r})")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from train.export import generate
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    images = generate(args.folder, args.prompts, height=args.size, width=args.size, steps=args.steps,
+                      guidance=args.guidance, seed=args.seed, device=device)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        path = args.out if len(images) == 1 else args.out.with_name(f"{args.out.stem}-{i}{args.out.suffix}")
+        image.save(path)
+        print(path)
     return 0
 
 

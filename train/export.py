@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from PIL import Image
 
 from curate.manifest import LatentSpec
 from curate.runner import CurateError
@@ -65,6 +66,7 @@ from curate.vae import (
     model_channels,
     model_downsample,
 )
+from train.sample import initial_noise
 from train.text import DEFAULT_MAX_TOKENS, TextEncoder, quiet_transformers
 
 if TYPE_CHECKING:
@@ -76,6 +78,7 @@ __all__ = [
     "ExportError",
     "export_pipeline",
     "export_run",
+    "generate",
     "load_exported",
     "pipeline_decode_problem",
 ]
@@ -300,6 +303,34 @@ def load_exported(
         return decode_to_images(latents, spec, vae)
 
     return pipe, decode
+
+
+def generate(
+    folder: str | os.PathLike[str],
+    prompts: list[str],
+    *,
+    height: int | None = None,
+    width: int | None = None,
+    steps: int = 28,
+    guidance: float = 4.0,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> list[Image.Image]:
+    """Images from an exported folder through ``PRXPipeline``, one call per prompt (see the module
+    note on guidance with several images), in either mode: in ``latents`` mode the pipeline
+    denoises and :func:`load_exported`'s ``decode`` makes the pixels."""
+    pipe, decode = load_exported(folder, device=device)
+    info = json.loads((Path(folder) / EXPORT_INFO).read_text())
+    spec = LatentSpec.model_validate(info["latent_spec"])
+    height, width = height or spec.resolution, width or spec.resolution
+    images = []
+    for i, prompt in enumerate(prompts):
+        noise = initial_noise(spec, 1, height, width, seed + i).to(pipe.device)
+        out = pipe(prompt, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+                   latents=noise, output_type="latent", use_resolution_binning=False).images
+        pixels = decode(out)[0].permute(1, 2, 0).mul(255).round().to(torch.uint8).cpu().numpy()
+        images.append(Image.fromarray(pixels))
+    return images
 
 
 # --------------------------------------------------------------------------- helpers

@@ -38,6 +38,7 @@ batch of long captions spends ~65 ms cleaning. Callers that encode in a hot loop
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -88,6 +89,7 @@ class TextEncoderError(CurateError, ValueError):
     """A text encoder that cannot be found, loaded or used; the message names it."""
 
 
+@functools.cache
 def _preprocessor() -> Any:
     """diffusers' ``TextPreprocessor``, the one ``PRXPipeline`` cleans prompts with.
 

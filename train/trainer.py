@@ -106,7 +106,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
     settings = DataSettings(seed=cfg.seed, global_batch=cfg.global_batch, micro_batch=cfg.micro_batch,
                             workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer,
                             sample_latents=cfg.data.sample_latents, prefetch=cfg.data.prefetch,
-                            pin_memory=world.device.type == "cuda")
+                            pin_memory=world.device.type == "cuda", clean_captions=True)
     summary = check_data(manifest, cfg.shards, verify=cfg.data.verify if world.main else "none",
                          allow_pipe=cfg.data.allow_pipe, settings=settings)
     fingerprint = data_fingerprint(settings, manifest)
@@ -201,7 +201,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
                 x0 = micro.latents.to(world.device, non_blocking=True)
                 noise, t = noise.to(world.device), t.to(world.device)
                 x_t = flow.interpolate(x0, noise, t)
-                context, mask = text.encode(captions)
+                context, mask = text.encode(captions, clean=not micro.cleaned)
                 sync = i == len(batch.micro) - 1
                 with (contextlib.nullcontext() if sync or world.world_size == 1 else ddp_model.no_sync()):
                     with autocast:

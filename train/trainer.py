@@ -232,6 +232,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
             if done % cfg.log.every == 0 or done == cfg.steps:
                 metrics = window.metrics(cfg.global_batch, world, flops_per_sample, peak)
                 metrics["lr"] = schedule.get_last_lr()[0]
+                if loader is not None:  # rank 0's samples so far whose drawn caption variant was missing
+                    metrics["caption_fallbacks"] = sum(loader.fallbacks.values())
                 logger.log(done, metrics)
                 window = _Window()
             if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps) and world.main:

@@ -36,7 +36,7 @@ from curate.ingest import IngestStage  # noqa: E402
 from curate.runner import run_stage  # noqa: E402
 from curate.sources import FolderSource  # noqa: E402
 from curate.tiny import build_tiny_flux_vae  # noqa: E402
-from curate.vae import load_vae  # noqa: E402
+from curate.vae import encode_batch, load_vae  # noqa: E402
 
 
 def full_size_flux_vae(folder: Path) -> Path:
@@ -52,28 +52,39 @@ def full_size_flux_vae(folder: Path) -> Path:
     return folder
 
 
-def stage_run(images: Path, vae: Path, out: Path, resolution: int, batch: int) -> float:
+def stage_run(images: Path, vae: Path, out: Path, resolution: int, batch: int, device: str = "cpu",
+              workers: int = 2, compile: bool = False) -> float:
     shutil.rmtree(out, ignore_errors=True)
     stage = EncodeLatentsStage(images, None, out, str(vae), resolution=resolution, batch_size=batch,
-                               decode_workers=2, allow_missing_captions=True, manifest_dir=out / "manifests",
-                               device="cpu")
+                               decode_workers=workers, allow_missing_captions=True,
+                               manifest_dir=out / "manifests", device=device, compile=compile)
     start = time.perf_counter()
     run_stage(stage, out, progress=False)
     return time.perf_counter() - start
 
 
-def bare_run(src: Path, vae: Path, resolution: int, batch: int) -> float:
-    loaded = load_vae(str(vae), device="cpu")
+def bare_run(src: Path, vae: Path, resolution: int, batch: int, device: str = "cpu") -> float:
+    """The VAE forward pass alone on pre-decoded tensors, as the stage runs it (encode_batch:
+    bf16 autocast and channels_last on CUDA)."""
+    loaded = load_vae(str(vae), device=device)
     pixels = [preprocess(p.read_bytes(), resolution=resolution)[0] for p in sorted(src.glob("*.jpg"))]
+    batches = [to_model_range(torch.stack(pixels[i: i + batch])).to(device) for i in range(0, len(pixels), batch)]
+    encode_batch(loaded, batches[0])  # warm-up (cuDNN autotuning, allocator)
+    _sync(device)
     start = time.perf_counter()
-    with torch.inference_mode():
-        for i in range(0, len(pixels), batch):
-            dist = loaded.model.encode(to_model_range(torch.stack(pixels[i: i + batch]))).latent_dist
-            _ = dist.mean.to(torch.bfloat16), dist.std.to(torch.bfloat16)
+    for x in batches:
+        mean, std = encode_batch(loaded, x)
+        _ = mean.to("cpu", torch.bfloat16), std.to("cpu", torch.bfloat16)
+    _sync(device)
     return time.perf_counter() - start
 
 
-def naive_run(src: Path, vae: Path, out: Path, resolution: int) -> float:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def naive_run(src: Path, vae: Path, out: Path, resolution: int, device: str = "cpu") -> float:
     import torchvision.transforms.functional as F
 
     shutil.rmtree(out, ignore_errors=True)
@@ -81,12 +92,12 @@ def naive_run(src: Path, vae: Path, out: Path, resolution: int) -> float:
     from diffusers import AutoencoderKL
 
     start = time.perf_counter()
-    model = AutoencoderKL.from_pretrained(vae).eval()
+    model = AutoencoderKL.from_pretrained(vae).eval().to(device)
     with torch.inference_mode():
         for path in sorted(src.glob("*.jpg")):
             img = Image.open(path).convert("RGB")
             img = F.center_crop(F.resize(img, resolution), resolution)
-            x = F.to_tensor(img)[None] * 2 - 1
+            x = (F.to_tensor(img)[None] * 2 - 1).to(device)
             dist = model.encode(x).latent_dist
             torch.save({"mean": dist.mean[0].to(torch.bfloat16), "std": dist.std[0].to(torch.bfloat16)},
                        out / f"{path.stem}.pt")
@@ -99,8 +110,23 @@ def main() -> None:
     parser.add_argument("--tiny-images", type=int, default=400, help="images for the tiny VAE runs")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="cpu", help="cuda on a GPU machine (bench/gpu.sh)")
+    parser.add_argument("--decode-workers", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also time the stage with --compile")
     args = parser.parse_args()
-    rows = []
+    where = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+             else f"CPU ({len(os.sched_getaffinity(0))} cores, {platform.machine()})")
+    print(f"# bench/encode_latents.py: {args.resolution} px, batch {args.batch_size}, {where}, "
+          f"{args.decode_workers} decode workers, torch {torch.__version__}")
+    print("| VAE | images | stage images/s | bare VAE images/s | stage / bare | naive loop images/s | stage / naive |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |", flush=True)
+
+    def row(label: str, n: int, stage: float, bare: float | None, naive: float) -> None:
+        # One row at a time: a run cut off by a time limit (bench/gpu.sh) keeps what it measured.
+        bare_cols = f"{n / bare:.2f} | {bare / stage:.2f}" if bare else "- | -"
+        print(f"| {label} | {n} | {n / stage:.2f} | {bare_cols} | {n / naive:.2f} | {naive / stage:.2f} |",
+              flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         full = full_size_flux_vae(tmp / "flux-full")
@@ -110,18 +136,15 @@ def main() -> None:
             make_images(src, n, 640)
             images = tmp / f"images-{n}"
             run_stage(IngestStage(FolderSource(src), images, shard_size=max(8, n // 4)), images, progress=False)
-            stage = stage_run(images, vae, tmp / "latents", args.resolution, args.batch_size)
-            naive = naive_run(src, vae, tmp / "naive", args.resolution)
-            bare = bare_run(src, vae, args.resolution, args.batch_size) if vae == full else None
-            rows.append((label, n, stage, bare, naive))
-    print(f"# bench/encode_latents.py: {args.resolution} px, batch {args.batch_size}, CPU "
-          f"({len(os.sched_getaffinity(0))} cores, {platform.machine()}), torch {torch.__version__}")
-    print("| VAE | images | stage images/s | bare VAE images/s | stage / bare | naive loop images/s | stage / naive |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for label, n, stage, bare, naive in rows:
-        bare_cols = f"{n / bare:.2f} | {bare / stage:.2f}" if bare else "- | -"
-        print(f"| {label} | {n} | {n / stage:.2f} | {bare_cols} | {n / naive:.2f} | {naive / stage:.2f} |")
-
+            stage = stage_run(images, vae, tmp / "latents", args.resolution, args.batch_size, args.device,
+                              args.decode_workers)
+            naive = naive_run(src, vae, tmp / "naive", args.resolution, args.device)
+            bare = bare_run(src, vae, args.resolution, args.batch_size, args.device) if vae == full else None
+            row(label, n, stage, bare, naive)
+            if args.compile and vae == full:
+                compiled = stage_run(images, vae, tmp / "latents", args.resolution, args.batch_size,
+                                     args.device, args.decode_workers, compile=True)
+                row(f"{label}, --compile (compile time included)", n, compiled, bare, naive)
 
 if __name__ == "__main__":
     main()

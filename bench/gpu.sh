@@ -1,11 +1,50 @@
 #!/usr/bin/env bash
-# The GPU figures, in one short run on a lent GPU machine (well under 8 minutes).
-# Those machines have torch and transformers but no diffusers: a wheel is carried in .carry/
-# (pip download --no-deps -d .carry diffusers), else pip installs it.
+# The GPU figures, in one short run on a lent GPU machine: under 8 minutes in all. Each script
+# is cut off by `timeout` (rows printed so far are kept): the wheels (about 20 s), the whole
+# encode-latents stage against the bare VAE and the naive loop (bench/encode_latents.py, 150 s),
+# then the trainer (bench/gpu_train.py, 240 s). The encoder-only figures (bench/gpu_vae.py,
+# in BENCHMARKS.md already) run too with GPU_VAE=1, which needs a further 150 s.
+#
+# Those machines have torch 2.11, transformers 5.17, safetensors, pyyaml, pyarrow, numpy, tqdm,
+# pillow and tensorboard (the benchmarks turn it off anyway: log.tensorboard=false), but not
+# diffusers, webdataset, polars, pydantic or ftfy, and nothing can be fetched there. Their wheels
+# travel in .carry/ (git-ignored through .git/info/exclude; name ".carry" in the run's carry).
+# Fill it here, on a machine with the package index, from the repository root:
+#
+#   pip download --no-deps --python-version 3.12 --implementation cp --only-binary=:all: \
+#     --platform manylinux2014_x86_64 -d .carry \
+#     diffusers==0.42.1 webdataset==0.2.111 braceexpand==0.1.7 polars==1.30.0 \
+#     pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+#     typing_extensions==4.16.0 ftfy==6.3.1 wcwidth==0.9.4
+#   du -cb .carry/*.whl | tail -1     # 46,378,938 bytes (44.2 MiB) with these versions
+#
+# A call carries at most 64 MiB, the working tree (about 2 MiB) included. polars 1.30 is one
+# 36 MB wheel; polars 2.x's runtime wheel alone is 54 MB, which leaves no room for the rest.
+# pydantic 2.14 needs typing_extensions >= 4.16, newer than some images hold. Keep exactly one
+# wheel per package in .carry/. Then run on the machine: bash bench/gpu.sh (figures in $OUT).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp}"
-python -m pip install -q --no-deps .carry/diffusers-*.whl 2>/dev/null || python -m pip install -q --no-deps diffusers
-python -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
+export PYTHONUNBUFFERED=1  # rows reach tee (and $OUT) even when timeout stops a script
+PY="${PYTHON:-python}"
+if compgen -G ".carry/*.whl" >/dev/null; then
+    # Into a folder of their own, ahead on the path: the image's packages stay untouched.
+    timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/kiln-site .carry/*.whl
+    export PYTHONPATH="/tmp/kiln-site${PYTHONPATH:+:$PYTHONPATH}"
+else
+    "$PY" -m pip install -q diffusers webdataset polars pydantic ftfy  # a machine with an index
+fi
+"$PY" -c "import torch, transformers, diffusers, polars, pydantic, webdataset, ftfy; print('torch', \
+torch.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__, \
+'polars', polars.__version__, 'pydantic', pydantic.VERSION)"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
-python bench/gpu_vae.py --iters 20 | tee "$OUT/gpu_vae.md"
+if [ "${GPU_VAE:-0}" = 1 ]; then
+    timeout -k 10 150 "$PY" bench/gpu_vae.py --iters 20 | tee "$OUT/gpu_vae.md" \
+        || echo "bench/gpu_vae.py stopped early (exit $?)"
+fi
+timeout -k 10 150 "$PY" bench/encode_latents.py --device cuda --images 512 --tiny-images 512 \
+    --batch-size 32 --decode-workers 8 --compile | tee "$OUT/gpu_encode_latents.md" \
+    || echo "bench/encode_latents.py stopped early (exit $?)"
+timeout -k 10 240 "$PY" bench/gpu_train.py | tee "$OUT/gpu_train.md" \
+    || echo "bench/gpu_train.py stopped early (exit $?)"

@@ -187,6 +187,12 @@ def test_bad_names_and_checkpoints_are_clear_errors(t5gemma_dir: Path, tmp_path:
 
     from diffusers.pipelines.prx import pipeline_prx
 
+    from train import text as text_module
+
     monkeypatch.setattr(pipeline_prx, "ftfy", None, raising=False)
-    with pytest.raises(TextEncoderError, match="pip install ftfy"):
-        TextEncoder.load(str(t5gemma_dir))
+    text_module._preprocessor.cache_clear()  # built once per process; rebuild without ftfy
+    try:
+        with pytest.raises(TextEncoderError, match="pip install ftfy"):
+            TextEncoder.load(str(t5gemma_dir))
+    finally:
+        text_module._preprocessor.cache_clear()

@@ -38,8 +38,11 @@ python -m curate.tiny t5gemma "$DATA/models/tiny-t5gemma"
 
 echo "== 7. train: the tiny preset on manifests/demo-long.json, with a sample grid every 100 steps"
 # --resume auto makes a rerun of the demo continue (or find finished) the same run.
+# data.sample_latents=false trains on the stored means: the random tiny autoencoder's latent std is
+# about 1 (a trained VAE's is far smaller), so fresh draws would bury the means in noise.
 train --shards manifests/demo-long.json --out "$DATA/runs/tiny" --preset tiny --resume auto \
-    text_encoder="$DATA/models/tiny-t5gemma" steps=200 log.every=20 sample_every=100 data.workers=2
+    text_encoder="$DATA/models/tiny-t5gemma" steps=200 log.every=20 sample_every=100 data.workers=2 \
+    data.sample_latents=false
 tail -n 2 "$DATA/runs/tiny/metrics.jsonl"
 ls -l "$DATA/runs/tiny/samples"
 

@@ -140,7 +140,8 @@ def _fsync_replace(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (the directory entry, not only the file)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -259,7 +260,7 @@ class ShardWriter:
         if self.tmp_tar is not None:
             _fsync_replace(self.tmp_tar, self.final_tar)
         _fsync_replace(self.tmp_index, self.final_index)
-        _fsync_dir(self.out_dir)
+        fsync_dir(self.out_dir)
         return Shard(self.shard_id, self.final_index, self.final_tar, meta)
 
     def abort(self) -> None:

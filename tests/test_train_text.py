@@ -16,13 +16,7 @@ LONG = " ".join(["a red cube on a wooden table next to a window"] * 60)  # ~600 
 MESSY = "Visit https://example.com/x.jpg for A RED Cube &amp; more!!! @someone <person> ***SALE***"
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")

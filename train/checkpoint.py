@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from curate.shards import fsync_dir
+
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
@@ -51,7 +53,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict[str, Any]
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     for _, old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     for stale in final.parent.glob(".step_*.pt.tmp-*"):  # left by a save that was killed
@@ -70,11 +72,3 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1][1] if found else None
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

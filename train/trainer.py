@@ -219,8 +219,10 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
 
-            if world.world_size > 1:
+            if world.world_size > 1:  # NCCL reduces device tensors only; gloo takes either
+                step_losses = step_losses.to(world.device)
                 dist.all_reduce(step_losses)
+                step_losses = step_losses.cpu()
             last_loss = float(step_losses[0] / step_losses[1])
             if not torch.isfinite(torch.tensor(last_loss)):
                 raise TrainingError(f"the loss is {last_loss} at step {step + 1}: lower lr, check "

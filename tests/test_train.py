@@ -197,6 +197,12 @@ def test_resume_with_another_config_is_refused(tmp_path: Path, models, dataset, 
     assert "the config differs from the run's: lr: 0.001 -> 0.5" in capsys.readouterr().err
     assert run_train(dataset["long"], run, models, "--resume", "auto", steps=4) == 0  # steps may grow
     assert [s for s, _ in list_checkpoints(run)][-1] == 4
+    # The run's saved config is the base of a resume: the folder and what changes are enough.
+    assert train_main(["--out", str(run), "--resume", "auto", "steps=6"]) == 0
+    assert [s for s, _ in list_checkpoints(run)][-1] == 6 and [m["step"] for m in read_metrics(run)] == [
+        1, 2, 3, 4, 5, 6]
+    assert train_main(["--out", str(run), "--resume", "auto", "--preset", "small", "steps=8"]) == 2
+    assert "trained with --preset tiny, not small" in capsys.readouterr().err
 
 
 def _edited(manifest: Path, tmp_path: Path, **changes) -> Path:

@@ -35,8 +35,9 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="model size and schedule; default prx-1.2b")
     p.add_argument("--config", dest="config_file", help="a YAML file of config keys")
     p.add_argument("--resume", default="never",
-                   help="auto: continue from the run folder's latest checkpoint; or a checkpoint "
-                        "file; never (default) refuses a run folder that has checkpoints")
+                   help="auto: continue from the run folder's latest checkpoint, starting from its "
+                        "saved config (key=value may change steps, intervals, logging); or a "
+                        "checkpoint file; never (default) refuses a run folder that has checkpoints")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides: steps=1000 lr=3e-4 flow.shift=2 ...")
     return p
@@ -81,10 +82,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from train.config import build_config
+    from train.config import build_config, load_run_config
     from train.trainer import train
 
-    cfg = build_config(args.preset, args.config_file, args.overrides, shards=args.shards, out=args.out)
+    # Resuming starts from the run's saved config: `train --out runs/NAME --resume auto` is enough.
+    base = load_run_config(args.out) if args.out and args.resume != "never" else None
+    cfg = build_config(args.preset, args.config_file, args.overrides, base=base, shards=args.shards,
+                       out=args.out)
     result = train(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"trained {result.steps} steps; last loss {result.last_loss}; run folder {result.run_dir}")

@@ -165,15 +165,26 @@ def build_config(
     preset: str | None = None,
     config_file: str | Path | None = None,
     overrides: list[str] | None = None,
+    *,
+    base: TrainConfig | None = None,
     **fields: Any,
 ) -> TrainConfig:
-    """Defaults, then the preset, then a YAML file, then ``key=value`` overrides, then ``fields``."""
-    cfg = TrainConfig()
-    preset = preset or fields.get("preset") or cfg.preset
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    cfg.preset = preset
-    apply_dict(cfg, PRESETS[preset], source=f"preset {preset}")
+    """Defaults, then the preset, then a YAML file, then ``key=value`` overrides, then ``fields``.
+
+    ``base`` (a resumed run's saved config) replaces defaults and preset: what the command line
+    adds goes on top of it, and a preset named again must be the run's own.
+    """
+    if base is not None:
+        if preset is not None and preset != base.preset:
+            raise ConfigError(f"the run was trained with --preset {base.preset}, not {preset}")
+        cfg = from_dict(to_dict(base))
+    else:
+        cfg = TrainConfig()
+        preset = preset or fields.get("preset") or cfg.preset
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        cfg.preset = preset
+        apply_dict(cfg, PRESETS[preset], source=f"preset {preset}")
     if config_file is not None:
         apply_dict(cfg, _read_yaml(config_file), source=str(config_file))
     for item in overrides or []:
@@ -332,10 +343,16 @@ def to_dict(cfg: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(data: dict[str, Any]) -> TrainConfig:
+def from_dict(data: dict[str, Any], source: str = "saved config") -> TrainConfig:
     cfg = TrainConfig()
-    apply_dict(cfg, data, source="saved config")
+    apply_dict(cfg, data, source=source)
     return cfg
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig | None:
+    """The resolved config a run folder was started with (``RUN/config.yaml``), if any."""
+    path = Path(run_dir) / "config.yaml"
+    return from_dict(_read_yaml(path), source=str(path)) if path.is_file() else None
 
 
 def to_yaml(cfg: TrainConfig) -> str:

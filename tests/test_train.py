@@ -103,6 +103,29 @@ def test_sigkill_and_resume_continue_the_exact_loss_sequence(tmp_path: Path, mod
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_sigterm_checkpoints_the_current_step_and_resume_continues_exactly(tmp_path: Path, models, dataset):
+    """Slurm sends SIGTERM to the whole job before preempting it: the trainer finishes its step,
+    writes a checkpoint there (not only at checkpoint_every) and exits cleanly."""
+    settings = {"steps": 40, "checkpoint_every": 1000, "data.workers": 2}
+    clean = tmp_path / "clean"
+    subprocess.run(_cli_cmd(dataset["mix"], clean, models, **settings), check=True, cwd=REPO,
+                   capture_output=True)
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen(_cli_cmd(dataset["mix"], stopped, models, **settings), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(read_metrics(stopped)) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGTERM)  # the process and its DataLoader workers, as Slurm does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    (step, _), = list_checkpoints(stopped)
+    assert 3 <= step < 40 and f"stopped by SIGTERM after step {step}" in err
+    subprocess.run([*_cli_cmd(dataset["mix"], stopped, models, **settings), "--resume", "auto"],
+                   check=True, cwd=REPO, capture_output=True)
+    assert losses(stopped) == losses(clean) and len(losses(clean)) == 40
+
+
 def test_two_gloo_ranks_equal_one_process_and_resume_on_another_world_size(tmp_path: Path, models, dataset):
     """2 ranks x 1 micro-batch each == 1 rank x 2 accumulated; then the 2-rank run continues on
     1 rank and still matches (the data order and random draws do not depend on the world size)."""

@@ -635,6 +635,16 @@ class _StepDataset(IterableDataset):
 # --------------------------------------------------------------------------- the loader
 
 
+def _worker_init(worker_id: int) -> None:
+    """Workers leave SIGINT and SIGTERM to the training process (a Ctrl-C or Slurm's SIGTERM
+    reaches the whole process group; the trainer checkpoints and stops them), and die with it."""
+    import signal
+
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class LatentLoader:
     """This rank's infinite sequence of StepBatch, from ``start_step`` on.
 
@@ -686,7 +696,7 @@ class LatentLoader:
         else:
             loader = DataLoader(
                 self._dataset, batch_size=None, num_workers=s.workers, pin_memory=s.pin_memory,
-                prefetch_factor=s.prefetch, worker_init_fn=die_with_parent,
+                prefetch_factor=s.prefetch, worker_init_fn=_worker_init,
                 # Its own generator: the workers' base seed must not consume the global torch RNG,
                 # which the training loop may use for noise and timesteps.
                 generator=torch.Generator().manual_seed(s.seed))

@@ -14,6 +14,8 @@ import contextlib
 import hashlib
 import os
 import resource
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -180,6 +182,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
     else:
         loader, batches = None, data(start_step, world.rank)
     ddp_model.train()
+    stop = StopRequest()  # SIGTERM / SIGUSR1 (Slurm's preemption warnings): checkpoint, then exit
+    completed = start_step
     try:
         for step in range(start_step, cfg.steps):
             tick = time.perf_counter()
@@ -227,7 +231,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
             if not torch.isfinite(torch.tensor(last_loss)):
                 raise TrainingError(f"the loss is {last_loss} at step {step + 1}: lower lr, check "
                                     "the data (curate stats), or resume from an earlier checkpoint")
-            done = step + 1
+            done = completed = step + 1
             window.add(step_losses, float(grad_norm), time.perf_counter() - tick, waited)
             logger.advance()
 
@@ -243,7 +247,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
                 path = _sample(model, text, manifest, vae, cfg, run_dir, done)
                 logger.add_image("samples", path, done)
                 ddp_model.train()
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            stopping = stop.agreed(world)
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
                 snapshot = {
                     "step": done,
                     "model": model.state_dict(),
@@ -263,11 +268,16 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
                     save_checkpoint(run_dir, done, snapshot, keep=cfg.keep_checkpoints)
                 if world.world_size > 1:
                     dist.barrier()  # nobody races ahead of a checkpoint that may be resumed from
+            if stopping:
+                logger.note(f"stopped by {stop.signal_name} after step {done}; checkpoint written: "
+                            "rerun with --resume auto to continue")
+                break
     finally:
+        stop.restore()
         if loader is not None:
             loader.close()
         logger.close()
-    return RunResult(run_dir, max(start_step, cfg.steps), start_step if state is not None else None, last_loss)
+    return RunResult(run_dir, completed, start_step if state is not None else None, last_loss)
 
 
 # ---- pieces the loop uses -----------------------------------------------------------------------------
@@ -288,6 +298,37 @@ def setup_world(device: str = "auto") -> World:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return World(rank, world_size, local_rank, dev)
+
+
+class StopRequest:
+    """Turns SIGTERM and SIGUSR1 into "checkpoint after this step, then exit" (Slurm sends them
+    before it preempts or times out a job). Every rank must stop at the same step, so the ranks
+    agree on it with one tiny all-reduce per step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # handlers live in the main thread
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self, world: World) -> bool:
+        if world.world_size == 1:
+            return self.signal_name is not None
+        flag = torch.tensor([self.signal_name is not None], dtype=torch.int32, device=world.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.signal_name is None:
+            self.signal_name = "another rank's signal"
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def slot_generator(seed: int, step: int, slot: int) -> torch.Generator:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ class MetricsLogger:
                                            id=_wandb_id(Path(run_dir)))
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                         disable=not sys.stderr.isatty() and os.environ.get("KILN_PROGRESS") != "1")
+        self.total_steps, self.start_step, self.started = total_steps, start_step, time.monotonic()
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -70,9 +72,14 @@ class MetricsLogger:
                     self.tb.add_scalar(key, value, step)
         if self.wandb is not None:
             self.wandb.log(clean, step=step)
-        if self.bar is not None:
+        if self.bar is not None and not self.bar.disable:
             self.bar.set_postfix({k: f"{clean[k]:.4g}" for k in ("loss", "lr", "images_per_s") if k in clean},
                                  refresh=False)
+        else:  # a batch job's log file: one plain line per metrics line instead of a bar
+            done = step - self.start_step
+            eta = (time.monotonic() - self.started) / done * (self.total_steps - step) if done > 0 else None
+            line = _plain_line(step, self.total_steps, clean)
+            print(f"{line}  ETA {_duration(eta)}" if eta is not None else line, file=sys.stderr, flush=True)
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
@@ -104,6 +111,22 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.finish()
         self.file.close()
+
+
+def _plain_line(step: int, total: int, m: dict[str, Any]) -> str:
+    parts = [f"step {step}/{total}"]
+    for key, label, fmt in (("loss", "loss", ".4f"), ("grad_norm", "grad", ".3g"), ("lr", "lr", ".2e"),
+                            ("images_per_s", "img/s", ".1f"), ("data_wait_share", "data wait", ".1%"),
+                            ("mfu", "MFU", ".1%"), ("peak_memory_gb", "mem GB", ".1f")):
+        if key in m:
+            parts.append(f"{label} {m[key]:{fmt}}")
+    return "  ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    minutes, sec = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{sec:02d}"
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:

@@ -91,8 +91,8 @@ def test_guidance_combines_conditional_and_unconditional():
 def test_loss_bins():
     losses = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
     t = torch.tensor([0.0, 0.29, 0.3, 0.6, 1.0])
-    bins = flow.loss_by_bin(losses, t)
-    assert bins == {"loss_t0.0-0.3": (3.0, 2), "loss_t0.3-0.6": (3.0, 1), "loss_t0.6-1.0": (9.0, 2)}
+    sums = flow.loss_sums_by_bin(losses, t)
+    assert sums.tolist() == [3.0, 2.0, 3.0, 1.0, 9.0, 2.0]  # [sum, count] per bin
 
 
 # ---- config ----------------------------------------------------------------------------------------

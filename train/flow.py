@@ -61,15 +61,15 @@ def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
 
 
-def loss_by_bin(losses: torch.Tensor, t: torch.Tensor) -> dict[str, tuple[float, int]]:
-    """Sum of the per-sample losses and sample count in each timestep bin (for logging)."""
+def loss_sums_by_bin(losses: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """[sum, count] of the per-sample losses in each timestep bin, flattened (for logging).
+
+    Stays on the losses' device: reading it on the host would wait for the GPU every step.
+    """
     edges = torch.tensor([*TIMESTEP_BINS[1:], 1.01], device=t.device)
     bins = torch.bucketize(t, edges, right=True)
-    out = {}
-    for i, name in enumerate(TIMESTEP_BIN_NAMES):
-        mask = bins == i
-        out[name] = (float(losses.detach()[mask].sum()), int(mask.sum()))
-    return out
+    one_hot = torch.nn.functional.one_hot(bins, len(TIMESTEP_BIN_NAMES)).to(losses.dtype)  # [B, bins]
+    return torch.stack([losses @ one_hot, one_hot.sum(0)], dim=1).flatten()
 
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

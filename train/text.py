@@ -178,8 +178,11 @@ class TextEncoder:
         texts = self.clean(captions) if clean else [str(c) for c in captions]
         tokens = self.tokenizer(texts, padding="max_length", max_length=self.max_tokens,
                                 truncation=True, return_attention_mask=True, return_tensors="pt")
-        return (tokens["input_ids"].to(self.device),
-                tokens["attention_mask"].bool().to(self.device))
+        ids, mask = tokens["input_ids"], tokens["attention_mask"].bool()
+        if self.device.type == "cuda":  # from pinned memory the copy does not wait for the GPU
+            return (ids.pin_memory().to(self.device, non_blocking=True),
+                    mask.pin_memory().to(self.device, non_blocking=True))
+        return ids, mask
 
     def encode(
         self, captions: Sequence[str], *, clean: bool = True

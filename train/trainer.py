@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import resource
 import signal
@@ -130,13 +131,13 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
     warmup = cfg.optim.warmup_steps
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
-    start_step, window = 0, _Window()
+    start_step, window = 0, _Window(world.device)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         start_step = int(state["step"])
-        window = _Window(**state["window"])
+        window = _Window(world.device, **state["window"])
     flops_per_sample = None
     if world.device.type == "cuda":
         latent_shape = (architecture["in_channels"], *_grid(manifest.latent))
@@ -192,7 +193,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
             if batch.step != step:
                 raise TrainingError(f"the loader delivered step {batch.step} for step {step}")
 
-            step_losses = torch.zeros(2 + 2 * len(flow.TIMESTEP_BIN_NAMES), dtype=torch.float64)
+            step_losses = torch.zeros(2 + 2 * len(flow.TIMESTEP_BIN_NAMES), dtype=torch.float64,
+                                      device=world.device)
             for i, micro in enumerate(batch.micro):
                 g = slot_generator(cfg.seed, step, first_slot + i)
                 n = micro.latents.shape[0]
@@ -203,7 +205,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
                 noise = torch.randn(micro.latents.shape, generator=g)
 
                 x0 = micro.latents.to(world.device, non_blocking=True)
-                noise, t = noise.to(world.device), t.to(world.device)
+                noise, t = _to_device(noise, world.device), _to_device(t, world.device)
                 x_t = flow.interpolate(x0, noise, t)
                 context, mask = text.encode(captions, clean=not micro.cleaned)
                 sync = i == len(batch.micro) - 1
@@ -223,31 +225,31 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
 
-            if world.world_size > 1:  # NCCL reduces device tensors only; gloo takes either
-                step_losses = step_losses.to(world.device)
+            if world.world_size > 1:  # on the device, so no host sync (and NCCL takes no CPU tensors)
                 dist.all_reduce(step_losses)
-                step_losses = step_losses.cpu()
-            last_loss = float(step_losses[0] / step_losses[1])
-            if not torch.isfinite(torch.tensor(last_loss)):
-                raise TrainingError(f"the loss is {last_loss} at step {step + 1}: lower lr, check "
-                                    "the data (curate stats), or resume from an earlier checkpoint")
             done = completed = step + 1
-            window.add(step_losses, float(grad_norm), time.perf_counter() - tick, waited)
+            window.add(step_losses, grad_norm.detach(), waited)
             logger.advance()
 
             if done % cfg.log.every == 0 or done == cfg.steps:
-                metrics = window.metrics(cfg.global_batch, world, flops_per_sample, peak)
+                metrics = window.metrics(cfg.global_batch, world, flops_per_sample, peak)  # syncs here
+                last_loss = metrics["loss"]
+                if not math.isfinite(last_loss):
+                    raise TrainingError(f"the loss is {last_loss} in steps {done - window.steps + 1}-{done}: "
+                                        "lower lr, check the data (curate stats), or resume from an "
+                                        "earlier checkpoint")
                 metrics["lr"] = schedule.get_last_lr()[0]
                 if loader is not None:  # rank 0's samples so far whose drawn caption variant was missing
                     metrics["caption_fallbacks"] = sum(loader.fallbacks.values())
                 logger.log(done, metrics)
-                window = _Window()
+                window = _Window(world.device)
+            housekeeping = time.perf_counter()
             if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps) and world.main:
                 vae = vae or _load_vae(manifest.latent, world.device)
                 path = _sample(model, text, manifest, vae, cfg, run_dir, done)
                 logger.add_image("samples", path, done)
                 ddp_model.train()
-            stopping = stop.agreed(world)
+            stopping = stop.agreed(world, done)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
                 snapshot = {
                     "step": done,
@@ -268,6 +270,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
                     save_checkpoint(run_dir, done, snapshot, keep=cfg.keep_checkpoints)
                 if world.world_size > 1:
                     dist.barrier()  # nobody races ahead of a checkpoint that may be resumed from
+            window.exclude(time.perf_counter() - housekeeping)  # samples and checkpoints are not steps
             if stopping:
                 logger.note(f"stopped by {stop.signal_name} after step {done}; checkpoint written: "
                             "rerun with --resume auto to continue")
@@ -306,6 +309,7 @@ class StopRequest:
     agree on it with one tiny all-reduce per step."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    CHECK_EVERY = 10  # steps between agreements on several ranks (each one waits for the GPU)
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
@@ -317,9 +321,11 @@ class StopRequest:
     def _handle(self, signum: int, frame: object) -> None:
         self.signal_name = signal.Signals(signum).name
 
-    def agreed(self, world: World) -> bool:
+    def agreed(self, world: World, step: int) -> bool:
         if world.world_size == 1:
             return self.signal_name is not None
+        if step % self.CHECK_EVERY:
+            return False
         flag = torch.tensor([self.signal_name is not None], dtype=torch.int32, device=world.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() and self.signal_name is None:
@@ -338,44 +344,63 @@ def slot_generator(seed: int, step: int, slot: int) -> torch.Generator:
 
 
 def _loss_sums(losses: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """[sum, count, then sum and count per timestep bin], float64 for an exact all-reduce order."""
-    values = [float(losses.detach().sum()), losses.numel()]
-    for total, count in flow.loss_by_bin(losses, t).values():
-        values += [total, count]
-    return torch.tensor(values, dtype=torch.float64)
+    """[sum, count, then sum and count per timestep bin] on the device, float64 (no host sync)."""
+    return torch.cat([torch.stack([losses.detach().double().sum(),
+                                   torch.tensor(float(losses.numel()), device=losses.device,
+                                                dtype=torch.float64)]),
+                      flow.loss_sums_by_bin(losses.detach(), t).double()])
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy from pageable memory would make the host wait for the GPU; from pinned it does not."""
+    if device.type != "cuda":
+        return x
+    return x.pin_memory().to(device, non_blocking=True)
 
 
 class _Window:
-    """Sums over the steps since the last metrics line (saved in checkpoints, so a resumed run
-    logs the same averages)."""
+    """Sums over the steps since the last metrics line, kept on the device until it is logged.
 
-    def __init__(self, losses: list[float] | None = None, grad_norm: float = 0.0, seconds: float = 0.0,
-                 waited: float = 0.0, steps: int = 0):
-        self.losses = torch.tensor(losses, dtype=torch.float64) if losses is not None else None
-        self.grad_norm, self.seconds, self.waited, self.steps = grad_norm, seconds, waited, steps
+    The loss and gradient-norm sums are saved in checkpoints, so a resumed run logs the same
+    averages; throughput is timed by this process only, from the window's start to the host sync
+    in :meth:`metrics`, less the time spent on samples and checkpoints.
+    """
 
-    def add(self, losses: torch.Tensor, grad_norm: float, seconds: float, waited: float) -> None:
+    def __init__(self, device: torch.device, losses: list[float] | None = None, grad_norm: float = 0.0,
+                 steps: int = 0):
+        self.losses = (torch.tensor(losses, dtype=torch.float64, device=device)
+                       if losses is not None else None)
+        self.grad_norm: float | torch.Tensor = grad_norm
+        self.steps = steps
+        self.timed_steps, self.waited, self.excluded = 0, 0.0, 0.0
+        self.started = time.perf_counter()
+
+    def add(self, losses: torch.Tensor, grad_norm: torch.Tensor, waited: float) -> None:
         self.losses = losses.clone() if self.losses is None else self.losses + losses
-        self.grad_norm += grad_norm
-        self.seconds += seconds
-        self.waited += waited
+        self.grad_norm = self.grad_norm + grad_norm.double()
         self.steps += 1
+        self.timed_steps += 1
+        self.waited += waited
+
+    def exclude(self, seconds: float) -> None:
+        self.excluded += seconds
 
     def state(self) -> dict[str, Any]:
-        return {"losses": None if self.losses is None else self.losses.tolist(), "grad_norm": self.grad_norm,
-                "seconds": self.seconds, "waited": self.waited, "steps": self.steps}
+        return {"losses": None if self.losses is None else self.losses.tolist(),
+                "grad_norm": float(self.grad_norm), "steps": self.steps}
 
     def metrics(self, global_batch: int, world: World, flops_per_sample: float | None,
                 peak: float | None) -> dict[str, Any]:
-        sums = self.losses.tolist()
+        sums = self.losses.tolist()  # waits for the GPU: the window's work is done after this
+        seconds = time.perf_counter() - self.started - self.excluded
         out: dict[str, Any] = {"loss": sums[0] / sums[1]}
         for j, name in enumerate(flow.TIMESTEP_BIN_NAMES):
             total, count = sums[2 + 2 * j], sums[3 + 2 * j]
             out[name] = total / count if count else None
-        out["grad_norm"] = self.grad_norm / self.steps
-        images_per_s = global_batch * self.steps / self.seconds if self.seconds else None
+        out["grad_norm"] = float(self.grad_norm) / self.steps
+        images_per_s = global_batch * self.timed_steps / seconds if seconds > 0 else None
         out["images_per_s"] = images_per_s
-        out["data_wait_share"] = self.waited / self.seconds if self.seconds else None
+        out["data_wait_share"] = self.waited / seconds if seconds > 0 else None
         if world.device.type == "cuda":
             out["peak_memory_gb"] = torch.cuda.max_memory_allocated(world.device) / 2**30
             if flops_per_sample and peak and images_per_s:

@@ -127,7 +127,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
     if cfg.weights_dtype == "bfloat16":
         model.to(torch.bfloat16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.optim.betas),
-                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
+                                  fused=world.device.type == "cuda")  # one kernel for all parameters
     warmup = cfg.optim.warmup_steps
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
@@ -147,7 +148,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
     ddp_model = model
     if world.world_size > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[world.local_rank] if world.device.type == "cuda" else None)
+            model, device_ids=[world.local_rank] if world.device.type == "cuda" else None,
+            gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets: one copy less
     if cfg.compile:
         ddp_model = torch.compile(ddp_model)
 

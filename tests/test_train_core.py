@@ -225,3 +225,13 @@ def test_slot_generators_are_independent_of_order():
     assert torch.equal(a, torch.rand(4, generator=slot_generator(0, 5, 1)))
     assert not torch.equal(a, torch.rand(4, generator=slot_generator(0, 6, 1)))
     assert not math.isclose(float(a[0]), float(torch.rand(1, generator=slot_generator(1, 5, 1))))
+
+
+def test_print_config_shows_every_key_resolved(capsys):
+    from train.cli import main
+
+    assert main(["--preset", "tiny", "--print-config", "lr=2e-4", "flow.shift=3"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.0002" in out and "shift: 3.0" in out and "hidden_size: 64" in out
+    assert main(["--print-config", "lr=-1"]) == 2
+    assert "lr must be positive" in capsys.readouterr().err

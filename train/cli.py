@@ -38,6 +38,8 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="auto: continue from the run folder's latest checkpoint, starting from its "
                         "saved config (key=value may change steps, intervals, logging); or a "
                         "checkpoint file; never (default) refuses a run folder that has checkpoints")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (every key, as YAML) and exit without training")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides: steps=1000 lr=3e-4 flow.shift=2 ...")
     return p
@@ -89,6 +91,11 @@ def _train(args: argparse.Namespace) -> int:
     base = load_run_config(args.out) if args.out and args.resume != "never" else None
     cfg = build_config(args.preset, args.config_file, args.overrides, base=base, shards=args.shards,
                        out=args.out)
+    if args.print_config:
+        from train.config import to_yaml
+
+        print(to_yaml(cfg), end="")
+        return 0
     result = train(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"trained {result.steps} steps; last loss {result.last_loss}; run folder {result.run_dir}")

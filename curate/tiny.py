@@ -886,6 +886,20 @@ def build_tiny_qwen2_vl(
 # --------------------------------------------------------------------------- VAEs
 
 _TINY_VAE_BLOCKS = (16, 32, 32, 32)
+# What the tiny Flux VAE and FLUX.2 AE share: the real encoder/decoder layout (4 blocks, a
+# mid-block attention) at small widths and depth.
+_TINY_VAE_ARCH: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": _TINY_VAE_BLOCKS,
+    "layers_per_block": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 8,
+    "sample_size": 1024,
+    "mid_block_add_attention": True,
+}
 
 
 def _calibration_images(seed: int) -> torch.Tensor:
@@ -919,20 +933,11 @@ def build_tiny_flux_vae(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
 
         with _seeded(seed):
             vae = AutoencoderKL(
-                in_channels=3,
-                out_channels=3,
-                down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4,
-                block_out_channels=_TINY_VAE_BLOCKS,
-                layers_per_block=1,
-                act_fn="silu",
+                **_TINY_VAE_ARCH,
                 latent_channels=16,
-                norm_num_groups=8,
-                sample_size=1024,
                 scaling_factor=0.3611,
                 shift_factor=0.1159,
                 force_upcast=True,
-                mid_block_add_attention=True,
                 use_quant_conv=False,
                 use_post_quant_conv=False,
             ).eval()
@@ -958,33 +963,21 @@ def build_tiny_flux2_vae(out_dir: str | os.PathLike[str], seed: int = 0) -> Path
     def build(tmp: Path) -> dict[str, Any]:
         from diffusers import AutoencoderKLFlux2
 
+        from curate.vae import patchify
+
         with _seeded(seed):
             vae = AutoencoderKLFlux2(
-                in_channels=3,
-                out_channels=3,
-                down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4,
-                block_out_channels=_TINY_VAE_BLOCKS,
-                layers_per_block=1,
-                act_fn="silu",
+                **_TINY_VAE_ARCH,
                 latent_channels=32,
-                norm_num_groups=8,
-                sample_size=1024,
                 use_quant_conv=True,
                 use_post_quant_conv=True,
-                mid_block_add_attention=True,
                 batch_norm_eps=1e-4,
                 batch_norm_momentum=0.1,
                 patch_size=(2, 2),
             ).eval()
         with torch.no_grad():
             z = vae.encode(_calibration_images(seed)).latent_dist.mode()
-            b, c, h, w = z.shape
-            p = (
-                z.view(b, c, h // 2, 2, w // 2, 2)
-                .permute(0, 1, 3, 5, 2, 4)
-                .reshape(b, c * 4, h // 2, w // 2)
-            )
+            p = patchify(z, 2)  # as Flux2Pipeline does before its batch norm
             vae.bn.running_mean.copy_(p.mean(dim=(0, 2, 3)))
             vae.bn.running_var.copy_(p.var(dim=(0, 2, 3)).clamp_min(1e-6))
         vae.save_pretrained(tmp)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import io
 import statistics
@@ -51,7 +52,7 @@ from latent_data import make_latent_dataset  # noqa: E402
 import train.trainer as trainer  # noqa: E402
 from curate.manifest import load_manifest  # noqa: E402
 from train.config import TrainConfig, build_config  # noqa: E402
-from train.data import DataSettings, LatentLoader, MicroBatch, StepBatch  # noqa: E402
+from train.data import LatentLoader, StepBatch  # noqa: E402
 from train.metrics import read_metrics  # noqa: E402
 from train.model import peak_tflops  # noqa: E402
 
@@ -119,17 +120,12 @@ def config(args: argparse.Namespace, manifest: Path, out: Path, text: Path) -> T
 
 def collect(cfg: TrainConfig, pin: bool) -> list[StepBatch]:
     """The step batches train() reads for ``cfg``, read once into (pinned) memory."""
-    settings = DataSettings(seed=cfg.seed, global_batch=cfg.global_batch, micro_batch=cfg.micro_batch,
-                            workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer,
-                            sample_latents=cfg.data.sample_latents, prefetch=cfg.data.prefetch)
+    settings = trainer.data_settings(cfg)  # exactly the settings train() reads with
     batches = []
     with LatentLoader(load_manifest(cfg.shards), cfg.shards, settings) as loader:
         for batch, _ in zip(loader, range(cfg.steps), strict=False):
-            micro = []
-            for m in batch.micro:
-                x = m.latents.clone()
-                micro.append(MicroBatch(x.pin_memory() if pin else x, m.captions, m.keys, m.variants,
-                                        m.fallbacks))
+            micro = [dataclasses.replace(m, latents=m.latents.pin_memory() if pin else m.latents.clone())
+                     for m in batch.micro]
             batches.append(StepBatch(batch.step, micro))
     return batches
 

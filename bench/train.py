@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import os
 import platform
@@ -50,9 +51,9 @@ from curate.manifest import load_manifest  # noqa: E402
 from curate.tiny import build_tiny_t5gemma  # noqa: E402
 from curate.vae import encode_batch, latent_spec_for, load_vae, sample_latent, to_model_input  # noqa: E402
 from train.config import TrainConfig, build_config  # noqa: E402
-from train.data import DataSettings, LatentLoader, MicroBatch, StepBatch  # noqa: E402
+from train.data import LatentLoader, MicroBatch, StepBatch  # noqa: E402
 from train.metrics import read_metrics  # noqa: E402
-from train.trainer import train  # noqa: E402
+from train.trainer import data_settings, train  # noqa: E402
 
 DataSource = Callable[[int, int], Iterator[StepBatch]]
 
@@ -101,16 +102,13 @@ def rate(metrics: list[dict[str, Any]], global_batch: int) -> dict[str, float]:
 
 def collect(cfg: TrainConfig) -> list[StepBatch]:
     """The step batches train() would read for ``cfg``, read once into memory."""
-    settings = DataSettings(seed=cfg.seed, global_batch=cfg.global_batch, micro_batch=cfg.micro_batch,
-                            workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer,
-                            sample_latents=cfg.data.sample_latents, prefetch=cfg.data.prefetch)
+    settings = data_settings(cfg)  # exactly the settings train() reads with
     manifest = load_manifest(cfg.shards)
     batches = []
     with LatentLoader(manifest, cfg.shards, settings) as loader:
         for batch, _ in zip(loader, range(cfg.steps), strict=False):
-            batches.append(StepBatch(batch.step, [
-                MicroBatch(m.latents.clone(), m.captions, m.keys, m.variants, m.fallbacks)
-                for m in batch.micro]))
+            batches.append(StepBatch(batch.step, [dataclasses.replace(m, latents=m.latents.clone())
+                                                  for m in batch.micro]))
     return batches
 
 

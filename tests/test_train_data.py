@@ -31,7 +31,6 @@ from train.data import (
     _Plan,
     _ShardTable,
     check_data,
-    data_fingerprint,
     fingerprint,
     fingerprint_diff,
     sample_seed,
@@ -420,8 +419,8 @@ def test_fingerprint_changes_with_what_changes_the_order(dataset):
         assert len(diff) == 1 and diff[0].startswith(field), diff
     assert fingerprint_diff(base, fingerprint(settings(workers=1), mix)) == [
         "captions: {'long': 1.0} -> {'long': 0.5, 'short': 0.5}"]
-    assert data_fingerprint(settings(workers=0), long) == data_fingerprint(settings(workers=1), long)
-    assert data_fingerprint(settings(workers=1), mix) != data_fingerprint(settings(workers=1), long)
+    assert fingerprint(settings(workers=0), long) == fingerprint(settings(workers=1), long)
+    assert fingerprint(settings(workers=1), mix) != fingerprint(settings(workers=1), long)
     moved = long.model_copy(update={"shards": long.shards[:2], "samples": 16})
     assert [d.split(":")[0] for d in fingerprint_diff(base, fingerprint(settings(workers=1), moved))] == ["shards"]
 

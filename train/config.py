@@ -218,7 +218,7 @@ def apply_dict(cfg: TrainConfig, data: dict[str, Any], source: str, prefix: str 
     for key, value in data.items():
         full = f"{prefix}{key}"
         target = _lookup(cfg, full, source, allow_group=True)
-        if dataclasses.is_dataclass(target[0]) and isinstance(value, dict) and _is_group(target):
+        if isinstance(value, dict) and _is_group(target):
             apply_dict(cfg, value, source, prefix=f"{full}.")
         else:
             set_key(cfg, full, value, source)

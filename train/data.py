@@ -76,7 +76,6 @@ __all__ = [
     "MicroBatch",
     "StepBatch",
     "check_data",
-    "data_fingerprint",
     "fingerprint",
     "fingerprint_diff",
     "sample_seed",
@@ -147,6 +146,14 @@ class DataSettings:
     def streams(self) -> int:
         return self.slots * self.streams_per_slot
 
+    def accum(self, world_size: int) -> int:
+        """Micro-batches per rank and step; the slots must split evenly over the ranks."""
+        if self.slots % world_size:
+            raise DataError(f"global_batch {self.global_batch} / micro_batch {self.micro_batch} = "
+                            f"{self.slots} micro-batches per step cannot be split evenly over "
+                            f"{world_size} ranks")
+        return self.slots // world_size
+
 
 @dataclass
 class MicroBatch:
@@ -211,12 +218,6 @@ def fingerprint(settings: DataSettings, manifest: Manifest) -> dict[str, Any]:
     }
 
 
-def data_fingerprint(settings: DataSettings, manifest: Manifest) -> str:
-    """:func:`fingerprint` as one string (``data-order-V:sha256``), for a checkpoint field that is
-    compared for equality; keep the dict too to name what changed (:func:`fingerprint_diff`)."""
-    return f"data-order-{DATA_ORDER_VERSION}:{stable_hash(fingerprint(settings, manifest))}"
-
-
 def fingerprint_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """The fields that differ, as ``name: saved -> current`` lines (empty when resumable)."""
     return [f"{name}: {saved.get(name)!r} -> {current.get(name)!r}"
@@ -224,6 +225,21 @@ def fingerprint_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str
 
 
 # --------------------------------------------------------------------------- shards and their indexes
+
+
+def _streams_note(manifest: Manifest, settings: DataSettings, source: str) -> str | None:
+    """Refuse a dataset too small for the streams; say when streams outnumber shards (every
+    stream then reads every shard and keeps its share of the samples)."""
+    streams = settings.streams
+    nonempty = sum(1 for s in manifest.shards if s.samples > 0)
+    if nonempty >= streams:
+        return None
+    if manifest.samples < streams:
+        raise DataError(f"{source}: {manifest.samples} samples cannot feed {streams} streams "
+                        "(global_batch / micro_batch x max(workers, 1)); use fewer workers or a "
+                        "larger micro-batch")
+    return (f"{nonempty} shards for {streams} streams: every stream reads every shard and keeps "
+            f"1/{streams} of its samples (more shards read less)")
 
 
 def _local_shard_paths(manifest: Manifest, manifest_path: str | os.PathLike, allow_pipe: bool) -> list[str]:
@@ -661,24 +677,13 @@ class LatentLoader:
             raise DataError(f"rank {rank} is not in a world of {world_size}")
         if start_step < 0:
             raise DataError(f"start_step must be >= 0, got {start_step}")
-        if settings.slots % world_size:
-            raise DataError(f"global_batch {settings.global_batch} / micro_batch {settings.micro_batch}"
-                            f" = {settings.slots} micro-batches per step cannot be split evenly over "
-                            f"{world_size} ranks")
         self.settings, self.rank, self.world_size = settings, rank, world_size
         self.start_step = start_step
-        self.accum = settings.slots // world_size
+        self.accum = settings.accum(world_size)
         paths = _local_shard_paths(manifest, manifest_path, allow_pipe)
-        nonempty = sum(1 for s in manifest.shards if s.samples > 0)
-        if nonempty < settings.streams:
-            if manifest.samples < settings.streams:
-                raise DataError(f"{manifest_path}: {manifest.samples} samples cannot feed "
-                                f"{settings.streams} streams (global_batch / micro_batch x "
-                                "max(workers, 1)); use fewer workers or a larger micro-batch")
-            if rank == 0:
-                log.warning("%s: %d shards for %d data streams: every stream reads every shard and "
-                            "keeps 1/%d of its samples (more shards read less)", manifest_path,
-                            nonempty, settings.streams, settings.streams)
+        note = _streams_note(manifest, settings, str(manifest_path))
+        if note and rank == 0:
+            log.warning("%s: %s", manifest_path, note)
         slots = range(rank * self.accum, (rank + 1) * self.accum)
         self._dataset = _StepDataset(manifest, paths, str(manifest_path), settings, slots, start_step)
         self._active: Iterator[StepBatch] | None = None
@@ -820,14 +825,9 @@ def check_data(
     streams = None
     if settings is not None:
         streams = settings.streams
-        nonempty = sum(1 for s in manifest.shards if s.samples > 0)
-        if nonempty < streams:
-            if manifest.samples < streams:
-                raise DataError(f"{source}: {manifest.samples} samples cannot feed {streams} "
-                                "streams (global_batch / micro_batch x max(workers, 1)); use "
-                                "fewer workers or a larger micro-batch")
-            notes.append(f"{nonempty} shards for {streams} streams: every stream reads every "
-                         f"shard and keeps 1/{streams} of its samples")
+        note = _streams_note(manifest, settings, source)
+        if note:
+            notes.append(note)
     return DataSummary(samples=manifest.samples, shards=len(manifest.shards),
                        buckets=dict(sorted(buckets.items())), model_channels=model_channels(spec),
                        captions=dict(sorted(listed.items())), streams=streams, notes=notes)

@@ -101,15 +101,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
     # ---- everything that can fail, before any step ------------------------------------------
     manifest = load_manifest(cfg.shards, allow_pipe=cfg.data.allow_pipe)
     manifest_sha = file_sha256(cfg.shards)
-    slots = cfg.global_batch // cfg.micro_batch
-    if slots % world.world_size:
-        raise ConfigError(f"global_batch / micro_batch = {slots} slots cannot be split over "
-                          f"{world.world_size} ranks; choose micro_batch so that it can")
-    accum = slots // world.world_size
-    settings = DataSettings(seed=cfg.seed, global_batch=cfg.global_batch, micro_batch=cfg.micro_batch,
-                            workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer,
-                            sample_latents=cfg.data.sample_latents, prefetch=cfg.data.prefetch,
-                            pin_memory=world.device.type == "cuda", clean_captions=True)
+    settings = data_settings(cfg, pin_memory=world.device.type == "cuda")
+    accum = settings.accum(world.world_size)
     summary = check_data(manifest, cfg.shards, verify=cfg.data.verify if world.main else "none",
                          allow_pipe=cfg.data.allow_pipe, settings=settings)
     fingerprint = data_fingerprint(settings, manifest)
@@ -167,6 +160,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
             f"model channels; {world.world_size} rank(s) x {accum} micro-batch(es) of "
             f"{cfg.micro_batch}; denoiser {count_parameters(model) / 1e6:.2f}M parameters; "
             f"text encoder {text.name} ({text.dim}-d)")
+        for note in summary.notes:
+            logger.note(f"data: {note}")
         if cfg.weights_dtype == "bfloat16":
             logger.note("WARNING: weights stored in bfloat16 (allow_bf16_weights=true): "
                         "expect worse FID than fp32 weights with bf16 autocast")
@@ -176,6 +171,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
     # ---- the loop ----------------------------------------------------------------------------------
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=world.device.type == "cuda")
     first_slot = world.rank * accum
+    weights_dtype = _param_dtype(model)  # a bf16-stored model takes bf16 inputs
     last_loss = None
     vae = None
     if data is None:
@@ -213,10 +209,9 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
                 sync = i == len(batch.micro) - 1
                 with (contextlib.nullcontext() if sync or world.world_size == 1 else ddp_model.no_sync()):
                     with autocast:
-                        prediction = ddp_model(hidden_states=x_t.to(_param_dtype(model)), timestep=t,
-                                               encoder_hidden_states=context.to(_param_dtype(model)),
-                                               attention_mask=mask,
-                                               return_dict=False)[0]
+                        prediction = ddp_model(hidden_states=x_t.to(weights_dtype), timestep=t,
+                                               encoder_hidden_states=context.to(weights_dtype),
+                                               attention_mask=mask, return_dict=False)[0]
                     losses = flow.per_sample_loss(prediction, flow.velocity_target(x0, noise))
                     (losses.mean() / accum).backward()
                 step_losses += _loss_sums(losses, t)
@@ -253,23 +248,22 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
                 ddp_model.train()
             stopping = stop.agreed(world, done)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
-                snapshot = {
-                    "step": done,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "window": window.state(),
-                    "config": to_dict(cfg),
-                    "denoiser": architecture,
-                    "latent_spec": manifest.latent.model_dump(mode="json"),
-                    "manifest_sha256": manifest_sha,
-                    "data_fingerprint": fingerprint,
-                    "text_encoder": {"name": text.name, "id": text.id, "revision": text.revision,
-                                     "max_tokens": cfg.max_tokens},
-                    "world_size": world.world_size,
-                }
                 if world.main:
-                    save_checkpoint(run_dir, done, snapshot, keep=cfg.keep_checkpoints)
+                    save_checkpoint(run_dir, done, {
+                        "step": done,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(),
+                        "window": window.state(),
+                        "config": to_dict(cfg),
+                        "denoiser": architecture,
+                        "latent_spec": manifest.latent.model_dump(mode="json"),
+                        "manifest_sha256": manifest_sha,
+                        "data_fingerprint": fingerprint,
+                        "text_encoder": {"name": text.name, "id": text.id, "revision": text.revision,
+                                         "max_tokens": cfg.max_tokens},
+                        "world_size": world.world_size,
+                        }, keep=cfg.keep_checkpoints)
                 if world.world_size > 1:
                     dist.barrier()  # nobody races ahead of a checkpoint that may be resumed from
             window.exclude(time.perf_counter() - housekeeping)  # samples and checkpoints are not steps
@@ -286,6 +280,14 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
 
 
 # ---- pieces the loop uses -----------------------------------------------------------------------------
+
+
+def data_settings(cfg: TrainConfig, *, pin_memory: bool = False) -> DataSettings:
+    """The loader settings of a run: everything that decides its batches comes from ``cfg``."""
+    return DataSettings(seed=cfg.seed, global_batch=cfg.global_batch, micro_batch=cfg.micro_batch,
+                        workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer,
+                        sample_latents=cfg.data.sample_latents, prefetch=cfg.data.prefetch,
+                        pin_memory=pin_memory, clean_captions=True)
 
 
 def setup_world(device: str = "auto") -> World:

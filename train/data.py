@@ -43,7 +43,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import math
 import os
 import tarfile
@@ -81,7 +80,6 @@ __all__ = [
     "sample_seed",
 ]
 
-log = logging.getLogger("train")
 
 # Bumped whenever the planning or per-sample randomness changes: a checkpoint made with another
 # version would resume onto a different batch sequence.
@@ -681,9 +679,7 @@ class LatentLoader:
         self.start_step = start_step
         self.accum = settings.accum(world_size)
         paths = _local_shard_paths(manifest, manifest_path, allow_pipe)
-        note = _streams_note(manifest, settings, str(manifest_path))
-        if note and rank == 0:
-            log.warning("%s: %s", manifest_path, note)
+        _streams_note(manifest, settings, str(manifest_path))  # too few samples: an error here too
         slots = range(rank * self.accum, (rank + 1) * self.accum)
         self._dataset = _StepDataset(manifest, paths, str(manifest_path), settings, slots, start_step)
         self._active: Iterator[StepBatch] | None = None

@@ -63,20 +63,47 @@ def stage_run(images: Path, vae: Path, out: Path, resolution: int, batch: int, d
     return time.perf_counter() - start
 
 
-def bare_run(src: Path, vae: Path, resolution: int, batch: int, device: str = "cpu") -> float:
+def bare_run(src: Path, vae: Path, resolution: int, batch: int, device: str = "cpu") -> tuple[float, dict]:
     """The VAE forward pass alone on pre-decoded tensors, as the stage runs it (encode_batch:
-    bf16 autocast and channels_last on CUDA)."""
+    bf16 autocast and channels_last on CUDA); also the means of the first batch, by key."""
     loaded = load_vae(str(vae), device=device)
     pixels = [preprocess(p.read_bytes(), resolution=resolution)[0] for p in sorted(src.glob("*.jpg"))]
     batches = [to_model_range(torch.stack(pixels[i: i + batch])).to(device) for i in range(0, len(pixels), batch)]
-    encode_batch(loaded, batches[0])  # warm-up (cuDNN autotuning, allocator)
+    first = encode_batch(loaded, batches[0])[0].to("cpu", torch.bfloat16)  # also the warm-up
     _sync(device)
     start = time.perf_counter()
     for x in batches:
         mean, std = encode_batch(loaded, x)
         _ = mean.to("cpu", torch.bfloat16), std.to("cpu", torch.bfloat16)
     _sync(device)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    return seconds, {p.stem: first[i] for i, p in enumerate(sorted(src.glob("*.jpg"))[:batch])}
+
+
+def check_stage_output(out: Path, expected: dict[str, torch.Tensor]) -> float:
+    """The stage's stored means against the bare pass's for the same images: the worst relative
+    error (norm of the difference over norm of the bare mean). bf16 rounding and the batch
+    composition give about 1%; another image or unfinished data give about 100%."""
+    from safetensors.torch import load
+
+    from curate.shards import committed_shards, iter_tar_samples
+
+    stored = {}  # by the source file's stem: make_images captions img_00012.jpg "image number 12"
+    for shard in committed_shards(out):
+        for _, members in iter_tar_samples(shard.tar_path):
+            number = int(members["orig.txt"].decode().rsplit(" ", 1)[-1])
+            stored[f"img_{number:05d}"] = load(members["latent.safetensors"])["mean"]
+    worst = 0.0
+    for stem, want in expected.items():
+        if stem not in stored:
+            raise SystemExit(f"the stage wrote no latent for {stem}")
+        diff = (stored[stem].float() - want.float()).norm() / want.float().norm()
+        worst = max(worst, float(diff))
+    print(f"# stage output against the bare encode, first {len(expected)} images: worst relative error "
+          f"{worst:.2%}", flush=True)
+    if worst > 0.1:
+        raise SystemExit("the stage's latents differ from the bare encode of the same images")
+    return worst
 
 
 def _sync(device: str) -> None:
@@ -139,7 +166,10 @@ def main() -> None:
             stage = stage_run(images, vae, tmp / "latents", args.resolution, args.batch_size, args.device,
                               args.decode_workers)
             naive = naive_run(src, vae, tmp / "naive", args.resolution, args.device)
-            bare = bare_run(src, vae, args.resolution, args.batch_size, args.device) if vae == full else None
+            bare = None
+            if vae == full:
+                bare, expected = bare_run(src, vae, args.resolution, args.batch_size, args.device)
+                check_stage_output(tmp / "latents", expected)
             row(label, n, stage, bare, naive)
             if args.compile and vae == full:
                 compiled = stage_run(images, vae, tmp / "latents", args.resolution, args.batch_size,

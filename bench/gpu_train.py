@@ -22,6 +22,7 @@ Realism and its limits:
   (about 14 GB) would take longer than the timed steps.
 
     python bench/gpu_train.py [--steps 10] [--warmup 3] [--global-batch 256] [--micro-batch 32]
+    python bench/gpu_train.py --compile --feeds memory   # the denoiser under torch.compile
     python bench/gpu_train.py --smoke     # CPU, tiny preset and a narrow encoder: the code path
 
 On the lent GPU machines run it through bench/gpu.sh, which installs the carried wheels.
@@ -171,7 +172,11 @@ def main() -> None:
     parser.add_argument("--text-layers", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
     parser.add_argument("--workdir", default=None, help="local disk for shards (default: a temp dir)")
+    parser.add_argument("--feeds", default="shards,memory", help="which runs: shards, memory or both")
     args = parser.parse_args()
+    feeds = args.feeds.split(",")
+    if not feeds or set(feeds) - {"shards", "memory"}:
+        parser.error(f"--feeds takes shards, memory or shards,memory, not {args.feeds!r}")
     args.preset = "prx-1.2b"
     sizes = T5GEMMA_2B
     if args.smoke:
@@ -215,6 +220,8 @@ def main() -> None:
         results = {}
         for key, label in (("shards", f"real shards on local disk ({args.workers} workers)"),
                            ("memory", f"same step batches in memory{' (pinned)' if cuda else ''}")):
+            if key not in feeds:
+                continue
             cfg = config(args, data["mix"], tmp / key, text)
             source = None
             if key == "memory":
@@ -228,9 +235,10 @@ def main() -> None:
                   f"{f'{mfu * table * 1e12 / measured:.1%}' if mfu and measured else '-'} | "
                   f"{f'{flops / 1e9:.0f}' if flops else '-'} | {r['memory_gb']:.1f} | {r['wall']:.0f} |",
                   flush=True)
-    ratio = results["shards"]["images_per_s"] / results["memory"]["images_per_s"]
-    print(f"\nshards / memory: {ratio:.3f}; total {time.perf_counter() - started:.0f} s; last losses "
-          f"{results['shards']['loss']:.4f} / {results['memory']['loss']:.4f}")
+    print(f"\ntotal {time.perf_counter() - started:.0f} s; last loss "
+          + " / ".join(f"{r['loss']:.4f} ({key})" for key, r in results.items()))
+    if len(results) == 2:
+        print(f"shards / memory: {results['shards']['images_per_s'] / results['memory']['images_per_s']:.3f}")
 
 
 if __name__ == "__main__":

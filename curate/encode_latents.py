@@ -201,14 +201,34 @@ class EncodeLatentsStage(Stage):
         device = next(self.loaded.model.parameters()).device
         dtype = getattr(torch, self.dtype)
         with ThreadPoolExecutor(1) as serializer:  # safetensors writing overlaps the next batch's encode
-            for batch in batch_by_bucket(decoded(), self.batch_size):
-                pixels = to_model_range(torch.stack([t for _, t, _ in batch]).to(device, non_blocking=True))
-                mean, std = encode_batch(self.loaded, pixels)
-                mean = mean.to("cpu", dtype)
-                std = std.to("cpu", dtype) if self.store == "dist" else None
+
+            def finish(batch: list, mean: torch.Tensor, std: torch.Tensor | None, done: Any) -> None:
+                if done is not None:
+                    done.synchronize()  # the copies to the host have landed
                 for i, (key, _, record) in enumerate(batch):
                     results[key] = (serializer.submit(_serialize, mean[i], None if std is None else std[i]), record)
                 progress(len(batch))
+
+            # On a GPU the encode of one batch runs while this process gathers the next one from
+            # the decoding workers: the results come back asynchronously, and are read one batch later.
+            pending = None
+            for batch in batch_by_bucket(decoded(), self.batch_size):
+                images = torch.stack([t for _, t, _ in batch])
+                if device.type == "cuda":
+                    images = images.pin_memory()  # so that the copy does not wait for the encode in flight
+                pixels = to_model_range(images.to(device, non_blocking=True))
+                mean, std = encode_batch(self.loaded, pixels)
+                mean = mean.to("cpu", dtype, non_blocking=True)
+                std = std.to("cpu", dtype, non_blocking=True) if self.store == "dist" else None
+                done = None
+                if device.type == "cuda":
+                    done = torch.cuda.Event()
+                    done.record()
+                if pending is not None:
+                    finish(*pending)
+                pending = (batch, mean, std, done)
+            if pending is not None:
+                finish(*pending)
             for key in keys:  # the image index's order
                 future, record = results[key]
                 row = {"orig_w": (record.get("orig_size") or [None, None])[0],

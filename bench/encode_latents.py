@@ -1,5 +1,9 @@
 """`curate encode-latents` against the bare VAE and against a naive loop, measured in one run.
 
+Each run gives two rates: over the whole run, and steady (from its first output to its last,
+without the fixed costs that a run of millions of images pays once: loading the VAE, starting
+the workers, the first CUDA kernels, the final commit). The bare pass is timed warm.
+
 1. Stage / bare: the whole stage (read shards, decode and resize in DataLoader workers,
    bucket batches, encode, serialise, commit) against the bare VAE forward pass on tensors
    already decoded, with the same model and batch size. Uses the full-size Flux VAE
@@ -14,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import shutil
@@ -52,15 +57,41 @@ def full_size_flux_vae(folder: Path) -> Path:
     return folder
 
 
+@dataclasses.dataclass
+class Timing:
+    """A run's wall time, and its steady rate: images/s from its first output to its last, which
+    leaves out the fixed costs (loading the VAE, starting the workers, the first CUDA kernels,
+    the final commit) that a run of millions of images pays once."""
+
+    seconds: float
+    steady: float
+
+
+class _TimedStage(EncodeLatentsStage):
+    """The stage, with a timestamp each time a batch of latents is done."""
+
+    marks: list[tuple[float, int]]
+
+    def process(self, task, writer, progress) -> None:  # noqa: ANN001 (the runner's signature)
+        def timed(count: int) -> None:
+            self.marks.append((time.perf_counter(), count))
+            progress(count)
+
+        super().process(task, writer, timed)
+
+
 def stage_run(images: Path, vae: Path, out: Path, resolution: int, batch: int, device: str = "cpu",
-              workers: int = 2, compile: bool = False) -> float:
+              workers: int = 2, compile: bool = False) -> Timing:
     shutil.rmtree(out, ignore_errors=True)
-    stage = EncodeLatentsStage(images, None, out, str(vae), resolution=resolution, batch_size=batch,
-                               decode_workers=workers, allow_missing_captions=True,
-                               manifest_dir=out / "manifests", device=device, compile=compile)
+    stage = _TimedStage(images, None, out, str(vae), resolution=resolution, batch_size=batch,
+                        decode_workers=workers, allow_missing_captions=True,
+                        manifest_dir=out / "manifests", device=device, compile=compile)
+    stage.marks = []
     start = time.perf_counter()
     run_stage(stage, out, progress=False)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    (first, _), (last, _) = stage.marks[0], stage.marks[-1]
+    return Timing(seconds, sum(count for _, count in stage.marks[1:]) / (last - first))
 
 
 def bare_run(src: Path, vae: Path, resolution: int, batch: int, device: str = "cpu") -> tuple[float, dict]:
@@ -120,15 +151,19 @@ def naive_run(src: Path, vae: Path, out: Path, resolution: int, device: str = "c
 
     start = time.perf_counter()
     model = AutoencoderKL.from_pretrained(vae).eval().to(device)
+    paths = sorted(src.glob("*.jpg"))
     with torch.inference_mode():
-        for path in sorted(src.glob("*.jpg")):
+        for i, path in enumerate(paths):
+            if i == 1:
+                first = time.perf_counter()
             img = Image.open(path).convert("RGB")
             img = F.center_crop(F.resize(img, resolution), resolution)
             x = (F.to_tensor(img)[None] * 2 - 1).to(device)
             dist = model.encode(x).latent_dist
             torch.save({"mean": dist.mean[0].to(torch.bfloat16), "std": dist.std[0].to(torch.bfloat16)},
                        out / f"{path.stem}.pt")
-    return time.perf_counter() - start
+    end = time.perf_counter()
+    return Timing(end - start, (len(paths) - 1) / (end - first))
 
 
 def main() -> None:
@@ -145,15 +180,25 @@ def main() -> None:
              else f"CPU ({len(os.sched_getaffinity(0))} cores, {platform.machine()})")
     print(f"# bench/encode_latents.py: {args.resolution} px, batch {args.batch_size}, {where}, "
           f"{args.decode_workers} decode workers, torch {torch.__version__}")
-    print("| VAE | images | stage images/s | bare VAE images/s | stage / bare | naive loop images/s | stage / naive |")
+    print("| VAE | images | stage images/s: whole run, steady | bare VAE images/s | naive loop images/s: "
+          "whole run, steady | stage / bare: steady (whole) | stage / naive: steady (whole) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |", flush=True)
 
-    def row(label: str, n: int, stage: float, bare: float | None, naive: float) -> None:
+    def row(label: str, n: int, stage: Timing, bare: float | None, naive: Timing) -> None:
         # One row at a time: a run cut off by a time limit (bench/gpu.sh) keeps what it measured.
-        bare_cols = f"{n / bare:.2f} | {bare / stage:.2f}" if bare else "- | -"
-        print(f"| {label} | {n} | {n / stage:.2f} | {bare_cols} | {n / naive:.2f} | {naive / stage:.2f} |",
+        bare_rate = n / bare if bare else None
+        versus_bare = f"{stage.steady / bare_rate:.2f} ({n / stage.seconds / bare_rate:.2f})" if bare_rate else "-"
+        print(f"| {label} | {n} | {n / stage.seconds:.2f}, {stage.steady:.2f} | "
+              f"{f'{bare_rate:.2f}' if bare_rate else '-'} | {n / naive.seconds:.2f}, {naive.steady:.2f} | "
+              f"{versus_bare} | {stage.steady / naive.steady:.2f} ({naive.seconds / stage.seconds:.2f}) |",
               flush=True)
 
+    if args.device.startswith("cuda"):
+        # The CUDA context and cuDNN load once per process, seconds on a fresh one: before any
+        # timed run, rather than inside whichever comes first.
+        x = torch.zeros(1, 3, 8, 8, device=args.device)
+        torch.nn.functional.conv2d(x, torch.zeros(4, 3, 3, 3, device=args.device))
+        _sync(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         full = full_size_flux_vae(tmp / "flux-full")
@@ -174,7 +219,7 @@ def main() -> None:
             if args.compile and vae == full:
                 compiled = stage_run(images, vae, tmp / "latents", args.resolution, args.batch_size,
                                      args.device, args.decode_workers, compile=True)
-                row(f"{label}, --compile (compile time included)", n, compiled, bare, naive)
+                row(f"{label}, --compile", n, compiled, bare, naive)
 
 if __name__ == "__main__":
     main()

@@ -154,6 +154,23 @@ def test_two_gloo_ranks_equal_one_process_and_resume_on_another_world_size(tmp_p
         assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4)
 
 
+def test_a_compiled_denoiser_trains_as_eager_and_its_checkpoints_resume_eager(tmp_path: Path, models, dataset):
+    """compile=true (the GPU presets' setting) takes the same steps as eager, and its checkpoints
+    hold the plain module's weights, so a resume may turn compiling off."""
+    settings = {"steps": 3, "checkpoint_every": 3, "global_batch": 4, "micro_batch": 4}
+    assert run_train(dataset["long"], tmp_path / "eager", models, **settings) == 0
+    assert run_train(dataset["long"], tmp_path / "compiled", models, compile="true", **settings) == 0
+    eager, compiled = (load_checkpoint(latest_checkpoint(tmp_path / run)) for run in ("eager", "compiled"))
+    assert compiled["model"].keys() == eager["model"].keys()
+    for key in eager["model"]:
+        torch.testing.assert_close(compiled["model"][key], eager["model"][key], rtol=1e-3, atol=1e-5)
+    for (s1, l1), (s2, l2) in zip(losses(tmp_path / "eager"), losses(tmp_path / "compiled"), strict=True):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-3)
+    assert run_train(dataset["long"], tmp_path / "compiled", models, "--resume", "auto",
+                     **{**settings, "steps": 4, "compile": "false"}) == 0
+    assert [s for s, _ in losses(tmp_path / "compiled")] == [1, 2, 3, 4]
+
+
 def test_sample_grid_decodes_through_the_manifests_vae(tmp_path: Path, models, dataset):
     run = tmp_path / "run"
     assert run_train(dataset["long"], run, models, steps=4, sample_every=2, **{"log.tensorboard": "true"}) == 0

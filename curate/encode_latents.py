@@ -200,35 +200,40 @@ class EncodeLatentsStage(Stage):
 
         device = next(self.loaded.model.parameters()).device
         dtype = getattr(torch, self.dtype)
+
+        def launch(batch: list) -> tuple:
+            """Start encoding ``batch``; on a GPU this returns before its latents exist."""
+            images = torch.stack([t for _, t, _ in batch])
+            if device.type == "cuda":
+                images = images.pin_memory()  # so that the copy does not wait for the encode in flight
+            mean, std = encode_batch(self.loaded, to_model_range(images.to(device, non_blocking=True)))
+            mean = mean.to("cpu", dtype, non_blocking=True)
+            std = std.to("cpu", dtype, non_blocking=True) if self.store == "dist" else None
+            landed = None
+            if device.type == "cuda":
+                landed = torch.cuda.Event()
+                landed.record()
+            return batch, mean, std, landed
+
         with ThreadPoolExecutor(1) as serializer:  # safetensors writing overlaps the next batch's encode
 
-            def finish(batch: list, mean: torch.Tensor, std: torch.Tensor | None, done: Any) -> None:
-                if done is not None:
-                    done.synchronize()  # the copies to the host have landed
+            def finish(batch: list, mean: torch.Tensor, std: torch.Tensor | None, landed: Any) -> None:
+                if landed is not None:
+                    landed.synchronize()  # the copies to the host are done
                 for i, (key, _, record) in enumerate(batch):
                     results[key] = (serializer.submit(_serialize, mean[i], None if std is None else std[i]), record)
                 progress(len(batch))
 
-            # On a GPU the encode of one batch runs while this process gathers the next one from
-            # the decoding workers: the results come back asynchronously, and are read one batch later.
-            pending = None
+            # While the GPU encodes one batch, this process gathers the next from the decoding
+            # workers and queues it; a batch's latents are read one batch later.
+            in_flight = None
             for batch in batch_by_bucket(decoded(), self.batch_size):
-                images = torch.stack([t for _, t, _ in batch])
-                if device.type == "cuda":
-                    images = images.pin_memory()  # so that the copy does not wait for the encode in flight
-                pixels = to_model_range(images.to(device, non_blocking=True))
-                mean, std = encode_batch(self.loaded, pixels)
-                mean = mean.to("cpu", dtype, non_blocking=True)
-                std = std.to("cpu", dtype, non_blocking=True) if self.store == "dist" else None
-                done = None
-                if device.type == "cuda":
-                    done = torch.cuda.Event()
-                    done.record()
-                if pending is not None:
-                    finish(*pending)
-                pending = (batch, mean, std, done)
-            if pending is not None:
-                finish(*pending)
+                launched = launch(batch)
+                if in_flight is not None:
+                    finish(*in_flight)
+                in_flight = launched
+            if in_flight is not None:
+                finish(*in_flight)
             for key in keys:  # the image index's order
                 future, record = results[key]
                 row = {"orig_w": (record.get("orig_size") or [None, None])[0],

@@ -22,7 +22,7 @@ Realism and its limits:
   (about 14 GB) would take longer than the timed steps.
 
     python bench/gpu_train.py [--steps 10] [--warmup 3] [--global-batch 256] [--micro-batch 32]
-    python bench/gpu_train.py --compile --feeds memory   # the denoiser under torch.compile
+    python bench/gpu_train.py --eager --feeds memory   # without torch.compile (the preset compiles)
     python bench/gpu_train.py --smoke     # CPU, tiny preset and a narrow encoder: the code path
 
 On the lent GPU machines run it through bench/gpu.sh, which installs the carried wheels.
@@ -114,7 +114,7 @@ def config(args: argparse.Namespace, manifest: Path, out: Path, text: Path) -> T
                 "global_batch": args.global_batch, "micro_batch": args.micro_batch,
                 "data.workers": args.workers, "data.shuffle_buffer": 2 * args.micro_batch,
                 "log.every": 1, "log.tensorboard": False, "sample_every": 0,
-                "checkpoint_every": args.warmup + args.steps, "compile": args.compile}
+                "checkpoint_every": args.warmup + args.steps, "compile": not args.eager}
     return build_config(args.preset, overrides=[f"{k}={v}" for k, v in settings.items()],
                         shards=str(manifest), out=str(out))
 
@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=64)
     parser.add_argument("--per-shard", type=int, default=64)
     parser.add_argument("--text-layers", type=int, default=2)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
+    parser.add_argument("--eager", action="store_true", help="compile=false (the preset compiles the denoiser)")
     parser.add_argument("--workdir", default=None, help="local disk for shards (default: a temp dir)")
     parser.add_argument("--feeds", default="shards,memory", help="which runs: shards, memory or both")
     args = parser.parse_args()
@@ -207,7 +207,7 @@ def main() -> None:
         print(f"# bench/gpu_train.py on {device_name}, torch {torch.__version__}, diffusers "
               f"{diffusers.__version__}; {args.preset} preset, 256 px, global batch {args.global_batch}, "
               f"micro-batch {args.micro_batch}, {args.steps} timed steps after {args.warmup}"
-              f"{', torch.compile' if args.compile else ''}")
+              f"{', eager' if args.eager else ', torch.compile'}")
         print(f"# bf16 peak: data sheet {table or '-'} TFLOP/s, measured (8192^3 matmul) "
               f"{f'{measured / 1e12:.0f}' if measured else '-'} TFLOP/s; shards: {args.shards} x "
               f"{args.per_shard} samples written in {written:.0f} s; text encoder T5Gemma "

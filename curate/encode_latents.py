@@ -162,7 +162,10 @@ class EncodeLatentsStage(Stage):
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
             torch.set_num_threads(max(1, cores - self.decode_workers))
         if self.compile:
-            self.loaded.model.encoder = torch.compile(self.loaded.model.encoder, dynamic=False)
+            # Batches keep one size (padded, see process); a new bucket shape recompiles once with
+            # symbolic sides (torch's automatic dynamic shapes), where static shapes would compile
+            # each bucket (17 at 256 px) and stop compiling at dynamo's limit of 8.
+            self.loaded.model.encoder = torch.compile(self.loaded.model.encoder)
         skip = {}
         for task in todo:
             keys, _, accepted = self._captions(task)
@@ -204,11 +207,14 @@ class EncodeLatentsStage(Stage):
         def launch(batch: list) -> tuple:
             """Start encoding ``batch``; on a GPU this returns before its latents exist."""
             images = torch.stack([t for _, t, _ in batch])
+            if self.compile and len(batch) < self.batch_size:
+                # A shard's last batch of a bucket, padded: the compiled encoder keeps one batch size.
+                images = torch.cat([images, images[-1:].expand(self.batch_size - len(batch), -1, -1, -1)])
             if device.type == "cuda":
                 images = images.pin_memory()  # so that the copy does not wait for the encode in flight
             mean, std = encode_batch(self.loaded, to_model_range(images.to(device, non_blocking=True)))
-            mean = mean.to("cpu", dtype, non_blocking=True)
-            std = std.to("cpu", dtype, non_blocking=True) if self.store == "dist" else None
+            mean = mean[: len(batch)].to("cpu", dtype, non_blocking=True)
+            std = std[: len(batch)].to("cpu", dtype, non_blocking=True) if self.store == "dist" else None
             landed = None
             if device.type == "cuda":
                 landed = torch.cuda.Event()

@@ -49,6 +49,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -287,7 +288,11 @@ def load_exported(
     except (OSError, ValueError, KeyError) as e:
         raise ExportError(f"{folder} is not a kiln export (no readable {EXPORT_INFO}): {e}") from e
     kwargs: dict[str, Any] = {} if dtype is None else {"torch_dtype": dtype}
-    pipe = PRXPipeline.from_pretrained(folder, **kwargs)
+    with warnings.catch_warnings():
+        # diffusers 0.42's PRXPipeline still derives from its own deprecated LoraLoaderMixin,
+        # which warns on every construction: nothing a user of the export can act on.
+        warnings.filterwarnings("ignore", message=".*LoraLoaderMixin is deprecated", category=FutureWarning)
+        pipe = PRXPipeline.from_pretrained(folder, **kwargs)
     if device is not None:
         pipe.to(device)
     vae_device = device or "cpu"

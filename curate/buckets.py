@@ -279,7 +279,8 @@ class _ShardSamples(tud.IterableDataset):
                         tensor, record = preprocess(data, resolution=self.resolution, buckets=self.buckets,
                                                     draft=self.draft)
                         # An array crosses the worker's pipe inline; a tensor would cross by file
-                        # descriptor, one socket connection per image (~1.5 ms of the main process).
+                        # descriptor, one socket connection per image (the main process's CPU time
+                        # per image fell from 1.78 to 1.44 ms on 2 cores without it).
                         yield shard_id, key, tensor.numpy(), record
                     except Exception as e:  # validated at ingest; a failure here is a rejection
                         message = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"

@@ -202,6 +202,7 @@ class EncodeLatentsStage(Stage):
                     yield key, tensor, record
 
         device = next(self.loaded.model.parameters()).device
+        cuda = device.type == "cuda"
         dtype = getattr(torch, self.dtype)
 
         def launch(batch: list) -> tuple:
@@ -210,14 +211,13 @@ class EncodeLatentsStage(Stage):
             if self.compile and len(batch) < self.batch_size:
                 # A shard's last batch of a bucket, padded: the compiled encoder keeps one batch size.
                 images = torch.cat([images, images[-1:].expand(self.batch_size - len(batch), -1, -1, -1)])
-            if device.type == "cuda":
+            if cuda:
                 images = images.pin_memory()  # so that the copy does not wait for the encode in flight
             mean, std = encode_batch(self.loaded, to_model_range(images.to(device, non_blocking=True)))
             mean = mean[: len(batch)].to("cpu", dtype, non_blocking=True)
             std = std[: len(batch)].to("cpu", dtype, non_blocking=True) if self.store == "dist" else None
-            landed = None
-            if device.type == "cuda":
-                landed = torch.cuda.Event()
+            landed = torch.cuda.Event() if cuda else None
+            if landed is not None:
                 landed.record()
             return batch, mean, std, landed
 

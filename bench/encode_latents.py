@@ -11,6 +11,9 @@ the workers, the first CUDA kernels, the final commit). The bare pass is timed w
 2. Stage / naive: against the loop people write first: for each image, open, transform,
    encode alone, `torch.save` one file. With the tiny VAE (per-image overheads dominate)
    and with the full-size one.
+3. The stage with its encoder replaced by zeros made on the device: the rate its pipeline
+   (reading, decoding, batching, copies, serialising, writing) can feed, and the main
+   process's CPU time per image, which on a GPU bounds the stage whatever the encoder.
 
     python bench/encode_latents.py [--images 24] [--resolution 256] [--batch-size 8]
 """
@@ -61,37 +64,58 @@ def full_size_flux_vae(folder: Path) -> Path:
 class Timing:
     """A run's wall time, and its steady rate: images/s from its first output to its last, which
     leaves out the fixed costs (loading the VAE, starting the workers, the first CUDA kernels,
-    the final commit) that a run of millions of images pays once."""
+    the final commit) that a run of millions of images pays once. For the stage, also the main
+    process's CPU time per image while it processes shards (all its threads: gathering, the
+    encoder's launches or, on the CPU, its compute, serialising, writing)."""
 
     seconds: float
     steady: float
+    main_cpu_ms: float | None = None
 
 
 class _TimedStage(EncodeLatentsStage):
-    """The stage, with a timestamp each time a batch of latents is done."""
+    """The stage, with a timestamp each time a batch of latents is done; with ``free_encoder``
+    the VAE is replaced by zeros of the latents' shape, made on its device: what is left is
+    what the stage's pipeline can feed an encoder (reading, decoding, copies, writing)."""
 
     marks: list[tuple[float, int]]
+    cpu_seconds: float = 0.0
+    free_encoder: bool = False
+
+    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.free_encoder:
+            return super().encode(pixels)
+        b, _, h, w = pixels.shape
+        down = self.loaded.downsample
+        zeros = torch.zeros(b, self.loaded.channels, h // down, w // down, device=pixels.device)
+        return zeros, zeros
 
     def process(self, task, writer, progress) -> None:  # noqa: ANN001 (the runner's signature)
         def timed(count: int) -> None:
             self.marks.append((time.perf_counter(), count))
             progress(count)
 
+        start = time.process_time()
         super().process(task, writer, timed)
+        self.cpu_seconds += time.process_time() - start
 
 
 def stage_run(images: Path, vae: Path, out: Path, resolution: int, batch: int, device: str = "cpu",
-              workers: int = 2, compile: bool = False) -> Timing:
+              workers: int = 2, compile: bool = False, free_encoder: bool = False) -> Timing:
     shutil.rmtree(out, ignore_errors=True)
     stage = _TimedStage(images, None, out, str(vae), resolution=resolution, batch_size=batch,
                         decode_workers=workers, allow_missing_captions=True,
                         manifest_dir=out / "manifests", device=device, compile=compile)
-    stage.marks = []
+    stage.marks, stage.free_encoder = [], free_encoder
     start = time.perf_counter()
     run_stage(stage, out, progress=False)
     seconds = time.perf_counter() - start
+    if len(stage.marks) < 3:
+        raise SystemExit(f"{len(stage.marks)} batches: too few for a steady rate; give more images")
     (first, _), (last, _) = stage.marks[0], stage.marks[-1]
-    return Timing(seconds, sum(count for _, count in stage.marks[1:]) / (last - first))
+    done = sum(count for _, count in stage.marks)
+    return Timing(seconds, sum(count for _, count in stage.marks[1:]) / (last - first),
+                  1000 * stage.cpu_seconds / done)
 
 
 def bare_run(src: Path, vae: Path, resolution: int, batch: int, device: str = "cpu") -> tuple[float, dict]:
@@ -182,17 +206,18 @@ def main() -> None:
     print(f"# bench/encode_latents.py: {args.resolution} px, batch {args.batch_size}, {where}, "
           f"{args.decode_workers} decode workers, torch {torch.__version__}")
     print("| VAE | images | stage images/s: whole run, steady | bare VAE images/s | naive loop images/s: "
-          "whole run, steady | stage / bare: steady (whole) | stage / naive: steady (whole) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |", flush=True)
+          "whole run, steady | stage / bare: steady (whole) | stage / naive: steady (whole) | "
+          "stage's main process: CPU ms per image |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", flush=True)
 
-    def row(label: str, n: int, stage: Timing, bare: float | None, naive: Timing) -> None:
+    def row(label: str, n: int, stage: Timing, bare_rate: float | None, naive: Timing | None) -> None:
         # One row at a time: a run cut off by a time limit (bench/gpu.sh) keeps what it measured.
-        bare_rate = n / bare if bare else None
         versus_bare = f"{stage.steady / bare_rate:.2f} ({n / stage.seconds / bare_rate:.2f})" if bare_rate else "-"
+        naive_rate = f"{n / naive.seconds:.2f}, {naive.steady:.2f}" if naive else "-"
+        versus_naive = f"{stage.steady / naive.steady:.2f} ({naive.seconds / stage.seconds:.2f})" if naive else "-"
         print(f"| {label} | {n} | {n / stage.seconds:.2f}, {stage.steady:.2f} | "
-              f"{f'{bare_rate:.2f}' if bare_rate else '-'} | {n / naive.seconds:.2f}, {naive.steady:.2f} | "
-              f"{versus_bare} | {stage.steady / naive.steady:.2f} ({naive.seconds / stage.seconds:.2f}) |",
-              flush=True)
+              f"{f'{bare_rate:.2f}' if bare_rate else '-'} | {naive_rate} | {versus_bare} | {versus_naive} | "
+              f"{stage.main_cpu_ms:.2f} |", flush=True)
 
     if args.device.startswith("cuda"):
         # The CUDA context and cuDNN load once per process, seconds on a fresh one: before any
@@ -204,6 +229,7 @@ def main() -> None:
         tmp = Path(tmp)
         full = full_size_flux_vae(tmp / "flux-full")
         tiny = build_tiny_flux_vae(tmp / "flux-tiny")
+        bare_rate = None
         for label, vae, n in (("full-size Flux VAE", full, args.images), ("tiny Flux VAE", tiny, args.tiny_images)):
             src = tmp / f"src-{n}"
             make_images(src, n, 640)
@@ -212,15 +238,22 @@ def main() -> None:
             stage = stage_run(images, vae, tmp / "latents", args.resolution, args.batch_size, args.device,
                               args.decode_workers)
             naive = naive_run(src, vae, tmp / "naive", args.resolution, args.device)
-            bare = None
             if vae == full:
                 bare, expected = bare_run(src, vae, args.resolution, args.batch_size, args.device)
+                bare_rate = n / bare
                 check_stage_output(tmp / "latents", expected)
-            row(label, n, stage, bare, naive)
+            row(label, n, stage, bare_rate if vae == full else None, naive)
             if args.compile and vae == full:
                 compiled = stage_run(images, vae, tmp / "latents", args.resolution, args.batch_size,
                                      args.device, args.decode_workers, compile=True)
-                row(f"{label}, --compile", n, compiled, bare, naive)
+                row(f"{label}, --compile", n, compiled, bare_rate, naive)
+        # What the pipeline feeds when the encoder costs nothing (the full-size VAE's latent
+        # shape, the tiny runs' images): above the bare rate, the encoder is what limits the
+        # stage; near the stage's own rate, the pipeline is.
+        free = stage_run(images, full, tmp / "latents", args.resolution, args.batch_size, args.device,
+                         args.decode_workers, free_encoder=True)
+        row("the stage, encoder replaced by zeros", n, free, bare_rate, None)
+
 
 if __name__ == "__main__":
     main()

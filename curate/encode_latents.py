@@ -21,13 +21,16 @@ import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
 from curate.manifest import Manifest, ShardEntry, file_sha256, write_manifest
 from curate.runner import STAGE_FILE, CurateError, ShardTask, Stage
 from curate.shards import OK, ShardWriter, committed_shards, read_index, stable_hash
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("curate")
 
@@ -177,6 +180,13 @@ class EncodeLatentsStage(Stage):
     def _missing_caption(self, accepted: dict[str, str]) -> bool:
         return bool(self.variants) and not accepted and not self.allow_missing_captions
 
+    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, std)`` of a batch in [-1, 1] on the VAE's device (bench/encode_latents.py
+        replaces it with a free one to measure what the rest of the stage can feed)."""
+        from curate.vae import encode_batch
+
+        return encode_batch(self.loaded, pixels)
+
     def __exit__(self, *exc: object) -> None:
         if self.loader is not None:
             self.loader.close()
@@ -186,7 +196,6 @@ class EncodeLatentsStage(Stage):
         import torch
 
         from curate.buckets import batch_by_bucket, to_model_range
-        from curate.vae import encode_batch
 
         # Read again rather than kept from prepare(): a worker's pending shards can be many.
         keys, originals, accepted = self._captions(task)
@@ -213,7 +222,7 @@ class EncodeLatentsStage(Stage):
                 images = torch.cat([images, images[-1:].expand(self.batch_size - len(batch), -1, -1, -1)])
             if cuda:
                 images = images.pin_memory()  # so that the copy does not wait for the encode in flight
-            mean, std = encode_batch(self.loaded, to_model_range(images.to(device, non_blocking=True)))
+            mean, std = self.encode(to_model_range(images.to(device, non_blocking=True)))
             mean = mean[: len(batch)].to("cpu", dtype, non_blocking=True)
             std = std[: len(batch)].to("cpu", dtype, non_blocking=True) if self.store == "dist" else None
             landed = torch.cuda.Event() if cuda else None

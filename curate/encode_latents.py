@@ -216,12 +216,13 @@ class EncodeLatentsStage(Stage):
 
         def launch(batch: list) -> tuple:
             """Start encoding ``batch``; on a GPU this returns before its latents exist."""
-            images = torch.stack([t for _, t, _ in batch])
-            if self.compile and len(batch) < self.batch_size:
-                # A shard's last batch of a bucket, padded: the compiled encoder keeps one batch size.
-                images = torch.cat([images, images[-1:].expand(self.batch_size - len(batch), -1, -1, -1)])
-            if cuda:
-                images = images.pin_memory()  # so that the copy does not wait for the encode in flight
+            # A shard's last batch of a bucket is padded when compiled: the encoder keeps one batch
+            # size. On a GPU the batch is gathered straight into pinned memory, so that its copy
+            # to the device does not wait for the encode in flight.
+            rows = self.batch_size if self.compile else len(batch)
+            images = torch.empty((rows, *batch[0][1].shape), dtype=torch.uint8, pin_memory=cuda)
+            torch.stack([t for _, t, _ in batch], out=images[: len(batch)])
+            images[len(batch):] = images[len(batch) - 1]
             mean, std = self.encode(to_model_range(images.to(device, non_blocking=True)))
             mean = mean[: len(batch)].to("cpu", dtype, non_blocking=True)
             std = std[: len(batch)].to("cpu", dtype, non_blocking=True) if self.store == "dist" else None

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.utils.data as tud
 from PIL import Image
 
 from curate.buckets import (
@@ -297,6 +298,7 @@ def same(a: list[tuple], b: list[tuple]) -> None:
         assert (ta is None and tb is None) or torch.equal(ta, tb)
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
 def test_loader_order_and_content_with_0_and_2_workers(three_shards: list[tuple[int, str]]) -> None:
     buckets = make_buckets(64, 16)
     sequential = []
@@ -315,8 +317,9 @@ def test_loader_order_and_content_with_0_and_2_workers(three_shards: list[tuple[
                 except ValueError as e:
                     sequential.append((shard_id, key, None, {"error": str(e)}))
     assert len(sequential) == 15
-    for workers in (0, 2):
-        got = collect(ShardImageLoader(three_shards, resolution=64, buckets=buckets, workers=workers))
+    # Chunks of 1 and 2 samples cross shard ends at every place; 16 holds a whole shard.
+    for workers, chunk in [(0, 16), (2, 1), (2, 2), (3, 2), (2, 16)]:
+        got = collect(ShardImageLoader(three_shards, resolution=64, buckets=buckets, workers=workers, chunk=chunk))
         same(got, sequential)
     errors = [(k, r["error"]) for _, k, t, r in sequential if t is None]
     assert [k for k, _ in errors] == ["s7k1", "s7k2"] and "cannot decode" in errors[0][1]
@@ -326,14 +329,27 @@ def test_loader_order_and_content_with_0_and_2_workers(three_shards: list[tuple[
 def test_loader_skips_keys_without_decoding_them(three_shards: list[tuple[int, str]]) -> None:
     skip = {7: {"s7k0", "s7k1"}, 9: {"s9k5"}}  # s7k1 is undecodable: skipped, not an error
     only = {3: {"s3k2"}}
-    for workers in (0, 2):
+    for workers, chunk in [(0, 16), (2, 2)]:
         got = collect(ShardImageLoader(three_shards, resolution=64, workers=workers, skip_keys=skip,
-                                       only_keys=only))
+                                       only_keys=only, chunk=chunk))
         assert [k for _, k, _, _ in got] == [f"s{s}k{i}" for s, n in [(3, 5), (7, 4), (9, 6)] for i in range(n)]
         skipped = [k for _, k, t, r in got if r == {"skipped": True} and t is None]
         assert skipped == ["s3k0", "s3k1", "s3k3", "s3k4", "s7k0", "s7k1", "s9k5"]
         assert [k for _, k, t, r in got if "error" in r] == ["s7k2"]
         assert all(t.shape == (3, 64, 64) for _, _, t, _ in got if t is not None)
+
+
+def test_loader_says_what_to_do_when_shared_memory_runs_out(three_shards: list[tuple[int, str]],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(_):  # what torch raises in the main process when a worker cannot share a chunk
+        raise RuntimeError("Caught RuntimeError in DataLoader worker process 0.\n"
+                           "RuntimeError: unable to write to file </torch_1_2_3>: No space left on device (28)")
+        yield
+
+    monkeypatch.setattr(tud.DataLoader, "__iter__", full)
+    with ShardImageLoader(three_shards, resolution=64, workers=2) as loader:
+        with pytest.raises(CurateError, match=r"out of shared memory \(/dev/shm\).*--shm-size"):
+            list(loader.take(3, 5))
 
 
 def test_loader_take_checks_shard_boundaries(three_shards: list[tuple[int, str]]) -> None:

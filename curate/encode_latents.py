@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("curate")
 
 DTYPES = ("bfloat16", "float16")
+
+# Batches queued on the GPU beyond the one it encodes (their inputs and latents stay in memory).
+BATCHES_IN_FLIGHT = 2
 
 
 def _serialize(mean, std) -> bytes:
@@ -240,16 +244,16 @@ class EncodeLatentsStage(Stage):
                     results[key] = (serializer.submit(_serialize, mean[i], None if std is None else std[i]), record)
                 progress(len(batch))
 
-            # While the GPU encodes one batch, this process gathers the next from the decoding
-            # workers and queues it; a batch's latents are read one batch later.
-            in_flight = None
+            # While the GPU encodes, this process gathers the next batches from the decoding
+            # workers and queues them; a batch's latents are read BATCHES_IN_FLIGHT batches later,
+            # so that a slow chunk of images does not leave the GPU idle.
+            in_flight: deque[tuple] = deque()
             for batch in batch_by_bucket(decoded(), self.batch_size):
-                launched = launch(batch)
-                if in_flight is not None:
-                    finish(*in_flight)
-                in_flight = launched
-            if in_flight is not None:
-                finish(*in_flight)
+                in_flight.append(launch(batch))
+                if len(in_flight) > BATCHES_IN_FLIGHT:
+                    finish(*in_flight.popleft())
+            while in_flight:
+                finish(*in_flight.popleft())
             for key in keys:  # the image index's order
                 future, record = results[key]
                 row = {"orig_w": (record.get("orig_size") or [None, None])[0],

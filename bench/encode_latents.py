@@ -14,6 +14,8 @@ the workers, the first CUDA kernels, the final commit). The bare pass is timed w
 3. The stage with its encoder replaced by zeros made on the device: the rate its pipeline
    (reading, decoding, batching, copies, serialising, writing) can feed, and the main
    process's CPU time per image, which on a GPU bounds the stage whatever the encoder.
+4. On the CPU, a stand-in for a GPU: the encoder replaced by a wait of 5 ms per image that
+   uses no CPU. Its stage / bare is against the 200 images/s such an encoder allows.
 
     python bench/encode_latents.py [--images 24] [--resolution 256] [--batch-size 8]
 """
@@ -22,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -65,27 +69,38 @@ class Timing:
     """A run's wall time, and its steady rate: images/s from its first output to its last, which
     leaves out the fixed costs (loading the VAE, starting the workers, the first CUDA kernels,
     the final commit) that a run of millions of images pays once. For the stage, also the main
-    process's CPU time per image while it processes shards (all its threads: gathering, the
-    encoder's launches or, on the CPU, its compute, serialising, writing)."""
+    process's CPU time per image from its first shard on (all its threads: gathering, the
+    encoder's launches or, on the CPU, its compute, serialising, writing, committing)."""
 
     seconds: float
     steady: float
     main_cpu_ms: float | None = None
+    # Median time between two calls of the encoder within a shard, and across a shard's end
+    # (the next shard's first call after the last one of the shard before): what a shard's
+    # end costs an accelerator is the difference.
+    gap_ms: tuple[float, float] | None = None
 
 
 class _TimedStage(EncodeLatentsStage):
-    """The stage, with a timestamp each time a batch of latents is done; with ``free_encoder``
+    """The stage, with a timestamp each time a batch of latents is done. With ``free_encoder``
     the VAE is replaced by zeros of the latents' shape, made on its device: what is left is
-    what the stage's pipeline can feed an encoder (reading, decoding, copies, writing)."""
+    what the stage's pipeline can feed an encoder (reading, decoding, copies, writing). With
+    ``wait_per_image`` too, each batch also waits that many seconds per image without using
+    the CPU: an emulated accelerator of known speed, whose rate the stage should reach."""
 
     marks: list[tuple[float, int]]
-    cpu_seconds: float = 0.0
+    calls: list[tuple[int, float]]  # (shard id, time) of each call of the encoder
+    shard_id: int = -1
+    cpu_start: float | None = None  # the process's CPU time when the first shard started
     free_encoder: bool = False
+    wait_per_image: float = 0.0
 
     def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls.append((self.shard_id, time.perf_counter()))
         if not self.free_encoder:
             return super().encode(pixels)
         b, _, h, w = pixels.shape
+        time.sleep(b * self.wait_per_image)  # as a synchronising GPU call would, it frees the GIL
         down = self.loaded.downsample
         zeros = torch.zeros(b, self.loaded.channels, h // down, w // down, device=pixels.device)
         return zeros, zeros
@@ -95,27 +110,34 @@ class _TimedStage(EncodeLatentsStage):
             self.marks.append((time.perf_counter(), count))
             progress(count)
 
-        start = time.process_time()
-        super().process(task, writer, timed)
-        self.cpu_seconds += time.process_time() - start
+        if self.cpu_start is None:
+            self.cpu_start = time.process_time()
+        self.shard_id = task.shard_id
+        return super().process(task, writer, timed)
 
 
 def stage_run(images: Path, vae: Path, out: Path, resolution: int, batch: int, device: str = "cpu",
-              workers: int = 2, compile: bool = False, free_encoder: bool = False) -> Timing:
+              workers: int = 2, compile: bool = False, free_encoder: bool = False,
+              wait_per_image: float = 0.0) -> Timing:
     shutil.rmtree(out, ignore_errors=True)
     stage = _TimedStage(images, None, out, str(vae), resolution=resolution, batch_size=batch,
                         decode_workers=workers, allow_missing_captions=True,
                         manifest_dir=out / "manifests", device=device, compile=compile)
-    stage.marks, stage.free_encoder = [], free_encoder
+    stage.marks, stage.calls, stage.free_encoder, stage.wait_per_image = [], [], free_encoder, wait_per_image
     start = time.perf_counter()
     run_stage(stage, out, progress=False)
     seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - stage.cpu_start
     if len(stage.marks) < 3:
         raise SystemExit(f"{len(stage.marks)} batches: too few for a steady rate; give more images")
     (first, _), (last, _) = stage.marks[0], stage.marks[-1]
     done = sum(count for _, count in stage.marks)
+    within, across = [], []
+    for (shard_a, a), (shard_b, b) in itertools.pairwise(stage.calls):
+        (within if shard_a == shard_b else across).append(1000 * (b - a))
+    gaps = (statistics.median(within), statistics.median(across)) if within and across else None
     return Timing(seconds, sum(count for _, count in stage.marks[1:]) / (last - first),
-                  1000 * stage.cpu_seconds / done)
+                  1000 * cpu_seconds / done, gaps)
 
 
 def bare_run(src: Path, vae: Path, resolution: int, batch: int, device: str = "cpu") -> tuple[float, dict]:
@@ -218,6 +240,9 @@ def main() -> None:
         print(f"| {label} | {n} | {n / stage.seconds:.2f}, {stage.steady:.2f} | "
               f"{f'{bare_rate:.2f}' if bare_rate else '-'} | {naive_rate} | {versus_bare} | {versus_naive} | "
               f"{stage.main_cpu_ms:.2f} |", flush=True)
+        if stage.gap_ms:
+            print(f"<!-- {label}: between encoder calls, median {stage.gap_ms[0]:.1f} ms within a shard, "
+                  f"{stage.gap_ms[1]:.1f} ms across a shard's end -->", flush=True)
 
     if args.device.startswith("cuda"):
         # The CUDA context and cuDNN load once per process, seconds on a fresh one: before any
@@ -253,6 +278,13 @@ def main() -> None:
         free = stage_run(images, full, tmp / "latents", args.resolution, args.batch_size, args.device,
                          args.decode_workers, free_encoder=True)
         row("the stage, encoder replaced by zeros", n, free, bare_rate, None)
+        if not args.device.startswith("cuda"):
+            # A GPU's stage / bare, emulated on the CPU: an encoder that takes 5 ms per image and
+            # no CPU. The stage should reach its 200 images/s; what it loses is the time its main
+            # process spends on other things while no batch is being encoded.
+            emulated = stage_run(images, full, tmp / "latents", args.resolution, args.batch_size, args.device,
+                                 args.decode_workers, free_encoder=True, wait_per_image=0.005)
+            row("the stage, encoder replaced by a 5 ms/image wait", n, emulated, 200.0, None)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ manifests that `train --shards manifests/long.json` reads: the same shards, one 
 selection each, with the full latent spec.
 
 Decoding and resizing run in DataLoader workers ahead of the encoder; batches hold one
-bucket shape; serialising the results overlaps with encoding the next batch.
+bucket shape; serialising the results overlaps with encoding the next batches, and writing
+a shard and committing it with encoding the next shard.
 """
 
 from __future__ import annotations
@@ -254,7 +255,11 @@ class EncodeLatentsStage(Stage):
                     finish(*in_flight.popleft())
             while in_flight:
                 finish(*in_flight.popleft())
-            for key in keys:  # the image index's order
+
+        def write() -> None:
+            """The shard's samples, in the image index's order; deferred to the commit, which
+            the runner does in the background while the next shard is encoded."""
+            for key in keys:
                 future, record = results[key]
                 row = {"orig_w": (record.get("orig_size") or [None, None])[0],
                        "orig_h": (record.get("orig_size") or [None, None])[1],
@@ -273,6 +278,8 @@ class EncodeLatentsStage(Stage):
                            "json": json.dumps(meta, sort_keys=True).encode()}
                 flags = [] if len(accepted[key]) == len(self.variants) else ["some_captions_missing"]
                 writer.add(key, members, row=row, flags=flags)
+
+        writer.defer(write)
 
     def finalize(self, out_dir: Path, tasks: list[ShardTask]) -> dict[str, Any]:
         written = self.write_manifests(out_dir)

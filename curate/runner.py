@@ -3,7 +3,8 @@
     plan every output shard (deterministic, the same on every worker)
     take this worker's share (--rank/--world-size, torchrun, Slurm)
     skip shards already committed with the same input fingerprint and config
-    process the rest shard by shard, committing each atomically
+    process the rest shard by shard, committing each atomically (in the background,
+        while the next shard is processed)
     when every shard is committed: the stage's final pass, then _stage.json
 
 Scaling out is "launch more workers" (torchrun, Slurm arrays); workers never talk to each
@@ -18,7 +19,9 @@ import logging
 import os
 import platform
 import sys
+import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -82,6 +85,9 @@ class Stage:
         """Called once with this worker's pending shards before processing (e.g. downloads)."""
 
     def process(self, task: ShardTask, writer: ShardWriter, progress: Callable[[int], None]) -> None:
+        """Produce one shard into ``writer``. The runner commits it in a background thread while
+        the next shard is processed; work that can wait for then (writing what was produced)
+        goes to ``writer.defer``, so that an accelerator does not wait for it."""
         raise NotImplementedError
 
     def finalize(self, out_dir: Path, tasks: list[ShardTask]) -> dict[str, Any]:
@@ -209,17 +215,25 @@ def run_stage(
             mininterval=0.5 if sys.stderr.isatty() else 10.0,
             file=sys.stderr,
         )
-        with bar:
+        # One shard is finished and committed in the background while the next is processed; an
+        # error in either stops the run (the executor's exit waits for the one in the background).
+        with bar, ThreadPoolExecutor(1, thread_name_prefix=f"{stage.name}-commit") as committer:
+            committing: Future | None = None
             for task in todo:
                 remove_temporaries(out_dir, task.shard_id)
                 writer = ShardWriter(out_dir, task.shard_id, stage.index_schema, with_tar=stage.with_tar)
                 try:
+                    started = time.perf_counter()
                     stage.process(task, writer, bar.update)
-                    writer.commit(stage=stage.name, fingerprint=task.fingerprint, config_hash=config_hash)
+                    seconds = time.perf_counter() - started
+                    if committing is not None:
+                        result.processed.append(committing.result())
                 except BaseException:
                     writer.abort()
                     raise
-                result.processed.append(task.shard_id)
+                committing = committer.submit(_commit, stage, task, writer, config_hash, seconds)
+            if committing is not None:
+                result.processed.append(committing.result())
 
         # Finish the stage if every worker's shards are in (this one may be the last to end).
         if all(_is_done(open_shard(out_dir, t.shard_id), t, config_hash, fingerprints) for t in tasks):
@@ -230,6 +244,18 @@ def run_stage(
             log.info("%s: other workers' shards are still missing; the last worker to end finishes the stage",
                      stage.name)
     return result
+
+
+def _commit(stage: Stage, task: ShardTask, writer: ShardWriter, config_hash: str, seconds: float) -> int:
+    try:
+        # The shard's own time (its processing, plus its deferred work that commit adds), not the
+        # time it waited behind the next shard's processing.
+        writer.commit(stage=stage.name, fingerprint=task.fingerprint, config_hash=config_hash,
+                      seconds=seconds)
+    except BaseException:
+        writer.abort()
+        raise
+    return task.shard_id
 
 
 def _finish(

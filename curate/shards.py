@@ -22,7 +22,7 @@ import re
 import tarfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -175,6 +175,7 @@ class ShardWriter:
         self.shard_id = shard_id
         self.schema = {**BASE_SCHEMA, **schema}
         self.rows: list[dict[str, Any]] = []
+        self._deferred: list[Callable[[], None]] = []
         self.started = time.perf_counter()
         name = shard_name(shard_id)
         suffix = f".tmp-{os.getpid()}"
@@ -189,6 +190,12 @@ class ShardWriter:
             if self._hashing
             else None
         )
+
+    def defer(self, work: Callable[[], None]) -> None:
+        """Work that finishes this shard (writing what a stage produced) and may wait: ``commit``
+        runs it first, and the runner commits in the background while the next shard is
+        processed."""
+        self._deferred.append(work)
 
     def add(
         self,
@@ -236,7 +243,13 @@ class ShardWriter:
         depends_on: Mapping[str, str] | None = None,
         seconds: float | None = None,
     ) -> Shard:
-        """Flush, fsync and rename: tar first, index last (the index is the commit marker)."""
+        """Run the deferred work, then flush, fsync and rename: tar first, index last (the index
+        is the commit marker). ``seconds``: the shard's time before this call (the deferred
+        work's is added); by default the time since the writer was made."""
+        started = time.perf_counter()
+        while self._deferred:
+            self._deferred.pop(0)()
+        seconds = time.perf_counter() - (self.started if seconds is None else started - seconds)
         df = self.frame()
         tar_bytes = tar_sha = None
         if self._tar is not None:
@@ -251,7 +264,7 @@ class ShardWriter:
             counts=count_rows(df),
             tar_bytes=tar_bytes,
             tar_sha256=tar_sha,
-            seconds=round(time.perf_counter() - self.started if seconds is None else seconds, 4),
+            seconds=round(seconds, 4),
             depends_on=dict(depends_on or {}),
         )
         table = df.to_arrow()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import polars as pl
@@ -102,6 +103,61 @@ def test_failure_mid_shard_leaves_no_visible_shard_and_rerun_completes(tmp_path:
     assert not (tmp_path / "_stage.json").exists()
     result = run_stage(Squares([[2], [4, 6, 8]]), tmp_path, progress=False)
     assert result.skipped == [0] and result.processed == [1] and result.complete
+
+
+class DeferredSquares(Squares):
+    """Squares whose samples are written by deferred work, as encode-latents writes its own."""
+
+    def __init__(self, inputs: list[list[int]], fail_on: int | None = None, fail_writing: int | None = None):
+        super().__init__(inputs, fail_on)
+        self.fail_writing, self.events = fail_writing, []
+
+    def process(self, task, writer, progress):
+        self.events.append(("process", task.shard_id, threading.current_thread().name))
+        if task.shard_id == self.fail_on:
+            raise RuntimeError("boom in process")
+
+        def write():
+            self.events.append(("write", task.shard_id, threading.current_thread().name))
+            if task.shard_id == self.fail_writing:
+                raise RuntimeError("boom in writing")
+            for x in task.payload:
+                writer.add(sample_key(str(x).encode()), {"txt": str(x * x).encode()}, row={"value": x})
+
+        writer.defer(write)
+        progress(len(task.payload))
+
+
+def test_deferred_writing_gives_the_same_shards(tmp_path: Path):
+    inputs = [[2, 4], [6], [8, 10, 12]]
+    stage = DeferredSquares(inputs)
+    result = run_stage(stage, tmp_path / "deferred", progress=False)
+    assert result.complete and result.processed == [0, 1, 2]
+    # Each shard is written after its processing, by the runner's commit thread.
+    main = threading.current_thread().name
+    assert [e for e in stage.events if e[0] == "process"] == [("process", i, main) for i in range(3)]
+    writes = [e for e in stage.events if e[0] == "write"]
+    assert [i for _, i, _ in writes] == [0, 1, 2] and all(t.startswith("squares-commit") for _, _, t in writes)
+    assert stage.events.index(writes[0]) > stage.events.index(("process", 0, main))
+    for shard in committed_shards(tmp_path / "deferred"):
+        assert shard.meta.counts["ok"] == len(inputs[shard.shard_id]) and shard.meta.seconds >= 0
+        assert [k for k, _ in iter_tar_samples(shard.tar_path)] == [sample_key(str(x).encode())
+                                                                   for x in inputs[shard.shard_id]]
+
+
+@pytest.mark.parametrize(("fail_on", "fail_writing", "message"),
+                         [(None, 1, "boom in writing"), (2, None, "boom in process")])
+def test_a_failure_while_a_shard_commits_in_the_background_loses_nothing(tmp_path: Path, fail_on, fail_writing,
+                                                                         message):
+    inputs = [[2], [4], [6], [8]]
+    with pytest.raises(RuntimeError, match=message):
+        run_stage(DeferredSquares(inputs, fail_on=fail_on, fail_writing=fail_writing), tmp_path, progress=False)
+    committed = [s.shard_id for s in committed_shards(tmp_path)]
+    # Shards before the failing one are committed (the one in the background too); none after.
+    assert committed == ([0] if fail_writing == 1 else [0, 1])
+    assert not list(tmp_path.glob(".*tmp-*")), "temporaries are removed on failure"
+    result = run_stage(DeferredSquares(inputs), tmp_path, progress=False)
+    assert result.skipped == committed and result.complete
 
 
 def test_tar_without_index_is_not_a_shard_and_a_mismatched_tar_is_redone(tmp_path: Path):

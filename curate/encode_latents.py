@@ -157,14 +157,19 @@ class EncodeLatentsStage(Stage):
         return keys, originals, accepted
 
     def prepare(self, todo: list[ShardTask]) -> None:
-        from curate.buckets import ShardImageLoader
-        from curate.vae import load_vae
-
-        self.loaded = load_vae(self.vae_name, revision=self.revision, vae_class=self.vae_class,
-                               device=self.device)
         import torch
 
-        if next(self.loaded.model.parameters()).device.type == "cpu" and self.decode_workers:
+        from curate.buckets import ShardImageLoader
+        from curate.runner import default_device
+        from curate.vae import load_vae
+
+        device = torch.device(self.device or default_device())
+        if device.type == "cuda":
+            # The stage's events, streams and pinned copies then belong to this worker's GPU, not
+            # to cuda:0 (every torchrun rank would otherwise also open a context there).
+            torch.cuda.set_device(device)
+        self.loaded = load_vae(self.vae_name, revision=self.revision, vae_class=self.vae_class, device=device)
+        if device.type == "cpu" and self.decode_workers:
             # On a CPU-only machine the decoding workers and the encoder share the cores; more
             # threads than cores makes OpenMP spin and the encoder slows down several times.
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -233,7 +238,7 @@ class EncodeLatentsStage(Stage):
             std = std[: len(batch)].to("cpu", dtype, non_blocking=True) if self.store == "dist" else None
             landed = torch.cuda.Event() if cuda else None
             if landed is not None:
-                landed.record()
+                landed.record(torch.cuda.current_stream(device))
             return batch, mean, std, landed
 
         with ThreadPoolExecutor(1) as serializer:  # safetensors writing overlaps the next batch's encode

@@ -137,6 +137,29 @@ def resolve_share(rank: int | None = None, world_size: int | None = None) -> Wor
     return WorkerShare(rank, world_size)
 
 
+def local_rank() -> int:
+    """This worker's index on its machine: torchrun's LOCAL_RANK, else Slurm's SLURM_LOCALID."""
+    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
+        value = os.environ.get(name, "")
+        if value:
+            return int(value)
+    return 0
+
+
+def default_device() -> str:
+    """``cuda:LOCAL_RANK`` when CUDA is available (one worker per GPU under torchrun or srun),
+    else ``cpu``.
+
+    The local rank is taken modulo the visible GPU count, so a launcher that already narrowed
+    ``CUDA_VISIBLE_DEVICES`` to one GPU per worker (Slurm's ``--gpus-per-task=1``) still works.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{local_rank() % torch.cuda.device_count()}"
+
+
 def package_versions(names: Iterable[str]) -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in names:

@@ -29,7 +29,7 @@ import torch
 
 from curate.manifest import LatentNormalization, LatentSpec
 from curate.models import VAES
-from curate.runner import CurateError
+from curate.runner import CurateError, default_device
 
 if TYPE_CHECKING:
     from diffusers import ModelMixin
@@ -88,7 +88,8 @@ def load_vae(
     """Load an alias (``flux``, ``flux2``, ``repa-e-flux``), a Hub id or a local folder.
 
     The class comes from ``vae_class``, else the alias, else the config's ``_class_name``.
-    ``device`` defaults to CUDA when available; weights stay float32 unless ``dtype`` is given
+    ``device`` defaults to ``cuda:LOCAL_RANK`` when CUDA is available (``default_device``);
+    weights stay float32 unless ``dtype`` is given
     (encoding runs under bf16 autocast on CUDA either way).
     """
     vae_id, subfolder, cls_hint, local = _resolve(name, subfolder, vae_class)
@@ -111,7 +112,7 @@ def load_vae(
         raise VaeError(f"VAE {name!r}: could not load {cls} from {vae_id}: {e}") from e
     model.eval().requires_grad_(False)
     implied = _implied_spec(name, model)  # read while float32, so the bn stats are exact
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device or default_device())
     model.to(device=device)
     if dtype is not None:
         # Module.to, not ModelMixin.to: diffusers warns on every cast of a loaded model, even when

@@ -9,7 +9,15 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from curate.runner import CurateError, ShardTask, Stage, WorkerShare, resolve_share, run_stage
+from curate.runner import (
+    CurateError,
+    ShardTask,
+    Stage,
+    WorkerShare,
+    default_device,
+    resolve_share,
+    run_stage,
+)
 from curate.shards import (
     ShardWriter,
     committed_shards,
@@ -73,6 +81,23 @@ def test_worker_share_from_environment(monkeypatch, env, expected):
     share = resolve_share()
     assert (share.rank, share.world_size) == expected
     assert resolve_share(1, 4) == WorkerShare(1, 4)  # flags win
+
+
+@pytest.mark.parametrize(("env", "expected"), [({}, "cuda:0"), ({"LOCAL_RANK": "3"}, "cuda:3"),
+                                                ({"SLURM_LOCALID": "2"}, "cuda:2"),
+                                                ({"LOCAL_RANK": "5", "SLURM_LOCALID": "0"}, "cuda:1")])
+def test_default_device_is_this_workers_gpu(monkeypatch, env, expected):
+    import torch
+
+    for k in ("LOCAL_RANK", "SLURM_LOCALID"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert default_device() == expected  # torchrun's LOCAL_RANK first, modulo the GPUs visible
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_device() == "cpu"
 
 
 def test_bad_worker_share_is_a_clear_error():

@@ -52,6 +52,8 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
+from curate.runner import default_device
+
 from .base import Captioner, CaptionerError, CaptionRequest, Generation, Sampling
 
 log = logging.getLogger(__name__)
@@ -76,18 +78,6 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 _COMMIT = re.compile(r"snapshots/([0-9a-f]{40})/")
 _COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
-
-
-def default_device() -> str:
-    """``cuda:LOCAL_RANK`` when CUDA is available (one worker per GPU under torchrun), else ``cpu``.
-
-    LOCAL_RANK is taken modulo the visible GPU count, so a launcher that already narrowed
-    ``CUDA_VISIBLE_DEVICES`` to one GPU per worker (Slurm's ``--gpus-per-task=1``) still works.
-    """
-    if not torch.cuda.is_available():
-        return "cpu"
-    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
-    return f"cuda:{local_rank % torch.cuda.device_count()}"
 
 
 def request_seed(sampling: Sampling, key: str) -> int:

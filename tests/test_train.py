@@ -17,7 +17,7 @@ from conftest import REPO
 from latent_data import make_latent_dataset
 from PIL import Image
 
-from train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from train.checkpoint import CHECKPOINT_FORMAT, latest_checkpoint, list_checkpoints, load_checkpoint
 from train.cli import main as train_main
 from train.config import build_config
 from train.metrics import read_metrics
@@ -243,6 +243,26 @@ def test_resume_with_another_config_is_refused(tmp_path: Path, models, dataset, 
         1, 2, 3, 4, 5, 6]
     assert train_main(["--out", str(run), "--resume", "auto", "--preset", "small", "steps=8"]) == 2
     assert "trained with --preset tiny, not small" in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_another_layout_is_refused_with_a_reason(tmp_path: Path, models, dataset, capsys):
+    run = tmp_path / "run"
+    assert run_train(dataset["long"], run, models, steps=2) == 0
+    (_, path), = list_checkpoints(run)
+    state = torch.load(path, weights_only=True)
+    assert state["format"] == CHECKPOINT_FORMAT
+    # As the layout was before formats were recorded: the window also kept its seconds.
+    old = {k: v for k, v in state.items() if k != "format"} | {"window": state["window"] | {"seconds": 1.0}}
+    torch.save(old, path)
+    assert run_train(dataset["long"], run, models, "--resume", "auto", steps=4) == 2
+    assert "written by another version of kiln (checkpoint format unrecorded, this one reads 1)" in (
+        capsys.readouterr().err)
+    torch.save(state | {"format": CHECKPOINT_FORMAT + 1}, path)
+    assert run_train(dataset["long"], run, models, "--resume", "auto", steps=4) == 2
+    assert f"checkpoint format {CHECKPOINT_FORMAT + 1}" in capsys.readouterr().err
+    torch.save({k: v for k, v in state.items() if k != "format"}, path)  # unrecorded, same layout
+    assert run_train(dataset["long"], run, models, "--resume", "auto", steps=4) == 0
+    assert [s for s, _ in list_checkpoints(run)][-1] == 4
 
 
 def _edited(manifest: Path, tmp_path: Path, **changes) -> Path:

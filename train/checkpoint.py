@@ -19,6 +19,10 @@ import torch
 from curate.shards import fsync_dir
 
 CHECKPOINT_DIR = "checkpoints"
+# The layout of a checkpoint's dict; bumped when a key's meaning changes, so that a resume from
+# another layout is refused with a reason instead of failing half-way (checkpoints written
+# before the number was recorded have none).
+CHECKPOINT_FORMAT = 1
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
 
@@ -67,6 +71,17 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which one
         raise CheckpointError(f"cannot load checkpoint {path}: {e}") from None
+
+
+def check_format(state: dict[str, Any], path: str | os.PathLike, window_keys: set[str]) -> None:
+    """Refuse a checkpoint of another layout; ``window_keys``: what the metrics window restores."""
+    found = state.get("format")
+    usable = found == CHECKPOINT_FORMAT or (found is None and set(state.get("window", {})) <= window_keys)
+    if not usable:
+        raise CheckpointError(
+            f"cannot resume {path}: it was written by another version of kiln (checkpoint format "
+            f"{found if found is not None else 'unrecorded'}, this one reads {CHECKPOINT_FORMAT}); "
+            "start a new run with another --out, or delete this run's folder")
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:

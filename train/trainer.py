@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import math
 import os
 import resource
@@ -29,7 +30,14 @@ import torch.distributed as dist
 from curate.manifest import LatentSpec, Manifest, file_sha256, load_manifest
 from curate.vae import model_downsample
 from train import flow
-from train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from train.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    check_format,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from train.config import (
     ConfigError,
     TrainConfig,
@@ -250,6 +258,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
                 if world.main:
                     save_checkpoint(run_dir, done, {
+                        "format": CHECKPOINT_FORMAT,
                         "step": done,
                         "model": model.state_dict(),
                         "optimizer": optimizer.state_dict(),
@@ -441,6 +450,7 @@ def _find_checkpoint(run_dir: Path, resume: str) -> Path | None:
 def _check_resume(state: dict[str, Any], cfg: TrainConfig, manifest_sha: str, fingerprint: dict[str, Any],
                   architecture: dict[str, Any], manifest: Manifest, path: Path) -> None:
     """A resume must continue the same experiment: refuse anything else, naming the difference."""
+    check_format(state, path, window_keys=set(inspect.signature(_Window).parameters) - {"device"})
     changed = differences(from_dict(state["config"]), cfg)
     if changed:
         raise ConfigError(f"cannot resume {path}: the config differs from the run's: "

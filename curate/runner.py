@@ -146,6 +146,17 @@ def local_rank() -> int:
     return 0
 
 
+def local_world_size() -> int:
+    """Workers on this machine: torchrun's LOCAL_WORLD_SIZE, else Slurm's SLURM_NTASKS_PER_NODE
+    (set by ``--ntasks-per-node``), else 1."""
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(name, "")
+        digits = value.split("(")[0].split(",")[0]  # Slurm may write "4(x2)"
+        if digits.isdigit():
+            return int(digits)
+    return 1
+
+
 def default_device() -> str:
     """``cuda:LOCAL_RANK`` when CUDA is available (one worker per GPU under torchrun or srun),
     else ``cpu``.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -98,6 +99,28 @@ def test_default_device_is_this_workers_gpu(monkeypatch, env, expected):
     assert default_device() == expected  # torchrun's LOCAL_RANK first, modulo the GPUs visible
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert default_device() == "cpu"
+
+
+@pytest.mark.parametrize(("env", "parallel", "expected"), [
+    ({"LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "1"}, 2, "2,3"),
+    ({"SLURM_NTASKS_PER_NODE": "4(x2)", "SLURM_LOCALID": "3"}, 1, "3"),
+    ({}, 1, "0,1,2,3"),  # one worker on the machine: vLLM chooses
+    ({"LOCAL_WORLD_SIZE": "4", "LOCAL_RANK": "2"}, 2, None),  # 4 workers x 2 GPUs > 4 GPUs
+])
+def test_vllm_workers_get_their_own_gpus(monkeypatch, env, parallel, expected):
+    from curate.captioners.base import CaptionerError
+    from curate.captioners.vllm_backend import _pin_local_gpus
+
+    for k in ("LOCAL_WORLD_SIZE", "LOCAL_RANK", "SLURM_NTASKS_PER_NODE", "SLURM_LOCALID"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in {**env, "CUDA_VISIBLE_DEVICES": "0,1,2,3"}.items():
+        monkeypatch.setenv(k, v)
+    if expected is None:
+        with pytest.raises(CaptionerError, match="worker 2 of 4 needs 2 GPU"):
+            _pin_local_gpus(parallel)
+    else:
+        _pin_local_gpus(parallel)
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == expected
 
 
 def test_bad_worker_share_is_a_clear_error():

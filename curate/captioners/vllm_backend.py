@@ -7,8 +7,9 @@ everything else (prompts, QA, retries, writing) is the stage's shared, tested co
 schedules its own batches (continuous batching), so ``generate`` hands it every request at
 once.
 
-Under ``torchrun --nproc_per_node N`` each worker's engine is pinned to its own GPU(s) by
-narrowing ``CUDA_VISIBLE_DEVICES`` to the LOCAL_RANK-th slice of ``tensor_parallel_size``
+Under ``torchrun --nproc_per_node N`` (or ``srun --ntasks-per-node N``) each worker's engine
+is pinned to its own GPU(s) by narrowing ``CUDA_VISIBLE_DEVICES`` to the LOCAL_RANK-th (or
+SLURM_LOCALID-th) slice of ``tensor_parallel_size``
 GPUs before vLLM starts its engine process (vLLM otherwise puts every worker on GPU 0).
 vLLM may start that process with ``spawn``, so the calling script must guard its entry point
 with ``if __name__ == "__main__"`` (``python -m curate`` does).
@@ -20,6 +21,9 @@ import importlib.util
 import logging
 import os
 from typing import Any
+
+from curate.runner import local_rank as current_local_rank
+from curate.runner import local_world_size
 
 from .base import Captioner, CaptionerError, CaptionRequest, Generation
 
@@ -46,11 +50,11 @@ def vllm_available() -> bool:
 
 
 def _pin_local_gpus(tensor_parallel_size: int) -> None:
-    """Give this torchrun worker its own slice of the visible GPUs (see the module docstring)."""
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    """Give this torchrun or srun worker its own slice of the visible GPUs (see the module docstring)."""
+    local_world = local_world_size()
     if local_world <= 1:
-        return  # not under torchrun, or one worker per node: vLLM's own choice is right
-    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        return  # not under torchrun or srun, or one worker per node: vLLM's own choice is right
+    local_rank = current_local_rank()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         devices = [d.strip() for d in visible.split(",") if d.strip()]

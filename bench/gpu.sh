@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures, in one short run on a lent GPU machine: under 10 minutes in all. Each script
 # is cut off by `timeout` (rows printed so far are kept): the wheels (about 20 s), the whole
-# encode-latents stage against the bare VAE and the naive loop (bench/encode_latents.py, 200 s),
+# encode-latents stage against the bare VAE, the naive loop and its own pipeline with the
+# encoder replaced by zeros (bench/encode_latents.py, 200 s),
 # the trainer as the prx-1.2b preset runs it (compiled) fed by shards and by memory
 # (bench/gpu_train.py, 230 s), then eager from memory (150 s). The encoder-only figures
 # (bench/gpu_vae.py, in BENCHMARKS.md already) run too with GPU_VAE=1: a further 150 s.

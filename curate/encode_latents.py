@@ -160,10 +160,10 @@ class EncodeLatentsStage(Stage):
         import torch
 
         from curate.buckets import ShardImageLoader
-        from curate.runner import default_device
+        from curate.runner import resolve_device
         from curate.vae import load_vae
 
-        device = torch.device(self.device or default_device())
+        device = resolve_device(self.device)
         if device.type == "cuda":
             # The stage's events, streams and pinned copies then belong to this worker's GPU, not
             # to cuda:0 (every torchrun rank would otherwise also open a context there).

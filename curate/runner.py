@@ -171,6 +171,21 @@ def default_device() -> str:
     return f"cuda:{local_rank() % torch.cuda.device_count()}"
 
 
+def resolve_device(device: Any = None) -> Any:
+    """The ``torch.device`` to run on: ``default_device()`` when none is given, and this
+    worker's GPU for a bare ``cuda`` (torch would read it as the current device, cuda:0 in
+    every worker, and ``torch.cuda.set_device`` refuses a device without an index)."""
+    import torch
+
+    if device is None:
+        return torch.device(default_device())
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        count = torch.cuda.device_count()
+        return torch.device("cuda", local_rank() % count if count else 0)
+    return device
+
+
 def package_versions(names: Iterable[str]) -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in names:

@@ -29,7 +29,7 @@ import torch
 
 from curate.manifest import LatentNormalization, LatentSpec
 from curate.models import VAES
-from curate.runner import CurateError, default_device
+from curate.runner import CurateError, resolve_device
 
 if TYPE_CHECKING:
     from diffusers import ModelMixin
@@ -112,7 +112,7 @@ def load_vae(
         raise VaeError(f"VAE {name!r}: could not load {cls} from {vae_id}: {e}") from e
     model.eval().requires_grad_(False)
     implied = _implied_spec(name, model)  # read while float32, so the bn stats are exact
-    device = torch.device(device or default_device())
+    device = resolve_device(device)
     model.to(device=device)
     if dtype is not None:
         # Module.to, not ModelMixin.to: diffusers warns on every cast of a loaded model, even when

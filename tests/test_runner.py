@@ -16,6 +16,7 @@ from curate.runner import (
     Stage,
     WorkerShare,
     default_device,
+    resolve_device,
     resolve_share,
     run_stage,
 )
@@ -97,8 +98,11 @@ def test_default_device_is_this_workers_gpu(monkeypatch, env, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert default_device() == expected  # torchrun's LOCAL_RANK first, modulo the GPUs visible
+    # A bare "cuda" is this worker's GPU too (torch would take cuda:0, and set_device refuses it).
+    assert resolve_device(None) == resolve_device("cuda") == torch.device(expected)
+    assert resolve_device("cuda:2") == torch.device("cuda:2") and resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert default_device() == "cpu"
+    assert default_device() == "cpu" and resolve_device(None) == torch.device("cpu")
 
 
 @pytest.mark.parametrize(("env", "parallel", "expected"), [

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from curate.manifest import LatentSpec, Manifest, file_sha256, load_manifest
+from curate.runner import resolve_device
 from curate.vae import model_downsample
 from train import flow
 from train.checkpoint import (
@@ -149,7 +150,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
     ddp_model = model
     if world.world_size > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[world.local_rank] if world.device.type == "cuda" else None,
+            model, device_ids=[world.device.index] if world.device.type == "cuda" else None,
             gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets: one copy less
     if cfg.compile:
         ddp_model = torch.compile(ddp_model)
@@ -304,9 +305,8 @@ def setup_world(device: str = "auto") -> World:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    # auto: cuda:LOCAL_RANK when CUDA is available; a bare "cuda" is this rank's GPU as well.
+    dev = resolve_device(None if device == "auto" else device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast may use TF32

@@ -52,7 +52,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-from curate.runner import default_device
+from curate.runner import default_device, resolve_device
 
 from .base import Captioner, CaptionerError, CaptionRequest, Generation, Sampling
 
@@ -243,7 +243,7 @@ class TransformersCaptioner(Captioner):
         # from_pretrained does not expand "~"; a Hub id never starts with it.
         self.model_id = os.path.expanduser(model) if str(model).startswith("~") else str(model)
         self.batch_size = int(batch_size)
-        self.device = torch.device(device or default_device())
+        self.device = resolve_device(device)
         if self.device.type == "cuda":
             # Kernels that use the "current" device (flash-attn, some processors) must agree.
             torch.cuda.set_device(self.device)

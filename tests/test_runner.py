@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import tarfile
 import threading
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from curate.runner import (
 )
 from curate.shards import (
     ShardWriter,
+    _tarinfo,
     committed_shards,
     iter_tar_samples,
     open_shard,
@@ -244,6 +247,21 @@ def test_reject_samples_rewrites_tar_and_index(tmp_path: Path):
     assert rows[1]["reason"] == "duplicate" and rows[1]["detail"] == "same as elsewhere"
     assert new.meta.counts["reasons"] == {"duplicate": 1}
     assert new.meta.depends_on == {"7": "fp7"} and new.intact()
+
+
+def test_tars_are_byte_for_byte_what_tarfile_writes(tmp_path: Path):
+    members = [("a.txt", b""), ("b" * 40 + ".latent.safetensors", bytes(range(256)) * 300),
+               ("c.json", b"{}" * 256), ("d" * 96 + ".txt", b"x"), ("é-ü.txt", b"\xff" * 511),
+               ("p/" * 30 + "long" * 20 + ".txt", b"split into prefix and name")]  # over 100 bytes
+    for count in (0, 1, len(members)):
+        writer = ShardWriter(tmp_path / f"ours-{count}", 0, {})
+        with tarfile.open(tmp_path / f"tarfile-{count}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+            for name, data in members[:count]:
+                key, ext = name.rsplit(".", 1)
+                writer.write_members(key, {ext: data})
+                tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+        shard = writer.commit(stage="t", fingerprint="f", config_hash="h")
+        assert shard.tar_path.read_bytes() == (tmp_path / f"tarfile-{count}.tar").read_bytes()
 
 
 def test_identical_samples_give_byte_identical_tars(tmp_path: Path):

@@ -28,6 +28,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/ingest.py
 	$(PY) bench/recaption.py
 	$(PY) bench/encode_latents.py
+	$(PY) bench/shard_writer.py
 	$(PY) bench/train.py
 
 clean-demo:

@@ -157,18 +157,21 @@ def local_world_size() -> int:
     return 1
 
 
-def default_device() -> str:
-    """``cuda:LOCAL_RANK`` when CUDA is available (one worker per GPU under torchrun or srun),
-    else ``cpu``.
-
-    The local rank is taken modulo the visible GPU count, so a launcher that already narrowed
-    ``CUDA_VISIBLE_DEVICES`` to one GPU per worker (Slurm's ``--gpus-per-task=1``) still works.
-    """
+def _local_gpu() -> Any:
+    # The local rank modulo the visible GPUs, so that a launcher that already narrowed
+    # CUDA_VISIBLE_DEVICES to one GPU per worker (Slurm's --gpus-per-task=1) still works.
     import torch
 
-    if not torch.cuda.is_available():
-        return "cpu"
-    return f"cuda:{local_rank() % torch.cuda.device_count()}"
+    count = torch.cuda.device_count()
+    return torch.device("cuda", local_rank() % count if count else 0)
+
+
+def default_device() -> str:
+    """``cuda:LOCAL_RANK`` when CUDA is available (one worker per GPU under torchrun or srun),
+    else ``cpu``; the local rank is taken modulo the GPUs visible."""
+    import torch
+
+    return str(_local_gpu()) if torch.cuda.is_available() else "cpu"
 
 
 def resolve_device(device: Any = None) -> Any:
@@ -180,10 +183,7 @@ def resolve_device(device: Any = None) -> Any:
     if device is None:
         return torch.device(default_device())
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        count = torch.cuda.device_count()
-        return torch.device("cuda", local_rank() % count if count else 0)
-    return device
+    return _local_gpu() if device.type == "cuda" and device.index is None else device
 
 
 def package_versions(names: Iterable[str]) -> dict[str, str]:

@@ -134,7 +134,12 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-_USTAR_TEMPLATE = _tarinfo("", 0).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+def _tarfile_header(name: str, size: int) -> bytes:
+    """What ``tarfile`` writes before a ``_tarinfo(name, size)`` member of a USTAR tar."""
+    return _tarinfo(name, size).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+
+
+_USTAR_TEMPLATE = _tarfile_header("", 0)
 _NAME, _SIZE, _CHKSUM = slice(0, 100), slice(124, 136), slice(148, 156)  # header fields
 # The template's byte sum without name, size and checksum, plus the checksum field as spaces.
 _TEMPLATE_SUM = (sum(_USTAR_TEMPLATE) - sum(_USTAR_TEMPLATE[_NAME]) - sum(_USTAR_TEMPLATE[_SIZE])
@@ -147,7 +152,7 @@ def _member_header(name: str, size: int) -> bytes:
     sizes over 8 GiB go through tarfile (a split name, or its error)."""
     encoded = name.encode("utf-8", "surrogateescape")
     if len(encoded) > 100 or size >= 8**11:
-        return _tarinfo(name, size).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+        return _tarfile_header(name, size)
     name_field = encoded.ljust(100, tarfile.NUL)
     size_field = b"%011o\0" % size
     checksum = _TEMPLATE_SUM + sum(name_field) + sum(size_field)

@@ -71,8 +71,7 @@ class TrainingError(RuntimeError):
 class World:
     rank: int
     world_size: int
-    local_rank: int
-    device: torch.device
+    device: torch.device  # this rank's GPU (cuda:LOCAL_RANK) or the CPU
 
     @property
     def main(self) -> bool:
@@ -304,7 +303,6 @@ def setup_world(device: str = "auto") -> World:
     """torchrun's environment (NCCL on GPUs, gloo on CPUs), or one local process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     # auto: cuda:LOCAL_RANK when CUDA is available; a bare "cuda" is this rank's GPU as well.
     dev = resolve_device(None if device == "auto" else device)
     if dev.type == "cuda":
@@ -313,7 +311,7 @@ def setup_world(device: str = "auto") -> World:
         torch.backends.cudnn.allow_tf32 = True
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return World(rank, world_size, local_rank, dev)
+    return World(rank, world_size, dev)
 
 
 class StopRequest:

@@ -3,9 +3,11 @@
 # is cut off by `timeout` (rows printed so far are kept): the wheels (about 20 s), the whole
 # encode-latents stage against the bare VAE, the naive loop and its own pipeline with the
 # encoder replaced by zeros (bench/encode_latents.py, 200 s),
-# the trainer as the prx-1.2b preset runs it (compiled) fed by shards and by memory
-# (bench/gpu_train.py, 230 s), then eager from memory (150 s). The encoder-only figures
-# (bench/gpu_vae.py, in BENCHMARKS.md already) run too with GPU_VAE=1: a further 150 s.
+# then, with GPU_TRAIN=1, the trainer as the prx-1.2b preset runs it (compiled) fed by shards
+# and by memory (bench/gpu_train.py, 230 s) and eager from memory (150 s). The encoder-only
+# figures (bench/gpu_vae.py) run too with GPU_VAE=1: a further 150 s. BENCHMARKS.md holds the
+# trainer's and the encoder-only figures already (session 3), so by default only the first
+# part runs: about 4 minutes with the machine's start.
 #
 # Those machines have torch 2.11, transformers 5.17, safetensors, pyyaml, pyarrow, numpy, tqdm,
 # pillow and tensorboard (the benchmarks turn it off anyway: log.tensorboard=false), but not
@@ -34,8 +36,14 @@ if compgen -G ".carry/*.whl" >/dev/null; then
     timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/kiln-site .carry/*.whl
     export PYTHONPATH="/tmp/kiln-site${PYTHONPATH:+:$PYTHONPATH}"
-else
-    "$PY" -m pip install -q diffusers webdataset polars pydantic ftfy  # a machine with an index
+elif ! "$PY" -c "import diffusers, polars, pydantic, webdataset, ftfy" 2>/dev/null; then
+    # A lent machine reaches no index, and pip's retries would spend minutes of its time: fail
+    # at once there. Elsewhere (a GPU box of your own) this installs what is missing.
+    timeout 120 "$PY" -m pip install -q --retries 0 --timeout 10 diffusers webdataset polars pydantic ftfy || {
+        echo "no wheels in .carry/ and no package index: fill .carry/ (the command at the top of" \
+             "bench/gpu.sh) and name it in the run's carry" >&2
+        exit 3
+    }
 fi
 "$PY" -c "import torch, transformers, diffusers, polars, pydantic, webdataset, ftfy; print('torch', \
 torch.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__, \
@@ -50,7 +58,7 @@ fi
 timeout -k 10 200 "$PY" bench/encode_latents.py --device cuda --images 2048 --tiny-images 1024 \
     --batch-size 32 --decode-workers 8 --compile | tee "$OUT/gpu_encode_latents.md" \
     || echo "bench/encode_latents.py stopped early (exit $?)"
-if [ "${GPU_TRAIN:-1}" = 1 ]; then  # GPU_TRAIN=0: the encode-latents figures alone
+if [ "${GPU_TRAIN:-0}" = 1 ]; then  # GPU_TRAIN=1: the trainer's figures too (BENCHMARKS.md has them)
     # As the preset runs (compiled; 3 warm-up steps hold the compiling), then eager from memory.
     timeout -k 10 230 "$PY" bench/gpu_train.py --steps 8 | tee "$OUT/gpu_train.md" \
         || echo "bench/gpu_train.py stopped early (exit $?)"

@@ -100,13 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder")
     # An H100 encodes about 500 images/s at 256 px; one worker decodes and resizes 100-200.
     p.add_argument("--decode-workers", type=int, default=min(8, _default_workers()),
-                   help="DataLoader processes decoding and resizing images (default: up to 8, "
-                        "one per core of this rank)")
+                   help="DataLoader processes decoding and resizing images (one per core of this rank, "
+                        "at most 8, by default)")
     p.add_argument("--allow-missing-captions", action="store_true",
                    help="keep images without an accepted caption (their original caption is still stored)")
     p.add_argument("--manifest-dir", default="manifests", help="where long.json, short.json and mix.json go")
     p.add_argument("--name", default=None, help="prefix of the manifest names (NAME-long.json)")
-    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    p.add_argument("--device", default=None, help="None: cuda:LOCAL_RANK if available, else cpu")
     _add_worker_args(p)
 
     p = sub.add_parser("stats", help="totals and rejection reasons of a stage output")

@@ -163,6 +163,15 @@ class EncodeLatentsStage(Stage):
         from curate.runner import resolve_device
         from curate.vae import load_vae
 
+        skip = {}
+        for task in todo:
+            keys, _, accepted = self._captions(task)
+            skip[task.shard_id] = {k for k in keys if self._missing_caption(accepted[k])}
+        buckets = self.bucket_table() if self.use_buckets else None
+        # The decoding workers start first: they fill their queues while the VAE loads (and the
+        # workers fork from a process that holds no model yet).
+        self.loader = ShardImageLoader([(t.shard_id, t.payload[1]) for t in todo], resolution=self.resolution,
+                                       buckets=buckets, workers=self.decode_workers, skip_keys=skip)
         device = resolve_device(self.device)
         if device.type == "cuda":
             # The stage's events, streams and pinned copies then belong to this worker's GPU, not
@@ -179,13 +188,6 @@ class EncodeLatentsStage(Stage):
             # symbolic sides (torch's automatic dynamic shapes), where static shapes would compile
             # each bucket (17 at 256 px) and stop compiling at dynamo's limit of 8.
             self.loaded.model.encoder = torch.compile(self.loaded.model.encoder)
-        skip = {}
-        for task in todo:
-            keys, _, accepted = self._captions(task)
-            skip[task.shard_id] = {k for k in keys if self._missing_caption(accepted[k])}
-        buckets = self.bucket_table() if self.use_buckets else None
-        self.loader = ShardImageLoader([(t.shard_id, t.payload[1]) for t in todo], resolution=self.resolution,
-                                       buckets=buckets, workers=self.decode_workers, skip_keys=skip)
 
     def _missing_caption(self, accepted: dict[str, str]) -> bool:
         return bool(self.variants) and not accepted and not self.allow_missing_captions

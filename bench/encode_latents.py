@@ -10,7 +10,9 @@ the workers, the first CUDA kernels, the final commit). The bare pass is timed w
    architecture, randomly initialised, so that compute dominates as it does in practice.
 2. Stage / naive: against the loop people write first: for each image, open, transform,
    encode alone, `torch.save` one file. With the tiny VAE (per-image overheads dominate)
-   and with the full-size one.
+   and with the full-size one. Then both again with the full-size VAE's weights in bf16
+   (``--vae-dtype bfloat16``; ``--vae-dtypes`` picks), against the bare pass with those
+   weights (the naive loop stays float32).
 3. The stage with its encoder replaced by zeros made on the device: the rate its pipeline
    (reading, decoding, batching, copies, serialising, writing) can feed, and the main
    process's CPU time per image, which on a GPU bounds the stage whatever the encoder.
@@ -118,11 +120,11 @@ class _TimedStage(EncodeLatentsStage):
 
 def stage_run(images: Path, vae: Path, out: Path, resolution: int, batch: int, device: str = "cpu",
               workers: int = 2, compile: bool = False, free_encoder: bool = False,
-              wait_per_image: float = 0.0) -> Timing:
+              wait_per_image: float = 0.0, vae_dtype: str = "float32") -> Timing:
     shutil.rmtree(out, ignore_errors=True)
     stage = _TimedStage(images, None, out, str(vae), resolution=resolution, batch_size=batch,
                         decode_workers=workers, allow_missing_captions=True,
-                        manifest_dir=out / "manifests", device=device, compile=compile)
+                        manifest_dir=out / "manifests", device=device, compile=compile, vae_dtype=vae_dtype)
     stage.marks, stage.calls, stage.free_encoder, stage.wait_per_image = [], [], free_encoder, wait_per_image
     start = time.perf_counter()
     run_stage(stage, out, progress=False)
@@ -140,10 +142,12 @@ def stage_run(images: Path, vae: Path, out: Path, resolution: int, batch: int, d
                   1000 * cpu_seconds / done, gaps)
 
 
-def bare_run(src: Path, vae: Path, resolution: int, batch: int, device: str = "cpu") -> tuple[float, dict]:
+def bare_run(src: Path, vae: Path, resolution: int, batch: int, device: str = "cpu",
+             vae_dtype: str = "float32") -> tuple[float, dict]:
     """The VAE forward pass alone on pre-decoded tensors, as the stage runs it (encode_batch:
-    bf16 autocast and channels_last on CUDA); also the means of the first batch, by key."""
-    loaded = load_vae(str(vae), device=device)
+    on CUDA channels_last, and bf16 autocast for float32 weights); also the means of the first
+    batch, by key."""
+    loaded = load_vae(str(vae), device=device, dtype=None if vae_dtype == "float32" else getattr(torch, vae_dtype))
     pixels = [preprocess(p.read_bytes(), resolution=resolution)[0] for p in sorted(src.glob("*.jpg"))]
     batches = [to_model_range(torch.stack(pixels[i: i + batch])).to(device) for i in range(0, len(pixels), batch)]
     first = encode_batch(loaded, batches[0])[0].to("cpu", torch.bfloat16)  # also the warm-up
@@ -222,6 +226,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cuda on a GPU machine (bench/gpu.sh)")
     parser.add_argument("--decode-workers", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time the stage with --compile")
+    parser.add_argument("--vae-dtypes", default="float32,bfloat16",
+                        help="the full-size VAE's weights (--vae-dtype) to time, comma-separated")
     args = parser.parse_args()
     where = (torch.cuda.get_device_name() if args.device.startswith("cuda")
              else f"CPU ({len(os.sched_getaffinity(0))} cores, {platform.machine()})")
@@ -250,6 +256,7 @@ def main() -> None:
         x = torch.zeros(1, 3, 8, 8, device=args.device)
         torch.nn.functional.conv2d(x, torch.zeros(4, 3, 3, 3, device=args.device))
         _sync(args.device)
+    vae_dtypes = [d for d in args.vae_dtypes.split(",") if d != "float32"]  # float32: the first row, always
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         full = full_size_flux_vae(tmp / "flux-full")
@@ -272,6 +279,14 @@ def main() -> None:
                 compiled = stage_run(images, vae, tmp / "latents", args.resolution, args.batch_size,
                                      args.device, args.decode_workers, compile=True)
                 row(f"{label}, --compile", n, compiled, bare_rate, naive)
+            for vae_dtype in vae_dtypes if vae == full else ():
+                # Other weights, against the bare pass with the same weights; the naive loop
+                # stays float32, as people write it.
+                other = stage_run(images, vae, tmp / "latents", args.resolution, args.batch_size, args.device,
+                                  args.decode_workers, vae_dtype=vae_dtype)
+                bare, expected = bare_run(src, vae, args.resolution, args.batch_size, args.device, vae_dtype)
+                check_stage_output(tmp / "latents", expected)
+                row(f"{label}, --vae-dtype {vae_dtype}", n, other, n / bare, naive)
         # What the pipeline feeds when the encoder costs nothing (the full-size VAE's latent
         # shape, the tiny runs' images): above the bare rate, the encoder is what limits the
         # stage; near the stage's own rate, the pipeline is.

@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", choices=["dist", "mean"], default="dist",
                    help="dist: mean and std, training samples a fresh latent each epoch; mean: the mean only")
     p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16", help="stored latent dtype")
+    p.add_argument("--vae-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="VAE weights. float32: bf16 autocast on a GPU, GroupNorm in float32; bfloat16: every "
+                        "op in bf16, as diffusers' Flux pipelines run it (less memory traffic)")
     p.add_argument("--batch-size", type=int, default=32, help="images per VAE forward")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder")
     # An H100 encodes about 500 images/s at 256 px; one worker decodes and resizes 100-200.
@@ -189,8 +192,8 @@ def cmd_encode_latents(args: argparse.Namespace) -> int:
     stage = EncodeLatentsStage(
         args.images, args.captions, args.out, args.vae, revision=args.revision, vae_class=args.vae_class,
         resolution=args.resolution, buckets=args.buckets, bucket_multiple=args.bucket_multiple, store=args.store,
-        dtype=args.dtype, batch_size=args.batch_size, compile=args.compile, decode_workers=args.decode_workers,
-        allow_missing_captions=args.allow_missing_captions, manifest_dir=args.manifest_dir, name=args.name,
+        dtype=args.dtype, vae_dtype=args.vae_dtype, batch_size=args.batch_size, compile=args.compile,
+        decode_workers=args.decode_workers, allow_missing_captions=args.allow_missing_captions, manifest_dir=args.manifest_dir, name=args.name,
         device=args.device,
     )
     return _run(stage, args, share)

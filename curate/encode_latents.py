@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("curate")
 
-DTYPES = ("bfloat16", "float16")
+DTYPES = ("bfloat16", "float16")  # stored latents
+VAE_DTYPES = ("float32", "bfloat16")  # the VAE's weights (float32: bf16 autocast on a GPU)
 
 # Batches queued on the GPU beyond the one it encodes (their inputs and latents stay in memory).
 BATCHES_IN_FLIGHT = 2
@@ -66,13 +67,15 @@ class EncodeLatentsStage(Stage):
     def __init__(self, images_dir: str | Path, captions_dir: str | Path | None, out_dir: str | Path, vae: str, *,
                  revision: str | None = None, vae_class: str | None = None, resolution: int = 256,
                  buckets: bool = False, bucket_multiple: int = 16, store: str = "dist", dtype: str = "bfloat16",
-                 batch_size: int = 32, compile: bool = False, decode_workers: int = 2,
-                 allow_missing_captions: bool = False, manifest_dir: str | Path = "manifests",
+                 vae_dtype: str = "float32", batch_size: int = 32, compile: bool = False,
+                 decode_workers: int = 2, allow_missing_captions: bool = False, manifest_dir: str | Path = "manifests",
                  name: str | None = None, device: str | None = None):
         if store not in ("dist", "mean"):
             raise CurateError(f"--store must be dist or mean, not {store!r}")
         if dtype not in DTYPES:
             raise CurateError(f"--dtype must be one of {DTYPES}, not {dtype!r}")
+        if vae_dtype not in VAE_DTYPES:
+            raise CurateError(f"--vae-dtype must be one of {VAE_DTYPES}, not {vae_dtype!r}")
         if resolution % bucket_multiple:
             raise CurateError(f"--resolution {resolution} must be a multiple of {bucket_multiple}")
         self.images_dir, self.out_dir = Path(images_dir), Path(out_dir)
@@ -80,6 +83,7 @@ class EncodeLatentsStage(Stage):
         self.vae_name, self.revision, self.vae_class = vae, revision, vae_class
         self.resolution, self.use_buckets, self.bucket_multiple = resolution, buckets, bucket_multiple
         self.store, self.dtype, self.batch_size, self.compile = store, dtype, batch_size, compile
+        self.vae_dtype = vae_dtype
         self.decode_workers, self.allow_missing_captions = decode_workers, allow_missing_captions
         self.manifest_dir, self.manifest_name, self.device = Path(manifest_dir), name, device
         self.variants = self._caption_variants()
@@ -112,14 +116,15 @@ class EncodeLatentsStage(Stage):
         return {"vae": self.vae_name, "revision": self.revision, "vae_class": self.vae_class,
                 "local_vae_files": local_fingerprint(self.vae_name),
                 "resolution": self.resolution, "buckets": self.bucket_table(), "store": self.store,
-                "dtype": self.dtype, "variants": self.variants, "draft_jpeg_decoding": True,
+                "dtype": self.dtype, "vae_dtype": self.vae_dtype, "variants": self.variants, "draft_jpeg_decoding": True,
                 "allow_missing_captions": self.allow_missing_captions}
 
     def provenance(self) -> dict[str, Any]:
         out = {"images": str(self.images_dir.resolve()),
                "captions": str(self.captions_dir.resolve()) if self.captions_dir else None}
         if self.loaded is not None:
-            out |= {"vae_id": self.loaded.id, "vae_class": self.loaded.cls, "vae_revision": self.loaded.revision}
+            out |= {"vae_id": self.loaded.id, "vae_class": self.loaded.cls, "vae_revision": self.loaded.revision,
+                    "vae_dtype": self.vae_dtype}
         return out
 
     def plan(self) -> list[ShardTask]:
@@ -177,7 +182,8 @@ class EncodeLatentsStage(Stage):
             # The stage's events, streams and pinned copies then belong to this worker's GPU, not
             # to cuda:0 (every torchrun rank would otherwise also open a context there).
             torch.cuda.set_device(device)
-        self.loaded = load_vae(self.vae_name, revision=self.revision, vae_class=self.vae_class, device=device)
+        self.loaded = load_vae(self.vae_name, revision=self.revision, vae_class=self.vae_class, device=device,
+                               dtype=None if self.vae_dtype == "float32" else getattr(torch, self.vae_dtype))
         if device.type == "cpu" and self.decode_workers:
             # On a CPU-only machine the decoding workers and the encoder share the cores; more
             # threads than cores makes OpenMP spin and the encoder slows down several times.
@@ -316,7 +322,7 @@ class EncodeLatentsStage(Stage):
         provenance = {"images": self._stage_summary(self.images_dir),
                       "captions": self._stage_summary(self.captions_dir) if self.captions_dir else None,
                       "latents": {"path": str(out_dir.resolve()), "vae": loaded.id, "vae_class": loaded.cls,
-                                  "revision": loaded.revision}}
+                                  "revision": loaded.revision, "vae_dtype": self.vae_dtype}}
         written = []
         self.manifest_dir.mkdir(parents=True, exist_ok=True)
         for selection_name, weights in self.caption_selections().items():

@@ -89,8 +89,8 @@ def load_vae(
 
     The class comes from ``vae_class``, else the alias, else the config's ``_class_name``.
     ``device`` defaults to ``cuda:LOCAL_RANK`` when CUDA is available (``default_device``);
-    weights stay float32 unless ``dtype`` is given
-    (encoding runs under bf16 autocast on CUDA either way).
+    weights stay float32 unless ``dtype`` is given. On CUDA, float32 weights encode and decode
+    under bf16 autocast (GroupNorm in float32); bf16 weights run every op in bf16.
     """
     vae_id, subfolder, cls_hint, local = _resolve(name, subfolder, vae_class)
     if local and revision is not None:
@@ -255,11 +255,10 @@ def encode_batch(loaded: LoadedVae, pixels: torch.Tensor) -> tuple[torch.Tensor,
     autoencoder (no ``latent_dist``) gives its latent and a zero std.
     """
     model = loaded.model
-    cuda = model.device.type == "cuda"
     x = pixels.to(device=model.device, dtype=model.dtype, non_blocking=True)
-    if cuda:
+    if model.device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+    with torch.inference_mode(), _autocast(model):
         out = model.encode(x)
         dist = getattr(out, "latent_dist", None)
         mean = out.latent if dist is None else dist.mean
@@ -272,13 +271,22 @@ def decode_to_images(
 ) -> torch.Tensor:
     """Denoiser-space latents -> images [B,3,H,W] in [0, 1], float32, on the VAE's device."""
     model = vae.model if isinstance(vae, LoadedVae) else vae
-    cuda = model.device.type == "cuda"
     z = from_model_output(x_model_space, spec).to(device=model.device, dtype=model.dtype)
-    if cuda:
+    if model.device.type == "cuda":
         z = z.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+    with torch.inference_mode(), _autocast(model):
         images = model.decode(z, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def _autocast(model: ModelMixin) -> torch.autocast:
+    # float32 weights run under bf16 autocast on a GPU: convolutions and attention in bf16, but
+    # autocast runs GroupNorm (and the std's exp) in float32, so every norm and the SiLU after it
+    # read and write float32 activations. Weights loaded in bf16 (load_vae's dtype) run every op
+    # in bf16, as diffusers' Flux pipelines run their VAE: autocast would cast each GroupNorm's
+    # input back to float32, so it is off for them.
+    enabled = model.device.type == "cuda" and model.dtype == torch.float32
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled)
 
 
 # --------------------------------------------------------------------------- pure tensor functions

@@ -137,6 +137,28 @@ def test_three_manifests_differ_only_in_caption_selection(data, vaes, tmp_path: 
     assert prov["images"]["stage"] == "ingest" and prov["captions"]["config"]["model"] == "scripted/model"
 
 
+def _stored_means(out: Path) -> dict[str, torch.Tensor]:
+    return {key: load_safetensors(members["latent.safetensors"])["mean"].float()
+            for shard in committed_shards(out) for key, members in iter_tar_samples(shard.tar_path)}
+
+
+def test_bf16_vae_weights_are_recorded_and_stay_within_bf16_rounding(data, vaes, tmp_path: Path):
+    with pytest.raises(CurateError, match="--vae-dtype must be one of"):
+        encode_stage(data, vaes["flux2"], tmp_path / "x", tmp_path / "m", vae_dtype="float16")
+    means = {}
+    for vae_dtype in ("float32", "bfloat16"):
+        out, manifests = tmp_path / vae_dtype, tmp_path / f"manifests-{vae_dtype}"
+        result = run_stage(encode_stage(data, vaes["flux2"], out, manifests, vae_dtype=vae_dtype), out,
+                           progress=False)
+        assert result.summary["config"]["vae_dtype"] == vae_dtype  # in the config hash: a change re-encodes
+        assert result.summary["provenance"]["vae_dtype"] == vae_dtype
+        assert load_manifest(manifests / "long.json").provenance["latents"]["vae_dtype"] == vae_dtype
+        means[vae_dtype] = _stored_means(out)
+    assert means["float32"].keys() == means["bfloat16"].keys() and len(means["float32"]) == 8
+    for key, want in means["float32"].items():
+        assert float((means["bfloat16"][key] - want).norm() / want.norm()) < 0.03, key
+
+
 def test_missing_or_changed_shard_is_a_clear_error(data, vaes, tmp_path: Path):
     out, manifests = tmp_path / "latents", tmp_path / "manifests"
     run_stage(encode_stage(data, vaes["flux"], out, manifests), out, progress=False)

@@ -222,6 +222,45 @@ def test_decode_through_spec_equals_direct(vaes: dict[str, LoadedVae], kind: str
     assert torch.equal(drawn, dist.sample(generator=torch.Generator().manual_seed(4)))
 
 
+def _group_norm_output_dtypes(model: torch.nn.Module, run) -> set[torch.dtype]:
+    seen: set[torch.dtype] = set()
+    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
+             for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["flux", "flux2"])
+def test_bf16_weights_encode_in_bf16_close_to_float32(vaes: dict[str, LoadedVae], vae_dirs: dict[str, Path],
+                                                      kind: str) -> None:
+    """--vae-dtype bfloat16: every op in bf16, the latents within bf16 rounding of float32's."""
+    pixels = images(seed=7)
+    want_mean, want_std = encode_batch(vaes[kind], pixels)
+    loaded = load_vae(str(vae_dirs[kind]), device="cpu", dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    got: list[torch.Tensor] = []
+    norms = _group_norm_output_dtypes(loaded.model, lambda: got.extend(encode_batch(loaded, pixels)))
+    assert norms == {torch.bfloat16}
+    mean, std = got
+    assert mean.dtype == std.dtype == torch.float32  # what the stage stores from, as with float32
+    assert float((mean - want_mean).norm() / want_mean.norm()) < 0.03
+    assert float((std - want_std).norm() / want_std.norm()) < 0.03
+    # Its spec is the float32 model's: the weights' dtype changes no latent-space constant.
+    assert spec_of(loaded) == spec_of(vaes[kind])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_float32_weights_autocast_and_bf16_weights_do_not(vae_dirs: dict[str, Path]) -> None:
+    pixels = images(seed=8).cuda()
+    for dtype, norm_dtype in ((None, torch.float32), (torch.bfloat16, torch.bfloat16)):
+        loaded = load_vae(str(vae_dirs["flux"]), device="cuda", dtype=dtype)
+        assert _group_norm_output_dtypes(loaded.model, lambda v=loaded: encode_batch(v, pixels)) == {norm_dtype}
+
+
 @pytest.mark.parametrize("kind", ["flux", "flux2"])
 def test_bf16_storage(vaes: dict[str, LoadedVae], kind: str) -> None:
     loaded, pixels = vaes[kind], images(seed=5)

@@ -161,6 +161,23 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)))
 
 
+def gather_batch(images: list[torch.Tensor], rows: int | None = None, pin_memory: bool = False) -> torch.Tensor:
+    """``images`` (uint8, one shape) stacked into one new [rows, ...] tensor, ``rows`` at least
+    ``len(images)``; the rows past them repeat the last image (padding for a compiled encoder).
+
+    numpy copies in the calling thread. torch's stack would split each copy across its OpenMP
+    threads, which then spin waiting for the next parallel region on cores the decoding
+    workers need: on 2 cores with 2 workers, the main process's CPU per image went from 0.9 to
+    about 4 ms with torch at 2 threads (BENCHMARKS.md).
+    """
+    rows = rows or len(images)
+    batch = torch.empty((rows, *images[0].shape), dtype=torch.uint8, pin_memory=pin_memory)
+    out = batch.numpy()
+    np.stack([t.numpy() for t in images], out=out[: len(images)])
+    out[len(images):] = out[len(images) - 1]
+    return batch
+
+
 def to_model_range(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 pixels [0, 255] as float in [-1, 1], the VAE's input range; run it on the device."""
     return pixels.to(dtype).div_(127.5).sub_(1.0)
@@ -273,9 +290,11 @@ class _Chunk:
             else:
                 # A copy, not a view: an image that waits long for a batch of its bucket would
                 # otherwise keep its whole chunk in shared memory (a 16th of the cost of the
-                # pipe it replaces: 0.02 ms for 256 px).
+                # pipe it replaces: 0.02 ms for 256 px). numpy copies in this thread, where
+                # torch's copy would wake its OpenMP threads (see gather_batch).
                 offset, shape = place
-                yield self.shard_id, key, self.pixels[offset: offset + math.prod(shape)].view(shape).clone(), record
+                image = self.pixels.numpy()[offset: offset + math.prod(shape)].reshape(shape).copy()
+                yield self.shard_id, key, torch.from_numpy(image), record
 
 
 def _pack(shard_id: int, decoded: list[tuple[str, torch.Tensor | None, dict]]) -> _Chunk:

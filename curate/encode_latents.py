@@ -184,11 +184,10 @@ class EncodeLatentsStage(Stage):
             torch.cuda.set_device(device)
         self.loaded = load_vae(self.vae_name, revision=self.revision, vae_class=self.vae_class, device=device,
                                dtype=None if self.vae_dtype == "float32" else getattr(torch, self.vae_dtype))
-        if device.type == "cpu" and self.decode_workers:
-            # On a CPU-only machine the decoding workers and the encoder share the cores; more
-            # threads than cores makes OpenMP spin and the encoder slows down several times.
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            torch.set_num_threads(max(1, cores - self.decode_workers))
+        # On a CPU-only machine the encoder keeps torch's threads, one per core, although the
+        # decoding workers share those cores: they are idle most of the time next to a VAE
+        # (2 cores, 2 workers: the full-size encoder ran 1.7x and the tiny one 1.3-1.6x as fast
+        # with 2 threads as with the 1 that the workers left; BENCHMARKS.md).
         if self.compile:
             # Batches keep one size (padded, see process); a new bucket shape recompiles once with
             # symbolic sides (torch's automatic dynamic shapes), where static shapes would compile
@@ -198,12 +197,13 @@ class EncodeLatentsStage(Stage):
     def _missing_caption(self, accepted: dict[str, str]) -> bool:
         return bool(self.variants) and not accepted and not self.allow_missing_captions
 
-    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mean, std)`` of a batch in [-1, 1] on the VAE's device (bench/encode_latents.py
-        replaces it with a free one to measure what the rest of the stage can feed)."""
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, std)`` of a uint8 batch on the VAE's device (bench/encode_latents.py replaces
+        it with a free one to measure what the rest of the stage can feed)."""
+        from curate.buckets import to_model_range
         from curate.vae import encode_batch
 
-        return encode_batch(self.loaded, pixels)
+        return encode_batch(self.loaded, to_model_range(images))
 
     def __exit__(self, *exc: object) -> None:
         if self.loader is not None:
@@ -213,7 +213,7 @@ class EncodeLatentsStage(Stage):
     def process(self, task: ShardTask, writer: ShardWriter, progress: Callable[[int], None]) -> None:
         import torch
 
-        from curate.buckets import batch_by_bucket, to_model_range
+        from curate.buckets import batch_by_bucket, gather_batch
 
         # Read again rather than kept from prepare(): a worker's pending shards can be many.
         keys, originals, accepted = self._captions(task)
@@ -238,10 +238,8 @@ class EncodeLatentsStage(Stage):
             # size. On a GPU the batch is gathered straight into pinned memory, so that its copy
             # to the device does not wait for the encode in flight.
             rows = self.batch_size if self.compile else len(batch)
-            images = torch.empty((rows, *batch[0][1].shape), dtype=torch.uint8, pin_memory=cuda)
-            torch.stack([t for _, t, _ in batch], out=images[: len(batch)])
-            images[len(batch):] = images[len(batch) - 1]
-            mean, std = self.encode(to_model_range(images.to(device, non_blocking=True)))
+            images = gather_batch([t for _, t, _ in batch], rows, pin_memory=cuda)
+            mean, std = self.encode(images.to(device, non_blocking=True))
             mean = mean[: len(batch)].to("cpu", dtype, non_blocking=True)
             std = std[: len(batch)].to("cpu", dtype, non_blocking=True) if self.store == "dist" else None
             landed = torch.cuda.Event() if cuda else None

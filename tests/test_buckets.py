@@ -19,6 +19,7 @@ from curate.buckets import (
     ShardImageLoader,
     assign_bucket,
     batch_by_bucket,
+    gather_batch,
     make_buckets,
     preprocess,
     resize_and_crop,
@@ -366,6 +367,18 @@ def test_loader_take_checks_shard_boundaries(three_shards: list[tuple[int, str]]
 
 
 # -- batching --------------------------------------------------------------------------------------
+
+
+def test_gather_batch_stacks_and_pads_with_the_last_image() -> None:
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, 4, 6), dtype=torch.uint8, generator=g) for _ in range(3)]
+    assert torch.equal(gather_batch(images), torch.stack(images))
+    padded = gather_batch(images, rows=5)
+    assert padded.shape == (5, 3, 4, 6) and padded.dtype == torch.uint8
+    assert torch.equal(padded[:3], torch.stack(images))
+    assert torch.equal(padded[3], images[2]) and torch.equal(padded[4], images[2])
+    images[0][:] = 0  # a copy: the batch does not alias its images
+    assert not torch.equal(padded[0], images[0])
 
 
 def test_batch_by_bucket_groups_by_shape() -> None:

@@ -167,8 +167,7 @@ def gather_batch(images: list[torch.Tensor], rows: int | None = None, pin_memory
 
     numpy copies in the calling thread. torch's stack would split each copy across its OpenMP
     threads, which then spin waiting for the next parallel region on cores the decoding
-    workers need: on 2 cores with 2 workers, the main process's CPU per image went from 0.9 to
-    about 4 ms with torch at 2 threads (BENCHMARKS.md).
+    workers need (BENCHMARKS.md, encode latents, session 5).
     """
     rows = rows or len(images)
     batch = torch.empty((rows, *images[0].shape), dtype=torch.uint8, pin_memory=pin_memory)

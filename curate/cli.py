@@ -193,8 +193,8 @@ def cmd_encode_latents(args: argparse.Namespace) -> int:
         args.images, args.captions, args.out, args.vae, revision=args.revision, vae_class=args.vae_class,
         resolution=args.resolution, buckets=args.buckets, bucket_multiple=args.bucket_multiple, store=args.store,
         dtype=args.dtype, vae_dtype=args.vae_dtype, batch_size=args.batch_size, compile=args.compile,
-        decode_workers=args.decode_workers, allow_missing_captions=args.allow_missing_captions, manifest_dir=args.manifest_dir, name=args.name,
-        device=args.device,
+        decode_workers=args.decode_workers, allow_missing_captions=args.allow_missing_captions,
+        manifest_dir=args.manifest_dir, name=args.name, device=args.device,
     )
     return _run(stage, args, share)
 

@@ -68,8 +68,8 @@ class EncodeLatentsStage(Stage):
                  revision: str | None = None, vae_class: str | None = None, resolution: int = 256,
                  buckets: bool = False, bucket_multiple: int = 16, store: str = "dist", dtype: str = "bfloat16",
                  vae_dtype: str = "float32", batch_size: int = 32, compile: bool = False,
-                 decode_workers: int = 2, allow_missing_captions: bool = False, manifest_dir: str | Path = "manifests",
-                 name: str | None = None, device: str | None = None):
+                 decode_workers: int = 2, allow_missing_captions: bool = False,
+                 manifest_dir: str | Path = "manifests", name: str | None = None, device: str | None = None):
         if store not in ("dist", "mean"):
             raise CurateError(f"--store must be dist or mean, not {store!r}")
         if dtype not in DTYPES:
@@ -116,8 +116,8 @@ class EncodeLatentsStage(Stage):
         return {"vae": self.vae_name, "revision": self.revision, "vae_class": self.vae_class,
                 "local_vae_files": local_fingerprint(self.vae_name),
                 "resolution": self.resolution, "buckets": self.bucket_table(), "store": self.store,
-                "dtype": self.dtype, "vae_dtype": self.vae_dtype, "variants": self.variants, "draft_jpeg_decoding": True,
-                "allow_missing_captions": self.allow_missing_captions}
+                "dtype": self.dtype, "vae_dtype": self.vae_dtype, "variants": self.variants,
+                "draft_jpeg_decoding": True, "allow_missing_captions": self.allow_missing_captions}
 
     def provenance(self) -> dict[str, Any]:
         out = {"images": str(self.images_dir.resolve()),
@@ -184,10 +184,10 @@ class EncodeLatentsStage(Stage):
             torch.cuda.set_device(device)
         self.loaded = load_vae(self.vae_name, revision=self.revision, vae_class=self.vae_class, device=device,
                                dtype=None if self.vae_dtype == "float32" else getattr(torch, self.vae_dtype))
-        # On a CPU-only machine the encoder keeps torch's threads, one per core, although the
-        # decoding workers share those cores: they are idle most of the time next to a VAE
-        # (2 cores, 2 workers: the full-size encoder ran 1.7x and the tiny one 1.3-1.6x as fast
-        # with 2 threads as with the 1 that the workers left; BENCHMARKS.md).
+        # No torch.set_num_threads here: on a CPU-only machine the encoder keeps one thread per
+        # core although the decoding workers share those cores, since next to a VAE they are
+        # idle most of the time (2 cores, 2 workers: the full-size encoder ran 1.7x and the tiny
+        # one 1.3-1.6x as fast with 2 threads as with the 1 the workers left; BENCHMARKS.md).
         if self.compile:
             # Batches keep one size (padded, see process); a new bucket shape recompiles once with
             # symbolic sides (torch's automatic dynamic shapes), where static shapes would compile

@@ -157,7 +157,7 @@ def bare_run(src: Path, vae: Path, resolution: int, batch: int, device: str = "c
     """The VAE forward pass alone on pre-decoded tensors, as the stage runs it (encode_batch:
     on CUDA channels_last, and bf16 autocast for float32 weights); also the means of the first
     batch, by key."""
-    loaded = load_vae(str(vae), device=device, dtype=None if vae_dtype == "float32" else getattr(torch, vae_dtype))
+    loaded = load_vae(str(vae), device=device, dtype=getattr(torch, vae_dtype))
     pixels = [preprocess(p.read_bytes(), resolution=resolution)[0] for p in sorted(src.glob("*.jpg"))]
     batches = [to_model_range(torch.stack(pixels[i: i + batch])).to(device) for i in range(0, len(pixels), batch)]
     first = encode_batch(loaded, batches[0])[0].to("cpu", torch.bfloat16)  # also the warm-up

@@ -183,7 +183,7 @@ class EncodeLatentsStage(Stage):
             # to cuda:0 (every torchrun rank would otherwise also open a context there).
             torch.cuda.set_device(device)
         self.loaded = load_vae(self.vae_name, revision=self.revision, vae_class=self.vae_class, device=device,
-                               dtype=None if self.vae_dtype == "float32" else getattr(torch, self.vae_dtype))
+                               dtype=getattr(torch, self.vae_dtype))
         # No torch.set_num_threads here: on a CPU-only machine the encoder keeps one thread per
         # core although the decoding workers share those cores, since next to a VAE they are
         # idle most of the time (2 cores, 2 workers: the full-size encoder ran 1.7x and the tiny

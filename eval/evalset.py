@@ -1,0 +1,178 @@
+"""The evaluation set of a manifest: which samples, their prompts, and their real images.
+
+FID compares ``n`` generated images with the real images of ``n`` samples of the training data:
+a seeded random choice over every sample the manifest lists (the same keys for ``long.json``,
+``short.json`` and ``mix.json``, which share their shards, so runs trained on different caption
+selections are measured against the same real images). Sample ``i`` of the set is generated from
+its own caption with its own noise (``seed + i``), so the set does not depend on batch sizes or
+on how many GPUs share the work.
+
+The prompt of a sample follows the manifest's caption selection, drawn as the trainer draws it
+(``train.data.choose_caption``, with its fallbacks for missing captions); ``variant`` fixes one
+variant instead (for measuring a long-caption run on short prompts, say). The real image is the
+original from the image stage, resized and centre-cropped to the square ``resolution`` by the
+same code that prepared it for the VAE (``curate.buckets.preprocess``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import tarfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from curate.buckets import IMAGE_MEMBER, preprocess
+from curate.manifest import Manifest, shard_urls
+from curate.runner import CurateError
+from curate.shards import OK, read_index, shard_name, split_member
+from train.data import choose_caption
+
+__all__ = ["EvalSample", "EvalSetError", "choose_samples", "images_dir_of", "real_images"]
+
+
+class EvalSetError(CurateError):
+    """The manifest's shards or the image stage do not give the evaluation set."""
+
+
+@dataclass(frozen=True)
+class EvalSample:
+    index: int  # position in the evaluation set: its noise seed is seed + index
+    shard: int  # shard id, shared by the latent shard and the image shard
+    key: str
+    variant: str  # the caption variant used, "" when the sample has no caption at all
+    caption: str
+
+
+def _shard_id(url: str) -> int:
+    stem = Path(url).stem
+    if not stem.isdigit():
+        raise EvalSetError(f"{url}: not a kiln shard (its name is not a shard id like 000123.tar)")
+    return int(stem)
+
+
+def choose_samples(
+    manifest: Manifest, manifest_path: str | os.PathLike[str], n: int, *, seed: int = 0,
+    variant: str | None = None,
+) -> list[EvalSample]:
+    """``n`` samples (all of them if the manifest has fewer), chosen and captioned as above."""
+    if n < 1:
+        raise EvalSetError(f"the evaluation set needs at least 1 sample, got {n}")
+    urls = shard_urls(manifest, manifest_path)
+    listed: list[tuple[int, str]] = []  # (position in the manifest's shard list, key)
+    for pos, url in enumerate(urls):
+        if "://" in url or url.startswith("pipe:"):
+            raise EvalSetError(f"{url}: evaluation reads local shards only")
+        index = Path(url).with_suffix(".parquet")
+        if not index.is_file():
+            raise EvalSetError(f"{url}: no index beside it ({index.name})")
+        table = read_index(index, columns=["key", "status"])
+        listed += [(pos, k) for k in table.filter(table["status"] == OK)["key"].to_list()]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(listed))[:n]
+    chosen = [listed[i] for i in order]
+
+    wanted: dict[int, dict[str, int]] = {}  # shard position -> key -> evaluation index
+    for i, (pos, key) in enumerate(chosen):
+        wanted.setdefault(pos, {})[key] = i
+    samples: list[EvalSample | None] = [None] * len(chosen)
+    weights = {variant: 1.0} if variant else dict(manifest.captions)
+    for pos, keys in sorted(wanted.items()):
+        for key, members in _read_members(urls[pos], set(keys), _is_caption_member):
+            i = keys.pop(key)
+            texts = {ext[: -len(".txt")]: data.decode("utf-8") for ext, data in members.items()
+                     if ext.endswith(".txt")}
+            accepted = json.loads(members["json"]).get("captions") if "json" in members else None
+            caption_rng = np.random.default_rng(_key_seed(seed, key))
+            name, text, _ = choose_caption(weights, texts, accepted, caption_rng)
+            samples[i] = EvalSample(i, _shard_id(urls[pos]), key, name, text)
+        if keys:
+            raise EvalSetError(f"{urls[pos]}: the index lists {len(keys)} sample(s) the tar lacks "
+                               f"(first: {next(iter(keys))}): the shard changed after indexing")
+    return [s for s in samples if s is not None]
+
+
+def _is_caption_member(ext: str) -> bool:
+    return ext == "json" or ext.endswith(".txt")
+
+
+def _read_members(
+    tar_path: str | os.PathLike[str], keys: set[str], wanted: Callable[[str], bool]
+) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) for the samples of ``keys``, with only the ``wanted`` members read.
+
+    Everything else is seeked over: 10,000 samples drawn from a million touch every shard, and
+    reading whole latent shards for their captions would read every latent.
+    """
+    with tarfile.open(tar_path, mode="r:") as tar:
+        key, members = None, {}
+        for info in tar:
+            if not info.isfile():
+                continue
+            k, ext = split_member(info.name)
+            if k != key:
+                if key is not None and members:
+                    yield key, members
+                key, members = k, {}
+            if k in keys and wanted(ext):
+                members[ext] = tar.extractfile(info).read()
+        if key is not None and members:
+            yield key, members
+
+
+def _key_seed(seed: int, key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=8).digest(), "little")
+
+
+def images_dir_of(manifest: Manifest, override: str | os.PathLike[str] | None = None) -> Path:
+    """The image stage the manifest's latents were encoded from (its provenance), or ``override``."""
+    if override is not None:
+        path = Path(override)
+    else:
+        recorded = (manifest.provenance.get("images") or {}).get("path")
+        if not recorded:
+            raise EvalSetError(f"manifest {manifest.name!r} records no image stage "
+                               "(provenance.images.path): pass the images folder (--images DATA/images)")
+        path = Path(recorded)
+    if not path.is_dir():
+        raise EvalSetError(f"the image stage {path} does not exist: pass its new place with --images")
+    return path
+
+
+def real_images(
+    samples: list[EvalSample], images_dir: Path, resolution: int, *, batch_size: int = 64, threads: int = 4,
+) -> Iterator[torch.Tensor]:
+    """The samples' original images as uint8 batches [B, 3, resolution, resolution], decoded and
+    cropped in ``threads`` threads (PIL releases the GIL while it decodes and resizes)."""
+    by_shard: dict[int, set[str]] = {}
+    for s in samples:
+        by_shard.setdefault(s.shard, set()).add(s.key)
+
+    def originals() -> Iterator[bytes]:
+        for shard, keys in sorted(by_shard.items()):
+            tar = images_dir / f"{shard_name(shard)}.tar"
+            if not tar.is_file():
+                raise EvalSetError(f"{tar}: the image shard of latent shard {shard} is missing")
+            missing = set(keys)
+            for key, members in _read_members(tar, keys, lambda ext: ext == IMAGE_MEMBER):
+                missing.discard(key)
+                yield members[IMAGE_MEMBER]
+            if missing:
+                raise EvalSetError(f"{tar} lacks {len(missing)} sample(s) of the latents "
+                                   f"(first: {sorted(missing)[0]}): the image stage changed")
+
+    def crop(data: bytes) -> torch.Tensor:
+        return preprocess(data, resolution=resolution)[0]
+
+    # Executor.map would read every original ahead (all of them in memory): one batch at a time.
+    pending = originals()
+    with ThreadPoolExecutor(threads) as pool:
+        while chunk := list(itertools.islice(pending, batch_size)):
+            yield torch.stack(list(pool.map(crop, chunk)))

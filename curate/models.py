@@ -55,7 +55,17 @@ TEXT_ENCODERS = {
     "t5gemma": "google/t5gemma-2b-2b-ul2",
 }
 
-REGISTRIES = {"vlm": VLMS, "text": TEXT_ENCODERS}
+# Image encoders of the evaluation metrics: CMMD's CLIP (as its paper and reference code use it)
+# and DINOv2 for DINO-MMD (ViT-L/14, the backbone of the FD-DINOv2 literature).
+IMAGE_ENCODERS = {
+    "clip": "openai/clip-vit-large-patch14-336",
+    "clip-l-336": "openai/clip-vit-large-patch14-336",
+    "dinov2": "facebook/dinov2-large",
+    "dinov2-large": "facebook/dinov2-large",
+    "dinov2-base": "facebook/dinov2-base",
+}
+
+REGISTRIES = {"vlm": VLMS, "text": TEXT_ENCODERS, "image": IMAGE_ENCODERS}
 
 
 def resolve_model(name: str, kind: str) -> ModelRef:

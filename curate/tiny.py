@@ -71,6 +71,8 @@ __all__ = [
     "build_tiny_flux_vae",
     "build_tiny_flux2_vae",
     "build_tiny_t5gemma",
+    "build_tiny_clip_vision",
+    "build_tiny_dinov2",
     "read_marker",
 ]
 
@@ -1118,6 +1120,61 @@ def build_tiny_t5gemma(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
     return _build_once(out_dir, spec, required, build)
 
 
+def build_tiny_clip_vision(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Build a tiny random CLIP image tower (transformers ``CLIPVisionModelWithProjection``) plus
+    its ``CLIPImageProcessor``.
+
+    Why: CMMD embeds images with ``openai/clip-vit-large-patch14-336``; ``evaluate`` loads this
+    folder through the same classes. Patch 14 and the image processor's mean and std are the
+    real ones; the input is 28 px (2 x 2 patches), hidden 32, 1 layer, 16-d projection.
+    """
+    spec = {"builder": "clip_vision", "recipe": RECIPE_VERSION, "seed": int(seed)}
+    required = ("config.json", "model.safetensors", "preprocessor_config.json")
+
+    def build(tmp: Path) -> dict[str, Any]:
+        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+        config = CLIPVisionConfig(image_size=28, patch_size=14, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=1, num_attention_heads=2, projection_dim=16)
+        with _seeded(seed):
+            model = CLIPVisionModelWithProjection(config).eval()
+        processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+        with _quiet_transformers():
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+        return {"class": type(model).__name__, "num_parameters": _num_parameters(model)}
+
+    return _build_once(out_dir, spec, required, build)
+
+
+def build_tiny_dinov2(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Build a tiny random DINOv2 (transformers ``Dinov2Model``) plus its ``BitImageProcessor``.
+
+    Why: DINO-MMD embeds images with a DINOv2 backbone; ``evaluate`` loads this folder through
+    ``AutoModel`` as it loads ``facebook/dinov2-large``. Patch 14, layer scale and the ImageNet
+    mean and std are the real ones; the input is 28 px, hidden 32, 1 layer.
+    """
+    spec = {"builder": "dinov2", "recipe": RECIPE_VERSION, "seed": int(seed)}
+    required = ("config.json", "model.safetensors", "preprocessor_config.json")
+
+    def build(tmp: Path) -> dict[str, Any]:
+        from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+        config = Dinov2Config(image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, mlp_ratio=2)
+        with _seeded(seed):
+            model = Dinov2Model(config).eval()
+        processor = BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28},
+                                      do_center_crop=True, image_mean=[0.485, 0.456, 0.406],
+                                      image_std=[0.229, 0.224, 0.225])
+        with _quiet_transformers():
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+        return {"class": type(model).__name__, "num_parameters": _num_parameters(model)}
+
+    return _build_once(out_dir, spec, required, build)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m curate.tiny KIND OUT_DIR`: build a tiny model for the demo (idempotent)."""
     import argparse
@@ -1128,6 +1185,8 @@ def main(argv: list[str] | None = None) -> int:
         "flux-vae": build_tiny_flux_vae,
         "flux2-vae": build_tiny_flux2_vae,
         "t5gemma": build_tiny_t5gemma,
+        "clip": build_tiny_clip_vision,
+        "dinov2": build_tiny_dinov2,
     }
     parser = argparse.ArgumentParser(prog="python -m curate.tiny", description=main.__doc__)
     parser.add_argument("kind", choices=sorted(builders))

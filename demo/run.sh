@@ -50,7 +50,11 @@ echo "== 8. export for diffusers' PRXPipeline, then generate from the exported f
 train export "$DATA/runs/tiny" --to "$DATA/export/tiny"
 train generate "$DATA/export/tiny" "a red fox in the snow" --steps 8 --out "$DATA/export/tiny-sample.png"
 
-echo "== 9. evaluate: FID of the run's last checkpoint against its real images, then the runs side by side"
-# 48 images give a biased FID (real evaluations use 10,000 or more); the command says so.
-evaluate fid "$DATA/runs/tiny" --samples 48 --steps 8 --no-progress
+echo "== 9. evaluate: FID, CMMD and DINO-MMD of the run's last checkpoint against its real images"
+# Tiny random CLIP and DINOv2 (the real classes) stand in for CMMD's and DINO-MMD's networks;
+# 48 images give a biased FID (real evaluations use 10,000 or more): the command says so.
+python -m curate.tiny clip "$DATA/models/tiny-clip"
+python -m curate.tiny dinov2 "$DATA/models/tiny-dinov2"
+evaluate run "$DATA/runs/tiny" --samples 48 --steps 8 --clip "$DATA/models/tiny-clip" \
+    --dino "$DATA/models/tiny-dinov2" --no-progress
 evaluate compare "$DATA/runs/tiny"

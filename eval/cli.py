@@ -1,7 +1,7 @@
-"""The ``evaluate`` command: FID of a run, runs side by side, and the FID network's weights.
+"""The ``evaluate`` command: a run's FID, CMMD and DINO-MMD, runs side by side, FID's weights.
 
-    evaluate fid runs/NAME [--step N] [--samples 10000] [--steps 28] [--guidance 4] ...
-    torchrun --nproc_per_node 8 -m eval fid runs/NAME ...
+    evaluate run runs/NAME [--metrics fid,cmmd,dino-mmd] [--step N] [--samples 10000] ...
+    torchrun --nproc_per_node 8 -m eval run runs/NAME ...
     evaluate compare runs/baseline runs/flux2 runs/short [--format markdown|csv|json]
     evaluate get-inception [--to FILE]
 """
@@ -13,6 +13,7 @@ import sys
 
 from curate.manifest import ManifestError
 from curate.runner import CurateError
+from eval.evaluation import DEFAULT_METRICS, METRICS
 from train.checkpoint import CheckpointError
 from train.config import ConfigError
 
@@ -23,9 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evaluate", description="Evaluate and compare training runs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("fid", help="FID of a run's checkpoint against the real images of its training data",
+    p = sub.add_parser("run", help="FID, CMMD and DINO-MMD of a run's checkpoint against its training images",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run", help="the run folder (train --out)")
+    p.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
+                   help=f"comma-separated, from {', '.join(METRICS)}")
     p.add_argument("--step", type=int, default=None, help="the checkpoint's step (default: the latest)")
     p.add_argument("--samples", type=int, default=10_000,
                    help="images generated and real images compared (all samples if the data has fewer)")
@@ -41,8 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="chooses the samples; image i's noise seed is seed + i")
     p.add_argument("--batch-size", type=int, default=16, help="images sampled per denoiser call")
     p.add_argument("--device", default=None, help="default: this worker's GPU when CUDA is available, else cpu")
-    p.add_argument("--inception", default=None, help="the FID Inception weights (default: see get-inception)")
-    p.add_argument("--force", action="store_true", help="recompute even if this evaluation is stored")
+    p.add_argument("--inception", default=None, help="FID's Inception weights file (default: see get-inception)")
+    p.add_argument("--clip", default=None, help="CMMD's CLIP: alias, Hub id or folder (default: clip = "
+                                                "openai/clip-vit-large-patch14-336)")
+    p.add_argument("--dino", default=None, help="DINO-MMD's DINOv2: alias, Hub id or folder (default: dinov2 = "
+                                                "facebook/dinov2-large)")
+    p.add_argument("--force", action="store_true", help="generate the images again even if this evaluation is stored")
     g = p.add_argument_group("scaling out (defaults from torchrun's RANK/WORLD_SIZE or Slurm)")
     g.add_argument("--rank", type=int, default=None, help="this worker's index")
     g.add_argument("--world-size", type=int, default=None, help="number of workers")
@@ -60,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        if args.command == "fid":
-            return _fid(args)
+        if args.command == "run":
+            return _run(args)
         if args.command == "compare":
             from eval.compare import compare_runs, format_table
 
@@ -76,21 +83,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _fid(args: argparse.Namespace) -> int:
-    from eval.fid import evaluate_fid
+def _run(args: argparse.Namespace) -> int:
+    from eval.evaluation import evaluate_run
 
-    result = evaluate_fid(
-        args.run, step=args.step, manifest=args.manifest, images=args.images, samples=args.samples,
-        seed=args.seed, steps=args.steps, guidance=args.guidance, variant=args.captions,
-        batch_size=args.batch_size, device=args.device, inception=args.inception, rank=args.rank,
-        world_size=args.world_size, force=args.force, progress=not args.no_progress)
+    result = evaluate_run(
+        args.run, metrics=[m.strip() for m in args.metrics.split(",") if m.strip()], step=args.step,
+        manifest=args.manifest, images=args.images, samples=args.samples, seed=args.seed, steps=args.steps,
+        guidance=args.guidance, variant=args.captions, batch_size=args.batch_size, device=args.device,
+        inception=args.inception, clip=args.clip, dino=args.dino, rank=args.rank, world_size=args.world_size,
+        force=args.force, progress=not args.no_progress)
     if result is None:
         print("this worker's chunks are done; the last worker to finish writes the result")
         return 0
     settings = result["settings"]
-    print(f"FID {result['value']:.3f} at step {result['step']} from {settings['samples']} images "
-          f"({settings['steps']} steps, guidance {settings['guidance']}); "
-          f"{result['run']}/eval/fid-step{result['step']:08d}-{result['tag']}.json")
+    values = ", ".join(f"{m} {v['value']:.4f}" for m, v in result["metrics"].items())
+    print(f"{values} at step {result['step']} from {settings['samples']} images ({settings['steps']} steps, "
+          f"guidance {settings['guidance']}); {result['run']}/eval/step{result['step']:08d}-{result['tag']}.json")
     if result.get("note"):
         print(f"note: {result['note']}")
     return 0

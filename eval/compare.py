@@ -1,12 +1,11 @@
 """``evaluate compare RUN ...``: runs side by side, with the config keys in which they differ.
 
-One row per run: the last step logged, its loss (the logged window's mean), the FID at the
-latest evaluated step (of the evaluations at that step, the one with the most samples, then the
-newest), and one column per
-config key that is not the same in every run, which for a set of ablations of one baseline is
-the ablation itself. FIDs are comparable only when they were measured the same way; when the
-runs' evaluations differ in any setting but the step (sample count, seed, sampler, caption
-choice, real images, Inception), the table says which.
+One row per run: the last step logged, its loss (the logged window's mean), the metrics of its
+latest evaluation (latest step; at that step, the most samples, then the newest), and one column
+per config key that is not the same in every run, which for a set of ablations of one baseline
+is the ablation itself. Metrics are comparable only when they were measured the same way; when
+the runs' evaluations differ in any setting but the step (sample count, seed, sampler, caption
+choice, real images) or in a metric's network, the table says which.
 """
 
 from __future__ import annotations
@@ -18,54 +17,64 @@ import os
 from pathlib import Path
 from typing import Any
 
-from eval.fid import FEW_SAMPLES, result_files
+from eval.evaluation import FEW_SAMPLES, METRICS, result_files
 from train.config import flatten, load_run_config, to_dict
 from train.metrics import read_metrics
 
 __all__ = ["compare_runs", "format_table"]
 
-# Settings of an evaluation that must agree for FIDs to be compared (the step may differ).
-_COMPARABLE = ("samples", "seed", "steps", "guidance", "captions", "resolution", "keys", "inception_sha1")
+# Settings of an evaluation that must agree for its metrics to be compared (the step may differ).
+_COMPARABLE = ("samples", "seed", "steps", "guidance", "captions", "resolution", "keys")
 # Config keys that name a run rather than describe it.
 _NOT_COMPARED = ("out",)
+_TITLES = {"fid": "FID", "cmmd": "CMMD", "dino-mmd": "DINO-MMD"}
 
 
-def _best_fid(run: Path) -> dict[str, Any] | None:
+def _latest_evaluation(run: Path) -> dict[str, Any] | None:
     results = [json.loads(p.read_text()) for p in result_files(run)]
     if not results:
         return None
     return max(results, key=lambda r: (r["step"], r["settings"]["samples"], r.get("finished", 0)))
 
 
+def _differ(values: list[Any]) -> bool:
+    return len({json.dumps(v, sort_keys=True) for v in values}) > 1
+
+
 def compare_runs(runs: list[str | os.PathLike[str]]) -> tuple[list[str], list[list[Any]], list[str]]:
     """(header, rows, notes) for ``runs``; see the module note."""
     if not runs:
         raise ValueError("no runs to compare")
-    configs, rows, fids = [], [], []
+    configs, logs, evaluations = [], [], []
     for run in map(Path, runs):
         cfg = load_run_config(run)
         if cfg is None:
             raise FileNotFoundError(f"{run} is not a run folder (no config.yaml)")
         configs.append({k: v for k, v in flatten(to_dict(cfg)).items() if k not in _NOT_COMPARED})
-        logged = [m for m in read_metrics(run) if "loss" in m]
-        fid = _best_fid(run)
-        fids.append(fid)
-        rows.append([run.name, logged[-1]["step"] if logged else None,
-                     round(logged[-1]["loss"], 4) if logged else None,
-                     round(fid["value"], 2) if fid else None, fid["step"] if fid else None,
-                     fid["settings"]["samples"] if fid else None])
+        logs.append([m for m in read_metrics(run) if "loss" in m])
+        evaluations.append(_latest_evaluation(run))
+    measured = [e for e in evaluations if e is not None]
+    metrics = [m for m in METRICS if any(m in e["metrics"] for e in measured)]
     keys = sorted(set().union(*configs))
-    differing = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
-    header = ["run", "step", "loss", "FID", "FID step", "FID samples", *differing]
-    rows = [row + [c.get(k) for k in differing] for row, c in zip(rows, configs, strict=True)]
+    differing = [k for k in keys if _differ([c.get(k) for c in configs])]
+    header = ["run", "step", "loss", *[_TITLES[m] for m in metrics], "eval step", "eval samples", *differing]
+    rows = []
+    for run, logged, evaluation, config in zip(runs, logs, evaluations, configs, strict=True):
+        values = [round(evaluation["metrics"][m]["value"], 4) if evaluation and m in evaluation["metrics"] else None
+                  for m in metrics]
+        rows.append([Path(run).name, logged[-1]["step"] if logged else None,
+                     round(logged[-1]["loss"], 4) if logged else None, *values,
+                     evaluation["step"] if evaluation else None,
+                     evaluation["settings"]["samples"] if evaluation else None,
+                     *[config.get(k) for k in differing]])
 
-    notes = []
-    measured = [f for f in fids if f is not None]
-    for setting in _COMPARABLE:
-        if len({json.dumps(f["settings"].get(setting), sort_keys=True) for f in measured}) > 1:
-            notes.append(f"the FIDs were measured with different {setting}: they are not comparable")
-    if any(f.get("note") for f in measured):
-        notes.append(f"some FIDs come from fewer than {FEW_SAMPLES} images: compare them only at equal sample counts")
+    notes = [f"the evaluations differ in {setting}: their metrics are not comparable"
+             for setting in _COMPARABLE if _differ([e["settings"].get(setting) for e in measured])]
+    for m in metrics:
+        if _differ([e["metrics"][m]["network"] for e in measured if m in e["metrics"]]):
+            notes.append(f"{_TITLES[m]} was measured with different networks: not comparable")
+    if "fid" in metrics and any(e["settings"]["samples"] < FEW_SAMPLES for e in measured):
+        notes.append(f"FID from fewer than {FEW_SAMPLES} images is biased: compare it only at equal sample counts")
     return header, rows, notes
 
 

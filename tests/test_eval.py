@@ -1,5 +1,6 @@
-"""`evaluate`: FID arithmetic, the TF resize, evaluation sets, FID of a real tiny run (kill,
-resume and two workers give the clean run's number), and the comparison table."""
+"""`evaluate`: FID and MMD arithmetic, the TF resize, the networks, evaluation sets, the three
+metrics of a real tiny run (kill, resume and two workers give the clean run's numbers), and the
+comparison table."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from conftest import encode, noise_image
 from latent_data import make_latent_dataset
 
-import eval.fid as fid_module
+import eval.evaluation as evaluation
 from curate.encode_latents import EncodeLatentsStage
 from curate.ingest import IngestStage
 from curate.manifest import load_manifest
@@ -21,10 +22,11 @@ from curate.runner import run_stage
 from curate.sources import open_source
 from eval.cli import main as evaluate_main
 from eval.compare import compare_runs, format_table
+from eval.embedders import EmbedderError, ImageEmbedder
 from eval.evalset import EvalSetError, choose_samples
-from eval.fid import evaluate_fid, result_files
+from eval.evaluation import evaluate_run, result_files
 from eval.inception import InceptionError, InceptionFeatures, find_inception, resize_tf_bilinear
-from eval.stats import FeatureStats, frechet_distance, load_stats
+from eval.stats import FeatureStats, frechet_distance, mmd
 from train.cli import main as train_main
 
 SAMPLES = 10  # images per evaluation: each costs about 0.1 s of Inception on this CPU
@@ -56,19 +58,31 @@ def test_frechet_distance_matches_the_closed_form_and_scipy():
         frechet_distance(mu1, c1, mu2[:4], c2[:4, :4])
 
 
-def test_feature_stats_are_numpys_mean_and_cov_and_save_without_pickle(tmp_path: Path):
+def test_feature_stats_are_numpys_mean_and_cov():
     features = np.random.default_rng(1).normal(size=(37, 5))
     stats = FeatureStats(5)
     for part in np.array_split(features, 4):
         stats.add(part)
     np.testing.assert_allclose(stats.mean, features.mean(0), rtol=1e-12)
     np.testing.assert_allclose(stats.cov, np.cov(features, rowvar=False), rtol=1e-10)
-    stats.save(tmp_path / "s.npz", {"what": "test"})
-    mean, cov, n, meta = load_stats(tmp_path / "s.npz")
-    assert n == 37 and meta == {"what": "test"}
-    np.testing.assert_array_equal(cov, stats.cov)
     with pytest.raises(ValueError, match=r"\[N, 5\]"):
         stats.add(np.zeros((2, 4)))
+
+
+def test_mmd_is_cmmds_estimator_in_blocks():
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(30, 6)), rng.normal(0.5, 1, size=(20, 6))
+
+    def kernel_mean(a, b):  # the definition, pair by pair
+        return np.mean([[np.exp(-((u - v) ** 2).sum() / (2 * 10.0**2)) for v in b] for u in a])
+
+    expected = 1000 * (kernel_mean(x, x) + kernel_mean(y, y) - 2 * kernel_mean(x, y))
+    assert mmd(x, y) == pytest.approx(expected, rel=1e-9)
+    assert mmd(x, y, block=7) == pytest.approx(expected, rel=1e-9)
+    assert mmd(x, x) == pytest.approx(0, abs=1e-9) and mmd(x, y) > 0
+    assert mmd(x, y, sigma=1.0, scale=1.0) != pytest.approx(expected / 1000)
+    with pytest.raises(ValueError, match="non-empty"):
+        mmd(x, y[:, :4])
 
 
 def test_resize_follows_tensorflows_corner_aligned_bilinear():
@@ -116,6 +130,37 @@ def test_inception_gives_2048_features_and_refuses_other_networks(inception, tmp
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(InceptionError, match="cannot load"):
         InceptionFeatures(tmp_path / "junk.pt")
+
+
+@pytest.fixture(scope="module")
+def embedders(tmp_path_factory) -> dict[str, Path]:
+    from curate.tiny import build_tiny_clip_vision, build_tiny_dinov2
+
+    root = tmp_path_factory.mktemp("embedders")
+    return {"clip": build_tiny_clip_vision(root / "clip"), "dino": build_tiny_dinov2(root / "dino")}
+
+
+def test_clip_and_dinov2_embed_unit_vectors_with_their_processors_settings(embedders, tmp_path: Path):
+    images = torch.from_numpy(np.stack([np.asarray(noise_image(i, (40, 40))) for i in range(3)]))
+    images = images.permute(0, 3, 1, 2).contiguous()
+    clip = ImageEmbedder("clip", str(embedders["clip"]))
+    dino = ImageEmbedder("dino", str(embedders["dino"]))
+    for net, dim in ((clip, 16), (dino, 32)):  # CLIP's projection; DINOv2's hidden size
+        out = net(images)
+        assert out.shape == (3, dim) and out.dtype == torch.float64
+        torch.testing.assert_close(out.norm(dim=-1), torch.ones(3, dtype=torch.float64))
+        assert net.size == 28 and net.identity["fingerprint"] and net.key.startswith(net.kind)
+    assert clip.identity["class"] == "CLIPVisionModelWithProjection" and dino.identity["class"] == "Dinov2Model"
+    # CLIP's own normalisation, from its processor: (x - mean) / std of OpenAI's CLIP.
+    torch.testing.assert_close(clip.mean.flatten(), torch.tensor([0.48145466, 0.4578275, 0.40821073]))
+    with pytest.raises(EmbedderError, match="revision applies to Hub ids"):
+        ImageEmbedder("clip", str(embedders["clip"]), revision="main")
+    with pytest.raises(EmbedderError, match="not a known image alias"):
+        ImageEmbedder("dino", "no-such-alias")
+    with pytest.raises(EmbedderError, match="cannot load"):
+        ImageEmbedder("clip", str(tmp_path))
+    with pytest.raises(EmbedderError, match="is a dinov2 model, not a clip model"):
+        ImageEmbedder("clip", str(embedders["dino"]))
 
 
 # --------------------------------------------------------------------------- evaluation sets
@@ -177,9 +222,14 @@ def pipeline(tmp_path_factory) -> dict[str, Path]:
     return {"images": images, "manifest": manifest, **runs}
 
 
-def _fid(run: Path, **kwargs) -> dict | None:
-    options = {"samples": SAMPLES, "steps": 2, "batch_size": 4, "device": "cpu", "progress": False}
-    return evaluate_fid(run, **{**options, **kwargs})
+def _evaluate(run: Path, embedders, **kwargs) -> dict | None:
+    options = {"samples": SAMPLES, "steps": 2, "batch_size": 4, "device": "cpu", "progress": False,
+               "clip": str(embedders["clip"]), "dino": str(embedders["dino"])}
+    return evaluate_run(run, **{**options, **kwargs})
+
+
+def _values(result: dict) -> dict[str, float]:
+    return {m: v["value"] for m, v in result["metrics"].items()}
 
 
 def _fresh_copy(run: Path, to: Path) -> Path:
@@ -187,36 +237,43 @@ def _fresh_copy(run: Path, to: Path) -> Path:
     return to
 
 
-def test_fid_of_a_run_is_recorded_reproducible_and_reused(pipeline, inception, tmp_path: Path):
+def test_a_runs_metrics_are_recorded_reproducible_and_reused(pipeline, inception, embedders, tmp_path: Path):
     run = _fresh_copy(pipeline["base"], tmp_path / "run")
-    first = _fid(run)
-    assert first is not None and np.isfinite(first["value"]) and first["value"] > 0
+    first = _evaluate(run, embedders)
+    assert set(first["metrics"]) == {"fid", "cmmd", "dino-mmd"}
+    assert all(np.isfinite(v) and v > 0 for v in _values(first).values())
     assert first["step"] == 2 and first["settings"]["samples"] == SAMPLES
     assert first["settings"]["steps"] == 2 and first["settings"]["guidance"] == 4.0  # the run's sample.guidance
     assert first["settings"]["captions"] == {"orig": 1.0} and first["empty_prompts"] == 0
+    assert first["metrics"]["fid"]["network"]["sha1"] == "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
+    assert first["metrics"]["cmmd"]["network"]["class"] == "CLIPVisionModelWithProjection"
     assert "biased" in first["note"]
-    assert [p.name for p in result_files(run)] == [f"fid-step00000002-{first['tag']}.json"]
+    assert [p.name for p in result_files(run)] == [f"step00000002-{first['tag']}.json"]
     features = sorted(Path(first["features"]).glob("*.npy"))
-    assert len(features) == 1 and np.load(features[0]).shape == (SAMPLES, 2048)
-    _, _, n, meta = load_stats(first["reference"])
-    assert n == SAMPLES and meta["resolution"] == 32
+    assert len(features) == 3 and [np.load(f).shape for f in features] == [(SAMPLES, 16), (SAMPLES, 32),
+                                                                              (SAMPLES, 2048)]
+    assert np.load(first["metrics"]["fid"]["reference"]).shape == (SAMPLES, 2048)
 
-    assert _fid(run) == first  # stored: nothing recomputed
-    again = _fid(run, force=True)
-    assert again["value"] == first["value"] and again["tag"] == first["tag"]
-    other = _fid(run, guidance=1.0)
-    assert other["tag"] != first["tag"] and other["value"] != first["value"]
-    assert other["reference"] == first["reference"]  # same real images: the cached statistics
+    assert _evaluate(run, embedders) == first  # stored: nothing recomputed
+    again = _evaluate(run, embedders, force=True)
+    assert _values(again) == _values(first) and again["tag"] == first["tag"]
+    other = _evaluate(run, embedders, guidance=1.0, metrics=["cmmd"])
+    assert other["tag"] != first["tag"] and set(other["metrics"]) == {"cmmd"}
+    assert other["metrics"]["cmmd"]["value"] != first["metrics"]["cmmd"]["value"]
+    assert other["metrics"]["cmmd"]["reference"] == first["metrics"]["cmmd"]["reference"]  # same real images
     assert len(result_files(run)) == 2
+    # Asking for a metric the stored evaluation lacks computes that one and keeps the other.
+    more = _evaluate(run, embedders, guidance=1.0, metrics=["cmmd", "fid"])
+    assert more["metrics"]["cmmd"] == other["metrics"]["cmmd"] and set(more["metrics"]) == {"cmmd", "fid"}
 
 
-def test_a_killed_evaluation_and_two_workers_give_the_clean_runs_number(pipeline, inception, tmp_path: Path,
-                                                                       monkeypatch):
-    monkeypatch.setattr(fid_module, "CHUNK", 4)  # 3 chunks of SAMPLES = 10
-    clean = _fid(_fresh_copy(pipeline["base"], tmp_path / "clean"))
+def test_a_killed_evaluation_and_two_workers_give_the_clean_runs_numbers(pipeline, inception, embedders,
+                                                                        tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(evaluation, "CHUNK", 4)  # 3 chunks of SAMPLES = 10
+    clean = _evaluate(_fresh_copy(pipeline["base"], tmp_path / "clean"), embedders)
 
     killed = _fresh_copy(pipeline["base"], tmp_path / "killed")
-    original = fid_module._Generator.images
+    original = evaluation._Generator.images
     calls = []
 
     def dies_in_the_second_chunk(self, part):
@@ -225,54 +282,80 @@ def test_a_killed_evaluation_and_two_workers_give_the_clean_runs_number(pipeline
             raise KeyboardInterrupt
         yield from original(self, part)
 
-    monkeypatch.setattr(fid_module._Generator, "images", dies_in_the_second_chunk)
+    monkeypatch.setattr(evaluation._Generator, "images", dies_in_the_second_chunk)
     with pytest.raises(KeyboardInterrupt):
-        _fid(killed)
-    monkeypatch.setattr(fid_module._Generator, "images", original)
+        _evaluate(killed, embedders)
+    monkeypatch.setattr(evaluation._Generator, "images", original)
     assert not result_files(killed)
-    assert len(list((killed / "eval").glob("fid-step*/*.npy"))) == 1  # the first chunk survived
-    resumed = _fid(killed)
-    assert resumed["value"] == clean["value"]
+    assert len(list((killed / "eval").glob("step*/00000.*.npy"))) == 3  # the first chunk survived
+    assert not list((killed / "eval").glob("step*/00001.*.npy"))
+    assert _values(_evaluate(killed, embedders)) == _values(clean)
 
     shared = _fresh_copy(pipeline["base"], tmp_path / "shared")
-    assert _fid(shared, rank=0, world_size=2) is None  # chunks 0 and 2; chunk 1 is the other worker's
-    both = _fid(shared, rank=1, world_size=2)
-    assert both["value"] == clean["value"]
+    assert _evaluate(shared, embedders, rank=0, world_size=2) is None  # chunks 0 and 2; 1 is the other's
+    assert _values(_evaluate(shared, embedders, rank=1, world_size=2)) == _values(clean)
 
 
-def test_compare_puts_runs_side_by_side_with_their_differences(pipeline, inception, tmp_path: Path):
+def test_compare_puts_runs_side_by_side_with_their_differences(pipeline, inception, embedders, tmp_path: Path):
     runs = [_fresh_copy(pipeline[name], tmp_path / name) for name in ("base", "slow")]
     for run in runs:
-        _fid(run)
+        _evaluate(run, embedders, metrics=["fid", "cmmd"])
     header, rows, notes = compare_runs(runs)
-    assert header == ["run", "step", "loss", "FID", "FID step", "FID samples", "lr"]
+    assert header == ["run", "step", "loss", "FID", "CMMD", "eval step", "eval samples", "lr"]
     assert [r[0] for r in rows] == ["base", "slow"] and [r[-1] for r in rows] == [0.001, 0.0001]
-    assert all(r[1] == 2 and r[5] == SAMPLES for r in rows)
-    assert notes == ["some FIDs come from fewer than 2048 images: compare them only at equal sample counts"]
+    assert all(r[1] == 2 and r[6] == SAMPLES and r[3] > 0 and r[4] > 0 for r in rows)
+    assert notes == ["FID from fewer than 2048 images is biased: compare it only at equal sample counts"]
     table = format_table(header, rows, notes)
-    assert table.splitlines()[0] == "| run | step | loss | FID | FID step | FID samples | lr |"
+    assert table.splitlines()[0] == "| run | step | loss | FID | CMMD | eval step | eval samples | lr |"
     assert json.loads(format_table(header, rows, notes, "json"))["rows"][1]["lr"] == 0.0001
-    assert format_table(header, rows, notes, "csv").splitlines()[0] == "run,step,loss,FID,FID step,FID samples,lr"
+    assert format_table(header, rows, notes, "csv").splitlines()[0] == "run,step,loss,FID,CMMD,eval step,eval samples,lr"
 
-    _fid(runs[1], seed=1)  # a later evaluation of another sample set at the same step
-    _, _, notes = compare_runs(runs)
-    assert "the FIDs were measured with different keys: they are not comparable" in notes
+    _evaluate(runs[1], embedders, seed=1, metrics=["fid"])  # a later evaluation of other samples
+    header, rows, notes = compare_runs(runs)
+    assert rows[1][header.index("CMMD")] is None
+    assert "the evaluations differ in keys: their metrics are not comparable" in notes
+    from curate.tiny import build_tiny_clip_vision
+
+    _evaluate(runs[0], embedders, seed=1, metrics=["fid", "cmmd"])
+    _evaluate(runs[1], embedders, seed=1, metrics=["cmmd"], clip=str(build_tiny_clip_vision(tmp_path / "clip", seed=1)))
+    assert compare_runs(runs)[2] == [
+        "CMMD was measured with different networks: not comparable",
+        "FID from fewer than 2048 images is biased: compare it only at equal sample counts"]
 
 
-def test_the_evaluate_command(pipeline, inception, tmp_path: Path, capsys):
+def test_the_evaluate_command(pipeline, inception, embedders, tmp_path: Path, capsys):
     run = _fresh_copy(pipeline["base"], tmp_path / "run")
-    assert evaluate_main(["fid", str(run), "--samples", "4", "--steps", "1", "--device", "cpu",
-                          "--no-progress"]) == 0
+    nets = ["--clip", str(embedders["clip"]), "--dino", str(embedders["dino"])]
+    assert evaluate_main(["run", str(run), "--samples", "4", "--steps", "1", "--device", "cpu",
+                          "--no-progress", *nets]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("FID ") and "from 4 images (1 steps, guidance 4.0)" in out
+    assert out.startswith("fid ") and ", cmmd " in out and ", dino-mmd " in out
+    assert "from 4 images (1 steps, guidance 4.0)" in out
     assert evaluate_main(["compare", str(run), "--format", "csv"]) == 0
-    assert capsys.readouterr().out.startswith("run,step,loss,FID")
-    assert evaluate_main(["fid", str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().out.startswith("run,step,loss,FID,CMMD,DINO-MMD")
+    assert evaluate_main(["run", str(tmp_path / "nothing")]) == 2
     assert "has no checkpoint" in capsys.readouterr().err
+    assert evaluate_main(["run", str(run), "--metrics", "fid,is"]) == 2
+    assert "unknown metric(s) is" in capsys.readouterr().err
     moved = tmp_path / "moved-images"
     shutil.copytree(pipeline["images"], moved)
-    assert evaluate_main(["fid", str(run), "--samples", "3", "--steps", "1", "--device", "cpu", "--no-progress",
-                          "--images", str(tmp_path / "gone")]) == 2
+    fid_only = ["--samples", "3", "--steps", "1", "--device", "cpu", "--no-progress", "--metrics", "fid"]
+    assert evaluate_main(["run", str(run), *fid_only, "--images", str(tmp_path / "gone")]) == 2
     assert "does not exist: pass its new place with --images" in capsys.readouterr().err
-    assert evaluate_main(["fid", str(run), "--samples", "3", "--steps", "1", "--device", "cpu", "--no-progress",
-                          "--images", str(moved)]) == 0
+    assert evaluate_main(["run", str(run), *fid_only, "--images", str(moved)]) == 0
+
+
+def test_a_run_started_elsewhere_names_its_relative_manifest(pipeline, inception, tmp_path: Path, monkeypatch,
+                                                             capsys):
+    from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+    run = _fresh_copy(pipeline["base"], tmp_path / "run")
+    state = load_checkpoint(latest_checkpoint(run))
+    state["config"]["shards"] = "manifests/orig.json"  # as `train --shards manifests/orig.json` records it
+    save_checkpoint(run, state["step"], state, keep=1)
+    fid_only = ["--samples", "3", "--steps", "1", "--device", "cpu", "--no-progress", "--metrics", "fid"]
+    monkeypatch.chdir(tmp_path)
+    assert evaluate_main(["run", str(run), *fid_only]) == 2
+    assert "relative to where it was started: run from there, or pass the manifest" in capsys.readouterr().err
+    monkeypatch.chdir(pipeline["manifest"].parent.parent)
+    assert evaluate_main(["run", str(run), *fid_only]) == 0

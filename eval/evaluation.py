@@ -1,0 +1,295 @@
+"""``evaluate run RUN``: FID, CMMD and DINO-MMD of a run's checkpoint against its training images.
+
+    checkpoint -> n prompts of the evaluation set (eval.evalset) -> Euler sampling with guidance
+    (train.sample, the run's sampler) -> the manifest's VAE -> features of each metric's network
+    the same n samples' original images, centre-cropped        -> the same networks' features
+    fid: Fréchet distance of Inception features; cmmd, dino-mmd: MMD of CLIP / DINOv2 embeddings
+
+These are the three metrics of the PRX ablations. The images are generated once for all of them.
+Everything that changes the generated images is part of the evaluation's tag: checkpoint step,
+sample count, seed, sampler steps, guidance, shift, caption choice, resolution, the chosen keys
+and prompts. The result, ``RUN/eval/stepNNNNNNNN-TAG.json``, holds one entry per metric with the
+identity of its network (file digest, or model id, revision and folder fingerprint); a second
+call returns what is stored and computes only metrics (or networks) it lacks; ``force``
+generates the images again.
+
+Generation is cut into chunks of ``CHUNK`` images; each chunk's features are saved per network
+(``RUN/eval/stepNNNNNNNN-TAG/NNNNN.NETWORK.npy``, written atomically) as soon as they exist, so a
+killed evaluation resumes where it stopped and gives the same result as one clean run. Under
+torchrun or Slurm each worker takes every ``world_size``-th chunk; the worker that finds every
+chunk done computes the real images' features (cached per network in
+``RUN/eval/reference-TAG.NETWORK.npy``) and the result. The features stay: they are the
+evaluation's record (8 KiB per image for Inception, 3 KiB for CLIP or DINOv2).
+
+FID from fewer than 2048 images is biased upwards and comparable only between evaluations with
+the same sample count: the result says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from curate.manifest import LatentSpec, ManifestError, file_sha256, load_manifest
+from curate.runner import CurateError, package_versions, resolve_device, resolve_share
+from curate.shards import stable_hash
+from eval.evalset import EvalSample, choose_samples, images_dir_of, real_images
+from eval.stats import FeatureStats, frechet_distance, mmd
+from train.checkpoint import CheckpointError, checkpoint_path, latest_checkpoint, load_checkpoint
+
+__all__ = ["CHUNK", "DEFAULT_METRICS", "METRICS", "evaluate_run", "result_files"]
+
+CHUNK = 256  # images per saved feature file: what a killed evaluation can lose
+METRICS = {"fid": "inception", "cmmd": "clip", "dino-mmd": "dino"}  # metric -> its network
+DEFAULT_METRICS = ("fid", "cmmd", "dino-mmd")
+FEW_SAMPLES = 2048  # below the Inception feature dimension the covariance is singular and FID biased
+RESULT_GLOB = "step*-*.json"
+
+
+def result_files(run: str | os.PathLike[str]) -> list[Path]:
+    """The evaluation results stored in a run folder, by step then tag."""
+    return sorted((Path(run) / "eval").glob(RESULT_GLOB))
+
+
+def load_networks(metrics: list[str], device: str, *, inception: str | os.PathLike[str] | None = None,
+                  clip: str | None = None, dino: str | None = None) -> dict[str, Any]:
+    """The networks ``metrics`` need, by kind (``inception``, ``clip``, ``dino``)."""
+    from eval.embedders import ImageEmbedder
+    from eval.inception import InceptionFeatures
+
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise CurateError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(METRICS)}")
+    kinds = {METRICS[m] for m in metrics}
+    networks: dict[str, Any] = {}
+    if "inception" in kinds:
+        networks["inception"] = InceptionFeatures(inception, device=device)
+    if "clip" in kinds:
+        networks["clip"] = ImageEmbedder("clip", clip or "clip", device=device)
+    if "dino" in kinds:
+        networks["dino"] = ImageEmbedder("dino", dino or "dinov2", device=device)
+    return networks
+
+
+def evaluate_run(
+    run: str | os.PathLike[str],
+    *,
+    metrics: list[str] | tuple[str, ...] = DEFAULT_METRICS,
+    step: int | None = None,
+    manifest: str | os.PathLike[str] | None = None,
+    images: str | os.PathLike[str] | None = None,
+    samples: int = 10_000,
+    seed: int = 0,
+    steps: int | None = None,
+    guidance: float | None = None,
+    variant: str | None = None,
+    batch_size: int = 16,
+    device: str | None = None,
+    inception: str | os.PathLike[str] | None = None,
+    clip: str | None = None,
+    dino: str | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Any] | None:
+    """``metrics`` of ``run``'s checkpoint at ``step`` (default: the latest); see the module note.
+
+    ``manifest`` defaults to the one the run trained on, ``images`` to the image stage its
+    provenance names; ``steps`` and ``guidance`` default to the run's ``sample`` settings;
+    ``inception``, ``clip`` and ``dino`` choose the networks (file; alias, Hub id or folder).
+    Returns the result, or None when other workers still have chunks to generate.
+    """
+    run = Path(run)
+    metrics = list(dict.fromkeys(metrics))
+    share = resolve_share(rank, world_size)
+    path = latest_checkpoint(run) if step is None else checkpoint_path(run, step)
+    if path is None or not path.is_file():
+        raise CheckpointError(f"{run} has {'no checkpoint' if step is None else f'no checkpoint of step {step}'}")
+    state = load_checkpoint(path)
+    try:
+        cfg, step = state["config"], int(state["step"])
+        spec = LatentSpec.model_validate(state["latent_spec"])
+        steps = int(steps if steps is not None else cfg["sample"]["steps"])
+        guidance = float(guidance if guidance is not None else cfg["sample"]["guidance"])
+        shift = float(cfg["flow"]["shift"])
+        manifest_path = Path(manifest if manifest is not None else cfg["shards"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} lacks what evaluation needs: {e!r}") from None
+    if batch_size < 1 or steps < 1:
+        raise CurateError(f"batch size and sampler steps must be at least 1 (got {batch_size}, {steps})")
+    try:
+        data = load_manifest(manifest_path, check_files=True)
+    except ManifestError as e:
+        if manifest is not None or manifest_path.is_absolute():
+            raise
+        raise ManifestError(f"{e} (the run trained on {manifest_path}, relative to where it was started: "
+                            "run from there, or pass the manifest with --manifest)") from None
+    device = str(resolve_device(device))
+    networks = load_networks(metrics, device, inception=inception, clip=clip, dino=dino)
+    evalset = choose_samples(data, manifest_path, samples, seed=seed, variant=variant)
+    settings = {
+        "step": step, "samples": len(evalset), "seed": seed, "steps": steps, "guidance": guidance,
+        "shift": shift, "captions": {variant: 1.0} if variant else dict(data.captions),
+        "resolution": spec.resolution,
+        "keys": stable_hash([s.key for s in evalset]), "prompts": stable_hash([s.caption for s in evalset]),
+    }
+    tag = stable_hash(settings)[:12]
+    name = f"step{step:08d}-{tag}"
+    result_path = run / "eval" / f"{name}.json"
+    stored = json.loads(result_path.read_text()) if result_path.is_file() else None
+    wanted = [m for m in metrics if force or stored is None or m not in stored["metrics"]
+              or stored["metrics"][m]["network"] != networks[METRICS[m]].identity]
+    if not wanted:
+        return stored
+    needed = {METRICS[m]: networks[METRICS[m]] for m in wanted}
+
+    work = run / "eval" / name
+    work.mkdir(parents=True, exist_ok=True)
+    _write_json(work / "settings.json", settings)  # what the features in this folder were made with
+    chunks = math.ceil(len(evalset) / CHUNK)
+
+    def chunk_file(c: int, net: Any) -> Path:
+        return work / f"{c:05d}.{net.key}.npy"
+
+    def missing(c: int) -> list[Any]:
+        return [net for net in needed.values() if force or not chunk_file(c, net).is_file()]
+
+    mine = [c for c in range(share.rank, chunks, share.world_size) if missing(c)]
+    started = time.perf_counter()
+    if mine:
+        generator = _Generator(state, spec, device, steps=steps, guidance=guidance, shift=shift,
+                               seed=seed, batch_size=batch_size)
+        del state  # the optimizer's moments are not needed
+        todo = sum(len(evalset[c * CHUNK : (c + 1) * CHUNK]) for c in mine)
+        bar = tqdm(total=todo, unit="img", desc=f"generating ({name})", disable=not progress)
+        for c in mine:
+            part = evalset[c * CHUNK : (c + 1) * CHUNK]
+            nets = missing(c)
+            features: dict[str, list[np.ndarray]] = {net.key: [] for net in nets}
+            for batch in generator.images(part):
+                for net in nets:
+                    features[net.key].append(net(batch).numpy())
+                bar.update(len(batch))
+            for net in nets:
+                _save_npy(chunk_file(c, net), np.concatenate(features[net.key]).astype(np.float32))
+        bar.close()
+    if not all(chunk_file(c, net).is_file() for c in range(chunks) for net in needed.values()):
+        return None  # another worker's chunks are not done; the last worker to finish writes the result
+
+    reference = _reference_features(run, data, images, evalset, spec.resolution, needed, settings,
+                                    batch_size=max(batch_size, 32), progress=progress)
+    result = stored if stored is not None else {"metrics": {}}
+    for metric in wanted:
+        net = needed[METRICS[metric]]
+        generated = [np.load(chunk_file(c, net), allow_pickle=False) for c in range(chunks)]
+        value = _value(metric, generated, reference[net.key][0])
+        result["metrics"][metric] = {"value": value, "network": net.identity,
+                                     "reference": str(reference[net.key][1].absolute())}
+    empty = sum(1 for s in evalset if not s.caption)
+    result |= {
+        "step": step, "run": str(run.absolute()), "tag": tag, "checkpoint": str(path.absolute()),
+        "settings": settings,
+        "manifest": {"path": str(manifest_path.absolute()), "name": data.name, "sha256": file_sha256(manifest_path)},
+        "features": str(work.absolute()), "empty_prompts": empty,
+        "note": (f"FID from {len(evalset)} images (fewer than {FEW_SAMPLES}) is biased upwards: compare "
+                 "it only with evaluations of the same sample count") if len(evalset) < FEW_SAMPLES else None,
+        "seconds_this_worker": round(time.perf_counter() - started, 1), "finished": time.time(),
+        "versions": package_versions(("kiln", "torch", "diffusers", "transformers")),
+    }
+    _write_json(result_path, result)
+    return result
+
+
+def _value(metric: str, generated: list[np.ndarray], real: np.ndarray) -> float:
+    if metric == "fid":
+        stats = FeatureStats(real.shape[1])
+        for part in generated:
+            stats.add(part)
+        ref = FeatureStats(real.shape[1])
+        ref.add(real)
+        return frechet_distance(stats.mean, stats.cov, ref.mean, ref.cov)
+    return mmd(np.concatenate(generated), real)
+
+
+class _Generator:
+    """The checkpoint's denoiser, its text encoder and the manifest's VAE, turning evaluation
+    samples into uint8 images [B, 3, H, W] exactly as ``train generate`` would (noise seed + i)."""
+
+    def __init__(self, state: dict[str, Any], spec: LatentSpec, device: str, *, steps: int, guidance: float,
+                 shift: float, seed: int, batch_size: int):
+        from diffusers import PRXTransformer2DModel
+
+        from curate.vae import load_vae_for_spec
+        from train.text import TextEncoder
+
+        try:
+            self.transformer = PRXTransformer2DModel(**state["denoiser"])
+            self.transformer.load_state_dict(state["model"])
+            text = state["text_encoder"]
+        except (KeyError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"the checkpoint's denoiser cannot be rebuilt: {e}") from None
+        self.transformer.to(device).eval().requires_grad_(False)
+        self.text = TextEncoder.load(text.get("id") or text["name"], device=device,
+                                     revision=text.get("revision"), max_tokens=int(text["max_tokens"]))
+        self.vae = load_vae_for_spec(spec, device=device)
+        self.spec, self.steps, self.guidance, self.shift = spec, steps, guidance, shift
+        self.seed, self.batch_size = seed, batch_size
+
+    def images(self, part: list[EvalSample]):
+        from curate.vae import decode_to_images
+        from train.sample import initial_noise, sample_latents
+
+        size = self.spec.resolution
+        for start in range(0, len(part), self.batch_size):
+            batch = part[start : start + self.batch_size]
+            noise = torch.cat([initial_noise(self.spec, 1, size, size, self.seed + s.index) for s in batch])
+            latents = sample_latents(self.transformer, self.text, [s.caption for s in batch], spec=self.spec,
+                                     height=size, width=size, steps=self.steps, guidance=self.guidance,
+                                     shift=self.shift, noise=noise)
+            with torch.no_grad():  # 8 images per VAE call, as sample grids: 16 at 1024 px would not fit
+                pixels = torch.cat([decode_to_images(c, self.spec, self.vae) for c in latents.split(8)])
+            yield pixels.mul(255).round().clamp(0, 255).to(torch.uint8)
+
+
+def _reference_features(run: Path, data, images, evalset: list[EvalSample], resolution: int,
+                        networks: dict[str, Any], settings: dict[str, Any], *, batch_size: int,
+                        progress: bool) -> dict[str, tuple[np.ndarray, Path]]:
+    """The real images' features per network (key -> (features, file)), cached per (keys,
+    resolution, network); one pass over the images computes every network's that is missing."""
+    tag = stable_hash({k: settings[k] for k in ("keys", "resolution")})[:12]
+    files = {net.key: run / "eval" / f"reference-{tag}.{net.key}.npy" for net in networks.values()}
+    todo = [net for net in networks.values() if not files[net.key].is_file()]
+    if todo:
+        features: dict[str, list[np.ndarray]] = {net.key: [] for net in todo}
+        folder = images_dir_of(data, images)
+        with tqdm(total=len(evalset), unit="img", desc="real images", disable=not progress) as bar:
+            for batch in real_images(evalset, folder, resolution, batch_size=batch_size):
+                for net in todo:
+                    features[net.key].append(net(batch).numpy())
+                bar.update(len(batch))
+        for net in todo:
+            _save_npy(files[net.key], np.concatenate(features[net.key]).astype(np.float32))
+    return {key: (np.load(path, allow_pickle=False), path) for key, path in files.items()}
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)

@@ -31,6 +31,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/encode_latents.py
 	$(PY) bench/shard_writer.py
 	$(PY) bench/train.py
+	$(PY) bench/evaluate.py
 
 clean-demo:
 	rm -rf demo/out manifests/demo-*.json

@@ -11,15 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import encode, noise_image
+from conftest import noise_image
 from latent_data import make_latent_dataset
+from tiny_run import make_tiny_runs
 
 import eval.evaluation as evaluation
-from curate.encode_latents import EncodeLatentsStage
-from curate.ingest import IngestStage
 from curate.manifest import load_manifest
-from curate.runner import run_stage
-from curate.sources import open_source
 from eval.cli import main as evaluate_main
 from eval.compare import compare_runs, format_table
 from eval.embedders import EmbedderError, ImageEmbedder
@@ -27,7 +24,6 @@ from eval.evalset import EvalSetError, choose_samples
 from eval.evaluation import evaluate_run, result_files
 from eval.inception import InceptionError, InceptionFeatures, find_inception, resize_tf_bilinear
 from eval.stats import FeatureStats, frechet_distance, mmd
-from train.cli import main as train_main
 
 SAMPLES = 10  # images per evaluation: each costs about 0.1 s of Inception on this CPU
 
@@ -196,30 +192,10 @@ def test_evaluation_sets_share_keys_across_caption_selections_and_follow_each(tm
 def pipeline(tmp_path_factory) -> dict[str, Path]:
     """Images -> tiny Flux latents (orig captions) -> a tiny run of 2 steps, and a second run
     that differs in its learning rate."""
-    from curate.tiny import build_tiny_flux_vae, build_tiny_t5gemma
-
-    root = tmp_path_factory.mktemp("eval")
-    src = root / "src"
-    src.mkdir()
-    for i in range(12):
-        size = [(80, 64), (64, 80), (72, 72)][i % 3]
-        (src / f"img_{i}.jpg").write_bytes(encode(noise_image(200 + i, size), "JPEG", quality=90))
-        (src / f"img_{i}.txt").write_text(f"{['a red', 'a green', 'a blue'][i % 3]} pattern number {i}")
-    images = root / "images"
-    run_stage(IngestStage(open_source(str(src)), images, shard_size=5), images, progress=False)
-    vae, text = build_tiny_flux_vae(root / "vae"), build_tiny_t5gemma(root / "t5gemma")
-    latents, manifests = root / "latents", root / "manifests"
-    run_stage(EncodeLatentsStage(images, None, latents, str(vae), resolution=32, batch_size=4, decode_workers=0,
-                                 allow_missing_captions=True, manifest_dir=manifests, device="cpu"),
-              latents, progress=False)
-    manifest = manifests / "orig.json"
-    runs = {}
-    for name, lr in (("base", "0.001"), ("slow", "0.0001")):
-        runs[name] = root / "runs" / name
-        assert train_main(["--shards", str(manifest), "--out", str(runs[name]), "--preset", "tiny", "steps=2",
-                           "checkpoint_every=2", f"lr={lr}", f"text_encoder={text}", "sample_every=0",
-                           "data.workers=0", "log.every=1", "log.tensorboard=false"]) == 0
-    return {"images": images, "manifest": manifest, **runs}
+    return make_tiny_runs(tmp_path_factory.mktemp("eval"), images=12, sizes=[(80, 64), (64, 80), (72, 72)],
+                          resolution=32, shard_size=5,
+                          runs={name: {"steps": "2", "checkpoint_every": "2", "lr": lr}
+                                for name, lr in (("base", "0.001"), ("slow", "0.0001"))})
 
 
 def _evaluate(run: Path, embedders, **kwargs) -> dict | None:

@@ -87,11 +87,13 @@ class ImageEmbedder:
         self.mean = torch.tensor(processor.image_mean, dtype=torch.float32, device=self.device).view(shape)
         self.std = torch.tensor(processor.image_std, dtype=torch.float32, device=self.device).view(shape)
         self.model.to(self.device).eval().requires_grad_(False)
-        self.identity: dict[str, Any] = {"model": name, "id": ref.id, "revision": revision,
-                                         "class": type(self.model).__name__, "input_size": self.size}
+        # What decides the embeddings (an alias and its Hub id are the same model); a local
+        # folder is named by its files' fingerprint too, since one rebuilt in place keeps its name.
+        self.identity: dict[str, Any] = {"id": ref.id, "revision": revision, "class": type(self.model).__name__,
+                                         "input_size": self.size}
         if ref.local:
             self.identity["fingerprint"] = local_fingerprint(ref.id)
-        self.key = f"{kind}-{stable_hash({k: v for k, v in self.identity.items() if k != 'model'})[:8]}"
+        self.key = f"{kind}-{stable_hash(self.identity)[:8]}"
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:

@@ -136,6 +136,8 @@ def evaluate_run(
     device = str(resolve_device(device))
     networks = load_networks(metrics, device, inception=inception, clip=clip, dino=dino)
     evalset = choose_samples(data, manifest_path, samples, seed=seed, variant=variant)
+    if "fid" in metrics and len(evalset) < 2:
+        raise CurateError(f"FID needs at least 2 images (a covariance); the evaluation set has {len(evalset)}")
     settings = {
         "step": step, "samples": len(evalset), "seed": seed, "steps": steps, "guidance": guidance,
         "shift": shift, "captions": {variant: 1.0} if variant else dict(data.captions),

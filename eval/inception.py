@@ -128,7 +128,7 @@ class InceptionFeatures:
     def __init__(self, path: str | os.PathLike[str] | None = None, device: str | torch.device = "cpu"):
         self.path = find_inception(path)
         self.sha1 = file_sha1(self.path)  # recorded with every result: FIDs of different networks differ
-        self.identity = {"file": str(self.path), "sha1": self.sha1}
+        self.identity = {"network": "TF-FID Inception-v3", "sha1": self.sha1}  # the same file anywhere
         self.key = f"inception-{self.sha1[:8]}"  # names its feature files
         self.device = torch.device(device)
         try:

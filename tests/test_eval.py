@@ -313,6 +313,8 @@ def test_the_evaluate_command(pipeline, inception, embedders, tmp_path: Path, ca
     assert "has no checkpoint" in capsys.readouterr().err
     assert evaluate_main(["run", str(run), "--metrics", "fid,is"]) == 2
     assert "unknown metric(s) is" in capsys.readouterr().err
+    assert evaluate_main(["run", str(run), "--metrics", "fid", "--samples", "1", "--device", "cpu"]) == 2
+    assert "FID needs at least 2 images" in capsys.readouterr().err
     moved = tmp_path / "moved-images"
     shutil.copytree(pipeline["images"], moved)
     fid_only = ["--samples", "3", "--steps", "1", "--device", "cpu", "--no-progress", "--metrics", "fid"]

@@ -9,7 +9,8 @@ These are the three metrics of the PRX ablations. The images are generated once 
 Everything that changes the generated images is part of the evaluation's tag: checkpoint step,
 sample count, seed, sampler steps, guidance, shift, caption choice, resolution, the chosen keys
 and prompts. The result, ``RUN/eval/stepNNNNNNNN-TAG.json``, holds one entry per metric with the
-identity of its network (file digest, or model id, revision and folder fingerprint); a second
+identity of its network (file digest, or model id, revision and folder fingerprint), and
+``RUN/eval/stepNNNNNNNN-TAG.png`` shows the first generated images above their real ones; a second
 call returns what is stored and computes only metrics (or networks) it lacks; ``force``
 generates the images again.
 
@@ -19,7 +20,7 @@ killed evaluation resumes where it stopped and gives the same result as one clea
 torchrun or Slurm each worker takes every ``world_size``-th chunk; the worker that finds every
 chunk done computes the real images' features (cached per network in
 ``RUN/eval/reference-TAG.NETWORK.npy``) and the result. The features stay: they are the
-evaluation's record (8 KiB per image for Inception, 3 KiB for CLIP or DINOv2).
+evaluation's record (8 KiB per image for Inception, 3 KiB for CLIP-L, 4 KiB for DINOv2-L).
 
 FID from fewer than 2048 images is biased upwards and comparable only between evaluations with
 the same sample count: the result says so.
@@ -48,6 +49,7 @@ from train.checkpoint import CheckpointError, checkpoint_path, latest_checkpoint
 __all__ = ["CHUNK", "DEFAULT_METRICS", "METRICS", "evaluate_run", "result_files"]
 
 CHUNK = 256  # images per saved feature file: what a killed evaluation can lose
+PREVIEW = 8  # generated images shown above their real counterparts in RUN/eval/stepN-TAG.png
 METRICS = {"fid": "inception", "cmmd": "clip", "dino-mmd": "dino"}  # metric -> its network
 DEFAULT_METRICS = ("fid", "cmmd", "dino-mmd")
 FEW_SAMPLES = 2048  # below the Inception feature dimension the covariance is singular and FID biased
@@ -177,12 +179,17 @@ def evaluate_run(
             part = evalset[c * CHUNK : (c + 1) * CHUNK]
             nets = missing(c)
             features: dict[str, list[np.ndarray]] = {net.key: [] for net in nets}
+            first: list[torch.Tensor] = []
             for batch in generator.images(part):
                 for net in nets:
                     features[net.key].append(net(batch).numpy())
+                if c == 0 and len(first) < PREVIEW:
+                    first.extend(batch[: PREVIEW - len(first)])
                 bar.update(len(batch))
             for net in nets:
                 _save_npy(chunk_file(c, net), np.concatenate(features[net.key]).astype(np.float32))
+            if c == 0:
+                _preview(run / "eval" / f"{name}.png", first, evalset, data, images, spec.resolution)
         bar.close()
     if not all(chunk_file(c, net).is_file() for c in range(chunks) for net in needed.values()):
         return None  # another worker's chunks are not done; the last worker to finish writes the result
@@ -201,7 +208,8 @@ def evaluate_run(
         "step": step, "run": str(run.absolute()), "tag": tag, "checkpoint": str(path.absolute()),
         "settings": settings,
         "manifest": {"path": str(manifest_path.absolute()), "name": data.name, "sha256": file_sha256(manifest_path)},
-        "features": str(work.absolute()), "empty_prompts": empty,
+        "features": str(work.absolute()), "preview": str((run / "eval" / f"{name}.png").absolute()),
+        "empty_prompts": empty,
         "note": (f"FID from {len(evalset)} images (fewer than {FEW_SAMPLES}) is biased upwards: compare "
                  "it only with evaluations of the same sample count") if len(evalset) < FEW_SAMPLES else None,
         "seconds_this_worker": round(time.perf_counter() - started, 1), "finished": time.time(),
@@ -260,6 +268,17 @@ class _Generator:
             with torch.no_grad():  # 8 images per VAE call, as sample grids: 16 at 1024 px would not fit
                 pixels = torch.cat([decode_to_images(c, self.spec, self.vae) for c in latents.split(8)])
             yield pixels.mul(255).round().clamp(0, 255).to(torch.uint8)
+
+
+def _preview(path: Path, generated: list[torch.Tensor], evalset: list[EvalSample], data, images,
+             resolution: int) -> None:
+    """The first generated images in a row, the same samples' real images in the row below."""
+    from train.sample import make_grid, save_png
+
+    folder = images_dir_of(data, images)
+    real = [next(real_images([s], folder, resolution, batch_size=1))[0] for s in evalset[: len(generated)]]
+    grid = make_grid(torch.stack(generated + real).float() / 255, columns=len(generated))
+    save_png(grid, path)
 
 
 def _reference_features(run: Path, data, images, evalset: list[EvalSample], resolution: int,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,11 @@ import pytest
 import torch
 from conftest import noise_image
 from latent_data import make_latent_dataset
+from PIL import Image
 from tiny_run import make_tiny_runs
 
 import eval.evaluation as evaluation
+from curate.buckets import preprocess
 from curate.manifest import load_manifest
 from eval.cli import main as evaluate_main
 from eval.compare import compare_runs, format_table
@@ -229,6 +232,13 @@ def test_a_runs_metrics_are_recorded_reproducible_and_reused(pipeline, inception
     assert len(features) == 3 and [np.load(f).shape for f in features] == [(SAMPLES, 16), (SAMPLES, 32),
                                                                               (SAMPLES, 2048)]
     assert np.load(first["metrics"]["fid"]["reference"]).shape == (SAMPLES, 2048)
+    with Image.open(first["preview"]) as preview:  # 8 generated images above their 8 real ones
+        assert preview.size == (8 * 32, 2 * 32)
+        real = np.asarray(preview)[32:, :32]
+    sample = choose_samples(load_manifest(pipeline["manifest"]), pipeline["manifest"], SAMPLES)[0]
+    with tarfile.open(pipeline["images"] / f"{sample.shard:06d}.tar") as tar:
+        original = tar.extractfile(f"{sample.key}.jpg").read()
+    np.testing.assert_array_equal(real, preprocess(original, resolution=32)[0].permute(1, 2, 0).numpy())
 
     assert _evaluate(run, embedders) == first  # stored: nothing recomputed
     again = _evaluate(run, embedders, force=True)

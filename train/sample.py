@@ -33,7 +33,7 @@ from train.text import TextEncoder
 if TYPE_CHECKING:
     from curate.vae import LoadedVae
 
-__all__ = ["initial_noise", "make_grid", "sample_grid", "sample_latents"]
+__all__ = ["initial_noise", "make_grid", "sample_grid", "sample_latents", "save_png"]
 
 # Images decoded per VAE call: a grid of 16 at 1024 px would otherwise need one huge activation.
 _DECODE_CHUNK = 8
@@ -187,11 +187,12 @@ def sample_grid(
                         for chunk in latents.split(_DECODE_CHUNK)])
     grid = make_grid(images, columns or math.ceil(math.sqrt(len(prompts))))
     if path is not None:
-        _save_png(grid, Path(path))
+        save_png(grid, Path(path))
     return grid
 
 
-def _save_png(image: Image.Image, path: Path) -> None:
+def save_png(image: Image.Image, path: Path) -> None:
+    """Write ``image`` as a PNG atomically (a reader never sees half a file), readable by all."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -347,3 +347,16 @@ def test_a_run_started_elsewhere_names_its_relative_manifest(pipeline, inception
     assert "relative to where it was started: run from there, or pass the manifest" in capsys.readouterr().err
     monkeypatch.chdir(pipeline["manifest"].parent.parent)
     assert evaluate_main(["run", str(run), *fid_only]) == 0
+
+
+def test_a_held_out_manifest_gives_its_own_samples_and_images(pipeline, inception, embedders, tmp_path: Path):
+    heldout = make_tiny_runs(tmp_path / "heldout", images=6, sizes=[(64, 64)], resolution=32, runs={}, seed=1000)
+    run = _fresh_copy(pipeline["base"], tmp_path / "run")
+    result = _evaluate(run, embedders, metrics=["fid"], manifest=heldout["manifest"])
+    assert result["manifest"]["path"] == str(heldout["manifest"].absolute()) and result["settings"]["samples"] == 6
+    keys = {s.key for s in choose_samples(load_manifest(heldout["manifest"]), heldout["manifest"], 6)}
+    assert result["settings"]["keys"] == _evaluate(run, embedders, metrics=["fid"], samples=6,
+                                                   manifest=heldout["manifest"])["settings"]["keys"]
+    assert not keys & {s.key for s in choose_samples(load_manifest(pipeline["manifest"]), pipeline["manifest"], 99)}
+    trained_on = _evaluate(run, embedders, metrics=["fid"])
+    assert trained_on["tag"] != result["tag"] and trained_on["metrics"]["fid"]["value"] != result["metrics"]["fid"]["value"]

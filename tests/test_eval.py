@@ -193,11 +193,11 @@ def test_evaluation_sets_share_keys_across_caption_selections_and_follow_each(tm
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory) -> dict[str, Path]:
-    """Images -> tiny Flux latents (orig captions) -> a tiny run of 2 steps, and a second run
-    that differs in its learning rate."""
+    """Images -> tiny Flux latents (orig captions) -> a tiny run of 2 steps (checkpoints at 1
+    and 2), and a second run that differs in its learning rate."""
     return make_tiny_runs(tmp_path_factory.mktemp("eval"), images=12, sizes=[(80, 64), (64, 80), (72, 72)],
                           resolution=32, shard_size=5,
-                          runs={name: {"steps": "2", "checkpoint_every": "2", "lr": lr}
+                          runs={name: {"steps": "2", "checkpoint_every": "1", "lr": lr}
                                 for name, lr in (("base", "0.001"), ("slow", "0.0001"))})
 
 
@@ -360,3 +360,22 @@ def test_a_held_out_manifest_gives_its_own_samples_and_images(pipeline, inceptio
     assert not keys & {s.key for s in choose_samples(load_manifest(pipeline["manifest"]), pipeline["manifest"], 99)}
     trained_on = _evaluate(run, embedders, metrics=["fid"])
     assert trained_on["tag"] != result["tag"] and trained_on["metrics"]["fid"]["value"] != result["metrics"]["fid"]["value"]
+
+
+def test_every_checkpoint_evaluated_and_compared_step_by_step(pipeline, inception, embedders, tmp_path: Path,
+                                                               capsys):
+    run = _fresh_copy(pipeline["base"], tmp_path / "run")
+    options = ["--samples", "4", "--steps", "1", "--device", "cpu", "--no-progress", "--metrics", "fid,cmmd",
+               "--clip", str(embedders["clip"])]
+    assert evaluate_main(["run", str(run), "--step", "all", *options]) == 0
+    assert [line.split(" at step ")[1].split()[0] for line in capsys.readouterr().out.splitlines()
+            if " at step " in line] == ["1", "2"]
+    header, rows, _ = compare_runs([run], by_step=True)
+    assert [r[header.index("eval step")] for r in rows] == [1, 2] and rows[0][3] != rows[1][3]
+    assert [r[header.index("eval step")] for r in compare_runs([run])[1]] == [2]
+    assert evaluate_main(["run", str(run), "--step", "1,2", *options]) == 0  # both stored
+    assert len(result_files(run)) == 2
+    assert evaluate_main(["run", str(run), "--step", "two", *options]) == 2
+    assert "--step takes a step" in capsys.readouterr().err
+    assert evaluate_main(["compare", str(run), "--by-step", "--format", "csv"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3

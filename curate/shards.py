@@ -397,20 +397,28 @@ def split_member(name: str) -> tuple[str, str]:
     return (f"{dirname}/{stem}" if dirname else stem), ext
 
 
-def iter_tar_samples(tar_path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) for each group of consecutive members sharing a key."""
-    with tarfile.open(tar_path, mode="r|") as tar:
+def iter_tar_samples(
+    tar_path: str | os.PathLike, wanted: Callable[[str, str], bool] | None = None
+) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) for each group of consecutive members sharing a key.
+
+    With ``wanted(key, ext)`` only those members are read and the rest are seeked over (the tar
+    is opened seekable, not as a stream); samples with no wanted member are not yielded.
+    """
+    with tarfile.open(tar_path, mode="r|" if wanted is None else "r:") as tar:
         key, members = None, {}
         for info in tar:
             if not info.isfile():
                 continue
             k, ext = split_member(info.name)
             if key is not None and k != key:
-                yield key, members
+                if members:
+                    yield key, members
                 members = {}
             key = k
-            members[ext] = tar.extractfile(info).read()
-        if key is not None:
+            if wanted is None or wanted(k, ext):
+                members[ext] = tar.extractfile(info).read()
+        if key is not None and members:
             yield key, members
 
 

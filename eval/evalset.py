@@ -20,8 +20,7 @@ import hashlib
 import itertools
 import json
 import os
-import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 from curate.buckets import IMAGE_MEMBER, preprocess
 from curate.manifest import Manifest, shard_urls
 from curate.runner import CurateError
-from curate.shards import OK, read_index, shard_name, split_member
+from curate.shards import OK, iter_tar_samples, read_index, shard_name
 from train.data import choose_caption
 
 __all__ = ["EvalSample", "EvalSetError", "choose_samples", "images_dir_of", "real_images"]
@@ -85,7 +84,12 @@ def choose_samples(
     samples: list[EvalSample | None] = [None] * len(chosen)
     weights = {variant: 1.0} if variant else dict(manifest.captions)
     for pos, keys in sorted(wanted.items()):
-        for key, members in _read_members(urls[pos], set(keys), _is_caption_member):
+        # Only the captions are read, the latents seeked over: 10,000 samples drawn from a
+        # million touch every shard, and reading whole shards would read every latent.
+        def caption_member(k: str, ext: str, picked: frozenset[str] = frozenset(keys)) -> bool:
+            return k in picked and _is_caption_member(ext)
+
+        for key, members in iter_tar_samples(urls[pos], caption_member):
             i = keys.pop(key)
             texts = {ext[: -len(".txt")]: data.decode("utf-8") for ext, data in members.items()
                      if ext.endswith(".txt")}
@@ -101,30 +105,6 @@ def choose_samples(
 
 def _is_caption_member(ext: str) -> bool:
     return ext == "json" or ext.endswith(".txt")
-
-
-def _read_members(
-    tar_path: str | os.PathLike[str], keys: set[str], wanted: Callable[[str], bool]
-) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) for the samples of ``keys``, with only the ``wanted`` members read.
-
-    Everything else is seeked over: 10,000 samples drawn from a million touch every shard, and
-    reading whole latent shards for their captions would read every latent.
-    """
-    with tarfile.open(tar_path, mode="r:") as tar:
-        key, members = None, {}
-        for info in tar:
-            if not info.isfile():
-                continue
-            k, ext = split_member(info.name)
-            if k != key:
-                if key is not None and members:
-                    yield key, members
-                key, members = k, {}
-            if k in keys and wanted(ext):
-                members[ext] = tar.extractfile(info).read()
-        if key is not None and members:
-            yield key, members
 
 
 def _key_seed(seed: int, key: str) -> int:
@@ -161,7 +141,7 @@ def real_images(
             if not tar.is_file():
                 raise EvalSetError(f"{tar}: the image shard of latent shard {shard} is missing")
             missing = set(keys)
-            for key, members in _read_members(tar, keys, lambda ext: ext == IMAGE_MEMBER):
+            for key, members in iter_tar_samples(tar, lambda k, ext, picked=keys: k in picked and ext == IMAGE_MEMBER):
                 missing.discard(key)
                 yield members[IMAGE_MEMBER]
             if missing:

@@ -53,12 +53,8 @@ class ImageEmbedder:
     """uint8 images [B, 3, H, W] -> L2-normalised embeddings (float64, on the CPU)."""
 
     def __init__(self, kind: Kind, name: str, *, device: str | torch.device = "cpu", revision: str | None = None):
-        from transformers import (
-            AutoConfig,
-            AutoImageProcessor,
-            AutoModel,
-            CLIPVisionModelWithProjection,
-        )
+        from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModelWithProjection
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
         if kind not in ("clip", "dino"):
             raise EmbedderError(f"unknown image encoder kind {kind!r}: clip or dino")
@@ -68,7 +64,7 @@ class ImageEmbedder:
             raise EmbedderError(f"{kind} model: {e}") from e
         if ref.local and revision is not None:
             raise EmbedderError(f"{kind} model {name!r}: a revision applies to Hub ids, not to a local folder")
-        self.kind, self.device = kind, torch.device(device)
+        self.kind, self.device, self.name, self.ref, self.revision = kind, torch.device(device), name, ref, revision
         try:
             config = AutoConfig.from_pretrained(ref.id, revision=revision)
             # A DINOv2 folder loaded as CLIP (or the reverse) would load with random weights.
@@ -76,24 +72,33 @@ class ImageEmbedder:
                 raise EmbedderError(f"{name!r} ({ref.id}) is a {config.model_type} model, not a "
                                     f"{_MODEL_TYPES[kind]} model as {kind} needs")
             processor = AutoImageProcessor.from_pretrained(ref.id, revision=revision)
-            cls = CLIPVisionModelWithProjection if kind == "clip" else AutoModel
-            with _no_progress_bars():
-                self.model = cls.from_pretrained(ref.id, revision=revision, dtype=torch.float32)
-        except (OSError, ValueError) as e:
+            self.cls = CLIPVisionModelWithProjection if kind == "clip" else MODEL_MAPPING[type(config)]
+        except (OSError, ValueError, KeyError) as e:
             raise EmbedderError(f"cannot load the {kind} model {name!r} ({ref.id}): {e}") from None
         crop = getattr(processor, "crop_size", None) or processor.size
         self.size = int(crop.get("height") or crop["shortest_edge"])
         shape = (1, 3, 1, 1)
         self.mean = torch.tensor(processor.image_mean, dtype=torch.float32, device=self.device).view(shape)
         self.std = torch.tensor(processor.image_std, dtype=torch.float32, device=self.device).view(shape)
-        self.model.to(self.device).eval().requires_grad_(False)
+        self._model: torch.nn.Module | None = None  # loaded at the first call: a stored result needs none
         # What decides the embeddings (an alias and its Hub id are the same model); a local
         # folder is named by its files' fingerprint too, since one rebuilt in place keeps its name.
-        self.identity: dict[str, Any] = {"id": ref.id, "revision": revision, "class": type(self.model).__name__,
+        self.identity: dict[str, Any] = {"id": ref.id, "revision": revision, "class": self.cls.__name__,
                                          "input_size": self.size}
         if ref.local:
             self.identity["fingerprint"] = local_fingerprint(ref.id)
         self.key = f"{kind}-{stable_hash(self.identity)[:8]}"
+
+    @property
+    def model(self) -> torch.nn.Module:
+        if self._model is None:
+            try:
+                with _no_progress_bars():
+                    model = self.cls.from_pretrained(self.ref.id, revision=self.revision, dtype=torch.float32)
+            except (OSError, ValueError) as e:
+                raise EmbedderError(f"cannot load the {self.kind} model {self.name!r} ({self.ref.id}): {e}") from None
+            self._model = model.to(self.device).eval().requires_grad_(False)
+        return self._model
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:

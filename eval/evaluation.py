@@ -116,7 +116,7 @@ def evaluate_run(
     path = latest_checkpoint(run) if step is None else checkpoint_path(run, step)
     if path is None or not path.is_file():
         raise CheckpointError(f"{run} has {'no checkpoint' if step is None else f'no checkpoint of step {step}'}")
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, mmap=True)  # the config, and the model only if images are generated
     try:
         cfg, step = state["config"], int(state["step"])
         spec = LatentSpec.model_validate(state["latent_spec"])
@@ -172,7 +172,6 @@ def evaluate_run(
     if mine:
         generator = _Generator(state, spec, device, steps=steps, guidance=guidance, shift=shift,
                                seed=seed, batch_size=batch_size)
-        del state  # the optimizer's moments are not needed
         todo = sum(len(evalset[c * CHUNK : (c + 1) * CHUNK]) for c in mine)
         bar = tqdm(total=todo, unit="img", desc=f"generating ({name})", disable=not progress)
         for c in mine:

@@ -66,9 +66,11 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict[str, Any]
     return final
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint's dict. ``mmap``: tensors are read from the file when first used, so a
+    reader that needs the config and the model does not read the optimizer's moments."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # a truncated or foreign file: say which one
         raise CheckpointError(f"cannot load checkpoint {path}: {e}") from None
 

@@ -251,7 +251,7 @@ def export_run(
     if path is None or not path.is_file():
         which = "no checkpoint" if step is None else f"no checkpoint of step {step}"
         raise CheckpointError(f"{run} has {which}")
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, mmap=True)  # the model alone is read
     try:
         transformer = PRXTransformer2DModel(**state["denoiser"])
         transformer.load_state_dict(state["model"])

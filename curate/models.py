@@ -50,7 +50,7 @@ VAES = {
 }
 
 # Text encoders for the denoiser: PRX conditions on the encoder half of T5Gemma 2B-2B (UL2), loaded
-# without its decoder (train/text.py); any T5Gemma checkpoint or PRX pipeline folder works too.
+# without its decoder (curate/text.py); any T5Gemma checkpoint or PRX pipeline folder works too.
 TEXT_ENCODERS = {
     "t5gemma": "google/t5gemma-2b-2b-ul2",
 }

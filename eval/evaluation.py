@@ -237,8 +237,8 @@ class _Generator:
                  shift: float, seed: int, batch_size: int):
         from diffusers import PRXTransformer2DModel
 
+        from curate.text import TextEncoder
         from curate.vae import load_vae_for_spec
-        from train.text import TextEncoder
 
         try:
             self.transformer = PRXTransformer2DModel(**state["denoiser"])

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from curate.text import TextEncoder
 from curate.tiny import build_tiny_flux2_vae, build_tiny_flux_vae, build_tiny_t5gemma
 from curate.vae import decode_to_images, latent_spec_for, load_vae, load_vae_for_spec
 from train.export import (
@@ -23,7 +24,6 @@ from train.export import (
 )
 from train.flow import shift_timesteps
 from train.sample import initial_noise, make_grid, sample_grid, sample_latents
-from train.text import TextEncoder
 
 PROMPT = "a red cube"
 SIZE = 64

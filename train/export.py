@@ -14,7 +14,7 @@ The folder is laid out like PRX's own Hub pipelines::
 The conventions match training: the pipeline calls the transformer with ``timestep / 1000`` =
 sigma in [0, 1] with sigma = 1 noise, ``x_t = (1 - sigma) x0 + sigma eps``, Euler steps on the
 predicted velocity, guidance against the empty prompt, prompts cleaned and padded as
-:class:`train.text.TextEncoder` does. (Its default time grid differs from
+:class:`curate.text.TextEncoder` does. (Its default time grid differs from
 :func:`train.flow.euler_sample`'s; see ``train/sample.py``.)
 
 Two modes, chosen from the latent spec:
@@ -60,6 +60,7 @@ from PIL import Image
 
 from curate.manifest import LatentSpec
 from curate.runner import CurateError
+from curate.text import DEFAULT_MAX_TOKENS, TextEncoder, quiet_transformers
 from curate.vae import (
     LoadedVae,
     decode_to_images,
@@ -68,7 +69,6 @@ from curate.vae import (
     model_downsample,
 )
 from train.sample import initial_noise
-from train.text import DEFAULT_MAX_TOKENS, TextEncoder, quiet_transformers
 
 if TYPE_CHECKING:
     from diffusers import PRXPipeline, PRXTransformer2DModel

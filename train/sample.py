@@ -2,7 +2,7 @@
 
 The model is called exactly as ``PRXPipeline`` calls it (``hidden_states``, ``timestep`` = t in
 [0, 1], ``encoder_hidden_states``, ``attention_mask``), with the prompts encoded as the pipeline
-encodes them (:class:`train.text.TextEncoder`) and the empty prompt as the unconditional branch,
+encodes them (:class:`curate.text.TextEncoder`) and the empty prompt as the unconditional branch,
 so a grid shows what the exported pipeline will produce for the same noise. One difference is
 the time grid: :func:`train.flow.euler_sample` steps uniformly from t = 1 to t = 0, while the
 pipeline's ``FlowMatchEulerDiscreteScheduler`` takes ``steps`` points from 1 to ~0.001 and then a
@@ -26,9 +26,9 @@ import torch
 from PIL import Image
 
 from curate.manifest import LatentSpec
+from curate.text import TextEncoder
 from curate.vae import decode_to_images, model_channels, model_downsample
 from train.flow import euler_sample, with_guidance
-from train.text import TextEncoder
 
 if TYPE_CHECKING:
     from curate.vae import LoadedVae

@@ -166,6 +166,19 @@ class TextEncoder:
         return cls(model=model, tokenizer=tokenizer, name=name, id=ref.id, revision=commit,
                    max_tokens=max_tokens, device=device)
 
+    @staticmethod
+    def describe(name: str, revision: str | None = None) -> tuple[str, str | None, int] | None:
+        """(resolved id, Hub commit or None, hidden size) from the checkpoint's config, without
+        loading its weights; None when the config does not say the hidden size."""
+        ref = resolve_model(name, "text")
+        root, commit = (Path(ref.id), None) if ref.local else _download(name, ref.id, revision)
+        try:
+            raw = json.loads((_layout(root)[0] / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        hidden = (raw.get("encoder") or raw).get("hidden_size")  # a composite config's encoder, or a module's
+        return (ref.id, commit, int(hidden)) if isinstance(hidden, int) else None
+
     def clean(self, captions: Sequence[str]) -> list[str]:
         """The captions as ``PRXPipeline`` would feed them to the tokenizer."""
         preprocessor = _preprocessor()
@@ -183,6 +196,45 @@ class TextEncoder:
             return (ids.pin_memory().to(self.device, non_blocking=True),
                     mask.pin_memory().to(self.device, non_blocking=True))
         return ids, mask
+
+    def tokenize_ids(self, texts: Sequence[str]) -> tuple[list[list[int]], list[bool]]:
+        """Unpadded token ids of cleaned captions, truncated at ``max_tokens`` as :meth:`tokenize`
+        truncates them, and whether each one was cut."""
+        if not texts:
+            return [], []
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens, padding=False,
+                             return_attention_mask=False)["input_ids"]
+        full = [i for i, row in enumerate(ids) if len(row) >= self.max_tokens]
+        cut = [False] * len(ids)
+        if full:
+            whole = self.tokenizer([texts[i] for i in full], truncation=False, padding=False,
+                                   return_attention_mask=False)["input_ids"]
+            for i, row in zip(full, whole, strict=True):
+                cut[i] = len(row) > self.max_tokens
+        return ids, cut
+
+    def encode_ids(self, ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """The embeddings of each caption's tokens (from :meth:`tokenize_ids`), ``[len(ids[i]), dim]``
+        in the encoder's dtype on its device: what :meth:`encode` gives at the unmasked positions.
+
+        A right-padding tokenizer pads the batch to its longest caption only: a token's position
+        (RoPE) and the bidirectional mask make its embedding independent of the padding after it.
+        A left-padding one shifts every position by the padding, so it pads to ``max_tokens``
+        exactly as :meth:`tokenize` does.
+        """
+        if not ids:
+            return []
+        right = self.tokenizer.padding_side == "right"
+        padded = self.tokenizer.pad({"input_ids": [list(i) for i in ids]},
+                                    padding="longest" if right else "max_length", max_length=self.max_tokens,
+                                    return_attention_mask=True, return_tensors="pt")
+        tokens, mask = padded["input_ids"], padded["attention_mask"].bool()
+        if self.device.type == "cuda":
+            tokens = tokens.pin_memory().to(self.device, non_blocking=True)
+            mask = mask.pin_memory().to(self.device, non_blocking=True)
+        with torch.no_grad():
+            hidden = self.model(input_ids=tokens, attention_mask=mask).last_hidden_state
+        return [hidden[i][mask[i]] for i in range(len(ids))]
 
     def encode(
         self, captions: Sequence[str], *, clean: bool = True

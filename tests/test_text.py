@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from curate.text import TextEncoder, TextEncoderError, clean_caption
 from curate.tiny import MARKER_NAME, build_tiny_t5gemma, read_marker
 from curate.tiny import main as tiny_main
-from train.text import TextEncoder, TextEncoderError, clean_caption
 
 LONG = " ".join(["a red cube on a wooden table next to a window"] * 60)  # ~600 tokens
 MESSY = "Visit https://example.com/x.jpg for A RED Cube &amp; more!!! @someone <person> ***SALE***"
@@ -181,7 +181,7 @@ def test_bad_names_and_checkpoints_are_clear_errors(t5gemma_dir: Path, tmp_path:
 
     from diffusers.pipelines.prx import pipeline_prx
 
-    from train import text as text_module
+    from curate import text as text_module
 
     monkeypatch.setattr(pipeline_prx, "ftfy", None, raising=False)
     text_module._preprocessor.cache_clear()  # built once per process; rebuild without ftfy

@@ -4,6 +4,8 @@ A manifest lists the training shards with their sample counts and checksums, the
 (everything needed to turn stored latents into model inputs and model outputs back into
 images with the same VAE), the caption selection and provenance. ``long.json``,
 ``short.json`` and ``mix.json`` point at the same shards and differ only in ``captions``.
+A manifest written by ``curate encode-text`` also lists text shards (``text``): the captions'
+text-encoder embeddings, so that training does not run the text encoder.
 
 Loading validates every field and names the bad one in the error. Shard paths are relative
 to the manifest's folder (or absolute). Shards are data, never code: ``pipe:`` URLs, which
@@ -83,6 +85,26 @@ class ShardEntry(_Strict):
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
 
 
+class TextSpec(_Strict):
+    """Precomputed text-encoder embeddings (``curate encode-text``), one text shard per latent shard.
+
+    Text shard ``i`` holds, for each sample of latent shard ``i`` and in the same order,
+    ``KEY.text.safetensors``: one ``[tokens, dim]`` tensor per non-empty caption variant, the
+    encoder's last hidden state at the caption's valid (unmasked) tokens, prompts cleaned and
+    tokenized as ``PRXPipeline`` does (``cleaning: prx``), truncated at ``max_tokens``.
+    """
+
+    encoder: str  # as the user named it: an alias (t5gemma), a Hub id or a folder
+    encoder_id: str  # the resolved Hub id or absolute folder
+    revision: str | None = None  # the Hub commit loaded; None for a local folder
+    dim: int = Field(gt=0)  # hidden size: the denoiser's context_in_dim
+    max_tokens: int = Field(gt=0)  # the tokenizer's padded length at training and inference
+    dtype: Literal["bfloat16", "float16", "float32"]
+    cleaning: Literal["prx"] = "prx"  # PRXPipeline's TextPreprocessor().clean_text
+    variants: list[str] = Field(min_length=1)  # caption variants the stage encoded
+    shards: list[ShardEntry] = Field(min_length=1)  # parallel to the manifest's shards
+
+
 class Manifest(_Strict):
     version: Literal[1] = MANIFEST_VERSION
     name: str = Field(min_length=1)
@@ -90,6 +112,7 @@ class Manifest(_Strict):
     samples: int = Field(ge=0)
     latent: LatentSpec
     captions: dict[str, float]  # caption variant -> probability of being chosen for a sample
+    text: TextSpec | None = None  # precomputed embeddings; None: the trainer encodes captions itself
     provenance: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("captions")
@@ -109,6 +132,14 @@ class Manifest(_Strict):
         total = sum(s.samples for s in self.shards)
         if total != self.samples:
             raise ValueError(f"samples is {self.samples} but the shards hold {total}")
+        if self.text is not None:
+            if len(self.text.shards) != len(self.shards):
+                raise ValueError(f"text.shards lists {len(self.text.shards)} shards but shards lists "
+                                 f"{len(self.shards)}: text shard i holds the embeddings of shard i")
+            for i, (latent, text) in enumerate(zip(self.shards, self.text.shards, strict=True)):
+                if latent.samples != text.samples:
+                    raise ValueError(f"text.shards.{i} holds {text.samples} samples but shards.{i} "
+                                     f"holds {latent.samples}")
         return self
 
 
@@ -151,19 +182,28 @@ def load_manifest(
         raise ManifestError(f"{path}: not valid JSON: {e}") from None
     manifest = parse_manifest(data, str(path))
     urls = shard_urls(manifest, path, allow_pipe=allow_pipe)
+    text_urls = shard_urls(manifest, path, allow_pipe=allow_pipe, text=True) if manifest.text else None
     if check_files or check_checksums:
         verify_shards(manifest, urls, checksums=check_checksums, source=str(path))
+        if text_urls is not None:
+            verify_shards(manifest, text_urls, checksums=check_checksums, source=str(path), text=True)
     return manifest
 
 
-def shard_urls(manifest: Manifest, manifest_path: str | os.PathLike, *, allow_pipe: bool = False) -> list[str]:
-    """Shard locations as webdataset URLs: relative paths resolved against the manifest's folder."""
+def shard_urls(
+    manifest: Manifest, manifest_path: str | os.PathLike, *, allow_pipe: bool = False, text: bool = False
+) -> list[str]:
+    """Shard locations as webdataset URLs: relative paths resolved against the manifest's folder.
+    ``text``: the text shards' (``manifest.text.shards``) instead of the latent shards'."""
     base = Path(manifest_path).resolve().parent
+    entries, field = (manifest.text.shards, "text.shards") if text and manifest.text else (manifest.shards, "shards")
+    if text and manifest.text is None:
+        raise ManifestError(f"{manifest_path}: no text shards (field 'text' is absent)")
     urls = []
-    for i, shard in enumerate(manifest.shards):
+    for i, shard in enumerate(entries):
         if shard.path.startswith("pipe:") and not allow_pipe:
             raise ManifestError(
-                f"{manifest_path}: field 'shards.{i}.path': {shard.path!r} runs a shell command; "
+                f"{manifest_path}: field '{field}.{i}.path': {shard.path!r} runs a shell command; "
                 "shards are data, not code (allow pipe: URLs explicitly if you trust this manifest)"
             )
         if "://" in shard.path or shard.path.startswith("pipe:") or os.path.isabs(shard.path):
@@ -181,15 +221,18 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def verify_shards(manifest: Manifest, urls: list[str], *, checksums: bool, source: str = "manifest") -> None:
-    """Every local shard exists and, if asked, matches its recorded sha256."""
-    for i, (shard, url) in enumerate(zip(manifest.shards, urls, strict=True)):
+def verify_shards(
+    manifest: Manifest, urls: list[str], *, checksums: bool, source: str = "manifest", text: bool = False
+) -> None:
+    """Every local shard exists and, if asked, matches its recorded sha256 (``text``: the text shards)."""
+    entries, what = (manifest.text.shards, "text shard") if text and manifest.text else (manifest.shards, "shard")
+    for i, (shard, url) in enumerate(zip(entries, urls, strict=True)):
         if "://" in url or url.startswith("pipe:"):
             continue  # remote shards are checked as they stream
         if not os.path.exists(url):
-            raise ManifestError(f"{source}: shard {i} ({shard.path}) does not exist at {url}")
+            raise ManifestError(f"{source}: {what} {i} ({shard.path}) does not exist at {url}")
         if checksums and shard.sha256 is not None and file_sha256(url) != shard.sha256:
-            raise ManifestError(f"{source}: shard {i} ({shard.path}) does not match its sha256: "
+            raise ManifestError(f"{source}: {what} {i} ({shard.path}) does not match its sha256: "
                                 "the file changed after the manifest was written")
 
 

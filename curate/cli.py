@@ -112,6 +112,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="None: cuda:LOCAL_RANK if available, else cpu")
     _add_worker_args(p)
 
+    p = sub.add_parser("encode-text", help="text-encoder embeddings of every caption, and manifests that list them",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("latents", help="a latent stage folder written by `curate encode-latents`")
+    p.add_argument("--out", required=True, help="output folder, e.g. DATA/text/t5gemma")
+    p.add_argument("--text-encoder", default="t5gemma",
+                   help="alias (t5gemma), Hub id or local folder: a T5Gemma checkpoint or a PRX pipeline")
+    p.add_argument("--revision", default=None, help="pinned Hub revision of the text encoder")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="tokens per caption, as training and PRXPipeline pad them (default 256, PRX's)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                   help="stored embeddings (a GPU encoder's output is bf16)")
+    p.add_argument("--batch-size", type=int, default=64, help="captions per encoder forward")
+    p.add_argument("--workers", type=int, default=min(4, _default_workers()),
+                   help="processes reading and cleaning captions ahead of the encoder (0: in this one)")
+    p.add_argument("--manifests", nargs="+", default=None,
+                   help="the manifests to extend (default: those encode-latents wrote for these latents)")
+    p.add_argument("--manifest-dir", default=None, help="where the new manifests go (default: beside each input)")
+    p.add_argument("--name", default=None,
+                   help="suffix of the new manifests' names, NAME in long-NAME.json (default: the --out folder's name)")
+    p.add_argument("--device", default=None, help="None: cuda:LOCAL_RANK if available, else cpu")
+    _add_worker_args(p)
+
     p = sub.add_parser("stats", help="totals and rejection reasons of a stage output")
     p.add_argument("stage_dir", help="a stage folder, e.g. DATA/images")
     p.add_argument("--json", action="store_true", help="print the raw statistics as JSON")
@@ -199,6 +221,19 @@ def cmd_encode_latents(args: argparse.Namespace) -> int:
     return _run(stage, args, share)
 
 
+def cmd_encode_text(args: argparse.Namespace) -> int:
+    from curate.encode_text import EncodeTextStage
+    from curate.runner import resolve_share
+
+    share = resolve_share(args.rank, args.world_size)
+    stage = EncodeTextStage(
+        args.latents, args.out, args.text_encoder, revision=args.revision, max_tokens=args.max_tokens,
+        dtype=args.dtype, batch_size=args.batch_size, workers=args.workers, manifests=args.manifests,
+        manifest_dir=args.manifest_dir, name=args.name, device=args.device,
+    )
+    return _run(stage, args, share)
+
+
 def _is_alias(name: str) -> bool:
     from curate.models import VLMS
 
@@ -233,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         commands = {"ingest": cmd_ingest, "recaption": cmd_recaption, "encode-latents": cmd_encode_latents,
-                    "stats": cmd_stats}
+                    "encode-text": cmd_encode_text, "stats": cmd_stats}
         return commands[args.command](args)
     except CurateError as e:
         print(f"curate: error: {e}", file=sys.stderr)

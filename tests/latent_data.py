@@ -12,9 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import torch
 from safetensors.torch import save
 
@@ -50,6 +52,7 @@ def make_latent_dataset(
     vae_dir: Path | None = None,
     rejected_every: int = 0,
     seed: int = 0,
+    caption: Callable[[str, int], str] = caption_text,
 ) -> dict[str, Path]:
     """Write ``shards`` latent shards and the manifests long.json, short.json, mix.json.
 
@@ -60,7 +63,7 @@ def make_latent_dataset(
     - ``sizes``: latent (h, w) grids at the VAE's native resolution; sample ``i`` gets
       ``sizes[i % len(sizes)]``. The index's bucket_h/bucket_w are in pixels (side x downsample).
     - latents: mean ~ N(0, 1), std in [0.05, 0.1) (``stored="dist"``) or the mean only.
-    - captions: ``caption_text(variant, i)`` for each variant and for ``orig``;
+    - captions: ``caption(variant, i)`` (``caption_text`` by default) for each variant and ``orig``;
       ``missing[i]`` names variants (``orig`` included) left out for sample ``i``: an empty
       txt member and, for caption variants, absent from the json's and the index's ``captions``.
     - latent spec: from the tiny VAE in ``vae_dir`` (so that decoding through the manifest
@@ -103,8 +106,8 @@ def make_latent_dataset(
             meta = {"key": key, **record, "captions": present, "stored": stored, "dtype": dtype}
             members = {
                 "latent.safetensors": save(tensors),
-                **{f"{v}.txt": ("" if v in left_out else caption_text(v, i)).encode() for v in variants},
-                "orig.txt": ("" if "orig" in left_out else caption_text("orig", i)).encode(),
+                **{f"{v}.txt": ("" if v in left_out else caption(v, i)).encode() for v in variants},
+                "orig.txt": ("" if "orig" in left_out else caption("orig", i)).encode(),
                 "json": json.dumps(meta, sort_keys=True).encode(),
             }
             row = {"bucket_h": h * downsample, "bucket_w": w * downsample, "orig_w": size[0],
@@ -146,4 +149,64 @@ def make_latent_dataset(
         manifest = Manifest(name=name, shards=entries, samples=sum(e.samples for e in entries),
                             latent=spec, captions=weights, provenance=provenance)
         paths[name] = write_manifest(manifest, manifest_dir / f"{name}.json")
+    # The stage file, with what curate encode-text reads of it: the caption variants and the
+    # manifests written.
+    stage = {"stage": STAGE, "complete": True, "config": {"variants": list(variants)},
+             "summary": {"manifests": [str(paths[name]) for name in selections]}}
+    (out_dir / "_stage.json").write_text(json.dumps(stage, indent=2))
     return paths
+
+
+def add_text_shards(
+    dataset: dict[str, Path],
+    encoder: Path,
+    *,
+    dim: int,
+    max_tokens: int,
+    tokens: dict[str, int] | None = None,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+) -> dict[str, Path]:
+    """Synthetic text shards for a dataset of ``make_latent_dataset``, written as `curate
+    encode-text` writes them (one per latent shard, same keys and order, ``KEY.text.safetensors``
+    with a ``[tokens, dim]`` tensor per non-empty caption variant), and manifests ``NAME-text.json``
+    beside the latent ones. The embeddings are random: for benchmarks of what reading them
+    costs, at the size a real encoder's would have (``tokens``: per variant, default long 96,
+    short 16, orig 24). ``encoder``: the folder the manifests name (the trainer checks it)."""
+    from curate.encode_text import EncodeTextStage
+    from curate.manifest import TextSpec, load_manifest
+    from curate.shards import iter_tar_samples
+
+    tokens = tokens or {"long": 96, "short": 16, "orig": 24}
+    out_dir = Path(dataset["root"]) / "text"
+    torch_dtype = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(seed)
+    latent_stage = json.loads((dataset["latents"] / "_stage.json").read_text())
+    variants = [*latent_stage["config"]["variants"], "orig"]
+    schema = {f"tokens_{v}": pl.Int32 for v in variants}
+    for shard in committed_shards(dataset["latents"]):
+        writer = ShardWriter(out_dir, shard.shard_id, schema)
+        for key, members in iter_tar_samples(shard.tar_path, wanted=lambda k, ext: ext.endswith(".txt")):
+            present = [ext[:-4] for ext, data in members.items() if data.strip()]
+            rows = {v: torch.randn(min(tokens.get(v, 16), max_tokens), dim, generator=gen).to(torch_dtype)
+                    for v in present}
+            writer.add(key, {"text.safetensors": save(rows)},
+                       row={f"tokens_{v}": t.shape[0] for v, t in rows.items()})
+        writer.commit(stage=EncodeTextStage.name, fingerprint=stable_hash(["test-text", seed, shard.shard_id]),
+                      config_hash=stable_hash(["test-text", dim, max_tokens, dtype]))
+    by_id = {s.shard_id: s for s in committed_shards(out_dir)}
+    written = {}
+    for name in [n for n in dataset if n not in ("root", "latents")]:
+        latent = load_manifest(dataset[name])
+        folder = dataset[name].parent
+        latent_ids = {s.tar_path.resolve(): s.shard_id for s in committed_shards(dataset["latents"])}
+        entries = []
+        for entry in latent.shards:
+            text = by_id[latent_ids[(folder / entry.path).resolve()]]
+            entries.append(ShardEntry(path=os.path.relpath(text.tar_path.resolve(), folder.resolve()),
+                                      samples=entry.samples, sha256=text.meta.tar_sha256))
+        spec = TextSpec(encoder=str(encoder), encoder_id=str(Path(encoder).resolve()), dim=dim,
+                        max_tokens=max_tokens, dtype=dtype, variants=variants, shards=entries)
+        manifest = latent.model_copy(update={"name": f"{name}-text", "text": spec})
+        written[name] = write_manifest(Manifest.model_validate(manifest.model_dump()), folder / f"{name}-text.json")
+    return written

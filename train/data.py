@@ -113,7 +113,7 @@ class DataSettings:
     sample_latents: bool = True  # stored "dist": draw mean + std * eps (else use the mean)
     prefetch: int = 2  # steps each worker prepares ahead
     pin_memory: bool = False
-    # PRXPipeline's prompt cleaning (train.text.clean_caption) done here, in the workers: it
+    # PRXPipeline's prompt cleaning (curate.text.clean_caption) done here, in the workers: it
     # costs 65-260 us per caption, too much for the training process at a global batch of 256.
     clean_captions: bool = False
 
@@ -162,11 +162,19 @@ class MicroBatch:
     keys: list[str]
     variants: list[str]  # the caption variant used per sample ("" when no caption was found)
     fallbacks: dict[str, int] = field(default_factory=dict)  # FALLBACKS kind -> samples
-    cleaned: bool = False  # captions already through train.text.clean_caption
+    cleaned: bool = False  # captions already through curate.text.clean_caption
+    # Precomputed text embeddings (a manifest with text shards), else None: [B, max_tokens, dim] in
+    # the stored dtype, each caption's valid tokens first and zeros after, and the mask [B, max_tokens]
+    # of those tokens. A sample without a caption ("") has an all-False mask: the trainer gives it the
+    # empty prompt's embedding, as it does to dropped captions.
+    context: torch.Tensor | None = None
+    context_mask: torch.Tensor | None = None
 
     def pin_memory(self) -> MicroBatch:
         # DataLoader(pin_memory=True) calls this on objects it does not know.
-        return dataclasses.replace(self, latents=self.latents.pin_memory())
+        pinned = {name: getattr(self, name).pin_memory() for name in ("latents", "context", "context_mask")
+                  if getattr(self, name) is not None}
+        return dataclasses.replace(self, **pinned)
 
 
 @dataclass
@@ -240,14 +248,18 @@ def _streams_note(manifest: Manifest, settings: DataSettings, source: str) -> st
             f"1/{streams} of its samples (more shards read less)")
 
 
-def _local_shard_paths(manifest: Manifest, manifest_path: str | os.PathLike, allow_pipe: bool) -> list[str]:
-    """Local tar paths; URLs are refused because the plan needs the index beside every tar."""
+def _local_shard_paths(
+    manifest: Manifest, manifest_path: str | os.PathLike, allow_pipe: bool, text: bool = False
+) -> list[str]:
+    """Local tar paths (``text``: of the text shards); URLs are refused because the plan needs the
+    index beside every tar."""
     try:
-        urls = shard_urls(manifest, manifest_path, allow_pipe=allow_pipe)
+        urls = shard_urls(manifest, manifest_path, allow_pipe=allow_pipe, text=text)
     except ManifestError as e:
         raise DataError(str(e)) from None
     paths = []
-    for i, (entry, url) in enumerate(zip(manifest.shards, urls, strict=True)):
+    entries = manifest.text.shards if text and manifest.text else manifest.shards
+    for i, (entry, url) in enumerate(zip(entries, urls, strict=True)):
         url = url.removeprefix("file://")
         if "://" in url or url.startswith("pipe:"):
             raise DataError(
@@ -281,10 +293,12 @@ class _ShardTable:
     yield, and leaving them out means every stream owns at least one sample when shards >= S),
     their ok counts from the manifest, and keys and buckets read from the indexes on demand."""
 
-    def __init__(self, manifest: Manifest, paths: list[str], source: str):
+    def __init__(self, manifest: Manifest, paths: list[str], source: str, text_paths: list[str] | None = None):
         keep = [i for i, s in enumerate(manifest.shards) if s.samples > 0]
         self.paths = [paths[i] for i in keep]
         self.labels = [f"{source}: shard {i} ({manifest.shards[i].path})" for i in keep]
+        # Text shard i holds shard i's samples in the same order (curate encode-text).
+        self.text_paths = [text_paths[i] for i in keep] if text_paths is not None else None
         self.counts = np.array([manifest.shards[i].samples for i in keep], dtype=np.int64)
         self._cache: OrderedDict[int, _ShardInfo] = OrderedDict()
 
@@ -416,6 +430,7 @@ class _Sample:
     std: torch.Tensor | None
     texts: dict[str, str]  # variant (orig included) -> caption as stored
     listed: list[str] | None  # the json's "captions": the variants the curator accepted
+    embeddings: dict[str, torch.Tensor] | None = None  # variant -> [tokens, dim], from a text shard
 
 
 def _tar_samples(path: str, label: str) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -438,7 +453,7 @@ def _tar_samples(path: str, label: str) -> Iterator[tuple[str, dict[str, bytes]]
         raise DataError(f"{label}: cannot read {path}: {e}") from e
 
 
-def _decode(key: str, members: dict[str, bytes], label: str) -> _Sample:
+def _decode(key: str, members: dict[str, bytes], label: str, text: dict[str, bytes] | None = None) -> _Sample:
     try:
         tensors = load_safetensors(members["latent.safetensors"])
         listed = None
@@ -446,10 +461,17 @@ def _decode(key: str, members: dict[str, bytes], label: str) -> _Sample:
             listed = json.loads(members["json"]).get("captions")
         texts = {ext[: -len(".txt")]: data.decode("utf-8") for ext, data in members.items()
                  if ext.endswith(".txt")}
-        return _Sample(key, tensors["mean"], tensors.get("std"), texts, listed)
     except (KeyError, ValueError, UnicodeDecodeError, RuntimeError) as e:
         raise DataError(f"{label}: sample {key} is not a latent sample "
                         f"(latent.safetensors with a mean, txt captions, json): {e!r}") from e
+    embeddings = None
+    if text is not None:
+        try:
+            embeddings = load_safetensors(text["text.safetensors"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise DataError(f"{label}: sample {key} of its text shard has no readable "
+                            f"text.safetensors: {e!r}") from e
+    return _Sample(key, tensors["mean"], tensors.get("std"), texts, listed, embeddings)
 
 
 class _Cursor:
@@ -461,17 +483,21 @@ class _Cursor:
         self.shard: int | None = None
         self.next_ordinal = 0
         self._samples: Iterator[tuple[str, dict[str, bytes]]] | None = None
+        self._texts: Iterator[tuple[str, dict[str, bytes]]] | None = None  # the text shard, in step
 
     def close(self) -> None:
-        if self._samples is not None:
-            self._samples.close()  # type: ignore[attr-defined]
-            self._samples = None
+        for it in (self._samples, self._texts):
+            if it is not None:
+                it.close()  # type: ignore[attr-defined]
+        self._samples = self._texts = None
         self.shard = None
 
     def _open(self, shard: int) -> None:
         self.close()
         self.shard, self.next_ordinal = shard, 0
         self._samples = _tar_samples(self.table.paths[shard], self.table.labels[shard])
+        if self.table.text_paths is not None:
+            self._texts = _tar_samples(self.table.text_paths[shard], self.table.labels[shard] + " (text)")
 
     def read(self, refs: list[_Ref]) -> dict[_Ref, _Sample]:
         out: dict[_Ref, _Sample] = {}
@@ -494,9 +520,17 @@ class _Cursor:
                 if item[0] != keys[ordinal]:
                     raise DataError(f"{label}: sample {ordinal} of the tar is {item[0]} but the index "
                                     f"lists {keys[ordinal]}: the shard changed after planning")
+                text = None
+                if self._texts is not None:
+                    text = next(self._texts, None)
+                    if text is None or text[0] != item[0]:
+                        raise DataError(f"{label}: sample {ordinal} is {item[0]} but its text shard "
+                                        f"{self.table.text_paths[ref.shard]} has "
+                                        f"{'no more samples' if text is None else text[0]} there: "
+                                        "the text shards were made from other latents")
                 if ordinal == ref.ordinal:
                     break
-            sample = _decode(item[0], item[1], label)
+            sample = _decode(item[0], item[1], label, None if text is None else text[1])
             out[ref] = sample
             last = (ref, sample)
         return out
@@ -545,7 +579,8 @@ class _Builder:
         self.seed = settings.seed
         self.draw = settings.sample_latents and self.spec.stored == "dist"
         self.weights = dict(manifest.captions)
-        self.clean = settings.clean_captions
+        self.text = manifest.text
+        self.clean = settings.clean_captions and self.text is None  # embeddings need no cleaning
 
     def caption(self, s: _Sample, rng: np.random.Generator) -> tuple[str, str, str | None]:
         return choose_caption(self.weights, s.texts, s.listed, rng)
@@ -577,11 +612,33 @@ class _Builder:
             variants.append(variant)
             keys.append(s.key)
         x = to_model_input(torch.stack(latents), self.spec).float().contiguous()
+        context = mask = None
+        if self.text is not None:
+            context, mask = self.context(refs, samples, variants, label)
         if self.clean:
-            from train.text import clean_caption
+            from curate.text import clean_caption
 
             captions = [clean_caption(c) for c in captions]
-        return MicroBatch(x, captions, keys, variants, dict(fallbacks), cleaned=self.clean)
+        return MicroBatch(x, captions, keys, variants, dict(fallbacks), cleaned=self.clean,
+                          context=context, context_mask=mask)
+
+    def context(self, refs: list[_Ref], samples: list[_Sample], variants: list[str],
+                label: Callable[[int], str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chosen captions' stored embeddings, valid tokens first, padded to ``max_tokens``."""
+        spec = self.text
+        context = torch.zeros(len(samples), spec.max_tokens, spec.dim, dtype=getattr(torch, spec.dtype))
+        mask = torch.zeros(len(samples), spec.max_tokens, dtype=torch.bool)
+        for i, (ref, s, variant) in enumerate(zip(refs, samples, variants, strict=True)):
+            if not variant:
+                continue  # no caption at all: the trainer uses the empty prompt's embedding
+            rows = s.embeddings.get(variant)
+            if rows is None or rows.ndim != 2 or rows.shape[1] != spec.dim or not 0 < rows.shape[0] <= spec.max_tokens:
+                raise DataError(f"{label(ref.shard)}: sample {s.key}'s text shard has no "
+                                f"[1..{spec.max_tokens}, {spec.dim}] embedding for its {variant!r} caption "
+                                f"(it holds {sorted(s.embeddings)})")
+            context[i, : rows.shape[0]] = rows
+            mask[i, : rows.shape[0]] = True
+        return context, mask
 
 
 class _Stream:
@@ -626,9 +683,10 @@ class _StepDataset(IterableDataset):
     """Yields this rank's StepBatch for the steps its process serves (see the module docstring)."""
 
     def __init__(self, manifest: Manifest, paths: list[str], source: str, settings: DataSettings,
-                 slots: range, start_step: int):
+                 slots: range, start_step: int, text_paths: list[str] | None = None):
         super().__init__()
         self.manifest, self.paths, self.source = manifest, paths, source
+        self.text_paths = text_paths
         self.settings, self.slots, self.start_step = settings, slots, start_step
 
     def __iter__(self) -> Iterator[StepBatch]:
@@ -639,7 +697,7 @@ class _StepDataset(IterableDataset):
             raise RuntimeError(f"served by {info.num_workers if info else 0} workers, planned for "
                                f"{self.settings.workers}")
         first = self.start_step + worker
-        table = _ShardTable(self.manifest, self.paths, self.source)
+        table = _ShardTable(self.manifest, self.paths, self.source, self.text_paths)
         builder = _Builder(self.manifest, self.settings)
         streams = [_Stream(table, builder, q * k + first % k, self.settings) for q in self.slots]
         try:
@@ -687,9 +745,11 @@ class LatentLoader:
         self.start_step = start_step
         self.accum = settings.accum(world_size)
         paths = _local_shard_paths(manifest, manifest_path, allow_pipe)
+        text_paths = _local_shard_paths(manifest, manifest_path, allow_pipe, text=True) if manifest.text else None
         _streams_note(manifest, settings, str(manifest_path))  # too few samples: an error here too
         slots = range(rank * self.accum, (rank + 1) * self.accum)
-        self._dataset = _StepDataset(manifest, paths, str(manifest_path), settings, slots, start_step)
+        self._dataset = _StepDataset(manifest, paths, str(manifest_path), settings, slots, start_step,
+                                     text_paths)
         self._active: Iterator[StepBatch] | None = None
         self.fallbacks: Counter[str] = Counter()
 
@@ -773,25 +833,10 @@ def check_data(
     buckets: Counter[tuple[int, int]] = Counter()
     listed: Counter[str] = Counter()
     notes: list[str] = []
+    ok_keys: list[list[str]] = []
     for i, (entry, tar) in enumerate(zip(manifest.shards, paths, strict=True)):
         label = f"{source}: shard {i} ({entry.path})"
-        index = _index_path(tar)
-        if not os.path.isfile(tar):
-            raise DataError(f"{label}: the tar {tar} does not exist")
-        if not os.path.isfile(index):
-            raise DataError(f"{label}: its index {index} does not exist (a shard without its "
-                            "index was never committed)")
-        try:
-            meta = read_meta(index)
-            df = pl.read_parquet(index)
-        except (ShardError, OSError, pl.exceptions.PolarsError) as e:
-            raise DataError(f"{label}: cannot read its index {index}: {e}") from e
-        if verify != "none" and meta.tar_bytes is not None and os.path.getsize(tar) != meta.tar_bytes:
-            raise DataError(f"{label}: the tar has {os.path.getsize(tar)} bytes but its index "
-                            f"recorded {meta.tar_bytes} (truncated, or rewritten after it was committed)")
-        if entry.sha256 and meta.tar_sha256 and entry.sha256 != meta.tar_sha256:
-            raise DataError(f"{label}: its index records another sha256 than the manifest: the "
-                            "shard was re-committed after the manifest was written")
+        meta, df = _read_committed(label, tar, entry.sha256, verify)
         missing = [c for c in ("key", "status", "bucket_h", "bucket_w", "captions") if c not in df.columns]
         if missing:
             raise DataError(f"{label}: its index has no {', '.join(missing)} column(s): not a "
@@ -800,6 +845,7 @@ def check_data(
         if ok.height != entry.samples:
             raise DataError(f"{label}: its index lists {ok.height} ok samples but the manifest "
                             f"says {entry.samples}")
+        ok_keys.append(ok["key"].to_list())
         if ok["bucket_h"].null_count() or ok["bucket_w"].null_count():
             raise DataError(f"{label}: ok samples without a bucket in its index")
         shard_buckets = Counter(zip(ok["bucket_h"].to_list(), ok["bucket_w"].to_list(), strict=True))
@@ -810,9 +856,14 @@ def check_data(
         buckets.update(shard_buckets)
         for variants in ok["captions"].to_list():
             listed.update(variants or ())
+    if manifest.text is not None:
+        _check_text_shards(manifest, manifest_path, ok_keys, verify, allow_pipe)
     if verify == "checksums":
         try:
             verify_shards(manifest, paths, checksums=True, source=source)
+            if manifest.text is not None:
+                text_paths = _local_shard_paths(manifest, manifest_path, allow_pipe, text=True)
+                verify_shards(manifest, text_paths, checksums=True, source=source, text=True)
         except ManifestError as e:
             raise DataError(str(e)) from None
         if any(s.sha256 is None for s in manifest.shards):
@@ -835,3 +886,48 @@ def check_data(
     return DataSummary(samples=manifest.samples, shards=len(manifest.shards),
                        buckets=dict(sorted(buckets.items())), model_channels=model_channels(spec),
                        captions=dict(sorted(listed.items())), streams=streams, notes=notes)
+
+
+def _read_committed(label: str, tar: str, sha256: str | None, verify: str) -> tuple[Any, pl.DataFrame]:
+    """A shard's index metadata and rows, after checking that the shard is committed and whole."""
+    index = _index_path(tar)
+    if not os.path.isfile(tar):
+        raise DataError(f"{label}: the tar {tar} does not exist")
+    if not os.path.isfile(index):
+        raise DataError(f"{label}: its index {index} does not exist (a shard without its "
+                        "index was never committed)")
+    try:
+        meta = read_meta(index)
+        df = pl.read_parquet(index)
+    except (ShardError, OSError, pl.exceptions.PolarsError) as e:
+        raise DataError(f"{label}: cannot read its index {index}: {e}") from e
+    if verify != "none" and meta.tar_bytes is not None and os.path.getsize(tar) != meta.tar_bytes:
+        raise DataError(f"{label}: the tar has {os.path.getsize(tar)} bytes but its index "
+                        f"recorded {meta.tar_bytes} (truncated, or rewritten after it was committed)")
+    if sha256 and meta.tar_sha256 and sha256 != meta.tar_sha256:
+        raise DataError(f"{label}: its index records another sha256 than the manifest: the "
+                        "shard was re-committed after the manifest was written")
+    return meta, df
+
+
+def _check_text_shards(manifest: Manifest, manifest_path: str | os.PathLike, ok_keys: list[list[str]],
+                       verify: str, allow_pipe: bool) -> None:
+    """Text shard i is committed, was made by encode-text, and lists shard i's keys in its order;
+    every selected caption variant was encoded."""
+    spec = manifest.text
+    source = str(manifest_path)
+    absent = [v for v in manifest.captions if v not in spec.variants]
+    if absent:
+        raise DataError(f"{source}: field 'captions' selects {', '.join(map(repr, absent))}, but the text "
+                        f"shards hold embeddings of {', '.join(spec.variants)} only")
+    paths = _local_shard_paths(manifest, manifest_path, allow_pipe, text=True)
+    for i, (entry, tar, keys) in enumerate(zip(spec.shards, paths, ok_keys, strict=True)):
+        label = f"{source}: text shard {i} ({entry.path})"
+        meta, df = _read_committed(label, tar, entry.sha256, verify)
+        if meta.stage != "encode-text":
+            raise DataError(f"{label}: written by {meta.stage!r}, not by curate encode-text")
+        text_keys = df.filter(pl.col("status") == OK)["key"].to_list()
+        if text_keys != keys:
+            raise DataError(f"{label}: its samples are not those of shard {i} in the same order "
+                            f"({len(text_keys)} against {len(keys)}): the text shards were made from "
+                            "other latents; rerun curate encode-text")

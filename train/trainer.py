@@ -27,8 +27,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from curate.manifest import LatentSpec, Manifest, file_sha256, load_manifest
+from curate.manifest import LatentSpec, Manifest, TextSpec, file_sha256, load_manifest
 from curate.runner import resolve_device
+from curate.text import TextEncoder
 from curate.vae import model_downsample
 from train import flow
 from train.checkpoint import (
@@ -58,7 +59,6 @@ from train.model import (
     peak_tflops,
     train_flops_per_sample,
 )
-from train.text import TextEncoder
 
 DataSource = Callable[[int, int], Iterator[StepBatch]]  # (start step, rank) -> step batches
 
@@ -114,7 +114,14 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
     summary = check_data(manifest, cfg.shards, verify=cfg.data.verify if world.main else "none",
                          allow_pipe=cfg.data.allow_pipe, settings=settings)
     fingerprint = data_fingerprint(settings, manifest)
-    text = TextEncoder.load(cfg.text_encoder, device=world.device, max_tokens=cfg.max_tokens)
+    # With precomputed embeddings (curate encode-text) the encoder still serves the empty prompt
+    # (caption dropout) and the sample grids; it must be the one that made them, at their revision.
+    stored = manifest.text
+    text = TextEncoder.load(cfg.text_encoder, device=world.device, max_tokens=cfg.max_tokens,
+                            revision=stored.revision if stored else None)
+    if stored is not None:
+        _check_stored_text(stored, text, cfg)
+        empty_context, empty_mask = text.encode([""])
     architecture = denoiser_config(cfg.model, manifest.latent, text.dim)
     checkpoint = _find_checkpoint(run_dir, resume)
     if checkpoint is not None:
@@ -213,7 +220,14 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
                 x0 = micro.latents.to(world.device, non_blocking=True)
                 noise, t = _to_device(noise, world.device), _to_device(t, world.device)
                 x_t = flow.interpolate(x0, noise, t)
-                context, mask = text.encode(captions, clean=not micro.cleaned)
+                if micro.context is None:
+                    context, mask = text.encode(captions, clean=not micro.cleaned)
+                else:  # precomputed: dropped and missing captions become the empty prompt's embedding
+                    empty = _to_device(dropped, world.device) | ~micro.context_mask.any(1).to(world.device)
+                    context = torch.where(empty[:, None, None], empty_context,
+                                          micro.context.to(world.device, non_blocking=True).float())
+                    mask = torch.where(empty[:, None], empty_mask,
+                                       micro.context_mask.to(world.device, non_blocking=True))
                 sync = i == len(batch.micro) - 1
                 with (contextlib.nullcontext() if sync or world.world_size == 1 else ddp_model.no_sync()):
                     with autocast:
@@ -289,6 +303,21 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
 
 
 # ---- pieces the loop uses -----------------------------------------------------------------------------
+
+
+def _check_stored_text(stored: TextSpec, text: TextEncoder, cfg: TrainConfig) -> None:
+    """The manifest's precomputed embeddings came from the text encoder this run loads (which
+    encodes the empty prompt and the sample grids, and goes into the export), at its max_tokens."""
+    if text.id != stored.encoder_id or (stored.revision and text.revision != stored.revision):
+        raise ConfigError(f"the manifest's text embeddings were made by {stored.encoder_id}"
+                          f"{f' at {stored.revision}' if stored.revision else ''}, but text_encoder="
+                          f"{cfg.text_encoder} loads {text.id}{f' at {text.revision}' if text.revision else ''}: "
+                          f"set text_encoder={stored.encoder}")
+    if cfg.max_tokens != stored.max_tokens or text.dim != stored.dim:
+        raise ConfigError(f"the manifest's text embeddings have max_tokens {stored.max_tokens} and "
+                          f"{stored.dim}-d tokens, the run max_tokens {cfg.max_tokens} and {text.dim}-d: "
+                          f"set max_tokens={stored.max_tokens}, or rerun curate encode-text with "
+                          f"--max-tokens {cfg.max_tokens}")
 
 
 def data_settings(cfg: TrainConfig, *, pin_memory: bool = False) -> DataSettings:

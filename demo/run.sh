@@ -36,21 +36,28 @@ ls -l manifests/demo-*.json
 echo "== 6. a tiny T5Gemma text encoder (the real class PRXPipeline loads, randomly initialised)"
 python -m curate.tiny t5gemma "$DATA/models/tiny-t5gemma"
 
-echo "== 7. train: the tiny preset on manifests/demo-long.json, with a sample grid every 100 steps"
+echo "== 7. encode-text: every caption's T5Gemma embedding, and manifests/demo-{long,short,mix}-t5gemma.json"
+# Training then reads the embeddings instead of running the text encoder every step. --max-tokens
+# is the tiny preset's (PRX's presets use 256, the default).
+curate encode-text "$DATA/latents/tiny-flux2-256" --out "$DATA/text/t5gemma" --text-encoder "$DATA/models/tiny-t5gemma" \
+    --max-tokens 64 --workers 1 --device cpu --no-progress
+ls -l manifests/demo-*-t5gemma.json
+
+echo "== 8. train: the tiny preset on manifests/demo-long-t5gemma.json, with a sample grid every 100 steps"
 # --resume auto makes a rerun of the demo continue (or find finished) the same run.
 # data.sample_latents=false trains on the stored means: the random tiny autoencoder's latent std is
 # about 1 (a trained VAE's is far smaller), so fresh draws would bury the means in noise.
-train --shards manifests/demo-long.json --out "$DATA/runs/tiny" --preset tiny --resume auto \
+train --shards manifests/demo-long-t5gemma.json --out "$DATA/runs/tiny" --preset tiny --resume auto \
     text_encoder="$DATA/models/tiny-t5gemma" steps=200 log.every=20 sample_every=100 data.workers=2 \
     data.sample_latents=false
 tail -n 2 "$DATA/runs/tiny/metrics.jsonl"
 ls -l "$DATA/runs/tiny/samples"
 
-echo "== 8. export for diffusers' PRXPipeline, then generate from the exported folder"
+echo "== 9. export for diffusers' PRXPipeline, then generate from the exported folder"
 train export "$DATA/runs/tiny" --to "$DATA/export/tiny"
 train generate "$DATA/export/tiny" "a red fox in the snow" --steps 8 --out "$DATA/export/tiny-sample.png"
 
-echo "== 9. evaluate: FID, CMMD and DINO-MMD of the run's last checkpoint against its real images"
+echo "== 10. evaluate: FID, CMMD and DINO-MMD of the run's last checkpoint against its real images"
 # Tiny random CLIP and DINOv2 (the real classes) stand in for CMMD's and DINO-MMD's networks;
 # 48 images give a biased FID (real evaluations use 10,000 or more): the command says so.
 python -m curate.tiny clip "$DATA/models/tiny-clip"

@@ -29,6 +29,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/ingest.py
 	$(PY) bench/recaption.py
 	$(PY) bench/encode_latents.py
+	$(PY) bench/encode_text.py
 	$(PY) bench/shard_writer.py
 	$(PY) bench/train.py
 	$(PY) bench/evaluate.py

@@ -2,12 +2,14 @@
 # The GPU figures, in one short run on a lent GPU machine: under 10 minutes in all. Each script
 # is cut off by `timeout` (rows printed so far are kept): the wheels (about 20 s), the whole
 # encode-latents stage against the bare VAE, the naive loop and its own pipeline with the
-# encoder replaced by zeros (bench/encode_latents.py, 200 s),
-# then, with GPU_TRAIN=1, the trainer as the prx-1.2b preset runs it (compiled) fed by shards
+# encoder replaced by zeros (bench/encode_latents.py, 200 s), then the prx-1.2b trainer
+# (compiled) with T5Gemma-2B's full encoder run every step against stored caption embeddings
+# (curate encode-text's text shards; bench/gpu_train.py --feeds shards,text, 240 s; GPU_TEXT=0
+# skips it), then, with GPU_TRAIN=1, the trainer as the prx-1.2b preset runs it (compiled) fed by shards
 # and by memory (bench/gpu_train.py, 230 s) and eager from memory (150 s). The encoder-only
 # figures (bench/gpu_vae.py) run too with GPU_VAE=1: a further 150 s. BENCHMARKS.md holds the
 # trainer's and the encoder-only figures already (session 3), so by default only the first
-# part runs: about 4 minutes with the machine's start.
+# two parts run: about 8 minutes with the machine's start.
 #
 # Those machines have torch 2.11, transformers 5.17, safetensors, pyyaml, pyarrow, numpy, tqdm,
 # pillow and tensorboard (the benchmarks turn it off anyway: log.tensorboard=false), but not
@@ -58,6 +60,10 @@ fi
 timeout -k 10 200 "$PY" bench/encode_latents.py --device cuda --images 2048 --tiny-images 1024 \
     --batch-size 32 --decode-workers 8 --compile | tee "$OUT/gpu_encode_latents.md" \
     || echo "bench/encode_latents.py stopped early (exit $?)"
+if [ "${GPU_TEXT:-1}" = 1 ]; then  # stored caption embeddings against T5Gemma-2B (all 26 layers) per step
+    timeout -k 10 240 "$PY" bench/gpu_train.py --text-layers 26 --feeds shards,text --steps 6 --shards 16 \
+        | tee "$OUT/gpu_train_text.md" || echo "bench/gpu_train.py --feeds shards,text stopped early (exit $?)"
+fi
 if [ "${GPU_TRAIN:-0}" = 1 ]; then  # GPU_TRAIN=1: the trainer's figures too (BENCHMARKS.md has them)
     # As the preset runs (compiled; 3 warm-up steps hold the compiling), then eager from memory.
     timeout -k 10 230 "$PY" bench/gpu_train.py --steps 8 | tee "$OUT/gpu_train.md" \

@@ -3,7 +3,11 @@ latents, 16 x 32 x 32), bf16 autocast with fp32 weights and AdamW, as `train` ru
 
   (a) by the real data path: latent shards written to local disk first (tests/latent_data.py,
       stored as bf16 distributions, a fresh draw per sample), 4 DataLoader workers, pinned;
-  (b) by the same step batches held in memory (pinned), through ``train(data=...)``.
+  (b) by the same step batches held in memory (pinned), through ``train(data=...)``;
+  (c) with --feeds text: by the real shards plus text shards of stored caption embeddings (as
+      `curate encode-text` writes them; random values of the encoder's width, about the token
+      counts of real captions), so that no step runs the text encoder. Against (a) with
+      --text-layers 26 (T5Gemma-2B's full encoder) this is what precomputing text saves.
 
 MFU is the trainer's own (metrics.jsonl: train.model's counted forward + backward FLOPs per
 sample over the data-sheet bf16 peak), also given against the dense bf16 matmul rate measured
@@ -48,7 +52,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 sys.path.append(str(Path(__file__).resolve().parent))
 
-from latent_data import make_latent_dataset  # noqa: E402
+from latent_data import add_text_shards, make_latent_dataset  # noqa: E402
 
 import train.trainer as trainer  # noqa: E402
 from curate.manifest import load_manifest  # noqa: E402
@@ -94,7 +98,7 @@ def text_flops_per_sample(folder: Path, max_tokens: int, device: torch.device) -
     """Forward FLOPs of the text encoder for one caption padded to ``max_tokens``, counted."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from train.text import TextEncoder
+    from curate.text import TextEncoder
 
     text = TextEncoder.load(str(folder), device=device, max_tokens=max_tokens)
     with FlopCounterMode(display=False) as counter:
@@ -172,11 +176,12 @@ def main() -> None:
     parser.add_argument("--text-layers", type=int, default=2)
     parser.add_argument("--eager", action="store_true", help="compile=false (the preset compiles the denoiser)")
     parser.add_argument("--workdir", default=None, help="local disk for shards (default: a temp dir)")
-    parser.add_argument("--feeds", default="shards,memory", help="which runs: shards, memory or both")
+    parser.add_argument("--feeds", default="shards,memory",
+                        help="which runs, comma-separated: shards, memory, text (shards with stored text embeddings)")
     args = parser.parse_args()
     feeds = args.feeds.split(",")
-    if not feeds or set(feeds) - {"shards", "memory"}:
-        parser.error(f"--feeds takes shards, memory or shards,memory, not {args.feeds!r}")
+    if not feeds or set(feeds) - {"shards", "memory", "text"}:
+        parser.error(f"--feeds takes shards, memory and text, comma-separated, not {args.feeds!r}")
     args.preset = "prx-1.2b"
     sizes = T5GEMMA_2B
     if args.smoke:
@@ -218,11 +223,15 @@ def main() -> None:
               "MFU (measured peak) | GFLOP/sample | peak memory GB | run s |")
         print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", flush=True)
         results = {}
+        manifests = {"shards": data["mix"], "memory": data["mix"]}
+        if "text" in feeds:
+            manifests["text"] = add_text_shards(data, text, dim=sizes["hidden_size"], max_tokens=probe.max_tokens)["mix"]
         for key, label in (("shards", f"real shards on local disk ({args.workers} workers)"),
-                           ("memory", f"same step batches in memory{' (pinned)' if cuda else ''}")):
+                           ("memory", f"same step batches in memory{' (pinned)' if cuda else ''}"),
+                           ("text", "real shards and stored text embeddings (no text encoder per step)")):
             if key not in feeds:
                 continue
-            cfg = config(args, data["mix"], tmp / key, text)
+            cfg = config(args, manifests[key], tmp / key, text)
             source = None
             if key == "memory":
                 batches = collect(cfg, pin=cuda)
@@ -237,8 +246,11 @@ def main() -> None:
                   flush=True)
     print(f"\ntotal {time.perf_counter() - started:.0f} s; last loss "
           + " / ".join(f"{r['loss']:.4f} ({key})" for key, r in results.items()))
-    if len(results) == 2:
+    if "shards" in results and "memory" in results:
         print(f"shards / memory: {results['shards']['images_per_s'] / results['memory']['images_per_s']:.3f}")
+    if "shards" in results and "text" in results:
+        print(f"stored text / text encoded per step: "
+              f"{results['text']['images_per_s'] / results['shards']['images_per_s']:.2f}x")
 
 
 if __name__ == "__main__":

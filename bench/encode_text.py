@@ -8,8 +8,8 @@ shards written as `curate encode-latents` writes them (tests/latent_data.py).
 1. Stage / bare: the whole stage (read the captions from the latent tars and clean them in
    worker processes, tokenize, sort by length, encode, serialise, commit) against the bare
    encoder on the same token batches, timed warm. Two rates for the stage: over the whole
-   run, and steady (after the encoder has loaded and the workers have started, which a run
-   of millions of captions pays once).
+   run, and steady (from its first encoder call to its end: without loading the encoder,
+   which a run of millions of captions pays once).
 2. Stage / naive: against the loop people write first: for each sample and caption, read,
    clean, encode alone padded to max_tokens (as the trainer and PRXPipeline pad), and
    `torch.save` the valid rows to one file.
@@ -18,7 +18,7 @@ Both with Gemma's tokenizer as it is (it pads on the left, so the stage pads eve
 max_tokens as the pipeline does) and with the same tokenizer set to pad on the right (the stage
 then pads each batch to its longest caption).
 
-    python bench/encode_text.py [--samples 32] [--layers 2] [--max-tokens 256] [--batch-size 16]
+    python bench/encode_text.py [--samples 32] [--shards 2] [--layers 2] [--max-tokens 256] [--batch-size 16]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -67,22 +68,22 @@ def right_padding_copy(folder: Path, out: Path) -> Path:
 
 
 def timed_stage(latents: Path, encoder: Path, out: Path, args: argparse.Namespace) -> dict[str, float]:
-    """The whole stage; ``steady`` starts once prepare() has loaded the encoder and started the workers."""
+    """The whole stage; ``steady`` from its first encoder call on."""
     stage = EncodeTextStage(latents, out, str(encoder), max_tokens=args.max_tokens, batch_size=args.batch_size,
                             workers=args.workers, manifest_dir=out.parent / "manifests", device="cpu")
     stage.input_manifests = []  # the manifests are not part of the timing
-    prepared = {}
-    prepare = stage.prepare
+    first = []
+    encode = stage.encode
 
-    def timed_prepare(todo):
-        prepare(todo)
-        prepared["at"] = time.perf_counter()
+    def timed_encode(ids):
+        first.append(first[0] if first else time.perf_counter())
+        return encode(ids)
 
-    stage.prepare = timed_prepare
+    stage.encode = timed_encode
     start = time.perf_counter()
     run_stage(stage, out, progress=False)
     end = time.perf_counter()
-    return {"whole": end - start, "steady": end - prepared["at"]}
+    return {"whole": end - start, "steady": end - first[0], "workers": stage.workers}
 
 
 def shard_tokens(latents: Path, encoder: TextEncoder) -> list[list[list[int]]]:
@@ -123,11 +124,13 @@ def timed_naive(latents: Path, encoder: TextEncoder, out: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--layers", type=int, default=2, help="of T5Gemma-2B's 26")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=1, help="the stage's caption-reading processes")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each, interleaved; medians reported")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="the stage's caption-reading processes (default: the stage's, 0 on a CPU)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="kiln-bench-text-") as tmp_name:
@@ -138,9 +141,10 @@ def main() -> None:
         encoders = {"left": left, "right": right_padding_copy(left, tmp / "t5gemma-right")}
         print(f"# encode-text, CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads)\n")
-        print(f"{args.samples} samples in {args.shards} shards, a long and a short caption each; T5Gemma-2B "
-              f"shapes with {args.layers} layers; max_tokens {args.max_tokens}; batch {args.batch_size}; "
-              f"{args.workers} caption worker(s)\n")
+        print(f"{args.samples} samples in {args.shards} shards, a long, a short and an original caption each; "
+              f"T5Gemma-2B shapes with {args.layers} layers; max_tokens {args.max_tokens}; batch {args.batch_size}; "
+              f"caption workers: {args.workers if args.workers is not None else 'the default'}; bare, stage and "
+              f"naive interleaved, {args.repeats} runs each, medians (each run's rate in brackets)\n")
         print("| tokenizer pads | tokens per caption (mean) | stage captions/s: whole, steady | bare captions/s "
               "| naive captions/s | stage / bare: steady (whole) | stage / naive: steady (whole) |")
         print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -149,13 +153,21 @@ def main() -> None:
             shards = shard_tokens(data["latents"], encoder)
             captions = sum(len(s) for s in shards)
             tokens = sum(len(i) for s in shards for i in s) / captions
-            stage = timed_stage(data["latents"], folder, tmp / f"stage-{side}" / "t5", args)
-            bare = timed_bare(shards, encoder, args.batch_size)
-            naive = timed_naive(data["latents"], encoder, tmp / f"naive-{side}")
-            rate = {k: captions / v for k, v in stage.items()}
-            print(f"| {side} | {tokens:.1f} | {rate['whole']:.2f}, {rate['steady']:.2f} | {captions / bare:.2f} | "
-                  f"{captions / naive:.2f} | **{bare / stage['steady']:.2f}** ({bare / stage['whole']:.2f}) | "
-                  f"**{naive / stage['steady']:.2f}x** ({naive / stage['whole']:.2f}x) |", flush=True)
+            runs: dict[str, list[float]] = {"whole": [], "steady": [], "bare": [], "naive": []}
+            for r in range(args.repeats):
+                runs["bare"].append(timed_bare(shards, encoder, args.batch_size))
+                stage = timed_stage(data["latents"], folder, tmp / f"stage-{side}-{r}" / "t5", args)
+                runs["whole"].append(stage["whole"])
+                runs["steady"].append(stage["steady"])
+                runs["naive"].append(timed_naive(data["latents"], encoder, tmp / f"naive-{side}-{r}"))
+            t = {k: statistics.median(v) for k, v in runs.items()}
+
+            def rates(k: str, captions: int = captions, runs: dict = runs, t: dict = t) -> str:
+                return f"{captions / t[k]:.2f} ({', '.join(f'{captions / x:.2f}' for x in runs[k])})"
+
+            print(f"| {side} | {tokens:.1f} | {rates('whole')}; {rates('steady')} | {rates('bare')} | "
+                  f"{rates('naive')} | **{t['bare'] / t['steady']:.2f}** ({t['bare'] / t['whole']:.2f}) | "
+                  f"**{t['naive'] / t['steady']:.2f}x** ({t['naive'] / t['whole']:.2f}x) |", flush=True)
             del encoder
 
 

@@ -124,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                    help="stored embeddings (a GPU encoder's output is bf16)")
     p.add_argument("--batch-size", type=int, default=64, help="captions per encoder forward")
-    p.add_argument("--workers", type=int, default=min(4, _default_workers()),
-                   help="processes reading and cleaning captions ahead of the encoder (0: in this one)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes reading and cleaning captions ahead of the encoder (0: in this one; "
+                        "default: 0 on a CPU, where the encoder takes every core, else 4)")
     p.add_argument("--manifests", nargs="+", default=None,
                    help="the manifests to extend (default: those encode-latents wrote for these latents)")
     p.add_argument("--manifest-dir", default=None, help="where the new manifests go (default: beside each input)")

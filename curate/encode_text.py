@@ -22,7 +22,8 @@ shifts positions with the padding, so those batches are padded to ``max_tokens``
 pipeline pads them.
 
 Reading the captions from the latent tars and cleaning them (65-260 us per caption) run in
-worker processes ahead of the encoder; writing a shard overlaps encoding the next.
+worker processes ahead of the encoder on a GPU (in this process on a CPU, where the encoder
+takes every core); writing a shard overlaps encoding the next.
 """
 
 from __future__ import annotations
@@ -108,13 +109,13 @@ class EncodeTextStage(Stage):
 
     def __init__(self, latents_dir: str | Path, out_dir: str | Path, text_encoder: str = "t5gemma", *,
                  revision: str | None = None, max_tokens: int | None = None, dtype: str = "bfloat16",
-                 batch_size: int = 64, workers: int = 2, manifests: list[str | Path] | None = None,
+                 batch_size: int = 64, workers: int | None = None, manifests: list[str | Path] | None = None,
                  manifest_dir: str | Path | None = None, name: str | None = None, device: str | None = None):
         from curate.text import DEFAULT_MAX_TOKENS
 
         if dtype not in DTYPES:
             raise CurateError(f"--dtype must be one of {DTYPES}, not {dtype!r}")
-        if batch_size < 1 or workers < 0:
+        if batch_size < 1 or (workers is not None and workers < 0):
             raise CurateError("--batch-size must be positive and --workers at least 0")
         self.latents_dir, self.out_dir = Path(latents_dir), Path(out_dir)
         self.encoder_name, self.revision = text_encoder, revision
@@ -205,13 +206,21 @@ class EncodeTextStage(Stage):
         from curate.runner import resolve_device
         from curate.text import TextEncoder, TextEncoderError
 
+        device = resolve_device(self.device)
+        if self.workers is None:
+            # On a CPU the encoder uses every core and cleaning is a small share of its time, so a
+            # worker only competes with it (bench/encode_text.py); on a GPU cleaning in this
+            # process would be a large share of what it does between batches.
+            from curate.runner import local_world_size
+
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            self.workers = 0 if device.type == "cpu" else max(1, min(4, cores // local_world_size()))
         if self.workers > 0:
             # spawn, not fork: this process holds polars' and torch's threads.
             self.pool = multiprocessing.get_context("spawn").Pool(self.workers, initializer=_init_worker)
         self.queue = list(todo)
         for _ in range(min(len(self.queue), self.workers + 1)):
             self._submit(self.queue.pop(0))
-        device = resolve_device(self.device)
         if device.type == "cuda":
             import torch
 
@@ -245,9 +254,12 @@ class EncodeTextStage(Stage):
         done_per_key = [len(c) for c in captions]
         for start in range(0, len(order), self.batch_size):
             batch = order[start: start + self.batch_size]
-            for j, emb in zip(batch, self.encode([ids[j] for j in batch]), strict=True):
+            embeddings = self.encode([ids[j] for j in batch])
+            # One copy to the host per batch (on a GPU each copy waits for the encoder).
+            host = torch.cat(embeddings).to("cpu", dtype).split([len(e) for e in embeddings])
+            for j, emb in zip(batch, host, strict=True):
                 i, variant, _ = items[j]
-                rows[i][variant] = emb.to("cpu", dtype)
+                rows[i][variant] = emb
                 done_per_key[i] -= 1
                 if done_per_key[i] == 0:
                     progress(1)

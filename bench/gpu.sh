@@ -2,14 +2,15 @@
 # The GPU figures, in one short run on a lent GPU machine: under 10 minutes in all. Each script
 # is cut off by `timeout` (rows printed so far are kept): the wheels (about 20 s), the whole
 # encode-latents stage against the bare VAE, the naive loop and its own pipeline with the
-# encoder replaced by zeros (bench/encode_latents.py, 200 s), then the prx-1.2b trainer
-# (compiled) with T5Gemma-2B's full encoder run every step against stored caption embeddings
-# (curate encode-text's text shards; bench/gpu_train.py --feeds shards,text, 240 s; GPU_TEXT=0
-# skips it), then, with GPU_TRAIN=1, the trainer as the prx-1.2b preset runs it (compiled) fed by shards
+# encoder replaced by zeros (bench/encode_latents.py, 200 s; GPU_ENCODE=0 skips it); with
+# GPU_TEXT=1 the prx-1.2b trainer (compiled) with T5Gemma-2B's whole encoder run every step
+# against the same run reading stored caption embeddings (curate encode-text's text shards;
+# bench/gpu_train.py --feeds shards,text, 300 s: run it as `GPU_ENCODE=0 GPU_TEXT=1 bash
+# bench/gpu.sh` on the machine still warm from the first call); then, with GPU_TRAIN=1, the trainer as the prx-1.2b preset runs it (compiled) fed by shards
 # and by memory (bench/gpu_train.py, 230 s) and eager from memory (150 s). The encoder-only
 # figures (bench/gpu_vae.py) run too with GPU_VAE=1: a further 150 s. BENCHMARKS.md holds the
 # trainer's and the encoder-only figures already (session 3), so by default only the first
-# two parts run: about 8 minutes with the machine's start.
+# part runs: about 4 minutes with the machine's start.
 #
 # Those machines have torch 2.11, transformers 5.17, safetensors, pyyaml, pyarrow, numpy, tqdm,
 # pillow and tensorboard (the benchmarks turn it off anyway: log.tensorboard=false), but not
@@ -55,13 +56,15 @@ if [ "${GPU_VAE:-0}" = 1 ]; then
     timeout -k 10 150 "$PY" bench/gpu_vae.py --iters 20 | tee "$OUT/gpu_vae.md" \
         || echo "bench/gpu_vae.py stopped early (exit $?)"
 fi
-# 2048 images: at about 500 images/s the encoder needs 4 s for them, enough to see past the
-# stage's fixed costs (loading the VAE, starting the decoding workers).
-timeout -k 10 200 "$PY" bench/encode_latents.py --device cuda --images 2048 --tiny-images 1024 \
-    --batch-size 32 --decode-workers 8 --compile | tee "$OUT/gpu_encode_latents.md" \
-    || echo "bench/encode_latents.py stopped early (exit $?)"
-if [ "${GPU_TEXT:-1}" = 1 ]; then  # stored caption embeddings against T5Gemma-2B (all 26 layers) per step
-    timeout -k 10 240 "$PY" bench/gpu_train.py --text-layers 26 --feeds shards,text --steps 6 --shards 16 \
+if [ "${GPU_ENCODE:-1}" = 1 ]; then
+    # 2048 images: at about 500 images/s the encoder needs 4 s for them, enough to see past the
+    # stage's fixed costs (loading the VAE, starting the decoding workers).
+    timeout -k 10 200 "$PY" bench/encode_latents.py --device cuda --images 2048 --tiny-images 1024 \
+        --batch-size 32 --decode-workers 8 --compile | tee "$OUT/gpu_encode_latents.md" \
+        || echo "bench/encode_latents.py stopped early (exit $?)"
+fi
+if [ "${GPU_TEXT:-0}" = 1 ]; then  # stored caption embeddings against T5Gemma-2B (all 26 layers) per step
+    timeout -k 10 300 "$PY" bench/gpu_train.py --text-layers 26 --feeds shards,text --steps 5 --shards 16 \
         | tee "$OUT/gpu_train_text.md" || echo "bench/gpu_train.py --feeds shards,text stopped early (exit $?)"
 fi
 if [ "${GPU_TRAIN:-0}" = 1 ]; then  # GPU_TRAIN=1: the trainer's figures too (BENCHMARKS.md has them)

@@ -8,18 +8,20 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
 from conftest import kill_at, run_cli, snapshot
 from latent_data import caption_text, make_latent_dataset
+from PIL import Image
 from safetensors.torch import load
 
 from curate.encode_text import EncodeTextStage
 from curate.manifest import ManifestError, load_manifest, parse_manifest
 from curate.runner import CurateError, run_stage
 from curate.shards import iter_tar_samples
-from curate.text import TextEncoder
+from curate.text import EncodedPrompts, TextEncoder, TextEncoderError
 from train.cli import main as train_main
 from train.config import ConfigError, build_config
 from train.data import DataError, check_data
@@ -123,7 +125,7 @@ def test_training_on_stored_embeddings_equals_encoding_on_the_fly(dataset, encod
     runs = {}
     for name, manifest in {"fly": dataset["mix"], "stored": tmp_path / "manifests" / "mix-t5.json"}.items():
         cfg = build_config("tiny", overrides=[f"text_encoder={encoders['left']}", "steps=12", "log.every=1",
-                                              "sample_every=0", "caption_dropout=0.3", "data.workers=2",
+                                              "sample_every=12", "caption_dropout=0.3", "data.workers=2",
                                               "log.tensorboard=false"],
                            shards=str(manifest), out=str(tmp_path / name))
         train(cfg)
@@ -131,6 +133,22 @@ def test_training_on_stored_embeddings_equals_encoding_on_the_fly(dataset, encod
     # Dropped captions (30%) and sample 7, which has none, take the empty prompt's embedding.
     assert len(runs["fly"]) == 12
     torch.testing.assert_close(torch.tensor(runs["stored"]), torch.tensor(runs["fly"]), rtol=1e-5, atol=0)
+    # The stored run released its encoder after encoding the grid's prompts: the same grid.
+    grids = [np.asarray(Image.open(tmp_path / name / "samples" / "step_00000012.png"), dtype=np.int16)
+             for name in runs]
+    assert np.abs(grids[0] - grids[1]).max() <= 2
+
+
+def test_encoded_prompts_serve_their_prompts_as_the_encoder_does(encoders):
+    encoder = TextEncoder.load(str(encoders["left"]), max_tokens=64)
+    prompts = EncodedPrompts(encoder, ["a red fox", "a blue house"])
+    for batch in (["a blue house", "", "a red fox"], [""]):
+        got, expected = prompts.encode(batch), encoder.encode(batch)
+        torch.testing.assert_close(got[0], expected[0])
+        assert torch.equal(got[1], expected[1])
+    assert (prompts.dim, prompts.id, prompts.max_tokens) == (encoder.dim, encoder.id, 64)
+    with pytest.raises(TextEncoderError, match="'a green tree' was not encoded before the text encoder"):
+        prompts.encode(["a red fox", "a green tree"])
 
 
 def test_kill_and_rerun_equals_a_clean_run(dataset, encoders, tmp_path: Path):

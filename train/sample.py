@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from curate.manifest import LatentSpec
-from curate.text import TextEncoder
+from curate.text import EncodedPrompts, TextEncoder
 from curate.vae import decode_to_images, model_channels, model_downsample
 from train.flow import euler_sample, with_guidance
 
@@ -59,7 +59,7 @@ def _device_of(module: torch.nn.Module) -> torch.device:
 
 def sample_latents(
     transformer: torch.nn.Module,
-    text: TextEncoder,
+    text: TextEncoder | EncodedPrompts,
     prompts: Sequence[str],
     *,
     spec: LatentSpec,
@@ -161,7 +161,7 @@ def make_grid(images: torch.Tensor, columns: int) -> Image.Image:
 
 def sample_grid(
     transformer: torch.nn.Module,
-    text: TextEncoder,
+    text: TextEncoder | EncodedPrompts,
     prompts: Sequence[str],
     *,
     spec: LatentSpec,

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from curate.manifest import LatentSpec, Manifest, TextSpec, file_sha256, load_manifest
 from curate.runner import resolve_device
-from curate.text import TextEncoder
+from curate.text import EncodedPrompts, TextEncoder
 from curate.vae import model_downsample
 from train import flow
 from train.checkpoint import (
@@ -121,7 +121,11 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
                             revision=stored.revision if stored else None)
     if stored is not None:
         _check_stored_text(stored, text, cfg)
+        # What the run still needs of the encoder, then the encoder's memory back.
+        text = EncodedPrompts(text, cfg.sample.prompts)
         empty_context, empty_mask = text.encode([""])
+        if world.device.type == "cuda":
+            torch.cuda.empty_cache()
     architecture = denoiser_config(cfg.model, manifest.latent, text.dim)
     checkpoint = _find_checkpoint(run_dir, resume)
     if checkpoint is not None:
@@ -174,7 +178,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
             f"{manifest.latent.vae_class} {manifest.latent.vae} -> {architecture['in_channels']} "
             f"model channels; {world.world_size} rank(s) x {accum} micro-batch(es) of "
             f"{cfg.micro_batch}; denoiser {count_parameters(model) / 1e6:.2f}M parameters; "
-            f"text encoder {text.name} ({text.dim}-d)")
+            f"text encoder {text.name} ({text.dim}-d"
+            f"{'; caption embeddings read from the text shards' if stored else ''})")
         for note in summary.notes:
             logger.note(f"data: {note}")
         if cfg.weights_dtype == "bfloat16":
@@ -501,7 +506,7 @@ def _load_vae(spec: LatentSpec, device: torch.device) -> Any:
     return load_vae_for_spec(spec, device=device)
 
 
-def _sample(model: torch.nn.Module, text: TextEncoder, manifest: Manifest, vae: Any, cfg: TrainConfig,
+def _sample(model: torch.nn.Module, text: TextEncoder | EncodedPrompts, manifest: Manifest, vae: Any, cfg: TrainConfig,
             run_dir: Path, step: int) -> Path:
     from train.sample import sample_grid
 

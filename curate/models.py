@@ -68,12 +68,15 @@ IMAGE_ENCODERS = {
 REGISTRIES = {"vlm": VLMS, "text": TEXT_ENCODERS, "image": IMAGE_ENCODERS}
 
 
-def resolve_model(name: str, kind: str) -> ModelRef:
-    """An alias, a local folder or a Hub id; anything else is a clear error listing the aliases."""
+def resolve_model(name: str, kind: str, revision: str | None = None) -> ModelRef:
+    """An alias, a local folder or a Hub id; anything else is a clear error listing the aliases.
+    ``revision``: the Hub revision the caller will load, refused for a local folder."""
     aliases = REGISTRIES[kind]
     if name in aliases:
         return ModelRef(name, aliases[name], local=False)
     if os.path.isdir(name):
+        if revision is not None:
+            raise CurateError(f"{name!r}: a revision applies to Hub ids, not to a local folder")
         return ModelRef(name, os.path.abspath(name), local=True)
     if name.count("/") == 1 and not name.startswith((".", "/")) and all(name.split("/")):
         return ModelRef(name, name, local=False)

@@ -149,12 +149,9 @@ class TextEncoder:
         if max_tokens < 1:
             raise TextEncoderError(f"max_tokens must be positive, got {max_tokens}")
         try:
-            ref = resolve_model(name, "text")
+            ref = resolve_model(name, "text", revision)
         except CurateError as e:
             raise TextEncoderError(f"text encoder: {e}") from e
-        if ref.local and revision is not None:
-            raise TextEncoderError(f"text encoder {name!r}: a revision applies to Hub ids, not to "
-                                   "a local folder")
         _preprocessor()  # fail before a multi-gigabyte load, not at the first batch
         device = torch.device(device)
         if dtype is None:

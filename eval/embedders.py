@@ -59,11 +59,9 @@ class ImageEmbedder:
         if kind not in ("clip", "dino"):
             raise EmbedderError(f"unknown image encoder kind {kind!r}: clip or dino")
         try:
-            ref = resolve_model(name, "image")
+            ref = resolve_model(name, "image", revision)
         except CurateError as e:
             raise EmbedderError(f"{kind} model: {e}") from e
-        if ref.local and revision is not None:
-            raise EmbedderError(f"{kind} model {name!r}: a revision applies to Hub ids, not to a local folder")
         self.kind, self.device, self.name, self.ref, self.revision = kind, torch.device(device), name, ref, revision
         try:
             config = AutoConfig.from_pretrained(ref.id, revision=revision)

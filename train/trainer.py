@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from curate.manifest import LatentSpec, Manifest, TextSpec, file_sha256, load_manifest
+from curate.models import resolve_model
 from curate.runner import resolve_device
 from curate.text import EncodedPrompts, TextEncoder
 from curate.vae import model_downsample
@@ -117,8 +118,9 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
     # With precomputed embeddings (curate encode-text) the encoder still serves the empty prompt
     # (caption dropout) and the sample grids; it must be the one that made them, at their revision.
     stored = manifest.text
+    hub_revision = stored.revision if stored and not resolve_model(cfg.text_encoder, "text").local else None
     text = TextEncoder.load(cfg.text_encoder, device=world.device, max_tokens=cfg.max_tokens,
-                            revision=stored.revision if stored else None)
+                            revision=hub_revision)
     if stored is not None:
         _check_stored_text(stored, text, cfg)
         # What the run still needs of the encoder, then the encoder's memory back.

@@ -119,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder", default="t5gemma",
                    help="alias (t5gemma), Hub id or local folder: a T5Gemma checkpoint or a PRX pipeline")
     p.add_argument("--revision", default=None, help="pinned Hub revision of the text encoder")
-    p.add_argument("--max-tokens", type=int, default=None,
-                   help="tokens per caption, as training and PRXPipeline pad them (default 256, PRX's)")
+    p.add_argument("--max-tokens", type=int, default=256,
+                   help="tokens per caption, as training and PRXPipeline pad them: the run's max_tokens "
+                        "(256 for the PRX presets, 64 for tiny)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                    help="stored embeddings (a GPU encoder's output is bf16)")
     p.add_argument("--batch-size", type=int, default=64, help="captions per encoder forward")
@@ -263,8 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name in ("workers", "shard_size", "min_side", "max_pixels", "batch_size", "concurrency", "resolution"):
         value = getattr(args, name, None)
-        if isinstance(value, int) and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+        least = 0 if (args.command, name) == ("encode-text", "workers") else 1  # 0: in-process
+        if isinstance(value, int) and value < least:
+            parser.error(f"--{name.replace('_', '-')} must be at least {least}")
     from curate.runner import CurateError
 
     try:

@@ -13,9 +13,10 @@ import sys
 
 
 def _default_workers() -> int:
+    from curate.procs import available_cores
+
     # Under torchrun several ranks share a node: split its cores between them.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(1, available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def _add_worker_args(p: argparse.ArgumentParser) -> None:

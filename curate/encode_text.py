@@ -47,7 +47,7 @@ from curate.manifest import (
     load_manifest,
     write_manifest,
 )
-from curate.procs import die_with_parent
+from curate.procs import available_cores, die_with_parent
 from curate.runner import STAGE_FILE, CurateError, ShardTask, Stage
 from curate.shards import (
     OK,
@@ -72,9 +72,9 @@ def _is_caption(key: str, ext: str) -> bool:
     return ext.endswith(".txt")
 
 
-def read_captions(tar: str, keys: list[str], clean: bool = True) -> list[dict[str, str]]:
+def read_captions(tar: str, keys: list[str]) -> list[dict[str, str]]:
     """The non-empty captions of each of ``keys`` in a latent shard, per variant, cleaned as
-    ``PRXPipeline`` cleans prompts (``clean``). Runs in the stage's worker processes."""
+    ``PRXPipeline`` cleans prompts. Runs in the stage's worker processes."""
     found = {}
     for key, members in iter_tar_samples(tar, wanted=_is_caption):
         found[key] = {ext[: -len(".txt")]: data.decode("utf-8") for ext, data in members.items()}
@@ -82,13 +82,9 @@ def read_captions(tar: str, keys: list[str], clean: bool = True) -> list[dict[st
     if missing:
         raise CurateError(f"{tar}: {len(missing)} samples of its index are not in the tar (first "
                           f"{missing[0]}): the shard changed after it was committed")
-    if clean:
-        from curate.text import clean_caption
-    out = []
-    for key in keys:
-        present = {v: t for v, t in sorted(found[key].items()) if t.strip()}
-        out.append({v: clean_caption(t) for v, t in present.items()} if clean else present)
-    return out
+    from curate.text import clean_caption
+
+    return [{v: clean_caption(t) for v, t in sorted(found[key].items()) if t.strip()} for key in keys]
 
 
 def _init_worker() -> None:
@@ -188,9 +184,9 @@ class EncodeTextStage(Stage):
         return read_index(task.payload[0], columns=["key", "status"]).filter(pl.col("status") == OK)["key"].to_list()
 
     def _submit(self, task: ShardTask) -> None:
-        args = (task.payload[1], self._keys(task))
-        self.pending[task.shard_id] = (self.pool.apply_async(read_captions, args) if self.pool is not None
-                                       else args)
+        keys = self._keys(task)
+        job = self.pool.apply_async(read_captions, (task.payload[1], keys)) if self.pool is not None else None
+        self.pending[task.shard_id] = (keys, job)
 
     def _captions(self, task: ShardTask) -> tuple[list[str], list[dict[str, str]]]:
         """This shard's keys and cleaned captions; keeps ``workers`` more shards in preparation."""
@@ -198,13 +194,12 @@ class EncodeTextStage(Stage):
             self._submit(task)
         while self.queue and len(self.pending) <= max(self.workers, 1):
             self._submit(self.queue.pop(0))
-        job = self.pending.pop(task.shard_id)
-        captions = job.get() if self.pool is not None else read_captions(*job)
-        return self._keys(task), captions
+        keys, job = self.pending.pop(task.shard_id)
+        return keys, job.get() if job is not None else read_captions(task.payload[1], keys)
 
     def prepare(self, todo: list[ShardTask]) -> None:
         from curate.runner import resolve_device
-        from curate.text import TextEncoder, TextEncoderError
+        from curate.text import TextEncoder
 
         device = resolve_device(self.device)
         if self.workers is None:
@@ -213,8 +208,7 @@ class EncodeTextStage(Stage):
             # process would be a large share of what it does between batches.
             from curate.runner import local_world_size
 
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            self.workers = 0 if device.type == "cpu" else max(1, min(4, cores // local_world_size()))
+            self.workers = 0 if device.type == "cpu" else max(1, min(4, available_cores() // local_world_size()))
         if self.workers > 0:
             # spawn, not fork: this process holds polars' and torch's threads.
             self.pool = multiprocessing.get_context("spawn").Pool(self.workers, initializer=_init_worker)
@@ -225,11 +219,8 @@ class EncodeTextStage(Stage):
             import torch
 
             torch.cuda.set_device(device)
-        try:
-            self.encoder = TextEncoder.load(self.encoder_name, device=device, max_tokens=self.max_tokens,
-                                            revision=self.revision)
-        except TextEncoderError as e:
-            raise CurateError(str(e)) from e
+        self.encoder = TextEncoder.load(self.encoder_name, device=device, max_tokens=self.max_tokens,
+                                        revision=self.revision)
 
     def __exit__(self, *exc: object) -> None:
         if self.pool is not None:
@@ -317,17 +308,14 @@ class EncodeTextStage(Stage):
     def _identity(self) -> tuple[str, str | None, int]:
         """(id, revision, dim) of the encoder; a worker that finds every shard committed has not
         loaded it, and reads them from its config rather than loading gigabytes of weights."""
-        from curate.text import TextEncoder, TextEncoderError
+        from curate.text import TextEncoder
 
         if self.encoder is None:
-            try:
-                described = TextEncoder.describe(self.encoder_name, self.revision)
-                if described is not None:
-                    return described
-                self.encoder = TextEncoder.load(self.encoder_name, device="cpu", max_tokens=self.max_tokens,
-                                                revision=self.revision)
-            except TextEncoderError as e:
-                raise CurateError(str(e)) from e
+            described = TextEncoder.describe(self.encoder_name, self.revision)
+            if described is not None:
+                return described
+            self.encoder = TextEncoder.load(self.encoder_name, device="cpu", max_tokens=self.max_tokens,
+                                            revision=self.revision)
         return self.encoder.id, self.encoder.revision, self.encoder.dim
 
     def write_manifests(self, out_dir: Path) -> list[Path]:

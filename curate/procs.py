@@ -14,6 +14,11 @@ import sys
 _PR_SET_PDEATHSIG = 1
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a Slurm allocation's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def die_with_parent(*_: object) -> None:
     """Call first thing in a worker process (a DataLoader worker_init_fn or a Pool initializer)."""
     if not sys.platform.startswith("linux"):

@@ -189,7 +189,9 @@ class TextEncoder:
         texts = self.clean(captions) if clean else [str(c) for c in captions]
         tokens = self.tokenizer(texts, padding="max_length", max_length=self.max_tokens,
                                 truncation=True, return_attention_mask=True, return_tensors="pt")
-        ids, mask = tokens["input_ids"], tokens["attention_mask"].bool()
+        return self._on_device(tokens["input_ids"], tokens["attention_mask"].bool())
+
+    def _on_device(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.device.type == "cuda":  # from pinned memory the copy does not wait for the GPU
             return (ids.pin_memory().to(self.device, non_blocking=True),
                     mask.pin_memory().to(self.device, non_blocking=True))
@@ -226,10 +228,7 @@ class TextEncoder:
         padded = self.tokenizer.pad({"input_ids": [list(i) for i in ids]},
                                     padding="longest" if right else "max_length", max_length=self.max_tokens,
                                     return_attention_mask=True, return_tensors="pt")
-        tokens, mask = padded["input_ids"], padded["attention_mask"].bool()
-        if self.device.type == "cuda":
-            tokens = tokens.pin_memory().to(self.device, non_blocking=True)
-            mask = mask.pin_memory().to(self.device, non_blocking=True)
+        tokens, mask = self._on_device(padded["input_ids"], padded["attention_mask"].bool())
         with torch.no_grad():
             hidden = self.model(input_ids=tokens, attention_mask=mask).last_hidden_state
         return [hidden[i][mask[i]] for i in range(len(ids))]

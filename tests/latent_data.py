@@ -195,11 +195,11 @@ def add_text_shards(
         writer.commit(stage=EncodeTextStage.name, fingerprint=stable_hash(["test-text", seed, shard.shard_id]),
                       config_hash=stable_hash(["test-text", dim, max_tokens, dtype]))
     by_id = {s.shard_id: s for s in committed_shards(out_dir)}
+    latent_ids = {s.tar_path.resolve(): s.shard_id for s in committed_shards(dataset["latents"])}
     written = {}
     for name in [n for n in dataset if n not in ("root", "latents")]:
         latent = load_manifest(dataset[name])
         folder = dataset[name].parent
-        latent_ids = {s.tar_path.resolve(): s.shard_id for s in committed_shards(dataset["latents"])}
         entries = []
         for entry in latent.shards:
             text = by_id[latent_ids[(folder / entry.path).resolve()]]

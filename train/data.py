@@ -856,13 +856,13 @@ def check_data(
         buckets.update(shard_buckets)
         for variants in ok["captions"].to_list():
             listed.update(variants or ())
+    text_paths = None
     if manifest.text is not None:
-        _check_text_shards(manifest, manifest_path, ok_keys, verify, allow_pipe)
+        text_paths = _check_text_shards(manifest, manifest_path, ok_keys, verify, allow_pipe)
     if verify == "checksums":
         try:
             verify_shards(manifest, paths, checksums=True, source=source)
-            if manifest.text is not None:
-                text_paths = _local_shard_paths(manifest, manifest_path, allow_pipe, text=True)
+            if text_paths is not None:
                 verify_shards(manifest, text_paths, checksums=True, source=source, text=True)
         except ManifestError as e:
             raise DataError(str(e)) from None
@@ -911,9 +911,9 @@ def _read_committed(label: str, tar: str, sha256: str | None, verify: str) -> tu
 
 
 def _check_text_shards(manifest: Manifest, manifest_path: str | os.PathLike, ok_keys: list[list[str]],
-                       verify: str, allow_pipe: bool) -> None:
+                       verify: str, allow_pipe: bool) -> list[str]:
     """Text shard i is committed, was made by encode-text, and lists shard i's keys in its order;
-    every selected caption variant was encoded."""
+    every selected caption variant was encoded. Returns the text shards' paths."""
     spec = manifest.text
     source = str(manifest_path)
     absent = [v for v in manifest.captions if v not in spec.variants]
@@ -931,3 +931,4 @@ def _check_text_shards(manifest: Manifest, manifest_path: str | os.PathLike, ok_
             raise DataError(f"{label}: its samples are not those of shard {i} in the same order "
                             f"({len(text_keys)} against {len(keys)}): the text shards were made from "
                             "other latents; rerun curate encode-text")
+    return paths

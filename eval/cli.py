@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", default=None, help="the manifest whose samples and captions are used "
                                                     "(default: the one the run trained on)")
     p.add_argument("--images", default=None, help="the image stage folder (default: the manifest's provenance)")
+    p.add_argument("--weights", choices=["ema", "raw"], default=None,
+                   help="the run's EMA weights (the default when it kept them) or the trained ones")
     p.add_argument("--captions", default=None, metavar="VARIANT",
                    help="prompt every sample with this caption variant (long, short, orig) instead of "
                         "the manifest's caption selection")
@@ -110,7 +112,7 @@ def _run(args: argparse.Namespace) -> int:
         result = evaluate_run(
             args.run, metrics=[m.strip() for m in args.metrics.split(",") if m.strip()], step=step,
             manifest=args.manifest, images=args.images, samples=args.samples, seed=args.seed, steps=args.steps,
-            guidance=args.guidance, variant=args.captions, batch_size=args.batch_size, device=args.device,
+            guidance=args.guidance, variant=args.captions, weights=args.weights, batch_size=args.batch_size, device=args.device,
             inception=args.inception, clip=args.clip, dino=args.dino, rank=args.rank,
             world_size=args.world_size, force=args.force, progress=not args.no_progress)
         if result is None:

@@ -8,7 +8,7 @@
 These are the three metrics of the PRX ablations. The images are generated once for all of them.
 Everything that changes the generated images is part of the evaluation's tag: checkpoint step,
 sample count, seed, sampler steps, guidance, shift, caption choice, resolution, the chosen keys
-and prompts. The result, ``RUN/eval/stepNNNNNNNN-TAG.json``, holds one entry per metric with the
+and prompts, and the weights when they are the run's EMA. The result, ``RUN/eval/stepNNNNNNNN-TAG.json``, holds one entry per metric with the
 identity of its network (file digest, or model id, revision and folder fingerprint), and
 ``RUN/eval/stepNNNNNNNN-TAG.png`` shows the first generated images above their real ones; a second
 call returns what is stored and computes only metrics (or networks) it lacks; ``force``
@@ -45,6 +45,7 @@ from curate.shards import stable_hash
 from eval.evalset import EvalSample, choose_samples, images_dir_of, real_images
 from eval.stats import FeatureStats, frechet_distance, mmd
 from train.checkpoint import CheckpointError, checkpoint_path, latest_checkpoint, load_checkpoint
+from train.ema import checkpoint_weights
 
 __all__ = ["CHUNK", "DEFAULT_METRICS", "METRICS", "evaluate_run", "result_files"]
 
@@ -93,6 +94,7 @@ def evaluate_run(
     steps: int | None = None,
     guidance: float | None = None,
     variant: str | None = None,
+    weights: str | None = None,
     batch_size: int = 16,
     device: str | None = None,
     inception: str | os.PathLike[str] | None = None,
@@ -107,7 +109,8 @@ def evaluate_run(
 
     ``manifest`` defaults to the one the run trained on, ``images`` to the image stage its
     provenance names; ``steps`` and ``guidance`` default to the run's ``sample`` settings;
-    ``inception``, ``clip`` and ``dino`` choose the networks (file; alias, Hub id or folder).
+    ``inception``, ``clip`` and ``dino`` choose the networks (file; alias, Hub id or folder);
+    ``weights`` "ema" or "raw" (default: the EMA weights when the run kept them).
     Returns the result, or None when other workers still have chunks to generate.
     """
     run = Path(run)
@@ -123,9 +126,11 @@ def evaluate_run(
         steps = int(steps if steps is not None else cfg["sample"]["steps"])
         guidance = float(guidance if guidance is not None else cfg["sample"]["guidance"])
         shift = float(cfg["flow"]["shift"])
+        prediction = (cfg["flow"].get("prediction", "velocity"), float(cfg["flow"].get("x0_t_min", 0.05)))
         manifest_path = Path(manifest if manifest is not None else cfg["shards"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} lacks what evaluation needs: {e!r}") from None
+    model_weights, weights = checkpoint_weights(state, weights)
     if batch_size < 1 or steps < 1:
         raise CurateError(f"batch size and sampler steps must be at least 1 (got {batch_size}, {steps})")
     try:
@@ -146,6 +151,8 @@ def evaluate_run(
         "resolution": spec.resolution,
         "keys": stable_hash([s.key for s in evalset]), "prompts": stable_hash([s.caption for s in evalset]),
     }
+    if weights == "ema":  # only then, so the tags of runs without EMA stay what they were
+        settings["weights"] = "ema"
     tag = stable_hash(settings)[:12]
     name = f"step{step:08d}-{tag}"
     result_path = run / "eval" / f"{name}.json"
@@ -170,8 +177,8 @@ def evaluate_run(
     mine = [c for c in range(share.rank, chunks, share.world_size) if missing(c)]
     started = time.perf_counter()
     if mine:
-        generator = _Generator(state, spec, device, steps=steps, guidance=guidance, shift=shift,
-                               seed=seed, batch_size=batch_size)
+        generator = _Generator(state, model_weights, spec, device, steps=steps, guidance=guidance, shift=shift,
+                               prediction=prediction, seed=seed, batch_size=batch_size)
         todo = sum(len(evalset[c * CHUNK : (c + 1) * CHUNK]) for c in mine)
         bar = tqdm(total=todo, unit="img", desc=f"generating ({name})", disable=not progress)
         for c in mine:
@@ -233,8 +240,9 @@ class _Generator:
     """The checkpoint's denoiser, its text encoder and the manifest's VAE, turning evaluation
     samples into uint8 images [B, 3, H, W] exactly as ``train generate`` would (noise seed + i)."""
 
-    def __init__(self, state: dict[str, Any], spec: LatentSpec, device: str, *, steps: int, guidance: float,
-                 shift: float, seed: int, batch_size: int):
+    def __init__(self, state: dict[str, Any], model_weights: dict[str, torch.Tensor], spec: LatentSpec,
+                 device: str, *, steps: int, guidance: float, shift: float, prediction: tuple[str, float],
+                 seed: int, batch_size: int):
         from diffusers import PRXTransformer2DModel
 
         from curate.text import TextEncoder
@@ -242,7 +250,7 @@ class _Generator:
 
         try:
             self.transformer = PRXTransformer2DModel(**state["denoiser"])
-            self.transformer.load_state_dict(state["model"])
+            self.transformer.load_state_dict(model_weights)
             text = state["text_encoder"]
         except (KeyError, TypeError, RuntimeError) as e:
             raise CheckpointError(f"the checkpoint's denoiser cannot be rebuilt: {e}") from None
@@ -251,6 +259,7 @@ class _Generator:
                                      revision=text.get("revision"), max_tokens=int(text["max_tokens"]))
         self.vae = load_vae_for_spec(spec, device=device)
         self.spec, self.steps, self.guidance, self.shift = spec, steps, guidance, shift
+        self.prediction, self.x0_t_min = prediction
         self.seed, self.batch_size = seed, batch_size
 
     def images(self, part: list[EvalSample]):
@@ -263,7 +272,8 @@ class _Generator:
             noise = torch.cat([initial_noise(self.spec, 1, size, size, self.seed + s.index) for s in batch])
             latents = sample_latents(self.transformer, self.text, [s.caption for s in batch], spec=self.spec,
                                      height=size, width=size, steps=self.steps, guidance=self.guidance,
-                                     shift=self.shift, noise=noise)
+                                     shift=self.shift, prediction=self.prediction, x0_t_min=self.x0_t_min,
+                                     noise=noise)
             with torch.no_grad():  # 8 images per VAE call, as sample grids: 16 at 1024 px would not fit
                 pixels = torch.cat([decode_to_images(c, self.spec, self.vae) for c in latents.split(8)])
             yield pixels.mul(255).round().clamp(0, 255).to(torch.uint8)

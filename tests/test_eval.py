@@ -27,6 +27,7 @@ from eval.evalset import EvalSetError, choose_samples
 from eval.evaluation import evaluate_run, result_files
 from eval.inception import InceptionError, InceptionFeatures, find_inception, resize_tf_bilinear
 from eval.stats import FeatureStats, frechet_distance, mmd
+from train.checkpoint import CheckpointError
 
 SAMPLES = 10  # images per evaluation: each costs about 0.1 s of Inception on this CPU
 
@@ -194,11 +195,12 @@ def test_evaluation_sets_share_keys_across_caption_selections_and_follow_each(tm
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory) -> dict[str, Path]:
     """Images -> tiny Flux latents (orig captions) -> a tiny run of 2 steps (checkpoints at 1
-    and 2), and a second run that differs in its learning rate."""
+    and 2), a second run that differs in its learning rate, and a third that keeps an EMA."""
+    runs = {name: {"steps": "2", "checkpoint_every": "1", "lr": lr}
+            for name, lr in (("base", "0.001"), ("slow", "0.0001"))}
+    runs["ema"] = {"steps": "2", "checkpoint_every": "2", "lr": "0.01", "ema.decay": "0.9"}
     return make_tiny_runs(tmp_path_factory.mktemp("eval"), images=12, sizes=[(80, 64), (64, 80), (72, 72)],
-                          resolution=32, shard_size=5,
-                          runs={name: {"steps": "2", "checkpoint_every": "1", "lr": lr}
-                                for name, lr in (("base", "0.001"), ("slow", "0.0001"))})
+                          resolution=32, shard_size=5, runs=runs)
 
 
 def _evaluate(run: Path, embedders, **kwargs) -> dict | None:
@@ -251,6 +253,18 @@ def test_a_runs_metrics_are_recorded_reproducible_and_reused(pipeline, inception
     # Asking for a metric the stored evaluation lacks computes that one and keeps the other.
     more = _evaluate(run, embedders, guidance=1.0, metrics=["cmmd", "fid"])
     assert more["metrics"]["cmmd"] == other["metrics"]["cmmd"] and set(more["metrics"]) == {"cmmd", "fid"}
+
+
+def test_a_run_with_an_ema_is_evaluated_with_it_unless_raw_is_asked_for(pipeline, embedders, tmp_path: Path):
+    run = _fresh_copy(pipeline["ema"], tmp_path / "run")
+    averaged = _evaluate(run, embedders, metrics=["cmmd"])
+    raw = _evaluate(run, embedders, metrics=["cmmd"], weights="raw")
+    assert averaged["settings"]["weights"] == "ema" and "weights" not in raw["settings"]
+    assert averaged["tag"] != raw["tag"] and len(result_files(run)) == 2
+    assert averaged["metrics"]["cmmd"]["value"] != raw["metrics"]["cmmd"]["value"]
+    assert _evaluate(run, embedders, metrics=["cmmd"], weights="ema") == averaged  # the default, stored
+    with pytest.raises(CheckpointError, match="no EMA weights"):
+        _evaluate(_fresh_copy(pipeline["base"], tmp_path / "base"), embedders, metrics=["cmmd"], weights="ema")
 
 
 def test_a_killed_evaluation_and_two_workers_give_the_clean_runs_numbers(pipeline, inception, embedders,

@@ -1,9 +1,9 @@
 """``train``: train a denoiser on a manifest, or export a run for diffusers.
 
     train --shards manifests/long.json --out runs/NAME [--preset tiny|small|prx-1.2b]
-          [--config FILE.yaml] [--resume auto] [key=value ...]
+          [--ablation x-pred,muon,ema] [--config FILE.yaml] [--resume auto] [key=value ...]
     torchrun --nproc_per_node 8 -m train --shards ... --out ...
-    train export runs/NAME --to DIR [--step N]
+    train export runs/NAME --to DIR [--step N] [--weights ema|raw]
     train generate DIR "a prompt" ... --out image.png
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from curate.manifest import ManifestError
 from curate.runner import CurateError
 from train.checkpoint import CheckpointError
-from train.config import PRESETS, ConfigError
+from train.config import ABLATIONS, PRESETS, ConfigError
 from train.data import DataError
 
 # What a user can fix (bad arguments, data or run folder): a message and exit status 2, no traceback.
@@ -33,6 +33,10 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="the run folder: config, checkpoints, metrics, samples")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="model size and schedule; default prx-1.2b")
+    p.add_argument("--ablation", dest="ablations", action="append", type=_ablation_names, default=None,
+                   metavar="NAME[,NAME]", help="PRX ablations applied on top of the preset: "
+                   + "; ".join(f"{name}: {', '.join(f'{k}={v}' for k, v in keys.items())}"
+                               for name, keys in ABLATIONS.items()))
     p.add_argument("--config", dest="config_file", help="a YAML file of config keys")
     p.add_argument("--resume", default="never",
                    help="auto: continue from the run folder's latest checkpoint, starting from its "
@@ -45,12 +49,23 @@ def _train_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _ablation_names(value: str) -> list[str]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ABLATIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown ablation {', '.join(unknown) or repr(value)}; choose from "
+                                         f"{', '.join(ABLATIONS)}")
+    return names
+
+
 def _export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train export",
                                 description="Write a run's checkpoint as a diffusers PRXPipeline folder.")
     p.add_argument("run", type=Path, help="the run folder")
     p.add_argument("--to", type=Path, required=True, help="the folder to write")
     p.add_argument("--step", type=int, default=None, help="the checkpoint's step (default: latest)")
+    p.add_argument("--weights", choices=["ema", "raw"], default=None,
+                   help="the EMA weights (the default when the run kept them) or the trained ones")
     return p
 
 
@@ -89,8 +104,8 @@ def _train(args: argparse.Namespace) -> int:
 
     # Resuming starts from the run's saved config: `train --out runs/NAME --resume auto` is enough.
     base = load_run_config(args.out) if args.out and args.resume != "never" else None
-    cfg = build_config(args.preset, args.config_file, args.overrides, base=base, shards=args.shards,
-                       out=args.out)
+    cfg = build_config(args.preset, args.config_file, args.overrides, ablations=sum(args.ablations or [], []), base=base,
+                       shards=args.shards, out=args.out)
     if args.print_config:
         from train.config import to_yaml
 
@@ -105,7 +120,7 @@ def _train(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from train.export import export_run
 
-    out = export_run(args.run, args.to, step=args.step)
+    out = export_run(args.run, args.to, step=args.step, weights=args.weights)
     print(f"exported to {out}: PRXPipeline.from_pretrained({str(out)!r})")
     return 0
 

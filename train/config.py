@@ -41,8 +41,14 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW as PRX: betas (0.9, 0.95), eps 1e-15, no weight decay, linear warm-up then constant."""
+    """AdamW as PRX: betas (0.9, 0.95), eps 1e-15, no weight decay, linear warm-up then constant.
 
+    ``name=muon`` (the PRX Muon ablation) updates the transformer blocks' weight matrices with
+    Muon, at the same ``lr`` (scaled per matrix to AdamW's update size), and the rest with AdamW.
+    """
+
+    name: str = "adamw"  # adamw, or muon (see train/optim.py)
+    muon_momentum: float = 0.95
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-15
     weight_decay: float = 0.0
@@ -58,6 +64,15 @@ class FlowConfig:
     logit_std: float = 1.0
     uniform_share: float = 0.1
     shift: float = 1.0  # SD3 resolution shift; > 1 spends more steps at high noise
+    prediction: str = "velocity"  # what the denoiser outputs: velocity, or x0 (train/flow.py)
+    x0_t_min: float = 0.05  # x0 prediction: t is clamped to this when turned into a velocity
+
+
+@dataclass
+class EMAConfig:
+    """An exponential moving average of the weights (train/ema.py); decay 0 turns it off, as PRX."""
+
+    decay: float = 0.0  # e.g. 0.9999; warmed up as min(decay, (1 + step) / (10 + step))
 
 
 @dataclass
@@ -102,6 +117,7 @@ class TrainConfig:
     shards: str = ""  # the manifest
     out: str = ""  # the run folder
     preset: str = "prx-1.2b"
+    ablations: list[str] = field(default_factory=list)  # names from ABLATIONS, applied after the preset
     steps: int = 100_000
     global_batch: int = 256  # samples per optimizer step, over all ranks
     micro_batch: int = 32  # samples per forward pass; accumulation = global / (micro * world)
@@ -120,6 +136,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -148,6 +165,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "prx-1.2b": {"compile": True},
 }
 
+# The PRX ablations (and EMA) as named overrides of one baseline: `--ablation x-pred muon`.
+# The data-side ones are manifests, not switches: short captions are `short.json` instead of
+# `long.json`, the FLUX.2 autoencoder is a manifest of `curate encode-latents --vae flux2`.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "x-pred": {"flow.prediction": "x0"},  # PRX: FID 18.20 -> 16.80
+    "muon": {"optim.name": "muon"},  # PRX: FID 18.20 -> 15.55
+    "ema": {"ema.decay": 0.9999},  # not in PRX's table (its baseline has EMA off)
+}
+
 # A resumed run may change these (how long to train, how often to look); anything else would
 # make it a different experiment, and resuming it is refused.
 MAY_CHANGE_ON_RESUME = (
@@ -168,17 +194,22 @@ def build_config(
     config_file: str | Path | None = None,
     overrides: list[str] | None = None,
     *,
+    ablations: list[str] | None = None,
     base: TrainConfig | None = None,
     **fields: Any,
 ) -> TrainConfig:
-    """Defaults, then the preset, then a YAML file, then ``key=value`` overrides, then ``fields``.
+    """Defaults, then the preset, then the ``ablations`` (names of :data:`ABLATIONS`), then a YAML
+    file, then ``key=value`` overrides, then ``fields``.
 
-    ``base`` (a resumed run's saved config) replaces defaults and preset: what the command line
-    adds goes on top of it, and a preset named again must be the run's own.
+    ``base`` (a resumed run's saved config) replaces defaults, preset and ablations: what the
+    command line adds goes on top of it, and a preset or ablations named again must be the run's own.
     """
     if base is not None:
         if preset is not None and preset != base.preset:
             raise ConfigError(f"the run was trained with --preset {base.preset}, not {preset}")
+        if ablations and list(ablations) != base.ablations:
+            raise ConfigError(f"the run was trained with --ablation {' '.join(base.ablations) or '(none)'}, "
+                              f"not {' '.join(ablations)}")
         cfg = from_dict(to_dict(base))
     else:
         cfg = TrainConfig()
@@ -187,6 +218,12 @@ def build_config(
             raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         cfg.preset = preset
         apply_dict(cfg, PRESETS[preset], source=f"preset {preset}")
+        for name in dict.fromkeys(ablations or []):
+            if name not in ABLATIONS:
+                raise ConfigError(f"unknown ablation {name!r}; choose from {', '.join(ABLATIONS)}")
+            apply_dict(cfg, ABLATIONS[name], source=f"ablation {name}")
+            cfg.ablations.append(name)
+    applied = list(cfg.ablations)
     if config_file is not None:
         apply_dict(cfg, _read_yaml(config_file), source=str(config_file))
     for item in overrides or []:
@@ -197,6 +234,9 @@ def build_config(
     for key, value in fields.items():
         if value is not None:
             set_key(cfg, key, value, source="command line")
+    if cfg.ablations != applied:  # the key records what --ablation applied; setting it applies nothing
+        raise ConfigError(f"ablations are chosen with --ablation NAME (which applies them), not set as a "
+                          f"key: {cfg.ablations}")
     validate(cfg)
     return cfg
 
@@ -324,6 +364,16 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"flow.uniform_share must be in [0, 1], got {cfg.flow.uniform_share}")
     if cfg.flow.shift <= 0 or cfg.flow.logit_std <= 0:
         raise ConfigError("flow.shift and flow.logit_std must be positive")
+    if cfg.flow.prediction not in ("velocity", "x0"):
+        raise ConfigError(f"flow.prediction must be velocity or x0, not {cfg.flow.prediction!r}")
+    if not 0.0 < cfg.flow.x0_t_min < 1.0:
+        raise ConfigError(f"flow.x0_t_min must be in (0, 1), got {cfg.flow.x0_t_min}")
+    if cfg.optim.name not in ("adamw", "muon"):
+        raise ConfigError(f"optim.name must be adamw or muon, not {cfg.optim.name!r}")
+    if not 0.0 <= cfg.optim.muon_momentum < 1.0:
+        raise ConfigError(f"optim.muon_momentum must be in [0, 1), got {cfg.optim.muon_momentum}")
+    if not 0.0 <= cfg.ema.decay < 1.0:
+        raise ConfigError(f"ema.decay must be in [0, 1) (0 turns EMA off), got {cfg.ema.decay}")
     if cfg.lr <= 0:
         raise ConfigError(f"lr must be positive, got {cfg.lr}")
     if len(cfg.optim.betas) != 2:

@@ -148,14 +148,15 @@ def export_pipeline(
     revision: str | None = None,
     run: str | os.PathLike[str] | None = None,
     step: int | None = None,
+    weights: str = "raw",
 ) -> Path:
     """Write ``transformer`` with its text encoder, scheduler and VAE as a ``PRXPipeline`` folder.
 
     ``text_encoder``: alias, folder or Hub id (at ``revision``) as the run used it;
     ``max_tokens``: the run's text length (the tokenizer pads to it); ``shift``: the scheduler's
     shift (the run's ``flow.shift``); ``default_sample_size``: the pipeline's default image side
-    (its aspect-ratio binning knows 256, 512 and 1024 only); ``run`` and ``step`` are recorded in
-    ``kiln_export.json``. Returns the folder. See the module docstring for the two modes.
+    (its aspect-ratio binning knows 256, 512 and 1024 only); ``run``, ``step`` and ``weights``
+    ("ema" or "raw") are recorded in ``kiln_export.json``. Returns the folder. See the module docstring for the two modes.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, PRXTransformer2DModel
 
@@ -215,6 +216,7 @@ def export_pipeline(
             "mode": mode,
             "run": None if run is None else str(Path(run).expanduser().absolute()),
             "step": step,
+            "weights": weights,
             "latent_spec": spec_json,
             "text_encoder": {"name": text.name, "id": text.id, "revision": text.revision,
                              "max_tokens": max_tokens},
@@ -230,12 +232,15 @@ def export_pipeline(
 
 
 def export_run(
-    run: str | os.PathLike[str], to: str | os.PathLike[str], *, step: int | None = None
+    run: str | os.PathLike[str], to: str | os.PathLike[str], *, step: int | None = None,
+    weights: str | None = None,
 ) -> Path:
     """Export a training run's checkpoint (``step``, default the latest) with :func:`export_pipeline`.
 
-    Reads what the trainer's checkpoint records: the denoiser config and weights, the latent
-    spec, the text encoder and its token length, and the run's ``flow.shift``.
+    Reads what the trainer's checkpoint records: the denoiser config and weights (``weights``:
+    "ema" or "raw"; by default the EMA weights when the run kept them), the latent spec, the text
+    encoder and its token length, and the run's ``flow.shift``. A run trained with
+    ``flow.prediction=x0`` is refused: PRXPipeline takes every output for a velocity.
     """
     from diffusers import PRXTransformer2DModel
 
@@ -245,6 +250,7 @@ def export_run(
         latest_checkpoint,
         load_checkpoint,
     )
+    from train.ema import checkpoint_weights
 
     run = Path(run)
     path = latest_checkpoint(run) if step is None else checkpoint_path(run, step)
@@ -253,8 +259,18 @@ def export_run(
         raise CheckpointError(f"{run} has {which}")
     state = load_checkpoint(path, mmap=True)  # the model alone is read
     try:
+        prediction = state["config"]["flow"].get("prediction", "velocity")
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint {path} cannot be exported: no flow config ({e!r})") from e
+    if prediction != "velocity":
+        raise ExportError(
+            f"{run} was trained with flow.prediction={prediction}: its denoiser outputs the clean "
+            "latent, and PRXPipeline would take that for a velocity. Sample it with evaluate, "
+            "or train.sample.sample_latents(..., prediction='x0')")
+    model_weights, used = checkpoint_weights(state, weights)
+    try:
         transformer = PRXTransformer2DModel(**state["denoiser"])
-        transformer.load_state_dict(state["model"])
+        transformer.load_state_dict(model_weights)
         spec = LatentSpec.model_validate(state["latent_spec"])
         text = state["text_encoder"]
         shift = float(state["config"]["flow"]["shift"])
@@ -264,7 +280,7 @@ def export_run(
         transformer, text_encoder=text.get("id") or text["name"], spec=spec, to=to, shift=shift,
         max_tokens=int(text.get("max_tokens", DEFAULT_MAX_TOKENS)),
         default_sample_size=spec.resolution, revision=text.get("revision"), run=run,
-        step=int(state.get("step", step or 0)))
+        step=int(state.get("step", step or 0)), weights=used)
 
 
 def load_exported(

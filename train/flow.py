@@ -4,6 +4,11 @@ Convention (PRX, SD3, diffusers' FlowMatchEulerDiscreteScheduler): ``t = 0`` is 
 ``t = 1`` is noise, ``x_t = (1 - t) x0 + t eps``; the denoiser predicts the velocity
 ``dx_t/dt = eps - x0`` and is called with ``t`` in [0, 1] (PRXPipeline passes
 ``timestep / 1000``). Sampling integrates from t = 1 down to t = 0 with Euler steps.
+
+The PRX x-prediction ablation (Li & He 2025, "Back to Basics: Let Denoising Generative Models
+Denoise") keeps all of this and changes only what the output means: the denoiser predicts the
+clean sample ``x0``, which :func:`velocity_from_output` turns into the velocity that the loss
+and the sampler use.
 """
 
 from __future__ import annotations
@@ -54,6 +59,28 @@ def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch
 
 def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
+
+
+PREDICTIONS = ("velocity", "x0")
+
+
+def velocity_from_output(
+    output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction: str = "velocity",
+    *, t_min: float = 0.05,
+) -> torch.Tensor:
+    """The velocity that a denoiser output stands for.
+
+    ``velocity``: the output itself. ``x0``: the output is the clean sample; with
+    ``x_t = (1 - t) x0 + t eps`` the velocity ``eps - x0`` is ``(x_t - x0) / t``. ``t`` is
+    clamped to ``t_min`` below, where dividing by it would blow up the error of the prediction
+    (Li & He clip at 0.05).
+    """
+    if prediction == "velocity":
+        return output
+    if prediction != "x0":
+        raise ValueError(f"unknown prediction {prediction!r}; choose from {', '.join(PREDICTIONS)}")
+    t = t.view(-1, *([1] * (x_t.ndim - 1))).clamp(min=t_min)
+    return (x_t.float() - output.float()) / t
 
 
 def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +28,7 @@ from PIL import Image
 from curate.manifest import LatentSpec
 from curate.text import EncodedPrompts, TextEncoder
 from curate.vae import decode_to_images, model_channels, model_downsample
-from train.flow import euler_sample, with_guidance
+from train.flow import euler_sample, velocity_from_output, with_guidance
 
 if TYPE_CHECKING:
     from curate.vae import LoadedVae
@@ -68,6 +68,8 @@ def sample_latents(
     steps: int = 28,
     guidance: float = 4.0,
     shift: float = 1.0,
+    prediction: str = "velocity",
+    x0_t_min: float = 0.05,
     seed: int = 0,
     device: str | torch.device | None = None,
     noise: torch.Tensor | None = None,
@@ -79,6 +81,8 @@ def sample_latents(
     pipeline does; ``guidance`` 1 skips the unconditional pass. The transformer runs in eval mode
     (restored afterwards) under bf16 autocast on CUDA; ``device`` defaults to the transformer's.
     ``noise`` replaces :func:`initial_noise`'s draw from ``seed`` (e.g. one seed per image).
+    ``prediction`` and ``x0_t_min`` say what the transformer outputs, as the run's ``flow`` config
+    (:func:`train.flow.velocity_from_output`).
     """
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings, not one string")
@@ -108,14 +112,15 @@ def sample_latents(
     noise = noise.to(device)
 
     context, mask = (t.to(device) for t in text.encode(list(prompts)))
-    velocity = partial(_velocity, transformer, context=context, mask=mask)
+    as_velocity = partial(velocity_from_output, prediction=prediction, t_min=x0_t_min)
+    velocity = partial(_velocity, transformer, context=context, mask=mask, as_velocity=as_velocity)
     if guidance != 1.0:
         empty, empty_mask = (t.to(device) for t in text.encode([""]))
         n = len(prompts)
         velocity = with_guidance(
             velocity,
             partial(_velocity, transformer, context=empty.expand(n, -1, -1),
-                    mask=empty_mask.expand(n, -1)),
+                    mask=empty_mask.expand(n, -1), as_velocity=as_velocity),
             guidance,
         )
     was_training = transformer.training
@@ -129,7 +134,7 @@ def sample_latents(
 
 def _velocity(
     transformer: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, *, context: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor, as_velocity: Callable[..., torch.Tensor],
 ) -> torch.Tensor:
     cuda = x.device.type == "cuda"
     dtype = next(transformer.parameters()).dtype  # a bf16-stored model takes bf16 inputs
@@ -137,7 +142,7 @@ def _velocity(
         out = transformer(hidden_states=x.to(dtype), timestep=t,
                           encoder_hidden_states=context.to(dtype), attention_mask=mask,
                           return_dict=False)[0]
-    return out.float()
+    return as_velocity(out.float(), x, t)
 
 
 def make_grid(images: torch.Tensor, columns: int) -> Image.Image:
@@ -171,6 +176,8 @@ def sample_grid(
     steps: int = 28,
     guidance: float = 4.0,
     shift: float = 1.0,
+    prediction: str = "velocity",
+    x0_t_min: float = 0.05,
     seed: int = 0,
     columns: int | None = None,
     path: str | os.PathLike[str] | None = None,
@@ -182,7 +189,8 @@ def sample_grid(
     (atomically: a reader never sees half a file).
     """
     latents = sample_latents(transformer, text, prompts, spec=spec, height=height, width=width,
-                             steps=steps, guidance=guidance, shift=shift, seed=seed)
+                             steps=steps, guidance=guidance, shift=shift, prediction=prediction,
+                             x0_t_min=x0_t_min, seed=seed)
     images = torch.cat([decode_to_images(chunk, spec, vae).cpu()
                         for chunk in latents.split(_DECODE_CHUNK)])
     grid = make_grid(images, columns or math.ceil(math.sqrt(len(prompts))))

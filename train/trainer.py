@@ -51,6 +51,7 @@ from train.config import (
 )
 from train.data import DataSettings, LatentLoader, StepBatch, check_data, fingerprint_diff
 from train.data import fingerprint as data_fingerprint
+from train.ema import EMA
 from train.metrics import MetricsLogger
 from train.model import (
     build_denoiser,
@@ -60,6 +61,7 @@ from train.model import (
     peak_tflops,
     train_flops_per_sample,
 )
+from train.optim import build_optimizer
 
 DataSource = Callable[[int, int], Iterator[StepBatch]]  # (start step, rank) -> step batches
 
@@ -140,9 +142,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
     model = build_denoiser(architecture, seed=cfg.seed).to(world.device)
     if cfg.weights_dtype == "bfloat16":
         model.to(torch.bfloat16)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.optim.betas),
-                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
-                                  fused=world.device.type == "cuda")  # one kernel for all parameters
+    optimizer = build_optimizer(model, cfg, fused=world.device.type == "cuda")
+    ema = EMA(model, cfg.ema.decay) if cfg.ema.decay > 0 else None
     warmup = cfg.optim.warmup_steps
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
@@ -151,6 +152,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         start_step = int(state["step"])
         window = _Window(world.device, **state["window"])
     flops_per_sample = None
@@ -174,7 +177,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        logger.note(f"config ({cfg.preset} preset, resolved):\n{to_yaml(cfg)}")
+        ablations = f" + ablations {', '.join(cfg.ablations)}" if cfg.ablations else ""
+        logger.note(f"config ({cfg.preset} preset{ablations}, resolved):\n{to_yaml(cfg)}")
         logger.note(
             f"data: {summary.samples} samples in {summary.shards} shards, latents "
             f"{manifest.latent.vae_class} {manifest.latent.vae} -> {architecture['in_channels']} "
@@ -184,6 +188,10 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
             f"{'; caption embeddings read from the text shards' if stored else ''})")
         for note in summary.notes:
             logger.note(f"data: {note}")
+        if cfg.optim.name == "muon":
+            muon, other = (sum(p.numel() for p in g["params"]) for g in optimizer.param_groups)
+            logger.note(f"optimizer: Muon for the blocks' weight matrices ({muon / 1e6:.2f}M parameters), "
+                        f"AdamW for the rest ({other / 1e6:.2f}M)")
         if cfg.weights_dtype == "bfloat16":
             logger.note("WARNING: weights stored in bfloat16 (allow_bf16_weights=true): "
                         "expect worse FID than fp32 weights with bf16 autocast")
@@ -241,7 +249,9 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
                         prediction = ddp_model(hidden_states=x_t.to(weights_dtype), timestep=t,
                                                encoder_hidden_states=context.to(weights_dtype),
                                                attention_mask=mask, return_dict=False)[0]
-                    losses = flow.per_sample_loss(prediction, flow.velocity_target(x0, noise))
+                    velocity = flow.velocity_from_output(prediction, x_t, t, cfg.flow.prediction,
+                                                         t_min=cfg.flow.x0_t_min)
+                    losses = flow.per_sample_loss(velocity, flow.velocity_target(x0, noise))
                     (losses.mean() / accum).backward()
                 step_losses += _loss_sums(losses, t)
 
@@ -250,6 +260,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(model, step)
 
             if world.world_size > 1:  # on the device, so no host sync (and NCCL takes no CPU tensors)
                 dist.all_reduce(step_losses)
@@ -272,7 +284,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
             housekeeping = time.perf_counter()
             if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps) and world.main:
                 vae = vae or _load_vae(manifest.latent, world.device)
-                path = _sample(model, text, manifest, vae, cfg, run_dir, done)
+                with ema.applied(model) if ema is not None else contextlib.nullcontext():
+                    path = _sample(model, text, manifest, vae, cfg, run_dir, done)
                 logger.add_image("samples", path, done)
                 ddp_model.train()
             stopping = stop.agreed(world, done)
@@ -284,6 +297,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
                         "model": model.state_dict(),
                         "optimizer": optimizer.state_dict(),
                         "schedule": schedule.state_dict(),
+                        "ema": ema.state_dict() if ema is not None else None,
                         "window": window.state(),
                         "config": to_dict(cfg),
                         "denoiser": architecture,
@@ -517,5 +531,5 @@ def _sample(model: torch.nn.Module, text: TextEncoder | EncodedPrompts, manifest
     path.parent.mkdir(parents=True, exist_ok=True)
     sample_grid(model, text, cfg.sample.prompts, spec=manifest.latent, vae=vae, height=size, width=size,
                 steps=cfg.sample.steps, guidance=cfg.sample.guidance, shift=cfg.flow.shift,
-                seed=cfg.sample.seed, path=path)
+                prediction=cfg.flow.prediction, x0_t_min=cfg.flow.x0_t_min, seed=cfg.sample.seed, path=path)
     return path

@@ -1,0 +1,215 @@
+"""The PRX ablations one switch away: x-prediction, Muon, EMA; their math, their config, and
+their runs (learning, exact resume, sample grids, export, evaluation's choice of weights)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from latent_data import make_latent_dataset
+from test_train import losses, run_train, tiny_args
+
+from train import flow
+from train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from train.config import ABLATIONS, ConfigError, build_config
+from train.ema import EMA, checkpoint_weights
+from train.export import ExportError, export_run
+from train.metrics import read_metrics
+from train.optim import MuonAdamW, build_optimizer, orthogonalize, split_for_muon
+from train.trainer import train
+
+# ---- x-prediction --------------------------------------------------------------------------------
+
+
+def test_x0_prediction_of_the_true_sample_is_the_true_velocity():
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(6, 4, 3, 3, generator=g), torch.randn(6, 4, 3, 3, generator=g)
+    t = torch.tensor([0.05, 0.1, 0.3, 0.5, 0.9, 1.0])
+    x_t = flow.interpolate(x0, noise, t)
+    velocity = flow.velocity_from_output(x0, x_t, t, "x0")
+    torch.testing.assert_close(velocity, flow.velocity_target(x0, noise), rtol=1e-5, atol=1e-5)
+    out = torch.randn(6, 4, 3, 3, generator=g)
+    assert flow.velocity_from_output(out, x_t, t, "velocity") is out  # the baseline is untouched
+    # Below t_min the division is clamped: (x_t - x0) / 0.05, not / t.
+    small = torch.tensor([0.01] * 6)
+    x_small = flow.interpolate(x0, noise, small)
+    torch.testing.assert_close(flow.velocity_from_output(x0, x_small, small, "x0"),
+                               (x_small - x0) / 0.05)
+    with pytest.raises(ValueError, match="unknown prediction 'eps'"):
+        flow.velocity_from_output(out, x_t, t, "eps")
+
+
+def test_euler_sampling_of_an_x0_denoiser_lands_on_its_prediction():
+    """A denoiser that always predicts the same x0 defines a straight flow to it; Euler steps
+    that stay above t_min follow it exactly."""
+    target = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(2))
+    velocity = lambda x, t: flow.velocity_from_output(target, x, t, "x0")  # noqa: E731
+    out = flow.euler_sample(velocity, noise, steps=10)  # grid 1.0, 0.9, ..., 0.1, 0.0
+    torch.testing.assert_close(out, target, rtol=1e-5, atol=1e-5)
+
+
+# ---- Muon ------------------------------------------------------------------------------------------
+
+
+def test_muon_and_adamw_halves_step_exactly_as_torch_muon_and_adamw():
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(48, 32, generator=g), torch.randn(32, generator=g)
+    ours_w, ours_b = w.clone().requires_grad_(), b.clone().requires_grad_()
+    ref_w, ref_b = w.clone().requires_grad_(), b.clone().requires_grad_()
+    ours = MuonAdamW([{"params": [ours_w], "muon": True}, {"params": [ours_b], "muon": False}],
+                     lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01, momentum=0.95)
+    # Moonshot's RMS matching is what lets Muon share AdamW's learning rate.
+    muon = torch.optim.Muon([ref_w], lr=1e-3, weight_decay=0.01, momentum=0.95, nesterov=True,
+                            adjust_lr_fn="match_rms_adamw")
+    adamw = torch.optim.AdamW([ref_b], lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
+    for _ in range(5):
+        gw, gb = torch.randn(48, 32, generator=g), torch.randn(32, generator=g)
+        ours_w.grad, ref_w.grad, ours_b.grad, ref_b.grad = gw.clone(), gw.clone(), gb.clone(), gb.clone()
+        ours.step()
+        muon.step()
+        adamw.step()
+    assert not torch.equal(ours_w, w)
+    torch.testing.assert_close(ours_w, ref_w, rtol=0, atol=0)
+    torch.testing.assert_close(ours_b, ref_b, rtol=1e-6, atol=1e-7)
+
+
+def test_orthogonalize_brings_singular_values_near_one():
+    for shape in [(64, 128), (128, 64)]:
+        update = torch.randn(*shape, generator=torch.Generator().manual_seed(3)) * 100
+        singular = torch.linalg.svdvals(orthogonalize(update).float())
+        assert orthogonalize(update).shape == shape
+        assert singular.min() > 0.6 and singular.max() < 1.25, singular  # Muon's quintic: ~[0.7, 1.2]
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    from diffusers import PRXTransformer2DModel
+
+    model = PRXTransformer2DModel(in_channels=16, patch_size=2, context_in_dim=32, hidden_size=64,
+                                  mlp_ratio=2.0, num_heads=4, depth=2, axes_dim=[8, 8])
+    matrices, others = split_for_muon(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon_names = {names[id(p)] for p in matrices}
+    assert "blocks.0.attention.img_qkv_proj.weight" in muon_names and "blocks.1.down_proj.weight" in muon_names
+    assert all(n.startswith("blocks.") and n.endswith("weight") for n in muon_names)
+    other_names = {names[id(p)] for p in others}
+    assert {"img_in.weight", "txt_in.weight", "final_layer.linear.weight", "time_in.in_layer.weight",
+            "blocks.0.attention.norm_q.weight", "blocks.0.modulation.lin.bias"} <= other_names
+    assert len(matrices) + len(others) == len(list(model.parameters()))
+    cfg = build_config("tiny", ablations=["muon"], shards="m.json", out="r")
+    optimizer = build_optimizer(model, cfg)
+    assert isinstance(optimizer, MuonAdamW) and [g["muon"] for g in optimizer.param_groups] == [True, False]
+    assert isinstance(build_optimizer(model, build_config("tiny", shards="m.json", out="r")), torch.optim.AdamW)
+
+
+# ---- EMA ---------------------------------------------------------------------------------------------
+
+
+def test_ema_warms_up_then_averages_and_is_applied_without_copies():
+    model = torch.nn.Linear(3, 2)
+    start = [p.detach().clone() for p in model.parameters()]
+    ema = EMA(model, decay=0.99)
+    assert ema.decay_at(0) == pytest.approx(0.1) and ema.decay_at(10_000) == 0.99
+    expected = [s.clone() for s in start]
+    for step in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        ema.update(model, step)
+        d = ema.decay_at(step)
+        expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, model.parameters(), strict=True)]
+    for mine, theirs in zip(ema.weights, expected, strict=True):
+        torch.testing.assert_close(mine, theirs)
+    trained = [p.detach().clone() for p in model.parameters()]
+    with ema.applied(model):
+        for p, w in zip(model.parameters(), ema.weights, strict=True):
+            assert p.data_ptr() == w.data_ptr()
+    for p, w in zip(model.parameters(), trained, strict=True):  # restored
+        assert torch.equal(p, w)
+    assert torch.equal(ema.model_state(model)["weight"], ema.weights[0])
+    other = EMA(torch.nn.Linear(3, 4), decay=0.5)
+    with pytest.raises(ValueError):
+        other.load_state_dict(ema.state_dict())
+
+
+# ---- config --------------------------------------------------------------------------------------------
+
+
+def test_ablations_are_named_overrides_recorded_in_the_config(tmp_path: Path):
+    cfg = build_config("tiny", ablations=["x-pred", "muon", "ema"], overrides=["ema.decay=0.999"],
+                       shards="m.json", out="r")
+    assert cfg.flow.prediction == "x0" and cfg.optim.name == "muon" and cfg.ema.decay == 0.999
+    assert cfg.ablations == ["x-pred", "muon", "ema"]
+    assert set(ABLATIONS) == {"x-pred", "muon", "ema"}
+    with pytest.raises(ConfigError, match="unknown ablation 'repa'"):
+        build_config("tiny", ablations=["repa"])
+    with pytest.raises(ConfigError, match="chosen with --ablation"):
+        build_config("tiny", overrides=["ablations=[muon]"])
+    with pytest.raises(ConfigError, match="trained with --ablation muon, not x-pred"):
+        build_config(ablations=["x-pred"], base=build_config("tiny", ablations=["muon"]))
+    assert build_config(base=cfg).ablations == cfg.ablations  # a resume keeps them
+    for bad, message in [("flow.prediction=eps", "velocity or x0"), ("optim.name=sgd", "adamw or muon"),
+                         ("ema.decay=1", r"\[0, 1\)"), ("flow.x0_t_min=0", r"\(0, 1\)")]:
+        with pytest.raises(ConfigError, match=message):
+            build_config("tiny", overrides=[bad])
+
+
+# ---- runs ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    from curate.tiny import build_tiny_flux_vae, build_tiny_t5gemma
+
+    root = tmp_path_factory.mktemp("models")
+    return {"text": build_tiny_t5gemma(root / "t5gemma"), "flux": build_tiny_flux_vae(root / "flux")}
+
+
+@pytest.mark.parametrize("ablation", ["x-pred", "muon"])
+def test_each_ablation_learns_a_few_samples(tmp_path: Path, models, ablation: str):
+    few = make_latent_dataset(tmp_path / "few", shards=1, per_shard=4, stored="mean", vae_dir=models["flux"])
+    cfg = build_config("tiny", ablations=[ablation],
+                       overrides=tiny_args(models, steps=200, global_batch=4, micro_batch=4, caption_dropout=0.0,
+                                           lr=3e-3, **{"log.every": 10}),
+                       shards=str(few["long"]), out=str(tmp_path / "run"))
+    train(cfg)
+    metrics = read_metrics(tmp_path / "run")
+    first, last = metrics[0]["loss"], sum(m["loss"] for m in metrics[-3:]) / 3
+    assert first / last > 3, (ablation, first, last)
+
+
+def test_all_three_resume_exactly_and_export_and_sample_with_the_ema(tmp_path: Path, models):
+    data = make_latent_dataset(tmp_path / "data", shards=2, per_shard=8, vae_dir=models["flux"])
+    common = ("--ablation", "muon,ema")
+    settings = {"steps": 16, "checkpoint_every": 8, "sample_every": 8, "caption_dropout": 0.2, "ema.decay": 0.9}
+    assert run_train(data["long"], tmp_path / "clean", models, *common, **settings) == 0
+    assert run_train(data["long"], tmp_path / "cut", models, *common, **{**settings, "steps": 8}) == 0
+    assert run_train(data["long"], tmp_path / "cut", models, "--resume", "auto", steps=16) == 0
+    assert losses(tmp_path / "cut") == losses(tmp_path / "clean")
+    clean, cut = (load_checkpoint(latest_checkpoint(tmp_path / r)) for r in ("clean", "cut"))
+    for name, weight in clean["ema"]["weights"].items():  # the average and Muon's momentum resumed
+        assert torch.equal(weight, cut["ema"]["weights"][name]), name
+    assert not torch.equal(clean["ema"]["weights"]["img_in.weight"], clean["model"]["img_in.weight"])
+
+    # The EMA weights are what export writes by default; --weights raw the trained ones.
+    from diffusers import PRXTransformer2DModel
+
+    for weights, source in [(None, clean["ema"]["weights"]), ("raw", clean["model"])]:
+        out = export_run(tmp_path / "clean", tmp_path / f"export-{weights}", weights=weights)
+        exported = PRXTransformer2DModel.from_pretrained(out / "transformer")
+        assert torch.equal(exported.state_dict()["img_in.weight"], source["img_in.weight"])
+        assert json.loads((out / "kiln_export.json").read_text())["weights"] == (weights or "ema")
+    with pytest.raises(CheckpointError, match="no EMA weights"):
+        checkpoint_weights({"model": {}, "ema": None}, "ema")
+
+
+def test_x_prediction_samples_with_its_own_sampler_and_is_not_exported(tmp_path: Path, models):
+    data = make_latent_dataset(tmp_path / "data", shards=1, per_shard=8, vae_dir=models["flux"])
+    assert run_train(data["long"], tmp_path / "run", models, "--ablation", "x-pred", steps=4,
+                     checkpoint_every=4, sample_every=4) == 0
+    assert (tmp_path / "run" / "samples" / "step_00000004.png").is_file()
+    with pytest.raises(ExportError, match="flow.prediction=x0"):
+        export_run(tmp_path / "run", tmp_path / "export")
+    assert not (tmp_path / "export").exists()

@@ -7,7 +7,9 @@ latents, 16 x 32 x 32), bf16 autocast with fp32 weights and AdamW, as `train` ru
   (c) with --feeds text: by the real shards plus text shards of stored caption embeddings (as
       `curate encode-text` writes them; random values of the encoder's width, about the token
       counts of real captions), so that no step runs the text encoder. Against (a) with
-      --text-layers 26 (T5Gemma-2B's full encoder) this is what precomputing text saves.
+      --text-layers 26 (T5Gemma-2B's full encoder) this is what precomputing text saves;
+  (d) with --ablations muon,ema,x-pred: the memory-fed run (b) again with each ablation switched
+      on (train --ablation NAME): what Muon's Newton-Schulz steps and the EMA update cost per step.
 
 MFU is the trainer's own (metrics.jsonl: train.model's counted forward + backward FLOPs per
 sample over the data-sheet bf16 peak), also given against the dense bf16 matmul rate measured
@@ -27,6 +29,7 @@ Realism and its limits:
 
     python bench/gpu_train.py [--steps 10] [--warmup 3] [--global-batch 256] [--micro-batch 32]
     python bench/gpu_train.py --eager --feeds memory   # without torch.compile (the preset compiles)
+    python bench/gpu_train.py --feeds memory --ablations muon,ema   # the ablations' cost per step
     python bench/gpu_train.py --smoke     # CPU, tiny preset and a narrow encoder: the code path
 
 On the lent GPU machines run it through bench/gpu.sh, which installs the carried wheels.
@@ -113,14 +116,15 @@ def bf16_peak() -> float:
     return measure("cuda")
 
 
-def config(args: argparse.Namespace, manifest: Path, out: Path, text: Path) -> TrainConfig:
+def config(args: argparse.Namespace, manifest: Path, out: Path, text: Path,
+           ablations: list[str] | None = None) -> TrainConfig:
     settings = {"text_encoder": str(text), "steps": args.warmup + args.steps,
                 "global_batch": args.global_batch, "micro_batch": args.micro_batch,
                 "data.workers": args.workers, "data.shuffle_buffer": 2 * args.micro_batch,
                 "log.every": 1, "log.tensorboard": False, "sample_every": 0,
                 "checkpoint_every": args.warmup + args.steps, "compile": not args.eager}
     return build_config(args.preset, overrides=[f"{k}={v}" for k, v in settings.items()],
-                        shards=str(manifest), out=str(out))
+                        ablations=ablations, shards=str(manifest), out=str(out))
 
 
 def collect(cfg: TrainConfig, pin: bool) -> list[StepBatch]:
@@ -178,10 +182,15 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="local disk for shards (default: a temp dir)")
     parser.add_argument("--feeds", default="shards,memory",
                         help="which runs, comma-separated: shards, memory, text (shards with stored text embeddings)")
+    parser.add_argument("--ablations", default="",
+                        help="comma-separated train --ablation names, each a further run fed from memory")
     args = parser.parse_args()
     feeds = args.feeds.split(",")
     if not feeds or set(feeds) - {"shards", "memory", "text"}:
         parser.error(f"--feeds takes shards, memory and text, comma-separated, not {args.feeds!r}")
+    ablations = [a for a in args.ablations.split(",") if a]
+    if ablations and "memory" not in feeds:
+        parser.error("--ablations compares against the memory-fed run: add memory to --feeds")
     args.preset = "prx-1.2b"
     sizes = T5GEMMA_2B
     if args.smoke:
@@ -226,15 +235,20 @@ def main() -> None:
         manifests = {"shards": data["mix"], "memory": data["mix"]}
         if "text" in feeds:
             manifests["text"] = add_text_shards(data, text, dim=sizes["hidden_size"], max_tokens=probe.max_tokens)["mix"]
-        for key, label in (("shards", f"real shards on local disk ({args.workers} workers)"),
-                           ("memory", f"same step batches in memory{' (pinned)' if cuda else ''}"),
-                           ("text", "real shards and stored text embeddings (no text encoder per step)")):
-            if key not in feeds:
+        memory = f"same step batches in memory{' (pinned)' if cuda else ''}"
+        runs = [("shards", f"real shards on local disk ({args.workers} workers)"), ("memory", memory),
+                ("text", "real shards and stored text embeddings (no text encoder per step)")]
+        runs += [(f"ablation {name}", f"{memory}, --ablation {name}") for name in ablations]
+        for key, label in runs:
+            if key.split(" ")[0] not in feeds and not key.startswith("ablation"):
                 continue
-            cfg = config(args, manifests[key], tmp / key, text)
+            ablation = key.removeprefix("ablation ") if key.startswith("ablation") else None
+            cfg = config(args, manifests.get(key, data["mix"]), tmp / key.replace(" ", "-"), text,
+                         ablations=[ablation] if ablation else None)
             source = None
             if key == "memory":
                 batches = collect(cfg, pin=cuda)
+            if key == "memory" or ablation:
                 source = lambda start, rank, b=batches: iter(b[start:])  # noqa: E731
             r = results[key] = run(cfg, args.warmup, source)
             mfu = r.get("mfu")
@@ -248,6 +262,10 @@ def main() -> None:
           + " / ".join(f"{r['loss']:.4f} ({key})" for key, r in results.items()))
     if "shards" in results and "memory" in results:
         print(f"shards / memory: {results['shards']['images_per_s'] / results['memory']['images_per_s']:.3f}")
+    for name in ablations:
+        r = results[f"ablation {name}"]
+        print(f"--ablation {name} / baseline (memory): images/s {r['images_per_s'] / results['memory']['images_per_s']:.3f}, "
+              f"peak memory {r['memory_gb'] - results['memory']['memory_gb']:+.1f} GB")
     if "shards" in results and "text" in results:
         print(f"stored text / text encoded per step: "
               f"{results['text']['images_per_s'] / results['shards']['images_per_s']:.2f}x")

@@ -12,6 +12,9 @@ against encoding images with the VAE on the fly, measured in one run (CPU).
    initialised: the FLOPs of the real encoder) from 256 px images held in memory as
    preprocessed tensors, then ``curate.vae.to_model_input`` with the latent spec of that
    VAE. Reading and decoding the images is left out, which flatters the on-the-fly side.
+3. Ablations: the data-path step fed from memory with each `train --ablation` switched on
+   (muon, ema, x-pred) against the same step without (the baseline): the cost per step of
+   Muon's Newton-Schulz iterations, the EMA update and x-prediction's conversion.
 
 Steps/s come from the trainer's own metrics windows (metrics.jsonl: each window's images/s
 and data-wait share), the first window (warm-up: worker start, first allocations) left out.
@@ -59,11 +62,12 @@ DataSource = Callable[[int, int], Iterator[StepBatch]]
 
 # The tiny preset widened so that a step is real CPU compute (5.0M parameters, 256 image tokens
 # of 16 px plus 64 text tokens per sample) yet under a second at global batch 16 on 2 cores.
+ABLATION_RUNS = ("baseline", "muon", "ema", "x-pred")
 MODEL = {"model.hidden_size": 256, "model.depth": 4, "model.num_heads": 4, "model.axes_dim": [32, 32]}
 
 
 def config(manifest: Path, out: Path, text: Path, *, steps: int, global_batch: int, micro_batch: int,
-           workers: int, every: int) -> TrainConfig:
+           workers: int, every: int, ablations: list[str] | None = None) -> TrainConfig:
     # Shuffle blocks of 2 micro-batches: every stream reads its shards every other batch, so the
     # timed steps read as many samples as they consume (with the preset's 256-sample blocks all
     # reading would fall in the warm-up window of a 30-step run).
@@ -72,7 +76,7 @@ def config(manifest: Path, out: Path, text: Path, *, steps: int, global_batch: i
                 "data.shuffle_buffer": 2 * micro_batch, "log.tensorboard": False,
                 "sample_every": 0, "checkpoint_every": steps}
     return build_config("tiny", overrides=[f"{k}={v}" for k, v in settings.items()],
-                        shards=str(manifest), out=str(out))
+                        ablations=ablations, shards=str(manifest), out=str(out))
 
 
 def run(cfg: TrainConfig, data: DataSource | None = None) -> dict[str, float]:
@@ -194,6 +198,13 @@ def main() -> None:
                                     from_memory(batches)),
         }, args.repeats)
 
+        # 3. Each ablation against the baseline, the same batches from memory.
+        ablation_runs = interleaved({
+            name: lambda r, name=name: run(config(data["mix"], tmp / f"{name}-{r}", text, **base,
+                                                  ablations=None if name == "baseline" else [name]),
+                                           from_memory(batches))
+            for name in ABLATION_RUNS}, args.repeats)
+
         # 2. Precomputed latents against the full-size Flux VAE encoding on the fly.
         vae_dir = full_size_flux_vae(tmp / "flux-full")
         vae_data = make_latent_dataset(tmp / "vae-latents", shards=2, per_shard=8, channels=16,
@@ -235,6 +246,12 @@ def main() -> None:
     pre, otf = vae_runs["precomputed"], vae_runs["on the fly"]
     row("VAE", "precomputed latents (in memory)", pre, "4 / 4", f"**{median(pre) / median(otf):.1f}x**")
     row("VAE", "full-size Flux VAE on the fly", otf, "4 / 4", "1")
+    baseline = ablation_runs["baseline"]
+    for name in ABLATION_RUNS:
+        results = ablation_runs[name]
+        label = "in memory, baseline" if name == "baseline" else f"in memory, --ablation {name}"
+        row("ablations", label, results, "16 / 8",
+            "1" if name == "baseline" else f"**{median(results) / median(baseline):.3f}**")
 
 
 if __name__ == "__main__":

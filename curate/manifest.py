@@ -213,6 +213,22 @@ def shard_urls(
     return urls
 
 
+def image_stage(manifest: Manifest, override: str | os.PathLike | None = None, *, option: str = "--images") -> Path:
+    """The image stage the manifest's latents were encoded from (``provenance.images.path``), or
+    ``override`` (the stage moved); ``option`` is how the error tells the user to give it."""
+    if override is not None:
+        path = Path(override)
+    else:
+        recorded = (manifest.provenance.get("images") or {}).get("path")
+        if not recorded:
+            raise ManifestError(f"manifest {manifest.name!r} records no image stage (provenance.images.path): "
+                                f"pass the images folder ({option} DATA/images)")
+        path = Path(recorded)
+    if not path.is_dir():
+        raise ManifestError(f"the image stage {path} does not exist: pass its new place with {option}")
+    return path
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -56,13 +56,17 @@ TEXT_ENCODERS = {
 }
 
 # Image encoders of the evaluation metrics: CMMD's CLIP (as its paper and reference code use it)
-# and DINOv2 for DINO-MMD (ViT-L/14, the backbone of the FD-DINOv2 literature).
+# and DINOv2 for DINO-MMD (ViT-L/14, the backbone of the FD-DINOv2 literature); and REPA's
+# teachers: DINOv3 (PRX's; gated on the Hub: accept its license there first), DINOv2 (REPA's).
 IMAGE_ENCODERS = {
     "clip": "openai/clip-vit-large-patch14-336",
     "clip-l-336": "openai/clip-vit-large-patch14-336",
     "dinov2": "facebook/dinov2-large",
     "dinov2-large": "facebook/dinov2-large",
     "dinov2-base": "facebook/dinov2-base",
+    "dinov3": "facebook/dinov3-vitb16-pretrain-lvd1689m",
+    "dinov3-base": "facebook/dinov3-vitb16-pretrain-lvd1689m",
+    "dinov3-large": "facebook/dinov3-vitl16-pretrain-lvd1689m",
 }
 
 REGISTRIES = {"vlm": VLMS, "text": TEXT_ENCODERS, "image": IMAGE_ENCODERS}

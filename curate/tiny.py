@@ -1175,6 +1175,33 @@ def build_tiny_dinov2(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
     return _build_once(out_dir, spec, required, build)
 
 
+def build_tiny_dinov3(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Build a tiny random DINOv3 ViT (transformers ``DINOv3ViTModel``) plus its image processor.
+
+    Why: REPA's default teacher is DINOv3 (PRX's); the trainer loads this folder through
+    ``AutoModel`` as it loads ``facebook/dinov3-vitb16-pretrain-lvd1689m``. Patch 16, 4 register
+    tokens, RoPE and the ImageNet mean and std are the real ones; hidden 32, 1 layer.
+    """
+    spec = {"builder": "dinov3", "recipe": RECIPE_VERSION, "seed": int(seed)}
+    required = ("config.json", "model.safetensors", "preprocessor_config.json")
+
+    def build(tmp: Path) -> dict[str, Any]:
+        from transformers import DINOv3ViTConfig, DINOv3ViTImageProcessorFast, DINOv3ViTModel
+
+        config = DINOv3ViTConfig(image_size=32, patch_size=16, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=2, num_register_tokens=4)
+        with _seeded(seed):
+            model = DINOv3ViTModel(config).eval()
+        processor = DINOv3ViTImageProcessorFast(size={"height": 32, "width": 32},
+                                                image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+        with _quiet_transformers():
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+        return {"class": type(model).__name__, "num_parameters": _num_parameters(model)}
+
+    return _build_once(out_dir, spec, required, build)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m curate.tiny KIND OUT_DIR`: build a tiny model for the demo (idempotent)."""
     import argparse
@@ -1187,6 +1214,7 @@ def main(argv: list[str] | None = None) -> int:
         "t5gemma": build_tiny_t5gemma,
         "clip": build_tiny_clip_vision,
         "dinov2": build_tiny_dinov2,
+        "dinov3": build_tiny_dinov3,
     }
     parser = argparse.ArgumentParser(prog="python -m curate.tiny", description=main.__doc__)
     parser.add_argument("kind", choices=sorted(builders))

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from curate.buckets import IMAGE_MEMBER, preprocess
-from curate.manifest import Manifest, shard_urls
+from curate.manifest import Manifest, ManifestError, image_stage, shard_urls
 from curate.runner import CurateError
 from curate.shards import OK, iter_tar_samples, read_index, shard_name
 from train.data import choose_caption
@@ -113,17 +113,10 @@ def _key_seed(seed: int, key: str) -> int:
 
 def images_dir_of(manifest: Manifest, override: str | os.PathLike[str] | None = None) -> Path:
     """The image stage the manifest's latents were encoded from (its provenance), or ``override``."""
-    if override is not None:
-        path = Path(override)
-    else:
-        recorded = (manifest.provenance.get("images") or {}).get("path")
-        if not recorded:
-            raise EvalSetError(f"manifest {manifest.name!r} records no image stage "
-                               "(provenance.images.path): pass the images folder (--images DATA/images)")
-        path = Path(recorded)
-    if not path.is_dir():
-        raise EvalSetError(f"the image stage {path} does not exist: pass its new place with --images")
-    return path
+    try:
+        return image_stage(manifest, override, option="--images")
+    except ManifestError as e:
+        raise EvalSetError(str(e)) from None
 
 
 def real_images(

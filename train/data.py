@@ -61,6 +61,7 @@ from safetensors.torch import load as load_safetensors
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
+from curate.buckets import IMAGE_MEMBER, preprocess
 from curate.manifest import Manifest, ManifestError, shard_urls, verify_shards
 from curate.procs import die_with_parent
 from curate.shards import OK, ShardError, read_meta, stable_hash
@@ -169,10 +170,13 @@ class MicroBatch:
     # empty prompt's embedding, as it does to dropped captions.
     context: torch.Tensor | None = None
     context_mask: torch.Tensor | None = None
+    # The samples' images as encode-latents cropped them for the VAE, uint8 [B, 3, H, W], when the
+    # loader was given the image stage (REPA's teacher sees them), else None.
+    images: torch.Tensor | None = None
 
     def pin_memory(self) -> MicroBatch:
         # DataLoader(pin_memory=True) calls this on objects it does not know.
-        pinned = {name: getattr(self, name).pin_memory() for name in ("latents", "context", "context_mask")
+        pinned = {name: getattr(self, name).pin_memory() for name in ("latents", "context", "context_mask", "images")
                   if getattr(self, name) is not None}
         return dataclasses.replace(self, **pinned)
 
@@ -270,6 +274,11 @@ def _local_shard_paths(
     return paths
 
 
+def image_shard_paths(manifest: Manifest, images: str | os.PathLike) -> list[str]:
+    """The image stage's tar of every latent shard: stages keep their input's shard ids."""
+    return [os.path.join(os.fspath(images), os.path.basename(entry.path)) for entry in manifest.shards]
+
+
 def _index_path(tar: str) -> str:
     return os.path.splitext(tar)[0] + ".parquet"
 
@@ -293,12 +302,16 @@ class _ShardTable:
     yield, and leaving them out means every stream owns at least one sample when shards >= S),
     their ok counts from the manifest, and keys and buckets read from the indexes on demand."""
 
-    def __init__(self, manifest: Manifest, paths: list[str], source: str, text_paths: list[str] | None = None):
+    def __init__(self, manifest: Manifest, paths: list[str], source: str, text_paths: list[str] | None = None,
+                 image_paths: list[str] | None = None):
         keep = [i for i, s in enumerate(manifest.shards) if s.samples > 0]
         self.paths = [paths[i] for i in keep]
         self.labels = [f"{source}: shard {i} ({manifest.shards[i].path})" for i in keep]
         # Text shard i holds shard i's samples in the same order (curate encode-text).
         self.text_paths = [text_paths[i] for i in keep] if text_paths is not None else None
+        # Image shard i holds shard i's samples in the same order, among others (ingest's shard,
+        # whose images encode-latents rejected or skipped are not in the latent shard).
+        self.image_paths = [image_paths[i] for i in keep] if image_paths is not None else None
         self.counts = np.array([manifest.shards[i].samples for i in keep], dtype=np.int64)
         self._cache: OrderedDict[int, _ShardInfo] = OrderedDict()
 
@@ -431,6 +444,7 @@ class _Sample:
     texts: dict[str, str]  # variant (orig included) -> caption as stored
     listed: list[str] | None  # the json's "captions": the variants the curator accepted
     embeddings: dict[str, torch.Tensor] | None = None  # variant -> [tokens, dim], from a text shard
+    image: bytes | None = None  # the original image's bytes, from the image stage
 
 
 def _tar_samples(path: str, label: str) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -484,12 +498,13 @@ class _Cursor:
         self.next_ordinal = 0
         self._samples: Iterator[tuple[str, dict[str, bytes]]] | None = None
         self._texts: Iterator[tuple[str, dict[str, bytes]]] | None = None  # the text shard, in step
+        self._images: Iterator[tuple[str, dict[str, bytes]]] | None = None  # the image shard, ahead
 
     def close(self) -> None:
-        for it in (self._samples, self._texts):
+        for it in (self._samples, self._texts, self._images):
             if it is not None:
                 it.close()  # type: ignore[attr-defined]
-        self._samples = self._texts = None
+        self._samples = self._texts = self._images = None
         self.shard = None
 
     def _open(self, shard: int) -> None:
@@ -498,6 +513,19 @@ class _Cursor:
         self._samples = _tar_samples(self.table.paths[shard], self.table.labels[shard])
         if self.table.text_paths is not None:
             self._texts = _tar_samples(self.table.text_paths[shard], self.table.labels[shard] + " (text)")
+        if self.table.image_paths is not None:
+            self._images = _tar_samples(self.table.image_paths[shard], self.table.labels[shard] + " (images)")
+
+    def _image_of(self, key: str, shard: int) -> bytes:
+        """The image shard's bytes for ``key``, skipping the samples the latent shard does not hold."""
+        for found, members in self._images:
+            if found == key:
+                if IMAGE_MEMBER not in members:
+                    break
+                return members[IMAGE_MEMBER]
+        raise DataError(f"{self.table.labels[shard]}: sample {key} is not in its image shard "
+                        f"{self.table.image_paths[shard]} (after the samples before it): the image stage "
+                        "is not the one these latents were encoded from")
 
     def read(self, refs: list[_Ref]) -> dict[_Ref, _Sample]:
         out: dict[_Ref, _Sample] = {}
@@ -528,9 +556,11 @@ class _Cursor:
                                         f"{self.table.text_paths[ref.shard]} has "
                                         f"{'no more samples' if text is None else text[0]} there: "
                                         "the text shards were made from other latents")
+                image = self._image_of(item[0], ref.shard) if self._images is not None else None
                 if ordinal == ref.ordinal:
                     break
             sample = _decode(item[0], item[1], label, None if text is None else text[1])
+            sample.image = image
             out[ref] = sample
             last = (ref, sample)
         return out
@@ -574,8 +604,9 @@ def choose_caption(
 class _Builder:
     """Per-sample choices (caption variant, latent draw) and the stacked model input."""
 
-    def __init__(self, manifest: Manifest, settings: DataSettings):
+    def __init__(self, manifest: Manifest, settings: DataSettings, images: bool = False):
         self.spec = manifest.latent
+        self.images = images
         self.seed = settings.seed
         self.draw = settings.sample_latents and self.spec.stored == "dist"
         self.weights = dict(manifest.captions)
@@ -612,6 +643,7 @@ class _Builder:
             variants.append(variant)
             keys.append(s.key)
         x = to_model_input(torch.stack(latents), self.spec).float().contiguous()
+        images = self.crop_images(refs, samples, label) if self.images else None
         context = mask = None
         if self.text is not None:
             context, mask = self.context(refs, samples, variants, label)
@@ -620,7 +652,23 @@ class _Builder:
 
             captions = [clean_caption(c) for c in captions]
         return MicroBatch(x, captions, keys, variants, dict(fallbacks), cleaned=self.clean,
-                          context=context, context_mask=mask)
+                          context=context, context_mask=mask, images=images)
+
+    def crop_images(self, refs: list[_Ref], samples: list[_Sample], label: Callable[[int], str]) -> torch.Tensor:
+        """The originals cropped exactly as encode-latents cropped them for the VAE (same function,
+        same buckets), so image pixel (y, x) is the pixel latent (y / d, x / d) encodes."""
+        out = []
+        for ref, s in zip(refs, samples, strict=True):
+            try:
+                image, _ = preprocess(s.image, resolution=self.spec.resolution, buckets=self.spec.buckets or None)
+            except ValueError as e:
+                raise DataError(f"{label(ref.shard)}: the image of sample {s.key} cannot be decoded: {e}") from e
+            if tuple(image.shape[1:]) != _bucket_hw(ref.bucket):
+                raise DataError(f"{label(ref.shard)}: the image of sample {s.key} crops to "
+                                f"{list(image.shape[1:])}, not its bucket {list(_bucket_hw(ref.bucket))}: "
+                                "the image stage is not the one these latents were encoded from")
+            out.append(image)
+        return torch.stack(out)
 
     def context(self, refs: list[_Ref], samples: list[_Sample], variants: list[str],
                 label: Callable[[int], str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -683,10 +731,11 @@ class _StepDataset(IterableDataset):
     """Yields this rank's StepBatch for the steps its process serves (see the module docstring)."""
 
     def __init__(self, manifest: Manifest, paths: list[str], source: str, settings: DataSettings,
-                 slots: range, start_step: int, text_paths: list[str] | None = None):
+                 slots: range, start_step: int, text_paths: list[str] | None = None,
+                 image_paths: list[str] | None = None):
         super().__init__()
         self.manifest, self.paths, self.source = manifest, paths, source
-        self.text_paths = text_paths
+        self.text_paths, self.image_paths = text_paths, image_paths
         self.settings, self.slots, self.start_step = settings, slots, start_step
 
     def __iter__(self) -> Iterator[StepBatch]:
@@ -697,8 +746,8 @@ class _StepDataset(IterableDataset):
             raise RuntimeError(f"served by {info.num_workers if info else 0} workers, planned for "
                                f"{self.settings.workers}")
         first = self.start_step + worker
-        table = _ShardTable(self.manifest, self.paths, self.source, self.text_paths)
-        builder = _Builder(self.manifest, self.settings)
+        table = _ShardTable(self.manifest, self.paths, self.source, self.text_paths, self.image_paths)
+        builder = _Builder(self.manifest, self.settings, images=self.image_paths is not None)
         streams = [_Stream(table, builder, q * k + first % k, self.settings) for q in self.slots]
         try:
             for stream in streams:
@@ -728,6 +777,8 @@ def _worker_init(worker_id: int) -> None:
 class LatentLoader:
     """This rank's infinite sequence of StepBatch, from ``start_step`` on.
 
+    ``images``: the image stage the latents were encoded from (``curate.manifest.image_stage``);
+    each micro-batch then also carries its samples' images, cropped as for the VAE.
     ``workers`` > 0 reads in DataLoader processes (worker ``w`` serves steps
     ``start_step + w + i * workers``; the DataLoader's in-order round robin delivers them in
     step order, which is checked). ``fallbacks`` counts the caption fallbacks delivered so far.
@@ -736,7 +787,7 @@ class LatentLoader:
 
     def __init__(self, manifest: Manifest, manifest_path: str | os.PathLike, settings: DataSettings,
                  *, rank: int = 0, world_size: int = 1, start_step: int = 0,
-                 allow_pipe: bool = False):
+                 allow_pipe: bool = False, images: str | os.PathLike | None = None):
         if world_size < 1 or not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is not in a world of {world_size}")
         if start_step < 0:
@@ -748,8 +799,9 @@ class LatentLoader:
         text_paths = _local_shard_paths(manifest, manifest_path, allow_pipe, text=True) if manifest.text else None
         _streams_note(manifest, settings, str(manifest_path))  # too few samples: an error here too
         slots = range(rank * self.accum, (rank + 1) * self.accum)
+        image_paths = image_shard_paths(manifest, images) if images is not None else None
         self._dataset = _StepDataset(manifest, paths, str(manifest_path), settings, slots, start_step,
-                                     text_paths)
+                                     text_paths, image_paths)
         self._active: Iterator[StepBatch] | None = None
         self.fallbacks: Counter[str] = Counter()
 
@@ -810,6 +862,7 @@ def check_data(
     verify: Literal["none", "size", "checksums"] = "size",
     allow_pipe: bool = False,
     settings: DataSettings | None = None,
+    images: str | os.PathLike | None = None,
 ) -> DataSummary:
     """Validate every shard of ``manifest`` before the first step; raise DataError naming the
     shard and the problem.
@@ -822,7 +875,8 @@ def check_data(
     (the original captions) is accepted whenever there are samples: encode-latents writes
     ``KEY.orig.txt`` for every sample, and the index does not record whether it is empty; an
     empty one falls back like any missing caption. With ``settings`` it also checks that every
-    stream gets samples, and notes when streams outnumber shards.
+    stream gets samples, and notes when streams outnumber shards. With ``images`` (the image
+    stage, for REPA) every latent shard's image shard is committed and holds its keys in order.
     """
     if verify not in ("none", "size", "checksums"):
         raise ValueError(f"verify must be none, size or checksums, not {verify!r}")
@@ -859,6 +913,8 @@ def check_data(
     text_paths = None
     if manifest.text is not None:
         text_paths = _check_text_shards(manifest, manifest_path, ok_keys, verify, allow_pipe)
+    if images is not None:
+        _check_image_shards(manifest, images, ok_keys, verify, source)
     if verify == "checksums":
         try:
             verify_shards(manifest, paths, checksums=True, source=source)
@@ -886,6 +942,25 @@ def check_data(
     return DataSummary(samples=manifest.samples, shards=len(manifest.shards),
                        buckets=dict(sorted(buckets.items())), model_channels=model_channels(spec),
                        captions=dict(sorted(listed.items())), streams=streams, notes=notes)
+
+
+def _check_image_shards(manifest: Manifest, images: str | os.PathLike, ok_keys: list[list[str]], verify: str,
+                        source: str) -> None:
+    """Each latent shard's image shard is committed and lists the latent keys, in their order,
+    among its accepted images (the loader reads both tars forward in step)."""
+    for i, (entry, tar, keys) in enumerate(zip(manifest.shards, image_shard_paths(manifest, images), ok_keys,
+                                               strict=True)):
+        label = f"{source}: the image shard of shard {i} ({entry.path})"
+        _, df = _read_committed(label, tar, None, "size" if verify != "none" else "none")
+        if "key" not in df.columns or "status" not in df.columns:
+            raise DataError(f"{label}: its index has no key and status columns: not an image stage")
+        position = {k: j for j, k in enumerate(df.filter(pl.col("status") == OK)["key"].to_list())}
+        found = [position.get(k, -1) for k in keys]
+        if -1 in found:
+            raise DataError(f"{label}: {tar} lacks sample {keys[found.index(-1)]} of the latents: the "
+                            "image stage is not the one they were encoded from (repa.images names another)")
+        if found != sorted(found):
+            raise DataError(f"{label}: {tar} holds the latents' samples in another order")
 
 
 def _read_committed(label: str, tar: str, sha256: str | None, verify: str) -> tuple[Any, pl.DataFrame]:

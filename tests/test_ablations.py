@@ -142,9 +142,9 @@ def test_ablations_are_named_overrides_recorded_in_the_config(tmp_path: Path):
                        shards="m.json", out="r")
     assert cfg.flow.prediction == "x0" and cfg.optim.name == "muon" and cfg.ema.decay == 0.999
     assert cfg.ablations == ["x-pred", "muon", "ema"]
-    assert set(ABLATIONS) == {"x-pred", "muon", "ema"}
-    with pytest.raises(ConfigError, match="unknown ablation 'repa'"):
-        build_config("tiny", ablations=["repa"])
+    assert set(ABLATIONS) == {"x-pred", "muon", "repa", "ema"}
+    with pytest.raises(ConfigError, match="unknown ablation .tread."):
+        build_config("tiny", ablations=["tread"])
     with pytest.raises(ConfigError, match="chosen with --ablation"):
         build_config("tiny", overrides=["ablations=[muon]"])
     with pytest.raises(ConfigError, match="trained with --ablation muon, not x-pred"):

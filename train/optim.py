@@ -30,15 +30,21 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, *, fused: bool = False) -> torch.optim.Optimizer:
-    """The run's optimizer over ``model``'s parameters (``optim.name``: adamw or muon)."""
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, *, fused: bool = False,
+                    extra: list[torch.nn.Parameter] | None = None) -> torch.optim.Optimizer:
+    """The run's optimizer over ``model``'s parameters (``optim.name``: adamw or muon).
+
+    ``extra``, when given (REPA's projector; possibly empty), becomes the last parameter group,
+    always updated with AdamW.
+    """
     common = {"lr": cfg.lr, "betas": tuple(cfg.optim.betas), "eps": cfg.optim.eps,
               "weight_decay": cfg.optim.weight_decay}
+    tail = [] if extra is None else [{"params": extra, "muon": False}]
     if cfg.optim.name == "adamw":
-        # fused: one kernel for all parameters (CUDA)
-        return torch.optim.AdamW(model.parameters(), **common, fused=fused)
+        groups = [{"params": list(model.parameters())}, *({"params": g["params"]} for g in tail)]
+        return torch.optim.AdamW(groups, **common, fused=fused)  # fused: one kernel for all parameters (CUDA)
     matrices, others = split_for_muon(model)
-    return MuonAdamW([{"params": matrices, "muon": True}, {"params": others, "muon": False}],
+    return MuonAdamW([{"params": matrices, "muon": True}, {"params": others, "muon": False}, *tail],
                      momentum=cfg.optim.muon_momentum, **common)
 
 

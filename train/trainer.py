@@ -11,6 +11,7 @@ the run is the same on 1 or N ranks and a resumed run continues exactly where it
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import inspect
 import math
@@ -27,7 +28,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from curate.manifest import LatentSpec, Manifest, TextSpec, file_sha256, load_manifest
+from curate.manifest import (
+    LatentSpec,
+    Manifest,
+    ManifestError,
+    TextSpec,
+    file_sha256,
+    image_stage,
+    load_manifest,
+)
 from curate.models import resolve_model
 from curate.runner import resolve_device
 from curate.text import EncodedPrompts, TextEncoder
@@ -62,6 +71,14 @@ from train.model import (
     train_flops_per_sample,
 )
 from train.optim import build_optimizer
+from train.repa import (
+    RepaTeacher,
+    WithRepa,
+    alignment_loss,
+    build_projector,
+    repa_active,
+    repa_block,
+)
 
 DataSource = Callable[[int, int], Iterator[StepBatch]]  # (start step, rank) -> step batches
 
@@ -114,8 +131,12 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
     manifest_sha = file_sha256(cfg.shards)
     settings = data_settings(cfg, pin_memory=world.device.type == "cuda")
     accum = settings.accum(world.world_size)
+    checkpoint = _find_checkpoint(run_dir, resume)
+    state = load_checkpoint(checkpoint) if checkpoint is not None else None
+    first_step = int(state.get("step", 0)) if state is not None else 0
+    images = _repa_images(cfg, manifest) if repa_active(cfg, first_step) else None
     summary = check_data(manifest, cfg.shards, verify=cfg.data.verify if world.main else "none",
-                         allow_pipe=cfg.data.allow_pipe, settings=settings)
+                         allow_pipe=cfg.data.allow_pipe, settings=settings, images=images)
     fingerprint = data_fingerprint(settings, manifest)
     # With precomputed embeddings (curate encode-text) the encoder still serves the empty prompt
     # (caption dropout) and the sample grids; it must be the one that made them, at their revision.
@@ -131,18 +152,21 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
         if world.device.type == "cuda":
             torch.cuda.empty_cache()
     architecture = denoiser_config(cfg.model, manifest.latent, text.dim)
-    checkpoint = _find_checkpoint(run_dir, resume)
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint)
+    if state is not None:
         _check_resume(state, cfg, manifest_sha, fingerprint, architecture, manifest, checkpoint)
-    else:
-        state = None
+    # REPA's teacher and projector, while the alignment loss is on (train/repa.py).
+    teacher = projector = None
+    if images is not None:
+        teacher = RepaTeacher(cfg.repa.encoder, device=world.device, revision=cfg.repa.revision or None)
+        projector = build_projector(cfg.model.hidden_size, teacher.dim, cfg.repa.projector_dim,
+                                    seed=cfg.seed).to(world.device)
 
     # ---- model, optimizer, schedule ---------------------------------------------------------------
     model = build_denoiser(architecture, seed=cfg.seed).to(world.device)
     if cfg.weights_dtype == "bfloat16":
         model.to(torch.bfloat16)
-    optimizer = build_optimizer(model, cfg, fused=world.device.type == "cuda")
+    optimizer = build_optimizer(model, cfg, fused=world.device.type == "cuda",
+                                extra=_projector_params(cfg, projector))
     ema = EMA(model, cfg.ema.decay) if cfg.ema.decay > 0 else None
     warmup = cfg.optim.warmup_steps
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -150,10 +174,12 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
     start_step, window = 0, _Window(world.device)
     if state is not None:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(_optimizer_state(state["optimizer"], cfg, projector))
         schedule.load_state_dict(state["schedule"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
+        if projector is not None:
+            projector.load_state_dict(state["repa"]["projector"])
         start_step = int(state["step"])
         window = _Window(world.device, **state["window"])
     flops_per_sample = None
@@ -162,13 +188,16 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
         flops_per_sample = train_flops_per_sample(model, latent_shape, cfg.max_tokens, text.dim)
     peak = peak_tflops(world.device, cfg.log.peak_tflops)
 
-    ddp_model = model
-    if world.world_size > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[world.device.index] if world.device.type == "cuda" else None,
-            gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets: one copy less
-    if cfg.compile:
-        ddp_model = torch.compile(ddp_model)
+    def wrap(module: torch.nn.Module) -> torch.nn.Module:
+        if world.world_size > 1:
+            module = torch.nn.parallel.DistributedDataParallel(
+                module, device_ids=[world.device.index] if world.device.type == "cuda" else None,
+                gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets: one copy less
+        return torch.compile(module) if cfg.compile else module
+
+    with_repa = WithRepa(model, projector, repa_block(cfg)) if projector is not None else None
+    ddp_model = wrap(with_repa or model)
+    token_patch = architecture["patch_size"]
 
     # ---- the run folder ------------------------------------------------------------------------------
     logger = MetricsLogger(run_dir, enabled=world.main, start_step=start_step, total_steps=cfg.steps,
@@ -197,6 +226,10 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
                         "expect worse FID than fp32 weights with bf16 autocast")
         if state is not None:
             logger.note(f"resumed from {checkpoint} at step {start_step}")
+        if teacher is not None:
+            logger.note(f"REPA: block {repa_block(cfg)}'s tokens aligned with {teacher.id} ({teacher.dim}-d, "
+                        f"{teacher.patch} px patches) of the originals in {images}, weight {cfg.repa.weight}, "
+                        + (f"until step {cfg.repa.stop_step}" if cfg.repa.stop_step else "the whole run"))
 
     # ---- the loop ----------------------------------------------------------------------------------
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=world.device.type == "cuda")
@@ -206,7 +239,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
     vae = None
     if data is None:
         loader = LatentLoader(manifest, cfg.shards, settings, rank=world.rank, world_size=world.world_size,
-                              start_step=start_step, allow_pipe=cfg.data.allow_pipe)
+                              start_step=start_step, allow_pipe=cfg.data.allow_pipe, images=images)
         batches = iter(loader)
     else:
         loader, batches = None, data(start_step, world.rank)
@@ -215,14 +248,30 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
     completed = start_step
     try:
         for step in range(start_step, cfg.steps):
+            if teacher is not None and not repa_active(cfg, step):
+                # REPA's burn-in is over: teacher and projector go, and the denoiser trains alone.
+                teacher = projector = None
+                with_repa.detach_hook()
+                ddp_model = wrap(model)
+                optimizer.param_groups[-1]["params"] = []  # the projector's group (see _projector_params)
+                for p in with_repa.projector.parameters():
+                    optimizer.state.pop(p, None)
+                with_repa = None
+                gc.collect()  # the old DDP wrapper's gradient hooks go with it, before the next backward
+                if loader is not None:  # the same batches from here on, without reading the images
+                    loader.close()
+                    loader = LatentLoader(manifest, cfg.shards, settings, rank=world.rank,
+                                          world_size=world.world_size, start_step=step,
+                                          allow_pipe=cfg.data.allow_pipe)
+                    batches = iter(loader)
+                logger.note(f"REPA ended at step {step} (repa.stop_step): the teacher is released")
             tick = time.perf_counter()
             batch = next(batches)
             waited = time.perf_counter() - tick
             if batch.step != step:
                 raise TrainingError(f"the loader delivered step {batch.step} for step {step}")
 
-            step_losses = torch.zeros(2 + 2 * len(flow.TIMESTEP_BIN_NAMES), dtype=torch.float64,
-                                      device=world.device)
+            step_losses = torch.zeros(_window_size(cfg), dtype=torch.float64, device=world.device)
             for i, micro in enumerate(batch.micro):
                 g = slot_generator(cfg.seed, step, first_slot + i)
                 n = micro.latents.shape[0]
@@ -243,17 +292,33 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
                                           micro.context.to(world.device, non_blocking=True).float())
                     mask = torch.where(empty[:, None], empty_mask,
                                        micro.context_mask.to(world.device, non_blocking=True))
+                if teacher is not None:
+                    if micro.images is None:
+                        raise TrainingError("REPA needs each micro-batch's images (the data source gave none)")
+                    target = teacher.features(micro.images, (x_t.shape[-2] // token_patch,
+                                                             x_t.shape[-1] // token_patch))
                 sync = i == len(batch.micro) - 1
                 with (contextlib.nullcontext() if sync or world.world_size == 1 else ddp_model.no_sync()):
+                    inputs = {"hidden_states": x_t.to(weights_dtype), "timestep": t,
+                              "encoder_hidden_states": context.to(weights_dtype), "attention_mask": mask}
                     with autocast:
-                        prediction = ddp_model(hidden_states=x_t.to(weights_dtype), timestep=t,
-                                               encoder_hidden_states=context.to(weights_dtype),
-                                               attention_mask=mask, return_dict=False)[0]
+                        if teacher is not None:
+                            prediction, projected = ddp_model(**inputs)
+                        else:
+                            prediction = ddp_model(**inputs, return_dict=False)[0]
                     velocity = flow.velocity_from_output(prediction, x_t, t, cfg.flow.prediction,
                                                          t_min=cfg.flow.x0_t_min)
                     losses = flow.per_sample_loss(velocity, flow.velocity_target(x0, noise))
-                    (losses.mean() / accum).backward()
-                step_losses += _loss_sums(losses, t)
+                    loss = losses.mean()
+                    if teacher is not None:
+                        aligned = alignment_loss(projected, target)
+                        loss = loss + cfg.repa.weight * aligned.mean()
+                    (loss / accum).backward()
+                sums = _loss_sums(losses, t)
+                if cfg.repa.weight > 0:  # REPA's [sum, count] close the vector (zeros once it is over)
+                    sums = torch.cat([sums, _loss_sums(aligned, t)[:2] if teacher is not None
+                                      else torch.zeros(2, dtype=torch.float64, device=world.device)])
+                step_losses += sums
 
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 model.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
@@ -298,6 +363,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
                         "optimizer": optimizer.state_dict(),
                         "schedule": schedule.state_dict(),
                         "ema": ema.state_dict() if ema is not None else None,
+                        "repa": {"projector": projector.state_dict()} if projector is not None else None,
                         "window": window.state(),
                         "config": to_dict(cfg),
                         "denoiser": architecture,
@@ -339,6 +405,39 @@ def _check_stored_text(stored: TextSpec, text: TextEncoder, cfg: TrainConfig) ->
                           f"{stored.dim}-d tokens, the run max_tokens {cfg.max_tokens} and {text.dim}-d: "
                           f"set max_tokens={stored.max_tokens}, or rerun curate encode-text with "
                           f"--max-tokens {cfg.max_tokens}")
+
+
+def _repa_images(cfg: TrainConfig, manifest: Manifest) -> Path:
+    """The image stage REPA's teacher reads: ``repa.images``, or the manifest's provenance."""
+    try:
+        return image_stage(manifest, cfg.repa.images or None, option="repa.images=DIR")
+    except ManifestError as e:
+        raise ConfigError(f"REPA's teacher sees the original images: {e}") from None
+
+
+def _projector_params(cfg: TrainConfig, projector: torch.nn.Module | None) -> list[torch.nn.Parameter] | None:
+    """The optimizer's last group when REPA is configured: the projector's parameters while it
+    trains, none once REPA is over (a run resumed after repa.stop_step builds no projector, and
+    its optimizer state still has the group, emptied)."""
+    if cfg.repa.weight <= 0:
+        return None
+    return list(projector.parameters()) if projector is not None else []
+
+
+def _optimizer_state(saved: dict[str, Any], cfg: TrainConfig, projector: torch.nn.Module | None) -> dict[str, Any]:
+    """A checkpoint's optimizer state for this run's optimizer: a run resumed exactly at
+    repa.stop_step has no projector any more, so its group is emptied (see _projector_params)."""
+    groups = saved["param_groups"]
+    if cfg.repa.weight <= 0 or projector is not None or not groups[-1]["params"]:
+        return saved
+    dropped = set(groups[-1]["params"])
+    return {"state": {k: v for k, v in saved["state"].items() if k not in dropped},
+            "param_groups": [*groups[:-1], {**groups[-1], "params": []}]}
+
+
+def _window_size(cfg: TrainConfig) -> int:
+    """Entries of a step's loss vector: [sum, count], [sum, count] per timestep bin, then REPA's."""
+    return 2 + 2 * len(flow.TIMESTEP_BIN_NAMES) + (2 if cfg.repa.weight > 0 else 0)
 
 
 def data_settings(cfg: TrainConfig, *, pin_memory: bool = False) -> DataSettings:
@@ -458,6 +557,9 @@ class _Window:
         for j, name in enumerate(flow.TIMESTEP_BIN_NAMES):
             total, count = sums[2 + 2 * j], sums[3 + 2 * j]
             out[name] = total / count if count else None
+        repa = 2 + 2 * len(flow.TIMESTEP_BIN_NAMES)
+        if len(sums) > repa and sums[repa + 1]:
+            out["repa_loss"] = sums[repa] / sums[repa + 1]
         out["grad_norm"] = float(self.grad_norm) / self.steps
         images_per_s = global_batch * self.timed_steps / seconds if seconds > 0 else None
         out["images_per_s"] = images_per_s

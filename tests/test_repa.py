@@ -1,0 +1,229 @@
+"""REPA: the teacher's patch features, the alignment loss, the images the loader pairs with each
+latent, and runs that align, end at their stop step, resume exactly, compile and split over ranks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO
+from tiny_run import make_tiny_runs
+
+from curate.buckets import preprocess
+from curate.manifest import load_manifest, write_manifest
+from train.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint
+from train.cli import main as train_main
+from train.config import ConfigError, build_config
+from train.data import DataError, DataSettings, LatentLoader, check_data
+from train.metrics import read_metrics
+from train.repa import RepaTeacher, WithRepa, alignment_loss, build_projector, repa_block
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory) -> dict[str, Path]:
+    from curate.tiny import build_tiny_dinov2, build_tiny_dinov3
+
+    root = tmp_path_factory.mktemp("teachers")
+    return {"dinov3": build_tiny_dinov3(root / "dinov3"), "dinov2": build_tiny_dinov2(root / "dinov2")}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> dict[str, Path]:
+    """12 noise images ingested (3 sizes), encoded at 32 px by a tiny Flux VAE: a manifest whose
+    provenance names its image stage."""
+    return make_tiny_runs(tmp_path_factory.mktemp("repa"), images=12, sizes=[(80, 64), (64, 80), (72, 72)],
+                          resolution=32, shard_size=5, runs={})
+
+
+def _images(n: int, side: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, side, side), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def test_teacher_features_are_its_patch_tokens_on_the_denoisers_grid(teachers):
+    from transformers import AutoModel
+
+    for name, patch, prefix in (("dinov3", 16, 5), ("dinov2", 14, 1)):  # DINOv3: class + 4 registers
+        teacher = RepaTeacher(str(teachers[name]), device=torch.device("cpu"))
+        assert (teacher.patch, teacher.dim) == (patch, 32)
+        images = _images(2, 64)
+        features = teacher.features(images, (4, 4))
+        assert features.shape == (2, 16, 32) and features.dtype == torch.float32
+        x = images.float() / 255
+        if patch != 16:
+            x = F.interpolate(x, size=(4 * patch, 4 * patch), mode="bicubic", align_corners=False, antialias=True)
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        with torch.no_grad():
+            direct = AutoModel.from_pretrained(teachers[name]).eval()(pixel_values=(x - mean) / std).last_hidden_state
+        assert direct.shape[1] == prefix + 16
+        torch.testing.assert_close(features, direct[:, prefix:])
+        assert teacher.features(_images(1, 64, seed=1), (2, 8)).shape == (1, 16, 32)  # a wide bucket
+    with pytest.raises(ConfigError, match="is a t5gemma model"):
+        from curate.tiny import build_tiny_t5gemma
+
+        RepaTeacher(str(build_tiny_t5gemma(teachers["dinov3"].parent / "t5")), device=torch.device("cpu"))
+
+
+def test_alignment_loss_is_one_minus_the_mean_cosine():
+    a = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(alignment_loss(a, 2.5 * a), torch.zeros(3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(alignment_loss(a, -a), torch.full((3,), 2.0))
+    b = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(1))
+    expected = 1 - (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1).mean(1)
+    torch.testing.assert_close(alignment_loss(a, b), expected)
+
+
+def test_with_repa_gives_the_denoisers_output_and_its_blocks_tokens_projected():
+    from diffusers import PRXTransformer2DModel
+
+    model = PRXTransformer2DModel(in_channels=16, patch_size=2, context_in_dim=8, hidden_size=32,
+                                  mlp_ratio=2.0, num_heads=2, depth=3, axes_dim=[8, 8]).eval()
+    projector = build_projector(32, 24, 64, seed=0)
+    wrapped = WithRepa(model, projector, block=2)
+    inputs = {"hidden_states": torch.randn(2, 16, 8, 8), "timestep": torch.tensor([0.3, 0.7]),
+              "encoder_hidden_states": torch.randn(2, 5, 8), "attention_mask": torch.ones(2, 5, dtype=torch.bool)}
+    seen = []
+    handle = model.blocks[1].register_forward_hook(lambda m, a, out: seen.append(out))
+    with torch.no_grad():
+        out, projected = wrapped(**inputs)
+        plain = model(**inputs, return_dict=False)[0]
+    handle.remove()
+    torch.testing.assert_close(out, plain)
+    assert projected.shape == (2, 16, 24)  # 4 x 4 tokens
+    torch.testing.assert_close(projected, projector(seen[0]))
+    assert wrapped._hidden is None  # the bare model's forward kept nothing
+    wrapped.detach_hook()
+    assert not model.blocks[1]._forward_hooks
+    cfg = build_config("tiny", shards="m", out="r")
+    assert repa_block(cfg) == 1  # depth 2: a quarter, at least the first
+    with pytest.raises(ConfigError, match="past the last block"):
+        build_config("tiny", overrides=["repa.block=3"])
+
+
+def test_the_loader_pairs_each_latent_with_its_image_cropped_as_for_the_vae(pipeline):
+    manifest = load_manifest(pipeline["manifest"])
+    settings = DataSettings(seed=0, global_batch=4, micro_batch=2, workers=0, shuffle_buffer=8)
+    originals = {}
+    for tar in sorted(pipeline["images"].glob("*.tar")):
+        with tarfile.open(tar) as f:
+            for member in f.getmembers():
+                if member.name.endswith(".jpg"):
+                    originals[member.name[: -len(".jpg")]] = f.extractfile(member).read()
+    seen = 0
+    with LatentLoader(manifest, pipeline["manifest"], settings, images=pipeline["images"]) as loader:
+        for batch, _ in zip(loader, range(4), strict=False):
+            for micro in batch.micro:
+                assert micro.images.dtype == torch.uint8 and micro.images.shape[1:] == (3, 32, 32)
+                for key, image in zip(micro.keys, micro.images, strict=True):
+                    assert torch.equal(image, preprocess(originals[key], resolution=32)[0])
+                    seen += 1
+    assert seen == 16
+    with LatentLoader(manifest, pipeline["manifest"], settings) as loader:  # no image stage, no images
+        assert next(iter(loader)).micro[0].images is None
+
+
+def test_an_image_stage_that_does_not_hold_the_latents_is_refused_before_training(pipeline, tmp_path: Path):
+    manifest = load_manifest(pipeline["manifest"])
+    assert check_data(manifest, pipeline["manifest"], images=pipeline["images"]).samples == manifest.samples
+    other = tmp_path / "images"
+    shutil.copytree(pipeline["images"], other)
+    shards = sorted(other.glob("*.tar"))
+    shards[0].unlink()
+    with pytest.raises(DataError, match="does not exist"):
+        check_data(manifest, pipeline["manifest"], images=other)
+    shutil.copy(shards[1], shards[0])
+    shutil.copy(shards[1].with_suffix(".parquet"), shards[0].with_suffix(".parquet"))
+    with pytest.raises(DataError, match="lacks sample"):
+        check_data(manifest, pipeline["manifest"], images=other)
+    # Without a recorded image stage REPA needs repa.images.
+    data = manifest.model_copy(update={"provenance": {}})
+    bare = write_manifest(data, tmp_path / "bare.json")
+    code = _train(bare, tmp_path / "run", pipeline, teacher=None, **{"repa.weight": 0.5})
+    assert code == 2 and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def _settings(pipeline, teacher: Path | None, **overrides) -> list[str]:
+    text = pipeline["images"].parent / "t5gemma"
+    settings = {"text_encoder": str(text), "sample_every": 0, "data.workers": 0, "log.every": 1,
+                "log.tensorboard": "false", "global_batch": 4, "micro_batch": 2,
+                **({"repa.encoder": str(teacher)} if teacher else {}), **overrides}
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+def _train(manifest: Path, out: Path, pipeline, teacher: Path | None, *extra: str, **overrides) -> int:
+    return train_main(["--shards", str(manifest), "--out", str(out), "--preset", "tiny", *extra,
+                       *_settings(pipeline, teacher, **overrides)])
+
+
+def _metrics(run: Path) -> list[tuple[int, float, float | None]]:
+    return [(m["step"], m["loss"], m.get("repa_loss")) for m in read_metrics(run)]
+
+
+def test_repa_aligns_ends_at_its_stop_step_and_resumes_exactly(pipeline, teachers, tmp_path: Path):
+    common = {"steps": 10, "checkpoint_every": 3, "repa.stop_step": 6, "caption_dropout": 0.2, "data.workers": 2}
+    clean = tmp_path / "clean"
+    assert _train(pipeline["manifest"], clean, pipeline, teachers["dinov3"], "--ablation", "repa", **common) == 0
+    metrics = _metrics(clean)
+    assert [s for s, _, _ in metrics] == list(range(1, 11))
+    assert all(r is not None and 0 < r < 2 for _, _, r in metrics[:6])  # steps 1-6: aligned
+    assert all(r is None for _, _, r in metrics[6:])  # steps 7-10: REPA is over
+    assert load_checkpoint(checkpoint_path(clean, 6))["repa"]["projector"]
+    assert load_checkpoint(latest_checkpoint(clean))["repa"] is None
+    # Resumed before the stop (step 3: teacher and projector restored), exactly at it (step 6: the
+    # projector's optimizer state dropped) and after it (step 9: none built).
+    cut = tmp_path / "cut"
+    assert _train(pipeline["manifest"], cut, pipeline, teachers["dinov3"], "--ablation", "repa",
+                  **{**common, "steps": 3}) == 0
+    for steps in (6, 9, 10):
+        assert _train(pipeline["manifest"], cut, pipeline, teachers["dinov3"], "--resume", "auto",
+                      **{**common, "steps": steps}) == 0
+    assert _metrics(cut) == metrics
+    a, b = (load_checkpoint(latest_checkpoint(r)) for r in (clean, cut))
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_repa_learns_to_align(pipeline, teachers, tmp_path: Path):
+    run = tmp_path / "run"
+    assert _train(pipeline["manifest"], run, pipeline, teachers["dinov2"], "--ablation", "repa", steps=60,
+                  lr=3e-3, caption_dropout=0.0, **{"log.every": 10}) == 0
+    repa = [r for _, _, r in _metrics(run)]
+    assert repa[-1] < 0.85 * repa[0], repa  # 0.50 -> 0.37 here: the tokens turn towards the teacher's
+
+
+def test_repa_compiled_trains_as_eager(pipeline, teachers, tmp_path: Path):
+    settings = {"steps": 3, "checkpoint_every": 3}
+    for name, compile_ in (("eager", "false"), ("compiled", "true")):
+        assert _train(pipeline["manifest"], tmp_path / name, pipeline, teachers["dinov3"], "--ablation", "repa",
+                      compile=compile_, **settings) == 0
+    for (s1, l1, r1), (s2, l2, r2) in zip(_metrics(tmp_path / "eager"), _metrics(tmp_path / "compiled"), strict=True):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-3) and r1 == pytest.approx(r2, rel=1e-3)
+
+
+def test_two_ranks_with_repa_equal_one_across_its_stop_step(pipeline, teachers, tmp_path: Path):
+    """DDP reduces the projector's gradients with the denoiser's, and is rebuilt without the
+    projector when REPA ends."""
+    settings = _settings(pipeline, teachers["dinov3"], steps=5, checkpoint_every=5, **{"repa.stop_step": 3,
+                                                                                         "data.workers": 1})
+    base = ["-m", "train", "--shards", str(pipeline["manifest"]), "--preset", "tiny", "--ablation", "repa"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    done = subprocess.run([sys.executable, *base, "--out", str(one), *settings], cwd=REPO, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run([*torchrun, *base, "--out", str(two), *settings], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    for (s1, l1, r1), (s2, l2, r2) in zip(_metrics(one), _metrics(two), strict=True):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4)
+        assert (r1 is None) == (r2 is None) and (r1 is None or r1 == pytest.approx(r2, rel=1e-4))
+    a, b = (load_checkpoint(latest_checkpoint(r)) for r in (one, two))
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-6)

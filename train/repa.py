@@ -1,0 +1,142 @@
+"""REPA (Yu et al. 2025, "Representation Alignment for Generation Is Easier Than You Think").
+
+An auxiliary loss pulls the denoiser's hidden tokens after block ``repa.block`` towards a frozen
+vision encoder's patch features of the clean image: a small MLP (the projector) maps each token
+to the teacher's width, and the loss is one minus their cosine similarity, averaged over tokens::
+
+    loss = flow loss + repa.weight * mean_tokens(1 - cos(projector(h_i), teacher_i))
+
+The teacher sees each sample's image exactly as encode-latents cropped it for the VAE (the
+loader reads the original from the image stage and crops it with the same function), resized
+so that its patch grid is the denoiser's token grid: DINOv3's 16 px patches at the training
+resolution need no resize; DINOv2's 14 px patches see the image at 14/16 of its size. PRX ran
+REPA as a burn-in: ``repa.stop_step`` ends it, after which the teacher is released and a step
+costs what a baseline step costs. The projector is trained with the denoiser, saved in
+checkpoints, and not exported (the pipeline never runs it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from curate.models import resolve_model
+from curate.runner import CurateError
+from train.config import ConfigError, TrainConfig
+
+# Prefix tokens a teacher may put before its patch tokens: the class token, and up to 4
+# registers in DINOv3 and DINOv2-with-registers.
+_MAX_PREFIX_TOKENS = 8
+
+
+def repa_block(cfg: TrainConfig) -> int:
+    """The block (1-based) whose output is aligned: ``repa.block``, or a quarter of the depth
+    (PRX-1.2B: block 4 of 16; REPA aligned block 8 of SiT-XL's 28)."""
+    block = cfg.repa.block or max(1, cfg.model.depth // 4)
+    if not 1 <= block <= cfg.model.depth:
+        raise ConfigError(f"repa.block must be in 1..{cfg.model.depth} (model.depth), got {block}")
+    return block
+
+
+def repa_active(cfg: TrainConfig, step: int) -> bool:
+    """Whether optimizer step ``step`` (counted from 0) trains with the alignment loss."""
+    return cfg.repa.weight > 0 and (cfg.repa.stop_step == 0 or step < cfg.repa.stop_step)
+
+
+class RepaTeacher:
+    """A frozen DINO encoder (DINOv3, DINOv2, any transformers ViT of the family) that turns
+    uint8 images into patch features on the denoiser's token grid."""
+
+    def __init__(self, name: str, *, device: torch.device, revision: str | None = None):
+        from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+        try:
+            ref = resolve_model(name, "image", revision)
+            config = AutoConfig.from_pretrained(ref.id, revision=revision)
+            if not config.model_type.startswith("dino"):
+                raise ConfigError(f"repa.encoder={name} ({ref.id}) is a {config.model_type} model; REPA's "
+                                  "teacher is a DINO ViT (dinov3, dinov2, or a folder or Hub id of one)")
+            processor = AutoImageProcessor.from_pretrained(ref.id, revision=revision)
+            model = AutoModel.from_pretrained(ref.id, revision=revision, dtype=torch.float32)
+        except (OSError, ValueError, CurateError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"cannot load repa.encoder={name}: {e}") from None
+        self.name, self.id, self.revision = name, ref.id, revision
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.device = device
+        self.patch = int(config.patch_size)
+        self.dim = int(config.hidden_size)
+        shape = (1, 3, 1, 1)
+        self.mean = torch.tensor(processor.image_mean, dtype=torch.float32, device=device).view(shape)
+        self.std = torch.tensor(processor.image_std, dtype=torch.float32, device=device).view(shape)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """uint8 images [B, 3, H, W] -> patch features [B, gh * gw, dim] (float32, normalised by
+        the teacher's final layer norm), row by row as the denoiser orders its tokens."""
+        gh, gw = grid
+        x = images.to(self.device, non_blocking=True).float() / 255.0
+        size = (gh * self.patch, gw * self.patch)
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+        x = (x - self.mean) / self.std
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            hidden = self.model(pixel_values=x).last_hidden_state
+        prefix = hidden.shape[1] - gh * gw
+        if not 0 <= prefix <= _MAX_PREFIX_TOKENS:
+            raise ConfigError(f"repa.encoder={self.name} gave {hidden.shape[1]} tokens for a {gh}x{gw} patch "
+                              "grid: not a ViT whose patch tokens REPA can align")
+        return hidden[:, prefix:].float()
+
+
+def build_projector(hidden_size: int, teacher_dim: int, width: int, *, seed: int) -> torch.nn.Module:
+    """REPA's projector: Linear, SiLU, Linear, SiLU, Linear; the seed alone decides its weights."""
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        torch.manual_seed(seed + 1)  # not the denoiser's stream
+        return torch.nn.Sequential(
+            torch.nn.Linear(hidden_size, width), torch.nn.SiLU(),
+            torch.nn.Linear(width, width), torch.nn.SiLU(),
+            torch.nn.Linear(width, teacher_dim))
+
+
+def alignment_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per sample: one minus the cosine similarity of projected tokens and teacher features,
+    averaged over tokens ([B, N, D] each; float32)."""
+    return 1.0 - F.cosine_similarity(projected.float(), target.float(), dim=-1).mean(1)
+
+
+class WithRepa(torch.nn.Module):
+    """The denoiser and the projector as one module, so that DDP reduces the projector's gradients
+    with the denoiser's and torch.compile sees both. ``forward`` takes the denoiser's arguments and
+    returns (its output, the projected tokens of the aligned block).
+
+    A forward hook keeps the block's output, but only during this module's own forward: sampling
+    with the bare denoiser keeps nothing.
+    """
+
+    def __init__(self, denoiser: torch.nn.Module, projector: torch.nn.Module, block: int):
+        super().__init__()
+        self.denoiser, self.projector = denoiser, projector
+        self._capturing = False
+        self._hidden: torch.Tensor | None = None
+        self._hook = denoiser.blocks[block - 1].register_forward_hook(self._keep)
+
+    def _keep(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
+        if self._capturing:
+            self._hidden = output
+
+    def forward(self, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        self._capturing = True
+        try:
+            out = self.denoiser(**kwargs, return_dict=False)[0]
+        finally:
+            self._capturing = False
+        hidden, self._hidden = self._hidden, None
+        return out, self.projector(hidden)
+
+    def detach_hook(self) -> None:
+        """Stop watching the block (REPA is over; the denoiser trains alone from here)."""
+        self._hook.remove()

@@ -189,6 +189,9 @@ def main() -> None:
     if not feeds or set(feeds) - {"shards", "memory", "text"}:
         parser.error(f"--feeds takes shards, memory and text, comma-separated, not {args.feeds!r}")
     ablations = [a for a in args.ablations.split(",") if a]
+    if "repa" in ablations:
+        parser.error("--ablations repa needs an image stage and a teacher, which this benchmark's synthetic "
+                     "latents do not have")
     if ablations and "memory" not in feeds:
         parser.error("--ablations compares against the memory-fed run: add memory to --feeds")
     args.preset = "prx-1.2b"

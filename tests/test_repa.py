@@ -129,6 +129,24 @@ def test_the_loader_pairs_each_latent_with_its_image_cropped_as_for_the_vae(pipe
         assert next(iter(loader)).micro[0].images is None
 
 
+def test_bucketed_latents_get_their_buckets_images_and_the_teacher_their_grid(teachers, tmp_path: Path):
+    made = make_tiny_runs(tmp_path, images=8, sizes=[(256, 64), (64, 256), (64, 64)], resolution=32,
+                          shard_size=4, runs={}, buckets=True)
+    manifest = load_manifest(made["manifest"])
+    assert len(manifest.latent.buckets) > 1
+    settings = DataSettings(seed=0, global_batch=2, micro_batch=1, workers=0, shuffle_buffer=4)
+    teacher = RepaTeacher(str(teachers["dinov3"]), device=torch.device("cpu"))
+    shapes = set()
+    with LatentLoader(manifest, made["manifest"], settings, images=made["images"]) as loader:
+        for batch, _ in zip(loader, range(4), strict=False):
+            for micro in batch.micro:
+                h, w = micro.images.shape[-2:]
+                assert micro.latents.shape[-2:] == (h // 8, w // 8)  # Flux: 1/8, the same crop
+                shapes.add((h, w))
+                assert teacher.features(micro.images, (h // 16, w // 16)).shape == (1, h * w // 256, 32)
+    assert len(shapes) > 1, shapes  # wide, tall and square buckets all met
+
+
 def test_an_image_stage_that_does_not_hold_the_latents_is_refused_before_training(pipeline, tmp_path: Path):
     manifest = load_manifest(pipeline["manifest"])
     assert check_data(manifest, pipeline["manifest"], images=pipeline["images"]).samples == manifest.samples

@@ -20,11 +20,11 @@ from train.cli import main as train_main
 
 def make_tiny_runs(
     root: Path, *, images: int, sizes: list[tuple[int, int]], resolution: int, runs: dict[str, dict[str, str]],
-    shard_size: int = 16, seed: int = 200,
+    shard_size: int = 16, seed: int = 200, buckets: bool = False,
 ) -> dict[str, Path]:
     """``images`` noise JPEGs (sizes cycling through ``sizes``, original captions in three
     colours), ingested; encoded at ``resolution`` by a tiny Flux VAE with their original captions
-    (manifest ``orig.json``); then one tiny-preset run per entry of ``runs`` (name -> config
+    (manifest ``orig.json``; aspect-ratio buckets with ``buckets``); then one tiny-preset run per entry of ``runs`` (name -> config
     overrides). Image i is noise of seed ``seed + i``. Returns the paths: ``images``, ``manifest``
     and one per run."""
     src = root / "src"
@@ -37,7 +37,7 @@ def make_tiny_runs(
     vae, text = build_tiny_flux_vae(root / "vae"), build_tiny_t5gemma(root / "t5gemma")
     latents, manifests = root / "latents", root / "manifests"
     run_stage(EncodeLatentsStage(image_stage, None, latents, str(vae), resolution=resolution, batch_size=8,
-                                 decode_workers=0, allow_missing_captions=True, manifest_dir=manifests,
+                                 buckets=buckets, decode_workers=0, allow_missing_captions=True, manifest_dir=manifests,
                                  device="cpu"), latents, progress=False)
     made = {"images": image_stage, "manifest": manifests / "orig.json"}
     for name, overrides in runs.items():

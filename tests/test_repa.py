@@ -187,7 +187,8 @@ def _metrics(run: Path) -> list[tuple[int, float, float | None]]:
 def test_repa_aligns_ends_at_its_stop_step_and_resumes_exactly(pipeline, teachers, tmp_path: Path):
     common = {"steps": 10, "checkpoint_every": 3, "repa.stop_step": 6, "caption_dropout": 0.2, "data.workers": 2}
     clean = tmp_path / "clean"
-    assert _train(pipeline["manifest"], clean, pipeline, teachers["dinov3"], "--ablation", "repa", **common) == 0
+    # With Muon too: its optimizer gets REPA's projector as a third, AdamW group.
+    assert _train(pipeline["manifest"], clean, pipeline, teachers["dinov3"], "--ablation", "repa,muon", **common) == 0
     metrics = _metrics(clean)
     assert [s for s, _, _ in metrics] == list(range(1, 11))
     assert all(r is not None and 0 < r < 2 for _, _, r in metrics[:6])  # steps 1-6: aligned
@@ -197,7 +198,7 @@ def test_repa_aligns_ends_at_its_stop_step_and_resumes_exactly(pipeline, teacher
     # Resumed before the stop (step 3: teacher and projector restored), exactly at it (step 6: the
     # projector's optimizer state dropped) and after it (step 9: none built).
     cut = tmp_path / "cut"
-    assert _train(pipeline["manifest"], cut, pipeline, teachers["dinov3"], "--ablation", "repa",
+    assert _train(pipeline["manifest"], cut, pipeline, teachers["dinov3"], "--ablation", "repa,muon",
                   **{**common, "steps": 3}) == 0
     for steps in (6, 9, 10):
         assert _train(pipeline["manifest"], cut, pipeline, teachers["dinov3"], "--resume", "auto",

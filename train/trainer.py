@@ -218,7 +218,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
         for note in summary.notes:
             logger.note(f"data: {note}")
         if cfg.optim.name == "muon":
-            muon, other = (sum(p.numel() for p in g["params"]) for g in optimizer.param_groups)
+            muon, other = (sum(p.numel() for p in g["params"]) for g in optimizer.param_groups[:2])
             logger.note(f"optimizer: Muon for the blocks' weight matrices ({muon / 1e6:.2f}M parameters), "
                         f"AdamW for the rest ({other / 1e6:.2f}M)")
         if cfg.weights_dtype == "bfloat16":

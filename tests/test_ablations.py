@@ -1,5 +1,6 @@
-"""The PRX ablations one switch away: x-prediction, Muon, EMA; their math, their config, and
-their runs (learning, exact resume, sample grids, export, evaluation's choice of weights)."""
+"""The PRX ablations one switch away: x-prediction, Muon, TREAD token routing, EMA (REPA has its
+own file); their math, their config, and their runs (learning, exact resume, sample grids, export,
+evaluation's choice of weights)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from train.ema import EMA, checkpoint_weights
 from train.export import ExportError, export_run
 from train.metrics import read_metrics
 from train.optim import MuonAdamW, build_optimizer, orthogonalize, split_for_muon
+from train.routing import Route, draw_route, gather_tokens, routed_blocks, routed_forward
 from train.trainer import train
 
 # ---- x-prediction --------------------------------------------------------------------------------
@@ -142,9 +144,9 @@ def test_ablations_are_named_overrides_recorded_in_the_config(tmp_path: Path):
                        shards="m.json", out="r")
     assert cfg.flow.prediction == "x0" and cfg.optim.name == "muon" and cfg.ema.decay == 0.999
     assert cfg.ablations == ["x-pred", "muon", "ema"]
-    assert set(ABLATIONS) == {"x-pred", "muon", "repa", "ema"}
-    with pytest.raises(ConfigError, match="unknown ablation .tread."):
-        build_config("tiny", ablations=["tread"])
+    assert set(ABLATIONS) == {"x-pred", "muon", "repa", "tread", "ema"}
+    with pytest.raises(ConfigError, match="unknown ablation .sprint."):
+        build_config("tiny", ablations=["sprint"])
     with pytest.raises(ConfigError, match="chosen with --ablation"):
         build_config("tiny", overrides=["ablations=[muon]"])
     with pytest.raises(ConfigError, match="trained with --ablation muon, not x-pred"):
@@ -213,3 +215,100 @@ def test_x_prediction_samples_with_its_own_sampler_and_is_not_exported(tmp_path:
     with pytest.raises(ExportError, match="flow.prediction=x0"):
         export_run(tmp_path / "run", tmp_path / "export")
     assert not (tmp_path / "export").exists()
+
+
+# ---- TREAD token routing ---------------------------------------------------------------------------
+
+
+def _tiny_prx(depth: int = 4):
+    from diffusers import PRXTransformer2DModel
+
+    model = PRXTransformer2DModel(in_channels=16, patch_size=2, context_in_dim=8, hidden_size=32, mlp_ratio=2.0,
+                                  num_heads=2, depth=depth, axes_dim=[8, 8]).eval()
+    # Random weights everywhere: PRX zero-initialises its modulation, so fresh blocks are identities.
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+def _prx_inputs(seed: int = 0, n: int = 2, side: int = 8) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"hidden_states": torch.randn(n, 16, side, side, generator=g), "timestep": torch.rand(n, generator=g),
+            "encoder_hidden_states": torch.randn(n, 5, 8, generator=g),
+            "attention_mask": torch.tensor([[True] * 5, [True] * 3 + [False] * 2])[:n]}
+
+
+def test_routed_forward_without_routing_is_the_models_forward():
+    model = _tiny_prx()
+    inputs = _prx_inputs()
+    with torch.no_grad():
+        plain = model(**inputs, return_dict=False)[0]
+        torch.testing.assert_close(routed_forward(model, **inputs), plain, rtol=0, atol=0)
+        # Keeping every token routes nothing: gathering, the kept tokens' positions, scattering back.
+        everything = Route(1, 3, torch.arange(16).expand(2, -1))
+        torch.testing.assert_close(routed_forward(model, route=everything, **inputs), plain, rtol=1e-6, atol=1e-6)
+
+
+def test_routed_tokens_skip_the_routed_blocks_and_rejoin_unchanged():
+    model = _tiny_prx(depth=4)
+    inputs = _prx_inputs()
+    keep = torch.tensor([[0, 3, 5, 6, 9, 12, 14, 15], [1, 2, 4, 7, 8, 10, 11, 13]])
+    seen: dict[int, torch.Tensor] = {}
+
+    def remember(i):
+        return lambda module, args, kwargs: seen.__setitem__(i, kwargs["hidden_states"])
+
+    hooks = [block.register_forward_pre_hook(remember(i), with_kwargs=True) for i, block in enumerate(model.blocks)]
+    with torch.no_grad():
+        routed_forward(model, route=Route(1, 3, keep), **inputs)
+    for h in hooks:
+        h.remove()
+    assert [seen[i].shape[1] for i in range(4)] == [16, 8, 8, 16]  # blocks 1 and 2 see the kept 8 of 16
+    dropped = torch.stack([torch.tensor(sorted(set(range(16)) - set(k.tolist()))) for k in keep])
+    # What enters block 3 at the dropped tokens is what left block 0 there: blocks 1 and 2 skipped them.
+    torch.testing.assert_close(gather_tokens(seen[3], dropped), gather_tokens(_block_input(model, inputs, 1), dropped))
+    assert not torch.allclose(gather_tokens(seen[3], keep), gather_tokens(_block_input(model, inputs, 1), keep))
+
+
+def _block_input(model, inputs, index: int) -> torch.Tensor:
+    """The full token sequence entering block ``index`` in the plain forward."""
+    seen = {}
+    hook = model.blocks[index].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.__setitem__("x", kwargs["hidden_states"]), with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs, return_dict=False)
+    hook.remove()
+    return seen["x"]
+
+
+def test_routes_keep_a_random_share_drawn_from_the_slots_generator():
+    cfg = build_config("tiny", ablations=["tread"], overrides=["model.depth=4", "routing.start=1"])
+    assert routed_blocks(cfg) == (1, 2)  # end 0: depth - 2
+    a = draw_route(cfg, 3, 16, torch.Generator().manual_seed(5), torch.device("cpu"))
+    b = draw_route(cfg, 3, 16, torch.Generator().manual_seed(5), torch.device("cpu"))
+    assert torch.equal(a.keep, b.keep) and a.keep.shape == (3, 8)
+    assert all(torch.equal(k, k.unique()) for k in a.keep)  # ascending, no repeats
+    assert not torch.equal(a.keep[0], a.keep[1])
+    with pytest.raises(ConfigError, match="routing.start < routing.end"):
+        build_config("tiny", ablations=["tread"])  # depth 2: nothing between block 2 and depth - 2
+
+
+def test_tread_learns_and_resumes_exactly(tmp_path: Path, models):
+    few = make_latent_dataset(tmp_path / "few", shards=1, per_shard=4, stored="mean", vae_dir=models["flux"])
+    shape = {"model.depth": 4, "routing.start": 1}
+    cfg = build_config("tiny", ablations=["tread"],
+                       overrides=tiny_args(models, steps=200, global_batch=4, micro_batch=4, caption_dropout=0.0,
+                                           lr=3e-3, **{"log.every": 10}, **shape),
+                       shards=str(few["long"]), out=str(tmp_path / "run"))
+    train(cfg)
+    metrics = read_metrics(tmp_path / "run")
+    assert metrics[0]["loss"] / (sum(m["loss"] for m in metrics[-3:]) / 3) > 3
+
+    data = make_latent_dataset(tmp_path / "data", shards=2, per_shard=8, vae_dir=models["flux"])
+    settings = {"steps": 8, "checkpoint_every": 4, "caption_dropout": 0.2, **shape}
+    assert run_train(data["long"], tmp_path / "clean", models, "--ablation", "tread", **settings) == 0
+    assert run_train(data["long"], tmp_path / "cut", models, "--ablation", "tread", **{**settings, "steps": 4}) == 0
+    assert run_train(data["long"], tmp_path / "cut", models, "--resume", "auto", **settings) == 0
+    assert losses(tmp_path / "cut") == losses(tmp_path / "clean")

@@ -86,7 +86,7 @@ def test_with_repa_gives_the_denoisers_output_and_its_blocks_tokens_projected():
     model = PRXTransformer2DModel(in_channels=16, patch_size=2, context_in_dim=8, hidden_size=32,
                                   mlp_ratio=2.0, num_heads=2, depth=3, axes_dim=[8, 8]).eval()
     projector = build_projector(32, 24, 64, seed=0)
-    wrapped = WithRepa(model, projector, block=2)
+    wrapped = WithRepa(model, projector, model.blocks[1])
     inputs = {"hidden_states": torch.randn(2, 16, 8, 8), "timestep": torch.tensor([0.3, 0.7]),
               "encoder_hidden_states": torch.randn(2, 5, 8), "attention_mask": torch.ones(2, 5, dtype=torch.bool)}
     seen = []
@@ -246,3 +246,12 @@ def test_two_ranks_with_repa_equal_one_across_its_stop_step(pipeline, teachers, 
     a, b = (load_checkpoint(latest_checkpoint(r)) for r in (one, two))
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-6)
+
+
+def test_repa_inside_the_routed_blocks_aligns_the_kept_tokens(pipeline, teachers, tmp_path: Path):
+    """With TREAD routing blocks 1..2, REPA's block 2 sees half the tokens: the teacher's features
+    are taken at those tokens."""
+    run = tmp_path / "run"
+    assert _train(pipeline["manifest"], run, pipeline, teachers["dinov3"], "--ablation", "repa,tread", steps=3,
+                  **{"model.depth": 4, "routing.start": 1, "repa.block": 2}) == 0
+    assert all(r is not None and 0 < r < 2 for _, _, r in _metrics(run))

@@ -1,7 +1,7 @@
 """``train``: train a denoiser on a manifest, or export a run for diffusers.
 
     train --shards manifests/long.json --out runs/NAME [--preset tiny|small|prx-1.2b]
-          [--ablation x-pred,muon,ema] [--config FILE.yaml] [--resume auto] [key=value ...]
+          [--ablation x-pred,muon,repa,tread,ema] [--config FILE.yaml] [--resume auto] [key=value ...]
     torchrun --nproc_per_node 8 -m train --shards ... --out ...
     train export runs/NAME --to DIR [--step N] [--weights ema|raw]
     train generate DIR "a prompt" ... --out image.png

@@ -90,6 +90,15 @@ class RepaConfig:
 
 
 @dataclass
+class RoutingConfig:
+    """TREAD token routing (train/routing.py); ratio 0 turns it off, as PRX's baseline."""
+
+    ratio: float = 0.0  # share of image tokens that skip the routed blocks in training; TREAD's 0.5
+    start: int = 2  # the first routed block (0-based)
+    end: int = 0  # the routed blocks end before this one; 0 = model.depth - 2
+
+
+@dataclass
 class DataConfig:
     workers: int = 2  # DataLoader workers per rank (part of the data order: fixed for a run)
     shuffle_buffer: int = 1000  # samples per shuffled block, per stream
@@ -152,6 +161,7 @@ class TrainConfig:
     flow: FlowConfig = field(default_factory=FlowConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     repa: RepaConfig = field(default_factory=RepaConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -187,6 +197,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "x-pred": {"flow.prediction": "x0"},  # PRX: FID 18.20 -> 16.80
     "muon": {"optim.name": "muon"},  # PRX: FID 18.20 -> 15.55
     "repa": {"repa.weight": 0.5},  # PRX: FID 18.20 -> 14.64 with DINOv3 (burn-in: repa.stop_step)
+    "tread": {"routing.ratio": 0.5},  # PRX ablated TREAD and SPRINT (token routing); not in this table
     "ema": {"ema.decay": 0.9999},  # not in PRX's table (its baseline has EMA off)
 }
 
@@ -393,6 +404,13 @@ def validate(cfg: TrainConfig) -> None:
                           "repa.projector_dim below 1")
     if cfg.repa.block > cfg.model.depth:
         raise ConfigError(f"repa.block {cfg.repa.block} is past the last block (model.depth {cfg.model.depth})")
+    if not 0.0 <= cfg.routing.ratio < 1.0:
+        raise ConfigError(f"routing.ratio must be in [0, 1) (0 turns routing off), got {cfg.routing.ratio}")
+    end = cfg.routing.end or cfg.model.depth - 2
+    if cfg.routing.ratio > 0 and not 0 <= cfg.routing.start < end <= cfg.model.depth:
+        raise ConfigError(f"token routing needs 0 <= routing.start < routing.end <= model.depth; got start "
+                          f"{cfg.routing.start}, end {end} (routing.end 0 means depth - 2), depth "
+                          f"{cfg.model.depth}")
     if not 0.0 <= cfg.ema.decay < 1.0:
         raise ConfigError(f"ema.decay must be in [0, 1) (0 turns EMA off), got {cfg.ema.decay}")
     if cfg.lr <= 0:

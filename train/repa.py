@@ -111,18 +111,19 @@ def alignment_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 class WithRepa(torch.nn.Module):
     """The denoiser and the projector as one module, so that DDP reduces the projector's gradients
     with the denoiser's and torch.compile sees both. ``forward`` takes the denoiser's arguments and
-    returns (its output, the projected tokens of the aligned block).
+    returns (its output, the projected tokens of ``block``, one of the denoiser's blocks).
 
     A forward hook keeps the block's output, but only during this module's own forward: sampling
-    with the bare denoiser keeps nothing.
+    with the bare denoiser keeps nothing. ``denoiser`` may be the model or a wrapper of it that
+    calls it differently (train.routing.RoutedDenoiser).
     """
 
-    def __init__(self, denoiser: torch.nn.Module, projector: torch.nn.Module, block: int):
+    def __init__(self, denoiser: torch.nn.Module, projector: torch.nn.Module, block: torch.nn.Module):
         super().__init__()
         self.denoiser, self.projector = denoiser, projector
         self._capturing = False
         self._hidden: torch.Tensor | None = None
-        self._hook = denoiser.blocks[block - 1].register_forward_hook(self._keep)
+        self._hook = block.register_forward_hook(self._keep)
 
     def _keep(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
         if self._capturing:

@@ -79,6 +79,7 @@ from train.repa import (
     repa_active,
     repa_block,
 )
+from train.routing import RoutedDenoiser, aligned_in_route, draw_route, gather_tokens
 
 DataSource = Callable[[int, int], Iterator[StepBatch]]  # (start step, rank) -> step batches
 
@@ -195,8 +196,12 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
                 gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets: one copy less
         return torch.compile(module) if cfg.compile else module
 
-    with_repa = WithRepa(model, projector, repa_block(cfg)) if projector is not None else None
-    ddp_model = wrap(with_repa or model)
+    # What a training step calls: the model, through TREAD's routed forward when routing is on
+    # (train/routing.py), with REPA's projector beside it while REPA is on.
+    routing = cfg.routing.ratio > 0
+    net = RoutedDenoiser(model) if routing else model
+    with_repa = WithRepa(net, projector, model.blocks[repa_block(cfg) - 1]) if projector is not None else None
+    ddp_model = wrap(with_repa or net)
     token_patch = architecture["patch_size"]
 
     # ---- the run folder ------------------------------------------------------------------------------
@@ -252,7 +257,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
                 # REPA's burn-in is over: teacher and projector go, and the denoiser trains alone.
                 teacher = projector = None
                 with_repa.detach_hook()
-                ddp_model = wrap(model)
+                ddp_model = wrap(net)
                 optimizer.param_groups[-1]["params"] = []  # the projector's group (see _projector_params)
                 for p in with_repa.projector.parameters():
                     optimizer.state.pop(p, None)
@@ -281,6 +286,10 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
                                           uniform_share=cfg.flow.uniform_share, shift=cfg.flow.shift)
                 noise = torch.randn(micro.latents.shape, generator=g)
 
+                route = None
+                if routing:  # TREAD: which tokens the routed blocks see, drawn for this slot too
+                    tokens = (micro.latents.shape[-2] // token_patch) * (micro.latents.shape[-1] // token_patch)
+                    route = draw_route(cfg, n, tokens, g, world.device)
                 x0 = micro.latents.to(world.device, non_blocking=True)
                 noise, t = _to_device(noise, world.device), _to_device(t, world.device)
                 x_t = flow.interpolate(x0, noise, t)
@@ -297,10 +306,13 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
                         raise TrainingError("REPA needs each micro-batch's images (the data source gave none)")
                     target = teacher.features(micro.images, (x_t.shape[-2] // token_patch,
                                                              x_t.shape[-1] // token_patch))
+                    if route is not None and aligned_in_route(cfg, repa_block(cfg)):
+                        target = gather_tokens(target, route.keep)  # the block saw the kept tokens only
                 sync = i == len(batch.micro) - 1
                 with (contextlib.nullcontext() if sync or world.world_size == 1 else ddp_model.no_sync()):
                     inputs = {"hidden_states": x_t.to(weights_dtype), "timestep": t,
-                              "encoder_hidden_states": context.to(weights_dtype), "attention_mask": mask}
+                              "encoder_hidden_states": context.to(weights_dtype), "attention_mask": mask,
+                              **({"route": route} if routing else {})}
                     with autocast:
                         if teacher is not None:
                             prediction, projected = ddp_model(**inputs)

@@ -217,10 +217,10 @@ def test_repa_learns_to_align(pipeline, teachers, tmp_path: Path):
     assert repa[-1] < 0.85 * repa[0], repa  # 0.50 -> 0.37 here: the tokens turn towards the teacher's
 
 
-def test_repa_compiled_trains_as_eager(pipeline, teachers, tmp_path: Path):
-    settings = {"steps": 3, "checkpoint_every": 3}
+def test_repa_and_tread_compiled_train_as_eager(pipeline, teachers, tmp_path: Path):
+    settings = {"steps": 3, "checkpoint_every": 3, "model.depth": 4, "routing.start": 1}
     for name, compile_ in (("eager", "false"), ("compiled", "true")):
-        assert _train(pipeline["manifest"], tmp_path / name, pipeline, teachers["dinov3"], "--ablation", "repa",
+        assert _train(pipeline["manifest"], tmp_path / name, pipeline, teachers["dinov3"], "--ablation", "repa,tread",
                       compile=compile_, **settings) == 0
     for (s1, l1, r1), (s2, l2, r2) in zip(_metrics(tmp_path / "eager"), _metrics(tmp_path / "compiled"), strict=True):
         assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-3) and r1 == pytest.approx(r2, rel=1e-3)
@@ -228,10 +228,10 @@ def test_repa_compiled_trains_as_eager(pipeline, teachers, tmp_path: Path):
 
 def test_two_ranks_with_repa_equal_one_across_its_stop_step(pipeline, teachers, tmp_path: Path):
     """DDP reduces the projector's gradients with the denoiser's, and is rebuilt without the
-    projector when REPA ends."""
-    settings = _settings(pipeline, teachers["dinov3"], steps=5, checkpoint_every=5, **{"repa.stop_step": 3,
-                                                                                         "data.workers": 1})
-    base = ["-m", "train", "--shards", str(pipeline["manifest"]), "--preset", "tiny", "--ablation", "repa"]
+    projector when REPA ends; TREAD's routes are drawn per slot, as on one rank."""
+    settings = _settings(pipeline, teachers["dinov3"], steps=5, checkpoint_every=5,
+                         **{"repa.stop_step": 3, "data.workers": 1, "model.depth": 4, "routing.start": 1})
+    base = ["-m", "train", "--shards", str(pipeline["manifest"]), "--preset", "tiny", "--ablation", "repa,tread"]
     one, two = tmp_path / "one", tmp_path / "two"
     done = subprocess.run([sys.executable, *base, "--out", str(one), *settings], cwd=REPO, capture_output=True,
                           text=True)

@@ -9,8 +9,8 @@
 # bench/gpu.sh` on the machine still warm from the first call); then, with GPU_TRAIN=1, the trainer as the prx-1.2b preset runs it (compiled) fed by shards
 # and by memory (bench/gpu_train.py, 230 s) and eager from memory (150 s). The encoder-only
 # figures (bench/gpu_vae.py) run too with GPU_VAE=1: a further 150 s. GPU_ABLATIONS=1 times the
-# prx-1.2b step fed from memory as the baseline and with `--ablation muon` and `--ablation ema`
-# (330 s). BENCHMARKS.md holds the
+# prx-1.2b step fed from memory as the baseline and with `--ablation muon`, `ema` and `tread`
+# (400 s; run it alone: GPU_ENCODE=0 GPU_ABLATIONS=1). BENCHMARKS.md holds the
 # trainer's and the encoder-only figures already (session 3), so by default only the first
 # part runs: about 4 minutes with the machine's start.
 #
@@ -69,8 +69,8 @@ if [ "${GPU_TEXT:-0}" = 1 ]; then  # stored caption embeddings against T5Gemma-2
     timeout -k 10 300 "$PY" bench/gpu_train.py --text-layers 26 --feeds shards,text --steps 5 --shards 16 \
         | tee "$OUT/gpu_train_text.md" || echo "bench/gpu_train.py --feeds shards,text stopped early (exit $?)"
 fi
-if [ "${GPU_ABLATIONS:-0}" = 1 ]; then  # the cost per step of Muon and EMA at prx-1.2b (compiled)
-    timeout -k 10 330 "$PY" bench/gpu_train.py --feeds memory --ablations muon,ema --steps 5 \
+if [ "${GPU_ABLATIONS:-0}" = 1 ]; then  # Muon's and EMA's cost, TREAD's saving per step at prx-1.2b (compiled)
+    timeout -k 10 400 "$PY" bench/gpu_train.py --feeds memory --ablations muon,ema,tread --steps 5 \
         | tee "$OUT/gpu_train_ablations.md" || echo "bench/gpu_train.py --ablations stopped early (exit $?)"
 fi
 if [ "${GPU_TRAIN:-0}" = 1 ]; then  # GPU_TRAIN=1: the trainer's figures too (BENCHMARKS.md has them)

@@ -8,8 +8,9 @@ latents, 16 x 32 x 32), bf16 autocast with fp32 weights and AdamW, as `train` ru
       `curate encode-text` writes them; random values of the encoder's width, about the token
       counts of real captions), so that no step runs the text encoder. Against (a) with
       --text-layers 26 (T5Gemma-2B's full encoder) this is what precomputing text saves;
-  (d) with --ablations muon,ema,x-pred: the memory-fed run (b) again with each ablation switched
-      on (train --ablation NAME): what Muon's Newton-Schulz steps and the EMA update cost per step.
+  (d) with --ablations muon,ema,x-pred,tread: the memory-fed run (b) again with each ablation
+      switched on (train --ablation NAME): what Muon's Newton-Schulz steps and the EMA update cost
+      per step, and what TREAD's routing saves.
 
 MFU is the trainer's own (metrics.jsonl: train.model's counted forward + backward FLOPs per
 sample over the data-sheet bf16 peak), also given against the dense bf16 matmul rate measured
@@ -29,7 +30,7 @@ Realism and its limits:
 
     python bench/gpu_train.py [--steps 10] [--warmup 3] [--global-batch 256] [--micro-batch 32]
     python bench/gpu_train.py --eager --feeds memory   # without torch.compile (the preset compiles)
-    python bench/gpu_train.py --feeds memory --ablations muon,ema   # the ablations' cost per step
+    python bench/gpu_train.py --feeds memory --ablations muon,ema,tread   # the ablations' cost per step
     python bench/gpu_train.py --smoke     # CPU, tiny preset and a narrow encoder: the code path
 
 On the lent GPU machines run it through bench/gpu.sh, which installs the carried wheels.

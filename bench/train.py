@@ -13,8 +13,9 @@ against encoding images with the VAE on the fly, measured in one run (CPU).
    preprocessed tensors, then ``curate.vae.to_model_input`` with the latent spec of that
    VAE. Reading and decoding the images is left out, which flatters the on-the-fly side.
 3. Ablations: the data-path step fed from memory with each `train --ablation` switched on
-   (muon, ema, x-pred) against the same step without (the baseline): the cost per step of
-   Muon's Newton-Schulz iterations, the EMA update and x-prediction's conversion.
+   (muon, ema, x-pred, tread) against the same step without (the baseline): the cost per step
+   of Muon's Newton-Schulz iterations, the EMA update and x-prediction's conversion, and what
+   TREAD's routing (half the tokens skip blocks 1 and 2 of 4) saves.
 
 Steps/s come from the trainer's own metrics windows (metrics.jsonl: each window's images/s
 and data-wait share), the first window (warm-up: worker start, first allocations) left out.
@@ -23,6 +24,7 @@ gives the median and every run, so a disturbance on the machine shows up. Shard 
 runs must end on the same loss (same batches, same draws): a warning says when they do not.
 
     python bench/train.py [--quick] [--repeats 3] [--steps 30] [--workers 2] [--threads N]
+                          [--comparisons data,vae,ablations]
 """
 
 from __future__ import annotations
@@ -62,19 +64,25 @@ DataSource = Callable[[int, int], Iterator[StepBatch]]
 
 # The tiny preset widened so that a step is real CPU compute (5.0M parameters, 256 image tokens
 # of 16 px plus 64 text tokens per sample) yet under a second at global batch 16 on 2 cores.
-ABLATION_RUNS = ("baseline", "muon", "ema", "x-pred")
+# name -> (train --ablation names, further keys). TREAD routes blocks 1 and 2 of this depth-4
+# denoiser (its default, blocks 2 to depth - 2, would route none here).
+ABLATION_RUNS: dict[str, tuple[list[str], dict[str, Any]]] = {
+    "baseline": ([], {}), "muon": (["muon"], {}), "ema": (["ema"], {}), "x-pred": (["x-pred"], {}),
+    "tread": (["tread"], {"routing.start": 1, "routing.end": 3}),
+}
 MODEL = {"model.hidden_size": 256, "model.depth": 4, "model.num_heads": 4, "model.axes_dim": [32, 32]}
 
 
 def config(manifest: Path, out: Path, text: Path, *, steps: int, global_batch: int, micro_batch: int,
-           workers: int, every: int, ablations: list[str] | None = None) -> TrainConfig:
+           workers: int, every: int, ablations: list[str] | None = None,
+           extra: dict[str, Any] | None = None) -> TrainConfig:
     # Shuffle blocks of 2 micro-batches: every stream reads its shards every other batch, so the
     # timed steps read as many samples as they consume (with the preset's 256-sample blocks all
     # reading would fall in the warm-up window of a 30-step run).
     settings = {**MODEL, "text_encoder": str(text), "steps": steps, "global_batch": global_batch,
                 "micro_batch": micro_batch, "data.workers": workers, "log.every": every,
                 "data.shuffle_buffer": 2 * micro_batch, "log.tensorboard": False,
-                "sample_every": 0, "checkpoint_every": steps}
+                "sample_every": 0, "checkpoint_every": steps, **(extra or {})}
     return build_config("tiny", overrides=[f"{k}={v}" for k, v in settings.items()],
                         ablations=ablations, shards=str(manifest), out=str(out))
 
@@ -173,14 +181,15 @@ def main() -> None:
     parser.add_argument("--vae-steps", type=int, default=3, help="timed steps of the VAE comparison")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="torch threads of the training process (default: one per core)")
+    parser.add_argument("--comparisons", default="data,vae,ablations",
+                        help="which comparisons, comma-separated: data, vae, ablations")
     args = parser.parse_args()
+    wanted = set(args.comparisons.split(","))
+    if not wanted or wanted - {"data", "vae", "ablations"}:
+        parser.error(f"--comparisons takes data, vae and ablations, not {args.comparisons!r}")
     if args.quick:
         args.repeats, args.steps, args.every, args.vae_steps = 1, 10, 5, 1
     torch.set_num_threads(args.threads)
-    # Imported here, after the train package: bench/encode_latents.py puts bench/ first on the path.
-    from encode_latents import full_size_flux_vae
-    from ingest import make_images
-
     side, grid = 256, 32
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -192,36 +201,53 @@ def main() -> None:
                                    channels=16, sizes=[(grid, grid)], stored="dist", dtype="bfloat16")
         base = dict(steps=args.steps, global_batch=16, micro_batch=8, workers=args.workers, every=args.every)
         batches = collect(config(data["mix"], tmp / "collect", text, **base))
-        data_runs = interleaved({
-            "shards": lambda r: run(config(data["mix"], tmp / f"shards-{r}", text, **base)),
-            "memory": lambda r: run(config(data["mix"], tmp / f"memory-{r}", text, **base),
-                                    from_memory(batches)),
-        }, args.repeats)
+        data_runs = ablation_runs = vae_runs = None
+        if "data" in wanted:
+            data_runs = interleaved({
+                "shards": lambda r: run(config(data["mix"], tmp / f"shards-{r}", text, **base)),
+                "memory": lambda r: run(config(data["mix"], tmp / f"memory-{r}", text, **base),
+                                        from_memory(batches)),
+            }, args.repeats)
 
         # 3. Each ablation against the baseline, the same batches from memory.
-        ablation_runs = interleaved({
-            name: lambda r, name=name: run(config(data["mix"], tmp / f"{name}-{r}", text, **base,
-                                                  ablations=None if name == "baseline" else [name]),
-                                           from_memory(batches))
-            for name in ABLATION_RUNS}, args.repeats)
+        if "ablations" in wanted:
+            ablation_runs = interleaved({
+                name: lambda r, name=name, names=names, extra=extra: run(
+                    config(data["mix"], tmp / f"{name}-{r}", text, **base, ablations=names, extra=extra),
+                    from_memory(batches))
+                for name, (names, extra) in ABLATION_RUNS.items()}, args.repeats)
 
-        # 2. Precomputed latents against the full-size Flux VAE encoding on the fly.
-        vae_dir = full_size_flux_vae(tmp / "flux-full")
-        vae_data = make_latent_dataset(tmp / "vae-latents", shards=2, per_shard=8, channels=16,
-                                       sizes=[(grid, grid)], stored="dist", dtype="bfloat16",
-                                       vae_dir=vae_dir)
-        small = dict(steps=1 + args.vae_steps, global_batch=4, micro_batch=4, workers=0, every=1)
-        vae_batches = collect(config(vae_data["mix"], tmp / "vae-collect", text, **small))
-        make_images(tmp / "images", 8, 320)
-        images = torch.stack([to_model_range(preprocess(p.read_bytes(), resolution=side)[0])
-                              for p in sorted((tmp / "images").glob("*.jpg"))])
-        fly = on_the_fly(vae_batches, images, vae_dir, seed=0)
-        vae_runs = interleaved({
-            "precomputed": lambda r: run(config(vae_data["mix"], tmp / f"pre-{r}", text, **small),
-                                         from_memory(vae_batches)),
-            "on the fly": lambda r: run(config(vae_data["mix"], tmp / f"fly-{r}", text, **small), fly),
-        }, args.repeats)
+        if "vae" in wanted:
+            vae_runs = compare_vae(tmp, text, args, side, grid)
 
+    report(args, side, grid, started, data_runs, vae_runs, ablation_runs)
+
+
+def compare_vae(tmp: Path, text: Path, args: argparse.Namespace, side: int, grid: int) -> dict[str, list[dict]]:
+    """2. Precomputed latents against the full-size Flux VAE encoding on the fly."""
+    # Imported here, after the train package: bench/encode_latents.py puts bench/ first on the path.
+    from encode_latents import full_size_flux_vae
+    from ingest import make_images
+
+    vae_dir = full_size_flux_vae(tmp / "flux-full")
+    vae_data = make_latent_dataset(tmp / "vae-latents", shards=2, per_shard=8, channels=16,
+                                   sizes=[(grid, grid)], stored="dist", dtype="bfloat16",
+                                   vae_dir=vae_dir)
+    small = dict(steps=1 + args.vae_steps, global_batch=4, micro_batch=4, workers=0, every=1)
+    vae_batches = collect(config(vae_data["mix"], tmp / "vae-collect", text, **small))
+    make_images(tmp / "images", 8, 320)
+    images = torch.stack([to_model_range(preprocess(p.read_bytes(), resolution=side)[0])
+                          for p in sorted((tmp / "images").glob("*.jpg"))])
+    fly = on_the_fly(vae_batches, images, vae_dir, seed=0)
+    return interleaved({
+        "precomputed": lambda r: run(config(vae_data["mix"], tmp / f"pre-{r}", text, **small),
+                                     from_memory(vae_batches)),
+        "on the fly": lambda r: run(config(vae_data["mix"], tmp / f"fly-{r}", text, **small), fly),
+    }, args.repeats)
+
+
+def report(args: argparse.Namespace, side: int, grid: int, started: float, data_runs: dict | None,
+           vae_runs: dict | None, ablation_runs: dict | None) -> None:
     cores = len(os.sched_getaffinity(0))
     n = args.repeats
     print(f"# bench/train.py: {side} px (16 x {grid} x {grid} Flux latents), denoiser "
@@ -236,20 +262,26 @@ def main() -> None:
         print(f"| {comparison} | {label} | {batch} | {int(results[0]['steps'])} | {median(results):.3g} | "
               f"{each} | {median(results, 'wait'):.1%} | {ratio} |")
 
-    shards, memory = data_runs["shards"], data_runs["memory"]
-    if any(a["loss"] != b["loss"] for a, b in zip(shards, memory, strict=True)):
-        print("WARNING: the shard and memory runs ended on different losses: not the same batches")
-    pairs = ", ".join(f"{a['steps_per_s'] / b['steps_per_s']:.3f}" for a, b in zip(shards, memory, strict=True))
-    row("data path", f"real shards ({args.workers} workers)", shards, "16 / 8",
-        f"**{median(shards) / median(memory):.3f}** (runs: {pairs})")
-    row("data path", "same step batches in memory", memory, "16 / 8", "1")
-    pre, otf = vae_runs["precomputed"], vae_runs["on the fly"]
-    row("VAE", "precomputed latents (in memory)", pre, "4 / 4", f"**{median(pre) / median(otf):.1f}x**")
-    row("VAE", "full-size Flux VAE on the fly", otf, "4 / 4", "1")
+    if data_runs:
+        shards, memory = data_runs["shards"], data_runs["memory"]
+        if any(a["loss"] != b["loss"] for a, b in zip(shards, memory, strict=True)):
+            print("WARNING: the shard and memory runs ended on different losses: not the same batches")
+        pairs = ", ".join(f"{a['steps_per_s'] / b['steps_per_s']:.3f}" for a, b in zip(shards, memory, strict=True))
+        row("data path", f"real shards ({args.workers} workers)", shards, "16 / 8",
+            f"**{median(shards) / median(memory):.3f}** (runs: {pairs})")
+        row("data path", "same step batches in memory", memory, "16 / 8", "1")
+    if vae_runs:
+        pre, otf = vae_runs["precomputed"], vae_runs["on the fly"]
+        row("VAE", "precomputed latents (in memory)", pre, "4 / 4", f"**{median(pre) / median(otf):.1f}x**")
+        row("VAE", "full-size Flux VAE on the fly", otf, "4 / 4", "1")
+    if not ablation_runs:
+        return
     baseline = ablation_runs["baseline"]
     for name in ABLATION_RUNS:
         results = ablation_runs[name]
-        label = "in memory, baseline" if name == "baseline" else f"in memory, --ablation {name}"
+        names, extra = ABLATION_RUNS[name]
+        keys = "".join(f" {k}={v}" for k, v in extra.items())
+        label = "in memory, baseline" if name == "baseline" else f"in memory, --ablation {','.join(names)}{keys}"
         row("ablations", label, results, "16 / 8",
             "1" if name == "baseline" else f"**{median(results) / median(baseline):.3f}**")
 

@@ -332,8 +332,9 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
                                       else torch.zeros(2, dtype=torch.float64, device=world.device)])
                 step_losses += sums
 
+            trained = [*model.parameters(), *(projector.parameters() if projector is not None else ())]
             grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
+                trained, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)

@@ -65,3 +65,15 @@ python -m curate.tiny dinov2 "$DATA/models/tiny-dinov2"
 evaluate run "$DATA/runs/tiny" --samples 48 --steps 8 --clip "$DATA/models/tiny-clip" \
     --dino "$DATA/models/tiny-dinov2" --no-progress
 evaluate compare "$DATA/runs/tiny"
+
+echo "== 11. an ablation, one switch away: the same run with REPA (a tiny DINOv3 teacher), side by side"
+# --ablation repa aligns block 1's tokens with the teacher's patch features of the original images,
+# which the loader reads from the image stage the manifest names (step 1's output). The table shows
+# the keys the two runs differ in: the ablation.
+python -m curate.tiny dinov3 "$DATA/models/tiny-dinov3"
+train --shards manifests/demo-long-t5gemma.json --out "$DATA/runs/tiny-repa" --preset tiny --ablation repa \
+    --resume auto text_encoder="$DATA/models/tiny-t5gemma" repa.encoder="$DATA/models/tiny-dinov3" steps=200 \
+    log.every=20 sample_every=100 data.workers=2 data.sample_latents=false
+evaluate run "$DATA/runs/tiny-repa" --samples 48 --steps 8 --clip "$DATA/models/tiny-clip" \
+    --dino "$DATA/models/tiny-dinov2" --no-progress
+evaluate compare "$DATA/runs/tiny" "$DATA/runs/tiny-repa"

@@ -178,6 +178,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optim.warmup_steps": 10, "lr": 1e-3,
         "sample.steps": 8, "sample.prompts": SampleConfig().prompts[:4],
         "data.shuffle_buffer": 256, "log.every": 5,
+        "repa.projector_dim": 256,  # REPA's 2048-wide projector would be 20 times this denoiser
     },
     # About 150M parameters: quick ablations on one GPU.
     "small": {

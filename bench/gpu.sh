@@ -10,7 +10,8 @@
 # and by memory (bench/gpu_train.py, 230 s) and eager from memory (150 s). The encoder-only
 # figures (bench/gpu_vae.py) run too with GPU_VAE=1: a further 150 s. GPU_ABLATIONS=1 times the
 # prx-1.2b step fed from memory as the baseline and with `--ablation muon`, `ema` and `tread`
-# (400 s; run it alone: GPU_ENCODE=0 GPU_ABLATIONS=1). BENCHMARKS.md holds the
+# (420 s; run it alone: GPU_ENCODE=0 GPU_ABLATIONS=1); GPU_REPA=1 the shard-fed step against the
+# same with `--ablation repa` (a DINOv3 ViT-B/16-shaped teacher, noise JPEGs as originals; 300 s). BENCHMARKS.md holds the
 # trainer's and the encoder-only figures already (session 3), so by default only the first
 # part runs: about 4 minutes with the machine's start.
 #
@@ -70,8 +71,12 @@ if [ "${GPU_TEXT:-0}" = 1 ]; then  # stored caption embeddings against T5Gemma-2
         | tee "$OUT/gpu_train_text.md" || echo "bench/gpu_train.py --feeds shards,text stopped early (exit $?)"
 fi
 if [ "${GPU_ABLATIONS:-0}" = 1 ]; then  # Muon's and EMA's cost, TREAD's saving per step at prx-1.2b (compiled)
-    timeout -k 10 400 "$PY" bench/gpu_train.py --feeds memory --ablations muon,ema,tread --steps 5 \
+    timeout -k 10 420 "$PY" bench/gpu_train.py --feeds memory --ablations muon,ema,tread --steps 5 \
         | tee "$OUT/gpu_train_ablations.md" || echo "bench/gpu_train.py --ablations stopped early (exit $?)"
+fi
+if [ "${GPU_REPA:-0}" = 1 ]; then  # REPA's cost per step at prx-1.2b: DINOv3-B teacher, originals decoded
+    timeout -k 10 300 "$PY" bench/gpu_train.py --feeds shards --ablations repa --steps 5 \
+        | tee "$OUT/gpu_train_repa.md" || echo "bench/gpu_train.py --ablations repa stopped early (exit $?)"
 fi
 if [ "${GPU_TRAIN:-0}" = 1 ]; then  # GPU_TRAIN=1: the trainer's figures too (BENCHMARKS.md has them)
     # As the preset runs (compiled; 3 warm-up steps hold the compiling), then eager from memory.

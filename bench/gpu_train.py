@@ -10,7 +10,10 @@ latents, 16 x 32 x 32), bf16 autocast with fp32 weights and AdamW, as `train` ru
       --text-layers 26 (T5Gemma-2B's full encoder) this is what precomputing text saves;
   (d) with --ablations muon,ema,x-pred,tread: the memory-fed run (b) again with each ablation
       switched on (train --ablation NAME): what Muon's Newton-Schulz steps and the EMA update cost
-      per step, and what TREAD's routing saves.
+      per step, and what TREAD's routing saves. ``repa`` is compared with the shard-fed run (a)
+      instead: it reads the originals too, from an image stage of noise JPEGs written beside the
+      shards (tests/latent_data.add_image_stage), and runs a teacher of DINOv3 ViT-B/16's shape
+      (randomly initialised: its FLOPs, not its features) every step.
 
 MFU is the trainer's own (metrics.jsonl: train.model's counted forward + backward FLOPs per
 sample over the data-sheet bf16 peak), also given against the dense bf16 matmul rate measured
@@ -56,7 +59,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 sys.path.append(str(Path(__file__).resolve().parent))
 
-from latent_data import add_text_shards, make_latent_dataset  # noqa: E402
+from latent_data import add_image_stage, add_text_shards, make_latent_dataset  # noqa: E402
 
 import train.trainer as trainer  # noqa: E402
 from curate.manifest import load_manifest  # noqa: E402
@@ -117,9 +120,25 @@ def bf16_peak() -> float:
     return measure("cuda")
 
 
+def build_dinov3_base(folder: Path, seed: int = 0) -> Path:
+    """A randomly initialised DINOv3 ViT-B/16 (facebook/dinov3-vitb16-pretrain-lvd1689m's shape) with
+    its image processor, saved like curate.tiny.build_tiny_dinov3 saves the tiny one."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTImageProcessorFast, DINOv3ViTModel
+
+    config = DINOv3ViTConfig(patch_size=16, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                             num_attention_heads=12, num_register_tokens=4, layerscale_value=1.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DINOv3ViTModel(config).eval()
+    model.save_pretrained(folder)
+    DINOv3ViTImageProcessorFast(size={"height": 256, "width": 256}, image_mean=[0.485, 0.456, 0.406],
+                                image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+    return folder
+
+
 def config(args: argparse.Namespace, manifest: Path, out: Path, text: Path,
-           ablations: list[str] | None = None) -> TrainConfig:
-    settings = {"text_encoder": str(text), "steps": args.warmup + args.steps,
+           ablations: list[str] | None = None, extra: dict[str, Any] | None = None) -> TrainConfig:
+    settings = {**(extra or {}), "text_encoder": str(text), "steps": args.warmup + args.steps,
                 "global_batch": args.global_batch, "micro_batch": args.micro_batch,
                 "data.workers": args.workers, "data.shuffle_buffer": 2 * args.micro_batch,
                 "log.every": 1, "log.tensorboard": False, "sample_every": 0,
@@ -190,10 +209,9 @@ def main() -> None:
     if not feeds or set(feeds) - {"shards", "memory", "text"}:
         parser.error(f"--feeds takes shards, memory and text, comma-separated, not {args.feeds!r}")
     ablations = [a for a in args.ablations.split(",") if a]
-    if "repa" in ablations:
-        parser.error("--ablations repa needs an image stage and a teacher, which this benchmark's synthetic "
-                     "latents do not have")
-    if ablations and "memory" not in feeds:
+    if "repa" in ablations and "shards" not in feeds:
+        parser.error("--ablations repa compares against the shard-fed run: add shards to --feeds")
+    if set(ablations) - {"repa"} and "memory" not in feeds:
         parser.error("--ablations compares against the memory-fed run: add memory to --feeds")
     args.preset = "prx-1.2b"
     sizes = T5GEMMA_2B
@@ -242,17 +260,25 @@ def main() -> None:
         memory = f"same step batches in memory{' (pinned)' if cuda else ''}"
         runs = [("shards", f"real shards on local disk ({args.workers} workers)"), ("memory", memory),
                 ("text", "real shards and stored text embeddings (no text encoder per step)")]
-        runs += [(f"ablation {name}", f"{memory}, --ablation {name}") for name in ablations]
+        runs += [(f"ablation {name}", f"{memory}, --ablation {name}") for name in ablations if name != "repa"]
+        extra: dict[str, Any] = {}
+        if "repa" in ablations:
+            t0 = time.perf_counter()
+            images = add_image_stage(data)
+            extra["repa.encoder"] = str(build_dinov3_base(tmp / "dinov3"))
+            print(f"# REPA: {sum(1 for _ in images.glob('*.tar'))} image shards of noise JPEGs and a random "
+                  f"DINOv3 ViT-B/16 written in {time.perf_counter() - t0:.0f} s", flush=True)
+            runs.append(("ablation repa", f"real shards and their images ({args.workers} workers), --ablation repa"))
         for key, label in runs:
             if key.split(" ")[0] not in feeds and not key.startswith("ablation"):
                 continue
             ablation = key.removeprefix("ablation ") if key.startswith("ablation") else None
             cfg = config(args, manifests.get(key, data["mix"]), tmp / key.replace(" ", "-"), text,
-                         ablations=[ablation] if ablation else None)
+                         ablations=[ablation] if ablation else None, extra=extra if ablation == "repa" else None)
             source = None
             if key == "memory":
                 batches = collect(cfg, pin=cuda)
-            if key == "memory" or ablation:
+            if key == "memory" or (ablation and ablation != "repa"):
                 source = lambda start, rank, b=batches: iter(b[start:])  # noqa: E731
             r = results[key] = run(cfg, args.warmup, source)
             mfu = r.get("mfu")
@@ -267,9 +293,10 @@ def main() -> None:
     if "shards" in results and "memory" in results:
         print(f"shards / memory: {results['shards']['images_per_s'] / results['memory']['images_per_s']:.3f}")
     for name in ablations:
-        r = results[f"ablation {name}"]
-        print(f"--ablation {name} / baseline (memory): images/s {r['images_per_s'] / results['memory']['images_per_s']:.3f}, "
-              f"peak memory {r['memory_gb'] - results['memory']['memory_gb']:+.1f} GB")
+        r, base = results[f"ablation {name}"], "shards" if name == "repa" else "memory"
+        print(f"--ablation {name} / baseline ({base}): images/s "
+              f"{r['images_per_s'] / results[base]['images_per_s']:.3f}, "
+              f"peak memory {r['memory_gb'] - results[base]['memory_gb']:+.1f} GB")
     if "shards" in results and "text" in results:
         print(f"stored text / text encoded per step: "
               f"{results['text']['images_per_s'] / results['shards']['images_per_s']:.2f}x")

@@ -21,7 +21,14 @@ import torch
 from safetensors.torch import save
 
 from curate.encode_latents import EncodeLatentsStage
-from curate.manifest import LatentSpec, Manifest, ShardEntry, file_sha256, write_manifest
+from curate.manifest import (
+    LatentSpec,
+    Manifest,
+    ShardEntry,
+    file_sha256,
+    load_manifest,
+    write_manifest,
+)
 from curate.shards import ShardWriter, committed_shards, stable_hash
 
 STAGE = "encode-latents"
@@ -210,3 +217,37 @@ def add_text_shards(
         manifest = latent.model_copy(update={"name": f"{name}-text", "text": spec})
         written[name] = write_manifest(Manifest.model_validate(manifest.model_dump()), folder / f"{name}-text.json")
     return written
+
+
+def add_image_stage(dataset: dict[str, Path], *, seed: int = 0, quality: int = 90) -> Path:
+    """An image stage for ``dataset`` (made by :func:`make_latent_dataset`), as `curate ingest`
+    would have left it: ``root/images/NNNNNN.tar`` per latent shard, each accepted latent's key
+    with a noise JPEG of exactly its bucket's size (so encode-latents' crop is the identity), in
+    the same order; the manifests' provenance names it. What REPA's loader reads."""
+    import io
+
+    from PIL import Image
+
+    from curate.ingest import IngestStage
+
+    out_dir = Path(dataset["root"]) / "images"
+    rng = np.random.default_rng(seed)
+    for shard in committed_shards(dataset["latents"]):
+        ok = pl.read_parquet(shard.index_path).filter(pl.col("status") == "ok")
+        writer = ShardWriter(out_dir, shard.shard_id, IngestStage.index_schema)
+        for key, h, w in zip(ok["key"], ok["bucket_h"], ok["bucket_w"], strict=True):
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=quality)
+            data = buffer.getvalue()
+            writer.add(key, {"jpg": data, "json": json.dumps({"width": w, "height": h}).encode(), "txt": b""},
+                       row={"source": f"synthetic/{key}.jpg", "width": w, "height": h, "format": "JPEG",
+                            "mode": "RGB", "bytes": len(data), "caption": ""})
+        writer.commit(stage="ingest", fingerprint=stable_hash(["test-images", seed, shard.shard_id]),
+                      config_hash=stable_hash(["test-images", quality]))
+    for name, path in dataset.items():
+        if name in ("root", "latents") or not str(path).endswith(".json"):
+            continue
+        manifest = load_manifest(path)
+        provenance = {**manifest.provenance, "images": {"path": str(out_dir.resolve())}}
+        write_manifest(manifest.model_copy(update={"provenance": provenance}), path)
+    return out_dir

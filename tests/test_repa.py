@@ -255,3 +255,19 @@ def test_repa_inside_the_routed_blocks_aligns_the_kept_tokens(pipeline, teachers
     assert _train(pipeline["manifest"], run, pipeline, teachers["dinov3"], "--ablation", "repa,tread", steps=3,
                   **{"model.depth": 4, "routing.start": 1, "repa.block": 2}) == 0
     assert all(r is not None and 0 < r < 2 for _, _, r in _metrics(run))
+
+
+def test_the_benchmarks_synthetic_image_stage_pairs_with_its_latents(tmp_path: Path):
+    """tests/latent_data.add_image_stage (bench/gpu_train.py's REPA originals) as ingest leaves one."""
+    from latent_data import add_image_stage, make_latent_dataset
+
+    data = make_latent_dataset(tmp_path, shards=2, per_shard=4, sizes=[(4, 4), (2, 6)], rejected_every=3)
+    images = add_image_stage(data)
+    manifest = load_manifest(data["mix"])
+    assert manifest.provenance["images"]["path"] == str(images.resolve())
+    check_data(manifest, data["mix"], images=images)
+    settings = DataSettings(seed=0, global_batch=2, micro_batch=1, workers=0, shuffle_buffer=4)
+    with LatentLoader(manifest, data["mix"], settings, images=images) as loader:
+        for batch, _ in zip(loader, range(4), strict=False):
+            micro = batch.micro[0]
+            assert micro.images.shape[-2:] == (micro.latents.shape[-2] * 8, micro.latents.shape[-1] * 8)

@@ -214,7 +214,7 @@ def test_repa_learns_to_align(pipeline, teachers, tmp_path: Path):
     assert _train(pipeline["manifest"], run, pipeline, teachers["dinov2"], "--ablation", "repa", steps=60,
                   lr=3e-3, caption_dropout=0.0, **{"log.every": 10}) == 0
     repa = [r for _, _, r in _metrics(run)]
-    assert repa[-1] < 0.85 * repa[0], repa  # 0.50 -> 0.37 here: the tokens turn towards the teacher's
+    assert repa[-1] < 0.85 * repa[0], repa  # 0.63 -> 0.37 here: the tokens turn towards the teacher's
 
 
 def test_repa_and_tread_compiled_train_as_eager(pipeline, teachers, tmp_path: Path):

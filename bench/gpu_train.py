@@ -125,14 +125,16 @@ def build_dinov3_base(folder: Path, seed: int = 0) -> Path:
     its image processor, saved like curate.tiny.build_tiny_dinov3 saves the tiny one."""
     from transformers import DINOv3ViTConfig, DINOv3ViTImageProcessorFast, DINOv3ViTModel
 
+    from curate.tiny import IMAGENET_MEAN, IMAGENET_STD
+
     config = DINOv3ViTConfig(patch_size=16, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                              num_attention_heads=12, num_register_tokens=4, layerscale_value=1.0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = DINOv3ViTModel(config).eval()
     model.save_pretrained(folder)
-    DINOv3ViTImageProcessorFast(size={"height": 256, "width": 256}, image_mean=[0.485, 0.456, 0.406],
-                                image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+    DINOv3ViTImageProcessorFast(size={"height": 256, "width": 256}, image_mean=IMAGENET_MEAN,
+                                image_std=IMAGENET_STD).save_pretrained(folder)
     return folder
 
 

@@ -280,6 +280,18 @@ def _num_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+# ImageNet's mean and std: what DINOv2's and DINOv3's image processors normalise with.
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def _save_image_model(model: torch.nn.Module, processor: Any, folder: Path) -> dict[str, Any]:
+    """An image encoder and its image processor, saved as the Hub holds them; the build record."""
+    with _quiet_transformers():
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+    return {"class": type(model).__name__, "num_parameters": _num_parameters(model)}
+
+
 # --------------------------------------------------------------------------- tokenizers
 
 
@@ -1139,10 +1151,7 @@ def build_tiny_clip_vision(out_dir: str | os.PathLike[str], seed: int = 0) -> Pa
         with _seeded(seed):
             model = CLIPVisionModelWithProjection(config).eval()
         processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-        with _quiet_transformers():
-            model.save_pretrained(tmp)
-            processor.save_pretrained(tmp)
-        return {"class": type(model).__name__, "num_parameters": _num_parameters(model)}
+        return _save_image_model(model, processor, tmp)
 
     return _build_once(out_dir, spec, required, build)
 
@@ -1165,12 +1174,8 @@ def build_tiny_dinov2(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
         with _seeded(seed):
             model = Dinov2Model(config).eval()
         processor = BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28},
-                                      do_center_crop=True, image_mean=[0.485, 0.456, 0.406],
-                                      image_std=[0.229, 0.224, 0.225])
-        with _quiet_transformers():
-            model.save_pretrained(tmp)
-            processor.save_pretrained(tmp)
-        return {"class": type(model).__name__, "num_parameters": _num_parameters(model)}
+                                      do_center_crop=True, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+        return _save_image_model(model, processor, tmp)
 
     return _build_once(out_dir, spec, required, build)
 
@@ -1193,11 +1198,8 @@ def build_tiny_dinov3(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
         with _seeded(seed):
             model = DINOv3ViTModel(config).eval()
         processor = DINOv3ViTImageProcessorFast(size={"height": 32, "width": 32},
-                                                image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
-        with _quiet_transformers():
-            model.save_pretrained(tmp)
-            processor.save_pretrained(tmp)
-        return {"class": type(model).__name__, "num_parameters": _num_parameters(model)}
+                                                image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+        return _save_image_model(model, processor, tmp)
 
     return _build_once(out_dir, spec, required, build)
 

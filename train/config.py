@@ -407,8 +407,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"repa.block {cfg.repa.block} is past the last block (model.depth {cfg.model.depth})")
     if not 0.0 <= cfg.routing.ratio < 1.0:
         raise ConfigError(f"routing.ratio must be in [0, 1) (0 turns routing off), got {cfg.routing.ratio}")
-    end = cfg.routing.end or cfg.model.depth - 2
-    if cfg.routing.ratio > 0 and not 0 <= cfg.routing.start < end <= cfg.model.depth:
+    start, end = routed_blocks(cfg)
+    if cfg.routing.ratio > 0 and not 0 <= start < end <= cfg.model.depth:
         raise ConfigError(f"token routing needs 0 <= routing.start < routing.end <= model.depth; got start "
                           f"{cfg.routing.start}, end {end} (routing.end 0 means depth - 2), depth "
                           f"{cfg.model.depth}")
@@ -429,6 +429,11 @@ def validate(cfg: TrainConfig) -> None:
     if sum(cfg.model.axes_dim) != head_dim:
         raise ConfigError(f"model.axes_dim {cfg.model.axes_dim} must sum to the head size "
                           f"hidden_size / num_heads = {head_dim}")
+
+
+def routed_blocks(cfg: TrainConfig) -> tuple[int, int]:
+    """(start, end) of TREAD's routed blocks: ``routing.start`` and ``routing.end`` (0: depth - 2)."""
+    return cfg.routing.start, cfg.routing.end or cfg.model.depth - 2
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:

@@ -34,10 +34,7 @@ _MAX_PREFIX_TOKENS = 8
 def repa_block(cfg: TrainConfig) -> int:
     """The block (1-based) whose output is aligned: ``repa.block``, or a quarter of the depth
     (PRX-1.2B: block 4 of 16; REPA aligned block 8 of SiT-XL's 28)."""
-    block = cfg.repa.block or max(1, cfg.model.depth // 4)
-    if not 1 <= block <= cfg.model.depth:
-        raise ConfigError(f"repa.block must be in 1..{cfg.model.depth} (model.depth), got {block}")
-    return block
+    return cfg.repa.block or max(1, cfg.model.depth // 4)  # train.config.validate checked repa.block
 
 
 def repa_active(cfg: TrainConfig, step: int) -> bool:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from train.config import TrainConfig
+from train.config import TrainConfig, routed_blocks  # the range, checked by validate
 
 
 @dataclass(frozen=True)
@@ -27,12 +27,6 @@ class Route:
     start: int  # first routed block
     end: int  # routed blocks end before this one
     keep: torch.Tensor  # [B, K] indices of the tokens the routed blocks see, ascending
-
-
-def routed_blocks(cfg: TrainConfig) -> tuple[int, int]:
-    """(start, end) of the routed blocks: ``routing.start`` and ``routing.end`` (0: depth - 2),
-    which ``train.config.validate`` checked."""
-    return cfg.routing.start, cfg.routing.end or cfg.model.depth - 2
 
 
 def draw_route(cfg: TrainConfig, n: int, tokens: int, generator: torch.Generator,

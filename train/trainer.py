@@ -200,7 +200,10 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
     # (train/routing.py), with REPA's projector beside it while REPA is on.
     routing = cfg.routing.ratio > 0
     net = RoutedDenoiser(model) if routing else model
-    with_repa = WithRepa(net, projector, model.blocks[repa_block(cfg) - 1]) if projector is not None else None
+    aligned_block = repa_block(cfg)
+    with_repa = WithRepa(net, projector, model.blocks[aligned_block - 1]) if projector is not None else None
+    # With TREAD routing the aligned block, that block sees the kept tokens only: so must the teacher.
+    gather_target = routing and aligned_in_route(cfg, aligned_block)
     ddp_model = wrap(with_repa or net)
     token_patch = architecture["patch_size"]
 
@@ -232,7 +235,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
         if state is not None:
             logger.note(f"resumed from {checkpoint} at step {start_step}")
         if teacher is not None:
-            logger.note(f"REPA: block {repa_block(cfg)}'s tokens aligned with {teacher.id} ({teacher.dim}-d, "
+            logger.note(f"REPA: block {aligned_block}'s tokens aligned with {teacher.id} ({teacher.dim}-d, "
                         f"{teacher.patch} px patches) of the originals in {images}, weight {cfg.repa.weight}, "
                         + (f"until step {cfg.repa.stop_step}" if cfg.repa.stop_step else "the whole run"))
 
@@ -306,8 +309,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
                         raise TrainingError("REPA needs each micro-batch's images (the data source gave none)")
                     target = teacher.features(micro.images, (x_t.shape[-2] // token_patch,
                                                              x_t.shape[-1] // token_patch))
-                    if route is not None and aligned_in_route(cfg, repa_block(cfg)):
-                        target = gather_tokens(target, route.keep)  # the block saw the kept tokens only
+                    if gather_target:
+                        target = gather_tokens(target, route.keep)
                 sync = i == len(batch.micro) - 1
                 with (contextlib.nullcontext() if sync or world.world_size == 1 else ddp_model.no_sync()):
                     inputs = {"hidden_states": x_t.to(weights_dtype), "timestep": t,
@@ -448,9 +451,13 @@ def _optimizer_state(saved: dict[str, Any], cfg: TrainConfig, projector: torch.n
             "param_groups": [*groups[:-1], {**groups[-1], "params": []}]}
 
 
+# A step's loss vector: [sum, count] of the flow loss, then [sum, count] per timestep bin.
+_LOSS_ENTRIES = 2 + 2 * len(flow.TIMESTEP_BIN_NAMES)
+
+
 def _window_size(cfg: TrainConfig) -> int:
     """Entries of a step's loss vector: [sum, count], [sum, count] per timestep bin, then REPA's."""
-    return 2 + 2 * len(flow.TIMESTEP_BIN_NAMES) + (2 if cfg.repa.weight > 0 else 0)
+    return _LOSS_ENTRIES + (2 if cfg.repa.weight > 0 else 0)
 
 
 def data_settings(cfg: TrainConfig, *, pin_memory: bool = False) -> DataSettings:
@@ -570,9 +577,8 @@ class _Window:
         for j, name in enumerate(flow.TIMESTEP_BIN_NAMES):
             total, count = sums[2 + 2 * j], sums[3 + 2 * j]
             out[name] = total / count if count else None
-        repa = 2 + 2 * len(flow.TIMESTEP_BIN_NAMES)
-        if len(sums) > repa and sums[repa + 1]:
-            out["repa_loss"] = sums[repa] / sums[repa + 1]
+        if len(sums) > _LOSS_ENTRIES and sums[_LOSS_ENTRIES + 1]:  # REPA's [sum, count] follow
+            out["repa_loss"] = sums[_LOSS_ENTRIES] / sums[_LOSS_ENTRIES + 1]
         out["grad_norm"] = float(self.grad_norm) / self.steps
         images_per_s = global_batch * self.timed_steps / seconds if seconds > 0 else None
         out["images_per_s"] = images_per_s

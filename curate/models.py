@@ -69,7 +69,17 @@ IMAGE_ENCODERS = {
     "dinov3-large": "facebook/dinov3-vitl16-pretrain-lvd1689m",
 }
 
-REGISTRIES = {"vlm": VLMS, "text": TEXT_ENCODERS, "image": IMAGE_ENCODERS}
+# Denoisers to start a run from (`train --init-from`): Photoroom's released PRX-1.2B transformers
+# trained on Flux VAE latents with T5Gemma, so they continue on `curate encode-latents --vae flux`
+# manifests with the prx-1.2b preset (the other releases work by Hub id).
+DENOISERS = {
+    "prx-256": "Photoroom/prx-256-t2i",
+    "prx-512": "Photoroom/prx-512-t2i",
+    "prx-512-sft": "Photoroom/prx-512-t2i-sft",
+    "prx-1024-beta": "Photoroom/prx-1024-t2i-beta",
+}
+
+REGISTRIES = {"vlm": VLMS, "text": TEXT_ENCODERS, "image": IMAGE_ENCODERS, "denoiser": DENOISERS}
 
 
 def resolve_model(name: str, kind: str, revision: str | None = None) -> ModelRef:

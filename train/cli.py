@@ -1,7 +1,8 @@
 """``train``: train a denoiser on a manifest, or export a run for diffusers.
 
     train --shards manifests/long.json --out runs/NAME [--preset tiny|small|prx-1.2b]
-          [--ablation x-pred,muon,repa,tread,ema] [--config FILE.yaml] [--resume auto] [key=value ...]
+          [--ablation x-pred,muon,repa,tread,ema] [--init-from RUN|CHECKPOINT|FOLDER|HUB_ID]
+          [--config FILE.yaml] [--resume auto] [key=value ...]
     torchrun --nproc_per_node 8 -m train --shards ... --out ...
     train export runs/NAME --to DIR [--step N] [--weights ema|raw]
     train generate DIR "a prompt" ... --out image.png
@@ -37,6 +38,11 @@ def _train_parser() -> argparse.ArgumentParser:
                    metavar="NAME[,NAME]", help="PRX ablations applied on top of the preset: "
                    + "; ".join(f"{name}: {', '.join(f'{k}={v}' for k, v in keys.items())}"
                                for name, keys in ABLATIONS.items()))
+    p.add_argument("--init-from", metavar="SOURCE",
+                   help="start from trained weights (init.source): a run folder (its latest checkpoint), "
+                        "a checkpoint file, a `train export` folder, a diffusers PRXTransformer2DModel "
+                        "folder or Hub id, or an alias (prx-256, prx-512, prx-512-sft, prx-1024-beta); "
+                        "optimizer, schedule and step start afresh")
     p.add_argument("--config", dest="config_file", help="a YAML file of config keys")
     p.add_argument("--resume", default="never",
                    help="auto: continue from the run folder's latest checkpoint, starting from its "
@@ -105,7 +111,7 @@ def _train(args: argparse.Namespace) -> int:
     # Resuming starts from the run's saved config: `train --out runs/NAME --resume auto` is enough.
     base = load_run_config(args.out) if args.out and args.resume != "never" else None
     cfg = build_config(args.preset, args.config_file, args.overrides, ablations=sum(args.ablations or [], []), base=base,
-                       shards=args.shards, out=args.out)
+                       shards=args.shards, out=args.out, **{"init.source": args.init_from})
     if args.print_config:
         from train.config import to_yaml
 

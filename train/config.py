@@ -99,6 +99,16 @@ class RoutingConfig:
 
 
 @dataclass
+class InitConfig:
+    """Start from trained weights instead of random ones (train/init.py): the next stage of a run
+    (256 px, then 512), a fine-tune on a curated subset, or a released PRX transformer."""
+
+    source: str = ""  # a run folder (its latest checkpoint), a checkpoint file, a diffusers folder or Hub id, or a DENOISERS alias; "" = random
+    weights: str = "raw"  # of a run's checkpoint: raw (the trained weights) or ema (its average)
+    revision: str = ""  # of a Hub source; "" = its default branch
+
+
+@dataclass
 class DataConfig:
     workers: int = 2  # DataLoader workers per rank (part of the data order: fixed for a run)
     shuffle_buffer: int = 1000  # samples per shuffled block, per stream
@@ -162,6 +172,7 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     repa: RepaConfig = field(default_factory=RepaConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -418,6 +429,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"lr must be positive, got {cfg.lr}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas needs two numbers, got {cfg.optim.betas}")
+    if cfg.init.weights not in ("raw", "ema"):
+        raise ConfigError(f"init.weights must be raw or ema, not {cfg.init.weights!r}")
+    if cfg.init.revision and not cfg.init.source:
+        raise ConfigError("init.revision names a revision of init.source, which is not set")
     if cfg.data.verify not in ("size", "checksums", "none"):
         raise ConfigError(f"data.verify must be size, checksums or none, not {cfg.data.verify!r}")
     if cfg.sample_every < 0 or cfg.data.workers < 0:

@@ -61,6 +61,7 @@ from train.config import (
 from train.data import DataSettings, LatentLoader, StepBatch, check_data, fingerprint_diff
 from train.data import fingerprint as data_fingerprint
 from train.ema import EMA
+from train.init import load_initial_weights
 from train.metrics import MetricsLogger
 from train.model import (
     build_denoiser,
@@ -155,6 +156,10 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
     architecture = denoiser_config(cfg.model, manifest.latent, text.dim)
     if state is not None:
         _check_resume(state, cfg, manifest_sha, fingerprint, architecture, manifest, checkpoint)
+    # A new run may start from trained weights (train/init.py); a resumed one has its own.
+    initial = (load_initial_weights(cfg, architecture, manifest.latent, text.id)
+               if state is None and cfg.init.source else None)
+    init_record = state.get("init") if state is not None else initial.record if initial is not None else None
     # REPA's teacher and projector, while the alignment loss is on (train/repa.py).
     teacher = projector = None
     if images is not None:
@@ -164,6 +169,9 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
 
     # ---- model, optimizer, schedule ---------------------------------------------------------------
     model = build_denoiser(architecture, seed=cfg.seed).to(world.device)
+    if initial is not None:
+        model.load_state_dict(initial.state)
+        initial.state = {}  # the source's copy is not needed any more
     if cfg.weights_dtype == "bfloat16":
         model.to(torch.bfloat16)
     optimizer = build_optimizer(model, cfg, fused=world.device.type == "cuda",
@@ -234,6 +242,10 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
                         "expect worse FID than fp32 weights with bf16 autocast")
         if state is not None:
             logger.note(f"resumed from {checkpoint} at step {start_step}")
+        if initial is not None:
+            logger.note(f"initialised from {initial.describe()}; optimizer, schedule and step start afresh")
+            for note in initial.notes:
+                logger.note(f"init: {note}")
         if teacher is not None:
             logger.note(f"REPA: block {aligned_block}'s tokens aligned with {teacher.id} ({teacher.dim}-d, "
                         f"{teacher.patch} px patches) of the originals in {images}, weight {cfg.repa.weight}, "
@@ -380,6 +392,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
                         "schedule": schedule.state_dict(),
                         "ema": ema.state_dict() if ema is not None else None,
                         "repa": {"projector": projector.state_dict()} if projector is not None else None,
+                        "init": init_record,
                         "window": window.state(),
                         "config": to_dict(cfg),
                         "denoiser": architecture,

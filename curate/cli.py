@@ -14,9 +14,14 @@ import sys
 
 def _default_workers() -> int:
     from curate.procs import available_cores
+    from curate.runner import local_world_size
 
-    # Under torchrun several ranks share a node: split its cores between them.
-    return max(1, available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    # Several workers on a node (torchrun's ranks, srun's tasks) split its cores between them,
+    # unless each was already bound to its own share (srun's CPU binding, taskset).
+    cores, local = available_cores(), local_world_size()
+    if local > 1 and cores >= (os.cpu_count() or cores):
+        cores //= local
+    return max(1, cores)
 
 
 def _add_worker_args(p: argparse.ArgumentParser) -> None:

@@ -77,3 +77,15 @@ train --shards manifests/demo-long-t5gemma.json --out "$DATA/runs/tiny-repa" --p
 evaluate run "$DATA/runs/tiny-repa" --samples 48 --steps 8 --clip "$DATA/models/tiny-clip" \
     --dino "$DATA/models/tiny-dinov2" --no-progress
 evaluate compare "$DATA/runs/tiny" "$DATA/runs/tiny-repa"
+
+echo "== 12. the next stage: the same images at 512 px, training on from the 256 px run's weights"
+# Stage by stage, as PRX, SD3 and PixArt train: latents at the new resolution (the same tiny
+# autoencoder), then a new run that starts from the last one's weights with a new optimizer and
+# warm-up. The log notes the change of resolution.
+curate encode-latents "$DATA/images" --captions "$DATA/captions/tiny-qwen2-vl" --out "$DATA/latents/tiny-flux2-512" \
+    --vae "$DATA/models/tiny-flux2-vae" --resolution 512 --buckets --batch-size 8 --decode-workers 2 \
+    --allow-missing-captions --manifest-dir manifests --name demo-512 --device cpu --no-progress
+train --shards manifests/demo-512-long.json --out "$DATA/runs/tiny-512" --preset tiny --init-from "$DATA/runs/tiny" \
+    --resume auto text_encoder="$DATA/models/tiny-t5gemma" steps=40 log.every=20 sample_every=40 data.workers=2 \
+    data.sample_latents=false flow.shift=2
+tail -n 1 "$DATA/runs/tiny-512/metrics.jsonl"

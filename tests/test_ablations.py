@@ -53,6 +53,31 @@ def test_euler_sampling_of_an_x0_denoiser_lands_on_its_prediction():
     torch.testing.assert_close(out, target, rtol=1e-5, atol=1e-5)
 
 
+# ---- contrastive flow matching ---------------------------------------------------------------------
+
+
+def test_contrastive_negative_pairs_are_the_next_samples_flow():
+    g = torch.Generator().manual_seed(3)
+    x0, noise, out = (torch.randn(4, 2, 3, 3, generator=g) for _ in range(3))
+    target = flow.velocity_target(x0, noise)
+    negative = flow.negative_pair_loss(out, target)
+    for i in range(4):  # sample i against sample i - 1's image and noise, never its own
+        j = (i - 1) % 4
+        assert negative[i] == pytest.approx(float((out[i] - (noise[j] - x0[j])).pow(2).mean()), rel=1e-6)
+    # Even at the true flow the loss rises towards the negative: descent pushes the prediction away
+    # from the other sample's flow, to the minimum (target - lambda * negative) / (1 - lambda).
+    v = target.clone().requires_grad_(True)
+    loss = flow.per_sample_loss(v, target).mean() - 0.05 * flow.negative_pair_loss(v, target).mean()
+    loss.backward()
+    towards_negative = target.roll(1, dims=0) - target
+    assert float((v.grad * towards_negative).sum()) > 0
+    best = ((target - 0.05 * target.roll(1, dims=0)) / 0.95).requires_grad_(True)
+    (flow.per_sample_loss(best, target).mean() - 0.05 * flow.negative_pair_loss(best, target).mean()).backward()
+    torch.testing.assert_close(best.grad, torch.zeros_like(best), atol=1e-6, rtol=0)
+    with pytest.raises(ConfigError, match="micro_batch must be 2 or more"):
+        build_config("tiny", ablations=["cfm"], overrides=["micro_batch=1", "global_batch=4"])
+
+
 # ---- Muon ------------------------------------------------------------------------------------------
 
 
@@ -144,7 +169,7 @@ def test_ablations_are_named_overrides_recorded_in_the_config(tmp_path: Path):
                        shards="m.json", out="r")
     assert cfg.flow.prediction == "x0" and cfg.optim.name == "muon" and cfg.ema.decay == 0.999
     assert cfg.ablations == ["x-pred", "muon", "ema"]
-    assert set(ABLATIONS) == {"x-pred", "muon", "repa", "tread", "ema"}
+    assert set(ABLATIONS) == {"x-pred", "muon", "repa", "tread", "cfm", "ema"}
     with pytest.raises(ConfigError, match="unknown ablation .sprint."):
         build_config("tiny", ablations=["sprint"])
     with pytest.raises(ConfigError, match="chosen with --ablation"):
@@ -153,7 +178,8 @@ def test_ablations_are_named_overrides_recorded_in_the_config(tmp_path: Path):
         build_config(ablations=["x-pred"], base=build_config("tiny", ablations=["muon"]))
     assert build_config(base=cfg).ablations == cfg.ablations  # a resume keeps them
     for bad, message in [("flow.prediction=eps", "velocity or x0"), ("optim.name=sgd", "adamw or muon"),
-                         ("ema.decay=1", r"\[0, 1\)"), ("flow.x0_t_min=0", r"\(0, 1\)")]:
+                         ("ema.decay=1", r"\[0, 1\)"), ("flow.x0_t_min=0", r"\(0, 1\)"),
+                         ("flow.contrastive=-0.1", r"\[0, 1\)")]:
         with pytest.raises(ConfigError, match=message):
             build_config("tiny", overrides=[bad])
 
@@ -169,7 +195,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return {"text": build_tiny_t5gemma(root / "t5gemma"), "flux": build_tiny_flux_vae(root / "flux")}
 
 
-@pytest.mark.parametrize("ablation", ["x-pred", "muon"])
+@pytest.mark.parametrize("ablation", ["x-pred", "muon", "cfm"])
 def test_each_ablation_learns_a_few_samples(tmp_path: Path, models, ablation: str):
     few = make_latent_dataset(tmp_path / "few", shards=1, per_shard=4, stored="mean", vae_dir=models["flux"])
     cfg = build_config("tiny", ablations=[ablation],

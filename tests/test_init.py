@@ -72,7 +72,7 @@ def test_a_run_starts_from_another_runs_weights_at_a_new_resolution(tmp_path, mo
                              "weights": "raw", "manifest_sha256": saved["manifest_sha256"]}
     assert state["config"]["init"]["source"] == str(source)
     assert state["step"] == 1 and state["schedule"]["last_epoch"] == 1  # a new run: its own step and warm-up
-    assert "initialised from" in err and "resolution 32 px -> 64 px" in err and "scale it by 2" in err
+    assert "initialised from" in err and "resolution 32 px -> 64 px; flow.shift 1 (the source's 1, SD3 scales it with the side: x2)" in err
     assert "WARNING" not in err  # the same VAE
 
     # Training on from there is learning, not a restart: its first loss is below a fresh run's.

@@ -270,3 +270,22 @@ def test_identical_samples_give_byte_identical_tars(tmp_path: Path):
         w.add("k1", {"txt": b"hello", "json": b"{}"})
         w.commit(stage="t", fingerprint="f", config_hash="c")
     assert (tmp_path / "a" / "000000.tar").read_bytes() == (tmp_path / "b" / "000000.tar").read_bytes()
+
+
+@pytest.mark.parametrize(("env", "visible", "expected"), [
+    ({}, 16, 16),
+    ({"LOCAL_WORLD_SIZE": "4"}, 16, 4),  # torchrun's 4 ranks see the whole node: a quarter each
+    ({"SLURM_NTASKS_PER_NODE": "8"}, 16, 2),  # srun's tasks without CPU binding
+    ({"SLURM_NTASKS_PER_NODE": "8"}, 2, 2),  # srun bound each task to its 2 cores already
+])
+def test_default_workers_split_a_node_between_its_workers(monkeypatch, env, visible, expected):
+    import curate.procs
+    from curate.cli import _default_workers
+
+    for k in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(curate.procs, "available_cores", lambda: visible)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert _default_workers() == expected

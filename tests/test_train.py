@@ -154,6 +154,35 @@ def test_two_gloo_ranks_equal_one_process_and_resume_on_another_world_size(tmp_p
         assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4)
 
 
+def test_srun_tasks_form_one_run_as_torchrun_ranks_do(tmp_path: Path, models, dataset):
+    """`srun -n 2 python -m train ...`: two tasks with Slurm's step variables and none of
+    torchrun's train one run together, the same as one process (train/launch.py)."""
+    import socket
+
+    settings = {"steps": 3, "global_batch": 8, "micro_batch": 2, "data.workers": 1, "caption_dropout": 0.3}
+    one = tmp_path / "one"
+    subprocess.run(_cli_cmd(dataset["long"], one, models, **settings), check=True, cwd=REPO, capture_output=True)
+    with socket.socket() as s:  # a free port for the rendezvous (the derived one is tested in test_launch)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR") and not k.startswith("SLURM_")}
+    two = tmp_path / "two"
+    tasks = [subprocess.Popen(_cli_cmd(dataset["long"], two, models, **settings), cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**base, "OMP_NUM_THREADS": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2",
+                                   "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i), "SLURM_STEP_NUM_NODES": "1",
+                                   "SLURM_STEP_NODELIST": "node01", "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0",
+                                   "MASTER_PORT": str(port)})
+             for i in range(2)]
+    outputs = [t.communicate(timeout=300)[0] for t in tasks]
+    assert [t.returncode for t in tasks] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "2 rank(s) x 2 micro-batch(es) of 2" in outputs[0]
+    assert load_checkpoint(latest_checkpoint(two))["world_size"] == 2
+    for (s1, l1), (s2, l2) in zip(losses(one), losses(two), strict=True):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4)
+
+
 def test_a_compiled_denoiser_trains_as_eager_and_its_checkpoints_resume_eager(tmp_path: Path, models, dataset):
     """compile=true (the GPU presets' setting) takes the same steps as eager, and its checkpoints
     hold the plain module's weights, so a resume may turn compiling off."""

@@ -9,6 +9,10 @@ The PRX x-prediction ablation (Li & He 2025, "Back to Basics: Let Denoising Gene
 Denoise") keeps all of this and changes only what the output means: the denoiser predicts the
 clean sample ``x0``, which :func:`velocity_from_output` turns into the velocity that the loss
 and the sampler use.
+
+Contrastive flow matching (ΔFM, Stoica et al. 2025) also keeps all of this and subtracts from
+the loss ``flow.contrastive`` (their λ, 0.05) times the error against another sample's velocity
+(:func:`negative_pair_loss`), so that flows of different prompts stay apart.
 """
 
 from __future__ import annotations
@@ -86,6 +90,12 @@ def velocity_from_output(
 def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error per sample, in float32 whatever the autocast dtype."""
     return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+def negative_pair_loss(velocity: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """ΔFM's negative term per sample: the error against the target of the next sample in the
+    batch (its own image and noise; rolling by one pairs every sample with another one)."""
+    return per_sample_loss(velocity, target.roll(1, dims=0))
 
 
 def loss_sums_by_bin(losses: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

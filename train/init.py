@@ -94,7 +94,8 @@ def _from_checkpoint(path: Path, cfg: TrainConfig, architecture: dict[str, Any],
     _check_architecture(denoiser, architecture, where)
     prediction = saved_config.get("flow", {}).get("prediction", "velocity")
     _check_prediction(prediction, cfg, where)
-    notes = _check_text_and_latents(state.get("text_encoder"), state.get("latent_spec"), cfg, spec, text_id, where)
+    notes = _check_text_and_latents(state.get("text_encoder"), state.get("latent_spec"), cfg, spec, text_id, where,
+                                    source_shift=saved_config.get("flow", {}).get("shift"))
     weights, used = checkpoint_weights(state, cfg.init.weights)
     record = {"kind": "checkpoint", "source": str(path.absolute()), "step": int(state.get("step", 0)),
               "weights": used, "manifest_sha256": state.get("manifest_sha256")}
@@ -134,7 +135,8 @@ def _from_diffusers(location: str, subfolder: str | None, cfg: TrainConfig, arch
     info = _export_info(location, subfolder) if local else None
     notes = []
     if info is not None:  # a kiln export knows its run's text encoder and latents: check them as a checkpoint's
-        notes = _check_text_and_latents(info.get("text_encoder"), info.get("latent_spec"), cfg, spec, text_id, where)
+        notes = _check_text_and_latents(info.get("text_encoder"), info.get("latent_spec"), cfg, spec, text_id, where,
+                                        source_shift=info.get("scheduler_shift"))
     _check_prediction("velocity", cfg, where)  # PRXPipeline's models predict velocities (export refuses x0 runs)
     try:
         # At the commit the config came from: a branch that moves in between cannot mix two models.
@@ -194,7 +196,7 @@ def _check_prediction(prediction: str, cfg: TrainConfig, where: str) -> None:
 
 
 def _check_text_and_latents(text: dict[str, Any] | None, latent: dict[str, Any] | None, cfg: TrainConfig,
-                            spec: LatentSpec, text_id: str, where: str) -> list[str]:
+                            spec: LatentSpec, text_id: str, where: str, *, source_shift: float | None) -> list[str]:
     """The same text encoder (another one of the same width would feed the model other
     features); the same VAE is not required but noted, and so is a change of resolution."""
     if text and text.get("id") and text["id"] != text_id:
@@ -209,6 +211,7 @@ def _check_text_and_latents(text: dict[str, Any] | None, latent: dict[str, Any] 
         if before.resolution != spec.resolution:
             # More pixels keep more signal at the same noise level; SD3 scales its shift by
             # sqrt(pixels), that is by the side's ratio.
-            notes.append(f"resolution {before.resolution} px -> {spec.resolution} px; flow.shift is "
-                         f"{cfg.flow.shift} (SD3 would scale it by {spec.resolution / before.resolution:g})")
+            shift = f"the source's {source_shift:g}, " if source_shift is not None else ""
+            notes.append(f"resolution {before.resolution} px -> {spec.resolution} px; flow.shift {cfg.flow.shift:g} "
+                         f"({shift}SD3 scales it with the side: x{spec.resolution / before.resolution:g})")
     return notes

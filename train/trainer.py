@@ -62,6 +62,7 @@ from train.data import DataSettings, LatentLoader, StepBatch, check_data, finger
 from train.data import fingerprint as data_fingerprint
 from train.ema import EMA
 from train.init import load_initial_weights
+from train.launch import detect_launch
 from train.metrics import MetricsLogger
 from train.model import (
     build_denoiser,
@@ -94,6 +95,7 @@ class World:
     rank: int
     world_size: int
     device: torch.device  # this rank's GPU (cuda:LOCAL_RANK) or the CPU
+    note: str | None = None  # what the launch is worth a warning about
 
     @property
     def main(self) -> bool:
@@ -233,6 +235,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
             f"{'; caption embeddings read from the text shards' if stored else ''})")
         for note in summary.notes:
             logger.note(f"data: {note}")
+        if world.note:
+            logger.note(f"WARNING: {world.note}")
         if cfg.optim.name == "muon":
             muon, other = (sum(p.numel() for p in g["params"]) for g in optimizer.param_groups[:2])
             logger.note(f"optimizer: Muon for the blocks' weight matrices ({muon / 1e6:.2f}M parameters), "
@@ -335,8 +339,11 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
                             prediction = ddp_model(**inputs, return_dict=False)[0]
                     velocity = flow.velocity_from_output(prediction, x_t, t, cfg.flow.prediction,
                                                          t_min=cfg.flow.x0_t_min)
-                    losses = flow.per_sample_loss(velocity, flow.velocity_target(x0, noise))
+                    target_velocity = flow.velocity_target(x0, noise)
+                    losses = flow.per_sample_loss(velocity, target_velocity)
                     loss = losses.mean()
+                    if cfg.flow.contrastive > 0:  # ΔFM: away from another sample's flow (the logged loss is the plain one)
+                        loss = loss - cfg.flow.contrastive * flow.negative_pair_loss(velocity, target_velocity).mean()
                     if teacher is not None:
                         aligned = alignment_loss(projected, target)
                         loss = loss + cfg.repa.weight * aligned.mean()
@@ -482,9 +489,10 @@ def data_settings(cfg: TrainConfig, *, pin_memory: bool = False) -> DataSettings
 
 
 def setup_world(device: str = "auto") -> World:
-    """torchrun's environment (NCCL on GPUs, gloo on CPUs), or one local process."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    """torchrun's or srun's processes (NCCL on GPUs, gloo on CPUs; train/launch.py), or one local process."""
+    launch = detect_launch()
+    launch.export(os.environ)  # srun's tasks get torchrun's variables: one convention from here on
+    world_size, rank = launch.world_size, launch.rank
     # auto: cuda:LOCAL_RANK when CUDA is available; a bare "cuda" is this rank's GPU as well.
     dev = resolve_device(None if device == "auto" else device)
     if dev.type == "cuda":
@@ -493,7 +501,7 @@ def setup_world(device: str = "auto") -> World:
         torch.backends.cudnn.allow_tf32 = True
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return World(rank, world_size, dev)
+    return World(rank, world_size, dev, launch.note)
 
 
 class StopRequest:

@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-side", type=int, default=64, help="reject images whose short side is smaller")
     p.add_argument("--max-pixels", type=int, default=89_478_485,
                    help="reject images declaring more pixels, before decoding them")
+    p.add_argument("--near-duplicates", type=int, default=None, metavar="BITS",
+                   help="also reject images whose 64-bit perceptual hash (pHash) is within BITS of an "
+                        "earlier kept image's (re-encoded, resized, lightly edited copies; 4 is strict, 10 "
+                        "loose; 0 to 16); off by default: exact duplicates only")
     p.add_argument("--workers", type=int, default=_default_workers(), help="decoding processes")
     p.add_argument("--source-type", choices=["auto", "folder", "urls", "tars", "hf"], default="auto")
     p.add_argument("--url-column", default=None, help="URL lists: the URL column (detected if omitted)")
@@ -173,7 +177,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         download_timeout=args.download_timeout, download_retries=args.download_retries,
     )
     stage = IngestStage(source, args.out, shard_size=args.shard_size, min_side=args.min_side,
-                        max_pixels=args.max_pixels, workers=args.workers)
+                        max_pixels=args.max_pixels, workers=args.workers, near_duplicates=args.near_duplicates)
     return _run(stage, args, share)
 
 
@@ -273,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         least = 0 if (args.command, name) == ("encode-text", "workers") else 1  # 0: in-process
         if isinstance(value, int) and value < least:
             parser.error(f"--{name.replace('_', '-')} must be at least {least}")
+    near = getattr(args, "near_duplicates", None)
+    if near is not None and not 0 <= near <= 16:
+        parser.error(f"--near-duplicates must be 0 to 16 bits, got {near}")
     from curate.runner import CurateError
 
     try:

@@ -35,7 +35,16 @@ REASONS = {
     "unreadable": "could not be read from the source",
     "download_failed": "URL could not be downloaded",
     "duplicate": "same bytes as an earlier sample",
+    "near_duplicate": "perceptual hash within --near-duplicates bits of an earlier sample's",
 }
+
+# pHash: the 2-D DCT of a 32x32 grey thumbnail, whose lowest 8x8 frequencies give 64 bits.
+PHASH_SIDE, PHASH_LOW = 32, 8
+_REDUCIBLE_MODES = {"L", "RGB", "RGBA", "LA", "CMYK"}
+# EXIF orientation -> the transpose that displays the image upright (as PIL's exif_transpose).
+_EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                   4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                   7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 
 
 def sample_key(data: bytes) -> str:
@@ -59,6 +68,7 @@ class ImageCheck:
     mode: str | None = None  # RGB, RGBA, L, LA, P, CMYK, I;16, 1, ...
     orientation: int = 1
     animated: bool = False
+    phash: int | None = None  # 64-bit perceptual hash, when asked for (ingest --near-duplicates)
 
     @property
     def flags(self) -> list[str]:
@@ -73,8 +83,9 @@ class ImageCheck:
         return flags
 
 
-def check_image(data: bytes, *, min_side: int = 64, max_pixels: int = 89_478_485) -> ImageCheck:
-    """Decode ``data`` fully once and say whether it is a usable image, and why not."""
+def check_image(data: bytes, *, min_side: int = 64, max_pixels: int = 89_478_485, phash: bool = False) -> ImageCheck:
+    """Decode ``data`` fully once and say whether it is a usable image, and why not; with
+    ``phash``, also its :func:`perceptual_hash`."""
     if not data:
         return ImageCheck("empty_file")
     try:
@@ -98,7 +109,8 @@ def check_image(data: bytes, *, min_side: int = 64, max_pixels: int = 89_478_485
                                   width, height, img.format, img.mode, orientation)
             animated = bool(getattr(img, "is_animated", False))
             img.load()  # decodes every pixel of the first frame
-            return ImageCheck(None, None, width, height, img.format, img.mode, orientation, animated)
+            return ImageCheck(None, None, width, height, img.format, img.mode, orientation, animated,
+                              perceptual_hash(img) if phash else None)
     except Image.DecompressionBombError as e:
         return ImageCheck("too_many_pixels", str(e))
     except UnidentifiedImageError:
@@ -117,8 +129,38 @@ def _orientation(img: Image.Image) -> int:
         return 1
 
 
+def perceptual_hash(img: Image.Image) -> int:
+    """pHash (Zauner 2010; as the imagehash package computes it): the image as displayed, in grey,
+    resized to 32x32, its 2-D DCT-II, and the 8x8 lowest frequencies compared with their median.
+
+    64 bits, as an unsigned int. Re-encoded, resized or lightly edited copies of an image land
+    a few bits apart; unrelated images about 32 apart.
+    """
+    import numpy as np
+
+    factor = min(img.size) // (4 * PHASH_SIDE)
+    if factor > 1 and img.mode in _REDUCIBLE_MODES:
+        # An integer box filter first (a copy of the full image would cost more than decoding it).
+        # The orientation is applied here, the way check_image read it, and the copy's metadata
+        # dropped, so that to_rgb cannot apply it a second time.
+        orientation = _orientation(img)
+        img = img.reduce(factor)
+        img.info = {}
+        if orientation in _EXIF_TRANSPOSE:
+            img = img.transpose(_EXIF_TRANSPOSE[orientation])
+    small = to_rgb(img).convert("L").resize((PHASH_SIDE, PHASH_SIDE), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    pixels = np.asarray(small, dtype=np.float64)
+    n = np.arange(PHASH_SIDE)
+    # DCT-II basis (without its constant factors, which scale every coefficient alike and so
+    # cannot change a comparison with the median)
+    basis = np.cos(np.pi * n[:PHASH_LOW, None] * (2 * n[None, :] + 1) / (2 * PHASH_SIDE))
+    low = basis @ pixels @ basis.T
+    bits = (low > np.median(low)).flatten()
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
 def read_and_check(
-    data: bytes | None, path: str | None, min_side: int, max_pixels: int
+    data: bytes | None, path: str | None, min_side: int, max_pixels: int, phash: bool = False
 ) -> tuple[bytes | None, str | None, ImageCheck | None, tuple[str, str] | None]:
     """Worker-side work of ingest: read the file if needed, key the bytes, decode once.
 
@@ -131,11 +173,12 @@ def read_and_check(
                 data = f.read()
         except OSError as e:
             return None, None, None, ("unreadable", f"{type(e).__name__}: {e}"[:300])
-    return data, sample_key(data), check_image(data, min_side=min_side, max_pixels=max_pixels), None
+    return data, sample_key(data), check_image(data, min_side=min_side, max_pixels=max_pixels, phash=phash), None
 
 
-def read_and_check_batch(items: list[tuple[bytes | None, str | None]], min_side: int, max_pixels: int) -> list:
-    return [read_and_check(data, path, min_side, max_pixels) for data, path in items]
+def read_and_check_batch(items: list[tuple[bytes | None, str | None]], min_side: int, max_pixels: int,
+                         phash: bool = False) -> list:
+    return [read_and_check(data, path, min_side, max_pixels, phash) for data, path in items]
 
 
 def allow_pixels(max_pixels: int) -> None:

@@ -5,7 +5,10 @@ original bytes. Per output shard: ``KEY.jpg`` (the original bytes, whatever thei
 img2dataset's convention, so every sample has the same fields), ``KEY.json`` (metadata)
 and ``KEY.txt`` (the original caption, empty if none). The final pass drops duplicates that
 landed in different shards, keeping the first in shard order, so the accepted samples do
-not depend on how many workers ran.
+not depend on how many workers ran. With ``near_duplicates`` (bits), each image's 64-bit
+perceptual hash goes into the index (``phash``) and the final pass also drops, in shard order,
+every image whose hash lies within that many bits of an image kept before it: re-encoded,
+resized or lightly edited copies.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import json
 import logging
 import multiprocessing
 import os
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -65,9 +68,15 @@ class IngestStage(Stage):
     packages = ("kiln", "pillow", "polars", "pyarrow", "webdataset", "img2dataset", "datasets")
 
     def __init__(self, source: Source, out_dir: str | os.PathLike, *, shard_size: int = 1000,
-                 min_side: int = 64, max_pixels: int = 89_478_485, workers: int = 1):
+                 min_side: int = 64, max_pixels: int = 89_478_485, workers: int = 1,
+                 near_duplicates: int | None = None):
         if shard_size < 1 or min_side < 1 or max_pixels < 1 or workers < 1:
             raise ValueError("shard_size, min_side, max_pixels and workers must be positive")
+        if near_duplicates is not None and not 0 <= near_duplicates <= MAX_NEAR_DUPLICATE_BITS:
+            raise ValueError(f"near_duplicates must be 0 to {MAX_NEAR_DUPLICATE_BITS} bits, got {near_duplicates}")
+        self.near_duplicates = near_duplicates
+        if near_duplicates is not None:
+            self.index_schema = {**INDEX_SCHEMA, "phash": pl.Int64}
         self.source = source
         self.out_dir = Path(out_dir)
         self.shard_size, self.min_side, self.max_pixels = shard_size, min_side, max_pixels
@@ -75,8 +84,11 @@ class IngestStage(Stage):
         self.pool = None
 
     def config(self) -> dict[str, Any]:
-        return {"source": self.source.describe(), "shard_size": self.shard_size,
-                "min_side": self.min_side, "max_pixels": self.max_pixels}
+        config = {"source": self.source.describe(), "shard_size": self.shard_size,
+                  "min_side": self.min_side, "max_pixels": self.max_pixels}
+        if self.near_duplicates is not None:  # absent when off: stages ingested before it existed stay valid
+            config["near_duplicates"] = self.near_duplicates
+        return config
 
     def provenance(self) -> dict[str, Any]:
         return {"source": self.source.location()}
@@ -116,7 +128,8 @@ class IngestStage(Stage):
                 if record.error is not None:
                     yield record, None, None
                 else:
-                    yield merge(record, read_and_check(record.data, record.path, self.min_side, self.max_pixels))
+                    yield merge(record, read_and_check(record.data, record.path, self.min_side, self.max_pixels,
+                                                       self.near_duplicates is not None))
             return
         window: deque = deque()
 
@@ -128,8 +141,8 @@ class IngestStage(Stage):
 
         for batch in _batched(records, 8):
             todo = [(r.data, r.path) for r in batch if r.error is None]
-            window.append((batch, self.pool.apply_async(read_and_check_batch,
-                                                        (todo, self.min_side, self.max_pixels))))
+            window.append((batch, self.pool.apply_async(
+                read_and_check_batch, (todo, self.min_side, self.max_pixels, self.near_duplicates is not None))))
             if len(window) >= 4 * self.workers:
                 yield from drain()
         while window:
@@ -146,6 +159,8 @@ class IngestStage(Stage):
                 writer.reject(key, reason, row=row, detail=detail)
                 continue
             row.update(width=check.width, height=check.height, format=check.format, mode=check.mode)
+            if self.near_duplicates is not None:
+                row["phash"] = _signed(check.phash)
             if check.reason is not None:
                 writer.reject(key, check.reason, row=row, detail=check.detail)
             elif key in first_source:
@@ -163,6 +178,8 @@ class IngestStage(Stage):
 
     def finalize(self, out_dir: Path, tasks: list[ShardTask]) -> dict[str, Any]:
         self._drop_cross_shard_duplicates(out_dir)
+        if self.near_duplicates is not None:
+            self._drop_near_duplicates(out_dir, self.near_duplicates)
         self.source.cleanup(out_dir)
         return summarize_images(out_dir)
 
@@ -186,6 +203,74 @@ class IngestStage(Stage):
         for shard_id, rejections in sorted(later.items()):
             log.info("ingest: shard %d has %d duplicates of earlier shards", shard_id, len(rejections))
             reject_samples(by_id[shard_id], rejections, "duplicate", depends_on=depends[shard_id])
+
+
+    def _drop_near_duplicates(self, out_dir: Path, bits: int) -> None:
+        """Reject, in shard order, every image whose hash is within ``bits`` of a kept one's.
+
+        Greedy in a fixed order, so the result depends on neither the number of workers nor a
+        kill in between: a rerun finds the same kept images (the rejected ones are no longer
+        candidates either way) and rejects the rest again.
+        """
+        shards = committed_shards(out_dir)
+        fingerprints = {s.shard_id: s.meta.fingerprint for s in shards}
+        owners, keys, sources, hashes = [], [], [], []
+        for shard in shards:
+            df = read_index(shard.index_path, columns=["key", "status", "source", "phash"]).filter(
+                pl.col("status") == OK)
+            owners += [shard.shard_id] * df.height
+            keys += df["key"].to_list()
+            sources += df["source"].to_list()
+            hashes += [value & _MASK64 if value is not None else None for value in df["phash"].to_list()]
+        rejections: dict[int, dict[str, str]] = {}
+        depends: dict[int, dict[str, str]] = {}
+        for i, (j, distance) in near_duplicate_pairs(hashes, bits).items():
+            rejections.setdefault(owners[i], {})[keys[i]] = f"pHash {distance} bits from {keys[j]} ({sources[j]})"
+            if owners[j] != owners[i]:
+                depends.setdefault(owners[i], {})[str(owners[j])] = fingerprints[owners[j]]
+        by_id = {s.shard_id: s for s in shards}
+        for shard_id, found in sorted(rejections.items()):
+            log.info("ingest: shard %d has %d near-duplicates", shard_id, len(found))
+            reject_samples(by_id[shard_id], found, "near_duplicate", depends_on=depends.get(shard_id))
+
+
+MAX_NEAR_DUPLICATE_BITS = 16
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(value: int | None) -> int | None:
+    """A 64-bit hash as parquet's Int64 holds it (two's complement)."""
+    return None if value is None else value - (1 << 64) if value >= 1 << 63 else value
+
+
+def near_duplicate_pairs(hashes: list[int | None], bits: int) -> dict[int, tuple[int, int]]:
+    """Greedy near-duplicate search in list order: ``{i: (j, distance)}`` for every hash within
+    ``bits`` (Hamming) of an earlier hash ``j`` that was itself kept (the nearest, then the first).
+
+    Two 64-bit hashes within ``bits`` of each other agree exactly on at least one of ``bits + 1``
+    disjoint blocks of their bits (pigeonhole), so each kept hash is filed under each of its blocks
+    and a new one is compared only with those sharing a block with it.
+    """
+    blocks = bits + 1
+    bounds = [round(k * 64 / blocks) for k in range(blocks + 1)]
+    masks = [((1 << (hi - lo)) - 1) << lo for lo, hi in zip(bounds, bounds[1:], strict=False)]
+    tables: list[dict[int, list[int]]] = [defaultdict(list) for _ in masks]
+    found: dict[int, tuple[int, int]] = {}
+    for i, h in enumerate(hashes):
+        if h is None:  # not hashed (ingested before): never a near-duplicate
+            continue
+        best = None
+        for mask, table in zip(masks, tables, strict=True):
+            for j in table.get(h & mask, ()):
+                distance = (h ^ hashes[j]).bit_count()
+                if distance <= bits and (best is None or (distance, j) < best):
+                    best = (distance, j)
+        if best is not None:
+            found[i] = (best[1], best[0])
+        else:
+            for mask, table in zip(masks, tables, strict=True):
+                table[h & mask].append(i)
+    return found
 
 
 def summarize_images(stage_dir: str | os.PathLike) -> dict[str, Any]:

@@ -3,9 +3,12 @@
 The bare loop is what a user would write by hand: read each file, decode it fully with
 PIL, append the bytes to a tar. `curate ingest` does that plus content keys, EXIF
 orientation, validation, the parquet index, fsync and atomic commits. Figures are ratios
-of images/s in the same run on the same files (page cache warm for both).
+of images/s in the same run on the same files (page cache warm for both). With
+``--near-duplicates BITS`` each image is also hashed (pHash) and the final pass searches the
+hashes; that search alone is timed too, on random 64-bit hashes (unrelated images), at the
+counts and thresholds of ``--search``.
 
-    python bench/ingest.py [--images 2000] [--side 1024] [--repeats 3]
+    python bench/ingest.py [--images 2000] [--side 1024] [--repeats 3] [--search 100000:4,1000000:4,100000:8,300000:8]
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import io
 import os
 import platform
+import random
 import shutil
 import statistics
 import sys
@@ -27,7 +31,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from curate.ingest import IngestStage  # noqa: E402
+from curate.ingest import IngestStage, near_duplicate_pairs  # noqa: E402
 from curate.runner import run_stage  # noqa: E402
 from curate.sources import FolderSource  # noqa: E402
 
@@ -71,8 +75,8 @@ def bare_loop(src: Path, out: Path) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
-def curate_ingest(src: Path, out: Path, workers: int) -> None:
-    stage = IngestStage(FolderSource(src), out, shard_size=1000, workers=workers)
+def curate_ingest(src: Path, out: Path, workers: int, near_duplicates: int | None = None) -> None:
+    stage = IngestStage(FolderSource(src), out, shard_size=1000, workers=workers, near_duplicates=near_duplicates)
     run_stage(stage, out, progress=False)
 
 
@@ -91,6 +95,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--side", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--search", default="100000:4,1000000:4,100000:8,300000:8",
+                        help="COUNT:BITS pairs: the near-duplicate search alone on random hashes")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,12 +109,24 @@ def main() -> None:
         for workers in sorted({1, 2, cores}):
             t = timed(lambda o, w=workers: curate_ingest(src, o, w), Path(tmp) / f"w{workers}", args.repeats)
             rows.append((f"curate ingest --workers {workers}", t))
+        t = timed(lambda o: curate_ingest(src, o, cores, near_duplicates=4), Path(tmp) / "near", args.repeats)
+        rows.append((f"curate ingest --workers {cores} --near-duplicates 4", t))
     print(f"# bench/ingest.py: {args.images} JPEGs {args.side}x{args.side * 3 // 4} ({mb:.0f} MB), "
           f"{cores} cores, {platform.processor() or platform.machine()}, median of {args.repeats}")
     print("| run | images/s | ratio to bare loop |")
     print("| --- | ---: | ---: |")
     for name, t in rows:
         print(f"| {name} | {args.images / t:.0f} | {bare / t:.2f} |")
+    if args.search:
+        print("\n| hashes | bits | search seconds |")
+        print("| ---: | ---: | ---: |")
+        rng = random.Random(0)
+        for item in args.search.split(","):
+            count, bits = (int(v) for v in item.split(":"))
+            hashes = [rng.getrandbits(64) for _ in range(count)]
+            start = time.perf_counter()
+            near_duplicate_pairs(hashes, bits)
+            print(f"| {count} | {bits} | {time.perf_counter() - start:.1f} |")
 
 
 if __name__ == "__main__":

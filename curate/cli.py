@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--near-duplicates", type=int, default=None, metavar="BITS",
                    help="also reject images whose 64-bit perceptual hash (pHash) is within BITS of an "
                         "earlier kept image's (re-encoded, resized, lightly edited copies; 4 is strict, 10 "
-                        "loose; 0 to 16); off by default: exact duplicates only")
+                        "loose; 0 to 8); off by default: exact duplicates only")
     p.add_argument("--workers", type=int, default=_default_workers(), help="decoding processes")
     p.add_argument("--source-type", choices=["auto", "folder", "urls", "tars", "hf"], default="auto")
     p.add_argument("--url-column", default=None, help="URL lists: the URL column (detected if omitted)")
@@ -278,8 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(value, int) and value < least:
             parser.error(f"--{name.replace('_', '-')} must be at least {least}")
     near = getattr(args, "near_duplicates", None)
-    if near is not None and not 0 <= near <= 16:
-        parser.error(f"--near-duplicates must be 0 to 16 bits, got {near}")
+    if near is not None and not 0 <= near <= 8:
+        parser.error(f"--near-duplicates must be 0 to 8 bits, got {near}")
     from curate.runner import CurateError
 
     try:

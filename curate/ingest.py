@@ -17,7 +17,7 @@ import json
 import logging
 import multiprocessing
 import os
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -234,7 +234,7 @@ class IngestStage(Stage):
             reject_samples(by_id[shard_id], found, "near_duplicate", depends_on=depends.get(shard_id))
 
 
-MAX_NEAR_DUPLICATE_BITS = 16
+MAX_NEAR_DUPLICATE_BITS = 8
 _MASK64 = (1 << 64) - 1
 
 
@@ -245,32 +245,58 @@ def _signed(value: int | None) -> int | None:
 
 def near_duplicate_pairs(hashes: list[int | None], bits: int) -> dict[int, tuple[int, int]]:
     """Greedy near-duplicate search in list order: ``{i: (j, distance)}`` for every hash within
-    ``bits`` (Hamming) of an earlier hash ``j`` that was itself kept (the nearest, then the first).
+    ``bits`` (Hamming) of an earlier hash ``j`` that was itself kept (the nearest, then the first);
+    ``None`` (not hashed) is never a near-duplicate.
 
     Two 64-bit hashes within ``bits`` of each other agree exactly on at least one of ``bits + 1``
-    disjoint blocks of their bits (pigeonhole), so each kept hash is filed under each of its blocks
-    and a new one is compared only with those sharing a block with it.
+    disjoint blocks of their bits (pigeonhole). So, block by block, the hashes are sorted by that
+    block and only neighbours in a run of equal blocks are compared, in numpy: the work is the
+    number of such candidate pairs, about ``n^2 (bits + 1) / 2^(64 / (bits + 1) + 1)`` for
+    unrelated hashes, not ``n^2 / 2``. The greedy pass then runs over the close pairs alone.
     """
+    import numpy as np
+
+    index = np.array([i for i, h in enumerate(hashes) if h is not None], dtype=np.int64)
+    values = np.array([hashes[i] for i in index], dtype=np.uint64)
+    firsts, seconds, distances = [], [], []
     blocks = bits + 1
     bounds = [round(k * 64 / blocks) for k in range(blocks + 1)]
-    masks = [((1 << (hi - lo)) - 1) << lo for lo, hi in zip(bounds, bounds[1:], strict=False)]
-    tables: list[dict[int, list[int]]] = [defaultdict(list) for _ in masks]
+    for lo, hi in zip(bounds, bounds[1:], strict=False):
+        block = (values >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
+        order = np.argsort(block, kind="stable")  # within a run of equal blocks, in list order
+        block = block[order]
+        active = np.arange(len(order) - 1)  # positions p whose run may reach p + offset
+        offset = 1
+        while active.size:
+            active = active[block[active] == block[active + offset]]
+            first, second = order[active], order[active + offset]
+            distance = _popcount(values[first] ^ values[second])
+            close = distance <= bits
+            firsts.append(first[close])
+            seconds.append(second[close])
+            distances.append(distance[close])
+            offset += 1
+            active = active[active + offset < len(order)]
+    if not firsts:
+        return {}
+    pairs = np.unique(np.stack([np.concatenate(seconds), np.concatenate(distances).astype(np.int64),
+                                np.concatenate(firsts)], axis=1), axis=0)  # by later hash, distance, earlier
+    kept = np.ones(len(values), dtype=bool)
     found: dict[int, tuple[int, int]] = {}
-    for i, h in enumerate(hashes):
-        if h is None:  # not hashed (ingested before): never a near-duplicate
-            continue
-        best = None
-        for mask, table in zip(masks, tables, strict=True):
-            for j in table.get(h & mask, ()):
-                distance = (h ^ hashes[j]).bit_count()
-                if distance <= bits and (best is None or (distance, j) < best):
-                    best = (distance, j)
-        if best is not None:
-            found[i] = (best[1], best[0])
-        else:
-            for mask, table in zip(masks, tables, strict=True):
-                table[h & mask].append(i)
+    for later, distance, earlier in pairs.tolist():
+        if kept[later] and kept[earlier]:  # earlier < later: its fate is already decided
+            kept[later] = False
+            found[int(index[later])] = (int(index[earlier]), int(distance))
     return found
+
+
+def _popcount(x: Any) -> Any:
+    import numpy as np
+
+    if hasattr(np, "bitwise_count"):  # numpy >= 2
+        return np.bitwise_count(x).astype(np.int64)
+    table = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
+    return table[np.ascontiguousarray(x).view(np.uint8).reshape(-1, 8)].sum(1)
 
 
 def summarize_images(stage_dir: str | os.PathLike) -> dict[str, Any]:

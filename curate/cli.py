@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 # Stage modules are imported inside the commands: decoding workers are spawned processes that
 # re-import the entry script, and they should not pay for polars and pyarrow.
@@ -146,6 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="None: cuda:LOCAL_RANK if available, else cpu")
     _add_worker_args(p)
 
+    p = sub.add_parser("manifest", help="the same training shards with another caption selection",
+                       description="Write a manifest of the same shards (and text shards) with other caption "
+                                   "weights: e.g. DALL-E 3's recipe, 95%% synthetic and 5%% original captions: "
+                                   "curate manifest manifests/long.json --captions long=0.95,orig=0.05 --name dalle3")
+    p.add_argument("manifest", help="a manifest written by encode-latents or encode-text")
+    p.add_argument("--captions", required=True, metavar="VARIANT=WEIGHT,...",
+                   help="caption variants (long, short, orig: the original captions, ...) and their weights, "
+                        "normalised to sum to 1")
+    p.add_argument("--name", required=True, help="the new manifest's name")
+    p.add_argument("--out", default=None, help="where to write it (default: NAME.json beside the source)")
+
     p = sub.add_parser("stats", help="totals and rejection reasons of a stage output")
     p.add_argument("stage_dir", help="a stage folder, e.g. DATA/images")
     p.add_argument("--json", action="store_true", help="print the raw statistics as JSON")
@@ -252,6 +264,42 @@ def _is_alias(name: str) -> bool:
     return name in VLMS
 
 
+def cmd_manifest(args: argparse.Namespace) -> int:
+    from curate.manifest import (
+        ManifestError,
+        caption_coverage,
+        load_manifest,
+        parse_caption_weights,
+        with_captions,
+        write_manifest,
+    )
+    from curate.runner import CurateError
+
+    out = Path(args.out) if args.out else Path(args.manifest).parent / f"{args.name}.json"
+    if out.resolve() == Path(args.manifest).resolve():
+        raise CurateError(f"--out {out} is the source manifest: choose another name")
+    try:
+        source = load_manifest(args.manifest)
+        weights = parse_caption_weights(args.captions)
+        coverage = caption_coverage(source, args.manifest)
+        counted = coverage or {}
+        lacking = [v for v in weights if coverage is not None and counted.get(v, 0) == 0]  # None: not counted
+        if lacking:
+            known = ", ".join(f"{v} ({n})" for v, n in counted.items() if n)
+            raise CurateError(f"no sample of {args.manifest} has a {', '.join(lacking)} caption (samples per "
+                              f"variant: {known or 'none counted'})")
+        written = write_manifest(with_captions(source, args.manifest, weights, name=args.name, out=out), out)
+    except ManifestError as e:
+        raise CurateError(str(e)) from None
+    print(f"wrote {written}: {source.samples} samples in {len(source.shards)} shards")
+    for variant, weight in weights.items():
+        have = counted.get(variant)
+        share = f"{have} of {source.samples} samples have it" if have is not None else "not counted"
+        fallback = "; the others fall back to another variant" if have is not None and have < source.samples else ""
+        print(f"  {variant}: weight {weight:.4g}, {share}{fallback}")
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from curate.stats import format_stats, stage_stats
 
@@ -284,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         commands = {"ingest": cmd_ingest, "recaption": cmd_recaption, "encode-latents": cmd_encode_latents,
-                    "encode-text": cmd_encode_text, "stats": cmd_stats}
+                    "encode-text": cmd_encode_text, "manifest": cmd_manifest, "stats": cmd_stats}
         return commands[args.command](args)
     except CurateError as e:
         print(f"curate: error: {e}", file=sys.stderr)

@@ -260,3 +260,79 @@ def write_manifest(manifest: Manifest, path: str | os.PathLike) -> Path:
     tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def parse_caption_weights(text: str) -> dict[str, float]:
+    """``long=0.95,orig=0.05`` (or ``long=19,orig=1``) as weights that sum to 1."""
+    weights: dict[str, float] = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = math.nan
+        if not sep or not name or not math.isfinite(weight) or weight <= 0 or name in weights:
+            raise ManifestError(f"--captions {text!r}: give VARIANT=WEIGHT pairs, each variant once with a "
+                                "positive weight, e.g. long=0.95,orig=0.05")
+        weights[name] = weight
+    total = sum(weights.values())
+    return {name: weight / total for name, weight in weights.items()}
+
+
+def caption_coverage(manifest: Manifest, manifest_path: str | os.PathLike) -> dict[str, int | None] | None:
+    """How many samples have each caption variant: curated ones from the latent shards' indexes,
+    ``orig`` (the original captions, written for every sample, empty when there was none) from
+    the image stage's index (None when it cannot be found); None when the latent shards' indexes
+    cannot be read (remote or missing shards)."""
+    import polars as pl
+
+    counts: dict[str, int] = {}
+    keys: set[str] = set()
+    for url in shard_urls(manifest, manifest_path):
+        index = Path(url).with_suffix(".parquet")
+        if "://" in url or not index.is_file():
+            return None
+        ok = pl.read_parquet(index, columns=["key", "status", "captions"]).filter(pl.col("status") == "ok")
+        keys.update(ok["key"].to_list())
+        for variants in ok["captions"].to_list():
+            for variant in variants or ():
+                counts[variant] = counts.get(variant, 0) + 1
+    try:
+        images = image_stage(manifest)
+    except ManifestError:
+        return {**counts, "orig": None}
+    with_orig = 0
+    for index in sorted(images.glob("*.parquet")):
+        df = pl.read_parquet(index, columns=["key", "caption"])
+        with_orig += sum(1 for key, caption in zip(df["key"].to_list(), df["caption"].to_list(), strict=True)
+                         if key in keys and caption and caption.strip())
+    return {**counts, "orig": with_orig}
+
+
+def with_captions(manifest: Manifest, manifest_path: str | os.PathLike, weights: dict[str, float], *,
+                  name: str, out: str | os.PathLike) -> Manifest:
+    """The same shards (and text shards) with another caption selection, for a manifest written at
+    ``out``: relative shard paths are rebased onto its folder, and the provenance names the source."""
+    if manifest.text is not None:
+        missing = [v for v in weights if v not in manifest.text.variants]
+        if missing:
+            raise ManifestError(f"{manifest_path}: its text shards hold embeddings of {', '.join(manifest.text.variants)}, "
+                                f"not of {', '.join(missing)}")
+    source_dir, out_dir = Path(manifest_path).resolve().parent, Path(out).resolve().parent
+
+    def rebased(entries: list[ShardEntry]) -> list[ShardEntry]:
+        moved = []
+        for entry in entries:
+            if "://" in entry.path or entry.path.startswith("pipe:") or os.path.isabs(entry.path):
+                moved.append(entry)
+            else:
+                moved.append(entry.model_copy(update={"path": os.path.relpath(source_dir / entry.path, out_dir)}))
+        return moved
+
+    text = manifest.text.model_copy(update={"shards": rebased(manifest.text.shards)}) if manifest.text else None
+    provenance = {**manifest.provenance,
+                  "captions_from": {"path": str(Path(manifest_path).resolve()), "sha256": file_sha256(manifest_path),
+                                    "captions": manifest.captions}}
+    return Manifest(name=name, shards=rebased(manifest.shards), samples=manifest.samples, latent=manifest.latent,
+                    captions=weights, text=text, provenance=provenance)

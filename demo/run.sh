@@ -31,6 +31,8 @@ curate encode-latents "$DATA/images" --captions "$DATA/captions/tiny-qwen2-vl" -
     --vae "$DATA/models/tiny-flux2-vae" --resolution 256 --buckets --batch-size 8 --decode-workers 2 \
     --allow-missing-captions --manifest-dir manifests --name demo --device cpu --no-progress
 curate stats "$DATA/latents/tiny-flux2-256"
+# Another caption selection of the same shards: DALL-E 3's 95% synthetic, 5% original captions.
+curate manifest manifests/demo-long.json --captions long=0.95,orig=0.05 --name demo-dalle3
 ls -l manifests/demo-*.json
 
 echo "== 6. a tiny T5Gemma text encoder (the real class PRXPipeline loads, randomly initialised)"

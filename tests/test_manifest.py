@@ -123,3 +123,77 @@ def test_not_json_and_missing_file(tmp_path: Path):
         load_manifest(bad)
     with pytest.raises(ManifestError, match="no such manifest"):
         load_manifest(tmp_path / "absent.json")
+
+
+# ---- curate manifest: another caption selection of the same shards ----------------------------------
+
+
+@pytest.fixture
+def latents(tmp_path: Path) -> dict[str, Path]:
+    """3 shards of 8; sample 2 has no short caption; the image stage holds an original caption
+    for every other sample (12 of 24)."""
+    import polars as pl
+    from latent_data import add_image_stage, make_latent_dataset
+
+    data = make_latent_dataset(tmp_path / "d", shards=3, per_shard=8, missing={2: ("short",)})
+    images = add_image_stage(data)
+    for index in sorted(images.glob("*.parquet")):
+        df = pl.read_parquet(index)
+        captions = [f"alt text {i}" if i % 2 == 0 else "" for i in range(df.height)]
+        df.with_columns(pl.Series("caption", captions)).write_parquet(index)
+    return data
+
+
+def test_curate_manifest_writes_the_same_shards_with_other_caption_weights(tmp_path, latents, capsys):
+    from curate.cli import main as curate_main
+
+    out = tmp_path / "elsewhere" / "dalle3.json"
+    assert curate_main(["manifest", str(latents["long"]), "--captions", "long=19,orig=1", "--name", "dalle3",
+                        "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "long: weight 0.95, 24 of 24 samples have it" in printed
+    assert "orig: weight 0.05, 12 of 24 samples have it; the others fall back" in printed
+    source, made = load_manifest(latents["long"]), load_manifest(out)
+    assert made.name == "dalle3" and made.captions == pytest.approx({"long": 0.95, "orig": 0.05})
+    assert [Path(u).resolve() for u in shard_urls(made, out)] == [Path(u).resolve() for u in
+                                                                  shard_urls(source, latents["long"])]
+    assert made.shards[0].path.startswith("../") and made.latent == source.latent
+    assert made.provenance["captions_from"]["captions"] == {"long": 1.0}
+    # What the trainer checks before a step accepts it.
+    from train.data import check_data
+
+    assert check_data(made, out, verify="checksums").samples == 24
+
+    # Beside the source by default; a short caption that sample 2 lacks is counted.
+    assert curate_main(["manifest", str(latents["long"]), "--captions", "short=1", "--name", "s"]) == 0
+    assert "short: weight 1, 23 of 24 samples have it" in capsys.readouterr().out
+    assert load_manifest(latents["long"].parent / "s.json").shards == source.shards
+
+
+@pytest.mark.parametrize(("captions", "message"), [
+    ("tags=1", "no sample of .* has a tags caption"), ("long=0", "VARIANT=WEIGHT pairs"),
+    ("long", "VARIANT=WEIGHT pairs"), ("long=1,long=2", "each variant once")])
+def test_curate_manifest_refuses_what_training_could_not_use(tmp_path, latents, capsys, captions, message):
+    import re
+
+    from curate.cli import main as curate_main
+
+    assert curate_main(["manifest", str(latents["long"]), "--captions", captions, "--name", "x"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (latents["long"].parent / "x.json").exists()
+
+
+def test_curate_manifest_keeps_text_shards_and_their_variants(tmp_path, latents, capsys):
+    from curate.cli import main as curate_main
+    from curate.manifest import TextSpec
+
+    source = load_manifest(latents["long"])
+    text = TextSpec(encoder="t5gemma", encoder_id="google/t5gemma-2b-2b-ul2", dim=8, max_tokens=16,
+                    dtype="bfloat16", variants=["long", "short"], shards=source.shards)
+    with_text = write_manifest(source.model_copy(update={"text": text}), latents["long"].parent / "long-text.json")
+    assert curate_main(["manifest", str(with_text), "--captions", "long=1,short=1", "--name", "mix-text"]) == 0
+    assert load_manifest(latents["long"].parent / "mix-text.json").text.variants == ["long", "short"]
+    assert curate_main(["manifest", str(with_text), "--captions", "long=1,orig=1", "--name", "x"]) == 2
+    assert "hold embeddings of long, short, not of orig" in capsys.readouterr().err
+    assert curate_main(["manifest", str(with_text), "--captions", "long=1", "--name", "long-text"]) == 2
+    assert "is the source manifest" in capsys.readouterr().err

@@ -259,6 +259,36 @@ def test_channels_of_another_vae_are_refused_on_resume(tmp_path: Path, models, d
     assert [s for s, _ in list_checkpoints(run)] == [2]
 
 
+def test_a_run_from_before_the_ablations_resumes_exactly(tmp_path: Path, models, dataset):
+    """Checkpoints and config.yaml written before the ablations, EMA and init existed (session 7)
+    lack their keys; such a run resumes, with every new switch off, and continues exactly."""
+    import yaml
+
+    settings = {"steps": 4, "checkpoint_every": 2}
+    clean, old = tmp_path / "clean", tmp_path / "old"
+    assert run_train(dataset["long"], clean, models, **settings) == 0
+    assert run_train(dataset["long"], old, models, **{**settings, "steps": 2}) == 0
+    new_groups, new_keys = ("ablations", "ema", "repa", "routing", "init"), {
+        "flow": ("prediction", "x0_t_min", "contrastive"), "optim": ("name", "muon_momentum")}
+
+    def as_before(config: dict) -> dict:
+        config = {k: v for k, v in config.items() if k not in new_groups}
+        for group, keys in new_keys.items():
+            config[group] = {k: v for k, v in config[group].items() if k not in keys}
+        return config
+
+    path = latest_checkpoint(old)
+    state = load_checkpoint(path)
+    state = {k: v for k, v in state.items() if k not in ("ema", "repa", "init")}
+    state["config"] = as_before(state["config"])
+    torch.save(state, path)
+    (old / "config.yaml").write_text(yaml.safe_dump(as_before(yaml.safe_load((old / "config.yaml").read_text()))))
+    assert train_main(["--out", str(old), "--resume", "auto", "steps=4"]) == 0
+    assert losses(old) == losses(clean)
+    resumed = load_checkpoint(latest_checkpoint(old))
+    assert resumed["ema"] is None and resumed["config"]["flow"]["prediction"] == "velocity"
+
+
 def test_resume_with_another_config_is_refused(tmp_path: Path, models, dataset, capsys):
     run = tmp_path / "run"
     assert run_train(dataset["long"], run, models, steps=2) == 0

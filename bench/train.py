@@ -13,9 +13,11 @@ against encoding images with the VAE on the fly, measured in one run (CPU).
    preprocessed tensors, then ``curate.vae.to_model_input`` with the latent spec of that
    VAE. Reading and decoding the images is left out, which flatters the on-the-fly side.
 3. Ablations: the data-path step fed from memory with each `train --ablation` switched on
-   (muon, ema, x-pred, tread) against the same step without (the baseline): the cost per step
-   of Muon's Newton-Schulz iterations, the EMA update and x-prediction's conversion, and what
-   TREAD's routing (half the tokens skip blocks 1 and 2 of 4) saves.
+   (muon, ema, x-pred, tread, cfm, immiscible; ``--ablations`` picks some) against the same step
+   without (the baseline): the cost per step of Muon's Newton-Schulz iterations, the EMA update,
+   x-prediction's conversion, contrastive flow matching's second error and immiscible
+   diffusion's assignment, and what TREAD's routing (half the tokens skip blocks 1 and 2 of 4)
+   saves.
 
 Steps/s come from the trainer's own metrics windows (metrics.jsonl: each window's images/s
 and data-wait share), the first window (warm-up: worker start, first allocations) left out.
@@ -24,7 +26,7 @@ gives the median and every run, so a disturbance on the machine shows up. Shard 
 runs must end on the same loss (same batches, same draws): a warning says when they do not.
 
     python bench/train.py [--quick] [--repeats 3] [--steps 30] [--workers 2] [--threads N]
-                          [--comparisons data,vae,ablations]
+                          [--comparisons data,vae,ablations] [--ablations muon,ema,...]
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ DataSource = Callable[[int, int], Iterator[StepBatch]]
 ABLATION_RUNS: dict[str, tuple[list[str], dict[str, Any]]] = {
     "baseline": ([], {}), "muon": (["muon"], {}), "ema": (["ema"], {}), "x-pred": (["x-pred"], {}),
     "tread": (["tread"], {"routing.start": 1, "routing.end": 3}),
+    "cfm": (["cfm"], {}), "immiscible": (["immiscible"], {}),
 }
 MODEL = {"model.hidden_size": 256, "model.depth": 4, "model.num_heads": 4, "model.axes_dim": [32, 32]}
 
@@ -183,7 +186,12 @@ def main() -> None:
                         help="torch threads of the training process (default: one per core)")
     parser.add_argument("--comparisons", default="data,vae,ablations",
                         help="which comparisons, comma-separated: data, vae, ablations")
+    parser.add_argument("--ablations", default=",".join(ABLATION_RUNS),
+                        help="the ablations compared with the baseline (always run), comma-separated")
     args = parser.parse_args()
+    chosen = ["baseline", *[a for a in args.ablations.split(",") if a and a != "baseline"]]
+    if set(chosen) - set(ABLATION_RUNS):
+        parser.error(f"--ablations takes {', '.join(ABLATION_RUNS)}, not {args.ablations!r}")
     wanted = set(args.comparisons.split(","))
     if not wanted or wanted - {"data", "vae", "ablations"}:
         parser.error(f"--comparisons takes data, vae and ablations, not {args.comparisons!r}")
@@ -215,7 +223,7 @@ def main() -> None:
                 name: lambda r, name=name, names=names, extra=extra: run(
                     config(data["mix"], tmp / f"{name}-{r}", text, **base, ablations=names, extra=extra),
                     from_memory(batches))
-                for name, (names, extra) in ABLATION_RUNS.items()}, args.repeats)
+                for name, (names, extra) in ABLATION_RUNS.items() if name in chosen}, args.repeats)
 
         if "vae" in wanted:
             vae_runs = compare_vae(tmp, text, args, side, grid)
@@ -277,7 +285,7 @@ def report(args: argparse.Namespace, side: int, grid: int, started: float, data_
     if not ablation_runs:
         return
     baseline = ablation_runs["baseline"]
-    for name in ABLATION_RUNS:
+    for name in [n for n in ABLATION_RUNS if n in ablation_runs]:
         results = ablation_runs[name]
         names, extra = ABLATION_RUNS[name]
         keys = "".join(f" {k}={v}" for k, v in extra.items())

@@ -78,6 +78,26 @@ def test_contrastive_negative_pairs_are_the_next_samples_flow():
         build_config("tiny", ablations=["cfm"], overrides=["micro_batch=1", "global_batch=4"])
 
 
+# ---- immiscible diffusion ---------------------------------------------------------------------------
+
+
+def test_immiscible_noise_is_the_batchs_noise_in_the_closest_assignment():
+    import itertools
+
+    g = torch.Generator().manual_seed(5)
+    x0, noise = torch.randn(6, 3, 4, 4, generator=g) * 2, torch.randn(6, 3, 4, 4, generator=g)
+    assigned = flow.immiscible_noise(x0, noise)
+
+    def total(order) -> float:
+        return float(sum((x0[i] - noise[j]).pow(2).sum() for i, j in enumerate(order)))
+
+    best = min(itertools.permutations(range(6)), key=total)
+    torch.testing.assert_close(assigned, noise[list(best)], rtol=0, atol=0)  # every noise once, least distance
+    assert total(best) < total(range(6))
+    with pytest.raises(ConfigError, match="micro_batch must be 2 or more"):
+        build_config("tiny", ablations=["immiscible"], overrides=["micro_batch=1", "global_batch=4"])
+
+
 # ---- Muon ------------------------------------------------------------------------------------------
 
 
@@ -169,7 +189,7 @@ def test_ablations_are_named_overrides_recorded_in_the_config(tmp_path: Path):
                        shards="m.json", out="r")
     assert cfg.flow.prediction == "x0" and cfg.optim.name == "muon" and cfg.ema.decay == 0.999
     assert cfg.ablations == ["x-pred", "muon", "ema"]
-    assert set(ABLATIONS) == {"x-pred", "muon", "repa", "tread", "cfm", "ema"}
+    assert set(ABLATIONS) == {"x-pred", "muon", "repa", "tread", "cfm", "immiscible", "ema"}
     with pytest.raises(ConfigError, match="unknown ablation .sprint."):
         build_config("tiny", ablations=["sprint"])
     with pytest.raises(ConfigError, match="chosen with --ablation"):
@@ -195,7 +215,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return {"text": build_tiny_t5gemma(root / "t5gemma"), "flux": build_tiny_flux_vae(root / "flux")}
 
 
-@pytest.mark.parametrize("ablation", ["x-pred", "muon", "cfm"])
+@pytest.mark.parametrize("ablation", ["x-pred", "muon", "cfm", "immiscible"])
 def test_each_ablation_learns_a_few_samples(tmp_path: Path, models, ablation: str):
     few = make_latent_dataset(tmp_path / "few", shards=1, per_shard=4, stored="mean", vae_dir=models["flux"])
     cfg = build_config("tiny", ablations=[ablation],

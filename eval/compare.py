@@ -4,7 +4,8 @@ One row per run: the last step logged, its loss (the logged window's mean), the 
 latest evaluation (latest step; at that step, the most samples, then the newest), and one column
 per config key that is not the same in every run, which for a set of ablations of one baseline
 is the ablation itself. ``by_step`` gives one row per evaluated step instead: metrics against
-training steps, run by run. Metrics are comparable only when they were measured the same way; when
+training steps, run by run; ``every`` one row per stored evaluation, with the sampler settings
+that differ between them as columns (a guidance sweep). Metrics are comparable only when they were measured the same way; when
 the runs' evaluations differ in any setting but the step (sample count, seed, sampler, caption
 choice, real images) or in a metric's network, the table says which.
 """
@@ -47,11 +48,25 @@ def _differ(values: list[Any]) -> bool:
     return len({json.dumps(v, sort_keys=True) for v in values}) > 1
 
 
+# Sampler settings that --every shows as columns (a sweep) instead of noting them.
+_SWEPT = {"guidance": "guidance", "steps": "sampler steps"}
+
+
+def _all_evaluations(run: Path) -> list[dict[str, Any]]:
+    """Every stored evaluation of a run, by step, then sampler settings, then samples."""
+    results = [json.loads(path.read_text()) for path in result_files(run)]
+    return sorted(results, key=lambda r: (r["step"], *(json.dumps(r["settings"].get(s)) for s in _SWEPT),
+                                          r["settings"]["samples"], r.get("finished", 0)))
+
+
 def compare_runs(
-    runs: list[str | os.PathLike[str]], *, by_step: bool = False
+    runs: list[str | os.PathLike[str]], *, by_step: bool = False, every: bool = False
 ) -> tuple[list[str], list[list[Any]], list[str]]:
     """(header, rows, notes) for ``runs``; see the module note. ``by_step``: one row per
-    evaluated checkpoint of each run instead of the latest one only (metrics against steps)."""
+    evaluated checkpoint of each run instead of the latest one only (metrics against steps);
+    ``every``: one row per stored evaluation, the differing sampler settings as columns."""
+    if by_step and every:
+        raise ValueError("by_step and every are two layouts: choose one")
     if not runs:
         raise ValueError("no runs to compare")
     configs, logs, evaluations = [], [], []
@@ -62,12 +77,14 @@ def compare_runs(
         configs.append({k: v for k, v in flatten(to_dict(cfg)).items() if k not in _NOT_COMPARED})
         logs.append([m for m in read_metrics(run) if "loss" in m])
         by = list(_evaluations_by_step(run).values())
-        evaluations.append(by if by_step else by[-1:])
+        evaluations.append(_all_evaluations(run) if every else by if by_step else by[-1:])
     measured = [e for run_evaluations in evaluations for e in run_evaluations]
     metrics = [m for m in METRICS if any(m in e["metrics"] for e in measured)]
     keys = sorted(set().union(*configs))
     differing = [k for k in keys if _differ([c.get(k) for c in configs])]
-    header = ["run", "step", "loss", *[_TITLES[m] for m in metrics], "eval step", "eval samples", *differing]
+    swept = [s for s in _SWEPT if every and _differ([e["settings"].get(s) for e in measured])]
+    header = ["run", "step", "loss", *[_TITLES[m] for m in metrics], "eval step", "eval samples",
+              *[_SWEPT[s] for s in swept], *differing]
     rows = []
     for run, logged, run_evaluations, config in zip(runs, logs, evaluations, configs, strict=True):
         for evaluation in run_evaluations or [None]:
@@ -77,10 +94,12 @@ def compare_runs(
                          round(logged[-1]["loss"], 4) if logged else None, *values,
                          evaluation["step"] if evaluation else None,
                          evaluation["settings"]["samples"] if evaluation else None,
+                         *[evaluation["settings"].get(s) if evaluation else None for s in swept],
                          *[config.get(k) for k in differing]])
 
     notes = [f"the evaluations differ in {setting}: their metrics are not comparable"
-             for setting in _COMPARABLE if _differ([e["settings"].get(setting) for e in measured])]
+             for setting in _COMPARABLE
+             if setting not in swept and _differ([e["settings"].get(setting) for e in measured])]
     for m in metrics:
         if _differ([e["metrics"][m]["network"] for e in measured if m in e["metrics"]]):
             notes.append(f"{_TITLES[m]} was measured with different networks: not comparable")

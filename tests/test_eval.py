@@ -393,3 +393,24 @@ def test_every_checkpoint_evaluated_and_compared_step_by_step(pipeline, inceptio
     assert "--step takes a step" in capsys.readouterr().err
     assert evaluate_main(["compare", str(run), "--by-step", "--format", "csv"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 3
+
+
+def test_a_guidance_sweep_is_stored_per_scale_and_laid_out_by_compare_every(pipeline, inception, embedders,
+                                                                            tmp_path: Path, capsys):
+    run = _fresh_copy(pipeline["base"], tmp_path / "run")
+    options = ["--samples", "4", "--steps", "1", "--device", "cpu", "--no-progress", "--metrics", "fid"]
+    assert evaluate_main(["run", str(run), "--guidance", "1,4", *options]) == 0
+    out = capsys.readouterr().out
+    assert "(1 steps, guidance 1.0)" in out and "(1 steps, guidance 4.0)" in out
+    assert len(result_files(run)) == 2
+    header, rows, notes = compare_runs([run], every=True)
+    assert header[header.index("eval samples") + 1] == "guidance"
+    assert [r[header.index("guidance")] for r in rows] == [1.0, 4.0]
+    assert rows[0][header.index("FID")] != rows[1][header.index("FID")]
+    assert not any("guidance" in n for n in notes)  # a sweep, not an accident
+    assert len(compare_runs([run])[1]) == 1  # the default: the latest evaluation only
+    assert evaluate_main(["compare", str(run), "--every", "--format", "csv"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
+    with pytest.raises(SystemExit):  # argparse: a usage error
+        evaluate_main(["run", str(run), "--guidance", "high", *options])
+    assert "a guidance scale or several" in capsys.readouterr().err

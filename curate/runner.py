@@ -20,7 +20,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -115,19 +115,21 @@ def resolve_share(rank: int | None = None, world_size: int | None = None) -> Wor
     """Explicit flags win; then torchrun (RANK/WORLD_SIZE); then Slurm tasks and arrays.
 
     Inside a Slurm array each array task may itself run several tasks (srun -n K): the
-    worker index is then array_index * K + SLURM_PROCID over COUNT * K workers.
+    worker index is then array_index * K + SLURM_PROCID over COUNT * K workers. Slurm's tasks
+    are srun's (:func:`slurm_tasks`): a batch script that runs a stage itself is one worker,
+    whatever ``--ntasks`` it allocated.
     """
     env = os.environ
     if rank is None and world_size is None:
         if "RANK" in env and "WORLD_SIZE" in env:
             rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
         elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-            ntasks = int(env.get("SLURM_NTASKS", 1))
+            ntasks = slurm_tasks(env)
             index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-            rank = index * ntasks + int(env.get("SLURM_PROCID", 0))
+            rank = index * ntasks + (int(env.get("SLURM_PROCID", 0)) if ntasks > 1 else 0)
             world_size = int(env["SLURM_ARRAY_TASK_COUNT"]) * ntasks
-        elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-            rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        elif "SLURM_PROCID" in env and slurm_tasks(env) > 1:
+            rank, world_size = int(env["SLURM_PROCID"]), slurm_tasks(env)
         else:
             rank, world_size = 0, 1
     elif rank is None or world_size is None:
@@ -135,6 +137,19 @@ def resolve_share(rank: int | None = None, world_size: int | None = None) -> Wor
     if world_size < 1 or not 0 <= rank < world_size:
         raise CurateError(f"worker rank {rank} is outside 0..{world_size - 1}")
     return WorkerShare(rank, world_size)
+
+
+def slurm_tasks(env: Mapping[str, str] | None = None) -> int:
+    """The tasks this process is one of: srun's step (``SLURM_STEP_NUM_TASKS``). A batch script is
+    one process although Slurm sets ``SLURM_NTASKS`` (the allocation) and ``SLURM_PROCID=0`` in it;
+    a task past the first without step variables (an srun that sets none) counts ``SLURM_NTASKS``."""
+    env = os.environ if env is None else env
+    step = env.get("SLURM_STEP_NUM_TASKS", "")
+    if step.isdigit():
+        return int(step)
+    if int(env.get("SLURM_PROCID", "0") or 0) > 0:
+        return int(env.get("SLURM_NTASKS", "1") or 1)
+    return 1
 
 
 def local_rank() -> int:

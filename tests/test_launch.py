@@ -52,3 +52,10 @@ def test_a_batch_script_is_one_process_whatever_it_allocated():
     # An srun step of one task (an interactive shell) is one process, and nothing to warn about.
     assert detect_launch({"SLURM_STEP_NUM_TASKS": "1", "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}).note is None
     assert detect_launch({}) == Launch(0, 1, 0, "single")
+
+
+def test_a_later_task_without_step_variables_is_refused():
+    from train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="this is Slurm task 3, but Slurm set no SLURM_STEP_NUM_TASKS"):
+        detect_launch({"SLURM_NTASKS": "8", "SLURM_PROCID": "3"})

@@ -61,7 +61,7 @@ class Squares(Stage):
             progress(1)
 
 
-ENV_KEYS = ["RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_ARRAY_TASK_ID",
+ENV_KEYS = ["RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_ARRAY_TASK_ID",
             "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"]
 
 
@@ -70,10 +70,15 @@ ENV_KEYS = ["RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_ARRAY_T
     [
         ({}, (0, 1)),
         ({"RANK": "3", "WORLD_SIZE": "8"}, (3, 8)),
-        ({"SLURM_PROCID": "5", "SLURM_NTASKS": "6"}, (5, 6)),
+        ({"SLURM_PROCID": "5", "SLURM_NTASKS": "6", "SLURM_STEP_NUM_TASKS": "6"}, (5, 6)),  # srun -n 6
+        ({"SLURM_PROCID": "5", "SLURM_NTASKS": "6"}, (5, 6)),  # an srun without step variables
+        # a batch script with --ntasks 6 that runs the stage itself: one process, so all the work
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "6"}, (0, 1)),
         ({"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "10", "SLURM_ARRAY_TASK_MIN": "1"}, (6, 10)),
-        ({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_PROCID": "1", "SLURM_NTASKS": "3"},
-         (7, 12)),
+        ({"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "10", "SLURM_ARRAY_TASK_MIN": "1",
+          "SLURM_PROCID": "0", "SLURM_NTASKS": "4"}, (6, 10)),  # array tasks' batch scripts
+        ({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_PROCID": "1", "SLURM_NTASKS": "3",
+          "SLURM_STEP_NUM_TASKS": "3"}, (7, 12)),
         # torchrun inside a Slurm allocation: torchrun's global rank wins
         ({"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, (1, 2)),
     ],

@@ -15,6 +15,8 @@ import os
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
+from train.config import ConfigError
+
 TORCHRUN = ("RANK", "WORLD_SIZE")
 
 
@@ -52,6 +54,12 @@ def detect_launch(env: Mapping[str, str] | None = None) -> Launch:
                                "the node where rank 0 listens")
         port = _int(env.get("MASTER_PORT")) or srun_port(env)
         return Launch(int(env["SLURM_PROCID"]), step_tasks, _int(env.get("SLURM_LOCALID")) or 0, "srun", addr, port)
+    if step_tasks is None and (_int(env.get("SLURM_PROCID")) or 0) > 0:
+        # Another task of an srun that sets no step variables: it cannot know the step's size, and
+        # training alone would write the same run folder as the other tasks.
+        raise ConfigError(f"this is Slurm task {env['SLURM_PROCID']}, but Slurm set no SLURM_STEP_NUM_TASKS: "
+                          "launch the run with torchrun (one per node), or set RANK, WORLD_SIZE, MASTER_ADDR "
+                          "and MASTER_PORT for each task")
     allocated = _int(env.get("SLURM_NTASKS"))
     note = None
     if allocated and allocated > 1 and step_tasks is None:

@@ -162,9 +162,9 @@ def local_rank() -> int:
 
 
 def local_world_size() -> int:
-    """Workers on this machine: torchrun's LOCAL_WORLD_SIZE, else Slurm's SLURM_NTASKS_PER_NODE
-    (set by ``--ntasks-per-node``), else 1."""
-    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+    """Workers on this machine: torchrun's LOCAL_WORLD_SIZE, else Slurm's SLURM_STEP_TASKS_PER_NODE
+    (srun's tasks on this node; a batch script is one worker), else 1."""
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_STEP_TASKS_PER_NODE"):
         value = os.environ.get(name, "")
         digits = value.split("(")[0].split(",")[0]  # Slurm may write "4(x2)"
         if digits.isdigit():

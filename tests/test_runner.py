@@ -115,7 +115,7 @@ def test_default_device_is_this_workers_gpu(monkeypatch, env, expected):
 
 @pytest.mark.parametrize(("env", "parallel", "expected"), [
     ({"LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "1"}, 2, "2,3"),
-    ({"SLURM_NTASKS_PER_NODE": "4(x2)", "SLURM_LOCALID": "3"}, 1, "3"),
+    ({"SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_LOCALID": "3"}, 1, "3"),
     ({}, 1, "0,1,2,3"),  # one worker on the machine: vLLM chooses
     ({"LOCAL_WORLD_SIZE": "4", "LOCAL_RANK": "2"}, 2, None),  # 4 workers x 2 GPUs > 4 GPUs
 ])
@@ -123,7 +123,7 @@ def test_vllm_workers_get_their_own_gpus(monkeypatch, env, parallel, expected):
     from curate.captioners.base import CaptionerError
     from curate.captioners.vllm_backend import _pin_local_gpus
 
-    for k in ("LOCAL_WORLD_SIZE", "LOCAL_RANK", "SLURM_NTASKS_PER_NODE", "SLURM_LOCALID"):
+    for k in ("LOCAL_WORLD_SIZE", "LOCAL_RANK", "SLURM_STEP_TASKS_PER_NODE", "SLURM_LOCALID"):
         monkeypatch.delenv(k, raising=False)
     for k, v in {**env, "CUDA_VISIBLE_DEVICES": "0,1,2,3"}.items():
         monkeypatch.setenv(k, v)
@@ -280,14 +280,14 @@ def test_identical_samples_give_byte_identical_tars(tmp_path: Path):
 @pytest.mark.parametrize(("env", "visible", "expected"), [
     ({}, 16, 16),
     ({"LOCAL_WORLD_SIZE": "4"}, 16, 4),  # torchrun's 4 ranks see the whole node: a quarter each
-    ({"SLURM_NTASKS_PER_NODE": "8"}, 16, 2),  # srun's tasks without CPU binding
-    ({"SLURM_NTASKS_PER_NODE": "8"}, 2, 2),  # srun bound each task to its 2 cores already
+    ({"SLURM_STEP_TASKS_PER_NODE": "8"}, 16, 2),  # srun's tasks without CPU binding
+    ({"SLURM_STEP_TASKS_PER_NODE": "8"}, 2, 2),  # srun bound each task to its 2 cores already
 ])
 def test_default_workers_split_a_node_between_its_workers(monkeypatch, env, visible, expected):
     import curate.procs
     from curate.cli import _default_workers
 
-    for k in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+    for k in ("LOCAL_WORLD_SIZE", "SLURM_STEP_TASKS_PER_NODE"):
         monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)

@@ -360,3 +360,24 @@ def test_bf16_weights_guard(tmp_path: Path, models, dataset, capsys):
     assert "weights stored in bfloat16" in capsys.readouterr().err
     weights = load_checkpoint(latest_checkpoint(tmp_path / "run"))["model"]
     assert all(w.dtype == torch.bfloat16 for w in weights.values() if w.is_floating_point())
+
+
+def test_check_runs_every_preflight_and_writes_nothing(tmp_path: Path, models, dataset, capsys):
+    run = tmp_path / "run"
+    assert run_train(dataset["long"], run, models, "--check", sample_every=2) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("train --check: every check before the first step passed")
+    assert "data: 24 samples in 3 shards" in out and "a new run" in out
+    assert not run.exists()
+    # The sample grids' VAE is loaded before the first step: a VAE that moved fails there, in
+    # --check and in training alike, not at the first grid.
+    data = json.loads(dataset["long"].read_text())
+    moved = _edited(dataset["long"], tmp_path, latent={**data["latent"], "vae": str(tmp_path / "gone"),
+                                                       "vae_id": str(tmp_path / "gone")})
+    assert run_train(moved, run, models, "--check", sample_every=2) == 2
+    assert "gone" in capsys.readouterr().err
+    assert run_train(moved, run, models, steps=4, sample_every=2) == 2
+    assert _no_work_done(run)
+    assert run_train(moved, run, models, steps=2, sample_every=0) == 0  # no grids, no VAE needed
+    assert run_train(moved, run, models, "--check", "--resume", "auto", steps=4, sample_every=0) == 0
+    assert "would resume from" in capsys.readouterr().out and list_checkpoints(run)[-1][0] == 2

@@ -48,6 +48,10 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="auto: continue from the run folder's latest checkpoint, starting from its "
                         "saved config (key=value may change steps, intervals, logging); or a "
                         "checkpoint file; never (default) refuses a run folder that has checkpoints")
+    p.add_argument("--check", action="store_true",
+                   help="run every check of the first step (manifest, shards, text shards, resume or "
+                        "init source, REPA's teacher and images, the sample grids' VAE) and exit without "
+                        "training: before queueing a large job")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (every key, as YAML) and exit without training")
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -117,7 +121,11 @@ def _train(args: argparse.Namespace) -> int:
 
         print(to_yaml(cfg), end="")
         return 0
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, check_only=args.check)
+    if args.check:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("\n".join(["train --check: every check before the first step passed", *result.notes]))
+        return 0
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"trained {result.steps} steps; last loss {result.last_loss}; run folder {result.run_dir}")
     return 0

@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -108,24 +108,28 @@ class RunResult:
     steps: int  # optimizer steps completed, in total
     resumed_from: int | None
     last_loss: float | None
+    notes: list[str] = field(default_factory=list)  # with check_only: what the checks found
 
 
-def train(cfg: TrainConfig, *, resume: str = "never", data: DataSource | None = None) -> RunResult:
+def train(cfg: TrainConfig, *, resume: str = "never", data: DataSource | None = None,
+          check_only: bool = False) -> RunResult:
     """Train as configured; ``resume`` is "never", "auto" (the latest checkpoint) or a path.
 
     ``data`` replaces the manifest's shard loader with any source of step batches (benchmarks
     feed tensors held in memory, or images encoded on the fly); it is given the start step and
-    the rank and returns an iterator of :class:`~train.data.StepBatch`.
+    the rank and returns an iterator of :class:`~train.data.StepBatch`. ``check_only`` runs every
+    check that comes before the first step, loads what the run would load, and returns without
+    writing anything (``train --check``).
     """
     world = setup_world(cfg.device)
     try:
-        return _train(cfg, world, resume, data)
+        return _train(cfg, world, resume, data, check_only)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None) -> RunResult:
+def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None, check_only: bool = False) -> RunResult:
     if not cfg.shards or not cfg.out:
         raise ConfigError("both --shards (a manifest) and --out (the run folder) are needed")
     run_dir = Path(cfg.out)
@@ -168,6 +172,14 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
         teacher = RepaTeacher(cfg.repa.encoder, device=world.device, revision=cfg.repa.revision or None)
         projector = build_projector(cfg.model.hidden_size, teacher.dim, cfg.repa.projector_dim,
                                     seed=cfg.seed).to(world.device)
+    # The sample grids' VAE, now rather than at the first grid, hours in.
+    vae = _load_vae(manifest.latent, world.device) if cfg.sample_every and world.main else None
+    if check_only:
+        notes = [f"data: {summary.samples} samples in {summary.shards} shards", *summary.notes,
+                 *([world.note] if world.note else []),
+                 f"would resume from {checkpoint} at step {first_step}" if state is not None else "a new run",
+                 *([f"initialised from {initial.describe()}", *initial.notes] if initial is not None else [])]
+        return RunResult(run_dir, first_step, first_step if state is not None else None, None, notes)
 
     # ---- model, optimizer, schedule ---------------------------------------------------------------
     model = build_denoiser(architecture, seed=cfg.seed).to(world.device)
@@ -260,7 +272,6 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
     first_slot = world.rank * accum
     weights_dtype = _param_dtype(model)  # a bf16-stored model takes bf16 inputs
     last_loss = None
-    vae = None
     if data is None:
         loader = LatentLoader(manifest, cfg.shards, settings, rank=world.rank, world_size=world.world_size,
                               start_step=start_step, allow_pipe=cfg.data.allow_pipe, images=images)
@@ -385,7 +396,6 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None)
                 window = _Window(world.device)
             housekeeping = time.perf_counter()
             if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps) and world.main:
-                vae = vae or _load_vae(manifest.latent, world.device)
                 with ema.applied(model) if ema is not None else contextlib.nullcontext():
                     path = _sample(model, text, manifest, vae, cfg, run_dir, done)
                 logger.add_image("samples", path, done)

@@ -158,8 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="the new manifest's name")
     p.add_argument("--out", default=None, help="where to write it (default: NAME.json beside the source)")
 
-    p = sub.add_parser("stats", help="totals and rejection reasons of a stage output")
-    p.add_argument("stage_dir", help="a stage folder, e.g. DATA/images")
+    p = sub.add_parser("stats", help="totals and rejection reasons of a stage output, or what a manifest holds")
+    p.add_argument("stage_dir", help="a stage folder (DATA/images), or a manifest (manifests/long.json): its "
+                                     "samples per bucket, caption weights and coverage, text section, provenance")
     p.add_argument("--json", action="store_true", help="print the raw statistics as JSON")
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="caption stages: write a histogram of caption lengths per variant")
@@ -301,7 +302,12 @@ def cmd_manifest(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from curate.stats import format_stats, stage_stats
+    from curate.stats import format_manifest_stats, format_stats, manifest_stats, stage_stats
+
+    if args.stage_dir.endswith(".json") and Path(args.stage_dir).is_file():
+        stats = manifest_stats(args.stage_dir)
+        print(json.dumps(stats, indent=2) if args.json else format_manifest_stats(stats))
+        return 0
 
     stats = stage_stats(args.stage_dir)
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats, args.stage_dir))

@@ -71,3 +71,68 @@ def _fmt(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+def manifest_stats(manifest_path: str | os.PathLike) -> dict[str, Any]:
+    """`curate stats manifests/long.json`: what a training run would read: samples and shards, the
+    latent spec, samples per bucket, the caption weights and how many samples have each variant,
+    the text section and the provenance."""
+    import polars as pl
+
+    from curate.manifest import ManifestError, caption_coverage, load_manifest, shard_urls
+
+    try:
+        manifest = load_manifest(manifest_path)
+    except ManifestError as e:
+        raise CurateError(str(e)) from None
+    spec = manifest.latent
+    buckets: dict[str, int] | None = {}
+    for url in shard_urls(manifest, manifest_path):
+        index = Path(url).with_suffix(".parquet")
+        if "://" in url or not index.is_file():
+            buckets = None  # remote or missing shards: not counted here (training's check names them)
+            break
+        ok = pl.read_parquet(index, columns=["status", "bucket_h", "bucket_w"]).filter(pl.col("status") == "ok")
+        for h, w in zip(ok["bucket_h"].to_list(), ok["bucket_w"].to_list(), strict=True):
+            buckets[f"{h}x{w}"] = buckets.get(f"{h}x{w}", 0) + 1
+    text = manifest.text
+    return {
+        "manifest": str(manifest_path), "name": manifest.name, "samples": manifest.samples,
+        "shards": len(manifest.shards),
+        "latent": {"vae": spec.vae, "vae_id": spec.vae_id, "vae_class": spec.vae_class, "revision": spec.revision,
+                   "channels": spec.channels, "stored": spec.stored, "dtype": spec.dtype,
+                   "resolution": spec.resolution},
+        "buckets": dict(sorted(buckets.items(), key=lambda kv: -kv[1])) if buckets is not None else None,
+        "captions": manifest.captions,
+        "caption_coverage": caption_coverage(manifest, manifest_path),
+        "text": None if text is None else {"encoder": text.encoder_id, "revision": text.revision, "dim": text.dim,
+                                           "max_tokens": text.max_tokens, "dtype": text.dtype,
+                                           "variants": text.variants},
+        "provenance": {k: (v.get("path") if isinstance(v, dict) else v) for k, v in manifest.provenance.items()},
+    }
+
+
+def format_manifest_stats(stats: dict[str, Any]) -> str:
+    latent = stats["latent"]
+    lines = [f"{stats['manifest']}  manifest: {stats['name']}  {stats['samples']} samples in {stats['shards']} shards",
+             f"  latents   {latent['vae_class']} {latent['vae_id']}"
+             + (f" @ {latent['revision']}" if latent["revision"] else "")
+             + f", {latent['channels']} channels stored as {latent['stored']} {latent['dtype']}, "
+               f"{latent['resolution']} px"]
+    if stats["buckets"] is not None:
+        lines.append("  buckets   " + ", ".join(f"{b} ({n})" for b, n in stats["buckets"].items()))
+    coverage = stats["caption_coverage"] or {}
+    for variant, weight in stats["captions"].items():
+        have = coverage.get(variant)
+        counted = f"{have} of {stats['samples']} samples have it" if have is not None else "not counted"
+        lines.append(f"  caption   {variant}: weight {weight:.4g}, {counted}")
+    others = {v: n for v, n in coverage.items() if v not in stats["captions"] and n}
+    if others:
+        lines.append("  also      " + ", ".join(f"{v} ({n})" for v, n in others.items()))
+    text = stats["text"]
+    if text is not None:
+        lines.append(f"  text      {text['encoder']}, {text['dim']}-d, max {text['max_tokens']} tokens, {text['dtype']}, "
+                     f"variants {', '.join(text['variants'])}")
+    for stage, path in stats["provenance"].items():
+        lines.append(f"  from      {stage}: {_fmt(path)}")
+    return "\n".join(lines)

@@ -44,6 +44,7 @@ echo "== 7. encode-text: every caption's T5Gemma embedding, and manifests/demo-{
 curate encode-text "$DATA/latents/tiny-flux2-256" --out "$DATA/text/t5gemma" --text-encoder "$DATA/models/tiny-t5gemma" \
     --max-tokens 64 --workers 1 --device cpu --no-progress
 ls -l manifests/demo-*-t5gemma.json
+curate stats manifests/demo-long-t5gemma.json   # what training will read: buckets, caption coverage, text
 
 echo "== 8. train: the tiny preset on manifests/demo-long-t5gemma.json, with a sample grid every 100 steps"
 # --resume auto makes a rerun of the demo continue (or find finished) the same run.

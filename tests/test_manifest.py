@@ -197,3 +197,19 @@ def test_curate_manifest_keeps_text_shards_and_their_variants(tmp_path, latents,
     assert "hold embeddings of long, short, not of orig" in capsys.readouterr().err
     assert curate_main(["manifest", str(with_text), "--captions", "long=1", "--name", "long-text"]) == 2
     assert "is the source manifest" in capsys.readouterr().err
+
+
+def test_curate_stats_of_a_manifest(latents, capsys):
+    from curate.cli import main as curate_main
+
+    assert curate_main(["stats", str(latents["mix"])]) == 0
+    out = capsys.readouterr().out
+    assert "manifest: mix  24 samples in 3 shards" in out
+    assert "buckets   32x32 (24)" in out
+    assert "caption   long: weight 0.5, 24 of 24 samples have it" in out
+    assert "caption   short: weight 0.5, 23 of 24 samples have it" in out
+    assert "also      orig (12)" in out
+    assert "from      images: " in out
+    assert curate_main(["stats", str(latents["mix"]), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["caption_coverage"] == {"long": 24, "short": 23, "orig": 12} and stats["text"] is None

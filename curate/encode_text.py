@@ -45,6 +45,7 @@ from curate.manifest import (
     ShardEntry,
     TextSpec,
     load_manifest,
+    rebase_shard_path,
     write_manifest,
 )
 from curate.procs import available_cores, die_with_parent
@@ -327,7 +328,7 @@ class EncodeTextStage(Stage):
                 raise CurateError(str(e)) from e
             target_dir = self.manifest_dir or path.parent
             text = self.text_spec(out_dir, target_dir, latent, path.resolve().parent)
-            shards = [e.model_copy(update={"path": _rebase(e.path, path.parent, target_dir)}) for e in latent.shards]
+            shards = [e.model_copy(update={"path": rebase_shard_path(e.path, path.parent, target_dir)}) for e in latent.shards]
             name = f"{latent.name}-{self.manifest_name}"
             provenance = {**latent.provenance, "text": {"path": str(out_dir.resolve()), "encoder": text.encoder_id,
                                                         "revision": text.revision,
@@ -337,11 +338,4 @@ class EncodeTextStage(Stage):
             written.append(write_manifest(Manifest.model_validate(manifest.model_dump()), target_dir / f"{name}.json"))
         log.info("encode-text: wrote %s", ", ".join(str(p) for p in written))
         return written
-
-
-def _rebase(path: str, old: Path, new: Path) -> str:
-    """A manifest's relative shard path, made relative to another manifest folder."""
-    if os.path.isabs(path) or "://" in path:
-        return path
-    return os.path.relpath((old / path).resolve(), new.resolve())
 

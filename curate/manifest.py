@@ -252,6 +252,14 @@ def verify_shards(
                                 "the file changed after the manifest was written")
 
 
+def rebase_shard_path(path: str, old: str | os.PathLike, new: str | os.PathLike) -> str:
+    """A shard path of a manifest in folder ``old``, for a manifest in folder ``new``: relative
+    paths are rebased; absolute paths and URLs (``pipe:`` included) stay as they are."""
+    if os.path.isabs(path) or "://" in path or path.startswith("pipe:"):
+        return path
+    return os.path.relpath((Path(old) / path).resolve(), Path(new).resolve())
+
+
 def write_manifest(manifest: Manifest, path: str | os.PathLike) -> Path:
     """Write atomically (temporary name, then rename)."""
     path = Path(path)
@@ -322,13 +330,7 @@ def with_captions(manifest: Manifest, manifest_path: str | os.PathLike, weights:
     source_dir, out_dir = Path(manifest_path).resolve().parent, Path(out).resolve().parent
 
     def rebased(entries: list[ShardEntry]) -> list[ShardEntry]:
-        moved = []
-        for entry in entries:
-            if "://" in entry.path or entry.path.startswith("pipe:") or os.path.isabs(entry.path):
-                moved.append(entry)
-            else:
-                moved.append(entry.model_copy(update={"path": os.path.relpath(source_dir / entry.path, out_dir)}))
-        return moved
+        return [e.model_copy(update={"path": rebase_shard_path(e.path, source_dir, out_dir)}) for e in entries]
 
     text = manifest.text.model_copy(update={"shards": rebased(manifest.text.shards)}) if manifest.text else None
     provenance = {**manifest.provenance,

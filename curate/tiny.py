@@ -284,6 +284,10 @@ def _num_parameters(model: torch.nn.Module) -> int:
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
+# What _save_image_model writes: the files a build of an image encoder must leave.
+IMAGE_MODEL_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
+
+
 def _save_image_model(model: torch.nn.Module, processor: Any, folder: Path) -> dict[str, Any]:
     """An image encoder and its image processor, saved as the Hub holds them; the build record."""
     with _quiet_transformers():
@@ -1141,7 +1145,6 @@ def build_tiny_clip_vision(out_dir: str | os.PathLike[str], seed: int = 0) -> Pa
     real ones; the input is 28 px (2 x 2 patches), hidden 32, 1 layer, 16-d projection.
     """
     spec = {"builder": "clip_vision", "recipe": RECIPE_VERSION, "seed": int(seed)}
-    required = ("config.json", "model.safetensors", "preprocessor_config.json")
 
     def build(tmp: Path) -> dict[str, Any]:
         from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -1153,7 +1156,7 @@ def build_tiny_clip_vision(out_dir: str | os.PathLike[str], seed: int = 0) -> Pa
         processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
         return _save_image_model(model, processor, tmp)
 
-    return _build_once(out_dir, spec, required, build)
+    return _build_once(out_dir, spec, IMAGE_MODEL_FILES, build)
 
 
 def build_tiny_dinov2(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
@@ -1164,7 +1167,6 @@ def build_tiny_dinov2(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
     mean and std are the real ones; the input is 28 px, hidden 32, 1 layer.
     """
     spec = {"builder": "dinov2", "recipe": RECIPE_VERSION, "seed": int(seed)}
-    required = ("config.json", "model.safetensors", "preprocessor_config.json")
 
     def build(tmp: Path) -> dict[str, Any]:
         from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
@@ -1177,7 +1179,7 @@ def build_tiny_dinov2(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
                                       do_center_crop=True, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
         return _save_image_model(model, processor, tmp)
 
-    return _build_once(out_dir, spec, required, build)
+    return _build_once(out_dir, spec, IMAGE_MODEL_FILES, build)
 
 
 def build_tiny_dinov3(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
@@ -1188,7 +1190,6 @@ def build_tiny_dinov3(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
     tokens, RoPE and the ImageNet mean and std are the real ones; hidden 32, 1 layer.
     """
     spec = {"builder": "dinov3", "recipe": RECIPE_VERSION, "seed": int(seed)}
-    required = ("config.json", "model.safetensors", "preprocessor_config.json")
 
     def build(tmp: Path) -> dict[str, Any]:
         from transformers import DINOv3ViTConfig, DINOv3ViTImageProcessorFast, DINOv3ViTModel
@@ -1201,7 +1202,7 @@ def build_tiny_dinov3(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
                                                 image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
         return _save_image_model(model, processor, tmp)
 
-    return _build_once(out_dir, spec, required, build)
+    return _build_once(out_dir, spec, IMAGE_MODEL_FILES, build)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -269,6 +269,7 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     from curate.manifest import (
         ManifestError,
         caption_coverage,
+        latent_index_rows,
         load_manifest,
         parse_caption_weights,
         with_captions,
@@ -282,7 +283,7 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     try:
         source = load_manifest(args.manifest)
         weights = parse_caption_weights(args.captions)
-        coverage = caption_coverage(source, args.manifest)
+        coverage = caption_coverage(source, latent_index_rows(source, args.manifest, ["key", "captions"]))
         counted = coverage or {}
         lacking = [v for v in weights if coverage is not None and counted.get(v, 0) == 0]  # None: not counted
         if lacking:

@@ -288,24 +288,35 @@ def parse_caption_weights(text: str) -> dict[str, float]:
     return {name: weight / total for name, weight in weights.items()}
 
 
-def caption_coverage(manifest: Manifest, manifest_path: str | os.PathLike) -> dict[str, int | None] | None:
-    """How many samples have each caption variant: curated ones from the latent shards' indexes,
-    ``orig`` (the original captions, written for every sample, empty when there was none) from
-    the image stage's index (None when it cannot be found); None when the latent shards' indexes
-    cannot be read (remote or missing shards)."""
+def latent_index_rows(manifest: Manifest, manifest_path: str | os.PathLike, columns: list[str]) -> Any:
+    """The accepted rows of every latent shard's index (``columns`` of them, a polars DataFrame),
+    in shard order; None when an index cannot be read here (remote or missing shards)."""
     import polars as pl
 
-    counts: dict[str, int] = {}
-    keys: set[str] = set()
+    frames = []
     for url in shard_urls(manifest, manifest_path):
         index = Path(url).with_suffix(".parquet")
         if "://" in url or not index.is_file():
             return None
-        ok = pl.read_parquet(index, columns=["key", "status", "captions"]).filter(pl.col("status") == "ok")
-        keys.update(ok["key"].to_list())
-        for variants in ok["captions"].to_list():
-            for variant in variants or ():
-                counts[variant] = counts.get(variant, 0) + 1
+        frames.append(pl.read_parquet(index, columns=["status", *columns]).filter(pl.col("status") == "ok")
+                      .drop("status"))
+    return pl.concat(frames)
+
+
+def caption_coverage(manifest: Manifest, rows: Any) -> dict[str, int | None] | None:
+    """How many samples have each caption variant: curated ones from the latent shards' index
+    ``rows`` (:func:`latent_index_rows` with ``key`` and ``captions``), ``orig`` (the original
+    captions, written for every sample, empty when there was none) from the image stage's index
+    (None when it cannot be found); None without ``rows``."""
+    import polars as pl
+
+    if rows is None:
+        return None
+    counts: dict[str, int] = {}
+    keys = set(rows["key"].to_list())
+    for variants in rows["captions"].to_list():
+        for variant in variants or ():
+            counts[variant] = counts.get(variant, 0) + 1
     try:
         images = image_stage(manifest)
     except ManifestError:

@@ -77,23 +77,19 @@ def manifest_stats(manifest_path: str | os.PathLike) -> dict[str, Any]:
     """`curate stats manifests/long.json`: what a training run would read: samples and shards, the
     latent spec, samples per bucket, the caption weights and how many samples have each variant,
     the text section and the provenance."""
-    import polars as pl
-
-    from curate.manifest import ManifestError, caption_coverage, load_manifest, shard_urls
+    from curate.manifest import ManifestError, caption_coverage, latent_index_rows, load_manifest
 
     try:
         manifest = load_manifest(manifest_path)
     except ManifestError as e:
         raise CurateError(str(e)) from None
     spec = manifest.latent
-    buckets: dict[str, int] | None = {}
-    for url in shard_urls(manifest, manifest_path):
-        index = Path(url).with_suffix(".parquet")
-        if "://" in url or not index.is_file():
-            buckets = None  # remote or missing shards: not counted here (training's check names them)
-            break
-        ok = pl.read_parquet(index, columns=["status", "bucket_h", "bucket_w"]).filter(pl.col("status") == "ok")
-        for h, w in zip(ok["bucket_h"].to_list(), ok["bucket_w"].to_list(), strict=True):
+    # Remote or missing shards are not counted here (training's check names them).
+    rows = latent_index_rows(manifest, manifest_path, ["key", "captions", "bucket_h", "bucket_w"])
+    buckets: dict[str, int] | None = None
+    if rows is not None:
+        buckets = {}
+        for h, w in zip(rows["bucket_h"].to_list(), rows["bucket_w"].to_list(), strict=True):
             buckets[f"{h}x{w}"] = buckets.get(f"{h}x{w}", 0) + 1
     text = manifest.text
     return {
@@ -104,7 +100,7 @@ def manifest_stats(manifest_path: str | os.PathLike) -> dict[str, Any]:
                    "resolution": spec.resolution},
         "buckets": dict(sorted(buckets.items(), key=lambda kv: -kv[1])) if buckets is not None else None,
         "captions": manifest.captions,
-        "caption_coverage": caption_coverage(manifest, manifest_path),
+        "caption_coverage": caption_coverage(manifest, rows),
         "text": None if text is None else {"encoder": text.encoder_id, "revision": text.revision, "dim": text.dim,
                                            "max_tokens": text.max_tokens, "dtype": text.dtype,
                                            "variants": text.variants},

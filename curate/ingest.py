@@ -185,25 +185,18 @@ class IngestStage(Stage):
 
     def _drop_cross_shard_duplicates(self, out_dir: Path) -> None:
         """Keep the first accepted copy of each key in shard order; reject the later ones."""
-        first: dict[str, tuple[int, str]] = {}
-        later: dict[int, dict[str, str]] = {}
-        depends: dict[int, dict[str, str]] = {}
-        shards = committed_shards(out_dir)
-        fingerprints = {s.shard_id: s.meta.fingerprint for s in shards}
-        for shard in shards:
-            df = read_index(shard.index_path, columns=["key", "status", "source"]).filter(pl.col("status") == OK)
-            for key, source in zip(df["key"].to_list(), df["source"].to_list(), strict=True):
-                if key in first:
-                    owner, owner_source = first[key]
-                    later.setdefault(shard.shard_id, {})[key] = f"same bytes as {owner_source}"
-                    depends.setdefault(shard.shard_id, {})[str(owner)] = fingerprints[owner]
-                else:
-                    first[key] = (shard.shard_id, source)
-        by_id = {s.shard_id: s for s in shards}
-        for shard_id, rejections in sorted(later.items()):
-            log.info("ingest: shard %d has %d duplicates of earlier shards", shard_id, len(rejections))
-            reject_samples(by_id[shard_id], rejections, "duplicate", depends_on=depends[shard_id])
 
+        def first_copies(rows: dict[str, list[Any]]) -> dict[int, tuple[int, str]]:
+            first: dict[str, int] = {}
+            found = {}
+            for i, key in enumerate(rows["key"]):
+                if key in first:
+                    found[i] = (first[key], f"same bytes as {rows['source'][first[key]]}")
+                else:
+                    first[key] = i
+            return found
+
+        _reject_in_shard_order(out_dir, "duplicate", [], first_copies)
 
     def _drop_near_duplicates(self, out_dir: Path, bits: int) -> None:
         """Reject, in shard order, every image whose hash is within ``bits`` of a kept one's.
@@ -212,26 +205,43 @@ class IngestStage(Stage):
         kill in between: a rerun finds the same kept images (the rejected ones are no longer
         candidates either way) and rejects the rest again.
         """
-        shards = committed_shards(out_dir)
-        fingerprints = {s.shard_id: s.meta.fingerprint for s in shards}
-        owners, keys, sources, hashes = [], [], [], []
-        for shard in shards:
-            df = read_index(shard.index_path, columns=["key", "status", "source", "phash"]).filter(
-                pl.col("status") == OK)
-            owners += [shard.shard_id] * df.height
-            keys += df["key"].to_list()
-            sources += df["source"].to_list()
-            hashes += [value & _MASK64 if value is not None else None for value in df["phash"].to_list()]
-        rejections: dict[int, dict[str, str]] = {}
-        depends: dict[int, dict[str, str]] = {}
-        for i, (j, distance) in near_duplicate_pairs(hashes, bits).items():
-            rejections.setdefault(owners[i], {})[keys[i]] = f"pHash {distance} bits from {keys[j]} ({sources[j]})"
-            if owners[j] != owners[i]:
-                depends.setdefault(owners[i], {})[str(owners[j])] = fingerprints[owners[j]]
-        by_id = {s.shard_id: s for s in shards}
-        for shard_id, found in sorted(rejections.items()):
-            log.info("ingest: shard %d has %d near-duplicates", shard_id, len(found))
-            reject_samples(by_id[shard_id], found, "near_duplicate", depends_on=depends.get(shard_id))
+
+        def near_copies(rows: dict[str, list[Any]]) -> dict[int, tuple[int, str]]:
+            hashes = [value & _MASK64 if value is not None else None for value in rows["phash"]]
+            return {i: (j, f"pHash {distance} bits from {rows['key'][j]} ({rows['source'][j]})")
+                    for i, (j, distance) in near_duplicate_pairs(hashes, bits).items()}
+
+        _reject_in_shard_order(out_dir, "near_duplicate", ["phash"], near_copies)
+
+
+def _reject_in_shard_order(out_dir: Path, reason: str, columns: list[str],
+                           earlier: Callable[[dict[str, list[Any]]], dict[int, tuple[int, str]]]) -> None:
+    """Reject the accepted samples that an earlier accepted sample makes redundant, as ``reason``.
+
+    ``earlier`` is given every shard's accepted rows in shard order (``shard``, ``key``,
+    ``source`` and ``columns``, as lists) and maps each redundant row to (the earlier row, the
+    detail to record). A shard that loses samples to another shard's depends on that shard, so
+    that redoing it redoes this pass for them.
+    """
+    shards = committed_shards(out_dir)
+    fingerprints = {s.shard_id: s.meta.fingerprint for s in shards}
+    rows: dict[str, list[Any]] = {"shard": [], "key": [], "source": [], **{c: [] for c in columns}}
+    for shard in shards:
+        df = read_index(shard.index_path, columns=["key", "status", "source", *columns]).filter(pl.col("status") == OK)
+        rows["shard"] += [shard.shard_id] * df.height
+        for column in ("key", "source", *columns):
+            rows[column] += df[column].to_list()
+    owners = rows["shard"]
+    rejections: dict[int, dict[str, str]] = {}
+    depends: dict[int, dict[str, str]] = {}
+    for i, (j, detail) in earlier(rows).items():
+        rejections.setdefault(owners[i], {})[rows["key"][i]] = detail
+        if owners[j] != owners[i]:
+            depends.setdefault(owners[i], {})[str(owners[j])] = fingerprints[owners[j]]
+    by_id = {s.shard_id: s for s in shards}
+    for shard_id, found in sorted(rejections.items()):
+        log.info("ingest: shard %d has %d samples rejected as %s", shard_id, len(found), reason)
+        reject_samples(by_id[shard_id], found, reason, depends_on=depends.get(shard_id))
 
 
 MAX_NEAR_DUPLICATE_BITS = 8

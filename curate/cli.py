@@ -333,8 +333,11 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(value, int) and value < least:
             parser.error(f"--{name.replace('_', '-')} must be at least {least}")
     near = getattr(args, "near_duplicates", None)
-    if near is not None and not 0 <= near <= 8:
-        parser.error(f"--near-duplicates must be 0 to 8 bits, got {near}")
+    if near is not None:
+        from curate.ingest import MAX_NEAR_DUPLICATE_BITS
+
+        if not 0 <= near <= MAX_NEAR_DUPLICATE_BITS:
+            parser.error(f"--near-duplicates must be 0 to {MAX_NEAR_DUPLICATE_BITS} bits, got {near}")
     from curate.runner import CurateError
 
     try:

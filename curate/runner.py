@@ -144,12 +144,18 @@ def slurm_tasks(env: Mapping[str, str] | None = None) -> int:
     one process although Slurm sets ``SLURM_NTASKS`` (the allocation) and ``SLURM_PROCID=0`` in it;
     a task past the first without step variables (an srun that sets none) counts ``SLURM_NTASKS``."""
     env = os.environ if env is None else env
-    step = env.get("SLURM_STEP_NUM_TASKS", "")
-    if step.isdigit():
-        return int(step)
-    if int(env.get("SLURM_PROCID", "0") or 0) > 0:
-        return int(env.get("SLURM_NTASKS", "1") or 1)
+    step = slurm_int(env.get("SLURM_STEP_NUM_TASKS"))
+    if step is not None:
+        return step
+    if (slurm_int(env.get("SLURM_PROCID")) or 0) > 0:
+        return slurm_int(env.get("SLURM_NTASKS")) or 1
     return 1
+
+
+def slurm_int(value: str | None) -> int | None:
+    """A count from a Slurm variable, which may read ``4(x2)`` or ``4,2``: its first number."""
+    digits = (value or "").split("(")[0].split(",")[0].strip()
+    return int(digits) if digits.isdigit() else None
 
 
 def local_rank() -> int:
@@ -165,10 +171,9 @@ def local_world_size() -> int:
     """Workers on this machine: torchrun's LOCAL_WORLD_SIZE, else Slurm's SLURM_STEP_TASKS_PER_NODE
     (srun's tasks on this node; a batch script is one worker), else 1."""
     for name in ("LOCAL_WORLD_SIZE", "SLURM_STEP_TASKS_PER_NODE"):
-        value = os.environ.get(name, "")
-        digits = value.split("(")[0].split(",")[0]  # Slurm may write "4(x2)"
-        if digits.isdigit():
-            return int(digits)
+        count = slurm_int(os.environ.get(name))
+        if count is not None:
+            return count
     return 1
 
 

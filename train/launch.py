@@ -15,6 +15,7 @@ import os
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
+from curate.runner import slurm_int
 from train.config import ConfigError
 
 TORCHRUN = ("RANK", "WORLD_SIZE")
@@ -44,23 +45,23 @@ def detect_launch(env: Mapping[str, str] | None = None) -> Launch:
     env = os.environ if env is None else env
     if all(k in env for k in TORCHRUN):
         return Launch(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0") or 0), "torchrun")
-    step_tasks = _int(env.get("SLURM_STEP_NUM_TASKS"))
+    step_tasks = slurm_int(env.get("SLURM_STEP_NUM_TASKS"))
     if step_tasks and step_tasks > 1 and "SLURM_PROCID" in env:
-        nodes = _int(env.get("SLURM_STEP_NUM_NODES")) or 1
+        nodes = slurm_int(env.get("SLURM_STEP_NUM_NODES")) or 1
         addr = env.get("MASTER_ADDR") or (
             "127.0.0.1" if nodes == 1 else first_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")))
         if not addr:
             raise RuntimeError("srun started this task, but neither MASTER_ADDR nor SLURM_STEP_NODELIST names "
                                "the node where rank 0 listens")
-        port = _int(env.get("MASTER_PORT")) or srun_port(env)
-        return Launch(int(env["SLURM_PROCID"]), step_tasks, _int(env.get("SLURM_LOCALID")) or 0, "srun", addr, port)
-    if step_tasks is None and (_int(env.get("SLURM_PROCID")) or 0) > 0:
+        port = slurm_int(env.get("MASTER_PORT")) or srun_port(env)
+        return Launch(int(env["SLURM_PROCID"]), step_tasks, slurm_int(env.get("SLURM_LOCALID")) or 0, "srun", addr, port)
+    if step_tasks is None and (slurm_int(env.get("SLURM_PROCID")) or 0) > 0:
         # Another task of an srun that sets no step variables: it cannot know the step's size, and
         # training alone would write the same run folder as the other tasks.
         raise ConfigError(f"this is Slurm task {env['SLURM_PROCID']}, but Slurm set no SLURM_STEP_NUM_TASKS: "
                           "launch the run with torchrun (one per node), or set RANK, WORLD_SIZE, MASTER_ADDR "
                           "and MASTER_PORT for each task")
-    allocated = _int(env.get("SLURM_NTASKS"))
+    allocated = slurm_int(env.get("SLURM_NTASKS"))
     note = None
     if allocated and allocated > 1 and step_tasks is None:
         note = (f"Slurm allocated {allocated} tasks, but this process was not started by srun: it trains "
@@ -71,7 +72,7 @@ def detect_launch(env: Mapping[str, str] | None = None) -> Launch:
 def srun_port(env: Mapping[str, str]) -> int:
     """The same port in every task of a step, another in the job's next step (two trainings
     side by side in one allocation), within the unprivileged range below Linux's ephemeral ports."""
-    job, step = _int(env.get("SLURM_JOB_ID")) or 0, _int(env.get("SLURM_STEP_ID")) or 0
+    job, step = slurm_int(env.get("SLURM_JOB_ID")) or 0, slurm_int(env.get("SLURM_STEP_ID")) or 0
     return 20000 + (job * 31 + step) % 12000
 
 
@@ -90,7 +91,3 @@ def first_host(nodelist: str) -> str:
     ranges, suffix = rest.split("]", 1)
     return prefix + ranges.split(",")[0].split("-")[0] + suffix
 
-
-def _int(value: str | None) -> int | None:
-    digits = (value or "").split("(")[0].split(",")[0].strip()
-    return int(digits) if digits.isdigit() else None

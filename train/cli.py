@@ -122,12 +122,9 @@ def _train(args: argparse.Namespace) -> int:
         print(to_yaml(cfg), end="")
         return 0
     result = train(cfg, resume=args.resume, check_only=args.check)
-    if args.check:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print("\n".join(["train --check: every check before the first step passed", *result.notes]))
-        return 0
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"trained {result.steps} steps; last loss {result.last_loss}; run folder {result.run_dir}")
+        print("\n".join(["train --check: every check before the first step passed", *result.notes]) if args.check
+              else f"trained {result.steps} steps; last loss {result.last_loss}; run folder {result.run_dir}")
     return 0
 
 

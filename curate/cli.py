@@ -8,6 +8,10 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from curate.manifest import Manifest
 
 # Stage modules are imported inside the commands: decoding workers are spawned processes that
 # re-import the entry script, and they should not pay for polars and pyarrow.
@@ -147,16 +151,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="None: cuda:LOCAL_RANK if available, else cpu")
     _add_worker_args(p)
 
-    p = sub.add_parser("manifest", help="the same training shards with another caption selection",
+    p = sub.add_parser("manifest", help="another caption selection of the same shards, or several datasets merged",
                        description="Write a manifest of the same shards (and text shards) with other caption "
-                                   "weights: e.g. DALL-E 3's recipe, 95%% synthetic and 5%% original captions: "
-                                   "curate manifest manifests/long.json --captions long=0.95,orig=0.05 --name dalle3")
-    p.add_argument("manifest", help="a manifest written by encode-latents or encode-text")
-    p.add_argument("--captions", required=True, metavar="VARIANT=WEIGHT,...",
+                                   "weights, e.g. DALL-E 3's recipe, 95%% synthetic and 5%% original captions: "
+                                   "curate manifest manifests/long.json --captions long=0.95,orig=0.05 --name dalle3. "
+                                   "Given several manifests, merge them into one that trains on all their datasets, "
+                                   "each keeping its caption selection and image stage, a dataset's shards repeated "
+                                   "REPEAT times an epoch: curate manifest cc12m=manifests/cc12m-long.json "
+                                   "curated=manifests/curated-long.json:4 --name mixed")
+    p.add_argument("manifests", nargs="+", metavar="[NAME=]MANIFEST[:REPEAT]",
+                   help="a manifest written by encode-latents, encode-text or curate manifest; several (or a REPEAT) "
+                        "merge them, each a part named NAME (default: its manifest's name)")
+    p.add_argument("--captions", default=None, metavar="VARIANT=WEIGHT,...",
                    help="caption variants (long, short, orig: the original captions, ...) and their weights, "
-                        "normalised to sum to 1")
+                        "normalised to sum to 1; when merging, for every part (default: each keeps its own)")
+    p.add_argument("--hold-out", type=int, default=None, metavar="SHARDS",
+                   help="leave SHARDS shards, drawn at random, out of the new manifest and write them as "
+                        "NAME-heldout.json beside it: held-out samples for train's val.shards")
     p.add_argument("--name", required=True, help="the new manifest's name")
-    p.add_argument("--out", default=None, help="where to write it (default: NAME.json beside the source)")
+    p.add_argument("--out", default=None, help="where to write it (default: NAME.json beside the first manifest)")
 
     p = sub.add_parser("stats", help="totals and rejection reasons of a stage output, or what a manifest holds")
     p.add_argument("stage_dir", help="a stage folder (DATA/images), or a manifest (manifests/long.json): its "
@@ -268,38 +281,89 @@ def _is_alias(name: str) -> bool:
 def cmd_manifest(args: argparse.Namespace) -> int:
     from curate.manifest import (
         ManifestError,
-        caption_coverage,
+        hold_out,
         latent_index_rows,
         load_manifest,
+        merge_manifests,
+        overlapping_samples,
         parse_caption_weights,
+        parse_merge_source,
+        part_captions,
+        part_coverage,
         with_captions,
         write_manifest,
     )
     from curate.runner import CurateError
 
-    out = Path(args.out) if args.out else Path(args.manifest).parent / f"{args.name}.json"
-    if out.resolve() == Path(args.manifest).resolve():
-        raise CurateError(f"--out {out} is the source manifest: choose another name")
     try:
-        source = load_manifest(args.manifest)
-        weights = parse_caption_weights(args.captions)
-        coverage = caption_coverage(source, latent_index_rows(source, args.manifest, ["key", "captions"]))
-        counted = coverage or {}
-        lacking = [v for v in weights if coverage is not None and counted.get(v, 0) == 0]  # None: not counted
-        if lacking:
-            known = ", ".join(f"{v} ({n})" for v, n in counted.items() if n)
-            raise CurateError(f"no sample of {args.manifest} has a {', '.join(lacking)} caption (samples per "
-                              f"variant: {known or 'none counted'})")
-        written = write_manifest(with_captions(source, args.manifest, weights, name=args.name, out=out), out)
+        sources = [parse_merge_source(text) for text in args.manifests]
+        merging = len(sources) > 1 or sources[0][0] is not None or sources[0][2] > 1
+        if merging and args.hold_out is not None:
+            raise CurateError("--hold-out splits one manifest: hold shards out of each dataset's manifest, "
+                              "then merge the rest")
+        if not merging and args.captions is None and args.hold_out is None:
+            raise CurateError("give --captions for another caption selection, --hold-out to split off held-out "
+                              "shards, or several manifests to merge")
+        out = Path(args.out) if args.out else Path(sources[0][1]).parent / f"{args.name}.json"
+        held_out_path = out.with_name(f"{args.name}-heldout.json")
+        for target in (out, held_out_path) if args.hold_out is not None else (out,):
+            if any(target.resolve() == Path(path).resolve() for _, path, _ in sources):
+                raise CurateError(f"{target} is a source manifest: choose another --name or --out")
+        weights = parse_caption_weights(args.captions) if args.captions is not None else None
+        held = None
+        if merging:
+            manifest = merge_manifests(sources, name=args.name, out=out, captions=weights)
+        elif args.hold_out is not None:
+            manifest, held = hold_out(load_manifest(sources[0][1]), sources[0][1], args.hold_out, name=args.name,
+                                      out=out, captions=weights)
+        else:
+            source = load_manifest(sources[0][1])
+            manifest = with_captions(source, sources[0][1], weights, name=args.name, out=out)
+        # The new manifest's relative paths resolve against its folder (which must exist for "..").
+        out.parent.mkdir(parents=True, exist_ok=True)
+        coverage = part_coverage(manifest, latent_index_rows(manifest, out, ["key", "captions"]))
+        parts = manifest.parts or [None]
+        for part, selection, counted in zip(parts, part_captions(manifest), coverage, strict=True):
+            lacking = [v for v in selection if counted is not None and counted.get(v, 0) == 0]  # None: not counted
+            if lacking:
+                known = ", ".join(f"{v} ({n})" for v, n in (counted or {}).items() if n)
+                of = f"part {part.name!r} ({part.provenance['manifest']['path']})" if part else ", ".join(args.manifests)
+                raise CurateError(f"no sample of {of} has a {', '.join(lacking)} caption (samples per "
+                                  f"variant: {known or 'none counted'})")
+        overlap = overlapping_samples(manifest, out) if merging else None
+        written = write_manifest(manifest, out)
+        if held is not None:
+            write_manifest(held, held_out_path)
     except ManifestError as e:
         raise CurateError(str(e)) from None
-    print(f"wrote {written}: {source.samples} samples in {len(source.shards)} shards")
-    for variant, weight in weights.items():
-        have = counted.get(variant)
-        share = f"{have} of {source.samples} samples have it" if have is not None else "not counted"
-        fallback = "; the others fall back to another variant" if have is not None and have < source.samples else ""
-        print(f"  {variant}: weight {weight:.4g}, {share}{fallback}")
+    print(f"wrote {written}: {manifest.samples} samples in {len(manifest.shards)} shards"
+          + (" an epoch" if merging else ""))
+    if held is not None:
+        print(f"wrote {held_out_path}: {held.samples} held-out samples in {len(held.shards)} shards "
+              f"(train ... val.shards={held_out_path})")
+    _print_selection(manifest, coverage)
+    if overlap:
+        print(f"  note: {overlap} samples (the same image content) are in more than one part")
     return 0
+
+
+def _print_selection(manifest: Manifest, coverage: list[dict[str, int | None] | None]) -> None:
+    """Each part's share of an epoch (a merged manifest), and how many of its samples have each
+    selected caption variant."""
+    from curate.manifest import part_captions
+
+    parts = manifest.parts or [None]
+    for part, selection, counted in zip(parts, part_captions(manifest), coverage, strict=True):
+        samples = part.samples if part else manifest.samples
+        if part is not None:
+            once = f"{samples // part.repeat} samples x {part.repeat}" if part.repeat > 1 else f"{samples} samples"
+            share = 100 * samples / manifest.samples if manifest.samples else 0.0
+            print(f"  part {part.name}: {once}, {share:.1f}% of an epoch")
+        for variant, weight in selection.items():
+            have = (counted or {}).get(variant)
+            share = f"{have} of {samples} samples have it" if have is not None else "not counted"
+            fallback = "; the others fall back to another variant" if have is not None and have < samples else ""
+            print(f"  {'  ' if part else ''}{variant}: weight {weight:.4g}, {share}{fallback}")
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

@@ -155,6 +155,13 @@ class EncodeTextStage(Stage):
         for p in paths:
             if not p.exists():
                 raise CurateError(f"{p}: no such manifest")
+            try:
+                parts = json.loads(p.read_text()).get("parts")
+            except (OSError, ValueError):
+                continue  # named, with its field, when the manifests are written
+            if parts:
+                raise CurateError(f"{p} merges {len(parts)} datasets: run encode-text on each dataset's "
+                                  "latents, then merge the manifests it writes (curate manifest)")
         return paths
 
     def config(self) -> dict[str, Any]:

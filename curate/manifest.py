@@ -19,9 +19,17 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 MANIFEST_VERSION = 1
 
@@ -105,33 +113,54 @@ class TextSpec(_Strict):
     shards: list[ShardEntry] = Field(min_length=1)  # parallel to the manifest's shards
 
 
+def _check_caption_weights(captions: dict[str, float]) -> dict[str, float]:
+    if not captions:
+        raise ValueError("must select at least one caption variant, e.g. {\"long\": 1.0}")
+    for name, weight in captions.items():
+        if not name or not math.isfinite(weight) or weight <= 0:
+            raise ValueError(f"weight of {name!r} must be a positive number (got {weight})")
+    if abs(sum(captions.values()) - 1.0) > 1e-6:
+        raise ValueError(f"weights must sum to 1 (got {sum(captions.values())})")
+    return captions
+
+
+CaptionWeights = Annotated[dict[str, float], AfterValidator(_check_caption_weights)]
+
+
+class ManifestPart(_Strict):
+    """One dataset of a merged manifest (``curate manifest A.json B.json:3``): a run of consecutive
+    entries of ``shards`` (and of ``text.shards``), with the caption selection and the provenance
+    (image stage, captioner, VAE) of the manifest it came from. ``repeat`` > 1 lists the part's
+    shards that many times in a row, so that an epoch reads each of its samples that often."""
+
+    name: str = Field(min_length=1)
+    shards: int = Field(gt=0)  # consecutive entries of the manifest's shards, repeats included
+    samples: int = Field(ge=0)  # samples of those entries, repeats included: its share of an epoch
+    repeat: int = Field(1, ge=1)
+    captions: CaptionWeights  # selects the variant of this part's samples
+    provenance: dict[str, Any] = Field(default_factory=dict)
+
+
 class Manifest(_Strict):
     version: Literal[1] = MANIFEST_VERSION
     name: str = Field(min_length=1)
     shards: list[ShardEntry] = Field(min_length=1)
     samples: int = Field(ge=0)
     latent: LatentSpec
-    captions: dict[str, float]  # caption variant -> probability of being chosen for a sample
+    # Caption variant -> probability of being chosen for a sample. With ``parts``, each part's own
+    # selection applies to its samples, and this is their mean weighted by samples (what an epoch sees).
+    captions: CaptionWeights
     text: TextSpec | None = None  # precomputed embeddings; None: the trainer encodes captions itself
     provenance: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("captions")
-    @classmethod
-    def _caption_weights(cls, captions: dict[str, float]) -> dict[str, float]:
-        if not captions:
-            raise ValueError("must select at least one caption variant, e.g. {\"long\": 1.0}")
-        for name, weight in captions.items():
-            if not name or not math.isfinite(weight) or weight <= 0:
-                raise ValueError(f"weight of {name!r} must be a positive number (got {weight})")
-        if abs(sum(captions.values()) - 1.0) > 1e-6:
-            raise ValueError(f"weights must sum to 1 (got {sum(captions.values())})")
-        return captions
+    parts: list[ManifestPart] | None = None  # a merged manifest's datasets, in shard order
 
     @model_validator(mode="after")
     def _sample_count(self) -> Manifest:
         total = sum(s.samples for s in self.shards)
         if total != self.samples:
             raise ValueError(f"samples is {self.samples} but the shards hold {total}")
+        if self.parts is not None:
+            _check_parts(self.parts, self.shards)
         if self.text is not None:
             if len(self.text.shards) != len(self.shards):
                 raise ValueError(f"text.shards lists {len(self.text.shards)} shards but shards lists "
@@ -141,6 +170,44 @@ class Manifest(_Strict):
                     raise ValueError(f"text.shards.{i} holds {text.samples} samples but shards.{i} "
                                      f"holds {latent.samples}")
         return self
+
+
+def _check_parts(parts: list[ManifestPart], shards: list[ShardEntry]) -> None:
+    if not parts:
+        raise ValueError("parts, when given, lists at least one part")
+    names = [p.name for p in parts]
+    if len(set(names)) != len(names):
+        raise ValueError(f"part names must differ (got {names})")
+    if sum(p.shards for p in parts) != len(shards):
+        raise ValueError(f"the parts hold {sum(p.shards for p in parts)} shards but shards lists {len(shards)}")
+    start = 0
+    for p in parts:
+        entries = shards[start: start + p.shards]
+        if sum(e.samples for e in entries) != p.samples:
+            raise ValueError(f"part {p.name!r} says {p.samples} samples but its shards hold "
+                             f"{sum(e.samples for e in entries)}")
+        once, rest = divmod(p.shards, p.repeat)
+        if rest or any(e.path != entries[i % once].path for i, e in enumerate(entries)):
+            raise ValueError(f"part {p.name!r} has repeat {p.repeat}, so its {p.shards} shards must be one list "
+                             f"of shards given {p.repeat} times in a row")
+        start += p.shards
+
+
+def shard_parts(manifest: Manifest) -> list[int]:
+    """The part of every entry of ``manifest.shards`` (all 0 for a manifest without parts)."""
+    if manifest.parts is None:
+        return [0] * len(manifest.shards)
+    return [i for i, p in enumerate(manifest.parts) for _ in range(p.shards)]
+
+
+def part_captions(manifest: Manifest) -> list[dict[str, float]]:
+    """The caption selection of each part (the manifest's own one when it has no parts)."""
+    return [dict(manifest.captions)] if manifest.parts is None else [dict(p.captions) for p in manifest.parts]
+
+
+def part_provenance(manifest: Manifest) -> list[dict[str, Any]]:
+    """The provenance of each part (the manifest's own one when it has no parts)."""
+    return [manifest.provenance] if manifest.parts is None else [p.provenance for p in manifest.parts]
 
 
 def _format_error(source: str, err: ValidationError) -> str:
@@ -213,20 +280,39 @@ def shard_urls(
     return urls
 
 
-def image_stage(manifest: Manifest, override: str | os.PathLike | None = None, *, option: str = "--images") -> Path:
-    """The image stage the manifest's latents were encoded from (``provenance.images.path``), or
-    ``override`` (the stage moved); ``option`` is how the error tells the user to give it."""
+def image_stages(manifest: Manifest, override: str | os.PathLike | None = None, *,
+                 option: str = "--images") -> list[Path]:
+    """The image stage each part's latents were encoded from (``provenance.images.path``; one for a
+    manifest without parts), or ``override`` (the stage moved; only where there is one part);
+    ``option`` is how the error tells the user to give it."""
+    provenances = part_provenance(manifest)
     if override is not None:
-        path = Path(override)
+        if len(provenances) > 1:
+            raise ManifestError(f"manifest {manifest.name!r} merges {len(provenances)} datasets, each with its "
+                                f"own image stage (parts.N.provenance.images.path): {option} cannot stand for all "
+                                "of them; merge the manifests again from where their stages are now")
+        paths = [Path(override)]
     else:
-        recorded = (manifest.provenance.get("images") or {}).get("path")
-        if not recorded:
-            raise ManifestError(f"manifest {manifest.name!r} records no image stage (provenance.images.path): "
-                                f"pass the images folder ({option} DATA/images)")
-        path = Path(recorded)
-    if not path.is_dir():
-        raise ManifestError(f"the image stage {path} does not exist: pass its new place with {option}")
-    return path
+        paths = []
+        for i, provenance in enumerate(provenances):
+            recorded = (provenance.get("images") or {}).get("path")
+            if not recorded:
+                where = "provenance.images.path" if manifest.parts is None else f"parts.{i}.provenance.images.path"
+                raise ManifestError(f"manifest {manifest.name!r} records no image stage ({where}): "
+                                    f"pass the images folder ({option} DATA/images)")
+            paths.append(Path(recorded))
+    for path in paths:
+        if not path.is_dir():
+            raise ManifestError(f"the image stage {path} does not exist: pass its new place with {option}")
+    return paths
+
+
+def image_stage(manifest: Manifest, override: str | os.PathLike | None = None, *, option: str = "--images") -> Path:
+    """The one image stage of a manifest of one dataset (see :func:`image_stages`)."""
+    stages = image_stages(manifest, override, option=option)
+    if len(stages) > 1:
+        raise ManifestError(f"manifest {manifest.name!r} merges {len(stages)} datasets with an image stage each")
+    return stages[0]
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -242,9 +328,11 @@ def verify_shards(
 ) -> None:
     """Every local shard exists and, if asked, matches its recorded sha256 (``text``: the text shards)."""
     entries, what = (manifest.text.shards, "text shard") if text and manifest.text else (manifest.shards, "shard")
+    checked: set[str] = set()  # a merged manifest lists a repeated dataset's shards several times
     for i, (shard, url) in enumerate(zip(entries, urls, strict=True)):
-        if "://" in url or url.startswith("pipe:"):
+        if "://" in url or url.startswith("pipe:") or url in checked:
             continue  # remote shards are checked as they stream
+        checked.add(url)
         if not os.path.exists(url):
             raise ManifestError(f"{source}: {what} {i} ({shard.path}) does not exist at {url}")
         if checksums and shard.sha256 is not None and file_sha256(url) != shard.sha256:
@@ -289,63 +377,275 @@ def parse_caption_weights(text: str) -> dict[str, float]:
 
 
 def latent_index_rows(manifest: Manifest, manifest_path: str | os.PathLike, columns: list[str]) -> Any:
-    """The accepted rows of every latent shard's index (``columns`` of them, a polars DataFrame),
-    in shard order; None when an index cannot be read here (remote or missing shards)."""
+    """The accepted rows of every latent shard's index (``columns`` of them, and ``shard``: the
+    entry's position in ``manifest.shards``), a polars DataFrame in shard order, a repeated shard's
+    rows once per listing; None when an index cannot be read here (remote or missing shards)."""
     import polars as pl
 
-    frames = []
-    for url in shard_urls(manifest, manifest_path):
+    frames, read = [], {}
+    for i, url in enumerate(shard_urls(manifest, manifest_path)):
         index = Path(url).with_suffix(".parquet")
         if "://" in url or not index.is_file():
             return None
-        frames.append(pl.read_parquet(index, columns=["status", *columns]).filter(pl.col("status") == "ok")
-                      .drop("status"))
+        if index not in read:
+            read[index] = (pl.read_parquet(index, columns=["status", *columns]).filter(pl.col("status") == "ok")
+                           .drop("status"))
+        frames.append(read[index].with_columns(pl.lit(i, dtype=pl.Int64).alias("shard")))
     return pl.concat(frames)
 
 
 def caption_coverage(manifest: Manifest, rows: Any) -> dict[str, int | None] | None:
-    """How many samples have each caption variant: curated ones from the latent shards' index
-    ``rows`` (:func:`latent_index_rows` with ``key`` and ``captions``), ``orig`` (the original
-    captions, written for every sample, empty when there was none) from the image stage's index
-    (None when it cannot be found); None without ``rows``."""
+    """How many samples (of an epoch: repeated shards count once per listing) have each caption
+    variant: curated ones from the latent shards' index ``rows`` (:func:`latent_index_rows` with
+    ``key`` and ``captions``), ``orig`` (the original captions, written for every sample, empty when
+    there was none) from the image stages' indexes (None when one cannot be found); None without
+    ``rows``."""
     import polars as pl
 
     if rows is None:
         return None
     counts: dict[str, int] = {}
-    keys = set(rows["key"].to_list())
     for variants in rows["captions"].to_list():
         for variant in variants or ():
             counts[variant] = counts.get(variant, 0) + 1
     try:
-        images = image_stage(manifest)
+        stages = image_stages(manifest)
     except ManifestError:
         return {**counts, "orig": None}
+    part_of = shard_parts(manifest)
+    listings: list[dict[str, int]] = [{} for _ in stages]  # per part: key -> listings in an epoch
+    for shard, key in zip(rows["shard"].to_list(), rows["key"].to_list(), strict=True):
+        listed = listings[part_of[shard]]
+        listed[key] = listed.get(key, 0) + 1
     with_orig = 0
-    for index in sorted(images.glob("*.parquet")):
-        df = pl.read_parquet(index, columns=["key", "caption"])
-        with_orig += sum(1 for key, caption in zip(df["key"].to_list(), df["caption"].to_list(), strict=True)
-                         if key in keys and caption and caption.strip())
+    for stage, listed in zip(stages, listings, strict=True):
+        for index in sorted(stage.glob("*.parquet")):
+            df = pl.read_parquet(index, columns=["key", "caption"])
+            for key, caption in zip(df["key"].to_list(), df["caption"].to_list(), strict=True):
+                if key in listed and caption and caption.strip():
+                    with_orig += listed.pop(key)
     return {**counts, "orig": with_orig}
+
+
+def part_coverage(manifest: Manifest, rows: Any) -> list[dict[str, int | None] | None]:
+    """:func:`caption_coverage` of each part's samples (one entry for a manifest without parts)."""
+    import polars as pl
+
+    if rows is None or manifest.parts is None:
+        return [caption_coverage(manifest, rows)]
+    part_of = pl.Series("part", shard_parts(manifest))
+    rows = rows.with_columns(part_of.gather(rows["shard"]).alias("part"))
+    return [caption_coverage(manifest, rows.filter(pl.col("part") == i)) for i in range(len(manifest.parts))]
+
+
+def _check_text_variants(manifest: Manifest, source: str | os.PathLike, weights: dict[str, float]) -> None:
+    if manifest.text is not None:
+        missing = [v for v in weights if v not in manifest.text.variants]
+        if missing:
+            raise ManifestError(f"{source}: its text shards hold embeddings of {', '.join(manifest.text.variants)}, "
+                                f"not of {', '.join(missing)}")
 
 
 def with_captions(manifest: Manifest, manifest_path: str | os.PathLike, weights: dict[str, float], *,
                   name: str, out: str | os.PathLike) -> Manifest:
-    """The same shards (and text shards) with another caption selection, for a manifest written at
-    ``out``: relative shard paths are rebased onto its folder, and the provenance names the source."""
-    if manifest.text is not None:
-        missing = [v for v in weights if v not in manifest.text.variants]
-        if missing:
-            raise ManifestError(f"{manifest_path}: its text shards hold embeddings of {', '.join(manifest.text.variants)}, "
-                                f"not of {', '.join(missing)}")
+    """The same shards (and text shards) with another caption selection (for every part of a merged
+    manifest), for a manifest written at ``out``: relative shard paths are rebased onto its folder,
+    and the provenance names the source."""
+    _check_text_variants(manifest, manifest_path, weights)
     source_dir, out_dir = Path(manifest_path).resolve().parent, Path(out).resolve().parent
 
     def rebased(entries: list[ShardEntry]) -> list[ShardEntry]:
         return [e.model_copy(update={"path": rebase_shard_path(e.path, source_dir, out_dir)}) for e in entries]
 
     text = manifest.text.model_copy(update={"shards": rebased(manifest.text.shards)}) if manifest.text else None
+    parts = None if manifest.parts is None else [p.model_copy(update={"captions": weights}) for p in manifest.parts]
     provenance = {**manifest.provenance,
                   "captions_from": {"path": str(Path(manifest_path).resolve()), "sha256": file_sha256(manifest_path),
                                     "captions": manifest.captions}}
     return Manifest(name=name, shards=rebased(manifest.shards), samples=manifest.samples, latent=manifest.latent,
-                    captions=weights, text=text, provenance=provenance)
+                    captions=weights, text=text, provenance=provenance, parts=parts)
+
+
+def hold_out(manifest: Manifest, manifest_path: str | os.PathLike, shards: int, *, name: str,
+             out: str | os.PathLike, captions: dict[str, float] | None = None) -> tuple[Manifest, Manifest]:
+    """(the manifest without ``shards`` of its shards, a manifest of those: ``NAME-heldout``), for
+    manifests written at ``out`` and beside it: training data, and held-out samples for the
+    validation loss (``train val.shards=``). The shards held out are drawn at random (seed 0), so
+    that a source listed in some order (by date, by class) still gives a sample of the whole.
+    ``captions``: another caption selection for both."""
+    import numpy as np
+
+    if captions is not None:
+        _check_text_variants(manifest, manifest_path, captions)
+
+    if manifest.parts is not None:
+        raise ManifestError(f"{manifest_path} merges {len(manifest.parts)} datasets: hold shards out of each "
+                            "dataset's manifest, then merge the rest")
+    if not 0 < shards < len(manifest.shards):
+        raise ManifestError(f"--hold-out {shards}: {manifest_path} has {len(manifest.shards)} shards; hold out at "
+                            "least 1 and leave at least 1 to train on")
+    chosen = set(np.random.default_rng(0).choice(len(manifest.shards), shards, replace=False).tolist())
+    source = {"path": str(Path(manifest_path).resolve()), "sha256": file_sha256(manifest_path)}
+    source_dir, out_dir = Path(manifest_path).resolve().parent, Path(out).resolve().parent
+
+    def subset(held: bool, subset_name: str) -> Manifest:
+        def pick(entries: list[ShardEntry]) -> list[ShardEntry]:
+            return [e.model_copy(update={"path": rebase_shard_path(e.path, source_dir, out_dir)})
+                    for i, e in enumerate(entries) if (i in chosen) == held]
+
+        entries = pick(manifest.shards)
+        text = manifest.text.model_copy(update={"shards": pick(manifest.text.shards)}) if manifest.text else None
+        provenance = {**manifest.provenance, "held_out": {**source, "shards": shards, "this": "held out" if held
+                                                          else "the rest"}}
+        return Manifest(name=subset_name, shards=entries, samples=sum(e.samples for e in entries),
+                        latent=manifest.latent, captions=captions or manifest.captions, text=text,
+                        provenance=provenance)
+
+    return subset(False, name), subset(True, f"{name}-heldout")
+
+
+# --------------------------------------------------------------------------- merging datasets
+
+# What may differ between the latents of merged manifests: the alias the user typed for the same
+# VAE, and the bucket shapes (the merged manifest lists them all). Everything else decides how a
+# latent becomes a model input, which one run cannot do two ways.
+_MERGEABLE_LATENT = {"vae", "buckets"}
+_MERGEABLE_TEXT = {"encoder", "variants", "shards"}
+
+
+def parse_merge_source(text: str) -> tuple[str | None, str, int]:
+    """``[NAME=]PATH[:REPEAT]`` as (name or None, path, repeat)."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name or os.sep in name:
+        name, rest = None, text
+    path, colon, count = rest.rpartition(":")
+    if not colon:
+        path, count = rest, "1"
+    if not count.isdigit() or int(count) < 1 or not path:
+        raise ManifestError(f"{text!r}: give a manifest as [NAME=]PATH[:REPEAT], REPEAT a whole number >= 1 "
+                            "(e.g. curated=manifests/curated-long.json:3)")
+    return name, path, int(count)
+
+
+def _differences(ours: BaseModel, theirs: BaseModel, exclude: set[str]) -> list[str]:
+    a, b = ours.model_dump(mode="json", exclude=exclude), theirs.model_dump(mode="json", exclude=exclude)
+
+    def short(value: Any) -> str:
+        text = repr(value)
+        return text if len(text) <= 48 else text[:45] + "..."
+
+    return [f"{field} ({short(b[field])} against {short(a[field])})" for field in a if a[field] != b[field]]
+
+
+def mergeable_latents(ours: LatentSpec, theirs: LatentSpec) -> list[str]:
+    """Where ``theirs`` differs from ``ours`` so that one run cannot train on both: every field but
+    the VAE's alias and the buckets, as ``field (theirs against ours)``; empty when they mix."""
+    return _differences(ours, theirs, _MERGEABLE_LATENT)
+
+
+def merge_manifests(sources: list[tuple[str | None, str | os.PathLike, int]], *, name: str,
+                    out: str | os.PathLike, captions: dict[str, float] | None = None) -> Manifest:
+    """One manifest over several datasets, for a manifest written at ``out``: ``sources`` are
+    (part name or None for the manifest's name, manifest path, repeat). Each source becomes a part
+    (a merged source's parts stay parts, their repeats multiplied) with its own caption selection
+    (``captions`` replaces every part's) and provenance; its shards are listed ``repeat`` times.
+    The latent spec must agree but for the VAE's alias and the buckets, and so must the text
+    section: one run trains in one latent space with one text encoder."""
+    if not sources:
+        raise ManifestError("give at least one manifest to merge")
+    out_dir = Path(out).resolve().parent
+    first_path: Path | None = None
+    first: Manifest | None = None
+    shards: list[ShardEntry] = []
+    text_shards: list[ShardEntry] = []
+    text_variants: list[str] = []
+    parts: list[ManifestPart] = []
+    buckets: set[tuple[int, int]] = set()
+    merged_from = []
+    for label, path, repeat in sources:
+        path = Path(path)
+        m = load_manifest(path)
+        if first is None:
+            first_path, first = path, m
+        problems = mergeable_latents(first.latent, m.latent)
+        if problems:
+            raise ManifestError(f"{path}: its latents differ from those of {first_path} in "
+                                f"{'; '.join(problems)}: one run trains in one latent space, so merge manifests "
+                                "encoded with the same VAE, resolution, storage and dtype")
+        if (m.text is None) != (first.text is None):
+            has, lacks = (path, first_path) if m.text is not None else (first_path, path)
+            raise ManifestError(f"{has} lists text shards (curate encode-text) but {lacks} does not: merge "
+                                "manifests of the same kind")
+        if m.text is not None:
+            problems = _differences(first.text, m.text, _MERGEABLE_TEXT)
+            if problems:
+                raise ManifestError(f"{path}: its text embeddings differ from those of {first_path} in "
+                                    f"{'; '.join(problems)}: one run has one text encoder")
+            text_variants += [v for v in m.text.variants if v not in text_variants]
+        source_dir = path.resolve().parent
+        record = {"path": str(path.resolve()), "sha256": file_sha256(path), "name": m.name}
+        merged_from.append({**record, "repeat": repeat})
+
+        def rebased(entries: list[ShardEntry], source_dir: Path = source_dir) -> list[ShardEntry]:
+            return [e.model_copy(update={"path": rebase_shard_path(e.path, source_dir, out_dir)}) for e in entries]
+
+        own = m.parts or [ManifestPart(name=m.name, shards=len(m.shards), samples=m.samples, captions=m.captions,
+                                       provenance=m.provenance)]
+        start = 0
+        for part in own:
+            once = part.shards // part.repeat
+            listed = rebased(m.shards[start: start + once])
+            times = part.repeat * repeat
+            selection = captions or part.captions
+            if m.text is not None:
+                _check_text_variants(m, path, selection)
+                text_shards += rebased(m.text.shards[start: start + once]) * times
+            start += part.shards
+            shards += listed * times
+            if m.parts is None:
+                part_name = label or m.name
+            else:
+                part_name = f"{label}.{part.name}" if label else part.name
+            parts.append(ManifestPart(
+                name=part_name, shards=once * times,
+                samples=sum(e.samples for e in listed) * times, repeat=times, captions=selection,
+                provenance={"manifest": record, **part.provenance}))
+        buckets.update(m.latent.buckets)
+    names = [p.name for p in parts]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ManifestError(f"two parts would be named {', '.join(map(repr, twice))}: name them, as "
+                            "NAME=PATH (e.g. cc12m=manifests/cc12m/long.json)")
+    samples = sum(p.samples for p in parts)
+    text = (first.text.model_copy(update={"variants": text_variants, "shards": text_shards})
+            if first.text is not None else None)
+    return Manifest(name=name, shards=shards, samples=samples,
+                    latent=first.latent.model_copy(update={"buckets": sorted(buckets)}),
+                    captions=_mean_selection(parts), text=text, provenance={"merged_from": merged_from},
+                    parts=parts)
+
+
+def _mean_selection(parts: list[ManifestPart]) -> dict[str, float]:
+    """The caption selection an epoch sees: the parts' selections weighted by their samples."""
+    if all(p.captions == parts[0].captions for p in parts):
+        return dict(parts[0].captions)
+    total = sum(p.samples for p in parts)
+    mean: dict[str, float] = {}
+    for p in parts:
+        for variant, weight in p.captions.items():
+            share = p.samples / total if total else 1 / len(parts)
+            mean[variant] = mean.get(variant, 0.0) + weight * share
+    return mean
+
+
+def overlapping_samples(manifest: Manifest, manifest_path: str | os.PathLike) -> int | None:
+    """How many samples (keys: content hashes) are in more than one part; None when the indexes
+    cannot be read here."""
+    import polars as pl
+
+    rows = latent_index_rows(manifest, manifest_path, ["key"])
+    if rows is None:
+        return None
+    part_of = pl.Series("part", shard_parts(manifest))
+    rows = rows.with_columns(part_of.gather(rows["shard"]).alias("part"))
+    return rows.group_by("key").agg(pl.col("part").n_unique()).filter(pl.col("part") > 1).height

@@ -77,7 +77,13 @@ def manifest_stats(manifest_path: str | os.PathLike) -> dict[str, Any]:
     """`curate stats manifests/long.json`: what a training run would read: samples and shards, the
     latent spec, samples per bucket, the caption weights and how many samples have each variant,
     the text section and the provenance."""
-    from curate.manifest import ManifestError, caption_coverage, latent_index_rows, load_manifest
+    from curate.manifest import (
+        ManifestError,
+        caption_coverage,
+        image_stages,
+        latent_index_rows,
+        load_manifest,
+    )
 
     try:
         manifest = load_manifest(manifest_path)
@@ -92,6 +98,15 @@ def manifest_stats(manifest_path: str | os.PathLike) -> dict[str, Any]:
         for h, w in zip(rows["bucket_h"].to_list(), rows["bucket_w"].to_list(), strict=True):
             buckets[f"{h}x{w}"] = buckets.get(f"{h}x{w}", 0) + 1
     text = manifest.text
+    parts = None
+    if manifest.parts is not None:
+        try:
+            stages: list[str | None] = [str(p) for p in image_stages(manifest)]
+        except ManifestError:
+            stages = [(p.provenance.get("images") or {}).get("path") for p in manifest.parts]
+        parts = [{"name": p.name, "samples": p.samples, "repeat": p.repeat, "shards": p.shards // p.repeat,
+                  "captions": p.captions, "images": stage}
+                 for p, stage in zip(manifest.parts, stages, strict=True)]
     return {
         "manifest": str(manifest_path), "name": manifest.name, "samples": manifest.samples,
         "shards": len(manifest.shards),
@@ -104,8 +119,16 @@ def manifest_stats(manifest_path: str | os.PathLike) -> dict[str, Any]:
         "text": None if text is None else {"encoder": text.encoder_id, "revision": text.revision, "dim": text.dim,
                                            "max_tokens": text.max_tokens, "dtype": text.dtype,
                                            "variants": text.variants},
-        "provenance": {k: (v.get("path") if isinstance(v, dict) else v) for k, v in manifest.provenance.items()},
+        "provenance": {k: _where(v) for k, v in manifest.provenance.items()},
+        "parts": parts,
     }
+
+
+def _where(record: Any) -> Any:
+    """A provenance record's path (each one's, for a list of records such as ``merged_from``)."""
+    if isinstance(record, list):
+        return [_where(r) for r in record]
+    return record.get("path") if isinstance(record, dict) else record
 
 
 def format_manifest_stats(stats: dict[str, Any]) -> str:
@@ -115,6 +138,12 @@ def format_manifest_stats(stats: dict[str, Any]) -> str:
              + (f" @ {latent['revision']}" if latent["revision"] else "")
              + f", {latent['channels']} channels stored as {latent['stored']} {latent['dtype']}, "
                f"{latent['resolution']} px"]
+    for part in stats.get("parts") or ():
+        share = 100 * part["samples"] / stats["samples"] if stats["samples"] else 0.0
+        times = f" x {part['repeat']}" if part["repeat"] > 1 else ""
+        selection = ", ".join(f"{v} {w:.3g}" for v, w in part["captions"].items())
+        lines.append(f"  part      {part['name']}: {part['samples'] // part['repeat']} samples in {part['shards']} "
+                     f"shards{times}, {share:.1f}% of an epoch; captions {selection}; images {part['images']}")
     if stats["buckets"] is not None:
         lines.append("  buckets   " + ", ".join(f"{b} ({n})" for b, n in stats["buckets"].items()))
     coverage = stats["caption_coverage"] or {}
@@ -130,5 +159,5 @@ def format_manifest_stats(stats: dict[str, Any]) -> str:
         lines.append(f"  text      {text['encoder']}, {text['dim']}-d, max {text['max_tokens']} tokens, {text['dtype']}, "
                      f"variants {', '.join(text['variants'])}")
     for stage, path in stats["provenance"].items():
-        lines.append(f"  from      {stage}: {_fmt(path)}")
+        lines.append(f"  from      {stage}: {', '.join(map(str, path)) if isinstance(path, list) else _fmt(path)}")
     return "\n".join(lines)

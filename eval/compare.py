@@ -1,6 +1,7 @@
 """``evaluate compare RUN ...``: runs side by side, with the config keys in which they differ.
 
-One row per run: the last step logged, its loss (the logged window's mean), the metrics of its
+One row per run: the last step logged, its loss (the logged window's mean), its latest validation
+loss (``val.shards``: a held-out set measured the same way each time) when any run has one, the metrics of its
 latest evaluation (latest step; at that step, the most samples, then the newest), and one column
 per config key that is not the same in every run, which for a set of ablations of one baseline
 is the ablation itself. ``by_step`` gives one row per evaluated step instead: metrics against
@@ -69,13 +70,15 @@ def compare_runs(
         raise ValueError("by_step and every are two layouts: choose one")
     if not runs:
         raise ValueError("no runs to compare")
-    configs, logs, evaluations = [], [], []
+    configs, logs, held_out, evaluations = [], [], [], []
     for run in map(Path, runs):
         cfg = load_run_config(run)
         if cfg is None:
             raise FileNotFoundError(f"{run} is not a run folder (no config.yaml)")
         configs.append({k: v for k, v in flatten(to_dict(cfg)).items() if k not in _NOT_COMPARED})
-        logs.append([m for m in read_metrics(run) if "loss" in m])
+        metrics_lines = read_metrics(run)
+        logs.append([m for m in metrics_lines if "loss" in m])
+        held_out.append([m for m in metrics_lines if "val_loss" in m])  # train's val.shards
         by = list(_evaluations_by_step(run).values())
         evaluations.append(_all_evaluations(run) if every else by if by_step else by[-1:])
     measured = [e for run_evaluations in evaluations for e in run_evaluations]
@@ -83,15 +86,18 @@ def compare_runs(
     keys = sorted(set().union(*configs))
     differing = [k for k in keys if _differ([c.get(k) for c in configs])]
     swept = [s for s in _SWEPT if every and _differ([e["settings"].get(s) for e in measured])]
-    header = ["run", "step", "loss", *[_TITLES[m] for m in metrics], "eval step", "eval samples",
+    validated = any(held_out)
+    header = ["run", "step", "loss", *(["val loss"] if validated else []), *[_TITLES[m] for m in metrics],
+              "eval step", "eval samples",
               *[_SWEPT[s] for s in swept], *differing]
     rows = []
-    for run, logged, run_evaluations, config in zip(runs, logs, evaluations, configs, strict=True):
+    for run, logged, val, run_evaluations, config in zip(runs, logs, held_out, evaluations, configs, strict=True):
         for evaluation in run_evaluations or [None]:
             values = [round(evaluation["metrics"][m]["value"], 4) if evaluation and m in evaluation["metrics"]
                       else None for m in metrics]
             rows.append([Path(run).name, logged[-1]["step"] if logged else None,
-                         round(logged[-1]["loss"], 4) if logged else None, *values,
+                         round(logged[-1]["loss"], 4) if logged else None,
+                         *([round(val[-1]["val_loss"], 4) if val else None] if validated else []), *values,
                          evaluation["step"] if evaluation else None,
                          evaluation["settings"]["samples"] if evaluation else None,
                          *[evaluation["settings"].get(s) if evaluation else None for s in swept],
@@ -100,6 +106,9 @@ def compare_runs(
     notes = [f"the evaluations differ in {setting}: their metrics are not comparable"
              for setting in _COMPARABLE
              if setting not in swept and _differ([e["settings"].get(setting) for e in measured])]
+    if validated and any(_differ([c.get(k) for c in configs]) for k in ("val.shards", "val.samples", "val.timesteps")):
+        notes.append("the runs measured their val loss on different held-out sets (val.shards, val.samples, "
+                     "val.timesteps): not comparable")
     for m in metrics:
         if _differ([e["metrics"][m]["network"] for e in measured if m in e["metrics"]]):
             notes.append(f"{_TITLES[m]} was measured with different networks: not comparable")

@@ -29,7 +29,14 @@ import numpy as np
 import torch
 
 from curate.buckets import IMAGE_MEMBER, preprocess
-from curate.manifest import Manifest, ManifestError, image_stage, shard_urls
+from curate.manifest import (
+    Manifest,
+    ManifestError,
+    image_stages,
+    part_captions,
+    shard_parts,
+    shard_urls,
+)
 from curate.runner import CurateError
 from curate.shards import OK, iter_tar_samples, read_index, shard_name
 from train.data import choose_caption
@@ -48,6 +55,7 @@ class EvalSample:
     key: str
     variant: str  # the caption variant used, "" when the sample has no caption at all
     caption: str
+    part: int = 0  # the part of a merged manifest it belongs to, whose image stage holds its original
 
 
 def _shard_id(url: str) -> int:
@@ -66,6 +74,9 @@ def choose_samples(
         raise EvalSetError(f"the evaluation set needs at least 1 sample, got {n}")
     urls = shard_urls(manifest, manifest_path)
     listed: list[tuple[int, str]] = []  # (position in the manifest's shard list, key)
+    # Each sample once: a merged manifest may list a dataset's shards several times (its repeat),
+    # and two datasets may share images; the first listing is the one used.
+    seen: set[str] = set()
     for pos, url in enumerate(urls):
         if "://" in url or url.startswith("pipe:"):
             raise EvalSetError(f"{url}: evaluation reads local shards only")
@@ -73,7 +84,10 @@ def choose_samples(
         if not index.is_file():
             raise EvalSetError(f"{url}: no index beside it ({index.name})")
         table = read_index(index, columns=["key", "status"])
-        listed += [(pos, k) for k in table.filter(table["status"] == OK)["key"].to_list()]
+        for key in table.filter(table["status"] == OK)["key"].to_list():
+            if key not in seen:
+                seen.add(key)
+                listed.append((pos, key))
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(listed))[:n]
     chosen = [listed[i] for i in order]
@@ -82,8 +96,9 @@ def choose_samples(
     for i, (pos, key) in enumerate(chosen):
         wanted.setdefault(pos, {})[key] = i
     samples: list[EvalSample | None] = [None] * len(chosen)
-    weights = {variant: 1.0} if variant else dict(manifest.captions)
+    selections, part_of = part_captions(manifest), shard_parts(manifest)
     for pos, keys in sorted(wanted.items()):
+        weights = {variant: 1.0} if variant else selections[part_of[pos]]
         # Only the captions are read, the latents seeked over: 10,000 samples drawn from a
         # million touch every shard, and reading whole shards would read every latent.
         def caption_member(k: str, ext: str, picked: frozenset[str] = frozenset(keys)) -> bool:
@@ -96,7 +111,7 @@ def choose_samples(
             accepted = json.loads(members["json"]).get("captions") if "json" in members else None
             caption_rng = np.random.default_rng(_key_seed(seed, key))
             name, text, _ = choose_caption(weights, texts, accepted, caption_rng)
-            samples[i] = EvalSample(i, _shard_id(urls[pos]), key, name, text)
+            samples[i] = EvalSample(i, _shard_id(urls[pos]), key, name, text, part_of[pos])
         if keys:
             raise EvalSetError(f"{urls[pos]}: the index lists {len(keys)} sample(s) the tar lacks "
                                f"(first: {next(iter(keys))}): the shard changed after indexing")
@@ -111,26 +126,30 @@ def _key_seed(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=8).digest(), "little")
 
 
-def images_dir_of(manifest: Manifest, override: str | os.PathLike[str] | None = None) -> Path:
-    """The image stage the manifest's latents were encoded from (its provenance), or ``override``."""
+def images_dir_of(manifest: Manifest, override: str | os.PathLike[str] | None = None) -> list[Path]:
+    """The image stage the manifest's latents were encoded from (its provenance; one per part of a
+    merged manifest), or ``override``."""
     try:
-        return image_stage(manifest, override, option="--images")
+        return image_stages(manifest, override, option="--images")
     except ManifestError as e:
         raise EvalSetError(str(e)) from None
 
 
 def real_images(
-    samples: list[EvalSample], images_dir: Path, resolution: int, *, batch_size: int = 64, threads: int = 4,
+    samples: list[EvalSample], images_dir: Path | list[Path], resolution: int, *, batch_size: int = 64,
+    threads: int = 4,
 ) -> Iterator[torch.Tensor]:
     """The samples' original images as uint8 batches [B, 3, resolution, resolution], decoded and
-    cropped in ``threads`` threads (PIL releases the GIL while it decodes and resizes)."""
-    by_shard: dict[int, set[str]] = {}
+    cropped in ``threads`` threads (PIL releases the GIL while it decodes and resizes).
+    ``images_dir``: the image stage, or one per part of a merged manifest (:func:`images_dir_of`)."""
+    stages = images_dir if isinstance(images_dir, list) else [images_dir]
+    by_shard: dict[tuple[int, int], set[str]] = {}
     for s in samples:
-        by_shard.setdefault(s.shard, set()).add(s.key)
+        by_shard.setdefault((s.part, s.shard), set()).add(s.key)
 
     def originals() -> Iterator[bytes]:
-        for shard, keys in sorted(by_shard.items()):
-            tar = images_dir / f"{shard_name(shard)}.tar"
+        for (part, shard), keys in sorted(by_shard.items()):
+            tar = stages[part] / f"{shard_name(shard)}.tar"
             if not tar.is_file():
                 raise EvalSetError(f"{tar}: the image shard of latent shard {shard} is missing")
             missing = set(keys)

@@ -196,7 +196,7 @@ def test_curate_manifest_keeps_text_shards_and_their_variants(tmp_path, latents,
     assert curate_main(["manifest", str(with_text), "--captions", "long=1,orig=1", "--name", "x"]) == 2
     assert "hold embeddings of long, short, not of orig" in capsys.readouterr().err
     assert curate_main(["manifest", str(with_text), "--captions", "long=1", "--name", "long-text"]) == 2
-    assert "is the source manifest" in capsys.readouterr().err
+    assert "is a source manifest" in capsys.readouterr().err
 
 
 def test_curate_stats_of_a_manifest(latents, capsys):

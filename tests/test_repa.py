@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,8 @@ from conftest import REPO
 from tiny_run import make_tiny_runs
 
 from curate.buckets import preprocess
-from curate.manifest import load_manifest, write_manifest
+from curate.cli import main as curate_main
+from curate.manifest import image_stages, load_manifest, write_manifest
 from train.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint
 from train.cli import main as train_main
 from train.config import ConfigError, build_config
@@ -145,6 +147,35 @@ def test_bucketed_latents_get_their_buckets_images_and_the_teacher_their_grid(te
                 shapes.add((h, w))
                 assert teacher.features(micro.images, (h // 16, w // 16)).shape == (1, h * w // 256, 32)
     assert len(shapes) > 1, shapes  # wide, tall and square buckets all met
+
+
+def test_a_merged_manifest_pairs_each_latent_with_its_own_datasets_original_and_trains(pipeline, teachers,
+                                                                                      tmp_path: Path):
+    other = make_tiny_runs(tmp_path / "other", images=6, sizes=[(64, 64)], resolution=32, shard_size=3, runs={},
+                           seed=700, vae=pipeline["images"].parent / "vae")
+    merged = tmp_path / "merged.json"
+    assert curate_main(["manifest", f"first={pipeline['manifest']}", f"second={other['manifest']}:2",
+                        "--name", "both", "--out", str(merged)]) == 0
+    manifest = load_manifest(merged)
+    stages = image_stages(manifest)
+    assert stages == [pipeline["images"].resolve(), other["images"].resolve()]
+    originals = {}
+    for stage in stages:
+        for tar in sorted(stage.glob("*.tar")):
+            with tarfile.open(tar) as f:
+                originals.update({m.name[: -len(".jpg")]: f.extractfile(m).read() for m in f.getmembers()
+                                  if m.name.endswith(".jpg")})
+    settings = DataSettings(seed=0, global_batch=2, micro_batch=2, workers=0, shuffle_buffer=8)
+    seen = Counter()
+    with LatentLoader(manifest, merged, settings, images=stages) as loader:
+        for batch, _ in zip(loader, range(manifest.samples // 2), strict=False):
+            for key, image in zip(batch.micro[0].keys, batch.micro[0].images, strict=True):
+                assert torch.equal(image, preprocess(originals[key], resolution=32)[0])
+                seen[key] += 1
+    assert sorted(Counter(seen.values()).items()) == [(1, 12), (2, 6)]  # the second dataset twice an epoch
+    run = tmp_path / "run"
+    assert _train(merged, run, pipeline, teachers["dinov3"], "--ablation", "repa", steps=3) == 0
+    assert [r is not None for _, _, r in _metrics(run)] == [True] * 3
 
 
 def test_an_image_stage_that_does_not_hold_the_latents_is_refused_before_training(pipeline, tmp_path: Path):

@@ -51,8 +51,8 @@ def run_train(manifest: Path, out: Path, models, *extra: str, **overrides) -> in
                        *tiny_args(models, **overrides)])
 
 
-def losses(run: Path) -> list[tuple[int, float]]:
-    return [(m["step"], m["loss"]) for m in read_metrics(run)]
+def losses(run: Path, name: str = "loss") -> list[tuple[int, float]]:
+    return [(m["step"], m[name]) for m in read_metrics(run) if name in m]
 
 
 def test_overfitting_a_few_samples_drives_the_loss_down(tmp_path: Path, models):
@@ -128,11 +128,13 @@ def test_sigterm_checkpoints_the_current_step_and_resume_continues_exactly(tmp_p
 
 def test_two_gloo_ranks_equal_one_process_and_resume_on_another_world_size(tmp_path: Path, models, dataset):
     """2 ranks x 1 micro-batch each == 1 rank x 2 accumulated; then the 2-rank run continues on
-    1 rank and still matches (the data order and random draws do not depend on the world size)."""
+    1 rank and still matches (the data order and random draws do not depend on the world size),
+    and so does the validation loss, whose samples the 2 ranks split."""
     from train.checkpoint import checkpoint_path
 
     settings = {"steps": 6, "checkpoint_every": 3, "global_batch": 8, "micro_batch": 2,
-                "data.workers": 1, "caption_dropout": 0.3}
+                "data.workers": 1, "caption_dropout": 0.3, "val.shards": dataset["short"], "val.every": 3,
+                "val.samples": 5}
     one = tmp_path / "one"
     subprocess.run(_cli_cmd(dataset["long"], one, models, **settings), check=True, cwd=REPO,
                    capture_output=True)
@@ -149,9 +151,10 @@ def test_two_gloo_ranks_equal_one_process_and_resume_on_another_world_size(tmp_p
         assert (a["world_size"], b["world_size"]) == (1, world_size)
         for key in a["model"]:
             torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-6)
-    assert len(losses(one)) == 6
-    for (s1, l1), (s2, l2) in zip(losses(one), losses(two), strict=True):
-        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4)
+    assert len(losses(one)) == 6 and [s for s, _ in losses(one, "val_loss")] == [3, 6]
+    for name in ("loss", "val_loss"):
+        for (s1, l1), (s2, l2) in zip(losses(one, name), losses(two, name), strict=True):
+            assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4)
 
 
 def test_srun_tasks_form_one_run_as_torchrun_ranks_do(tmp_path: Path, models, dataset):

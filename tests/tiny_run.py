@@ -20,12 +20,13 @@ from train.cli import main as train_main
 
 def make_tiny_runs(
     root: Path, *, images: int, sizes: list[tuple[int, int]], resolution: int, runs: dict[str, dict[str, str]],
-    shard_size: int = 16, seed: int = 200, buckets: bool = False,
+    shard_size: int = 16, seed: int = 200, buckets: bool = False, vae: Path | None = None,
 ) -> dict[str, Path]:
     """``images`` noise JPEGs (sizes cycling through ``sizes``, original captions in three
     colours), ingested; encoded at ``resolution`` by a tiny Flux VAE with their original captions
     (manifest ``orig.json``; aspect-ratio buckets with ``buckets``); then one tiny-preset run per entry of ``runs`` (name -> config
-    overrides). Image i is noise of seed ``seed + i``. Returns the paths: ``images``, ``manifest``
+    overrides). Image i is noise of seed ``seed + i``. ``vae``: an existing tiny VAE folder to encode
+    with (another pipeline's, so that their manifests merge). Returns the paths: ``images``, ``manifest``
     and one per run."""
     src = root / "src"
     src.mkdir(parents=True)
@@ -34,7 +35,7 @@ def make_tiny_runs(
         (src / f"img_{i}.txt").write_text(f"{['a red', 'a green', 'a blue'][i % 3]} pattern number {i}")
     image_stage = root / "images"
     run_stage(IngestStage(open_source(str(src)), image_stage, shard_size=shard_size), image_stage, progress=False)
-    vae, text = build_tiny_flux_vae(root / "vae"), build_tiny_t5gemma(root / "t5gemma")
+    vae, text = vae or build_tiny_flux_vae(root / "vae"), build_tiny_t5gemma(root / "t5gemma")
     latents, manifests = root / "latents", root / "manifests"
     run_stage(EncodeLatentsStage(image_stage, None, latents, str(vae), resolution=resolution, batch_size=8,
                                  buckets=buckets, decode_workers=0, allow_missing_captions=True, manifest_dir=manifests,

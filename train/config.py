@@ -111,6 +111,17 @@ class InitConfig:
 
 
 @dataclass
+class ValConfig:
+    """A held-out loss (train/validation.py): the flow loss of the same samples at the same timesteps
+    with the same noise at every evaluation, so runs and steps compare by their weights alone."""
+
+    shards: str = ""  # a manifest of held-out samples, latents of the training manifest's spec; "" = off
+    every: int = 1000  # steps between evaluations (and one at the end)
+    samples: int = 512  # the manifest's first samples, in shard order
+    timesteps: int = 8  # evenly spaced: t = (k + 0.5) / timesteps
+
+
+@dataclass
 class DataConfig:
     workers: int = 2  # DataLoader workers per rank (part of the data order: fixed for a run)
     shuffle_buffer: int = 1000  # samples per shuffled block, per stream
@@ -176,6 +187,7 @@ class TrainConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     init: InitConfig = field(default_factory=InitConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    val: ValConfig = field(default_factory=ValConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -221,7 +233,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 # make it a different experiment, and resuming it is refused.
 MAY_CHANGE_ON_RESUME = (
     "shards", "out", "steps", "checkpoint_every", "keep_checkpoints", "sample_every", "compile",
-    "device", "data.prefetch", "data.verify", "sample.", "log.", "repa.images",
+    "device", "data.prefetch", "data.verify", "sample.", "log.", "repa.images", "val.",
 )
 
 BF16_WEIGHTS_REFUSAL = (
@@ -444,6 +456,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("init.revision names a revision of init.source, which is not set")
     if cfg.data.verify not in ("size", "checksums", "none"):
         raise ConfigError(f"data.verify must be size, checksums or none, not {cfg.data.verify!r}")
+    if cfg.val.shards and min(cfg.val.every, cfg.val.samples, cfg.val.timesteps) < 1:
+        raise ConfigError(f"val.every, val.samples and val.timesteps must be positive (got {cfg.val.every}, "
+                          f"{cfg.val.samples}, {cfg.val.timesteps})")
     if cfg.sample_every < 0 or cfg.data.workers < 0:
         raise ConfigError("sample_every and data.workers cannot be negative")
     if cfg.model.hidden_size % cfg.model.num_heads:

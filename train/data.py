@@ -29,6 +29,10 @@ How (the terms the code uses):
 - Per sample, from (seed, stream epoch, key): the caption variant (drawn with the manifest's
   ``captions`` weights, with fallbacks when a sample lacks it) and, for ``stored: dist``
   latents, a fresh draw ``mean + std * eps`` (a new one every epoch).
+- A merged manifest (``parts``) is planned like any other: its shards are one list, a part
+  repeated ``r`` times lists its shards ``r`` times. A sample draws its caption by its part's
+  weights, and the ``c``-th listing (c > 0) of a shard seeds its samples' draws from
+  (seed, epoch, key, c), so that the copies of a repeated sample differ.
 - Resuming at batch ``n`` of a stream replays the metadata plan to ``n`` (no tar reading),
   then reads the current block from the shard holding its first unread sample and re-reads
   the pending carry-over samples from their shards.
@@ -62,7 +66,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from curate.buckets import IMAGE_MEMBER, preprocess
-from curate.manifest import Manifest, ManifestError, shard_urls, verify_shards
+from curate.manifest import (
+    Manifest,
+    ManifestError,
+    part_captions,
+    shard_parts,
+    shard_urls,
+    verify_shards,
+)
 from curate.procs import die_with_parent
 from curate.shards import OK, ShardError, read_meta, stable_hash
 from curate.vae import model_channels, model_downsample, sample_latent, to_model_input
@@ -78,6 +89,7 @@ __all__ = [
     "check_data",
     "fingerprint",
     "fingerprint_diff",
+    "first_samples",
     "sample_seed",
 ]
 
@@ -225,6 +237,9 @@ def fingerprint(settings: DataSettings, manifest: Manifest) -> dict[str, Any]:
         "captions": dict(manifest.captions),
         "shards": stable_hash(shards),
         "latent": stable_hash(manifest.latent.model_dump(mode="json")),
+        # A merged manifest's parts draw their captions by their own weights (absent otherwise, so
+        # that the fingerprints of checkpoints made before merging existed still match).
+        **({"part_captions": part_captions(manifest)} if manifest.parts is not None else {}),
     }
 
 
@@ -274,9 +289,18 @@ def _local_shard_paths(
     return paths
 
 
-def image_shard_paths(manifest: Manifest, images: str | os.PathLike) -> list[str]:
-    """The image stage's tar of every latent shard: stages keep their input's shard ids."""
-    return [os.path.join(os.fspath(images), os.path.basename(entry.path)) for entry in manifest.shards]
+ImageStages = str | os.PathLike | list[str] | list[os.PathLike]
+
+
+def image_shard_paths(manifest: Manifest, images: ImageStages) -> list[str]:
+    """The image stage's tar of every latent shard (stages keep their input's shard ids); ``images``:
+    the stage, or one per part of a merged manifest (``curate.manifest.image_stages``)."""
+    stages = list(images) if isinstance(images, list) else [images] * len(part_captions(manifest))
+    if len(stages) != len(part_captions(manifest)):
+        raise DataError(f"{len(stages)} image stages given for the {len(part_captions(manifest))} parts of "
+                        f"manifest {manifest.name!r}")
+    return [os.path.join(os.fspath(stages[part]), os.path.basename(entry.path))
+            for part, entry in zip(shard_parts(manifest), manifest.shards, strict=True)]
 
 
 def _index_path(tar: str) -> str:
@@ -313,6 +337,16 @@ class _ShardTable:
         # whose images encode-latents rejected or skipped are not in the latent shard).
         self.image_paths = [image_paths[i] for i in keep] if image_paths is not None else None
         self.counts = np.array([manifest.shards[i].samples for i in keep], dtype=np.int64)
+        # The caption selection of each shard's part (a merged manifest's datasets keep their own).
+        selections, part_of = part_captions(manifest), shard_parts(manifest)
+        self.captions = [selections[part_of[i]] for i in keep]
+        # A merged manifest lists a repeated dataset's shards several times: copy c > 0 of a shard
+        # draws its own captions and latents (its samples would otherwise repeat them within an epoch).
+        seen: Counter[str] = Counter()
+        self.copy = []
+        for i in keep:
+            self.copy.append(seen[manifest.shards[i].path])
+            seen[manifest.shards[i].path] += 1
         self._cache: OrderedDict[int, _ShardInfo] = OrderedDict()
 
     def __len__(self) -> int:
@@ -604,25 +638,24 @@ def choose_caption(
 class _Builder:
     """Per-sample choices (caption variant, latent draw) and the stacked model input."""
 
-    def __init__(self, manifest: Manifest, settings: DataSettings, images: bool = False):
+    def __init__(self, manifest: Manifest, settings: DataSettings, table: _ShardTable, images: bool = False):
         self.spec = manifest.latent
+        self.table = table
         self.images = images
         self.seed = settings.seed
         self.draw = settings.sample_latents and self.spec.stored == "dist"
-        self.weights = dict(manifest.captions)
         self.text = manifest.text
         self.clean = settings.clean_captions and self.text is None  # embeddings need no cleaning
-
-    def caption(self, s: _Sample, rng: np.random.Generator) -> tuple[str, str, str | None]:
-        return choose_caption(self.weights, s.texts, s.listed, rng)
 
     def build(self, refs: list[_Ref], samples: list[_Sample], label: Callable[[int], str]) -> MicroBatch:
         latents, captions, variants, keys = [], [], [], []
         fallbacks: Counter[str] = Counter()
         ds = self.spec.downsample
         for ref, s in zip(refs, samples, strict=True):
-            h = sample_seed(self.seed, ref.epoch, s.key)
-            variant, text, kind = self.caption(s, np.random.default_rng(h))
+            copy = self.table.copy[ref.shard]
+            h = sample_seed(self.seed, ref.epoch, s.key if copy == 0 else f"{s.key}\0{copy}")
+            variant, text, kind = choose_caption(self.table.captions[ref.shard], s.texts, s.listed,
+                                                 np.random.default_rng(h))
             if kind is not None:
                 fallbacks[kind] += 1
             bh, bw = _bucket_hw(ref.bucket)
@@ -747,7 +780,7 @@ class _StepDataset(IterableDataset):
                                f"{self.settings.workers}")
         first = self.start_step + worker
         table = _ShardTable(self.manifest, self.paths, self.source, self.text_paths, self.image_paths)
-        builder = _Builder(self.manifest, self.settings, images=self.image_paths is not None)
+        builder = _Builder(self.manifest, self.settings, table, images=self.image_paths is not None)
         streams = [_Stream(table, builder, q * k + first % k, self.settings) for q in self.slots]
         try:
             for stream in streams:
@@ -759,6 +792,44 @@ class _StepDataset(IterableDataset):
         finally:
             for stream in streams:
                 stream.close()
+
+
+# --------------------------------------------------------------------------- held-out samples
+
+
+class HeldOutSample(NamedTuple):
+    key: str
+    latent: torch.Tensor  # [C, h, w] float32: the stored mean through the latent spec (a model input)
+    caption: str  # "" when the sample has no caption
+
+
+def first_samples(manifest: Manifest, manifest_path: str | os.PathLike, n: int, *, seed: int,
+                  allow_pipe: bool = False) -> list[HeldOutSample]:
+    """The first ``n`` samples of ``manifest`` in shard order, each once (a merged manifest's repeats
+    and a sample in two parts count once), their captions drawn by their part's weights from
+    (seed, key): a fixed set, for the validation loss (train/validation.py)."""
+    paths = _local_shard_paths(manifest, manifest_path, allow_pipe)
+    selections, part_of = part_captions(manifest), shard_parts(manifest)
+    out: list[HeldOutSample] = []
+    seen: set[str] = set()
+    for i, (entry, path) in enumerate(zip(manifest.shards, paths, strict=True)):
+        label = f"{manifest_path}: shard {i} ({entry.path})"
+        samples = _tar_samples(path, label)
+        try:
+            for key, members in samples:
+                if key in seen:
+                    continue
+                seen.add(key)
+                s = _decode(key, members, label)
+                rng = np.random.default_rng(sample_seed(seed, 0, key))
+                _, caption, _ = choose_caption(selections[part_of[i]], s.texts, s.listed, rng)
+                latent = to_model_input(s.mean.float()[None], manifest.latent)[0].contiguous()
+                out.append(HeldOutSample(key, latent, caption))
+                if len(out) == n:
+                    return out
+        finally:
+            samples.close()
+    return out
 
 
 # --------------------------------------------------------------------------- the loader
@@ -787,7 +858,7 @@ class LatentLoader:
 
     def __init__(self, manifest: Manifest, manifest_path: str | os.PathLike, settings: DataSettings,
                  *, rank: int = 0, world_size: int = 1, start_step: int = 0,
-                 allow_pipe: bool = False, images: str | os.PathLike | None = None):
+                 allow_pipe: bool = False, images: ImageStages | None = None):
         if world_size < 1 or not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is not in a world of {world_size}")
         if start_step < 0:
@@ -862,7 +933,7 @@ def check_data(
     verify: Literal["none", "size", "checksums"] = "size",
     allow_pipe: bool = False,
     settings: DataSettings | None = None,
-    images: str | os.PathLike | None = None,
+    images: ImageStages | None = None,
 ) -> DataSummary:
     """Validate every shard of ``manifest`` before the first step; raise DataError naming the
     shard and the problem.
@@ -885,7 +956,8 @@ def check_data(
     spec = manifest.latent
     grid = model_downsample(spec)
     buckets: Counter[tuple[int, int]] = Counter()
-    listed: Counter[str] = Counter()
+    selections, part_of = part_captions(manifest), shard_parts(manifest)
+    listed: list[Counter[str]] = [Counter() for _ in selections]  # per part: variant -> samples listing it
     notes: list[str] = []
     ok_keys: list[list[str]] = []
     for i, (entry, tar) in enumerate(zip(manifest.shards, paths, strict=True)):
@@ -909,7 +981,7 @@ def check_data(
                                 "model-space grid of the manifest's latent spec")
         buckets.update(shard_buckets)
         for variants in ok["captions"].to_list():
-            listed.update(variants or ())
+            listed[part_of[i]].update(variants or ())
     text_paths = None
     if manifest.text is not None:
         text_paths = _check_text_shards(manifest, manifest_path, ok_keys, verify, allow_pipe)
@@ -924,15 +996,19 @@ def check_data(
             raise DataError(str(e)) from None
         if any(s.sha256 is None for s in manifest.shards):
             notes.append("some shards have no sha256 in the manifest; their checksums were not verified")
-    for variant in manifest.captions:
-        if variant != "orig" and listed[variant] == 0:
-            have = ", ".join(sorted(listed)) or "none"
-            raise DataError(f"{source}: field 'captions' selects {variant!r}, but no sample has "
-                            f"that caption (the shards have: {have}, and 'orig', the original "
-                            "captions)")
-        if variant != "orig" and listed[variant] < manifest.samples:
-            notes.append(f"{manifest.samples - listed[variant]} of {manifest.samples} samples have "
-                         f"no {variant!r} caption; they fall back to another variant")
+    for part, (selection, have) in enumerate(zip(selections, listed, strict=True)):
+        field = "captions" if manifest.parts is None else f"parts.{part}.captions"
+        of = "" if manifest.parts is None else f" of part {manifest.parts[part].name!r}"
+        samples = manifest.samples if manifest.parts is None else manifest.parts[part].samples
+        for variant in selection:
+            if variant != "orig" and have[variant] == 0:
+                raise DataError(f"{source}: field '{field}' selects {variant!r}, but no sample{of} has "
+                                f"that caption (the shards have: {', '.join(sorted(have)) or 'none'}, and "
+                                "'orig', the original captions)")
+            if variant != "orig" and have[variant] < samples:
+                notes.append(f"{samples - have[variant]} of {samples} samples{of} have no {variant!r} caption; "
+                             "they fall back to another variant")
+    total_listed = sum(listed, Counter())
     streams = None
     if settings is not None:
         streams = settings.streams
@@ -941,10 +1017,10 @@ def check_data(
             notes.append(note)
     return DataSummary(samples=manifest.samples, shards=len(manifest.shards),
                        buckets=dict(sorted(buckets.items())), model_channels=model_channels(spec),
-                       captions=dict(sorted(listed.items())), streams=streams, notes=notes)
+                       captions=dict(sorted(total_listed.items())), streams=streams, notes=notes)
 
 
-def _check_image_shards(manifest: Manifest, images: str | os.PathLike, ok_keys: list[list[str]], verify: str,
+def _check_image_shards(manifest: Manifest, images: ImageStages, ok_keys: list[list[str]], verify: str,
                         source: str) -> None:
     """Each latent shard's image shard is committed and lists the latent keys, in their order,
     among its accepted images (the loader reads both tars forward in step)."""
@@ -991,10 +1067,12 @@ def _check_text_shards(manifest: Manifest, manifest_path: str | os.PathLike, ok_
     every selected caption variant was encoded. Returns the text shards' paths."""
     spec = manifest.text
     source = str(manifest_path)
-    absent = [v for v in manifest.captions if v not in spec.variants]
-    if absent:
-        raise DataError(f"{source}: field 'captions' selects {', '.join(map(repr, absent))}, but the text "
-                        f"shards hold embeddings of {', '.join(spec.variants)} only")
+    for part, selection in enumerate(part_captions(manifest)):
+        absent = [v for v in selection if v not in spec.variants]
+        if absent:
+            field = "captions" if manifest.parts is None else f"parts.{part}.captions"
+            raise DataError(f"{source}: field '{field}' selects {', '.join(map(repr, absent))}, but the text "
+                            f"shards hold embeddings of {', '.join(spec.variants)} only")
     paths = _local_shard_paths(manifest, manifest_path, allow_pipe, text=True)
     for i, (entry, tar, keys) in enumerate(zip(spec.shards, paths, ok_keys, strict=True)):
         label = f"{source}: text shard {i} ({entry.path})"

@@ -34,7 +34,7 @@ from curate.manifest import (
     ManifestError,
     TextSpec,
     file_sha256,
-    image_stage,
+    image_stages,
     load_manifest,
 )
 from curate.models import resolve_model
@@ -82,6 +82,7 @@ from train.repa import (
     repa_block,
 )
 from train.routing import RoutedDenoiser, aligned_in_route, draw_route, gather_tokens
+from train.validation import ValidationSet
 
 DataSource = Callable[[int, int], Iterator[StepBatch]]  # (start step, rank) -> step batches
 
@@ -152,6 +153,9 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
     hub_revision = stored.revision if stored and not resolve_model(cfg.text_encoder, "text").local else None
     text = TextEncoder.load(cfg.text_encoder, device=world.device, max_tokens=cfg.max_tokens,
                             revision=hub_revision)
+    # The held-out loss's samples and their caption embeddings, while the encoder is at hand.
+    validation = (ValidationSet.load(cfg, manifest, text.encode, rank=world.rank, world_size=world.world_size)
+                  if cfg.val.shards else None)
     if stored is not None:
         _check_stored_text(stored, text, cfg)
         # What the run still needs of the encoder, then the encoder's memory back.
@@ -262,9 +266,13 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
             logger.note(f"initialised from {initial.describe()}; optimizer, schedule and step start afresh")
             for note in initial.notes:
                 logger.note(f"init: {note}")
+        if validation is not None:
+            logger.note(f"validation: {validation.samples} held-out samples of {validation.source} at "
+                        f"{cfg.val.timesteps} timesteps every {cfg.val.every} steps"
+                        + (" (EMA weights)" if ema is not None else ""))
         if teacher is not None:
             logger.note(f"REPA: block {aligned_block}'s tokens aligned with {teacher.id} ({teacher.dim}-d, "
-                        f"{teacher.patch} px patches) of the originals in {images}, weight {cfg.repa.weight}, "
+                        f"{teacher.patch} px patches) of the originals in {', '.join(map(str, images))}, weight {cfg.repa.weight}, "
                         + (f"until step {cfg.repa.stop_step}" if cfg.repa.stop_step else "the whole run"))
 
     # ---- the loop ----------------------------------------------------------------------------------
@@ -395,6 +403,11 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
                 logger.log(done, metrics)
                 window = _Window(world.device)
             housekeeping = time.perf_counter()
+            if validation is not None and (done % cfg.val.every == 0 or done == cfg.steps):
+                with ema.applied(model) if ema is not None else contextlib.nullcontext():
+                    logger.log(done, validation.loss(model, device=world.device, weights_dtype=weights_dtype,
+                                                     autocast=autocast, prediction=cfg.flow.prediction,
+                                                     t_min=cfg.flow.x0_t_min))
             if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps) and world.main:
                 with ema.applied(model) if ema is not None else contextlib.nullcontext():
                     path = _sample(model, text, manifest, vae, cfg, run_dir, done)
@@ -455,10 +468,11 @@ def _check_stored_text(stored: TextSpec, text: TextEncoder, cfg: TrainConfig) ->
                           f"--max-tokens {cfg.max_tokens}")
 
 
-def _repa_images(cfg: TrainConfig, manifest: Manifest) -> Path:
-    """The image stage REPA's teacher reads: ``repa.images``, or the manifest's provenance."""
+def _repa_images(cfg: TrainConfig, manifest: Manifest) -> list[Path]:
+    """The image stage REPA's teacher reads: ``repa.images``, or the manifest's provenance (one per
+    part of a merged manifest)."""
     try:
-        return image_stage(manifest, cfg.repa.images or None, option="repa.images=DIR")
+        return image_stages(manifest, cfg.repa.images or None, option="repa.images=DIR")
     except ManifestError as e:
         raise ConfigError(f"REPA's teacher sees the original images: {e}") from None
 

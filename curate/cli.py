@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "loose; 0 to 8); off by default: exact duplicates only")
     p.add_argument("--workers", type=int, default=_default_workers(), help="decoding processes")
     p.add_argument("--source-type", choices=["auto", "folder", "urls", "tars", "hf"], default="auto")
+    p.add_argument("--order", choices=["spread", "path"], default=None,
+                   help="folders: how images are ordered into shards: spread (by a hash of the path, so every shard "
+                        "samples every subfolder; the default) or path (sorted); default: spread, or path to "
+                        "continue a stage ingested in path order")
     p.add_argument("--url-column", default=None, help="URL lists: the URL column (detected if omitted)")
     p.add_argument("--caption-column", default=None, help="URL lists and HF datasets: the caption column")
     p.add_argument("--image-column", default=None, help="HF datasets: the image column (detected if omitted)")
@@ -192,7 +196,7 @@ def _run(stage, args: argparse.Namespace, share) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from curate.ingest import IngestStage
+    from curate.ingest import IngestStage, ingested_in_path_order
     from curate.runner import resolve_share
     from curate.sources import open_source
 
@@ -201,9 +205,14 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         args.src, kind=args.source_type, url_column=args.url_column, caption_column=args.caption_column,
         image_column=args.image_column, split=args.split, download_threads=args.download_threads,
         download_timeout=args.download_timeout, download_retries=args.download_retries,
+        order=args.order or "spread",
     )
     stage = IngestStage(source, args.out, shard_size=args.shard_size, min_side=args.min_side,
                         max_pixels=args.max_pixels, workers=args.workers, near_duplicates=args.near_duplicates)
+    if args.order is None and ingested_in_path_order(stage):
+        source.order = "path"
+        print(f"curate: {args.out} was ingested in path order (before the spread order existed): continuing it "
+              "so; --order spread redoes it with every subfolder spread over the shards", file=sys.stderr)
     return _run(stage, args, share)
 
 

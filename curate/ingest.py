@@ -25,9 +25,9 @@ from typing import Any
 import polars as pl
 
 from curate.images import ImageCheck, allow_pixels, read_and_check, read_and_check_batch
-from curate.runner import ShardTask, Stage
-from curate.shards import OK, ShardWriter, committed_shards, read_index, reject_samples
-from curate.sources import Record, Source
+from curate.runner import ShardTask, Stage, stage_config
+from curate.shards import OK, ShardWriter, committed_shards, read_index, reject_samples, stable_hash
+from curate.sources import FolderSource, Record, Source
 
 log = logging.getLogger("curate")
 
@@ -59,6 +59,22 @@ def _batched(items: Iterable[Record], size: int) -> Iterator[list[Record]]:
             batch = []
     if batch:
         yield batch
+
+
+def ingested_in_path_order(stage: IngestStage) -> bool:
+    """Whether ``stage``'s output folder holds shards that the same stage committed with its folder
+    source in path order (before the spread order existed): a rerun then continues in that order
+    instead of redoing every shard, and every stage after it."""
+    source = stage.source
+    if not isinstance(source, FolderSource) or source.order == "path" or not stage.out_dir.is_dir():
+        return False
+    ordered = source.order
+    source.order = "path"
+    try:
+        path_order = stable_hash(stage_config(stage))
+    finally:
+        source.order = ordered
+    return any(shard.meta.config_hash == path_order for shard in committed_shards(stage.out_dir))
 
 
 class IngestStage(Stage):

@@ -240,6 +240,11 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def stage_config(stage: Stage) -> dict[str, Any]:
+    """What a stage's shards are made with: a committed shard made with another one is redone."""
+    return {"stage": stage.name, "stage_version": stage.version, **stage.config()}
+
+
 def run_stage(
     stage: Stage,
     out_dir: str | os.PathLike,
@@ -254,7 +259,7 @@ def run_stage(
     ids = [t.shard_id for t in tasks]
     if ids != sorted(set(ids)):
         raise RuntimeError(f"{stage.name}: plan must list unique shard ids in order")
-    config = {"stage": stage.name, "stage_version": stage.version, **stage.config()}
+    config = stage_config(stage)
     config_hash = stable_hash(config)
     fingerprints = {str(t.shard_id): t.fingerprint for t in tasks}
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -88,16 +88,37 @@ class Source:
         """The stage is complete: drop scratch space."""
 
 
+# How a folder's images are ordered into shards: "spread" by a hash of the path, "path" sorted.
+FOLDER_ORDERS = ("spread", "path")
+
+
+def _spread(rel: str) -> tuple[bytes, str]:
+    return hashlib.blake2b(rel.encode(), digest_size=8).digest(), rel
+
+
 class FolderSource(Source):
-    """Images under a folder, searched recursively, in sorted path order.
+    """Images under a folder, searched recursively.
+
+    ``order="spread"`` lists them by a hash of their relative path, a fixed pseudo-random order:
+    what sits together on disk (a folder per class, per date, per photographer) spreads over every
+    shard. The trainer shuffles within blocks of consecutive samples of a shard, so a shard must be
+    a sample of the whole dataset, not of one folder. ``order="path"`` is sorted path order, what
+    stages ingested before the spread order existed used (``curate ingest`` continues those in it).
 
     A sidecar ``NAME.txt`` or ``NAME.json`` beside ``NAME.jpg`` holds the original caption.
     """
 
     kind = "folder"
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, order: str = "spread"):
+        if order not in FOLDER_ORDERS:
+            raise CurateError(f"--order must be one of {', '.join(FOLDER_ORDERS)}, not {order!r}")
         self.root = Path(root)
+        self.order = order
+
+    def describe(self) -> dict[str, Any]:
+        # Absent for path order, so the stages ingested before "spread" existed keep their config.
+        return {"kind": self.kind, **({"order": self.order} if self.order != "path" else {})}
 
     def location(self) -> str:
         return str(self.root.resolve())
@@ -117,7 +138,7 @@ class FolderSource(Source):
                 elif suffix in (".txt", ".json"):
                     others[rel] = full
         out = []
-        for rel in sorted(images):
+        for rel in sorted(images, key=_spread if self.order == "spread" else None):
             stem = rel.rsplit(".", 1)[0]
             sidecars = [(s, (self.root / s).stat()) for s in (f"{stem}.txt", f"{stem}.json") if s in others]
             out.append((rel, (self.root / rel).stat(), sidecars))
@@ -452,6 +473,7 @@ def open_source(
     download_threads: int = 32,
     download_timeout: int = 10,
     download_retries: int = 2,
+    order: str = "spread",
 ) -> Source:
     """Pick the source type from SRC (or --source-type) and open it; a bad SRC is a CurateError."""
     path = Path(spec)
@@ -478,7 +500,7 @@ def open_source(
     if kind not in ("hf", "tars") and not path.exists():
         raise CurateError(f"{spec}: no such file or folder")
     if kind == "folder":
-        return FolderSource(path)
+        return FolderSource(path, order=order)
     if kind == "tars":
         return TarSource(spec)
     if kind == "urls":

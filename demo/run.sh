@@ -46,13 +46,16 @@ curate encode-text "$DATA/latents/tiny-flux2-256" --out "$DATA/text/t5gemma" --t
 ls -l manifests/demo-*-t5gemma.json
 curate stats manifests/demo-long-t5gemma.json   # what training will read: buckets, caption coverage, text
 
-echo "== 8. train: the tiny preset on manifests/demo-long-t5gemma.json, with a sample grid every 100 steps"
+echo "== 8. train: the tiny preset on 3 of the 4 shards, a validation loss on the 4th, a sample grid every 100 steps"
+# --hold-out 1 writes demo-train.json (3 shards) and demo-train-heldout.json (1 shard, drawn at random):
+# the held-out loss (val.shards) measures the same samples, timesteps and noise every 50 steps.
+curate manifest manifests/demo-long-t5gemma.json --hold-out 1 --name demo-train
 # --resume auto makes a rerun of the demo continue (or find finished) the same run.
 # data.sample_latents=false trains on the stored means: the random tiny autoencoder's latent std is
 # about 1 (a trained VAE's is far smaller), so fresh draws would bury the means in noise.
-train --shards manifests/demo-long-t5gemma.json --out "$DATA/runs/tiny" --preset tiny --resume auto \
+train --shards manifests/demo-train.json --out "$DATA/runs/tiny" --preset tiny --resume auto \
     text_encoder="$DATA/models/tiny-t5gemma" steps=200 log.every=20 sample_every=100 data.workers=2 \
-    data.sample_latents=false
+    data.sample_latents=false val.shards=manifests/demo-train-heldout.json val.every=50
 tail -n 2 "$DATA/runs/tiny/metrics.jsonl"
 ls -l "$DATA/runs/tiny/samples"
 
@@ -62,7 +65,8 @@ train generate "$DATA/export/tiny" "a red fox in the snow" --steps 8 --out "$DAT
 
 echo "== 10. evaluate: FID, CMMD and DINO-MMD of the run's last checkpoint against its real images"
 # Tiny random CLIP and DINOv2 (the real classes) stand in for CMMD's and DINO-MMD's networks;
-# 48 images give a biased FID (real evaluations use 10,000 or more): the command says so.
+# --samples 48 takes every image of the run's three training shards; so few give a biased FID (real
+# evaluations use 10,000 or more): the command says so.
 python -m curate.tiny clip "$DATA/models/tiny-clip"
 python -m curate.tiny dinov2 "$DATA/models/tiny-dinov2"
 evaluate run "$DATA/runs/tiny" --samples 48 --steps 8 --clip "$DATA/models/tiny-clip" \
@@ -74,9 +78,10 @@ echo "== 11. an ablation, one switch away: the same run with REPA (a tiny DINOv3
 # which the loader reads from the image stage the manifest names (step 1's output). The table shows
 # the keys the two runs differ in: the ablation.
 python -m curate.tiny dinov3 "$DATA/models/tiny-dinov3"
-train --shards manifests/demo-long-t5gemma.json --out "$DATA/runs/tiny-repa" --preset tiny --ablation repa \
+train --shards manifests/demo-train.json --out "$DATA/runs/tiny-repa" --preset tiny --ablation repa \
     --resume auto text_encoder="$DATA/models/tiny-t5gemma" repa.encoder="$DATA/models/tiny-dinov3" steps=200 \
-    log.every=20 sample_every=100 data.workers=2 data.sample_latents=false
+    log.every=20 sample_every=100 data.workers=2 data.sample_latents=false \
+    val.shards=manifests/demo-train-heldout.json val.every=50
 evaluate run "$DATA/runs/tiny-repa" --samples 48 --steps 8 --clip "$DATA/models/tiny-clip" \
     --dino "$DATA/models/tiny-dinov2" --no-progress
 evaluate compare "$DATA/runs/tiny" "$DATA/runs/tiny-repa"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -93,8 +94,9 @@ def test_rerun_skips_committed_and_redoes_changed_shards(tmp_path: Path):
     assert snapshot(out) == before
     # One changed file: only its shard is redone.
     (src / "good_0005.jpg").write_bytes(encode(noise_image(999), "JPEG"))
+    holding = [t.shard_id for t in FolderSource(src).plan(4) if ("good_0005.jpg", []) in t.payload]
     changed = ingest(src, out, shard_size=4)
-    assert changed.processed == [1]
+    assert changed.processed == holding and len(holding) == 1
     # A changed setting redoes everything.
     assert ingest(src, out, shard_size=4, min_side=50).processed == [0, 1, 2]
 
@@ -281,6 +283,39 @@ def test_folder_plan_does_not_depend_on_listing_order(tmp_path: Path):
     src = tmp_path / "src"
     write_good_images(src / "b", 3)
     write_good_images(src / "a", 3, start_seed=10)
-    tasks = FolderSource(src).plan(4)
+    tasks = FolderSource(src, order="path").plan(4)
     assert [rel for rel, _ in tasks[0].payload][:3] == ["a/good_0010.jpg", "a/good_0011.jpg", "a/good_0012.jpg"]
     assert [t.num_inputs for t in tasks] == [4, 2]
+    # The spread order: by a hash of the relative path, whatever the file system lists first.
+    spread = [rel for t in FolderSource(src).plan(4) for rel, _ in t.payload]
+    assert spread == sorted(spread, key=lambda rel: hashlib.blake2b(rel.encode(), digest_size=8).digest())
+    assert sorted(spread) == [rel for t in tasks for rel, _ in t.payload]
+
+
+def test_the_spread_order_puts_every_subfolder_in_every_shard(tmp_path: Path):
+    src = tmp_path / "src"
+    for i, name in enumerate(("cats", "dogs", "owls")):
+        write_good_images(src / name, 40, start_seed=100 * i)
+    folders_per_shard = [{rel.split("/")[0] for rel, _ in t.payload} for t in FolderSource(src).plan(20)]
+    assert len(folders_per_shard) == 6 and all(f == {"cats", "dogs", "owls"} for f in folders_per_shard)
+    in_path_order = [{rel.split("/")[0] for rel, _ in t.payload} for t in FolderSource(src, order="path").plan(20)]
+    assert in_path_order == [{"cats"}, {"cats"}, {"dogs"}, {"dogs"}, {"owls"}, {"owls"}]
+
+
+def test_a_stage_ingested_in_path_order_is_continued_in_it(tmp_path: Path):
+    src = tmp_path / "src"
+    write_good_images(src / "a", 4)
+    write_good_images(src / "b", 4, start_seed=10)
+    out = tmp_path / "out"
+    run_stage(IngestStage(FolderSource(src, order="path"), out, shard_size=3), out, progress=False)
+    before = snapshot(out)
+    # What the stage was made before the spread order existed: curate ingest keeps its order, says so,
+    # and redoes nothing; --order spread redoes it.
+    proc = run_cli("ingest", str(src), "--out", str(out), "--shard-size", "3", "--workers", "1", "--no-progress")
+    assert "was ingested in path order" in proc.stderr and snapshot(out) == before
+    run_cli("ingest", str(src), "--out", str(out), "--shard-size", "3", "--workers", "1", "--no-progress",
+            "--order", "spread")
+    assert snapshot(out) != before
+    fresh = tmp_path / "fresh"
+    proc = run_cli("ingest", str(src), "--out", str(fresh), "--shard-size", "3", "--workers", "1", "--no-progress")
+    assert "path order" not in proc.stderr and snapshot(fresh) == snapshot(out)

@@ -101,7 +101,10 @@ def _folder(src: Path) -> dict[str, str]:
 
 
 def ingest(src: Path, out: Path, share: WorkerShare | None = None, **kwargs):
-    stage = IngestStage(open_source(str(src)), out, **{"shard_size": 8, "near_duplicates": 6, **kwargs})
+    # Path order: the copies ("zz_...", "img_01_resized") come after their originals, so the
+    # originals are the ones kept.
+    stage = IngestStage(open_source(str(src), order="path"), out,
+                        **{"shard_size": 8, "near_duplicates": 6, **kwargs})
     return run_stage(stage, out, share=share, progress=False)
 
 
@@ -167,7 +170,7 @@ def test_off_by_default_and_the_cli_option(tmp_path):
 
     out = tmp_path / "cli"
     run_cli("ingest", str(tmp_path / "src"), "--out", str(out), "--shard-size", "8", "--near-duplicates", "6",
-            "--workers", "1", "--no-progress")
+            "--workers", "1", "--no-progress", "--order", "path")
     assert snapshot(out) == snapshot(_reference(tmp_path))
     bad = run_cli("ingest", str(tmp_path / "src"), "--out", str(tmp_path / "x"), "--near-duplicates", "9",
                   check=False)

@@ -22,7 +22,9 @@ How (the terms the code uses):
 - Shuffling is a *block* shuffle: the stream's samples of an epoch are cut into blocks of
   ``shuffle_buffer`` samples and each block is permuted (seeded from seed, e, j, block).
   Memory is one block per stream, not the dataset; samples move at most one block away
-  from their shard neighbours, so shards should be written in random order (ingest does).
+  from their shard neighbours, so a shard should sample the whole dataset (ingest spreads a
+  folder's images over the shards by a hash of their path; URL lists, tars and datasets keep
+  their order, so shuffle one that is sorted).
 - Bucket batching: every bucket shape has a pending list; a sample joins its bucket's list
   and a full list (``micro_batch`` samples) is emitted. Pending lists carry over block and
   epoch boundaries, so a stream with fewer samples per epoch than a micro-batch still yields.

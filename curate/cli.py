@@ -348,7 +348,8 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     print(f"wrote {written}: {manifest.samples} samples in {len(manifest.shards)} shards"
           + (" an epoch" if merging else ""))
     if held is not None:
-        print(f"wrote {held_out_path}: {held.samples} held-out samples in {len(held.shards)} shards "
+        print(f"wrote {held_out_path}: {held.samples} held-out samples in {len(held.shards)} "
+              f"shard{'s' if len(held.shards) != 1 else ''} "
               f"(train ... val.shards={held_out_path})")
     _print_selection(manifest, coverage)
     if overlap:

@@ -46,45 +46,45 @@ curate encode-text "$DATA/latents/tiny-flux2-256" --out "$DATA/text/t5gemma" --t
 ls -l manifests/demo-*-t5gemma.json
 curate stats manifests/demo-long-t5gemma.json   # what training will read: buckets, caption coverage, text
 
-echo "== 8. train: the tiny preset on 3 of the 4 shards, a validation loss on the 4th, a sample grid every 100 steps"
-# --hold-out 1 writes demo-train.json (3 shards) and demo-train-heldout.json (1 shard, drawn at random):
+echo "== 8. train: the tiny preset on all shards but one, a validation loss on that one, a sample grid every 100 steps"
+# --hold-out 1 writes demo-train.json (the other shards) and demo-train-heldout.json (one shard, drawn at random):
 # the held-out loss (val.shards) measures the same samples, timesteps and noise every 50 steps.
 curate manifest manifests/demo-long-t5gemma.json --hold-out 1 --name demo-train
 # --resume auto makes a rerun of the demo continue (or find finished) the same run.
 # data.sample_latents=false trains on the stored means: the random tiny autoencoder's latent std is
 # about 1 (a trained VAE's is far smaller), so fresh draws would bury the means in noise.
-train --shards manifests/demo-train.json --out "$DATA/runs/tiny" --preset tiny --resume auto \
+train --shards manifests/demo-train.json --out "$DATA/runs/base" --preset tiny --resume auto \
     text_encoder="$DATA/models/tiny-t5gemma" steps=200 log.every=20 sample_every=100 data.workers=2 \
     data.sample_latents=false val.shards=manifests/demo-train-heldout.json val.every=50
-tail -n 2 "$DATA/runs/tiny/metrics.jsonl"
-ls -l "$DATA/runs/tiny/samples"
+tail -n 2 "$DATA/runs/base/metrics.jsonl"
+ls -l "$DATA/runs/base/samples"
 
 echo "== 9. export for diffusers' PRXPipeline, then generate from the exported folder"
-train export "$DATA/runs/tiny" --to "$DATA/export/tiny"
-train generate "$DATA/export/tiny" "a red fox in the snow" --steps 8 --out "$DATA/export/tiny-sample.png"
+train export "$DATA/runs/base" --to "$DATA/export/base"
+train generate "$DATA/export/base" "a red fox in the snow" --steps 8 --out "$DATA/export/base-sample.png"
 
 echo "== 10. evaluate: FID, CMMD and DINO-MMD of the run's last checkpoint against its real images"
 # Tiny random CLIP and DINOv2 (the real classes) stand in for CMMD's and DINO-MMD's networks;
-# --samples 48 takes every image of the run's three training shards; so few give a biased FID (real
+# --samples 48 takes every image of the run's training shards; so few give a biased FID (real
 # evaluations use 10,000 or more): the command says so.
 python -m curate.tiny clip "$DATA/models/tiny-clip"
 python -m curate.tiny dinov2 "$DATA/models/tiny-dinov2"
-evaluate run "$DATA/runs/tiny" --samples 48 --steps 8 --clip "$DATA/models/tiny-clip" \
+evaluate run "$DATA/runs/base" --samples 48 --steps 8 --clip "$DATA/models/tiny-clip" \
     --dino "$DATA/models/tiny-dinov2" --no-progress
-evaluate compare "$DATA/runs/tiny"
+evaluate compare "$DATA/runs/base"
 
 echo "== 11. an ablation, one switch away: the same run with REPA (a tiny DINOv3 teacher), side by side"
 # --ablation repa aligns block 1's tokens with the teacher's patch features of the original images,
 # which the loader reads from the image stage the manifest names (step 1's output). The table shows
 # the keys the two runs differ in: the ablation.
 python -m curate.tiny dinov3 "$DATA/models/tiny-dinov3"
-train --shards manifests/demo-train.json --out "$DATA/runs/tiny-repa" --preset tiny --ablation repa \
+train --shards manifests/demo-train.json --out "$DATA/runs/repa" --preset tiny --ablation repa \
     --resume auto text_encoder="$DATA/models/tiny-t5gemma" repa.encoder="$DATA/models/tiny-dinov3" steps=200 \
     log.every=20 sample_every=100 data.workers=2 data.sample_latents=false \
     val.shards=manifests/demo-train-heldout.json val.every=50
-evaluate run "$DATA/runs/tiny-repa" --samples 48 --steps 8 --clip "$DATA/models/tiny-clip" \
+evaluate run "$DATA/runs/repa" --samples 48 --steps 8 --clip "$DATA/models/tiny-clip" \
     --dino "$DATA/models/tiny-dinov2" --no-progress
-evaluate compare "$DATA/runs/tiny" "$DATA/runs/tiny-repa"
+evaluate compare "$DATA/runs/base" "$DATA/runs/repa"
 
 echo "== 12. the next stage: the same images at 512 px, training on from the 256 px run's weights"
 # Stage by stage, as PRX, SD3 and PixArt train: latents at the new resolution (the same tiny
@@ -93,7 +93,7 @@ echo "== 12. the next stage: the same images at 512 px, training on from the 256
 curate encode-latents "$DATA/images" --captions "$DATA/captions/tiny-qwen2-vl" --out "$DATA/latents/tiny-flux2-512" \
     --vae "$DATA/models/tiny-flux2-vae" --resolution 512 --buckets --batch-size 8 --decode-workers 2 \
     --allow-missing-captions --manifest-dir manifests --name demo-512 --device cpu --no-progress
-train --shards manifests/demo-512-long.json --out "$DATA/runs/tiny-512" --preset tiny --init-from "$DATA/runs/tiny" \
+train --shards manifests/demo-512-long.json --out "$DATA/runs/base-512" --preset tiny --init-from "$DATA/runs/base" \
     --resume auto text_encoder="$DATA/models/tiny-t5gemma" steps=40 log.every=20 sample_every=40 data.workers=2 \
     data.sample_latents=false flow.shift=2
-tail -n 1 "$DATA/runs/tiny-512/metrics.jsonl"
+tail -n 1 "$DATA/runs/base-512/metrics.jsonl"

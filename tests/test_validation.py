@@ -19,6 +19,7 @@ from eval.compare import compare_runs
 from train.cli import main as train_main
 from train.config import ConfigError, build_config
 from train.metrics import read_metrics
+from train.trainer import train
 from train.validation import METRIC_NAMES, ValidationSet, _noise_seed
 
 MAX_TOKENS, DIM = 8, 4
@@ -153,18 +154,27 @@ def test_hold_out_splits_off_random_shards_as_a_held_out_manifest(tmp_path: Path
 def test_a_run_logs_its_validation_loss_and_a_resume_measures_the_same(models, tmp_path: Path):
     data = make_latent_dataset(tmp_path / "train", shards=3, per_shard=6, vae_dir=models["flux"], seed=1)
     assert curate_main(["manifest", str(data["long"]), "--hold-out", "1", "--name", "train"]) == 0
-    train, heldout = data["long"].parent / "train.json", data["long"].parent / "train-heldout.json"
+    train_manifest, heldout = data["long"].parent / "train.json", data["long"].parent / "train-heldout.json"
     clean = tmp_path / "clean"
-    assert _train(models, train, heldout, clean, steps=5) == 0
+    assert _train(models, train_manifest, heldout, clean, steps=5) == 0
     logged = [m for m in read_metrics(clean) if "val_loss" in m]
     assert [m["step"] for m in logged] == [2, 4, 5]  # every 2 steps, and at the end
     assert all(math.isfinite(m["val_loss"]) and "loss" not in m for m in logged)
     assert logged[0]["val_loss"] != logged[1]["val_loss"]  # the weights changed, nothing else
     cut = tmp_path / "cut"
-    assert _train(models, train, heldout, cut, steps=2) == 0
-    assert _train(models, train, heldout, cut, "--resume", "auto", steps=5) == 0
+    assert _train(models, train_manifest, heldout, cut, steps=2) == 0
+    assert _train(models, train_manifest, heldout, cut, "--resume", "auto", steps=5) == 0
     assert [m for m in read_metrics(cut) if "val_loss" in m] == logged
-    # evaluate compare shows each run's latest held-out loss.
-    header, rows, _ = compare_runs([clean, cut])
+    # evaluate compare shows each run's latest held-out loss, and says when runs measured different sets.
+    header, rows, notes = compare_runs([clean, cut])
     column = header.index("val loss")
-    assert [r[column] for r in rows] == [round(logged[-1]["val_loss"], 4)] * 2
+    assert [r[column] for r in rows] == [round(logged[-1]["val_loss"], 4)] * 2 and not notes
+    config = (cut / "config.yaml").read_text()
+    (cut / "config.yaml").write_text(config.replace("samples: 6", "samples: 5"))
+    assert any("different held-out sets" in n for n in compare_runs([clean, cut])[2])
+    # train --check loads the held-out set too, and says so.
+    result = train(build_config("tiny", overrides=[f"{k}={v}" for k, v in {
+        "shards": train_manifest, "out": tmp_path / "checked", "text_encoder": models["text"],
+        "val.shards": heldout, "data.workers": 0}.items()]), check_only=True)
+    assert "validation: 6 held-out samples of" in " ".join(result.notes)
+    assert not (tmp_path / "checked").exists()

@@ -56,7 +56,8 @@ class ValidationSet:
         self.batches, self.samples, self.timesteps, self.source = batches, samples, timesteps, source
 
     @classmethod
-    def load(cls, cfg: TrainConfig, training: Manifest, encode: Callable, *, rank: int = 0,
+    def load(cls, cfg: TrainConfig, training: Manifest,
+             encode: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]], *, rank: int = 0,
              world_size: int = 1) -> ValidationSet:
         """Read the first ``val.samples`` samples of ``val.shards`` (refused unless its latents are
         the training manifest's, buckets aside) and keep every ``world_size``-th from ``rank``,

@@ -150,7 +150,7 @@ def test_bucketed_latents_get_their_buckets_images_and_the_teacher_their_grid(te
 
 
 def test_a_merged_manifest_pairs_each_latent_with_its_own_datasets_original_and_trains(pipeline, teachers,
-                                                                                      tmp_path: Path):
+                                                                                      tmp_path: Path, capsys):
     other = make_tiny_runs(tmp_path / "other", images=6, sizes=[(64, 64)], resolution=32, shard_size=3, runs={},
                            seed=700, vae=pipeline["images"].parent / "vae")
     merged = tmp_path / "merged.json"
@@ -174,8 +174,12 @@ def test_a_merged_manifest_pairs_each_latent_with_its_own_datasets_original_and_
                 seen[key] += 1
     assert sorted(Counter(seen.values()).items()) == [(1, 12), (2, 6)]  # the second dataset twice an epoch
     run = tmp_path / "run"
+    capsys.readouterr()
     assert _train(merged, run, pipeline, teachers["dinov3"], "--ablation", "repa", steps=3) == 0
     assert [r is not None for _, _, r in _metrics(run)] == [True] * 3
+    log = capsys.readouterr().err
+    assert "data: part second: 6 samples x 2, 50.0% of an epoch, captions orig 1" in log
+    assert f"of the originals in {stages[0]}, {stages[1]}" in log
 
 
 def test_an_image_stage_that_does_not_hold_the_latents_is_refused_before_training(pipeline, tmp_path: Path):

@@ -251,6 +251,11 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
             f"{cfg.micro_batch}; denoiser {count_parameters(model) / 1e6:.2f}M parameters; "
             f"text encoder {text.name} ({text.dim}-d"
             f"{'; caption embeddings read from the text shards' if stored else ''})")
+        for part in manifest.parts or ():  # a merged manifest's datasets
+            repeat = f" x {part.repeat}" if part.repeat > 1 else ""
+            logger.note(f"data: part {part.name}: {part.samples // part.repeat} samples{repeat}, "
+                        f"{100 * part.samples / max(manifest.samples, 1):.1f}% of an epoch, captions "
+                        + ", ".join(f"{v} {w:.3g}" for v, w in part.captions.items()))
         for note in summary.notes:
             logger.note(f"data: {note}")
         if world.note:

@@ -18,6 +18,10 @@ against encoding images with the VAE on the fly, measured in one run (CPU).
    x-prediction's conversion, contrastive flow matching's second error and immiscible
    diffusion's assignment, and what TREAD's routing (half the tokens skip blocks 1 and 2 of 4)
    saves.
+4. Validation: one pass of the validation loss (``val.shards``: ``--val-samples`` held-out
+   samples x 8 timesteps, forward passes without gradients, train/validation.py) against the
+   memory-fed training step of the same model: what an evaluation every ``val.every`` steps
+   costs, and a validation forward's cost against a training sample's forward and backward.
 
 Steps/s come from the trainer's own metrics windows (metrics.jsonl: each window's images/s
 and data-wait share), the first window (warm-up: worker start, first allocations) left out.
@@ -26,7 +30,7 @@ gives the median and every run, so a disturbance on the machine shows up. Shard 
 runs must end on the same loss (same batches, same draws): a warning says when they do not.
 
     python bench/train.py [--quick] [--repeats 3] [--steps 30] [--workers 2] [--threads N]
-                          [--comparisons data,vae,ablations] [--ablations muon,ema,...]
+                          [--comparisons data,vae,ablations,validation] [--ablations muon,ema,...]
 """
 
 from __future__ import annotations
@@ -55,12 +59,15 @@ from latent_data import make_latent_dataset  # noqa: E402
 
 from curate.buckets import preprocess, to_model_range  # noqa: E402
 from curate.manifest import load_manifest  # noqa: E402
+from curate.text import TextEncoder  # noqa: E402
 from curate.tiny import build_tiny_t5gemma  # noqa: E402
 from curate.vae import encode_batch, latent_spec_for, load_vae, sample_latent, to_model_input  # noqa: E402
-from train.config import TrainConfig, build_config  # noqa: E402
+from train.config import TrainConfig, ValConfig, build_config  # noqa: E402
 from train.data import LatentLoader, MicroBatch, StepBatch  # noqa: E402
 from train.metrics import read_metrics  # noqa: E402
+from train.model import build_denoiser, denoiser_config  # noqa: E402
 from train.trainer import data_settings, train  # noqa: E402
+from train.validation import ValidationSet  # noqa: E402
 
 DataSource = Callable[[int, int], Iterator[StepBatch]]
 
@@ -184,8 +191,9 @@ def main() -> None:
     parser.add_argument("--vae-steps", type=int, default=3, help="timed steps of the VAE comparison")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="torch threads of the training process (default: one per core)")
-    parser.add_argument("--comparisons", default="data,vae,ablations",
-                        help="which comparisons, comma-separated: data, vae, ablations")
+    parser.add_argument("--comparisons", default="data,vae,ablations,validation",
+                        help="which comparisons, comma-separated: data, vae, ablations, validation")
+    parser.add_argument("--val-samples", type=int, default=64, help="held-out samples of the validation pass")
     parser.add_argument("--ablations", default=",".join(ABLATION_RUNS),
                         help="the ablations compared with the baseline (always run), comma-separated")
     args = parser.parse_args()
@@ -193,8 +201,8 @@ def main() -> None:
     if set(chosen) - set(ABLATION_RUNS):
         parser.error(f"--ablations takes {', '.join(ABLATION_RUNS)}, not {args.ablations!r}")
     wanted = set(args.comparisons.split(","))
-    if not wanted or wanted - {"data", "vae", "ablations"}:
-        parser.error(f"--comparisons takes data, vae and ablations, not {args.comparisons!r}")
+    if not wanted or wanted - {"data", "vae", "ablations", "validation"}:
+        parser.error(f"--comparisons takes data, vae, ablations and validation, not {args.comparisons!r}")
     if args.quick:
         args.repeats, args.steps, args.every, args.vae_steps = 1, 10, 5, 1
     torch.set_num_threads(args.threads)
@@ -209,7 +217,7 @@ def main() -> None:
                                    channels=16, sizes=[(grid, grid)], stored="dist", dtype="bfloat16")
         base = dict(steps=args.steps, global_batch=16, micro_batch=8, workers=args.workers, every=args.every)
         batches = collect(config(data["mix"], tmp / "collect", text, **base))
-        data_runs = ablation_runs = vae_runs = None
+        data_runs = ablation_runs = vae_runs = val_runs = None
         if "data" in wanted:
             data_runs = interleaved({
                 "shards": lambda r: run(config(data["mix"], tmp / f"shards-{r}", text, **base)),
@@ -228,7 +236,33 @@ def main() -> None:
         if "vae" in wanted:
             vae_runs = compare_vae(tmp, text, args, side, grid)
 
-    report(args, side, grid, started, data_runs, vae_runs, ablation_runs)
+        if "validation" in wanted:
+            val_runs = compare_validation(config(data["mix"], tmp / "val", text, **base), text, batches, args)
+
+    report(args, side, grid, started, data_runs, vae_runs, ablation_runs, val_runs)
+
+
+def compare_validation(cfg: TrainConfig, text: Path, batches: list[StepBatch],
+                       args: argparse.Namespace) -> dict[str, list[float]]:
+    """4. Seconds per validation pass and per training step (fed from memory), interleaved."""
+    manifest = load_manifest(cfg.shards)
+    encoder = TextEncoder.load(str(text), device="cpu", max_tokens=cfg.max_tokens)
+    val_cfg = dataclasses.replace(cfg, val=ValConfig(shards=cfg.shards, samples=args.val_samples, timesteps=8))
+    held_out = ValidationSet.load(val_cfg, manifest, encoder.encode)
+    model = build_denoiser(denoiser_config(cfg.model, manifest.latent, encoder.dim), seed=0)
+    off = torch.autocast("cpu", enabled=False)
+    held_out.loss(model, device=torch.device("cpu"), weights_dtype=torch.float32, autocast=off)  # warm-up
+    results: dict[str, list[float]] = {"pass": [], "step": []}
+    for r in range(args.repeats):
+        start = time.perf_counter()
+        held_out.loss(model, device=torch.device("cpu"), weights_dtype=torch.float32, autocast=off)
+        results["pass"].append(time.perf_counter() - start)
+        steps = run(dataclasses.replace(cfg, out=str(Path(cfg.out) / f"steps-{r}")), from_memory(batches))
+        results["step"].append(1 / steps["steps_per_s"])
+        print(f"  validation #{r + 1}: {results['pass'][-1]:.2f} s a pass, {results['step'][-1]:.3f} s a step",
+              file=sys.stderr, flush=True)
+    results["forwards"] = [held_out.samples * held_out.timesteps]
+    return results
 
 
 def compare_vae(tmp: Path, text: Path, args: argparse.Namespace, side: int, grid: int) -> dict[str, list[dict]]:
@@ -255,7 +289,7 @@ def compare_vae(tmp: Path, text: Path, args: argparse.Namespace, side: int, grid
 
 
 def report(args: argparse.Namespace, side: int, grid: int, started: float, data_runs: dict | None,
-           vae_runs: dict | None, ablation_runs: dict | None) -> None:
+           vae_runs: dict | None, ablation_runs: dict | None, val_runs: dict | None = None) -> None:
     cores = len(os.sched_getaffinity(0))
     n = args.repeats
     print(f"# bench/train.py: {side} px (16 x {grid} x {grid} Flux latents), denoiser "
@@ -282,6 +316,16 @@ def report(args: argparse.Namespace, side: int, grid: int, started: float, data_
         pre, otf = vae_runs["precomputed"], vae_runs["on the fly"]
         row("VAE", "precomputed latents (in memory)", pre, "4 / 4", f"**{median(pre) / median(otf):.1f}x**")
         row("VAE", "full-size Flux VAE on the fly", otf, "4 / 4", "1")
+    if val_runs:
+        passes, steps, forwards = val_runs["pass"], val_runs["step"], val_runs["forwards"][0]
+        per_pass, per_step = statistics.median(passes), statistics.median(steps)
+        print(f"| validation | one pass: {forwards} forwards ({args.val_samples} samples x 8 t), no gradients | "
+              f"{args.val_samples} / 8 | - | {per_pass:.3g} s a pass | "
+              f"{', '.join(f'{x:.3g}' for x in passes)} | - | **{per_pass / per_step:.1f} steps** |")
+        print(f"| validation | training step, from memory | 16 / 8 | - | {per_step:.3g} s a step | "
+              f"{', '.join(f'{x:.3g}' for x in steps)} | - | 1 |")
+        print(f"\nA validation forward costs **{(per_pass / forwards) / (per_step / 16):.2f}** of a training "
+              "sample's forward and backward pass (a step: 16 samples).")
     if not ablation_runs:
         return
     baseline = ablation_runs["baseline"]

@@ -962,9 +962,12 @@ def check_data(
     listed: list[Counter[str]] = [Counter() for _ in selections]  # per part: variant -> samples listing it
     notes: list[str] = []
     ok_keys: list[list[str]] = []
+    read: dict[str, tuple[Any, pl.DataFrame]] = {}  # a merged manifest may list a shard several times
     for i, (entry, tar) in enumerate(zip(manifest.shards, paths, strict=True)):
         label = f"{source}: shard {i} ({entry.path})"
-        meta, df = _read_committed(label, tar, entry.sha256, verify)
+        if tar not in read:
+            read[tar] = _read_committed(label, tar, entry.sha256, verify)
+        meta, df = read[tar]
         missing = [c for c in ("key", "status", "bucket_h", "bucket_w", "captions") if c not in df.columns]
         if missing:
             raise DataError(f"{label}: its index has no {', '.join(missing)} column(s): not a "

@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("manifest", help="another caption selection of the same shards, or several datasets merged",
                        description="Write a manifest of the same shards (and text shards) with other caption "
-                                   "weights, e.g. DALL-E 3's recipe, 95%% synthetic and 5%% original captions: "
+                                   "weights, e.g. DALL-E 3's recipe, 95% synthetic and 5% original captions: "
                                    "curate manifest manifests/long.json --captions long=0.95,orig=0.05 --name dalle3. "
                                    "Given several manifests, merge them into one that trains on all their datasets, "
                                    "each keeping its caption selection and image stage, a dataset's shards repeated "

@@ -283,24 +283,30 @@ def shard_urls(
 def image_stages(manifest: Manifest, override: str | os.PathLike | None = None, *,
                  option: str = "--images") -> list[Path]:
     """The image stage each part's latents were encoded from (``provenance.images.path``; one for a
-    manifest without parts), or ``override`` (the stage moved; only where there is one part);
-    ``option`` is how the error tells the user to give it."""
+    manifest without parts), or where it is now: ``override``, a folder, or for a merged manifest
+    ``NAME=DIR[,NAME=DIR...]`` naming the parts whose stage moved. ``option`` is how the errors
+    tell the user to give it."""
     provenances = part_provenance(manifest)
-    if override is not None:
-        if len(provenances) > 1:
-            raise ManifestError(f"manifest {manifest.name!r} merges {len(provenances)} datasets, each with its "
-                                f"own image stage (parts.N.provenance.images.path): {option} cannot stand for all "
-                                "of them; merge the manifests again from where their stages are now")
-        paths = [Path(override)]
-    else:
-        paths = []
-        for i, provenance in enumerate(provenances):
-            recorded = (provenance.get("images") or {}).get("path")
-            if not recorded:
-                where = "provenance.images.path" if manifest.parts is None else f"parts.{i}.provenance.images.path"
-                raise ManifestError(f"manifest {manifest.name!r} records no image stage ({where}): "
-                                    f"pass the images folder ({option} DATA/images)")
-            paths.append(Path(recorded))
+    moved: dict[int, Path] = {}
+    if override is not None and manifest.parts is None:
+        moved[0] = Path(override)
+    elif override is not None:
+        names = [p.name for p in manifest.parts]
+        for item in os.fspath(override).split(","):
+            name, sep, folder = item.partition("=")
+            if not sep or name not in names or not folder:
+                raise ManifestError(f"{option} {override}: manifest {manifest.name!r} merges {len(names)} datasets, "
+                                    f"each with its own image stage: name the parts that moved, as NAME=DIR "
+                                    f"(parts: {', '.join(names)})")
+            moved[names.index(name)] = Path(folder)
+    paths = []
+    for i, provenance in enumerate(provenances):
+        recorded = (provenance.get("images") or {}).get("path")
+        if i not in moved and not recorded:
+            where = "provenance.images.path" if manifest.parts is None else f"parts.{i}.provenance.images.path"
+            raise ManifestError(f"manifest {manifest.name!r} records no image stage ({where}): "
+                                f"pass the images folder ({option} DATA/images)")
+        paths.append(moved.get(i, Path(recorded) if recorded else None))
     for path in paths:
         if not path.is_dir():
             raise ManifestError(f"the image stage {path} does not exist: pass its new place with {option}")

@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images generated and real images compared (all samples if the data has fewer)")
     p.add_argument("--manifest", default=None, help="the manifest whose samples and captions are used "
                                                     "(default: the one the run trained on)")
-    p.add_argument("--images", default=None, help="the image stage folder (default: the manifest's provenance)")
+    p.add_argument("--images", default=None,
+                   help="the image stage folder (default: the manifest's provenance); for a merged manifest, "
+                        "NAME=DIR[,NAME=DIR] for the parts whose stage moved")
     p.add_argument("--weights", choices=["ema", "raw"], default=None,
                    help="the run's EMA weights (the default when it kept them) or the trained ones")
     p.add_argument("--captions", default=None, metavar="VARIANT",

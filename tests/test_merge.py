@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -153,8 +154,14 @@ def test_the_loader_reads_each_parts_originals_from_its_own_image_stage(datasets
     swapped = [datasets["b"]["images"], datasets["a"]["images"]]
     with pytest.raises(DataError, match="lacks sample"):
         check_data(manifest, merged, images=swapped)
-    with pytest.raises(ManifestError, match="merges 2 datasets, each with its own image stage"):
+    with pytest.raises(ManifestError, match="merges 2 datasets, each with its own image stage: name the parts"):
         image_stages(manifest, datasets["a"]["images"], option="repa.images=DIR")
+    # A part's stage that moved is named by the part.
+    moved = merged.parent / "b-images-moved"
+    shutil.copytree(datasets["b"]["images"], moved)
+    assert image_stages(manifest, f"b={moved}") == [datasets["a"]["images"].resolve(), moved]
+    with pytest.raises(ManifestError, match=r"\(parts: a, b\)"):
+        image_stages(manifest, f"c={moved}")
 
 
 def test_evaluation_takes_each_sample_once_with_its_parts_caption_and_original(merged):

@@ -88,7 +88,7 @@ class RepaConfig:
     block: int = 0  # align the output of this block (1-based); 0 = a quarter of model.depth
     stop_step: int = 0  # REPA ends at this step (PRX's burn-in, then off); 0 = the whole run
     projector_dim: int = 2048  # the projector MLP's width
-    images: str = ""  # the image stage; "" = the one the manifest's provenance names
+    images: str = ""  # the image stage; "" = the one the manifest's provenance names (merged: NAME=DIR,...)
 
 
 @dataclass

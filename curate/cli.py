@@ -197,8 +197,8 @@ def _run(stage, args: argparse.Namespace, share) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from curate.ingest import IngestStage, ingested_in_path_order
-    from curate.runner import resolve_share
-    from curate.sources import open_source
+    from curate.runner import CurateError, resolve_share
+    from curate.sources import FolderSource, open_source
 
     share = resolve_share(args.rank, args.world_size)
     source = open_source(
@@ -209,6 +209,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     )
     stage = IngestStage(source, args.out, shard_size=args.shard_size, min_side=args.min_side,
                         max_pixels=args.max_pixels, workers=args.workers, near_duplicates=args.near_duplicates)
+    if args.order is not None and not isinstance(source, FolderSource):
+        raise CurateError(f"--order orders a folder's images; {args.src} is a {source.kind} source, whose shards "
+                          "follow its own order")
     if args.order is None and ingested_in_path_order(stage):
         source.order = "path"
         print(f"curate: {args.out} was ingested in path order (before the spread order existed): continuing it "

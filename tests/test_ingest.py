@@ -319,3 +319,10 @@ def test_a_stage_ingested_in_path_order_is_continued_in_it(tmp_path: Path):
     fresh = tmp_path / "fresh"
     proc = run_cli("ingest", str(src), "--out", str(fresh), "--shard-size", "3", "--workers", "1", "--no-progress")
     assert "path order" not in proc.stderr and snapshot(fresh) == snapshot(out)
+    # Other sources keep their own order: --order is refused there.
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    for shard in committed_shards(fresh):
+        (tars / shard.tar_path.name).write_bytes(shard.tar_path.read_bytes())
+    proc = run_cli("ingest", str(tars), "--out", str(tmp_path / "t"), "--order", "path", check=False)
+    assert proc.returncode == 2 and "--order orders a folder's images" in proc.stderr

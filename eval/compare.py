@@ -1,7 +1,8 @@
 """``evaluate compare RUN ...``: runs side by side, with the config keys in which they differ.
 
 One row per run: the last step logged, its loss (the logged window's mean), its latest validation
-loss (``val.shards``: a held-out set measured the same way each time) when any run has one, the metrics of its
+loss (``val.shards``: a held-out set measured the same way each time; with ``by_step`` or ``every``,
+the one logged at the evaluated step) when any run has one, the metrics of its
 latest evaluation (latest step; at that step, the most samples, then the newest), and one column
 per config key that is not the same in every run, which for a set of ablations of one baseline
 is the ablation itself. ``by_step`` gives one row per evaluated step instead: metrics against
@@ -97,7 +98,8 @@ def compare_runs(
                       else None for m in metrics]
             rows.append([Path(run).name, logged[-1]["step"] if logged else None,
                          round(logged[-1]["loss"], 4) if logged else None,
-                         *([round(val[-1]["val_loss"], 4) if val else None] if validated else []), *values,
+                         *([_val_loss(val, evaluation["step"] if evaluation and (by_step or every) else None)]
+                           if validated else []), *values,
                          evaluation["step"] if evaluation else None,
                          evaluation["settings"]["samples"] if evaluation else None,
                          *[evaluation["settings"].get(s) if evaluation else None for s in swept],
@@ -115,6 +117,13 @@ def compare_runs(
     if "fid" in metrics and any(e["settings"]["samples"] < FEW_SAMPLES for e in measured):
         notes.append(f"FID from fewer than {FEW_SAMPLES} images is biased: compare it only at equal sample counts")
     return header, rows, notes
+
+
+def _val_loss(logged: list[dict[str, Any]], step: int | None) -> float | None:
+    """The validation loss logged at ``step`` (None when none was), or the latest one."""
+    if step is not None:
+        logged = [m for m in logged if m["step"] == step]
+    return round(logged[-1]["val_loss"], 4) if logged else None
 
 
 def _cell(value: Any) -> str:

@@ -387,6 +387,11 @@ def test_every_checkpoint_evaluated_and_compared_step_by_step(pipeline, inceptio
     header, rows, _ = compare_runs([run], by_step=True)
     assert [r[header.index("eval step")] for r in rows] == [1, 2] and rows[0][3] != rows[1][3]
     assert [r[header.index("eval step")] for r in compare_runs([run])[1]] == [2]
+    # A run that logged a validation loss (val.shards) shows the one at each evaluated step.
+    with (run / "metrics.jsonl").open("a") as f:
+        f.writelines(json.dumps({"step": step, "val_loss": value}) + "\n" for step, value in ((1, 1.5), (2, 1.25)))
+    header, rows, _ = compare_runs([run], by_step=True)
+    assert [r[header.index("val loss")] for r in rows] == [1.5, 1.25]
     assert evaluate_main(["run", str(run), "--step", "1,2", *options]) == 0  # both stored
     assert len(result_files(run)) == 2
     assert evaluate_main(["run", str(run), "--step", "two", *options]) == 2

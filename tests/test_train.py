@@ -68,6 +68,7 @@ def test_overfitting_a_few_samples_drives_the_loss_down(tmp_path: Path, models):
     for name in ("loss_t0.0-0.3", "loss_t0.3-0.6", "loss_t0.6-1.0"):  # learnt at every noise level
         assert metrics[-1][name] < metrics[0][name] / 3, name
     assert {"grad_norm", "lr", "images_per_s", "data_wait_share", "peak_memory_gb"} <= metrics[-1].keys()
+    assert [m["epoch"] for m in metrics[:2]] == [10.0, 20.0] and metrics[-1]["epoch"] == 300.0  # 4 of 4 samples a step
 
 
 def _cli_cmd(manifest: Path, out: Path, models, **overrides) -> list[str]:

@@ -405,6 +405,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
                                         "lower lr, check the data (curate stats), or resume from an "
                                         "earlier checkpoint")
                 metrics["lr"] = schedule.get_last_lr()[0]
+                # Passes over the data so far (a merged manifest's epoch counts its repeats).
+                metrics["epoch"] = done * cfg.global_batch / max(manifest.samples, 1)
                 if loader is not None:  # rank 0's samples so far whose drawn caption variant was missing
                     metrics["caption_fallbacks"] = sum(loader.fallbacks.values())
                 logger.log(done, metrics)

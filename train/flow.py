@@ -114,6 +114,15 @@ def negative_pair_loss(velocity: torch.Tensor, target: torch.Tensor) -> torch.Te
     return per_sample_loss(velocity, target.roll(1, dims=0))
 
 
+def loss_sums(losses: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """[sum, count, then sum and count per timestep bin] of the per-sample losses, float64 on their
+    device (no host sync): what the training loss and the validation loss are logged from."""
+    return torch.cat([torch.stack([losses.detach().double().sum(),
+                                   torch.tensor(float(losses.numel()), device=losses.device,
+                                                dtype=torch.float64)]),
+                      loss_sums_by_bin(losses.detach(), t).double()])
+
+
 def loss_sums_by_bin(losses: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """[sum, count] of the per-sample losses in each timestep bin, flattened (for logging).
 

@@ -376,9 +376,9 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
                         aligned = alignment_loss(projected, target)
                         loss = loss + cfg.repa.weight * aligned.mean()
                     (loss / accum).backward()
-                sums = _loss_sums(losses, t)
+                sums = flow.loss_sums(losses, t)
                 if cfg.repa.weight > 0:  # REPA's [sum, count] close the vector (zeros once it is over)
-                    sums = torch.cat([sums, _loss_sums(aligned, t)[:2] if teacher is not None
+                    sums = torch.cat([sums, flow.loss_sums(aligned, t)[:2] if teacher is not None
                                       else torch.zeros(2, dtype=torch.float64, device=world.device)])
                 step_losses += sums
 
@@ -577,14 +577,6 @@ def slot_generator(seed: int, step: int, slot: int) -> torch.Generator:
     """The random stream of one slot of one step: the same wherever and whenever it runs."""
     digest = hashlib.blake2b(f"{seed}:{step}:{slot}".encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
-
-
-def _loss_sums(losses: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """[sum, count, then sum and count per timestep bin] on the device, float64 (no host sync)."""
-    return torch.cat([torch.stack([losses.detach().double().sum(),
-                                   torch.tensor(float(losses.numel()), device=losses.device,
-                                                dtype=torch.float64)]),
-                      flow.loss_sums_by_bin(losses.detach(), t).double()])
 
 
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -107,10 +107,7 @@ class ValidationSet:
                     output = model(hidden_states=x_t.to(weights_dtype), timestep=t, encoder_hidden_states=context,
                                    attention_mask=mask, return_dict=False)[0]
                 velocity = flow.velocity_from_output(output, x_t, t, prediction, t_min=t_min)
-                losses = flow.per_sample_loss(velocity, flow.velocity_target(x0, noise)).double()
-                sums += torch.cat([torch.stack([losses.sum(), torch.tensor(float(losses.numel()), device=device,
-                                                                             dtype=torch.float64)]),
-                                   flow.loss_sums_by_bin(losses, t).double()])
+                sums += flow.loss_sums(flow.per_sample_loss(velocity, flow.velocity_target(x0, noise)), t)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)
         model.train(training)

@@ -45,7 +45,7 @@ from curate.manifest import (
     ShardEntry,
     TextSpec,
     load_manifest,
-    rebase_shard_path,
+    rebase_entries,
     write_manifest,
 )
 from curate.procs import available_cores, die_with_parent
@@ -335,7 +335,7 @@ class EncodeTextStage(Stage):
                 raise CurateError(str(e)) from e
             target_dir = self.manifest_dir or path.parent
             text = self.text_spec(out_dir, target_dir, latent, path.resolve().parent)
-            shards = [e.model_copy(update={"path": rebase_shard_path(e.path, path.parent, target_dir)}) for e in latent.shards]
+            shards = rebase_entries(latent.shards, path.parent, target_dir)
             name = f"{latent.name}-{self.manifest_name}"
             provenance = {**latent.provenance, "text": {"path": str(out_dir.resolve()), "encoder": text.encoder_id,
                                                         "revision": text.revision,

@@ -354,6 +354,11 @@ def rebase_shard_path(path: str, old: str | os.PathLike, new: str | os.PathLike)
     return os.path.relpath((Path(old) / path).resolve(), Path(new).resolve())
 
 
+def rebase_entries(entries: list[ShardEntry], old: str | os.PathLike, new: str | os.PathLike) -> list[ShardEntry]:
+    """:func:`rebase_shard_path` of every entry."""
+    return [e.model_copy(update={"path": rebase_shard_path(e.path, old, new)}) for e in entries]
+
+
 def write_manifest(manifest: Manifest, path: str | os.PathLike) -> Path:
     """Write atomically (temporary name, then rename)."""
     path = Path(path)
@@ -459,17 +464,14 @@ def with_captions(manifest: Manifest, manifest_path: str | os.PathLike, weights:
     and the provenance names the source."""
     _check_text_variants(manifest, manifest_path, weights)
     source_dir, out_dir = Path(manifest_path).resolve().parent, Path(out).resolve().parent
-
-    def rebased(entries: list[ShardEntry]) -> list[ShardEntry]:
-        return [e.model_copy(update={"path": rebase_shard_path(e.path, source_dir, out_dir)}) for e in entries]
-
-    text = manifest.text.model_copy(update={"shards": rebased(manifest.text.shards)}) if manifest.text else None
+    text = (manifest.text.model_copy(update={"shards": rebase_entries(manifest.text.shards, source_dir, out_dir)})
+            if manifest.text else None)
     parts = None if manifest.parts is None else [p.model_copy(update={"captions": weights}) for p in manifest.parts]
     provenance = {**manifest.provenance,
                   "captions_from": {"path": str(Path(manifest_path).resolve()), "sha256": file_sha256(manifest_path),
                                     "captions": manifest.captions}}
-    return Manifest(name=name, shards=rebased(manifest.shards), samples=manifest.samples, latent=manifest.latent,
-                    captions=weights, text=text, provenance=provenance, parts=parts)
+    return Manifest(name=name, shards=rebase_entries(manifest.shards, source_dir, out_dir), samples=manifest.samples,
+                    latent=manifest.latent, captions=weights, text=text, provenance=provenance, parts=parts)
 
 
 def hold_out(manifest: Manifest, manifest_path: str | os.PathLike, shards: int, *, name: str,
@@ -496,8 +498,7 @@ def hold_out(manifest: Manifest, manifest_path: str | os.PathLike, shards: int, 
 
     def subset(held: bool, subset_name: str) -> Manifest:
         def pick(entries: list[ShardEntry]) -> list[ShardEntry]:
-            return [e.model_copy(update={"path": rebase_shard_path(e.path, source_dir, out_dir)})
-                    for i, e in enumerate(entries) if (i in chosen) == held]
+            return rebase_entries([e for i, e in enumerate(entries) if (i in chosen) == held], source_dir, out_dir)
 
         entries = pick(manifest.shards)
         text = manifest.text.model_copy(update={"shards": pick(manifest.text.shards)}) if manifest.text else None
@@ -592,20 +593,17 @@ def merge_manifests(sources: list[tuple[str | None, str | os.PathLike, int]], *,
         record = {"path": str(path.resolve()), "sha256": file_sha256(path), "name": m.name}
         merged_from.append({**record, "repeat": repeat})
 
-        def rebased(entries: list[ShardEntry], source_dir: Path = source_dir) -> list[ShardEntry]:
-            return [e.model_copy(update={"path": rebase_shard_path(e.path, source_dir, out_dir)}) for e in entries]
-
         own = m.parts or [ManifestPart(name=m.name, shards=len(m.shards), samples=m.samples, captions=m.captions,
                                        provenance=m.provenance)]
         start = 0
         for part in own:
             once = part.shards // part.repeat
-            listed = rebased(m.shards[start: start + once])
+            listed = rebase_entries(m.shards[start: start + once], source_dir, out_dir)
             times = part.repeat * repeat
             selection = captions or part.captions
             if m.text is not None:
                 _check_text_variants(m, path, selection)
-                text_shards += rebased(m.text.shards[start: start + once]) * times
+                text_shards += rebase_entries(m.text.shards[start: start + once], source_dir, out_dir) * times
             start += part.shards
             shards += listed * times
             if m.parts is None:

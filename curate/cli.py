@@ -333,7 +333,8 @@ def cmd_manifest(args: argparse.Namespace) -> int:
             manifest = with_captions(source, sources[0][1], weights, name=args.name, out=out)
         # The new manifest's relative paths resolve against its folder (which must exist for "..").
         out.parent.mkdir(parents=True, exist_ok=True)
-        coverage = part_coverage(manifest, latent_index_rows(manifest, out, ["key", "captions"]))
+        rows = latent_index_rows(manifest, out, ["key", "captions"])  # read once: coverage and overlap
+        coverage = part_coverage(manifest, rows)
         parts = manifest.parts or [None]
         for part, selection, counted in zip(parts, part_captions(manifest), coverage, strict=True):
             lacking = [v for v in selection if counted is not None and counted.get(v, 0) == 0]  # None: not counted
@@ -342,7 +343,7 @@ def cmd_manifest(args: argparse.Namespace) -> int:
                 of = f"part {part.name!r} ({part.provenance['manifest']['path']})" if part else ", ".join(args.manifests)
                 raise CurateError(f"no sample of {of} has a {', '.join(lacking)} caption (samples per "
                                   f"variant: {known or 'none counted'})")
-        overlap = overlapping_samples(manifest, out) if merging else None
+        overlap = overlapping_samples(manifest, rows) if merging else None
         written = write_manifest(manifest, out)
         if held is not None:
             write_manifest(held, held_out_path)

@@ -438,14 +438,20 @@ def caption_coverage(manifest: Manifest, rows: Any) -> dict[str, int | None] | N
     return {**counts, "orig": with_orig}
 
 
+def _with_part(manifest: Manifest, rows: Any) -> Any:
+    """:func:`latent_index_rows` with a ``part`` column: the part of each row's shard."""
+    import polars as pl
+
+    return rows.with_columns(pl.Series("part", shard_parts(manifest)).gather(rows["shard"]).alias("part"))
+
+
 def part_coverage(manifest: Manifest, rows: Any) -> list[dict[str, int | None] | None]:
     """:func:`caption_coverage` of each part's samples (one entry for a manifest without parts)."""
     import polars as pl
 
     if rows is None or manifest.parts is None:
         return [caption_coverage(manifest, rows)]
-    part_of = pl.Series("part", shard_parts(manifest))
-    rows = rows.with_columns(part_of.gather(rows["shard"]).alias("part"))
+    rows = _with_part(manifest, rows)
     return [caption_coverage(manifest, rows.filter(pl.col("part") == i)) for i in range(len(manifest.parts))]
 
 
@@ -642,14 +648,12 @@ def _mean_selection(parts: list[ManifestPart]) -> dict[str, float]:
     return mean
 
 
-def overlapping_samples(manifest: Manifest, manifest_path: str | os.PathLike) -> int | None:
-    """How many samples (keys: content hashes) are in more than one part; None when the indexes
-    cannot be read here."""
+def overlapping_samples(manifest: Manifest, rows: Any) -> int | None:
+    """How many samples (keys: content hashes) are in more than one part, from the manifest's
+    :func:`latent_index_rows` (with ``key``); None without them (indexes not readable here)."""
     import polars as pl
 
-    rows = latent_index_rows(manifest, manifest_path, ["key"])
     if rows is None:
         return None
-    part_of = pl.Series("part", shard_parts(manifest))
-    rows = rows.with_columns(part_of.gather(rows["shard"]).alias("part"))
-    return rows.group_by("key").agg(pl.col("part").n_unique()).filter(pl.col("part") > 1).height
+    return (_with_part(manifest, rows).group_by("key").agg(pl.col("part").n_unique())
+            .filter(pl.col("part") > 1).height)

@@ -364,15 +364,13 @@ def cmd_manifest(args: argparse.Namespace) -> int:
 def _print_selection(manifest: Manifest, coverage: list[dict[str, int | None] | None]) -> None:
     """Each part's share of an epoch (a merged manifest), and how many of its samples have each
     selected caption variant."""
-    from curate.manifest import part_captions
+    from curate.manifest import part_captions, part_share
 
     parts = manifest.parts or [None]
     for part, selection, counted in zip(parts, part_captions(manifest), coverage, strict=True):
         samples = part.samples if part else manifest.samples
         if part is not None:
-            once = f"{samples // part.repeat} samples x {part.repeat}" if part.repeat > 1 else f"{samples} samples"
-            share = 100 * samples / manifest.samples if manifest.samples else 0.0
-            print(f"  part {part.name}: {once}, {share:.1f}% of an epoch")
+            print(f"  part {part.name}: {part_share(part, manifest.samples)}")
         for variant, weight in selection.items():
             have = (counted or {}).get(variant)
             share = f"{have} of {samples} samples have it" if have is not None else "not counted"

@@ -205,6 +205,13 @@ def part_captions(manifest: Manifest) -> list[dict[str, float]]:
     return [dict(manifest.captions)] if manifest.parts is None else [dict(p.captions) for p in manifest.parts]
 
 
+def part_share(part: ManifestPart, total: int) -> str:
+    """``6 samples x 2, 50.0% of an epoch``: a part's samples, its repeat, and its share of an epoch
+    of ``total`` samples."""
+    repeat = f" x {part.repeat}" if part.repeat > 1 else ""
+    return f"{part.samples // part.repeat} samples{repeat}, {100 * part.samples / max(total, 1):.1f}% of an epoch"
+
+
 def part_provenance(manifest: Manifest) -> list[dict[str, Any]]:
     """The provenance of each part (the manifest's own one when it has no parts)."""
     return [manifest.provenance] if manifest.parts is None else [p.provenance for p in manifest.parts]

@@ -36,6 +36,7 @@ from curate.manifest import (
     file_sha256,
     image_stages,
     load_manifest,
+    part_share,
 )
 from curate.models import resolve_model
 from curate.runner import resolve_device
@@ -252,9 +253,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
             f"text encoder {text.name} ({text.dim}-d"
             f"{'; caption embeddings read from the text shards' if stored else ''})")
         for part in manifest.parts or ():  # a merged manifest's datasets
-            repeat = f" x {part.repeat}" if part.repeat > 1 else ""
-            logger.note(f"data: part {part.name}: {part.samples // part.repeat} samples{repeat}, "
-                        f"{100 * part.samples / max(manifest.samples, 1):.1f}% of an epoch, captions "
+            logger.note(f"data: part {part.name}: {part_share(part, manifest.samples)}, captions "
                         + ", ".join(f"{v} {w:.3g}" for v, w in part.captions.items()))
         for note in summary.notes:
             logger.note(f"data: {note}")

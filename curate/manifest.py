@@ -320,14 +320,6 @@ def image_stages(manifest: Manifest, override: str | os.PathLike | None = None, 
     return paths
 
 
-def image_stage(manifest: Manifest, override: str | os.PathLike | None = None, *, option: str = "--images") -> Path:
-    """The one image stage of a manifest of one dataset (see :func:`image_stages`)."""
-    stages = image_stages(manifest, override, option=option)
-    if len(stages) > 1:
-        raise ManifestError(f"manifest {manifest.name!r} merges {len(stages)} datasets with an image stage each")
-    return stages[0]
-
-
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -77,7 +77,11 @@ def choose_samples(
     # Each sample once: a merged manifest may list a dataset's shards several times (its repeat),
     # and two datasets may share images; the first listing is the one used.
     seen: set[str] = set()
+    read: set[str] = set()
     for pos, url in enumerate(urls):
+        if url in read:
+            continue  # a repeated part's shard, listed again: its samples are all seen
+        read.add(url)
         if "://" in url or url.startswith("pipe:"):
             raise EvalSetError(f"{url}: evaluation reads local shards only")
         index = Path(url).with_suffix(".parquet")

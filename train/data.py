@@ -850,7 +850,8 @@ def _worker_init(worker_id: int) -> None:
 class LatentLoader:
     """This rank's infinite sequence of StepBatch, from ``start_step`` on.
 
-    ``images``: the image stage the latents were encoded from (``curate.manifest.image_stage``);
+    ``images``: the image stage the latents were encoded from, or one per part of a merged manifest
+    (``curate.manifest.image_stages``);
     each micro-batch then also carries its samples' images, cropped as for the VAE.
     ``workers`` > 0 reads in DataLoader processes (worker ``w`` serves steps
     ``start_step + w + i * workers``; the DataLoader's in-order round robin delivers them in

@@ -155,14 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="None: cuda:LOCAL_RANK if available, else cpu")
     _add_worker_args(p)
 
-    p = sub.add_parser("manifest", help="another caption selection of the same shards, or several datasets merged",
+    p = sub.add_parser("manifest", help="another caption selection of the same shards, a subset of the samples, or "
+                                        "several datasets merged",
                        description="Write a manifest of the same shards (and text shards) with other caption "
                                    "weights, e.g. DALL-E 3's recipe, 95% synthetic and 5% original captions: "
                                    "curate manifest manifests/long.json --captions long=0.95,orig=0.05 --name dalle3. "
                                    "Given several manifests, merge them into one that trains on all their datasets, "
                                    "each keeping its caption selection and image stage, a dataset's shards repeated "
                                    "REPEAT times an epoch: curate manifest cc12m=manifests/cc12m-long.json "
-                                   "curated=manifests/curated-long.json:4 --name mixed")
+                                   "curated=manifests/curated-long.json:4 --name mixed. "
+                                   "With --where, --keep, --exclude or --fraction, train on a subset of the samples "
+                                   "without writing shards again: curate manifest manifests/long.json --scores "
+                                   "aesthetic.parquet --where 'aesthetic >= 5.5' --name aesthetic")
     p.add_argument("manifests", nargs="+", metavar="[NAME=]MANIFEST[:REPEAT]",
                    help="a manifest written by encode-latents, encode-text or curate manifest; several (or a REPEAT) "
                         "merge them, each a part named NAME (default: its manifest's name)")
@@ -172,6 +176,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hold-out", type=int, default=None, metavar="SHARDS",
                    help="leave SHARDS shards, drawn at random, out of the new manifest and write them as "
                         "NAME-heldout.json beside it: held-out samples for train's val.shards")
+    p.add_argument("--where", action="append", default=[], metavar="EXPR",
+                   help="keep only the samples for which this SQL expression is true, over the columns of the latent "
+                        "index (orig_w, orig_h, bucket_h, bucket_w, captions), the image stage (width, height, bytes, "
+                        "format, source, caption), the caption stage (long_words, short_words...) and --scores; "
+                        "repeatable (all must hold), e.g. --where 'orig_w >= 512 AND orig_h >= 512'")
+    p.add_argument("--scores", action="append", default=[], metavar="TABLE",
+                   help="a table (parquet, csv, tsv, jsonl) of per-sample values by key or source, e.g. aesthetic "
+                        "scores, whose columns --where can name; repeatable")
+    p.add_argument("--keep", default=None, metavar="TABLE",
+                   help="keep only the samples it lists (a table with a key or source column, or a .txt of keys)")
+    p.add_argument("--exclude", default=None, metavar="TABLE", help="drop the samples it lists (as --keep)")
+    p.add_argument("--fraction", type=float, default=None, metavar="F",
+                   help="keep a random fraction F of the samples, drawn per sample from (--seed, key): a data-scaling "
+                        "ablation (a smaller fraction of the same seed is a subset of a larger one)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --fraction's draw (default 0)")
     p.add_argument("--name", required=True, help="the new manifest's name")
     p.add_argument("--out", default=None, help="where to write it (default: NAME.json beside the first manifest)")
 
@@ -306,33 +325,46 @@ def cmd_manifest(args: argparse.Namespace) -> int:
         write_manifest,
     )
     from curate.runner import CurateError
+    from curate.subset import SubsetRules, subset_manifest
 
     try:
         sources = [parse_merge_source(text) for text in args.manifests]
         merging = len(sources) > 1 or sources[0][0] is not None or sources[0][2] > 1
+        rules = SubsetRules(where=args.where, scores=[Path(p) for p in args.scores],
+                            keep=Path(args.keep) if args.keep else None,
+                            exclude=Path(args.exclude) if args.exclude else None, fraction=args.fraction,
+                            seed=args.seed)
         if merging and args.hold_out is not None:
             raise CurateError("--hold-out splits one manifest: hold shards out of each dataset's manifest, "
                               "then merge the rest")
-        if not merging and args.captions is None and args.hold_out is None:
-            raise CurateError("give --captions for another caption selection, --hold-out to split off held-out "
-                              "shards, or several manifests to merge")
+        if rules.scores and not rules.where:
+            raise CurateError("--scores only gives columns to --where: say which samples to keep with --where")
+        if not merging and args.captions is None and args.hold_out is None and not rules:
+            raise CurateError("give --captions for another caption selection, --where, --keep, --exclude or "
+                              "--fraction for a subset of the samples, --hold-out to split off held-out shards, "
+                              "or several manifests to merge")
         out = Path(args.out) if args.out else Path(sources[0][1]).parent / f"{args.name}.json"
         held_out_path = out.with_name(f"{args.name}-heldout.json")
         for target in (out, held_out_path) if args.hold_out is not None else (out,):
             if any(target.resolve() == Path(path).resolve() for _, path, _ in sources):
                 raise CurateError(f"{target} is a source manifest: choose another --name or --out")
         weights = parse_caption_weights(args.captions) if args.captions is not None else None
-        held = None
-        if merging:
-            manifest = merge_manifests(sources, name=args.name, out=out, captions=weights)
-        elif args.hold_out is not None:
-            manifest, held = hold_out(load_manifest(sources[0][1]), sources[0][1], args.hold_out, name=args.name,
-                                      out=out, captions=weights)
-        else:
-            source = load_manifest(sources[0][1])
-            manifest = with_captions(source, sources[0][1], weights, name=args.name, out=out)
+        held = report = None
         # The new manifest's relative paths resolve against its folder (which must exist for "..").
         out.parent.mkdir(parents=True, exist_ok=True)
+        if merging:
+            manifest = merge_manifests(sources, name=args.name, out=out, captions=weights)
+            if rules:
+                manifest, report = subset_manifest(manifest, out, rules)
+        else:
+            source = load_manifest(sources[0][1])
+            if rules:
+                source, report = subset_manifest(source, sources[0][1], rules)
+            if args.hold_out is not None:
+                manifest, held = hold_out(source, sources[0][1], args.hold_out, name=args.name, out=out,
+                                          captions=weights)
+            else:
+                manifest = with_captions(source, sources[0][1], weights, name=args.name, out=out)
         rows = latent_index_rows(manifest, out, ["key", "captions"])  # read once: coverage and overlap
         coverage = part_coverage(manifest, rows)
         parts = manifest.parts or [None]
@@ -351,6 +383,10 @@ def cmd_manifest(args: argparse.Namespace) -> int:
         raise CurateError(str(e)) from None
     print(f"wrote {written}: {manifest.samples} samples in {len(manifest.shards)} shards"
           + (" an epoch" if merging else ""))
+    if report is not None:
+        print(f"  subset: kept {report.kept} of {report.of} samples ({100 * report.kept / max(report.of, 1):.1f}%)")
+        for rule, dropped, nulls in report.rules:
+            print(f"    {rule}: drops {dropped}" + (f" ({nulls} with no value for it)" if nulls else ""))
     if held is not None:
         print(f"wrote {held_out_path}: {held.samples} held-out samples in {len(held.shards)} "
               f"shard{'s' if len(held.shards) != 1 else ''} "

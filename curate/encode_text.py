@@ -305,11 +305,12 @@ class EncodeTextStage(Stage):
                                   f"{self.latents_dir}: the manifest and the latents differ; rerun "
                                   "encode-latents to rewrite its manifests, or name the right ones with --manifests")
             t = text[shard.shard_id]
-            if t.meta.counts["ok"] != entry.samples:
+            # Every accepted sample of the latent shard, also those a subset of it leaves out.
+            if t.meta.counts["ok"] != entry.accepted:
                 raise CurateError(f"{t.tar_path}: {t.meta.counts['ok']} samples, but the manifest's shard "
-                                  f"{i} holds {entry.samples}")
+                                  f"{i} holds {entry.accepted}")
             entries.append(ShardEntry(path=os.path.relpath(t.tar_path.resolve(), manifest_dir.resolve()),
-                                      samples=entry.samples, sha256=t.meta.tar_sha256))
+                                      samples=entry.accepted, sha256=t.meta.tar_sha256))
         return TextSpec(encoder=self.encoder_name, encoder_id=encoder_id, revision=revision, dim=dim,
                         max_tokens=self.max_tokens, dtype=self.dtype, variants=self.variants, shards=entries)
 

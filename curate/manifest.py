@@ -14,6 +14,7 @@ run a shell command, are refused unless the caller allows them.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
@@ -87,10 +88,73 @@ class LatentSpec(_Strict):
         return buckets
 
 
+class ShardSubset(_Strict):
+    """The samples a manifest takes from a shard (``curate manifest --where ...``): bit ``i`` of
+    ``mask`` is set when the shard's ``i``-th accepted sample, in tar order, is used. The bits are
+    packed little-endian into bytes (``numpy.packbits(..., bitorder="little")``) and written in
+    base64: 1,000 samples take 168 characters, so a manifest stays one small file at any scale,
+    and merging, repeating and holding out shards carry a subset along with its shard."""
+
+    of: int = Field(gt=0)  # the shard's accepted samples (its index's ok rows)
+    mask: str
+
+    @model_validator(mode="after")
+    def _mask_fits(self) -> ShardSubset:
+        self.used()
+        return self
+
+    def used(self) -> Any:
+        """A bool array over the shard's accepted samples, True where used."""
+        import numpy as np
+
+        try:
+            packed = np.frombuffer(base64.b64decode(self.mask, validate=True), dtype=np.uint8)
+        except ValueError as e:
+            raise ValueError(f"mask is not base64: {e}") from None
+        if len(packed) != (self.of + 7) // 8:
+            raise ValueError(f"mask holds {len(packed)} bytes, but {self.of} samples take {(self.of + 7) // 8}")
+        bits = np.unpackbits(packed, bitorder="little").astype(bool)
+        if bits[self.of:].any():
+            raise ValueError("mask sets bits beyond its samples")
+        return bits[: self.of]
+
+
+def shard_subset(used: Any) -> ShardSubset | None:
+    """The subset of a shard's accepted samples where the bool array ``used`` is True (None: all of them)."""
+    import numpy as np
+
+    used = np.asarray(used, dtype=bool)
+    if used.all():
+        return None
+    return ShardSubset(of=len(used), mask=base64.b64encode(np.packbits(used, bitorder="little").tobytes()).decode())
+
+
 class ShardEntry(_Strict):
     path: str  # relative to the manifest's folder, absolute, or a URL
-    samples: int = Field(ge=0)
+    samples: int = Field(ge=0)  # the samples the manifest uses: all the shard's accepted ones, or its subset's
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    subset: ShardSubset | None = None  # None: every accepted sample of the shard
+
+    @model_validator(mode="after")
+    def _subset_count(self) -> ShardEntry:
+        if self.subset is not None:
+            used = int(self.subset.used().sum())
+            if used != self.samples:
+                raise ValueError(f"samples is {self.samples} but its subset uses {used} of {self.subset.of}")
+        return self
+
+    @property
+    def accepted(self) -> int:
+        """The shard's accepted samples (what its index lists as ok), used or not."""
+        return self.subset.of if self.subset is not None else self.samples
+
+    def positions(self) -> Any:
+        """The tar-order positions (among the accepted samples) of the samples used, an int64 array."""
+        import numpy as np
+
+        if self.subset is None:
+            return np.arange(self.samples, dtype=np.int64)
+        return np.flatnonzero(self.subset.used()).astype(np.int64)
 
 
 class TextSpec(_Strict):
@@ -166,9 +230,10 @@ class Manifest(_Strict):
                 raise ValueError(f"text.shards lists {len(self.text.shards)} shards but shards lists "
                                  f"{len(self.shards)}: text shard i holds the embeddings of shard i")
             for i, (latent, text) in enumerate(zip(self.shards, self.text.shards, strict=True)):
-                if latent.samples != text.samples:
+                # A text shard holds every accepted sample of its latent shard, used or not.
+                if latent.accepted != text.samples:
                     raise ValueError(f"text.shards.{i} holds {text.samples} samples but shards.{i} "
-                                     f"holds {latent.samples}")
+                                     f"holds {latent.accepted}")
         return self
 
 
@@ -187,7 +252,8 @@ def _check_parts(parts: list[ManifestPart], shards: list[ShardEntry]) -> None:
             raise ValueError(f"part {p.name!r} says {p.samples} samples but its shards hold "
                              f"{sum(e.samples for e in entries)}")
         once, rest = divmod(p.shards, p.repeat)
-        if rest or any(e.path != entries[i % once].path for i, e in enumerate(entries)):
+        if rest or any((e.path, e.subset) != (entries[i % once].path, entries[i % once].subset)
+                       for i, e in enumerate(entries)):
             raise ValueError(f"part {p.name!r} has repeat {p.repeat}, so its {p.shards} shards must be one list "
                              f"of shards given {p.repeat} times in a row")
         start += p.shards
@@ -387,21 +453,30 @@ def parse_caption_weights(text: str) -> dict[str, float]:
 
 
 def latent_index_rows(manifest: Manifest, manifest_path: str | os.PathLike, columns: list[str]) -> Any:
-    """The accepted rows of every latent shard's index (``columns`` of them, and ``shard``: the
-    entry's position in ``manifest.shards``), a polars DataFrame in shard order, a repeated shard's
-    rows once per listing; None when an index cannot be read here (remote or missing shards)."""
+    """The rows of the samples the manifest uses, from every latent shard's index: ``columns`` of
+    them, ``shard`` (the entry's position in ``manifest.shards``) and ``ordinal`` (the sample's
+    position among its shard's accepted samples, which is its place in the tar). A polars DataFrame
+    in shard order, a repeated shard's rows once per listing; None when an index cannot be read here
+    (remote or missing shards)."""
     import polars as pl
 
     frames, read = [], {}
-    for i, url in enumerate(shard_urls(manifest, manifest_path)):
+    for i, (entry, url) in enumerate(zip(manifest.shards, shard_urls(manifest, manifest_path), strict=True)):
         index = Path(url).with_suffix(".parquet")
         if "://" in url or not index.is_file():
             return None
         if index not in read:
             read[index] = (pl.read_parquet(index, columns=["status", *columns]).filter(pl.col("status") == "ok")
-                           .drop("status"))
-        frames.append(read[index].with_columns(pl.lit(i, dtype=pl.Int64).alias("shard")))
-    return pl.concat(frames)
+                           .drop("status").with_row_index("ordinal").with_columns(pl.col("ordinal").cast(pl.Int64)))
+        rows = read[index]
+        if rows.height != entry.accepted:
+            raise ManifestError(f"{manifest_path}: shard {i} ({entry.path}): its index lists {rows.height} accepted "
+                                f"samples but the manifest says {entry.accepted}: the shard changed after the "
+                                "manifest was written")
+        if entry.subset is not None:
+            rows = rows.filter(pl.Series(entry.subset.used()))
+        frames.append(rows.with_columns(pl.lit(i, dtype=pl.Int64).alias("shard")))
+    return pl.concat(frames).select([*columns, "shard", "ordinal"])
 
 
 def caption_coverage(manifest: Manifest, rows: Any) -> dict[str, int | None] | None:
@@ -462,21 +537,25 @@ def _check_text_variants(manifest: Manifest, source: str | os.PathLike, weights:
                                 f"not of {', '.join(missing)}")
 
 
-def with_captions(manifest: Manifest, manifest_path: str | os.PathLike, weights: dict[str, float], *,
+def with_captions(manifest: Manifest, manifest_path: str | os.PathLike, weights: dict[str, float] | None, *,
                   name: str, out: str | os.PathLike) -> Manifest:
     """The same shards (and text shards) with another caption selection (for every part of a merged
-    manifest), for a manifest written at ``out``: relative shard paths are rebased onto its folder,
-    and the provenance names the source."""
-    _check_text_variants(manifest, manifest_path, weights)
+    manifest; None keeps the manifest's), for a manifest written at ``out``: relative shard paths
+    are rebased onto its folder, and the provenance names the source of the new selection."""
     source_dir, out_dir = Path(manifest_path).resolve().parent, Path(out).resolve().parent
     text = (manifest.text.model_copy(update={"shards": rebase_entries(manifest.text.shards, source_dir, out_dir)})
             if manifest.text else None)
+    moved = manifest.model_copy(update={"name": name, "shards": rebase_entries(manifest.shards, source_dir, out_dir),
+                                        "text": text})
+    if weights is None:
+        return Manifest.model_validate(moved.model_dump())
+    _check_text_variants(manifest, manifest_path, weights)
     parts = None if manifest.parts is None else [p.model_copy(update={"captions": weights}) for p in manifest.parts]
     provenance = {**manifest.provenance,
                   "captions_from": {"path": str(Path(manifest_path).resolve()), "sha256": file_sha256(manifest_path),
                                     "captions": manifest.captions}}
-    return Manifest(name=name, shards=rebase_entries(manifest.shards, source_dir, out_dir), samples=manifest.samples,
-                    latent=manifest.latent, captions=weights, text=text, provenance=provenance, parts=parts)
+    return Manifest.model_validate(moved.model_copy(update={"captions": weights, "parts": parts,
+                                                            "provenance": provenance}).model_dump())
 
 
 def hold_out(manifest: Manifest, manifest_path: str | os.PathLike, shards: int, *, name: str,

@@ -91,7 +91,10 @@ def manifest_stats(manifest_path: str | os.PathLike) -> dict[str, Any]:
         raise CurateError(str(e)) from None
     spec = manifest.latent
     # Remote or missing shards are not counted here (training's check names them).
-    rows = latent_index_rows(manifest, manifest_path, ["key", "captions", "bucket_h", "bucket_w"])
+    try:
+        rows = latent_index_rows(manifest, manifest_path, ["key", "captions", "bucket_h", "bucket_w"])
+    except ManifestError as e:
+        raise CurateError(str(e)) from None
     buckets: dict[str, int] | None = None
     if rows is not None:
         buckets = {}
@@ -119,7 +122,8 @@ def manifest_stats(manifest_path: str | os.PathLike) -> dict[str, Any]:
         "text": None if text is None else {"encoder": text.encoder_id, "revision": text.revision, "dim": text.dim,
                                            "max_tokens": text.max_tokens, "dtype": text.dtype,
                                            "variants": text.variants},
-        "provenance": {k: _where(v) for k, v in manifest.provenance.items()},
+        "provenance": {k: _where(v) for k, v in manifest.provenance.items() if k != "subsets"},
+        "subsets": manifest.provenance.get("subsets", []),
         "parts": parts,
     }
 
@@ -132,6 +136,8 @@ def _where(record: Any) -> Any:
 
 
 def format_manifest_stats(stats: dict[str, Any]) -> str:
+    from curate.subset import subset_summary
+
     latent = stats["latent"]
     lines = [f"{stats['manifest']}  manifest: {stats['name']}  {stats['samples']} samples in {stats['shards']} shards",
              f"  latents   {latent['vae_class']} {latent['vae_id']}"
@@ -144,6 +150,8 @@ def format_manifest_stats(stats: dict[str, Any]) -> str:
         selection = ", ".join(f"{v} {w:.3g}" for v, w in part["captions"].items())
         lines.append(f"  part      {part['name']}: {part['samples'] // part['repeat']} samples in {part['shards']} "
                      f"shards{times}, {share:.1f}% of an epoch; captions {selection}; images {part['images']}")
+    for subset in stats.get("subsets") or ():
+        lines.append(f"  subset    {subset_summary(subset)}")
     if stats["buckets"] is not None:
         lines.append("  buckets   " + ", ".join(f"{b} ({n})" for b, n in stats["buckets"].items()))
     coverage = stats["caption_coverage"] or {}

@@ -33,6 +33,8 @@ curate encode-latents "$DATA/images" --captions "$DATA/captions/tiny-qwen2-vl" -
 curate stats "$DATA/latents/tiny-flux2-256"
 # Another caption selection of the same shards: DALL-E 3's 95% synthetic, 5% original captions.
 curate manifest manifests/demo-long.json --captions long=0.95,orig=0.05 --name demo-dalle3
+# A subset of the samples, with no shard written again (an aesthetic or watermark score joins with --scores).
+curate manifest manifests/demo-long.json --where 'orig_w >= 400 AND orig_h >= 300' --name demo-hires
 ls -l manifests/demo-*.json
 
 echo "== 6. a tiny T5Gemma text encoder (the real class PRXPipeline loads, randomly initialised)"

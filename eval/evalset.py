@@ -77,18 +77,24 @@ def choose_samples(
     # Each sample once: a merged manifest may list a dataset's shards several times (its repeat),
     # and two datasets may share images; the first listing is the one used.
     seen: set[str] = set()
-    read: set[str] = set()
-    for pos, url in enumerate(urls):
-        if url in read:
+    read: set[tuple[str, str | None]] = set()
+    for pos, (entry, url) in enumerate(zip(manifest.shards, urls, strict=True)):
+        listing = (url, entry.subset.mask if entry.subset is not None else None)
+        if listing in read:
             continue  # a repeated part's shard, listed again: its samples are all seen
-        read.add(url)
+        read.add(listing)
         if "://" in url or url.startswith("pipe:"):
             raise EvalSetError(f"{url}: evaluation reads local shards only")
         index = Path(url).with_suffix(".parquet")
         if not index.is_file():
             raise EvalSetError(f"{url}: no index beside it ({index.name})")
         table = read_index(index, columns=["key", "status"])
-        for key in table.filter(table["status"] == OK)["key"].to_list():
+        accepted = table.filter(table["status"] == OK)["key"].to_list()
+        if len(accepted) != entry.accepted:
+            raise EvalSetError(f"{url}: its index lists {len(accepted)} accepted samples but the manifest says "
+                               f"{entry.accepted}: the shard changed after the manifest was written")
+        # A subset's samples only (curate manifest --where ...).
+        for key in (accepted[i] for i in entry.positions()):
             if key not in seen:
                 seen.add(key)
                 listed.append((pos, key))

@@ -385,3 +385,17 @@ def test_check_runs_every_preflight_and_writes_nothing(tmp_path: Path, models, d
     assert run_train(moved, run, models, steps=2, sample_every=0) == 0  # no grids, no VAE needed
     assert run_train(moved, run, models, "--check", "--resume", "auto", steps=4, sample_every=0) == 0
     assert "would resume from" in capsys.readouterr().out and list_checkpoints(run)[-1][0] == 2
+
+
+def test_train_check_counts_a_subsets_samples_and_names_its_rules(tmp_path: Path, models, dataset, capsys):
+    from curate.cli import main as curate_main
+
+    subset = tmp_path / "half.json"
+    assert curate_main(["manifest", str(dataset["long"]), "--fraction", "0.5", "--name", "half",
+                        "--out", str(subset)]) == 0
+    kept = json.loads(subset.read_text())["samples"]
+    capsys.readouterr()
+    assert run_train(subset, tmp_path / "run", models, "--check") == 0
+    out = capsys.readouterr().out
+    assert f"data: {kept} samples in" in out
+    assert f"a subset: {kept} of 24 samples of long: --fraction 0.5 (seed 0)" in out

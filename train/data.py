@@ -35,6 +35,9 @@ How (the terms the code uses):
   repeated ``r`` times lists its shards ``r`` times. A sample draws its caption by its part's
   weights, and the ``c``-th listing (c > 0) of a shard seeds its samples' draws from
   (seed, epoch, key, c), so that the copies of a repeated sample differ.
+- A manifest's subset (``curate manifest --where ...``) is planned over the samples it uses: a
+  shard's count is its entry's ``samples``, and the n-th sample the plan takes from a shard is the
+  n-th used one, whose place in the tar the entry's mask gives; the reader reads past the others.
 - Resuming at batch ``n`` of a stream replays the metadata plan to ``n`` (no tar reading),
   then reads the current block from the shard holding its first unread sample and re-reads
   the pending carry-over samples from their shards.
@@ -227,7 +230,10 @@ def fingerprint(settings: DataSettings, manifest: Manifest) -> dict[str, Any]:
     """Everything that decides the batch sequence, for a checkpoint to refuse a resume that
     would silently train on another order. World size, prefetch and pin_memory are absent on
     purpose: they do not change it."""
-    shards = [(s.sha256 or s.path, s.samples) for s in manifest.shards]
+    # A shard's subset joins its entry only when there is one, so that checkpoints made before subsets
+    # existed keep their fingerprint.
+    shards = [(s.sha256 or s.path, s.samples) if s.subset is None else (s.sha256 or s.path, s.samples, s.subset.mask)
+              for s in manifest.shards]
     return {
         "data_order": DATA_ORDER_VERSION,
         "seed": settings.seed,
@@ -321,6 +327,7 @@ def _bucket_hw(code: int) -> tuple[int, int]:
 class _ShardInfo:
     keys: list[str]  # ok keys in tar order
     buckets: np.ndarray  # int64 bucket codes (pixels), parallel to keys
+    used: np.ndarray  # int64 positions in keys of the samples the manifest uses (a subset's, or all)
 
 
 class _ShardTable:
@@ -338,7 +345,9 @@ class _ShardTable:
         # Image shard i holds shard i's samples in the same order, among others (ingest's shard,
         # whose images encode-latents rejected or skipped are not in the latent shard).
         self.image_paths = [image_paths[i] for i in keep] if image_paths is not None else None
+        # The samples used of each shard: all its accepted ones, or the subset's (curate manifest --where).
         self.counts = np.array([manifest.shards[i].samples for i in keep], dtype=np.int64)
+        self.entries = [manifest.shards[i] for i in keep]
         # The caption selection of each shard's part (a merged manifest's datasets keep their own).
         selections, part_of = part_captions(manifest), shard_parts(manifest)
         self.captions = [selections[part_of[i]] for i in keep]
@@ -367,14 +376,15 @@ class _ShardTable:
         except (OSError, pa.ArrowException) as e:
             raise DataError(f"{self.labels[i]}: cannot read its index {index}: {e}") from e
         ok = table.filter(pc.equal(table["status"], OK))
-        if ok.num_rows != self.counts[i]:
+        if ok.num_rows != self.entries[i].accepted:
             raise DataError(f"{self.labels[i]}: its index lists {ok.num_rows} ok samples but the "
-                            f"manifest says {self.counts[i]}: the shard changed after the manifest "
+                            f"manifest says {self.entries[i].accepted}: the shard changed after the manifest "
                             "was written")
         if ok["bucket_h"].null_count or ok["bucket_w"].null_count:
             raise DataError(f"{self.labels[i]}: ok samples without a bucket in {index}")
         info = _ShardInfo(ok["key"].to_pylist(),
-                          _bucket_code(ok["bucket_h"].to_numpy(), ok["bucket_w"].to_numpy()))
+                          _bucket_code(ok["bucket_h"].to_numpy(), ok["bucket_w"].to_numpy()),
+                          self.entries[i].positions())
         self._cache[i] = info
         if len(self._cache) > _INDEX_CACHE:
             self._cache.popitem(last=False)
@@ -390,7 +400,7 @@ class _Ref(NamedTuple):
     epoch: int
     seq: int  # position in the stream's sequence for the epoch, i.e. tar reading order
     shard: int  # index into the _ShardTable
-    ordinal: int  # position among the shard's ok samples, which is its position in the tar
+    ordinal: int  # position among the shard's ok samples, which is its position in the tar (used or not)
     bucket: int  # bucket code (pixels)
 
 
@@ -437,14 +447,17 @@ class _Plan:
         b = self.next_block
         self.next_block += 1
         seq = np.arange(b * self.buffer, min((b + 1) * self.buffer, self.count), dtype=np.int64)
-        position = self.offset + seq * self.stride  # in the concatenation of self.shards
+        position = self.offset + seq * self.stride  # in the concatenation of self.shards' used samples
         which = np.searchsorted(self.cum, position, side="right")
-        ordinal = position - (self.cum[which] - self.shard_counts[which])
+        used = position - (self.cum[which] - self.shard_counts[which])  # among the shard's used samples
         shard = self.shards[which]
         bucket = np.empty(len(seq), dtype=np.int64)
+        ordinal = np.empty(len(seq), dtype=np.int64)
         for s in np.unique(shard):
             mask = shard == s
-            bucket[mask] = self.table.info(int(s)).buckets[ordinal[mask]]
+            info = self.table.info(int(s))
+            ordinal[mask] = info.used[used[mask]]
+            bucket[mask] = info.buckets[ordinal[mask]]
         refs = [_Ref(self.epoch, int(q), int(s), int(o), int(bk))
                 for q, s, o, bk in zip(seq, shard, ordinal, bucket, strict=True)]
         perm = np.random.default_rng([self.seed, _BLOCK_SHUFFLE, self.epoch, self.j, b]).permutation(len(refs))
@@ -817,9 +830,10 @@ def first_samples(manifest: Manifest, manifest_path: str | os.PathLike, n: int, 
     for i, (entry, path) in enumerate(zip(manifest.shards, paths, strict=True)):
         label = f"{manifest_path}: shard {i} ({entry.path})"
         samples = _tar_samples(path, label)
+        used = entry.subset.used() if entry.subset is not None else None
         try:
-            for key, members in samples:
-                if key in seen:
+            for ordinal, (key, members) in enumerate(samples):
+                if key in seen or (used is not None and not (ordinal < len(used) and used[ordinal])):
                     continue
                 seen.add(key)
                 s = _decode(key, members, label)
@@ -974,10 +988,12 @@ def check_data(
             raise DataError(f"{label}: its index has no {', '.join(missing)} column(s): not a "
                             "latent shard (written by curate encode-latents)")
         ok = df.filter(pl.col("status") == OK)
-        if ok.height != entry.samples:
+        if ok.height != entry.accepted:
             raise DataError(f"{label}: its index lists {ok.height} ok samples but the manifest "
-                            f"says {entry.samples}")
-        ok_keys.append(ok["key"].to_list())
+                            f"says {entry.accepted}")
+        ok_keys.append(ok["key"].to_list())  # every accepted sample: the text and image shards hold them all
+        if entry.subset is not None:
+            ok = ok.filter(pl.Series(entry.subset.used()))
         if ok["bucket_h"].null_count() or ok["bucket_w"].null_count():
             raise DataError(f"{label}: ok samples without a bucket in its index")
         shard_buckets = Counter(zip(ok["bucket_h"].to_list(), ok["bucket_w"].to_list(), strict=True))

@@ -40,6 +40,7 @@ from curate.manifest import (
 )
 from curate.models import resolve_model
 from curate.runner import resolve_device
+from curate.subset import subset_summary
 from curate.text import EncodedPrompts, TextEncoder
 from curate.vae import model_downsample
 from train import flow
@@ -180,7 +181,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
     # The sample grids' VAE, now rather than at the first grid, hours in.
     vae = _load_vae(manifest.latent, world.device) if cfg.sample_every and world.main else None
     if check_only:
-        notes = [f"data: {summary.samples} samples in {summary.shards} shards", *summary.notes,
+        notes = [f"data: {summary.samples} samples in {summary.shards} shards",
+                 *[f"a subset: {subset_summary(s)}" for s in manifest.provenance.get("subsets", [])], *summary.notes,
                  *([world.note] if world.note else []),
                  f"would resume from {checkpoint} at step {first_step}" if state is not None else "a new run",
                  *([f"initialised from {initial.describe()}", *initial.notes] if initial is not None else []),
@@ -252,6 +254,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
             f"{cfg.micro_batch}; denoiser {count_parameters(model) / 1e6:.2f}M parameters; "
             f"text encoder {text.name} ({text.dim}-d"
             f"{'; caption embeddings read from the text shards' if stored else ''})")
+        for subset in manifest.provenance.get("subsets", []):  # curate manifest --where ...
+            logger.note(f"data: a subset: {subset_summary(subset)}")
         for part in manifest.parts or ():  # a merged manifest's datasets
             logger.note(f"data: part {part.name}: {part_share(part, manifest.samples)}, captions "
                         + ", ".join(f"{v} {w:.3g}" for v, w in part.captions.items()))

@@ -1,0 +1,336 @@
+"""Sample-level subsets of a manifest: ``curate manifest long.json --where "..." --name NAME``.
+
+The data-centric ablations train on a filtered dataset (high resolution only, an aesthetic
+score above a threshold, no watermarks, a random tenth for a data-scaling curve) far more often
+than on a re-encoded one. A subset keeps the shards as they are and marks, per shard entry of the
+manifest, which of its accepted samples are used (``ShardEntry.subset``, a bit mask); the loader,
+``check_data``, the validation set, ``evaluate`` and ``curate stats`` read only those.
+
+Rules, all of which a sample must pass:
+
+- ``--where EXPR`` (repeatable): a SQL expression (polars' SQL dialect) over the sample's columns:
+  the latent index's (``orig_w``, ``orig_h``, ``bucket_h``, ``bucket_w``, ``captions``, ``flags``),
+  the image stage's (``width``, ``height``, ``bytes``, ``format``, ``mode``, ``source``,
+  ``caption``, ``image_flags``), the caption stage's (``long``, ``short``, ``long_words``,
+  ``short_words``, ``caption_flags``...) and those of ``--scores`` tables. A column of a later
+  source that an earlier one already has is named with the source's prefix (``image_``,
+  ``caption_``). A sample for which the expression is null (a score it does not have) fails it.
+- ``--scores FILE`` (repeatable): a table (parquet, csv, tsv, jsonl) with a ``key`` column (the
+  sample keys of the stages) or a ``source`` column (the image stage's, e.g. the URL), and
+  columns of any name: what an aesthetic, watermark or CLIP-score model wrote.
+- ``--keep FILE`` / ``--exclude FILE``: only / all but the samples listed (a table as above, or a
+  text file of keys, one per line).
+- ``--fraction F``: a random fraction, drawn per sample from (seed, key), so a 10% subset lies
+  inside the 20% one of the same seed, and a sample listed twice is drawn once.
+
+Subsetting a subset narrows it. Every rule is recorded in the manifest's provenance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from curate.manifest import (
+    Manifest,
+    ManifestError,
+    _mean_selection,
+    _with_part,
+    file_sha256,
+    latent_index_rows,
+    part_provenance,
+    shard_subset,
+    shard_urls,
+)
+
+__all__ = ["SubsetReport", "SubsetRules", "subset_manifest", "subset_summary"]
+
+# Index columns that describe a stage's processing, not the sample.
+_BOOKKEEPING = {"status", "reason", "detail"}
+_KEY_COLUMNS = ("key", "source")
+
+
+@dataclass(frozen=True)
+class SubsetRules:
+    where: list[str] = field(default_factory=list)
+    scores: list[Path] = field(default_factory=list)
+    keep: Path | None = None
+    exclude: Path | None = None
+    fraction: float | None = None
+    seed: int = 0  # of the fraction's draw
+
+    def __bool__(self) -> bool:
+        return bool(self.where or self.keep or self.exclude or self.fraction is not None)
+
+    def record(self) -> dict[str, Any]:
+        """The rules as the manifest's provenance keeps them (files with their sha256)."""
+        def file(path: Path) -> dict[str, str]:
+            return {"path": str(path.resolve()), "sha256": file_sha256(path)}
+
+        out: dict[str, Any] = {}
+        if self.where:
+            out["where"] = list(self.where)
+        if self.scores:
+            out["scores"] = [file(p) for p in self.scores]
+        if self.keep is not None:
+            out["keep"] = file(self.keep)
+        if self.exclude is not None:
+            out["exclude"] = file(self.exclude)
+        if self.fraction is not None:
+            out |= {"fraction": self.fraction, "seed": self.seed}
+        return out
+
+
+@dataclass(frozen=True)
+class SubsetReport:
+    of: int  # samples of an epoch before (a repeated shard's once per listing)
+    kept: int
+    rules: list[tuple[str, int, int]]  # (rule, samples it drops, of those how many for a null value)
+
+
+def subset_manifest(manifest: Manifest, manifest_path: str | os.PathLike, rules: SubsetRules
+                    ) -> tuple[Manifest, SubsetReport]:
+    """The samples of ``manifest`` that pass ``rules``, as a manifest whose shard paths are those of
+    ``manifest`` (relative to ``manifest_path``'s folder); shards and parts left without a sample
+    are dropped from it. Raises ManifestError for a rule that cannot be applied (unknown column,
+    unreadable table) or that keeps no sample."""
+    if rules.fraction is not None and not 0 < rules.fraction < 1:
+        raise ManifestError(f"--fraction {rules.fraction}: give a fraction between 0 and 1 (exclusive)")
+    expressions = [_parse(text) for text in rules.where]
+    scores = [_read_table(p, "--scores") for p in rules.scores]
+    wanted = {name for e in expressions for name in e.meta.root_names()}
+    rows = _sample_rows(manifest, manifest_path, wanted, scores, rules)
+
+    passes: list[tuple[str, pl.Expr]] = [(f"--where {text}", e) for text, e in zip(rules.where, expressions,
+                                                                                    strict=True)]
+    if rules.keep is not None:
+        passes.append((f"--keep {rules.keep}", pl.col("key").is_in(_listed_keys(rules.keep, rows))))
+    if rules.exclude is not None:
+        passes.append((f"--exclude {rules.exclude}", ~pl.col("key").is_in(_listed_keys(rules.exclude, rows))))
+    if rules.fraction is not None:
+        drawn = _fraction_draw(rows["key"], rules.fraction, rules.seed)
+        passes.append((f"--fraction {rules.fraction:g} (seed {rules.seed})", pl.lit(pl.Series(drawn))))
+
+    report_rules, keep = [], np.ones(rows.height, dtype=bool)
+    for label, expression in passes:
+        try:
+            value = rows.select(expression.alias("value"))["value"]
+        except pl.exceptions.ColumnNotFoundError as e:
+            raise ManifestError(f"{label}: {e}") from None
+        except pl.exceptions.PolarsError as e:
+            raise ManifestError(f"{label}: cannot evaluate it on the samples' columns: {e}") from None
+        if value.dtype != pl.Boolean:
+            raise ManifestError(f"{label}: gives {value.dtype} values, not true or false")
+        nulls = value.is_null().to_numpy()
+        passed = value.fill_null(False).to_numpy()
+        report_rules.append((label, int((~passed).sum()), int(nulls.sum())))
+        keep &= passed
+
+    if not keep.any():
+        raise ManifestError(f"{manifest_path}: no sample passes the rules (of {rows.height}: "
+                            + "; ".join(f"{label} drops {dropped}" for label, dropped, _ in report_rules) + ")")
+    subset = _apply(manifest, rows, keep)
+    subset = subset.model_copy(update={"provenance": {
+        **manifest.provenance,
+        "subsets": [*manifest.provenance.get("subsets", []),
+                    {"from": {"path": str(Path(manifest_path).resolve()), "name": manifest.name},
+                     **rules.record(), "kept": int(keep.sum()), "of": rows.height}]}})
+    return Manifest.model_validate(subset.model_dump()), SubsetReport(rows.height, int(keep.sum()), report_rules)
+
+
+def _parse(text: str) -> pl.Expr:
+    try:
+        return pl.sql_expr(text)
+    except pl.exceptions.PolarsError as e:
+        raise ManifestError(f"--where {text!r}: not a SQL expression: {e}") from None
+
+
+def _read_table(path: str | os.PathLike, option: str) -> pl.DataFrame:
+    """A table of samples (by ``key`` or ``source``); a ``.txt`` file is a list of keys."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            table = pl.read_parquet(path)
+        elif suffix in (".csv", ".tsv"):
+            table = pl.read_csv(path, separator="\t" if suffix == ".tsv" else ",")
+        elif suffix in (".jsonl", ".ndjson"):
+            table = pl.read_ndjson(path)
+        elif suffix == ".txt":
+            keys = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            table = pl.DataFrame({"key": keys}, schema={"key": pl.String})
+        else:
+            raise ManifestError(f"{option} {path}: give a .parquet, .csv, .tsv, .jsonl or .txt (keys) file")
+    except FileNotFoundError:
+        raise ManifestError(f"{option} {path}: no such file") from None
+    except (OSError, pl.exceptions.PolarsError) as e:
+        raise ManifestError(f"{option} {path}: cannot read it: {e}") from None
+    by = [c for c in _KEY_COLUMNS if c in table.columns]
+    if len(by) != 1:
+        raise ManifestError(f"{option} {path}: needs exactly one of the columns key (the samples' keys) or source "
+                            f"(the image stage's sources) to match samples by; it has {', '.join(table.columns)}")
+    if table[by[0]].dtype != pl.String:
+        raise ManifestError(f"{option} {path}: its {by[0]} column holds {table[by[0]].dtype}, not text")
+    twice = table.filter(pl.col(by[0]).is_duplicated())
+    if twice.height:
+        raise ManifestError(f"{option} {path}: lists {by[0]} {twice[by[0]][0]!r} more than once")
+    return table
+
+
+def _stage_columns(stage: Path) -> list[str]:
+    first = next(iter(sorted(stage.glob("*.parquet"))), None)
+    return [] if first is None else list(pl.read_parquet_schema(first))
+
+
+def _stage_table(stage: Path, columns: dict[str, str]) -> pl.DataFrame:
+    """The accepted rows of a stage's indexes: ``key`` and ``columns`` (name in the index -> name
+    in the subset's view)."""
+    frames = [pl.read_parquet(p, columns=["key", "status", *columns]).filter(pl.col("status") == "ok")
+              for p in sorted(stage.glob("*.parquet"))]
+    if not frames:
+        raise ManifestError(f"{stage}: no index files: the stage is not there")
+    return pl.concat(frames).drop("status").rename(columns)
+
+
+def _sample_rows(manifest: Manifest, manifest_path: str | os.PathLike, wanted: set[str],
+                 scores: list[pl.DataFrame], rules: SubsetRules) -> pl.DataFrame:
+    """One row per sample the manifest uses (per listing), with ``shard``, ``ordinal``, ``key`` and
+    every column ``wanted`` names, joined from the stages and the score tables."""
+    unreadable = ManifestError(f"{manifest_path}: the indexes of its shards cannot be read here (remote or "
+                               "missing shards); a subset is chosen from them")
+    first_index = Path(shard_urls(manifest, manifest_path)[0]).with_suffix(".parquet")
+    if not first_index.is_file():
+        raise unreadable
+    latent_columns = [c for c in pl.read_parquet_schema(first_index) if c not in _BOOKKEEPING]
+    available: dict[str, str] = {c: "the latent index" for c in latent_columns}
+    # Per source: index column -> the name it gets here (prefixed when an earlier source has it).
+    stage_maps: dict[str, dict[str, str]] = {}
+    provenances = part_provenance(manifest)
+    for stage, prefix in (("images", "image_"), ("captions", "caption_")):
+        recorded = [(p.get(stage) or {}).get("path") for p in provenances]
+        found = [Path(r) for r in recorded if r and Path(r).is_dir()]
+        columns = _stage_columns(found[0]) if found else []
+        mapping = {c: (prefix + c if c in available else c) for c in columns
+                   if c not in _BOOKKEEPING and c != "key"}
+        stage_maps[stage] = mapping
+        available |= {name: f"the {stage} stage" for name in mapping.values()}
+    for path, table in zip(rules.scores, scores, strict=True):
+        clash = [c for c in table.columns if c not in _KEY_COLUMNS and c in available]
+        if clash:
+            raise ManifestError(f"--scores {path}: its column(s) {', '.join(clash)} are already "
+                                f"{available[clash[0]]}'s: rename them")
+        available |= {c: str(path) for c in table.columns if c not in _KEY_COLUMNS}
+    unknown = sorted(wanted - set(available))
+    if unknown:
+        raise ManifestError(f"--where names {', '.join(unknown)}, which no source has; the columns are: "
+                            + "; ".join(f"{source}: {', '.join(c for c, s in available.items() if s == source)}"
+                                        for source in dict.fromkeys(available.values())))
+
+    by_source = any("source" in t.columns for t in scores)
+    for path in (rules.keep, rules.exclude):
+        if path is not None and "source" in _read_table(path, "--keep/--exclude").columns:
+            by_source = True
+    need = {stage: {c: name for c, name in mapping.items()
+                    if name in wanted or (stage == "images" and c == "source" and by_source)}
+            for stage, mapping in stage_maps.items()}
+    rows = latent_index_rows(manifest, manifest_path, ["key", *[c for c in latent_columns
+                                                               if c in wanted and c != "key"]])
+    if rows is None:
+        raise unreadable
+    rows = _with_part(manifest, rows)
+    samples = rows.height
+    for stage, columns in need.items():
+        if columns:
+            rows = _join_stage(rows, manifest, stage, columns)
+    for path, table in zip(rules.scores, scores, strict=True):
+        by = "key" if "key" in table.columns else "source"
+        if by == "source" and "source" not in rows.columns:
+            raise ManifestError(f"--scores {path}: matches samples by source, but the image stage is not there")
+        rows = rows.join(table, on=by, how="left")
+    if rows.height != samples:
+        raise ManifestError("a source of the image stage is the source of more than one sample: match the "
+                            "--scores, --keep or --exclude tables by key")
+    return rows.sort("shard", "ordinal")
+
+
+def _join_stage(rows: pl.DataFrame, manifest: Manifest, stage: str, columns: dict[str, str]) -> pl.DataFrame:
+    """``rows`` with ``columns`` of the ``stage`` (images or captions) each part was made from."""
+    frames, tables = [], {}
+    for part, provenance in enumerate(part_provenance(manifest)):
+        recorded = (provenance.get(stage) or {}).get("path")
+        mine = rows.filter(pl.col("part") == part)
+        if mine.height == 0:
+            continue
+        if not recorded or not Path(recorded).is_dir():
+            where = f"provenance.{stage}.path" if manifest.parts is None else f"parts.{part}.provenance.{stage}.path"
+            raise ManifestError(f"the columns {', '.join(columns.values())} come from the {stage} stage, but "
+                                f"{where} ({recorded or 'not recorded'}) is not a folder here")
+        if recorded not in tables:
+            tables[recorded] = _stage_table(Path(recorded), columns)
+        frames.append(mine.join(tables[recorded], on="key", how="left"))
+    return pl.concat(frames, how="vertical_relaxed")
+
+
+def _listed_keys(path: Path, rows: pl.DataFrame) -> pl.Series:
+    table = _read_table(path, "--keep/--exclude")
+    if "key" in table.columns:
+        return table["key"]
+    return rows.filter(pl.col("source").is_in(table["source"]))["key"]
+
+
+def _fraction_draw(keys: pl.Series, fraction: float, seed: int) -> np.ndarray:
+    """True for the samples in the fraction: a uniform draw from (seed, key), so that the draw of a
+    sample never depends on the others."""
+    limit = int(fraction * 2**64)
+    return np.array([int.from_bytes(hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest(), "little")
+                     < limit for key in keys.to_list()], dtype=bool)
+
+
+def _apply(manifest: Manifest, rows: pl.DataFrame, keep: np.ndarray) -> Manifest:
+    """``manifest`` using only the rows where ``keep``: new subsets of its entries, the entries and
+    parts left empty dropped."""
+    shard, ordinal = rows["shard"].to_numpy(), rows["ordinal"].to_numpy()  # sorted by (shard, ordinal)
+    bounds = np.searchsorted(shard, np.arange(len(manifest.shards) + 1))
+    entries, text_entries, kept_index = [], [], []
+    for i, entry in enumerate(manifest.shards):
+        mine = slice(bounds[i], bounds[i + 1])
+        used = np.zeros(entry.accepted, dtype=bool)
+        used[ordinal[mine][keep[mine]]] = True
+        if not used.any():
+            continue
+        kept_index.append(i)
+        entries.append(entry.model_copy(update={"samples": int(used.sum()), "subset": shard_subset(used)}))
+        if manifest.text is not None:
+            text_entries.append(manifest.text.shards[i])
+    parts = None
+    if manifest.parts is not None:
+        parts, start = [], 0
+        for part in manifest.parts:
+            mine = [e for i, e in zip(kept_index, entries, strict=True) if start <= i < start + part.shards]
+            start += part.shards
+            if not mine:
+                raise ManifestError(f"no sample of part {part.name!r} passes the rules: subset the manifests "
+                                    "before merging, or merge without it")
+            parts.append(part.model_copy(update={"shards": len(mine), "samples": sum(e.samples for e in mine)}))
+    text = manifest.text.model_copy(update={"shards": text_entries}) if manifest.text is not None else None
+    return manifest.model_copy(update={
+        "shards": entries, "samples": sum(e.samples for e in entries), "text": text, "parts": parts,
+        "captions": _mean_selection(parts) if parts is not None else manifest.captions})
+
+
+def subset_summary(record: dict[str, Any]) -> str:
+    """A subset of a manifest's ``provenance.subsets`` in the options' words:
+    ``6 of 48 samples of long: --where orig_w >= 512, --fraction 0.5 (seed 0)``."""
+    rules = [f"--where {w}" for w in record.get("where", [])]
+    rules += [f"--scores {s['path']}" for s in record.get("scores", [])]
+    rules += [f"--{option} {record[option]['path']}" for option in ("keep", "exclude") if option in record]
+    if "fraction" in record:
+        rules.append(f"--fraction {record['fraction']:g} (seed {record.get('seed', 0)})")
+    return f"{record.get('kept')} of {record.get('of')} samples of {record.get('from', {}).get('name')}: " + ", ".join(
+        rules)

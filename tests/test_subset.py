@@ -1,0 +1,257 @@
+"""Sample-level subsets (`curate manifest long.json --where ... --name NAME`): the shards stay as
+they are, the manifest marks the samples used, and every reader (loader, resume, check_data,
+validation set, evaluation, stats) reads those and only those."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from latent_data import add_image_stage, add_text_shards, make_latent_dataset, sample_key
+
+from curate.cli import main as curate_main
+from curate.manifest import (
+    ManifestError,
+    ShardEntry,
+    image_stages,
+    latent_index_rows,
+    load_manifest,
+    parse_manifest,
+    shard_subset,
+)
+from eval.evalset import choose_samples
+from train.data import DataError, DataSettings, LatentLoader, check_data, fingerprint, first_samples
+
+# 3 shards of 6 accepted samples, a rejected row after every 2nd (so index rows and tar places
+# differ), latent grids alternating 4x4 and 4x6: bucket 32x32 for even samples, 32x48 for odd ones.
+SHARDS, PER_SHARD = 3, 6
+WIDE = {sample_key(0, i) for i in range(SHARDS * PER_SHARD) if i % 2}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("subset")
+    data = make_latent_dataset(root, shards=SHARDS, per_shard=PER_SHARD, sizes=[(4, 4), (4, 6)],
+                               variants=("long", "short"), rejected_every=2, seed=0)
+    data["images"] = add_image_stage(data, seed=0)
+    return data
+
+
+def subset(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = curate_main(["manifest", *args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def epoch_keys(path: Path, **kw) -> list[str]:
+    """The keys of one epoch through one stream."""
+    manifest = load_manifest(path)
+    settings = DataSettings(seed=3, global_batch=1, micro_batch=1, workers=0, shuffle_buffer=4)
+    with LatentLoader(manifest, path, settings, **kw) as loader:
+        return [k for batch, _ in zip(loader, range(manifest.samples), strict=False) for m in batch.micro
+                for k in m.keys]
+
+
+def test_a_mask_marks_the_samples_used_and_a_wrong_one_names_its_field():
+    used = np.array([True, False, True, True, False, False, False, False, True, False])
+    entry = ShardEntry(path="000000.tar", samples=4, subset=shard_subset(used))
+    assert entry.accepted == 10 and entry.positions().tolist() == [0, 2, 3, 8]
+    assert np.array_equal(entry.subset.used(), used)
+    assert shard_subset(np.ones(5, dtype=bool)) is None  # every sample: no subset
+    manifest = json.loads(json.dumps({"name": "m", "samples": 3, "captions": {"long": 1.0},
+                                      "shards": [{"path": "000000.tar", "samples": 3,
+                                                  "subset": entry.subset.model_dump()}],
+                                      "latent": {"vae": "v", "vae_id": "v", "vae_class": "AutoencoderKL",
+                                                 "channels": 4, "downsample": 8, "stored": "mean",
+                                                 "dtype": "float32", "resolution": 32}}))
+    with pytest.raises(ManifestError, match=r"field 'shards.0': .*samples is 3 but its subset uses 4 of 10"):
+        parse_manifest(manifest)
+    manifest["shards"][0] |= {"samples": 4, "subset": {"of": 20, "mask": entry.subset.mask}}
+    with pytest.raises(ManifestError, match=r"'shards.0.subset'.*mask holds 2 bytes, but 20 samples take 3"):
+        parse_manifest(manifest)
+
+
+def test_where_keeps_the_samples_it_holds_for_and_every_reader_reads_only_those(dataset):
+    out = dataset["long"].parent / "wide.json"
+    code, printed, _ = subset(str(dataset["long"]), "--where", "bucket_w > 32", "--name", "wide")
+    assert code == 0, printed
+    assert "subset: kept 9 of 18 samples (50.0%)" in printed and "--where bucket_w > 32: drops 9" in printed
+    manifest = load_manifest(out, check_files=True)
+    assert manifest.samples == 9 and [e.samples for e in manifest.shards] == [3, 3, 3]
+    assert all(e.subset.of == PER_SHARD for e in manifest.shards)
+    assert manifest.provenance["subsets"][0]["where"] == ["bucket_w > 32"]
+    # An epoch reads each kept sample once, and no other.
+    assert Counter(epoch_keys(out)) == Counter(WIDE)
+    # ... and so do the originals beside them (REPA), which the cursor skips in step.
+    assert Counter(epoch_keys(out, images=image_stages(manifest))) == Counter(WIDE)
+    summary = check_data(manifest, out, verify="checksums", images=image_stages(manifest))
+    assert summary.samples == 9 and summary.buckets == {(32, 48): 9} and summary.captions["long"] == 9
+    assert {s.key for s in first_samples(manifest, out, 100, seed=0)} == WIDE
+    assert {s.key for s in choose_samples(manifest, out, 100, seed=0)} == WIDE
+    assert set(latent_index_rows(manifest, out, ["key"])["key"]) == WIDE
+    assert curate_main(["stats", str(out)]) == 0
+
+
+def test_a_subset_run_resumes_onto_the_same_batches(dataset):
+    code, _, _ = subset(str(dataset["long"]), "--fraction", "0.6", "--name", "some")
+    assert code == 0
+    path = dataset["long"].parent / "some.json"
+    manifest = load_manifest(path)
+    settings = DataSettings(seed=1, global_batch=2, micro_batch=1, workers=0, shuffle_buffer=3)
+
+    def keys(start: int, steps: int) -> list[list[str]]:
+        with LatentLoader(manifest, path, settings, start_step=start) as loader:
+            return [[k for m in b.micro for k in m.keys] for b, _ in zip(loader, range(steps), strict=False)]
+
+    full = keys(0, 16)
+    assert keys(5, 11) == full[5:] and keys(13, 3) == full[13:]
+    assert fingerprint(settings, manifest) != fingerprint(settings, load_manifest(dataset["long"]))
+
+
+def test_the_fingerprint_of_a_manifest_without_subsets_is_unchanged(dataset):
+    from curate.shards import stable_hash
+
+    manifest = load_manifest(dataset["long"])
+    st = DataSettings(seed=0, global_batch=2, micro_batch=2)
+    assert fingerprint(st, manifest)["shards"] == stable_hash([(s.sha256, s.samples) for s in manifest.shards])
+
+
+def test_scores_by_key_or_source_and_samples_without_a_score(dataset, tmp_path: Path):
+    keys = [sample_key(0, i) for i in range(SHARDS * PER_SHARD)]
+    # Scores for all but the last 3 samples: aesthetic = i.
+    pl.DataFrame({"key": keys[:-3], "aesthetic": [float(i) for i in range(len(keys) - 3)]}).write_parquet(
+        tmp_path / "aesthetic.parquet")
+    code, printed, err = subset(str(dataset["long"]), "--scores", str(tmp_path / "aesthetic.parquet"),
+                                "--where", "aesthetic >= 10", "--name", "pretty", "--out", str(tmp_path / "p.json"))
+    assert code == 0, err
+    assert "--where aesthetic >= 10: drops 13 (3 with no value for it)" in printed
+    assert set(latent_index_rows(load_manifest(tmp_path / "p.json"), tmp_path / "p.json", ["key"])["key"]) == set(
+        keys[10:15])
+    # By the image stage's source, from a csv, with a column of the image stage.
+    pl.DataFrame({"source": [f"synthetic/{k}.jpg" for k in keys], "watermark": [i % 3 == 0 for i in range(18)]}
+                 ).write_csv(tmp_path / "wm.csv")
+    code, printed, err = subset(str(dataset["long"]), "--scores", str(tmp_path / "wm.csv"), "--where",
+                                "NOT watermark AND width < 40", "--name", "clean", "--out", str(tmp_path / "c.json"))
+    assert code == 0, err
+    kept = set(latent_index_rows(load_manifest(tmp_path / "c.json"), tmp_path / "c.json", ["key"])["key"])
+    assert kept == {keys[i] for i in range(18) if i % 3 and i % 2 == 0}
+
+
+def test_keep_exclude_and_a_subset_of_a_subset(dataset, tmp_path: Path):
+    keys = [sample_key(0, i) for i in range(SHARDS * PER_SHARD)]
+    (tmp_path / "keep.txt").write_text("\n".join(keys[:12]) + "\n")
+    pl.DataFrame({"key": keys[:3]}).write_parquet(tmp_path / "drop.parquet")
+    first = tmp_path / "first.json"
+    assert subset(str(dataset["long"]), "--keep", str(tmp_path / "keep.txt"), "--exclude",
+                  str(tmp_path / "drop.parquet"), "--name", "first", "--out", str(first))[0] == 0
+    assert load_manifest(first).samples == 9
+    second = tmp_path / "second.json"
+    code, printed, _ = subset(str(first), "--where", "bucket_w = 32", "--name", "second", "--out", str(second))
+    assert code == 0 and "kept 4 of 9 samples" in printed
+    manifest = load_manifest(second)
+    assert set(epoch_keys(second)) == {keys[i] for i in range(3, 12) if i % 2 == 0}
+    assert [s["kept"] for s in manifest.provenance["subsets"]] == [9, 4]
+    # The last shard has nothing left: it is not listed.
+    assert len(manifest.shards) == 2
+
+
+def test_a_fraction_is_drawn_per_key_so_smaller_fractions_nest(dataset, tmp_path: Path):
+    def kept(fraction: str, seed: str = "0") -> set[str]:
+        out = tmp_path / f"f{fraction}-{seed}.json"
+        assert subset(str(dataset["long"]), "--fraction", fraction, "--seed", seed, "--name", "f", "--out",
+                      str(out))[0] == 0
+        return set(latent_index_rows(load_manifest(out), out, ["key"])["key"])
+
+    small, large = kept("0.3"), kept("0.7")
+    assert small < large and 0 < len(small) < len(large) < 18
+    assert kept("0.3", "1") != small
+
+
+def test_a_subset_of_a_merged_manifest_keeps_its_parts_and_repeats(dataset, tmp_path: Path):
+    other = make_latent_dataset(tmp_path / "b", shards=2, per_shard=3, variants=("long",), seed=1)
+    sources = [f"a={dataset['long']}", f"b={other['long']}:2"]
+    # b's samples all have 4x4 latents: none is wider than 32 px.
+    _, _, err = subset(*sources, "--where", "bucket_w > 32", "--name", "x", "--out", str(tmp_path / "x.json"))
+    assert "no sample of part 'b' passes the rules" in err
+    out = tmp_path / "mixed.json"
+    code, printed, err = subset(*sources, "--fraction", "0.5", "--name", "mixed", "--out", str(out))
+    assert code == 0, err
+    manifest = load_manifest(out, check_files=True)
+    a, b = manifest.parts
+    assert b.repeat == 2 and b.shards % 2 == 0 and 0 < b.samples < 12 and 0 < a.samples < 18
+    counts = Counter(epoch_keys(out))
+    b_keys = {sample_key(1, i) for i in range(6)} & set(counts)
+    assert len(b_keys) == b.samples // 2 and all(counts[k] == 2 for k in b_keys)  # kept once, read twice
+    assert sum(counts.values()) == manifest.samples == a.samples + b.samples
+    assert check_data(manifest, out).samples == manifest.samples
+
+
+def test_text_shards_follow_the_subset(tmp_path: Path):
+    data = make_latent_dataset(tmp_path / "t", shards=2, per_shard=4, variants=("long",), seed=2)
+    written = add_text_shards(data, tmp_path / "encoder", dim=8, max_tokens=16)
+    out = tmp_path / "t-sub.json"
+    assert subset(str(written["long"]), "--where", "key <> '" + sample_key(2, 1) + "'", "--name", "s", "--out",
+                  str(out))[0] == 0
+    manifest = load_manifest(out, check_files=True)
+    assert manifest.samples == 7 and [e.samples for e in manifest.text.shards] == [4, 4]
+    check_data(manifest, out)
+    settings = DataSettings(seed=0, global_batch=1, micro_batch=1, workers=0, shuffle_buffer=8)
+    with LatentLoader(manifest, out, settings) as loader:
+        batches = [b for b, _ in zip(loader, range(7), strict=False)]
+    assert sample_key(2, 1) not in {k for b in batches for k in b.micro[0].keys}
+    assert all(b.micro[0].context_mask.any() for b in batches)
+
+
+def test_hold_out_and_captions_carry_the_subset(dataset, tmp_path: Path):
+    out = tmp_path / "h.json"
+    code, printed, err = subset(str(dataset["long"]), "--where", "bucket_w = 32", "--captions", "short=1",
+                                "--hold-out", "1", "--name", "h", "--out", str(out))
+    assert code == 0, err
+    train, held = load_manifest(out), load_manifest(tmp_path / "h-heldout.json")
+    assert train.samples + held.samples == 9 and train.captions == {"short": 1.0}
+    assert set(epoch_keys(out)) | set(epoch_keys(tmp_path / "h-heldout.json")) == {
+        sample_key(0, i) for i in range(18) if i % 2 == 0}
+
+
+def test_bad_rules_are_named(dataset, tmp_path: Path):
+    src = str(dataset["long"])
+    out = ["--name", "bad", "--out", str(tmp_path / "bad.json")]
+    assert "no source has; the columns are: the latent index: key" in subset(src, "--where", "nosuch > 1", *out)[2]
+    assert "not a SQL expression" in subset(src, "--where", "orig_w >=", *out)[2]
+    assert "not true or false" in subset(src, "--where", "orig_w + 1", *out)[2]
+    assert "--scores only gives columns to --where" in subset(src, "--scores", "x.parquet", *out)[2]
+    assert "between 0 and 1" in subset(src, "--fraction", "1.5", *out)[2]
+    err = subset(src, "--where", "orig_w > 10000", *out)[2]
+    assert "no sample passes the rules (of 18: --where orig_w > 10000 drops 18)" in err
+    pl.DataFrame({"key": ["a", "a"], "s": [1, 2]}).write_parquet(tmp_path / "twice.parquet")
+    assert "lists key 'a' more than once" in subset(src, "--scores", str(tmp_path / "twice.parquet"), "--where",
+                                                    "s > 0", *out)[2]
+    pl.DataFrame({"key": ["a"], "width": [1]}).write_parquet(tmp_path / "clash.parquet")
+    assert "column(s) width are already the images stage's" in subset(
+        src, "--scores", str(tmp_path / "clash.parquet"), "--where", "width > 0", *out)[2]
+    pl.DataFrame({"id": ["a"]}).write_parquet(tmp_path / "nokey.parquet")
+    assert "needs exactly one of the columns key" in subset(src, "--keep", str(tmp_path / "nokey.parquet"), *out)[2]
+    assert not (tmp_path / "bad.json").exists()
+
+
+def test_a_shard_that_changed_under_a_subset_is_named(dataset, tmp_path: Path):
+    code, _, _ = subset(str(dataset["long"]), "--where", "bucket_w > 32", "--name", "w2", "--out",
+                        str(tmp_path / "w2.json"))
+    data = json.loads((tmp_path / "w2.json").read_text())
+    used = np.array([True] * 6 + [False] * 2)
+    data["shards"][0]["subset"] = shard_subset(used).model_dump()
+    data["shards"][0]["samples"] = 6
+    data["samples"] = sum(s["samples"] for s in data["shards"])
+    (tmp_path / "w2.json").write_text(json.dumps(data))
+    manifest = load_manifest(tmp_path / "w2.json")
+    with pytest.raises(DataError, match="lists 6 ok samples but the manifest says 8"):
+        check_data(manifest, tmp_path / "w2.json")
+    with pytest.raises(ManifestError, match="lists 6 accepted samples but the manifest says 8"):
+        latent_index_rows(manifest, tmp_path / "w2.json", ["key"])

@@ -456,3 +456,63 @@ def test_manifest_written_elsewhere_resolves_shards_relative_to_itself(dataset, 
                                                    for s, p in zip(manifest.shards, paths, strict=True)]})
     elsewhere = write_manifest(moved, tmp_path / "elsewhere" / "long.json")
     assert_same(collect(elsewhere, settings(), 4), collect(dataset["long"], settings(), 4))
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_the_tar_reader_groups_members_as_webdataset_does_and_reads_only_what_is_asked(tmp_path: Path, tar_format):
+    from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+    from train.data import _TarSamples
+
+    path = tmp_path / "mixed.tar"
+    deep = "d/" + "x" * 120  # a name beyond ustar's 100 bytes: GNU long name or pax path (ustar: prefix)
+    names = ["a.latent.safetensors", "a.txt", f"{deep}/b.json", f"{deep}/b.long.txt", "c.seg.png", ".hidden",
+             "c.txt", "noext", "e.json"]
+    with tarfile.open(path, "w", format=tar_format) as tar:
+        directory = tarfile.TarInfo("adir")
+        directory.type = tarfile.DIRTYPE
+        tar.addfile(directory)
+        for i, name in enumerate(names):
+            data = f"{name}:{i}".encode() * (i * 97 + 1)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    expected: list[tuple[str, dict[str, bytes]]] = []
+    with open(path, "rb") as f:
+        for item in tar_file_iterator(f):
+            key, ext = base_plus_ext(item["fname"])
+            if key is None:
+                continue
+            if not expected or expected[-1][0] != key:
+                expected.append((key, {}))
+            expected[-1][1][ext] = item["data"]
+    reader = _TarSamples(str(path), "test")
+    got = [(key, reader.read(members)) for key, members in reader]
+    reader.close()
+    assert got == expected and [k for k, _ in got] == ["a", f"{deep}/b", "c", "e"]
+    # Samples passed over are never read: only the asked one's bytes come back.
+    reader = _TarSamples(str(path), "test")
+    items = list(reader)
+    assert reader.read(items[2][1]) == expected[2][1]
+    reader.close()
+
+
+def test_the_tar_reader_names_a_truncated_or_corrupt_tar(tmp_path: Path):
+    from train.data import _TarSamples
+
+    path = tmp_path / "good.tar"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name in ("a.bin", "b.bin"):
+            info = tarfile.TarInfo(name)
+            info.size = 4000
+            tar.addfile(info, io.BytesIO(bytes(4000)))
+    whole = path.read_bytes()
+    for cut in (4700, 512 + 1000):  # inside b's header; inside a's data, before b's header
+        (tmp_path / "cut.tar").write_bytes(whole[:cut])
+        with pytest.raises(DataError, match=r"^shard 7: cannot read .*cut.tar: it ends inside a header at byte 4608"):
+            list(_TarSamples(str(tmp_path / "cut.tar"), "shard 7"))
+    bad = bytearray(whole)
+    bad[4608 + 10] ^= 0xFF  # b's header, in its name
+    (tmp_path / "bad.tar").write_bytes(bytes(bad))
+    with pytest.raises(DataError, match="the header at byte 4608 has a wrong checksum"):
+        list(_TarSamples(str(tmp_path / "bad.tar"), "shard 7"))

@@ -32,6 +32,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/encode_text.py
 	$(PY) bench/shard_writer.py
 	$(PY) bench/train.py
+	$(PY) bench/subset.py
 	$(PY) bench/evaluate.py
 
 clean-demo:

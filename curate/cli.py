@@ -131,6 +131,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="None: cuda:LOCAL_RANK if available, else cpu")
     _add_worker_args(p)
 
+    p = sub.add_parser("score", help="CLIP image-text similarity per caption, and an aesthetic score, per image",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("images", help="an image stage folder written by `curate ingest`")
+    p.add_argument("--out", required=True, help="output folder, e.g. DATA/scores/clip")
+    p.add_argument("--captions", default=None,
+                   help="a caption stage folder written by `curate recaption`: score its variants too (the "
+                        "original captions, orig, are always scored)")
+    p.add_argument("--model", default="clip-score", help="alias (clip-score: CLIP ViT-L/14), Hub id or local folder "
+                                                         "of a CLIPModel")
+    p.add_argument("--revision", default=None, help="pinned Hub revision of the model")
+    p.add_argument("--aesthetic", default=None, metavar="FILE",
+                   help="a LAION aesthetic predictor's state dict (sac+logos+ava1-l14-linearMSE.pth, on the image "
+                        "embedding of CLIP ViT-L/14): adds an aesthetic column")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward")
+    p.add_argument("--decode-workers", type=int, default=min(8, _default_workers()),
+                   help="DataLoader processes decoding and preparing images (0: in this one)")
+    p.add_argument("--device", default=None, help="None: cuda:LOCAL_RANK if available, else cpu")
+    _add_worker_args(p)
+
     p = sub.add_parser("encode-text", help="text-encoder embeddings of every caption, and manifests that list them",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("latents", help="a latent stage folder written by `curate encode-latents`")
@@ -287,6 +306,17 @@ def cmd_encode_latents(args: argparse.Namespace) -> int:
         decode_workers=args.decode_workers, allow_missing_captions=args.allow_missing_captions,
         manifest_dir=args.manifest_dir, name=args.name, device=args.device,
     )
+    return _run(stage, args, share)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from curate.runner import resolve_share
+    from curate.score import ScoreStage
+
+    share = resolve_share(args.rank, args.world_size)
+    stage = ScoreStage(args.images, model=args.model, revision=args.revision, captions_dir=args.captions,
+                       aesthetic=args.aesthetic, batch_size=args.batch_size, decode_workers=args.decode_workers,
+                       device=args.device)
     return _run(stage, args, share)
 
 
@@ -454,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         commands = {"ingest": cmd_ingest, "recaption": cmd_recaption, "encode-latents": cmd_encode_latents,
-                    "encode-text": cmd_encode_text, "manifest": cmd_manifest, "stats": cmd_stats}
+                    "encode-text": cmd_encode_text, "score": cmd_score, "manifest": cmd_manifest,
+                    "stats": cmd_stats}
         return commands[args.command](args)
     except CurateError as e:
         print(f"curate: error: {e}", file=sys.stderr)

@@ -61,6 +61,9 @@ TEXT_ENCODERS = {
 IMAGE_ENCODERS = {
     "clip": "openai/clip-vit-large-patch14-336",
     "clip-l-336": "openai/clip-vit-large-patch14-336",
+    # curate score: CLIP ViT-L/14 at 224 px, both towers: DataComp's CLIP score, and the image
+    # embedding LAION's aesthetic predictor was trained on.
+    "clip-score": "openai/clip-vit-large-patch14",
     "dinov2": "facebook/dinov2-large",
     "dinov2-large": "facebook/dinov2-large",
     "dinov2-base": "facebook/dinov2-base",

@@ -17,7 +17,8 @@ Rules, all of which a sample must pass:
   ``caption_``). A sample for which the expression is null (a score it does not have) fails it.
 - ``--scores FILE`` (repeatable): a table (parquet, csv, tsv, jsonl) with a ``key`` column (the
   sample keys of the stages) or a ``source`` column (the image stage's, e.g. the URL), and
-  columns of any name: what an aesthetic, watermark or CLIP-score model wrote.
+  columns of any name: what an aesthetic, watermark or CLIP-score model wrote; or the folder of
+  ``curate score`` (``clip_long``, ``aesthetic``... and its flags as ``score_flags``).
 - ``--keep FILE`` / ``--exclude FILE``: only / all but the samples listed (a table as above, or a
   text file of keys, one per line).
 - ``--fraction F``: a random fraction, drawn per sample from (seed, key), so a 10% subset lies
@@ -71,6 +72,11 @@ class SubsetRules:
     def record(self) -> dict[str, Any]:
         """The rules as the manifest's provenance keeps them (files with their sha256)."""
         def file(path: Path) -> dict[str, str]:
+            if path.is_dir():  # a stage folder: its indexes' hashes, hashed
+                from curate.shards import stable_hash
+
+                return {"path": str(path.resolve()),
+                        "indexes": stable_hash([file_sha256(p) for p in sorted(path.glob("*.parquet"))])}
             return {"path": str(path.resolve()), "sha256": file_sha256(path)}
 
         out: dict[str, Any] = {}
@@ -156,7 +162,9 @@ def _read_table(path: str | os.PathLike, option: str) -> pl.DataFrame:
     path = Path(path)
     suffix = path.suffix.lower()
     try:
-        if suffix == ".parquet":
+        if path.is_dir():
+            table = _stage_scores(path, option)
+        elif suffix == ".parquet":
             table = pl.read_parquet(path)
         elif suffix in (".csv", ".tsv"):
             table = pl.read_csv(path, separator="\t" if suffix == ".tsv" else ",")
@@ -181,6 +189,18 @@ def _read_table(path: str | os.PathLike, option: str) -> pl.DataFrame:
     if twice.height:
         raise ManifestError(f"{option} {path}: lists {by[0]} {twice[by[0]][0]!r} more than once")
     return table
+
+
+def _stage_scores(stage: Path, option: str) -> pl.DataFrame:
+    """A stage folder's accepted rows (``curate score``'s output), by key; its flags as ``score_flags``."""
+    from curate.shards import committed_shards
+
+    shards = committed_shards(stage)
+    if not shards:
+        raise ManifestError(f"{option} {stage}: a folder, but no stage's committed shards (such as DATA/scores/clip)")
+    table = pl.concat([pl.read_parquet(s.index_path) for s in shards], how="diagonal_relaxed")
+    return (table.filter(pl.col("status") == "ok").drop(*_BOOKKEEPING, strict=False)
+            .rename({"flags": "score_flags"}, strict=False))
 
 
 def _stage_columns(stage: Path) -> list[str]:

@@ -71,6 +71,7 @@ __all__ = [
     "build_tiny_flux_vae",
     "build_tiny_flux2_vae",
     "build_tiny_t5gemma",
+    "build_tiny_clip",
     "build_tiny_clip_vision",
     "build_tiny_dinov2",
     "read_marker",
@@ -1159,6 +1160,62 @@ def build_tiny_clip_vision(out_dir: str | os.PathLike[str], seed: int = 0) -> Pa
     return _build_once(out_dir, spec, IMAGE_MODEL_FILES, build)
 
 
+def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A 300-token lowercase BPE with CLIP's end-of-word suffix (``</w>``) and special tokens
+    (``<|startoftext|>`` 0, ``<|endoftext|>`` 1), trained on a few caption-like sentences."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=300, min_frequency=1, show_progress=False, end_of_word_suffix="</w>",
+                                  special_tokens=["<|startoftext|>", "<|endoftext|>"],
+                                  initial_alphabet=list("abcdefghijklmnopqrstuvwxyz0123456789.,'-"))
+    tok.train_from_iterator([line.lower() for line in _FALLBACK_CORPUS], trainer=trainer)
+    model = json.loads(tok.to_str())["model"]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return dict(model["vocab"]), merges  # type: ignore[return-value]
+
+
+# What build_tiny_clip writes: the model, its image processor and its tokenizer.
+CLIP_FILES = (*IMAGE_MODEL_FILES, "tokenizer_config.json")
+
+
+def build_tiny_clip(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Build a tiny random CLIP with both towers (transformers ``CLIPModel``), its
+    ``CLIPTokenizer`` and ``CLIPImageProcessor``.
+
+    Why: ``curate score`` loads ``openai/clip-vit-large-patch14`` through ``CLIPModel``,
+    ``AutoTokenizer`` and ``AutoImageProcessor``; this folder goes through the same calls. The text
+    tower has CLIP's 77 positions and pools at the first ``<|endoftext|>``; the tokenizer is a
+    300-token BPE of the same form as CLIP's; images are 28 px (2 x 2 patches of 14), hidden 32,
+    1 layer per tower, 16-d projections.
+    """
+    spec = {"builder": "clip", "recipe": RECIPE_VERSION, "seed": int(seed)}
+
+    def build(tmp: Path) -> dict[str, Any]:
+        from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+        vocab, merges = _clip_vocab_and_merges()
+        tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+        start, end = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
+        tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+        config = CLIPConfig(
+            text_config={**tower, "vocab_size": len(vocab), "max_position_embeddings": 77, "bos_token_id": start,
+                         "eos_token_id": end, "pad_token_id": end},
+            vision_config={**tower, "image_size": 28, "patch_size": 14}, projection_dim=16)
+        with _seeded(seed):
+            model = CLIPModel(config).eval()
+        processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+        with _quiet_transformers():
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        return {"class": type(model).__name__, "num_parameters": _num_parameters(model)}
+
+    return _build_once(out_dir, spec, CLIP_FILES, build)
+
+
 def build_tiny_dinov2(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
     """Build a tiny random DINOv2 (transformers ``Dinov2Model``) plus its ``BitImageProcessor``.
 
@@ -1216,6 +1273,7 @@ def main(argv: list[str] | None = None) -> int:
         "flux2-vae": build_tiny_flux2_vae,
         "t5gemma": build_tiny_t5gemma,
         "clip": build_tiny_clip_vision,
+        "clip-score": build_tiny_clip,
         "dinov2": build_tiny_dinov2,
         "dinov3": build_tiny_dinov3,
     }

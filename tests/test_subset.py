@@ -144,6 +144,28 @@ def test_scores_by_key_or_source_and_samples_without_a_score(dataset, tmp_path: 
     assert kept == {keys[i] for i in range(18) if i % 3 and i % 2 == 0}
 
 
+def test_a_score_stage_folder_gives_its_columns(dataset, tmp_path: Path):
+    from curate.shards import ShardWriter, stable_hash
+
+    keys = [sample_key(0, i) for i in range(SHARDS * PER_SHARD)]
+    scores = tmp_path / "scores" / "clip"
+    for shard in range(SHARDS):  # as curate score writes them: one index per image shard, no tar
+        writer = ShardWriter(scores, shard, {"clip_long": pl.Float32}, with_tar=False)
+        for i in range(shard * PER_SHARD, (shard + 1) * PER_SHARD):
+            writer.add(keys[i], {}, row={"clip_long": i / 100}, flags=["long_truncated"] if i % 4 == 0 else [])
+        writer.commit(stage="score", fingerprint=stable_hash([shard]), config_hash="test")
+    out = tmp_path / "s.json"
+    code, printed, err = subset(str(dataset["long"]), "--scores", str(scores), "--where",
+                                "clip_long >= 0.06 AND NOT array_contains(score_flags, 'long_truncated')",
+                                "--name", "s", "--out", str(out))
+    assert code == 0, err
+    kept = set(latent_index_rows(load_manifest(out), out, ["key"])["key"])
+    assert kept == {keys[i] for i in range(6, 18) if i % 4}
+    assert "a folder, but no stage's committed shards" in subset(str(dataset["long"]), "--scores", str(tmp_path),
+                                                                  "--where", "x > 1", "--name", "s", "--out",
+                                                                  str(out))[2]
+
+
 def test_keep_exclude_and_a_subset_of_a_subset(dataset, tmp_path: Path):
     keys = [sample_key(0, i) for i in range(SHARDS * PER_SHARD)]
     (tmp_path / "keep.txt").write_text("\n".join(keys[:12]) + "\n")

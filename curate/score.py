@@ -1,0 +1,326 @@
+"""`curate score DATA/images --out DATA/scores/clip [--captions DATA/captions/NAME] [--aesthetic FILE]`.
+
+Per-sample scores to filter a dataset on (``curate manifest --scores DATA/scores/clip --where ...``):
+
+- ``clip_<variant>``: the cosine similarity of CLIP's image embedding and the embedding of the
+  sample's caption of that variant: ``orig`` (the image stage's original caption) and every
+  variant of ``--captions`` (``long``, ``short``...). DataComp's CLIP-score filter keeps the web
+  pairs whose original caption matches their image; on recaptions it finds the captions that
+  describe something else. Null when the sample has no such caption. The text tower reads 77
+  tokens: a longer caption is scored on its start and flagged ``<variant>_truncated``.
+- ``aesthetic`` (``--aesthetic FILE``): a LAION-style aesthetic predictor, the linear head of
+  christophschuhmann/improved-aesthetic-predictor (``sac+logos+ava1-l14-linearMSE.pth``: linear
+  layers applied in order to the L2-normalised image embedding of CLIP ViT-L/14), loaded from
+  its state dict (``.pth`` with ``weights_only``, or ``.safetensors``).
+
+Output per image shard: ``DATA/scores/NAME/000123.parquet`` (a table, no tar), one row per
+accepted image, in the image stage's order. Images are decoded and prepared by the model's image
+processor in DataLoader workers, ahead of the model.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+
+from curate.manifest import file_sha256
+from curate.runner import STAGE_FILE, CurateError, ShardTask, Stage
+from curate.shards import (
+    OK,
+    ShardWriter,
+    committed_shards,
+    iter_tar_samples,
+    read_index,
+    stable_hash,
+)
+
+log = logging.getLogger("curate")
+
+
+class AestheticHead(torch.nn.Module):
+    """The improved aesthetic predictor's head: its linear layers, in the order of their index in
+    the state dict (``layers.0``, ``layers.2``... : the dropouts between them hold no weights),
+    with no activation between them, as it was trained."""
+
+    def __init__(self, state: dict[str, torch.Tensor], source: str):
+        super().__init__()
+        indices = sorted({int(k.split(".")[1]) for k in state if k.startswith("layers.") and k.endswith(".weight")})
+        if not indices or any(f"layers.{i}.bias" not in state for i in indices):
+            raise CurateError(f"{source}: not an aesthetic predictor's state dict (layers.N.weight and "
+                              f"layers.N.bias; it holds {', '.join(sorted(state)[:6])}...)")
+        self.layers = torch.nn.ModuleList()
+        width = None
+        for i in indices:
+            weight, bias = state[f"layers.{i}.weight"], state[f"layers.{i}.bias"]
+            if weight.ndim != 2 or (width is not None and weight.shape[1] != width):
+                raise CurateError(f"{source}: layer {i} takes {list(weight.shape)[1:]} inputs after a layer of "
+                                  f"{width} outputs")
+            layer = torch.nn.Linear(weight.shape[1], weight.shape[0])
+            layer.load_state_dict({"weight": weight, "bias": bias})
+            self.layers.append(layer)
+            width = weight.shape[0]
+        if width != 1:
+            raise CurateError(f"{source}: its last layer has {width} outputs, not one score")
+        self.input_dim = self.layers[0].in_features
+
+    @classmethod
+    def load(cls, path: str | Path) -> AestheticHead:
+        path = Path(path)
+        if not path.is_file():
+            raise CurateError(f"--aesthetic {path}: no such file")
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                state = load_file(path)
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a corrupt or foreign file: say which
+            raise CurateError(f"--aesthetic {path}: cannot read a state dict from it: {e}") from e
+        if not isinstance(state, dict):
+            raise CurateError(f"--aesthetic {path}: holds a {type(state).__name__}, not a state dict")
+        return cls({k.removeprefix("module."): v.float() for k, v in state.items()}, str(path))
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        x = embeddings
+        for layer in self.layers:
+            x = layer(x)
+        return x[:, 0]
+
+
+class ClipScorer:
+    """A CLIP model (both towers) that embeds images and captions, normalised."""
+
+    def __init__(self, name: str, *, revision: str | None = None, device: str | None = None):
+        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel
+
+        from curate.models import resolve_model
+        from curate.runner import resolve_device
+        from curate.text import quiet_transformers
+
+        ref = resolve_model(name, "image", revision)
+        self.id, self.revision = ref.id, revision
+        self.device = resolve_device(device)
+        problem = f"cannot load the CLIP model {name!r} ({ref.id}) with both towers and its tokenizer"
+        try:
+            model_type = AutoConfig.from_pretrained(ref.id, revision=revision).model_type
+            if model_type != "clip":  # an image tower alone (CMMD's) would load a random text tower
+                raise CurateError(f"{problem}: it is a {model_type} model")
+            with quiet_transformers():
+                self.model, info = CLIPModel.from_pretrained(ref.id, revision=revision, dtype=torch.float32,
+                                                             output_loading_info=True)
+            self.processor = AutoImageProcessor.from_pretrained(ref.id, revision=revision)
+            self.tokenizer = AutoTokenizer.from_pretrained(ref.id, revision=revision)
+        except (OSError, ValueError) as e:
+            raise CurateError(f"{problem}: {e}") from None
+        if info["missing_keys"]:
+            raise CurateError(f"{problem}: its checkpoint lacks {len(info['missing_keys'])} weights "
+                              f"({', '.join(sorted(info['missing_keys'])[:3])}...)")
+        self.model = self.model.to(self.device).eval().requires_grad_(False)
+        self.max_tokens = int(self.model.config.text_config.max_position_embeddings)
+        self.dim = int(self.model.config.projection_dim)
+
+    def prepare(self, image: Any) -> torch.Tensor:
+        """One PIL image as the model's input (what the decoding workers run)."""
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    @torch.no_grad()
+    def images(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.model.get_image_features(pixel_values=pixels.to(self.device))
+        out = getattr(out, "pooler_output", out)  # a tensor, or (transformers >= 5.x) an output object
+        return torch.nn.functional.normalize(out.float(), dim=-1)
+
+    @torch.no_grad()
+    def texts(self, captions: list[str]) -> tuple[torch.Tensor, list[bool]]:
+        """Normalised text embeddings, and whether each caption was cut at ``max_tokens``."""
+        lengths = [len(ids) for ids in self.tokenizer(captions, truncation=False)["input_ids"]]
+        batch = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_tokens,
+                               return_tensors="pt")
+        out = self.model.get_text_features(input_ids=batch["input_ids"].to(self.device),
+                                           attention_mask=batch["attention_mask"].to(self.device))
+        out = getattr(out, "pooler_output", out)
+        return torch.nn.functional.normalize(out.float(), dim=-1), [n > self.max_tokens for n in lengths]
+
+
+class _PreparedImages:
+    """Images of several shards in order, decoded and prepared by ``prepare`` in DataLoader workers
+    (item g goes to worker g % n; the DataLoader takes from the workers in turn, so the order is kept)."""
+
+    def __init__(self, shards: list[tuple[int, str]], prepare: Callable[[Any], torch.Tensor], workers: int):
+        import torch.utils.data as tud
+
+        from curate.procs import die_with_parent
+
+        class Images(tud.IterableDataset):
+            def __iter__(self) -> Iterator[tuple[int, str, torch.Tensor | None, str | None]]:
+                info = tud.get_worker_info()
+                wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
+                position = 0
+                for shard_id, tar in shards:
+                    for key, members in iter_tar_samples(tar):
+                        if position % n == wid:
+                            yield (shard_id, key, *_prepared(members, prepare))
+                        position += 1
+
+        self.loader = tud.DataLoader(Images(), batch_size=None, num_workers=workers,
+                                     prefetch_factor=16 if workers else None, collate_fn=lambda x: x,
+                                     worker_init_fn=die_with_parent)
+        self.iterator = iter(self.loader)
+
+    def take(self, shard_id: int, count: int) -> Iterator[tuple[str, torch.Tensor | None, str | None]]:
+        for _ in range(count):
+            got, key, pixels, error = next(self.iterator)
+            if got != shard_id:
+                raise CurateError(f"image shard {shard_id} holds fewer samples than its index lists")
+            yield key, pixels, error
+
+
+def _prepared(members: dict[str, bytes], prepare: Callable[[Any], torch.Tensor]) -> tuple[Any, str | None]:
+    from PIL import Image
+
+    from curate.images import to_rgb
+
+    try:
+        with Image.open(io.BytesIO(members["jpg"])) as img:
+            img.load()
+            return prepare(to_rgb(img)), None
+    except Exception as e:  # validated at ingest; a failure here is recorded, not fatal
+        return None, f"{type(e).__name__}: {e}"[:300]
+
+
+class ScoreStage(Stage):
+    name = "score"
+    version = 1
+    with_tar = False
+    packages = ("kiln", "torch", "transformers", "pillow", "polars")
+
+    def __init__(self, images_dir: str | Path, *, model: str = "clip-score", revision: str | None = None,
+                 captions_dir: str | Path | None = None, aesthetic: str | Path | None = None,
+                 batch_size: int = 64, decode_workers: int = 2, device: str | None = None):
+        self.images_dir = Path(images_dir)
+        self.captions_dir = Path(captions_dir) if captions_dir else None
+        self.model_name, self.revision = model, revision
+        self.aesthetic = Path(aesthetic) if aesthetic else None
+        self.batch_size, self.decode_workers, self.device = max(1, batch_size), max(0, decode_workers), device
+        self.variants = ["orig", *self._caption_variants()]
+        self.index_schema = {f"clip_{v}": pl.Float32 for v in self.variants}
+        if self.aesthetic is not None:
+            self.index_schema["aesthetic"] = pl.Float32
+        self.scorer: ClipScorer | None = None
+        self.head: AestheticHead | None = None
+        self.stream: _PreparedImages | None = None
+
+    def _caption_variants(self) -> list[str]:
+        if self.captions_dir is None:
+            return []
+        shards = committed_shards(self.captions_dir)
+        if not shards:
+            raise CurateError(f"{self.captions_dir}: no caption shards (run curate recaption first)")
+        columns = pl.read_parquet_schema(shards[0].index_path)
+        return [c.removesuffix("_prompt_hash") for c in columns if c.endswith("_prompt_hash")]
+
+    def config(self) -> dict[str, Any]:
+        from curate.models import local_fingerprint
+
+        return {"model": self.model_name, "revision": self.revision,
+                "local_model_files": local_fingerprint(self.model_name), "variants": self.variants,
+                "aesthetic": file_sha256(self.aesthetic) if self.aesthetic else None}
+
+    def provenance(self) -> dict[str, Any]:
+        return {"images": str(self.images_dir.resolve()),
+                "captions": str(self.captions_dir.resolve()) if self.captions_dir else None,
+                "aesthetic": str(self.aesthetic.resolve()) if self.aesthetic else None,
+                **({"model_id": self.scorer.id} if self.scorer else {})}
+
+    def plan(self) -> list[ShardTask]:
+        if not (self.images_dir / STAGE_FILE).exists():
+            raise CurateError(f"{self.images_dir}: not a complete image stage (no {STAGE_FILE})")
+        tasks = []
+        for shard in committed_shards(self.images_dir):
+            captions = self.captions_dir / shard.index_path.name if self.captions_dir else None
+            if captions is not None and not captions.exists():
+                raise CurateError(f"{captions}: no captions for image shard {shard.shard_id}; were they made "
+                                  "from another image stage?")
+            fingerprint = stable_hash([shard.meta.fingerprint, shard.meta.tar_sha256,
+                                       file_sha256(captions) if captions else None])
+            tasks.append(ShardTask(shard.shard_id, fingerprint, shard.meta.counts["ok"],
+                                   (str(shard.index_path), str(shard.tar_path), str(captions) if captions else None)))
+        if not tasks:
+            raise CurateError(f"{self.images_dir}: no image shards")
+        return tasks
+
+    def prepare(self, todo: list[ShardTask]) -> None:
+        self.head = AestheticHead.load(self.aesthetic) if self.aesthetic else None
+        self.scorer = ClipScorer(self.model_name, revision=self.revision, device=self.device)
+        if self.head is not None:
+            if self.head.input_dim != self.scorer.dim:
+                raise CurateError(f"--aesthetic {self.aesthetic} takes {self.head.input_dim}-d image embeddings, but "
+                                  f"{self.scorer.id} gives {self.scorer.dim}-d ones (the LAION predictor needs "
+                                  "CLIP ViT-L/14: --model clip-score)")
+            self.head = self.head.to(self.scorer.device).eval()
+        self.stream = _PreparedImages([(t.shard_id, t.payload[1]) for t in todo], self.scorer.prepare,
+                                      self.decode_workers)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stream = None
+
+    def _captions(self, task: ShardTask) -> tuple[list[str], dict[str, dict[str, str]]]:
+        """The image keys in order, and each one's non-empty caption per variant."""
+        images = read_index(task.payload[0], columns=["key", "status", "caption"]).filter(pl.col("status") == OK)
+        keys = images["key"].to_list()
+        captions = {k: ({"orig": c} if c and c.strip() else {}) for k, c in zip(keys, images["caption"], strict=True)}
+        if task.payload[2] is not None:
+            variants = [v for v in self.variants if v != "orig"]
+            table = read_index(task.payload[2], columns=["key", "status", *variants]).filter(pl.col("status") == OK)
+            for row in table.iter_rows(named=True):
+                if row["key"] in captions:
+                    captions[row["key"]] |= {v: row[v] for v in variants if row[v] and row[v].strip()}
+        return keys, captions
+
+    def process(self, task: ShardTask, writer: ShardWriter, progress: Callable[[int], None]) -> None:
+        keys, captions = self._captions(task)
+        rows: dict[str, dict[str, Any]] = {}
+        batch: list[tuple[str, torch.Tensor]] = []
+        for key, pixels, error in self.stream.take(task.shard_id, len(keys)):
+            if error is not None:
+                rows[key] = {"reason": "unreadable", "detail": error}
+                progress(1)
+                continue
+            batch.append((key, pixels))
+            if len(batch) == self.batch_size:
+                rows |= self._score(batch, captions)
+                progress(len(batch))
+                batch = []
+        if batch:
+            rows |= self._score(batch, captions)
+            progress(len(batch))
+        for key in keys:
+            row = rows[key]
+            if "reason" in row:
+                writer.reject(key, row["reason"], detail=row["detail"])
+            else:
+                writer.add(key, {}, row={c: row[c] for c in self.index_schema}, flags=row["flags"])
+
+    def _score(self, batch: list[tuple[str, torch.Tensor]], captions: dict[str, dict[str, str]]) -> dict[str, dict]:
+        scorer = self.scorer
+        images = scorer.images(torch.stack([p for _, p in batch]))
+        rows = {key: {"flags": [], **{f"clip_{v}": None for v in self.variants}} for key, _ in batch}
+        if self.head is not None:
+            with torch.no_grad():
+                for (key, _), value in zip(batch, self.head(images).tolist(), strict=True):
+                    rows[key]["aesthetic"] = value
+        pairs = [(i, key, v, text) for i, (key, _) in enumerate(batch) for v, text in captions[key].items()]
+        if pairs:
+            texts, truncated = scorer.texts([text for *_, text in pairs])
+            similarity = (images[[i for i, *_ in pairs]] * texts).sum(dim=-1).tolist()
+            for (_, key, v, _), value, cut in zip(pairs, similarity, truncated, strict=True):
+                rows[key][f"clip_{v}"] = value
+                if cut:
+                    rows[key]["flags"].append(f"{v}_truncated")
+        return rows

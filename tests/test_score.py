@@ -1,0 +1,132 @@
+"""`curate score`: CLIP image-text similarity per caption variant and a LAION-style aesthetic score
+per image, from a tiny random CLIPModel loaded by path, and the subsets they filter to."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+from conftest import kill_at, run_cli, write_good_images
+
+from curate.cli import main as curate_main
+from curate.score import AestheticHead, ClipScorer
+from curate.shards import ShardWriter, committed_shards, stable_hash
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    from curate.tiny import build_tiny_clip
+
+    return build_tiny_clip(tmp_path_factory.mktemp("models") / "clip")
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory) -> dict[str, Path]:
+    """An image stage of 10 images in 3 shards, and a caption stage over it (written directly)."""
+    root = tmp_path_factory.mktemp("score")
+    write_good_images(root / "photos", 10)
+    assert curate_main(["ingest", str(root / "photos"), "--out", str(root / "images"), "--shard-size", "4",
+                        "--workers", "1", "--no-progress"]) == 0
+    return {"root": root, "images": root / "images"}
+
+
+def aesthetic_file(path: Path, dim: int, seed: int = 0) -> Path:
+    """A state dict shaped like sac+logos+ava1-l14-linearMSE.pth (at ``dim`` inputs), random."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {0: (32, dim), 2: (16, 32), 4: (8, 16), 6: (4, 8), 7: (1, 4)}
+    state = {}
+    for i, (out, inp) in shapes.items():
+        state[f"layers.{i}.weight"] = torch.randn(out, inp, generator=gen)
+        state[f"layers.{i}.bias"] = torch.randn(out, generator=gen)
+    torch.save(state, path)
+    return path
+
+
+def test_a_caption_scores_its_own_image_and_the_aesthetic_head_is_the_predictors(clip, tmp_path: Path):
+    from PIL import Image
+
+    scorer = ClipScorer(str(clip), device="cpu")
+    images = [Image.new("RGB", (40, 30), c) for c in ("red", "blue")]
+    embedded = scorer.images(torch.stack([scorer.prepare(i) for i in images]))
+    texts, cut = scorer.texts(["a red square", " ".join(["word"] * 100)])
+    assert embedded.shape == (2, scorer.dim) and torch.allclose(embedded.norm(dim=-1), torch.ones(2))
+    assert cut == [False, True]  # 100 words do not fit 77 tokens
+    # The score is the cosine of the two towers' projections, as CLIPModel computes its logits.
+    with torch.no_grad():
+        out = scorer.model(**scorer.tokenizer(["a red square"], padding="max_length", max_length=77,
+                                              return_tensors="pt"),
+                           pixel_values=torch.stack([scorer.prepare(images[0])]))
+    expected = out.logits_per_image[0, 0] / scorer.model.logit_scale.exp()
+    assert torch.allclose((embedded[0] * texts[0]).sum(), expected, atol=1e-5)
+    head = AestheticHead.load(aesthetic_file(tmp_path / "a.pth", scorer.dim))
+    state = torch.load(tmp_path / "a.pth", weights_only=True)
+    mlp = torch.nn.Sequential(torch.nn.Linear(scorer.dim, 32), torch.nn.Dropout(0.2), torch.nn.Linear(32, 16),
+                              torch.nn.Dropout(0.2), torch.nn.Linear(16, 8), torch.nn.Dropout(0.1),
+                              torch.nn.Linear(8, 4), torch.nn.Linear(4, 1)).eval()
+    mlp.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
+    assert torch.allclose(head(embedded), mlp(embedded)[:, 0], atol=1e-5)
+
+
+def test_score_writes_a_row_per_image_and_a_rerun_redoes_nothing(clip, stage, tmp_path: Path):
+    captions = tmp_path / "captions"
+    schema = {"long": pl.Utf8, "long_prompt_hash": pl.Utf8, "short": pl.Utf8, "short_prompt_hash": pl.Utf8}
+    for shard in committed_shards(stage["images"]):
+        keys = pl.read_parquet(shard.index_path).filter(pl.col("status") == "ok")["key"].to_list()
+        # A caption stage's shard, with the columns score reads: the first image has no short caption.
+        writer = ShardWriter(captions, shard.shard_id, schema, with_tar=False)
+        for i, key in enumerate(keys):
+            writer.add(key, {}, row={"long": f"a long caption of image {i}", "long_prompt_hash": "h",
+                                     "short": None if i == 0 else "a short one", "short_prompt_hash": "h"})
+        writer.commit(stage="recaption", fingerprint=stable_hash([shard.shard_id]), config_hash="test")
+    out = tmp_path / "scores"
+    aesthetic = aesthetic_file(tmp_path / "aesthetic.pth", 16)
+    args = ["score", str(stage["images"]), "--out", str(out), "--model", str(clip), "--captions", str(captions),
+            "--aesthetic", str(aesthetic), "--batch-size", "3", "--decode-workers", "1", "--device", "cpu",
+            "--no-progress"]
+    assert curate_main(args) == 0
+    rows = pl.concat([pl.read_parquet(s.index_path) for s in committed_shards(out)])
+    assert rows.height == 10 and set(rows["status"]) == {"ok"}
+    assert rows["clip_long"].null_count() == 0 and rows["clip_short"].null_count() == 3  # one per shard
+    assert rows["clip_orig"].null_count() == 10  # a folder's images have no original captions
+    assert rows["aesthetic"].null_count() == 0 and rows["clip_long"].abs().max() <= 1.0
+    stage_file = json.loads((out / "_stage.json").read_text())
+    assert stage_file["config"]["variants"] == ["orig", "long", "short"]
+    # A rerun redoes nothing.
+    before = {s.index_path.name: s.index_path.read_bytes() for s in committed_shards(out)}
+    assert curate_main(args) == 0
+    assert {s.index_path.name: s.index_path.read_bytes() for s in committed_shards(out)} == before
+
+
+def test_a_killed_score_run_resumes_to_the_same_result(clip, stage, tmp_path: Path):
+    base = ["score", str(stage["images"]), "--model", str(clip), "--batch-size", "2", "--decode-workers", "0",
+            "--device", "cpu", "--no-progress"]
+    clean = tmp_path / "clean"
+    assert curate_main([*base, "--out", str(clean)]) == 0
+    killed = tmp_path / "killed"
+    assert kill_at([*base, "--out", str(killed)], killed, committed=(1, 2)) >= 1
+    run_cli(*base, "--out", str(killed))
+    read = {p.name: pl.read_parquet(p).drop("seconds", strict=False) for p in sorted(clean.glob("*.parquet"))}
+    again = {p.name: pl.read_parquet(p).drop("seconds", strict=False) for p in sorted(killed.glob("*.parquet"))}
+    assert read.keys() == again.keys() and all(read[k].equals(again[k]) for k in read)
+
+
+def test_what_cannot_be_scored_is_named(clip, stage, tmp_path: Path, capsys):
+    out = ["--out", str(tmp_path / "x"), "--device", "cpu", "--no-progress", "--decode-workers", "0"]
+    assert curate_main(["score", str(stage["images"]), "--model", str(clip), "--aesthetic",
+                        str(aesthetic_file(tmp_path / "wide.pth", 768)), *out]) == 2
+    assert "takes 768-d image embeddings, but" in capsys.readouterr().err
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    assert curate_main(["score", str(stage["images"]), "--model", str(clip), "--aesthetic",
+                        str(tmp_path / "junk.pth"), *out]) == 2
+    assert "cannot read a state dict" in capsys.readouterr().err
+    vision_only = tmp_path / "vision-only"
+    from curate.tiny import build_tiny_clip_vision
+
+    build_tiny_clip_vision(vision_only)
+    assert curate_main(["score", str(stage["images"]), "--model", str(vision_only), *out]) == 2
+    assert "with both towers and its tokenizer" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "x", ignore_errors=True)

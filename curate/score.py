@@ -307,6 +307,19 @@ class ScoreStage(Stage):
             else:
                 writer.add(key, {}, row={c: row[c] for c in self.index_schema}, flags=row["flags"])
 
+    def finalize(self, out_dir: Path, tasks: list[ShardTask]) -> dict[str, Any]:
+        """Each score's spread over the dataset, to choose thresholds from (``curate stats`` prints it)."""
+        table = pl.concat([pl.read_parquet(s.index_path, columns=list(self.index_schema))
+                           for s in committed_shards(out_dir)], how="vertical_relaxed")
+        summary = {}
+        for column in self.index_schema:
+            values = table[column].drop_nulls()
+            if len(values):
+                summary[column] = {"samples": len(values),
+                                   **{f"p{q}": round(float(values.quantile(q / 100, "linear")), 4)
+                                      for q in (5, 25, 50, 75, 95)}}
+        return summary
+
     def _score(self, batch: list[tuple[str, torch.Tensor]], captions: dict[str, dict[str, str]]) -> dict[str, dict]:
         scorer = self.scorer
         images = scorer.images(torch.stack([p for _, p in batch]))

@@ -95,6 +95,10 @@ def test_score_writes_a_row_per_image_and_a_rerun_redoes_nothing(clip, stage, tm
     assert rows["aesthetic"].null_count() == 0 and rows["clip_long"].abs().max() <= 1.0
     stage_file = json.loads((out / "_stage.json").read_text())
     assert stage_file["config"]["variants"] == ["orig", "long", "short"]
+    # The spread of each score, to choose a threshold from (curate stats prints it).
+    spread = stage_file["summary"]["clip_short"]
+    assert spread["samples"] == 7 and spread["p5"] <= spread["p50"] <= spread["p95"]
+    assert "clip_orig" not in stage_file["summary"] and stage_file["summary"]["aesthetic"]["samples"] == 10
     # A rerun redoes nothing.
     before = {s.index_path.name: s.index_path.read_bytes() for s in committed_shards(out)}
     assert curate_main(args) == 0

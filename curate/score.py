@@ -95,14 +95,15 @@ class AestheticHead(torch.nn.Module):
 
 
 class ClipScorer:
-    """A CLIP model (both towers) that embeds images and captions, normalised."""
+    """A CLIP model (both towers) that embeds images and captions, normalised. The image processor
+    and tokenizer load at once; the weights at ``load()`` (or the first use), so that decoding
+    workers can start, and fork, before them. On a GPU the towers run in bf16 autocast."""
 
     def __init__(self, name: str, *, revision: str | None = None, device: str | None = None):
-        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel
+        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
         from curate.models import resolve_model
         from curate.runner import resolve_device
-        from curate.text import quiet_transformers
 
         ref = resolve_model(name, "image", revision)
         self.id, self.revision = ref.id, revision
@@ -112,19 +113,39 @@ class ClipScorer:
             model_type = AutoConfig.from_pretrained(ref.id, revision=revision).model_type
             if model_type != "clip":  # an image tower alone (CMMD's) would load a random text tower
                 raise CurateError(f"{problem}: it is a {model_type} model")
-            with quiet_transformers():
-                self.model, info = CLIPModel.from_pretrained(ref.id, revision=revision, dtype=torch.float32,
-                                                             output_loading_info=True)
+            self.config = AutoConfig.from_pretrained(ref.id, revision=revision)
             self.processor = AutoImageProcessor.from_pretrained(ref.id, revision=revision)
             self.tokenizer = AutoTokenizer.from_pretrained(ref.id, revision=revision)
         except (OSError, ValueError) as e:
             raise CurateError(f"{problem}: {e}") from None
-        if info["missing_keys"]:
-            raise CurateError(f"{problem}: its checkpoint lacks {len(info['missing_keys'])} weights "
-                              f"({', '.join(sorted(info['missing_keys'])[:3])}...)")
-        self.model = self.model.to(self.device).eval().requires_grad_(False)
-        self.max_tokens = int(self.model.config.text_config.max_position_embeddings)
-        self.dim = int(self.model.config.projection_dim)
+        self.max_tokens = int(self.config.text_config.max_position_embeddings)
+        self.dim = int(self.config.projection_dim)
+        self._problem, self._model = problem, None
+
+    def load(self) -> torch.nn.Module:
+        if self._model is None:
+            from transformers import CLIPModel
+
+            from curate.text import quiet_transformers
+
+            try:
+                with quiet_transformers():
+                    model, info = CLIPModel.from_pretrained(self.id, revision=self.revision, dtype=torch.float32,
+                                                            output_loading_info=True)
+            except (OSError, ValueError) as e:
+                raise CurateError(f"{self._problem}: {e}") from None
+            if info["missing_keys"]:
+                raise CurateError(f"{self._problem}: its checkpoint lacks {len(info['missing_keys'])} weights "
+                                  f"({', '.join(sorted(info['missing_keys'])[:3])}...)")
+            self._model = model.to(self.device).eval().requires_grad_(False)
+        return self._model
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.load()
+
+    def _autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
     def prepare(self, image: Any) -> torch.Tensor:
         """One PIL image as the model's input (what the decoding workers run)."""
@@ -132,7 +153,8 @@ class ClipScorer:
 
     @torch.no_grad()
     def images(self, pixels: torch.Tensor) -> torch.Tensor:
-        out = self.model.get_image_features(pixel_values=pixels.to(self.device))
+        with self._autocast():
+            out = self.model.get_image_features(pixel_values=pixels.to(self.device))
         out = getattr(out, "pooler_output", out)  # a tensor, or (transformers >= 5.x) an output object
         return torch.nn.functional.normalize(out.float(), dim=-1)
 
@@ -142,8 +164,9 @@ class ClipScorer:
         lengths = [len(ids) for ids in self.tokenizer(captions, truncation=False)["input_ids"]]
         batch = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_tokens,
                                return_tensors="pt")
-        out = self.model.get_text_features(input_ids=batch["input_ids"].to(self.device),
-                                           attention_mask=batch["attention_mask"].to(self.device))
+        with self._autocast():
+            out = self.model.get_text_features(input_ids=batch["input_ids"].to(self.device),
+                                               attention_mask=batch["attention_mask"].to(self.device))
         out = getattr(out, "pooler_output", out)
         return torch.nn.functional.normalize(out.float(), dim=-1), [n > self.max_tokens for n in lengths]
 
@@ -264,8 +287,11 @@ class ScoreStage(Stage):
                                   f"{self.scorer.id} gives {self.scorer.dim}-d ones (the LAION predictor needs "
                                   "CLIP ViT-L/14: --model clip-score)")
             self.head = self.head.to(self.scorer.device).eval()
+        # The decoding workers start first: they fill their queues while the weights load (and they
+        # fork from a process that holds no model yet).
         self.stream = _PreparedImages([(t.shard_id, t.payload[1]) for t in todo], self.scorer.prepare,
                                       self.decode_workers)
+        self.scorer.load()
 
     def __exit__(self, *exc: object) -> None:
         self.stream = None

@@ -161,7 +161,8 @@ class ClipScorer:
     @torch.no_grad()
     def texts(self, captions: list[str]) -> tuple[torch.Tensor, list[bool]]:
         """Normalised text embeddings, and whether each caption was cut at ``max_tokens``."""
-        lengths = [len(ids) for ids in self.tokenizer(captions, truncation=False)["input_ids"]]
+        # verbose=False: counting a caption longer than the model takes is the point, not a mistake.
+        lengths = [len(ids) for ids in self.tokenizer(captions, truncation=False, verbose=False)["input_ids"]]
         batch = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_tokens,
                                return_tensors="pt")
         with self._autocast():

@@ -115,10 +115,14 @@ def test_a_subset_run_resumes_onto_the_same_batches(dataset):
     assert fingerprint(settings, manifest) != fingerprint(settings, load_manifest(dataset["long"]))
 
 
-def test_the_fingerprint_of_a_manifest_without_subsets_is_unchanged(dataset):
+def test_a_manifest_without_subsets_keeps_its_fingerprint_and_its_bytes(dataset, tmp_path: Path):
+    from curate.manifest import write_manifest
     from curate.shards import stable_hash
 
     manifest = load_manifest(dataset["long"])
+    # Written without a "subset" key, as before subsets existed: a rerun of encode-latents rewrites
+    # the same bytes, so the manifest sha256 that a run's checkpoints hold still matches.
+    assert '"subset"' not in write_manifest(manifest, tmp_path / "again.json").read_text()
     st = DataSettings(seed=0, global_batch=2, micro_batch=2)
     assert fingerprint(st, manifest)["shards"] == stable_hash([(s.sha256, s.samples) for s in manifest.shards])
 
@@ -134,6 +138,13 @@ def test_scores_by_key_or_source_and_samples_without_a_score(dataset, tmp_path: 
     assert "--where aesthetic >= 10: drops 13 (3 with no value for it)" in printed
     assert set(latent_index_rows(load_manifest(tmp_path / "p.json"), tmp_path / "p.json", ["key"])["key"]) == set(
         keys[10:15])
+    # The top quarter by score (DataComp's filters keep a top fraction): a quantile over the samples.
+    code, printed, err = subset(str(dataset["long"]), "--scores", str(tmp_path / "aesthetic.parquet"),
+                                "--where", "aesthetic >= QUANTILE_CONT(aesthetic, 0.75)", "--name", "top",
+                                "--out", str(tmp_path / "top.json"))
+    assert code == 0, err
+    top = set(latent_index_rows(load_manifest(tmp_path / "top.json"), tmp_path / "top.json", ["key"])["key"])
+    assert top == set(keys[11:15])  # scores 0..14: the 75th percentile is 10.5
     # By the image stage's source, from a csv, with a column of the image stage.
     pl.DataFrame({"source": [f"synthetic/{k}.jpg" for k in keys], "watermark": [i % 3 == 0 for i in range(18)]}
                  ).write_csv(tmp_path / "wm.csv")

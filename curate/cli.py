@@ -210,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep a random fraction F of the samples, drawn per sample from (--seed, key): a data-scaling "
                         "ablation (a smaller fraction of the same seed is a subset of a larger one)")
     p.add_argument("--seed", type=int, default=0, help="seed of --fraction's draw (default 0)")
+    p.add_argument("--unique", action="store_true",
+                   help="when merging: a sample whose content is in several parts stays in the first one only")
     p.add_argument("--name", required=True, help="the new manifest's name")
     p.add_argument("--out", default=None, help="where to write it (default: NAME.json beside the first manifest)")
 
@@ -363,7 +365,7 @@ def cmd_manifest(args: argparse.Namespace) -> int:
         rules = SubsetRules(where=args.where, scores=[Path(p) for p in args.scores],
                             keep=Path(args.keep) if args.keep else None,
                             exclude=Path(args.exclude) if args.exclude else None, fraction=args.fraction,
-                            seed=args.seed)
+                            seed=args.seed, unique=args.unique)
         if merging and args.hold_out is not None:
             raise CurateError("--hold-out splits one manifest: hold shards out of each dataset's manifest, "
                               "then merge the rest")
@@ -423,7 +425,8 @@ def cmd_manifest(args: argparse.Namespace) -> int:
               f"(train ... val.shards={held_out_path})")
     _print_selection(manifest, coverage)
     if overlap:
-        print(f"  note: {overlap} samples (the same image content) are in more than one part")
+        print(f"  note: {overlap} samples (the same image content) are in more than one part "
+              "(--unique keeps each in its first part only)")
     return 0
 
 

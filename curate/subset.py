@@ -23,6 +23,8 @@ Rules, all of which a sample must pass:
   text file of keys, one per line).
 - ``--fraction F``: a random fraction, drawn per sample from (seed, key), so a 10% subset lies
   inside the 20% one of the same seed, and a sample listed twice is drawn once.
+- ``--unique`` (a merged manifest): a sample whose content is in several parts is kept in the
+  first of them only.
 
 Subsetting a subset narrows it. Every rule is recorded in the manifest's provenance.
 """
@@ -65,9 +67,10 @@ class SubsetRules:
     exclude: Path | None = None
     fraction: float | None = None
     seed: int = 0  # of the fraction's draw
+    unique: bool = False  # a merged manifest: a sample in several parts stays in the first only
 
     def __bool__(self) -> bool:
-        return bool(self.where or self.keep or self.exclude or self.fraction is not None)
+        return bool(self.where or self.keep or self.exclude or self.fraction is not None or self.unique)
 
     def record(self) -> dict[str, Any]:
         """The rules as the manifest's provenance keeps them (files with their sha256)."""
@@ -90,6 +93,8 @@ class SubsetRules:
             out["exclude"] = file(self.exclude)
         if self.fraction is not None:
             out |= {"fraction": self.fraction, "seed": self.seed}
+        if self.unique:
+            out["unique"] = True
         return out
 
 
@@ -108,6 +113,9 @@ def subset_manifest(manifest: Manifest, manifest_path: str | os.PathLike, rules:
     unreadable table) or that keeps no sample."""
     if rules.fraction is not None and not 0 < rules.fraction < 1:
         raise ManifestError(f"--fraction {rules.fraction}: give a fraction between 0 and 1 (exclusive)")
+    if rules.unique and manifest.parts is None:
+        raise ManifestError(f"--unique keeps a sample that is in several parts of a merged manifest in the first "
+                            f"one only, but {manifest_path} merges no datasets: give several manifests to merge")
     expressions = [_parse(text) for text in rules.where]
     scores = [_read_table(p, "--scores") for p in rules.scores]
     wanted = {name for e in expressions for name in e.meta.root_names()}
@@ -119,6 +127,8 @@ def subset_manifest(manifest: Manifest, manifest_path: str | os.PathLike, rules:
         passes.append((f"--keep {rules.keep}", pl.col("key").is_in(_listed_keys(rules.keep, rows))))
     if rules.exclude is not None:
         passes.append((f"--exclude {rules.exclude}", ~pl.col("key").is_in(_listed_keys(rules.exclude, rows))))
+    if rules.unique:  # the same content (key) in an earlier part: this listing goes
+        passes.append(("--unique (first part only)", pl.col("part") == pl.col("part").min().over("key")))
     if rules.fraction is not None:
         drawn = _fraction_draw(rows["key"], rules.fraction, rules.seed)
         passes.append((f"--fraction {rules.fraction:g} (seed {rules.seed})", pl.lit(pl.Series(drawn))))
@@ -352,5 +362,7 @@ def subset_summary(record: dict[str, Any]) -> str:
     rules += [f"--{option} {record[option]['path']}" for option in ("keep", "exclude") if option in record]
     if "fraction" in record:
         rules.append(f"--fraction {record['fraction']:g} (seed {record.get('seed', 0)})")
+    if record.get("unique"):
+        rules.append("--unique")
     return f"{record.get('kept')} of {record.get('of')} samples of {record.get('from', {}).get('name')}: " + ", ".join(
         rules)

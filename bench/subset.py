@@ -14,7 +14,7 @@
 
 The sides of each comparison run interleaved, --repeats times; tables give the median and every run.
 
-    python bench/subset.py [--quick] [--repeats 3] [--shards 8] [--per-shard 500] [--index-shards 200]
+    python bench/subset.py [--quick] [--repeats 5] [--batches 100] [--shards 8] [--per-shard 500] [--index-shards 200]
 """
 
 from __future__ import annotations
@@ -127,10 +127,10 @@ def index_dataset(root: Path, shards: int, per_shard: int = 1000) -> tuple[Path,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 repeat, small data")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--per-shard", type=int, default=500)
-    parser.add_argument("--batches", type=int, default=40, help="16-sample batches timed per loader run")
+    parser.add_argument("--batches", type=int, default=100, help="16-sample batches timed per loader run")
     parser.add_argument("--index-shards", type=int, default=200, help="shards of 1000 samples for choosing")
     args = parser.parse_args()
     if args.quick:

@@ -45,6 +45,11 @@ BASE_SCHEMA: dict[str, pl.DataType] = {
     "reason": pl.Utf8,
     "detail": pl.Utf8,
     "flags": pl.List(pl.Utf8),
+    # Where an accepted sample's members lie in the tar: the byte offset of its first member's
+    # header and the bytes through its last member's padding (null without a tar, or rejected). A
+    # reader of a subset seeks to the samples it uses instead of walking the tar to them.
+    "tar_offset": pl.Int64,
+    "tar_length": pl.Int64,
 }
 
 
@@ -221,6 +226,7 @@ class ShardWriter:
         self.shard_id = shard_id
         self.schema = {**BASE_SCHEMA, **schema}
         self.rows: list[dict[str, Any]] = []
+        self._spans: dict[str, tuple[int, int]] = {}  # key -> (tar_offset, tar_length)
         self._deferred: list[Callable[[], None]] = []
         self.started = time.perf_counter()
         name = shard_name(shard_id)
@@ -253,9 +259,11 @@ class ShardWriter:
 
     def write_members(self, key: str, members: Mapping[str, bytes]) -> None:
         """Members ``KEY.EXT`` into the tar, without an index row (``add`` does both)."""
-        if self._tar is not None:
+        if self._tar is not None and members:
+            start = self._hashing.size
             for ext, data in members.items():
                 self._tar.add(f"{key}.{ext}", data)
+            self._spans[key] = (start, self._hashing.size - start)
 
     def reject(
         self,
@@ -270,11 +278,11 @@ class ShardWriter:
                           "detail": detail, "flags": sorted(set(flags))})
 
     def frame(self) -> pl.DataFrame:
-        return pl.DataFrame(
-            [{k: r.get(k) for k in self.schema} for r in self.rows],
-            schema=self.schema,
-            orient="row",
-        )
+        rows = []
+        for r in self.rows:
+            offset, length = self._spans.get(r["key"], (None, None)) if r["status"] == OK else (None, None)
+            rows.append({**{k: r.get(k) for k in self.schema}, "tar_offset": offset, "tar_length": length})
+        return pl.DataFrame(rows, schema=self.schema, orient="row")
 
     def commit(
         self,

@@ -54,7 +54,7 @@ from curate.manifest import (
 __all__ = ["SubsetReport", "SubsetRules", "subset_manifest", "subset_summary"]
 
 # Index columns that describe a stage's processing, not the sample.
-_BOOKKEEPING = {"status", "reason", "detail"}
+_BOOKKEEPING = {"status", "reason", "detail", "tar_offset", "tar_length"}
 _KEY_COLUMNS = ("key", "source")
 
 

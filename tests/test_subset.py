@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -308,3 +309,42 @@ def test_unique_keeps_a_sample_of_several_parts_in_the_first_only(dataset, tmp_p
     counts = Counter(epoch_keys(out))
     assert len(counts) == SHARDS * PER_SHARD  # every sample, in one part only
     assert "--unique" in subset(str(dataset["long"]), "--unique", "--name", "u", "--out", str(tmp_path / "u.json"))[2]
+
+
+def test_indexes_record_where_each_sample_lies_and_the_reader_seeks_there(dataset, tmp_path: Path):
+    import pyarrow.parquet as pq
+
+    from curate.shards import committed_shards, reject_samples
+    from train.data import _TarSamples
+
+    shard = committed_shards(dataset["latents"])[1]
+    index = pl.read_parquet(shard.index_path)
+    assert index.filter(pl.col("status") != "ok")["tar_offset"].null_count() == 3  # the rejected rows
+    ok = index.filter(pl.col("status") == "ok")
+    reader = _TarSamples(str(shard.tar_path), "test")
+    walked = [(key, reader.read(members)) for key, members in reader]
+    for (key, members), offset in zip(walked, ok["tar_offset"], strict=True):
+        reader.seek(offset)
+        found, at = next(reader)
+        assert found == key and reader.read(at) == members
+    reader.close()
+    # Spans cover the samples back to back, and a rewritten shard records its new places.
+    assert (ok["tar_offset"] + ok["tar_length"]).to_list()[:-1] == ok["tar_offset"].to_list()[1:]
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in (shard.index_path, shard.tar_path):
+        (copy / path.name).write_bytes(path.read_bytes())
+    rewritten = reject_samples(committed_shards(copy)[0], {ok["key"][0]: "test"}, "duplicate")
+    again = pl.read_parquet(rewritten.index_path).filter(pl.col("status") == "ok")
+    assert again["tar_offset"][0] == 0 and again["key"].to_list() == ok["key"].to_list()[1:]
+    # An index from before offsets were recorded still reads: the reader walks the tar instead.
+    table = pq.read_table(shard.index_path)
+    meta = table.schema.metadata
+    stripped = table.drop_columns(["tar_offset", "tar_length"]).replace_schema_metadata(meta)
+    old = tmp_path / "old"
+    shutil.copytree(dataset["root"], old)
+    pq.write_table(stripped, old / "latents" / shard.index_path.name)
+    moved = old / "manifests" / "wide.json"
+    assert subset(str(old / "manifests" / "long.json"), "--where", "bucket_w > 32", "--name", "wide", "--out",
+                  str(moved))[0] == 0
+    assert Counter(epoch_keys(moved)) == Counter(WIDE)

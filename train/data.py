@@ -43,7 +43,9 @@ How (the terms the code uses):
   the pending carry-over samples from their shards.
 
 Tars are read forward, header by header, with webdataset's grouping of members into samples
-(``_TarSamples``); a sample's bytes are read only when the plan uses it, the others seeked over.
+(``_TarSamples``); a sample's bytes are read only when the plan uses it, and a stream that passes
+over samples (a subset's unused ones, a resume) seeks to the next one it uses by the offsets its
+index records (``tar_offset``; shards written before indexes had them are walked instead).
 Every key read is checked against the index (a shard rewritten after planning is an error naming it, never a silent
 reshuffle). ``check_data`` validates the whole dataset before the first step.
 """
@@ -327,6 +329,16 @@ class _ShardInfo:
     keys: list[str]  # ok keys in tar order
     buckets: np.ndarray  # int64 bucket codes (pixels), parallel to keys
     used: np.ndarray  # int64 positions in keys of the samples the manifest uses (a subset's, or all)
+    # Each ok sample's byte offset in the tar and, with text shards, in its text shard: what lets
+    # the reader seek to a sample rather than walk to it; None for shards written before indexes
+    # recorded them.
+    offsets: np.ndarray | None = None
+    text_offsets: np.ndarray | None = None
+    has_text: bool = False
+
+    @property
+    def seekable(self) -> bool:
+        return self.offsets is not None and (self.text_offsets is not None or not self.has_text)
 
 
 class _ShardTable:
@@ -370,10 +382,12 @@ class _ShardTable:
         # pyarrow without threads, not polars: this runs in forked DataLoader workers, and polars'
         # thread pool, started in the parent (check_data, the curate stages), deadlocks after fork.
         try:
-            table = pq.read_table(index, columns=["key", "status", "bucket_h", "bucket_w"],
-                                  use_threads=False)
+            table = pq.read_table(index, columns=["key", "status", "bucket_h", "bucket_w"], use_threads=False)
         except (OSError, pa.ArrowException) as e:
             raise DataError(f"{self.labels[i]}: cannot read its index {index}: {e}") from e
+        offsets = _tar_offsets(index, self.entries[i].accepted)
+        text_offsets = (_tar_offsets(_index_path(self.text_paths[i]), self.entries[i].accepted)
+                        if self.text_paths is not None else None)
         ok = table.filter(pc.equal(table["status"], OK))
         if ok.num_rows != self.entries[i].accepted:
             raise DataError(f"{self.labels[i]}: its index lists {ok.num_rows} ok samples but the "
@@ -383,11 +397,26 @@ class _ShardTable:
             raise DataError(f"{self.labels[i]}: ok samples without a bucket in {index}")
         info = _ShardInfo(ok["key"].to_pylist(),
                           _bucket_code(ok["bucket_h"].to_numpy(), ok["bucket_w"].to_numpy()),
-                          self.entries[i].positions())
+                          self.entries[i].positions(), offsets, text_offsets, has_text=self.text_paths is not None)
         self._cache[i] = info
         if len(self._cache) > _INDEX_CACHE:
             self._cache.popitem(last=False)
         return info
+
+
+def _tar_offsets(index: str, accepted: int) -> np.ndarray | None:
+    """The ok samples' byte offsets in the tar beside ``index`` (its ``tar_offset`` column), or None
+    when the index does not record them all (written before indexes did) or cannot be read here."""
+    try:
+        if "tar_offset" not in pq.read_schema(index).names:
+            return None
+        table = pq.read_table(index, columns=["status", "tar_offset"], use_threads=False)
+    except (OSError, pa.ArrowException):
+        return None  # the reader names an unreadable shard when it opens it
+    offsets = table.filter(pc.equal(table["status"], OK))["tar_offset"]
+    if offsets.null_count or len(offsets) != accepted:
+        return None
+    return offsets.to_numpy()
 
 
 # --------------------------------------------------------------------------- the plan (metadata only)
@@ -512,14 +541,19 @@ class _TarSamples:
             self._fd = os.open(path, os.O_RDONLY)
         except OSError as e:
             raise DataError(f"{label}: cannot read {path}: {e}") from e
-        self._items = self._group()
+        self._items = self._group(0)
+
+    def seek(self, offset: int) -> None:
+        """Go on from the sample whose first header is at byte ``offset`` (an index's ``tar_offset``)."""
+        self._items.close()
+        self._items = self._group(offset)
 
     def _fail(self, why: str) -> DataError:
         return DataError(f"{self.label}: cannot read {self.path}: {why}")
 
-    def _members(self) -> Iterator[tuple[str, int, int]]:
-        """(name, data offset, size) of each regular file, in order."""
-        offset, long_name = 0, None
+    def _members(self, offset: int) -> Iterator[tuple[str, int, int]]:
+        """(name, data offset, size) of each regular file from the header at ``offset`` on, in order."""
+        long_name = None
         while True:
             header = os.pread(self._fd, _BLOCK, offset)
             if len(header) < _BLOCK:
@@ -542,10 +576,10 @@ class _TarSamples:
             if kind in (b"0", b"\0", b"7"):
                 yield name, start, size
 
-    def _group(self) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
+    def _group(self, offset: int) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
         key, members = None, {}
         try:
-            for name, start, size in self._members():
+            for name, start, size in self._members(offset):
                 # webdataset's split (base_plus_ext): the key is the path up to the first dot of
                 # its last component, which must not start with one.
                 base = name.rfind("/") + 1
@@ -572,16 +606,16 @@ class _TarSamples:
         return next(self._items)
 
     def read(self, members: dict[str, tuple[int, int]]) -> dict[str, bytes]:
-        """The bytes of a sample's members."""
-        out = {}
-        for ext, (start, size) in members.items():
-            try:
-                out[ext] = os.pread(self._fd, size, start)
-            except OSError as e:
-                raise self._fail(str(e)) from e
-            if len(out[ext]) != size:
-                raise self._fail(f"it ends inside member {ext} ({len(out[ext])} of {size} bytes)")
-        return out
+        """The bytes of a sample's members, in one read (they lie together, headers between them)."""
+        first = min(start for start, _ in members.values())
+        end = max(start + size for start, size in members.values())
+        try:
+            span = os.pread(self._fd, end - first, first)
+        except OSError as e:
+            raise self._fail(str(e)) from e
+        if len(span) != end - first:
+            raise self._fail(f"it ends inside a sample ({len(span)} of {end - first} bytes at byte {first})")
+        return {ext: span[start - first: start - first + size] for ext, (start, size) in members.items()}
 
     def close(self) -> None:
         self._items.close()
@@ -686,7 +720,15 @@ class _Cursor:
                 continue
             if self.shard != ref.shard or self.next_ordinal > ref.ordinal:
                 self._open(ref.shard)
-            keys = self.table.info(ref.shard).keys
+            info = self.table.info(ref.shard)
+            if ref.ordinal > self.next_ordinal and info.seekable:
+                # Samples to pass over (a subset's unused ones, or a resumed stream's read ones):
+                # straight to this one, in the tar and in its text shard.
+                self._samples.seek(int(info.offsets[ref.ordinal]))
+                if self._texts is not None:
+                    self._texts.seek(int(info.text_offsets[ref.ordinal]))
+                self.next_ordinal = ref.ordinal
+            keys = info.keys
             label = self.table.labels[ref.shard]
             while True:
                 item = next(self._samples, None)

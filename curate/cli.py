@@ -192,9 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--captions", default=None, metavar="VARIANT=WEIGHT,...",
                    help="caption variants (long, short, orig: the original captions, ...) and their weights, "
                         "normalised to sum to 1; when merging, for every part (default: each keeps its own)")
-    p.add_argument("--hold-out", type=int, default=None, metavar="SHARDS",
-                   help="leave SHARDS shards, drawn at random, out of the new manifest and write them as "
-                        "NAME-heldout.json beside it: held-out samples for train's val.shards")
+    held = p.add_mutually_exclusive_group()
+    held.add_argument("--hold-out", type=int, default=None, metavar="SHARDS",
+                      help="leave SHARDS shards, drawn at random, out of the new manifest and write them as "
+                           "NAME-heldout.json beside it: held-out samples for train's val.shards")
+    held.add_argument("--hold-out-samples", type=int, default=None, metavar="N",
+                      help="the same with N samples drawn at random from every shard (a subset of each)")
     p.add_argument("--where", action="append", default=[], metavar="EXPR",
                    help="keep only the samples for which this SQL expression is true, over the columns of the latent "
                         "index (orig_w, orig_h, bucket_h, bucket_w, captions), the image stage (width, height, bytes, "
@@ -357,7 +360,7 @@ def cmd_manifest(args: argparse.Namespace) -> int:
         write_manifest,
     )
     from curate.runner import CurateError
-    from curate.subset import SubsetRules, subset_manifest
+    from curate.subset import SubsetRules, hold_out_samples, subset_manifest
 
     try:
         sources = [parse_merge_source(text) for text in args.manifests]
@@ -366,18 +369,19 @@ def cmd_manifest(args: argparse.Namespace) -> int:
                             keep=Path(args.keep) if args.keep else None,
                             exclude=Path(args.exclude) if args.exclude else None, fraction=args.fraction,
                             seed=args.seed, unique=args.unique)
-        if merging and args.hold_out is not None:
+        holding = args.hold_out is not None or args.hold_out_samples is not None
+        if merging and holding:
             raise CurateError("--hold-out splits one manifest: hold shards out of each dataset's manifest, "
                               "then merge the rest")
         if rules.scores and not rules.where:
             raise CurateError("--scores only gives columns to --where: say which samples to keep with --where")
-        if not merging and args.captions is None and args.hold_out is None and not rules:
+        if not merging and args.captions is None and not holding and not rules:
             raise CurateError("give --captions for another caption selection, --where, --keep, --exclude or "
                               "--fraction for a subset of the samples, --hold-out to split off held-out shards, "
                               "or several manifests to merge")
         out = Path(args.out) if args.out else Path(sources[0][1]).parent / f"{args.name}.json"
         held_out_path = out.with_name(f"{args.name}-heldout.json")
-        for target in (out, held_out_path) if args.hold_out is not None else (out,):
+        for target in (out, held_out_path) if holding else (out,):
             if any(target.resolve() == Path(path).resolve() for _, path, _ in sources):
                 raise CurateError(f"{target} is a source manifest: choose another --name or --out")
         weights = parse_caption_weights(args.captions) if args.captions is not None else None
@@ -395,6 +399,10 @@ def cmd_manifest(args: argparse.Namespace) -> int:
             if args.hold_out is not None:
                 manifest, held = hold_out(source, sources[0][1], args.hold_out, name=args.name, out=out,
                                           captions=weights)
+            elif args.hold_out_samples is not None:
+                rest, held = hold_out_samples(source, sources[0][1], args.hold_out_samples)
+                manifest = with_captions(rest, sources[0][1], weights, name=args.name, out=out)
+                held = with_captions(held, sources[0][1], weights, name=f"{args.name}-heldout", out=held_out_path)
             else:
                 manifest = with_captions(source, sources[0][1], weights, name=args.name, out=out)
         rows = latent_index_rows(manifest, out, ["key", "captions"])  # read once: coverage and overlap

@@ -51,7 +51,7 @@ from curate.manifest import (
     shard_urls,
 )
 
-__all__ = ["SubsetReport", "SubsetRules", "subset_manifest", "subset_summary"]
+__all__ = ["SubsetReport", "SubsetRules", "hold_out_samples", "subset_manifest", "subset_summary"]
 
 # Index columns that describe a stage's processing, not the sample.
 _BOOKKEEPING = {"status", "reason", "detail", "tar_offset", "tar_length"}
@@ -315,19 +315,23 @@ def _listed_keys(path: Path, rows: pl.DataFrame) -> pl.Series:
 
 def _fraction_draw(keys: pl.Series, fraction: float, seed: int) -> np.ndarray:
     """True for the samples in the fraction: a uniform draw per (seed, key) that never depends on
-    the other samples. A key is a 128-bit content hash in hex; its two 64-bit halves go through
-    SplitMix64's finaliser with the seed (vectorised: 0.3 s a million, where BLAKE2b per key in
-    Python took 1.4 s)."""
+    the other samples."""
+    return _key_draws(keys, seed) < np.uint64(min(int(fraction * 2**64), 2**64 - 1))
+
+
+def _key_draws(keys: pl.Series, seed: int) -> np.ndarray:
+    """A uniform 64-bit draw per (seed, key), as uint64. A key is a 128-bit content hash in hex; its
+    two 64-bit halves go through SplitMix64's finaliser with the seed (vectorised: 0.3 s a
+    million, where BLAKE2b per key in Python took 1.4 s)."""
     try:
         words = [keys.str.slice(start, 8).str.to_integer(base=16).cast(pl.UInt64).to_numpy()
                  for start in (0, 8, 16, 24)]
     except pl.exceptions.PolarsError as e:
-        raise ManifestError("--fraction draws from the sample keys, which must be hex content hashes: "
+        raise ManifestError("a random draw per sample is made from its key, which must be a hex content hash: "
                             f"{str(e).splitlines()[0]}") from None
     with np.errstate(over="ignore"):
         high, low = (words[0] << np.uint64(32)) | words[1], (words[2] << np.uint64(32)) | words[3]
-        x = _splitmix64(_splitmix64(high ^ _splitmix64(np.array([seed], dtype=np.uint64))) ^ low)
-        return x < np.uint64(min(int(fraction * 2**64), 2**64 - 1))
+        return _splitmix64(_splitmix64(high ^ _splitmix64(np.array([seed], dtype=np.uint64))) ^ low)
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -336,6 +340,34 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return x ^ (x >> np.uint64(31))
+
+
+def hold_out_samples(manifest: Manifest, manifest_path: str | os.PathLike, samples: int
+                     ) -> tuple[Manifest, Manifest]:
+    """(the manifest without ``samples`` of its samples, a manifest of those), both with the shard
+    paths of ``manifest``: held-out samples for the validation loss, drawn at random (from (0,
+    key): the same ones every time, and 100 held out lie among the 200 held out) from every
+    shard, rather than whole shards."""
+    if manifest.parts is not None:
+        raise ManifestError(f"{manifest_path} merges {len(manifest.parts)} datasets: hold samples out of each "
+                            "dataset's manifest, then merge the rest")
+    rows = latent_index_rows(manifest, manifest_path, ["key"])
+    if rows is None:
+        raise ManifestError(f"{manifest_path}: the indexes of its shards cannot be read here (remote or missing "
+                            "shards); the held-out samples are drawn from them")
+    if not 0 < samples < rows.height:
+        raise ManifestError(f"--hold-out-samples {samples}: {manifest_path} has {rows.height} samples; hold out at "
+                            "least 1 and leave at least 1 to train on")
+    held = np.zeros(rows.height, dtype=bool)
+    held[np.argsort(_key_draws(rows["key"], 0), kind="stable")[:samples]] = True
+    source = {"path": str(Path(manifest_path).resolve()), "sha256": file_sha256(manifest_path), "samples": samples}
+
+    def part(keep: np.ndarray, this: str) -> Manifest:
+        subset = _apply(manifest, rows, keep)
+        provenance = {**manifest.provenance, "held_out": {**source, "this": this}}
+        return Manifest.model_validate(subset.model_copy(update={"provenance": provenance}).model_dump())
+
+    return part(~held, "the rest"), part(held, "held out")
 
 
 def _apply(manifest: Manifest, rows: pl.DataFrame, keep: np.ndarray) -> Manifest:

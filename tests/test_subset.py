@@ -348,3 +348,25 @@ def test_indexes_record_where_each_sample_lies_and_the_reader_seeks_there(datase
     assert subset(str(old / "manifests" / "long.json"), "--where", "bucket_w > 32", "--name", "wide", "--out",
                   str(moved))[0] == 0
     assert Counter(epoch_keys(moved)) == Counter(WIDE)
+
+
+def test_hold_out_samples_draws_them_from_every_shard(dataset, tmp_path: Path):
+    out = tmp_path / "train.json"
+    code, printed, err = subset(str(dataset["long"]), "--hold-out-samples", "5", "--captions", "short=1",
+                                "--name", "train", "--out", str(out))
+    assert code == 0, err
+    train, held = load_manifest(out, check_files=True), load_manifest(tmp_path / "train-heldout.json")
+    assert (train.samples, held.samples) == (13, 5) and held.captions == train.captions == {"short": 1.0}
+    assert held.provenance["held_out"]["this"] == "held out"
+    held_keys = set(epoch_keys(tmp_path / "train-heldout.json"))
+    assert len(held_keys) == 5 and not held_keys & set(epoch_keys(out))
+    # The same draw every time, and fewer held out lie among more held out.
+    assert subset(str(dataset["long"]), "--hold-out-samples", "3", "--name", "small", "--out",
+                  str(tmp_path / "small.json"))[0] == 0
+    assert set(epoch_keys(tmp_path / "small-heldout.json")) < held_keys
+    # What the validation loss reads: the first samples of the held-out manifest, all held out.
+    assert {s.key for s in first_samples(held, tmp_path / "train-heldout.json", 10, seed=0)} == held_keys
+    err = subset(str(dataset["long"]), "--hold-out-samples", "18", "--name", "x", "--out", str(tmp_path / "x.json"))[2]
+    assert "has 18 samples; hold out at least 1 and leave at least 1" in err
+    with pytest.raises(SystemExit):  # one kind of hold-out at a time (argparse says so)
+        subset(str(dataset["long"]), "--hold-out", "1", "--hold-out-samples", "2", "--name", "x")

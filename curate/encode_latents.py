@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from curate.manifest import Manifest, ShardEntry, file_sha256, write_manifest
-from curate.runner import STAGE_FILE, CurateError, ShardTask, Stage
-from curate.shards import OK, ShardWriter, committed_shards, read_index, stable_hash
+from curate.manifest import Manifest, ShardEntry, write_manifest
+from curate.runner import STAGE_FILE, CurateError, ShardTask, Stage, image_stage_tasks
+from curate.shards import OK, ShardWriter, committed_shards, read_index
 
 if TYPE_CHECKING:
     import torch
@@ -128,23 +128,7 @@ class EncodeLatentsStage(Stage):
         return out
 
     def plan(self) -> list[ShardTask]:
-        if not (self.images_dir / STAGE_FILE).exists():
-            raise CurateError(f"{self.images_dir}: not a complete image stage (no {STAGE_FILE})")
-        tasks = []
-        for shard in committed_shards(self.images_dir):
-            captions = None
-            if self.captions_dir is not None:
-                captions = self.captions_dir / shard.index_path.name
-                if not captions.exists():
-                    raise CurateError(f"{captions}: no captions for image shard {shard.shard_id}; "
-                                      "were they made from another image stage?")
-            fingerprint = stable_hash([shard.meta.fingerprint, shard.meta.tar_sha256,
-                                       file_sha256(captions) if captions else None])
-            tasks.append(ShardTask(shard.shard_id, fingerprint, shard.meta.counts["ok"],
-                                   (str(shard.index_path), str(shard.tar_path), str(captions) if captions else None)))
-        if not tasks:
-            raise CurateError(f"{self.images_dir}: no image shards")
-        return tasks
+        return image_stage_tasks(self.images_dir, self.captions_dir)
 
     # -- doing it ----------------------------------------------------------------------------------------
 

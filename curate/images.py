@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -224,3 +226,59 @@ def fit_pixels(img: Image.Image, max_pixels: int, multiple: int = 1) -> Image.Im
     scale = (max_pixels / (w * h)) ** 0.5
     nw, nh = max(multiple, int(w * scale) // multiple * multiple), max(multiple, int(h * scale) // multiple * multiple)
     return img.resize((nw, nh), Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+class ImageStream:
+    """The images of several shards, in order, decoded, turned to RGB and put through ``prepare``
+    (a resize, a model's image processor) in DataLoader workers, ahead of the model that takes
+    them: what recaption and score read the image stage with.
+
+    Workers split the samples by their global position (item g goes to worker g % n), and the
+    DataLoader takes from the workers in turn, so the stream comes out in exactly the order of
+    the shards, shard after shard, while the workers decode ahead (``prefetch`` items each).
+    """
+
+    def __init__(self, shards: list[tuple[int, str]], prepare: Callable[[Image.Image], Any], workers: int,
+                 prefetch: int = 8):
+        import torch.utils.data as tud
+
+        from curate.procs import die_with_parent
+        from curate.shards import iter_tar_samples
+
+        class Images(tud.IterableDataset):
+            def __iter__(self) -> Iterator[tuple[int, str, Any, str | None]]:
+                info = tud.get_worker_info()
+                wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
+                position = 0
+                for shard_id, tar in shards:
+                    for key, members in iter_tar_samples(tar):
+                        if position % n == wid:
+                            yield (shard_id, key, *_prepared(members, prepare))
+                        position += 1
+
+        self.loader = tud.DataLoader(Images(), batch_size=None, num_workers=workers,
+                                     prefetch_factor=prefetch if workers else None, collate_fn=lambda x: x,
+                                     worker_init_fn=die_with_parent)
+        self.iterator = iter(self.loader)
+
+    def take(self, shard_id: int, count: int) -> Iterator[tuple[str, Any, str | None]]:
+        """The next ``count`` items, all of shard ``shard_id``: (key, prepared image or None, error or None)."""
+        from curate.runner import CurateError
+
+        for _ in range(count):
+            got_shard, key, image, error = next(self.iterator)
+            if got_shard != shard_id:
+                raise CurateError(f"image shard {shard_id} holds fewer samples than its index lists")
+            yield key, image, error
+
+    def close(self) -> None:
+        del self.iterator
+
+
+def _prepared(members: dict[str, bytes], prepare: Callable[[Image.Image], Any]) -> tuple[Any, str | None]:
+    try:
+        with Image.open(io.BytesIO(members["jpg"])) as img:
+            img.load()
+            return prepare(to_rgb(img)), None
+    except Exception as e:  # validated at ingest; a failure here is recorded, not fatal
+        return None, f"{type(e).__name__}: {e}"[:300]

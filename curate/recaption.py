@@ -12,11 +12,11 @@ ahead of the model, across shard boundaries, so the model never waits on JPEG de
 
 from __future__ import annotations
 
-import io
+import functools
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,14 +25,13 @@ import polars as pl
 
 from curate.caption_qa import CaptionQA, check_caption
 from curate.captioners.base import Captioner, CaptionRequest, Generation, Sampling
-from curate.procs import die_with_parent
+from curate.images import ImageStream, fit_pixels
 from curate.prompts import PromptSpec, build_prompt
 from curate.runner import STAGE_FILE, CurateError, ShardTask, Stage
 from curate.shards import (
     OK,
     ShardWriter,
     committed_shards,
-    iter_tar_samples,
     read_index,
     stable_hash,
 )
@@ -49,57 +48,6 @@ class CaptionSettings:
     max_pixels: int = 802_816  # 1024 visual tokens of Qwen2-VL (28x28 pixels each)
     retries: int = 2
     use_orig_caption: bool = False
-
-
-class _ImageStream:
-    """Decoded, RGB, resized images of several shards, in order, from DataLoader workers.
-
-    Workers split the samples by their global position (item g goes to worker g % n), and
-    the DataLoader takes from workers in turn, so the stream comes out in exactly the
-    order of the shards, shard after shard, while workers decode ahead.
-    """
-
-    def __init__(self, shards: list[tuple[int, str]], max_pixels: int, workers: int):
-        import torch.utils.data as tud
-
-        class Images(tud.IterableDataset):
-            def __iter__(self) -> Iterator[tuple[int, str, Any, str | None]]:
-                info = tud.get_worker_info()
-                wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
-                position = 0
-                for shard_id, tar in shards:
-                    for key, members in iter_tar_samples(tar):
-                        if position % n == wid:
-                            yield (shard_id, key, *_decode(members, max_pixels))
-                        position += 1
-
-        self.loader = tud.DataLoader(Images(), batch_size=None, num_workers=workers,
-                                     prefetch_factor=8 if workers else None, collate_fn=lambda x: x,
-                                     worker_init_fn=die_with_parent)
-        self.iterator = iter(self.loader)
-
-    def take(self, shard_id: int, count: int) -> Iterator[tuple[str, Any, str | None]]:
-        for _ in range(count):
-            got_shard, key, image, error = next(self.iterator)
-            if got_shard != shard_id:
-                raise CurateError(f"image shard {shard_id} holds fewer samples than its index lists")
-            yield key, image, error
-
-    def close(self) -> None:
-        del self.iterator
-
-
-def _decode(members: dict[str, bytes], max_pixels: int) -> tuple[Any, str | None]:
-    from PIL import Image
-
-    from curate.images import fit_pixels, to_rgb
-
-    try:
-        with Image.open(io.BytesIO(members["jpg"])) as img:
-            img.load()
-            return fit_pixels(to_rgb(img), max_pixels), None
-    except Exception as e:  # validated at ingest; a failure here is recorded, not fatal
-        return None, f"{type(e).__name__}: {e}"[:300]
 
 
 class RecaptionStage(Stage):
@@ -123,7 +71,7 @@ class RecaptionStage(Stage):
         self.chunk_images = max(1, chunk_images)
         self.decode_workers = decode_workers
         self.captioner: Captioner | None = None
-        self.stream: _ImageStream | None = None
+        self.stream: ImageStream | None = None
         schema: dict[str, pl.DataType] = {}
         for v in self.variants:
             schema |= {v: pl.Utf8, f"{v}_words": pl.Int32, f"{v}_flags": pl.List(pl.Utf8),
@@ -160,8 +108,9 @@ class RecaptionStage(Stage):
 
     def prepare(self, todo: list[ShardTask]) -> None:
         self.captioner = self.open_captioner()
-        self.stream = _ImageStream([(t.shard_id, t.payload[1]) for t in todo], self.settings.max_pixels,
-                                   self.decode_workers)
+        self.stream = ImageStream([(t.shard_id, t.payload[1]) for t in todo],
+                                  functools.partial(fit_pixels, max_pixels=self.settings.max_pixels),
+                                  self.decode_workers)
 
     def __exit__(self, *exc: object) -> None:
         if self.stream is not None:

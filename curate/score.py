@@ -20,24 +20,22 @@ processor in DataLoader workers, ahead of the model.
 
 from __future__ import annotations
 
-import io
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 import torch
 
+from curate.images import ImageStream
 from curate.manifest import file_sha256
-from curate.runner import STAGE_FILE, CurateError, ShardTask, Stage
+from curate.runner import CurateError, ShardTask, Stage, image_stage_tasks
 from curate.shards import (
     OK,
     ShardWriter,
     committed_shards,
-    iter_tar_samples,
     read_index,
-    stable_hash,
 )
 
 log = logging.getLogger("curate")
@@ -172,52 +170,6 @@ class ClipScorer:
         return torch.nn.functional.normalize(out.float(), dim=-1), [n > self.max_tokens for n in lengths]
 
 
-class _PreparedImages:
-    """Images of several shards in order, decoded and prepared by ``prepare`` in DataLoader workers
-    (item g goes to worker g % n; the DataLoader takes from the workers in turn, so the order is kept)."""
-
-    def __init__(self, shards: list[tuple[int, str]], prepare: Callable[[Any], torch.Tensor], workers: int):
-        import torch.utils.data as tud
-
-        from curate.procs import die_with_parent
-
-        class Images(tud.IterableDataset):
-            def __iter__(self) -> Iterator[tuple[int, str, torch.Tensor | None, str | None]]:
-                info = tud.get_worker_info()
-                wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
-                position = 0
-                for shard_id, tar in shards:
-                    for key, members in iter_tar_samples(tar):
-                        if position % n == wid:
-                            yield (shard_id, key, *_prepared(members, prepare))
-                        position += 1
-
-        self.loader = tud.DataLoader(Images(), batch_size=None, num_workers=workers,
-                                     prefetch_factor=16 if workers else None, collate_fn=lambda x: x,
-                                     worker_init_fn=die_with_parent)
-        self.iterator = iter(self.loader)
-
-    def take(self, shard_id: int, count: int) -> Iterator[tuple[str, torch.Tensor | None, str | None]]:
-        for _ in range(count):
-            got, key, pixels, error = next(self.iterator)
-            if got != shard_id:
-                raise CurateError(f"image shard {shard_id} holds fewer samples than its index lists")
-            yield key, pixels, error
-
-
-def _prepared(members: dict[str, bytes], prepare: Callable[[Any], torch.Tensor]) -> tuple[Any, str | None]:
-    from PIL import Image
-
-    from curate.images import to_rgb
-
-    try:
-        with Image.open(io.BytesIO(members["jpg"])) as img:
-            img.load()
-            return prepare(to_rgb(img)), None
-    except Exception as e:  # validated at ingest; a failure here is recorded, not fatal
-        return None, f"{type(e).__name__}: {e}"[:300]
-
-
 class ScoreStage(Stage):
     name = "score"
     version = 1
@@ -238,7 +190,7 @@ class ScoreStage(Stage):
             self.index_schema["aesthetic"] = pl.Float32
         self.scorer: ClipScorer | None = None
         self.head: AestheticHead | None = None
-        self.stream: _PreparedImages | None = None
+        self.stream: ImageStream | None = None
 
     def _caption_variants(self) -> list[str]:
         if self.captions_dir is None:
@@ -263,21 +215,7 @@ class ScoreStage(Stage):
                 **({"model_id": self.scorer.id} if self.scorer else {})}
 
     def plan(self) -> list[ShardTask]:
-        if not (self.images_dir / STAGE_FILE).exists():
-            raise CurateError(f"{self.images_dir}: not a complete image stage (no {STAGE_FILE})")
-        tasks = []
-        for shard in committed_shards(self.images_dir):
-            captions = self.captions_dir / shard.index_path.name if self.captions_dir else None
-            if captions is not None and not captions.exists():
-                raise CurateError(f"{captions}: no captions for image shard {shard.shard_id}; were they made "
-                                  "from another image stage?")
-            fingerprint = stable_hash([shard.meta.fingerprint, shard.meta.tar_sha256,
-                                       file_sha256(captions) if captions else None])
-            tasks.append(ShardTask(shard.shard_id, fingerprint, shard.meta.counts["ok"],
-                                   (str(shard.index_path), str(shard.tar_path), str(captions) if captions else None)))
-        if not tasks:
-            raise CurateError(f"{self.images_dir}: no image shards")
-        return tasks
+        return image_stage_tasks(self.images_dir, self.captions_dir)
 
     def prepare(self, todo: list[ShardTask]) -> None:
         self.head = AestheticHead.load(self.aesthetic) if self.aesthetic else None
@@ -290,8 +228,8 @@ class ScoreStage(Stage):
             self.head = self.head.to(self.scorer.device).eval()
         # The decoding workers start first: they fill their queues while the weights load (and they
         # fork from a process that holds no model yet).
-        self.stream = _PreparedImages([(t.shard_id, t.payload[1]) for t in todo], self.scorer.prepare,
-                                      self.decode_workers)
+        self.stream = ImageStream([(t.shard_id, t.payload[1]) for t in todo], self.scorer.prepare,
+                                  self.decode_workers, prefetch=16)
         self.scorer.load()
 
     def __exit__(self, *exc: object) -> None:

@@ -126,8 +126,6 @@ def subset_manifest(manifest: Manifest, manifest_path: str | os.PathLike, rules:
         passes.append((f"--keep {rules.keep}", pl.col("key").is_in(_listed_keys(rules.keep, rows))))
     if rules.exclude is not None:
         passes.append((f"--exclude {rules.exclude}", ~pl.col("key").is_in(_listed_keys(rules.exclude, rows))))
-    if rules.unique:  # the same content (key) in an earlier part: this listing goes
-        passes.append(("--unique (first part only)", pl.col("part") == pl.col("part").min().over("key")))
     if rules.fraction is not None:
         drawn = _fraction_draw(rows["key"], rules.fraction, rules.seed)
         passes.append((f"--fraction {rules.fraction:g} (seed {rules.seed})", pl.lit(pl.Series(drawn))))
@@ -146,6 +144,12 @@ def subset_manifest(manifest: Manifest, manifest_path: str | os.PathLike, rules:
         passed = value.fill_null(False).to_numpy()
         report_rules.append((label, int((~passed).sum()), int(nulls.sum())))
         keep &= passed
+    if rules.unique:  # last: of a sample's listings that pass the rules, those of its first part stay
+        first = (rows.select("key", "part").with_columns(pl.Series("kept", keep))
+                 .select(pl.col("kept") & (pl.col("part") == pl.col("part").filter(pl.col("kept")).min().over("key"))
+                         .fill_null(False))).to_series().to_numpy()
+        report_rules.append(("--unique (first part only)", int(keep.sum() - first.sum()), 0))
+        keep = first
 
     if not keep.any():
         raise ManifestError(f"{manifest_path}: no sample passes the rules (of {rows.height}: "

@@ -370,3 +370,32 @@ def test_hold_out_samples_draws_them_from_every_shard(dataset, tmp_path: Path):
     assert "has 18 samples; hold out at least 1 and leave at least 1" in err
     with pytest.raises(SystemExit):  # one kind of hold-out at a time (argparse says so)
         subset(str(dataset["long"]), "--hold-out", "1", "--hold-out-samples", "2", "--name", "x")
+
+
+def test_unique_applies_after_the_other_rules(dataset, tmp_path: Path):
+    """The same images in a second dataset whose image stage says every image is 32 px wide:
+    ``--where 'width < 40'`` drops the wide ones from the first part only, so --unique keeps
+    them in the second, where they pass, rather than lose them for being listed first."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curate.manifest import write_manifest
+
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset["root"], copy)
+    for index in sorted((copy / "images").glob("*.parquet")):
+        table = pq.read_table(index)
+        narrow = pa.array([32] * table.num_rows, type=table.schema.field("width").type)
+        pq.write_table(table.set_column(table.schema.get_field_index("width"), "width", narrow), index)
+    second = load_manifest(copy / "manifests" / "long.json")
+    write_manifest(second.model_copy(update={"provenance": {**second.provenance,
+                                                            "images": {"path": str(copy / "images")}}}),
+                   copy / "manifests" / "long.json")
+    out = tmp_path / "u.json"
+    code, printed, err = subset(f"first={dataset['long']}", f"second={copy / 'manifests' / 'long.json'}",
+                                "--where", "width < 40", "--unique", "--name", "u", "--out", str(out))
+    assert code == 0, err
+    manifest = load_manifest(out)
+    assert [(p.name, p.samples) for p in manifest.parts] == [("first", 9), ("second", 9)]
+    counts = Counter(epoch_keys(out))
+    assert len(counts) == SHARDS * PER_SHARD and set(counts.values()) == {1}

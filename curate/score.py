@@ -233,7 +233,9 @@ class ScoreStage(Stage):
         self.scorer.load()
 
     def __exit__(self, *exc: object) -> None:
-        self.stream = None
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
 
     def _captions(self, task: ShardTask) -> tuple[list[str], dict[str, dict[str, str]]]:
         """The image keys in order, and each one's non-empty caption per variant."""

@@ -75,6 +75,7 @@ from curate.buckets import IMAGE_MEMBER, preprocess
 from curate.manifest import (
     Manifest,
     ManifestError,
+    ShardEntry,
     part_captions,
     shard_parts,
     shard_urls,
@@ -974,10 +975,9 @@ def first_samples(manifest: Manifest, manifest_path: str | os.PathLike, n: int, 
     for i, (entry, path) in enumerate(zip(manifest.shards, paths, strict=True)):
         label = f"{manifest_path}: shard {i} ({entry.path})"
         samples = _TarSamples(path, label)
-        used = entry.subset.used() if entry.subset is not None else None
         try:
-            for ordinal, (key, members) in enumerate(samples):
-                if key in seen or (used is not None and not (ordinal < len(used) and used[ordinal])):
+            for key, members in _used_samples(samples, entry, label):
+                if key in seen:
                     continue
                 seen.add(key)
                 s = _decode(key, samples.read(members), label)
@@ -990,6 +990,31 @@ def first_samples(manifest: Manifest, manifest_path: str | os.PathLike, n: int, 
         finally:
             samples.close()
     return out
+
+
+def _used_samples(samples: _TarSamples, entry: ShardEntry, label: str) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
+    """The samples of a shard that its manifest entry uses, in tar order: every one, or a subset's,
+    to which the reader seeks when the index records where they lie (a held-out subset may use one
+    sample in a thousand), checking each key against the index."""
+    if entry.subset is None:
+        yield from samples
+        return
+    used = entry.subset.used()
+    index = _index_path(samples.path)
+    offsets = _tar_offsets(index, entry.accepted)
+    if offsets is None:  # an index from before offsets: walk
+        yield from (item for ordinal, item in enumerate(samples) if ordinal < len(used) and used[ordinal])
+        return
+    table = pq.read_table(index, columns=["key", "status"], use_threads=False)
+    keys = table.filter(pc.equal(table["status"], OK))["key"].to_pylist()
+    for ordinal in np.flatnonzero(used):
+        samples.seek(int(offsets[ordinal]))
+        item = next(samples, None)
+        if item is None or item[0] != keys[ordinal]:
+            raise DataError(f"{label}: its index places sample {keys[ordinal]} at byte {offsets[ordinal]}, where "
+                            f"the tar holds {'nothing' if item is None else item[0]}: the shard changed after it was "
+                            "indexed")
+        yield item
 
 
 # --------------------------------------------------------------------------- the loader

@@ -30,6 +30,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/recaption.py
 	$(PY) bench/encode_latents.py
 	$(PY) bench/encode_text.py
+	$(PY) bench/score.py
 	$(PY) bench/shard_writer.py
 	$(PY) bench/train.py
 	$(PY) bench/subset.py

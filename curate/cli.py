@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from curate.manifest import Manifest
+    from curate.subset import SubsetRules
 
 # Stage modules are imported inside the commands: decoding workers are spawned processes that
 # re-import the entry script, and they should not pay for polars and pyarrow.
@@ -34,6 +35,34 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rank", type=int, default=None, help="this worker's index")
     g.add_argument("--world-size", type=int, default=None, help="number of workers")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_selection_args(p: argparse.ArgumentParser, what: str, seed_option: str = "--seed") -> None:
+    """--where, --scores, --keep, --exclude, --fraction: the rules of curate.subset, for ``what``."""
+    g = p.add_argument_group(f"which samples ({what}; curate.subset)")
+    g.add_argument("--where", action="append", default=[], metavar="EXPR",
+                   help="keep only the samples for which this SQL expression is true; repeatable (all must hold)")
+    g.add_argument("--scores", action="append", default=[], metavar="TABLE",
+                   help="a table (parquet, csv, tsv, jsonl) of per-sample values by key or source, or a `curate "
+                        "score` folder, whose columns --where can name; repeatable")
+    g.add_argument("--keep", default=None, metavar="TABLE",
+                   help="keep only the samples it lists (a table with a key or source column, or a .txt of keys)")
+    g.add_argument("--exclude", default=None, metavar="TABLE", help="drop the samples it lists (as --keep)")
+    g.add_argument("--fraction", type=float, default=None, metavar="F",
+                   help=f"keep a random fraction F of the samples, drawn per sample from ({seed_option}, key)")
+    g.add_argument(seed_option, type=int, default=0, dest="fraction_seed", help="seed of --fraction's draw")
+
+
+def _selection(args: argparse.Namespace) -> SubsetRules:
+    from curate.runner import CurateError
+    from curate.subset import SubsetRules
+
+    rules = SubsetRules(where=args.where, scores=[Path(p) for p in args.scores],
+                        keep=Path(args.keep) if args.keep else None, exclude=Path(args.exclude) if args.exclude else None,
+                        fraction=args.fraction, seed=args.fraction_seed, unique=getattr(args, "unique", False))
+    if rules.scores and not rules.where:
+        raise CurateError("--scores only gives columns to --where: say which samples to keep with --where")
+    return rules
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
+    _add_selection_args(p, "images the model captions, the others recorded as filtered_out and left out by "
+                           "encode-latents too: over the image stage's columns (width, height, bytes, format, "
+                           "source, caption, image_flags) and --scores (a `curate score` folder)", "--fraction-seed")
     p.add_argument("--decode-workers", type=int, default=min(4, _default_workers()),
                    help="DataLoader processes decoding and resizing images")
     _add_worker_args(p)
@@ -198,21 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "NAME-heldout.json beside it: held-out samples for train's val.shards")
     held.add_argument("--hold-out-samples", type=int, default=None, metavar="N",
                       help="the same with N samples drawn at random from every shard (a subset of each)")
-    p.add_argument("--where", action="append", default=[], metavar="EXPR",
-                   help="keep only the samples for which this SQL expression is true, over the columns of the latent "
-                        "index (orig_w, orig_h, bucket_h, bucket_w, captions), the image stage (width, height, bytes, "
-                        "format, source, caption), the caption stage (long_words, short_words...) and --scores; "
-                        "repeatable (all must hold), e.g. --where 'orig_w >= 512 AND orig_h >= 512'")
-    p.add_argument("--scores", action="append", default=[], metavar="TABLE",
-                   help="a table (parquet, csv, tsv, jsonl) of per-sample values by key or source, e.g. aesthetic "
-                        "scores, whose columns --where can name; repeatable")
-    p.add_argument("--keep", default=None, metavar="TABLE",
-                   help="keep only the samples it lists (a table with a key or source column, or a .txt of keys)")
-    p.add_argument("--exclude", default=None, metavar="TABLE", help="drop the samples it lists (as --keep)")
-    p.add_argument("--fraction", type=float, default=None, metavar="F",
-                   help="keep a random fraction F of the samples, drawn per sample from (--seed, key): a data-scaling "
-                        "ablation (a smaller fraction of the same seed is a subset of a larger one)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --fraction's draw (default 0)")
+    _add_selection_args(p, "the columns of the latent index (orig_w, orig_h, bucket_h, bucket_w, captions), the "
+                           "image stage (width, height, bytes, format, source, caption), the caption stage "
+                           "(long_words, short_words...) and --scores")
     p.add_argument("--unique", action="store_true",
                    help="when merging: a sample whose content is in several parts stays in the first one only")
     p.add_argument("--name", required=True, help="the new manifest's name")
@@ -295,7 +315,7 @@ def cmd_recaption(args: argparse.Namespace) -> int:
             raise CurateError(str(e)) from e
 
     stage = RecaptionStage(args.images, model, load, settings, revision=args.revision, chunk_images=chunk,
-                           decode_workers=args.decode_workers)
+                           decode_workers=args.decode_workers, select=_selection(args))
     return _run(stage, args, share)
 
 
@@ -360,21 +380,16 @@ def cmd_manifest(args: argparse.Namespace) -> int:
         write_manifest,
     )
     from curate.runner import CurateError
-    from curate.subset import SubsetRules, hold_out_samples, subset_manifest
+    from curate.subset import hold_out_samples, subset_manifest
 
     try:
         sources = [parse_merge_source(text) for text in args.manifests]
         merging = len(sources) > 1 or sources[0][0] is not None or sources[0][2] > 1
-        rules = SubsetRules(where=args.where, scores=[Path(p) for p in args.scores],
-                            keep=Path(args.keep) if args.keep else None,
-                            exclude=Path(args.exclude) if args.exclude else None, fraction=args.fraction,
-                            seed=args.seed, unique=args.unique)
+        rules = _selection(args)
         holding = args.hold_out is not None or args.hold_out_samples is not None
         if merging and holding:
             raise CurateError("--hold-out splits one manifest: hold shards out of each dataset's manifest, "
                               "then merge the rest")
-        if rules.scores and not rules.where:
-            raise CurateError("--scores only gives columns to --where: say which samples to keep with --where")
         if not merging and args.captions is None and not holding and not rules:
             raise CurateError("give --captions for another caption selection, --where, --keep, --exclude or "
                               "--fraction for a subset of the samples, --hold-out to split off held-out shards, "

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +38,11 @@ REASONS = {
     "download_failed": "URL could not be downloaded",
     "duplicate": "same bytes as an earlier sample",
     "near_duplicate": "perceptual hash within --near-duplicates bits of an earlier sample's",
+    "filtered_out": "left out by the stage's --where, --keep, --exclude or --fraction",
 }
+# The reason of an image a stage leaves out on purpose (curate recaption --where ...); the stages
+# after it leave it out too.
+FILTERED_OUT = "filtered_out"
 
 # pHash: the 2-D DCT of a 32x32 grey thumbnail, whose lowest 8x8 frequencies give 64 bits.
 PHASH_SIDE, PHASH_LOW = 32, 8
@@ -239,7 +243,7 @@ class ImageStream:
     """
 
     def __init__(self, shards: list[tuple[int, str]], prepare: Callable[[Image.Image], Any], workers: int,
-                 prefetch: int = 8):
+                 prefetch: int = 8, skip: Collection[str] = ()):
         import torch.utils.data as tud
 
         from curate.procs import die_with_parent
@@ -252,8 +256,8 @@ class ImageStream:
                 position = 0
                 for shard_id, tar in shards:
                     for key, members in iter_tar_samples(tar):
-                        if position % n == wid:
-                            yield (shard_id, key, *_prepared(members, prepare))
+                        if position % n == wid:  # a skipped key comes through undecoded, as (None, None)
+                            yield (shard_id, key, *((None, None) if key in skip else _prepared(members, prepare)))
                         position += 1
 
         self.loader = tud.DataLoader(Images(), batch_size=None, num_workers=workers,

@@ -25,7 +25,8 @@ import polars as pl
 
 from curate.caption_qa import CaptionQA, check_caption
 from curate.captioners.base import Captioner, CaptionRequest, Generation, Sampling
-from curate.images import ImageStream, fit_pixels
+from curate.images import FILTERED_OUT, ImageStream, fit_pixels
+from curate.manifest import ManifestError
 from curate.prompts import PromptSpec, build_prompt
 from curate.runner import STAGE_FILE, CurateError, ShardTask, Stage
 from curate.shards import (
@@ -35,6 +36,7 @@ from curate.shards import (
     read_index,
     stable_hash,
 )
+from curate.subset import SubsetRules, select_images
 
 log = logging.getLogger("curate")
 
@@ -58,8 +60,12 @@ class RecaptionStage(Stage):
 
     def __init__(self, images_dir: str | Path, model_name: str, open_captioner: Callable[[], Captioner],
                  settings: CaptionSettings, *, revision: str | None = None, chunk_images: int = 32,
-                 decode_workers: int = 2):
+                 decode_workers: int = 2, select: SubsetRules | None = None):
         self.images_dir = Path(images_dir)
+        # Rules that leave images out before the model sees them (--where ...): captioning is the
+        # costly step, so filter on the image stage and cheap scores first.
+        self.select = select if select else None
+        self.dropped: dict[str, str] = {}  # key -> the rule that leaves it out
         self.model_name, self.revision = model_name, revision
         self.open_captioner = open_captioner
         self.settings = settings
@@ -88,7 +94,9 @@ class RecaptionStage(Stage):
         return {"model": self.model_name, "revision": self.revision,
                 "local_model_files": local_fingerprint(self.model_name),
                 "prompts": {v: p.hash for v, p in s.prompts.items()}, "sampling": s.sampling.as_dict(),
-                "max_pixels": s.max_pixels, "retries": s.retries, "use_orig_caption": s.use_orig_caption}
+                "max_pixels": s.max_pixels, "retries": s.retries, "use_orig_caption": s.use_orig_caption,
+                # Only when given, so that the stages captioned before --where existed keep their hash.
+                **({"select": self.select.record()} if self.select else {})}
 
     def provenance(self) -> dict[str, Any]:
         c = self.captioner
@@ -107,10 +115,18 @@ class RecaptionStage(Stage):
                           s.meta.counts["ok"], (str(s.index_path), str(s.tar_path))) for s in shards]
 
     def prepare(self, todo: list[ShardTask]) -> None:
+        if self.select:
+            try:
+                selection = select_images(self.images_dir, self.select)
+            except ManifestError as e:
+                raise CurateError(str(e)) from None
+            self.dropped = selection.dropped
+            log.info("recaption: the rules leave out %d of %d images (%s)", len(self.dropped), selection.of,
+                     "; ".join(f"{label}: drops {n}" for label, n, _ in selection.rules))
         self.captioner = self.open_captioner()
         self.stream = ImageStream([(t.shard_id, t.payload[1]) for t in todo],
                                   functools.partial(fit_pixels, max_pixels=self.settings.max_pixels),
-                                  self.decode_workers)
+                                  self.decode_workers, skip=self.dropped)
 
     def __exit__(self, *exc: object) -> None:
         if self.stream is not None:
@@ -126,6 +142,10 @@ class RecaptionStage(Stage):
         rows: dict[str, dict[str, Any]] = {}
         chunk: list[tuple[str, Any]] = []
         for key, image, error in self.stream.take(task.shard_id, len(originals)):
+            if key in self.dropped:
+                rows[key] = {"status": "rejected", "reason": FILTERED_OUT, "detail": self.dropped[key]}
+                progress(1)
+                continue
             if error is not None:
                 rows[key] = {"status": "rejected", "reason": "unreadable", "detail": error}
                 progress(1)

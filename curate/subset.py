@@ -51,7 +51,8 @@ from curate.manifest import (
     shard_urls,
 )
 
-__all__ = ["SubsetReport", "SubsetRules", "hold_out_samples", "subset_manifest", "subset_summary"]
+__all__ = ["ImageSelection", "SubsetReport", "SubsetRules", "hold_out_samples", "select_images",
+           "subset_manifest", "subset_summary"]
 
 # Index columns that describe a stage's processing, not the sample.
 _BOOKKEEPING = {"status", "reason", "detail", "tar_offset", "tar_length"}
@@ -119,31 +120,7 @@ def subset_manifest(manifest: Manifest, manifest_path: str | os.PathLike, rules:
     scores = [_read_table(p, "--scores") for p in rules.scores]
     wanted = {name for e in expressions for name in e.meta.root_names()}
     rows = _sample_rows(manifest, manifest_path, wanted, scores, rules)
-
-    passes: list[tuple[str, pl.Expr]] = [(f"--where {text}", e) for text, e in zip(rules.where, expressions,
-                                                                                    strict=True)]
-    if rules.keep is not None:
-        passes.append((f"--keep {rules.keep}", pl.col("key").is_in(_listed_keys(rules.keep, rows))))
-    if rules.exclude is not None:
-        passes.append((f"--exclude {rules.exclude}", ~pl.col("key").is_in(_listed_keys(rules.exclude, rows))))
-    if rules.fraction is not None:
-        drawn = _fraction_draw(rows["key"], rules.fraction, rules.seed)
-        passes.append((f"--fraction {rules.fraction:g} (seed {rules.seed})", pl.lit(pl.Series(drawn))))
-
-    report_rules, keep = [], np.ones(rows.height, dtype=bool)
-    for label, expression in passes:
-        try:
-            value = rows.select(expression.alias("value"))["value"]
-        except pl.exceptions.ColumnNotFoundError as e:
-            raise ManifestError(f"{label}: {e}") from None
-        except pl.exceptions.PolarsError as e:
-            raise ManifestError(f"{label}: cannot evaluate it on the samples' columns: {e}") from None
-        if value.dtype != pl.Boolean:
-            raise ManifestError(f"{label}: gives {value.dtype} values, not true or false")
-        nulls = value.is_null().to_numpy()
-        passed = value.fill_null(False).to_numpy()
-        report_rules.append((label, int((~passed).sum()), int(nulls.sum())))
-        keep &= passed
+    keep, report_rules, _ = _evaluate(rows, _passes(rules, expressions, rows))
     if rules.unique:  # last: of a sample's listings that pass the rules, those of its first part stay
         first = (rows.select("key", "part").with_columns(pl.Series("kept", keep))
                  .select(pl.col("kept") & (pl.col("part") == pl.col("part").filter(pl.col("kept")).min().over("key"))
@@ -161,6 +138,40 @@ def subset_manifest(manifest: Manifest, manifest_path: str | os.PathLike, rules:
                     {"from": {"path": str(Path(manifest_path).resolve()), "name": manifest.name},
                      **rules.record(), "kept": int(keep.sum()), "of": rows.height}]}})
     return Manifest.model_validate(subset.model_dump()), SubsetReport(rows.height, int(keep.sum()), report_rules)
+
+
+def _passes(rules: SubsetRules, expressions: list[pl.Expr], rows: pl.DataFrame) -> list[tuple[str, pl.Expr]]:
+    """Each rule (but --unique) as (its label, a boolean expression over ``rows``), in the options' order."""
+    passes = [(f"--where {text}", e) for text, e in zip(rules.where, expressions, strict=True)]
+    if rules.keep is not None:
+        passes.append((f"--keep {rules.keep}", pl.col("key").is_in(_listed_keys(rules.keep, rows))))
+    if rules.exclude is not None:
+        passes.append((f"--exclude {rules.exclude}", ~pl.col("key").is_in(_listed_keys(rules.exclude, rows))))
+    if rules.fraction is not None:
+        drawn = _fraction_draw(rows["key"], rules.fraction, rules.seed)
+        passes.append((f"--fraction {rules.fraction:g} (seed {rules.seed})", pl.lit(pl.Series(drawn))))
+    return passes
+
+
+def _evaluate(rows: pl.DataFrame, passes: list[tuple[str, pl.Expr]]
+              ) -> tuple[np.ndarray, list[tuple[str, int, int]], np.ndarray]:
+    """(which rows pass every rule, per rule (label, rows it drops, of those with a null value),
+    per row the index of the first rule it fails or -1)."""
+    keep, report, first = np.ones(rows.height, dtype=bool), [], np.full(rows.height, -1)
+    for i, (label, expression) in enumerate(passes):
+        try:
+            value = rows.select(expression.alias("value"))["value"]
+        except pl.exceptions.ColumnNotFoundError as e:
+            raise ManifestError(f"{label}: {e}") from None
+        except pl.exceptions.PolarsError as e:
+            raise ManifestError(f"{label}: cannot evaluate it on the samples' columns: {e}") from None
+        if value.dtype != pl.Boolean:
+            raise ManifestError(f"{label}: gives {value.dtype} values, not true or false")
+        passed = value.fill_null(False).to_numpy()
+        report.append((label, int((~passed).sum()), int(value.is_null().sum())))
+        first[(first < 0) & ~passed] = i
+        keep &= passed
+    return keep, report, first
 
 
 def _parse(text: str) -> pl.Expr:
@@ -253,6 +264,25 @@ def _sample_rows(manifest: Manifest, manifest_path: str | os.PathLike, wanted: s
                    if c not in _BOOKKEEPING and c != "key"}
         stage_maps[stage] = mapping
         available |= {name: f"the {stage} stage" for name in mapping.values()}
+    by_source = _check_columns(wanted, available, scores, rules)
+    need = {stage: {c: name for c, name in mapping.items()
+                    if name in wanted or (stage == "images" and c == "source" and by_source)}
+            for stage, mapping in stage_maps.items()}
+    rows = latent_index_rows(manifest, manifest_path, ["key", *[c for c in latent_columns
+                                                               if c in wanted and c != "key"]])
+    if rows is None:
+        raise unreadable
+    rows = _with_part(manifest, rows)
+    for stage, columns in need.items():
+        if columns:
+            rows = _join_stage(rows, manifest, stage, columns)
+    return _join_scores(rows, scores, rules).sort("shard", "ordinal")
+
+
+def _check_columns(wanted: set[str], available: dict[str, str], scores: list[pl.DataFrame],
+                   rules: SubsetRules) -> bool:
+    """Add the score tables' columns to ``available`` (column -> its source), refusing a name two
+    sources have and a ``--where`` name none has; whether a table matches samples by ``source``."""
     for path, table in zip(rules.scores, scores, strict=True):
         clash = [c for c in table.columns if c not in _KEY_COLUMNS and c in available]
         if clash:
@@ -264,23 +294,16 @@ def _sample_rows(manifest: Manifest, manifest_path: str | os.PathLike, wanted: s
         raise ManifestError(f"--where names {', '.join(unknown)}, which no source has; the columns are: "
                             + "; ".join(f"{source}: {', '.join(c for c, s in available.items() if s == source)}"
                                         for source in dict.fromkeys(available.values())))
-
     by_source = any("source" in t.columns for t in scores)
     for path in (rules.keep, rules.exclude):
         if path is not None and "source" in _read_table(path, "--keep/--exclude").columns:
             by_source = True
-    need = {stage: {c: name for c, name in mapping.items()
-                    if name in wanted or (stage == "images" and c == "source" and by_source)}
-            for stage, mapping in stage_maps.items()}
-    rows = latent_index_rows(manifest, manifest_path, ["key", *[c for c in latent_columns
-                                                               if c in wanted and c != "key"]])
-    if rows is None:
-        raise unreadable
-    rows = _with_part(manifest, rows)
+    return by_source
+
+
+def _join_scores(rows: pl.DataFrame, scores: list[pl.DataFrame], rules: SubsetRules) -> pl.DataFrame:
+    """``rows`` with the score tables' columns, matched by key or by the image stage's source."""
     samples = rows.height
-    for stage, columns in need.items():
-        if columns:
-            rows = _join_stage(rows, manifest, stage, columns)
     for path, table in zip(rules.scores, scores, strict=True):
         by = "key" if "key" in table.columns else "source"
         if by == "source" and "source" not in rows.columns:
@@ -289,7 +312,7 @@ def _sample_rows(manifest: Manifest, manifest_path: str | os.PathLike, wanted: s
     if rows.height != samples:
         raise ManifestError("a source of the image stage is the source of more than one sample: match the "
                             "--scores, --keep or --exclude tables by key")
-    return rows.sort("shard", "ordinal")
+    return rows
 
 
 def _join_stage(rows: pl.DataFrame, manifest: Manifest, stage: str, columns: dict[str, str]) -> pl.DataFrame:
@@ -344,6 +367,45 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return x ^ (x >> np.uint64(31))
+
+
+@dataclass(frozen=True)
+class ImageSelection:
+    """Which accepted images of an image stage a stage after it leaves out (``curate recaption --where``)."""
+
+    dropped: dict[str, str]  # key -> the first rule it fails
+    of: int
+    rules: list[tuple[str, int, int]]  # as SubsetReport's
+
+    @property
+    def kept(self) -> int:
+        return self.of - len(self.dropped)
+
+
+def select_images(images_dir: str | os.PathLike, rules: SubsetRules) -> ImageSelection:
+    """The accepted images of ``images_dir`` that ``rules`` leave out, over the image stage's
+    columns (``width``, ``height``, ``bytes``, ``format``, ``mode``, ``source``, ``caption``,
+    ``image_flags``) and the ``--scores`` tables' (a ``curate score`` folder of this stage, say):
+    so that an expensive stage (recaption) runs on the images worth it only."""
+    images_dir = Path(images_dir)
+    if rules.unique:
+        raise ManifestError("--unique applies to merged manifests, not to an image stage")
+    if rules.fraction is not None and not 0 < rules.fraction < 1:
+        raise ManifestError(f"--fraction {rules.fraction}: give a fraction between 0 and 1 (exclusive)")
+    expressions = [_parse(text) for text in rules.where]
+    scores = [_read_table(p, "--scores") for p in rules.scores]
+    wanted = {name for e in expressions for name in e.meta.root_names()}
+    mapping = {c: ("image_flags" if c == "flags" else c) for c in _stage_columns(images_dir)
+               if c not in _BOOKKEEPING and c != "key"}
+    available = {name: "the image stage" for name in mapping.values()}
+    by_source = _check_columns(wanted, available, scores, rules)
+    rows = _stage_table(images_dir, {c: name for c, name in mapping.items()
+                                     if name in wanted or (c == "source" and by_source)})
+    rows = _join_scores(rows, scores, rules)
+    passes = _passes(rules, expressions, rows)
+    _, report, first = _evaluate(rows, passes)
+    dropped = {key: passes[i][0] for key, i in zip(rows["key"].to_list(), first.tolist(), strict=True) if i >= 0}
+    return ImageSelection(dropped, rows.height, report)
 
 
 def hold_out_samples(manifest: Manifest, manifest_path: str | os.PathLike, samples: int

@@ -239,3 +239,46 @@ def test_openai_backend_with_a_wrong_model_name_fails_before_any_shard(images: P
                        "--endpoint", server.url, "--model", "other-name", "--no-progress", check=False)
     assert proc.returncode == 2 and "served-vlm" in proc.stderr
     assert not list((tmp_path / "c").glob("*.parquet"))
+
+
+def test_rules_leave_images_out_before_the_model_and_encode_latents_leaves_them_out_too(images: Path,
+                                                                                         tmp_path: Path):
+    from curate.encode_latents import EncodeLatentsStage
+    from curate.subset import SubsetRules
+    from curate.tiny import build_tiny_flux_vae
+
+    n = numbering(images)
+    by_number = {i: k for k, i in n.items()}
+    rows = pl.concat([read_index(s.index_path) for s in committed_shards(images)])
+    # A score per source (the images' paths), as a scoring model would have written it.
+    pl.DataFrame({"source": rows["source"], "aesthetic": [float(n[k]) for k in rows["key"]]}).write_parquet(
+        tmp_path / "aesthetic.parquet")
+    (tmp_path / "drop.txt").write_text(by_number[5] + "\n")
+    rules = SubsetRules(where=["aesthetic >= 1", "caption <> 'alt text 3'"], scores=[tmp_path / "aesthetic.parquet"],
+                        exclude=tmp_path / "drop.txt")
+    captioner = ScriptedCaptioner({}, n)
+    settings = CaptionSettings(prompts=load_prompts([], ["long", "short"]), sampling=Sampling(seed=7),
+                               max_pixels=200 * 150)
+    out = tmp_path / "captions"
+    stage = RecaptionStage(images, "scripted/model", lambda: captioner, settings, chunk_images=3, decode_workers=0,
+                           select=rules)
+    assert run_stage(stage, out, progress=False).complete
+    assert {number for number, *_ in captioner.calls} == {1, 2, 4}  # the model never saw 0, 3 and 5
+    captions = pl.concat([read_index(s.index_path) for s in committed_shards(out)])
+    left_out = captions.filter(pl.col("reason") == "filtered_out")
+    assert dict(zip(left_out["key"], left_out["detail"], strict=True)) == {
+        by_number[0]: "--where aesthetic >= 1", by_number[3]: "--where caption <> 'alt text 3'",
+        by_number[5]: f"--exclude {tmp_path / 'drop.txt'}"}
+    stage_file = json.loads((out / STAGE_FILE).read_text())
+    assert stage_file["config"]["select"]["where"] == rules.where
+    # Without rules the config has no "select": stages captioned before it existed keep their hash.
+    assert "select" not in RecaptionStage(images, "m", lambda: captioner, settings).config()
+    # encode-latents leaves them out too, even where it keeps images without a caption.
+    vae = build_tiny_flux_vae(tmp_path / "vae")
+    latents = tmp_path / "latents"
+    run_stage(EncodeLatentsStage(images, out, latents, str(vae), resolution=64, batch_size=4, decode_workers=0,
+                                 allow_missing_captions=True, manifest_dir=tmp_path / "manifests", device="cpu"),
+              latents, progress=False)
+    index = pl.concat([read_index(s.index_path) for s in committed_shards(latents)])
+    assert set(index.filter(pl.col("reason") == "filtered_out")["key"]) == set(left_out["key"])
+    assert index.filter(pl.col("status") == "ok").height == 3

@@ -14,6 +14,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -251,3 +252,13 @@ def add_image_stage(dataset: dict[str, Path], *, seed: int = 0, quality: int = 9
         provenance = {**manifest.provenance, "images": {"path": str(out_dir.resolve())}}
         write_manifest(manifest.model_copy(update={"provenance": provenance}), path)
     return out_dir
+
+
+def step_keys(manifest_path: Path, settings: Any, start: int, steps: int) -> list[list[str]]:
+    """The keys of ``steps`` loader steps from step ``start`` (a ``train.data.DataSettings``): what a
+    run resumed at ``start`` must read again."""
+    from train.data import LatentLoader
+
+    manifest = load_manifest(manifest_path)
+    with LatentLoader(manifest, manifest_path, settings, start_step=start) as loader:
+        return [[k for m in b.micro for k in m.keys] for b, _ in zip(loader, range(steps), strict=False)]

@@ -18,6 +18,7 @@ from latent_data import (
     caption_text,
     make_latent_dataset,
     sample_key,
+    step_keys,
 )
 
 from curate.cli import main as curate_main
@@ -115,15 +116,9 @@ def test_an_epoch_reads_each_part_by_its_repeat_with_its_own_captions(merged):
 
 
 def test_a_merged_run_resumes_onto_the_same_batches(merged):
-    manifest = load_manifest(merged)
     st = DataSettings(seed=1, global_batch=4, micro_batch=2, workers=0, shuffle_buffer=3)
-
-    def keys(start: int, steps: int) -> list[list[str]]:
-        with LatentLoader(manifest, merged, st, start_step=start) as loader:
-            return [[k for m in b.micro for k in m.keys] for b, _ in zip(loader, range(steps), strict=False)]
-
-    full = keys(0, 14)
-    assert keys(5, 9) == full[5:] and keys(11, 3) == full[11:]
+    full = step_keys(merged, st, 0, 14)
+    assert step_keys(merged, st, 5, 9) == full[5:] and step_keys(merged, st, 11, 3) == full[11:]
 
 
 def test_the_fingerprint_holds_the_parts_selections_only_for_merged_manifests(datasets, merged):

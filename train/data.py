@@ -383,13 +383,15 @@ class _ShardTable:
         # pyarrow without threads, not polars: this runs in forked DataLoader workers, and polars'
         # thread pool, started in the parent (check_data, the curate stages), deadlocks after fork.
         try:
-            table = pq.read_table(index, columns=["key", "status", "bucket_h", "bucket_w"], use_threads=False)
+            ok = _ok_rows(index, ["key", "bucket_h", "bucket_w"])
         except (OSError, pa.ArrowException) as e:
             raise DataError(f"{self.labels[i]}: cannot read its index {index}: {e}") from e
-        offsets = _tar_offsets(index, self.entries[i].accepted)
-        text_offsets = (_tar_offsets(_index_path(self.text_paths[i]), self.entries[i].accepted)
-                        if self.text_paths is not None else None)
-        ok = table.filter(pc.equal(table["status"], OK))
+        text_offsets = None
+        if self.text_paths is not None:
+            try:
+                text_offsets = _offsets(_ok_rows(_index_path(self.text_paths[i]), []), self.entries[i].accepted)
+            except (OSError, pa.ArrowException):
+                pass  # the reader names an unreadable text shard when it opens it
         if ok.num_rows != self.entries[i].accepted:
             raise DataError(f"{self.labels[i]}: its index lists {ok.num_rows} ok samples but the "
                             f"manifest says {self.entries[i].accepted}: the shard changed after the manifest "
@@ -398,26 +400,28 @@ class _ShardTable:
             raise DataError(f"{self.labels[i]}: ok samples without a bucket in {index}")
         info = _ShardInfo(ok["key"].to_pylist(),
                           _bucket_code(ok["bucket_h"].to_numpy(), ok["bucket_w"].to_numpy()),
-                          self.entries[i].positions(), offsets, text_offsets, has_text=self.text_paths is not None)
+                          self.entries[i].positions(), _offsets(ok, self.entries[i].accepted), text_offsets,
+                          has_text=self.text_paths is not None)
         self._cache[i] = info
         if len(self._cache) > _INDEX_CACHE:
             self._cache.popitem(last=False)
         return info
 
 
-def _tar_offsets(index: str, accepted: int) -> np.ndarray | None:
-    """The ok samples' byte offsets in the tar beside ``index`` (its ``tar_offset`` column), or None
-    when the index does not record them all (written before indexes did) or cannot be read here."""
-    try:
-        if "tar_offset" not in pq.read_schema(index).names:
-            return None
-        table = pq.read_table(index, columns=["status", "tar_offset"], use_threads=False)
-    except (OSError, pa.ArrowException):
-        return None  # the reader names an unreadable shard when it opens it
-    offsets = table.filter(pc.equal(table["status"], OK))["tar_offset"]
-    if offsets.null_count or len(offsets) != accepted:
+def _ok_rows(index: str, columns: list[str]) -> pa.Table:
+    """The ok rows of an index: ``columns``, and ``tar_offset`` when the index records it (read in
+    the same pass). pyarrow without threads: see ``_ShardTable.info``."""
+    offsets = ["tar_offset"] if "tar_offset" in pq.read_schema(index).names else []
+    table = pq.read_table(index, columns=[*columns, "status", *offsets], use_threads=False)
+    return table.filter(pc.equal(table["status"], OK))
+
+
+def _offsets(ok: pa.Table, accepted: int) -> np.ndarray | None:
+    """The ok samples' byte offsets in their tar (``_ok_rows``), or None when the index does not
+    record them all (written before indexes did) or lists another number of samples."""
+    if "tar_offset" not in ok.column_names or ok["tar_offset"].null_count or ok.num_rows != accepted:
         return None
-    return offsets.to_numpy()
+    return ok["tar_offset"].to_numpy()
 
 
 # --------------------------------------------------------------------------- the plan (metadata only)
@@ -1001,12 +1005,15 @@ def _used_samples(samples: _TarSamples, entry: ShardEntry, label: str) -> Iterat
         return
     used = entry.subset.used()
     index = _index_path(samples.path)
-    offsets = _tar_offsets(index, entry.accepted)
+    try:
+        ok = _ok_rows(index, ["key"])
+        offsets = _offsets(ok, entry.accepted)
+    except (OSError, pa.ArrowException):
+        offsets = None  # walking the tar needs no index
     if offsets is None:  # an index from before offsets: walk
         yield from (item for ordinal, item in enumerate(samples) if ordinal < len(used) and used[ordinal])
         return
-    table = pq.read_table(index, columns=["key", "status"], use_threads=False)
-    keys = table.filter(pc.equal(table["status"], OK))["key"].to_pylist()
+    keys = ok["key"].to_pylist()
     for ordinal in np.flatnonzero(used):
         samples.seek(int(offsets[ordinal]))
         item = next(samples, None)

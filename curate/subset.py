@@ -111,16 +111,12 @@ def subset_manifest(manifest: Manifest, manifest_path: str | os.PathLike, rules:
     ``manifest`` (relative to ``manifest_path``'s folder); shards and parts left without a sample
     are dropped from it. Raises ManifestError for a rule that cannot be applied (unknown column,
     unreadable table) or that keeps no sample."""
-    if rules.fraction is not None and not 0 < rules.fraction < 1:
-        raise ManifestError(f"--fraction {rules.fraction}: give a fraction between 0 and 1 (exclusive)")
     if rules.unique and manifest.parts is None:
         raise ManifestError(f"--unique keeps a sample that is in several parts of a merged manifest in the first "
                             f"one only, but {manifest_path} merges no datasets: give several manifests to merge")
-    expressions = [_parse(text) for text in rules.where]
-    scores = [_read_table(p, "--scores") for p in rules.scores]
-    wanted = {name for e in expressions for name in e.meta.root_names()}
-    rows = _sample_rows(manifest, manifest_path, wanted, scores, rules)
-    keep, report_rules, _ = _evaluate(rows, _passes(rules, expressions, rows))
+    loaded = _load(rules)
+    rows = _sample_rows(manifest, manifest_path, loaded, rules)
+    keep, report_rules, _ = _evaluate(rows, _passes(rules, loaded, rows))
     if rules.unique:  # last: of a sample's listings that pass the rules, those of its first part stay
         first = (rows.select("key", "part").with_columns(pl.Series("kept", keep))
                  .select(pl.col("kept") & (pl.col("part") == pl.col("part").filter(pl.col("kept")).min().over("key"))
@@ -140,13 +136,35 @@ def subset_manifest(manifest: Manifest, manifest_path: str | os.PathLike, rules:
     return Manifest.model_validate(subset.model_dump()), SubsetReport(rows.height, int(keep.sum()), report_rules)
 
 
-def _passes(rules: SubsetRules, expressions: list[pl.Expr], rows: pl.DataFrame) -> list[tuple[str, pl.Expr]]:
+@dataclass(frozen=True)
+class _Loaded:
+    """What the rules name, parsed and read once: the --where expressions, the --scores tables, the
+    --keep and --exclude tables, and the column names the expressions use."""
+
+    expressions: list[pl.Expr]
+    scores: list[pl.DataFrame]
+    lists: dict[str, pl.DataFrame]  # "keep" / "exclude" -> its table
+    wanted: set[str]
+
+
+def _load(rules: SubsetRules) -> _Loaded:
+    if rules.fraction is not None and not 0 < rules.fraction < 1:
+        raise ManifestError(f"--fraction {rules.fraction}: give a fraction between 0 and 1 (exclusive)")
+    expressions = [_parse(text) for text in rules.where]
+    lists = {option: _read_table(path, "--keep/--exclude")
+             for option, path in (("keep", rules.keep), ("exclude", rules.exclude)) if path is not None}
+    return _Loaded(expressions, [_read_table(p, "--scores") for p in rules.scores], lists,
+                   {name for e in expressions for name in e.meta.root_names()})
+
+
+def _passes(rules: SubsetRules, loaded: _Loaded, rows: pl.DataFrame) -> list[tuple[str, pl.Expr]]:
     """Each rule (but --unique) as (its label, a boolean expression over ``rows``), in the options' order."""
-    passes = [(f"--where {text}", e) for text, e in zip(rules.where, expressions, strict=True)]
-    if rules.keep is not None:
-        passes.append((f"--keep {rules.keep}", pl.col("key").is_in(_listed_keys(rules.keep, rows))))
-    if rules.exclude is not None:
-        passes.append((f"--exclude {rules.exclude}", ~pl.col("key").is_in(_listed_keys(rules.exclude, rows))))
+    passes = [(f"--where {text}", e) for text, e in zip(rules.where, loaded.expressions, strict=True)]
+    if "keep" in loaded.lists:
+        passes.append((f"--keep {rules.keep}", pl.col("key").is_in(_listed_keys(loaded.lists["keep"], rows))))
+    if "exclude" in loaded.lists:
+        passes.append((f"--exclude {rules.exclude}",
+                       ~pl.col("key").is_in(_listed_keys(loaded.lists["exclude"], rows))))
     if rules.fraction is not None:
         drawn = _fraction_draw(rows["key"], rules.fraction, rules.seed)
         passes.append((f"--fraction {rules.fraction:g} (seed {rules.seed})", pl.lit(pl.Series(drawn))))
@@ -242,8 +260,8 @@ def _stage_table(stage: Path, columns: dict[str, str]) -> pl.DataFrame:
     return pl.concat(frames).drop("status").rename(columns)
 
 
-def _sample_rows(manifest: Manifest, manifest_path: str | os.PathLike, wanted: set[str],
-                 scores: list[pl.DataFrame], rules: SubsetRules) -> pl.DataFrame:
+def _sample_rows(manifest: Manifest, manifest_path: str | os.PathLike, loaded: _Loaded,
+                 rules: SubsetRules) -> pl.DataFrame:
     """One row per sample the manifest uses (per listing), with ``shard``, ``ordinal``, ``key`` and
     every column ``wanted`` names, joined from the stages and the score tables."""
     unreadable = ManifestError(f"{manifest_path}: the indexes of its shards cannot be read here (remote or "
@@ -264,7 +282,8 @@ def _sample_rows(manifest: Manifest, manifest_path: str | os.PathLike, wanted: s
                    if c not in _BOOKKEEPING and c != "key"}
         stage_maps[stage] = mapping
         available |= {name: f"the {stage} stage" for name in mapping.values()}
-    by_source = _check_columns(wanted, available, scores, rules)
+    wanted = loaded.wanted
+    by_source = _check_columns(available, loaded, rules)
     need = {stage: {c: name for c, name in mapping.items()
                     if name in wanted or (stage == "images" and c == "source" and by_source)}
             for stage, mapping in stage_maps.items()}
@@ -276,29 +295,24 @@ def _sample_rows(manifest: Manifest, manifest_path: str | os.PathLike, wanted: s
     for stage, columns in need.items():
         if columns:
             rows = _join_stage(rows, manifest, stage, columns)
-    return _join_scores(rows, scores, rules).sort("shard", "ordinal")
+    return _join_scores(rows, loaded.scores, rules).sort("shard", "ordinal")
 
 
-def _check_columns(wanted: set[str], available: dict[str, str], scores: list[pl.DataFrame],
-                   rules: SubsetRules) -> bool:
+def _check_columns(available: dict[str, str], loaded: _Loaded, rules: SubsetRules) -> bool:
     """Add the score tables' columns to ``available`` (column -> its source), refusing a name two
     sources have and a ``--where`` name none has; whether a table matches samples by ``source``."""
-    for path, table in zip(rules.scores, scores, strict=True):
+    for path, table in zip(rules.scores, loaded.scores, strict=True):
         clash = [c for c in table.columns if c not in _KEY_COLUMNS and c in available]
         if clash:
             raise ManifestError(f"--scores {path}: its column(s) {', '.join(clash)} are already "
                                 f"{available[clash[0]]}'s: rename them")
         available |= {c: str(path) for c in table.columns if c not in _KEY_COLUMNS}
-    unknown = sorted(wanted - set(available))
+    unknown = sorted(loaded.wanted - set(available))
     if unknown:
         raise ManifestError(f"--where names {', '.join(unknown)}, which no source has; the columns are: "
                             + "; ".join(f"{source}: {', '.join(c for c, s in available.items() if s == source)}"
                                         for source in dict.fromkeys(available.values())))
-    by_source = any("source" in t.columns for t in scores)
-    for path in (rules.keep, rules.exclude):
-        if path is not None and "source" in _read_table(path, "--keep/--exclude").columns:
-            by_source = True
-    return by_source
+    return any("source" in t.columns for t in [*loaded.scores, *loaded.lists.values()])
 
 
 def _join_scores(rows: pl.DataFrame, scores: list[pl.DataFrame], rules: SubsetRules) -> pl.DataFrame:
@@ -333,8 +347,8 @@ def _join_stage(rows: pl.DataFrame, manifest: Manifest, stage: str, columns: dic
     return pl.concat(frames, how="vertical_relaxed")
 
 
-def _listed_keys(path: Path, rows: pl.DataFrame) -> pl.Series:
-    table = _read_table(path, "--keep/--exclude")
+def _listed_keys(table: pl.DataFrame, rows: pl.DataFrame) -> pl.Series:
+    """The keys a --keep or --exclude table lists (by key, or by the image stage's source)."""
     if "key" in table.columns:
         return table["key"]
     return rows.filter(pl.col("source").is_in(table["source"]))["key"]
@@ -377,10 +391,6 @@ class ImageSelection:
     of: int
     rules: list[tuple[str, int, int]]  # as SubsetReport's
 
-    @property
-    def kept(self) -> int:
-        return self.of - len(self.dropped)
-
 
 def select_images(images_dir: str | os.PathLike, rules: SubsetRules) -> ImageSelection:
     """The accepted images of ``images_dir`` that ``rules`` leave out, over the image stage's
@@ -390,19 +400,15 @@ def select_images(images_dir: str | os.PathLike, rules: SubsetRules) -> ImageSel
     images_dir = Path(images_dir)
     if rules.unique:
         raise ManifestError("--unique applies to merged manifests, not to an image stage")
-    if rules.fraction is not None and not 0 < rules.fraction < 1:
-        raise ManifestError(f"--fraction {rules.fraction}: give a fraction between 0 and 1 (exclusive)")
-    expressions = [_parse(text) for text in rules.where]
-    scores = [_read_table(p, "--scores") for p in rules.scores]
-    wanted = {name for e in expressions for name in e.meta.root_names()}
+    loaded = _load(rules)
     mapping = {c: ("image_flags" if c == "flags" else c) for c in _stage_columns(images_dir)
                if c not in _BOOKKEEPING and c != "key"}
     available = {name: "the image stage" for name in mapping.values()}
-    by_source = _check_columns(wanted, available, scores, rules)
+    by_source = _check_columns(available, loaded, rules)
     rows = _stage_table(images_dir, {c: name for c, name in mapping.items()
-                                     if name in wanted or (c == "source" and by_source)})
-    rows = _join_scores(rows, scores, rules)
-    passes = _passes(rules, expressions, rows)
+                                     if name in loaded.wanted or (c == "source" and by_source)})
+    rows = _join_scores(rows, loaded.scores, rules)
+    passes = _passes(rules, loaded, rows)
     _, report, first = _evaluate(rows, passes)
     dropped = {key: passes[i][0] for key, i in zip(rows["key"].to_list(), first.tolist(), strict=True) if i >= 0}
     return ImageSelection(dropped, rows.height, report)

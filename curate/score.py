@@ -108,10 +108,9 @@ class ClipScorer:
         self.device = resolve_device(device)
         problem = f"cannot load the CLIP model {name!r} ({ref.id}) with both towers and its tokenizer"
         try:
-            model_type = AutoConfig.from_pretrained(ref.id, revision=revision).model_type
-            if model_type != "clip":  # an image tower alone (CMMD's) would load a random text tower
-                raise CurateError(f"{problem}: it is a {model_type} model")
             self.config = AutoConfig.from_pretrained(ref.id, revision=revision)
+            if self.config.model_type != "clip":  # an image tower alone (CMMD's) would load a random text tower
+                raise CurateError(f"{problem}: it is a {self.config.model_type} model")
             self.processor = AutoImageProcessor.from_pretrained(ref.id, revision=revision)
             self.tokenizer = AutoTokenizer.from_pretrained(ref.id, revision=revision)
         except (OSError, ValueError) as e:

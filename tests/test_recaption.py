@@ -198,7 +198,7 @@ def test_kill_and_rerun_equals_a_clean_run_with_the_tiny_model(tmp_path: Path, t
     assert "long captions: ok" in stats.stdout and (tmp_path / "lengths.png").stat().st_size > 1000
 
     killed = tmp_path / "killed"
-    kills = kill_at(_cli_args(images, killed, tiny_vlm, prompts), killed, (1, 3), env=env)
+    kills = kill_at(_cli_args(images, killed, tiny_vlm, prompts), killed, (1,), env=env)
     assert kills >= 1
     run_cli(*_cli_args(images, killed, tiny_vlm, prompts), env=env)
 

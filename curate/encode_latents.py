@@ -29,8 +29,15 @@ import polars as pl
 
 from curate.images import FILTERED_OUT
 from curate.manifest import Manifest, ShardEntry, write_manifest
-from curate.runner import STAGE_FILE, CurateError, ShardTask, Stage, image_stage_tasks
-from curate.shards import OK, ShardWriter, committed_shards, read_index
+from curate.runner import (
+    STAGE_FILE,
+    CurateError,
+    ShardTask,
+    Stage,
+    image_stage_tasks,
+    read_image_captions,
+)
+from curate.shards import ShardWriter, committed_shards
 
 if TYPE_CHECKING:
     import torch
@@ -133,24 +140,6 @@ class EncodeLatentsStage(Stage):
 
     # -- doing it ----------------------------------------------------------------------------------------
 
-    def _captions(self, task: ShardTask) -> tuple[list[str], dict[str, str | None], dict[str, dict[str, str]],
-                                                   set[str]]:
-        """Image keys in order, their original captions, the accepted captions per key, and the keys
-        the caption stage left out on purpose (``curate recaption --where ...``: reason
-        ``filtered_out``), which are left out here too, captions or not."""
-        images = read_index(task.payload[0], columns=["key", "status", "caption"]).filter(pl.col("status") == OK)
-        keys = images["key"].to_list()
-        originals = dict(zip(keys, images["caption"].to_list(), strict=True))
-        accepted: dict[str, dict[str, str]] = {k: {} for k in keys}
-        filtered: set[str] = set()
-        if task.payload[2] is not None:
-            table = read_index(task.payload[2])
-            for row in table.select(["key", *self.variants]).iter_rows(named=True):
-                if row["key"] in accepted:
-                    accepted[row["key"]] = {v: row[v] for v in self.variants if row[v]}
-            filtered = set(table.filter(pl.col("reason") == FILTERED_OUT)["key"].to_list())
-        return keys, originals, accepted, filtered
-
     def prepare(self, todo: list[ShardTask]) -> None:
         import torch
 
@@ -160,8 +149,9 @@ class EncodeLatentsStage(Stage):
 
         skip = {}
         for task in todo:
-            keys, _, accepted, filtered = self._captions(task)
-            skip[task.shard_id] = {k for k in keys if k in filtered or self._missing_caption(accepted[k])}
+            captions = read_image_captions(task, self.variants)
+            skip[task.shard_id] = {k for k in captions.keys
+                                   if k in captions.filtered or self._missing_caption(captions.accepted[k])}
         buckets = self.bucket_table() if self.use_buckets else None
         # The decoding workers start first: they fill their queues while the VAE loads (and the
         # workers fork from a process that holds no model yet).
@@ -206,7 +196,8 @@ class EncodeLatentsStage(Stage):
         from curate.buckets import batch_by_bucket, gather_batch
 
         # Read again rather than kept from prepare(): a worker's pending shards can be many.
-        keys, originals, accepted, filtered = self._captions(task)
+        captions = read_image_captions(task, self.variants)
+        keys, originals, accepted, filtered = captions.keys, captions.originals, captions.accepted, captions.filtered
         results: dict[str, tuple[Future | None, dict]] = {}
 
         def decoded():

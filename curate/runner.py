@@ -85,6 +85,38 @@ def image_stage_tasks(images_dir: Path, captions_dir: Path | None = None) -> lis
     return tasks
 
 
+
+@dataclass
+class ImageCaptions:
+    """One image shard's samples and their captions, as every stage reading captions sees them."""
+
+    keys: list[str]  # the image shard's accepted keys, in tar order
+    originals: dict[str, str | None]  # each key's original caption, from the image stage
+    accepted: dict[str, dict[str, str]]  # each key's accepted captions by variant: what training reads
+    filtered: set[str]  # keys that `curate recaption --where ...` left out on purpose (FILTERED_OUT)
+
+
+def read_image_captions(task: ShardTask, variants: list[str]) -> ImageCaptions:
+    """The captions of an :func:`image_stage_tasks` task. A variant counts where its caption is
+    non-empty, whatever the row's status: recaption keeps the good variants of a rejected row (its
+    short caption failed, its long one did not), and training uses them."""
+    from curate.images import FILTERED_OUT
+    from curate.shards import OK, read_index
+
+    images = read_index(task.payload[0], columns=["key", "status", "caption"])
+    images = images.filter(images["status"] == OK)
+    keys = images["key"].to_list()
+    captions = ImageCaptions(keys, dict(zip(keys, images["caption"].to_list(), strict=True)),
+                             {k: {} for k in keys}, set())
+    if task.payload[2] is not None:
+        table = read_index(task.payload[2])
+        for row in table.select(["key", *variants]).iter_rows(named=True):
+            if row["key"] in captions.accepted:
+                captions.accepted[row["key"]] = {v: row[v] for v in variants if row[v]}
+        captions.filtered = set(table.filter(table["reason"] == FILTERED_OUT)["key"].to_list())
+    return captions
+
+
 class Stage:
     """What a stage provides to the runner. Subclasses stay short: plan, process, finalize."""
 

@@ -30,13 +30,8 @@ import torch
 
 from curate.images import ImageStream
 from curate.manifest import file_sha256
-from curate.runner import CurateError, ShardTask, Stage, image_stage_tasks
-from curate.shards import (
-    OK,
-    ShardWriter,
-    committed_shards,
-    read_index,
-)
+from curate.runner import CurateError, ShardTask, Stage, image_stage_tasks, read_image_captions
+from curate.shards import ShardWriter, committed_shards
 
 log = logging.getLogger("curate")
 
@@ -171,7 +166,7 @@ class ClipScorer:
 
 class ScoreStage(Stage):
     name = "score"
-    version = 1
+    version = 2  # 2: the good variants of a rejected caption row are scored too (1 scored ok rows only)
     with_tar = False
     packages = ("kiln", "torch", "transformers", "pillow", "polars")
 
@@ -237,17 +232,12 @@ class ScoreStage(Stage):
             self.stream = None
 
     def _captions(self, task: ShardTask) -> tuple[list[str], dict[str, dict[str, str]]]:
-        """The image keys in order, and each one's non-empty caption per variant."""
-        images = read_index(task.payload[0], columns=["key", "status", "caption"]).filter(pl.col("status") == OK)
-        keys = images["key"].to_list()
-        captions = {k: ({"orig": c} if c and c.strip() else {}) for k, c in zip(keys, images["caption"], strict=True)}
-        if task.payload[2] is not None:
-            variants = [v for v in self.variants if v != "orig"]
-            table = read_index(task.payload[2], columns=["key", "status", *variants]).filter(pl.col("status") == OK)
-            for row in table.iter_rows(named=True):
-                if row["key"] in captions:
-                    captions[row["key"]] |= {v: row[v] for v in variants if row[v] and row[v].strip()}
-        return keys, captions
+        """The image keys in order, and each one's caption per variant: the original where it is not
+        blank, and every caption training reads (encode-latents' reading, rejected rows' good
+        variants included), so that a score threshold judges what is trained on."""
+        captions = read_image_captions(task, [v for v in self.variants if v != "orig"])
+        return captions.keys, {k: ({"orig": c} if (c := captions.originals[k]) and c.strip() else {})
+                                  | captions.accepted[k] for k in captions.keys}
 
     def process(self, task: ShardTask, writer: ShardWriter, progress: Callable[[int], None]) -> None:
         keys, captions = self._captions(task)

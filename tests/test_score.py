@@ -76,11 +76,16 @@ def test_score_writes_a_row_per_image_and_a_rerun_redoes_nothing(clip, stage, tm
     schema = {"long": pl.Utf8, "long_prompt_hash": pl.Utf8, "short": pl.Utf8, "short_prompt_hash": pl.Utf8}
     for shard in committed_shards(stage["images"]):
         keys = pl.read_parquet(shard.index_path).filter(pl.col("status") == "ok")["key"].to_list()
-        # A caption stage's shard, with the columns score reads: the first image has no short caption.
+        # A caption stage's shard, with the columns score reads. The first image's short caption
+        # failed: recaption rejects the row but keeps its long caption, which training reads.
         writer = ShardWriter(captions, shard.shard_id, schema, with_tar=False)
         for i, key in enumerate(keys):
-            writer.add(key, {}, row={"long": f"a long caption of image {i}", "long_prompt_hash": "h",
-                                     "short": None if i == 0 else "a short one", "short_prompt_hash": "h"})
+            row = {"long": f"a long caption of image {i}", "long_prompt_hash": "h",
+                   "short": None if i == 0 else "a short one", "short_prompt_hash": "h"}
+            if i == 0:
+                writer.reject(key, "short_too_short", row=row, detail="2 words")
+            else:
+                writer.add(key, {}, row=row)
         writer.commit(stage="recaption", fingerprint=stable_hash([shard.shard_id]), config_hash="test")
     out = tmp_path / "scores"
     aesthetic = aesthetic_file(tmp_path / "aesthetic.pth", 16)

@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "at most 8, by default)")
     p.add_argument("--allow-missing-captions", action="store_true",
                    help="keep images without an accepted caption (their original caption is still stored)")
+    _add_selection_args(p, "images encoded, the others recorded as filtered_out (the images curate recaption left "
+                           "out are left out too): over the image stage's columns (width, height, bytes, format, "
+                           "source, caption, image_flags) and --scores (a `curate score` folder)", "--fraction-seed")
     p.add_argument("--manifest-dir", default="manifests", help="where long.json, short.json and mix.json go")
     p.add_argument("--name", default=None, help="prefix of the manifest names (NAME-long.json)")
     p.add_argument("--device", default=None, help="None: cuda:LOCAL_RANK if available, else cpu")
@@ -329,6 +332,7 @@ def cmd_encode_latents(args: argparse.Namespace) -> int:
         resolution=args.resolution, buckets=args.buckets, bucket_multiple=args.bucket_multiple, store=args.store,
         dtype=args.dtype, vae_dtype=args.vae_dtype, batch_size=args.batch_size, compile=args.compile,
         decode_workers=args.decode_workers, allow_missing_captions=args.allow_missing_captions,
+        select=_selection(args),
         manifest_dir=args.manifest_dir, name=args.name, device=args.device,
     )
     return _run(stage, args, share)

@@ -38,6 +38,7 @@ from curate.runner import (
     read_image_captions,
 )
 from curate.shards import ShardWriter, committed_shards
+from curate.subset import SubsetRules, images_left_out
 
 if TYPE_CHECKING:
     import torch
@@ -76,7 +77,7 @@ class EncodeLatentsStage(Stage):
                  revision: str | None = None, vae_class: str | None = None, resolution: int = 256,
                  buckets: bool = False, bucket_multiple: int = 16, store: str = "dist", dtype: str = "bfloat16",
                  vae_dtype: str = "float32", batch_size: int = 32, compile: bool = False,
-                 decode_workers: int = 2, allow_missing_captions: bool = False,
+                 decode_workers: int = 2, allow_missing_captions: bool = False, select: SubsetRules | None = None,
                  manifest_dir: str | Path = "manifests", name: str | None = None, device: str | None = None):
         if store not in ("dist", "mean"):
             raise CurateError(f"--store must be dist or mean, not {store!r}")
@@ -95,6 +96,10 @@ class EncodeLatentsStage(Stage):
         self.decode_workers, self.allow_missing_captions = decode_workers, allow_missing_captions
         self.manifest_dir, self.manifest_name, self.device = Path(manifest_dir), name, device
         self.variants = self._caption_variants()
+        # Rules that leave images out before they are decoded (--where ...): a second stage at 512 px
+        # encodes the images that have 512 px, not every image to subset the manifest after.
+        self.select = select if select else None
+        self.dropped: dict[str, str] = {}  # key -> the rule that leaves it out
         self.loaded = None
         self.loader = None
 
@@ -125,7 +130,9 @@ class EncodeLatentsStage(Stage):
                 "local_vae_files": local_fingerprint(self.vae_name),
                 "resolution": self.resolution, "buckets": self.bucket_table(), "store": self.store,
                 "dtype": self.dtype, "vae_dtype": self.vae_dtype, "variants": self.variants,
-                "draft_jpeg_decoding": True, "allow_missing_captions": self.allow_missing_captions}
+                "draft_jpeg_decoding": True, "allow_missing_captions": self.allow_missing_captions,
+                # Only when given, so that the stages encoded before --where existed keep their hash.
+                **({"select": self.select.record()} if self.select else {})}
 
     def provenance(self) -> dict[str, Any]:
         out = {"images": str(self.images_dir.resolve()),
@@ -147,11 +154,14 @@ class EncodeLatentsStage(Stage):
         from curate.runner import resolve_device
         from curate.vae import load_vae
 
+        if self.select:
+            self.dropped = images_left_out(self.images_dir, self.select, self.name)
         skip = {}
         for task in todo:
             captions = read_image_captions(task, self.variants)
             skip[task.shard_id] = {k for k in captions.keys
-                                   if k in captions.filtered or self._missing_caption(captions.accepted[k])}
+                                   if k in captions.filtered or k in self.dropped
+                                   or self._missing_caption(captions.accepted[k])}
         buckets = self.bucket_table() if self.use_buckets else None
         # The decoding workers start first: they fill their queues while the VAE loads (and the
         # workers fork from a process that holds no model yet).
@@ -257,9 +267,12 @@ class EncodeLatentsStage(Stage):
                        "orig_h": (record.get("orig_size") or [None, None])[1],
                        "captions": sorted(accepted[key])}
                 if future is None:
-                    reason = (FILTERED_OUT if key in filtered else "no_caption") if record.get("skipped") \
-                        else "unreadable"
-                    writer.reject(key, reason, row=row, detail=record.get("error"))
+                    if not record.get("skipped"):
+                        writer.reject(key, "unreadable", row=row, detail=record.get("error"))
+                    elif key in self.dropped or key in filtered:
+                        writer.reject(key, FILTERED_OUT, row=row, detail=self.dropped.get(key))
+                    else:
+                        writer.reject(key, "no_caption", row=row)
                     continue
                 bucket_h, bucket_w = record["target_size"]
                 row |= {"bucket_h": bucket_h, "bucket_w": bucket_w}
@@ -302,7 +315,8 @@ class EncodeLatentsStage(Stage):
         provenance = {"images": self._stage_summary(self.images_dir),
                       "captions": self._stage_summary(self.captions_dir) if self.captions_dir else None,
                       "latents": {"path": str(out_dir.resolve()), "vae": loaded.id, "vae_class": loaded.cls,
-                                  "revision": loaded.revision, "vae_dtype": self.vae_dtype}}
+                                  "revision": loaded.revision, "vae_dtype": self.vae_dtype,
+                                  **({"select": self.select.record()} if self.select else {})}}
         written = []
         self.manifest_dir.mkdir(parents=True, exist_ok=True)
         for selection_name, weights in self.caption_selections().items():

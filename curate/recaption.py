@@ -26,7 +26,6 @@ import polars as pl
 from curate.caption_qa import CaptionQA, check_caption
 from curate.captioners.base import Captioner, CaptionRequest, Generation, Sampling
 from curate.images import FILTERED_OUT, ImageStream, fit_pixels
-from curate.manifest import ManifestError
 from curate.prompts import PromptSpec, build_prompt
 from curate.runner import STAGE_FILE, CurateError, ShardTask, Stage
 from curate.shards import (
@@ -36,7 +35,7 @@ from curate.shards import (
     read_index,
     stable_hash,
 )
-from curate.subset import SubsetRules, select_images
+from curate.subset import SubsetRules, images_left_out
 
 log = logging.getLogger("curate")
 
@@ -116,13 +115,7 @@ class RecaptionStage(Stage):
 
     def prepare(self, todo: list[ShardTask]) -> None:
         if self.select:
-            try:
-                selection = select_images(self.images_dir, self.select)
-            except ManifestError as e:
-                raise CurateError(str(e)) from None
-            self.dropped = selection.dropped
-            log.info("recaption: the rules leave out %d of %d images (%s)", len(self.dropped), selection.of,
-                     "; ".join(f"{label}: drops {n}" for label, n, _ in selection.rules))
+            self.dropped = images_left_out(self.images_dir, self.select, self.name)
         self.captioner = self.open_captioner()
         self.stream = ImageStream([(t.shard_id, t.payload[1]) for t in todo],
                                   functools.partial(fit_pixels, max_pixels=self.settings.max_pixels),

@@ -31,6 +31,7 @@ Subsetting a subset narrows it. Every rule is recorded in the manifest's provena
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,12 +52,14 @@ from curate.manifest import (
     shard_urls,
 )
 
-__all__ = ["ImageSelection", "SubsetReport", "SubsetRules", "hold_out_samples", "select_images",
+__all__ = ["SubsetReport", "SubsetRules", "hold_out_samples", "images_left_out",
            "subset_manifest", "subset_summary"]
 
 # Index columns that describe a stage's processing, not the sample.
 _BOOKKEEPING = {"status", "reason", "detail", "tar_offset", "tar_length"}
 _KEY_COLUMNS = ("key", "source")
+
+log = logging.getLogger("curate")
 
 
 @dataclass(frozen=True)
@@ -383,35 +386,34 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-@dataclass(frozen=True)
-class ImageSelection:
-    """Which accepted images of an image stage a stage after it leaves out (``curate recaption --where``)."""
+def images_left_out(images_dir: str | os.PathLike, rules: SubsetRules, stage: str) -> dict[str, str]:
+    """The accepted images of ``images_dir`` that ``rules`` leave out (key -> the first rule it
+    fails), over the image stage's columns (``width``, ``height``, ``bytes``, ``format``,
+    ``mode``, ``source``, ``caption``, ``image_flags``) and the ``--scores`` tables' (a ``curate
+    score`` folder of this stage, say): so that an expensive stage (recaption, encode-latents)
+    runs on the images worth it only. A rule that cannot be applied is the stage's CurateError."""
+    from curate.runner import CurateError
 
-    dropped: dict[str, str]  # key -> the first rule it fails
-    of: int
-    rules: list[tuple[str, int, int]]  # as SubsetReport's
-
-
-def select_images(images_dir: str | os.PathLike, rules: SubsetRules) -> ImageSelection:
-    """The accepted images of ``images_dir`` that ``rules`` leave out, over the image stage's
-    columns (``width``, ``height``, ``bytes``, ``format``, ``mode``, ``source``, ``caption``,
-    ``image_flags``) and the ``--scores`` tables' (a ``curate score`` folder of this stage, say):
-    so that an expensive stage (recaption) runs on the images worth it only."""
     images_dir = Path(images_dir)
-    if rules.unique:
-        raise ManifestError("--unique applies to merged manifests, not to an image stage")
-    loaded = _load(rules)
-    mapping = {c: ("image_flags" if c == "flags" else c) for c in _stage_columns(images_dir)
-               if c not in _BOOKKEEPING and c != "key"}
-    available = {name: "the image stage" for name in mapping.values()}
-    by_source = _check_columns(available, loaded, rules)
-    rows = _stage_table(images_dir, {c: name for c, name in mapping.items()
-                                     if name in loaded.wanted or (c == "source" and by_source)})
-    rows = _join_scores(rows, loaded.scores, rules)
-    passes = _passes(rules, loaded, rows)
-    _, report, first = _evaluate(rows, passes)
+    try:
+        if rules.unique:
+            raise ManifestError("--unique applies to merged manifests, not to an image stage")
+        loaded = _load(rules)
+        mapping = {c: ("image_flags" if c == "flags" else c) for c in _stage_columns(images_dir)
+                   if c not in _BOOKKEEPING and c != "key"}
+        available = {name: "the image stage" for name in mapping.values()}
+        by_source = _check_columns(available, loaded, rules)
+        rows = _stage_table(images_dir, {c: name for c, name in mapping.items()
+                                         if name in loaded.wanted or (c == "source" and by_source)})
+        rows = _join_scores(rows, loaded.scores, rules)
+        passes = _passes(rules, loaded, rows)
+        _, report, first = _evaluate(rows, passes)
+    except ManifestError as e:
+        raise CurateError(str(e)) from None
     dropped = {key: passes[i][0] for key, i in zip(rows["key"].to_list(), first.tolist(), strict=True) if i >= 0}
-    return ImageSelection(dropped, rows.height, report)
+    log.info("%s: the rules leave out %d of %d images (%s)", stage, len(dropped), rows.height,
+             "; ".join(f"{label}: drops {n}" for label, n, _ in report))
+    return dropped
 
 
 def hold_out_samples(manifest: Manifest, manifest_path: str | os.PathLike, samples: int

@@ -94,14 +94,16 @@ evaluate run "$DATA/runs/repa" --samples 48 --steps 8 --clip "$DATA/models/tiny-
     --dino "$DATA/models/tiny-dinov2" --no-progress
 evaluate compare "$DATA/runs/base" "$DATA/runs/repa"
 
-echo "== 12. the next stage: the same images at 512 px, training on from the 256 px run's weights"
+echo "== 12. the next stage: the larger images at 512 px, training on from the 256 px run's weights"
 # Stage by stage, as PRX, SD3 and PixArt train: latents at the new resolution (the same tiny
-# autoencoder), then a new run that starts from the last one's weights with a new optimizer and
-# warm-up. The log notes the change of resolution.
+# autoencoder) of the images that have about that many pixels (--where: the others are recorded
+# filtered_out and never decoded), then a new run that starts from the last one's weights with a
+# new optimizer and warm-up. The log notes the change of resolution.
 curate encode-latents "$DATA/images" --captions "$DATA/captions/tiny-qwen2-vl" --out "$DATA/latents/tiny-flux2-512" \
     --vae "$DATA/models/tiny-flux2-vae" --resolution 512 --buckets --batch-size 8 --decode-workers 2 \
-    --allow-missing-captions --manifest-dir manifests --name demo-512 --device cpu --no-progress
-train --shards manifests/demo-512-long.json --out "$DATA/runs/base-512" --preset tiny --init-from "$DATA/runs/base" \
+    --where 'width >= 384 AND height >= 384' --allow-missing-captions --manifest-dir manifests --name demo-512 \
+    --device cpu --no-progress
+train --shards manifests/demo-512-long.json --out "$DATA/runs/stage2-512" --preset tiny --init-from "$DATA/runs/base" \
     --resume auto text_encoder="$DATA/models/tiny-t5gemma" steps=40 log.every=20 sample_every=40 data.workers=2 \
     data.sample_latents=false flow.shift=2
-tail -n 1 "$DATA/runs/base-512/metrics.jsonl"
+tail -n 1 "$DATA/runs/stage2-512/metrics.jsonl"

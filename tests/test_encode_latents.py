@@ -224,6 +224,36 @@ def test_without_captions_only_with_allow_missing(data, vaes, tmp_path: Path):
     assert json.loads((manifests / "orig.json").read_text())["captions"] == {"orig": 1.0}
 
 
+def test_rules_leave_images_out_before_they_are_decoded(data, vaes, tmp_path: Path, capsys):
+    """A second stage at a higher resolution encodes only the images that have it: --where over
+    the image stage's columns, the others rejected as filtered_out with the rule they fail."""
+    from curate.cli import main as curate_main
+
+    out, manifests = tmp_path / "latents", tmp_path / "manifests"
+    args = [*_cli(data, vaes["flux"], out, manifests), "--where", "width >= 120", "--where", "height >= 100"]
+    assert curate_main(args) == 0
+    images = pl.concat([read_index(s.index_path) for s in committed_shards(data["images"])])
+    name = dict(zip(images["key"], images["source"], strict=True))
+    index = pl.concat([read_index(s.index_path) for s in committed_shards(out)])
+    assert sorted(name[k] for k in index.filter(pl.col("status") == "ok")["key"]) == ["img_6.jpg", "img_7.jpg"]
+    left_out = index.filter(pl.col("reason") == "filtered_out")
+    # img_2's captions were refused, but the rule is what leaves it out.
+    assert {name[k]: d for k, d in zip(left_out["key"], left_out["detail"], strict=True)} == {
+        **{f"img_{i}.jpg": "--where width >= 120" for i in (0, 2, 5, 8)},
+        **{f"img_{i}.jpg": "--where height >= 100" for i in (1, 3, 4)}}
+    manifest = json.loads((manifests / "long.json").read_text())
+    assert manifest["samples"] == 2
+    assert manifest["provenance"]["latents"]["select"]["where"] == ["width >= 120", "height >= 100"]
+    assert json.loads((out / "_stage.json").read_text())["config"]["select"]["where"] == manifest[
+        "provenance"]["latents"]["select"]["where"]
+    before = snapshot(out)
+    assert curate_main(args) == 0 and snapshot(out) == before  # the same rules: nothing redone
+    capsys.readouterr()
+    # A column the image stage does not have is named before anything is encoded.
+    assert curate_main([*_cli(data, vaes["flux"], tmp_path / "x", manifests), "--where", "aesthetic >= 5"]) == 2
+    assert "aesthetic" in capsys.readouterr().err and not list((tmp_path / "x").glob("*.tar"))
+
+
 def test_shards_load_with_datasets(data, vaes, tmp_path: Path):
     import datasets
 

@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="None: cuda:LOCAL_RANK if available, else cpu")
     _add_worker_args(p)
 
-    p = sub.add_parser("score", help="CLIP image-text similarity per caption, and an aesthetic score, per image",
+    p = sub.add_parser("score", help="CLIP image-text similarity per caption, an aesthetic score, and image "
+                                     "classifiers' probabilities (NSFW, watermark), per image",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("images", help="an image stage folder written by `curate ingest`")
     p.add_argument("--out", required=True, help="output folder, e.g. DATA/scores/clip")
@@ -174,11 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a caption stage folder written by `curate recaption`: score its variants too (the "
                         "original captions, orig, are always scored)")
     p.add_argument("--model", default="clip-score", help="alias (clip-score: CLIP ViT-L/14), Hub id or local folder "
-                                                         "of a CLIPModel")
+                                                         "of a CLIPModel; none: no CLIP, classifiers only")
     p.add_argument("--revision", default=None, help="pinned Hub revision of the model")
     p.add_argument("--aesthetic", default=None, metavar="FILE",
                    help="a LAION aesthetic predictor's state dict (sac+logos+ava1-l14-linearMSE.pth, on the image "
                         "embedding of CLIP ViT-L/14): adds an aesthetic column")
+    p.add_argument("--classifier", action="append", default=[], metavar="MODEL:LABEL",
+                   help="an image classifier (AutoModelForImageClassification, Hub id or folder) and the label whose "
+                        "probability becomes a column; aliases nsfw (Falconsai/nsfw_image_detection) and watermark "
+                        "(prithivMLmods/Watermark-Detection-SigLIP2); repeatable")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward")
     p.add_argument("--decode-workers", type=int, default=min(8, _default_workers()),
                    help="DataLoader processes decoding and preparing images (0: in this one)")
@@ -344,8 +349,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     share = resolve_share(args.rank, args.world_size)
     stage = ScoreStage(args.images, model=args.model, revision=args.revision, captions_dir=args.captions,
-                       aesthetic=args.aesthetic, batch_size=args.batch_size, decode_workers=args.decode_workers,
-                       device=args.device)
+                       aesthetic=args.aesthetic, classifiers=args.classifier, batch_size=args.batch_size,
+                       decode_workers=args.decode_workers, device=args.device)
     return _run(stage, args, share)
 
 

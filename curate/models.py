@@ -82,7 +82,18 @@ DENOISERS = {
     "prx-1024-beta": "Photoroom/prx-1024-t2i-beta",
 }
 
-REGISTRIES = {"vlm": VLMS, "text": TEXT_ENCODERS, "image": IMAGE_ENCODERS, "denoiser": DENOISERS}
+# Image classifiers for `curate score --classifier`: an alias names a model and the label whose
+# probability becomes a column (Falconsai's ViT NSFW detector, labels normal/nsfw; a SigLIP2
+# watermark detector, labels No Watermark/Watermark). Any AutoModelForImageClassification works by
+# Hub id or folder as MODEL:LABEL.
+CLASSIFIERS = {
+    "nsfw": "Falconsai/nsfw_image_detection",
+    "watermark": "prithivMLmods/Watermark-Detection-SigLIP2",
+}
+CLASSIFIER_LABELS = {"nsfw": "nsfw", "watermark": "watermark"}
+
+REGISTRIES = {"vlm": VLMS, "text": TEXT_ENCODERS, "image": IMAGE_ENCODERS, "denoiser": DENOISERS,
+              "classifier": CLASSIFIERS}
 
 
 def resolve_model(name: str, kind: str, revision: str | None = None) -> ModelRef:

@@ -1,4 +1,4 @@
-"""`curate score DATA/images --out DATA/scores/clip [--captions DATA/captions/NAME] [--aesthetic FILE]`.
+"""`curate score DATA/images --out DATA/scores/clip [--captions ...] [--aesthetic FILE] [--classifier nsfw]`.
 
 Per-sample scores to filter a dataset on (``curate manifest --scores DATA/scores/clip --where ...``):
 
@@ -12,6 +12,9 @@ Per-sample scores to filter a dataset on (``curate manifest --scores DATA/scores
   christophschuhmann/improved-aesthetic-predictor (``sac+logos+ava1-l14-linearMSE.pth``: linear
   layers applied in order to the L2-normalised image embedding of CLIP ViT-L/14), loaded from
   its state dict (``.pth`` with ``weights_only``, or ``.safetensors``).
+- ``nsfw``, ``watermark``, ``LABEL`` (``--classifier``): the probability an image classifier
+  (``AutoModelForImageClassification``) gives one of its labels: NSFW and watermark detectors.
+  With ``--model none`` they run without CLIP.
 
 Output per image shard: ``DATA/scores/NAME/000123.parquet`` (a table, no tar), one row per
 accepted image, in the image stage's order. Images are decoded and prepared by the model's image
@@ -20,7 +23,9 @@ processor in DataLoader workers, ahead of the model.
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -164,6 +169,83 @@ class ClipScorer:
         return torch.nn.functional.normalize(out.float(), dim=-1), [n > self.max_tokens for n in lengths]
 
 
+def _label_column(label: str) -> str:
+    """A classifier's label as a column name: ``No Watermark`` -> ``no_watermark``."""
+    return re.sub(r"[^0-9a-z]+", "_", label.lower()).strip("_")
+
+
+class ImageClassifier:
+    """A transformers image classifier (``AutoModelForImageClassification``: ViT, SigLIP, ConvNeXt...)
+    giving the probability of one of its labels per image: an NSFW or a watermark detector.
+
+    ``spec`` is an alias (``nsfw``, ``watermark``: model and label) or ``MODEL:LABEL`` with MODEL a
+    Hub id or a folder; the label is matched by its column name (case and punctuation aside)."""
+
+    def __init__(self, spec: str, *, device: str | None = None):
+        from transformers import AutoConfig, AutoImageProcessor
+
+        from curate.models import CLASSIFIER_LABELS, resolve_model
+        from curate.runner import resolve_device
+
+        name, _, label = spec.rpartition(":") if ":" in spec else (spec, "", "")
+        label = label or CLASSIFIER_LABELS.get(name, "")
+        if not label:
+            raise CurateError(f"--classifier {spec}: name the label to score as MODEL:LABEL (aliases: "
+                              f"{', '.join(sorted(CLASSIFIER_LABELS))})")
+        ref = resolve_model(name, "classifier")
+        self.name, self.id, self.device = name, ref.id, resolve_device(device)
+        self._problem = f"cannot load the image classifier {name!r} ({ref.id})"
+        try:
+            config = AutoConfig.from_pretrained(ref.id)
+            self.processor = AutoImageProcessor.from_pretrained(ref.id)
+        except (OSError, ValueError) as e:
+            raise CurateError(f"{self._problem}: {e}") from None
+        labels = {int(i): str(text) for i, text in (config.id2label or {}).items()}
+        found = [i for i, text in labels.items() if _label_column(text) == _label_column(label)]
+        if not found:
+            raise CurateError(f"--classifier {spec}: {ref.id} has no label {label!r}; its labels are "
+                              f"{', '.join(repr(t) for _, t in sorted(labels.items()))}")
+        self.index, self.label, self.column = found[0], labels[found[0]], _label_column(label)
+        # Multi-label heads score each label on its own (sigmoid); the others share one softmax.
+        self.multi_label = config.problem_type == "multi_label_classification"
+        self._model = None
+
+    def record(self) -> dict[str, Any]:
+        from curate.models import local_fingerprint
+
+        return {"model": self.name, "label": self.label, "column": self.column,
+                "local_model_files": local_fingerprint(self.id)}
+
+    def load(self) -> torch.nn.Module:
+        if self._model is None:
+            from transformers import AutoModelForImageClassification
+
+            from curate.text import quiet_transformers
+
+            try:
+                with quiet_transformers():
+                    model, info = AutoModelForImageClassification.from_pretrained(
+                        self.id, dtype=torch.float32, output_loading_info=True)
+            except (OSError, ValueError) as e:
+                raise CurateError(f"{self._problem}: {e}") from None
+            if info["missing_keys"]:
+                raise CurateError(f"{self._problem}: its checkpoint lacks {len(info['missing_keys'])} weights "
+                                  f"({', '.join(sorted(info['missing_keys'])[:3])}...)")
+            self._model = model.to(self.device).eval().requires_grad_(False)
+        return self._model
+
+    def prepare(self, image: Any) -> torch.Tensor:
+        """One PIL image as the model's input (what the decoding workers run)."""
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    @torch.no_grad()
+    def probabilities(self, pixels: torch.Tensor) -> list[float]:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            logits = self.load()(pixel_values=pixels.to(self.device)).logits.float()
+        scores = logits.sigmoid() if self.multi_label else logits.softmax(dim=-1)
+        return scores[:, self.index].tolist()
+
+
 class ScoreStage(Stage):
     name = "score"
     version = 2  # 2: the good variants of a rejected caption row are scored too (1 scored ok rows only)
@@ -172,16 +254,30 @@ class ScoreStage(Stage):
 
     def __init__(self, images_dir: str | Path, *, model: str = "clip-score", revision: str | None = None,
                  captions_dir: str | Path | None = None, aesthetic: str | Path | None = None,
-                 batch_size: int = 64, decode_workers: int = 2, device: str | None = None):
+                 classifiers: list[str] = (), batch_size: int = 64, decode_workers: int = 2,
+                 device: str | None = None):
         self.images_dir = Path(images_dir)
         self.captions_dir = Path(captions_dir) if captions_dir else None
         self.model_name, self.revision = model, revision
         self.aesthetic = Path(aesthetic) if aesthetic else None
         self.batch_size, self.decode_workers, self.device = max(1, batch_size), max(0, decode_workers), device
-        self.variants = ["orig", *self._caption_variants()]
+        # --model none: no CLIP (an NSFW filter over a crawl need not run CLIP ViT-L/14 as well).
+        self.uses_clip = model != "none"
+        if not self.uses_clip and (self.captions_dir or self.aesthetic):
+            raise CurateError("--captions and --aesthetic need CLIP: give --model (clip-score), not --model none")
+        if not self.uses_clip and not classifiers:
+            raise CurateError("--model none leaves nothing to score: give a --classifier")
+        # Loaded at once (configs and image processors only): the labels decide the columns.
+        self.classifiers = [ImageClassifier(spec, device=device) for spec in classifiers]
+        self.variants = ["orig", *self._caption_variants()] if self.uses_clip else []
         self.index_schema = {f"clip_{v}": pl.Float32 for v in self.variants}
         if self.aesthetic is not None:
             self.index_schema["aesthetic"] = pl.Float32
+        for classifier in self.classifiers:
+            if classifier.column in self.index_schema or not classifier.column:
+                raise CurateError(f"--classifier {classifier.name}: its column {classifier.column!r} is taken; "
+                                  "score another label, or run it into another --out")
+            self.index_schema[classifier.column] = pl.Float32
         self.scorer: ClipScorer | None = None
         self.head: AestheticHead | None = None
         self.stream: ImageStream | None = None
@@ -200,20 +296,24 @@ class ScoreStage(Stage):
 
         return {"model": self.model_name, "revision": self.revision,
                 "local_model_files": local_fingerprint(self.model_name), "variants": self.variants,
-                "aesthetic": file_sha256(self.aesthetic) if self.aesthetic else None}
+                "aesthetic": file_sha256(self.aesthetic) if self.aesthetic else None,
+                # Only when given, so that the stages scored before classifiers existed keep their hash.
+                **({"classifiers": [c.record() for c in self.classifiers]} if self.classifiers else {})}
 
     def provenance(self) -> dict[str, Any]:
         return {"images": str(self.images_dir.resolve()),
                 "captions": str(self.captions_dir.resolve()) if self.captions_dir else None,
                 "aesthetic": str(self.aesthetic.resolve()) if self.aesthetic else None,
-                **({"model_id": self.scorer.id} if self.scorer else {})}
+                **({"model_id": self.scorer.id} if self.scorer else {}),
+                **({"classifier_ids": [c.id for c in self.classifiers]} if self.classifiers else {})}
 
     def plan(self) -> list[ShardTask]:
         return image_stage_tasks(self.images_dir, self.captions_dir)
 
     def prepare(self, todo: list[ShardTask]) -> None:
         self.head = AestheticHead.load(self.aesthetic) if self.aesthetic else None
-        self.scorer = ClipScorer(self.model_name, revision=self.revision, device=self.device)
+        self.scorer = ClipScorer(self.model_name, revision=self.revision, device=self.device) \
+            if self.uses_clip else None
         if self.head is not None:
             if self.head.input_dim != self.scorer.dim:
                 raise CurateError(f"--aesthetic {self.aesthetic} takes {self.head.input_dim}-d image embeddings, but "
@@ -222,9 +322,13 @@ class ScoreStage(Stage):
             self.head = self.head.to(self.scorer.device).eval()
         # The decoding workers start first: they fill their queues while the weights load (and they
         # fork from a process that holds no model yet).
-        self.stream = ImageStream([(t.shard_id, t.payload[1]) for t in todo], self.scorer.prepare,
-                                  self.decode_workers, prefetch=16)
-        self.scorer.load()
+        # Each model has its own image processor: a worker prepares an image once for each.
+        preparers = [m.prepare for m in [self.scorer, *self.classifiers] if m is not None]
+        self.stream = ImageStream([(t.shard_id, t.payload[1]) for t in todo],
+                                  functools.partial(_prepare_for_each, preparers), self.decode_workers, prefetch=16)
+        for model in [self.scorer, *self.classifiers]:
+            if model is not None:
+                model.load()
 
     def __exit__(self, *exc: object) -> None:
         if self.stream is not None:
@@ -242,7 +346,7 @@ class ScoreStage(Stage):
     def process(self, task: ShardTask, writer: ShardWriter, progress: Callable[[int], None]) -> None:
         keys, captions = self._captions(task)
         rows: dict[str, dict[str, Any]] = {}
-        batch: list[tuple[str, torch.Tensor]] = []
+        batch: list[tuple[str, tuple[torch.Tensor, ...]]] = []
         for key, pixels, error in self.stream.take(task.shard_id, len(keys)):
             if error is not None:
                 rows[key] = {"reason": "unreadable", "detail": error}
@@ -276,20 +380,31 @@ class ScoreStage(Stage):
                                       for q in (5, 25, 50, 75, 95)}}
         return summary
 
-    def _score(self, batch: list[tuple[str, torch.Tensor]], captions: dict[str, dict[str, str]]) -> dict[str, dict]:
-        scorer = self.scorer
-        images = scorer.images(torch.stack([p for _, p in batch]))
-        rows = {key: {"flags": [], **{f"clip_{v}": None for v in self.variants}} for key, _ in batch}
-        if self.head is not None:
-            with torch.no_grad():
-                for (key, _), value in zip(batch, self.head(images).tolist(), strict=True):
-                    rows[key]["aesthetic"] = value
-        pairs = [(i, key, v, text) for i, (key, _) in enumerate(batch) for v, text in captions[key].items()]
-        if pairs:
-            texts, truncated = scorer.texts([text for *_, text in pairs])
-            similarity = (images[[i for i, *_ in pairs]] * texts).sum(dim=-1).tolist()
-            for (_, key, v, _), value, cut in zip(pairs, similarity, truncated, strict=True):
-                rows[key][f"clip_{v}"] = value
-                if cut:
-                    rows[key]["flags"].append(f"{v}_truncated")
+    def _score(self, batch: list[tuple[str, tuple[torch.Tensor, ...]]], captions: dict[str, dict[str, str]]
+               ) -> dict[str, dict]:
+        """Each image's row; ``batch`` holds each image's inputs for CLIP (when used) then for each classifier."""
+        rows = {key: {"flags": [], **dict.fromkeys(self.index_schema)} for key, _ in batch}
+        inputs = list(zip(*(pixels for _, pixels in batch), strict=True))  # per model, the batch's inputs
+        if self.scorer is not None:
+            images = self.scorer.images(torch.stack(inputs.pop(0)))
+            if self.head is not None:
+                with torch.no_grad():
+                    for (key, _), value in zip(batch, self.head(images).tolist(), strict=True):
+                        rows[key]["aesthetic"] = value
+            pairs = [(i, key, v, text) for i, (key, _) in enumerate(batch) for v, text in captions[key].items()]
+            if pairs:
+                texts, truncated = self.scorer.texts([text for *_, text in pairs])
+                similarity = (images[[i for i, *_ in pairs]] * texts).sum(dim=-1).tolist()
+                for (_, key, v, _), value, cut in zip(pairs, similarity, truncated, strict=True):
+                    rows[key][f"clip_{v}"] = value
+                    if cut:
+                        rows[key]["flags"].append(f"{v}_truncated")
+        for classifier, pixels in zip(self.classifiers, inputs, strict=True):
+            for (key, _), value in zip(batch, classifier.probabilities(torch.stack(pixels)), strict=True):
+                rows[key][classifier.column] = value
         return rows
+
+
+def _prepare_for_each(preparers: list[Callable[[Any], torch.Tensor]], image: Any) -> tuple[torch.Tensor, ...]:
+    """One decoded image as each model's input (in a decoding worker)."""
+    return tuple(prepare(image) for prepare in preparers)

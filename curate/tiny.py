@@ -73,6 +73,7 @@ __all__ = [
     "build_tiny_t5gemma",
     "build_tiny_clip",
     "build_tiny_clip_vision",
+    "build_tiny_image_classifier",
     "build_tiny_dinov2",
     "read_marker",
 ]
@@ -1216,6 +1217,32 @@ def build_tiny_clip(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
     return _build_once(out_dir, spec, CLIP_FILES, build)
 
 
+
+def build_tiny_image_classifier(out_dir: str | os.PathLike[str], labels: tuple[str, ...] = ("normal", "nsfw"),
+                                seed: int = 0) -> Path:
+    """Build a tiny random image classifier (transformers ``ViTForImageClassification``) plus its
+    ``ViTImageProcessor``.
+
+    Why: ``curate score --classifier nsfw`` loads Falconsai/nsfw_image_detection (a ViT with the
+    labels ``normal`` and ``nsfw``) through ``AutoModelForImageClassification`` and
+    ``AutoImageProcessor``; this folder goes through the same calls. 28 px input (2 x 2 patches of
+    14), hidden 32, 1 layer, the labels given.
+    """
+    spec = {"builder": "image_classifier", "recipe": RECIPE_VERSION, "seed": int(seed), "labels": list(labels)}
+
+    def build(tmp: Path) -> dict[str, Any]:
+        from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+        config = ViTConfig(image_size=28, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, num_labels=len(labels),
+                           id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)})
+        with _seeded(seed):
+            model = ViTForImageClassification(config).eval()
+        processor = ViTImageProcessor(size={"height": 28, "width": 28})
+        return _save_image_model(model, processor, tmp)
+
+    return _build_once(out_dir, spec, IMAGE_MODEL_FILES, build)
+
 def build_tiny_dinov2(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
     """Build a tiny random DINOv2 (transformers ``Dinov2Model``) plus its ``BitImageProcessor``.
 
@@ -1274,6 +1301,7 @@ def main(argv: list[str] | None = None) -> int:
         "t5gemma": build_tiny_t5gemma,
         "clip": build_tiny_clip_vision,
         "clip-score": build_tiny_clip,
+        "nsfw": build_tiny_image_classifier,
         "dinov2": build_tiny_dinov2,
         "dinov3": build_tiny_dinov3,
     }

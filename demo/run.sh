@@ -33,14 +33,17 @@ curate encode-latents "$DATA/images" --captions "$DATA/captions/tiny-qwen2-vl" -
 curate stats "$DATA/latents/tiny-flux2-256"
 # Another caption selection of the same shards: DALL-E 3's 95% synthetic, 5% original captions.
 curate manifest manifests/demo-long.json --captions long=0.95,orig=0.05 --name demo-dalle3
-# Per-image scores to filter on: each caption's CLIP similarity to its image (a tiny random CLIP here, so
-# the numbers mean nothing; real runs use --model clip-score, CLIP ViT-L/14, and --aesthetic).
+# Per-image scores to filter on: each caption's CLIP similarity to its image, and an NSFW classifier's
+# probability (a tiny random CLIP and ViT here, so the numbers mean nothing; real runs use --model
+# clip-score, CLIP ViT-L/14, --aesthetic, and --classifier nsfw or watermark).
 python -m curate.tiny clip-score "$DATA/models/tiny-clip-score"
+python -m curate.tiny nsfw "$DATA/models/tiny-nsfw"
 curate score "$DATA/images" --captions "$DATA/captions/tiny-qwen2-vl" --out "$DATA/scores/tiny-clip" \
-    --model "$DATA/models/tiny-clip-score" --decode-workers 2 --device cpu --no-progress
+    --model "$DATA/models/tiny-clip-score" --classifier "$DATA/models/tiny-nsfw:nsfw" --decode-workers 2 \
+    --device cpu --no-progress
 # A subset of the samples, with no shard written again: large originals whose caption matches them.
 curate manifest manifests/demo-long.json --where 'orig_w >= 400 AND orig_h >= 300' \
-    --scores "$DATA/scores/tiny-clip" --where 'clip_orig >= -0.1' --name demo-hires
+    --scores "$DATA/scores/tiny-clip" --where 'clip_orig >= -0.1' --where 'nsfw < 0.9' --name demo-hires
 ls -l manifests/demo-*.json
 
 echo "== 6. a tiny T5Gemma text encoder (the real class PRXPipeline loads, randomly initialised)"

@@ -139,3 +139,78 @@ def test_what_cannot_be_scored_is_named(clip, stage, tmp_path: Path, capsys):
     assert curate_main(["score", str(stage["images"]), "--model", str(vision_only), *out]) == 2
     assert "with both towers and its tokenizer" in capsys.readouterr().err
     shutil.rmtree(tmp_path / "x", ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def classifiers(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random ViT classifiers with the labels of the NSFW and of the watermark detector."""
+    from curate.tiny import build_tiny_image_classifier
+
+    root = tmp_path_factory.mktemp("classifiers")
+    return {"nsfw": build_tiny_image_classifier(root / "nsfw"),
+            "watermark": build_tiny_image_classifier(root / "watermark", labels=("No Watermark", "Watermark"), seed=1)}
+
+
+def test_a_classifier_scores_its_labels_probability_as_the_pipeline_does(classifiers):
+    from PIL import Image
+    from transformers import pipeline
+
+    from curate.models import resolve_model
+    from curate.runner import CurateError
+    from curate.score import ImageClassifier
+
+    images = [Image.new("RGB", (40, 30), c) for c in ("red", "blue", "white")]
+    for name, label in (("nsfw", "nsfw"), ("watermark", "Watermark")):
+        classifier = ImageClassifier(f"{classifiers[name]}:{label.upper()}", device="cpu")  # case does not matter
+        assert (classifier.label, classifier.column) == (label, label.lower())
+        got = classifier.probabilities(torch.stack([classifier.prepare(i) for i in images]))
+        reference = pipeline("image-classification", model=str(classifiers[name]), device="cpu")
+        expected = [next(r["score"] for r in reference(image) if r["label"] == label) for image in images]
+        assert got == pytest.approx(expected, abs=1e-5)
+    # "No Watermark" is another label, not a match of "watermark".
+    assert ImageClassifier(f"{classifiers['watermark']}:no watermark").column == "no_watermark"
+    with pytest.raises(CurateError, match="has no label 'porn'; its labels are 'normal', 'nsfw'"):
+        ImageClassifier(f"{classifiers['nsfw']}:porn")
+    with pytest.raises(CurateError, match="name the label to score as MODEL:LABEL"):
+        ImageClassifier(str(classifiers["nsfw"]))
+    assert resolve_model("nsfw", "classifier").id == "Falconsai/nsfw_image_detection"
+
+
+def test_classifiers_run_beside_clip_or_alone(clip, classifiers, stage, tmp_path: Path, capsys):
+    images = str(stage["images"])
+    common = ["--batch-size", "3", "--decode-workers", "1", "--device", "cpu", "--no-progress"]
+    aesthetic = str(aesthetic_file(tmp_path / "aesthetic.pth", 16))
+    nsfw, watermark = f"{classifiers['nsfw']}:nsfw", f"{classifiers['watermark']}:watermark"
+
+    def scores(out: Path) -> pl.DataFrame:
+        return pl.concat([pl.read_parquet(s.index_path) for s in committed_shards(out)])
+
+    assert curate_main(["score", images, "--out", str(tmp_path / "clip"), "--model", str(clip), "--aesthetic",
+                        aesthetic, *common]) == 0
+    assert curate_main(["score", images, "--out", str(tmp_path / "both"), "--model", str(clip), "--aesthetic",
+                        aesthetic, "--classifier", nsfw, "--classifier", watermark, *common]) == 0
+    assert curate_main(["score", images, "--out", str(tmp_path / "alone"), "--model", "none",
+                        "--classifier", watermark, *common]) == 0
+    both, alone = scores(tmp_path / "both"), scores(tmp_path / "alone")
+    # Each model gets its own image processor's input: CLIP's numbers do not change beside classifiers.
+    assert both["aesthetic"].to_list() == scores(tmp_path / "clip")["aesthetic"].to_list()
+    assert both["watermark"].to_list() == alone["watermark"].to_list()
+    assert both.height == 10 and both["nsfw"].null_count() == 0 and both["nsfw"].is_between(0, 1).all()
+    assert [c for c in alone.columns if c in ("clip_orig", "aesthetic", "nsfw", "watermark")] == ["watermark"]
+    stage_file = json.loads((tmp_path / "alone" / "_stage.json").read_text())
+    assert stage_file["config"]["classifiers"] == [{"model": str(classifiers["watermark"]), "label": "Watermark",
+                                                    "column": "watermark",
+                                                    "local_model_files": stage_file["config"]["classifiers"][0][
+                                                        "local_model_files"]}]
+    assert stage_file["summary"]["watermark"]["samples"] == 10
+    # Without classifiers the config has no "classifiers": stages scored before them keep their hash.
+    assert "classifiers" not in json.loads((tmp_path / "clip" / "_stage.json").read_text())["config"]
+
+    out = ["--out", str(tmp_path / "x"), *common]
+    assert curate_main(["score", images, "--model", "none", *out]) == 2
+    assert "--model none leaves nothing to score" in capsys.readouterr().err
+    assert curate_main(["score", images, "--model", "none", "--aesthetic", aesthetic, "--classifier", nsfw, *out]) == 2
+    assert "--captions and --aesthetic need CLIP" in capsys.readouterr().err
+    assert curate_main(["score", images, "--model", "none", "--classifier", nsfw, "--classifier", nsfw, *out]) == 2
+    assert "its column 'nsfw' is taken" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() or not list((tmp_path / "x").glob("*.parquet"))

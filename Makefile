@@ -31,6 +31,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/encode_latents.py
 	$(PY) bench/encode_text.py
 	$(PY) bench/score.py
+	$(PY) bench/score.py --classifier --images 48 --repeats 3
 	$(PY) bench/shard_writer.py
 	$(PY) bench/train.py
 	$(PY) bench/subset.py

@@ -9,7 +9,10 @@ in practice. The stage's rate is steady: from the end of its model loading to it
 and the final pass included); the bare pass is timed warm. The stage's scores are checked
 against the bare pass's.
 
-    python bench/score.py [--images 24] [--batch-size 8] [--workers 2] [--repeats 2] [--device cpu]
+With ``--classifier``: the stage with ``--model none --classifier`` (an NSFW classifier alone)
+against the bare classifier, the full-size ViT-B/16 at 224 px of Falconsai/nsfw_image_detection.
+
+    python bench/score.py [--classifier] [--images 24] [--batch-size 8] [--workers 2] [--repeats 2] [--device cpu]
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from ingest import make_images  # noqa: E402
 
 from curate.cli import main as curate_main  # noqa: E402
 from curate.runner import run_stage  # noqa: E402
-from curate.score import ClipScorer, ScoreStage  # noqa: E402
+from curate.score import ClipScorer, ImageClassifier, ScoreStage  # noqa: E402
 from curate.shards import committed_shards, iter_tar_samples  # noqa: E402
 from curate.tiny import _clip_vocab_and_merges  # noqa: E402
 
@@ -59,29 +62,45 @@ def full_size_clip(folder: Path) -> Path:
     return folder
 
 
+def full_size_vit_classifier(folder: Path) -> Path:
+    """ViT-B/16 at 224 px with the labels normal and nsfw (Falconsai/nsfw_image_detection's shapes),
+    random weights."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    config = ViTConfig(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                       num_attention_heads=12, num_labels=2, id2label={0: "normal", 1: "nsfw"},
+                       label2id={"normal": 0, "nsfw": 1})
+    torch.manual_seed(0)
+    ViTForImageClassification(config).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 224, "width": 224}).save_pretrained(folder)
+    return folder
+
+
 class _TimedStage(ScoreStage):
     def prepare(self, todo) -> None:  # noqa: ANN001 (the runner's signature)
         super().prepare(todo)
         self.ready = time.perf_counter()
 
 
-def stage_run(images: Path, model: Path, out: Path, batch: int, workers: int, device: str) -> tuple[float, float]:
+def stage_run(images: Path, model: Path, out: Path, batch: int, workers: int, device: str,
+              classifier: bool) -> tuple[float, float]:
     """(seconds in all, steady seconds: from the model loaded to the end)."""
     shutil.rmtree(out, ignore_errors=True)
-    stage = _TimedStage(images, model=str(model), batch_size=batch, decode_workers=workers, device=device)
+    models = {"model": "none", "classifiers": [f"{model}:nsfw"]} if classifier else {"model": str(model)}
+    stage = _TimedStage(images, **models, batch_size=batch, decode_workers=workers, device=device)
     start = time.perf_counter()
     run_stage(stage, out, progress=False)
     end = time.perf_counter()
     return end - start, end - stage.ready
 
 
-def bare_run(images: Path, model: Path, batch: int, device: str) -> tuple[float, dict[str, float]]:
+def bare_run(images: Path, model: Path, batch: int, device: str, classifier: bool) -> tuple[float, dict[str, float]]:
     """Seconds of the bare forward passes over every image and its caption, warm; the scores by key."""
     from PIL import Image
 
     from curate.images import to_rgb
 
-    scorer = ClipScorer(str(model), device=device)
+    scorer = ImageClassifier(f"{model}:nsfw", device=device) if classifier else ClipScorer(str(model), device=device)
     keys, pixels, captions = [], [], []
     for shard in committed_shards(images):
         index = pl.read_parquet(shard.index_path).filter(pl.col("status") == "ok")
@@ -96,6 +115,8 @@ def bare_run(images: Path, model: Path, batch: int, device: str) -> tuple[float,
     batches = [(torch.stack(pixels[i: i + batch]), captions[i: i + batch]) for i in range(0, len(keys), batch)]
 
     def one(x: torch.Tensor, texts: list[str]) -> list[float]:
+        if classifier:
+            return scorer.probabilities(x)
         image, (text, _) = scorer.images(x), scorer.texts(texts)
         return (image * text).sum(-1).tolist()
 
@@ -117,6 +138,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="the stage's decoding workers")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--classifier", action="store_true", help="an NSFW classifier alone (ViT-B/16), not CLIP")
     args = parser.parse_args()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,15 +146,16 @@ def main() -> None:
         make_images(tmp / "src", args.images, args.side)
         assert curate_main(["ingest", str(tmp / "src"), "--out", str(tmp / "images"), "--shard-size",
                             str(max(1, args.images // 3)), "--workers", "2", "--no-progress"]) == 0
-        model = full_size_clip(tmp / "clip")
+        model = full_size_vit_classifier(tmp / "vit") if args.classifier else full_size_clip(tmp / "clip")
+        column = "nsfw" if args.classifier else "clip_orig"
         stage_times, bare_times, worst = [], [], 0.0
         for _ in range(args.repeats):
             stage_times.append(stage_run(tmp / "images", model, tmp / "out", args.batch_size, args.workers,
-                                         args.device))
-            seconds, expected = bare_run(tmp / "images", model, args.batch_size, args.device)
+                                         args.device, args.classifier))
+            seconds, expected = bare_run(tmp / "images", model, args.batch_size, args.device, args.classifier)
             bare_times.append(seconds)
             rows = pl.concat([pl.read_parquet(s.index_path) for s in committed_shards(tmp / "out")])
-            for key, value in zip(rows["key"], rows["clip_orig"], strict=True):
+            for key, value in zip(rows["key"], rows[column], strict=True):
                 worst = max(worst, abs(value - expected[key]))
             print(f"  stage {stage_times[-1][0]:.1f} s ({stage_times[-1][1]:.1f} steady), bare {seconds:.1f} s",
                   file=sys.stderr, flush=True)
@@ -141,7 +164,8 @@ def main() -> None:
     whole = statistics.median(s for s, _ in stage_times)
     bare = statistics.median(bare_times)
     print(f"\n{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores, device {args.device}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; {n} JPEGs of {args.side} x "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{'ViT-B/16 classifier alone' if args.classifier else 'CLIP ViT-L/14'}; {n} JPEGs of {args.side} x "
           f"{args.side * 3 // 4}, batch {args.batch_size}, {args.workers} decoding workers; median of {args.repeats}; "
           f"{time.perf_counter() - started:.0f} s in all\n")
     print("| run | seconds | each run | images/s |")
@@ -149,7 +173,8 @@ def main() -> None:
     print(f"| stage, whole (model loading included) | {whole:.2f} | {', '.join(f'{s:.2f}' for s, _ in stage_times)} "
           f"| {n / whole:.2f} |")
     print(f"| stage, steady | {steady:.2f} | {', '.join(f'{s:.2f}' for _, s in stage_times)} | {n / steady:.2f} |")
-    print(f"| bare image and text towers (prepared tensors) | {bare:.2f} | {', '.join(f'{s:.2f}' for s in bare_times)} "
+    bare_name = "bare classifier" if args.classifier else "bare image and text towers"
+    print(f"| {bare_name} (prepared tensors) | {bare:.2f} | {', '.join(f'{s:.2f}' for s in bare_times)} "
           f"| {n / bare:.2f} |")
     print(f"\nsteady stage / bare: **{bare / steady:.2f}**; largest difference between their scores: {worst:.2e}")
 

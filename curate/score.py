@@ -97,15 +97,16 @@ class ClipScorer:
     and tokenizer load at once; the weights at ``load()`` (or the first use), so that decoding
     workers can start, and fork, before them. On a GPU the towers run in bf16 autocast."""
 
-    def __init__(self, name: str, *, revision: str | None = None, device: str | None = None):
+    def __init__(self, name: str, *, revision: str | None = None, device: str | None = None, bf16: bool = True):
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
         from curate.models import resolve_model
         from curate.runner import resolve_device
 
         ref = resolve_model(name, "image", revision)
-        self.id, self.revision = ref.id, revision
+        self.id, self.revision, self.local = ref.id, revision, ref.local
         self.device = resolve_device(device)
+        self.bf16 = bf16  # bf16 autocast on a GPU; evaluate's CLIP score keeps float32 (GPU-independent numbers)
         problem = f"cannot load the CLIP model {name!r} ({ref.id}) with both towers and its tokenizer"
         try:
             self.config = AutoConfig.from_pretrained(ref.id, revision=revision)
@@ -142,7 +143,7 @@ class ClipScorer:
         return self.load()
 
     def _autocast(self) -> Any:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16 and self.device.type == "cuda")
 
     def prepare(self, image: Any) -> torch.Tensor:
         """One PIL image as the model's input (what the decoding workers run)."""

@@ -74,14 +74,15 @@ echo "== 9. export for diffusers' PRXPipeline, then generate from the exported f
 train export "$DATA/runs/base" --to "$DATA/export/base"
 train generate "$DATA/export/base" "a red fox in the snow" --steps 8 --out "$DATA/export/base-sample.png"
 
-echo "== 10. evaluate: FID, CMMD and DINO-MMD of the run's last checkpoint against its real images"
-# Tiny random CLIP and DINOv2 (the real classes) stand in for CMMD's and DINO-MMD's networks;
+echo "== 10. evaluate: FID, CMMD, DINO-MMD and the CLIP score of the run's last checkpoint"
+# Tiny random CLIP and DINOv2 (the real classes) stand in for CMMD's, DINO-MMD's and the CLIP score's networks;
 # --samples 48 takes every image of the run's training shards; so few give a biased FID (real
 # evaluations use 10,000 or more): the command says so.
 python -m curate.tiny clip "$DATA/models/tiny-clip"
 python -m curate.tiny dinov2 "$DATA/models/tiny-dinov2"
 evaluate run "$DATA/runs/base" --samples 48 --steps 8 --clip "$DATA/models/tiny-clip" \
-    --dino "$DATA/models/tiny-dinov2" --no-progress
+    --dino "$DATA/models/tiny-dinov2" --metrics fid,cmmd,dino-mmd,clip-score \
+    --clip-score "$DATA/models/tiny-clip-score" --no-progress
 evaluate compare "$DATA/runs/base"
 
 echo "== 11. an ablation, one switch away: the same run with REPA (a tiny DINOv3 teacher), side by side"
@@ -94,7 +95,8 @@ train --shards manifests/demo-train.json --out "$DATA/runs/repa" --preset tiny -
     log.every=20 sample_every=100 data.workers=2 data.sample_latents=false \
     val.shards=manifests/demo-train-heldout.json val.every=50
 evaluate run "$DATA/runs/repa" --samples 48 --steps 8 --clip "$DATA/models/tiny-clip" \
-    --dino "$DATA/models/tiny-dinov2" --no-progress
+    --dino "$DATA/models/tiny-dinov2" --metrics fid,cmmd,dino-mmd,clip-score \
+    --clip-score "$DATA/models/tiny-clip-score" --no-progress
 evaluate compare "$DATA/runs/base" "$DATA/runs/repa"
 
 echo "== 12. the next stage: the larger images at 512 px, training on from the 256 px run's weights"

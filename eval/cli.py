@@ -1,6 +1,6 @@
-"""The ``evaluate`` command: a run's FID, CMMD and DINO-MMD, runs side by side, FID's weights.
+"""The ``evaluate`` command: a run's FID, CMMD, DINO-MMD (and CLIP score), runs side by side, FID's weights.
 
-    evaluate run runs/NAME [--metrics fid,cmmd,dino-mmd] [--step N] [--samples 10000] ...
+    evaluate run runs/NAME [--metrics fid,cmmd,dino-mmd,clip-score] [--step N] [--samples 10000] ...
     torchrun --nproc_per_node 8 -m eval run runs/NAME ...
     evaluate compare runs/baseline runs/flux2 runs/short [--format markdown|csv|json]
     evaluate get-inception [--to FILE]
@@ -24,11 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evaluate", description="Evaluate and compare training runs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="FID, CMMD and DINO-MMD of a run's checkpoint against its training images",
+    p = sub.add_parser("run", help="FID, CMMD and DINO-MMD of a run's checkpoint against its training images "
+                                   "(and the CLIP score of its images against their prompts)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run", help="the run folder (train --out)")
     p.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
-                   help=f"comma-separated, from {', '.join(METRICS)}")
+                   help=f"comma-separated, from {', '.join(METRICS)} (clip-score: how well the images follow "
+                        "their prompts)")
     p.add_argument("--step", default=None, help="the checkpoint's step, several (5000,10000) or all (every "
                                                 "checkpoint the run kept, oldest first); default: the latest")
     p.add_argument("--samples", type=int, default=10_000,
@@ -55,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "openai/clip-vit-large-patch14-336)")
     p.add_argument("--dino", default=None, help="DINO-MMD's DINOv2: alias, Hub id or folder (default: dinov2 = "
                                                 "facebook/dinov2-large)")
+    p.add_argument("--clip-score", default=None, dest="clip_score",
+                   help="the CLIP score's CLIP, both towers: alias, Hub id or folder (default: clip-score = "
+                        "openai/clip-vit-large-patch14)")
     p.add_argument("--force", action="store_true", help="generate the images again even if this evaluation is stored")
     g = p.add_argument_group("scaling out (defaults from torchrun's RANK/WORLD_SIZE or Slurm)")
     g.add_argument("--rank", type=int, default=None, help="this worker's index")
@@ -128,14 +133,15 @@ def _run(args: argparse.Namespace) -> int:
             args.run, metrics=[m.strip() for m in args.metrics.split(",") if m.strip()], step=step,
             manifest=args.manifest, images=args.images, samples=args.samples, seed=args.seed, steps=args.steps,
             guidance=guidance, variant=args.captions, weights=args.weights, batch_size=args.batch_size, device=args.device,
-            inception=args.inception, clip=args.clip, dino=args.dino, rank=args.rank,
+            inception=args.inception, clip=args.clip, dino=args.dino, clip_score=args.clip_score, rank=args.rank,
             world_size=args.world_size, force=args.force, progress=not args.no_progress)
         if result is None:
             print(f"step {'latest' if step is None else step}: this worker's chunks are done; the last worker "
                   "to finish writes the result")
             continue
         settings = result["settings"]
-        values = ", ".join(f"{m} {v['value']:.4f}" for m, v in result["metrics"].items())
+        values = ", ".join(f"{m} {v['value']:.4f}" + (f" (real images {v['real']:.4f})" if "real" in v else "")
+                           for m, v in result["metrics"].items())
         print(f"{values} at step {result['step']} from {settings['samples']} images ({settings['steps']} steps, "
               f"guidance {settings['guidance']}); {result['run']}/eval/step{result['step']:08d}-{result['tag']}.json")
         if result.get("note"):

@@ -41,7 +41,7 @@ from curate.runner import CurateError
 from curate.shards import OK, iter_tar_samples, read_index, shard_name
 from train.data import choose_caption
 
-__all__ = ["EvalSample", "EvalSetError", "choose_samples", "images_dir_of", "real_images"]
+__all__ = ["EvalSample", "EvalSetError", "choose_samples", "images_dir_of", "real_batches", "real_images"]
 
 
 class EvalSetError(CurateError):
@@ -150,22 +150,32 @@ def real_images(
     threads: int = 4,
 ) -> Iterator[torch.Tensor]:
     """The samples' original images as uint8 batches [B, 3, resolution, resolution], decoded and
-    cropped in ``threads`` threads (PIL releases the GIL while it decodes and resizes).
+    cropped in ``threads`` threads (PIL releases the GIL while it decodes and resizes), in the
+    order of the image shards (not of ``samples``: see :func:`real_batches`).
     ``images_dir``: the image stage, or one per part of a merged manifest (:func:`images_dir_of`)."""
-    stages = images_dir if isinstance(images_dir, list) else [images_dir]
-    by_shard: dict[tuple[int, int], set[str]] = {}
-    for s in samples:
-        by_shard.setdefault((s.part, s.shard), set()).add(s.key)
+    for _, batch in real_batches(samples, images_dir, resolution, batch_size=batch_size, threads=threads):
+        yield batch
 
-    def originals() -> Iterator[bytes]:
-        for (part, shard), keys in sorted(by_shard.items()):
+
+def real_batches(
+    samples: list[EvalSample], images_dir: Path | list[Path], resolution: int, *, batch_size: int = 64,
+    threads: int = 4,
+) -> Iterator[tuple[list[EvalSample], torch.Tensor]]:
+    """:func:`real_images` with each batch's samples: what pairs an image with its prompt."""
+    stages = images_dir if isinstance(images_dir, list) else [images_dir]
+    by_shard: dict[tuple[int, int], dict[str, EvalSample]] = {}
+    for s in samples:
+        by_shard.setdefault((s.part, s.shard), {})[s.key] = s
+
+    def originals() -> Iterator[tuple[EvalSample, bytes]]:
+        for (part, shard), picked in sorted(by_shard.items()):
             tar = stages[part] / f"{shard_name(shard)}.tar"
             if not tar.is_file():
                 raise EvalSetError(f"{tar}: the image shard of latent shard {shard} is missing")
-            missing = set(keys)
-            for key, members in iter_tar_samples(tar, lambda k, ext, picked=keys: k in picked and ext == IMAGE_MEMBER):
+            missing = set(picked)
+            for key, members in iter_tar_samples(tar, lambda k, ext, keys=picked: k in keys and ext == IMAGE_MEMBER):
                 missing.discard(key)
-                yield members[IMAGE_MEMBER]
+                yield picked[key], members[IMAGE_MEMBER]
             if missing:
                 raise EvalSetError(f"{tar} lacks {len(missing)} sample(s) of the latents "
                                    f"(first: {sorted(missing)[0]}): the image stage changed")
@@ -177,4 +187,4 @@ def real_images(
     pending = originals()
     with ThreadPoolExecutor(threads) as pool:
         while chunk := list(itertools.islice(pending, batch_size)):
-            yield torch.stack(list(pool.map(crop, chunk)))
+            yield [s for s, _ in chunk], torch.stack(list(pool.map(crop, [data for _, data in chunk])))

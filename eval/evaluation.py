@@ -1,11 +1,14 @@
-"""``evaluate run RUN``: FID, CMMD and DINO-MMD of a run's checkpoint against its training images.
+"""``evaluate run RUN``: FID, CMMD and DINO-MMD of a run's checkpoint against its training images,
+and its CLIP score.
 
     checkpoint -> n prompts of the evaluation set (eval.evalset) -> Euler sampling with guidance
     (train.sample, the run's sampler) -> the manifest's VAE -> features of each metric's network
     the same n samples' original images, centre-cropped        -> the same networks' features
     fid: Fréchet distance of Inception features; cmmd, dino-mmd: MMD of CLIP / DINOv2 embeddings
+    clip-score: 100 x CLIP's image-prompt cosine, floored at 0, averaged (also of the real images)
 
-These are the three metrics of the PRX ablations. The images are generated once for all of them.
+FID, CMMD and DINO-MMD are the three metrics of the PRX ablations (the default); the CLIP score
+measures how well the images follow their prompts. The images are generated once for all of them.
 Everything that changes the generated images is part of the evaluation's tag: checkpoint step,
 sample count, seed, sampler steps, guidance, shift, caption choice, resolution, the chosen keys
 and prompts, and the weights when they are the run's EMA. The result, ``RUN/eval/stepNNNNNNNN-TAG.json``, holds one entry per metric with the
@@ -42,7 +45,7 @@ from tqdm import tqdm
 from curate.manifest import LatentSpec, ManifestError, file_sha256, load_manifest
 from curate.runner import CurateError, package_versions, resolve_device, resolve_share
 from curate.shards import stable_hash
-from eval.evalset import EvalSample, choose_samples, images_dir_of, real_images
+from eval.evalset import EvalSample, choose_samples, images_dir_of, real_batches, real_images
 from eval.stats import FeatureStats, frechet_distance, mmd
 from train.checkpoint import CheckpointError, checkpoint_path, latest_checkpoint, load_checkpoint
 from train.ema import checkpoint_weights
@@ -51,7 +54,7 @@ __all__ = ["CHUNK", "DEFAULT_METRICS", "METRICS", "evaluate_run", "result_files"
 
 CHUNK = 256  # images per saved feature file: what a killed evaluation can lose
 PREVIEW = 8  # generated images shown above their real counterparts in RUN/eval/stepN-TAG.png
-METRICS = {"fid": "inception", "cmmd": "clip", "dino-mmd": "dino"}  # metric -> its network
+METRICS = {"fid": "inception", "cmmd": "clip", "dino-mmd": "dino", "clip-score": "clip-text"}  # metric -> network
 DEFAULT_METRICS = ("fid", "cmmd", "dino-mmd")
 FEW_SAMPLES = 2048  # below the Inception feature dimension the covariance is singular and FID biased
 RESULT_GLOB = "step*-*.json"
@@ -63,9 +66,9 @@ def result_files(run: str | os.PathLike[str]) -> list[Path]:
 
 
 def load_networks(metrics: list[str], device: str, *, inception: str | os.PathLike[str] | None = None,
-                  clip: str | None = None, dino: str | None = None) -> dict[str, Any]:
-    """The networks ``metrics`` need, by kind (``inception``, ``clip``, ``dino``)."""
-    from eval.embedders import ImageEmbedder
+                  clip: str | None = None, dino: str | None = None, clip_score: str | None = None) -> dict[str, Any]:
+    """The networks ``metrics`` need, by kind (``inception``, ``clip``, ``dino``, ``clip-text``)."""
+    from eval.embedders import CaptionScorer, ImageEmbedder
     from eval.inception import InceptionFeatures
 
     unknown = [m for m in metrics if m not in METRICS]
@@ -79,6 +82,8 @@ def load_networks(metrics: list[str], device: str, *, inception: str | os.PathLi
         networks["clip"] = ImageEmbedder("clip", clip or "clip", device=device)
     if "dino" in kinds:
         networks["dino"] = ImageEmbedder("dino", dino or "dinov2", device=device)
+    if "clip-text" in kinds:
+        networks["clip-text"] = CaptionScorer(clip_score or "clip-score", device=device)
     return networks
 
 
@@ -100,6 +105,7 @@ def evaluate_run(
     inception: str | os.PathLike[str] | None = None,
     clip: str | None = None,
     dino: str | None = None,
+    clip_score: str | None = None,
     rank: int | None = None,
     world_size: int | None = None,
     force: bool = False,
@@ -109,7 +115,8 @@ def evaluate_run(
 
     ``manifest`` defaults to the one the run trained on, ``images`` to the image stage its
     provenance names; ``steps`` and ``guidance`` default to the run's ``sample`` settings;
-    ``inception``, ``clip`` and ``dino`` choose the networks (file; alias, Hub id or folder);
+    ``inception``, ``clip``, ``dino`` and ``clip_score`` choose the networks (file; alias, Hub id or
+    folder);
     ``weights`` "ema" or "raw" (default: the EMA weights when the run kept them).
     Returns the result, or None when other workers still have chunks to generate.
     """
@@ -141,7 +148,7 @@ def evaluate_run(
         raise ManifestError(f"{e} (the run trained on {manifest_path}, relative to where it was started: "
                             "run from there, or pass the manifest with --manifest)") from None
     device = str(resolve_device(device))
-    networks = load_networks(metrics, device, inception=inception, clip=clip, dino=dino)
+    networks = load_networks(metrics, device, inception=inception, clip=clip, dino=dino, clip_score=clip_score)
     evalset = choose_samples(data, manifest_path, samples, seed=seed, variant=variant)
     if "fid" in metrics and len(evalset) < 2:
         raise CurateError(f"FID needs at least 2 images (a covariance); the evaluation set has {len(evalset)}")
@@ -186,9 +193,12 @@ def evaluate_run(
             nets = missing(c)
             features: dict[str, list[np.ndarray]] = {net.key: [] for net in nets}
             first: list[torch.Tensor] = []
+            done = 0
             for batch in generator.images(part):
+                prompts = [s.caption for s in part[done : done + len(batch)]]
+                done += len(batch)
                 for net in nets:
-                    features[net.key].append(net(batch).numpy())
+                    features[net.key].append(_features(net, batch, prompts).numpy())
                 if c == 0 and len(first) < PREVIEW:
                     first.extend(batch[: PREVIEW - len(first)])
                 bar.update(len(batch))
@@ -209,6 +219,8 @@ def evaluate_run(
         value = _value(metric, generated, reference[net.key][0])
         result["metrics"][metric] = {"value": value, "network": net.identity,
                                      "reference": str(reference[net.key][1].absolute())}
+        if metric == "clip-score":  # the real images' score with the same prompts: the ceiling to read it against
+            result["metrics"][metric]["real"] = _clip_score(reference[net.key][0])
     empty = sum(1 for s in evalset if not s.caption)
     result |= {
         "step": step, "run": str(run.absolute()), "tag": tag, "checkpoint": str(path.absolute()),
@@ -225,7 +237,18 @@ def evaluate_run(
     return result
 
 
+def _features(net: Any, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """A network's features of a batch: the CLIP score's network reads each image's prompt too."""
+    return net(images, prompts) if getattr(net, "needs_captions", False) else net(images)
+
+
+def _clip_score(cosines: np.ndarray) -> float:
+    return float(100 * np.clip(cosines, 0, None).mean())
+
+
 def _value(metric: str, generated: list[np.ndarray], real: np.ndarray) -> float:
+    if metric == "clip-score":
+        return _clip_score(np.concatenate(generated))
     if metric == "fid":
         stats = FeatureStats(real.shape[1])
         for part in generated:
@@ -294,17 +317,21 @@ def _reference_features(run: Path, data, images, evalset: list[EvalSample], reso
                         networks: dict[str, Any], settings: dict[str, Any], *, batch_size: int,
                         progress: bool) -> dict[str, tuple[np.ndarray, Path]]:
     """The real images' features per network (key -> (features, file)), cached per (keys,
-    resolution, network); one pass over the images computes every network's that is missing."""
-    tag = stable_hash({k: settings[k] for k in ("keys", "resolution")})[:12]
-    files = {net.key: run / "eval" / f"reference-{tag}.{net.key}.npy" for net in networks.values()}
+    resolution, network; and prompts for the CLIP score's); one pass over the images computes every
+    network's that is missing."""
+    def tag(net: Any) -> str:
+        wanted = ("keys", "resolution", "prompts") if getattr(net, "needs_captions", False) else ("keys", "resolution")
+        return stable_hash({k: settings[k] for k in wanted})[:12]
+
+    files = {net.key: run / "eval" / f"reference-{tag(net)}.{net.key}.npy" for net in networks.values()}
     todo = [net for net in networks.values() if not files[net.key].is_file()]
     if todo:
         features: dict[str, list[np.ndarray]] = {net.key: [] for net in todo}
         folder = images_dir_of(data, images)
         with tqdm(total=len(evalset), unit="img", desc="real images", disable=not progress) as bar:
-            for batch in real_images(evalset, folder, resolution, batch_size=batch_size):
+            for chosen, batch in real_batches(evalset, folder, resolution, batch_size=batch_size):
                 for net in todo:
-                    features[net.key].append(net(batch).numpy())
+                    features[net.key].append(_features(net, batch, [s.caption for s in chosen]).numpy())
                 bar.update(len(batch))
         for net in todo:
             _save_npy(files[net.key], np.concatenate(features[net.key]).astype(np.float32))

@@ -255,6 +255,40 @@ def test_a_runs_metrics_are_recorded_reproducible_and_reused(pipeline, inception
     assert more["metrics"]["cmmd"] == other["metrics"]["cmmd"] and set(more["metrics"]) == {"cmmd", "fid"}
 
 
+
+def test_the_clip_score_pairs_each_image_with_its_own_prompt(pipeline, embedders, tmp_path: Path):
+    import torch.nn.functional as F
+    from transformers import AutoTokenizer, CLIPModel
+
+    from curate.tiny import build_tiny_clip
+    from eval.evalset import images_dir_of, real_batches
+
+    clip = build_tiny_clip(tmp_path / "clip-score")
+    run = _fresh_copy(pipeline["base"], tmp_path / "run")
+    result = _evaluate(run, embedders, metrics=["clip-score", "cmmd"], clip_score=str(clip))
+    entry = result["metrics"]["clip-score"]
+    assert entry["network"]["class"] == "CLIPModel" and entry["network"]["max_tokens"] == 77
+    assert 0 <= entry["value"] <= 100 and np.load(entry["reference"]).shape == (SAMPLES, 1)
+    # The real images' score, recomputed with CLIPModel's own logits (their cosines times the logit
+    # scale): each image with its own prompt, wherever it lies in the image shards.
+    manifest = load_manifest(pipeline["manifest"])
+    evalset = choose_samples(manifest, pipeline["manifest"], SAMPLES)
+    model, tokenizer = CLIPModel.from_pretrained(clip).eval(), AutoTokenizer.from_pretrained(clip)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    assert len({s.caption for s in evalset}) == SAMPLES  # distinct prompts: a wrong pairing would show
+    cosines = []
+    for chosen, images in real_batches(evalset, images_dir_of(manifest), 32, batch_size=3):
+        pixels = (F.interpolate(images.float() / 255, size=(28, 28), mode="bicubic", align_corners=False) - mean) / std
+        text = tokenizer([s.caption for s in chosen], padding="max_length", max_length=77, return_tensors="pt")
+        with torch.no_grad():
+            logits = model(pixel_values=pixels, **text).logits_per_image / model.logit_scale.exp()
+        cosines.extend(logits.diagonal().tolist())
+    assert entry["real"] == pytest.approx(100 * np.clip(cosines, 0, None).mean(), abs=1e-4)
+    # Stored like the other metrics, and laid out by compare.
+    assert _evaluate(run, embedders, metrics=["clip-score"], clip_score=str(clip)) == result
+    assert "CLIP score" in format_table(*compare_runs([run]), fmt="markdown")
+
 def test_a_run_with_an_ema_is_evaluated_with_it_unless_raw_is_asked_for(pipeline, embedders, tmp_path: Path):
     run = _fresh_copy(pipeline["ema"], tmp_path / "run")
     averaged = _evaluate(run, embedders, metrics=["cmmd"])

@@ -12,7 +12,8 @@
 # prx-1.2b step fed from memory as the baseline and with `--ablation muon`, `ema` and `tread`
 # (420 s; run it alone: GPU_ENCODE=0 GPU_ABLATIONS=1); GPU_REPA=1 the shard-fed step against the
 # same with `--ablation repa` (a DINOv3 ViT-B/16-shaped teacher, noise JPEGs as originals; 300 s); GPU_SCORE=1 the
-# whole `curate score` stage against the bare CLIP ViT-L/14 towers on 2048 images (bench/score.py, 200 s). BENCHMARKS.md holds the
+# whole `curate score` stage against the bare CLIP ViT-L/14 towers on 2048 images (bench/score.py, 200 s), then a ViT-B/16
+# NSFW classifier alone (100 s). BENCHMARKS.md holds the
 # trainer's and the encoder-only figures already (session 3), so by default only the first
 # part runs: about 4 minutes with the machine's start.
 #
@@ -78,6 +79,8 @@ fi
 if [ "${GPU_SCORE:-0}" = 1 ]; then  # curate score (CLIP ViT-L/14, bf16 autocast) against its bare towers
     timeout -k 10 200 "$PY" bench/score.py --device cuda --images 2048 --batch-size 128 --workers 8 --repeats 1 \
         | tee "$OUT/gpu_score.md" || echo "bench/score.py stopped early (exit $?)"
+    timeout -k 10 100 "$PY" bench/score.py --classifier --device cuda --images 2048 --batch-size 256 --workers 8 \
+        --repeats 1 | tee "$OUT/gpu_score_classifier.md" || echo "bench/score.py --classifier stopped early (exit $?)"
 fi
 if [ "${GPU_REPA:-0}" = 1 ]; then  # REPA's cost per step at prx-1.2b: DINOv3-B teacher, originals decoded
     timeout -k 10 300 "$PY" bench/gpu_train.py --feeds shards --ablations repa --steps 5 \

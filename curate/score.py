@@ -124,18 +124,7 @@ class ClipScorer:
         if self._model is None:
             from transformers import CLIPModel
 
-            from curate.text import quiet_transformers
-
-            try:
-                with quiet_transformers():
-                    model, info = CLIPModel.from_pretrained(self.id, revision=self.revision, dtype=torch.float32,
-                                                            output_loading_info=True)
-            except (OSError, ValueError) as e:
-                raise CurateError(f"{self._problem}: {e}") from None
-            if info["missing_keys"]:
-                raise CurateError(f"{self._problem}: its checkpoint lacks {len(info['missing_keys'])} weights "
-                                  f"({', '.join(sorted(info['missing_keys'])[:3])}...)")
-            self._model = model.to(self.device).eval().requires_grad_(False)
+            self._model = _load_frozen(CLIPModel, self.id, self.revision, self.device, self._problem)
         return self._model
 
     @property
@@ -221,18 +210,7 @@ class ImageClassifier:
         if self._model is None:
             from transformers import AutoModelForImageClassification
 
-            from curate.text import quiet_transformers
-
-            try:
-                with quiet_transformers():
-                    model, info = AutoModelForImageClassification.from_pretrained(
-                        self.id, dtype=torch.float32, output_loading_info=True)
-            except (OSError, ValueError) as e:
-                raise CurateError(f"{self._problem}: {e}") from None
-            if info["missing_keys"]:
-                raise CurateError(f"{self._problem}: its checkpoint lacks {len(info['missing_keys'])} weights "
-                                  f"({', '.join(sorted(info['missing_keys'])[:3])}...)")
-            self._model = model.to(self.device).eval().requires_grad_(False)
+            self._model = _load_frozen(AutoModelForImageClassification, self.id, None, self.device, self._problem)
         return self._model
 
     def prepare(self, image: Any) -> torch.Tensor:
@@ -246,6 +224,23 @@ class ImageClassifier:
         scores = logits.sigmoid() if self.multi_label else logits.softmax(dim=-1)
         return scores[:, self.index].tolist()
 
+
+
+def _load_frozen(cls: Any, model_id: str, revision: str | None, device: torch.device, problem: str) -> torch.nn.Module:
+    """A transformers model in float32 on ``device``, in eval mode without gradients; a checkpoint
+    that lacks weights (which transformers would initialise at random) is refused."""
+    from curate.text import quiet_transformers
+
+    try:
+        with quiet_transformers():
+            model, info = cls.from_pretrained(model_id, revision=revision, dtype=torch.float32,
+                                              output_loading_info=True)
+    except (OSError, ValueError) as e:
+        raise CurateError(f"{problem}: {e}") from None
+    if info["missing_keys"]:
+        raise CurateError(f"{problem}: its checkpoint lacks {len(info['missing_keys'])} weights "
+                          f"({', '.join(sorted(info['missing_keys'])[:3])}...)")
+    return model.to(device).eval().requires_grad_(False)
 
 class ScoreStage(Stage):
     name = "score"

@@ -198,12 +198,14 @@ class ImageClassifier:
         self.index, self.label, self.column = found[0], labels[found[0]], _label_column(label)
         # Multi-label heads score each label on its own (sigmoid); the others share one softmax.
         self.multi_label = config.problem_type == "multi_label_classification"
+        self.commit = getattr(config, "_commit_hash", None)  # the Hub snapshot read; None for a folder
         self._model = None
 
     def record(self) -> dict[str, Any]:
+        """What decides its column: a new snapshot of a Hub model, or a folder changed in place, is a new config."""
         from curate.models import local_fingerprint
 
-        return {"model": self.name, "label": self.label, "column": self.column,
+        return {"model": self.name, "label": self.label, "column": self.column, "commit": self.commit,
                 "local_model_files": local_fingerprint(self.id)}
 
     def load(self) -> torch.nn.Module:

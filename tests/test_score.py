@@ -198,10 +198,10 @@ def test_classifiers_run_beside_clip_or_alone(clip, classifiers, stage, tmp_path
     assert both.height == 10 and both["nsfw"].null_count() == 0 and both["nsfw"].is_between(0, 1).all()
     assert [c for c in alone.columns if c in ("clip_orig", "aesthetic", "nsfw", "watermark")] == ["watermark"]
     stage_file = json.loads((tmp_path / "alone" / "_stage.json").read_text())
-    assert stage_file["config"]["classifiers"] == [{"model": str(classifiers["watermark"]), "label": "Watermark",
-                                                    "column": "watermark",
-                                                    "local_model_files": stage_file["config"]["classifiers"][0][
-                                                        "local_model_files"]}]
+    recorded = stage_file["config"]["classifiers"]
+    assert recorded == [{"model": str(classifiers["watermark"]), "label": "Watermark", "column": "watermark",
+                         "commit": None, "local_model_files": recorded[0]["local_model_files"]}]
+    assert recorded[0]["local_model_files"]
     assert stage_file["summary"]["watermark"]["samples"] == 10
     # Without classifiers the config has no "classifiers": stages scored before them keep their hash.
     assert "classifiers" not in json.loads((tmp_path / "clip" / "_stage.json").read_text())["config"]

@@ -184,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an image classifier (AutoModelForImageClassification, Hub id or folder) and the label whose "
                         "probability becomes a column; aliases nsfw (Falconsai/nsfw_image_detection) and watermark "
                         "(prithivMLmods/Watermark-Detection-SigLIP2); repeatable")
+    p.add_argument("--embeddings", action="store_true",
+                   help="store each image's CLIP image embedding too (image_embedding), for curate dedup")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward")
     p.add_argument("--decode-workers", type=int, default=min(8, _default_workers()),
                    help="DataLoader processes decoding and preparing images (0: in this one)")
@@ -245,6 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when merging: a sample whose content is in several parts stays in the first one only")
     p.add_argument("--name", required=True, help="the new manifest's name")
     p.add_argument("--out", default=None, help="where to write it (default: NAME.json beside the first manifest)")
+
+    p = sub.add_parser("dedup", help="semantic near-duplicates among the images of a `curate score --embeddings` "
+                                     "stage (SemDeDup): a table of the images to leave out with --exclude",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("scores", help="a score stage folder written with --embeddings, e.g. DATA/scores/clip")
+    p.add_argument("--threshold", type=float, default=0.95,
+                   help="cosine similarity of CLIP image embeddings from which an image is a duplicate of an earlier one")
+    p.add_argument("--cluster-size", type=int, default=1000,
+                   help="images per k-means cluster on average; only images of one cluster are compared")
+    p.add_argument("--seed", type=int, default=0, help="seed of the k-means initialisation and fitting sample")
+    p.add_argument("--out", default=None, help="the table to write (default: SCORES/duplicates-THRESHOLD.parquet)")
+    p.add_argument("--device", default=None, help="None: cuda:LOCAL_RANK if available, else cpu")
 
     p = sub.add_parser("stats", help="totals and rejection reasons of a stage output, or what a manifest holds")
     p.add_argument("stage_dir", help="a stage folder (DATA/images), or a manifest (manifests/long.json): its "
@@ -349,8 +363,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     share = resolve_share(args.rank, args.world_size)
     stage = ScoreStage(args.images, model=args.model, revision=args.revision, captions_dir=args.captions,
-                       aesthetic=args.aesthetic, classifiers=args.classifier, batch_size=args.batch_size,
-                       decode_workers=args.decode_workers, device=args.device)
+                       aesthetic=args.aesthetic, classifiers=args.classifier, embeddings=args.embeddings,
+                       batch_size=args.batch_size, decode_workers=args.decode_workers, device=args.device)
     return _run(stage, args, share)
 
 
@@ -479,6 +493,17 @@ def _print_selection(manifest: Manifest, coverage: list[dict[str, int | None] | 
             print(f"  {'  ' if part else ''}{variant}: weight {weight:.4g}, {share}{fallback}")
 
 
+def cmd_dedup(args: argparse.Namespace) -> int:
+    from curate.dedup import dedup_scores
+
+    summary = dedup_scores(args.scores, args.threshold, cluster_size=args.cluster_size, seed=args.seed,
+                           device=args.device, out=args.out)
+    print(f"{summary['duplicates']} of {summary['images']} images are near-duplicates of an earlier one (cosine >= "
+          f"{summary['threshold']:g}, {summary['clusters']} clusters): {summary['out']}")
+    print(f"leave them out with --exclude {summary['out']} (curate recaption, encode-latents or manifest)")
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from curate.stats import format_manifest_stats, format_stats, manifest_stats, stage_stats
 
@@ -520,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"ingest": cmd_ingest, "recaption": cmd_recaption, "encode-latents": cmd_encode_latents,
                     "encode-text": cmd_encode_text, "score": cmd_score, "manifest": cmd_manifest,
-                    "stats": cmd_stats}
+                    "dedup": cmd_dedup, "stats": cmd_stats}
         return commands[args.command](args)
     except CurateError as e:
         print(f"curate: error: {e}", file=sys.stderr)

@@ -37,6 +37,7 @@ from curate.images import ImageStream
 from curate.manifest import file_sha256
 from curate.runner import CurateError, ShardTask, Stage, image_stage_tasks, read_image_captions
 from curate.shards import ShardWriter, committed_shards
+from curate.subset import EMBEDDING_COLUMN
 
 log = logging.getLogger("curate")
 
@@ -252,8 +253,8 @@ class ScoreStage(Stage):
 
     def __init__(self, images_dir: str | Path, *, model: str = "clip-score", revision: str | None = None,
                  captions_dir: str | Path | None = None, aesthetic: str | Path | None = None,
-                 classifiers: list[str] = (), batch_size: int = 64, decode_workers: int = 2,
-                 device: str | None = None):
+                 classifiers: list[str] = (), embeddings: bool = False, batch_size: int = 64,
+                 decode_workers: int = 2, device: str | None = None):
         self.images_dir = Path(images_dir)
         self.captions_dir = Path(captions_dir) if captions_dir else None
         self.model_name, self.revision = model, revision
@@ -261,12 +262,16 @@ class ScoreStage(Stage):
         self.batch_size, self.decode_workers, self.device = max(1, batch_size), max(0, decode_workers), device
         # --model none: no CLIP (an NSFW filter over a crawl need not run CLIP ViT-L/14 as well).
         self.uses_clip = model != "none"
-        if not self.uses_clip and (self.captions_dir or self.aesthetic):
-            raise CurateError("--captions and --aesthetic need CLIP: give --model (clip-score), not --model none")
+        if not self.uses_clip and (self.captions_dir or self.aesthetic or embeddings):
+            raise CurateError("--captions, --aesthetic and --embeddings need CLIP: give --model (clip-score), not "
+                              "--model none")
         if not self.uses_clip and not classifiers:
             raise CurateError("--model none leaves nothing to score: give a --classifier")
-        # Loaded at once (configs and image processors only): the labels decide the columns.
+        # Loaded at once (configs, processors and tokenizer; weights in prepare): the labels and the
+        # embedding width decide the columns, and a model that cannot serve is named before any work.
+        self.scorer = ClipScorer(model, revision=revision, device=device) if self.uses_clip else None
         self.classifiers = [ImageClassifier(spec, device=device) for spec in classifiers]
+        self.embeddings = embeddings
         self.variants = ["orig", *self._caption_variants()] if self.uses_clip else []
         self.index_schema = {f"clip_{v}": pl.Float32 for v in self.variants}
         if self.aesthetic is not None:
@@ -276,7 +281,8 @@ class ScoreStage(Stage):
                 raise CurateError(f"--classifier {classifier.name}: its column {classifier.column!r} is taken; "
                                   "score another label, or run it into another --out")
             self.index_schema[classifier.column] = pl.Float32
-        self.scorer: ClipScorer | None = None
+        if embeddings:  # for curate dedup; curate manifest --scores leaves the column out
+            self.index_schema[EMBEDDING_COLUMN] = pl.Array(pl.Float32, self.scorer.dim)
         self.head: AestheticHead | None = None
         self.stream: ImageStream | None = None
 
@@ -296,7 +302,8 @@ class ScoreStage(Stage):
                 "local_model_files": local_fingerprint(self.model_name), "variants": self.variants,
                 "aesthetic": file_sha256(self.aesthetic) if self.aesthetic else None,
                 # Only when given, so that the stages scored before classifiers existed keep their hash.
-                **({"classifiers": [c.record() for c in self.classifiers]} if self.classifiers else {})}
+                **({"classifiers": [c.record() for c in self.classifiers]} if self.classifiers else {}),
+                **({"embeddings": True} if self.embeddings else {})}
 
     def provenance(self) -> dict[str, Any]:
         return {"images": str(self.images_dir.resolve()),
@@ -310,8 +317,6 @@ class ScoreStage(Stage):
 
     def prepare(self, todo: list[ShardTask]) -> None:
         self.head = AestheticHead.load(self.aesthetic) if self.aesthetic else None
-        self.scorer = ClipScorer(self.model_name, revision=self.revision, device=self.device) \
-            if self.uses_clip else None
         if self.head is not None:
             if self.head.input_dim != self.scorer.dim:
                 raise CurateError(f"--aesthetic {self.aesthetic} takes {self.head.input_dim}-d image embeddings, but "
@@ -367,10 +372,11 @@ class ScoreStage(Stage):
 
     def finalize(self, out_dir: Path, tasks: list[ShardTask]) -> dict[str, Any]:
         """Each score's spread over the dataset, to choose thresholds from (``curate stats`` prints it)."""
-        table = pl.concat([pl.read_parquet(s.index_path, columns=list(self.index_schema))
+        scores = [c for c, dtype in self.index_schema.items() if dtype == pl.Float32]
+        table = pl.concat([pl.read_parquet(s.index_path, columns=scores)
                            for s in committed_shards(out_dir)], how="vertical_relaxed")
         summary = {}
-        for column in self.index_schema:
+        for column in scores:
             values = table[column].drop_nulls()
             if len(values):
                 summary[column] = {"samples": len(values),
@@ -390,6 +396,9 @@ class ScoreStage(Stage):
                     for (key, _), value in zip(batch, self.head(images).tolist(), strict=True):
                         rows[key]["aesthetic"] = value
             pairs = [(i, key, v, text) for i, (key, _) in enumerate(batch) for v, text in captions[key].items()]
+            if self.embeddings:
+                for (key, _), embedding in zip(batch, images.tolist(), strict=True):
+                    rows[key][EMBEDDING_COLUMN] = embedding
             if pairs:
                 texts, truncated = self.scorer.texts([text for *_, text in pairs])
                 similarity = (images[[i for i, *_ in pairs]] * texts).sum(dim=-1).tolist()

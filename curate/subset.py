@@ -57,6 +57,8 @@ __all__ = ["SubsetReport", "SubsetRules", "hold_out_samples", "images_left_out",
 
 # Index columns that describe a stage's processing, not the sample.
 _BOOKKEEPING = {"status", "reason", "detail", "tar_offset", "tar_length"}
+# `curate score --embeddings`' CLIP image embeddings (for curate dedup): no column to filter on.
+EMBEDDING_COLUMN = "image_embedding"
 _KEY_COLUMNS = ("key", "source")
 
 log = logging.getLogger("curate")
@@ -243,7 +245,8 @@ def _stage_scores(stage: Path, option: str) -> pl.DataFrame:
     shards = committed_shards(stage)
     if not shards:
         raise ManifestError(f"{option} {stage}: a folder, but no stage's committed shards (such as DATA/scores/clip)")
-    table = pl.concat([pl.read_parquet(s.index_path) for s in shards], how="diagonal_relaxed")
+    columns = [c for c in pl.read_parquet_schema(shards[0].index_path) if c != EMBEDDING_COLUMN]
+    table = pl.concat([pl.read_parquet(s.index_path, columns=columns) for s in shards], how="diagonal_relaxed")
     return (table.filter(pl.col("status") == "ok").drop(*_BOOKKEEPING, strict=False)
             .rename({"flags": "score_flags"}, strict=False))
 

@@ -39,11 +39,16 @@ curate manifest manifests/demo-long.json --captions long=0.95,orig=0.05 --name d
 python -m curate.tiny clip-score "$DATA/models/tiny-clip-score"
 python -m curate.tiny nsfw "$DATA/models/tiny-nsfw"
 curate score "$DATA/images" --captions "$DATA/captions/tiny-qwen2-vl" --out "$DATA/scores/tiny-clip" \
-    --model "$DATA/models/tiny-clip-score" --classifier "$DATA/models/tiny-nsfw:nsfw" --decode-workers 2 \
-    --device cpu --no-progress
-# A subset of the samples, with no shard written again: large originals whose caption matches them.
+    --model "$DATA/models/tiny-clip-score" --classifier "$DATA/models/tiny-nsfw:nsfw" --embeddings \
+    --decode-workers 2 --device cpu --no-progress
+# Semantic near-duplicates over the stored image embeddings (the tiny CLIP sees little difference
+# between images, hence the high threshold; real runs use about 0.95 with CLIP ViT-L/14).
+curate dedup "$DATA/scores/tiny-clip" --threshold 0.998 --cluster-size 16 --device cpu
+# A subset of the samples, with no shard written again: large originals whose caption matches them,
+# without the near-duplicates.
 curate manifest manifests/demo-long.json --where 'orig_w >= 400 AND orig_h >= 300' \
-    --scores "$DATA/scores/tiny-clip" --where 'clip_orig >= -0.1' --where 'nsfw < 0.9' --name demo-hires
+    --scores "$DATA/scores/tiny-clip" --where 'clip_orig >= -0.1' --where 'nsfw < 0.9' \
+    --exclude "$DATA/scores/tiny-clip/duplicates-0.998.parquet" --name demo-hires
 ls -l manifests/demo-*.json
 
 echo "== 6. a tiny T5Gemma text encoder (the real class PRXPipeline loads, randomly initialised)"

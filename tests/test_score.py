@@ -210,7 +210,7 @@ def test_classifiers_run_beside_clip_or_alone(clip, classifiers, stage, tmp_path
     assert curate_main(["score", images, "--model", "none", *out]) == 2
     assert "--model none leaves nothing to score" in capsys.readouterr().err
     assert curate_main(["score", images, "--model", "none", "--aesthetic", aesthetic, "--classifier", nsfw, *out]) == 2
-    assert "--captions and --aesthetic need CLIP" in capsys.readouterr().err
+    assert "--captions, --aesthetic and --embeddings need CLIP" in capsys.readouterr().err
     assert curate_main(["score", images, "--model", "none", "--classifier", nsfw, "--classifier", nsfw, *out]) == 2
     assert "its column 'nsfw' is taken" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() or not list((tmp_path / "x").glob("*.parquet"))

@@ -32,6 +32,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/encode_text.py
 	$(PY) bench/score.py
 	$(PY) bench/score.py --classifier --images 48 --repeats 3
+	$(PY) bench/dedup.py
 	$(PY) bench/shard_writer.py
 	$(PY) bench/train.py
 	$(PY) bench/subset.py

@@ -257,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster-size", type=int, default=1000,
                    help="images per k-means cluster on average; only images of one cluster are compared")
     p.add_argument("--seed", type=int, default=0, help="seed of the k-means initialisation and fitting sample")
+    p.add_argument("--prefer", default=None, metavar="EXPR",
+                   help="which image of a group stays: the highest value of this SQL expression over the score "
+                        "table's and the image stage's columns ('width * height', aesthetic); default: the first in "
+                        "the dataset's order")
     p.add_argument("--out", default=None, help="the table to write (default: SCORES/duplicates-THRESHOLD.parquet)")
     p.add_argument("--device", default=None, help="None: cuda:LOCAL_RANK if available, else cpu")
 
@@ -497,9 +501,10 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     from curate.dedup import dedup_scores
 
     summary = dedup_scores(args.scores, args.threshold, cluster_size=args.cluster_size, seed=args.seed,
-                           device=args.device, out=args.out)
-    print(f"{summary['duplicates']} of {summary['images']} images are near-duplicates of an earlier one (cosine >= "
-          f"{summary['threshold']:g}, {summary['clusters']} clusters): {summary['out']}")
+                           prefer=args.prefer, device=args.device, out=args.out)
+    order = f"--prefer {summary['prefer']!r} order" if summary["prefer"] else "the dataset's order"
+    print(f"{summary['duplicates']} of {summary['images']} images are near-duplicates of one kept before them "
+          f"(cosine >= {summary['threshold']:g}, in {order}, {summary['clusters']} clusters): {summary['out']}")
     print(f"leave them out with --exclude {summary['out']} (curate recaption, encode-latents or manifest)")
     return 0
 

@@ -10,6 +10,9 @@ et al. 2023) finds those in an embedding space, as done here over the CLIP image
     within each cluster, the cosine similarity of every pair
     an image is a duplicate of the most similar image before it in the dataset's order (shard,
         then position) when that similarity reaches --threshold; the first of a group stays
+    with --prefer EXPR (SQL over the score table and the image stage's columns, as --where),
+        the order is by that value, highest first: ``--prefer 'width * height'`` keeps the
+        largest image of a group, ``--prefer aesthetic`` the best-looking
 
 The result, ``DATA/scores/clip/duplicates-THRESHOLD.parquet`` (``key``, ``duplicate_of``,
 ``similarity``, ``cluster``: one row per image to leave out), is what ``--exclude`` takes, in
@@ -116,10 +119,11 @@ def find_duplicates(embeddings: np.ndarray, threshold: float, *, cluster_size: i
 
 
 def dedup_scores(scores_dir: str | os.PathLike, threshold: float = 0.95, *, cluster_size: int = 1000, seed: int = 0,
-                 device: str | None = None, out: str | os.PathLike | None = None) -> dict[str, Any]:
+                 prefer: str | None = None, device: str | None = None,
+                 out: str | os.PathLike | None = None) -> dict[str, Any]:
     """Find the duplicates among the images of a ``curate score --embeddings`` stage and write
     them (atomically) to ``out`` (default: ``scores_dir/duplicates-THRESHOLD.parquet``); returns
-    a summary."""
+    a summary. ``prefer``: which image of a group stays (see the module note)."""
     scores_dir = Path(scores_dir)
     if not (scores_dir / STAGE_FILE).is_file():
         raise CurateError(f"{scores_dir}: not a complete `curate score` stage (no {STAGE_FILE})")
@@ -135,7 +139,14 @@ def dedup_scores(scores_dir: str | os.PathLike, threshold: float = 0.95, *, clus
         parts.append(rows[EMBEDDING_COLUMN].to_numpy().astype(np.float16))
     if not keys:
         raise CurateError(f"{scores_dir}: no image has an embedding")
-    found = find_duplicates(np.concatenate(parts), threshold, cluster_size=cluster_size, seed=seed, device=device)
+    embeddings = np.concatenate(parts)
+    # The order in which images are kept: the dataset's, or by --prefer (highest first, ties and
+    # nulls in the dataset's order after).
+    order = np.arange(len(keys)) if prefer is None else _preferred_order(scores_dir, shards, keys, prefer)
+    found = find_duplicates(embeddings[order], threshold, cluster_size=cluster_size, seed=seed, device=device)
+    found["index"], found["of"] = order[found["index"]], order[found["of"]]
+    ordered = np.argsort(found["index"], kind="stable")  # the table in the dataset's order
+    found = {name: values[ordered] for name, values in found.items()}
     table = pl.DataFrame({"key": [keys[i] for i in found["index"]], "duplicate_of": [keys[i] for i in found["of"]],
                           "similarity": found["similarity"], "cluster": found["cluster"]},
                          schema={"key": pl.String, "duplicate_of": pl.String, "similarity": pl.Float32,
@@ -147,8 +158,35 @@ def dedup_scores(scores_dir: str | os.PathLike, threshold: float = 0.95, *, clus
     os.replace(tmp, out)
     summary = {"images": len(keys), "duplicates": table.height, "threshold": threshold,
                "clusters": max(1, min(math.ceil(len(keys) / cluster_size), len(keys))), "cluster_size": cluster_size,
-               "seed": seed,
-               "out": str(out)}
-    log.info("dedup: %d of %d images are near-duplicates of an earlier one (cosine >= %g); wrote %s",
-             table.height, len(keys), threshold, out)
+               "seed": seed, "prefer": prefer, "out": str(out)}
+    log.info("dedup: %d of %d images are near-duplicates of one kept before them (cosine >= %g, in %s); wrote %s",
+             table.height, len(keys), threshold, f"--prefer {prefer!r} order" if prefer else "the dataset's order",
+             out)
     return summary
+
+
+def _preferred_order(scores_dir: Path, shards: list, keys: list[str], prefer: str) -> np.ndarray:
+    """The rows of ``keys`` by ``prefer``'s value over the score stage's and image stage's columns,
+    highest first; nulls last; ties in the dataset's order."""
+    import json
+
+    from curate.subset import _BOOKKEEPING
+
+    columns = [c for c in pl.read_parquet_schema(shards[0].index_path)
+               if c not in _BOOKKEEPING and c not in (EMBEDDING_COLUMN, "flags")]
+    table = pl.concat([pl.read_parquet(s.index_path, columns=["status", *columns]) for s in shards])
+    table = table.filter(pl.col("status") == OK).drop("status")
+    images = json.loads((scores_dir / STAGE_FILE).read_text()).get("provenance", {}).get("images")
+    if images and Path(images).is_dir():  # the image stage's columns: width, height, bytes, source...
+        stage = pl.concat([pl.read_parquet(s.index_path) for s in committed_shards(images)], how="diagonal_relaxed")
+        stage = stage.filter(pl.col("status") == OK).drop(*_BOOKKEEPING, "flags", strict=False)
+        table = table.join(stage.select(["key", *[c for c in stage.columns if c not in table.columns]]), on="key",
+                           how="left")
+    try:
+        values = table.select("key", pl.sql_expr(prefer).cast(pl.Float64).alias("value"))
+    except pl.exceptions.PolarsError as e:
+        raise CurateError(f"--prefer {prefer!r}: cannot evaluate it on the columns {', '.join(table.columns)}: "
+                          f"{e}") from None
+    by_key = dict(zip(values["key"].to_list(), values["value"].fill_nan(None).to_list(), strict=True))
+    rank = np.array([-np.inf if by_key.get(k) is None else by_key[k] for k in keys])
+    return np.lexsort((np.arange(len(keys)), -rank))

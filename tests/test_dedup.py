@@ -94,7 +94,7 @@ def test_dedup_of_a_score_stage_is_what_exclude_leaves_out(tmp_path: Path, capsy
     capsys.readouterr()
     assert curate_main(["dedup", str(scores), "--threshold", "0.99", "--cluster-size", "4", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "2 of 10 images are near-duplicates" in out, out
+    assert "2 of 10 images are near-duplicates of one kept before them" in out, out
     table = pl.read_parquet(scores / "duplicates-0.99.parquet")
     image_rows = pl.concat([pl.read_parquet(s.index_path) for s in committed_shards(images)])
     source = dict(zip(image_rows["key"], image_rows["source"], strict=True))
@@ -112,4 +112,13 @@ def test_dedup_of_a_score_stage_is_what_exclude_leaves_out(tmp_path: Path, capsy
     assert curate_main(["dedup", str(scores), "--threshold", repr(between), "--out", str(tmp_path / "t.parquet"),
                         "--device", "cpu"]) == 0
     assert pl.read_parquet(tmp_path / "t.parquet")["key"].to_list() == [closer]
+    # --prefer chooses which image of a group stays: here the smaller (the image stage's columns);
+    # equal sizes keep the dataset's order.
+    assert curate_main(["dedup", str(scores), "--threshold", "0.99", "--prefer", "-(width * height)", "--out",
+                        str(tmp_path / "small.parquet"), "--device", "cpu"]) == 0
+    small = pl.read_parquet(tmp_path / "small.parquet")
+    assert {source[k]: source[o] for k, o in zip(small["key"], small["duplicate_of"], strict=True)} == {
+        "b_copy_of_1.jpg": "a_1.jpg", "a_2.jpg": "c_smaller_2.jpg"}
+    assert curate_main(["dedup", str(scores), "--prefer", "sharpness", "--device", "cpu"]) == 2
+    assert "--prefer 'sharpness': cannot evaluate it on the columns key, clip_orig" in capsys.readouterr().err
     assert len(committed_shards(scores)) == 3  # the tables beside the shards are not shards

@@ -22,6 +22,10 @@ def stage_stats(stage_dir: str | os.PathLike) -> dict[str, Any]:
     if stage_file.exists():
         stats = json.loads(stage_file.read_text())
         stats["committed_shards"] = len(shards)
+        # `curate dedup`'s tables beside a score stage's shards: images to leave out, per threshold.
+        duplicates = {p.name: _rows(p) for p in sorted(stage_dir.glob("duplicates-*.parquet"))}
+        if duplicates:
+            stats["duplicates"] = duplicates
         return stats
     if not shards:
         raise CurateError(f"{stage_dir}: no committed shards and no {STAGE_FILE}: not a stage output")
@@ -62,7 +66,15 @@ def format_stats(stats: dict[str, Any], stage_dir: str | os.PathLike = "") -> st
             lines.append(f"  {name.replace('_', ' ')}: {inner}")
         else:
             lines.append(f"  {name.replace('_', ' ')}: {_fmt(value)}")
+    for name, rows in (stats.get("duplicates") or {}).items():
+        lines.append(f"  {name}: {rows:,} near-duplicate images to leave out (curate dedup; --exclude it)")
     return "\n".join(lines)
+
+
+def _rows(path: Path) -> int:
+    import polars as pl
+
+    return pl.scan_parquet(path).select(pl.len()).collect().item()
 
 
 def _fmt(value: Any) -> str:

@@ -101,6 +101,9 @@ def test_dedup_of_a_score_stage_is_what_exclude_leaves_out(tmp_path: Path, capsy
     assert {source[k]: source[o] for k, o in zip(table["key"], table["duplicate_of"], strict=True)} == {
         "b_copy_of_1.jpg": "a_1.jpg", "c_smaller_2.jpg": "a_2.jpg"}
     assert table["similarity"].min() >= 0.99
+    capsys.readouterr()
+    assert curate_main(["stats", str(scores)]) == 0
+    assert "duplicates-0.99.parquet: 2 near-duplicate images to leave out" in capsys.readouterr().out
     # The table is what --exclude takes: the stages after leave those images out.
     left_out = images_left_out(images, SubsetRules(exclude=scores / "duplicates-0.99.parquet"), "test")
     assert set(left_out) == set(table["key"])

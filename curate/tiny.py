@@ -1163,19 +1163,44 @@ def build_tiny_clip_vision(out_dir: str | os.PathLike[str], seed: int = 0) -> Pa
 
 def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A 300-token lowercase BPE with CLIP's end-of-word suffix (``</w>``) and special tokens
-    (``<|startoftext|>`` 0, ``<|endoftext|>`` 1), trained on a few caption-like sentences."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    (``<|startoftext|>`` 0, ``<|endoftext|>`` 1), learned from a few caption-like sentences.
 
-    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=300, min_frequency=1, show_progress=False, end_of_word_suffix="</w>",
-                                  special_tokens=["<|startoftext|>", "<|endoftext|>"],
-                                  initial_alphabet=list("abcdefghijklmnopqrstuvwxyz0123456789.,'-"))
-    tok.train_from_iterator([line.lower() for line in _FALLBACK_CORPUS], trainer=trainer)
-    model = json.loads(tok.to_str())["model"]
-    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    return dict(model["vocab"]), merges  # type: ignore[return-value]
+    Learned here rather than with tokenizers' ``BpeTrainer``, which breaks ties between equally
+    frequent pairs in hash order: its vocabulary differed from one build to the next, and with it
+    every CLIP score of the demo."""
+    import itertools
+    import re
+    from collections import Counter
+
+    words = Counter(w for line in _FALLBACK_CORPUS for w in re.findall(r"\w+|[^\w\s]+", line.lower()))
+    alphabet = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789.,'-") | {c for w in words for c in w})
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in [*alphabet, *(f"{c}</w>" for c in alphabet)]:
+        vocab.setdefault(token, len(vocab))
+    pieces = {w: [*w[:-1], f"{w[-1]}</w>"] for w in words}
+    merges: list[tuple[str, str]] = []
+    while len(vocab) < 300:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, count in words.items():
+            split = pieces[word]
+            for pair in itertools.pairwise(split):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))  # most frequent; ties by the pair's text
+        merges.append(best)
+        vocab.setdefault("".join(best), len(vocab))
+        for word, split in pieces.items():
+            i, merged = 0, []
+            while i < len(split):
+                if i + 1 < len(split) and (split[i], split[i + 1]) == best:
+                    merged.append(split[i] + split[i + 1])
+                    i += 2
+                else:
+                    merged.append(split[i])
+                    i += 1
+            pieces[word] = merged
+    return vocab, merges
 
 
 # What build_tiny_clip writes: the model, its image processor and its tokenizer.
@@ -1192,7 +1217,8 @@ def build_tiny_clip(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
     300-token BPE of the same form as CLIP's; images are 28 px (2 x 2 patches of 14), hidden 32,
     1 layer per tower, 16-d projections.
     """
-    spec = {"builder": "clip", "recipe": RECIPE_VERSION, "seed": int(seed)}
+    # "tokenizer": 2, the BPE learned with its ties broken by text (1: by tokenizers' hash order).
+    spec = {"builder": "clip", "recipe": RECIPE_VERSION, "tokenizer": 2, "seed": int(seed)}
 
     def build(tmp: Path) -> dict[str, Any]:
         from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer

@@ -214,3 +214,14 @@ def test_classifiers_run_beside_clip_or_alone(clip, classifiers, stage, tmp_path
     assert curate_main(["score", images, "--model", "none", "--classifier", nsfw, "--classifier", nsfw, *out]) == 2
     assert "its column 'nsfw' is taken" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() or not list((tmp_path / "x").glob("*.parquet"))
+
+
+def test_the_tiny_clips_tokenizer_is_the_same_on_every_build():
+    """tokenizers' BpeTrainer broke ties in hash order: each build had another vocabulary, and the
+    demo's CLIP scores changed from run to run."""
+    from curate.tiny import _clip_vocab_and_merges
+
+    vocab, merges = _clip_vocab_and_merges()
+    assert all(_clip_vocab_and_merges() == (vocab, merges) for _ in range(3))
+    assert len(vocab) == 300 and vocab["<|startoftext|>"] == 0 and vocab["<|endoftext|>"] == 1
+    assert all(a in vocab and b in vocab and a + b in vocab for a, b in merges)

@@ -85,7 +85,6 @@ def image_stage_tasks(images_dir: Path, captions_dir: Path | None = None) -> lis
     return tasks
 
 
-
 @dataclass
 class ImageCaptions:
     """One image shard's samples and their captions, as every stage reading captions sees them."""

@@ -228,7 +228,6 @@ class ImageClassifier:
         return scores[:, self.index].tolist()
 
 
-
 def _load_frozen(cls: Any, model_id: str, revision: str | None, device: torch.device, problem: str) -> torch.nn.Module:
     """A transformers model in float32 on ``device``, in eval mode without gradients; a checkpoint
     that lacks weights (which transformers would initialise at random) is refused."""
@@ -244,6 +243,7 @@ def _load_frozen(cls: Any, model_id: str, revision: str | None, device: torch.de
         raise CurateError(f"{problem}: its checkpoint lacks {len(info['missing_keys'])} weights "
                           f"({', '.join(sorted(info['missing_keys'])[:3])}...)")
     return model.to(device).eval().requires_grad_(False)
+
 
 class ScoreStage(Stage):
     name = "score"

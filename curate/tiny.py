@@ -1243,7 +1243,6 @@ def build_tiny_clip(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
     return _build_once(out_dir, spec, CLIP_FILES, build)
 
 
-
 def build_tiny_image_classifier(out_dir: str | os.PathLike[str], labels: tuple[str, ...] = ("normal", "nsfw"),
                                 seed: int = 0) -> Path:
     """Build a tiny random image classifier (transformers ``ViTForImageClassification``) plus its
@@ -1268,6 +1267,7 @@ def build_tiny_image_classifier(out_dir: str | os.PathLike[str], labels: tuple[s
         return _save_image_model(model, processor, tmp)
 
     return _build_once(out_dir, spec, IMAGE_MODEL_FILES, build)
+
 
 def build_tiny_dinov2(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
     """Build a tiny random DINOv2 (transformers ``Dinov2Model``) plus its ``BitImageProcessor``.

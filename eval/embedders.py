@@ -110,7 +110,6 @@ class ImageEmbedder:
         return (embeddings / embeddings.norm(dim=-1, keepdim=True)).cpu()
 
 
-
 class CaptionScorer:
     """uint8 images [B, 3, H, W] and their prompts -> the cosine similarity of each image's and its
     prompt's CLIP embeddings (float64 [B, 1], on the CPU); the CLIP score is 100 x their mean,

@@ -255,7 +255,6 @@ def test_a_runs_metrics_are_recorded_reproducible_and_reused(pipeline, inception
     assert more["metrics"]["cmmd"] == other["metrics"]["cmmd"] and set(more["metrics"]) == {"cmmd", "fid"}
 
 
-
 def test_the_clip_score_pairs_each_image_with_its_own_prompt(pipeline, embedders, tmp_path: Path):
     import torch.nn.functional as F
     from transformers import AutoTokenizer, CLIPModel
@@ -288,6 +287,7 @@ def test_the_clip_score_pairs_each_image_with_its_own_prompt(pipeline, embedders
     # Stored like the other metrics, and laid out by compare.
     assert _evaluate(run, embedders, metrics=["clip-score"], clip_score=str(clip)) == result
     assert "CLIP score" in format_table(*compare_runs([run]), fmt="markdown")
+
 
 def test_a_run_with_an_ema_is_evaluated_with_it_unless_raw_is_asked_for(pipeline, embedders, tmp_path: Path):
     run = _fresh_copy(pipeline["ema"], tmp_path / "run")

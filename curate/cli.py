@@ -502,9 +502,9 @@ def cmd_dedup(args: argparse.Namespace) -> int:
 
     summary = dedup_scores(args.scores, args.threshold, cluster_size=args.cluster_size, seed=args.seed,
                            prefer=args.prefer, device=args.device, out=args.out)
-    order = f"--prefer {summary['prefer']!r} order" if summary["prefer"] else "the dataset's order"
     print(f"{summary['duplicates']} of {summary['images']} images are near-duplicates of one kept before them "
-          f"(cosine >= {summary['threshold']:g}, in {order}, {summary['clusters']} clusters): {summary['out']}")
+          f"(cosine >= {summary['threshold']:g}, in {summary['order']}, {summary['clusters']} clusters): "
+          f"{summary['out']}")
     print(f"leave them out with --exclude {summary['out']} (curate recaption, encode-latents or manifest)")
     return 0
 

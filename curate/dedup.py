@@ -43,7 +43,7 @@ from curate.subset import EMBEDDING_COLUMN
 
 log = logging.getLogger("curate")
 
-__all__ = ["dedup_scores", "find_duplicates", "spherical_kmeans"]
+__all__ = ["cluster_count", "dedup_scores", "find_duplicates", "spherical_kmeans"]
 
 KMEANS_ITERATIONS = 20
 FIT_PER_CENTROID = 256  # k-means is fitted on at most this many images per centroid (as faiss does)
@@ -69,6 +69,11 @@ def spherical_kmeans(embeddings: torch.Tensor, clusters: int, *, seed: int = 0,
     return _nearest(embeddings, centroids)
 
 
+def cluster_count(images: int, cluster_size: int) -> int:
+    """How many clusters ``find_duplicates`` makes of ``images``: about ``cluster_size`` images each."""
+    return max(1, min(math.ceil(images / cluster_size), images))
+
+
 def _nearest(embeddings: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return torch.cat([(part.float() @ centroids.T).argmax(dim=1) for part in embeddings.split(CHUNK)])
 
@@ -84,7 +89,7 @@ def find_duplicates(embeddings: np.ndarray, threshold: float, *, cluster_size: i
         raise CurateError(f"--cluster-size {cluster_size}: give at least 1")
     device = resolve_device(device)
     x = torch.from_numpy(np.ascontiguousarray(embeddings)).to(device)
-    labels = spherical_kmeans(x, math.ceil(len(x) / cluster_size), seed=seed).cpu()
+    labels = spherical_kmeans(x, cluster_count(len(x), cluster_size), seed=seed).cpu()
     # Each cluster's rows, in the dataset's order (a stable sort keeps it).
     order = torch.argsort(labels, stable=True)
     bounds = torch.searchsorted(labels[order], torch.arange(int(labels.max()) + 2))
@@ -142,7 +147,7 @@ def dedup_scores(scores_dir: str | os.PathLike, threshold: float = 0.95, *, clus
     embeddings = np.concatenate(parts)
     # The order in which images are kept: the dataset's, or by --prefer (highest first, ties and
     # nulls in the dataset's order after).
-    order = np.arange(len(keys)) if prefer is None else _preferred_order(scores_dir, shards, keys, prefer)
+    order = np.arange(len(keys)) if prefer is None else _preferred_order(scores_dir, keys, prefer)
     found = find_duplicates(embeddings[order], threshold, cluster_size=cluster_size, seed=seed, device=device)
     found["index"], found["of"] = order[found["index"]], order[found["of"]]
     ordered = np.argsort(found["index"], kind="stable")  # the table in the dataset's order
@@ -157,31 +162,26 @@ def dedup_scores(scores_dir: str | os.PathLike, threshold: float = 0.95, *, clus
     table.write_parquet(tmp)
     os.replace(tmp, out)
     summary = {"images": len(keys), "duplicates": table.height, "threshold": threshold,
-               "clusters": max(1, min(math.ceil(len(keys) / cluster_size), len(keys))), "cluster_size": cluster_size,
-               "seed": seed, "prefer": prefer, "out": str(out)}
+               "clusters": cluster_count(len(keys), cluster_size), "cluster_size": cluster_size, "seed": seed,
+               "prefer": prefer, "order": f"--prefer {prefer!r} order" if prefer else "the dataset's order",
+               "out": str(out)}
     log.info("dedup: %d of %d images are near-duplicates of one kept before them (cosine >= %g, in %s); wrote %s",
-             table.height, len(keys), threshold, f"--prefer {prefer!r} order" if prefer else "the dataset's order",
-             out)
+             table.height, len(keys), threshold, summary["order"], out)
     return summary
 
 
-def _preferred_order(scores_dir: Path, shards: list, keys: list[str], prefer: str) -> np.ndarray:
-    """The rows of ``keys`` by ``prefer``'s value over the score stage's and image stage's columns,
-    highest first; nulls last; ties in the dataset's order."""
+def _preferred_order(scores_dir: Path, keys: list[str], prefer: str) -> np.ndarray:
+    """The rows of ``keys`` by ``prefer``'s value over the score stage's and image stage's columns
+    (as ``--where`` reads them), highest first; nulls last; ties in the dataset's order."""
     import json
 
-    from curate.subset import _BOOKKEEPING
+    from curate.subset import _stage_mapping, _stage_scores, _stage_table
 
-    columns = [c for c in pl.read_parquet_schema(shards[0].index_path)
-               if c not in _BOOKKEEPING and c not in (EMBEDDING_COLUMN, "flags")]
-    table = pl.concat([pl.read_parquet(s.index_path, columns=["status", *columns]) for s in shards])
-    table = table.filter(pl.col("status") == OK).drop("status")
+    table = _stage_scores(scores_dir, "--prefer").drop("score_flags", strict=False)
     images = json.loads((scores_dir / STAGE_FILE).read_text()).get("provenance", {}).get("images")
     if images and Path(images).is_dir():  # the image stage's columns: width, height, bytes, source...
-        stage = pl.concat([pl.read_parquet(s.index_path) for s in committed_shards(images)], how="diagonal_relaxed")
-        stage = stage.filter(pl.col("status") == OK).drop(*_BOOKKEEPING, "flags", strict=False)
-        table = table.join(stage.select(["key", *[c for c in stage.columns if c not in table.columns]]), on="key",
-                           how="left")
+        mapping = _stage_mapping(Path(images), "image_", {"flags", *table.columns})
+        table = table.join(_stage_table(Path(images), mapping), on="key", how="left")
     try:
         values = table.select("key", pl.sql_expr(prefer).cast(pl.Float64).alias("value"))
     except pl.exceptions.PolarsError as e:

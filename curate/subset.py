@@ -256,6 +256,13 @@ def _stage_columns(stage: Path) -> list[str]:
     return [] if first is None else list(pl.read_parquet_schema(first))
 
 
+def _stage_mapping(stage: Path | None, prefix: str, taken: set[str] | dict[str, str]) -> dict[str, str]:
+    """A stage's sample columns as rules name them (index column -> name): prefixed with ``prefix``
+    where ``taken`` has the name already (the latent index's ``flags``: ``image_flags``)."""
+    columns = _stage_columns(stage) if stage is not None else []
+    return {c: (prefix + c if c in taken else c) for c in columns if c not in _BOOKKEEPING and c != "key"}
+
+
 def _stage_table(stage: Path, columns: dict[str, str]) -> pl.DataFrame:
     """The accepted rows of a stage's indexes: ``key`` and ``columns`` (name in the index -> name
     in the subset's view)."""
@@ -283,9 +290,7 @@ def _sample_rows(manifest: Manifest, manifest_path: str | os.PathLike, loaded: _
     for stage, prefix in (("images", "image_"), ("captions", "caption_")):
         recorded = [(p.get(stage) or {}).get("path") for p in provenances]
         found = [Path(r) for r in recorded if r and Path(r).is_dir()]
-        columns = _stage_columns(found[0]) if found else []
-        mapping = {c: (prefix + c if c in available else c) for c in columns
-                   if c not in _BOOKKEEPING and c != "key"}
+        mapping = _stage_mapping(found[0] if found else None, prefix, available)
         stage_maps[stage] = mapping
         available |= {name: f"the {stage} stage" for name in mapping.values()}
     wanted = loaded.wanted
@@ -402,8 +407,7 @@ def images_left_out(images_dir: str | os.PathLike, rules: SubsetRules, stage: st
         if rules.unique:
             raise ManifestError("--unique applies to merged manifests, not to an image stage")
         loaded = _load(rules)
-        mapping = {c: ("image_flags" if c == "flags" else c) for c in _stage_columns(images_dir)
-                   if c not in _BOOKKEEPING and c != "key"}
+        mapping = _stage_mapping(images_dir, "image_", {"flags"})  # named as in a manifest's rules
         available = {name: "the image stage" for name in mapping.values()}
         by_source = _check_columns(available, loaded, rules)
         rows = _stage_table(images_dir, {c: name for c, name in mapping.items()

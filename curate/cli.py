@@ -53,6 +53,11 @@ def _add_selection_args(p: argparse.ArgumentParser, what: str, seed_option: str 
     g.add_argument(seed_option, type=int, default=0, dest="fraction_seed", help="seed of --fraction's draw")
 
 
+# What the rules of the stages that read the image stage (recaption, encode-latents) see.
+_IMAGE_RULES = ("over the image stage's columns (width, height, bytes, format, source, caption, image_flags) and "
+                "--scores (a `curate score` folder)")
+
+
 def _selection(args: argparse.Namespace) -> SubsetRules:
     from curate.runner import CurateError
     from curate.subset import SubsetRules
@@ -126,8 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     _add_selection_args(p, "images the model captions, the others recorded as filtered_out and left out by "
-                           "encode-latents too: over the image stage's columns (width, height, bytes, format, "
-                           "source, caption, image_flags) and --scores (a `curate score` folder)", "--fraction-seed")
+                           f"encode-latents too: {_IMAGE_RULES}", "--fraction-seed")
     p.add_argument("--decode-workers", type=int, default=min(4, _default_workers()),
                    help="DataLoader processes decoding and resizing images")
     _add_worker_args(p)
@@ -159,8 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-missing-captions", action="store_true",
                    help="keep images without an accepted caption (their original caption is still stored)")
     _add_selection_args(p, "images encoded, the others recorded as filtered_out (the images curate recaption left "
-                           "out are left out too): over the image stage's columns (width, height, bytes, format, "
-                           "source, caption, image_flags) and --scores (a `curate score` folder)", "--fraction-seed")
+                           f"out are left out too): {_IMAGE_RULES}", "--fraction-seed")
     p.add_argument("--manifest-dir", default="manifests", help="where long.json, short.json and mix.json go")
     p.add_argument("--name", default=None, help="prefix of the manifest names (NAME-long.json)")
     p.add_argument("--device", default=None, help="None: cuda:LOCAL_RANK if available, else cpu")

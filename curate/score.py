@@ -133,7 +133,7 @@ class ClipScorer:
         return self.load()
 
     def _autocast(self) -> Any:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16 and self.device.type == "cuda")
+        return _gpu_bf16(self.device, self.bf16)
 
     def prepare(self, image: Any) -> torch.Tensor:
         """One PIL image as the model's input (what the decoding workers run)."""
@@ -222,10 +222,15 @@ class ImageClassifier:
 
     @torch.no_grad()
     def probabilities(self, pixels: torch.Tensor) -> list[float]:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with _gpu_bf16(self.device):
             logits = self.load()(pixel_values=pixels.to(self.device)).logits.float()
         scores = logits.sigmoid() if self.multi_label else logits.softmax(dim=-1)
         return scores[:, self.index].tolist()
+
+
+def _gpu_bf16(device: torch.device, enabled: bool = True) -> Any:
+    """bf16 autocast on a GPU, nothing on the CPU (the score models' forward passes)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
 def _load_frozen(cls: Any, model_id: str, revision: str | None, device: torch.device, problem: str) -> torch.nn.Module:

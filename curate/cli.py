@@ -264,7 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which image of a group stays: the highest value of this SQL expression over the score "
                         "table's and the image stage's columns ('width * height', aesthetic); default: the first in "
                         "the dataset's order")
-    p.add_argument("--out", default=None, help="the table to write (default: SCORES/duplicates-THRESHOLD.parquet)")
+    p.add_argument("--against", default=None, metavar="EVAL",
+                   help="decontaminate instead: list the images that are near-duplicates of an evaluation set's, "
+                        "EVAL being a manifest (a held-out set; its embeddings are read from SCORES) or another "
+                        "score stage with embeddings of the same model (a benchmark's images)")
+    p.add_argument("--out", default=None, help="the table to write (default: SCORES/duplicates-THRESHOLD.parquet, "
+                                               "with --against SCORES/duplicates-of-EVAL-THRESHOLD.parquet)")
     p.add_argument("--device", default=None, help="None: cuda:LOCAL_RANK if available, else cpu")
 
     p = sub.add_parser("stats", help="totals and rejection reasons of a stage output, or what a manifest holds")
@@ -500,13 +505,29 @@ def _print_selection(manifest: Manifest, coverage: list[dict[str, int | None] | 
             print(f"  {'  ' if part else ''}{variant}: weight {weight:.4g}, {share}{fallback}")
 
 
-def cmd_dedup(args: argparse.Namespace) -> int:
-    from curate.dedup import dedup_scores
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
+
+def cmd_dedup(args: argparse.Namespace) -> int:
+    from curate.dedup import decontaminate, dedup_scores
+    from curate.runner import CurateError
+
+    if args.against is not None:
+        if args.prefer is not None:
+            raise CurateError("--prefer chooses which image of a group stays; with --against every image near an "
+                              "evaluation image is listed, so it does not apply")
+        summary = decontaminate(args.scores, args.against, args.threshold, cluster_size=args.cluster_size,
+                                seed=args.seed, device=args.device, out=args.out)
+        print(f"{summary['duplicates']} of {summary['images']} images are near-duplicates of one of the "
+              f"{summary['reference']} images of {summary['against']} (cosine >= {summary['threshold']:g}, "
+              f"{_plural(summary['clusters'], 'cluster')}): {summary['out']}")
+        print(f"leave them out with --exclude {summary['out']} (curate recaption, encode-latents or manifest)")
+        return 0
     summary = dedup_scores(args.scores, args.threshold, cluster_size=args.cluster_size, seed=args.seed,
                            prefer=args.prefer, device=args.device, out=args.out)
     print(f"{summary['duplicates']} of {summary['images']} images are near-duplicates of one kept before them "
-          f"(cosine >= {summary['threshold']:g}, in {summary['order']}, {summary['clusters']} clusters): "
+          f"(cosine >= {summary['threshold']:g}, in {summary['order']}, {_plural(summary['clusters'], 'cluster')}): "
           f"{summary['out']}")
     print(f"leave them out with --exclude {summary['out']} (curate recaption, encode-latents or manifest)")
     return 0

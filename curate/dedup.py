@@ -19,6 +19,16 @@ The result, ``DATA/scores/clip/duplicates-THRESHOLD.parquet`` (``key``, ``duplic
 ``curate recaption``, ``curate encode-latents`` and ``curate manifest``. Recomputing for another
 threshold reads the stored embeddings only.
 
+``--against EVAL`` decontaminates instead: it lists the images that are near-duplicates of an
+evaluation set's, so that FID and the validation loss are not measured on images training saw
+in another copy. EVAL is a manifest (a held-out set: its samples' embeddings are read from this
+stage, and its own samples are not listed) or another score stage with embeddings of the same
+model (a benchmark's images, ingested and scored on their own). The clusters are fitted on EVAL's
+embeddings, each EVAL image joins the clusters of its 3 nearest centroids, and every image is
+compared with the EVAL images of its nearest centroid's cluster; an image is listed when its most
+similar one reaches --threshold
+(``duplicates-of-EVAL-THRESHOLD.parquet``, ``duplicate_of`` being the EVAL image's key).
+
 Images in different clusters are never compared: a pair that the clustering splits is missed
 (near-identical embeddings almost always share a cluster; a larger --cluster-size misses fewer and
 costs more). All embeddings are held in memory as float16: N x dim x 2 bytes (1.5 GB a million
@@ -27,6 +37,7 @@ images of CLIP ViT-L/14).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -43,19 +54,22 @@ from curate.subset import EMBEDDING_COLUMN
 
 log = logging.getLogger("curate")
 
-__all__ = ["cluster_count", "dedup_scores", "find_duplicates", "spherical_kmeans"]
+__all__ = ["cluster_count", "decontaminate", "dedup_scores", "find_duplicates", "find_matches", "fit_centroids",
+           "spherical_kmeans"]
 
 KMEANS_ITERATIONS = 20
 FIT_PER_CENTROID = 256  # k-means is fitted on at most this many images per centroid (as faiss does)
 CHUNK = 65_536  # images per similarity product: bounds the memory of a step
+REFERENCE_PROBES = 3  # with --against, each reference image is in the clusters of its 3 nearest centroids
+BLOCK_ELEMENTS = 1 << 24  # similarities per product against a reference cluster (64 MiB in float32)
 
 
-def spherical_kmeans(embeddings: torch.Tensor, clusters: int, *, seed: int = 0,
-                     iterations: int = KMEANS_ITERATIONS) -> torch.Tensor:
-    """The cluster of each L2-normalised row of ``embeddings`` [N, D]: k-means on the cosine
-    (centroids renormalised each step), started from ``clusters`` rows drawn with ``seed``; an
-    emptied cluster keeps its centroid. Fitted on a seeded sample of at most
-    ``FIT_PER_CENTROID * clusters`` rows, then every row is assigned."""
+def fit_centroids(embeddings: torch.Tensor, clusters: int, *, seed: int = 0,
+                  iterations: int = KMEANS_ITERATIONS) -> torch.Tensor:
+    """Spherical k-means centroids [clusters, D] of the L2-normalised rows of ``embeddings`` [N, D]:
+    k-means on the cosine (centroids renormalised each step), started from ``clusters`` rows drawn
+    with ``seed`` and fitted on a seeded sample of at most ``FIT_PER_CENTROID * clusters`` rows; an
+    emptied cluster keeps its centroid."""
     n = len(embeddings)
     clusters = max(1, min(clusters, n))
     generator = torch.Generator().manual_seed(seed)
@@ -66,7 +80,14 @@ def spherical_kmeans(embeddings: torch.Tensor, clusters: int, *, seed: int = 0,
         sums = torch.zeros_like(centroids).index_add_(0, labels, fit.float())
         filled = sums.norm(dim=1) > 0
         centroids[filled] = torch.nn.functional.normalize(sums[filled], dim=1)
-    return _nearest(embeddings, centroids)
+    return centroids
+
+
+def spherical_kmeans(embeddings: torch.Tensor, clusters: int, *, seed: int = 0,
+                     iterations: int = KMEANS_ITERATIONS) -> torch.Tensor:
+    """The cluster of each L2-normalised row of ``embeddings`` [N, D] (:func:`fit_centroids`, then
+    every row assigned to its nearest centroid)."""
+    return _nearest(embeddings, fit_centroids(embeddings, clusters, seed=seed, iterations=iterations))
 
 
 def cluster_count(images: int, cluster_size: int) -> int:
@@ -83,19 +104,12 @@ def find_duplicates(embeddings: np.ndarray, threshold: float, *, cluster_size: i
     """The duplicates among L2-normalised ``embeddings`` [N, D] in the dataset's order: ``index``
     (the duplicate rows, ascending), ``of`` (for each, the most similar earlier row of its
     cluster), ``similarity`` and ``cluster``; see the module note."""
-    if not 0 < threshold <= 1:
-        raise CurateError(f"--threshold {threshold}: give a cosine similarity in (0, 1]")
-    if cluster_size < 1:
-        raise CurateError(f"--cluster-size {cluster_size}: give at least 1")
+    _check_settings(threshold, cluster_size)
     device = resolve_device(device)
     x = torch.from_numpy(np.ascontiguousarray(embeddings)).to(device)
     labels = spherical_kmeans(x, cluster_count(len(x), cluster_size), seed=seed).cpu()
-    # Each cluster's rows, in the dataset's order (a stable sort keeps it).
-    order = torch.argsort(labels, stable=True)
-    bounds = torch.searchsorted(labels[order], torch.arange(int(labels.max()) + 2))
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = []
-    for cluster in range(len(bounds) - 1):
-        rows = order[bounds[cluster]: bounds[cluster + 1]]
+    for cluster, rows in _members(labels):
         if len(rows) < 2:
             continue
         members = x[rows.to(device)].float()
@@ -113,6 +127,65 @@ def find_duplicates(embeddings: np.ndarray, threshold: float, *, cluster_size: i
         hit = values >= threshold
         if hit.any():
             found.append((rows[hit].numpy(), rows[index[hit]].numpy(), values[hit].numpy(), cluster))
+    return _found(found)
+
+
+def find_matches(embeddings: np.ndarray, reference: np.ndarray, threshold: float, *, cluster_size: int = 1000,
+                 seed: int = 0, device: str | None = None) -> dict[str, np.ndarray]:
+    """The rows of ``embeddings`` [N, D] whose most similar row of ``reference`` [M, D] (both
+    L2-normalised) reaches ``threshold``: ``index`` (ascending), ``of`` (that reference row),
+    ``similarity`` and ``cluster`` (the row's). The clusters are fitted on the reference (about
+    ``cluster_size`` of its rows each); each reference row is a member of the clusters of its
+    ``REFERENCE_PROBES`` nearest centroids, and each row is compared with the members of its own
+    nearest centroid's cluster, so a reference of at most ``cluster_size`` rows is compared with
+    every row."""
+    _check_settings(threshold, cluster_size)
+    device = resolve_device(device)
+    x = torch.from_numpy(np.ascontiguousarray(embeddings)).to(device)
+    ref = torch.from_numpy(np.ascontiguousarray(reference)).to(device)
+    centroids = fit_centroids(ref, cluster_count(len(ref), cluster_size), seed=seed)
+    labels = _nearest(x, centroids).cpu()
+    # Each reference row joins the clusters of its REFERENCE_PROBES nearest centroids: a near-copy
+    # that lands across a boundary from its original is still compared with it.
+    nearest = torch.cat([(part.float() @ centroids.T).topk(min(REFERENCE_PROBES, len(centroids)), dim=1).indices
+                         for part in ref.split(CHUNK)]).cpu()
+    ref_rows = torch.arange(len(ref)).repeat_interleave(nearest.shape[1])
+    members_of = {cluster: ref_rows[at] for cluster, at in _members(nearest.flatten())}
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = []
+    for cluster, rows in _members(labels):
+        members = members_of.get(cluster)
+        if members is None:  # no reference row is nearest to this centroid
+            continue
+        against = ref[members.to(device)].float()
+        best, best_of = [], []
+        for block in rows.split(max(1, BLOCK_ELEMENTS // len(members))):
+            values, index = (x[block.to(device)].float() @ against.T).max(dim=1)
+            best.append(values.cpu())
+            best_of.append(index.cpu())
+        values, index = torch.cat(best), torch.cat(best_of)
+        hit = values >= threshold
+        if hit.any():
+            found.append((rows[hit].numpy(), members[index[hit]].numpy(), values[hit].numpy(), cluster))
+    return _found(found)
+
+
+def _check_settings(threshold: float, cluster_size: int) -> None:
+    if not 0 < threshold <= 1:
+        raise CurateError(f"--threshold {threshold}: give a cosine similarity in (0, 1]")
+    if cluster_size < 1:
+        raise CurateError(f"--cluster-size {cluster_size}: give at least 1")
+
+
+def _members(labels: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(cluster, its rows in ascending order) for every cluster that has rows."""
+    order = torch.argsort(labels, stable=True)  # a stable sort keeps the dataset's order within a cluster
+    bounds = torch.searchsorted(labels[order], torch.arange(int(labels.max()) + 2))
+    return [(cluster, order[bounds[cluster]: bounds[cluster + 1]]) for cluster in range(len(bounds) - 1)
+            if bounds[cluster + 1] > bounds[cluster]]
+
+
+def _found(found: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]) -> dict[str, np.ndarray]:
+    """The per-cluster hits as one result, by ascending row."""
     if not found:
         return {"index": np.zeros(0, np.int64), "of": np.zeros(0, np.int64), "similarity": np.zeros(0, np.float32),
                 "cluster": np.zeros(0, np.int32)}
@@ -130,6 +203,78 @@ def dedup_scores(scores_dir: str | os.PathLike, threshold: float = 0.95, *, clus
     them (atomically) to ``out`` (default: ``scores_dir/duplicates-THRESHOLD.parquet``); returns
     a summary. ``prefer``: which image of a group stays (see the module note)."""
     scores_dir = Path(scores_dir)
+    keys, embeddings = _stored_embeddings(scores_dir)
+    # The order in which images are kept: the dataset's, or by --prefer (highest first, ties and
+    # nulls in the dataset's order after).
+    order = np.arange(len(keys)) if prefer is None else _preferred_order(scores_dir, keys, prefer)
+    found = find_duplicates(embeddings[order], threshold, cluster_size=cluster_size, seed=seed, device=device)
+    found["index"], found["of"] = order[found["index"]], order[found["of"]]
+    ordered = np.argsort(found["index"], kind="stable")  # the table in the dataset's order
+    found = {name: values[ordered] for name, values in found.items()}
+    out = Path(out) if out is not None else scores_dir / f"duplicates-{threshold:g}.parquet"
+    table = _write_table(found, keys, keys, out)
+    summary = {"images": len(keys), "duplicates": table.height, "threshold": threshold,
+               "clusters": cluster_count(len(keys), cluster_size), "cluster_size": cluster_size, "seed": seed,
+               "prefer": prefer, "order": f"--prefer {prefer!r} order" if prefer else "the dataset's order",
+               "out": str(out)}
+    log.info("dedup: %d of %d images are near-duplicates of one kept before them (cosine >= %g, in %s); wrote %s",
+             table.height, len(keys), threshold, summary["order"], out)
+    return summary
+
+
+def decontaminate(scores_dir: str | os.PathLike, against: str | os.PathLike, threshold: float = 0.95, *,
+                  cluster_size: int = 1000, seed: int = 0, device: str | None = None,
+                  out: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Find the images of a ``curate score --embeddings`` stage that are near-duplicates of an
+    evaluation set's images, and write them (atomically) to ``out`` (default:
+    ``scores_dir/duplicates-of-NAME-THRESHOLD.parquet``); returns a summary.
+
+    ``against`` is either another score stage with embeddings of the same CLIP model (a benchmark's
+    images, ingested and scored on their own), or a manifest (a held-out set such as ``curate
+    manifest --hold-out`` writes) whose samples' embeddings are read from ``scores_dir`` itself;
+    its own samples are not candidates then."""
+    scores_dir, against = Path(scores_dir), Path(against)
+    keys, embeddings = _stored_embeddings(scores_dir)
+    if against.is_file():
+        ref_keys = _manifest_keys(against)
+        row_of = {k: i for i, k in enumerate(keys)}
+        missing = [k for k in ref_keys if k not in row_of]
+        if missing:
+            raise CurateError(f"--against {against}: {len(missing)} of its {len(ref_keys)} samples have no embedding "
+                              f"in {scores_dir} (e.g. {missing[0]}): score the image stage that manifest was encoded "
+                              "from with --embeddings, or give a score stage of its images")
+        reference = embeddings[[row_of[k] for k in ref_keys]]
+        held = set(ref_keys)
+        candidates = np.array([i for i, k in enumerate(keys) if k not in held], dtype=np.int64)
+    elif (against / STAGE_FILE).is_file():
+        if against.resolve() == scores_dir.resolve():
+            raise CurateError(f"--against {against}: the stage itself; its own near-duplicates are "
+                              f"`curate dedup {scores_dir}` without --against")
+        _check_same_model(scores_dir, against)
+        ref_keys, reference = _stored_embeddings(against)
+        candidates = np.arange(len(keys))
+    else:
+        raise CurateError(f"--against {against}: neither a manifest nor a complete `curate score` stage")
+    if reference.shape[1] != embeddings.shape[1]:
+        raise CurateError(f"--against {against}: its embeddings have {reference.shape[1]} dimensions, "
+                          f"{scores_dir}'s {embeddings.shape[1]}")
+    found = find_matches(embeddings[candidates], reference, threshold, cluster_size=cluster_size, seed=seed,
+                         device=device)
+    found["index"] = candidates[found["index"]]
+    name = against.stem if against.is_file() else against.name
+    out = Path(out) if out is not None else scores_dir / f"duplicates-of-{name}-{threshold:g}.parquet"
+    table = _write_table(found, keys, ref_keys, out)
+    summary = {"images": len(candidates), "reference": len(ref_keys), "against": str(against),
+               "duplicates": table.height, "threshold": threshold,
+               "clusters": cluster_count(len(ref_keys), cluster_size), "cluster_size": cluster_size, "seed": seed,
+               "out": str(out)}
+    log.info("dedup: %d of %d images are near-duplicates of one of the %d images of %s (cosine >= %g); wrote %s",
+             table.height, len(candidates), len(ref_keys), against, threshold, out)
+    return summary
+
+
+def _stored_embeddings(scores_dir: Path) -> tuple[list[str], np.ndarray]:
+    """The keys and float16 embeddings [N, D] of a score stage's images, in the dataset's order."""
     if not (scores_dir / STAGE_FILE).is_file():
         raise CurateError(f"{scores_dir}: not a complete `curate score` stage (no {STAGE_FILE})")
     shards = committed_shards(scores_dir)
@@ -144,37 +289,54 @@ def dedup_scores(scores_dir: str | os.PathLike, threshold: float = 0.95, *, clus
         parts.append(rows[EMBEDDING_COLUMN].to_numpy().astype(np.float16))
     if not keys:
         raise CurateError(f"{scores_dir}: no image has an embedding")
-    embeddings = np.concatenate(parts)
-    # The order in which images are kept: the dataset's, or by --prefer (highest first, ties and
-    # nulls in the dataset's order after).
-    order = np.arange(len(keys)) if prefer is None else _preferred_order(scores_dir, keys, prefer)
-    found = find_duplicates(embeddings[order], threshold, cluster_size=cluster_size, seed=seed, device=device)
-    found["index"], found["of"] = order[found["index"]], order[found["of"]]
-    ordered = np.argsort(found["index"], kind="stable")  # the table in the dataset's order
-    found = {name: values[ordered] for name, values in found.items()}
-    table = pl.DataFrame({"key": [keys[i] for i in found["index"]], "duplicate_of": [keys[i] for i in found["of"]],
+    return keys, np.concatenate(parts)
+
+
+def _manifest_keys(path: Path) -> list[str]:
+    """The distinct sample keys a manifest uses, in its order."""
+    from curate.manifest import ManifestError, latent_index_rows, load_manifest
+
+    try:
+        manifest = load_manifest(path, check_files=False)
+        rows = latent_index_rows(manifest, path, ["key"])
+    except ManifestError as e:
+        raise CurateError(f"--against {path}: {e}") from None
+    if rows is None:
+        raise CurateError(f"--against {path}: its shard indexes cannot be read here (remote or missing shards)")
+    return rows["key"].unique(maintain_order=True).to_list()
+
+
+def _check_same_model(scores_dir: Path, against: Path) -> None:
+    """Embeddings compare only within one model's space: the same model, revision and files."""
+    ours, theirs = _embedding_model(scores_dir), _embedding_model(against)
+    if ours != theirs:
+        raise CurateError(f"--against {against}: embedded by {theirs}, {scores_dir} by {ours}: similarities "
+                          "between two models' embeddings mean nothing; score both with one model")
+
+
+def _embedding_model(stage: Path) -> str:
+    record = json.loads((stage / STAGE_FILE).read_text())
+    config, provenance = record.get("config", {}), record.get("provenance", {})
+    return (f"{provenance.get('model_id', config.get('model'))} (revision {config.get('revision')}, "
+            f"files {config.get('local_model_files')})")
+
+
+def _write_table(found: dict[str, np.ndarray], keys: list[str], of_keys: list[str], out: Path) -> pl.DataFrame:
+    """The table ``--exclude`` takes (key, duplicate_of, similarity, cluster), written atomically."""
+    table = pl.DataFrame({"key": [keys[i] for i in found["index"]], "duplicate_of": [of_keys[i] for i in found["of"]],
                           "similarity": found["similarity"], "cluster": found["cluster"]},
                          schema={"key": pl.String, "duplicate_of": pl.String, "similarity": pl.Float32,
                                  "cluster": pl.Int32})
-    out = Path(out) if out is not None else scores_dir / f"duplicates-{threshold:g}.parquet"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     table.write_parquet(tmp)
     os.replace(tmp, out)
-    summary = {"images": len(keys), "duplicates": table.height, "threshold": threshold,
-               "clusters": cluster_count(len(keys), cluster_size), "cluster_size": cluster_size, "seed": seed,
-               "prefer": prefer, "order": f"--prefer {prefer!r} order" if prefer else "the dataset's order",
-               "out": str(out)}
-    log.info("dedup: %d of %d images are near-duplicates of one kept before them (cosine >= %g, in %s); wrote %s",
-             table.height, len(keys), threshold, summary["order"], out)
-    return summary
+    return table
 
 
 def _preferred_order(scores_dir: Path, keys: list[str], prefer: str) -> np.ndarray:
     """The rows of ``keys`` by ``prefer``'s value over the score stage's and image stage's columns
     (as ``--where`` reads them), highest first; nulls last; ties in the dataset's order."""
-    import json
-
     from curate.subset import _stage_mapping, _stage_scores, _stage_table
 
     table = _stage_scores(scores_dir, "--prefer").drop("score_flags", strict=False)

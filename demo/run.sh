@@ -66,10 +66,16 @@ echo "== 8. train: the tiny preset on all shards but one, a validation loss on t
 # --hold-out 1 writes demo-train.json (the other shards) and demo-train-heldout.json (one shard, drawn at random):
 # the held-out loss (val.shards) measures the same samples, timesteps and noise every 50 steps.
 curate manifest manifests/demo-long-t5gemma.json --hold-out 1 --name demo-train
+# Decontamination: the training images that near-copy a held-out one would flatter the held-out loss
+# and FID; --against lists them (over the stored CLIP embeddings) and --exclude leaves them out. (The
+# tiny random CLIP finds every pair of images alike, hence the threshold; real runs use about 0.95.)
+curate dedup "$DATA/scores/tiny-clip" --against manifests/demo-train-heldout.json --threshold 0.997 --device cpu
+curate manifest manifests/demo-train.json --exclude "$DATA/scores/tiny-clip/duplicates-of-demo-train-heldout-0.997.parquet" \
+    --name demo-train-clean
 # --resume auto makes a rerun of the demo continue (or find finished) the same run.
 # data.sample_latents=false trains on the stored means: the random tiny autoencoder's latent std is
 # about 1 (a trained VAE's is far smaller), so fresh draws would bury the means in noise.
-train --shards manifests/demo-train.json --out "$DATA/runs/base" --preset tiny --resume auto \
+train --shards manifests/demo-train-clean.json --out "$DATA/runs/base" --preset tiny --resume auto \
     text_encoder="$DATA/models/tiny-t5gemma" steps=200 log.every=20 sample_every=100 data.workers=2 \
     data.sample_latents=false val.shards=manifests/demo-train-heldout.json val.every=50
 tail -n 2 "$DATA/runs/base/metrics.jsonl"
@@ -95,7 +101,7 @@ echo "== 11. an ablation, one switch away: the same run with REPA (a tiny DINOv3
 # which the loader reads from the image stage the manifest names (step 1's output). The table shows
 # the keys the two runs differ in: the ablation.
 python -m curate.tiny dinov3 "$DATA/models/tiny-dinov3"
-train --shards manifests/demo-train.json --out "$DATA/runs/repa" --preset tiny --ablation repa \
+train --shards manifests/demo-train-clean.json --out "$DATA/runs/repa" --preset tiny --ablation repa \
     --resume auto text_encoder="$DATA/models/tiny-t5gemma" repa.encoder="$DATA/models/tiny-dinov3" steps=200 \
     log.every=20 sample_every=100 data.workers=2 data.sample_latents=false \
     val.shards=manifests/demo-train-heldout.json val.every=50

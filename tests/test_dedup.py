@@ -10,13 +10,15 @@ import numpy as np
 import polars as pl
 import pytest
 from conftest import encode
+from latent_data import make_latent_dataset
 from PIL import Image, ImageDraw
 
 from curate.cli import main as curate_main
-from curate.dedup import find_duplicates
+from curate.dedup import find_duplicates, find_matches
+from curate.manifest import latent_index_rows, load_manifest
 from curate.runner import CurateError
-from curate.shards import committed_shards
-from curate.subset import SubsetRules, _read_table, images_left_out
+from curate.shards import ShardWriter, committed_shards, stable_hash
+from curate.subset import EMBEDDING_COLUMN, SubsetRules, _read_table, images_left_out
 
 
 def _planted(seed: int = 0) -> np.ndarray:
@@ -56,6 +58,109 @@ def test_duplicates_are_the_brute_force_ones_within_clusters():
         find_duplicates(x, 1.5)
     with pytest.raises(CurateError, match="--cluster-size 0"):
         find_duplicates(x, 0.9, cluster_size=0)
+
+
+def _brute_force_matches(x: np.ndarray, reference: np.ndarray, threshold: float) -> dict[int, int]:
+    """Each row's most similar reference row where that similarity reaches the threshold."""
+    similarity = x.astype(np.float32) @ reference.astype(np.float32).T
+    best = similarity.argmax(axis=1)
+    return {i: int(best[i]) for i in range(len(x)) if similarity[i, best[i]] >= threshold}
+
+
+def test_matches_against_a_reference_are_the_brute_force_ones_within_clusters():
+    x = _planted()  # 60 rows; the reference: 40 other random rows and near-copies of rows 7 and 33
+    rng = np.random.default_rng(1)
+    reference = rng.normal(size=(42, 32))
+    reference[40], reference[41] = x[7] + rng.normal(scale=0.02, size=32), x[33] + rng.normal(scale=0.02, size=32)
+    reference = (reference / np.linalg.norm(reference, axis=1, keepdims=True)).astype(np.float16)
+    one = find_matches(x, reference, 0.95, device="cpu")  # a reference within one cluster: every pair compared
+    assert dict(zip(one["index"].tolist(), one["of"].tolist(), strict=True)) == \
+        _brute_force_matches(x, reference, 0.95) == {7: 40, 33: 41}
+    assert (one["similarity"] >= 0.95).all() and set(one["cluster"]) == {0}
+    # Clusters fitted on the reference: the near-copies still meet, and the result is seeded.
+    seven = find_matches(x, reference, 0.95, cluster_size=6, device="cpu")
+    assert seven["index"].tolist() == [7, 33] and seven["of"].tolist() == [40, 41]
+    assert all(np.array_equal(seven[k], find_matches(x, reference, 0.95, cluster_size=6, device="cpu")[k])
+               for k in seven)
+    with pytest.raises(CurateError, match="--threshold 0"):
+        find_matches(x, reference, 0)
+
+
+def _score_stage(out: Path, keys: list[str], embeddings: np.ndarray, model: str = "tiny-clip") -> Path:
+    """A score stage holding ``embeddings`` as `curate score --embeddings` writes them (two shards)."""
+    schema = {EMBEDDING_COLUMN: pl.Array(pl.Float32, embeddings.shape[1])}
+    half = len(keys) // 2
+    for shard_id, rows in enumerate((range(half), range(half, len(keys)))):
+        writer = ShardWriter(out, shard_id, schema, with_tar=False)
+        for i in rows:
+            writer.add(keys[i], {}, row={EMBEDDING_COLUMN: embeddings[i].astype(np.float32).tolist()})
+        writer.commit(stage="score", fingerprint=stable_hash([shard_id]), config_hash=stable_hash([model]))
+    (out / "_stage.json").write_text(json.dumps({"stage": "score", "config": {"model": model, "revision": None,
+                                                 "local_model_files": None, "embeddings": True},
+                                                 "provenance": {"model_id": model}}))
+    return out
+
+
+def test_dedup_against_a_held_out_manifest_or_a_benchmark_stage(tmp_path: Path, capsys):
+    data = make_latent_dataset(tmp_path / "data", shards=4, per_shard=5)
+    assert curate_main(["manifest", str(data["long"]), "--hold-out", "1", "--name", "train"]) == 0
+    train, heldout = tmp_path / "data" / "manifests" / "train.json", tmp_path / "data" / "manifests" / "train-heldout.json"
+    train_keys, held_keys = (latent_index_rows(load_manifest(m), m, ["key"])["key"].to_list() for m in (train, heldout))
+    keys = sorted(train_keys + held_keys)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(len(keys), 24))
+    row = {k: i for i, k in enumerate(keys)}
+    # Two training images are near-copies of held-out ones; a third is near another training image.
+    pairs = {train_keys[2]: held_keys[0], train_keys[9]: held_keys[3], train_keys[5]: train_keys[6]}
+    for copy, of in pairs.items():
+        x[row[copy]] = x[row[of]] + rng.normal(scale=0.02, size=24)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    scores = _score_stage(tmp_path / "scores", keys, x)
+
+    capsys.readouterr()
+    assert curate_main(["dedup", str(scores), "--against", str(heldout), "--threshold", "0.95", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "2 of 15 images are near-duplicates of one of the 5 images of" in out, out
+    table = pl.read_parquet(scores / "duplicates-of-train-heldout-0.95.parquet")
+    assert dict(zip(table["key"], table["duplicate_of"], strict=True)) == {
+        train_keys[2]: held_keys[0], train_keys[9]: held_keys[3]}
+    assert table["key"].to_list() == sorted(table["key"].to_list(), key=row.get)  # the dataset's order
+    # The table is what --exclude takes: the training manifest without them.
+    assert curate_main(["manifest", str(train), "--exclude", str(scores / "duplicates-of-train-heldout-0.95.parquet"),
+                        "--name", "train-clean"]) == 0
+    assert load_manifest(train.parent / "train-clean.json").samples == 13
+    capsys.readouterr()
+    assert curate_main(["stats", str(scores)]) == 0
+    assert "duplicates-of-train-heldout-0.95.parquet: 2 near-duplicate images" in capsys.readouterr().out
+
+    # A benchmark's own score stage (the same model): its images against every image here.
+    bench_x = np.concatenate([x[[row[held_keys[0]], row[train_keys[5]]]] + rng.normal(scale=0.01, size=(2, 24)),
+                              rng.normal(size=(3, 24))])
+    bench_x /= np.linalg.norm(bench_x, axis=1, keepdims=True)
+    bench = _score_stage(tmp_path / "bench", [f"b{i}" for i in range(5)], bench_x)
+    assert curate_main(["dedup", str(scores), "--against", str(bench), "--threshold", "0.95", "--cluster-size", "2",
+                        "--device", "cpu"]) == 0
+    table = pl.read_parquet(scores / "duplicates-of-bench-0.95.parquet")
+    # held_keys[0] and its training copy, train_keys[5] and its near twin train_keys[6].
+    assert dict(zip(table["key"], table["duplicate_of"], strict=True)) == {
+        held_keys[0]: "b0", train_keys[2]: "b0", train_keys[5]: "b1", train_keys[6]: "b1"}
+
+    # Refused: another model's embeddings, the stage itself, a manifest of images it has not
+    # scored, --prefer, and what is neither a manifest nor a score stage.
+    other = _score_stage(tmp_path / "other", [f"b{i}" for i in range(5)], bench_x, model="another-clip")
+    capsys.readouterr()
+    assert curate_main(["dedup", str(scores), "--against", str(other)]) == 2
+    assert "embedded by another-clip (revision None, files None)" in capsys.readouterr().err
+    assert curate_main(["dedup", str(scores), "--against", str(scores)]) == 2
+    assert "the stage itself" in capsys.readouterr().err
+    partial = _score_stage(tmp_path / "partial", [k for k in keys if k != held_keys[4]],
+                           np.delete(x, row[held_keys[4]], axis=0))
+    assert curate_main(["dedup", str(partial), "--against", str(heldout)]) == 2
+    assert "1 of its 5 samples have no embedding in" in capsys.readouterr().err
+    assert curate_main(["dedup", str(scores), "--against", str(heldout), "--prefer", "clip_long"]) == 2
+    assert "--prefer chooses which image of a group stays" in capsys.readouterr().err
+    assert curate_main(["dedup", str(scores), "--against", str(tmp_path / "data")]) == 2
+    assert "neither a manifest nor a complete `curate score` stage" in capsys.readouterr().err
 
 
 def _drawn(i: int) -> Image.Image:

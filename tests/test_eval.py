@@ -26,7 +26,7 @@ from eval.embedders import EmbedderError, ImageEmbedder
 from eval.evalset import EvalSetError, choose_samples
 from eval.evaluation import evaluate_run, result_files
 from eval.inception import InceptionError, InceptionFeatures, find_inception, resize_tf_bilinear
-from eval.stats import FeatureStats, frechet_distance, mmd
+from eval.stats import FeatureStats, fid_from_features, frechet_distance, mmd
 from train.checkpoint import CheckpointError
 
 SAMPLES = 10  # images per evaluation: each costs about 0.1 s of Inception on this CPU
@@ -56,6 +56,34 @@ def test_frechet_distance_matches_the_closed_form_and_scipy():
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(frechet_distance(mu2, s2, mu1, s1), rel=1e-8)
     with pytest.raises(ValueError, match="mismatched"):
         frechet_distance(mu1, c1, mu2[:4], c2[:4, :4])
+
+
+def test_fid_from_few_features_equals_the_full_covariance_way():
+    rng = np.random.default_rng(3)
+
+    def full(x: np.ndarray, y: np.ndarray) -> float:
+        return frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
+
+    def nuclear(x: np.ndarray, y: np.ndarray) -> float:
+        """Another exact form: tr((A^T A B^T B)^(1/2)) is the sum of the singular values of A B^T."""
+        a, b = ((f - f.mean(0)) / np.sqrt(len(f) - 1) for f in (x, y))
+        diff = x.mean(0) - y.mean(0)
+        return diff @ diff + (a * a).sum() + (b * b).sum() - 2 * np.linalg.svd(a @ b.T, compute_uv=False).sum()
+
+    # Fewer samples than dimensions (the smaller set's features are used), in either order; then
+    # Inception's 2048 dimensions with an evaluation's few images, where it matters. The D x D way
+    # is off by about 1e-8 there: the square roots of its rounding-level zero eigenvalues add up.
+    for n1, n2, d in ((5, 9, 16), (9, 5, 16), (7, 7, 16), (10, 12, 2048)):
+        x, y = rng.normal(size=(n1, d)), rng.normal(0.3, 1.5, size=(n2, d))
+        assert fid_from_features(x, y) == pytest.approx(nuclear(x, y), rel=1e-11)
+        assert fid_from_features(x, y) == pytest.approx(full(x, y), rel=1e-7)
+        assert fid_from_features(x, x) == pytest.approx(0, abs=1e-9)
+    x, y = rng.normal(size=(40, 6)), rng.normal(0.3, 1.5, size=(30, 6))  # full rank: frechet_distance itself
+    assert fid_from_features(x, y) == full(y, x)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        fid_from_features(x[:1], y)
+    with pytest.raises(ValueError, match=r"\[N, D\]"):
+        fid_from_features(x, y[:, :4])
 
 
 def test_feature_stats_are_numpys_mean_and_cov():

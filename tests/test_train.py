@@ -195,9 +195,15 @@ def test_srun_tasks_form_one_run_as_torchrun_ranks_do(tmp_path: Path, models, da
 def test_a_compiled_denoiser_trains_as_eager_and_its_checkpoints_resume_eager(tmp_path: Path, models, dataset):
     """compile=true (the GPU presets' setting) takes the same steps as eager, and its checkpoints
     hold the plain module's weights, so a resume may turn compiling off."""
+    from torch._dynamo.utils import counters
+
     settings = {"steps": 3, "checkpoint_every": 3, "global_batch": 4, "micro_batch": 4}
     assert run_train(dataset["long"], tmp_path / "eager", models, **settings) == 0
+    torch._dynamo.reset()
+    counters.clear()
     assert run_train(dataset["long"], tmp_path / "compiled", models, compile="true", **settings) == 0
+    # The denoiser's forward is captured whole: one graph, no graph break.
+    assert (counters["stats"]["unique_graphs"], dict(counters["graph_break"])) == (1, {})
     eager, compiled = (load_checkpoint(latest_checkpoint(tmp_path / run)) for run in ("eager", "compiled"))
     assert compiled["model"].keys() == eager["model"].keys()
     for key in eager["model"]:

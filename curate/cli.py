@@ -47,7 +47,9 @@ def _add_selection_args(p: argparse.ArgumentParser, what: str, seed_option: str 
                         "score` folder, whose columns --where can name; repeatable")
     g.add_argument("--keep", default=None, metavar="TABLE",
                    help="keep only the samples it lists (a table with a key or source column, or a .txt of keys)")
-    g.add_argument("--exclude", default=None, metavar="TABLE", help="drop the samples it lists (as --keep)")
+    g.add_argument("--exclude", action="append", default=[], metavar="TABLE",
+                   help="drop the samples it lists (as --keep); repeatable (curate dedup's tables, of duplicates and "
+                        "of near-copies of evaluation images)")
     g.add_argument("--fraction", type=float, default=None, metavar="F",
                    help=f"keep a random fraction F of the samples, drawn per sample from ({seed_option}, key)")
     g.add_argument(seed_option, type=int, default=0, dest="fraction_seed", help="seed of --fraction's draw")
@@ -63,7 +65,7 @@ def _selection(args: argparse.Namespace) -> SubsetRules:
     from curate.subset import SubsetRules
 
     rules = SubsetRules(where=args.where, scores=[Path(p) for p in args.scores],
-                        keep=Path(args.keep) if args.keep else None, exclude=Path(args.exclude) if args.exclude else None,
+                        keep=Path(args.keep) if args.keep else None, exclude=[Path(p) for p in args.exclude],
                         fraction=args.fraction, seed=args.fraction_seed, unique=getattr(args, "unique", False))
     if rules.scores and not rules.where:
         raise CurateError("--scores only gives columns to --where: say which samples to keep with --where")

@@ -20,7 +20,7 @@ Rules, all of which a sample must pass:
   columns of any name: what an aesthetic, watermark or CLIP-score model wrote; or the folder of
   ``curate score`` (``clip_long``, ``aesthetic``... and its flags as ``score_flags``).
 - ``--keep FILE`` / ``--exclude FILE``: only / all but the samples listed (a table as above, or a
-  text file of keys, one per line).
+  text file of keys, one per line); ``--exclude`` repeats, each table a rule of its own.
 - ``--fraction F``: a random fraction, drawn per sample from (seed, key), so a 10% subset lies
   inside the 20% one of the same seed, and a sample listed twice is drawn once.
 - ``--unique`` (a merged manifest): a sample whose content is in several parts is kept in the
@@ -69,7 +69,7 @@ class SubsetRules:
     where: list[str] = field(default_factory=list)
     scores: list[Path] = field(default_factory=list)
     keep: Path | None = None
-    exclude: Path | None = None
+    exclude: list[Path] = field(default_factory=list)  # each table's samples are dropped
     fraction: float | None = None
     seed: int = 0  # of the fraction's draw
     unique: bool = False  # a merged manifest: a sample in several parts stays in the first only
@@ -94,8 +94,8 @@ class SubsetRules:
             out["scores"] = [file(p) for p in self.scores]
         if self.keep is not None:
             out["keep"] = file(self.keep)
-        if self.exclude is not None:
-            out["exclude"] = file(self.exclude)
+        if self.exclude:  # one table as one record, as before several were allowed (stage configs keep their hash)
+            out["exclude"] = file(self.exclude[0]) if len(self.exclude) == 1 else [file(p) for p in self.exclude]
         if self.fraction is not None:
             out |= {"fraction": self.fraction, "seed": self.seed}
         if self.unique:
@@ -148,7 +148,8 @@ class _Loaded:
 
     expressions: list[pl.Expr]
     scores: list[pl.DataFrame]
-    lists: dict[str, pl.DataFrame]  # "keep" / "exclude" -> its table
+    keep: pl.DataFrame | None
+    exclude: list[pl.DataFrame]
     wanted: set[str]
 
 
@@ -156,20 +157,19 @@ def _load(rules: SubsetRules) -> _Loaded:
     if rules.fraction is not None and not 0 < rules.fraction < 1:
         raise ManifestError(f"--fraction {rules.fraction}: give a fraction between 0 and 1 (exclusive)")
     expressions = [_parse(text) for text in rules.where]
-    lists = {option: _read_table(path, "--keep/--exclude")
-             for option, path in (("keep", rules.keep), ("exclude", rules.exclude)) if path is not None}
-    return _Loaded(expressions, [_read_table(p, "--scores") for p in rules.scores], lists,
+    return _Loaded(expressions, [_read_table(p, "--scores") for p in rules.scores],
+                   _read_table(rules.keep, "--keep") if rules.keep is not None else None,
+                   [_read_table(p, "--exclude") for p in rules.exclude],
                    {name for e in expressions for name in e.meta.root_names()})
 
 
 def _passes(rules: SubsetRules, loaded: _Loaded, rows: pl.DataFrame) -> list[tuple[str, pl.Expr]]:
     """Each rule (but --unique) as (its label, a boolean expression over ``rows``), in the options' order."""
     passes = [(f"--where {text}", e) for text, e in zip(rules.where, loaded.expressions, strict=True)]
-    if "keep" in loaded.lists:
-        passes.append((f"--keep {rules.keep}", pl.col("key").is_in(_listed_keys(loaded.lists["keep"], rows))))
-    if "exclude" in loaded.lists:
-        passes.append((f"--exclude {rules.exclude}",
-                       ~pl.col("key").is_in(_listed_keys(loaded.lists["exclude"], rows))))
+    if loaded.keep is not None:
+        passes.append((f"--keep {rules.keep}", pl.col("key").is_in(_listed_keys(loaded.keep, rows))))
+    for path, table in zip(rules.exclude, loaded.exclude, strict=True):
+        passes.append((f"--exclude {path}", ~pl.col("key").is_in(_listed_keys(table, rows))))
     if rules.fraction is not None:
         drawn = _fraction_draw(rows["key"], rules.fraction, rules.seed)
         passes.append((f"--fraction {rules.fraction:g} (seed {rules.seed})", pl.lit(pl.Series(drawn))))
@@ -323,7 +323,8 @@ def _check_columns(available: dict[str, str], loaded: _Loaded, rules: SubsetRule
         raise ManifestError(f"--where names {', '.join(unknown)}, which no source has; the columns are: "
                             + "; ".join(f"{source}: {', '.join(c for c, s in available.items() if s == source)}"
                                         for source in dict.fromkeys(available.values())))
-    return any("source" in t.columns for t in [*loaded.scores, *loaded.lists.values()])
+    listed = [loaded.keep] if loaded.keep is not None else []
+    return any("source" in t.columns for t in [*loaded.scores, *listed, *loaded.exclude])
 
 
 def _join_scores(rows: pl.DataFrame, scores: list[pl.DataFrame], rules: SubsetRules) -> pl.DataFrame:
@@ -488,7 +489,9 @@ def subset_summary(record: dict[str, Any]) -> str:
     ``6 of 48 samples of long: --where orig_w >= 512, --fraction 0.5 (seed 0)``."""
     rules = [f"--where {w}" for w in record.get("where", [])]
     rules += [f"--scores {s['path']}" for s in record.get("scores", [])]
-    rules += [f"--{option} {record[option]['path']}" for option in ("keep", "exclude") if option in record]
+    for option in ("keep", "exclude"):
+        tables = record.get(option, [])
+        rules += [f"--{option} {t['path']}" for t in (tables if isinstance(tables, list) else [tables])]
     if "fraction" in record:
         rules.append(f"--fraction {record['fraction']:g} (seed {record.get('seed', 0)})")
     if record.get("unique"):

@@ -129,6 +129,19 @@ def test_dedup_against_a_held_out_manifest_or_a_benchmark_stage(tmp_path: Path, 
     assert curate_main(["manifest", str(train), "--exclude", str(scores / "duplicates-of-train-heldout-0.95.parquet"),
                         "--name", "train-clean"]) == 0
     assert load_manifest(train.parent / "train-clean.json").samples == 13
+    # --exclude repeats: the near-duplicates within the set too (train_keys[6] of train_keys[5]...).
+    assert curate_main(["dedup", str(scores), "--threshold", "0.95", "--device", "cpu"]) == 0
+    within = set(pl.read_parquet(scores / "duplicates-0.95.parquet")["key"])
+    assert len(within) == 3 and within <= set(keys)
+    capsys.readouterr()
+    assert curate_main(["manifest", str(train), "--exclude", str(scores / "duplicates-of-train-heldout-0.95.parquet"),
+                        "--exclude", str(scores / "duplicates-0.95.parquet"), "--name", "train-cleaner"]) == 0
+    printed = capsys.readouterr().out
+    assert "--exclude" in printed and "duplicates-0.95.parquet" in printed, printed
+    cleaner = load_manifest(train.parent / "train-cleaner.json")
+    assert cleaner.samples == 15 - len(set(train_keys) & (within | {train_keys[2], train_keys[9]}))
+    assert [e["path"].rsplit("/", 1)[1] for e in cleaner.provenance["subsets"][-1]["exclude"]] == [
+        "duplicates-of-train-heldout-0.95.parquet", "duplicates-0.95.parquet"]
     capsys.readouterr()
     assert curate_main(["stats", str(scores)]) == 0
     assert "duplicates-of-train-heldout-0.95.parquet: 2 near-duplicate images" in capsys.readouterr().out
@@ -210,7 +223,7 @@ def test_dedup_of_a_score_stage_is_what_exclude_leaves_out(tmp_path: Path, capsy
     assert curate_main(["stats", str(scores)]) == 0
     assert "duplicates-0.99.parquet: 2 near-duplicate images to leave out" in capsys.readouterr().out
     # The table is what --exclude takes: the stages after leave those images out.
-    left_out = images_left_out(images, SubsetRules(exclude=scores / "duplicates-0.99.parquet"), "test")
+    left_out = images_left_out(images, SubsetRules(exclude=[scores / "duplicates-0.99.parquet"]), "test")
     assert set(left_out) == set(table["key"])
     # Another threshold reads the stored embeddings again: between the two similarities, the closer
     # copy alone remains.

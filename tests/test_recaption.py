@@ -255,7 +255,7 @@ def test_rules_leave_images_out_before_the_model_and_encode_latents_leaves_them_
         tmp_path / "aesthetic.parquet")
     (tmp_path / "drop.txt").write_text(by_number[5] + "\n")
     rules = SubsetRules(where=["aesthetic >= 1", "caption <> 'alt text 3'"], scores=[tmp_path / "aesthetic.parquet"],
-                        exclude=tmp_path / "drop.txt")
+                        exclude=[tmp_path / "drop.txt"])
     captioner = ScriptedCaptioner({}, n)
     settings = CaptionSettings(prompts=load_prompts([], ["long", "short"]), sampling=Sampling(seed=7),
                                max_pixels=200 * 150)

@@ -85,14 +85,14 @@ echo "== 9. export for diffusers' PRXPipeline, then generate from the exported f
 train export "$DATA/runs/base" --to "$DATA/export/base"
 train generate "$DATA/export/base" "a red fox in the snow" --steps 8 --out "$DATA/export/base-sample.png"
 
-echo "== 10. evaluate: FID, CMMD, DINO-MMD and the CLIP score of the run's last checkpoint"
+echo "== 10. evaluate: FID, KID, CMMD, DINO-MMD and the CLIP score of the run's last checkpoint"
 # Tiny random CLIP and DINOv2 (the real classes) stand in for CMMD's, DINO-MMD's and the CLIP score's networks;
 # --samples 48 takes every image of the run's training shards; so few give a biased FID (real
 # evaluations use 10,000 or more): the command says so.
 python -m curate.tiny clip "$DATA/models/tiny-clip"
 python -m curate.tiny dinov2 "$DATA/models/tiny-dinov2"
 evaluate run "$DATA/runs/base" --samples 48 --steps 8 --clip "$DATA/models/tiny-clip" \
-    --dino "$DATA/models/tiny-dinov2" --metrics fid,cmmd,dino-mmd,clip-score \
+    --dino "$DATA/models/tiny-dinov2" --metrics fid,kid,cmmd,dino-mmd,clip-score \
     --clip-score "$DATA/models/tiny-clip-score" --no-progress
 evaluate compare "$DATA/runs/base"
 
@@ -106,7 +106,7 @@ train --shards manifests/demo-train-clean.json --out "$DATA/runs/repa" --preset 
     log.every=20 sample_every=100 data.workers=2 data.sample_latents=false \
     val.shards=manifests/demo-train-heldout.json val.every=50
 evaluate run "$DATA/runs/repa" --samples 48 --steps 8 --clip "$DATA/models/tiny-clip" \
-    --dino "$DATA/models/tiny-dinov2" --metrics fid,cmmd,dino-mmd,clip-score \
+    --dino "$DATA/models/tiny-dinov2" --metrics fid,kid,cmmd,dino-mmd,clip-score \
     --clip-score "$DATA/models/tiny-clip-score" --no-progress
 evaluate compare "$DATA/runs/base" "$DATA/runs/repa"
 

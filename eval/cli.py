@@ -1,6 +1,6 @@
 """The ``evaluate`` command: a run's FID, CMMD, DINO-MMD (and CLIP score), runs side by side, FID's weights.
 
-    evaluate run runs/NAME [--metrics fid,cmmd,dino-mmd,clip-score] [--step N] [--samples 10000] ...
+    evaluate run runs/NAME [--metrics fid,kid,cmmd,dino-mmd,clip-score] [--step N] [--samples 10000] ...
     torchrun --nproc_per_node 8 -m eval run runs/NAME ...
     evaluate compare runs/baseline runs/flux2 runs/short [--format markdown|csv|json]
     evaluate get-inception [--to FILE]
@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run", help="the run folder (train --out)")
     p.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
-                   help=f"comma-separated, from {', '.join(METRICS)} (clip-score: how well the images follow "
-                        "their prompts)")
+                   help=f"comma-separated, from {', '.join(METRICS)} (kid: unbiased at any sample count, from "
+                        "FID's features; clip-score: how well the images follow their prompts)")
     p.add_argument("--step", default=None, help="the checkpoint's step, several (5000,10000) or all (every "
                                                 "checkpoint the run kept, oldest first); default: the latest")
     p.add_argument("--samples", type=int, default=10_000,
@@ -140,7 +140,8 @@ def _run(args: argparse.Namespace) -> int:
                   "to finish writes the result")
             continue
         settings = result["settings"]
-        values = ", ".join(f"{m} {v['value']:.4f}" + (f" (real images {v['real']:.4f})" if "real" in v else "")
+        values = ", ".join(f"{m} {v['value']:.4f}" + (f" ± {v['std']:.4f}" if v.get("std") else "")
+                           + (f" (real images {v['real']:.4f})" if "real" in v else "")
                            for m, v in result["metrics"].items())
         print(f"{values} at step {result['step']} from {settings['samples']} images ({settings['steps']} steps, "
               f"guidance {settings['guidance']}); {result['run']}/eval/step{result['step']:08d}-{result['tag']}.json")

@@ -31,7 +31,7 @@ __all__ = ["compare_runs", "format_table"]
 _COMPARABLE = ("samples", "seed", "steps", "guidance", "captions", "resolution", "keys")
 # Config keys that name a run rather than describe it.
 _NOT_COMPARED = ("out",)
-_TITLES = {"fid": "FID", "cmmd": "CMMD", "dino-mmd": "DINO-MMD", "clip-score": "CLIP score"}
+_TITLES = {"fid": "FID", "kid": "KID", "cmmd": "CMMD", "dino-mmd": "DINO-MMD", "clip-score": "CLIP score"}
 
 
 def _evaluations_by_step(run: Path) -> dict[int, dict[str, Any]]:

@@ -4,7 +4,8 @@ and its CLIP score.
     checkpoint -> n prompts of the evaluation set (eval.evalset) -> Euler sampling with guidance
     (train.sample, the run's sampler) -> the manifest's VAE -> features of each metric's network
     the same n samples' original images, centre-cropped        -> the same networks' features
-    fid: Fréchet distance of Inception features; cmmd, dino-mmd: MMD of CLIP / DINOv2 embeddings
+    fid: Fréchet distance of Inception features; kid: their unbiased polynomial-kernel MMD;
+    cmmd, dino-mmd: MMD of CLIP / DINOv2 embeddings
     clip-score: 100 x CLIP's image-prompt cosine, floored at 0, averaged (also of the real images)
 
 FID, CMMD and DINO-MMD are the three metrics of the PRX ablations (the default); the CLIP score
@@ -46,7 +47,7 @@ from curate.manifest import LatentSpec, ManifestError, file_sha256, load_manifes
 from curate.runner import CurateError, package_versions, resolve_device, resolve_share
 from curate.shards import stable_hash
 from eval.evalset import EvalSample, choose_samples, images_dir_of, real_batches, real_images
-from eval.stats import fid_from_features, mmd
+from eval.stats import fid_from_features, kid, mmd
 from train.checkpoint import CheckpointError, checkpoint_path, latest_checkpoint, load_checkpoint
 from train.ema import checkpoint_weights
 
@@ -54,7 +55,8 @@ __all__ = ["CHUNK", "DEFAULT_METRICS", "METRICS", "evaluate_run", "result_files"
 
 CHUNK = 256  # images per saved feature file: what a killed evaluation can lose
 PREVIEW = 8  # generated images shown above their real counterparts in RUN/eval/stepN-TAG.png
-METRICS = {"fid": "inception", "cmmd": "clip", "dino-mmd": "dino", "clip-score": "clip-text"}  # metric -> network
+METRICS = {"fid": "inception", "kid": "inception", "cmmd": "clip", "dino-mmd": "dino",
+           "clip-score": "clip-text"}  # metric -> network
 DEFAULT_METRICS = ("fid", "cmmd", "dino-mmd")
 FEW_SAMPLES = 2048  # below the Inception feature dimension the covariance is singular and FID biased
 RESULT_GLOB = "step*-*.json"
@@ -150,8 +152,9 @@ def evaluate_run(
     device = str(resolve_device(device))
     networks = load_networks(metrics, device, inception=inception, clip=clip, dino=dino, clip_score=clip_score)
     evalset = choose_samples(data, manifest_path, samples, seed=seed, variant=variant)
-    if "fid" in metrics and len(evalset) < 2:
-        raise CurateError(f"FID needs at least 2 images (a covariance); the evaluation set has {len(evalset)}")
+    for metric, why in (("fid", "a covariance"), ("kid", "an unbiased estimate")):
+        if metric in metrics and len(evalset) < 2:
+            raise CurateError(f"{metric.upper()} needs at least 2 images ({why}); the evaluation set has {len(evalset)}")
     settings = {
         "step": step, "samples": len(evalset), "seed": seed, "steps": steps, "guidance": guidance,
         "shift": shift, "captions": {variant: 1.0} if variant else dict(data.captions),
@@ -216,11 +219,8 @@ def evaluate_run(
     for metric in wanted:
         net = needed[METRICS[metric]]
         generated = [np.load(chunk_file(c, net), allow_pickle=False) for c in range(chunks)]
-        value = _value(metric, generated, reference[net.key][0])
-        result["metrics"][metric] = {"value": value, "network": net.identity,
+        result["metrics"][metric] = {**_value(metric, generated, reference[net.key][0]), "network": net.identity,
                                      "reference": str(reference[net.key][1].absolute())}
-        if metric == "clip-score":  # the real images' score with the same prompts: the ceiling to read it against
-            result["metrics"][metric]["real"] = _clip_score(reference[net.key][0])
     empty = sum(1 for s in evalset if not s.caption)
     result |= {
         "step": step, "run": str(run.absolute()), "tag": tag, "checkpoint": str(path.absolute()),
@@ -229,7 +229,8 @@ def evaluate_run(
         "features": str(work.absolute()), "preview": str((run / "eval" / f"{name}.png").absolute()),
         "empty_prompts": empty,
         "note": (f"FID from {len(evalset)} images (fewer than {FEW_SAMPLES}) is biased upwards: compare "
-                 "it only with evaluations of the same sample count") if len(evalset) < FEW_SAMPLES else None,
+                 "it only with evaluations of the same sample count (KID, --metrics kid, is unbiased)")
+        if len(evalset) < FEW_SAMPLES else None,
         "seconds_this_worker": round(time.perf_counter() - started, 1), "finished": time.time(),
         "versions": package_versions(("kiln", "torch", "diffusers", "transformers")),
     }
@@ -246,12 +247,17 @@ def _clip_score(cosines: np.ndarray) -> float:
     return float(100 * np.clip(cosines, 0, None).mean())
 
 
-def _value(metric: str, generated: list[np.ndarray], real: np.ndarray) -> float:
-    if metric == "clip-score":
-        return _clip_score(np.concatenate(generated))
+def _value(metric: str, generated: list[np.ndarray], real: np.ndarray) -> dict[str, float]:
+    """A metric's entry: its value, and what reads it (KID's spread over subsets, the real images' CLIP score)."""
+    features = np.concatenate(generated)
+    if metric == "clip-score":  # the real images' score with the same prompts: the ceiling to read it against
+        return {"value": _clip_score(features), "real": _clip_score(real)}
     if metric == "fid":
-        return fid_from_features(np.concatenate(generated), real)
-    return mmd(np.concatenate(generated), real)
+        return {"value": fid_from_features(features, real)}
+    if metric == "kid":
+        mean, std = kid(features, real)
+        return {"value": mean, "std": std}
+    return {"value": mmd(features, real)}
 
 
 class _Generator:

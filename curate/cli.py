@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier", action="append", default=[], metavar="MODEL:LABEL",
                    help="an image classifier (AutoModelForImageClassification, Hub id or folder) and the label whose "
                         "probability becomes a column; aliases nsfw (Falconsai/nsfw_image_detection) and watermark "
-                        "(prithivMLmods/Watermark-Detection-SigLIP2); repeatable")
+                        "(prithivMLmods/Watermark-Detection-SigLIP2); MODEL@REVISION pins a Hub commit, tag or "
+                        "branch (nsfw@COMMIT); repeatable")
     p.add_argument("--embeddings", action="store_true",
                    help="store each image's CLIP image embedding too (image_embedding), for curate dedup")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward")

@@ -7,7 +7,10 @@ registry records what each alias is, so that logs and outputs name the real mode
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from curate.runner import CurateError
 
@@ -130,3 +133,27 @@ def local_fingerprint(path: str) -> str | None:
             st = os.stat(full)
             digest.update(f"{os.path.relpath(full, path)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
+
+
+_SNAPSHOT = re.compile(r"snapshots/([0-9a-f]{40})/")  # a Hub cache path's commit
+
+
+def resolved_commit(model: str, revision: str | None, config: Any = None) -> str | None:
+    """The commit the weights came from, where it can be known; else the revision as given.
+
+    Older transformers kept it on the config (``_commit_hash``); 5.24 does not, so we ask
+    the Hub cache which snapshot the config file was read from (no network).
+    """
+    commit = getattr(config, "_commit_hash", None)
+    if isinstance(commit, str) and commit:
+        return commit
+    if Path(model).expanduser().is_dir():
+        return revision  # a local folder has no commit
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(model, "config.json", revision=revision)
+    except Exception:  # a cache we cannot read only costs the provenance detail
+        return revision
+    match = _SNAPSHOT.search(Path(path).as_posix()) if isinstance(path, str) else None
+    return match.group(1) if match else revision

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -170,25 +171,31 @@ class ImageClassifier:
     giving the probability of one of its labels per image: an NSFW or a watermark detector.
 
     ``spec`` is an alias (``nsfw``, ``watermark``: model and label) or ``MODEL:LABEL`` with MODEL a
-    Hub id or a folder; the label is matched by its column name (case and punctuation aside)."""
+    Hub id or a folder; the label is matched by its column name (case and punctuation aside). A Hub
+    model (or alias) takes a revision as ``MODEL@REVISION`` (a commit, tag or branch), which
+    pins what is loaded; the commit read is recorded either way."""
 
     def __init__(self, spec: str, *, device: str | None = None):
         from transformers import AutoConfig, AutoImageProcessor
 
-        from curate.models import CLASSIFIER_LABELS, resolve_model
+        from curate.models import CLASSIFIER_LABELS, resolve_model, resolved_commit
         from curate.runner import resolve_device
 
         name, _, label = spec.rpartition(":") if ":" in spec else (spec, "", "")
+        name, revision = _split_revision(name)
         label = label or CLASSIFIER_LABELS.get(name, "")
         if not label:
             raise CurateError(f"--classifier {spec}: name the label to score as MODEL:LABEL (aliases: "
                               f"{', '.join(sorted(CLASSIFIER_LABELS))})")
-        ref = resolve_model(name, "classifier")
-        self.name, self.id, self.device = name, ref.id, resolve_device(device)
-        self._problem = f"cannot load the image classifier {name!r} ({ref.id})"
         try:
-            config = AutoConfig.from_pretrained(ref.id)
-            self.processor = AutoImageProcessor.from_pretrained(ref.id)
+            ref = resolve_model(name, "classifier", revision)
+        except CurateError as e:
+            raise CurateError(f"--classifier {spec}: {e}") from None
+        self.name, self.id, self.revision, self.device = name, ref.id, revision, resolve_device(device)
+        self._problem = f"cannot load the image classifier {name!r} ({ref.id}{f' at {revision}' if revision else ''})"
+        try:
+            config = AutoConfig.from_pretrained(ref.id, revision=revision)
+            self.processor = AutoImageProcessor.from_pretrained(ref.id, revision=revision)
         except (OSError, ValueError) as e:
             raise CurateError(f"{self._problem}: {e}") from None
         labels = {int(i): str(text) for i, text in (config.id2label or {}).items()}
@@ -199,7 +206,7 @@ class ImageClassifier:
         self.index, self.label, self.column = found[0], labels[found[0]], _label_column(label)
         # Multi-label heads score each label on its own (sigmoid); the others share one softmax.
         self.multi_label = config.problem_type == "multi_label_classification"
-        self.commit = getattr(config, "_commit_hash", None)  # the Hub snapshot read; None for a folder
+        self.commit = None if ref.local else resolved_commit(ref.id, revision, config)  # the Hub snapshot read
         self._model = None
 
     def record(self) -> dict[str, Any]:
@@ -213,7 +220,8 @@ class ImageClassifier:
         if self._model is None:
             from transformers import AutoModelForImageClassification
 
-            self._model = _load_frozen(AutoModelForImageClassification, self.id, None, self.device, self._problem)
+            self._model = _load_frozen(AutoModelForImageClassification, self.id, self.revision, self.device,
+                                       self._problem)
         return self._model
 
     def prepare(self, image: Any) -> torch.Tensor:
@@ -226,6 +234,14 @@ class ImageClassifier:
             logits = self.load()(pixel_values=pixels.to(self.device)).logits.float()
         scores = logits.sigmoid() if self.multi_label else logits.softmax(dim=-1)
         return scores[:, self.index].tolist()
+
+
+def _split_revision(name: str) -> tuple[str, str | None]:
+    """``org/model@v1.0`` -> (``org/model``, ``v1.0``); a folder whose name holds an @ stays whole."""
+    if "@" not in name or os.path.isdir(name):
+        return name, None
+    name, _, revision = name.rpartition("@")
+    return name, revision or None
 
 
 def _gpu_bf16(device: torch.device, enabled: bool = True) -> Any:

@@ -176,6 +176,36 @@ def test_a_classifier_scores_its_labels_probability_as_the_pipeline_does(classif
     assert resolve_model("nsfw", "classifier").id == "Falconsai/nsfw_image_detection"
 
 
+def test_a_hub_classifier_at_a_pinned_revision(classifiers, tmp_path: Path, monkeypatch):
+    """MODEL@REVISION, from a Hub cache laid out as huggingface_hub writes it (offline): the
+    revision reaches loading (an unknown one is named), the commit read is recorded, and a
+    folder takes none."""
+    import huggingface_hub.constants as hub
+    from PIL import Image
+
+    from curate.runner import CurateError
+    from curate.score import ImageClassifier
+
+    commit = "fedcba9876543210fedcba9876543210fedcba98"
+    repo = tmp_path / "hub" / "models--kiln--tiny-nsfw"
+    shutil.copytree(classifiers["nsfw"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    local = ImageClassifier(f"{classifiers['nsfw']}:nsfw", device="cpu")
+    pixels = torch.stack([local.prepare(Image.new("RGB", (40, 30), c)) for c in ("red", "blue")])
+    for spec in ("kiln/tiny-nsfw:nsfw", "kiln/tiny-nsfw@main:nsfw", f"kiln/tiny-nsfw@{commit}:nsfw"):
+        classifier = ImageClassifier(spec, device="cpu")
+        assert (classifier.id, classifier.commit, classifier.record()["model"]) == (
+            "kiln/tiny-nsfw", commit, "kiln/tiny-nsfw")
+        assert classifier.probabilities(pixels) == local.probabilities(pixels)  # the same weights
+    with pytest.raises(CurateError, match="kiln/tiny-nsfw at no-such-branch"):
+        ImageClassifier("kiln/tiny-nsfw@no-such-branch:nsfw")
+    with pytest.raises(CurateError, match="a revision applies to Hub ids, not to a local folder"):
+        ImageClassifier(f"{classifiers['nsfw']}@main:nsfw")
+
+
 def test_classifiers_run_beside_clip_or_alone(clip, classifiers, stage, tmp_path: Path, capsys):
     images = str(stage["images"])
     common = ["--batch-size", "3", "--decode-workers", "1", "--device", "cpu", "--no-progress"]

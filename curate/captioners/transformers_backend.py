@@ -52,6 +52,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
+from curate.models import resolved_commit
 from curate.runner import default_device, resolve_device
 
 from .base import Captioner, CaptionerError, CaptionRequest, Generation, Sampling
@@ -76,7 +77,6 @@ _DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "float": torch.float32,
 }
-_COMMIT = re.compile(r"snapshots/([0-9a-f]{40})/")
 _COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 
 
@@ -197,27 +197,6 @@ def _default_attention(device: torch.device, dtype: torch.dtype | str) -> str:
         return "sdpa"
 
 
-def _resolved_revision(model: str, revision: str | None, config: Any) -> str | None:
-    """The commit the weights came from, where it can be known; else the revision as given.
-
-    Older transformers kept it on the config (``_commit_hash``); 5.24 does not, so we ask
-    the Hub cache which snapshot the config file was read from (no network).
-    """
-    commit = getattr(config, "_commit_hash", None)
-    if isinstance(commit, str) and commit:
-        return commit
-    if Path(model).expanduser().is_dir():
-        return revision  # a local folder has no commit
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        path = try_to_load_from_cache(model, "config.json", revision=revision)
-    except Exception:  # a cache we cannot read only costs the provenance detail
-        return revision
-    match = _COMMIT.search(Path(path).as_posix()) if isinstance(path, str) else None
-    return match.group(1) if match else revision
-
-
 class TransformersCaptioner(Captioner):
     """A vision-language model loaded through transformers' Auto classes, batched with left padding.
 
@@ -259,7 +238,7 @@ class TransformersCaptioner(Captioner):
                 f"cannot load model {self.model_id!r}{at}: {type(e).__name__}: {e}"
             ) from e
         # Load every file from the commit the config came from, even if the branch moves meanwhile.
-        self.revision = _resolved_revision(self.model_id, revision, config)
+        self.revision = resolved_commit(self.model_id, revision, config)
         if self.revision is not None and _COMMIT_HASH.fullmatch(self.revision):
             revision = self.revision
         # Checked on the config (small) before any weights are read.

@@ -110,7 +110,7 @@ class VLLMCaptioner(Captioner):
             raise CaptionerError("the vllm backend needs a CUDA GPU; use --backend transformers")
         from transformers import AutoProcessor
 
-        from .transformers_backend import _resolved_revision
+        from curate.models import resolved_commit
 
         self.model_id = str(model)
         self._SamplingParams = vllm.SamplingParams
@@ -144,7 +144,7 @@ class VLLMCaptioner(Captioner):
             raise CaptionerError(
                 f"vllm cannot load model {self.model_id!r}: {type(e).__name__}: {e}"
             ) from e
-        self.revision = _resolved_revision(self.model_id, revision, None)
+        self.revision = resolved_commit(self.model_id, revision, None)
 
     def _prompt(self, request: CaptionRequest) -> dict[str, Any]:
         from .transformers_backend import chat_messages

@@ -307,18 +307,24 @@ def _manifest_keys(path: Path) -> list[str]:
 
 
 def _check_same_model(scores_dir: Path, against: Path) -> None:
-    """Embeddings compare only within one model's space: the same model, revision and files."""
+    """Embeddings compare only within one model's space: the same model, revision and files, and
+    the same Hub commit where both stages recorded one."""
     ours, theirs = _embedding_model(scores_dir), _embedding_model(against)
-    if ours != theirs:
-        raise CurateError(f"--against {against}: embedded by {theirs}, {scores_dir} by {ours}: similarities "
-                          "between two models' embeddings mean nothing; score both with one model")
+    commits = {ours.pop("commit"), theirs.pop("commit")} - {None}
+    if ours != theirs or len(commits) > 1:
+        def say(m: dict[str, Any]) -> str:
+            return f"{m['model']} (revision {m['revision']}, files {m['files']})"
+
+        raise CurateError(f"--against {against}: embedded by {say(theirs)}, {scores_dir} by {say(ours)}"
+                          f"{' at commits ' + ' and '.join(sorted(commits)) if len(commits) > 1 else ''}: "
+                          "similarities between two models' embeddings mean nothing; score both with one model")
 
 
-def _embedding_model(stage: Path) -> str:
+def _embedding_model(stage: Path) -> dict[str, Any]:
     record = json.loads((stage / STAGE_FILE).read_text())
     config, provenance = record.get("config", {}), record.get("provenance", {})
-    return (f"{provenance.get('model_id', config.get('model'))} (revision {config.get('revision')}, "
-            f"files {config.get('local_model_files')})")
+    return {"model": provenance.get("model_id", config.get("model")), "revision": config.get("revision"),
+            "files": config.get("local_model_files"), "commit": provenance.get("model_commit")}
 
 
 def _write_table(found: dict[str, np.ndarray], keys: list[str], of_keys: list[str], out: Path) -> pl.DataFrame:

@@ -102,7 +102,7 @@ class ClipScorer:
     def __init__(self, name: str, *, revision: str | None = None, device: str | None = None, bf16: bool = True):
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
-        from curate.models import resolve_model
+        from curate.models import resolve_model, resolved_commit
         from curate.runner import resolve_device
 
         ref = resolve_model(name, "image", revision)
@@ -120,6 +120,7 @@ class ClipScorer:
             raise CurateError(f"{problem}: {e}") from None
         self.max_tokens = int(self.config.text_config.max_position_embeddings)
         self.dim = int(self.config.projection_dim)
+        self.commit = None if ref.local else resolved_commit(ref.id, revision, self.config)  # the Hub snapshot read
         self._problem, self._model = problem, None
 
     def load(self) -> torch.nn.Module:
@@ -330,7 +331,8 @@ class ScoreStage(Stage):
         return {"images": str(self.images_dir.resolve()),
                 "captions": str(self.captions_dir.resolve()) if self.captions_dir else None,
                 "aesthetic": str(self.aesthetic.resolve()) if self.aesthetic else None,
-                **({"model_id": self.scorer.id} if self.scorer else {}),
+                # The commit is provenance, not config: recording it did not score existing stages again.
+                **({"model_id": self.scorer.id, "model_commit": self.scorer.commit} if self.scorer else {}),
                 **({"classifier_ids": [c.id for c in self.classifiers]} if self.classifiers else {})}
 
     def plan(self) -> list[ShardTask]:

@@ -164,6 +164,13 @@ def test_dedup_against_a_held_out_manifest_or_a_benchmark_stage(tmp_path: Path, 
     capsys.readouterr()
     assert curate_main(["dedup", str(scores), "--against", str(other)]) == 2
     assert "embedded by another-clip (revision None, files None)" in capsys.readouterr().err
+    # The same Hub model at two commits (curate score records the snapshot it read) is another model.
+    for stage, commit in ((scores, "a" * 40), (bench, "b" * 40)):
+        record = json.loads((stage / "_stage.json").read_text())
+        record["provenance"]["model_commit"] = commit
+        (stage / "_stage.json").write_text(json.dumps(record))
+    assert curate_main(["dedup", str(scores), "--against", str(bench)]) == 2
+    assert f"at commits {'a' * 40} and {'b' * 40}" in capsys.readouterr().err
     assert curate_main(["dedup", str(scores), "--against", str(scores)]) == 2
     assert "the stage itself" in capsys.readouterr().err
     partial = _score_stage(tmp_path / "partial", [k for k in keys if k != held_keys[4]],

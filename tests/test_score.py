@@ -176,21 +176,22 @@ def test_a_classifier_scores_its_labels_probability_as_the_pipeline_does(classif
     assert resolve_model("nsfw", "classifier").id == "Falconsai/nsfw_image_detection"
 
 
-def test_a_hub_classifier_at_a_pinned_revision(classifiers, tmp_path: Path, monkeypatch):
+def test_hub_models_at_a_pinned_revision(clip, classifiers, tmp_path: Path, monkeypatch):
     """MODEL@REVISION, from a Hub cache laid out as huggingface_hub writes it (offline): the
-    revision reaches loading (an unknown one is named), the commit read is recorded, and a
-    folder takes none."""
+    revision reaches loading (an unknown one is named), the commit read is recorded (CLIP's as
+    provenance), and a folder takes none."""
     import huggingface_hub.constants as hub
     from PIL import Image
 
     from curate.runner import CurateError
-    from curate.score import ImageClassifier
+    from curate.score import ClipScorer, ImageClassifier
 
     commit = "fedcba9876543210fedcba9876543210fedcba98"
-    repo = tmp_path / "hub" / "models--kiln--tiny-nsfw"
-    shutil.copytree(classifiers["nsfw"], repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
+    for name, folder in (("tiny-nsfw", classifiers["nsfw"]), ("tiny-clip", clip)):
+        repo = tmp_path / "hub" / f"models--kiln--{name}"
+        shutil.copytree(folder, repo / "snapshots" / commit)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
     local = ImageClassifier(f"{classifiers['nsfw']}:nsfw", device="cpu")
@@ -204,6 +205,9 @@ def test_a_hub_classifier_at_a_pinned_revision(classifiers, tmp_path: Path, monk
         ImageClassifier("kiln/tiny-nsfw@no-such-branch:nsfw")
     with pytest.raises(CurateError, match="a revision applies to Hub ids, not to a local folder"):
         ImageClassifier(f"{classifiers['nsfw']}@main:nsfw")
+    assert ClipScorer("kiln/tiny-clip", device="cpu").commit == commit
+    assert ClipScorer("kiln/tiny-clip", revision="main", device="cpu").commit == commit
+    assert ClipScorer(str(clip), device="cpu").commit is None
 
 
 def test_classifiers_run_beside_clip_or_alone(clip, classifiers, stage, tmp_path: Path, capsys):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -132,18 +133,25 @@ def test_sigterm_checkpoints_the_current_step_and_resume_continues_exactly(tmp_p
     assert losses(stopped) == losses(uninterrupted)
 
 
-def test_two_gloo_ranks_equal_one_process_and_resume_on_another_world_size(tmp_path: Path, models, dataset):
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, models, dataset) -> tuple[Path, dict[str, Any]]:
+    """The one-process run that the several-rank runs (torchrun, srun) must equal, and its settings."""
+    settings = {"steps": 6, "checkpoint_every": 3, "global_batch": 8, "micro_batch": 2,
+                "data.workers": 1, "caption_dropout": 0.3, "val.shards": dataset["short"], "val.every": 3,
+                "val.samples": 5}
+    one = tmp_path_factory.mktemp("one-process") / "one"
+    subprocess.run(_cli_cmd(dataset["long"], one, models, **settings), check=True, cwd=REPO, capture_output=True)
+    return one, settings
+
+
+def test_two_gloo_ranks_equal_one_process_and_resume_on_another_world_size(tmp_path: Path, models, dataset,
+                                                                           one_process):
     """2 ranks x 1 micro-batch each == 1 rank x 2 accumulated; then the 2-rank run continues on
     1 rank and still matches (the data order and random draws do not depend on the world size),
     and so does the validation loss, whose samples the 2 ranks split."""
     from train.checkpoint import checkpoint_path
 
-    settings = {"steps": 6, "checkpoint_every": 3, "global_batch": 8, "micro_batch": 2,
-                "data.workers": 1, "caption_dropout": 0.3, "val.shards": dataset["short"], "val.every": 3,
-                "val.samples": 5}
-    one = tmp_path / "one"
-    subprocess.run(_cli_cmd(dataset["long"], one, models, **settings), check=True, cwd=REPO,
-                   capture_output=True)
+    one, settings = one_process
     two = tmp_path / "two"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     done = subprocess.run([*torchrun, *_cli_cmd(dataset["long"], two, models, **{**settings, "steps": 3})[1:]],
@@ -163,14 +171,14 @@ def test_two_gloo_ranks_equal_one_process_and_resume_on_another_world_size(tmp_p
             assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4)
 
 
-def test_srun_tasks_form_one_run_as_torchrun_ranks_do(tmp_path: Path, models, dataset):
+def test_srun_tasks_form_one_run_as_torchrun_ranks_do(tmp_path: Path, models, dataset, one_process):
     """`srun -n 2 python -m train ...`: two tasks with Slurm's step variables and none of
-    torchrun's train one run together, the same as one process (train/launch.py)."""
+    torchrun's train one run together, the same as one process (train/launch.py): its first 3
+    steps."""
     import socket
 
-    settings = {"steps": 3, "global_batch": 8, "micro_batch": 2, "data.workers": 1, "caption_dropout": 0.3}
-    one = tmp_path / "one"
-    subprocess.run(_cli_cmd(dataset["long"], one, models, **settings), check=True, cwd=REPO, capture_output=True)
+    one, settings = one_process
+    settings = {**settings, "steps": 3}
     with socket.socket() as s:  # a free port for the rendezvous (the derived one is tested in test_launch)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -188,8 +196,10 @@ def test_srun_tasks_form_one_run_as_torchrun_ranks_do(tmp_path: Path, models, da
     assert [t.returncode for t in tasks] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "2 rank(s) x 2 micro-batch(es) of 2" in outputs[0]
     assert load_checkpoint(latest_checkpoint(two))["world_size"] == 2
-    for (s1, l1), (s2, l2) in zip(losses(one), losses(two), strict=True):
-        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4)
+    for name in ("loss", "val_loss"):
+        for (s1, l1), (s2, l2) in zip(losses(one, name)[: len(losses(two, name))], losses(two, name), strict=True):
+            assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4)
+    assert [s for s, _ in losses(two)] == [1, 2, 3]
 
 
 def test_a_compiled_denoiser_trains_as_eager_and_its_checkpoints_resume_eager(tmp_path: Path, models, dataset):

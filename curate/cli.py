@@ -522,16 +522,13 @@ def cmd_dedup(args: argparse.Namespace) -> int:
                               "evaluation image is listed, so it does not apply")
         summary = decontaminate(args.scores, args.against, args.threshold, cluster_size=args.cluster_size,
                                 seed=args.seed, device=args.device, out=args.out)
-        print(f"{summary['duplicates']} of {summary['images']} images are near-duplicates of one of the "
-              f"{summary['reference']} images of {summary['against']} (cosine >= {summary['threshold']:g}, "
-              f"{_plural(summary['clusters'], 'cluster')}): {summary['out']}")
-        print(f"leave them out with --exclude {summary['out']} (curate recaption, encode-latents or manifest)")
-        return 0
-    summary = dedup_scores(args.scores, args.threshold, cluster_size=args.cluster_size, seed=args.seed,
-                           prefer=args.prefer, device=args.device, out=args.out)
-    print(f"{summary['duplicates']} of {summary['images']} images are near-duplicates of one kept before them "
-          f"(cosine >= {summary['threshold']:g}, in {summary['order']}, {_plural(summary['clusters'], 'cluster')}): "
-          f"{summary['out']}")
+        of_what = f"one of the {summary['reference']} images of {summary['against']} ("
+    else:
+        summary = dedup_scores(args.scores, args.threshold, cluster_size=args.cluster_size, seed=args.seed,
+                               prefer=args.prefer, device=args.device, out=args.out)
+        of_what = f"one kept before them (in {summary['order']}, "
+    print(f"{summary['duplicates']} of {summary['images']} images are near-duplicates of {of_what}cosine >= "
+          f"{summary['threshold']:g}, {_plural(summary['clusters'], 'cluster')}): {summary['out']}")
     print(f"leave them out with --exclude {summary['out']} (curate recaption, encode-latents or manifest)")
     return 0
 

@@ -86,13 +86,19 @@ def frechet_distance(mean1: np.ndarray, cov1: np.ndarray, mean2: np.ndarray, cov
     return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * trace_sqrt)
 
 
+def _feature_sets(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two sets of features [N, D] of one width, as float64."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"expected two sets of features [N, D], got {list(x.shape)} and {list(y.shape)}")
+    return x, y
+
+
 def fid_from_features(x: np.ndarray, y: np.ndarray) -> float:
     """The Fréchet distance between the Gaussians fitted to two sets of features [N, D]: as
     :func:`frechet_distance` does, or through the smaller set's centred features when it has fewer
     samples than dimensions (see the module note; equal to rounding)."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
-        raise ValueError(f"expected two sets of features [N, D], got {list(x.shape)} and {list(y.shape)}")
+    x, y = _feature_sets(x, y)
     if min(len(x), len(y)) < 2:
         raise ValueError(f"a covariance needs at least 2 samples, got {min(len(x), len(y))}")
     small, large = (x, y) if len(x) <= len(y) else (y, x)
@@ -135,9 +141,7 @@ def kid(x: np.ndarray, y: np.ndarray, *, subsets: int = 100, subset_size: int = 
     deviation over ``subsets`` pairs of subsets of ``min(len(x), len(y), subset_size)`` rows, drawn
     without replacement with ``seed``. When both sets are that size, every subset is the whole set:
     one value, standard deviation 0."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
-        raise ValueError(f"expected two sets of features [N, D], got {list(x.shape)} and {list(y.shape)}")
+    x, y = _feature_sets(x, y)
     m = min(len(x), len(y), subset_size)
     if m < 2:
         raise ValueError(f"KID needs at least 2 samples a set, got {min(len(x), len(y))}")

@@ -294,7 +294,8 @@ def test_a_run_from_before_the_ablations_resumes_exactly(tmp_path: Path, models,
     assert run_train(dataset["long"], clean, models, **settings) == 0
     assert run_train(dataset["long"], old, models, **{**settings, "steps": 2}) == 0
     new_groups, new_keys = ("ablations", "ema", "repa", "routing", "init"), {
-        "flow": ("prediction", "x0_t_min", "contrastive"), "optim": ("name", "muon_momentum")}
+        "flow": ("prediction", "x0_t_min", "contrastive"),
+        "optim": ("name", "muon_momentum", "decay", "decay_steps", "min_lr_ratio")}
 
     def as_before(config: dict) -> dict:
         config = {k: v for k, v in config.items() if k not in new_groups}
@@ -312,6 +313,30 @@ def test_a_run_from_before_the_ablations_resumes_exactly(tmp_path: Path, models,
     assert losses(old) == losses(clean)
     resumed = load_checkpoint(latest_checkpoint(old))
     assert resumed["ema"] is None and resumed["config"]["flow"]["prediction"] == "velocity"
+
+
+def test_a_cool_down_added_on_resume_trains_as_a_run_planned_with_it(tmp_path: Path, models, dataset, capsys):
+    """Warm-up, stable, decay: a constant run extended with a decay of its last steps continues
+    exactly as a run that had the decay from the start; the logged LR is the one each step used."""
+    from train.schedule import lr_factor
+
+    cool_down = {"optim.decay": "1-sqrt", "optim.decay_steps": 3, "optim.min_lr_ratio": 0.1}
+    planned, extended = tmp_path / "planned", tmp_path / "extended"
+    assert run_train(dataset["long"], planned, models, steps=7, **{"optim.warmup_steps": 2}, **cool_down) == 0
+    assert "then constant until step 4, then 1-sqrt decay to 0.0001 at step 7" in capsys.readouterr().err
+    assert run_train(dataset["long"], extended, models, steps=4, **{"optim.warmup_steps": 2}) == 0
+    assert train_main(["--out", str(extended), "--resume", "auto", "steps=7",
+                       *(f"{k}={v}" for k, v in cool_down.items())]) == 0
+    assert "schedule changed on resume" not in capsys.readouterr().err  # its decay starts after step 4
+    assert losses(extended) == losses(planned)
+    cfg = build_config("tiny", overrides=["steps=7", "optim.warmup_steps=2",
+                                          *(f"{k}={v}" for k, v in cool_down.items())])
+    assert [lr for _, lr in losses(planned, "lr")] == pytest.approx(
+        [1e-3 * lr_factor(step, cfg.optim, 7) for step in range(7)])
+    # A decay that should already have begun is allowed too, and the log says the LR jumps.
+    assert train_main(["--out", str(extended), "--resume", "auto", "steps=9", "optim.decay=linear",
+                       "optim.decay_steps=6"]) == 0
+    assert "schedule changed on resume: step 8 updates at lr" in capsys.readouterr().err
 
 
 def test_resume_with_another_config_is_refused(tmp_path: Path, models, dataset, capsys):

@@ -127,6 +127,9 @@ def test_precedence_defaults_preset_yaml_overrides(tmp_path: Path):
     ("data.verify=fast", "data.verify must be"),
     ("caption_dropout=1.5", "caption_dropout must be in [0, 1)"),
     ("lr", "is not key=value"),
+    ("optim.decay=exp", "optim.decay must be none, linear, cosine or 1-sqrt"),
+    ("optim.decay_steps=5", "optim.decay is none"),
+    ("optim.min_lr_ratio=0.1", "optim.decay is none"),
 ])
 def test_bad_overrides_are_named(override: str, message: str):
     with pytest.raises(ConfigError) as err:
@@ -156,10 +159,51 @@ def test_bf16_weights_are_refused_with_the_reason_unless_overridden():
 
 def test_resume_differences_ignore_only_what_may_change():
     a = build_config("tiny")
-    b = build_config("tiny", overrides=["steps=999", "sample_every=7", "log.every=3", "sample.steps=2"])
+    b = build_config("tiny", overrides=["steps=999", "sample_every=7", "log.every=3", "sample.steps=2",
+                                        "optim.decay=cosine", "optim.decay_steps=100"])  # a cool-down
     assert differences(a, b) == []
     c = build_config("tiny", overrides=["lr=0.5", "flow.shift=2"])
     assert differences(a, c) == ["flow.shift: 1.0 -> 2.0", "lr: 0.001 -> 0.5"]
+
+
+# ---- LR schedule ----------------------------------------------------------------------------------
+
+
+def test_lr_schedule_warms_up_then_holds_or_decays_to_its_floor():
+    from train.schedule import build_schedule, describe, lr_factor
+
+    def factors(steps: int, **optim) -> list[float]:
+        cfg = build_config("tiny", overrides=[f"steps={steps}", *(f"optim.{k}={v}" for k, v in optim.items())])
+        return [lr_factor(s, cfg.optim, cfg.steps) for s in range(steps)]
+
+    assert factors(6, warmup_steps=4) == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]  # PRX: warm-up, then constant
+    assert factors(3, warmup_steps=0) == [1.0, 1.0, 1.0]
+    # Linear over all 4 steps after a 2-step warm-up, down to a floor of 0.2 (reached after the last step).
+    assert factors(6, warmup_steps=2, decay="linear", min_lr_ratio=0.2) == pytest.approx(
+        [0.5, 1.0, 1.0, 0.8, 0.6, 0.4])
+    cosine = factors(12, warmup_steps=2, decay="cosine")
+    assert cosine[2] == 1.0 and cosine[7] == pytest.approx(0.5) and 0 < cosine[-1] < 0.03
+    assert all(a > b for a, b in zip(cosine[2:-1], cosine[3:], strict=True))
+    # Warm-up, stable, decay: the last 4 of 10 steps, as 1 - sqrt(progress).
+    wsd = factors(10, warmup_steps=2, decay="1-sqrt", decay_steps=4)
+    assert wsd[:6] == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert wsd[6:] == pytest.approx([1.0 - math.sqrt(p) for p in (0.0, 0.25, 0.5, 0.75)])
+
+    cfg = build_config("tiny", overrides=["steps=10", "optim.warmup_steps=2", "optim.decay=1-sqrt",
+                                          "optim.decay_steps=4", "optim.min_lr_ratio=0.1"])
+    assert describe(cfg.optim, cfg.lr, cfg.steps) == (
+        "lr 0.001, warm-up 2 steps, then constant until step 6, then 1-sqrt decay to 0.0001 at step 10")
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    schedule, used = build_schedule(optimizer, cfg.optim, cfg.steps), []
+    for _ in range(10):
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert used == pytest.approx([cfg.lr * f for f in factors(10, warmup_steps=2, decay="1-sqrt", decay_steps=4,
+                                                              min_lr_ratio=0.1)])
+    with pytest.raises(ConfigError, match="overlap in a run of 10 steps"):
+        build_config("tiny", overrides=["steps=10", "optim.warmup_steps=4", "optim.decay=linear",
+                                        "optim.decay_steps=7"])
 
 
 def test_preset_sizes():

@@ -43,6 +43,9 @@ class ModelConfig:
 class OptimConfig:
     """AdamW as PRX: betas (0.9, 0.95), eps 1e-15, no weight decay, linear warm-up then constant.
 
+    ``decay`` (linear, cosine or 1-sqrt) lowers the LR to ``min_lr_ratio * lr`` at the last step,
+    over every step after the warm-up or, with ``decay_steps=N``, over the last N (train/schedule.py).
+
     ``name=muon`` (the PRX Muon ablation) updates the transformer blocks' weight matrices with
     Muon, at the same ``lr`` (scaled per matrix to AdamW's update size), and the rest with AdamW.
     """
@@ -53,6 +56,9 @@ class OptimConfig:
     eps: float = 1e-15
     weight_decay: float = 0.0
     warmup_steps: int = 1000
+    decay: str = "none"  # none (constant after the warm-up, PRX), linear, cosine or 1-sqrt
+    decay_steps: int = 0  # decay over the last N steps (warm-up, stable, decay); 0 = all after the warm-up
+    min_lr_ratio: float = 0.0  # the LR the decay ends at, as a share of lr
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
 
 
@@ -229,10 +235,11 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "ema": {"ema.decay": 0.9999},  # not in PRX's table (its baseline has EMA off)
 }
 
-# A resumed run may change these (how long to train, how often to look); anything else would
+# A resumed run may change these (how long to train and how it ends, how often to look); anything else would
 # make it a different experiment, and resuming it is refused.
 MAY_CHANGE_ON_RESUME = (
     "shards", "out", "steps", "checkpoint_every", "keep_checkpoints", "sample_every", "compile",
+    "optim.decay", "optim.decay_steps", "optim.min_lr_ratio",  # a cool-down added to a run
     "device", "data.prefetch", "data.verify", "sample.", "log.", "repa.images", "val.",
 )
 
@@ -432,6 +439,18 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"optim.name must be adamw or muon, not {cfg.optim.name!r}")
     if not 0.0 <= cfg.optim.muon_momentum < 1.0:
         raise ConfigError(f"optim.muon_momentum must be in [0, 1), got {cfg.optim.muon_momentum}")
+    if cfg.optim.decay not in ("none", "linear", "cosine", "1-sqrt"):
+        raise ConfigError(f"optim.decay must be none, linear, cosine or 1-sqrt, not {cfg.optim.decay!r}")
+    if cfg.optim.warmup_steps < 0 or cfg.optim.decay_steps < 0 or not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
+        raise ConfigError("optim.warmup_steps and optim.decay_steps cannot be negative, and optim.min_lr_ratio "
+                          f"must be in [0, 1] (got {cfg.optim.min_lr_ratio})")
+    if cfg.optim.decay == "none" and (cfg.optim.decay_steps or cfg.optim.min_lr_ratio):
+        raise ConfigError("optim.decay_steps and optim.min_lr_ratio shape a decay, but optim.decay is none: "
+                          "name one (linear, cosine or 1-sqrt)")
+    if cfg.optim.decay != "none" and cfg.optim.warmup_steps + cfg.optim.decay_steps > cfg.steps:
+        raise ConfigError(f"optim.decay_steps ({cfg.optim.decay_steps}) and optim.warmup_steps "
+                          f"({cfg.optim.warmup_steps}) overlap in a run of {cfg.steps} steps: the decay "
+                          "starts after the warm-up ends")
     if cfg.repa.weight < 0 or cfg.repa.stop_step < 0 or cfg.repa.block < 0 or cfg.repa.projector_dim < 1:
         raise ConfigError("repa.weight, repa.stop_step and repa.block cannot be negative, nor "
                           "repa.projector_dim below 1")

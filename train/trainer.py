@@ -84,6 +84,8 @@ from train.repa import (
     repa_block,
 )
 from train.routing import RoutedDenoiser, aligned_in_route, draw_route, gather_tokens
+from train.schedule import build_schedule, lr_factor
+from train.schedule import describe as describe_schedule
 from train.validation import ValidationSet
 
 DataSource = Callable[[int, int], Iterator[StepBatch]]  # (start step, rank) -> step batches
@@ -200,9 +202,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
     optimizer = build_optimizer(model, cfg, fused=world.device.type == "cuda",
                                 extra=_projector_params(cfg, projector))
     ema = EMA(model, cfg.ema.decay) if cfg.ema.decay > 0 else None
-    warmup = cfg.optim.warmup_steps
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
+    schedule = build_schedule(optimizer, cfg.optim, cfg.steps)
     start_step, window = 0, _Window(world.device)
     if state is not None:
         model.load_state_dict(state["model"])
@@ -270,8 +270,15 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
         if cfg.weights_dtype == "bfloat16":
             logger.note("WARNING: weights stored in bfloat16 (allow_bf16_weights=true): "
                         "expect worse FID than fp32 weights with bf16 autocast")
+        logger.note(f"schedule: {describe_schedule(cfg.optim, cfg.lr, cfg.steps)}")
         if state is not None:
             logger.note(f"resumed from {checkpoint} at step {start_step}")
+            saved = from_dict(state["config"])
+            before = saved.lr * lr_factor(start_step, saved.optim, saved.steps)
+            now = cfg.lr * lr_factor(start_step, cfg.optim, cfg.steps)
+            if not math.isclose(before, now, rel_tol=1e-9):
+                logger.note(f"schedule changed on resume: step {start_step + 1} updates at lr {now:g}, where "
+                            f"the run's schedule gave {before:g}")
         if initial is not None:
             logger.note(f"initialised from {initial.describe()}; optimizer, schedule and step start afresh")
             for note in initial.notes:
@@ -407,7 +414,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
                     raise TrainingError(f"the loss is {last_loss} in steps {done - window.steps + 1}-{done}: "
                                         "lower lr, check the data (curate stats), or resume from an "
                                         "earlier checkpoint")
-                metrics["lr"] = schedule.get_last_lr()[0]
+                metrics["lr"] = cfg.lr * lr_factor(step, cfg.optim, cfg.steps)  # the LR this step used
                 # Passes over the data so far (a merged manifest's epoch counts its repeats).
                 metrics["epoch"] = done * cfg.global_batch / max(manifest.samples, 1)
                 if loader is not None:  # rank 0's samples so far whose drawn caption variant was missing

@@ -13,7 +13,8 @@
 # (420 s; run it alone: GPU_ENCODE=0 GPU_ABLATIONS=1); GPU_REPA=1 the shard-fed step against the
 # same with `--ablation repa` (a DINOv3 ViT-B/16-shaped teacher, noise JPEGs as originals; 300 s); GPU_SCORE=1 the
 # whole `curate score` stage against the bare CLIP ViT-L/14 towers on 2048 images (bench/score.py, 200 s), then a ViT-B/16
-# NSFW classifier alone (100 s). BENCHMARKS.md holds the
+# NSFW classifier alone (100 s); GPU_RECOMPUTE=1 activation checkpointing's memory and time per step at
+# PRX-1.2B's size and 1024 px (bench/recompute.py, eager, 240 s). BENCHMARKS.md holds the
 # trainer's and the encoder-only figures already (session 3), so by default only the first
 # part runs: about 4 minutes with the machine's start.
 #
@@ -85,6 +86,10 @@ fi
 if [ "${GPU_REPA:-0}" = 1 ]; then  # REPA's cost per step at prx-1.2b: DINOv3-B teacher, originals decoded
     timeout -k 10 300 "$PY" bench/gpu_train.py --feeds shards --ablations repa --steps 5 \
         | tee "$OUT/gpu_train_repa.md" || echo "bench/gpu_train.py --ablations repa stopped early (exit $?)"
+fi
+if [ "${GPU_RECOMPUTE:-0}" = 1 ]; then  # activation checkpointing: PRX-1.2B's blocks at 1024 px, 4 samples a step
+    timeout -k 10 240 "$PY" bench/recompute.py --device cuda --depth 16 --width 1792 --side 128 --batch 4 \
+        --steps 5 --repeats 1 | tee "$OUT/gpu_recompute.md" || echo "bench/recompute.py stopped early (exit $?)"
 fi
 if [ "${GPU_TRAIN:-0}" = 1 ]; then  # GPU_TRAIN=1: the trainer's figures too (BENCHMARKS.md has them)
     # As the preset runs (compiled; 3 warm-up steps hold the compiling), then eager from memory.

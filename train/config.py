@@ -184,6 +184,7 @@ class TrainConfig:
     weights_dtype: str = "float32"
     allow_bf16_weights: bool = False
     compile: bool = False
+    activation_checkpointing: int = 0  # recompute every Nth block's activations in the backward pass (1 = all)
     device: str = "auto"  # auto: cuda:LOCAL_RANK when CUDA is available, else cpu
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -239,6 +240,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 # make it a different experiment, and resuming it is refused.
 MAY_CHANGE_ON_RESUME = (
     "shards", "out", "steps", "checkpoint_every", "keep_checkpoints", "sample_every", "compile",
+    "activation_checkpointing",  # the same gradients, in less memory
     "optim.decay", "optim.decay_steps", "optim.min_lr_ratio",  # a cool-down added to a run
     "device", "data.prefetch", "data.verify", "sample.", "log.", "repa.images", "val.",
 )
@@ -478,8 +480,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.val.shards and min(cfg.val.every, cfg.val.samples, cfg.val.timesteps) < 1:
         raise ConfigError(f"val.every, val.samples and val.timesteps must be positive (got {cfg.val.every}, "
                           f"{cfg.val.samples}, {cfg.val.timesteps})")
-    if cfg.sample_every < 0 or cfg.data.workers < 0:
-        raise ConfigError("sample_every and data.workers cannot be negative")
+    if cfg.sample_every < 0 or cfg.data.workers < 0 or cfg.activation_checkpointing < 0:
+        raise ConfigError("sample_every, data.workers and activation_checkpointing cannot be negative")
     if cfg.model.hidden_size % cfg.model.num_heads:
         raise ConfigError(f"model.hidden_size ({cfg.model.hidden_size}) must be a multiple of "
                           f"model.num_heads ({cfg.model.num_heads})")

@@ -108,33 +108,17 @@ def alignment_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 class WithRepa(torch.nn.Module):
     """The denoiser and the projector as one module, so that DDP reduces the projector's gradients
     with the denoiser's and torch.compile sees both. ``forward`` takes the denoiser's arguments and
-    returns (its output, the projected tokens of ``block``, one of the denoiser's blocks).
+    returns (its output, the projected tokens that left block ``block``, counted from 0).
 
-    A forward hook keeps the block's output, but only during this module's own forward: sampling
-    with the bare denoiser keeps nothing. ``denoiser`` may be the model or a wrapper of it that
-    calls it differently (train.routing.RoutedDenoiser).
+    ``denoiser`` is the model called through train.routing.RoutedDenoiser, which returns that
+    block's tokens itself: no forward hook, so nothing depends on hooks firing inside a
+    recomputed (activation-checkpointed) or compiled block.
     """
 
-    def __init__(self, denoiser: torch.nn.Module, projector: torch.nn.Module, block: torch.nn.Module):
+    def __init__(self, denoiser: torch.nn.Module, projector: torch.nn.Module, block: int):
         super().__init__()
-        self.denoiser, self.projector = denoiser, projector
-        self._capturing = False
-        self._hidden: torch.Tensor | None = None
-        self._hook = block.register_forward_hook(self._keep)
-
-    def _keep(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
-        if self._capturing:
-            self._hidden = output
+        self.denoiser, self.projector, self.block = denoiser, projector, block
 
     def forward(self, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        self._capturing = True
-        try:
-            out = self.denoiser(**kwargs, return_dict=False)[0]
-        finally:
-            self._capturing = False
-        hidden, self._hidden = self._hidden, None
+        out, hidden = self.denoiser(**kwargs, tokens_of=self.block, return_dict=False)
         return out, self.projector(hidden)
-
-    def detach_hook(self) -> None:
-        """Stop watching the block (REPA is over; the denoiser trains alone from here)."""
-        self._hook.remove()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from train.config import TrainConfig, routed_blocks  # the range, checked by validate
+from train.recompute import run_block
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,13 @@ def aligned_in_route(cfg: TrainConfig, block: int) -> bool:
 
 def routed_forward(model: torch.nn.Module, *, hidden_states: torch.Tensor, timestep: torch.Tensor,
                    encoder_hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                   route: Route | None = None) -> torch.Tensor:
+                   route: Route | None = None, recompute_every: int = 0,
+                   tokens_of: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """PRXTransformer2DModel's forward (its output tensor) with the tokens outside ``route.keep``
-    skipping blocks ``[route.start, route.end)``."""
+    skipping blocks ``[route.start, route.end)``, and every ``recompute_every``-th block's
+    activations recomputed in the backward pass (train/recompute.py; 0: none). With
+    ``tokens_of=k`` it returns (output, the tokens that left block k), REPA's: inside the routed
+    blocks, the kept ones."""
     from diffusers.models.transformers.transformer_prx import get_image_ids, img2seq, seq2img
 
     txt = model.txt_in(encoder_hidden_states)
@@ -66,29 +71,35 @@ def routed_forward(model: torch.nn.Module, *, hidden_states: torch.Tensor, times
         height = torch.full((bs,), h, device=hidden_states.device, dtype=torch.float32)
         width = torch.full((bs,), w, device=hidden_states.device, dtype=torch.float32)
         vec = vec + model.resolution_embedder(height, width, dtype=vec.dtype)
-    everything = full_pe = None
+    everything = full_pe = kept = None
     for i, block in enumerate(model.blocks):
         if route is not None and i == route.start:
             everything, full_pe = img, pe
             img = gather_tokens(img, route.keep)
             pe = model.pe_embedder(gather_tokens(img_ids, route.keep))  # the kept tokens' own positions
-        img = block(hidden_states=img, encoder_hidden_states=txt, temb=vec, image_rotary_emb=pe,
-                    attention_mask=attention_mask)
+        img = run_block(block, i, recompute_every, hidden_states=img, encoder_hidden_states=txt, temb=vec,
+                        image_rotary_emb=pe, attention_mask=attention_mask)
+        if i == tokens_of:
+            kept = img
         if route is not None and i == route.end - 1:
             img = everything.scatter(1, route.keep[..., None].expand(-1, -1, img.shape[-1]), img)
             pe = full_pe
-    img = model.final_layer(img, vec)
-    return seq2img(img, model.patch_size, hidden_states.shape)
+    out = seq2img(model.final_layer(img, vec), model.patch_size, hidden_states.shape)
+    return out if tokens_of is None else (out, kept)
 
 
 class RoutedDenoiser(torch.nn.Module):
     """The denoiser called through :func:`routed_forward`, as a module (for DDP and torch.compile);
-    it returns a one-tuple like the model's ``return_dict=False``."""
+    it returns a tuple like the model's ``return_dict=False``: (output,), or (output, tokens) with
+    ``tokens_of``. Training calls it when tokens are routed, blocks recomputed
+    (``recompute_every``) or a block's tokens aligned (REPA)."""
 
-    def __init__(self, denoiser: torch.nn.Module):
+    def __init__(self, denoiser: torch.nn.Module, recompute_every: int = 0):
         super().__init__()
-        self.denoiser = denoiser
+        self.denoiser, self.recompute_every = denoiser, recompute_every
 
-    def forward(self, *, route: Route | None = None, return_dict: bool = False,
-                **inputs: torch.Tensor) -> tuple[torch.Tensor]:
-        return (routed_forward(self.denoiser, route=route, **inputs),)
+    def forward(self, *, route: Route | None = None, tokens_of: int | None = None, return_dict: bool = False,
+                **inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = routed_forward(self.denoiser, route=route, recompute_every=self.recompute_every,
+                             tokens_of=tokens_of, **inputs)
+        return out if tokens_of is not None else (out,)

@@ -227,12 +227,14 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
                 gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets: one copy less
         return torch.compile(module) if cfg.compile else module
 
-    # What a training step calls: the model, through TREAD's routed forward when routing is on
-    # (train/routing.py), with REPA's projector beside it while REPA is on.
+    # What a training step calls: the model, through our own forward (train/routing.py; equal to
+    # the model's) when tokens are routed (TREAD), blocks recomputed or a block's tokens aligned
+    # (REPA, whose projector sits beside it while REPA is on).
     routing = cfg.routing.ratio > 0
-    net = RoutedDenoiser(model) if routing else model
+    own_forward = routing or cfg.activation_checkpointing > 0 or projector is not None
+    net = RoutedDenoiser(model, cfg.activation_checkpointing) if own_forward else model
     aligned_block = repa_block(cfg)
-    with_repa = WithRepa(net, projector, model.blocks[aligned_block - 1]) if projector is not None else None
+    with_repa = WithRepa(net, projector, aligned_block - 1) if projector is not None else None
     # With TREAD routing the aligned block, that block sees the kept tokens only: so must the teacher.
     gather_target = routing and aligned_in_route(cfg, aligned_block)
     ddp_model = wrap(with_repa or net)
@@ -267,6 +269,10 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
             muon, other = (sum(p.numel() for p in g["params"]) for g in optimizer.param_groups[:2])
             logger.note(f"optimizer: Muon for the blocks' weight matrices ({muon / 1e6:.2f}M parameters), "
                         f"AdamW for the rest ({other / 1e6:.2f}M)")
+        if cfg.activation_checkpointing:
+            recomputed = len(range(0, len(model.blocks), cfg.activation_checkpointing))
+            logger.note(f"activation checkpointing: {recomputed} of {len(model.blocks)} blocks recompute their "
+                        "activations in the backward pass")
         if cfg.weights_dtype == "bfloat16":
             logger.note("WARNING: weights stored in bfloat16 (allow_bf16_weights=true): "
                         "expect worse FID than fp32 weights with bf16 autocast")
@@ -311,7 +317,6 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
             if teacher is not None and not repa_active(cfg, step):
                 # REPA's burn-in is over: teacher and projector go, and the denoiser trains alone.
                 teacher = projector = None
-                with_repa.detach_hook()
                 ddp_model = wrap(net)
                 optimizer.param_groups[-1]["params"] = []  # the projector's group (see _projector_params)
                 for p in with_repa.projector.parameters():

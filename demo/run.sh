@@ -85,15 +85,17 @@ echo "== 9. export for diffusers' PRXPipeline, then generate from the exported f
 train export "$DATA/runs/base" --to "$DATA/export/base"
 train generate "$DATA/export/base" "a red fox in the snow" --steps 8 --out "$DATA/export/base-sample.png"
 
-echo "== 10. evaluate: FID, KID, CMMD, DINO-MMD and the CLIP score of the run's last checkpoint"
-# Tiny random CLIP and DINOv2 (the real classes) stand in for CMMD's, DINO-MMD's and the CLIP score's networks;
-# --samples 48 takes every image of the run's training shards; so few give a biased FID (real
-# evaluations use 10,000 or more): the command says so.
+echo "== 10. evaluate: FID, KID, CMMD, DINO-MMD, the CLIP score and VQAScore of the run's last checkpoint"
+# Tiny random CLIP and DINOv2 (the real classes) stand in for CMMD's, DINO-MMD's and the CLIP score's networks,
+# a tiny random Qwen2.5-VL (not the captioner) for VQAScore's judge, which gives "Yes" a few millionths
+# (about one token's share of its 150k-token vocabulary); --samples 48 takes every image of the run's training shards; so few give a
+# biased FID (real evaluations use 10,000 or more): the command says so.
 python -m curate.tiny clip "$DATA/models/tiny-clip"
 python -m curate.tiny dinov2 "$DATA/models/tiny-dinov2"
+python -m curate.tiny qwen2.5-vl "$DATA/models/tiny-qwen2.5-vl"
 evaluate run "$DATA/runs/base" --samples 48 --steps 8 --clip "$DATA/models/tiny-clip" \
-    --dino "$DATA/models/tiny-dinov2" --metrics fid,kid,cmmd,dino-mmd,clip-score \
-    --clip-score "$DATA/models/tiny-clip-score" --no-progress
+    --dino "$DATA/models/tiny-dinov2" --metrics fid,kid,cmmd,dino-mmd,clip-score,vqa-score \
+    --clip-score "$DATA/models/tiny-clip-score" --vqa-model "$DATA/models/tiny-qwen2.5-vl" --no-progress
 evaluate compare "$DATA/runs/base"
 
 echo "== 11. an ablation, one switch away: the same run with REPA (a tiny DINOv3 teacher), side by side"

@@ -1,6 +1,6 @@
-"""The ``evaluate`` command: a run's FID, CMMD, DINO-MMD (and CLIP score), runs side by side, FID's weights.
+"""The ``evaluate`` command: a run's FID, CMMD, DINO-MMD (and KID, CLIP score, VQAScore), runs side by side, FID's weights.
 
-    evaluate run runs/NAME [--metrics fid,kid,cmmd,dino-mmd,clip-score] [--step N] [--samples 10000] ...
+    evaluate run runs/NAME [--metrics fid,kid,cmmd,dino-mmd,clip-score,vqa-score] [--step N] [--samples 10000] ...
     torchrun --nproc_per_node 8 -m eval run runs/NAME ...
     evaluate compare runs/baseline runs/flux2 runs/short [--format markdown|csv|json]
     evaluate get-inception [--to FILE]
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="the run folder (train --out)")
     p.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
                    help=f"comma-separated, from {', '.join(METRICS)} (kid: unbiased at any sample count, from "
-                        "FID's features; clip-score: how well the images follow their prompts)")
+                        "FID's features; clip-score, vqa-score: how well the images follow their prompts)")
     p.add_argument("--step", default=None, help="the checkpoint's step, several (5000,10000) or all (every "
                                                 "checkpoint the run kept, oldest first); default: the latest")
     p.add_argument("--samples", type=int, default=10_000,
@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-score", default=None, dest="clip_score",
                    help="the CLIP score's CLIP, both towers: alias, Hub id or folder (default: clip-score = "
                         "openai/clip-vit-large-patch14)")
+    p.add_argument("--vqa-model", default=None, dest="vqa",
+                   help="VQAScore's vision-language model: alias, Hub id or folder (default: qwen2.5-vl = "
+                        "Qwen/Qwen2.5-VL-7B-Instruct; better not the model that wrote the captions)")
     p.add_argument("--force", action="store_true", help="generate the images again even if this evaluation is stored")
     g = p.add_argument_group("scaling out (defaults from torchrun's RANK/WORLD_SIZE or Slurm)")
     g.add_argument("--rank", type=int, default=None, help="this worker's index")
@@ -126,6 +129,7 @@ def _guidances(value: str) -> list[float]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from eval.compare import rounded
     from eval.evaluation import evaluate_run
 
     for step, guidance in [(s, g) for s in _steps(args.run, args.step) for g in args.guidance or [None]]:
@@ -133,15 +137,16 @@ def _run(args: argparse.Namespace) -> int:
             args.run, metrics=[m.strip() for m in args.metrics.split(",") if m.strip()], step=step,
             manifest=args.manifest, images=args.images, samples=args.samples, seed=args.seed, steps=args.steps,
             guidance=guidance, variant=args.captions, weights=args.weights, batch_size=args.batch_size, device=args.device,
-            inception=args.inception, clip=args.clip, dino=args.dino, clip_score=args.clip_score, rank=args.rank,
+            inception=args.inception, clip=args.clip, dino=args.dino, clip_score=args.clip_score, vqa=args.vqa,
+            rank=args.rank,
             world_size=args.world_size, force=args.force, progress=not args.no_progress)
         if result is None:
             print(f"step {'latest' if step is None else step}: this worker's chunks are done; the last worker "
                   "to finish writes the result")
             continue
         settings = result["settings"]
-        values = ", ".join(f"{m} {v['value']:.4f}" + (f" ± {v['std']:.4f}" if v.get("std") else "")
-                           + (f" (real images {v['real']:.4f})" if "real" in v else "")
+        values = ", ".join(f"{m} {rounded(v['value'])}" + (f" ± {rounded(v['std'])}" if v.get("std") else "")
+                           + (f" (real images {rounded(v['real'])})" if "real" in v else "")
                            for m, v in result["metrics"].items())
         print(f"{values} at step {result['step']} from {settings['samples']} images ({settings['steps']} steps, "
               f"guidance {settings['guidance']}); {result['run']}/eval/step{result['step']:08d}-{result['tag']}.json")

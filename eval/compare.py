@@ -31,7 +31,8 @@ __all__ = ["compare_runs", "format_table"]
 _COMPARABLE = ("samples", "seed", "steps", "guidance", "captions", "resolution", "keys")
 # Config keys that name a run rather than describe it.
 _NOT_COMPARED = ("out",)
-_TITLES = {"fid": "FID", "kid": "KID", "cmmd": "CMMD", "dino-mmd": "DINO-MMD", "clip-score": "CLIP score"}
+_TITLES = {"fid": "FID", "kid": "KID", "cmmd": "CMMD", "dino-mmd": "DINO-MMD", "clip-score": "CLIP score",
+           "vqa-score": "VQAScore"}
 
 
 def _evaluations_by_step(run: Path) -> dict[int, dict[str, Any]]:
@@ -94,7 +95,7 @@ def compare_runs(
     rows = []
     for run, logged, val, run_evaluations, config in zip(runs, logs, held_out, evaluations, configs, strict=True):
         for evaluation in run_evaluations or [None]:
-            values = [round(evaluation["metrics"][m]["value"], 4) if evaluation and m in evaluation["metrics"]
+            values = [rounded(evaluation["metrics"][m]["value"]) if evaluation and m in evaluation["metrics"]
                       else None for m in metrics]
             rows.append([Path(run).name, logged[-1]["step"] if logged else None,
                          round(logged[-1]["loss"], 4) if logged else None,
@@ -117,6 +118,11 @@ def compare_runs(
     if "fid" in metrics and any(e["settings"]["samples"] < FEW_SAMPLES for e in measured):
         notes.append(f"FID from fewer than {FEW_SAMPLES} images is biased: compare it only at equal sample counts")
     return header, rows, notes
+
+
+def rounded(value: float) -> float:
+    """Four decimals, or four significant digits below 0.001 (a VQAScore of an untrained model)."""
+    return round(value, 4) if abs(value) >= 1e-3 else float(f"{value:.4g}")
 
 
 def _val_loss(logged: list[dict[str, Any]], step: int | None) -> float | None:

@@ -1,5 +1,5 @@
 """``evaluate run RUN``: FID, CMMD and DINO-MMD of a run's checkpoint against its training images,
-and its CLIP score.
+and its CLIP score and VQAScore.
 
     checkpoint -> n prompts of the evaluation set (eval.evalset) -> Euler sampling with guidance
     (train.sample, the run's sampler) -> the manifest's VAE -> features of each metric's network
@@ -7,9 +7,11 @@ and its CLIP score.
     fid: Fréchet distance of Inception features; kid: their unbiased polynomial-kernel MMD;
     cmmd, dino-mmd: MMD of CLIP / DINOv2 embeddings
     clip-score: 100 x CLIP's image-prompt cosine, floored at 0, averaged (also of the real images)
+    vqa-score: a VLM's probability of "Yes" to "Does this figure show PROMPT?", averaged (also of the real images)
 
 FID, CMMD and DINO-MMD are the three metrics of the PRX ablations (the default); the CLIP score
-measures how well the images follow their prompts. The images are generated once for all of them.
+and VQAScore measure how well the images follow their prompts (VQAScore reads the whole prompt,
+CLIP its first 77 tokens). The images are generated once for all of them.
 Everything that changes the generated images is part of the evaluation's tag: checkpoint step,
 sample count, seed, sampler steps, guidance, shift, caption choice, resolution, the chosen keys
 and prompts, and the weights when they are the run's EMA. The result, ``RUN/eval/stepNNNNNNNN-TAG.json``, holds one entry per metric with the
@@ -56,7 +58,7 @@ __all__ = ["CHUNK", "DEFAULT_METRICS", "METRICS", "evaluate_run", "result_files"
 CHUNK = 256  # images per saved feature file: what a killed evaluation can lose
 PREVIEW = 8  # generated images shown above their real counterparts in RUN/eval/stepN-TAG.png
 METRICS = {"fid": "inception", "kid": "inception", "cmmd": "clip", "dino-mmd": "dino",
-           "clip-score": "clip-text"}  # metric -> network
+           "clip-score": "clip-text", "vqa-score": "vqa"}  # metric -> network
 DEFAULT_METRICS = ("fid", "cmmd", "dino-mmd")
 FEW_SAMPLES = 2048  # below the Inception feature dimension the covariance is singular and FID biased
 RESULT_GLOB = "step*-*.json"
@@ -68,9 +70,10 @@ def result_files(run: str | os.PathLike[str]) -> list[Path]:
 
 
 def load_networks(metrics: list[str], device: str, *, inception: str | os.PathLike[str] | None = None,
-                  clip: str | None = None, dino: str | None = None, clip_score: str | None = None) -> dict[str, Any]:
-    """The networks ``metrics`` need, by kind (``inception``, ``clip``, ``dino``, ``clip-text``)."""
-    from eval.embedders import CaptionScorer, ImageEmbedder
+                  clip: str | None = None, dino: str | None = None, clip_score: str | None = None,
+                  vqa: str | None = None) -> dict[str, Any]:
+    """The networks ``metrics`` need, by kind (``inception``, ``clip``, ``dino``, ``clip-text``, ``vqa``)."""
+    from eval.embedders import CaptionScorer, ImageEmbedder, VqaScorer
     from eval.inception import InceptionFeatures
 
     unknown = [m for m in metrics if m not in METRICS]
@@ -86,6 +89,8 @@ def load_networks(metrics: list[str], device: str, *, inception: str | os.PathLi
         networks["dino"] = ImageEmbedder("dino", dino or "dinov2", device=device)
     if "clip-text" in kinds:
         networks["clip-text"] = CaptionScorer(clip_score or "clip-score", device=device)
+    if "vqa" in kinds:
+        networks["vqa"] = VqaScorer(vqa or "qwen2.5-vl", device=device)
     return networks
 
 
@@ -108,6 +113,7 @@ def evaluate_run(
     clip: str | None = None,
     dino: str | None = None,
     clip_score: str | None = None,
+    vqa: str | None = None,
     rank: int | None = None,
     world_size: int | None = None,
     force: bool = False,
@@ -117,8 +123,8 @@ def evaluate_run(
 
     ``manifest`` defaults to the one the run trained on, ``images`` to the image stage its
     provenance names; ``steps`` and ``guidance`` default to the run's ``sample`` settings;
-    ``inception``, ``clip``, ``dino`` and ``clip_score`` choose the networks (file; alias, Hub id or
-    folder);
+    ``inception``, ``clip``, ``dino``, ``clip_score`` and ``vqa`` choose the networks (file; alias, Hub
+    id or folder);
     ``weights`` "ema" or "raw" (default: the EMA weights when the run kept them).
     Returns the result, or None when other workers still have chunks to generate.
     """
@@ -150,7 +156,8 @@ def evaluate_run(
         raise ManifestError(f"{e} (the run trained on {manifest_path}, relative to where it was started: "
                             "run from there, or pass the manifest with --manifest)") from None
     device = str(resolve_device(device))
-    networks = load_networks(metrics, device, inception=inception, clip=clip, dino=dino, clip_score=clip_score)
+    networks = load_networks(metrics, device, inception=inception, clip=clip, dino=dino, clip_score=clip_score,
+                             vqa=vqa)
     evalset = choose_samples(data, manifest_path, samples, seed=seed, variant=variant)
     for metric, why in (("fid", "a covariance"), ("kid", "an unbiased estimate")):
         if metric in metrics and len(evalset) < 2:
@@ -239,7 +246,7 @@ def evaluate_run(
 
 
 def _features(net: Any, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """A network's features of a batch: the CLIP score's network reads each image's prompt too."""
+    """A network's features of a batch: the CLIP score's and VQAScore's networks read each image's prompt too."""
     return net(images, prompts) if getattr(net, "needs_captions", False) else net(images)
 
 
@@ -248,10 +255,13 @@ def _clip_score(cosines: np.ndarray) -> float:
 
 
 def _value(metric: str, generated: list[np.ndarray], real: np.ndarray) -> dict[str, float]:
-    """A metric's entry: its value, and what reads it (KID's spread over subsets, the real images' CLIP score)."""
+    """A metric's entry: its value, and what reads it (KID's spread over subsets, the real images' CLIP score
+    and VQAScore)."""
     features = np.concatenate(generated)
     if metric == "clip-score":  # the real images' score with the same prompts: the ceiling to read it against
         return {"value": _clip_score(features), "real": _clip_score(real)}
+    if metric == "vqa-score":
+        return {"value": float(features.mean()), "real": float(real.mean())}
     if metric == "fid":
         return {"value": fid_from_features(features, real)}
     if metric == "kid":
@@ -318,7 +328,7 @@ def _reference_features(run: Path, data, images, evalset: list[EvalSample], reso
                         networks: dict[str, Any], settings: dict[str, Any], *, batch_size: int,
                         progress: bool) -> dict[str, tuple[np.ndarray, Path]]:
     """The real images' features per network (key -> (features, file)), cached per (keys,
-    resolution, network; and prompts for the CLIP score's); one pass over the images computes every
+    resolution, network; and prompts for the CLIP score's and VQAScore's); one pass over the images computes every
     network's that is missing."""
     def tag(net: Any) -> str:
         wanted = ("keys", "resolution", "prompts") if getattr(net, "needs_captions", False) else ("keys", "resolution")

@@ -346,6 +346,46 @@ def test_the_clip_score_pairs_each_image_with_its_own_prompt(pipeline, embedders
     assert "CLIP score" in format_table(*compare_runs([run]), fmt="markdown")
 
 
+def test_vqa_score_asks_a_vlm_about_each_image_and_its_whole_prompt(pipeline, embedders, tmp_path: Path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from curate.tiny import build_tiny_qwen2_vl
+    from eval.embedders import VqaScorer
+
+    vlm = build_tiny_qwen2_vl(tmp_path / "vlm")
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    long = " ".join(["a small red cube on a wooden table under soft light"] * 40)  # about 400 tokens
+    prompts = ["a red cube", f"{long}, and a cat", f"{long}, and a dog"]
+    scorer = VqaScorer(str(vlm), batch_size=3)
+    batched = scorer(images, prompts)
+    scorer.batch_size = 1
+    one_by_one = scorer(images, prompts)
+    assert batched.shape == (3, 1) and ((batched > 0) & (batched < 1)).all()
+    torch.testing.assert_close(batched, one_by_one, rtol=1e-4, atol=0)  # left padding changes nothing
+    # The probability of "Yes" as the model's own forward gives it for one image and question.
+    processor, model = AutoProcessor.from_pretrained(vlm), AutoModelForImageTextToText.from_pretrained(vlm).eval()
+    question = [{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": f'Does this figure show "{prompts[0]}"? Please answer yes or no.'}]}]
+    inputs = processor(text=[processor.apply_chat_template(question, tokenize=False, add_generation_prompt=True)],
+                       images=[Image.fromarray(images[0].permute(1, 2, 0).numpy())], return_tensors="pt")
+    with torch.no_grad():
+        probs = model(**inputs).logits[0, -1].softmax(-1)
+    assert float(batched[0, 0]) == pytest.approx(float(probs[processor.tokenizer.convert_tokens_to_ids("Yes")]),
+                                                 rel=1e-4)
+    # The whole prompt is read: two prompts that differ only after 400 tokens score apart (CLIP reads 77).
+    assert batched[1, 0] != batched[2, 0] and batched[1, 0] != scorer(images[1:2], [long])[0, 0]
+    with pytest.raises(EmbedderError, match="vqa-score model"):
+        VqaScorer("not a model")
+
+    run = _fresh_copy(pipeline["base"], tmp_path / "run")
+    result = _evaluate(run, embedders, metrics=["vqa-score"], vqa=str(vlm))
+    entry = result["metrics"]["vqa-score"]
+    assert entry["network"]["question"] == VqaScorer.QUESTION and entry["network"]["answer"] == "Yes"
+    assert 0 < entry["value"] < 1 and 0 < entry["real"] < 1 and np.load(entry["reference"]).shape == (SAMPLES, 1)
+    assert _evaluate(run, embedders, metrics=["vqa-score"], vqa=str(vlm)) == result  # stored: nothing computed again
+    assert "VQAScore" in format_table(*compare_runs([run]), fmt="markdown")
+
+
 def test_a_run_with_an_ema_is_evaluated_with_it_unless_raw_is_asked_for(pipeline, embedders, tmp_path: Path):
     run = _fresh_copy(pipeline["ema"], tmp_path / "run")
     averaged = _evaluate(run, embedders, metrics=["cmmd"])

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=_guidances, default=None,
                    help="classifier-free guidance scale, or several (1.5,3,4.5: one evaluation each, a sweep "
                         "that `evaluate compare --every` lays out); default: the run's sample.guidance")
+    p.add_argument("--guidance-interval", type=_interval, default=None, dest="guidance_interval", metavar="LOW,HIGH",
+                   help="guide only at times t in [LOW, HIGH] (t = 1 is noise; the conditional model alone "
+                        "elsewhere); default: the run's sample.guidance_interval (0,1: every step)")
     p.add_argument("--seed", type=int, default=0, help="chooses the samples; image i's noise seed is seed + i")
     p.add_argument("--batch-size", type=int, default=16, help="images sampled per denoiser call")
     p.add_argument("--device", default=None, help="default: this worker's GPU when CUDA is available, else cpu")
@@ -118,6 +121,14 @@ def _steps(run: str, step: str | None) -> list[int | None]:
         raise CurateError(f"--step takes a step, steps separated by commas, or all; got {step!r}") from None
 
 
+def _interval(value: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"two times LOW,HIGH between 0 and 1, not {value!r}") from None
+    return low, high
+
+
 def _guidances(value: str) -> list[float]:
     try:
         scales = [float(v) for v in value.split(",") if v.strip()]
@@ -136,7 +147,8 @@ def _run(args: argparse.Namespace) -> int:
         result = evaluate_run(
             args.run, metrics=[m.strip() for m in args.metrics.split(",") if m.strip()], step=step,
             manifest=args.manifest, images=args.images, samples=args.samples, seed=args.seed, steps=args.steps,
-            guidance=guidance, variant=args.captions, weights=args.weights, batch_size=args.batch_size, device=args.device,
+            guidance=guidance, guidance_interval=args.guidance_interval, variant=args.captions, weights=args.weights,
+            batch_size=args.batch_size, device=args.device,
             inception=args.inception, clip=args.clip, dino=args.dino, clip_score=args.clip_score, vqa=args.vqa,
             rank=args.rank,
             world_size=args.world_size, force=args.force, progress=not args.no_progress)

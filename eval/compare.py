@@ -28,7 +28,7 @@ from train.metrics import read_metrics
 __all__ = ["compare_runs", "format_table"]
 
 # Settings of an evaluation that must agree for its metrics to be compared (the step may differ).
-_COMPARABLE = ("samples", "seed", "steps", "guidance", "captions", "resolution", "keys")
+_COMPARABLE = ("samples", "seed", "steps", "guidance", "guidance_interval", "captions", "resolution", "keys")
 # Config keys that name a run rather than describe it.
 _NOT_COMPARED = ("out",)
 _TITLES = {"fid": "FID", "kid": "KID", "cmmd": "CMMD", "dino-mmd": "DINO-MMD", "clip-score": "CLIP score",
@@ -52,13 +52,15 @@ def _differ(values: list[Any]) -> bool:
 
 
 # Sampler settings that --every shows as columns (a sweep) instead of noting them.
-_SWEPT = {"guidance": "guidance", "steps": "sampler steps"}
+_SWEPT = {"guidance": "guidance", "guidance_interval": "guidance interval", "steps": "sampler steps"}
+# Settings an evaluation records only when they are not these (so older evaluations keep their tags).
+_UNRECORDED = {"guidance_interval": [0.0, 1.0]}
 
 
 def _all_evaluations(run: Path) -> list[dict[str, Any]]:
     """Every stored evaluation of a run, by step, then sampler settings, then samples."""
     results = [json.loads(path.read_text()) for path in result_files(run)]
-    return sorted(results, key=lambda r: (r["step"], *(json.dumps(r["settings"].get(s)) for s in _SWEPT),
+    return sorted(results, key=lambda r: (r["step"], *(json.dumps(_setting(r, s)) for s in _SWEPT),
                                           r["settings"]["samples"], r.get("finished", 0)))
 
 
@@ -87,7 +89,7 @@ def compare_runs(
     metrics = [m for m in METRICS if any(m in e["metrics"] for e in measured)]
     keys = sorted(set().union(*configs))
     differing = [k for k in keys if _differ([c.get(k) for c in configs])]
-    swept = [s for s in _SWEPT if every and _differ([e["settings"].get(s) for e in measured])]
+    swept = [s for s in _SWEPT if every and _differ([_setting(e, s) for e in measured])]
     validated = any(held_out)
     header = ["run", "step", "loss", *(["val loss"] if validated else []), *[_TITLES[m] for m in metrics],
               "eval step", "eval samples",
@@ -103,12 +105,12 @@ def compare_runs(
                            if validated else []), *values,
                          evaluation["step"] if evaluation else None,
                          evaluation["settings"]["samples"] if evaluation else None,
-                         *[evaluation["settings"].get(s) if evaluation else None for s in swept],
+                         *[_setting(evaluation, s) if evaluation else None for s in swept],
                          *[config.get(k) for k in differing]])
 
     notes = [f"the evaluations differ in {setting}: their metrics are not comparable"
              for setting in _COMPARABLE
-             if setting not in swept and _differ([e["settings"].get(setting) for e in measured])]
+             if setting not in swept and _differ([_setting(e, setting) for e in measured])]
     if validated and any(_differ([c.get(k) for c in configs]) for k in ("val.shards", "val.samples", "val.timesteps")):
         notes.append("the runs measured their val loss on different held-out sets (val.shards, val.samples, "
                      "val.timesteps): not comparable")
@@ -118,6 +120,10 @@ def compare_runs(
     if "fid" in metrics and any(e["settings"]["samples"] < FEW_SAMPLES for e in measured):
         notes.append(f"FID from fewer than {FEW_SAMPLES} images is biased: compare it only at equal sample counts")
     return header, rows, notes
+
+
+def _setting(evaluation: dict[str, Any], name: str) -> Any:
+    return evaluation["settings"].get(name, _UNRECORDED.get(name))
 
 
 def rounded(value: float) -> float:

@@ -51,6 +51,7 @@ from curate.shards import stable_hash
 from eval.evalset import EvalSample, choose_samples, images_dir_of, real_batches, real_images
 from eval.stats import fid_from_features, kid, mmd
 from train.checkpoint import CheckpointError, checkpoint_path, latest_checkpoint, load_checkpoint
+from train.config import check_guidance_interval
 from train.ema import checkpoint_weights
 
 __all__ = ["CHUNK", "DEFAULT_METRICS", "METRICS", "evaluate_run", "result_files"]
@@ -105,6 +106,7 @@ def evaluate_run(
     seed: int = 0,
     steps: int | None = None,
     guidance: float | None = None,
+    guidance_interval: tuple[float, float] | None = None,
     variant: str | None = None,
     weights: str | None = None,
     batch_size: int = 16,
@@ -122,7 +124,8 @@ def evaluate_run(
     """``metrics`` of ``run``'s checkpoint at ``step`` (default: the latest); see the module note.
 
     ``manifest`` defaults to the one the run trained on, ``images`` to the image stage its
-    provenance names; ``steps`` and ``guidance`` default to the run's ``sample`` settings;
+    provenance names; ``steps``, ``guidance`` and ``guidance_interval`` (the times t where guidance
+    applies) default to the run's ``sample`` settings;
     ``inception``, ``clip``, ``dino``, ``clip_score`` and ``vqa`` choose the networks (file; alias, Hub
     id or folder);
     ``weights`` "ema" or "raw" (default: the EMA weights when the run kept them).
@@ -140,6 +143,9 @@ def evaluate_run(
         spec = LatentSpec.model_validate(state["latent_spec"])
         steps = int(steps if steps is not None else cfg["sample"]["steps"])
         guidance = float(guidance if guidance is not None else cfg["sample"]["guidance"])
+        interval = check_guidance_interval(
+            guidance_interval if guidance_interval is not None else cfg["sample"].get("guidance_interval", [0.0, 1.0]),
+            "the guidance interval")
         shift = float(cfg["flow"]["shift"])
         prediction = (cfg["flow"].get("prediction", "velocity"), float(cfg["flow"].get("x0_t_min", 0.05)))
         manifest_path = Path(manifest if manifest is not None else cfg["shards"])
@@ -170,6 +176,8 @@ def evaluate_run(
     }
     if weights == "ema":  # only then, so the tags of runs without EMA stay what they were
         settings["weights"] = "ema"
+    if interval != (0.0, 1.0):  # likewise: guidance at every step keeps the tags it had
+        settings["guidance_interval"] = list(interval)
     tag = stable_hash(settings)[:12]
     name = f"step{step:08d}-{tag}"
     result_path = run / "eval" / f"{name}.json"
@@ -194,7 +202,8 @@ def evaluate_run(
     mine = [c for c in range(share.rank, chunks, share.world_size) if missing(c)]
     started = time.perf_counter()
     if mine:
-        generator = _Generator(state, model_weights, spec, device, steps=steps, guidance=guidance, shift=shift,
+        generator = _Generator(state, model_weights, spec, device, steps=steps, guidance=guidance,
+                               guidance_interval=interval, shift=shift,
                                prediction=prediction, seed=seed, batch_size=batch_size)
         todo = sum(len(evalset[c * CHUNK : (c + 1) * CHUNK]) for c in mine)
         bar = tqdm(total=todo, unit="img", desc=f"generating ({name})", disable=not progress)
@@ -276,7 +285,7 @@ class _Generator:
 
     def __init__(self, state: dict[str, Any], model_weights: dict[str, torch.Tensor], spec: LatentSpec,
                  device: str, *, steps: int, guidance: float, shift: float, prediction: tuple[str, float],
-                 seed: int, batch_size: int):
+                 seed: int, batch_size: int, guidance_interval: tuple[float, float] = (0.0, 1.0)):
         from diffusers import PRXTransformer2DModel
 
         from curate.text import TextEncoder
@@ -292,7 +301,8 @@ class _Generator:
         self.text = TextEncoder.load(text.get("id") or text["name"], device=device,
                                      revision=text.get("revision"), max_tokens=int(text["max_tokens"]))
         self.vae = load_vae_for_spec(spec, device=device)
-        self.spec, self.steps, self.guidance, self.shift = spec, steps, guidance, shift
+        self.spec, self.steps, self.shift = spec, steps, shift
+        self.guidance, self.guidance_interval = guidance, guidance_interval
         self.prediction, self.x0_t_min = prediction
         self.seed, self.batch_size = seed, batch_size
 
@@ -306,7 +316,7 @@ class _Generator:
             noise = torch.cat([initial_noise(self.spec, 1, size, size, self.seed + s.index) for s in batch])
             latents = sample_latents(self.transformer, self.text, [s.caption for s in batch], spec=self.spec,
                                      height=size, width=size, steps=self.steps, guidance=self.guidance,
-                                     shift=self.shift, prediction=self.prediction, x0_t_min=self.x0_t_min,
+                                     guidance_interval=self.guidance_interval, shift=self.shift, prediction=self.prediction, x0_t_min=self.x0_t_min,
                                      noise=noise)
             with torch.no_grad():  # 8 images per VAE call, as sample grids: 16 at 1024 px would not fit
                 pixels = torch.cat([decode_to_images(c, self.spec, self.vae) for c in latents.split(8)])

@@ -550,3 +550,14 @@ def test_a_guidance_sweep_is_stored_per_scale_and_laid_out_by_compare_every(pipe
     with pytest.raises(SystemExit):  # argparse: a usage error
         evaluate_main(["run", str(run), "--guidance", "high", *options])
     assert "a guidance scale or several" in capsys.readouterr().err
+    # A guidance interval is a setting of its own (recorded only when it is not every step), laid out
+    # beside the sweep. Guided only for t <= 0.5, the one sampler step (at t = 1) runs the conditional
+    # model alone: the images, and so the FID, of guidance 1.
+    assert evaluate_main(["run", str(run), "--guidance", "4", "--guidance-interval", "0,0.5", *options]) == 0
+    header, rows, _ = compare_runs([run], every=True)
+    assert [(r[header.index("guidance")], r[header.index("guidance interval")]) for r in rows] == [
+        (1.0, [0.0, 1.0]), (4.0, [0.0, 0.5]), (4.0, [0.0, 1.0])]
+    fid = [r[header.index("FID")] for r in rows]
+    assert fid[1] == fid[0] != fid[2]
+    assert evaluate_main(["run", str(run), "--guidance-interval", "0.5,0.2", *options]) == 2
+    assert "the guidance interval must be two times" in capsys.readouterr().err

@@ -88,6 +88,25 @@ def test_guidance_combines_conditional_and_unconditional():
     assert torch.allclose(flow.with_guidance(cond, uncond, 4.0)(x, t), torch.full_like(x, 0.5 + 4 * 1.5))
 
 
+def test_guidance_interval_guides_only_within_it_and_skips_the_unconditional_pass_elsewhere():
+    calls = []
+
+    def uncond(x, t):
+        calls.append(float(t[0]))
+        return torch.full_like(x, 0.5)
+
+    guided = flow.with_guidance(lambda x, t: torch.full_like(x, 2.0), uncond, 4.0, interval=(0.2, 0.6))
+    x = torch.zeros(2, 1, 2, 2)
+    outputs = {t: float(guided(x, torch.full((2,), t))[0, 0, 0, 0]) for t in (1.0, 0.6, 0.4, 0.2, 0.1)}
+    assert outputs == {1.0: 2.0, 0.6: 6.5, 0.4: 6.5, 0.2: 6.5, 0.1: 2.0}  # the ends belong to the interval
+    assert calls == pytest.approx([0.6, 0.4, 0.2])
+    # Through the sampler: an interval covering every time equals plain guidance, exactly.
+    noise = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    everywhere = flow.with_guidance(lambda x, t: x * t[:, None, None, None], lambda x, t: -x, 3.0, interval=(0.0, 1.0))
+    plain = flow.with_guidance(lambda x, t: x * t[:, None, None, None], lambda x, t: -x, 3.0)
+    assert torch.equal(flow.euler_sample(everywhere, noise, 5), flow.euler_sample(plain, noise, 5))
+
+
 def test_loss_bins():
     losses = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
     t = torch.tensor([0.0, 0.29, 0.3, 0.6, 1.0])
@@ -128,6 +147,7 @@ def test_precedence_defaults_preset_yaml_overrides(tmp_path: Path):
     ("caption_dropout=1.5", "caption_dropout must be in [0, 1)"),
     ("lr", "is not key=value"),
     ("optim.decay=exp", "optim.decay must be none, linear, cosine or 1-sqrt"),
+    ("sample.guidance_interval=[0.8, 0.2]", "sample.guidance_interval must be two times 0 <= low <= high <= 1"),
     ("optim.decay_steps=5", "optim.decay is none"),
     ("optim.min_lr_ratio=0.1", "optim.decay is none"),
 ])

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,7 @@ class SampleConfig:
     ])
     steps: int = 28
     guidance: float = 4.0
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # t range where guidance applies
     seed: int = 0
     size: int = 0  # pixels per side; 0 uses the manifest's resolution
 
@@ -406,6 +408,13 @@ def _all_keys(obj: Any, prefix: str = "") -> list[str]:
     return keys
 
 
+def check_guidance_interval(interval: Sequence[float], name: str) -> tuple[float, float]:
+    """``[low, high]`` with 0 <= low <= high <= 1, as a tuple; anything else is a ConfigError naming ``name``."""
+    if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
+        raise ConfigError(f"{name} must be two times 0 <= low <= high <= 1 (t = 1 is noise), got {list(interval)}")
+    return float(interval[0]), float(interval[1])
+
+
 def validate(cfg: TrainConfig) -> None:
     """Everything that can be checked without the data or the world size."""
     if cfg.weights_dtype not in ("float32", "bfloat16"):
@@ -480,6 +489,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.val.shards and min(cfg.val.every, cfg.val.samples, cfg.val.timesteps) < 1:
         raise ConfigError(f"val.every, val.samples and val.timesteps must be positive (got {cfg.val.every}, "
                           f"{cfg.val.samples}, {cfg.val.timesteps})")
+    check_guidance_interval(cfg.sample.guidance_interval, "sample.guidance_interval")
     if cfg.sample_every < 0 or cfg.data.workers < 0 or cfg.activation_checkpointing < 0:
         raise ConfigError("sample_every, data.workers and activation_checkpointing cannot be negative")
     if cfg.model.hidden_size % cfg.model.num_heads:

@@ -67,6 +67,7 @@ def sample_latents(
     width: int,
     steps: int = 28,
     guidance: float = 4.0,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
     shift: float = 1.0,
     prediction: str = "velocity",
     x0_t_min: float = 0.05,
@@ -78,7 +79,8 @@ def sample_latents(
 
     ``d`` is :func:`curate.vae.model_downsample` (8 for Flux, 16 for FLUX.2); the transformer
     patchifies internally. Guidance ``v_u + g (v_c - v_u)`` uses the empty prompt, as the
-    pipeline does; ``guidance`` 1 skips the unconditional pass. The transformer runs in eval mode
+    pipeline does, at the times ``t`` within ``guidance_interval`` (all, by default);
+    ``guidance`` 1 skips the unconditional pass. The transformer runs in eval mode
     (restored afterwards) under bf16 autocast on CUDA; ``device`` defaults to the transformer's.
     ``noise`` replaces :func:`initial_noise`'s draw from ``seed`` (e.g. one seed per image).
     ``prediction`` and ``x0_t_min`` say what the transformer outputs, as the run's ``flow`` config
@@ -122,6 +124,7 @@ def sample_latents(
             partial(_velocity, transformer, context=empty.expand(n, -1, -1),
                     mask=empty_mask.expand(n, -1), as_velocity=as_velocity),
             guidance,
+            guidance_interval,
         )
     was_training = transformer.training
     transformer.eval()
@@ -175,6 +178,7 @@ def sample_grid(
     width: int,
     steps: int = 28,
     guidance: float = 4.0,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
     shift: float = 1.0,
     prediction: str = "velocity",
     x0_t_min: float = 0.05,
@@ -189,8 +193,8 @@ def sample_grid(
     (atomically: a reader never sees half a file).
     """
     latents = sample_latents(transformer, text, prompts, spec=spec, height=height, width=width,
-                             steps=steps, guidance=guidance, shift=shift, prediction=prediction,
-                             x0_t_min=x0_t_min, seed=seed)
+                             steps=steps, guidance=guidance, guidance_interval=guidance_interval, shift=shift,
+                             prediction=prediction, x0_t_min=x0_t_min, seed=seed)
     images = torch.cat([decode_to_images(chunk, spec, vae).cpu()
                         for chunk in latents.split(_DECODE_CHUNK)])
     grid = make_grid(images, columns or math.ceil(math.sqrt(len(prompts))))

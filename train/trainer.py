@@ -714,6 +714,7 @@ def _sample(model: torch.nn.Module, text: TextEncoder | EncodedPrompts, manifest
     path = run_dir / "samples" / f"step_{step:08d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     sample_grid(model, text, cfg.sample.prompts, spec=manifest.latent, vae=vae, height=size, width=size,
-                steps=cfg.sample.steps, guidance=cfg.sample.guidance, shift=cfg.flow.shift,
+                steps=cfg.sample.steps, guidance=cfg.sample.guidance,
+                guidance_interval=tuple(cfg.sample.guidance_interval), shift=cfg.flow.shift,
                 prediction=cfg.flow.prediction, x0_t_min=cfg.flow.x0_t_min, seed=cfg.sample.seed, path=path)
     return path

@@ -192,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "branch (nsfw@COMMIT); repeatable")
     p.add_argument("--embeddings", action="store_true",
                    help="store each image's CLIP image embedding too (image_embedding), for curate dedup")
+    p.add_argument("--vqa", default=None, metavar="MODEL",
+                   help="VQAScore of every caption (vqa_orig, vqa_long...): the probability this vision-language "
+                        "model (alias such as qwen2.5-vl-3b, Hub id or folder; MODEL@REVISION pins a commit) answers "
+                        "Yes to 'Does this figure show \"CAPTION\"?'; better not the captioner")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward")
     p.add_argument("--decode-workers", type=int, default=min(8, _default_workers()),
                    help="DataLoader processes decoding and preparing images (0: in this one)")
@@ -378,7 +382,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     share = resolve_share(args.rank, args.world_size)
     stage = ScoreStage(args.images, model=args.model, revision=args.revision, captions_dir=args.captions,
-                       aesthetic=args.aesthetic, classifiers=args.classifier, embeddings=args.embeddings,
+                       aesthetic=args.aesthetic, classifiers=args.classifier, embeddings=args.embeddings, vqa=args.vqa,
                        batch_size=args.batch_size, decode_workers=args.decode_workers, device=args.device)
     return _run(stage, args, share)
 

@@ -39,6 +39,7 @@ from curate.manifest import file_sha256
 from curate.runner import CurateError, ShardTask, Stage, image_stage_tasks, read_image_captions
 from curate.shards import ShardWriter, committed_shards
 from curate.subset import EMBEDDING_COLUMN
+from curate.vqa import VqaScorer
 
 log = logging.getLogger("curate")
 
@@ -275,8 +276,8 @@ class ScoreStage(Stage):
 
     def __init__(self, images_dir: str | Path, *, model: str = "clip-score", revision: str | None = None,
                  captions_dir: str | Path | None = None, aesthetic: str | Path | None = None,
-                 classifiers: list[str] = (), embeddings: bool = False, batch_size: int = 64,
-                 decode_workers: int = 2, device: str | None = None):
+                 classifiers: list[str] = (), embeddings: bool = False, vqa: str | None = None,
+                 batch_size: int = 64, decode_workers: int = 2, device: str | None = None):
         self.images_dir = Path(images_dir)
         self.captions_dir = Path(captions_dir) if captions_dir else None
         self.model_name, self.revision = model, revision
@@ -284,18 +285,26 @@ class ScoreStage(Stage):
         self.batch_size, self.decode_workers, self.device = max(1, batch_size), max(0, decode_workers), device
         # --model none: no CLIP (an NSFW filter over a crawl need not run CLIP ViT-L/14 as well).
         self.uses_clip = model != "none"
-        if not self.uses_clip and (self.captions_dir or self.aesthetic or embeddings):
-            raise CurateError("--captions, --aesthetic and --embeddings need CLIP: give --model (clip-score), not "
-                              "--model none")
-        if not self.uses_clip and not classifiers:
-            raise CurateError("--model none leaves nothing to score: give a --classifier")
+        if not self.uses_clip and (self.aesthetic or embeddings):
+            raise CurateError("--aesthetic and --embeddings need CLIP: give --model (clip-score), not --model none")
+        if not self.uses_clip and self.captions_dir and not vqa:
+            raise CurateError("--captions are scored by CLIP or --vqa: give --model (clip-score) or --vqa, not "
+                              "--model none alone")
+        if not self.uses_clip and not classifiers and not vqa:
+            raise CurateError("--model none leaves nothing to score: give a --classifier or --vqa")
         # Loaded at once (configs, processors and tokenizer; weights in prepare): the labels and the
         # embedding width decide the columns, and a model that cannot serve is named before any work.
         self.scorer = ClipScorer(model, revision=revision, device=device) if self.uses_clip else None
         self.classifiers = [ImageClassifier(spec, device=device) for spec in classifiers]
+        self.vqa = None
+        if vqa:
+            name, revision = _split_revision(vqa)
+            self.vqa = VqaScorer(name, revision=revision, device=device, batch_size=self.batch_size)
         self.embeddings = embeddings
-        self.variants = ["orig", *self._caption_variants()] if self.uses_clip else []
-        self.index_schema = {f"clip_{v}": pl.Float32 for v in self.variants}
+        self.variants = ["orig", *self._caption_variants()] if self.uses_clip or self.vqa else []
+        self.index_schema = {f"clip_{v}": pl.Float32 for v in self.variants} if self.uses_clip else {}
+        if self.vqa is not None:
+            self.index_schema |= {f"vqa_{v}": pl.Float32 for v in self.variants}
         if self.aesthetic is not None:
             self.index_schema["aesthetic"] = pl.Float32
         for classifier in self.classifiers:
@@ -325,7 +334,8 @@ class ScoreStage(Stage):
                 "aesthetic": file_sha256(self.aesthetic) if self.aesthetic else None,
                 # Only when given, so that the stages scored before classifiers existed keep their hash.
                 **({"classifiers": [c.record() for c in self.classifiers]} if self.classifiers else {}),
-                **({"embeddings": True} if self.embeddings else {})}
+                **({"embeddings": True} if self.embeddings else {}),
+                **({"vqa": self.vqa.identity} if self.vqa else {})}
 
     def provenance(self) -> dict[str, Any]:
         return {"images": str(self.images_dir.resolve()),
@@ -333,7 +343,8 @@ class ScoreStage(Stage):
                 "aesthetic": str(self.aesthetic.resolve()) if self.aesthetic else None,
                 # The commit is provenance, not config: recording it did not score existing stages again.
                 **({"model_id": self.scorer.id, "model_commit": self.scorer.commit} if self.scorer else {}),
-                **({"classifier_ids": [c.id for c in self.classifiers]} if self.classifiers else {})}
+                **({"classifier_ids": [c.id for c in self.classifiers]} if self.classifiers else {}),
+                **({"vqa_commit": self.vqa.commit} if self.vqa else {})}
 
     def plan(self) -> list[ShardTask]:
         return image_stage_tasks(self.images_dir, self.captions_dir)
@@ -349,10 +360,10 @@ class ScoreStage(Stage):
         # The decoding workers start first: they fill their queues while the weights load (and they
         # fork from a process that holds no model yet).
         # Each model has its own image processor: a worker prepares an image once for each.
-        preparers = [m.prepare for m in [self.scorer, *self.classifiers] if m is not None]
+        preparers = [m.prepare for m in [self.scorer, *self.classifiers, self.vqa] if m is not None]
         self.stream = ImageStream([(t.shard_id, t.payload[1]) for t in todo],
                                   functools.partial(_prepare_for_each, preparers), self.decode_workers, prefetch=16)
-        for model in [self.scorer, *self.classifiers]:
+        for model in [self.scorer, *self.classifiers, self.vqa]:
             if model is not None:
                 model.load()
 
@@ -409,16 +420,17 @@ class ScoreStage(Stage):
 
     def _score(self, batch: list[tuple[str, tuple[torch.Tensor, ...]]], captions: dict[str, dict[str, str]]
                ) -> dict[str, dict]:
-        """Each image's row; ``batch`` holds each image's inputs for CLIP (when used) then for each classifier."""
+        """Each image's row; ``batch`` holds each image's inputs for CLIP (when used), each classifier, then
+        VQAScore's model (when used)."""
         rows = {key: {"flags": [], **dict.fromkeys(self.index_schema)} for key, _ in batch}
         inputs = list(zip(*(pixels for _, pixels in batch), strict=True))  # per model, the batch's inputs
+        pairs = [(i, key, v, text) for i, (key, _) in enumerate(batch) for v, text in captions[key].items()]
         if self.scorer is not None:
             images = self.scorer.images(torch.stack(inputs.pop(0)))
             if self.head is not None:
                 with torch.no_grad():
                     for (key, _), value in zip(batch, self.head(images).tolist(), strict=True):
                         rows[key]["aesthetic"] = value
-            pairs = [(i, key, v, text) for i, (key, _) in enumerate(batch) for v, text in captions[key].items()]
             if self.embeddings:
                 for (key, _), embedding in zip(batch, images.tolist(), strict=True):
                     rows[key][EMBEDDING_COLUMN] = embedding
@@ -429,9 +441,14 @@ class ScoreStage(Stage):
                     rows[key][f"clip_{v}"] = value
                     if cut:
                         rows[key]["flags"].append(f"{v}_truncated")
-        for classifier, pixels in zip(self.classifiers, inputs, strict=True):
-            for (key, _), value in zip(batch, classifier.probabilities(torch.stack(pixels)), strict=True):
+        for classifier in self.classifiers:
+            for (key, _), value in zip(batch, classifier.probabilities(torch.stack(inputs.pop(0))), strict=True):
                 rows[key][classifier.column] = value
+        if self.vqa is not None and pairs:  # does each caption describe its image?
+            pictures = inputs.pop(0)
+            scores = self.vqa([pictures[i] for i, *_ in pairs], [text for *_, text in pairs])
+            for (_, key, v, _), value in zip(pairs, scores[:, 0].tolist(), strict=True):
+                rows[key][f"vqa_{v}"] = value
         return rows
 
 

@@ -33,14 +33,16 @@ curate encode-latents "$DATA/images" --captions "$DATA/captions/tiny-qwen2-vl" -
 curate stats "$DATA/latents/tiny-flux2-256"
 # Another caption selection of the same shards: DALL-E 3's 95% synthetic, 5% original captions.
 curate manifest manifests/demo-long.json --captions long=0.95,orig=0.05 --name demo-dalle3
-# Per-image scores to filter on: each caption's CLIP similarity to its image, and an NSFW classifier's
-# probability (a tiny random CLIP and ViT here, so the numbers mean nothing; real runs use --model
-# clip-score, CLIP ViT-L/14, --aesthetic, and --classifier nsfw or watermark).
+# Per-image scores to filter on: each caption's CLIP similarity to its image and VQAScore (a second
+# VLM, not the captioner, asked whether the image shows the caption), and an NSFW classifier's
+# probability (a tiny random CLIP, Qwen2.5-VL and ViT here, so the numbers mean nothing; real runs use
+# --model clip-score, CLIP ViT-L/14, --aesthetic, --vqa qwen2.5-vl-3b, and --classifier nsfw or watermark).
 python -m curate.tiny clip-score "$DATA/models/tiny-clip-score"
 python -m curate.tiny nsfw "$DATA/models/tiny-nsfw"
+python -m curate.tiny qwen2.5-vl "$DATA/models/tiny-qwen2.5-vl"
 curate score "$DATA/images" --captions "$DATA/captions/tiny-qwen2-vl" --out "$DATA/scores/tiny-clip" \
     --model "$DATA/models/tiny-clip-score" --classifier "$DATA/models/tiny-nsfw:nsfw" --embeddings \
-    --decode-workers 2 --device cpu --no-progress
+    --vqa "$DATA/models/tiny-qwen2.5-vl" --decode-workers 2 --device cpu --no-progress
 # Semantic near-duplicates over the stored image embeddings (the tiny CLIP sees little difference
 # between images, hence the high threshold; real runs use about 0.95 with CLIP ViT-L/14).
 curate dedup "$DATA/scores/tiny-clip" --threshold 0.998 --cluster-size 16 --device cpu
@@ -87,12 +89,11 @@ train generate "$DATA/export/base" "a red fox in the snow" --steps 8 --out "$DAT
 
 echo "== 10. evaluate: FID, KID, CMMD, DINO-MMD, the CLIP score and VQAScore of the run's last checkpoint"
 # Tiny random CLIP and DINOv2 (the real classes) stand in for CMMD's, DINO-MMD's and the CLIP score's networks,
-# a tiny random Qwen2.5-VL (not the captioner) for VQAScore's judge, which gives "Yes" a few millionths
+# the tiny Qwen2.5-VL of step 5 (the scores) for VQAScore's judge, which gives "Yes" a few millionths
 # (about one token's share of its 150k-token vocabulary); --samples 48 takes every image of the run's training shards; so few give a
 # biased FID (real evaluations use 10,000 or more): the command says so.
 python -m curate.tiny clip "$DATA/models/tiny-clip"
 python -m curate.tiny dinov2 "$DATA/models/tiny-dinov2"
-python -m curate.tiny qwen2.5-vl "$DATA/models/tiny-qwen2.5-vl"
 evaluate run "$DATA/runs/base" --samples 48 --steps 8 --clip "$DATA/models/tiny-clip" \
     --dino "$DATA/models/tiny-dinov2" --metrics fid,kid,cmmd,dino-mmd,clip-score,vqa-score \
     --clip-score "$DATA/models/tiny-clip-score" --vqa-model "$DATA/models/tiny-qwen2.5-vl" --no-progress

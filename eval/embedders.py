@@ -30,7 +30,7 @@ from curate.models import local_fingerprint, resolve_model
 from curate.runner import CurateError
 from curate.shards import stable_hash
 
-__all__ = ["CaptionScorer", "ImageEmbedder", "EmbedderError", "VqaScorer"]
+__all__ = ["CaptionScorer", "ImageEmbedder", "EmbedderError"]
 
 Kind = Literal["clip", "dino"]
 
@@ -140,74 +140,6 @@ class CaptionScorer:
             embedded = self.scorer.images(x).double()
             texts, _ = self.scorer.texts(list(prompts))
         return (embedded * texts.double()).sum(dim=-1, keepdim=True).cpu()
-
-
-class VqaScorer:
-    """uint8 images [B, 3, H, W] and their prompts -> VQAScore (Lin et al. 2024, "Evaluating
-    Text-to-Visual Generation with Image-to-Text Generation"): the probability a vision-language
-    model gives the answer "Yes" to ``QUESTION`` about each image and its whole prompt (float64
-    [B, 1], on the CPU). The metric is its mean.
-
-    The model loads through the captioner's path (``AutoModelForImageTextToText``, the chat
-    template, left padding; bf16 on a GPU, float32 on the CPU) at the first call, so a stored
-    result needs no weights; its identity holds the model, revision, question and answer.
-    """
-
-    needs_captions = True
-    QUESTION = 'Does this figure show "{}"? Please answer yes or no.'  # the paper's template
-    ANSWER = "Yes"
-
-    def __init__(self, name: str = "qwen2.5-vl", *, device: str | torch.device = "cpu",
-                 revision: str | None = None, batch_size: int = 8):
-        try:
-            self.ref = resolve_model(name, "vlm", revision)
-        except CurateError as e:
-            raise EmbedderError(f"vqa-score model: {e}") from e
-        self.name, self.revision, self.device, self.batch_size = name, revision, torch.device(device), batch_size
-        self._captioner: Any = None
-        self.identity: dict[str, Any] = {"id": self.ref.id, "revision": revision, "class": "AutoModelForImageTextToText",
-                                         "question": self.QUESTION, "answer": self.ANSWER}
-        if self.ref.local:
-            self.identity["fingerprint"] = local_fingerprint(self.ref.id)
-        self.key = f"vqascore-{stable_hash(self.identity)[:8]}"
-
-    @property
-    def captioner(self) -> Any:
-        if self._captioner is None:
-            from curate.captioners.base import CaptionerError
-            from curate.captioners.transformers_backend import TransformersCaptioner
-
-            try:
-                with _no_progress_bars():
-                    self._captioner = TransformersCaptioner(self.ref.id, revision=self.revision,
-                                                            device=str(self.device), batch_size=self.batch_size)
-            except CaptionerError as e:
-                raise EmbedderError(f"vqa-score model: {e}") from e
-            answer = self._captioner.tokenizer.encode(self.ANSWER, add_special_tokens=False)
-            if len(answer) != 1:
-                raise EmbedderError(f"vqa-score model {self.name!r}: its tokenizer splits {self.ANSWER!r} into "
-                                    f"{len(answer)} tokens; VQAScore reads the probability of one")
-            self.answer_id = answer[0]
-        return self._captioner
-
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        from PIL import Image
-
-        if len(prompts) != len(images):
-            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        vlm = self.captioner
-        scores = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size].permute(0, 2, 3, 1).cpu().numpy()
-            texts = [vlm.processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.QUESTION.format(p)}]}],
-                tokenize=False, add_generation_prompt=True) for p in prompts[start : start + self.batch_size]]
-            inputs = vlm.processor(text=texts, images=[Image.fromarray(a) for a in chunk], padding=True,
-                                   return_tensors="pt").to(vlm.device, dtype=vlm.dtype)
-            with torch.inference_mode():
-                logits = vlm.model(**inputs).logits[:, -1].float()  # left padding: every row's next token
-            scores.append(logits.log_softmax(-1)[:, self.answer_id].exp().double().cpu())
-        return torch.cat(scores)[:, None]
 
 
 def _input_settings(processor: Any, device: torch.device) -> tuple[int, torch.Tensor, torch.Tensor]:

@@ -74,7 +74,8 @@ def load_networks(metrics: list[str], device: str, *, inception: str | os.PathLi
                   clip: str | None = None, dino: str | None = None, clip_score: str | None = None,
                   vqa: str | None = None) -> dict[str, Any]:
     """The networks ``metrics`` need, by kind (``inception``, ``clip``, ``dino``, ``clip-text``, ``vqa``)."""
-    from eval.embedders import CaptionScorer, ImageEmbedder, VqaScorer
+    from curate.vqa import VqaScorer
+    from eval.embedders import CaptionScorer, ImageEmbedder
     from eval.inception import InceptionFeatures
 
     unknown = [m for m in metrics if m not in METRICS]
@@ -91,7 +92,7 @@ def load_networks(metrics: list[str], device: str, *, inception: str | os.PathLi
     if "clip-text" in kinds:
         networks["clip-text"] = CaptionScorer(clip_score or "clip-score", device=device)
     if "vqa" in kinds:
-        networks["vqa"] = VqaScorer(vqa or "qwen2.5-vl", device=device)
+        networks["vqa"] = VqaScorer(vqa or "qwen2.5-vl", device=device)  # curate/vqa.py
     return networks
 
 

@@ -349,8 +349,9 @@ def test_the_clip_score_pairs_each_image_with_its_own_prompt(pipeline, embedders
 def test_vqa_score_asks_a_vlm_about_each_image_and_its_whole_prompt(pipeline, embedders, tmp_path: Path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from curate.runner import CurateError
     from curate.tiny import build_tiny_qwen2_vl
-    from eval.embedders import VqaScorer
+    from curate.vqa import QUESTION, VqaScorer
 
     vlm = build_tiny_qwen2_vl(tmp_path / "vlm")
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -374,13 +375,13 @@ def test_vqa_score_asks_a_vlm_about_each_image_and_its_whole_prompt(pipeline, em
                                                  rel=1e-4)
     # The whole prompt is read: two prompts that differ only after 400 tokens score apart (CLIP reads 77).
     assert batched[1, 0] != batched[2, 0] and batched[1, 0] != scorer(images[1:2], [long])[0, 0]
-    with pytest.raises(EmbedderError, match="vqa-score model"):
+    with pytest.raises(CurateError, match="not a known vlm alias"):
         VqaScorer("not a model")
 
     run = _fresh_copy(pipeline["base"], tmp_path / "run")
     result = _evaluate(run, embedders, metrics=["vqa-score"], vqa=str(vlm))
     entry = result["metrics"]["vqa-score"]
-    assert entry["network"]["question"] == VqaScorer.QUESTION and entry["network"]["answer"] == "Yes"
+    assert entry["network"]["question"] == QUESTION and entry["network"]["answer"] == "Yes"
     assert 0 < entry["value"] < 1 and 0 < entry["real"] < 1 and np.load(entry["reference"]).shape == (SAMPLES, 1)
     assert _evaluate(run, embedders, metrics=["vqa-score"], vqa=str(vlm)) == result  # stored: nothing computed again
     assert "VQAScore" in format_table(*compare_runs([run]), fmt="markdown")

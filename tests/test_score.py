@@ -71,13 +71,12 @@ def test_a_caption_scores_its_own_image_and_the_aesthetic_head_is_the_predictors
     assert torch.allclose(head(embedded), mlp(embedded)[:, 0], atol=1e-5)
 
 
-def test_score_writes_a_row_per_image_and_a_rerun_redoes_nothing(clip, stage, tmp_path: Path):
-    captions = tmp_path / "captions"
+def caption_stage(images: Path, captions: Path) -> Path:
+    """A caption stage over ``images``, with the columns score reads. Each shard's first image's
+    short caption failed: recaption rejects the row but keeps its long caption, which training reads."""
     schema = {"long": pl.Utf8, "long_prompt_hash": pl.Utf8, "short": pl.Utf8, "short_prompt_hash": pl.Utf8}
-    for shard in committed_shards(stage["images"]):
+    for shard in committed_shards(images):
         keys = pl.read_parquet(shard.index_path).filter(pl.col("status") == "ok")["key"].to_list()
-        # A caption stage's shard, with the columns score reads. The first image's short caption
-        # failed: recaption rejects the row but keeps its long caption, which training reads.
         writer = ShardWriter(captions, shard.shard_id, schema, with_tar=False)
         for i, key in enumerate(keys):
             row = {"long": f"a long caption of image {i}", "long_prompt_hash": "h",
@@ -87,6 +86,11 @@ def test_score_writes_a_row_per_image_and_a_rerun_redoes_nothing(clip, stage, tm
             else:
                 writer.add(key, {}, row=row)
         writer.commit(stage="recaption", fingerprint=stable_hash([shard.shard_id]), config_hash="test")
+    return captions
+
+
+def test_score_writes_a_row_per_image_and_a_rerun_redoes_nothing(clip, stage, tmp_path: Path):
+    captions = caption_stage(stage["images"], tmp_path / "captions")
     out = tmp_path / "scores"
     aesthetic = aesthetic_file(tmp_path / "aesthetic.pth", 16)
     args = ["score", str(stage["images"]), "--out", str(out), "--model", str(clip), "--captions", str(captions),
@@ -244,10 +248,46 @@ def test_classifiers_run_beside_clip_or_alone(clip, classifiers, stage, tmp_path
     assert curate_main(["score", images, "--model", "none", *out]) == 2
     assert "--model none leaves nothing to score" in capsys.readouterr().err
     assert curate_main(["score", images, "--model", "none", "--aesthetic", aesthetic, "--classifier", nsfw, *out]) == 2
-    assert "--captions, --aesthetic and --embeddings need CLIP" in capsys.readouterr().err
+    assert "--aesthetic and --embeddings need CLIP" in capsys.readouterr().err
     assert curate_main(["score", images, "--model", "none", "--classifier", nsfw, "--classifier", nsfw, *out]) == 2
     assert "its column 'nsfw' is taken" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() or not list((tmp_path / "x").glob("*.parquet"))
+
+
+def test_vqa_scores_every_caption_against_its_image(stage, tmp_path: Path, capsys):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from curate.tiny import build_tiny_qwen2_vl
+    from curate.vqa import VqaScorer
+
+    vlm = build_tiny_qwen2_vl(tmp_path / "vlm", variant="qwen2.5-vl")
+    captions = caption_stage(stage["images"], tmp_path / "captions")
+    out = tmp_path / "vqa"
+    args = ["score", str(stage["images"]), "--out", str(out), "--model", "none", "--vqa", str(vlm), "--captions",
+            str(captions), "--batch-size", "3", "--decode-workers", "1", "--device", "cpu", "--no-progress"]
+    assert curate_main(args) == 0
+    rows = pl.concat([pl.read_parquet(s.index_path) for s in committed_shards(out)])
+    assert [c for c in rows.columns if c.startswith(("vqa_", "clip_"))] == ["vqa_orig", "vqa_long", "vqa_short"]
+    assert (rows["vqa_orig"].null_count(), rows["vqa_long"].null_count(), rows["vqa_short"].null_count()) == (10, 0, 3)
+    assert rows["vqa_long"].is_between(0, 1, closed="none").all()
+    # A row's score is the scorer's own for that image (as the decoding worker prepared it) and caption.
+    shard = committed_shards(stage["images"])[0]
+    key = rows.filter(pl.col("vqa_short").is_not_null())["key"][0]
+    with tarfile.open(shard.tar_path) as tar:
+        member = next(m for m in tar.getmembers() if m.name.startswith(f"{key}.") and not m.name.endswith(".json"))
+        image = Image.open(io.BytesIO(tar.extractfile(member).read()))
+        image.load()
+    expected = VqaScorer(str(vlm), device="cpu")([VqaScorer.prepare(image)], ["a short one"])
+    assert rows.filter(pl.col("key") == key)["vqa_short"][0] == pytest.approx(float(expected[0, 0]), rel=1e-4)
+    stage_file = json.loads((out / "_stage.json").read_text())
+    assert stage_file["config"]["vqa"]["question"] == 'Does this figure show "{}"? Please answer yes or no.'
+    assert stage_file["config"]["vqa"]["fingerprint"] and stage_file["summary"]["vqa_long"]["samples"] == 10
+    missing = str(tmp_path / "no-such-model")
+    assert curate_main([*args[:6], "--vqa", missing, "--model", "none", "--out", str(tmp_path / "x")]) == 2
+    assert f"{missing!r} is not a known vlm alias" in capsys.readouterr().err
 
 
 def test_the_tiny_clips_tokenizer_is_the_same_on_every_build():

@@ -94,8 +94,9 @@ class VqaScorer:
             inputs = vlm.processor(text=prompts, images=pictures[chunk], padding=True,
                                    return_tensors="pt").to(vlm.device, dtype=vlm.dtype)
             with torch.inference_mode():
-                # Left padding: every row's last position predicts its answer. No cache: one forward.
-                logits = vlm.model(**inputs, use_cache=False).logits[:, -1].float()
+                # Left padding: every row's last position predicts its answer, the only logits kept
+                # (all of them would be batch x tokens x 152k). No cache: one forward.
+                logits = vlm.model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1].float()
             scores.append(logits.log_softmax(-1)[:, self.answer_id].exp().double().cpu())
         return torch.cat(scores)[:, None]
 

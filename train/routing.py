@@ -11,6 +11,8 @@ Sampling, export and evaluation run the plain model on every token: routing is t
 
 :func:`routed_forward` is PRXTransformer2DModel's forward with the routing added; with no route
 it equals the model's own forward exactly (tested), which guards against diffusers changing it.
+Training also calls it, without a route, to recompute blocks in the backward pass
+(``activation_checkpointing``, train/recompute.py) and to return the tokens of REPA's block.
 """
 
 from __future__ import annotations

@@ -50,9 +50,10 @@ def one_setting(args: argparse.Namespace) -> dict[str, float]:
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = PRXTransformer2DModel(in_channels=16, patch_size=2, context_in_dim=64, hidden_size=args.width,
-                                  mlp_ratio=3.5, num_heads=args.width // 64, depth=args.depth,
-                                  axes_dim=[32, 32]).to(device).train()
+    with device:  # built where it runs: PRX-1.2B's initialisation on a CPU would take a minute a process
+        model = PRXTransformer2DModel(in_channels=16, patch_size=2, context_in_dim=64, hidden_size=args.width,
+                                      mlp_ratio=3.5, num_heads=args.width // 64, depth=args.depth,
+                                      axes_dim=[32, 32]).train()
     net = RoutedDenoiser(model, args.every)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-15)
     for p in model.parameters():  # AdamW's moments now, so that they are not counted as the step's
@@ -82,12 +83,15 @@ def one_setting(args: argparse.Namespace) -> dict[str, float]:
         before = torch.cuda.memory_allocated() / 2**20
     else:
         before = resident_mb()
-    step()  # untimed: first allocations
-    seconds = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        loss = step()  # float() waits for the device
-        seconds.append(time.perf_counter() - start)
+    try:
+        step()  # untimed: first allocations
+        seconds = []
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            loss = step()  # float() waits for the device
+            seconds.append(time.perf_counter() - start)
+    except torch.cuda.OutOfMemoryError:  # a result too: this setting does not fit
+        return {"oom": True}
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else resident_mb()
     return {"step_s": statistics.median(seconds), "memory_mb": peak - before, "loss": loss}
 
@@ -119,19 +123,27 @@ def main() -> None:
         for every in SETTINGS:
             done = subprocess.run([*child, "--every", str(every)], check=True, capture_output=True, text=True)
             runs[every].append(json.loads(done.stdout.strip().splitlines()[-1]))
-    base = {key: statistics.median(r[key] for r in runs[0]) for key in ("step_s", "memory_mb")}
+    def median(every: int, key: str) -> float | None:
+        done = [r[key] for r in runs[every] if "oom" not in r]
+        return statistics.median(done) if done else None
+
     print("| activation_checkpointing | blocks recomputed | s/step (median) | runs | step memory MB (median) "
           "| runs | time / none | memory / none |")
     print("| --- | ---: | ---: | --- | ---: | --- | ---: | ---: |")
+    base_s, base_mb = median(0, "step_s"), median(0, "memory_mb")
     for every in SETTINGS:
-        step_s = statistics.median(r["step_s"] for r in runs[every])
-        memory = statistics.median(r["memory_mb"] for r in runs[every])
+        step_s, memory = median(every, "step_s"), median(every, "memory_mb")
         recomputed = len(range(0, args.depth, every)) if every else 0
+        if step_s is None:
+            print(f"| {every} | {recomputed} of {args.depth} | out of memory | | | | | |")
+            continue
+        ratios = (f"{step_s / base_s:.2f}x | {memory / base_mb:.2f}x" if base_s is not None
+                  else "- | - (none: out of memory)")
         print(f"| {every} | {recomputed} of {args.depth} | {step_s:.3f} | "
-              + ", ".join(f"{r['step_s']:.3f}" for r in runs[every])
-              + f" | {memory:.0f} | " + ", ".join(f"{r['memory_mb']:.0f}" for r in runs[every])
-              + f" | {step_s / base['step_s']:.2f}x | {memory / base['memory_mb']:.2f}x |")
-    losses = {every: runs[every][0]["loss"] for every in SETTINGS}
+              + ", ".join(f"{r['step_s']:.3f}" for r in runs[every] if "oom" not in r)
+              + f" | {memory:.0f} | " + ", ".join(f"{r['memory_mb']:.0f}" for r in runs[every] if "oom" not in r)
+              + f" | {ratios} |")
+    losses = {every: runs[every][0]["loss"] for every in SETTINGS if "oom" not in runs[every][0]}
     same = len(set(losses.values())) == 1
     print(f"\nlast loss {' / '.join(f'{v:.6f}' for v in losses.values())} "
           f"({'identical' if same else 'NOT identical'}); total {time.perf_counter() - started:.0f} s")

@@ -339,6 +339,29 @@ def test_a_cool_down_added_on_resume_trains_as_a_run_planned_with_it(tmp_path: P
     assert "schedule changed on resume: step 8 updates at lr" in capsys.readouterr().err
 
 
+def test_weights_gone_non_finite_are_never_checkpointed(tmp_path: Path, models, dataset, monkeypatch):
+    """A step that turns the weights to NaN between log lines (here from step 3 on) is stopped at the
+    next checkpoint, which is not written: the latest checkpoint stays the last good one."""
+    from train import flow
+    from train.trainer import TrainingError
+
+    interpolate, calls = flow.interpolate, []
+
+    def broken_from_step_3(x0, noise, t):  # 2 micro-batches a step
+        calls.append(1)
+        out = interpolate(x0, noise, t)
+        return out * float("nan") if len(calls) > 4 else out
+
+    monkeypatch.setattr(flow, "interpolate", broken_from_step_3)
+    run = tmp_path / "run"
+    cfg = build_config("tiny", overrides=tiny_args(models, steps=6, checkpoint_every=2, **{"log.every": 100}),
+                       shards=str(dataset["long"]), out=str(run))
+    with pytest.raises(TrainingError, match=r"not finite after step 4: no checkpoint written.*step_00000002\.pt"):
+        train(cfg)
+    assert [s for s, _ in list_checkpoints(run)] == [2]
+    assert all(torch.isfinite(w).all() for w in load_checkpoint(latest_checkpoint(run))["model"].values())
+
+
 def test_resume_with_another_config_is_refused(tmp_path: Path, models, dataset, capsys):
     run = tmp_path / "run"
     assert run_train(dataset["long"], run, models, steps=2) == 0

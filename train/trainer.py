@@ -439,6 +439,13 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
                 ddp_model.train()
             stopping = stop.agreed(world, done)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
+                # Never a checkpoint of broken weights: it would become the one --resume auto takes,
+                # and push a good one out of keep_checkpoints. (One pass over the weights, each rank.)
+                if not torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all():
+                    last = latest_checkpoint(run_dir)
+                    raise TrainingError(f"the weights are not finite after step {done}: no checkpoint written; lower "
+                                        "lr or check the data (curate stats), then resume from "
+                                        + (f"{last} (--resume {last})" if last else "the start (a new --out)"))
                 if world.main:
                     save_checkpoint(run_dir, done, {
                         "format": CHECKPOINT_FORMAT,

@@ -38,6 +38,7 @@ from curate.images import ImageStream
 from curate.manifest import file_sha256
 from curate.runner import CurateError, ShardTask, Stage, image_stage_tasks, read_image_captions
 from curate.shards import ShardWriter, committed_shards
+from curate.stats import rounded
 from curate.subset import EMBEDDING_COLUMN
 from curate.vqa import VqaScorer
 
@@ -414,7 +415,7 @@ class ScoreStage(Stage):
             values = table[column].drop_nulls()
             if len(values):
                 summary[column] = {"samples": len(values),
-                                   **{f"p{q}": round(float(values.quantile(q / 100, "linear")), 4)
+                                   **{f"p{q}": rounded(float(values.quantile(q / 100, "linear")))
                                       for q in (5, 25, 50, 75, 95)}}
         return summary
 

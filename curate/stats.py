@@ -77,6 +77,11 @@ def _rows(path: Path) -> int:
     return pl.scan_parquet(path).select(pl.len()).collect().item()
 
 
+def rounded(value: float) -> float:
+    """Four decimals, or four significant digits below 0.001 (a VQAScore of an untrained model)."""
+    return round(value, 4) if abs(value) >= 1e-3 else float(f"{value:.4g}")
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:,.3g}" if abs(value) < 1000 else f"{value:,.0f}"

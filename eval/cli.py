@@ -140,7 +140,7 @@ def _guidances(value: str) -> list[float]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from eval.compare import rounded
+    from curate.stats import rounded
     from eval.evaluation import evaluate_run
 
     for step, guidance in [(s, g) for s in _steps(args.run, args.step) for g in args.guidance or [None]]:

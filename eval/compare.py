@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from curate.stats import rounded
 from eval.evaluation import FEW_SAMPLES, METRICS, result_files
 from train.config import flatten, load_run_config, to_dict
 from train.metrics import read_metrics
@@ -124,11 +125,6 @@ def compare_runs(
 
 def _setting(evaluation: dict[str, Any], name: str) -> Any:
     return evaluation["settings"].get(name, _UNRECORDED.get(name))
-
-
-def rounded(value: float) -> float:
-    """Four decimals, or four significant digits below 0.001 (a VQAScore of an untrained model)."""
-    return round(value, 4) if abs(value) >= 1e-3 else float(f"{value:.4g}")
 
 
 def _val_loss(logged: list[dict[str, Any]], step: int | None) -> float | None:

@@ -285,6 +285,7 @@ def test_vqa_scores_every_caption_against_its_image(stage, tmp_path: Path, capsy
     stage_file = json.loads((out / "_stage.json").read_text())
     assert stage_file["config"]["vqa"]["question"] == 'Does this figure show "{}"? Please answer yes or no.'
     assert stage_file["config"]["vqa"]["fingerprint"] and stage_file["summary"]["vqa_long"]["samples"] == 10
+    assert stage_file["summary"]["vqa_long"]["p50"] > 0  # an untrained judge's millionths, not rounded to 0
     missing = str(tmp_path / "no-such-model")
     assert curate_main([*args[:6], "--vqa", missing, "--model", "none", "--out", str(tmp_path / "x")]) == 2
     assert f"{missing!r} is not a known vlm alias" in capsys.readouterr().err

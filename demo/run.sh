@@ -87,7 +87,7 @@ echo "== 9. export for diffusers' PRXPipeline, then generate from the exported f
 train export "$DATA/runs/base" --to "$DATA/export/base"
 train generate "$DATA/export/base" "a red fox in the snow" --steps 8 --out "$DATA/export/base-sample.png"
 
-echo "== 10. evaluate: FID, KID, CMMD, DINO-MMD, the CLIP score and VQAScore of the run's last checkpoint"
+echo "== 10. evaluate: FID, KID, CMMD, DINO-MMD, FD-DINOv2, the CLIP score and VQAScore of the run's last checkpoint"
 # Tiny random CLIP and DINOv2 (the real classes) stand in for CMMD's, DINO-MMD's and the CLIP score's networks,
 # the tiny Qwen2.5-VL of step 5 (the scores) for VQAScore's judge, which gives "Yes" a few millionths
 # (about one token's share of its 150k-token vocabulary); --samples 48 takes every image of the run's training shards; so few give a
@@ -95,7 +95,7 @@ echo "== 10. evaluate: FID, KID, CMMD, DINO-MMD, the CLIP score and VQAScore of 
 python -m curate.tiny clip "$DATA/models/tiny-clip"
 python -m curate.tiny dinov2 "$DATA/models/tiny-dinov2"
 evaluate run "$DATA/runs/base" --samples 48 --steps 8 --clip "$DATA/models/tiny-clip" \
-    --dino "$DATA/models/tiny-dinov2" --metrics fid,kid,cmmd,dino-mmd,clip-score,vqa-score \
+    --dino "$DATA/models/tiny-dinov2" --metrics fid,kid,cmmd,dino-mmd,fd-dinov2,clip-score,vqa-score \
     --clip-score "$DATA/models/tiny-clip-score" --vqa-model "$DATA/models/tiny-qwen2.5-vl" --no-progress
 evaluate compare "$DATA/runs/base"
 

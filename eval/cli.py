@@ -1,6 +1,6 @@
 """The ``evaluate`` command: a run's FID, CMMD, DINO-MMD (and KID, CLIP score, VQAScore), runs side by side, FID's weights.
 
-    evaluate run runs/NAME [--metrics fid,kid,cmmd,dino-mmd,clip-score,vqa-score] [--step N] [--samples 10000] ...
+    evaluate run runs/NAME [--metrics fid,kid,cmmd,dino-mmd,fd-dinov2,clip-score,vqa-score] [--step N] ...
     torchrun --nproc_per_node 8 -m eval run runs/NAME ...
     evaluate compare runs/baseline runs/flux2 runs/short [--format markdown|csv|json]
     evaluate get-inception [--to FILE]
@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="the run folder (train --out)")
     p.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
                    help=f"comma-separated, from {', '.join(METRICS)} (kid: unbiased at any sample count, from "
-                        "FID's features; clip-score, vqa-score: how well the images follow their prompts)")
+                        "FID's features; fd-dinov2: FID's distance on DINOv2's features; clip-score, vqa-score: how "
+                        "well the images follow their prompts)")
     p.add_argument("--step", default=None, help="the checkpoint's step, several (5000,10000) or all (every "
                                                 "checkpoint the run kept, oldest first); default: the latest")
     p.add_argument("--samples", type=int, default=10_000,
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception", default=None, help="FID's Inception weights file (default: see get-inception)")
     p.add_argument("--clip", default=None, help="CMMD's CLIP: alias, Hub id or folder (default: clip = "
                                                 "openai/clip-vit-large-patch14-336)")
-    p.add_argument("--dino", default=None, help="DINO-MMD's DINOv2: alias, Hub id or folder (default: dinov2 = "
+    p.add_argument("--dino", default=None, help="DINO-MMD's and FD-DINOv2's DINOv2: alias, Hub id or folder (default: dinov2 = "
                                                 "facebook/dinov2-large)")
     p.add_argument("--clip-score", default=None, dest="clip_score",
                    help="the CLIP score's CLIP, both towers: alias, Hub id or folder (default: clip-score = "

@@ -32,7 +32,8 @@ __all__ = ["compare_runs", "format_table"]
 _COMPARABLE = ("samples", "seed", "steps", "guidance", "guidance_interval", "captions", "resolution", "keys")
 # Config keys that name a run rather than describe it.
 _NOT_COMPARED = ("out",)
-_TITLES = {"fid": "FID", "kid": "KID", "cmmd": "CMMD", "dino-mmd": "DINO-MMD", "clip-score": "CLIP score",
+_TITLES = {"fid": "FID", "kid": "KID", "cmmd": "CMMD", "dino-mmd": "DINO-MMD", "fd-dinov2": "FD-DINOv2",
+           "clip-score": "CLIP score",
            "vqa-score": "VQAScore"}
 
 

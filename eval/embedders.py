@@ -57,9 +57,11 @@ class EmbedderError(CurateError):
 
 
 class ImageEmbedder:
-    """uint8 images [B, 3, H, W] -> L2-normalised embeddings (float64, on the CPU)."""
+    """uint8 images [B, 3, H, W] -> embeddings (float64, on the CPU), L2-normalised for the MMDs;
+    ``normalized=False`` keeps them as the model gives them (FD-DINOv2's features)."""
 
-    def __init__(self, kind: Kind, name: str, *, device: str | torch.device = "cpu", revision: str | None = None):
+    def __init__(self, kind: Kind, name: str, *, device: str | torch.device = "cpu", revision: str | None = None,
+                 normalized: bool = True):
         from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModelWithProjection
         from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
@@ -88,6 +90,9 @@ class ImageEmbedder:
                                          "input_size": self.size}
         if ref.local:
             self.identity["fingerprint"] = local_fingerprint(ref.id)
+        self.normalized = normalized
+        if not normalized:  # only then, so the MMDs' stored features keep their identity
+            self.identity["normalized"] = False
         self.key = f"{kind}-{stable_hash(self.identity)[:8]}"
 
     @property
@@ -107,7 +112,7 @@ class ImageEmbedder:
             out = self.model(pixel_values=x)
         embeddings = out.image_embeds if self.kind == "clip" else out.pooler_output
         embeddings = embeddings.double()
-        return (embeddings / embeddings.norm(dim=-1, keepdim=True)).cpu()
+        return (embeddings / embeddings.norm(dim=-1, keepdim=True) if self.normalized else embeddings).cpu()
 
 
 class CaptionScorer:

@@ -5,7 +5,7 @@ and its CLIP score and VQAScore.
     (train.sample, the run's sampler) -> the manifest's VAE -> features of each metric's network
     the same n samples' original images, centre-cropped        -> the same networks' features
     fid: Fréchet distance of Inception features; kid: their unbiased polynomial-kernel MMD;
-    cmmd, dino-mmd: MMD of CLIP / DINOv2 embeddings
+    cmmd, dino-mmd: MMD of CLIP / DINOv2 embeddings; fd-dinov2: Fréchet distance of DINOv2 features
     clip-score: 100 x CLIP's image-prompt cosine, floored at 0, averaged (also of the real images)
     vqa-score: a VLM's probability of "Yes" to "Does this figure show PROMPT?", averaged (also of the real images)
 
@@ -59,7 +59,7 @@ __all__ = ["CHUNK", "DEFAULT_METRICS", "METRICS", "evaluate_run", "result_files"
 CHUNK = 256  # images per saved feature file: what a killed evaluation can lose
 PREVIEW = 8  # generated images shown above their real counterparts in RUN/eval/stepN-TAG.png
 METRICS = {"fid": "inception", "kid": "inception", "cmmd": "clip", "dino-mmd": "dino",
-           "clip-score": "clip-text", "vqa-score": "vqa"}  # metric -> network
+           "fd-dinov2": "dino-features", "clip-score": "clip-text", "vqa-score": "vqa"}  # metric -> network
 DEFAULT_METRICS = ("fid", "cmmd", "dino-mmd")
 FEW_SAMPLES = 2048  # below the Inception feature dimension the covariance is singular and FID biased
 RESULT_GLOB = "step*-*.json"
@@ -73,7 +73,8 @@ def result_files(run: str | os.PathLike[str]) -> list[Path]:
 def load_networks(metrics: list[str], device: str, *, inception: str | os.PathLike[str] | None = None,
                   clip: str | None = None, dino: str | None = None, clip_score: str | None = None,
                   vqa: str | None = None) -> dict[str, Any]:
-    """The networks ``metrics`` need, by kind (``inception``, ``clip``, ``dino``, ``clip-text``, ``vqa``)."""
+    """The networks ``metrics`` need, by kind (``inception``, ``clip``, ``dino``, ``dino-features``,
+    ``clip-text``, ``vqa``)."""
     from curate.vqa import VqaScorer
     from eval.embedders import CaptionScorer, ImageEmbedder
     from eval.inception import InceptionFeatures
@@ -89,6 +90,8 @@ def load_networks(metrics: list[str], device: str, *, inception: str | os.PathLi
         networks["clip"] = ImageEmbedder("clip", clip or "clip", device=device)
     if "dino" in kinds:
         networks["dino"] = ImageEmbedder("dino", dino or "dinov2", device=device)
+    if "dino-features" in kinds:  # FD-DINOv2 takes the class token as it is, not normalised
+        networks["dino-features"] = ImageEmbedder("dino", dino or "dinov2", device=device, normalized=False)
     if "clip-text" in kinds:
         networks["clip-text"] = CaptionScorer(clip_score or "clip-score", device=device)
     if "vqa" in kinds:
@@ -166,7 +169,7 @@ def evaluate_run(
     networks = load_networks(metrics, device, inception=inception, clip=clip, dino=dino, clip_score=clip_score,
                              vqa=vqa)
     evalset = choose_samples(data, manifest_path, samples, seed=seed, variant=variant)
-    for metric, why in (("fid", "a covariance"), ("kid", "an unbiased estimate")):
+    for metric, why in (("fid", "a covariance"), ("fd-dinov2", "a covariance"), ("kid", "an unbiased estimate")):
         if metric in metrics and len(evalset) < 2:
             raise CurateError(f"{metric.upper()} needs at least 2 images ({why}); the evaluation set has {len(evalset)}")
     settings = {
@@ -272,7 +275,7 @@ def _value(metric: str, generated: list[np.ndarray], real: np.ndarray) -> dict[s
         return {"value": _clip_score(features), "real": _clip_score(real)}
     if metric == "vqa-score":
         return {"value": float(features.mean()), "real": float(real.mean())}
-    if metric == "fid":
+    if metric in ("fid", "fd-dinov2"):
         return {"value": fid_from_features(features, real)}
     if metric == "kid":
         mean, std = kid(features, real)

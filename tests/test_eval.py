@@ -312,6 +312,21 @@ def test_a_runs_metrics_are_recorded_reproducible_and_reused(pipeline, inception
     assert with_kid["metrics"]["kid"]["network"] == first["metrics"]["fid"]["network"]
 
 
+def test_fd_dinov2_is_the_frechet_distance_of_dinov2s_class_tokens_as_they_are(pipeline, embedders, tmp_path: Path):
+    run = _fresh_copy(pipeline["base"], tmp_path / "run")
+    result = _evaluate(run, embedders, metrics=["fd-dinov2", "dino-mmd"])
+    fd, mmd_entry = result["metrics"]["fd-dinov2"], result["metrics"]["dino-mmd"]
+    assert fd["network"] == {**mmd_entry["network"], "normalized": False}  # the MMD's features keep their identity
+    dino = [np.load(f) for f in sorted(Path(result["features"]).glob("*.dino-*.npy"))]  # both networks' features
+    generated = next(a for a in dino if not np.allclose(np.linalg.norm(a, axis=1), 1.0))
+    real = np.load(fd["reference"])
+    assert not np.allclose(np.linalg.norm(real, axis=1), 1.0)  # DINOv2's pooled output, not normalised
+    assert fd["value"] == pytest.approx(fid_from_features(generated, real), rel=1e-12) and fd["value"] > 0
+    normalized = np.load(mmd_entry["reference"])
+    np.testing.assert_allclose(real / np.linalg.norm(real, axis=1, keepdims=True), normalized, rtol=1e-5)
+    assert "FD-DINOv2" in format_table(*compare_runs([run]), fmt="markdown")
+
+
 def test_the_clip_score_pairs_each_image_with_its_own_prompt(pipeline, embedders, tmp_path: Path):
     import torch.nn.functional as F
     from transformers import AutoTokenizer, CLIPModel

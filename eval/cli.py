@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images generated and real images compared (all samples if the data has fewer)")
     p.add_argument("--manifest", default=None, help="the manifest whose samples and captions are used "
                                                     "(default: the one the run trained on)")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="a benchmark's prompts (one a line, or a .json list) instead of the manifest's samples: the "
+                        "first --samples of them, scored without real images (--metrics clip-score,vqa-score)")
     p.add_argument("--images", default=None,
                    help="the image stage folder (default: the manifest's provenance); for a merged manifest, "
                         "NAME=DIR[,NAME=DIR] for the parts whose stage moved")
@@ -151,6 +154,7 @@ def _run(args: argparse.Namespace) -> int:
             guidance=guidance, guidance_interval=args.guidance_interval, variant=args.captions, weights=args.weights,
             batch_size=args.batch_size, device=args.device,
             inception=args.inception, clip=args.clip, dino=args.dino, clip_score=args.clip_score, vqa=args.vqa,
+            prompts=args.prompts,
             rank=args.rank,
             world_size=args.world_size, force=args.force, progress=not args.no_progress)
         if result is None:

@@ -12,6 +12,9 @@ The prompt of a sample follows the manifest's caption selection, drawn as the tr
 variant instead (for measuring a long-caption run on short prompts, say). The real image is the
 original from the image stage, resized and centre-cropped to the square ``resolution`` by the
 same code that prepared it for the VAE (``curate.buckets.preprocess``).
+
+A benchmark's prompt file (``evaluate run --prompts``) gives an evaluation set without real
+images: its prompts in order, prompt ``i`` with noise ``seed + i`` as above.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ from curate.runner import CurateError
 from curate.shards import OK, iter_tar_samples, read_index, shard_name
 from train.data import choose_caption
 
-__all__ = ["EvalSample", "EvalSetError", "choose_samples", "images_dir_of", "real_batches", "real_images"]
+__all__ = ["EvalSample", "EvalSetError", "choose_samples", "images_dir_of", "prompt_samples", "real_batches",
+           "real_images"]
 
 
 class EvalSetError(CurateError):
@@ -56,6 +60,26 @@ class EvalSample:
     variant: str  # the caption variant used, "" when the sample has no caption at all
     caption: str
     part: int = 0  # the part of a merged manifest it belongs to, whose image stage holds its original
+
+
+def prompt_samples(path: str | os.PathLike[str], n: int) -> list[EvalSample]:
+    """The first ``n`` prompts of a benchmark's prompt file (one a line, blank lines skipped; or a
+    ``.json`` list of strings), as samples without real images (shard -1, key ``prompt-INDEX``)."""
+    path = Path(path)
+    if n < 1:
+        raise EvalSetError(f"the evaluation set needs at least 1 sample, got {n}")
+    try:
+        text = path.read_text(encoding="utf-8")
+        prompts = json.loads(text) if path.suffix == ".json" else [line.strip() for line in text.splitlines()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EvalSetError(f"--prompts {path}: {e}") from None
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise EvalSetError(f"--prompts {path}: a .json prompt file holds a list of strings")
+    prompts = [p for p in prompts if p.strip()]
+    if not prompts:
+        raise EvalSetError(f"--prompts {path}: no prompts")
+    return [EvalSample(index=i, shard=-1, key=f"prompt-{i:05d}", variant="prompt", caption=p)
+            for i, p in enumerate(prompts[:n])]
 
 
 def _shard_id(url: str) -> int:

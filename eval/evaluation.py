@@ -48,19 +48,27 @@ from tqdm import tqdm
 from curate.manifest import LatentSpec, ManifestError, file_sha256, load_manifest
 from curate.runner import CurateError, package_versions, resolve_device, resolve_share
 from curate.shards import stable_hash
-from eval.evalset import EvalSample, choose_samples, images_dir_of, real_batches, real_images
+from eval.evalset import (
+    EvalSample,
+    choose_samples,
+    images_dir_of,
+    prompt_samples,
+    real_batches,
+    real_images,
+)
 from eval.stats import fid_from_features, kid, mmd
 from train.checkpoint import CheckpointError, checkpoint_path, latest_checkpoint, load_checkpoint
 from train.config import check_guidance_interval
 from train.ema import checkpoint_weights
 
-__all__ = ["CHUNK", "DEFAULT_METRICS", "METRICS", "evaluate_run", "result_files"]
+__all__ = ["CHUNK", "DEFAULT_METRICS", "METRICS", "PROMPT_METRICS", "evaluate_run", "result_files"]
 
 CHUNK = 256  # images per saved feature file: what a killed evaluation can lose
 PREVIEW = 8  # generated images shown above their real counterparts in RUN/eval/stepN-TAG.png
 METRICS = {"fid": "inception", "kid": "inception", "cmmd": "clip", "dino-mmd": "dino",
            "fd-dinov2": "dino-features", "clip-score": "clip-text", "vqa-score": "vqa"}  # metric -> network
 DEFAULT_METRICS = ("fid", "cmmd", "dino-mmd")
+PROMPT_METRICS = ("clip-score", "vqa-score")  # the metrics of generated images and their prompts alone
 FEW_SAMPLES = 2048  # below the Inception feature dimension the covariance is singular and FID biased
 RESULT_GLOB = "step*-*.json"
 
@@ -120,6 +128,7 @@ def evaluate_run(
     dino: str | None = None,
     clip_score: str | None = None,
     vqa: str | None = None,
+    prompts: str | os.PathLike[str] | None = None,
     rank: int | None = None,
     world_size: int | None = None,
     force: bool = False,
@@ -133,6 +142,8 @@ def evaluate_run(
     ``inception``, ``clip``, ``dino``, ``clip_score`` and ``vqa`` choose the networks (file; alias, Hub
     id or folder);
     ``weights`` "ema" or "raw" (default: the EMA weights when the run kept them).
+    ``prompts``: a prompt file (a benchmark's: one a line, or a JSON list) instead of the manifest's
+    samples; then only the metrics that need no real images (PROMPT_METRICS) can be measured.
     Returns the result, or None when other workers still have chunks to generate.
     """
     run = Path(run)
@@ -158,26 +169,39 @@ def evaluate_run(
     model_weights, weights = checkpoint_weights(state, weights)
     if batch_size < 1 or steps < 1:
         raise CurateError(f"batch size and sampler steps must be at least 1 (got {batch_size}, {steps})")
-    try:
-        data = load_manifest(manifest_path, check_files=True)
-    except ManifestError as e:
-        if manifest is not None or manifest_path.is_absolute():
-            raise
-        raise ManifestError(f"{e} (the run trained on {manifest_path}, relative to where it was started: "
-                            "run from there, or pass the manifest with --manifest)") from None
+    if prompts is not None:
+        if manifest is not None or images is not None or variant is not None:
+            raise CurateError("--prompts replaces the manifest's samples: give no --manifest, --images or --captions")
+        unpaired = [m for m in metrics if m in METRICS and m not in PROMPT_METRICS]  # unknown ones: below
+        if unpaired:
+            raise CurateError(f"{', '.join(unpaired)} compare with real images, which a prompt file does not have: "
+                              f"with --prompts choose from {', '.join(PROMPT_METRICS)}")
+        data = None
+    else:
+        try:
+            data = load_manifest(manifest_path, check_files=True)
+        except ManifestError as e:
+            if manifest is not None or manifest_path.is_absolute():
+                raise
+            raise ManifestError(f"{e} (the run trained on {manifest_path}, relative to where it was started: "
+                                "run from there, or pass the manifest with --manifest)") from None
     device = str(resolve_device(device))
+    evalset = (prompt_samples(prompts, samples) if data is None
+               else choose_samples(data, manifest_path, samples, seed=seed, variant=variant))
     networks = load_networks(metrics, device, inception=inception, clip=clip, dino=dino, clip_score=clip_score,
                              vqa=vqa)
-    evalset = choose_samples(data, manifest_path, samples, seed=seed, variant=variant)
     for metric, why in (("fid", "a covariance"), ("fd-dinov2", "a covariance"), ("kid", "an unbiased estimate")):
         if metric in metrics and len(evalset) < 2:
             raise CurateError(f"{metric.upper()} needs at least 2 images ({why}); the evaluation set has {len(evalset)}")
     settings = {
         "step": step, "samples": len(evalset), "seed": seed, "steps": steps, "guidance": guidance,
-        "shift": shift, "captions": {variant: 1.0} if variant else dict(data.captions),
-        "resolution": spec.resolution,
-        "keys": stable_hash([s.key for s in evalset]), "prompts": stable_hash([s.caption for s in evalset]),
+        "shift": shift, "resolution": spec.resolution, "prompts": stable_hash([s.caption for s in evalset]),
     }
+    if data is not None:  # the real images' samples and how their prompts were chosen
+        settings |= {"captions": {variant: 1.0} if variant else dict(data.captions),
+                     "keys": stable_hash([s.key for s in evalset])}
+    else:
+        settings["prompt_set"] = Path(prompts).name
     if weights == "ema":  # only then, so the tags of runs without EMA stay what they were
         settings["weights"] = "ema"
     if interval != (0.0, 1.0):  # likewise: guidance at every step keeps the tags it had
@@ -218,10 +242,10 @@ def evaluate_run(
             first: list[torch.Tensor] = []
             done = 0
             for batch in generator.images(part):
-                prompts = [s.caption for s in part[done : done + len(batch)]]
+                batch_prompts = [s.caption for s in part[done : done + len(batch)]]
                 done += len(batch)
                 for net in nets:
-                    features[net.key].append(_features(net, batch, prompts).numpy())
+                    features[net.key].append(_features(net, batch, batch_prompts).numpy())
                 if c == 0 and len(first) < PREVIEW:
                     first.extend(batch[: PREVIEW - len(first)])
                 bar.update(len(batch))
@@ -233,24 +257,28 @@ def evaluate_run(
     if not all(chunk_file(c, net).is_file() for c in range(chunks) for net in needed.values()):
         return None  # another worker's chunks are not done; the last worker to finish writes the result
 
-    reference = _reference_features(run, data, images, evalset, spec.resolution, needed, settings,
-                                    batch_size=max(batch_size, 32), progress=progress)
+    reference = {} if data is None else _reference_features(
+        run, data, images, evalset, spec.resolution, needed, settings, batch_size=max(batch_size, 32),
+        progress=progress)
     result = stored if stored is not None else {"metrics": {}}
     for metric in wanted:
         net = needed[METRICS[metric]]
         generated = [np.load(chunk_file(c, net), allow_pickle=False) for c in range(chunks)]
-        result["metrics"][metric] = {**_value(metric, generated, reference[net.key][0]), "network": net.identity,
-                                     "reference": str(reference[net.key][1].absolute())}
+        real, real_file = reference.get(net.key, (None, None))
+        result["metrics"][metric] = {**_value(metric, generated, real), "network": net.identity,
+                                     **({"reference": str(real_file.absolute())} if real_file else {})}
     empty = sum(1 for s in evalset if not s.caption)
     result |= {
         "step": step, "run": str(run.absolute()), "tag": tag, "checkpoint": str(path.absolute()),
         "settings": settings,
-        "manifest": {"path": str(manifest_path.absolute()), "name": data.name, "sha256": file_sha256(manifest_path)},
+        **({"manifest": {"path": str(manifest_path.absolute()), "name": data.name,
+                         "sha256": file_sha256(manifest_path)}} if data is not None
+           else {"prompt_set": {"path": str(Path(prompts).absolute()), "sha256": file_sha256(Path(prompts))}}),
         "features": str(work.absolute()), "preview": str((run / "eval" / f"{name}.png").absolute()),
         "empty_prompts": empty,
         "note": (f"FID from {len(evalset)} images (fewer than {FEW_SAMPLES}) is biased upwards: compare "
                  "it only with evaluations of the same sample count (KID, --metrics kid, is unbiased)")
-        if len(evalset) < FEW_SAMPLES else None,
+        if len(evalset) < FEW_SAMPLES and data is not None else None,
         "seconds_this_worker": round(time.perf_counter() - started, 1), "finished": time.time(),
         "versions": package_versions(("kiln", "torch", "diffusers", "transformers")),
     }
@@ -267,14 +295,13 @@ def _clip_score(cosines: np.ndarray) -> float:
     return float(100 * np.clip(cosines, 0, None).mean())
 
 
-def _value(metric: str, generated: list[np.ndarray], real: np.ndarray) -> dict[str, float]:
+def _value(metric: str, generated: list[np.ndarray], real: np.ndarray | None) -> dict[str, float]:
     """A metric's entry: its value, and what reads it (KID's spread over subsets, the real images' CLIP score
-    and VQAScore)."""
+    and VQAScore; a prompt file has no real images)."""
     features = np.concatenate(generated)
-    if metric == "clip-score":  # the real images' score with the same prompts: the ceiling to read it against
-        return {"value": _clip_score(features), "real": _clip_score(real)}
-    if metric == "vqa-score":
-        return {"value": float(features.mean()), "real": float(real.mean())}
+    if metric in PROMPT_METRICS:  # the real images' score with the same prompts: the ceiling to read it against
+        score = _clip_score if metric == "clip-score" else lambda x: float(x.mean())
+        return {"value": score(features), **({"real": score(real)} if real is not None else {})}
     if metric in ("fid", "fd-dinov2"):
         return {"value": fid_from_features(features, real)}
     if metric == "kid":
@@ -329,11 +356,14 @@ class _Generator:
 
 def _preview(path: Path, generated: list[torch.Tensor], evalset: list[EvalSample], data, images,
              resolution: int) -> None:
-    """The first generated images in a row, the same samples' real images in the row below."""
+    """The first generated images in a row, the same samples' real images in the row below (a prompt
+    file has none)."""
     from train.sample import make_grid, save_png
 
-    folder = images_dir_of(data, images)
-    real = [next(real_images([s], folder, resolution, batch_size=1))[0] for s in evalset[: len(generated)]]
+    real = []
+    if data is not None:
+        folder = images_dir_of(data, images)
+        real = [next(real_images([s], folder, resolution, batch_size=1))[0] for s in evalset[: len(generated)]]
     grid = make_grid(torch.stack(generated + real).float() / 255, columns=len(generated))
     save_png(grid, path)
 

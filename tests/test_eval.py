@@ -4,6 +4,7 @@ comparison table."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tarfile
@@ -20,6 +21,7 @@ from tiny_run import make_tiny_runs
 import eval.evaluation as evaluation
 from curate.buckets import preprocess
 from curate.manifest import load_manifest
+from curate.runner import CurateError
 from eval.cli import main as evaluate_main
 from eval.compare import compare_runs, format_table
 from eval.embedders import EmbedderError, ImageEmbedder
@@ -400,6 +402,36 @@ def test_vqa_score_asks_a_vlm_about_each_image_and_its_whole_prompt(pipeline, em
     assert 0 < entry["value"] < 1 and 0 < entry["real"] < 1 and np.load(entry["reference"]).shape == (SAMPLES, 1)
     assert _evaluate(run, embedders, metrics=["vqa-score"], vqa=str(vlm)) == result  # stored: nothing computed again
     assert "VQAScore" in format_table(*compare_runs([run]), fmt="markdown")
+
+
+def test_a_benchmarks_prompt_file_is_scored_without_real_images(pipeline, embedders, tmp_path: Path, capsys):
+    from curate.tiny import build_tiny_clip
+
+    clip = build_tiny_clip(tmp_path / "clip-score")
+    run = _fresh_copy(pipeline["base"], tmp_path / "run")
+    prompts = tmp_path / "bench.txt"
+    prompts.write_text("a red cube on a table\n\na blue ball\nthree cats on a sofa\na lighthouse at night\n")
+    result = _evaluate(run, embedders, metrics=["clip-score"], clip_score=str(clip), prompts=prompts, samples=3)
+    entry = result["metrics"]["clip-score"]
+    assert 0 <= entry["value"] <= 100 and "real" not in entry and "reference" not in entry
+    assert result["settings"]["samples"] == 3 and result["settings"]["prompt_set"] == "bench.txt"
+    assert "keys" not in result["settings"] and "manifest" not in result and result["note"] is None
+    assert result["prompt_set"]["sha256"] == hashlib.sha256(prompts.read_bytes()).hexdigest()
+    with Image.open(result["preview"]) as preview:  # the generated row alone
+        assert preview.size == (3 * 32, 32)
+    # The same three prompts as a JSON list are the same evaluation set: the same images and score.
+    as_json = tmp_path / "bench.json"
+    as_json.write_text(json.dumps(["a red cube on a table", "a blue ball", "three cats on a sofa"]))
+    again = _evaluate(run, embedders, metrics=["clip-score"], clip_score=str(clip), prompts=as_json, samples=3)
+    assert again["metrics"]["clip-score"]["value"] == entry["value"] and again["tag"] != result["tag"]
+    # What needs real images is refused, and so is a manifest beside the prompts.
+    with pytest.raises(CurateError, match="fid compare with real images, which a prompt file does not have"):
+        _evaluate(run, embedders, metrics=["fid", "clip-score"], prompts=prompts)
+    with pytest.raises(CurateError, match="--prompts replaces the manifest's samples"):
+        _evaluate(run, embedders, metrics=["clip-score"], prompts=prompts, manifest=pipeline["manifest"])
+    assert evaluate_main(["run", str(run), "--prompts", str(tmp_path / "missing.txt"), "--metrics", "clip-score",
+                          "--device", "cpu", "--no-progress"]) == 2
+    assert "missing.txt" in capsys.readouterr().err
 
 
 def test_a_run_with_an_ema_is_evaluated_with_it_unless_raw_is_asked_for(pipeline, embedders, tmp_path: Path):

@@ -35,6 +35,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/dedup.py
 	$(PY) bench/shard_writer.py
 	$(PY) bench/train.py
+	$(PY) bench/recompute.py
 	$(PY) bench/subset.py
 	$(PY) bench/evaluate.py
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from curate.stats import rounded
 from eval.evaluation import FEW_SAMPLES, METRICS, result_files
-from train.config import flatten, load_run_config, to_dict
+from train.config import EVERY_STEP, flatten, load_run_config, to_dict
 from train.metrics import read_metrics
 
 __all__ = ["compare_runs", "format_table"]
@@ -56,7 +56,7 @@ def _differ(values: list[Any]) -> bool:
 # Sampler settings that --every shows as columns (a sweep) instead of noting them.
 _SWEPT = {"guidance": "guidance", "guidance_interval": "guidance interval", "steps": "sampler steps"}
 # Settings an evaluation records only when they are not these (so older evaluations keep their tags).
-_UNRECORDED = {"guidance_interval": [0.0, 1.0]}
+_UNRECORDED = {"guidance_interval": list(EVERY_STEP)}
 
 
 def _all_evaluations(run: Path) -> list[dict[str, Any]]:

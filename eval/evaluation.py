@@ -58,7 +58,7 @@ from eval.evalset import (
 )
 from eval.stats import fid_from_features, kid, mmd
 from train.checkpoint import CheckpointError, checkpoint_path, latest_checkpoint, load_checkpoint
-from train.config import check_guidance_interval
+from train.config import EVERY_STEP, check_guidance_interval
 from train.ema import checkpoint_weights
 
 __all__ = ["CHUNK", "DEFAULT_METRICS", "METRICS", "PROMPT_METRICS", "evaluate_run", "result_files"]
@@ -159,7 +159,7 @@ def evaluate_run(
         steps = int(steps if steps is not None else cfg["sample"]["steps"])
         guidance = float(guidance if guidance is not None else cfg["sample"]["guidance"])
         interval = check_guidance_interval(
-            guidance_interval if guidance_interval is not None else cfg["sample"].get("guidance_interval", [0.0, 1.0]),
+            guidance_interval if guidance_interval is not None else cfg["sample"].get("guidance_interval", EVERY_STEP),
             "the guidance interval")
         shift = float(cfg["flow"]["shift"])
         prediction = (cfg["flow"].get("prediction", "velocity"), float(cfg["flow"].get("x0_t_min", 0.05)))
@@ -204,7 +204,7 @@ def evaluate_run(
         settings["prompt_set"] = Path(prompts).name
     if weights == "ema":  # only then, so the tags of runs without EMA stay what they were
         settings["weights"] = "ema"
-    if interval != (0.0, 1.0):  # likewise: guidance at every step keeps the tags it had
+    if interval != EVERY_STEP:  # likewise: guidance at every step keeps the tags it had
         settings["guidance_interval"] = list(interval)
     tag = stable_hash(settings)[:12]
     name = f"step{step:08d}-{tag}"
@@ -316,7 +316,7 @@ class _Generator:
 
     def __init__(self, state: dict[str, Any], model_weights: dict[str, torch.Tensor], spec: LatentSpec,
                  device: str, *, steps: int, guidance: float, shift: float, prediction: tuple[str, float],
-                 seed: int, batch_size: int, guidance_interval: tuple[float, float] = (0.0, 1.0)):
+                 seed: int, batch_size: int, guidance_interval: tuple[float, float] = EVERY_STEP):
         from diffusers import PRXTransformer2DModel
 
         from curate.text import TextEncoder

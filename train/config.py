@@ -138,6 +138,11 @@ class DataConfig:
     allow_pipe: bool = False  # manifests whose shard URLs run a shell
 
 
+# The guidance interval that covers every sampling time: the default, which an evaluation does not
+# record (so evaluations from before the interval existed keep their tags).
+EVERY_STEP = (0.0, 1.0)
+
+
 @dataclass
 class SampleConfig:
     prompts: list[str] = field(default_factory=lambda: [
@@ -152,7 +157,7 @@ class SampleConfig:
     ])
     steps: int = 28
     guidance: float = 4.0
-    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # t range where guidance applies
+    guidance_interval: list[float] = field(default_factory=lambda: list(EVERY_STEP))  # t range where guidance applies
     seed: int = 0
     size: int = 0  # pixels per side; 0 uses the manifest's resolution
 

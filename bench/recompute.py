@@ -33,6 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from train.recompute import recomputed  # noqa: E402
+
 SETTINGS = (0, 2, 1)
 
 
@@ -133,13 +135,13 @@ def main() -> None:
     base_s, base_mb = median(0, "step_s"), median(0, "memory_mb")
     for every in SETTINGS:
         step_s, memory = median(every, "step_s"), median(every, "memory_mb")
-        recomputed = len(range(0, args.depth, every)) if every else 0
+        count = sum(recomputed(i, every) for i in range(args.depth))
         if step_s is None:
-            print(f"| {every} | {recomputed} of {args.depth} | out of memory | | | | | |")
+            print(f"| {every} | {count} of {args.depth} | out of memory | | | | | |")
             continue
         ratios = (f"{step_s / base_s:.2f}x | {memory / base_mb:.2f}x" if base_s is not None
                   else "- | - (none: out of memory)")
-        print(f"| {every} | {recomputed} of {args.depth} | {step_s:.3f} | "
+        print(f"| {every} | {count} of {args.depth} | {step_s:.3f} | "
               + ", ".join(f"{r['step_s']:.3f}" for r in runs[every] if "oom" not in r)
               + f" | {memory:.0f} | " + ", ".join(f"{r['memory_mb']:.0f}" for r in runs[every] if "oom" not in r)
               + f" | {ratios} |")

@@ -18,9 +18,15 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
+def recomputed(index: int, every: int) -> bool:
+    """Whether block ``index`` (from 0) recomputes its activations with ``activation_checkpointing=every``
+    (0: none)."""
+    return every > 0 and index % every == 0
+
+
 def run_block(block: torch.nn.Module, index: int, every: int, **inputs: Any) -> torch.Tensor:
-    """``block(**inputs)``; when gradients are taken and block ``index`` (from 0) is a multiple of
-    ``every`` (0: none), its activations are recomputed in the backward pass."""
-    if every > 0 and index % every == 0 and torch.is_grad_enabled():
+    """``block(**inputs)``, with its activations recomputed in the backward pass when gradients are
+    taken and :func:`recomputed` says so."""
+    if recomputed(index, every) and torch.is_grad_enabled():
         return checkpoint(block, use_reentrant=False, **inputs)
     return block(**inputs)

@@ -75,6 +75,7 @@ from train.model import (
     train_flops_per_sample,
 )
 from train.optim import build_optimizer
+from train.recompute import recomputed
 from train.repa import (
     RepaTeacher,
     WithRepa,
@@ -270,8 +271,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
             logger.note(f"optimizer: Muon for the blocks' weight matrices ({muon / 1e6:.2f}M parameters), "
                         f"AdamW for the rest ({other / 1e6:.2f}M)")
         if cfg.activation_checkpointing:
-            recomputed = len(range(0, len(model.blocks), cfg.activation_checkpointing))
-            logger.note(f"activation checkpointing: {recomputed} of {len(model.blocks)} blocks recompute their "
+            count = sum(recomputed(i, cfg.activation_checkpointing) for i in range(len(model.blocks)))
+            logger.note(f"activation checkpointing: {count} of {len(model.blocks)} blocks recompute their "
                         "activations in the backward pass")
         if cfg.weights_dtype == "bfloat16":
             logger.note("WARNING: weights stored in bfloat16 (allow_bf16_weights=true): "

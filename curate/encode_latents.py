@@ -29,6 +29,7 @@ import polars as pl
 
 from curate.images import FILTERED_OUT
 from curate.manifest import Manifest, ShardEntry, write_manifest
+from curate.models import PIXELS
 from curate.runner import (
     STAGE_FILE,
     CurateError,
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("curate")
 
-DTYPES = ("bfloat16", "float16")  # stored latents
+DTYPES = ("bfloat16", "float16", "uint8")  # stored latents (uint8: pixel values, --vae pixels only)
 VAE_DTYPES = ("float32", "bfloat16")  # the VAE's weights (float32: bf16 autocast on a GPU)
 
 # Batches queued on the GPU beyond the one it encodes (their inputs and latents stay in memory).
@@ -75,14 +76,25 @@ class EncodeLatentsStage(Stage):
 
     def __init__(self, images_dir: str | Path, captions_dir: str | Path | None, out_dir: str | Path, vae: str, *,
                  revision: str | None = None, vae_class: str | None = None, resolution: int = 256,
-                 buckets: bool = False, bucket_multiple: int = 16, store: str = "dist", dtype: str = "bfloat16",
+                 buckets: bool = False, bucket_multiple: int = 16, store: str | None = None,
+                 dtype: str | None = None,
                  vae_dtype: str = "float32", batch_size: int = 32, compile: bool = False,
                  decode_workers: int = 2, allow_missing_captions: bool = False, select: SubsetRules | None = None,
                  manifest_dir: str | Path = "manifests", name: str | None = None, device: str | None = None):
+        pixels = vae == PIXELS
+        # Pixel space stores the images' own values: one draw (no distribution), and uint8 holds
+        # them exactly in half bf16's bytes.
+        store = store or ("mean" if pixels else "dist")
+        dtype = dtype or ("uint8" if pixels else "bfloat16")
         if store not in ("dist", "mean"):
             raise CurateError(f"--store must be dist or mean, not {store!r}")
+        if pixels and store == "dist":
+            raise CurateError("--vae pixels stores the images themselves, which have no distribution: "
+                              "--store mean (the default for pixels)")
         if dtype not in DTYPES:
             raise CurateError(f"--dtype must be one of {DTYPES}, not {dtype!r}")
+        if dtype == "uint8" and not pixels:
+            raise CurateError(f"--dtype uint8 holds pixel values (--vae pixels), not the latents of {vae!r}")
         if vae_dtype not in VAE_DTYPES:
             raise CurateError(f"--vae-dtype must be one of {VAE_DTYPES}, not {vae_dtype!r}")
         if resolution % bucket_multiple:
@@ -127,7 +139,7 @@ class EncodeLatentsStage(Stage):
         from curate.models import local_fingerprint
 
         return {"vae": self.vae_name, "revision": self.revision, "vae_class": self.vae_class,
-                "local_vae_files": local_fingerprint(self.vae_name),
+                "local_vae_files": None if self.vae_name == PIXELS else local_fingerprint(self.vae_name),
                 "resolution": self.resolution, "buckets": self.bucket_table(), "store": self.store,
                 "dtype": self.dtype, "vae_dtype": self.vae_dtype, "variants": self.variants,
                 "draft_jpeg_decoding": True, "allow_missing_captions": self.allow_missing_captions,
@@ -178,7 +190,7 @@ class EncodeLatentsStage(Stage):
         # core although the decoding workers share those cores, since next to a VAE they are
         # idle most of the time (2 cores, 2 workers: the full-size encoder ran 1.7x and the tiny
         # one 1.3-1.6x as fast with 2 threads as with the 1 the workers left; BENCHMARKS.md).
-        if self.compile:
+        if self.compile and any(True for _ in self.loaded.model.parameters()):  # pixels: nothing to compile
             # Batches keep one size (padded, see process); a new bucket shape recompiles once with
             # symbolic sides (torch's automatic dynamic shapes), where static shapes would compile
             # each bucket (17 at 256 px) and stop compiling at dynamo's limit of 8.
@@ -219,7 +231,7 @@ class EncodeLatentsStage(Stage):
                 else:
                     yield key, tensor, record
 
-        device = next(self.loaded.model.parameters()).device
+        device = self.loaded.model.device
         cuda = device.type == "cuda"
         dtype = getattr(torch, self.dtype)
 

@@ -73,7 +73,7 @@ class LatentSpec(_Strict):
     channels: int = Field(gt=0)  # latent channels as stored (16 for Flux, 32 for FLUX.2)
     downsample: int = Field(gt=0)  # pixels per latent cell on each side (8)
     stored: Literal["dist", "mean"]  # dist: mean and std, a fresh latent is sampled per epoch
-    dtype: Literal["bfloat16", "float16", "float32"]
+    dtype: Literal["bfloat16", "float16", "float32", "uint8"]  # uint8: pixel values (vae "pixels")
     scaling_factor: float = 1.0  # model input = (latent - shift_factor) * scaling_factor
     shift_factor: float = 0.0
     normalization: LatentNormalization | None = None
@@ -181,7 +181,7 @@ class TextSpec(_Strict):
     revision: str | None = None  # the Hub commit loaded; None for a local folder
     dim: int = Field(gt=0)  # hidden size: the denoiser's context_in_dim
     max_tokens: int = Field(gt=0)  # the tokenizer's padded length at training and inference
-    dtype: Literal["bfloat16", "float16", "float32"]
+    dtype: Literal["bfloat16", "float16", "float32", "uint8"]  # uint8: pixel values (vae "pixels")
     cleaning: Literal["prx"] = "prx"  # PRXPipeline's TextPreprocessor().clean_text
     variants: list[str] = Field(min_length=1)  # caption variants the stage encoded
     shards: list[ShardEntry] = Field(min_length=1)  # parallel to the manifest's shards

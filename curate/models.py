@@ -52,6 +52,9 @@ VAES = {
     "repa-e-flux": VaeEntry(id="REPA-E/e2e-flux-vae", subfolder=None, cls="AutoencoderKL"),
 }
 
+# No VAE: the images themselves, pixel values at full resolution (curate.vae.PixelSpace).
+PIXELS = "pixels"
+
 # Text encoders for the denoiser: PRX conditions on the encoder half of T5Gemma 2B-2B (UL2), loaded
 # without its decoder (curate/text.py); any T5Gemma checkpoint or PRX pipeline folder works too.
 TEXT_ENCODERS = {

@@ -9,7 +9,10 @@ so one set of shards serves any convention and a trainer decodes with exactly th
 - FLUX.2 (``AutoencoderKLFlux2``): 2x2 patchify, then ``(x - bn_mean) / sqrt(bn_var + eps)``
   with the VAE's batch-norm running statistics, as diffusers' ``Flux2Pipeline`` does
   (128 ch at 1/16); its scaling and shift are 1 and 0;
-- any other diffusers VAE: its config's scaling and shift.
+- any other diffusers VAE: its config's scaling and shift;
+- ``pixels`` (no VAE, :class:`PixelSpace`): the image itself, its pixel values 0 to 255 at full
+  resolution (3 ch at 1/1), which ``x = (p - 127.5) / 127.5`` maps to [-1, 1]: the pixel-space
+  training of PRX's speedrun and JiT (Li & He 2025), through the same spec as any VAE.
 
 Loading goes through diffusers ``from_pretrained`` for registry aliases (``curate.models.VAES``),
 Hub ids and local folders alike; tests load tiny models from ``curate.tiny`` by path.
@@ -28,14 +31,16 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from curate.manifest import LatentNormalization, LatentSpec
-from curate.models import VAES
+from curate.models import PIXELS, VAES
 from curate.runner import CurateError, resolve_device
 
 if TYPE_CHECKING:
     from diffusers import ModelMixin
 
 __all__ = [
+    "PIXELS",
     "LoadedVae",
+    "PixelSpace",
     "VaeError",
     "decode_to_images",
     "encode_batch",
@@ -73,6 +78,52 @@ class LoadedVae:
     normalization: LatentNormalization | None
 
 
+# --------------------------------------------------------------------------- pixel space
+
+class PixelSpace(torch.nn.Module):
+    """No autoencoder: an image's "latent" is its pixel values 0 to 255 (the VAE range [-1, 1]
+    scaled back), at full resolution. Integers to 255 are exact in uint8, bf16 and fp16, so the
+    stored form loses nothing; the latent spec's shift 127.5 and scaling 1/127.5 give the
+    denoiser [-1, 1], and decoding gives the pixels back. It has the two calls of a diffusers
+    VAE that :func:`encode_batch` and :func:`decode_to_images` use, and no weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("_anchor", torch.zeros(0), persistent=False)  # follows .to(device)
+
+    @property
+    def device(self) -> torch.device:
+        return self._anchor.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def encode(self, x: torch.Tensor) -> Any:
+        """[-1, 1] images -> their pixel values, rounded: a decoded JPEG's are integers already,
+        and a float32 round trip through [-1, 1] may land a hair below one."""
+        from types import SimpleNamespace
+
+        return SimpleNamespace(latent=((x.float() + 1) * 127.5).round().clamp(0, 255))
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True) -> Any:
+        """Pixel values -> [-1, 1] images, the range a VAE decodes to."""
+        from types import SimpleNamespace
+
+        images = z.float() / 127.5 - 1
+        return (images,) if not return_dict else SimpleNamespace(sample=images)
+
+
+def _pixel_space(revision: str | None, vae_class: str | None, subfolder: str | None,
+                 device: str | torch.device | None) -> LoadedVae:
+    if revision is not None or subfolder is not None or vae_class not in (None, PixelSpace.__name__):
+        raise VaeError(f"VAE {PIXELS!r} is no model (the images themselves): a revision, subfolder or "
+                       "class does not apply")
+    return LoadedVae(model=PixelSpace().to(resolve_device(device)), name=PIXELS, id=PIXELS, subfolder=None,
+                     cls=PixelSpace.__name__, revision=None, channels=3, downsample=1,
+                     scaling_factor=1 / 127.5, shift_factor=127.5, normalization=None)
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -85,13 +136,15 @@ def load_vae(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
 ) -> LoadedVae:
-    """Load an alias (``flux``, ``flux2``, ``repa-e-flux``), a Hub id or a local folder.
+    """Load an alias (``flux``, ``flux2``, ``repa-e-flux``, ``pixels``), a Hub id or a local folder.
 
     The class comes from ``vae_class``, else the alias, else the config's ``_class_name``.
     ``device`` defaults to ``cuda:LOCAL_RANK`` when CUDA is available (``default_device``);
     weights stay float32 unless ``dtype`` is given. On CUDA, float32 weights encode and decode
     under bf16 autocast (GroupNorm in float32); bf16 weights run every op in bf16.
     """
+    if name == PIXELS:
+        return _pixel_space(revision, vae_class, subfolder, device)
     vae_id, subfolder, cls_hint, local = _resolve(name, subfolder, vae_class)
     if local and revision is not None:
         raise VaeError(f"VAE {name!r}: --revision applies to Hub ids, not to a local folder")
@@ -154,7 +207,7 @@ def _resolve(
         return os.path.abspath(name), subfolder, vae_class, True
     if name.count("/") == 1 and not name.startswith((".", "/")) and all(name.split("/")):
         return name, subfolder, vae_class, False
-    raise VaeError(f"VAE {name!r} is not a known alias ({', '.join(sorted(VAES))}), "
+    raise VaeError(f"VAE {name!r} is not a known alias ({', '.join(sorted([*VAES, PIXELS]))}), "
                    "an existing folder, or a Hub id like org/name")
 
 

@@ -57,7 +57,7 @@ def make_latent_dataset(
     missing: dict[int, tuple[str, ...]] | None = None,
     stored: str = "dist",
     dtype: str = "bfloat16",
-    vae_dir: Path | None = None,
+    vae_dir: Path | str | None = None,
     rejected_every: int = 0,
     seed: int = 0,
     caption: Callable[[str, int], str] = caption_text,
@@ -70,7 +70,8 @@ def make_latent_dataset(
       sample, so shards have more index rows than samples, as real ones do.
     - ``sizes``: latent (h, w) grids at the VAE's native resolution; sample ``i`` gets
       ``sizes[i % len(sizes)]``. The index's bucket_h/bucket_w are in pixels (side x downsample).
-    - latents: mean ~ N(0, 1), std in [0.05, 0.1) (``stored="dist"``) or the mean only.
+    - latents: mean ~ N(0, 1), std in [0.05, 0.1) (``stored="dist"``) or the mean only; with
+      ``dtype="uint8"`` (pixel space: ``vae_dir="pixels"``, ``channels=3``) pixel values 0 to 255.
     - captions: ``caption(variant, i)`` (``caption_text`` by default) for each variant and ``orig``;
       ``missing[i]`` names variants (``orig`` included) left out for sample ``i``: an empty
       txt member and, for caption variants, absent from the json's and the index's ``captions``.
@@ -102,6 +103,8 @@ def make_latent_dataset(
             key = sample_key(seed, i)
             h, w = sizes[i % len(sizes)]
             mean = torch.from_numpy(rng.standard_normal((channels, h, w), dtype=np.float32))
+            if dtype == "uint8":
+                mean = torch.from_numpy(rng.integers(0, 256, (channels, h, w), dtype=np.uint8))
             std = torch.from_numpy(0.05 + 0.05 * rng.random((channels, h, w), dtype=np.float32))
             tensors = {"mean": mean.to(torch_dtype).contiguous()}
             if stored == "dist":

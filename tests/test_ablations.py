@@ -16,7 +16,7 @@ from train import flow
 from train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from train.config import ABLATIONS, ConfigError, build_config
 from train.ema import EMA, checkpoint_weights
-from train.export import ExportError, export_run
+from train.export import ExportError, export_run, generate
 from train.metrics import read_metrics
 from train.optim import MuonAdamW, build_optimizer, orthogonalize, split_for_muon
 from train.routing import Route, draw_route, gather_tokens, routed_blocks, routed_forward
@@ -261,6 +261,39 @@ def test_x_prediction_samples_with_its_own_sampler_and_is_not_exported(tmp_path:
     with pytest.raises(ExportError, match="flow.prediction=x0"):
         export_run(tmp_path / "run", tmp_path / "export")
     assert not (tmp_path / "export").exists()
+
+
+def test_pixel_space_learns_with_32_px_patches_and_a_bottleneck_and_exports_without_a_vae(tmp_path: Path, models):
+    """A `curate encode-latents --vae pixels` manifest (3 channels at full resolution), trained as
+    PRX's speedrun: x-prediction, 32 px patches projected through a bottleneck."""
+    data = make_latent_dataset(tmp_path / "data", shards=1, per_shard=4, channels=3, sizes=[(64, 64)],
+                               stored="mean", dtype="uint8", vae_dir="pixels")
+    speedrun = {"model.patch_size": 32, "model.bottleneck_size": 16}
+    cfg = build_config("tiny", ablations=["x-pred"], shards=str(data["long"]), out=str(tmp_path / "run"),
+                       overrides=tiny_args(models, steps=150, global_batch=4, micro_batch=4, caption_dropout=0.0,
+                                           lr=3e-3, sample_every=150, **{"log.every": 10}, **speedrun))
+    train(cfg)
+    metrics = read_metrics(tmp_path / "run")
+    assert metrics[0]["loss"] / (sum(m["loss"] for m in metrics[-3:]) / 3) > 3
+    state = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    assert {k: state["denoiser"][k] for k in ("in_channels", "patch_size", "bottleneck_size")} == {
+        "in_channels": 3, "patch_size": 32, "bottleneck_size": 16}
+    assert state["model"]["img_in.0.weight"].shape == (16, 3 * 32 * 32)
+    assert (tmp_path / "run" / "samples" / "step_00000150.png").is_file()  # decoded through the spec
+
+    # A velocity run exports with no VAE to save; the pipeline's output is the image.
+    assert run_train(data["long"], tmp_path / "velocity", models, steps=2, **speedrun) == 0
+    out = export_run(tmp_path / "velocity", tmp_path / "export")
+    info = json.loads((out / "kiln_export.json").read_text())
+    assert info["mode"] == "latents" and info["latent_spec"]["vae"] == "pixels" and not (out / "vae").exists()
+    assert generate(out, ["a red square"], steps=2)[0].size == (64, 64)
+
+    # Images that are not whole tokens are refused before any step.
+    big = build_config("tiny", shards=str(data["long"]), out=str(tmp_path / "big"),
+                       overrides=tiny_args(models, steps=1, **{"model.patch_size": 128}))
+    with pytest.raises(ConfigError, match="64x64 px are not whole tokens of 128 px"):
+        train(big)
+    assert not (tmp_path / "big").exists()
 
 
 # ---- TREAD token routing ---------------------------------------------------------------------------

@@ -114,6 +114,29 @@ def test_stored_latents_decode_through_the_manifest_like_the_vae_directly(data, 
     assert torch.allclose(exact, by_hand, atol=1e-5)
 
 
+def test_pixel_space_stores_each_crop_exactly_and_decodes_back_to_it(data, vaes, tmp_path: Path):
+    out, manifests = tmp_path / "pixels", tmp_path / "manifests"
+    run_stage(encode_stage(data, "pixels", out, manifests), out, progress=False)
+    manifest_path = manifests / "long.json"
+    spec = load_manifest(manifest_path, check_checksums=True).latent
+    assert (spec.vae, spec.channels, spec.downsample, spec.stored, spec.dtype) == ("pixels", 3, 1, "mean", "uint8")
+    pixel_space = load_vae_for_spec(spec, "cpu")
+    seen = 0
+    for tar in shard_urls(load_manifest(manifest_path), manifest_path):
+        for key, members in iter_tar_samples(tar):
+            stored = load_safetensors(members["latent.safetensors"])
+            crop, _ = preprocess(_original_bytes(data, key), resolution=64, buckets=None)
+            assert set(stored) == {"mean"} and torch.equal(stored["mean"], crop)
+            images = decode_to_images(to_model_input(stored["mean"][None], spec), spec, pixel_space)
+            torch.testing.assert_close(images[0] * 255, crop.float(), rtol=0, atol=1e-4)
+            seen += 1
+    assert seen == 8
+    with pytest.raises(CurateError, match="no distribution"):
+        encode_stage(data, "pixels", out, manifests, store="dist")
+    with pytest.raises(CurateError, match="uint8 holds pixel values"):
+        encode_stage(data, vaes["flux"], out, manifests, dtype="uint8")
+
+
 def _original_bytes(data, key: str) -> bytes:
     for shard in committed_shards(data["images"]):
         for k, members in iter_tar_samples(shard.tar_path):

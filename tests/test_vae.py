@@ -159,6 +159,29 @@ def test_hub_alias_pins_the_commit(vae_dirs: dict[str, Path], tmp_path: Path) ->
     assert "pass subfolder='vae'" in out["error"]
 
 
+def test_pixel_space_is_the_images_themselves() -> None:
+    """``pixels``: no VAE; the stored "latent" is the pixel values, exact in every stored dtype,
+    and the spec maps them to [-1, 1] and back."""
+    loaded = load_vae("pixels", device="cpu")
+    spec = spec_of(loaded, stored="mean", dtype="uint8")
+    assert (spec.vae, spec.vae_class, spec.channels, spec.downsample) == ("pixels", "PixelSpace", 3, 1)
+    assert (model_channels(spec), model_downsample(spec), spec.revision) == (3, 1, None)
+    values = torch.randint(0, 256, (2, 3, 8, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    values[0, 0, 0, :2] = torch.tensor([0, 255], dtype=torch.uint8)
+    mean, std = encode_batch(loaded, values.float() / 127.5 - 1)  # curate.buckets.to_model_range
+    assert torch.equal(mean, values.float()) and not std.any()
+    for dtype in (torch.uint8, torch.bfloat16, torch.float16):
+        assert torch.equal(mean.to(dtype).float(), mean)
+    x = to_model_input(values, spec)
+    assert x.dtype == torch.float32 and x.min() == -1 and x.max() == 1
+    torch.testing.assert_close(x, values.float() / 127.5 - 1)
+    images = decode_to_images(x, spec, load_vae_for_spec(spec, device="cpu"))
+    torch.testing.assert_close(images * 255, values.float(), rtol=0, atol=1e-4)
+    for wrong in ({"revision": "main"}, {"vae_class": "AutoencoderKL"}, {"subfolder": "vae"}):
+        with pytest.raises(VaeError, match="is no model"):
+            load_vae("pixels", **wrong)
+
+
 # --------------------------------------------------------------------------- model-space conversions
 
 
@@ -284,7 +307,7 @@ def test_bf16_storage(vaes: dict[str, LoadedVae], kind: str) -> None:
 
 def test_errors_name_the_vae(vaes: dict[str, LoadedVae], vae_dirs: dict[str, Path], tmp_path: Path) -> None:
     flux, flux2 = str(vae_dirs["flux"]), str(vae_dirs["flux2"])
-    with pytest.raises(VaeError, match=r"'nope' is not a known alias \(flux, flux2, repa-e-flux\)") as err:
+    with pytest.raises(VaeError, match=r"'nope' is not a known alias \(flux, flux2, pixels, repa-e-flux\)") as err:
         load_vae("nope")
     assert isinstance(err.value, ValueError) and isinstance(err.value, CurateError)
     for bad in ("NotAClass", "UNet2DModel", "os.path"):

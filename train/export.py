@@ -7,7 +7,7 @@ The folder is laid out like PRX's own Hub pipelines::
     scheduler/scheduler_config.json     FlowMatchEulerDiscreteScheduler(shift=...)
     text_encoder/                       T5GemmaEncoder weights + composite T5GemmaConfig
     tokenizer/                          model_max_length = max_tokens
-    vae/                                the manifest's VAE (curate.vae.load_vae_for_spec)
+    vae/                                the manifest's VAE (curate.vae.load_vae_for_spec); none in pixel space
     kiln_export.json                    source run and step, latent spec, mode, versions
     kiln_latents.json                   (latent mode only) how to turn outputs into images
 
@@ -33,6 +33,8 @@ Two modes, chosen from the latent spec:
   [B, 128, H/16, W/16], since without a VAE the pipeline would size its own noise at 1/8). The VAE
   is saved in ``vae/`` beside it (not registered with the pipeline) and :func:`load_exported`
   returns a ``decode`` that turns those latents into images through ``curate.vae``.
+  Pixel space (``--vae pixels``) is exported so too, with no VAE to save: the denoiser's output
+  is the image in [-1, 1], which ``decode`` maps to [0, 1].
 
 diffusers 0.42's ``PRXPipeline`` fails under guidance when one call makes more than one image
 (several prompts or ``num_images_per_prompt`` > 1: it passes 2 timesteps for 2B latents); call it
@@ -59,6 +61,7 @@ import torch
 from PIL import Image
 
 from curate.manifest import LatentSpec
+from curate.models import PIXELS
 from curate.runner import CurateError
 from curate.text import DEFAULT_MAX_TOKENS, TextEncoder, quiet_transformers
 from curate.vae import (
@@ -103,6 +106,9 @@ def pipeline_decode_problem(vae: LoadedVae, spec: LatentSpec) -> str | None:
     """
     model = vae.model
     cls = type(model).__name__
+    if spec.vae == PIXELS:
+        return ("it works in pixel space: its output is the image itself, in [-1, 1], and PRXPipeline "
+                "returns images only through a VAE")
     if spec.normalization is not None:
         return (f"its latents are {spec.normalization.patch_size}x{spec.normalization.patch_size}-"
                 "patchified and batch-norm normalised per channel (FLUX.2); PRXPipeline unscales "
@@ -195,7 +201,8 @@ def export_pipeline(
         _save_text_encoder(text, tmp / "text_encoder")
         text.tokenizer.model_max_length = max_tokens  # what PRXPipeline pads prompts to
         text.tokenizer.save_pretrained(tmp / "tokenizer")
-        vae.model.save_pretrained(tmp / "vae")
+        if spec.vae != PIXELS:
+            vae.model.save_pretrained(tmp / "vae")
         _write_json(tmp / "model_index.json", _model_index(
             text, vae if mode == "pixels" else None, default_sample_size))
         spec_json = spec.model_dump(mode="json")
@@ -207,8 +214,9 @@ def export_pipeline(
                 "usage": (
                     "pipe, decode = train.export.load_exported(DIR); "
                     "noise = train.sample.initial_noise(spec, n, H, W, seed); "
-                    "x = pipe(prompts, latents=noise, output_type='latent', "
-                    "use_resolution_binning=False, height=H, width=W).images; "
+                    "x = pipe(prompts, latents=noise, output_type='latent', use_resolution_binning=False, "
+                    "height=noise.shape[-2] * pipe.vae_scale_factor, "
+                    "width=noise.shape[-1] * pipe.vae_scale_factor).images; "
                     "images = decode(x)  # [B, 3, H, W] in [0, 1]"),
             })
         _write_json(tmp / EXPORT_INFO, {
@@ -314,6 +322,8 @@ def load_exported(
     vae_device = device or "cpu"
     if info.get("mode") == "pixels":
         vae: Any = pipe.vae
+    elif spec.vae == PIXELS:
+        vae = load_vae_for_spec(spec, device=vae_device)
     else:
         # The copy in vae/, checked against the spec's implied fields like any manifest VAE.
         local = spec.model_copy(update={"vae": str(folder / "vae"), "vae_id": str(folder / "vae"),
@@ -347,7 +357,10 @@ def generate(
     images = []
     for i, prompt in enumerate(prompts):
         noise = initial_noise(spec, 1, height, width, seed + i).to(pipe.device)
-        out = pipe(prompt, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+        # The sides as the pipeline reckons them from its VAE's factor (8 without a VAE, whatever the
+        # latents' real one): it only checks them against the patch size, as the noise is given.
+        sides = {"height": noise.shape[-2] * pipe.vae_scale_factor, "width": noise.shape[-1] * pipe.vae_scale_factor}
+        out = pipe(prompt, **sides, num_inference_steps=steps, guidance_scale=guidance,
                    latents=noise, output_type="latent", use_resolution_binning=False).images
         pixels = decode(out)[0].permute(1, 2, 0).mul(255).round().to(torch.uint8).cpu().numpy()
         images.append(Image.fromarray(pixels))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ def patch_size_for(cfg: ModelConfig, spec: LatentSpec) -> int:
 
 def denoiser_config(cfg: ModelConfig, spec: LatentSpec, context_dim: int) -> dict[str, Any]:
     """The PRXTransformer2DModel constructor arguments for this model config and manifest."""
-    return {
+    config = {
         "in_channels": model_channels(spec),
         "patch_size": patch_size_for(cfg, spec),
         "context_in_dim": context_dim,
@@ -42,6 +43,33 @@ def denoiser_config(cfg: ModelConfig, spec: LatentSpec, context_dim: int) -> dic
         "axes_dim": list(cfg.axes_dim),
         "theta": cfg.theta,
     }
+    if cfg.bottleneck_size:
+        # Named only when set: the runs and checkpoints from before it record the same config, and
+        # a diffusers without the argument (before 0.42) serves every other run.
+        import inspect
+
+        from diffusers import PRXTransformer2DModel
+
+        if "bottleneck_size" not in inspect.signature(PRXTransformer2DModel.__init__).parameters:
+            import diffusers
+
+            raise ConfigError(f"model.bottleneck_size needs a PRXTransformer2DModel that has it; diffusers "
+                              f"{diffusers.__version__}'s does not (pip install -U diffusers)")
+        config["bottleneck_size"] = cfg.bottleneck_size
+    return config
+
+
+def check_token_grid(buckets: Iterable[tuple[int, int]], spec: LatentSpec, patch_size: int) -> None:
+    """Every bucket (pixels) holds a whole number of tokens, before any step rather than at the
+    first batch of an odd bucket hours in."""
+    token = model_downsample(spec) * patch_size
+    odd = sorted({(h, w) for h, w in buckets if h % token or w % token})
+    if odd:
+        sizes = ", ".join(f"{h}x{w}" for h, w in odd)
+        raise ConfigError(f"the manifest's images of {sizes} px are not whole tokens of {token} px "
+                          f"(model-space downsampling {model_downsample(spec)} x patch size {patch_size}): "
+                          f"encode them at a multiple of {token} (curate encode-latents --resolution, "
+                          "--bucket-multiple) or set another model.patch_size")
 
 
 def build_denoiser(config: dict[str, Any], *, seed: int) -> torch.nn.Module:

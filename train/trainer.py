@@ -69,6 +69,7 @@ from train.metrics import MetricsLogger
 from train.model import (
     build_denoiser,
     check_channels,
+    check_token_grid,
     count_parameters,
     denoiser_config,
     peak_tflops,
@@ -169,6 +170,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
         if world.device.type == "cuda":
             torch.cuda.empty_cache()
     architecture = denoiser_config(cfg.model, manifest.latent, text.dim)
+    check_token_grid(summary.buckets, manifest.latent, architecture["patch_size"])
     if state is not None:
         _check_resume(state, cfg, manifest_sha, fingerprint, architecture, manifest, checkpoint)
     # A new run may start from trained weights (train/init.py); a resumed one has its own.

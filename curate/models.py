@@ -73,6 +73,7 @@ IMAGE_ENCODERS = {
     "dinov2": "facebook/dinov2-large",
     "dinov2-large": "facebook/dinov2-large",
     "dinov2-base": "facebook/dinov2-base",
+    "dinov2-base-reg": "facebook/dinov2-with-registers-base",  # P-DINO's (PRX's perceptual loss)
     "dinov3": "facebook/dinov3-vitb16-pretrain-lvd1689m",
     "dinov3-base": "facebook/dinov3-vitb16-pretrain-lvd1689m",
     "dinov3-large": "facebook/dinov3-vitl16-pretrain-lvd1689m",

@@ -75,6 +75,7 @@ __all__ = [
     "build_tiny_clip_vision",
     "build_tiny_image_classifier",
     "build_tiny_dinov2",
+    "build_tiny_dinov2_with_registers",
     "read_marker",
 ]
 
@@ -1292,6 +1293,35 @@ def build_tiny_dinov2(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
     return _build_once(out_dir, spec, IMAGE_MODEL_FILES, build)
 
 
+def build_tiny_dinov2_with_registers(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Build a tiny random DINOv2 with registers (transformers ``Dinov2WithRegistersModel``) plus
+    its ``BitImageProcessor``.
+
+    Why: the P-DINO perceptual loss's default network is DINOv2-B/14 with registers (PRX's); the
+    trainer loads this folder through ``AutoModel`` as it loads
+    ``facebook/dinov2-with-registers-base``. Patch 14, 4 register tokens, layer scale and the
+    ImageNet mean and std are the real ones; the input is 28 px, hidden 32, 1 layer.
+    """
+    spec = {"builder": "dinov2-with-registers", "recipe": RECIPE_VERSION, "seed": int(seed)}
+
+    def build(tmp: Path) -> dict[str, Any]:
+        from transformers import (
+            BitImageProcessor,
+            Dinov2WithRegistersConfig,
+            Dinov2WithRegistersModel,
+        )
+
+        config = Dinov2WithRegistersConfig(image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, mlp_ratio=2, num_register_tokens=4)
+        with _seeded(seed):
+            model = Dinov2WithRegistersModel(config).eval()
+        processor = BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28},
+                                      do_center_crop=True, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+        return _save_image_model(model, processor, tmp)
+
+    return _build_once(out_dir, spec, IMAGE_MODEL_FILES, build)
+
+
 def build_tiny_dinov3(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
     """Build a tiny random DINOv3 ViT (transformers ``DINOv3ViTModel``) plus its image processor.
 
@@ -1329,6 +1359,7 @@ def main(argv: list[str] | None = None) -> int:
         "clip-score": build_tiny_clip,
         "nsfw": build_tiny_image_classifier,
         "dinov2": build_tiny_dinov2,
+        "dinov2-reg": build_tiny_dinov2_with_registers,
         "dinov3": build_tiny_dinov3,
     }
     parser = argparse.ArgumentParser(prog="python -m curate.tiny", description=main.__doc__)

@@ -25,7 +25,7 @@ from train.cli import main as train_main
 from train.config import ConfigError, build_config
 from train.data import DataError, DataSettings, LatentLoader, check_data
 from train.metrics import read_metrics
-from train.repa import RepaTeacher, WithRepa, alignment_loss, build_projector, repa_block
+from train.repa import DinoEncoder, WithRepa, alignment_loss, build_projector, repa_block
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_teacher_features_are_its_patch_tokens_on_the_denoisers_grid(teachers):
     from transformers import AutoModel
 
     for name, patch, prefix in (("dinov3", 16, 5), ("dinov2", 14, 1)):  # DINOv3: class + 4 registers
-        teacher = RepaTeacher(str(teachers[name]), device=torch.device("cpu"))
+        teacher = DinoEncoder(str(teachers[name]), device=torch.device("cpu"))
         assert (teacher.patch, teacher.dim) == (patch, 32)
         images = _images(2, 64)
         features = teacher.features(images, (4, 4))
@@ -70,7 +70,7 @@ def test_teacher_features_are_its_patch_tokens_on_the_denoisers_grid(teachers):
     with pytest.raises(ConfigError, match="is a t5gemma model"):
         from curate.tiny import build_tiny_t5gemma
 
-        RepaTeacher(str(build_tiny_t5gemma(teachers["dinov3"].parent / "t5")), device=torch.device("cpu"))
+        DinoEncoder(str(build_tiny_t5gemma(teachers["dinov3"].parent / "t5")), device=torch.device("cpu"))
 
 
 def test_alignment_loss_is_one_minus_the_mean_cosine():
@@ -136,7 +136,7 @@ def test_bucketed_latents_get_their_buckets_images_and_the_teacher_their_grid(te
     manifest = load_manifest(made["manifest"])
     assert len(manifest.latent.buckets) > 1
     settings = DataSettings(seed=0, global_batch=2, micro_batch=1, workers=0, shuffle_buffer=4)
-    teacher = RepaTeacher(str(teachers["dinov3"]), device=torch.device("cpu"))
+    teacher = DinoEncoder(str(teachers["dinov3"]), device=torch.device("cpu"))
     shapes = set()
     with LatentLoader(manifest, made["manifest"], settings, images=made["images"]) as loader:
         for batch, _ in zip(loader, range(4), strict=False):

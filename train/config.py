@@ -102,6 +102,22 @@ class RepaConfig:
 
 
 @dataclass
+class PerceptualConfig:
+    """Perceptual losses between the denoiser's clean-image estimate and the image, in pixel space
+    (train/perceptual.py; PRX's speedrun, PixelGen); weight 0 turns each off, as PRX's baseline.
+    Each applies to the samples whose t is below its ``t_max`` (t = 1 is pure noise)."""
+
+    lpips: float = 0.0  # weight of LPIPS (VGG16, v0.1 weights); PRX's 0.1
+    lpips_t_max: float = 0.3  # PRX's: the less noisy samples only
+    lpips_scale: float = 0.5  # images scaled by this before LPIPS (PRX's half resolution)
+    dino: float = 0.0  # weight of P-DINO (1 - cosine of a DINO ViT's patch tokens); PRX's 0.01
+    dino_encoder: str = "dinov2-base-reg"  # PRX's DINOv2-B/14 with registers; alias, Hub id or folder
+    dino_revision: str = ""  # of a Hub encoder; "" = its default branch
+    dino_t_max: float = 1.0  # PRX's: every sample
+    dino_size: int = 224  # both images resized to this square before the encoder
+
+
+@dataclass
 class RoutingConfig:
     """TREAD token routing (train/routing.py); ratio 0 turns it off, as PRX's baseline."""
 
@@ -201,6 +217,7 @@ class TrainConfig:
     flow: FlowConfig = field(default_factory=FlowConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     repa: RepaConfig = field(default_factory=RepaConfig)
+    perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     init: InitConfig = field(default_factory=InitConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -244,6 +261,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "cfm": {"flow.contrastive": 0.05},  # contrastive flow matching, another of PRX's training tricks
     "immiscible": {"flow.immiscible": True},  # immiscible diffusion: noise assigned to latents per batch
     "ema": {"ema.decay": 0.9999},  # not in PRX's table (its baseline has EMA off)
+    # PRX's speedrun (pixel space, x-prediction): perceptual losses on the clean-image estimate
+    "lpips": {"perceptual.lpips": 0.1},
+    "pdino": {"perceptual.dino": 0.01},
 }
 
 # A resumed run may change these (how long to train and how it ends, how often to look); anything else would
@@ -470,6 +490,14 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"optim.decay_steps ({cfg.optim.decay_steps}) and optim.warmup_steps "
                           f"({cfg.optim.warmup_steps}) overlap in a run of {cfg.steps} steps: the decay "
                           "starts after the warm-up ends")
+    perceptual = cfg.perceptual
+    if min(perceptual.lpips, perceptual.dino) < 0:
+        raise ConfigError("perceptual.lpips and perceptual.dino are weights: 0 (off) or more")
+    for key in ("lpips_t_max", "lpips_scale", "dino_t_max"):
+        if not 0 < getattr(perceptual, key) <= 1:
+            raise ConfigError(f"perceptual.{key} must be in (0, 1], not {getattr(perceptual, key)}")
+    if perceptual.dino_size < 1:
+        raise ConfigError(f"perceptual.dino_size must be positive, not {perceptual.dino_size}")
     if cfg.repa.weight < 0 or cfg.repa.stop_step < 0 or cfg.repa.block < 0 or cfg.repa.projector_dim < 1:
         raise ConfigError("repa.weight, repa.stop_step and repa.block cannot be negative, nor "
                           "repa.projector_dim below 1")

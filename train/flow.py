@@ -103,6 +103,16 @@ def velocity_from_output(
     return (x_t.float() - output.float()) / t
 
 
+def clean_estimate(output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction: str = "velocity") -> torch.Tensor:
+    """The clean sample ``x0`` a denoiser output stands for: the output itself for ``x0``; for a
+    velocity ``v = eps - x0``, ``x_t - t v`` (exact at every t, no division)."""
+    if prediction == "x0":
+        return output
+    if prediction != "velocity":
+        raise ValueError(f"unknown prediction {prediction!r}; choose from {', '.join(PREDICTIONS)}")
+    return x_t.float() - t.view(-1, *([1] * (x_t.ndim - 1))) * output.float()
+
+
 def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error per sample, in float32 whatever the autocast dtype."""
     return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)

@@ -115,7 +115,8 @@ class MetricsLogger:
 
 def _plain_line(step: int, total: int, m: dict[str, Any]) -> str:
     parts = [f"step {step}/{total}"]
-    for key, label, fmt in (("loss", "loss", ".4f"), ("val_loss", "val loss", ".4f"), ("repa_loss", "repa", ".4f"), ("grad_norm", "grad", ".3g"),
+    for key, label, fmt in (("loss", "loss", ".4f"), ("val_loss", "val loss", ".4f"), ("repa_loss", "repa", ".4f"),
+                            ("lpips_loss", "lpips", ".4f"), ("pdino_loss", "p-dino", ".4f"), ("grad_norm", "grad", ".3g"),
                             ("lr", "lr", ".2e"), ("epoch", "epoch", ".2f"),
                             ("images_per_s", "img/s", ".1f"), ("data_wait_share", "data wait", ".1%"),
                             ("mfu", "MFU", ".1%"), ("peak_memory_gb", "mem GB", ".1f")):

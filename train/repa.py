@@ -42,26 +42,27 @@ def repa_active(cfg: TrainConfig, step: int) -> bool:
     return cfg.repa.weight > 0 and (cfg.repa.stop_step == 0 or step < cfg.repa.stop_step)
 
 
-class RepaTeacher:
-    """A frozen DINO encoder (DINOv3, DINOv2, any transformers ViT of the family) that turns
-    uint8 images into patch features on the denoiser's token grid."""
+class DinoEncoder:
+    """A frozen DINO encoder (DINOv3, DINOv2, any transformers ViT of the family): REPA's teacher,
+    which turns uint8 images into patch features on the denoiser's token grid, and P-DINO's
+    network (train/perceptual.py), through which gradients reach the images."""
 
-    def __init__(self, name: str, *, device: torch.device, revision: str | None = None):
+    def __init__(self, name: str, *, device: torch.device, revision: str | None = None, role: str = "repa.encoder"):
         from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
         try:
             ref = resolve_model(name, "image", revision)
             config = AutoConfig.from_pretrained(ref.id, revision=revision)
             if not config.model_type.startswith("dino"):
-                raise ConfigError(f"repa.encoder={name} ({ref.id}) is a {config.model_type} model; REPA's "
-                                  "teacher is a DINO ViT (dinov3, dinov2, or a folder or Hub id of one)")
+                raise ConfigError(f"{role}={name} ({ref.id}) is a {config.model_type} model; it must be a DINO "
+                                  "ViT (dinov3, dinov2, or a folder or Hub id of one)")
             processor = AutoImageProcessor.from_pretrained(ref.id, revision=revision)
             model = AutoModel.from_pretrained(ref.id, revision=revision, dtype=torch.float32)
         except (OSError, ValueError, CurateError) as e:
             if isinstance(e, ConfigError):
                 raise
-            raise ConfigError(f"cannot load repa.encoder={name}: {e}") from None
-        self.name, self.id, self.revision = name, ref.id, revision
+            raise ConfigError(f"cannot load {role}={name}: {e}") from None
+        self.name, self.id, self.revision, self.role = name, ref.id, revision, role
         self.model = model.to(device).eval().requires_grad_(False)
         self.device = device
         self.patch = int(config.patch_size)
@@ -79,13 +80,19 @@ class RepaTeacher:
         size = (gh * self.patch, gw * self.patch)
         if tuple(x.shape[-2:]) != size:
             x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
-        x = (x - self.mean) / self.std
+        return self.patch_tokens(x)
+
+    def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1], [B, 3, H, W] with sides that are whole patches -> the final layer's
+        patch tokens [B, H/p * W/p, dim] (float32); differentiable in ``images``."""
+        gh, gw = images.shape[-2] // self.patch, images.shape[-1] // self.patch
+        x = (images.float() - self.mean) / self.std
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             hidden = self.model(pixel_values=x).last_hidden_state
         prefix = hidden.shape[1] - gh * gw
         if not 0 <= prefix <= _MAX_PREFIX_TOKENS:
-            raise ConfigError(f"repa.encoder={self.name} gave {hidden.shape[1]} tokens for a {gh}x{gw} patch "
-                              "grid: not a ViT whose patch tokens REPA can align")
+            raise ConfigError(f"{self.role}={self.name} gave {hidden.shape[1]} tokens for a {gh}x{gw} patch "
+                              "grid: not a ViT whose patch tokens can be compared")
         return hidden[:, prefix:].float()
 
 

@@ -76,9 +76,10 @@ from train.model import (
     train_flops_per_sample,
 )
 from train.optim import build_optimizer
+from train.perceptual import PerceptualLosses
 from train.recompute import recomputed
 from train.repa import (
-    RepaTeacher,
+    DinoEncoder,
     WithRepa,
     alignment_loss,
     build_projector,
@@ -180,9 +181,12 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
     # REPA's teacher and projector, while the alignment loss is on (train/repa.py).
     teacher = projector = None
     if images is not None:
-        teacher = RepaTeacher(cfg.repa.encoder, device=world.device, revision=cfg.repa.revision or None)
+        teacher = DinoEncoder(cfg.repa.encoder, device=world.device, revision=cfg.repa.revision or None)
         projector = build_projector(cfg.model.hidden_size, teacher.dim, cfg.repa.projector_dim,
                                     seed=cfg.seed).to(world.device)
+    # Perceptual losses (pixel space only): their networks, checked and loaded like the teacher.
+    PerceptualLosses.check(cfg.perceptual, manifest.latent)
+    perceptual = PerceptualLosses(cfg.perceptual, world.device) if PerceptualLosses.names(cfg.perceptual) else None
     # The sample grids' VAE, now rather than at the first grid, hours in.
     vae = _load_vae(manifest.latent, world.device) if cfg.sample_every and world.main else None
     if check_only:
@@ -296,6 +300,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
             logger.note(f"validation: {validation.samples} held-out samples of {validation.source} at "
                         f"{cfg.val.timesteps} timesteps every {cfg.val.every} steps"
                         + (" (EMA weights)" if ema is not None else ""))
+        if perceptual is not None:
+            logger.note(f"perceptual losses on the clean-image estimate: {perceptual.describe()}")
         if teacher is not None:
             logger.note(f"REPA: block {aligned_block}'s tokens aligned with {teacher.id} ({teacher.dim}-d, "
                         f"{teacher.patch} px patches) of the originals in {', '.join(map(str, images))}, weight {cfg.repa.weight}, "
@@ -393,12 +399,20 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
                     if teacher is not None:
                         aligned = alignment_loss(projected, target)
                         loss = loss + cfg.repa.weight * aligned.mean()
+                    if perceptual is not None:  # on the clean image the output implies (pixel space)
+                        with autocast:
+                            terms = perceptual.terms(flow.clean_estimate(prediction, x_t, t, cfg.flow.prediction),
+                                                     x0, t)
+                        loss = loss + perceptual.weighted(terms)
                     (loss / accum).backward()
-                sums = flow.loss_sums(losses, t)
-                if cfg.repa.weight > 0:  # REPA's [sum, count] close the vector (zeros once it is over)
-                    sums = torch.cat([sums, flow.loss_sums(aligned, t)[:2] if teacher is not None
-                                      else torch.zeros(2, dtype=torch.float64, device=world.device)])
-                step_losses += sums
+                # The auxiliary losses' [sum, count] follow the flow loss's, in _aux_metrics' order.
+                aux = []
+                if cfg.repa.weight > 0:  # zeros once REPA is over
+                    aux.append(_sum_count(aligned) if teacher is not None
+                               else torch.zeros(2, dtype=torch.float64, device=world.device))
+                if perceptual is not None:
+                    aux += [_sum_count(term.losses, term.applies) for term in terms]
+                step_losses += torch.cat([flow.loss_sums(losses, t), *aux])
 
             trained = [*model.parameters(), *(projector.parameters() if projector is not None else ())]
             grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -416,7 +430,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
             logger.advance()
 
             if done % cfg.log.every == 0 or done == cfg.steps:
-                metrics = window.metrics(cfg.global_batch, world, flops_per_sample, peak)  # syncs here
+                metrics = window.metrics(cfg.global_batch, world, flops_per_sample, peak,
+                                         _aux_metrics(cfg))  # syncs here
                 last_loss = metrics["loss"]
                 if not math.isfinite(last_loss):
                     raise TrainingError(f"the loss is {last_loss} in steps {done - window.steps + 1}-{done}: "
@@ -537,7 +552,20 @@ _LOSS_ENTRIES = 2 + 2 * len(flow.TIMESTEP_BIN_NAMES)
 
 def _window_size(cfg: TrainConfig) -> int:
     """Entries of a step's loss vector: [sum, count], [sum, count] per timestep bin, then REPA's."""
-    return _LOSS_ENTRIES + (2 if cfg.repa.weight > 0 else 0)
+    return _LOSS_ENTRIES + 2 * len(_aux_metrics(cfg))
+
+
+def _aux_metrics(cfg: TrainConfig) -> list[str]:
+    """The auxiliary losses a run logs, in the order their [sum, count] follow the flow loss's."""
+    return (["repa_loss"] if cfg.repa.weight > 0 else []) + PerceptualLosses.names(cfg.perceptual)
+
+
+def _sum_count(losses: torch.Tensor, applies: torch.Tensor | None = None) -> torch.Tensor:
+    """[sum, count] of per-sample losses (of those that ``applies`` marks), float64, no host sync."""
+    losses = losses.detach().double()
+    if applies is None:
+        applies = torch.ones_like(losses, dtype=torch.bool)
+    return torch.stack([(losses * applies).sum(), applies.double().sum()])
 
 
 def data_settings(cfg: TrainConfig, *, pin_memory: bool = False) -> DataSettings:
@@ -643,15 +671,17 @@ class _Window:
                 "grad_norm": float(self.grad_norm), "steps": self.steps}
 
     def metrics(self, global_batch: int, world: World, flops_per_sample: float | None,
-                peak: float | None) -> dict[str, Any]:
+                peak: float | None, aux_names: list[str]) -> dict[str, Any]:
         sums = self.losses.tolist()  # waits for the GPU: the window's work is done after this
         seconds = time.perf_counter() - self.started - self.excluded
         out: dict[str, Any] = {"loss": sums[0] / sums[1]}
         for j, name in enumerate(flow.TIMESTEP_BIN_NAMES):
             total, count = sums[2 + 2 * j], sums[3 + 2 * j]
             out[name] = total / count if count else None
-        if len(sums) > _LOSS_ENTRIES and sums[_LOSS_ENTRIES + 1]:  # REPA's [sum, count] follow
-            out["repa_loss"] = sums[_LOSS_ENTRIES] / sums[_LOSS_ENTRIES + 1]
+        for j, name in enumerate(aux_names):  # each [sum, count]; none counted: not logged
+            total, count = sums[_LOSS_ENTRIES + 2 * j], sums[_LOSS_ENTRIES + 2 * j + 1]
+            if count:
+                out[name] = total / count
         out["grad_norm"] = float(self.grad_norm) / self.steps
         images_per_s = global_batch * self.timed_steps / seconds if seconds > 0 else None
         out["images_per_s"] = images_per_s

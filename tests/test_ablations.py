@@ -281,11 +281,14 @@ def test_pixel_space_learns_with_32_px_patches_and_a_bottleneck_and_exports_with
     assert state["model"]["img_in.0.weight"].shape == (16, 3 * 32 * 32)
     assert (tmp_path / "run" / "samples" / "step_00000150.png").is_file()  # decoded through the spec
 
-    # A velocity run exports with no VAE to save; the pipeline's output is the image.
-    assert run_train(data["long"], tmp_path / "velocity", models, steps=2, **speedrun) == 0
+    # A velocity run exports with no VAE to save; the pipeline's output is the image. Its transformer
+    # is conditioned on the resolution too, as PRX's pixel-space models (diffusers' resolution_embeds).
+    assert run_train(data["long"], tmp_path / "velocity", models, steps=2, **speedrun,
+                     **{"model.resolution_embeds": "true"}) == 0
     out = export_run(tmp_path / "velocity", tmp_path / "export")
     info = json.loads((out / "kiln_export.json").read_text())
     assert info["mode"] == "latents" and info["latent_spec"]["vae"] == "pixels" and not (out / "vae").exists()
+    assert json.loads((out / "transformer" / "config.json").read_text())["resolution_embeds"] is True
     assert generate(out, ["a red square"], steps=2)[0].size == (64, 64)
 
     # Images that are not whole tokens are refused before any step.
@@ -299,11 +302,11 @@ def test_pixel_space_learns_with_32_px_patches_and_a_bottleneck_and_exports_with
 # ---- TREAD token routing ---------------------------------------------------------------------------
 
 
-def _tiny_prx(depth: int = 4):
+def _tiny_prx(depth: int = 4, **pixel_space):
     from diffusers import PRXTransformer2DModel
 
     model = PRXTransformer2DModel(in_channels=16, patch_size=2, context_in_dim=8, hidden_size=32, mlp_ratio=2.0,
-                                  num_heads=2, depth=depth, axes_dim=[8, 8]).eval()
+                                  num_heads=2, depth=depth, axes_dim=[8, 8], **pixel_space).eval()
     # Random weights everywhere: PRX zero-initialises its modulation, so fresh blocks are identities.
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -319,8 +322,9 @@ def _prx_inputs(seed: int = 0, n: int = 2, side: int = 8) -> dict[str, torch.Ten
             "attention_mask": torch.tensor([[True] * 5, [True] * 3 + [False] * 2])[:n]}
 
 
-def test_routed_forward_without_routing_is_the_models_forward():
-    model = _tiny_prx()
+@pytest.mark.parametrize("options", [{}, {"bottleneck_size": 4, "resolution_embeds": True}], ids=["plain", "pixel-prx"])
+def test_routed_forward_without_routing_is_the_models_forward(options):
+    model = _tiny_prx(**options)
     inputs = _prx_inputs()
     with torch.no_grad():
         plain = model(**inputs, return_dict=False)[0]

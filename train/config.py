@@ -41,6 +41,10 @@ class ModelConfig:
     # A two-layer patch projection (patch -> bottleneck_size -> hidden; 0: one linear layer): for
     # pixel space, where a 32 px patch is 3,072 values (JiT; PRX's speedrun uses 256).
     bottleneck_size: int = 0
+    # The image's token grid (h, w) embedded and added to the timestep's vector, so every block's
+    # modulation knows the resolution: for runs over several resolutions or buckets (PRX's
+    # resolution-aware "vec" conditioning, diffusers' resolution_embeds).
+    resolution_embeds: bool = False
 
 
 @dataclass

@@ -165,7 +165,8 @@ def _export_info(location: str, subfolder: str | None) -> dict[str, Any] | None:
 _SETTING = {"in_channels": "latents of a VAE with as many channels", "context_in_dim": "the source's text encoder",
             "patch_size": "model.patch_size={}", "hidden_size": "model.hidden_size={}", "depth": "model.depth={}",
             "num_heads": "model.num_heads={}", "mlp_ratio": "model.mlp_ratio={}", "axes_dim": "model.axes_dim={}",
-            "theta": "model.theta={}", "bottleneck_size": "model.bottleneck_size={}"}
+            "theta": "model.theta={}", "bottleneck_size": "model.bottleneck_size={}",
+            "resolution_embeds": "model.resolution_embeds={}"}
 
 
 def _check_architecture(source: dict[str, Any], architecture: dict[str, Any], where: str) -> None:

@@ -43,20 +43,25 @@ def denoiser_config(cfg: ModelConfig, spec: LatentSpec, context_dim: int) -> dic
         "axes_dim": list(cfg.axes_dim),
         "theta": cfg.theta,
     }
-    if cfg.bottleneck_size:
-        # Named only when set: the runs and checkpoints from before it record the same config, and
-        # a diffusers without the argument (before 0.42) serves every other run.
-        import inspect
-
-        from diffusers import PRXTransformer2DModel
-
-        if "bottleneck_size" not in inspect.signature(PRXTransformer2DModel.__init__).parameters:
-            import diffusers
-
-            raise ConfigError(f"model.bottleneck_size needs a PRXTransformer2DModel that has it; diffusers "
-                              f"{diffusers.__version__}'s does not (pip install -U diffusers)")
-        config["bottleneck_size"] = cfg.bottleneck_size
+    # Named only when set: the runs and checkpoints from before these existed record the same
+    # config, and a diffusers without them (before 0.42) serves every other run.
+    for key, value in (("bottleneck_size", cfg.bottleneck_size), ("resolution_embeds", cfg.resolution_embeds)):
+        if value:
+            _check_supported(key)
+            config[key] = value
     return config
+
+
+def _check_supported(argument: str) -> None:
+    import inspect
+
+    from diffusers import PRXTransformer2DModel
+
+    if argument not in inspect.signature(PRXTransformer2DModel.__init__).parameters:
+        import diffusers
+
+        raise ConfigError(f"model.{argument} needs a PRXTransformer2DModel that has it; diffusers "
+                          f"{diffusers.__version__}'s does not (pip install -U diffusers)")
 
 
 def check_token_grid(buckets: Iterable[tuple[int, int]], spec: LatentSpec, patch_size: int) -> None:

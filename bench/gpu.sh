@@ -14,7 +14,10 @@
 # same with `--ablation repa` (a DINOv3 ViT-B/16-shaped teacher, noise JPEGs as originals; 300 s); GPU_SCORE=1 the
 # whole `curate score` stage against the bare CLIP ViT-L/14 towers on 2048 images (bench/score.py, 200 s), then a ViT-B/16
 # NSFW classifier alone (100 s); GPU_RECOMPUTE=1 activation checkpointing's memory and time per step at
-# PRX-1.2B's size and 1024 px (bench/recompute.py, eager, 240 s). BENCHMARKS.md holds the
+# PRX-1.2B's size and 1024 px (bench/recompute.py, eager, 240 s); GPU_PIXELS=1 the prx-1.2b step in pixel
+# space (512 px, 32 px patches through a 256-wide bottleneck: Flux's 256 tokens) fed from memory, and with
+# `--ablation x-pred`, `lpips` and `pdino` (random VGG16 and DINOv2-B/14-reg; 420 s; against GPU_ABLATIONS'
+# Flux baseline, on the same machine). BENCHMARKS.md holds the
 # trainer's and the encoder-only figures already (session 3), so by default only the first
 # part runs: about 4 minutes with the machine's start.
 #
@@ -28,8 +31,8 @@
 #     --platform manylinux2014_x86_64 -d .carry \
 #     diffusers==0.42.1 webdataset==0.2.111 braceexpand==0.1.7 polars==1.30.0 \
 #     pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
-#     typing_extensions==4.16.0 ftfy==6.3.1 wcwidth==0.9.4
-#   du -cb .carry/*.whl | tail -1     # 46,378,938 bytes (44.2 MiB) with these versions
+#     typing_extensions==4.16.0 ftfy==6.3.1 wcwidth==0.9.4 lpips==0.1.4
+#   du -cb .carry/*.whl | tail -1     # 46,378,938 bytes (44.2 MiB) with these versions, before lpips (54 kB)
 #
 # A call carries at most 64 MiB, the working tree (about 2 MiB) included. polars 1.30 is one
 # 36 MB wheel; polars 2.x's runtime wheel alone is 54 MB, which leaves no room for the rest.
@@ -90,6 +93,10 @@ fi
 if [ "${GPU_RECOMPUTE:-0}" = 1 ]; then  # activation checkpointing: PRX-1.2B's blocks at 1024 px, 4 samples a step
     timeout -k 10 240 "$PY" bench/recompute.py --device cuda --depth 16 --width 1792 --side 128 --batch 4 \
         --steps 5 --repeats 1 | tee "$OUT/gpu_recompute.md" || echo "bench/recompute.py stopped early (exit $?)"
+fi
+if [ "${GPU_PIXELS:-0}" = 1 ]; then  # pixel space and its perceptual losses per step at prx-1.2b (compiled)
+    timeout -k 10 420 "$PY" bench/gpu_train.py --feeds memory --latents pixels --ablations x-pred,lpips,pdino \
+        --steps 5 | tee "$OUT/gpu_train_pixels.md" || echo "bench/gpu_train.py --latents pixels stopped early (exit $?)"
 fi
 if [ "${GPU_TRAIN:-0}" = 1 ]; then  # GPU_TRAIN=1: the trainer's figures too (BENCHMARKS.md has them)
     # As the preset runs (compiled; 3 warm-up steps hold the compiling), then eager from memory.

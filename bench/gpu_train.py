@@ -14,6 +14,12 @@ latents, 16 x 32 x 32), bf16 autocast with fp32 weights and AdamW, as `train` ru
       instead: it reads the originals too, from an image stage of noise JPEGs written beside the
       shards (tests/latent_data.add_image_stage), and runs a teacher of DINOv3 ViT-B/16's shape
       (randomly initialised: its FLOPs, not its features) every step.
+  (e) with --latents pixels: every run in pixel space instead (`curate encode-latents --vae
+      pixels`: 3 x 512 x 512 uint8 samples, PRX's speedrun geometry of 32 px patches through a
+      256-wide bottleneck: the same 256 tokens as Flux latents at 256 px), so the memory-fed run
+      against the Flux one's figures says what pixel space costs per step; --ablations lpips,pdino
+      then time its perceptual losses (a VGG16 and a DINOv2-B/14 with registers, randomly
+      initialised, run on the clean-image estimate each step).
 
 MFU is the trainer's own (metrics.jsonl: train.model's counted forward + backward FLOPs per
 sample over the data-sheet bf16 peak), also given against the dense bf16 matmul rate measured
@@ -34,6 +40,7 @@ Realism and its limits:
     python bench/gpu_train.py [--steps 10] [--warmup 3] [--global-batch 256] [--micro-batch 32]
     python bench/gpu_train.py --eager --feeds memory   # without torch.compile (the preset compiles)
     python bench/gpu_train.py --feeds memory --ablations muon,ema,tread   # the ablations' cost per step
+    python bench/gpu_train.py --feeds memory --latents pixels --ablations x-pred,lpips,pdino
     python bench/gpu_train.py --smoke     # CPU, tiny preset and a narrow encoder: the code path
 
 On the lent GPU machines run it through bench/gpu.sh, which installs the carried wheels.
@@ -138,6 +145,40 @@ def build_dinov3_base(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def build_dinov2_reg_base(folder: Path, seed: int = 0) -> Path:
+    """A randomly initialised DINOv2-B/14 with registers (facebook/dinov2-with-registers-base's shape,
+    P-DINO's network) with its image processor, saved like curate.tiny saves the tiny one."""
+    from transformers import BitImageProcessor, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    from curate.tiny import IMAGENET_MEAN, IMAGENET_STD
+
+    config = Dinov2WithRegistersConfig(patch_size=14, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                       image_size=518, num_register_tokens=4)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Dinov2WithRegistersModel(config).eval()
+    model.save_pretrained(folder)
+    BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, do_center_crop=True,
+                      image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD).save_pretrained(folder)
+    return folder
+
+
+def cache_random_vgg16(home: Path, seed: int = 0) -> None:
+    """VGG16's features, randomly initialised, where torch.hub keeps torchvision's ImageNet checkpoint,
+    and TORCH_HOME pointed there: LPIPS loads them as it would the real ones (train.perceptual)."""
+    import os
+
+    from train.perceptual import VGG16_URL, vgg16_features
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        features = vgg16_features()
+    (home / "hub" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    torch.save({f"features.{k}": v for k, v in features.state_dict().items()},
+               home / "hub" / "checkpoints" / Path(VGG16_URL).name)
+    os.environ["TORCH_HOME"] = str(home)
+
+
 def config(args: argparse.Namespace, manifest: Path, out: Path, text: Path,
            ablations: list[str] | None = None, extra: dict[str, Any] | None = None) -> TrainConfig:
     settings = {**(extra or {}), "text_encoder": str(text), "steps": args.warmup + args.steps,
@@ -206,6 +247,8 @@ def main() -> None:
                         help="which runs, comma-separated: shards, memory, text (shards with stored text embeddings)")
     parser.add_argument("--ablations", default="",
                         help="comma-separated train --ablation names, each a further run fed from memory")
+    parser.add_argument("--latents", choices=["flux", "pixels"], default="flux",
+                        help="flux: 16 x 32 x 32 latents (256 px); pixels: 3 x 512 x 512 images, 32 px patches")
     args = parser.parse_args()
     feeds = args.feeds.split(",")
     if not feeds or set(feeds) - {"shards", "memory", "text"}:
@@ -215,6 +258,9 @@ def main() -> None:
         parser.error("--ablations repa compares against the shard-fed run: add shards to --feeds")
     if set(ablations) - {"repa"} and "memory" not in feeds:
         parser.error("--ablations compares against the memory-fed run: add memory to --feeds")
+    pixels = args.latents == "pixels"
+    if {"lpips", "pdino"} & set(ablations) and not pixels:
+        parser.error("--ablations lpips and pdino need --latents pixels")
     args.preset = "prx-1.2b"
     sizes = T5GEMMA_2B
     if args.smoke:
@@ -235,15 +281,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        data = make_latent_dataset(tmp / "latents", shards=args.shards, per_shard=args.per_shard,
-                                   channels=16, sizes=[(32, 32)], stored="dist", dtype="bfloat16")
+        side = (64 if args.smoke else 512) if pixels else 256
+        if pixels:  # PRX's speedrun: 32 px patches through a 256-wide bottleneck
+            data = make_latent_dataset(tmp / "latents", shards=args.shards, per_shard=args.per_shard, channels=3,
+                                       sizes=[(side, side)], stored="mean", dtype="uint8", vae_dir="pixels")
+            base = {"model.patch_size": 32, "model.bottleneck_size": 256}
+        else:
+            data = make_latent_dataset(tmp / "latents", shards=args.shards, per_shard=args.per_shard,
+                                       channels=16, sizes=[(32, 32)], stored="dist", dtype="bfloat16")
+            base = {}
         written = time.perf_counter() - t0
         text = build_t5gemma(tmp / "t5gemma", sizes, args.text_layers)
-        probe = config(args, data["mix"], tmp / "probe", text)
+        probe = config(args, data["mix"], tmp / "probe", text, extra=base)
         text_flops = text_flops_per_sample(text, probe.max_tokens, device)
         device_name = torch.cuda.get_device_name() if cuda else "CPU (--smoke)"
         print(f"# bench/gpu_train.py on {device_name}, torch {torch.__version__}, diffusers "
-              f"{diffusers.__version__}; {args.preset} preset, 256 px, global batch {args.global_batch}, "
+              f"{diffusers.__version__}; {args.preset} preset, {side} px "
+              f"{'pixels (32 px patches, bottleneck 256)' if pixels else 'Flux latents'}, global batch {args.global_batch}, "
               f"micro-batch {args.micro_batch}, {args.steps} timed steps after {args.warmup}"
               f"{', eager' if args.eager else ', torch.compile'}")
         print(f"# bf16 peak: data sheet {table or '-'} TFLOP/s, measured (8192^3 matmul) "
@@ -263,11 +317,16 @@ def main() -> None:
         runs = [("shards", f"real shards on local disk ({args.workers} workers)"), ("memory", memory),
                 ("text", "real shards and stored text embeddings (no text encoder per step)")]
         runs += [(f"ablation {name}", f"{memory}, --ablation {name}") for name in ablations if name != "repa"]
-        extra: dict[str, Any] = {}
+        extra: dict[str, dict[str, Any]] = {}  # per ablation: the settings its run adds to the base ones
+        if "lpips" in ablations:
+            cache_random_vgg16(tmp / "torch_home")
+        if "pdino" in ablations:
+            extra["pdino"] = {"perceptual.dino_encoder": str(build_dinov2_reg_base(tmp / "dinov2-reg")),
+                              **({"perceptual.dino_size": 28} if args.smoke else {})}
         if "repa" in ablations:
             t0 = time.perf_counter()
             images = add_image_stage(data)
-            extra["repa.encoder"] = str(build_dinov3_base(tmp / "dinov3"))
+            extra["repa"] = {"repa.encoder": str(build_dinov3_base(tmp / "dinov3"))}
             print(f"# REPA: {sum(1 for _ in images.glob('*.tar'))} image shards of noise JPEGs and a random "
                   f"DINOv3 ViT-B/16 written in {time.perf_counter() - t0:.0f} s", flush=True)
             runs.append(("ablation repa", f"real shards and their images ({args.workers} workers), --ablation repa"))
@@ -276,7 +335,7 @@ def main() -> None:
                 continue
             ablation = key.removeprefix("ablation ") if key.startswith("ablation") else None
             cfg = config(args, manifests.get(key, data["mix"]), tmp / key.replace(" ", "-"), text,
-                         ablations=[ablation] if ablation else None, extra=extra if ablation == "repa" else None)
+                         ablations=[ablation] if ablation else None, extra={**base, **extra.get(ablation, {})})
             source = None
             if key == "memory":
                 batches = collect(cfg, pin=cuda)

@@ -90,6 +90,10 @@ def test_each_loss_applies_below_its_timestep_only(reference_lpips, models):
     lpips_term, dino_term = losses_.terms(estimate, x0, t)
     assert lpips_term.applies.tolist() == [True, False] and dino_term.applies.tolist() == [True, True]
     torch.testing.assert_close(lpips_term.mean(), lpips_term.losses[0])
+    assert lpips_term.losses[1] == 0  # the noisy sample never reaches VGG
+    half = [torch.nn.functional.interpolate(v[:1].detach(), scale_factor=0.5, mode="bilinear", align_corners=False)
+            for v in (estimate, x0)]
+    torch.testing.assert_close(lpips_term.losses[0], losses_.lpips(*half)[0])
     total = losses_.weighted([lpips_term, dino_term])
     torch.testing.assert_close(total, 0.1 * lpips_term.losses[0] + 0.01 * dino_term.losses.mean())
     lpips_term.mean().backward()

@@ -24,7 +24,9 @@ in a latent space the VAE's decoder would run, with gradients, every step.
 
 from __future__ import annotations
 
-from importlib import resources
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -35,7 +37,7 @@ from curate.models import PIXELS
 from train.config import ConfigError, PerceptualConfig
 from train.repa import DinoEncoder
 
-__all__ = ["VGG16_URL", "Lpips", "PerceptualLosses", "dino_distance"]
+__all__ = ["VGG16_URL", "Lpips", "PerceptualLosses", "dino_distance", "vgg16_features"]
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision's IMAGENET1K_V1
 # LPIPS compares the outputs of relu1_2, relu2_2, relu3_3, relu4_3 and relu5_3: these indices in
@@ -62,17 +64,20 @@ class Lpips(torch.nn.Module):
     def load(cls, device: torch.device | str = "cpu") -> Lpips:
         """VGG16's ImageNet weights from torchvision's URL (through torch.hub's cache: downloaded once)
         and the channel weights shipped in the ``lpips`` package."""
-        from torchvision.models.vgg import cfgs, make_layers
-
-        features = make_layers(cfgs["D"])  # vgg16().features, without building its classifier's 120M weights
+        features = vgg16_features()
+        # The package's weight file, found without importing the package (which builds its own
+        # networks through torchvision's deprecated arguments).
+        spec = importlib.util.find_spec("lpips")
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError("perceptual.lpips needs the lpips package (pip install lpips) for its weights")
         try:
             state = torch.hub.load_state_dict_from_url(VGG16_URL, map_location="cpu", weights_only=True)
             features.load_state_dict({k.removeprefix("features."): v for k, v in state.items()
                                       if k.startswith("features.")})
-            with resources.as_file(resources.files("lpips") / "weights" / "v0.1" / "vgg.pth") as path:
-                lin = torch.load(path, map_location="cpu", weights_only=True)
+            lin = torch.load(Path(spec.submodule_search_locations[0]) / "weights" / "v0.1" / "vgg.pth",
+                             map_location="cpu", weights_only=True)
             weights = [lin[f"lin{i}.model.1.weight"] for i in range(len(_VGG_TAPS))]
-        except (OSError, RuntimeError, KeyError, ModuleNotFoundError) as e:
+        except (OSError, RuntimeError, KeyError) as e:
             raise ConfigError(f"cannot load LPIPS (VGG16 from {VGG16_URL} and the lpips package's "
                               f"weights): {e}") from None
         return cls(features, weights).to(device)
@@ -93,6 +98,20 @@ class Lpips(torch.nn.Module):
             if i in _VGG_TAPS:
                 taps.append(h)
         return taps
+
+
+def vgg16_features() -> torch.nn.Sequential:
+    """VGG16's convolutional part, laid out as torchvision's ``vgg16().features`` (so its checkpoint's
+    ``features.*`` keys load), without building the classifier's 120M weights."""
+    layers: list[torch.nn.Module] = []
+    channels = 3
+    for width in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"):
+        if width == "M":
+            layers.append(torch.nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [torch.nn.Conv2d(channels, width, kernel_size=3, padding=1), torch.nn.ReLU(inplace=True)]
+            channels = width
+    return torch.nn.Sequential(*layers)
 
 
 def _unit(t: torch.Tensor) -> torch.Tensor:
@@ -117,12 +136,23 @@ class Term(NamedTuple):
     """One perceptual loss of a micro-batch: per-sample values and which samples it applies to."""
 
     name: str  # the metric: lpips_loss, pdino_loss
-    losses: torch.Tensor  # [B]
+    losses: torch.Tensor  # [B], 0 where it does not apply
     applies: torch.Tensor  # [B] bool: t below the threshold
 
     def mean(self) -> torch.Tensor:
         """Over the samples it applies to (0 when none does, with the graph kept)."""
-        return (self.losses * self.applies).sum() / self.applies.sum().clamp(min=1)
+        return self.losses.sum() / self.applies.sum().clamp(min=1)
+
+
+def _term(name: str, distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], estimate: torch.Tensor,
+          x0: torch.Tensor, applies: torch.Tensor) -> Term:
+    """``distance`` of the samples ``applies`` marks, 0 for the others (which it never sees)."""
+    losses = torch.zeros(estimate.shape[0], device=estimate.device)
+    chosen = applies.nonzero().squeeze(1)
+    if chosen.numel():
+        chosen = chosen.to(estimate.device, non_blocking=True)
+        losses = losses.index_put((chosen,), distance(estimate[chosen], x0[chosen]).float())
+    return Term(name, losses, applies.to(estimate.device, non_blocking=True))
 
 
 class PerceptualLosses:
@@ -160,16 +190,25 @@ class PerceptualLosses:
                               "would run with gradients every step")
 
     def terms(self, estimate: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> list[Term]:
-        """Each switched-on loss between the clean-image estimate and the images ([-1, 1])."""
+        """Each switched-on loss between the clean-image estimate and the images ([-1, 1]).
+
+        A network sees only the samples its loss applies to (PRX's LPIPS: about a fifth of them,
+        t < 0.3 under the logit-normal draw), the others' values are 0. Pass ``t`` on the host (the
+        trainer draws it there) and choosing them costs no wait for the GPU."""
         cfg, out = self.cfg, []
         if self.lpips is not None:
-            x, y = estimate, x0
-            if cfg.lpips_scale != 1:
-                x, y = (F.interpolate(v.float(), scale_factor=cfg.lpips_scale, mode="bilinear",
-                                      align_corners=False) for v in (estimate, x0))
-            out.append(Term("lpips_loss", self.lpips(x, y), t < cfg.lpips_t_max))
+
+            def lpips(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                if cfg.lpips_scale != 1:
+                    x, y = (F.interpolate(v.float(), scale_factor=cfg.lpips_scale, mode="bilinear",
+                                          align_corners=False) for v in (x, y))
+                return self.lpips(x, y)
+
+            out.append(_term("lpips_loss", lpips, estimate, x0, t < cfg.lpips_t_max))
         if self.dino is not None:
-            out.append(Term("pdino_loss", dino_distance(self.dino, estimate, x0, cfg.dino_size), t < cfg.dino_t_max))
+            dino = self.dino
+            out.append(_term("pdino_loss", lambda x, y: dino_distance(dino, x, y, cfg.dino_size), estimate, x0,
+                             t < cfg.dino_t_max))
         return out
 
     def weighted(self, terms: list[Term]) -> torch.Tensor:

@@ -362,6 +362,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
                     tokens = (micro.latents.shape[-2] // token_patch) * (micro.latents.shape[-1] // token_patch)
                     route = draw_route(cfg, n, tokens, g, world.device)
                 x0 = micro.latents.to(world.device, non_blocking=True)
+                t_host = t  # drawn on the host: which samples a perceptual loss applies to, known without a sync
                 noise, t = _to_device(noise, world.device), _to_device(t, world.device)
                 x_t = flow.interpolate(x0, noise, t)
                 if micro.context is None:
@@ -402,7 +403,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
                     if perceptual is not None:  # on the clean image the output implies (pixel space)
                         with autocast:
                             terms = perceptual.terms(flow.clean_estimate(prediction, x_t, t, cfg.flow.prediction),
-                                                     x0, t)
+                                                     x0, t_host)
                         loss = loss + perceptual.weighted(terms)
                     (loss / accum).backward()
                 # The auxiliary losses' [sum, count] follow the flow loss's, in _aux_metrics' order.

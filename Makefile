@@ -36,6 +36,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/shard_writer.py
 	$(PY) bench/train.py
 	$(PY) bench/recompute.py
+	$(PY) bench/perceptual.py
 	$(PY) bench/subset.py
 	$(PY) bench/evaluate.py
 

@@ -1270,56 +1270,42 @@ def build_tiny_image_classifier(out_dir: str | os.PathLike[str], labels: tuple[s
     return _build_once(out_dir, spec, IMAGE_MODEL_FILES, build)
 
 
-def build_tiny_dinov2(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
-    """Build a tiny random DINOv2 (transformers ``Dinov2Model``) plus its ``BitImageProcessor``.
+def build_tiny_dinov2(out_dir: str | os.PathLike[str], seed: int = 0, registers: int = 0) -> Path:
+    """Build a tiny random DINOv2 (transformers ``Dinov2Model``) plus its ``BitImageProcessor``;
+    with ``registers`` > 0 a DINOv2 with that many register tokens (``Dinov2WithRegistersModel``).
 
     Why: DINO-MMD embeds images with a DINOv2 backbone; ``evaluate`` loads this folder through
-    ``AutoModel`` as it loads ``facebook/dinov2-large``. Patch 14, layer scale and the ImageNet
-    mean and std are the real ones; the input is 28 px, hidden 32, 1 layer.
+    ``AutoModel`` as it loads ``facebook/dinov2-large``; the P-DINO perceptual loss's default is
+    DINOv2-B/14 with registers (``facebook/dinov2-with-registers-base``, PRX's). Patch 14, layer
+    scale and the ImageNet mean and std are the real ones; the input is 28 px, hidden 32, 1 layer.
     """
     spec = {"builder": "dinov2", "recipe": RECIPE_VERSION, "seed": int(seed)}
+    if registers:  # only then: the plain model's folders keep their fingerprint
+        spec |= {"builder": "dinov2-with-registers", "registers": int(registers)}
 
     def build(tmp: Path) -> dict[str, Any]:
-        from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+        import transformers
 
-        config = Dinov2Config(image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=1,
-                              num_attention_heads=2, mlp_ratio=2)
+        sizes = {"image_size": 28, "patch_size": 14, "hidden_size": 32, "num_hidden_layers": 1,
+                 "num_attention_heads": 2, "mlp_ratio": 2}
+        if registers:
+            config = transformers.Dinov2WithRegistersConfig(**sizes, num_register_tokens=registers)
+            model_class = transformers.Dinov2WithRegistersModel
+        else:
+            config, model_class = transformers.Dinov2Config(**sizes), transformers.Dinov2Model
         with _seeded(seed):
-            model = Dinov2Model(config).eval()
-        processor = BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28},
-                                      do_center_crop=True, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+            model = model_class(config).eval()
+        processor = transformers.BitImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}, do_center_crop=True,
+            image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
         return _save_image_model(model, processor, tmp)
 
     return _build_once(out_dir, spec, IMAGE_MODEL_FILES, build)
 
 
 def build_tiny_dinov2_with_registers(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
-    """Build a tiny random DINOv2 with registers (transformers ``Dinov2WithRegistersModel``) plus
-    its ``BitImageProcessor``.
-
-    Why: the P-DINO perceptual loss's default network is DINOv2-B/14 with registers (PRX's); the
-    trainer loads this folder through ``AutoModel`` as it loads
-    ``facebook/dinov2-with-registers-base``. Patch 14, 4 register tokens, layer scale and the
-    ImageNet mean and std are the real ones; the input is 28 px, hidden 32, 1 layer.
-    """
-    spec = {"builder": "dinov2-with-registers", "recipe": RECIPE_VERSION, "seed": int(seed)}
-
-    def build(tmp: Path) -> dict[str, Any]:
-        from transformers import (
-            BitImageProcessor,
-            Dinov2WithRegistersConfig,
-            Dinov2WithRegistersModel,
-        )
-
-        config = Dinov2WithRegistersConfig(image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=1,
-                                           num_attention_heads=2, mlp_ratio=2, num_register_tokens=4)
-        with _seeded(seed):
-            model = Dinov2WithRegistersModel(config).eval()
-        processor = BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28},
-                                      do_center_crop=True, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
-        return _save_image_model(model, processor, tmp)
-
-    return _build_once(out_dir, spec, IMAGE_MODEL_FILES, build)
+    """:func:`build_tiny_dinov2` with 4 register tokens, as DINOv2-B/14 with registers has."""
+    return build_tiny_dinov2(out_dir, seed, registers=4)
 
 
 def build_tiny_dinov3(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:

@@ -552,7 +552,7 @@ _LOSS_ENTRIES = 2 + 2 * len(flow.TIMESTEP_BIN_NAMES)
 
 
 def _window_size(cfg: TrainConfig) -> int:
-    """Entries of a step's loss vector: [sum, count], [sum, count] per timestep bin, then REPA's."""
+    """Entries of a step's loss vector: [sum, count], [sum, count] per timestep bin, then each auxiliary loss's."""
     return _LOSS_ENTRIES + 2 * len(_aux_metrics(cfg))
 
 

@@ -319,3 +319,29 @@ def test_the_benchmarks_synthetic_image_stage_pairs_with_its_latents(tmp_path: P
         for batch, _ in zip(loader, range(4), strict=False):
             micro = batch.micro[0]
             assert micro.images.shape[-2:] == (micro.latents.shape[-2] * 8, micro.latents.shape[-1] * 8)
+
+
+def test_in_pixel_space_the_teacher_sees_the_samples_themselves(pipeline, teachers, tmp_path: Path, monkeypatch):
+    """A `--vae pixels` manifest needs no image stage: each sample is its image, which the teacher
+    reads from the batch (its pixel values, exactly)."""
+    from latent_data import make_latent_dataset
+    from safetensors.torch import load as load_safetensors
+
+    from curate.shards import committed_shards, iter_tar_samples
+
+    data = make_latent_dataset(tmp_path / "pixels", shards=1, per_shard=4, channels=3, sizes=[(32, 32)],
+                               stored="mean", dtype="uint8", vae_dir="pixels")
+    stored = [load_safetensors(members["latent.safetensors"])["mean"]
+              for shard in committed_shards(data["latents"]) for _, members in iter_tar_samples(shard.tar_path)]
+    seen = []
+    features = DinoEncoder.features
+    monkeypatch.setattr(DinoEncoder, "features", lambda self, images, grid: seen.append(images) or
+                        features(self, images, grid))
+    assert _train(data["long"], tmp_path / "run", pipeline, teachers["dinov3"], "--ablation", "repa", steps=2,
+                  **{"model.patch_size": 16}) == 0
+    assert all(r is not None and r > 0 for _, _, r in _metrics(tmp_path / "run"))
+    images = [image for batch in seen for image in batch.cpu()]
+    assert len(images) == 8  # 2 steps of 4
+    for image in images:  # each one of the stored samples, exactly
+        assert any(torch.equal(image.round().to(torch.uint8), sample) for sample in stored)
+        torch.testing.assert_close(image, image.round(), rtol=0, atol=1e-4)

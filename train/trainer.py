@@ -38,11 +38,11 @@ from curate.manifest import (
     load_manifest,
     part_share,
 )
-from curate.models import resolve_model
+from curate.models import PIXELS, resolve_model
 from curate.runner import resolve_device
 from curate.subset import subset_summary
 from curate.text import EncodedPrompts, TextEncoder
-from curate.vae import model_downsample
+from curate.vae import from_model_output, model_downsample
 from train import flow
 from train.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -150,7 +150,11 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
     checkpoint = _find_checkpoint(run_dir, resume)
     state = load_checkpoint(checkpoint) if checkpoint is not None else None
     first_step = int(state.get("step", 0)) if state is not None else 0
-    images = _repa_images(cfg, manifest) if repa_active(cfg, first_step) else None
+    # REPA's teacher sees each sample's image: in pixel space the sample itself, else its original,
+    # read from the image stage beside the latents.
+    pixel_space = manifest.latent.vae == PIXELS
+    repa_now = repa_active(cfg, first_step)
+    images = _repa_images(cfg, manifest) if repa_now and not pixel_space else None
     summary = check_data(manifest, cfg.shards, verify=cfg.data.verify if world.main else "none",
                          allow_pipe=cfg.data.allow_pipe, settings=settings, images=images)
     fingerprint = data_fingerprint(settings, manifest)
@@ -180,7 +184,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
     init_record = state.get("init") if state is not None else initial.record if initial is not None else None
     # REPA's teacher and projector, while the alignment loss is on (train/repa.py).
     teacher = projector = None
-    if images is not None:
+    if repa_now:
         teacher = DinoEncoder(cfg.repa.encoder, device=world.device, revision=cfg.repa.revision or None)
         projector = build_projector(cfg.model.hidden_size, teacher.dim, cfg.repa.projector_dim,
                                     seed=cfg.seed).to(world.device)
@@ -304,7 +308,9 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
             logger.note(f"perceptual losses on the clean-image estimate: {perceptual.describe()}")
         if teacher is not None:
             logger.note(f"REPA: block {aligned_block}'s tokens aligned with {teacher.id} ({teacher.dim}-d, "
-                        f"{teacher.patch} px patches) of the originals in {', '.join(map(str, images))}, weight {cfg.repa.weight}, "
+                        f"{teacher.patch} px patches) of "
+                        + ("the samples themselves (pixel space)" if images is None
+                           else f"the originals in {', '.join(map(str, images))}") + f", weight {cfg.repa.weight}, "
                         + (f"until step {cfg.repa.stop_step}" if cfg.repa.stop_step else "the whole run"))
 
     # ---- the loop ----------------------------------------------------------------------------------
@@ -332,7 +338,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
                     optimizer.state.pop(p, None)
                 with_repa = None
                 gc.collect()  # the old DDP wrapper's gradient hooks go with it, before the next backward
-                if loader is not None:  # the same batches from here on, without reading the images
+                if loader is not None and images is not None:  # the same batches, without reading the images
                     loader.close()
                     loader = LatentLoader(manifest, cfg.shards, settings, rank=world.rank,
                                           world_size=world.world_size, start_step=step,
@@ -374,10 +380,13 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
                     mask = torch.where(empty[:, None], empty_mask,
                                        micro.context_mask.to(world.device, non_blocking=True))
                 if teacher is not None:
-                    if micro.images is None:
+                    if pixel_space:  # the sample is the image: its pixel values, 0 to 255
+                        seen = from_model_output(x0, manifest.latent)
+                    elif micro.images is None:
                         raise TrainingError("REPA needs each micro-batch's images (the data source gave none)")
-                    target = teacher.features(micro.images, (x_t.shape[-2] // token_patch,
-                                                             x_t.shape[-1] // token_patch))
+                    else:
+                        seen = micro.images
+                    target = teacher.features(seen, (x_t.shape[-2] // token_patch, x_t.shape[-1] // token_patch))
                     if gather_target:
                         target = gather_tokens(target, route.keep)
                 sync = i == len(batch.micro) - 1

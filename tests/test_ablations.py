@@ -189,7 +189,7 @@ def test_ablations_are_named_overrides_recorded_in_the_config(tmp_path: Path):
                        shards="m.json", out="r")
     assert cfg.flow.prediction == "x0" and cfg.optim.name == "muon" and cfg.ema.decay == 0.999
     assert cfg.ablations == ["x-pred", "muon", "ema"]
-    assert set(ABLATIONS) == {"x-pred", "muon", "repa", "tread", "cfm", "immiscible", "ema"}
+    assert set(ABLATIONS) == {"x-pred", "muon", "repa", "tread", "cfm", "immiscible", "ema", "lpips", "pdino"}
     with pytest.raises(ConfigError, match="unknown ablation .sprint."):
         build_config("tiny", ablations=["sprint"])
     with pytest.raises(ConfigError, match="chosen with --ablation"):
@@ -199,7 +199,11 @@ def test_ablations_are_named_overrides_recorded_in_the_config(tmp_path: Path):
     assert build_config(base=cfg).ablations == cfg.ablations  # a resume keeps them
     for bad, message in [("flow.prediction=eps", "velocity or x0"), ("optim.name=sgd", "adamw or muon"),
                          ("ema.decay=1", r"\[0, 1\)"), ("flow.x0_t_min=0", r"\(0, 1\)"),
-                         ("flow.contrastive=-0.1", r"\[0, 1\)")]:
+                         ("flow.contrastive=-0.1", r"\[0, 1\)"), ("perceptual.lpips=-0.1", "0 .off. or more"),
+                         ("perceptual.lpips_t_max=0", r"lpips_t_max must be in \(0, 1\]"),
+                         ("perceptual.lpips_scale=2", r"lpips_scale must be in \(0, 1\]"),
+                         ("perceptual.dino_size=0", "dino_size must be positive"),
+                         ("model.bottleneck_size=-1", "cannot be negative")]:
         with pytest.raises(ConfigError, match=message):
             build_config("tiny", overrides=[bad])
 

@@ -112,6 +112,15 @@ def test_a_held_out_set_of_another_latent_space_or_missing_is_refused(data, tmp_
         config(data, **{"val.timesteps": 0})
 
 
+def test_a_held_out_set_whose_images_are_not_whole_tokens_is_refused_before_any_step(data, models, tmp_path: Path):
+    odd = make_latent_dataset(tmp_path / "odd", shards=1, per_shard=2, sizes=[(2, 6), (3, 5)], seed=4)
+    cfg = build_config("tiny", shards=str(data["long"]), out=str(tmp_path / "run"),
+                       overrides=[f"text_encoder={models['text']}", "data.workers=0", f"val.shards={odd['long']}"])
+    with pytest.raises(ConfigError, match="the held-out manifest's images of 24x40 px are not whole tokens of 16 px"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     from curate.tiny import build_tiny_flux_vae, build_tiny_t5gemma

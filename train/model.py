@@ -64,14 +64,15 @@ def _check_supported(argument: str) -> None:
                           f"{diffusers.__version__}'s does not (pip install -U diffusers)")
 
 
-def check_token_grid(buckets: Iterable[tuple[int, int]], spec: LatentSpec, patch_size: int) -> None:
+def check_token_grid(buckets: Iterable[tuple[int, int]], spec: LatentSpec, patch_size: int,
+                     what: str = "the manifest's") -> None:
     """Every bucket (pixels) holds a whole number of tokens, before any step rather than at the
     first batch of an odd bucket hours in."""
     token = model_downsample(spec) * patch_size
     odd = sorted({(h, w) for h, w in buckets if h % token or w % token})
     if odd:
         sizes = ", ".join(f"{h}x{w}" for h, w in odd)
-        raise ConfigError(f"the manifest's images of {sizes} px are not whole tokens of {token} px "
+        raise ConfigError(f"{what} images of {sizes} px are not whole tokens of {token} px "
                           f"(model-space downsampling {model_downsample(spec)} x patch size {patch_size}): "
                           f"encode them at a multiple of {token} (curate encode-latents --resolution, "
                           "--bucket-multiple) or set another model.patch_size")

@@ -176,6 +176,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
             torch.cuda.empty_cache()
     architecture = denoiser_config(cfg.model, manifest.latent, text.dim)
     check_token_grid(summary.buckets, manifest.latent, architecture["patch_size"])
+    if validation is not None:
+        check_token_grid(validation.sizes, manifest.latent, architecture["patch_size"], "the held-out manifest's")
     if state is not None:
         _check_resume(state, cfg, manifest_sha, fingerprint, architecture, manifest, checkpoint)
     # A new run may start from trained weights (train/init.py); a resumed one has its own.

@@ -52,8 +52,10 @@ class _Batch:
 class ValidationSet:
     """This rank's share of the held-out samples, ready to measure (see the module docstring)."""
 
-    def __init__(self, batches: list[_Batch], samples: int, timesteps: int, source: str):
+    def __init__(self, batches: list[_Batch], samples: int, timesteps: int, source: str,
+                 sizes: set[tuple[int, int]] | None = None):
         self.batches, self.samples, self.timesteps, self.source = batches, samples, timesteps, source
+        self.sizes = sizes or set()  # this rank's images' (height, width) in pixels
 
     @classmethod
     def load(cls, cfg: TrainConfig, training: Manifest,
@@ -86,7 +88,9 @@ class ValidationSet:
                 context, mask = encode([s.caption for s in part])
                 batches.append(_Batch(torch.stack([s.latent for s in part]), noise,
                                       context.to("cpu", torch.bfloat16), mask.cpu()))
-        return cls(batches, len(chosen), cfg.val.timesteps, str(path))
+        down = manifest.latent.downsample
+        sizes = {(shape[-2] * down, shape[-1] * down) for shape in by_shape}
+        return cls(batches, len(chosen), cfg.val.timesteps, str(path), sizes)
 
     @torch.no_grad()
     def loss(self, model: torch.nn.Module, *, device: torch.device, weights_dtype: torch.dtype,

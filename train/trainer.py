@@ -201,6 +201,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
                  *([world.note] if world.note else []),
                  f"would resume from {checkpoint} at step {first_step}" if state is not None else "a new run",
                  *([f"initialised from {initial.describe()}", *initial.notes] if initial is not None else []),
+                 *([f"perceptual losses: {perceptual.describe()}"] if perceptual is not None else []),
                  *([f"validation: {validation.samples} held-out samples of {validation.source}"]
                    if validation is not None else [])]
         return RunResult(run_dir, first_step, first_step if state is not None else None, None, notes)

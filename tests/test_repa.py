@@ -276,24 +276,27 @@ def test_repa_and_tread_compiled_train_as_eager(pipeline, teachers, tmp_path: Pa
 
 def test_two_ranks_with_repa_equal_one_across_its_stop_step(pipeline, teachers, tmp_path: Path):
     """DDP reduces the projector's gradients with the denoiser's, and is rebuilt without the
-    projector when REPA ends; TREAD's routes are drawn per slot, as on one rank."""
+    projector when REPA ends; TREAD's routes are drawn per slot, as on one rank. FSDP (fsdp=true)
+    shards the projector as a unit of its own, and the run is the same again."""
     settings = _settings(pipeline, teachers["dinov3"], steps=5, checkpoint_every=5,
                          **{"repa.stop_step": 3, "data.workers": 1, "model.depth": 4, "routing.start": 1})
     base = ["-m", "train", "--shards", str(pipeline["manifest"]), "--preset", "tiny", "--ablation", "repa,tread"]
-    one, two = tmp_path / "one", tmp_path / "two"
+    one = tmp_path / "one"
     done = subprocess.run([sys.executable, *base, "--out", str(one), *settings], cwd=REPO, capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    done = subprocess.run([*torchrun, *base, "--out", str(two), *settings], cwd=REPO, capture_output=True,
-                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    for (s1, l1, r1), (s2, l2, r2) in zip(_metrics(one), _metrics(two), strict=True):
-        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4)
-        assert (r1 is None) == (r2 is None) and (r1 is None or r1 == pytest.approx(r2, rel=1e-4))
-    a, b = (load_checkpoint(latest_checkpoint(r)) for r in (one, two))
-    for key in a["model"]:
-        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-6)
+    for name, extra in (("ddp", []), ("fsdp", ["fsdp=true"])):
+        done = subprocess.run([*torchrun, *base, "--out", str(tmp_path / name), *settings, *extra], cwd=REPO,
+                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert ("the REPA projector)" in done.stderr) == (name == "fsdp")  # its FSDP note
+        for (s1, l1, r1), (s2, l2, r2) in zip(_metrics(one), _metrics(tmp_path / name), strict=True):
+            assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4)
+            assert (r1 is None) == (r2 is None) and (r1 is None or r1 == pytest.approx(r2, rel=1e-4))
+        a, b = (load_checkpoint(latest_checkpoint(r)) for r in (one, tmp_path / name))
+        for key in a["model"]:
+            torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-6)
 
 
 def test_repa_inside_the_routed_blocks_aligns_the_kept_tokens(pipeline, teachers, tmp_path: Path):

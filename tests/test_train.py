@@ -20,7 +20,7 @@ from PIL import Image
 
 from train.checkpoint import CHECKPOINT_FORMAT, latest_checkpoint, list_checkpoints, load_checkpoint
 from train.cli import main as train_main
-from train.config import build_config
+from train.config import ConfigError, build_config
 from train.metrics import read_metrics
 from train.trainer import train
 
@@ -169,6 +169,41 @@ def test_two_gloo_ranks_equal_one_process_and_resume_on_another_world_size(tmp_p
     for name in ("loss", "val_loss"):
         for (s1, l1), (s2, l2) in zip(losses(one, name), losses(two, name), strict=True):
             assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4)
+
+
+def test_fsdp_over_two_ranks_equals_one_process_through_a_resume(tmp_path: Path, models, dataset, one_process):
+    """fsdp=true: the weights, gradients, AdamW state and EMA split over 2 ranks (each accumulating
+    2 micro-batches) train as one process does, with the held-out loss split unevenly; the
+    checkpoints hold whole tensors, and a resume shards them again (the optimizer's moments and
+    the EMA too) and samples a grid on both ranks."""
+    from train.checkpoint import checkpoint_path
+
+    _, settings = one_process
+    settings = {**settings, "ema.decay": 0.9}
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(_cli_cmd(dataset["long"], one, models, **settings), check=True, cwd=REPO, capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for steps, extra in ((3, {}), (6, {"sample_every": 6})):
+        cmd = _cli_cmd(dataset["long"], two, models, **{**settings, "steps": steps, "fsdp": "true", **extra})[1:]
+        done = subprocess.run([*torchrun, *cmd, *(["--resume", "auto"] if steps == 6 else [])], cwd=REPO,
+                              capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "FSDP: weights, gradients and optimizer state sharded over 2 ranks in 6 units" in done.stderr
+    for step in (3, 6):
+        a, b = load_checkpoint(checkpoint_path(one, step)), load_checkpoint(checkpoint_path(two, step))
+        assert b["world_size"] == 2 and b["config"]["fsdp"] is True
+        for key in a["model"]:  # whole tensors, as one process has them
+            torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(a["ema"]["weights"][key], b["ema"]["weights"][key], rtol=1e-4, atol=1e-6)
+        for i, moments in a["optimizer"]["state"].items():
+            torch.testing.assert_close(moments["exp_avg"], b["optimizer"]["state"][i]["exp_avg"], rtol=1e-3, atol=1e-7)
+    for name in ("loss", "val_loss"):  # the validation loss measures the EMA weights
+        for (s1, l1), (s2, l2) in zip(losses(one, name), losses(two, name), strict=True):
+            assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4)
+    assert (two / "samples" / "step_00000006.png").is_file()
+    with pytest.raises(ConfigError, match="fsdp=true with optim.name=muon"):
+        build_config("tiny", ablations=["muon"], overrides=["fsdp=true"])
 
 
 def test_srun_tasks_form_one_run_as_torchrun_ranks_do(tmp_path: Path, models, dataset, one_process):

@@ -215,6 +215,7 @@ class TrainConfig:
     allow_bf16_weights: bool = False
     compile: bool = False
     activation_checkpointing: int = 0  # recompute every Nth block's activations in the backward pass (1 = all)
+    fsdp: bool = False  # shard weights, gradients and optimizer state over the ranks (train/sharding.py), not DDP
     device: str = "auto"  # auto: cuda:LOCAL_RANK when CUDA is available, else cpu
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -275,6 +276,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 MAY_CHANGE_ON_RESUME = (
     "shards", "out", "steps", "checkpoint_every", "keep_checkpoints", "sample_every", "compile",
     "activation_checkpointing",  # the same gradients, in less memory
+    "fsdp",  # the same steps, with the state split over the ranks (checkpoints are whole either way)
     "optim.decay", "optim.decay_steps", "optim.min_lr_ratio",  # a cool-down added to a run
     "device", "data.prefetch", "data.verify", "sample.", "log.", "repa.images", "val.",
 )
@@ -480,6 +482,9 @@ def validate(cfg: TrainConfig) -> None:
                           "micro_batch must be 2 or more")
     if cfg.optim.name not in ("adamw", "muon"):
         raise ConfigError(f"optim.name must be adamw or muon, not {cfg.optim.name!r}")
+    if cfg.fsdp and cfg.optim.name == "muon":
+        raise ConfigError("fsdp=true with optim.name=muon: Muon orthogonalises each whole weight matrix, which "
+                          "FSDP splits over the ranks; not supported yet (with DDP, Muon runs)")
     if not 0.0 <= cfg.optim.muon_momentum < 1.0:
         raise ConfigError(f"optim.muon_momentum must be in [0, 1), got {cfg.optim.muon_momentum}")
     if cfg.optim.decay not in ("none", "linear", "cosine", "1-sqrt"):

@@ -56,6 +56,19 @@ class EMA:
     def applied(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         """``model`` with the averaged weights for the duration (no copy for fp32 weights)."""
         params = list(model.parameters())
+        if any(type(p.data) is not torch.Tensor for p in params):
+            # Sharded (FSDP's DTensors): FSDP owns each parameter's storage, so the values are
+            # copied in and back rather than the storage swapped (a copy of this rank's shard).
+            with torch.no_grad():
+                trained = [p.detach().clone() for p in params]
+                for p, weight in zip(params, self.weights, strict=True):
+                    p.copy_(weight)
+                try:
+                    yield model
+                finally:
+                    for p, data in zip(params, trained, strict=True):
+                        p.copy_(data)
+            return
         trained = [p.data for p in params]
         try:
             for p, weight in zip(params, self.weights, strict=True):

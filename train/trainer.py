@@ -89,6 +89,15 @@ from train.repa import (
 from train.routing import RoutedDenoiser, aligned_in_route, draw_route, gather_tokens
 from train.schedule import build_schedule, lr_factor
 from train.schedule import describe as describe_schedule
+from train.sharding import (
+    all_finite,
+    full_tensors,
+    gathered_optimizer_state,
+    gradient_sync,
+    shard,
+    shard_like,
+    sharded_optimizer_state,
+)
 from train.validation import ValidationSet
 
 DataSource = Callable[[int, int], Iterator[StepBatch]]  # (start step, rank) -> step batches
@@ -213,29 +222,36 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
         initial.state = {}  # the source's copy is not needed any more
     if cfg.weights_dtype == "bfloat16":
         model.to(torch.bfloat16)
+    if state is not None:  # whole weights, before any sharding
+        model.load_state_dict(state["model"])
+        if projector is not None:
+            projector.load_state_dict(state["repa"]["projector"])
+    flops_per_sample = None
+    if world.device.type == "cuda":
+        latent_shape = (architecture["in_channels"], *_grid(manifest.latent))
+        flops_per_sample = train_flops_per_sample(model, latent_shape, cfg.max_tokens, text.dim)
+    peak = peak_tflops(world.device, cfg.log.peak_tflops)
+    # FSDP (train/sharding.py) replaces the parameters by shards: the optimizer and EMA come after.
+    sharded = cfg.fsdp and world.world_size > 1
+    units = shard(model, projector) if sharded else []
     optimizer = build_optimizer(model, cfg, fused=world.device.type == "cuda",
                                 extra=_projector_params(cfg, projector))
     ema = EMA(model, cfg.ema.decay) if cfg.ema.decay > 0 else None
     schedule = build_schedule(optimizer, cfg.optim, cfg.steps)
     start_step, window = 0, _Window(world.device)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(_optimizer_state(state["optimizer"], cfg, projector))
+        saved_optimizer = _optimizer_state(state["optimizer"], cfg, projector)
+        optimizer.load_state_dict(sharded_optimizer_state(saved_optimizer, optimizer) if sharded else saved_optimizer)
         schedule.load_state_dict(state["schedule"])
         if ema is not None:
-            ema.load_state_dict(state["ema"])
-        if projector is not None:
-            projector.load_state_dict(state["repa"]["projector"])
+            ema.load_state_dict({**state["ema"], "weights": {
+                name: shard_like(w, mine) for (name, w), mine in zip(state["ema"]["weights"].items(), ema.weights,
+                                                                     strict=False)}})
         start_step = int(state["step"])
         window = _Window(world.device, **state["window"])
-    flops_per_sample = None
-    if world.device.type == "cuda":
-        latent_shape = (architecture["in_channels"], *_grid(manifest.latent))
-        flops_per_sample = train_flops_per_sample(model, latent_shape, cfg.max_tokens, text.dim)
-    peak = peak_tflops(world.device, cfg.log.peak_tflops)
 
     def wrap(module: torch.nn.Module) -> torch.nn.Module:
-        if world.world_size > 1:
+        if world.world_size > 1 and not sharded:
             module = torch.nn.parallel.DistributedDataParallel(
                 module, device_ids=[world.device.index] if world.device.type == "cuda" else None,
                 gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets: one copy less
@@ -283,6 +299,12 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
             muon, other = (sum(p.numel() for p in g["params"]) for g in optimizer.param_groups[:2])
             logger.note(f"optimizer: Muon for the blocks' weight matrices ({muon / 1e6:.2f}M parameters), "
                         f"AdamW for the rest ({other / 1e6:.2f}M)")
+        if sharded:
+            logger.note(f"FSDP: weights, gradients and optimizer state sharded over {world.world_size} ranks in "
+                        f"{len(units)} units ({len(model.blocks)} blocks, the denoiser's other parts"
+                        f"{', the REPA projector' if projector is not None else ''})")
+        elif cfg.fsdp:
+            logger.note("fsdp=true on one rank: nothing to shard, the run is unsharded")
         if cfg.activation_checkpointing:
             count = sum(recomputed(i, cfg.activation_checkpointing) for i in range(len(model.blocks)))
             logger.note(f"activation checkpointing: {count} of {len(model.blocks)} blocks recompute their "
@@ -393,7 +415,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
                     if gather_target:
                         target = gather_tokens(target, route.keep)
                 sync = i == len(batch.micro) - 1
-                with (contextlib.nullcontext() if sync or world.world_size == 1 else ddp_model.no_sync()):
+                with (gradient_sync(units, sync) if sharded else
+                      contextlib.nullcontext() if sync or world.world_size == 1 else ddp_model.no_sync()):
                     inputs = {"hidden_states": x_t.to(weights_dtype), "timestep": t,
                               "encoder_hidden_states": context.to(weights_dtype), "attention_mask": mask,
                               **({"route": route} if routing else {})}
@@ -430,6 +453,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
             trained = [*model.parameters(), *(projector.parameters() if projector is not None else ())]
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 trained, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
+            if sharded:  # a DTensor over the shards
+                grad_norm = grad_norm.full_tensor()
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
@@ -462,30 +487,39 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
                 with ema.applied(model) if ema is not None else contextlib.nullcontext():
                     logger.log(done, validation.loss(model, device=world.device, weights_dtype=weights_dtype,
                                                      autocast=autocast, prediction=cfg.flow.prediction,
-                                                     t_min=cfg.flow.x0_t_min))
-            if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps) and world.main:
+                                                     t_min=cfg.flow.x0_t_min, lockstep=sharded))
+            # Sharded, every rank runs the sampler (its blocks gather their weights); the main one decodes.
+            if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps) and (world.main or sharded):
                 with ema.applied(model) if ema is not None else contextlib.nullcontext():
-                    path = _sample(model, text, manifest, vae, cfg, run_dir, done)
-                logger.add_image("samples", path, done)
+                    path = _sample(model, text, manifest, vae if world.main else None, cfg, run_dir, done)
+                if path is not None:
+                    logger.add_image("samples", path, done)
                 ddp_model.train()
             stopping = stop.agreed(world, done)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
                 # Never a checkpoint of broken weights: it would become the one --resume auto takes,
                 # and push a good one out of keep_checkpoints. (One pass over the weights, each rank.)
-                if not torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all():
+                if not all_finite(list(model.parameters())):
                     last = latest_checkpoint(run_dir)
                     raise TrainingError(f"the weights are not finite after step {done}: no checkpoint written; lower "
                                         "lr or check the data (curate stats), then resume from "
                                         + (f"{last} (--resume {last})" if last else "the start (a new --out)"))
+                # Sharded, every rank gathers the whole tensors (collectives), and the main one writes them.
+                whole = full_tensors if sharded else dict
+                weights = whole(model.state_dict())
+                moments = gathered_optimizer_state(optimizer) if sharded else optimizer.state_dict()
+                average = ({**ema.state_dict(), "weights": whole(ema.state_dict()["weights"])}
+                           if ema is not None else None)
+                aligner = {"projector": whole(projector.state_dict())} if projector is not None else None
                 if world.main:
                     save_checkpoint(run_dir, done, {
                         "format": CHECKPOINT_FORMAT,
                         "step": done,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
+                        "model": weights,
+                        "optimizer": moments,
                         "schedule": schedule.state_dict(),
-                        "ema": ema.state_dict() if ema is not None else None,
-                        "repa": {"projector": projector.state_dict()} if projector is not None else None,
+                        "ema": average,
+                        "repa": aligner,
                         "init": init_record,
                         "window": window.state(),
                         "config": to_dict(cfg),
@@ -760,14 +794,20 @@ def _load_vae(spec: LatentSpec, device: torch.device) -> Any:
 
 
 def _sample(model: torch.nn.Module, text: TextEncoder | EncodedPrompts, manifest: Manifest, vae: Any, cfg: TrainConfig,
-            run_dir: Path, step: int) -> Path:
-    from train.sample import sample_grid
+            run_dir: Path, step: int) -> Path | None:
+    """The sample grid of ``step``, written; with no ``vae`` (a sharded run's other ranks) the
+    denoising alone, whose weight gathers the main rank's needs, and None."""
+    from train.sample import sample_grid, sample_latents
 
     size = cfg.sample.size or manifest.latent.resolution
+    settings = {"spec": manifest.latent, "height": size, "width": size, "steps": cfg.sample.steps,
+                "guidance": cfg.sample.guidance, "guidance_interval": tuple(cfg.sample.guidance_interval),
+                "shift": cfg.flow.shift, "prediction": cfg.flow.prediction, "x0_t_min": cfg.flow.x0_t_min,
+                "seed": cfg.sample.seed}
+    if vae is None:
+        sample_latents(model, text, cfg.sample.prompts, **settings)
+        return None
     path = run_dir / "samples" / f"step_{step:08d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    sample_grid(model, text, cfg.sample.prompts, spec=manifest.latent, vae=vae, height=size, width=size,
-                steps=cfg.sample.steps, guidance=cfg.sample.guidance,
-                guidance_interval=tuple(cfg.sample.guidance_interval), shift=cfg.flow.shift,
-                prediction=cfg.flow.prediction, x0_t_min=cfg.flow.x0_t_min, seed=cfg.sample.seed, path=path)
+    sample_grid(model, text, cfg.sample.prompts, vae=vae, path=path, **settings)
     return path

@@ -53,9 +53,10 @@ class ValidationSet:
     """This rank's share of the held-out samples, ready to measure (see the module docstring)."""
 
     def __init__(self, batches: list[_Batch], samples: int, timesteps: int, source: str,
-                 sizes: set[tuple[int, int]] | None = None):
+                 sizes: set[tuple[int, int]] | None = None, filler: _Batch | None = None):
         self.batches, self.samples, self.timesteps, self.source = batches, samples, timesteps, source
         self.sizes = sizes or set()  # this rank's images' (height, width) in pixels
+        self.filler = filler or (batches[0] if batches else None)  # what lockstep runs again, uncounted
 
     @classmethod
     def load(cls, cfg: TrainConfig, training: Manifest,
@@ -78,28 +79,38 @@ class ValidationSet:
         by_shape: dict[tuple[int, ...], list] = {}
         for sample in mine:
             by_shape.setdefault(tuple(sample.latent.shape), []).append(sample)
-        batches = []
-        for shape in sorted(by_shape):
-            group = by_shape[shape]
-            for start in range(0, len(group), cfg.micro_batch):
-                part = group[start: start + cfg.micro_batch]
-                noise = torch.stack([torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
-                    _noise_seed(s.key, k))) for s in part]) for k in range(cfg.val.timesteps)])
-                context, mask = encode([s.caption for s in part])
-                batches.append(_Batch(torch.stack([s.latent for s in part]), noise,
-                                      context.to("cpu", torch.bfloat16), mask.cpu()))
+        def batch(part: list) -> _Batch:
+            noise = torch.stack([torch.stack([torch.randn(part[0].latent.shape, generator=torch.Generator().manual_seed(
+                _noise_seed(s.key, k))) for s in part]) for k in range(cfg.val.timesteps)])
+            context, mask = encode([s.caption for s in part])
+            return _Batch(torch.stack([s.latent for s in part]), noise, context.to("cpu", torch.bfloat16), mask.cpu())
+
+        batches = [batch(by_shape[shape][start: start + cfg.micro_batch]) for shape in sorted(by_shape)
+                   for start in range(0, len(by_shape[shape]), cfg.micro_batch)]
         down = manifest.latent.downsample
         sizes = {(shape[-2] * down, shape[-1] * down) for shape in by_shape}
-        return cls(batches, len(chosen), cfg.val.timesteps, str(path), sizes)
+        # A rank with no held-out sample of its own still takes part in a sharded model's forwards.
+        filler = batch(chosen[:1]) if not batches and chosen else None
+        return cls(batches, len(chosen), cfg.val.timesteps, str(path), sizes, filler)
 
     @torch.no_grad()
     def loss(self, model: torch.nn.Module, *, device: torch.device, weights_dtype: torch.dtype,
-             autocast: torch.autocast, prediction: str = "velocity", t_min: float = 0.05) -> dict[str, float]:
-        """The metrics of :data:`METRIC_NAMES` for ``model``, summed over every rank's share."""
+             autocast: torch.autocast, prediction: str = "velocity", t_min: float = 0.05,
+             lockstep: bool = False) -> dict[str, float]:
+        """The metrics of :data:`METRIC_NAMES` for ``model``, summed over every rank's share.
+
+        ``lockstep`` (a sharded model, whose every forward gathers weights from all ranks): a rank
+        with fewer batches than another runs its first one again, uncounted, until all have run
+        as many."""
         training = model.training
         model.eval()
         sums = torch.zeros(2 + 2 * len(flow.TIMESTEP_BINS), dtype=torch.float64, device=device)
-        for batch in self.batches:
+        batches = [(batch, True) for batch in self.batches]
+        if lockstep and dist.is_available() and dist.is_initialized():
+            most = torch.tensor([len(batches)], device=device)
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            batches += [(self.filler, False)] * (int(most) - len(batches))
+        for batch, counted in batches:
             x0 = batch.latents.to(device)
             context = batch.context.to(device).to(weights_dtype)
             mask = batch.mask.to(device)
@@ -111,7 +122,8 @@ class ValidationSet:
                     output = model(hidden_states=x_t.to(weights_dtype), timestep=t, encoder_hidden_states=context,
                                    attention_mask=mask, return_dict=False)[0]
                 velocity = flow.velocity_from_output(output, x_t, t, prediction, t_min=t_min)
-                sums += flow.loss_sums(flow.per_sample_loss(velocity, flow.velocity_target(x0, noise)), t)
+                if counted:
+                    sums += flow.loss_sums(flow.per_sample_loss(velocity, flow.velocity_target(x0, noise)), t)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)
         model.train(training)

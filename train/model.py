@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -78,12 +79,13 @@ def check_token_grid(buckets: Iterable[tuple[int, int]], spec: LatentSpec, patch
                           "--bucket-multiple) or set another model.patch_size")
 
 
-def build_denoiser(config: dict[str, Any], *, seed: int) -> torch.nn.Module:
-    """A freshly initialised denoiser; the seed alone decides its weights (every rank agrees)."""
+def build_denoiser(config: dict[str, Any], *, seed: int, device: str | None = None) -> torch.nn.Module:
+    """A freshly initialised denoiser; the seed alone decides its weights (every rank agrees).
+    ``device="meta"`` builds it without weights (shapes only: counting FLOPs)."""
     from diffusers import PRXTransformer2DModel
 
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), torch.device(device) if device else contextlib.nullcontext():
         torch.manual_seed(seed)
         return PRXTransformer2DModel(**config)
 

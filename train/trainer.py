@@ -226,13 +226,16 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
         model.load_state_dict(state["model"])
         if projector is not None:
             projector.load_state_dict(state["repa"]["projector"])
+    sharded = cfg.fsdp and world.world_size > 1
     flops_per_sample = None
     if world.device.type == "cuda":
         latent_shape = (architecture["in_channels"], *_grid(manifest.latent))
-        flops_per_sample = train_flops_per_sample(model, latent_shape, cfg.max_tokens, text.dim)
+        # Sharded, on a copy without weights: the whole model's gradients may not fit one GPU (the
+        # meta device counts attention within 1% of the GPU kernels' count).
+        counted = build_denoiser(architecture, seed=cfg.seed, device="meta") if sharded else model
+        flops_per_sample = train_flops_per_sample(counted, latent_shape, cfg.max_tokens, text.dim)
     peak = peak_tflops(world.device, cfg.log.peak_tflops)
     # FSDP (train/sharding.py) replaces the parameters by shards: the optimizer and EMA come after.
-    sharded = cfg.fsdp and world.world_size > 1
     units = shard(model, projector) if sharded else []
     optimizer = build_optimizer(model, cfg, fused=world.device.type == "cuda",
                                 extra=_projector_params(cfg, projector))

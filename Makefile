@@ -37,6 +37,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/train.py
 	$(PY) bench/recompute.py
 	$(PY) bench/perceptual.py
+	$(PY) bench/sharding.py
 	$(PY) bench/subset.py
 	$(PY) bench/evaluate.py
 

@@ -119,6 +119,12 @@ def test_a_held_out_set_whose_images_are_not_whole_tokens_is_refused_before_any_
     with pytest.raises(ConfigError, match="the held-out manifest's images of 24x40 px are not whole tokens of 16 px"):
         train(cfg)
     assert not (tmp_path / "run").exists()
+    # FLUX.2's model inputs are 1/16 of the image (the stored latents 1/8): the sizes are the images'.
+    from curate.tiny import build_tiny_flux2_vae
+
+    flux2 = make_latent_dataset(tmp_path / "flux2", shards=1, per_shard=4, channels=32, sizes=[(4, 4), (2, 6)],
+                                vae_dir=build_tiny_flux2_vae(tmp_path / "vae"))
+    assert ValidationSet.load(config(flux2), load_manifest(flux2["long"]), fake_encode).sizes == {(32, 32), (16, 48)}
 
 
 @pytest.fixture(scope="module")

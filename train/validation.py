@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from curate.manifest import Manifest, ManifestError, load_manifest, mergeable_latents
+from curate.vae import model_downsample
 from train import flow
 from train.config import ConfigError, TrainConfig
 from train.data import first_samples
@@ -87,7 +88,7 @@ class ValidationSet:
 
         batches = [batch(by_shape[shape][start: start + cfg.micro_batch]) for shape in sorted(by_shape)
                    for start in range(0, len(by_shape[shape]), cfg.micro_batch)]
-        down = manifest.latent.downsample
+        down = model_downsample(manifest.latent)  # the latents are model inputs (FLUX.2's at 1/16)
         sizes = {(shape[-2] * down, shape[-1] * down) for shape in by_shape}
         # A rank with no held-out sample of its own still takes part in a sharded model's forwards.
         filler = batch(chosen[:1]) if not batches and chosen else None

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from train.checkpoint import CheckpointError
+from train.sharding import shard_like
 
 
 class EMA:
@@ -43,7 +44,7 @@ class EMA:
         if list(saved) != self.names or shapes != [w.shape for w in self.weights]:
             raise ValueError("the saved EMA weights belong to another model (their names or shapes differ)")
         for mine, theirs in zip(self.weights, saved.values(), strict=True):
-            mine.copy_(theirs)
+            mine.copy_(shard_like(theirs, mine))  # whole tensors from a checkpoint; split when sharded
 
     def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """``model.state_dict()`` with the averaged weights in place of the trained ones."""

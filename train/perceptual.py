@@ -155,6 +155,11 @@ def _term(name: str, distance: Callable[[torch.Tensor, torch.Tensor], torch.Tens
     return Term(name, losses, applies.to(estimate.device, non_blocking=True))
 
 
+def _weights(cfg: PerceptualConfig) -> dict[str, float]:
+    """Each loss's metric name and weight, in the order the trainer logs them."""
+    return {"lpips_loss": cfg.lpips, "pdino_loss": cfg.dino}
+
+
 class PerceptualLosses:
     """The perceptual losses a config switches on, their networks loaded once."""
 
@@ -178,7 +183,7 @@ class PerceptualLosses:
     @staticmethod
     def names(cfg: PerceptualConfig) -> list[str]:
         """The metrics of the losses ``cfg`` switches on, in the order :meth:`terms` gives them."""
-        return [name for name, weight in (("lpips_loss", cfg.lpips), ("pdino_loss", cfg.dino)) if weight > 0]
+        return [name for name, weight in _weights(cfg).items() if weight > 0]
 
     @staticmethod
     def check(cfg: PerceptualConfig, spec: LatentSpec) -> None:
@@ -213,5 +218,5 @@ class PerceptualLosses:
 
     def weighted(self, terms: list[Term]) -> torch.Tensor:
         """What joins the training loss: each term's mean times its weight."""
-        weights = {"lpips_loss": self.cfg.lpips, "pdino_loss": self.cfg.dino}
+        weights = _weights(self.cfg)
         return sum(weights[term.name] * term.mean() for term in terms)

@@ -95,7 +95,6 @@ from train.sharding import (
     gathered_optimizer_state,
     gradient_sync,
     shard,
-    shard_like,
     sharded_optimizer_state,
 )
 from train.validation import ValidationSet
@@ -247,9 +246,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
         optimizer.load_state_dict(sharded_optimizer_state(saved_optimizer, optimizer) if sharded else saved_optimizer)
         schedule.load_state_dict(state["schedule"])
         if ema is not None:
-            ema.load_state_dict({**state["ema"], "weights": {
-                name: shard_like(w, mine) for (name, w), mine in zip(state["ema"]["weights"].items(), ema.weights,
-                                                                     strict=False)}})
+            ema.load_state_dict(state["ema"])
         start_step = int(state["step"])
         window = _Window(world.device, **state["window"])
 
@@ -511,8 +508,9 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
                 whole = full_tensors if sharded else dict
                 weights = whole(model.state_dict())
                 moments = gathered_optimizer_state(optimizer) if sharded else optimizer.state_dict()
-                average = ({**ema.state_dict(), "weights": whole(ema.state_dict()["weights"])}
-                           if ema is not None else None)
+                average = ema.state_dict() if ema is not None else None
+                if average is not None:
+                    average["weights"] = whole(average["weights"])
                 aligner = {"projector": whole(projector.state_dict())} if projector is not None else None
                 if world.main:
                     save_checkpoint(run_dir, done, {

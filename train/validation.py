@@ -56,8 +56,8 @@ class ValidationSet:
     def __init__(self, batches: list[_Batch], samples: int, timesteps: int, source: str,
                  sizes: set[tuple[int, int]] | None = None, filler: _Batch | None = None):
         self.batches, self.samples, self.timesteps, self.source = batches, samples, timesteps, source
-        self.sizes = sizes or set()  # this rank's images' (height, width) in pixels
-        self.filler = filler or (batches[0] if batches else None)  # what lockstep runs again, uncounted
+        self.sizes = sizes or set()  # every held-out image's (height, width) in pixels, on every rank alike
+        self.filler = filler  # what lockstep runs again, uncounted
 
     @classmethod
     def load(cls, cfg: TrainConfig, training: Manifest,
@@ -89,9 +89,10 @@ class ValidationSet:
         batches = [batch(by_shape[shape][start: start + cfg.micro_batch]) for shape in sorted(by_shape)
                    for start in range(0, len(by_shape[shape]), cfg.micro_batch)]
         down = model_downsample(manifest.latent)  # the latents are model inputs (FLUX.2's at 1/16)
-        sizes = {(shape[-2] * down, shape[-1] * down) for shape in by_shape}
+        # Of all ranks' samples: every rank then refuses the same set, none waits for another.
+        sizes = {(s.latent.shape[-2] * down, s.latent.shape[-1] * down) for s in chosen}
         # A rank with no held-out sample of its own still takes part in a sharded model's forwards.
-        filler = batch(chosen[:1]) if not batches and chosen else None
+        filler = batches[0] if batches else batch(chosen[:1]) if chosen else None
         return cls(batches, len(chosen), cfg.val.timesteps, str(path), sizes, filler)
 
     @torch.no_grad()

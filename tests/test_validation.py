@@ -124,7 +124,10 @@ def test_a_held_out_set_whose_images_are_not_whole_tokens_is_refused_before_any_
 
     flux2 = make_latent_dataset(tmp_path / "flux2", shards=1, per_shard=4, channels=32, sizes=[(4, 4), (2, 6)],
                                 vae_dir=build_tiny_flux2_vae(tmp_path / "vae"))
-    assert ValidationSet.load(config(flux2), load_manifest(flux2["long"]), fake_encode).sizes == {(32, 32), (16, 48)}
+    for rank in (0, 1):  # every rank checks every held-out size, though it holds only its share
+        share = ValidationSet.load(config(flux2), load_manifest(flux2["long"]), fake_encode, rank=rank, world_size=2)
+        assert share.sizes == {(32, 32), (16, 48)}
+        assert {tuple(b.latents.shape[-2:]) for b in share.batches} == {[(2, 2), (1, 3)][rank]}
 
 
 @pytest.fixture(scope="module")

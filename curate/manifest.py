@@ -15,7 +15,6 @@ run a shell command, are refused unless the caller allows them.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import math
 import os
@@ -32,6 +31,8 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
+
+from curate import storage
 
 MANIFEST_VERSION = 1
 
@@ -322,30 +323,34 @@ def load_manifest(
     check_checksums: bool = False,
     allow_pipe: bool = False,
 ) -> Manifest:
-    """Read and validate ``path``; optionally check every shard exists (and its sha256)."""
-    path = Path(path)
+    """Read and validate ``path`` (a file, or a URL: ``curate.storage``); optionally check every
+    shard exists (and its sha256)."""
+    source = os.fspath(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(storage.read_bytes(path))
     except FileNotFoundError:
-        raise ManifestError(f"{path}: no such manifest") from None
-    except json.JSONDecodeError as e:
-        raise ManifestError(f"{path}: not valid JSON: {e}") from None
-    manifest = parse_manifest(data, str(path))
+        raise ManifestError(f"{source}: no such manifest") from None
+    except OSError as e:
+        raise ManifestError(f"{source}: cannot read it: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{source}: not valid JSON: {e}") from None
+    manifest = parse_manifest(data, source)
     urls = shard_urls(manifest, path, allow_pipe=allow_pipe)
     text_urls = shard_urls(manifest, path, allow_pipe=allow_pipe, text=True) if manifest.text else None
     if check_files or check_checksums:
-        verify_shards(manifest, urls, checksums=check_checksums, source=str(path))
+        verify_shards(manifest, urls, checksums=check_checksums, source=source)
         if text_urls is not None:
-            verify_shards(manifest, text_urls, checksums=check_checksums, source=str(path), text=True)
+            verify_shards(manifest, text_urls, checksums=check_checksums, source=source, text=True)
     return manifest
 
 
 def shard_urls(
     manifest: Manifest, manifest_path: str | os.PathLike, *, allow_pipe: bool = False, text: bool = False
 ) -> list[str]:
-    """Shard locations as webdataset URLs: relative paths resolved against the manifest's folder.
-    ``text``: the text shards' (``manifest.text.shards``) instead of the latent shards'."""
-    base = Path(manifest_path).resolve().parent
+    """Shard locations as webdataset URLs: relative paths resolved against the manifest's folder
+    (a URL's, for a manifest read from one). ``text``: the text shards' (``manifest.text.shards``)
+    instead of the latent shards'."""
+    base = storage.parent(manifest_path)
     entries, field = (manifest.text.shards, "text.shards") if text and manifest.text else (manifest.shards, "shards")
     if text and manifest.text is None:
         raise ManifestError(f"{manifest_path}: no text shards (field 'text' is absent)")
@@ -359,16 +364,16 @@ def shard_urls(
         if "://" in shard.path or shard.path.startswith("pipe:") or os.path.isabs(shard.path):
             urls.append(shard.path)
         else:
-            urls.append(str(base / shard.path))
+            urls.append(storage.join(base, shard.path))
     return urls
 
 
 def image_stages(manifest: Manifest, override: str | os.PathLike | None = None, *,
-                 option: str = "--images") -> list[Path]:
+                 option: str = "--images") -> list[Path | str]:
     """The image stage each part's latents were encoded from (``provenance.images.path``; one for a
     manifest without parts), or where it is now: ``override``, a folder, or for a merged manifest
     ``NAME=DIR[,NAME=DIR...]`` naming the parts whose stage moved. ``option`` is how the errors
-    tell the user to give it."""
+    tell the user to give it. A stage at a URL is returned as that string (``curate.storage``)."""
     provenances = part_provenance(manifest)
     moved: dict[int, Path] = {}
     if override is not None and manifest.parts is None:
@@ -381,7 +386,7 @@ def image_stages(manifest: Manifest, override: str | os.PathLike | None = None, 
                 raise ManifestError(f"{option} {override}: manifest {manifest.name!r} merges {len(names)} datasets, "
                                     f"each with its own image stage: name the parts that moved, as NAME=DIR "
                                     f"(parts: {', '.join(names)})")
-            moved[names.index(name)] = Path(folder)
+            moved[names.index(name)] = folder
     paths = []
     for i, provenance in enumerate(provenances):
         recorded = (provenance.get("images") or {}).get("path")
@@ -389,36 +394,48 @@ def image_stages(manifest: Manifest, override: str | os.PathLike | None = None, 
             where = "provenance.images.path" if manifest.parts is None else f"parts.{i}.provenance.images.path"
             raise ManifestError(f"manifest {manifest.name!r} records no image stage ({where}): "
                                 f"pass the images folder ({option} DATA/images)")
-        paths.append(moved.get(i, Path(recorded) if recorded else None))
+        paths.append(moved.get(i, recorded))
+    # A URL stays a string (Path would fold its "//"); its shards are checked when they are read.
+    paths = [str(p) if storage.is_remote(p) else Path(p) for p in paths]
     for path in paths:
-        if not path.is_dir():
+        if isinstance(path, Path) and not path.is_dir():
             raise ManifestError(f"the image stage {path} does not exist: pass its new place with {option}")
     return paths
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file, or of a URL's content (``curate.storage``)."""
+    return storage.sha256(path)
 
 
 def verify_shards(
     manifest: Manifest, urls: list[str], *, checksums: bool, source: str = "manifest", text: bool = False
 ) -> None:
-    """Every local shard exists and, if asked, matches its recorded sha256 (``text``: the text shards)."""
+    """Every shard exists and, if asked, matches its recorded sha256 (``text``: the text shards).
+    Shards at URLs are asked for in parallel (``curate.storage.parallel_map``)."""
     entries, what = (manifest.text.shards, "text shard") if text and manifest.text else (manifest.shards, "shard")
-    checked: set[str] = set()  # a merged manifest lists a repeated dataset's shards several times
-    for i, (shard, url) in enumerate(zip(entries, urls, strict=True)):
-        if "://" in url or url.startswith("pipe:") or url in checked:
-            continue  # remote shards are checked as they stream
-        checked.add(url)
-        if not os.path.exists(url):
-            raise ManifestError(f"{source}: {what} {i} ({shard.path}) does not exist at {url}")
-        if checksums and shard.sha256 is not None and file_sha256(url) != shard.sha256:
-            raise ManifestError(f"{source}: {what} {i} ({shard.path}) does not match its sha256: "
-                                "the file changed after the manifest was written")
+    # A merged manifest lists a repeated dataset's shards several times: each file is checked once.
+    first: dict[str, int] = {}
+    for i, url in enumerate(urls):
+        if not url.startswith("pipe:"):
+            first.setdefault(url, i)
+
+    def check(item: tuple[str, int]) -> str | None:
+        url, i = item
+        shard = entries[i]
+        if not storage.is_file(url):
+            return f"{source}: {what} {i} ({shard.path}) does not exist at {url}"
+        if checksums and shard.sha256 is not None and storage.sha256(url) != shard.sha256:
+            return (f"{source}: {what} {i} ({shard.path}) does not match its sha256: "
+                    "the file changed after the manifest was written")
+        return None
+
+    try:
+        for problem in storage.parallel_map(check, first.items(), any(map(storage.is_remote, first))):
+            if problem:
+                raise ManifestError(problem)
+    except OSError as e:  # a remote shard that could not be asked for
+        raise ManifestError(f"{source}: {e}") from None
 
 
 def rebase_shard_path(path: str, old: str | os.PathLike, new: str | os.PathLike) -> str:

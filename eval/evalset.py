@@ -164,9 +164,14 @@ def images_dir_of(manifest: Manifest, override: str | os.PathLike[str] | None = 
     """The image stage the manifest's latents were encoded from (its provenance; one per part of a
     merged manifest), or ``override``."""
     try:
-        return image_stages(manifest, override, option="--images")
+        stages = image_stages(manifest, override, option="--images")
     except ManifestError as e:
         raise EvalSetError(str(e)) from None
+    for stage in stages:
+        if not isinstance(stage, Path):
+            raise EvalSetError(f"the image stage {stage} is a URL; evaluation reads local images: pass a "
+                               "local copy with --images")
+    return stages
 
 
 def real_images(

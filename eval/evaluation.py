@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from curate import storage
 from curate.manifest import LatentSpec, ManifestError, file_sha256, load_manifest
 from curate.runner import CurateError, package_versions, resolve_device, resolve_share
 from curate.shards import stable_hash
@@ -166,6 +167,9 @@ def evaluate_run(
         manifest_path = Path(manifest if manifest is not None else cfg["shards"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} lacks what evaluation needs: {e!r}") from None
+    if prompts is None and storage.is_remote(manifest if manifest is not None else cfg["shards"]):
+        raise CurateError(f"the run trained on {manifest or cfg['shards']}, a URL; evaluation reads local shards "
+                          "and images: pass a local copy with --manifest (and --images)")
     model_weights, weights = checkpoint_weights(state, weights)
     if batch_size < 1 or steps < 1:
         raise CurateError(f"batch size and sampler steps must be at least 1 (got {batch_size}, {steps})")

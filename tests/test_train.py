@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import REPO
+from file_server import serve
 from latent_data import make_latent_dataset
 from PIL import Image
 
@@ -457,6 +458,19 @@ def test_missing_and_corrupt_shards_are_refused(tmp_path: Path, models, capsys):
     assert run_train(data["long"], tmp_path / "run", models, steps=2) == 2
     assert "000000.tar" in (err := capsys.readouterr().err) and "does not exist" in err, err
     assert _no_work_done(tmp_path / "run")
+
+
+def test_a_run_from_a_manifest_at_a_url_trains_as_from_its_files(tmp_path: Path, models, dataset):
+    # Training and held-out set over HTTP (curate.storage; tests/test_remote.py for the reading).
+    held_out = {"val.every": 2, "val.samples": 5}
+    with serve(dataset["root"]) as server:
+        url = f"{server.url}/manifests/mix.json"
+        assert run_train(url, tmp_path / "remote", models, steps=4, **{"val.shards": url}, **held_out) == 0
+    assert run_train(dataset["mix"], tmp_path / "local", models, steps=4, **{"val.shards": dataset["mix"]},
+                     **held_out) == 0
+    for name in ("loss", "val_loss"):
+        assert losses(tmp_path / "remote", name) == losses(tmp_path / "local", name)
+    assert len(losses(tmp_path / "remote", "val_loss")) == 2
 
 
 def test_bf16_weights_guard(tmp_path: Path, models, dataset, capsys):

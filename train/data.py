@@ -71,6 +71,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from curate import storage
 from curate.buckets import IMAGE_MEMBER, preprocess
 from curate.manifest import (
     Manifest,
@@ -277,11 +278,11 @@ def _streams_note(manifest: Manifest, settings: DataSettings, source: str) -> st
             f"1/{streams} of its samples (more shards read less)")
 
 
-def _local_shard_paths(
+def _shard_paths(
     manifest: Manifest, manifest_path: str | os.PathLike, allow_pipe: bool, text: bool = False
 ) -> list[str]:
-    """Local tar paths (``text``: of the text shards); URLs are refused because the plan needs the
-    index beside every tar."""
+    """The tars (``text``: the text shards), local paths or URLs (``curate.storage``); ``pipe:``
+    URLs are refused because the plan needs the index beside every tar."""
     try:
         urls = shard_urls(manifest, manifest_path, allow_pipe=allow_pipe, text=text)
     except ManifestError as e:
@@ -289,17 +290,16 @@ def _local_shard_paths(
     paths = []
     entries = manifest.text.shards if text and manifest.text else manifest.shards
     for i, (entry, url) in enumerate(zip(entries, urls, strict=True)):
-        url = url.removeprefix("file://")
-        if "://" in url or url.startswith("pipe:"):
+        if url.startswith("pipe:"):
             raise DataError(
-                f"{manifest_path}: shard {i} ({entry.path}) is a URL; training reads local or "
-                "mounted shards for now (the batch plan is made from the parquet index beside "
-                "each tar): copy or mount the shards and point the manifest at the files")
-        paths.append(url)
+                f"{manifest_path}: shard {i} ({entry.path}) is a pipe: URL; training reads files or "
+                "URLs (the batch plan is made from the parquet index beside each tar): point the "
+                "manifest at the files, or at their URLs (s3://, gs://, https://...)")
+        paths.append(storage.local_path(url))
     return paths
 
 
-ImageStages = str | os.PathLike | list[str] | list[os.PathLike]
+ImageStages = str | os.PathLike | list[str] | list[os.PathLike] | list[str | os.PathLike]
 
 
 def image_shard_paths(manifest: Manifest, images: ImageStages) -> list[str]:
@@ -309,7 +309,7 @@ def image_shard_paths(manifest: Manifest, images: ImageStages) -> list[str]:
     if len(stages) != len(part_captions(manifest)):
         raise DataError(f"{len(stages)} image stages given for the {len(part_captions(manifest))} parts of "
                         f"manifest {manifest.name!r}")
-    return [os.path.join(os.fspath(stages[part]), os.path.basename(entry.path))
+    return [storage.join(stages[part], os.path.basename(entry.path))
             for part, entry in zip(shard_parts(manifest), manifest.shards, strict=True)]
 
 
@@ -411,9 +411,16 @@ class _ShardTable:
 def _ok_rows(index: str, columns: list[str]) -> pa.Table:
     """The ok rows of an index: ``columns``, and ``tar_offset`` when the index records it (read in
     the same pass). pyarrow without threads: see ``_ShardTable.info``."""
-    offsets = ["tar_offset"] if "tar_offset" in pq.read_schema(index).names else []
-    table = pq.read_table(index, columns=[*columns, "status", *offsets], use_threads=False)
+    source = _parquet_source(index)
+    offsets = ["tar_offset"] if "tar_offset" in pq.read_schema(source).names else []
+    table = pq.read_table(source, columns=[*columns, "status", *offsets], use_threads=False)
     return table.filter(pc.equal(table["status"], OK))
+
+
+def _parquet_source(index: str) -> str | pa.Buffer:
+    """What pyarrow reads an index from: its path, or the bytes of one at a URL (fetched once,
+    however many reads follow)."""
+    return pa.py_buffer(storage.read_bytes(index)) if storage.is_remote(index) else index
 
 
 def _offsets(ok: pa.Table, accepted: int) -> np.ndarray | None:
@@ -533,7 +540,8 @@ _BLOCK = 512
 
 
 class _TarSamples:
-    """A local tar's samples in order, as (key, {ext: (offset, size)}): members grouped by key as
+    """A tar's samples in order (a local file, or a URL read by ``curate.storage.RangeReader``), as
+    (key, {ext: (offset, size)}): members grouped by key as
     webdataset groups them. Bytes are read only for the samples passed to ``read``; the members of
     the others are seeked over, so that a manifest's subset that uses a tenth of a shard reads about
     a tenth of its bytes. The headers (ustar, with pax and GNU long names) are parsed here, their
@@ -543,7 +551,7 @@ class _TarSamples:
     def __init__(self, path: str, label: str):
         self.path, self.label = path, label
         try:
-            self._fd = os.open(path, os.O_RDONLY)
+            self._file: storage.LocalFile | storage.RangeReader | None = storage.open_reader(path)
         except OSError as e:
             raise DataError(f"{label}: cannot read {path}: {e}") from e
         self._items = self._group(0)
@@ -560,7 +568,7 @@ class _TarSamples:
         """(name, data offset, size) of each regular file from the header at ``offset`` on, in order."""
         long_name = None
         while True:
-            header = os.pread(self._fd, _BLOCK, offset)
+            header = self._file.pread(_BLOCK, offset)
             if len(header) < _BLOCK:
                 raise self._fail(f"it ends inside a header at byte {offset} (no end-of-archive marker)")
             if not header[0] and header.count(0) == _BLOCK:
@@ -571,7 +579,7 @@ class _TarSamples:
             start = offset + _BLOCK
             offset = start + -(-size // _BLOCK) * _BLOCK
             if kind in (b"L", b"x"):  # the next member's name: GNU long name, or pax records
-                data = os.pread(self._fd, size, start)
+                data = self._file.pread(size, start)
                 long_name = data.rstrip(b"\0").decode() if kind == b"L" else _pax_path(data) or long_name
                 continue
             name = long_name or _nts(header[0:100])
@@ -615,7 +623,7 @@ class _TarSamples:
         first = min(start for start, _ in members.values())
         end = max(start + size for start, size in members.values())
         try:
-            span = os.pread(self._fd, end - first, first)
+            span = self._file.pread(end - first, first)
         except OSError as e:
             raise self._fail(str(e)) from e
         if len(span) != end - first:
@@ -624,9 +632,9 @@ class _TarSamples:
 
     def close(self) -> None:
         self._items.close()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def _nts(field: bytes) -> str:
@@ -972,7 +980,7 @@ def first_samples(manifest: Manifest, manifest_path: str | os.PathLike, n: int, 
     """The first ``n`` samples of ``manifest`` in shard order, each once (a merged manifest's repeats
     and a sample in two parts count once), their captions drawn by their part's weights from
     (seed, key): a fixed set, for the validation loss (train/validation.py)."""
-    paths = _local_shard_paths(manifest, manifest_path, allow_pipe)
+    paths = _shard_paths(manifest, manifest_path, allow_pipe)
     selections, part_of = part_captions(manifest), shard_parts(manifest)
     out: list[HeldOutSample] = []
     seen: set[str] = set()
@@ -1059,8 +1067,8 @@ class LatentLoader:
         self.settings, self.rank, self.world_size = settings, rank, world_size
         self.start_step = start_step
         self.accum = settings.accum(world_size)
-        paths = _local_shard_paths(manifest, manifest_path, allow_pipe)
-        text_paths = _local_shard_paths(manifest, manifest_path, allow_pipe, text=True) if manifest.text else None
+        paths = _shard_paths(manifest, manifest_path, allow_pipe)
+        text_paths = _shard_paths(manifest, manifest_path, allow_pipe, text=True) if manifest.text else None
         _streams_note(manifest, settings, str(manifest_path))  # too few samples: an error here too
         slots = range(rank * self.accum, (rank + 1) * self.accum)
         image_paths = image_shard_paths(manifest, images) if images is not None else None
@@ -1145,7 +1153,7 @@ def check_data(
     if verify not in ("none", "size", "checksums"):
         raise ValueError(f"verify must be none, size or checksums, not {verify!r}")
     source = str(manifest_path)
-    paths = _local_shard_paths(manifest, manifest_path, allow_pipe)
+    paths = _shard_paths(manifest, manifest_path, allow_pipe)
     spec = manifest.latent
     grid = model_downsample(spec)
     buckets: Counter[tuple[int, int]] = Counter()
@@ -1153,12 +1161,11 @@ def check_data(
     listed: list[Counter[str]] = [Counter() for _ in selections]  # per part: variant -> samples listing it
     notes: list[str] = []
     ok_keys: list[list[str]] = []
-    read: dict[str, tuple[Any, pl.DataFrame]] = {}  # a merged manifest may list a shard several times
-    for i, (entry, tar) in enumerate(zip(manifest.shards, paths, strict=True)):
-        label = f"{source}: shard {i} ({entry.path})"
-        if tar not in read:
-            read[tar] = _read_committed(label, tar, entry.sha256, verify)
-        meta, df = read[tar]
+    labels = [f"{source}: shard {i} ({entry.path})" for i, entry in enumerate(manifest.shards)]
+    read = _read_each([(label, tar, entry.sha256) for label, tar, entry in zip(labels, paths, manifest.shards,
+                                                                              strict=True)],
+                      verify, ["key", "status", "bucket_h", "bucket_w", "captions"])
+    for i, (entry, label, (_, df)) in enumerate(zip(manifest.shards, labels, read, strict=True)):
         missing = [c for c in ("key", "status", "bucket_h", "bucket_w", "captions") if c not in df.columns]
         if missing:
             raise DataError(f"{label}: its index has no {', '.join(missing)} column(s): not a "
@@ -1222,14 +1229,15 @@ def _check_image_shards(manifest: Manifest, images: ImageStages, ok_keys: list[l
                         source: str) -> None:
     """Each latent shard's image shard is committed and lists the latent keys, in their order,
     among its accepted images (the loader reads both tars forward in step)."""
+    tars = image_shard_paths(manifest, images)
+    labels = [f"{source}: the image shard of shard {i} ({entry.path})" for i, entry in enumerate(manifest.shards)]
+    read = _read_each([(label, tar, None) for label, tar in zip(labels, tars, strict=True)],
+                      "size" if verify != "none" else "none", ["key", "status"])
     checked: set[str] = set()  # a merged manifest may list a shard several times
-    for i, (entry, tar, keys) in enumerate(zip(manifest.shards, image_shard_paths(manifest, images), ok_keys,
-                                               strict=True)):
+    for label, tar, keys, (_, df) in zip(labels, tars, ok_keys, read, strict=True):
         if tar in checked:
             continue
         checked.add(tar)
-        label = f"{source}: the image shard of shard {i} ({entry.path})"
-        _, df = _read_committed(label, tar, None, "size" if verify != "none" else "none")
         if "key" not in df.columns or "status" not in df.columns:
             raise DataError(f"{label}: its index has no key and status columns: not an image stage")
         position = {k: j for j, k in enumerate(df.filter(pl.col("status") == OK)["key"].to_list())}
@@ -1241,26 +1249,56 @@ def _check_image_shards(manifest: Manifest, images: ImageStages, ok_keys: list[l
             raise DataError(f"{label}: {tar} holds the latents' samples in another order")
 
 
-def _read_committed(label: str, tar: str, sha256: str | None, verify: str) -> tuple[Any, pl.DataFrame]:
-    """A shard's index metadata and rows, after checking that the shard is committed and whole."""
+def _read_committed(label: str, tar: str, sha256: str | None, verify: str,
+                    columns: list[str]) -> tuple[Any, pl.DataFrame]:
+    """A shard's index metadata and rows (``columns``, those it has), after checking that the shard
+    is committed and whole."""
     index = _index_path(tar)
-    if not os.path.isfile(tar):
-        raise DataError(f"{label}: the tar {tar} does not exist")
-    if not os.path.isfile(index):
-        raise DataError(f"{label}: its index {index} does not exist (a shard without its "
-                        "index was never committed)")
     try:
-        meta = read_meta(index)
-        df = pl.read_parquet(index)
-    except (ShardError, OSError, pl.exceptions.PolarsError) as e:
+        tar_size = storage.size(tar)
+    except FileNotFoundError:
+        raise DataError(f"{label}: the tar {tar} does not exist") from None
+    except OSError as e:
+        raise DataError(f"{label}: cannot read the tar {tar}: {e}") from None
+    try:
+        source = _parquet_source(index)
+        meta = read_meta(source)
+        names = set(pq.read_schema(source).names)
+        df = pl.from_arrow(pq.read_table(source, columns=[c for c in columns if c in names]))
+    except FileNotFoundError:
+        raise DataError(f"{label}: its index {index} does not exist (a shard without its "
+                        "index was never committed)") from None
+    except (ShardError, OSError, pa.ArrowException) as e:
         raise DataError(f"{label}: cannot read its index {index}: {e}") from e
-    if verify != "none" and meta.tar_bytes is not None and os.path.getsize(tar) != meta.tar_bytes:
-        raise DataError(f"{label}: the tar has {os.path.getsize(tar)} bytes but its index "
+    if verify != "none" and meta.tar_bytes is not None and tar_size != meta.tar_bytes:
+        raise DataError(f"{label}: the tar {tar} has {tar_size} bytes but its index "
                         f"recorded {meta.tar_bytes} (truncated, or rewritten after it was committed)")
     if sha256 and meta.tar_sha256 and sha256 != meta.tar_sha256:
         raise DataError(f"{label}: its index records another sha256 than the manifest: the "
                         "shard was re-committed after the manifest was written")
     return meta, df
+
+
+def _read_each(shards: list[tuple[str, str, str | None]], verify: str,
+               columns: list[str]) -> Iterator[tuple[Any, pl.DataFrame]]:
+    """``_read_committed`` of each (label, tar, sha256), in order and as the caller goes (so the first
+    problem in shard order is the one named), many at a time when they are URLs. A tar listed several
+    times (a merged manifest's repeated part) is read once."""
+    listed = Counter(tar for _, tar, _ in shards)
+    first: dict[str, tuple[str, str, str | None]] = {}
+    for label, tar, sha256 in shards:
+        first.setdefault(tar, (label, tar, sha256))
+    remote = any(map(storage.is_remote, first))
+    results = storage.parallel_map(lambda item: _read_committed(*item, verify, columns), first.values(), remote)
+    again: dict[str, tuple[Any, pl.DataFrame]] = {}  # the results of tars listed more than once
+    for _, tar, _ in shards:
+        if tar not in again:
+            result = next(results)  # distinct tars come in the order of their first listing
+            if listed[tar] > 1:
+                again[tar] = result
+        else:
+            result = again[tar]
+        yield result
 
 
 def _check_text_shards(manifest: Manifest, manifest_path: str | os.PathLike, ok_keys: list[list[str]],
@@ -1275,14 +1313,15 @@ def _check_text_shards(manifest: Manifest, manifest_path: str | os.PathLike, ok_
             field = "captions" if manifest.parts is None else f"parts.{part}.captions"
             raise DataError(f"{source}: field '{field}' selects {', '.join(map(repr, absent))}, but the text "
                             f"shards hold embeddings of {', '.join(spec.variants)} only")
-    paths = _local_shard_paths(manifest, manifest_path, allow_pipe, text=True)
+    paths = _shard_paths(manifest, manifest_path, allow_pipe, text=True)
+    labels = [f"{source}: text shard {i} ({entry.path})" for i, entry in enumerate(spec.shards)]
+    read = _read_each([(label, tar, entry.sha256) for label, tar, entry in zip(labels, paths, spec.shards, strict=True)],
+                      verify, ["key", "status"])
     checked: set[str] = set()  # a merged manifest may list a shard several times
-    for i, (entry, tar, keys) in enumerate(zip(spec.shards, paths, ok_keys, strict=True)):
+    for i, (label, tar, keys, (meta, df)) in enumerate(zip(labels, paths, ok_keys, read, strict=True)):
         if tar in checked:
             continue
         checked.add(tar)
-        label = f"{source}: text shard {i} ({entry.path})"
-        meta, df = _read_committed(label, tar, entry.sha256, verify)
         if meta.stage != "encode-text":
             raise DataError(f"{label}: written by {meta.stage!r}, not by curate encode-text")
         text_keys = df.filter(pl.col("status") == OK)["key"].to_list()

@@ -1,0 +1,261 @@
+"""Reading shards where they lie: local files, or object stores and HTTP servers through fsspec.
+
+A manifest, its shards' tars and indexes, and an image stage may be URLs (``s3://``, ``gs://``,
+``https://``..., any protocol fsspec knows; ``s3fs`` or ``gcsfs`` installed for theirs), so that a
+run trains from an object store with no copy and no mount. Only reading: the stages write local
+folders (upload them with your tool of choice, or mount the bucket).
+
+A tar is read through :class:`RangeReader`: ranged GETs of ``CHUNK`` bytes, the next chunk fetched
+in the background while the current one is read, so that a reader walking a shard forward (the
+trainer's streams) waits on the network only when it outruns it. A request that fails is retried
+(``RETRIES`` times, waiting ``RETRY_WAIT`` seconds, doubled each time: object stores answer 503 to
+bursts as a matter of course); a missing file is not retried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import sys
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+CHUNK = 8 << 20  # bytes a ranged request fetches; up to three are in memory per open tar
+RETRIES = 4
+RETRY_WAIT = 1.0
+PARALLEL = 32  # requests in flight when many small files are read (indexes, sizes)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _pin_inherited_filesystems() -> None:
+    """In a forked child (DataLoader workers), keep the parent's fsspec filesystems alive for good.
+
+    fsspec starts a new event loop and new instances in the child, and drops the inherited ones;
+    collecting one closes its HTTP connections, and closing a socket unregisters it from the event
+    loop's epoll, which the child shares with the parent: the parent's loop then never hears the
+    answer on that connection, and its next request waits forever (seen in the tests, one run in a
+    few). Never collected, the copies close nothing; the child ends with ``os._exit``."""
+    spec = sys.modules.get("fsspec.spec")
+    if spec is None:
+        return
+    classes = [spec.AbstractFileSystem]
+    while classes:
+        cls = classes.pop()
+        classes.extend(cls.__subclasses__())
+        _INHERITED.extend(vars(cls).get("_cache", {}).values())
+
+
+_INHERITED: list[Any] = []
+os.register_at_fork(after_in_child=_pin_inherited_filesystems)
+
+
+class RemoteError(OSError):
+    """A remote file that could not be read after the retries, or whose server misbehaved."""
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """A URL that fsspec reads (``file://`` is local)."""
+    text = os.fspath(path)
+    return "://" in text and not text.startswith("file://")
+
+
+def local_path(path: str | os.PathLike) -> str:
+    return os.fspath(path).removeprefix("file://")
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """``base / parts``, for a folder's URL as for a local folder. A URL's ``..`` are resolved here:
+    an object store's keys are plain strings, where ``a/../b`` is not ``b``."""
+    if is_remote(base):
+        scheme, rest = os.fspath(base).split("://", 1)
+        host, _, path = rest.partition("/")
+        return f"{scheme}://{host}{posixpath.normpath(posixpath.join('/' + path, *parts))}"
+    return str(Path(local_path(base), *parts))
+
+
+def parent(path: str | os.PathLike) -> str:
+    """The folder holding ``path`` (absolute and resolved, for a local one)."""
+    if is_remote(path):
+        return os.fspath(path).rstrip("/").rsplit("/", 1)[0]
+    return str(Path(local_path(path)).resolve().parent)
+
+
+def _filesystem(url: str) -> tuple[Any, str]:
+    try:
+        from fsspec.core import url_to_fs
+
+        return url_to_fs(url)
+    except ImportError as e:  # the protocol's package: s3fs, gcsfs, adlfs...
+        raise RemoteError(f"{url}: reading this protocol needs a package that is not installed: {e}") from None
+    except ValueError as e:  # an unknown protocol
+        raise RemoteError(f"{url}: {e}") from None
+
+
+def _retried(url: str, what: str, call: Callable[[], T]) -> T:
+    wait = RETRY_WAIT
+    for attempt in range(RETRIES + 1):
+        try:
+            return call()
+        except (FileNotFoundError, PermissionError, RemoteError):
+            raise
+        except Exception as e:  # noqa: BLE001 - network errors come as each backend's own types
+            if attempt == RETRIES:
+                raise RemoteError(f"{url}: {what} failed {RETRIES + 1} times; last: "
+                                  f"{type(e).__name__}: {e}") from e
+            time.sleep(wait)
+            wait *= 2
+    raise AssertionError("unreachable")
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """The whole file (a manifest, an index)."""
+    if not is_remote(path):
+        with open(local_path(path), "rb") as f:
+            return f.read()
+    url = os.fspath(path)
+    fs, inner = _filesystem(url)
+    return _retried(url, "reading it", lambda: fs.cat_file(inner))
+
+
+def size(path: str | os.PathLike) -> int:
+    """The file's size in bytes; FileNotFoundError when there is none."""
+    if not is_remote(path):
+        return os.stat(local_path(path)).st_size
+    url = os.fspath(path)
+    fs, inner = _filesystem(url)
+    info = _retried(url, "asking its size", lambda: fs.info(inner))
+    if info.get("type") == "directory" or info.get("size") is None:
+        raise FileNotFoundError(f"{url}: not a file, or the server does not say its size")
+    return int(info["size"])
+
+
+def is_file(path: str | os.PathLike) -> bool:
+    try:
+        size(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    if not is_remote(path):
+        with open(local_path(path), "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+        return digest.hexdigest()
+    reader = RangeReader(os.fspath(path))
+    try:
+        offset = 0
+        while block := reader.pread(CHUNK, offset):
+            digest.update(block)
+            offset += len(block)
+    finally:
+        reader.close()
+    return digest.hexdigest()
+
+
+def parallel_map(fn: Callable[[T], R], items: Iterable[T], remote: bool) -> Iterator[R]:
+    """``map(fn, items)``, lazily and in order; with ``remote``, up to ``PARALLEL`` calls at a time
+    (each waits on the network, so thousands of shards' indexes take seconds rather than minutes).
+    Stopping early (an error found in an earlier result) cancels the calls not started."""
+    if not remote:
+        yield from map(fn, items)
+        return
+    pool = ThreadPoolExecutor(PARALLEL)
+    try:
+        pending: deque[Future[R]] = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * PARALLEL:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        # Waiting for the threads to end: a DataLoader forks its workers next, and a fork while
+        # threads of this pool still run can leave a lock held forever in the child.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class LocalFile:
+    """A local file read by offset (``os.pread``): the interface :class:`RangeReader` shares."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._fd = os.open(local_path(path), os.O_RDONLY)
+
+    def pread(self, size: int, offset: int) -> bytes:
+        return os.pread(self._fd, size, offset)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class RangeReader:
+    """A remote file read by offset through ranged requests of ``chunk`` bytes, each chunk fetched
+    once while it is read; reading chunk k after k - 1 (or k again) starts fetching k + 1, so a
+    forward walk overlaps the network with the reading. Opening one asks the file's size (so no
+    request runs past its end); a chunk of another length than asked for is an error rather than
+    wrong bytes (a server that ignores ranges, a file changed while read)."""
+
+    def __init__(self, url: str, chunk: int = CHUNK):
+        self.path, self.chunk = url, chunk
+        self.size = size(url)
+        self._fs, self._inner = _filesystem(url)
+        self._chunks: OrderedDict[int, Future[bytes]] = OrderedDict()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="range-reader")
+        self._last = -2
+
+    def _fetch(self, k: int) -> bytes:
+        start = k * self.chunk
+        end = min(start + self.chunk, self.size)
+        data = _retried(self.path, f"reading bytes {start}-{end - 1}",
+                        lambda: self._fs.cat_file(self._inner, start=start, end=end))
+        if len(data) != end - start:
+            raise RemoteError(f"{self.path}: asked for bytes {start}-{end - 1}, the server sent {len(data)} "
+                              "bytes: it ignores range requests, or the file changed while it was read")
+        return data
+
+    def _get(self, k: int) -> Future[bytes]:
+        if k not in self._chunks:
+            self._chunks[k] = self._pool.submit(self._fetch, k)
+        self._chunks.move_to_end(k)
+        return self._chunks[k]
+
+    def _chunk_bytes(self, k: int) -> bytes:
+        future = self._get(k)
+        if k in (self._last, self._last + 1) and (k + 1) * self.chunk < self.size:
+            self._get(k + 1)
+        self._last = k
+        while len(self._chunks) > 3:  # the one read, the one ahead, and the one before (headers across)
+            _, old = self._chunks.popitem(last=False)
+            old.cancel()
+        return future.result()
+
+    def pread(self, size: int, offset: int) -> bytes:
+        """Up to ``size`` bytes from ``offset`` (fewer at the end of the file), as ``os.pread``."""
+        parts, end = [], min(offset + size, self.size)
+        while offset < end:
+            k, within = divmod(offset, self.chunk)
+            piece = self._chunk_bytes(k)[within: within + end - offset]
+            parts.append(piece)
+            offset += len(piece)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self._chunks.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)  # no thread left running (see parallel_map)
+
+
+def open_reader(path: str) -> LocalFile | RangeReader:
+    """A file read by offset: :class:`RangeReader` for a URL, :class:`LocalFile` otherwise."""
+    return RangeReader(path) if is_remote(path) else LocalFile(path)

@@ -1,0 +1,116 @@
+"""A real HTTP file server on 127.0.0.1 that answers range requests, as object stores do.
+
+What it can be told to do, for the remote-shard tests and ``bench/remote.py``: add ``latency``
+seconds to every answer (an object store's first byte is tens of milliseconds away), fail the
+next ``fail_next`` requests with 503 (a store's "slow down"), or ignore ``Range`` headers (a server
+that cannot serve ranges, whose whole-file answers must not be taken for ranges). It counts the
+requests and the body bytes it sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+_RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
+
+
+class FileServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, root: str | os.PathLike, latency: float = 0.0):
+        self.root, self.latency = Path(root), latency
+        self.fail_next = 0
+        self.ignore_ranges = False
+        self.requests = 0
+        self.bytes_sent = 0
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    server: FileServer
+    protocol_version = "HTTP/1.1"  # keep-alive, as aiohttp's pool expects
+    disable_nagle_algorithm = True  # else headers and body, written apart, wait on delayed ACKs (40 ms)
+
+    def __init__(self, request, client_address, server: FileServer):
+        super().__init__(request, client_address, server, directory=str(server.root))
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        pass
+
+    def _answer(self, body: bool) -> None:
+        server = self.server
+        with server.lock:
+            server.requests += 1
+            fail = server.fail_next > 0
+            server.fail_next -= fail
+        if server.latency:
+            time.sleep(server.latency)
+        if fail:
+            self.send_response(503, "Slow Down")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        path = Path(self.translate_path(self.path))
+        if not path.is_file():
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        data_size = path.stat().st_size
+        start, end = 0, data_size
+        match = _RANGE.match(self.headers.get("Range", ""))
+        if match and not server.ignore_ranges:
+            start = int(match.group(1))
+            end = min(int(match.group(2)) + 1 if match.group(2) else data_size, data_size)
+            if start >= data_size:
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{data_size}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{data_size}")
+        else:
+            self.send_response(200)
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(end - start))
+        self.end_headers()
+        if body:
+            with open(path, "rb") as f:
+                f.seek(start)
+                data = f.read(end - start)
+            self.wfile.write(data)
+            with server.lock:
+                server.bytes_sent += len(data)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's names
+        self._answer(body=True)
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._answer(body=False)
+
+
+@contextlib.contextmanager
+def serve(root: str | os.PathLike, latency: float = 0.0) -> Iterator[FileServer]:
+    """Serve ``root`` on 127.0.0.1 in a thread for the ``with`` block."""
+    server = FileServer(root, latency)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

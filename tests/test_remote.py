@@ -1,0 +1,136 @@
+"""Shards at URLs (curate.storage): a manifest, its latent, text and image shards served over HTTP
+by a real server on 127.0.0.1 read exactly as the same files on disk; what a remote store does
+wrong (503s, ignored ranges, missing or truncated files) is retried or named."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from file_server import serve
+from latent_data import add_image_stage, add_text_shards, make_latent_dataset
+
+from curate import storage
+from curate.manifest import ManifestError, load_manifest
+from train.data import DataError, DataSettings, LatentLoader, check_data, first_samples
+
+
+@pytest.fixture(autouse=True)
+def no_retry_wait(monkeypatch):
+    monkeypatch.setattr(storage, "RETRY_WAIT", 0.0)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """Latents (two shapes, rejected rows between), their text shards and image stage, served."""
+    root = tmp_path_factory.mktemp("remote")
+    dataset = make_latent_dataset(root, shards=3, per_shard=6, channels=4, sizes=[(4, 4), (2, 6)],
+                                  rejected_every=4)
+    add_text_shards(dataset, root / "encoder", dim=8, max_tokens=16)
+    add_image_stage(dataset)
+    with serve(root) as server:
+        yield root, server
+
+
+def test_range_reader_reads_what_the_file_holds_and_a_forward_walk_fetches_each_chunk_once(tmp_path):
+    data = random.Random(0).randbytes(250_000)
+    (tmp_path / "blob").write_bytes(data)
+    with serve(tmp_path) as server:
+        url = f"{server.url}/blob"
+        assert storage.size(url) == len(data) and storage.read_bytes(url) == data
+        assert storage.sha256(url) == storage.sha256(tmp_path / "blob")
+        reader = storage.RangeReader(url, chunk=10_000)
+        rng = random.Random(1)
+        for _ in range(200):
+            offset, size = rng.randrange(len(data) + 10), rng.randrange(30_000)
+            assert reader.pread(size, offset) == data[offset: offset + size]
+        reader.close()
+        server.requests = server.bytes_sent = 0
+        reader = storage.RangeReader(url, chunk=10_000)
+        offset = 0
+        while block := reader.pread(512, offset):  # a tar's headers, one at a time
+            assert block == data[offset: offset + 512]
+            offset += len(block)
+        reader.close()
+        # One request for the size, one per chunk: reading ahead never fetches a chunk twice.
+        assert server.requests == 1 + 25 and server.bytes_sent == len(data)
+
+
+def test_failed_requests_are_retried_and_a_server_that_ignores_ranges_is_named(tmp_path):
+    (tmp_path / "blob").write_bytes(bytes(range(256)) * 100)
+    with serve(tmp_path) as server:
+        url = f"{server.url}/blob"
+        server.fail_next = storage.RETRIES  # the last try succeeds
+        assert len(storage.read_bytes(url)) == 25_600
+        server.fail_next = storage.RETRIES + 1
+        with pytest.raises(storage.RemoteError, match="failed 5 times.*503"):
+            storage.read_bytes(url)
+        server.fail_next = server.requests = 0
+        with pytest.raises(FileNotFoundError):
+            storage.RangeReader(f"{server.url}/gone")
+        assert server.requests <= 2  # a missing file is not retried (fsspec asks with HEAD, then GET)
+        server.ignore_ranges = True
+        with pytest.raises(storage.RemoteError, match="ignores range requests"):
+            storage.RangeReader(url, chunk=1000).pread(10, 5000)
+
+
+def _assert_same(a, b):
+    assert [x.step for x in a] == [y.step for y in b]
+    for x, y in zip([m for s in a for m in s.micro], [m for s in b for m in s.micro], strict=True):
+        assert x.keys == y.keys and x.captions == y.captions
+        for name in ("latents", "context", "context_mask", "images"):
+            assert torch.equal(getattr(x, name), getattr(y, name)), name
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_manifest_at_a_url_trains_on_exactly_the_batches_of_its_files(served, workers):
+    root, server = served
+    local, url = root / "manifests" / "mix-text.json", f"{server.url}/manifests/mix-text.json"
+    manifest = load_manifest(url, check_files=True, check_checksums=True)
+    assert manifest == load_manifest(local)
+    st = DataSettings(seed=1, global_batch=4, micro_batch=2, workers=workers, shuffle_buffer=5)
+    summary = check_data(manifest, url, verify="checksums", settings=st, images=f"{server.url}/images")
+    assert summary == check_data(manifest, local, verify="checksums", settings=st, images=root / "images")
+
+    def steps(path, images, start):
+        with LatentLoader(manifest, path, st, start_step=start, images=images) as loader:
+            return [b for b, _ in zip(loader, range(4), strict=False)]
+
+    for start in (0, 5):  # from the start, and resumed (the readers seek to the current block)
+        _assert_same(steps(url, f"{server.url}/images", start), steps(local, root / "images", start))
+    held_out = first_samples(manifest, url, 7, seed=0)
+    for a, b in zip(held_out, first_samples(manifest, local, 7, seed=0), strict=True):
+        assert a.key == b.key and a.caption == b.caption and torch.equal(a.latent, b.latent)
+
+
+def test_missing_and_truncated_remote_shards_are_named_before_training(served, tmp_path):
+    root, server = served
+    broken = root / "broken"
+    shutil.copytree(root / "latents", broken)
+    manifest_text = (root / "manifests" / "long.json").read_text().replace("../latents/", "../broken/")
+    (root / "manifests" / "broken.json").write_text(manifest_text)
+    url = f"{server.url}/manifests/broken.json"
+    manifest = load_manifest(url)
+    tar = sorted(broken.glob("*.tar"))[1]
+    tar.write_bytes(tar.read_bytes()[:-512])
+    with pytest.raises(DataError, match=rf"shard 1 .*{server.url}/broken/{tar.name}.* recorded"):
+        check_data(manifest, url)
+    tar.unlink()
+    with pytest.raises(ManifestError, match=rf"shard 1 .*does not exist at {server.url}/broken/{tar.name}"):
+        load_manifest(url, check_files=True)
+    with pytest.raises(DataError, match=rf"the tar {server.url}/broken/{tar.name} does not exist"):
+        check_data(manifest, url)
+    with pytest.raises(ManifestError, match="no such manifest"):
+        load_manifest(f"{server.url}/manifests/nothing.json")
+
+
+def test_a_protocol_without_its_package_is_named(tmp_path):
+    with pytest.raises(storage.RemoteError, match="nosuchproto"):
+        storage.read_bytes("nosuchproto://bucket/manifests/long.json")
+    assert storage.join("s3://bucket/data/", "images", "000001.tar") == "s3://bucket/data/images/000001.tar"
+    assert storage.join("s3://bucket/manifests", "../latents/000001.tar") == "s3://bucket/latents/000001.tar"
+    assert storage.parent("s3://bucket/manifests/long.json") == "s3://bucket/manifests"
+    assert storage.join(tmp_path, "x") == str(Path(tmp_path, "x")) and not storage.is_remote("file:///x")

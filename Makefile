@@ -39,6 +39,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/perceptual.py
 	$(PY) bench/sharding.py
 	$(PY) bench/subset.py
+	$(PY) bench/remote.py
 	$(PY) bench/evaluate.py
 
 clean-demo:

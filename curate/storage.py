@@ -5,9 +5,10 @@ A manifest, its shards' tars and indexes, and an image stage may be URLs (``s3:/
 run trains from an object store with no copy and no mount. Only reading: the stages write local
 folders (upload them with your tool of choice, or mount the bucket).
 
-A tar is read through :class:`RangeReader`: ranged GETs of ``CHUNK`` bytes, the next chunk fetched
-in the background while the current one is read, so that a reader walking a shard forward (the
-trainer's streams) waits on the network only when it outruns it. A request that fails is retried
+A tar is read through :class:`RangeReader`: ranged GETs of ``CHUNK`` bytes, the next ``AHEAD``
+chunks fetched at once in the background while the current one is read, so that a reader walking a
+shard forward (the trainer's streams) waits on the network only when it outruns it, and a store's
+latency is paid once per ``AHEAD`` chunks rather than per chunk. A request that fails is retried
 (``RETRIES`` times, waiting ``RETRY_WAIT`` seconds, doubled each time: object stores answer 503 to
 bursts as a matter of course); a missing file is not retried.
 """
@@ -19,13 +20,14 @@ import os
 import posixpath
 import sys
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-CHUNK = 8 << 20  # bytes a ranged request fetches; up to three are in memory per open tar
+CHUNK = 4 << 20  # bytes a ranged request fetches
+AHEAD = 4  # chunks fetched ahead of a forward walk; up to AHEAD + 2 chunks are in memory per open tar
 RETRIES = 4
 RETRY_WAIT = 1.0
 PARALLEL = 32  # requests in flight when many small files are read (indexes, sizes)
@@ -202,18 +204,19 @@ class LocalFile:
 
 class RangeReader:
     """A remote file read by offset through ranged requests of ``chunk`` bytes, each chunk fetched
-    once while it is read; reading chunk k after k - 1 (or k again) starts fetching k + 1, so a
-    forward walk overlaps the network with the reading. Opening one asks the file's size (so no
-    request runs past its end); a chunk of another length than asked for is an error rather than
-    wrong bytes (a server that ignores ranges, a file changed while read)."""
+    once while it is read; reading on from the furthest chunk read (or one before it) makes sure the
+    next ``ahead`` chunks are being fetched, side by side, so a forward walk overlaps the network with the
+    reading. Opening one asks the file's size (so no request runs past its end); a chunk of another
+    length than asked for is an error rather than wrong bytes (a server that ignores ranges, a file
+    changed while read)."""
 
-    def __init__(self, url: str, chunk: int = CHUNK):
-        self.path, self.chunk = url, chunk
+    def __init__(self, url: str, chunk: int = CHUNK, ahead: int = AHEAD):
+        self.path, self.chunk, self.ahead = url, chunk, ahead
         self.size = size(url)
         self._fs, self._inner = _filesystem(url)
-        self._chunks: OrderedDict[int, Future[bytes]] = OrderedDict()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="range-reader")
-        self._last = -2
+        self._chunks: dict[int, Future[bytes]] = {}
+        self._pool = ThreadPoolExecutor(max(ahead, 1), thread_name_prefix="range-reader")
+        self._front = -1  # the furthest chunk a forward walk has reached (reading from the start is one)
 
     def _fetch(self, k: int) -> bytes:
         start = k * self.chunk
@@ -228,17 +231,20 @@ class RangeReader:
     def _get(self, k: int) -> Future[bytes]:
         if k not in self._chunks:
             self._chunks[k] = self._pool.submit(self._fetch, k)
-        self._chunks.move_to_end(k)
         return self._chunks[k]
 
     def _chunk_bytes(self, k: int) -> bytes:
         future = self._get(k)
-        if k in (self._last, self._last + 1) and (k + 1) * self.chunk < self.size:
-            self._get(k + 1)
-        self._last = k
-        while len(self._chunks) > 3:  # the one read, the one ahead, and the one before (headers across)
-            _, old = self._chunks.popitem(last=False)
-            old.cancel()
+        if self._front - 1 <= k <= self._front + 1:  # a forward walk (whose headers run a sample ahead of its data)
+            self._front = max(self._front, k)
+            last = min(self._front + self.ahead, (self.size - 1) // self.chunk)
+        else:  # a jump: no read-ahead until a walk goes on from here
+            self._front = last = k
+        for ahead in range(self._front + 1, last + 1):
+            self._get(ahead)
+        # Kept: the walk's chunk before (a header read across two chunks), this one, those ahead.
+        for old in [i for i in self._chunks if not min(k, self._front - 1) <= i <= last]:
+            self._chunks.pop(old).cancel()
         return future.result()
 
     def pread(self, size: int, offset: int) -> bytes:

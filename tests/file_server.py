@@ -114,3 +114,21 @@ def serve(root: str | os.PathLike, latency: float = 0.0) -> Iterator[FileServer]
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def main() -> None:
+    """Standalone, for benchmarks (a server in its own process shares no GIL with the reader):
+    ``python tests/file_server.py ROOT --latency 0.025`` prints ``READY URL`` and serves until killed."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("root")
+    parser.add_argument("--latency", type=float, default=0.0)
+    args = parser.parse_args()
+    server = FileServer(args.root, args.latency)
+    print(f"READY {server.url}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

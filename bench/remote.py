@@ -1,0 +1,136 @@
+"""Training from shards at URLs (`curate/storage.py`), measured in one run (CPU, 127.0.0.1).
+
+The same shards read from their files, and from a real HTTP server on 127.0.0.1 that answers range
+requests (``tests/file_server.py``, in a process of its own) with ``--latencies`` added to each answer: an object store's
+first byte is tens of milliseconds away (S3 in-region: 10-100 ms). Latents are FLUX.2's at 256 px
+as ``curate encode-latents`` stores them (32 x 32 x 32, mean and std in bf16: 131 KB a sample).
+
+1. One reader walking every shard forward (``train.data._TarSamples``, what a stream does):
+   samples/s against the files, and the bytes the server sent over the tars' bytes (goal: 1.00,
+   every byte fetched once however the reads fall across chunks).
+2. The trainer's loader (``train.data.LatentLoader``, ``--workers`` DataLoader processes, 32
+   samples a step): samples/s after the first step, against the files. Goal: more than a GPU
+   consumes at 100 ms (a compiled PRX-1.2B step on an H100 takes 256 samples/s, BENCHMARKS.md).
+
+Configurations run interleaved, ``--repeats`` times; tables give the median and every run.
+
+    python bench/remote.py [--quick] [--repeats 3] [--steps 40] [--workers 2] [--latencies 0,0.025,0.1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
+
+from file_server import serve  # noqa: E402
+from latent_data import make_latent_dataset  # noqa: E402
+
+from curate.manifest import load_manifest  # noqa: E402
+from train.data import DataSettings, LatentLoader, _TarSamples  # noqa: E402
+
+BATCH = 32
+SHARDS = 8
+
+
+def walk_rate(tars: list[str]) -> float:
+    """Samples per second reading every sample of ``tars`` in order, as a stream reads them."""
+    start, samples = time.perf_counter(), 0
+    for tar in tars:
+        reader = _TarSamples(tar, "bench")
+        for _, members in reader:
+            reader.read(members)
+            samples += 1
+        reader.close()
+    return samples / (time.perf_counter() - start)
+
+
+def loader_rate(manifest_path: str, steps: int, workers: int) -> float:
+    """Samples per second over ``steps`` steps after the first."""
+    manifest = load_manifest(manifest_path)
+    settings = DataSettings(seed=0, global_batch=BATCH, micro_batch=BATCH, workers=workers, shuffle_buffer=256)
+    with LatentLoader(manifest, manifest_path, settings) as loader:
+        it = iter(loader)
+        next(it)
+        start = time.perf_counter()
+        for _ in range(steps):
+            next(it)
+        return steps * BATCH / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 repeat, few steps")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=40, help=f"timed loader steps of {BATCH} samples")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    parser.add_argument("--latencies", default="0,0.025,0.1", help="seconds added to each HTTP answer")
+    args = parser.parse_args()
+    if args.quick:
+        args.repeats, args.steps = 1, 8
+    latencies = [float(x) for x in args.latencies.split(",")]
+    sides = ["files", *(f"HTTP, {latency * 1000:.0f} ms" for latency in latencies)]
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        per_shard = 256
+        data = make_latent_dataset(root, shards=SHARDS, per_shard=per_shard, channels=32, sizes=[(32, 32)],
+                                   variants=("long",), stored="dist", dtype="bfloat16")
+        tars = sorted(str(p) for p in data["latents"].glob("*.tar"))
+        tar_bytes = sum(os.path.getsize(t) for t in tars)
+        walk_rate(tars)  # the page cache, for both sides
+        walks: dict[str, list[float]] = {side: [] for side in sides}
+        loads: dict[str, list[float]] = {side: [] for side in sides}
+        # Every byte fetched once: counted by a server in this process.
+        with serve(root) as server:
+            walk_rate([f"{server.url}/{Path(t).relative_to(root)}" for t in tars])
+            sent = server.bytes_sent / tar_bytes
+        # Timed against servers of their own processes (one in this one would share its GIL).
+        servers = {side: subprocess.Popen([sys.executable, str(Path(__file__).parents[1] / "tests" / "file_server.py"),
+                                           str(root), "--latency", str(latency)], stdout=subprocess.PIPE, text=True)
+                   for side, latency in zip(sides[1:], latencies, strict=True)}
+        try:
+            urls = {"files": (tars, str(data["long"]))}
+            for side, process in servers.items():
+                base = process.stdout.readline().split()[1]
+                urls[side] = ([f"{base}/{Path(t).relative_to(root)}" for t in tars],
+                              f"{base}/{data['long'].relative_to(root)}")
+            for _ in range(args.repeats):
+                for side in sides:
+                    walks[side].append(walk_rate(urls[side][0]))
+                    loads[side].append(loader_rate(urls[side][1], args.steps, args.workers))
+                    print(f"  {side}: walk {walks[side][-1]:.0f}, loader {loads[side][-1]:.0f} samples/s",
+                          file=sys.stderr, flush=True)
+        finally:
+            for process in servers.values():
+                process.kill()
+                process.wait()
+
+    def table(rates: dict[str, list[float]]) -> None:
+        med = {side: statistics.median(v) for side, v in rates.items()}
+        print("| read from | samples/s (median) | each run | against the files |")
+        print("| --- | ---: | --- | ---: |")
+        for side, values in rates.items():
+            print(f"| {side} | {med[side]:.0f} | {', '.join(f'{v:.0f}' for v in values)} | "
+                  f"{med[side] / med['files']:.2f} |")
+
+    print(f"\n{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores; "
+          f"{SHARDS} shards of {per_shard} samples, {tar_bytes / SHARDS / per_shard / 1000:.0f} KB a sample; "
+          f"{args.repeats} repeat(s), {time.perf_counter() - started:.0f} s in all\n")
+    print("1. One reader walking every shard forward:\n")
+    table(walks)
+    print(f"\nbytes the server sent / bytes of the tars (a walk at 0 ms): {sent:.4f}\n")
+    print(f"2. The loader, {args.workers} DataLoader workers, {BATCH} samples a step:\n")
+    table(loads)
+
+
+if __name__ == "__main__":
+    main()

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 CHUNK = 4 << 20  # bytes a ranged request fetches
-AHEAD = 4  # chunks fetched ahead of a forward walk; up to AHEAD + 2 chunks are in memory per open tar
+AHEAD = 4  # chunks fetched ahead of a forward walk
+BEHIND = 2  # chunks kept behind it (samples up to BEHIND chunks long are read once): 7 in memory per open tar
 RETRIES = 4
 RETRY_WAIT = 1.0
 PARALLEL = 32  # requests in flight when many small files are read (indexes, sizes)
@@ -204,18 +205,18 @@ class LocalFile:
 
 class RangeReader:
     """A remote file read by offset through ranged requests of ``chunk`` bytes, each chunk fetched
-    once while it is read; reading on from the furthest chunk read (or one before it) makes sure the
+    once while it is read; reading on from the furthest chunk read (or ``BEHIND`` before it) makes sure the
     next ``ahead`` chunks are being fetched, side by side, so a forward walk overlaps the network with the
     reading. Opening one asks the file's size (so no request runs past its end); a chunk of another
     length than asked for is an error rather than wrong bytes (a server that ignores ranges, a file
     changed while read)."""
 
-    def __init__(self, url: str, chunk: int = CHUNK, ahead: int = AHEAD):
-        self.path, self.chunk, self.ahead = url, chunk, ahead
+    def __init__(self, url: str, chunk: int | None = None, ahead: int | None = None):
+        self.path, self.chunk, self.ahead = url, chunk or CHUNK, AHEAD if ahead is None else ahead
         self.size = size(url)
         self._fs, self._inner = _filesystem(url)
         self._chunks: dict[int, Future[bytes]] = {}
-        self._pool = ThreadPoolExecutor(max(ahead, 1), thread_name_prefix="range-reader")
+        self._pool = ThreadPoolExecutor(max(self.ahead, 1), thread_name_prefix="range-reader")
         self._front = -1  # the furthest chunk a forward walk has reached (reading from the start is one)
 
     def _fetch(self, k: int) -> bytes:
@@ -235,15 +236,16 @@ class RangeReader:
 
     def _chunk_bytes(self, k: int) -> bytes:
         future = self._get(k)
-        if self._front - 1 <= k <= self._front + 1:  # a forward walk (whose headers run a sample ahead of its data)
+        # A forward walk reads behind its furthest chunk too: a sample's data after its next
+        # sample's header, a large sample over several chunks.
+        if self._front - BEHIND <= k <= self._front + 1:
             self._front = max(self._front, k)
             last = min(self._front + self.ahead, (self.size - 1) // self.chunk)
         else:  # a jump: no read-ahead until a walk goes on from here
             self._front = last = k
         for ahead in range(self._front + 1, last + 1):
             self._get(ahead)
-        # Kept: the walk's chunk before (a header read across two chunks), this one, those ahead.
-        for old in [i for i in self._chunks if not min(k, self._front - 1) <= i <= last]:
+        for old in [i for i in self._chunks if not self._front - BEHIND <= i <= last]:
             self._chunks.pop(old).cancel()
         return future.result()
 

@@ -15,7 +15,7 @@ from latent_data import add_image_stage, add_text_shards, make_latent_dataset
 
 from curate import storage
 from curate.manifest import ManifestError, load_manifest
-from train.data import DataError, DataSettings, LatentLoader, check_data, first_samples
+from train.data import DataError, DataSettings, LatentLoader, _TarSamples, check_data, first_samples
 
 
 @pytest.fixture(autouse=True)
@@ -57,6 +57,21 @@ def test_range_reader_reads_what_the_file_holds_and_a_forward_walk_fetches_each_
         reader.close()
         # One request for the size, one per chunk: reading ahead never fetches a chunk twice.
         assert server.requests == 1 + 25 and server.bytes_sent == len(data)
+
+
+def test_a_tar_walked_by_the_loaders_reader_is_fetched_once(served, monkeypatch):
+    # The reader parses a sample's next header before reading its data: reads go back one chunk.
+    root, server = served
+    monkeypatch.setattr(storage, "CHUNK", 4096)
+    tar = sorted((root / "latents").glob("*.tar"))[0]
+    server.bytes_sent = 0
+    samples = _TarSamples(f"{server.url}/latents/{tar.name}", "test")
+    walked = [(key, samples.read(members)) for key, members in samples]
+    samples.close()
+    local = _TarSamples(str(tar), "test")
+    assert walked == [(key, local.read(members)) for key, members in local]
+    local.close()
+    assert server.bytes_sent == tar.stat().st_size > 4 * 4096
 
 
 def test_failed_requests_are_retried_and_a_server_that_ignores_ranges_is_named(tmp_path):

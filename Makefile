@@ -38,6 +38,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/recompute.py
 	$(PY) bench/perceptual.py
 	$(PY) bench/sharding.py
+	$(PY) bench/muon.py
 	$(PY) bench/subset.py
 	$(PY) bench/remote.py
 	$(PY) bench/evaluate.py

@@ -123,6 +123,31 @@ def test_muon_and_adamw_halves_step_exactly_as_torch_muon_and_adamw():
     torch.testing.assert_close(ours_b, ref_b, rtol=1e-6, atol=1e-7)
 
 
+def test_muon_over_two_ranks_whole_or_split_by_rows_steps_as_one_process():
+    """With DDP (whole matrices) and FSDP (rows split, unevenly, one rank holding none of a
+    1-row matrix), each rank orthogonalises its share and the weights and momenta equal one
+    process's exactly, across a checkpoint that gathers and splits the state again."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from muon_ranks import run_rank
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(run_rank, args=(port,), nprocs=2)
+
+
+def test_muon_deals_the_matrices_out_by_cost():
+    from train.optim import deal_out, newton_schulz_flops
+
+    shapes = [(64, 64), (8, 8), (64, 256), (256, 64), (8, 8), (32, 32)]
+    owners = deal_out(shapes, 2)
+    # The two costliest apart, the next to the lower rank (a tie), then each to the less loaded.
+    assert owners == [0, 1, 0, 1, 1, 1]
+    assert newton_schulz_flops((48, 16)) == 5 * (4 * 16 * 16 * 48 + 2 * 16**3)
+
+
 def test_orthogonalize_brings_singular_values_near_one():
     for shape in [(64, 128), (128, 64)]:
         update = torch.randn(*shape, generator=torch.Generator().manual_seed(3)) * 100

@@ -277,10 +277,12 @@ def test_repa_and_tread_compiled_train_as_eager(pipeline, teachers, tmp_path: Pa
 def test_two_ranks_with_repa_equal_one_across_its_stop_step(pipeline, teachers, tmp_path: Path):
     """DDP reduces the projector's gradients with the denoiser's, and is rebuilt without the
     projector when REPA ends; TREAD's routes are drawn per slot, as on one rank. FSDP (fsdp=true)
-    shards the projector as a unit of its own, and the run is the same again."""
+    shards the projector as a unit of its own, and the run is the same again. Muon, on: the ranks
+    split its orthogonalisations (whole matrices with DDP, row blocks gathered with FSDP)."""
     settings = _settings(pipeline, teachers["dinov3"], steps=5, checkpoint_every=5,
                          **{"repa.stop_step": 3, "data.workers": 1, "model.depth": 4, "routing.start": 1})
-    base = ["-m", "train", "--shards", str(pipeline["manifest"]), "--preset", "tiny", "--ablation", "repa,tread"]
+    base = ["-m", "train", "--shards", str(pipeline["manifest"]), "--preset", "tiny", "--ablation",
+            "repa,tread,muon"]
     one = tmp_path / "one"
     done = subprocess.run([sys.executable, *base, "--out", str(one), *settings], cwd=REPO, capture_output=True,
                           text=True)
@@ -291,6 +293,7 @@ def test_two_ranks_with_repa_equal_one_across_its_stop_step(pipeline, teachers, 
                               capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert done.returncode == 0, done.stderr[-3000:]
         assert ("the REPA projector)" in done.stderr) == (name == "fsdp")  # its FSDP note
+        assert "each of 2 ranks orthogonalises its share of the " in done.stderr
         for (s1, l1, r1), (s2, l2, r2) in zip(_metrics(one), _metrics(tmp_path / name), strict=True):
             assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4)
             assert (r1 is None) == (r2 is None) and (r1 is None or r1 == pytest.approx(r2, rel=1e-4))

@@ -482,9 +482,6 @@ def validate(cfg: TrainConfig) -> None:
                           "micro_batch must be 2 or more")
     if cfg.optim.name not in ("adamw", "muon"):
         raise ConfigError(f"optim.name must be adamw or muon, not {cfg.optim.name!r}")
-    if cfg.fsdp and cfg.optim.name == "muon":
-        raise ConfigError("fsdp=true with optim.name=muon: Muon orthogonalises each whole weight matrix, which "
-                          "FSDP splits over the ranks; not supported yet (with DDP, Muon runs)")
     if not 0.0 <= cfg.optim.muon_momentum < 1.0:
         raise ConfigError(f"optim.muon_momentum must be in [0, 1), got {cfg.optim.muon_momentum}")
     if cfg.optim.decay not in ("none", "linear", "cosine", "1-sqrt"):

@@ -297,8 +297,10 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
             logger.note(f"WARNING: {world.note}")
         if cfg.optim.name == "muon":
             muon, other = (sum(p.numel() for p in g["params"]) for g in optimizer.param_groups[:2])
+            split = (f"; each of {world.world_size} ranks orthogonalises its share of the "
+                     f"{len(optimizer.param_groups[0]['params'])} matrices" if world.world_size > 1 else "")
             logger.note(f"optimizer: Muon for the blocks' weight matrices ({muon / 1e6:.2f}M parameters), "
-                        f"AdamW for the rest ({other / 1e6:.2f}M)")
+                        f"AdamW for the rest ({other / 1e6:.2f}M){split}")
         if sharded:
             logger.note(f"FSDP: weights, gradients and optimizer state sharded over {world.world_size} ranks in "
                         f"{len(units)} units ({len(model.blocks)} blocks, the denoiser's other parts"

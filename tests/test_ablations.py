@@ -214,7 +214,8 @@ def test_ablations_are_named_overrides_recorded_in_the_config(tmp_path: Path):
                        shards="m.json", out="r")
     assert cfg.flow.prediction == "x0" and cfg.optim.name == "muon" and cfg.ema.decay == 0.999
     assert cfg.ablations == ["x-pred", "muon", "ema"]
-    assert set(ABLATIONS) == {"x-pred", "muon", "repa", "tread", "cfm", "immiscible", "ema", "lpips", "pdino"}
+    assert set(ABLATIONS) == {"x-pred", "muon", "repa", "irepa", "tread", "cfm", "immiscible", "ema", "lpips",
+                              "pdino"}
     with pytest.raises(ConfigError, match="unknown ablation .sprint."):
         build_config("tiny", ablations=["sprint"])
     with pytest.raises(ConfigError, match="chosen with --ablation"):

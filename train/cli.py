@@ -1,7 +1,7 @@
 """``train``: train a denoiser on a manifest, or export a run for diffusers.
 
     train --shards manifests/long.json --out runs/NAME [--preset tiny|small|prx-1.2b]
-          [--ablation x-pred,muon,repa,tread,cfm,immiscible,ema] [--init-from RUN|CHECKPOINT|FOLDER|HUB_ID]
+          [--ablation x-pred,muon,repa,irepa,tread,cfm,immiscible,ema] [--init-from RUN|CHECKPOINT|FOLDER|HUB_ID]
           [--config FILE.yaml] [--resume auto] [key=value ...]
     torchrun --nproc_per_node 8 -m train --shards ... --out ...
     train export runs/NAME --to DIR [--step N] [--weights ema|raw]

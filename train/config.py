@@ -102,6 +102,12 @@ class RepaConfig:
     block: int = 0  # align the output of this block (1-based); 0 = a quarter of model.depth
     stop_step: int = 0  # REPA ends at this step (PRX's burn-in, then off); 0 = the whole run
     projector_dim: int = 2048  # the projector MLP's width
+    # iREPA (Singh et al. 2025): one 3x3 convolution over the token grid instead of the MLP ("conv"),
+    # and the teacher's features normalised over the image's tokens (spatial_norm): per channel,
+    # minus spatial_gamma times their mean, over their standard deviation (0.6: iREPA's code default).
+    projector: str = "mlp"  # mlp (REPA's) or conv (iREPA's)
+    spatial_norm: bool = False
+    spatial_gamma: float = 0.6
     images: str = ""  # the image stage; "" = the one the manifest's provenance names (merged: NAME=DIR,...)
 
 
@@ -262,6 +268,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "x-pred": {"flow.prediction": "x0"},  # PRX: FID 18.20 -> 16.80
     "muon": {"optim.name": "muon"},  # PRX: FID 18.20 -> 15.55
     "repa": {"repa.weight": 0.5},  # PRX: FID 18.20 -> 14.64 with DINOv3 (burn-in: repa.stop_step)
+    # iREPA: REPA with a convolutional projector and the teacher's features spatially normalised
+    "irepa": {"repa.weight": 0.5, "repa.projector": "conv", "repa.spatial_norm": True},
     "tread": {"routing.ratio": 0.5},  # PRX ablated TREAD and SPRINT (token routing); not in this table
     "cfm": {"flow.contrastive": 0.05},  # contrastive flow matching, another of PRX's training tricks
     "immiscible": {"flow.immiscible": True},  # immiscible diffusion: noise assigned to latents per batch
@@ -509,6 +517,10 @@ def validate(cfg: TrainConfig) -> None:
                           "repa.projector_dim below 1")
     if cfg.repa.block > cfg.model.depth:
         raise ConfigError(f"repa.block {cfg.repa.block} is past the last block (model.depth {cfg.model.depth})")
+    if cfg.repa.projector not in ("mlp", "conv"):
+        raise ConfigError(f"repa.projector must be mlp (REPA's) or conv (iREPA's), not {cfg.repa.projector!r}")
+    if not 0.0 <= cfg.repa.spatial_gamma <= 1.0:
+        raise ConfigError(f"repa.spatial_gamma must be in [0, 1], not {cfg.repa.spatial_gamma}")
     if not 0.0 <= cfg.routing.ratio < 1.0:
         raise ConfigError(f"routing.ratio must be in [0, 1) (0 turns routing off), got {cfg.routing.ratio}")
     start, end = routed_blocks(cfg)
@@ -516,6 +528,11 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"token routing needs 0 <= routing.start < routing.end <= model.depth; got start "
                           f"{cfg.routing.start}, end {end} (routing.end 0 means depth - 2), depth "
                           f"{cfg.model.depth}")
+    aligned = cfg.repa.block or max(1, cfg.model.depth // 4)  # train.repa.repa_block
+    if cfg.repa.weight > 0 and cfg.repa.projector == "conv" and cfg.routing.ratio > 0 and start <= aligned - 1 < end:
+        raise ConfigError(f"repa.projector=conv convolves block {aligned}'s whole token grid, but TREAD routes "
+                          f"part of its tokens past blocks {start + 1}-{end}: align a block outside them "
+                          "(repa.block) or route others (routing.start, routing.end)")
     if not 0.0 <= cfg.ema.decay < 1.0:
         raise ConfigError(f"ema.decay must be in [0, 1) (0 turns EMA off), got {cfg.ema.decay}")
     if cfg.lr <= 0:

@@ -13,6 +13,13 @@ resolution need no resize; DINOv2's 14 px patches see the image at 14/16 of its 
 REPA as a burn-in: ``repa.stop_step`` ends it, after which the teacher is released and a step
 costs what a baseline step costs. The projector is trained with the denoiser, saved in
 checkpoints, and not exported (the pipeline never runs it).
+
+iREPA (Singh et al. 2025, "What matters for Representation Alignment: Global Information or
+Spatial Structure?") found that the teacher's spatial structure, not its global semantics, is what
+helps, and changes two things (``--ablation irepa``): the projector is one 3x3 convolution over
+the token grid (``repa.projector=conv``), so each projected token sees its neighbours, and the
+teacher's features are normalised over the image's tokens (``repa.spatial_norm``), which removes
+most of what all patches share and leaves how they differ.
 """
 
 from __future__ import annotations
@@ -96,14 +103,41 @@ class DinoEncoder:
         return hidden[:, prefix:].float()
 
 
-def build_projector(hidden_size: int, teacher_dim: int, width: int, *, seed: int) -> torch.nn.Module:
-    """REPA's projector: Linear, SiLU, Linear, SiLU, Linear; the seed alone decides its weights."""
+def build_projector(hidden_size: int, teacher_dim: int, width: int, *, seed: int,
+                    kind: str = "mlp") -> torch.nn.Module:
+    """REPA's projector (``mlp``: Linear, SiLU, Linear, SiLU, Linear) or iREPA's (``conv``: one
+    3x3 convolution over the token grid); the seed alone decides its weights."""
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         torch.manual_seed(seed + 1)  # not the denoiser's stream
+        if kind == "conv":
+            return ConvProjector(hidden_size, teacher_dim)
         return torch.nn.Sequential(
             torch.nn.Linear(hidden_size, width), torch.nn.SiLU(),
             torch.nn.Linear(width, width), torch.nn.SiLU(),
             torch.nn.Linear(width, teacher_dim))
+
+
+class ConvProjector(torch.nn.Module):
+    """iREPA's projector: tokens [B, gh * gw, hidden] (row by row, as the denoiser orders them)
+    laid out on their grid, a 3x3 convolution (zero padding keeps the grid), [B, gh * gw, dim]."""
+
+    def __init__(self, hidden_size: int, teacher_dim: int):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(hidden_size, teacher_dim, kernel_size=3, padding=1)
+
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        b, n, c = tokens.shape
+        if n != grid[0] * grid[1]:
+            raise ValueError(f"{n} tokens are not a {grid[0]}x{grid[1]} grid")
+        image = tokens.transpose(1, 2).reshape(b, c, *grid)
+        return self.conv(image).flatten(2).transpose(1, 2)
+
+
+def spatial_normalize(features: torch.Tensor, gamma: float) -> torch.Tensor:
+    """iREPA's spatial normalisation of teacher features [B, N, D]: per sample and channel, minus
+    ``gamma`` times the mean over the N tokens, over the (unbiased) standard deviation of the result."""
+    centred = features - gamma * features.mean(dim=1, keepdim=True)
+    return centred / (centred.std(dim=1, keepdim=True) + 1e-6)
 
 
 def alignment_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -119,13 +153,17 @@ class WithRepa(torch.nn.Module):
 
     ``denoiser`` is the model called through train.routing.RoutedDenoiser, which returns that
     block's tokens itself: no forward hook, so nothing depends on hooks firing inside a
-    recomputed (activation-checkpointed) or compiled block.
+    recomputed (activation-checkpointed) or compiled block. ``patch`` (the denoiser's patch size)
+    gives a convolutional projector the token grid.
     """
 
-    def __init__(self, denoiser: torch.nn.Module, projector: torch.nn.Module, block: int):
+    def __init__(self, denoiser: torch.nn.Module, projector: torch.nn.Module, block: int, patch: int = 1):
         super().__init__()
-        self.denoiser, self.projector, self.block = denoiser, projector, block
+        self.denoiser, self.projector, self.block, self.patch = denoiser, projector, block, patch
 
     def forward(self, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         out, hidden = self.denoiser(**kwargs, tokens_of=self.block, return_dict=False)
+        if isinstance(self.projector, ConvProjector):
+            height, width = kwargs["hidden_states"].shape[-2:]
+            return out, self.projector(hidden, (height // self.patch, width // self.patch))
         return out, self.projector(hidden)

@@ -85,6 +85,7 @@ from train.repa import (
     build_projector,
     repa_active,
     repa_block,
+    spatial_normalize,
 )
 from train.routing import RoutedDenoiser, aligned_in_route, draw_route, gather_tokens
 from train.schedule import build_schedule, lr_factor
@@ -197,7 +198,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
     if repa_now:
         teacher = DinoEncoder(cfg.repa.encoder, device=world.device, revision=cfg.repa.revision or None)
         projector = build_projector(cfg.model.hidden_size, teacher.dim, cfg.repa.projector_dim,
-                                    seed=cfg.seed).to(world.device)
+                                    seed=cfg.seed, kind=cfg.repa.projector).to(world.device)
     # Perceptual losses (pixel space only): their networks, checked and loaded like the teacher.
     PerceptualLosses.check(cfg.perceptual, manifest.latent)
     perceptual = PerceptualLosses(cfg.perceptual, world.device) if PerceptualLosses.names(cfg.perceptual) else None
@@ -264,7 +265,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
     own_forward = routing or cfg.activation_checkpointing > 0 or projector is not None
     net = RoutedDenoiser(model, cfg.activation_checkpointing) if own_forward else model
     aligned_block = repa_block(cfg)
-    with_repa = WithRepa(net, projector, aligned_block - 1) if projector is not None else None
+    with_repa = (WithRepa(net, projector, aligned_block - 1, architecture["patch_size"])
+                 if projector is not None else None)
     # With TREAD routing the aligned block, that block sees the kept tokens only: so must the teacher.
     gather_target = routing and aligned_in_route(cfg, aligned_block)
     ddp_model = wrap(with_repa or net)
@@ -338,7 +340,10 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
                         f"{teacher.patch} px patches) of "
                         + ("the samples themselves (pixel space)" if images is None
                            else f"the originals in {', '.join(map(str, images))}") + f", weight {cfg.repa.weight}, "
-                        + (f"until step {cfg.repa.stop_step}" if cfg.repa.stop_step else "the whole run"))
+                        + (f"until step {cfg.repa.stop_step}" if cfg.repa.stop_step else "the whole run")
+                        + ("; a 3x3 convolution projects (iREPA)" if cfg.repa.projector == "conv" else "")
+                        + (f"; the teacher's features spatially normalised, gamma {cfg.repa.spatial_gamma} (iREPA)"
+                           if cfg.repa.spatial_norm else ""))
 
     # ---- the loop ----------------------------------------------------------------------------------
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=world.device.type == "cuda")
@@ -414,6 +419,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
                     else:
                         seen = micro.images
                     target = teacher.features(seen, (x_t.shape[-2] // token_patch, x_t.shape[-1] // token_patch))
+                    if cfg.repa.spatial_norm:  # iREPA: over the whole image's tokens, then any routing
+                        target = spatial_normalize(target, cfg.repa.spatial_gamma)
                     if gather_target:
                         target = gather_tokens(target, route.keep)
                 sync = i == len(batch.micro) - 1

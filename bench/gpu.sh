@@ -11,7 +11,7 @@
 # figures (bench/gpu_vae.py) run too with GPU_VAE=1: a further 150 s. GPU_ABLATIONS=1 times the
 # prx-1.2b step fed from memory as the baseline and with `--ablation muon`, `ema` and `tread`
 # (420 s; run it alone: GPU_ENCODE=0 GPU_ABLATIONS=1); GPU_REPA=1 the shard-fed step against the
-# same with `--ablation repa` (a DINOv3 ViT-B/16-shaped teacher, noise JPEGs as originals; 300 s); GPU_SCORE=1 the
+# same with `--ablation repa` and `irepa` (a DINOv3 ViT-B/16-shaped teacher, noise JPEGs as originals; 380 s); GPU_SCORE=1 the
 # whole `curate score` stage against the bare CLIP ViT-L/14 towers on 2048 images (bench/score.py, 200 s), then a ViT-B/16
 # NSFW classifier alone (100 s); GPU_RECOMPUTE=1 activation checkpointing's memory and time per step at
 # PRX-1.2B's size and 1024 px (bench/recompute.py, eager, 240 s); GPU_PIXELS=1 the prx-1.2b step in pixel
@@ -87,8 +87,8 @@ if [ "${GPU_SCORE:-0}" = 1 ]; then  # curate score (CLIP ViT-L/14, bf16 autocast
         --repeats 1 | tee "$OUT/gpu_score_classifier.md" || echo "bench/score.py --classifier stopped early (exit $?)"
 fi
 if [ "${GPU_REPA:-0}" = 1 ]; then  # REPA's cost per step at prx-1.2b: DINOv3-B teacher, originals decoded
-    timeout -k 10 300 "$PY" bench/gpu_train.py --feeds shards --ablations repa --steps 5 \
-        | tee "$OUT/gpu_train_repa.md" || echo "bench/gpu_train.py --ablations repa stopped early (exit $?)"
+    timeout -k 10 380 "$PY" bench/gpu_train.py --feeds shards --ablations repa,irepa --steps 5 \
+        | tee "$OUT/gpu_train_repa.md" || echo "bench/gpu_train.py --ablations repa,irepa stopped early (exit $?)"
 fi
 if [ "${GPU_RECOMPUTE:-0}" = 1 ]; then  # activation checkpointing: PRX-1.2B's blocks at 1024 px, 4 samples a step
     timeout -k 10 240 "$PY" bench/recompute.py --device cuda --depth 16 --width 1792 --side 128 --batch 4 \

@@ -10,7 +10,7 @@ latents, 16 x 32 x 32), bf16 autocast with fp32 weights and AdamW, as `train` ru
       --text-layers 26 (T5Gemma-2B's full encoder) this is what precomputing text saves;
   (d) with --ablations muon,ema,x-pred,tread: the memory-fed run (b) again with each ablation
       switched on (train --ablation NAME): what Muon's Newton-Schulz steps and the EMA update cost
-      per step, and what TREAD's routing saves. ``repa`` is compared with the shard-fed run (a)
+      per step, and what TREAD's routing saves. ``repa`` and ``irepa`` are compared with the shard-fed run (a)
       instead: it reads the originals too, from an image stage of noise JPEGs written beside the
       shards (tests/latent_data.add_image_stage), and runs a teacher of DINOv3 ViT-B/16's shape
       (randomly initialised: its FLOPs, not its features) every step.
@@ -75,6 +75,8 @@ from train.data import LatentLoader, StepBatch  # noqa: E402
 from train.metrics import read_metrics  # noqa: E402
 from train.model import peak_tflops  # noqa: E402
 
+# The ablations that align with a teacher: they read the originals, so they are fed by shards.
+ALIGNED = {"repa", "irepa"}
 # T5Gemma-2B's encoder (google/t5gemma-2b-2b-ul2), but for the layer count.
 T5GEMMA_2B = {"hidden_size": 2304, "intermediate_size": 9216, "num_attention_heads": 8,
               "num_key_value_heads": 4, "head_dim": 256, "query_pre_attn_scalar": 256}
@@ -254,9 +256,9 @@ def main() -> None:
     if not feeds or set(feeds) - {"shards", "memory", "text"}:
         parser.error(f"--feeds takes shards, memory and text, comma-separated, not {args.feeds!r}")
     ablations = [a for a in args.ablations.split(",") if a]
-    if "repa" in ablations and "shards" not in feeds:
-        parser.error("--ablations repa compares against the shard-fed run: add shards to --feeds")
-    if set(ablations) - {"repa"} and "memory" not in feeds:
+    if ALIGNED & set(ablations) and "shards" not in feeds:
+        parser.error("--ablations repa and irepa compare against the shard-fed run: add shards to --feeds")
+    if set(ablations) - ALIGNED and "memory" not in feeds:
         parser.error("--ablations compares against the memory-fed run: add memory to --feeds")
     pixels = args.latents == "pixels"
     if {"lpips", "pdino"} & set(ablations) and not pixels:
@@ -316,20 +318,23 @@ def main() -> None:
         memory = f"same step batches in memory{' (pinned)' if cuda else ''}"
         runs = [("shards", f"real shards on local disk ({args.workers} workers)"), ("memory", memory),
                 ("text", "real shards and stored text embeddings (no text encoder per step)")]
-        runs += [(f"ablation {name}", f"{memory}, --ablation {name}") for name in ablations if name != "repa"]
+        runs += [(f"ablation {name}", f"{memory}, --ablation {name}") for name in ablations if name not in ALIGNED]
         extra: dict[str, dict[str, Any]] = {}  # per ablation: the settings its run adds to the base ones
         if "lpips" in ablations:
             cache_random_vgg16(tmp / "torch_home")
         if "pdino" in ablations:
             extra["pdino"] = {"perceptual.dino_encoder": str(build_dinov2_reg_base(tmp / "dinov2-reg")),
                               **({"perceptual.dino_size": 28} if args.smoke else {})}
-        if "repa" in ablations:
+        if ALIGNED & set(ablations):
             t0 = time.perf_counter()
             images = add_image_stage(data)
-            extra["repa"] = {"repa.encoder": str(build_dinov3_base(tmp / "dinov3"))}
+            teacher = {"repa.encoder": str(build_dinov3_base(tmp / "dinov3"))}
             print(f"# REPA: {sum(1 for _ in images.glob('*.tar'))} image shards of noise JPEGs and a random "
                   f"DINOv3 ViT-B/16 written in {time.perf_counter() - t0:.0f} s", flush=True)
-            runs.append(("ablation repa", f"real shards and their images ({args.workers} workers), --ablation repa"))
+            for name in sorted(ALIGNED & set(ablations), key=ablations.index):
+                extra[name] = teacher
+                runs.append((f"ablation {name}",
+                             f"real shards and their images ({args.workers} workers), --ablation {name}"))
         for key, label in runs:
             if key.split(" ")[0] not in feeds and not key.startswith("ablation"):
                 continue
@@ -339,7 +344,7 @@ def main() -> None:
             source = None
             if key == "memory":
                 batches = collect(cfg, pin=cuda)
-            if key == "memory" or (ablation and ablation != "repa"):
+            if key == "memory" or (ablation and ablation not in ALIGNED):
                 source = lambda start, rank, b=batches: iter(b[start:])  # noqa: E731
             r = results[key] = run(cfg, args.warmup, source)
             mfu = r.get("mfu")
@@ -354,7 +359,7 @@ def main() -> None:
     if "shards" in results and "memory" in results:
         print(f"shards / memory: {results['shards']['images_per_s'] / results['memory']['images_per_s']:.3f}")
     for name in ablations:
-        r, base = results[f"ablation {name}"], "shards" if name == "repa" else "memory"
+        r, base = results[f"ablation {name}"], "shards" if name in ALIGNED else "memory"
         print(f"--ablation {name} / baseline ({base}): images/s "
               f"{r['images_per_s'] / results[base]['images_per_s']:.3f}, "
               f"peak memory {r['memory_gb'] - results[base]['memory_gb']:+.1f} GB")

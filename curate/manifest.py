@@ -375,9 +375,9 @@ def image_stages(manifest: Manifest, override: str | os.PathLike | None = None, 
     ``NAME=DIR[,NAME=DIR...]`` naming the parts whose stage moved. ``option`` is how the errors
     tell the user to give it. A stage at a URL is returned as that string (``curate.storage``)."""
     provenances = part_provenance(manifest)
-    moved: dict[int, Path] = {}
+    moved: dict[int, str] = {}
     if override is not None and manifest.parts is None:
-        moved[0] = Path(override)
+        moved[0] = os.fspath(override)  # not Path: a URL's "//" would fold
     elif override is not None:
         names = [p.name for p in manifest.parts]
         for item in os.fspath(override).split(","):

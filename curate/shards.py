@@ -368,6 +368,11 @@ def read_meta(index_path: str | os.PathLike) -> ShardMeta:
 
 
 def read_index(index_path: str | os.PathLike, columns: list[str] | None = None) -> pl.DataFrame:
+    """An index's rows (``columns``, or all); a URL's is fetched whole (curate/storage.py)."""
+    from curate import storage
+
+    if storage.is_remote(index_path):
+        return pl.read_parquet(io.BytesIO(storage.read_bytes(index_path)), columns=columns)
     return pl.read_parquet(index_path, columns=columns)
 
 
@@ -406,14 +411,21 @@ def split_member(name: str) -> tuple[str, str]:
 
 
 def iter_tar_samples(
-    tar_path: str | os.PathLike, wanted: Callable[[str, str], bool] | None = None
+    tar_path: str | os.PathLike | BinaryIO, wanted: Callable[[str, str], bool] | None = None, *,
+    what: str | None = None,
 ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {ext: bytes}) for each group of consecutive members sharing a key.
 
     With ``wanted(key, ext)`` only those members are read and the rest are seeked over (the tar
     is opened seekable, not as a stream); samples with no wanted member are not yielded.
+    ``tar_path`` may be an open binary file (``what`` names it in errors).
     """
-    with tarfile.open(tar_path, mode="r|" if wanted is None else "r:") as tar:
+    source = {"fileobj": tar_path} if hasattr(tar_path, "read") else {"name": tar_path}
+    try:
+        tar = tarfile.open(**source, mode="r|" if wanted is None else "r:")
+    except tarfile.TarError as e:
+        raise ShardError(f"{what or tar_path}: not a readable tar: {e}") from e
+    with tar:
         key, members = None, {}
         for info in tar:
             if not info.isfile():
@@ -428,6 +440,25 @@ def iter_tar_samples(
                 members[ext] = tar.extractfile(info).read()
         if key is not None and members:
             yield key, members
+
+
+def samples_at(
+    tar: str | os.PathLike, spans: list[tuple[int, int]], wanted: Callable[[str, str], bool] | None = None
+) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) of the samples whose bytes an index locates (``tar_offset``,
+    ``tar_length`` of each), in the order given: one read per sample, side by side for a URL, so
+    that a few samples of a remote shard cost their own bytes and no more. ``wanted`` as for
+    :func:`iter_tar_samples`."""
+    from curate import storage
+
+    def read(span: tuple[int, int]) -> bytes:
+        return storage.read_range(tar, *span)
+
+    for (offset, _), data in zip(spans, storage.parallel_map(read, spans, storage.is_remote(tar)), strict=True):
+        samples = list(iter_tar_samples(io.BytesIO(data), wanted, what=f"{tar} at byte {offset}"))
+        if len(samples) > 1:
+            raise ShardError(f"{tar}: the bytes its index gives at {offset} hold {len(samples)} samples, not one")
+        yield from samples
 
 
 def reject_samples(

@@ -73,6 +73,11 @@ def local_path(path: str | os.PathLike) -> str:
     return os.fspath(path).removeprefix("file://")
 
 
+def absolute(path: str | os.PathLike) -> str:
+    """A URL as it is, a local path made absolute: how a record names a file for later."""
+    return os.fspath(path) if is_remote(path) else str(Path(path).absolute())
+
+
 def join(base: str | os.PathLike, *parts: str) -> str:
     """``base / parts``, for a folder's URL as for a local folder. A URL's ``..`` are resolved here:
     an object store's keys are plain strings, where ``a/../b`` is not ``b``."""
@@ -125,6 +130,22 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     url = os.fspath(path)
     fs, inner = _filesystem(url)
     return _retried(url, "reading it", lambda: fs.cat_file(inner))
+
+
+def read_range(path: str | os.PathLike, offset: int, length: int) -> bytes:
+    """``length`` bytes from ``offset`` in one request (a sample that an index locates): for reads
+    that jump, where :class:`RangeReader`'s chunks would fetch megabytes around each sample."""
+    if not is_remote(path):
+        with open(local_path(path), "rb") as f:
+            return os.pread(f.fileno(), length, offset)
+    url = os.fspath(path)
+    fs, inner = _filesystem(url)
+    data = _retried(url, f"reading bytes {offset}-{offset + length - 1}",
+                    lambda: fs.cat_file(inner, start=offset, end=offset + length))
+    if len(data) != length:
+        raise RemoteError(f"{url}: asked for bytes {offset}-{offset + length - 1}, the server sent {len(data)} "
+                          "bytes: it ignores range requests, or the file changed after it was indexed")
+    return data
 
 
 def size(path: str | os.PathLike) -> int:

@@ -15,6 +15,11 @@ same code that prepared it for the VAE (``curate.buckets.preprocess``).
 
 A benchmark's prompt file (``evaluate run --prompts``) gives an evaluation set without real
 images: its prompts in order, prompt ``i`` with noise ``seed + i`` as above.
+
+The manifest, its shards and the image stage may be URLs (curate/storage.py). A local tar is
+walked, seeking over the members not wanted; at a URL each chosen sample is fetched alone, at the
+offset and length its shard's index records, since 10,000 samples drawn from a million are a few
+in each shard and read-ahead chunks would fetch megabytes around each.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import hashlib
 import itertools
 import json
 import os
-from collections.abc import Iterator
+import posixpath
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from curate import storage
 from curate.buckets import IMAGE_MEMBER, preprocess
 from curate.manifest import (
     Manifest,
@@ -41,7 +48,7 @@ from curate.manifest import (
     shard_urls,
 )
 from curate.runner import CurateError
-from curate.shards import OK, iter_tar_samples, read_index, shard_name
+from curate.shards import OK, iter_tar_samples, read_index, samples_at, shard_name
 from train.data import choose_caption
 
 __all__ = ["EvalSample", "EvalSetError", "choose_samples", "images_dir_of", "prompt_samples", "real_batches",
@@ -107,11 +114,11 @@ def choose_samples(
         if listing in read:
             continue  # a repeated part's shard, listed again: its samples are all seen
         read.add(listing)
-        if "://" in url or url.startswith("pipe:"):
-            raise EvalSetError(f"{url}: evaluation reads local shards only")
-        index = Path(url).with_suffix(".parquet")
-        if not index.is_file():
-            raise EvalSetError(f"{url}: no index beside it ({index.name})")
+        if url.startswith("pipe:"):
+            raise EvalSetError(f"{url}: evaluation reads files and URLs, not pipes")
+        index = _index_of(url)
+        if not storage.is_file(index):
+            raise EvalSetError(f"{url}: no index beside it ({posixpath.basename(index)})")
         table = read_index(index, columns=["key", "status"])
         accepted = table.filter(table["status"] == OK)["key"].to_list()
         if len(accepted) != entry.accepted:
@@ -138,7 +145,7 @@ def choose_samples(
         def caption_member(k: str, ext: str, picked: frozenset[str] = frozenset(keys)) -> bool:
             return k in picked and _is_caption_member(ext)
 
-        for key, members in iter_tar_samples(urls[pos], caption_member):
+        for key, members in _read_samples(urls[pos], keys, caption_member):
             i = keys.pop(key)
             texts = {ext[: -len(".txt")]: data.decode("utf-8") for ext, data in members.items()
                      if ext.endswith(".txt")}
@@ -152,6 +159,28 @@ def choose_samples(
     return [s for s in samples if s is not None]
 
 
+def _index_of(tar: str) -> str:
+    """A shard's index, beside its tar (a path or a URL)."""
+    return tar[: -len(".tar")] + ".parquet" if tar.endswith(".tar") else str(Path(tar).with_suffix(".parquet"))
+
+
+def _read_samples(tar: str, keys: Collection[str], wanted: Callable[[str, str], bool]
+                  ) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The samples of ``keys`` (their ``wanted`` members) in the tar's order: a local tar walked,
+    seeking over the rest; a URL's samples read where its index locates them, one request each."""
+    if not storage.is_remote(tar):
+        yield from iter_tar_samples(tar, wanted)
+        return
+    index = read_index(_index_of(tar), columns=["key", "status", "tar_offset", "tar_length"])
+    rows = index.filter((index["status"] == OK) & index["key"].is_in(list(keys)))
+    if rows["tar_offset"].null_count() or rows["tar_length"].null_count():
+        raise EvalSetError(f"{tar}: its index does not locate its samples (written before indexes recorded "
+                           "tar_offset): evaluate from a local copy")
+    rows = rows.sort("tar_offset")
+    yield from samples_at(tar, list(zip(rows["tar_offset"].to_list(), rows["tar_length"].to_list(), strict=True)),
+                          wanted)
+
+
 def _is_caption_member(ext: str) -> bool:
     return ext == "json" or ext.endswith(".txt")
 
@@ -160,22 +189,17 @@ def _key_seed(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=8).digest(), "little")
 
 
-def images_dir_of(manifest: Manifest, override: str | os.PathLike[str] | None = None) -> list[Path]:
+def images_dir_of(manifest: Manifest, override: str | os.PathLike[str] | None = None) -> list[Path | str]:
     """The image stage the manifest's latents were encoded from (its provenance; one per part of a
-    merged manifest), or ``override``."""
+    merged manifest; a folder or a URL), or ``override``."""
     try:
-        stages = image_stages(manifest, override, option="--images")
+        return image_stages(manifest, override, option="--images")
     except ManifestError as e:
         raise EvalSetError(str(e)) from None
-    for stage in stages:
-        if not isinstance(stage, Path):
-            raise EvalSetError(f"the image stage {stage} is a URL; evaluation reads local images: pass a "
-                               "local copy with --images")
-    return stages
 
 
 def real_images(
-    samples: list[EvalSample], images_dir: Path | list[Path], resolution: int, *, batch_size: int = 64,
+    samples: list[EvalSample], images_dir: Path | str | list[Path | str], resolution: int, *, batch_size: int = 64,
     threads: int = 4,
 ) -> Iterator[torch.Tensor]:
     """The samples' original images as uint8 batches [B, 3, resolution, resolution], decoded and
@@ -187,7 +211,7 @@ def real_images(
 
 
 def real_batches(
-    samples: list[EvalSample], images_dir: Path | list[Path], resolution: int, *, batch_size: int = 64,
+    samples: list[EvalSample], images_dir: Path | str | list[Path | str], resolution: int, *, batch_size: int = 64,
     threads: int = 4,
 ) -> Iterator[tuple[list[EvalSample], torch.Tensor]]:
     """:func:`real_images` with each batch's samples: what pairs an image with its prompt."""
@@ -198,11 +222,11 @@ def real_batches(
 
     def originals() -> Iterator[tuple[EvalSample, bytes]]:
         for (part, shard), picked in sorted(by_shard.items()):
-            tar = stages[part] / f"{shard_name(shard)}.tar"
-            if not tar.is_file():
+            tar = storage.join(stages[part], f"{shard_name(shard)}.tar")
+            if not storage.is_file(tar):
                 raise EvalSetError(f"{tar}: the image shard of latent shard {shard} is missing")
             missing = set(picked)
-            for key, members in iter_tar_samples(tar, lambda k, ext, keys=picked: k in keys and ext == IMAGE_MEMBER):
+            for key, members in _read_samples(tar, picked, lambda k, ext, keys=picked: k in keys and ext == IMAGE_MEMBER):
                 missing.discard(key)
                 yield picked[key], members[IMAGE_MEMBER]
             if missing:

@@ -164,12 +164,10 @@ def evaluate_run(
             "the guidance interval")
         shift = float(cfg["flow"]["shift"])
         prediction = (cfg["flow"].get("prediction", "velocity"), float(cfg["flow"].get("x0_t_min", 0.05)))
-        manifest_path = Path(manifest if manifest is not None else cfg["shards"])
+        trained_on = str(manifest if manifest is not None else cfg["shards"])
+        manifest_path: Path | str = trained_on if storage.is_remote(trained_on) else Path(trained_on)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} lacks what evaluation needs: {e!r}") from None
-    if prompts is None and storage.is_remote(manifest if manifest is not None else cfg["shards"]):
-        raise CurateError(f"the run trained on {manifest or cfg['shards']}, a URL; evaluation reads local shards "
-                          "and images: pass a local copy with --manifest (and --images)")
     model_weights, weights = checkpoint_weights(state, weights)
     if batch_size < 1 or steps < 1:
         raise CurateError(f"batch size and sampler steps must be at least 1 (got {batch_size}, {steps})")
@@ -185,7 +183,7 @@ def evaluate_run(
         try:
             data = load_manifest(manifest_path, check_files=True)
         except ManifestError as e:
-            if manifest is not None or manifest_path.is_absolute():
+            if manifest is not None or isinstance(manifest_path, str) or manifest_path.is_absolute():
                 raise
             raise ManifestError(f"{e} (the run trained on {manifest_path}, relative to where it was started: "
                                 "run from there, or pass the manifest with --manifest)") from None
@@ -275,7 +273,7 @@ def evaluate_run(
     result |= {
         "step": step, "run": str(run.absolute()), "tag": tag, "checkpoint": str(path.absolute()),
         "settings": settings,
-        **({"manifest": {"path": str(manifest_path.absolute()), "name": data.name,
+        **({"manifest": {"path": storage.absolute(manifest_path), "name": data.name,
                          "sha256": file_sha256(manifest_path)}} if data is not None
            else {"prompt_set": {"path": str(Path(prompts).absolute()), "sha256": file_sha256(Path(prompts))}}),
         "features": str(work.absolute()), "preview": str((run / "eval" / f"{name}.png").absolute()),

@@ -270,6 +270,21 @@ def _fresh_copy(run: Path, to: Path) -> Path:
     return to
 
 
+def test_a_manifest_and_image_stage_at_urls_evaluate_as_their_files(pipeline, embedders, tmp_path: Path):
+    """A run that trained from an object store evaluates from it: the evaluation set and the real
+    images read over HTTP (tests/file_server.py) give the files' metric exactly."""
+    from file_server import serve
+
+    local = _evaluate(_fresh_copy(pipeline["base"], tmp_path / "local"), embedders, metrics=["cmmd"])
+    root = pipeline["images"].parent
+    with serve(root) as server:
+        url = f"{server.url}/{pipeline['manifest'].relative_to(root).as_posix()}"
+        remote = _evaluate(_fresh_copy(pipeline["base"], tmp_path / "remote"), embedders, metrics=["cmmd"],
+                           manifest=url, images=f"{server.url}/images")
+    assert _values(remote) == _values(local) and remote["manifest"]["path"] == url
+    assert remote["manifest"]["sha256"] == local["manifest"]["sha256"]
+
+
 def test_a_runs_metrics_are_recorded_reproducible_and_reused(pipeline, inception, embedders, tmp_path: Path):
     run = _fresh_copy(pipeline["base"], tmp_path / "run")
     first = _evaluate(run, embedders)

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.optim.adamw import adamw as adamw_step
 
 from train.config import TrainConfig
 
@@ -203,14 +204,13 @@ class MuonAdamW(torch.optim.Optimizer):
                 loss = closure()
         matrices, updates = [], []
         for group in self.param_groups:
+            if not group["muon"]:
+                self._adamw([p for p in group["params"] if p.grad is not None], group)
+                continue
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if group["muon"]:
+                if p.grad is not None:
                     matrices.append((p, group))
                     updates.append(self._nesterov_momentum(p, group))
-                else:
-                    self._adamw(p, group)
         orthogonal = orthogonalize_shared(updates, [p for p, _ in matrices])
         for (p, group), update in zip(matrices, orthogonal, strict=True):
             weights = _local(p)
@@ -227,19 +227,18 @@ class MuonAdamW(torch.optim.Optimizer):
         buffer.lerp_(grad, 1 - momentum)
         return grad.lerp(buffer, momentum)
 
-    def _adamw(self, p: torch.Tensor, group: dict[str, Any]) -> None:
-        state = self.state[p]
+    def _adamw(self, params: list[torch.Tensor], group: dict[str, Any]) -> None:
+        """torch's own AdamW step (its functional form: one multi-tensor kernel per operation on a
+        GPU rather than one per parameter), on state kept as ``torch.optim.AdamW`` keeps it."""
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         beta1, beta2 = group["betas"]
-        if not state:
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["step"] += 1
-        step = float(state["step"])
-        weights, grad = _local(p), _local(p.grad)
-        exp_avg, exp_avg_sq = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
-        weights.mul_(1 - group["lr"] * group["weight_decay"])
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
-        weights.addcdiv_(exp_avg, denom, value=-group["lr"] / (1 - beta1**step))
+        states = [self.state[p] for p in params]
+        adamw_step(
+            params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [], [s["step"] for s in states], amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)

@@ -240,8 +240,16 @@ def _iter_samples(tar_path: str, wanted: Callable[[int, str], bool]) -> Iterator
     """(key, image bytes or None) for every sample of a tar, in order; bytes only when wanted.
 
     ``wanted(i, key)`` is asked once per sample (i counts samples from 0). Every worker walks
-    every tar, but the bytes of samples it does not own are seeked over, never read.
+    every tar, but the bytes of samples it does not own are seeked over, never read; a tar at a
+    URL is not walked: its index locates the wanted samples, fetched alone (curate.shards.owned_samples).
     """
+    from curate import storage
+    from curate.shards import owned_samples
+
+    if storage.is_remote(tar_path):
+        for key, members in owned_samples(tar_path, wanted, lambda k, ext: ext == IMAGE_MEMBER):
+            yield key, None if members is None else members.get(IMAGE_MEMBER)
+        return
     with tarfile.open(tar_path, mode="r:") as tar:
         key: str | None = None
         image: bytes | None = None

@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("recaption", help="long and short captions from a vision-language model",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("images", help="an image stage folder written by `curate ingest`, e.g. DATA/images")
+    p.add_argument("images", help="an image stage folder written by `curate ingest`, e.g. DATA/images, or its "
+                                  "URL (s3://, gs://, https://...)")
     p.add_argument("--out", required=True, help="output folder, e.g. DATA/captions/qwen2vl")
     p.add_argument("--model", default="qwen2-vl",
                    help="alias (qwen2-vl, qwen2-vl-2b, qwen2.5-vl, qwen2.5-vl-3b, qwen3-vl), Hub id or local folder;"
@@ -140,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("encode-latents", help="VAE latents and captions into training shards, and the manifests",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("images", help="an image stage folder written by `curate ingest`")
+    p.add_argument("images", help="an image stage folder written by `curate ingest`, or its URL")
     p.add_argument("--captions", default=None, help="a caption stage folder written by `curate recaption`")
     p.add_argument("--out", required=True, help="output folder, e.g. DATA/latents/flux2-256")
     p.add_argument("--vae", default="flux2",
@@ -178,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="CLIP image-text similarity per caption, an aesthetic score, and image "
                                      "classifiers' probabilities (NSFW, watermark), per image",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("images", help="an image stage folder written by `curate ingest`")
+    p.add_argument("images", help="an image stage folder written by `curate ingest`, or its URL")
     p.add_argument("--out", required=True, help="output folder, e.g. DATA/scores/clip")
     p.add_argument("--captions", default=None,
                    help="a caption stage folder written by `curate recaption`: score its variants too (the "

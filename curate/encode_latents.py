@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from curate import storage
 from curate.images import FILTERED_OUT
 from curate.manifest import Manifest, ShardEntry, write_manifest
 from curate.models import PIXELS
@@ -99,7 +100,7 @@ class EncodeLatentsStage(Stage):
             raise CurateError(f"--vae-dtype must be one of {VAE_DTYPES}, not {vae_dtype!r}")
         if resolution % bucket_multiple:
             raise CurateError(f"--resolution {resolution} must be a multiple of {bucket_multiple}")
-        self.images_dir, self.out_dir = Path(images_dir), Path(out_dir)
+        self.images_dir, self.out_dir = storage.as_location(images_dir), Path(out_dir)  # images: a folder or a URL
         self.captions_dir = Path(captions_dir) if captions_dir else None
         self.vae_name, self.revision, self.vae_class = vae, revision, vae_class
         self.resolution, self.use_buckets, self.bucket_multiple = resolution, buckets, bucket_multiple
@@ -147,7 +148,7 @@ class EncodeLatentsStage(Stage):
                 **({"select": self.select.record()} if self.select else {})}
 
     def provenance(self) -> dict[str, Any]:
-        out = {"images": str(self.images_dir.resolve()),
+        out = {"images": storage.absolute(self.images_dir),
                "captions": str(self.captions_dir.resolve()) if self.captions_dir else None}
         if self.loaded is not None:
             out |= {"vae_id": self.loaded.id, "vae_class": self.loaded.cls, "vae_revision": self.loaded.revision,
@@ -345,8 +346,8 @@ class EncodeLatentsStage(Stage):
         return written
 
     @staticmethod
-    def _stage_summary(stage_dir: Path) -> dict[str, Any]:
-        stage = json.loads((stage_dir / STAGE_FILE).read_text())
-        return {"path": str(stage_dir.resolve()), "stage": stage["stage"], "config": stage["config"],
+    def _stage_summary(stage_dir: Path | str) -> dict[str, Any]:
+        stage = json.loads(storage.read_bytes(storage.join(stage_dir, STAGE_FILE)))
+        return {"path": storage.absolute(stage_dir), "stage": stage["stage"], "config": stage["config"],
                 "config_hash": stage["config_hash"], "totals": stage["totals"]}
 

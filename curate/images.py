@@ -246,8 +246,9 @@ class ImageStream:
                  prefetch: int = 8, skip: Collection[str] = ()):
         import torch.utils.data as tud
 
+        from curate import storage
         from curate.procs import die_with_parent
-        from curate.shards import iter_tar_samples
+        from curate.shards import iter_tar_samples, owned_samples
 
         class Images(tud.IterableDataset):
             def __iter__(self) -> Iterator[tuple[int, str, Any, str | None]]:
@@ -255,7 +256,10 @@ class ImageStream:
                 wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
                 position = 0
                 for shard_id, tar in shards:
-                    for key, members in iter_tar_samples(tar):
+                    # A tar at a URL: this worker fetches its own samples alone, where the index puts them.
+                    samples = (owned_samples(tar, lambda i, k, start=position: (start + i) % n == wid and k not in skip)
+                               if storage.is_remote(tar) else iter_tar_samples(tar))
+                    for key, members in samples:
                         if position % n == wid:  # a skipped key comes through undecoded, as (None, None)
                             yield (shard_id, key, *((None, None) if key in skip else _prepared(members, prepare)))
                         position += 1

@@ -23,11 +23,12 @@ from typing import Any
 
 import polars as pl
 
+from curate import storage
 from curate.caption_qa import CaptionQA, check_caption
 from curate.captioners.base import Captioner, CaptionRequest, Generation, Sampling
 from curate.images import FILTERED_OUT, ImageStream, fit_pixels
 from curate.prompts import PromptSpec, build_prompt
-from curate.runner import STAGE_FILE, CurateError, ShardTask, Stage
+from curate.runner import CurateError, ShardTask, Stage, image_shards
 from curate.shards import (
     OK,
     ShardWriter,
@@ -60,7 +61,7 @@ class RecaptionStage(Stage):
     def __init__(self, images_dir: str | Path, model_name: str, open_captioner: Callable[[], Captioner],
                  settings: CaptionSettings, *, revision: str | None = None, chunk_images: int = 32,
                  decode_workers: int = 2, select: SubsetRules | None = None):
-        self.images_dir = Path(images_dir)
+        self.images_dir = storage.as_location(images_dir)  # a folder, or a URL
         # Rules that leave images out before the model sees them (--where ...): captioning is the
         # costly step, so filter on the image stage and cheap scores first.
         self.select = select if select else None
@@ -99,16 +100,11 @@ class RecaptionStage(Stage):
 
     def provenance(self) -> dict[str, Any]:
         c = self.captioner
-        return {"images": str(self.images_dir.resolve()),
+        return {"images": storage.absolute(self.images_dir),
                 **({"backend": c.backend, "model_id": c.model_id, "resolved_revision": c.revision} if c else {})}
 
     def plan(self) -> list[ShardTask]:
-        if not (self.images_dir / STAGE_FILE).exists():
-            raise CurateError(f"{self.images_dir}: not a complete image stage (no {STAGE_FILE}); "
-                              "run `curate ingest` to completion first")
-        shards = committed_shards(self.images_dir)
-        if not shards:
-            raise CurateError(f"{self.images_dir}: no image shards")
+        shards = image_shards(self.images_dir)
         # Same shard ids as the images: captions/000123.parquet describes images/000123.tar.
         return [ShardTask(s.shard_id, stable_hash([s.meta.fingerprint, s.meta.tar_sha256]),
                           s.meta.counts["ok"], (str(s.index_path), str(s.tar_path))) for s in shards]

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import platform
+import posixpath
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -60,19 +61,30 @@ class ShardTask:
     payload: Any = None
 
 
-def image_stage_tasks(images_dir: Path, captions_dir: Path | None = None) -> list[ShardTask]:
+def image_shards(images_dir: Path | str) -> list[Shard]:
+    """The shards of a complete image stage (a folder, or a URL: curate/storage.py)."""
+    from curate import storage
+    from curate.shards import committed_shards
+
+    if not storage.is_file(storage.join(images_dir, STAGE_FILE)):
+        raise CurateError(f"{images_dir}: not a complete image stage (no {STAGE_FILE}); run `curate ingest` to "
+                          "completion first")
+    shards = committed_shards(images_dir)
+    if not shards:
+        raise CurateError(f"{images_dir}: no image shards")
+    return shards
+
+
+def image_stage_tasks(images_dir: Path | str, captions_dir: Path | None = None) -> list[ShardTask]:
     """The plan of a stage that reads the image stage (and its caption stage): one task per image
     shard, with the same id, fingerprinted by the image shard and its captions, its payload
     (image index, image tar, caption index or None)."""
     from curate.manifest import file_sha256
-    from curate.shards import committed_shards, stable_hash
+    from curate.shards import stable_hash
 
-    if not (images_dir / STAGE_FILE).exists():
-        raise CurateError(f"{images_dir}: not a complete image stage (no {STAGE_FILE}); run `curate ingest` to "
-                          "completion first")
     tasks = []
-    for shard in committed_shards(images_dir):
-        captions = captions_dir / shard.index_path.name if captions_dir is not None else None
+    for shard in image_shards(images_dir):
+        captions = captions_dir / posixpath.basename(shard.index_path) if captions_dir is not None else None
         if captions is not None and not captions.exists():
             raise CurateError(f"{captions}: no captions for image shard {shard.shard_id}; were they made from "
                               "another image stage?")
@@ -80,8 +92,6 @@ def image_stage_tasks(images_dir: Path, captions_dir: Path | None = None) -> lis
                                    file_sha256(captions) if captions else None])
         tasks.append(ShardTask(shard.shard_id, fingerprint, shard.meta.counts["ok"],
                                (str(shard.index_path), str(shard.tar_path), str(captions) if captions else None)))
-    if not tasks:
-        raise CurateError(f"{images_dir}: no image shards")
     return tasks
 
 

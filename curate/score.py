@@ -34,6 +34,7 @@ from typing import Any
 import polars as pl
 import torch
 
+from curate import storage
 from curate.images import ImageStream
 from curate.manifest import file_sha256
 from curate.runner import CurateError, ShardTask, Stage, image_stage_tasks, read_image_captions
@@ -279,7 +280,7 @@ class ScoreStage(Stage):
                  captions_dir: str | Path | None = None, aesthetic: str | Path | None = None,
                  classifiers: list[str] = (), embeddings: bool = False, vqa: str | None = None,
                  batch_size: int = 64, decode_workers: int = 2, device: str | None = None):
-        self.images_dir = Path(images_dir)
+        self.images_dir = storage.as_location(images_dir)  # a folder, or a URL
         self.captions_dir = Path(captions_dir) if captions_dir else None
         self.model_name, self.revision = model, revision
         self.aesthetic = Path(aesthetic) if aesthetic else None
@@ -339,7 +340,7 @@ class ScoreStage(Stage):
                 **({"vqa": self.vqa.identity} if self.vqa else {})}
 
     def provenance(self) -> dict[str, Any]:
-        return {"images": str(self.images_dir.resolve()),
+        return {"images": storage.absolute(self.images_dir),
                 "captions": str(self.captions_dir.resolve()) if self.captions_dir else None,
                 "aesthetic": str(self.aesthetic.resolve()) if self.aesthetic else None,
                 # The commit is provenance, not config: recording it did not score existing stages again.

@@ -91,11 +91,11 @@ class ShardMeta:
 
 @dataclass(frozen=True)
 class Shard:
-    """A committed shard: its paths and metadata."""
+    """A committed shard: its paths (URLs for a stage read where it lies) and metadata."""
 
     shard_id: int
-    index_path: Path
-    tar_path: Path | None
+    index_path: Path | str
+    tar_path: Path | str | None
     meta: ShardMeta
 
     def intact(self) -> bool:
@@ -359,8 +359,12 @@ def add_counts(total: dict[str, Any], counts: Mapping[str, Any]) -> dict[str, An
     return out
 
 
-def read_meta(index_path: str | os.PathLike) -> ShardMeta:
-    schema = pq.read_schema(index_path)
+def read_meta(index_path: str | os.PathLike | Any) -> ShardMeta:
+    """A shard's metadata from its index: a path, a URL (fetched), or what pyarrow reads (bytes)."""
+    from curate import storage
+
+    remote = isinstance(index_path, str | os.PathLike) and storage.is_remote(index_path)
+    schema = pq.read_schema(io.BytesIO(storage.read_bytes(index_path)) if remote else index_path)
     blob = (schema.metadata or {}).get(META_KEY)
     if blob is None:
         raise ShardError(f"{index_path}: not a shard index written by this toolkit (no metadata)")
@@ -377,7 +381,17 @@ def read_index(index_path: str | os.PathLike, columns: list[str] | None = None) 
 
 
 def open_shard(out_dir: str | os.PathLike, shard_id: int) -> Shard | None:
-    """The committed shard with this id, or None if it is not committed."""
+    """The committed shard with this id, or None if it is not committed. ``out_dir`` may be a URL
+    (an image stage read where it lies): the shard's paths are then URLs."""
+    from curate import storage
+
+    if storage.is_remote(out_dir):
+        index = storage.join(out_dir, f"{shard_name(shard_id)}.parquet")
+        if not storage.is_file(index):
+            return None
+        meta = read_meta(index)
+        tar = storage.join(out_dir, f"{shard_name(shard_id)}.tar") if meta.tar_bytes is not None else None
+        return Shard(shard_id, index, tar, meta)
     out_dir = Path(out_dir)
     index = out_dir / f"{shard_name(shard_id)}.parquet"
     if not index.exists():
@@ -388,7 +402,18 @@ def open_shard(out_dir: str | os.PathLike, shard_id: int) -> Shard | None:
 
 
 def committed_shards(stage_dir: str | os.PathLike) -> list[Shard]:
-    """Every committed shard of a stage output, in id order."""
+    """Every committed shard of a stage output, in id order (a URL's listed, and its indexes'
+    metadata fetched many at a time)."""
+    from curate import storage
+
+    if storage.is_remote(stage_dir):
+        try:
+            names = storage.list_names(stage_dir)
+        except FileNotFoundError:
+            return []
+        ids = sorted(int(m.group(1)) for name in names if (m := SHARD_RE.match(name)))
+        opened = storage.parallel_map(lambda i: open_shard(stage_dir, i), ids, True)
+        return [s for s in opened if s is not None]
     stage_dir = Path(stage_dir)
     if not stage_dir.is_dir():
         return []
@@ -459,6 +484,39 @@ def samples_at(
         if len(samples) > 1:
             raise ShardError(f"{tar}: the bytes its index gives at {offset} hold {len(samples)} samples, not one")
         yield from samples
+
+
+def owned_samples(
+    tar: str, owned: Callable[[int, str], bool], wanted: Callable[[str, str], bool] | None = None
+) -> Iterator[tuple[str, dict[str, bytes] | None]]:
+    """Every sample of a tar at a URL, in tar order, as (key, its ``wanted`` members) for those
+    that ``owned(i, key)`` takes (``i`` counts samples from 0) and (key, None) for the others: the
+    index beside the tar lists the samples and where each lies, and only the owned ones are
+    fetched. What a decoding worker reads a remote image shard with: N workers, each owning every
+    Nth sample, fetch each byte once between them (walking the tar, each would fetch all of it)."""
+    from curate import storage
+
+    # pyarrow on one thread, not polars: this runs in forked DataLoader workers, where polars'
+    # thread pool, used by the parent before the fork, deadlocks.
+    index = pq.read_table(io.BytesIO(storage.read_bytes(tar[: -len(".tar")] + ".parquet")), use_threads=False,
+                          columns=["key", "status", "tar_offset", "tar_length"]).to_pylist()
+    rows = sorted((r for r in index if r["status"] == OK), key=lambda r: r["tar_offset"] or 0)
+    if any(r["tar_offset"] is None or r["tar_length"] is None for r in rows):
+        raise ShardError(f"{tar}: its index does not locate its samples (written before indexes recorded "
+                         "tar_offset): read it from a local copy")
+    keys = [r["key"] for r in rows]
+    mine = [i for i, key in enumerate(keys) if owned(i, key)]
+    spans = [(rows[i]["tar_offset"], rows[i]["tar_length"]) for i in mine]
+    fetched = samples_at(tar, spans)  # whole samples, so that each span yields one
+    taken = set(mine)
+    for i, key in enumerate(keys):
+        if i not in taken:
+            yield key, None
+            continue
+        got, members = next(fetched, (None, {}))
+        if got != key:
+            raise ShardError(f"{tar}: its index places sample {key!r} where the tar holds {got!r}")
+        yield key, {ext: data for ext, data in members.items() if wanted is None or wanted(key, ext)}
 
 
 def reject_samples(

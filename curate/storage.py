@@ -5,6 +5,10 @@ A manifest, its shards' tars and indexes, and an image stage may be URLs (``s3:/
 run trains from an object store with no copy and no mount. Only reading: the stages write local
 folders (upload them with your tool of choice, or mount the bucket).
 
+The curate stages read an image stage at a URL too (encode-latents, recaption, score): its
+folder listed, its indexes fetched whole, and each sample a worker decodes fetched alone at the
+offset its index records (:func:`read_range`), so that N decoding workers fetch each byte once.
+
 A tar is read through :class:`RangeReader`: ranged GETs of ``CHUNK`` bytes, the next ``AHEAD``
 chunks fetched at once in the background while the current one is read, so that a reader walking a
 shard forward (the trainer's streams) waits on the network only when it outruns it, and a store's
@@ -130,6 +134,22 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     url = os.fspath(path)
     fs, inner = _filesystem(url)
     return _retried(url, "reading it", lambda: fs.cat_file(inner))
+
+
+def list_names(path: str | os.PathLike) -> list[str]:
+    """The names in a folder, sorted: a URL's from its store's listing (an HTTP server's from its
+    index page, as fsspec reads one). FileNotFoundError when there is no such folder."""
+    if not is_remote(path):
+        return sorted(os.listdir(local_path(path)))
+    url = os.fspath(path).rstrip("/")
+    fs, inner = _filesystem(url)
+    entries = _retried(url, "listing it", lambda: fs.ls(inner, detail=False))
+    return sorted(posixpath.basename(str(entry).rstrip("/")) for entry in entries)
+
+
+def as_location(path: str | os.PathLike) -> Path | str:
+    """A folder or file as the stages hold it: a Path, or a URL kept a string (Path folds "//")."""
+    return os.fspath(path) if is_remote(path) else Path(path)
 
 
 def read_range(path: str | os.PathLike, offset: int, length: int) -> bytes:

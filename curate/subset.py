@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from curate import storage
 from curate.manifest import (
     Manifest,
     ManifestError,
@@ -51,6 +52,7 @@ from curate.manifest import (
     shard_subset,
     shard_urls,
 )
+from curate.shards import read_index
 
 __all__ = ["SubsetReport", "SubsetRules", "hold_out_samples", "images_left_out",
            "subset_manifest", "subset_summary"]
@@ -251,23 +253,31 @@ def _stage_scores(stage: Path, option: str) -> pl.DataFrame:
             .rename({"flags": "score_flags"}, strict=False))
 
 
-def _stage_columns(stage: Path) -> list[str]:
-    first = next(iter(sorted(stage.glob("*.parquet"))), None)
-    return [] if first is None else list(pl.read_parquet_schema(first))
+def _stage_indexes(stage: Path | str) -> list[Path | str]:
+    """A stage's index files in name order (a URL's listed)."""
+    if storage.is_remote(stage):
+        return [storage.join(stage, n) for n in storage.list_names(stage) if n.endswith(".parquet")]
+    return sorted(Path(stage).glob("*.parquet"))
 
 
-def _stage_mapping(stage: Path | None, prefix: str, taken: set[str] | dict[str, str]) -> dict[str, str]:
+def _stage_columns(stage: Path | str) -> list[str]:
+    first = next(iter(_stage_indexes(stage)), None)
+    return [] if first is None else list(read_index(first).columns if storage.is_remote(first)
+                                         else pl.read_parquet_schema(first))
+
+
+def _stage_mapping(stage: Path | str | None, prefix: str, taken: set[str] | dict[str, str]) -> dict[str, str]:
     """A stage's sample columns as rules name them (index column -> name): prefixed with ``prefix``
     where ``taken`` has the name already (the latent index's ``flags``: ``image_flags``)."""
     columns = _stage_columns(stage) if stage is not None else []
     return {c: (prefix + c if c in taken else c) for c in columns if c not in _BOOKKEEPING and c != "key"}
 
 
-def _stage_table(stage: Path, columns: dict[str, str]) -> pl.DataFrame:
+def _stage_table(stage: Path | str, columns: dict[str, str]) -> pl.DataFrame:
     """The accepted rows of a stage's indexes: ``key`` and ``columns`` (name in the index -> name
     in the subset's view)."""
-    frames = [pl.read_parquet(p, columns=["key", "status", *columns]).filter(pl.col("status") == "ok")
-              for p in sorted(stage.glob("*.parquet"))]
+    frames = [read_index(p, columns=["key", "status", *columns]).filter(pl.col("status") == "ok")
+              for p in _stage_indexes(stage)]
     if not frames:
         raise ManifestError(f"{stage}: no index files: the stage is not there")
     return pl.concat(frames).drop("status").rename(columns)
@@ -403,7 +413,7 @@ def images_left_out(images_dir: str | os.PathLike, rules: SubsetRules, stage: st
     runs on the images worth it only. A rule that cannot be applied is the stage's CurateError."""
     from curate.runner import CurateError
 
-    images_dir = Path(images_dir)
+    images_dir = storage.as_location(images_dir)
     try:
         if rules.unique:
             raise ManifestError("--unique applies to merged manifests, not to an image stage")

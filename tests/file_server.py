@@ -4,7 +4,8 @@ What it can be told to do, for the remote-shard tests and ``bench/remote.py``: a
 seconds to every answer (an object store's first byte is tens of milliseconds away), fail the
 next ``fail_next`` requests with 503 (a store's "slow down"), or ignore ``Range`` headers (a server
 that cannot serve ranges, whose whole-file answers must not be taken for ranges). It counts the
-requests and the body bytes it sent.
+requests and the body bytes it sent. A folder answers with an index page of links (fsspec lists
+folders by them).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -30,6 +32,7 @@ class FileServer(ThreadingHTTPServer):
         self.ignore_ranges = False
         self.requests = 0
         self.bytes_sent = 0
+        self.sent: Counter[str] = Counter()  # body bytes by path (/images/000000.tar)
         self.lock = threading.Lock()
         super().__init__(("127.0.0.1", 0), _Handler)
 
@@ -63,6 +66,16 @@ class _Handler(SimpleHTTPRequestHandler):
             self.end_headers()
             return
         path = Path(self.translate_path(self.path))
+        if path.is_dir():  # an index page of links, as nginx's autoindex (what fsspec lists a folder by)
+            names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+            page = "".join(f'<a href="{name}">{name}</a>\n' for name in names).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            if body:
+                self.wfile.write(page)
+            return
         if not path.is_file():
             self.send_response(404)
             self.send_header("Content-Length", "0")
@@ -94,6 +107,7 @@ class _Handler(SimpleHTTPRequestHandler):
             self.wfile.write(data)
             with server.lock:
                 server.bytes_sent += len(data)
+                server.sent[self.path] += len(data)
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's names
         self._answer(body=True)

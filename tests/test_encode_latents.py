@@ -305,6 +305,36 @@ def _cli(data, vae: Path, out: Path, manifests: Path) -> list[str]:
             "--manifest-dir", str(manifests), "--device", "cpu", "--no-progress"]
 
 
+def test_an_image_stage_at_a_url_encodes_as_its_files_fetching_each_sample_once(data, vaes, tmp_path: Path):
+    """`curate encode-latents http://.../images`: listed over HTTP, each sample fetched by the one
+    decoding worker that owns it, at the offset its index records, and only the samples that the
+    --where rules keep; the latents, indexes and manifests are the local folder's."""
+    from file_server import serve
+
+    from curate.cli import main as curate_main
+
+    where = ["--where", "width >= 100"]
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    assert curate_main([*_cli(data, vaes["flux"], local, tmp_path / "m1"), *where]) == 0
+    with serve(data["images"].parent) as server:
+        args = _cli(data, vaes["flux"], remote, tmp_path / "m2")
+        args[1], args[args.index("--decode-workers") + 1] = f"{server.url}/images", "2"
+        assert curate_main([*args, *where]) == 0
+        sent = dict(server.sent)
+    assert snapshot(remote) == snapshot(local)
+    first, second = (json.loads((m / "long.json").read_text()) for m in (tmp_path / "m1", tmp_path / "m2"))
+    assert first["provenance"]["images"]["path"] == str(data["images"].resolve())
+    assert second["provenance"]["images"]["path"] == f"{server.url}/images"
+    for manifest in (first, second):  # the shards' own paths: local/ and remote/
+        manifest["shards"] = [{**e, "path": Path(e["path"]).name} for e in manifest["shards"]]
+    assert {k: v for k, v in first.items() if k != "provenance"} == {k: v for k, v in second.items()
+                                                                      if k != "provenance"}
+    for shard in committed_shards(data["images"]):
+        rows = read_index(shard.index_path)
+        kept = rows.filter((pl.col("status") == "ok") & (pl.col("width") >= 100))
+        assert sent.get(f"/images/{shard.tar_path.name}", 0) == kept["tar_length"].sum()
+
+
 def test_kill_and_rerun_equals_a_clean_run(data, vaes, tmp_path: Path):
     # Same thread count in every run: float sums in the convolutions depend on it.
     env = {"OMP_NUM_THREADS": "1"}

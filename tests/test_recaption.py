@@ -159,6 +159,30 @@ def test_rerun_skips_and_two_ranks_split_the_shards(images: Path, tmp_path: Path
     assert rows_without_timing(one) == rows_without_timing(two)
 
 
+def test_an_image_stage_at_a_url_captions_as_its_files(images: Path, tmp_path: Path):
+    """`curate recaption http://.../images`: two decoding workers fetch their own samples over
+    HTTP (each once); the captioner sees the same images, and the captions are the folder's."""
+    from file_server import serve
+
+    n = numbering(images)
+    settings = CaptionSettings(prompts=load_prompts([], ["long", "short"]), sampling=Sampling(seed=7),
+                               max_pixels=200 * 150)
+    local, remote = ScriptedCaptioner({}, n), ScriptedCaptioner({}, n)
+    run_stage(RecaptionStage(images, "scripted/model", lambda: local, settings, chunk_images=3, decode_workers=0),
+              tmp_path / "local", progress=False)
+    with serve(images.parent) as server:
+        stage = RecaptionStage(f"{server.url}/images", "scripted/model", lambda: remote, settings, chunk_images=3,
+                               decode_workers=2)
+        run_stage(stage, tmp_path / "remote", progress=False)
+        tars = {f"/images/{s.tar_path.name}": s.tar_path.stat().st_size for s in committed_shards(images)}
+        assert {path: server.sent[path] for path in tars} == {  # every sample's bytes, once
+            path: read_index(images / Path(path).with_suffix(".parquet").name)["tar_length"].sum() for path in tars}
+    assert rows_without_timing(tmp_path / "remote") == rows_without_timing(tmp_path / "local")
+    assert remote.calls == local.calls
+    stage_file = json.loads((tmp_path / "remote" / STAGE_FILE).read_text())
+    assert stage_file["provenance"]["images"] == f"{server.url}/images"
+
+
 def test_incomplete_image_stage_is_refused(images: Path, tmp_path: Path):
     (images / STAGE_FILE).unlink()
     with pytest.raises(CurateError, match="run `curate ingest` to completion"):

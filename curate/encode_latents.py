@@ -101,7 +101,7 @@ class EncodeLatentsStage(Stage):
         if resolution % bucket_multiple:
             raise CurateError(f"--resolution {resolution} must be a multiple of {bucket_multiple}")
         self.images_dir, self.out_dir = storage.as_location(images_dir), Path(out_dir)  # images: a folder or a URL
-        self.captions_dir = Path(captions_dir) if captions_dir else None
+        self.captions_dir = storage.as_location(captions_dir) if captions_dir else None
         self.vae_name, self.revision, self.vae_class = vae, revision, vae_class
         self.resolution, self.use_buckets, self.bucket_multiple = resolution, buckets, bucket_multiple
         self.store, self.dtype, self.batch_size, self.compile = store, dtype, batch_size, compile
@@ -123,11 +123,11 @@ class EncodeLatentsStage(Stage):
             if not self.allow_missing_captions:
                 raise CurateError("--captions is required (or --allow-missing-captions to train on original captions)")
             return []
-        stage_file = self.captions_dir / STAGE_FILE
-        if not stage_file.exists():
+        stage_file = storage.join(self.captions_dir, STAGE_FILE)
+        if not storage.is_file(stage_file):
             raise CurateError(f"{self.captions_dir}: not a complete caption stage (no {STAGE_FILE}); "
                               "run `curate recaption` to completion first")
-        return list(json.loads(stage_file.read_text())["config"]["prompts"])
+        return list(json.loads(storage.read_bytes(stage_file))["config"]["prompts"])
 
     def bucket_table(self) -> list[tuple[int, int]]:
         from curate.buckets import make_buckets
@@ -149,7 +149,7 @@ class EncodeLatentsStage(Stage):
 
     def provenance(self) -> dict[str, Any]:
         out = {"images": storage.absolute(self.images_dir),
-               "captions": str(self.captions_dir.resolve()) if self.captions_dir else None}
+               "captions": storage.absolute(self.captions_dir) if self.captions_dir else None}
         if self.loaded is not None:
             out |= {"vae_id": self.loaded.id, "vae_class": self.loaded.cls, "vae_revision": self.loaded.revision,
                     "vae_dtype": self.vae_dtype}

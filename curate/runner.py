@@ -75,23 +75,31 @@ def image_shards(images_dir: Path | str) -> list[Shard]:
     return shards
 
 
-def image_stage_tasks(images_dir: Path | str, captions_dir: Path | None = None) -> list[ShardTask]:
+def image_stage_tasks(images_dir: Path | str, captions_dir: Path | str | None = None) -> list[ShardTask]:
     """The plan of a stage that reads the image stage (and its caption stage): one task per image
     shard, with the same id, fingerprinted by the image shard and its captions, its payload
-    (image index, image tar, caption index or None)."""
-    from curate.manifest import file_sha256
+    (image index, image tar, caption index or None). Either stage may be a URL."""
+    from curate import storage
     from curate.shards import stable_hash
 
-    tasks = []
-    for shard in image_shards(images_dir):
-        captions = captions_dir / posixpath.basename(shard.index_path) if captions_dir is not None else None
-        if captions is not None and not captions.exists():
+    shards = image_shards(images_dir)
+
+    def captions_sha256(shard: Shard) -> tuple[str, str] | None:
+        if captions_dir is None:
+            return None
+        captions = storage.join(captions_dir, posixpath.basename(shard.index_path))
+        try:
+            return captions, storage.sha256(captions)
+        except FileNotFoundError:
             raise CurateError(f"{captions}: no captions for image shard {shard.shard_id}; were they made from "
-                              "another image stage?")
-        fingerprint = stable_hash([shard.meta.fingerprint, shard.meta.tar_sha256,
-                                   file_sha256(captions) if captions else None])
+                              "another image stage?") from None
+
+    remote = captions_dir is not None and storage.is_remote(captions_dir)
+    tasks = []
+    for shard, captions in zip(shards, storage.parallel_map(captions_sha256, shards, remote), strict=True):
+        fingerprint = stable_hash([shard.meta.fingerprint, shard.meta.tar_sha256, captions[1] if captions else None])
         tasks.append(ShardTask(shard.shard_id, fingerprint, shard.meta.counts["ok"],
-                               (str(shard.index_path), str(shard.tar_path), str(captions) if captions else None)))
+                               (str(shard.index_path), str(shard.tar_path), captions[0] if captions else None)))
     return tasks
 
 

@@ -38,7 +38,7 @@ from curate import storage
 from curate.images import ImageStream
 from curate.manifest import file_sha256
 from curate.runner import CurateError, ShardTask, Stage, image_stage_tasks, read_image_captions
-from curate.shards import ShardWriter, committed_shards
+from curate.shards import ShardWriter, committed_shards, read_index
 from curate.stats import rounded
 from curate.subset import EMBEDDING_COLUMN
 from curate.vqa import VqaScorer
@@ -281,7 +281,7 @@ class ScoreStage(Stage):
                  classifiers: list[str] = (), embeddings: bool = False, vqa: str | None = None,
                  batch_size: int = 64, decode_workers: int = 2, device: str | None = None):
         self.images_dir = storage.as_location(images_dir)  # a folder, or a URL
-        self.captions_dir = Path(captions_dir) if captions_dir else None
+        self.captions_dir = storage.as_location(captions_dir) if captions_dir else None
         self.model_name, self.revision = model, revision
         self.aesthetic = Path(aesthetic) if aesthetic else None
         self.batch_size, self.decode_workers, self.device = max(1, batch_size), max(0, decode_workers), device
@@ -325,7 +325,7 @@ class ScoreStage(Stage):
         shards = committed_shards(self.captions_dir)
         if not shards:
             raise CurateError(f"{self.captions_dir}: no caption shards (run curate recaption first)")
-        columns = pl.read_parquet_schema(shards[0].index_path)
+        columns = read_index(shards[0].index_path).columns
         return [c.removesuffix("_prompt_hash") for c in columns if c.endswith("_prompt_hash")]
 
     def config(self) -> dict[str, Any]:
@@ -341,7 +341,7 @@ class ScoreStage(Stage):
 
     def provenance(self) -> dict[str, Any]:
         return {"images": storage.absolute(self.images_dir),
-                "captions": str(self.captions_dir.resolve()) if self.captions_dir else None,
+                "captions": storage.absolute(self.captions_dir) if self.captions_dir else None,
                 "aesthetic": str(self.aesthetic.resolve()) if self.aesthetic else None,
                 # The commit is provenance, not config: recording it did not score existing stages again.
                 **({"model_id": self.scorer.id, "model_commit": self.scorer.commit} if self.scorer else {}),

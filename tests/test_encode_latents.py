@@ -306,7 +306,8 @@ def _cli(data, vae: Path, out: Path, manifests: Path) -> list[str]:
 
 
 def test_an_image_stage_at_a_url_encodes_as_its_files_fetching_each_sample_once(data, vaes, tmp_path: Path):
-    """`curate encode-latents http://.../images`: listed over HTTP, each sample fetched by the one
+    """`curate encode-latents http://.../images --captions http://.../captions`: listed over HTTP,
+    each sample fetched by the one
     decoding worker that owns it, at the offset its index records, and only the samples that the
     --where rules keep; the latents, indexes and manifests are the local folder's."""
     from file_server import serve
@@ -319,12 +320,14 @@ def test_an_image_stage_at_a_url_encodes_as_its_files_fetching_each_sample_once(
     with serve(data["images"].parent) as server:
         args = _cli(data, vaes["flux"], remote, tmp_path / "m2")
         args[1], args[args.index("--decode-workers") + 1] = f"{server.url}/images", "2"
+        args[args.index("--captions") + 1] = f"{server.url}/captions"
         assert curate_main([*args, *where]) == 0
         sent = dict(server.sent)
     assert snapshot(remote) == snapshot(local)
     first, second = (json.loads((m / "long.json").read_text()) for m in (tmp_path / "m1", tmp_path / "m2"))
     assert first["provenance"]["images"]["path"] == str(data["images"].resolve())
     assert second["provenance"]["images"]["path"] == f"{server.url}/images"
+    assert second["provenance"]["captions"]["path"] == f"{server.url}/captions"
     for manifest in (first, second):  # the shards' own paths: local/ and remote/
         manifest["shards"] = [{**e, "path": Path(e["path"]).name} for e in manifest["shards"]]
     assert {k: v for k, v in first.items() if k != "provenance"} == {k: v for k, v in second.items()

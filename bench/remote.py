@@ -11,6 +11,10 @@ as ``curate encode-latents`` stores them (32 x 32 x 32, mean and std in bf16: 13
 2. The trainer's loader (``train.data.LatentLoader``, ``--workers`` DataLoader processes, 32
    samples a step): samples/s after the first step, against the files. Goal: more than a GPU
    consumes at 100 ms (a compiled PRX-1.2B step on an H100 takes 256 samples/s, BENCHMARKS.md).
+3. ``curate encode-latents``' image loader (``curate.buckets.ShardImageLoader``, ``--workers``
+   processes) over an image stage of 256 px noise JPEGs: images/s decoded and cropped, each worker
+   fetching its own samples at their index offsets (``curate.shards.owned_samples``), against the
+   files; and the bytes the server sent over the tars' bytes (goal 1.00: each image fetched once).
 
 Configurations run interleaved, ``--repeats`` times; tables give the median and every run.
 
@@ -32,13 +36,15 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 
 from file_server import serve  # noqa: E402
-from latent_data import make_latent_dataset  # noqa: E402
+from latent_data import add_image_stage, make_latent_dataset  # noqa: E402
 
+from curate.buckets import ShardImageLoader  # noqa: E402
 from curate.manifest import load_manifest  # noqa: E402
 from train.data import DataSettings, LatentLoader, _TarSamples  # noqa: E402
 
 BATCH = 32
 SHARDS = 8
+IMAGES_PER_SHARD = 256
 
 
 def walk_rate(tars: list[str]) -> float:
@@ -66,6 +72,17 @@ def loader_rate(manifest_path: str, steps: int, workers: int) -> float:
         return steps * BATCH / (time.perf_counter() - start)
 
 
+def decode_rate(tars: list[str], workers: int) -> float:
+    """Images per second through encode-latents' loader (decoded, cropped to 256 px)."""
+    start, images = time.perf_counter(), 0
+    loader = ShardImageLoader(list(enumerate(tars)), resolution=256, workers=workers)
+    for _, _, tensor, record in loader:
+        assert tensor is not None, record
+        images += 1
+    loader.close()
+    return images / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 repeat, few steps")
@@ -89,26 +106,36 @@ def main() -> None:
         walk_rate(tars)  # the page cache, for both sides
         walks: dict[str, list[float]] = {side: [] for side in sides}
         loads: dict[str, list[float]] = {side: [] for side in sides}
+        decodes: dict[str, list[float]] = {side: [] for side in sides}
+        stage = make_latent_dataset(root / "stage", shards=4, per_shard=IMAGES_PER_SHARD, channels=16, sizes=[(32, 32)],
+                                    variants=("long",))
+        image_tars = sorted(str(p) for p in add_image_stage(stage).glob("*.tar"))
+        image_bytes = sum(os.path.getsize(t) for t in image_tars)
+        decode_rate(image_tars, args.workers)  # the page cache
         # Every byte fetched once: counted by a server in this process.
         with serve(root) as server:
             walk_rate([f"{server.url}/{Path(t).relative_to(root)}" for t in tars])
             sent = server.bytes_sent / tar_bytes
+            decode_rate([f"{server.url}/{Path(t).relative_to(root)}" for t in image_tars], args.workers)
+            image_sent = sum(server.sent[f"/{Path(t).relative_to(root)}"] for t in image_tars) / image_bytes
         # Timed against servers of their own processes (one in this one would share its GIL).
         servers = {side: subprocess.Popen([sys.executable, str(Path(__file__).parents[1] / "tests" / "file_server.py"),
                                            str(root), "--latency", str(latency)], stdout=subprocess.PIPE, text=True)
                    for side, latency in zip(sides[1:], latencies, strict=True)}
         try:
-            urls = {"files": (tars, str(data["long"]))}
+            urls = {"files": (tars, str(data["long"]), image_tars)}
             for side, process in servers.items():
                 base = process.stdout.readline().split()[1]
                 urls[side] = ([f"{base}/{Path(t).relative_to(root)}" for t in tars],
-                              f"{base}/{data['long'].relative_to(root)}")
+                              f"{base}/{data['long'].relative_to(root)}",
+                              [f"{base}/{Path(t).relative_to(root)}" for t in image_tars])
             for _ in range(args.repeats):
                 for side in sides:
                     walks[side].append(walk_rate(urls[side][0]))
                     loads[side].append(loader_rate(urls[side][1], args.steps, args.workers))
-                    print(f"  {side}: walk {walks[side][-1]:.0f}, loader {loads[side][-1]:.0f} samples/s",
-                          file=sys.stderr, flush=True)
+                    decodes[side].append(decode_rate(urls[side][2], args.workers))
+                    print(f"  {side}: walk {walks[side][-1]:.0f}, loader {loads[side][-1]:.0f} samples/s, "
+                          f"images {decodes[side][-1]:.0f}/s", file=sys.stderr, flush=True)
         finally:
             for process in servers.values():
                 process.kill()
@@ -130,6 +157,10 @@ def main() -> None:
     print(f"\nbytes the server sent / bytes of the tars (a walk at 0 ms): {sent:.4f}\n")
     print(f"2. The loader, {args.workers} DataLoader workers, {BATCH} samples a step:\n")
     table(loads)
+    print(f"\n3. encode-latents' image loader, {args.workers} workers, {len(image_tars)} shards of {IMAGES_PER_SHARD} noise JPEGs "
+          f"({image_bytes / len(image_tars) / IMAGES_PER_SHARD / 1000:.0f} KB an image) to 256 px:\n")
+    table(decodes)
+    print(f"\nbytes the server sent / bytes of the image tars (0 ms): {image_sent:.4f}")
 
 
 if __name__ == "__main__":

@@ -470,20 +470,17 @@ def iter_tar_samples(
 def samples_at(
     tar: str | os.PathLike, spans: list[tuple[int, int]], wanted: Callable[[str, str], bool] | None = None
 ) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) of the samples whose bytes an index locates (``tar_offset``,
-    ``tar_length`` of each), in the order given: one read per sample, side by side for a URL, so
-    that a few samples of a remote shard cost their own bytes and no more. ``wanted`` as for
-    :func:`iter_tar_samples`."""
+    """(key, {ext: bytes}) of the samples in the byte spans (offset, length) an index locates
+    (``tar_offset``, ``tar_length``: one sample's, or a run of consecutive samples'), in the order
+    given: one read per span, side by side for a URL, so that a few samples of a remote shard cost
+    their own bytes and no more. ``wanted`` as for :func:`iter_tar_samples`."""
     from curate import storage
 
     def read(span: tuple[int, int]) -> bytes:
         return storage.read_range(tar, *span)
 
     for (offset, _), data in zip(spans, storage.parallel_map(read, spans, storage.is_remote(tar)), strict=True):
-        samples = list(iter_tar_samples(io.BytesIO(data), wanted, what=f"{tar} at byte {offset}"))
-        if len(samples) > 1:
-            raise ShardError(f"{tar}: the bytes its index gives at {offset} hold {len(samples)} samples, not one")
-        yield from samples
+        yield from iter_tar_samples(io.BytesIO(data), wanted, what=f"{tar} at byte {offset}")
 
 
 def owned_samples(
@@ -506,8 +503,15 @@ def owned_samples(
                          "tar_offset): read it from a local copy")
     keys = [r["key"] for r in rows]
     mine = [i for i, key in enumerate(keys) if owned(i, key)]
-    spans = [(rows[i]["tar_offset"], rows[i]["tar_length"]) for i in mine]
-    fetched = samples_at(tar, spans)  # whole samples, so that each span yields one
+    # Owned samples that lie end to end (a worker's chunk of consecutive samples) in one request.
+    spans: list[list[int]] = []
+    for i in mine:
+        offset, length = rows[i]["tar_offset"], rows[i]["tar_length"]
+        if spans and spans[-1][0] + spans[-1][1] == offset:
+            spans[-1][1] += length
+        else:
+            spans.append([offset, length])
+    fetched = samples_at(tar, [(o, n) for o, n in spans])  # every member, so that each sample comes
     taken = set(mine)
     for i, key in enumerate(keys):
         if i not in taken:

@@ -148,8 +148,8 @@ class EncodeLatentsStage(Stage):
                 **({"select": self.select.record()} if self.select else {})}
 
     def provenance(self) -> dict[str, Any]:
-        out = {"images": storage.absolute(self.images_dir),
-               "captions": storage.absolute(self.captions_dir) if self.captions_dir else None}
+        out = {"images": storage.resolved(self.images_dir),
+               "captions": storage.resolved(self.captions_dir) if self.captions_dir else None}
         if self.loaded is not None:
             out |= {"vae_id": self.loaded.id, "vae_class": self.loaded.cls, "vae_revision": self.loaded.revision,
                     "vae_dtype": self.vae_dtype}
@@ -348,6 +348,6 @@ class EncodeLatentsStage(Stage):
     @staticmethod
     def _stage_summary(stage_dir: Path | str) -> dict[str, Any]:
         stage = json.loads(storage.read_bytes(storage.join(stage_dir, STAGE_FILE)))
-        return {"path": storage.absolute(stage_dir), "stage": stage["stage"], "config": stage["config"],
+        return {"path": storage.resolved(stage_dir), "stage": stage["stage"], "config": stage["config"],
                 "config_hash": stage["config_hash"], "totals": stage["totals"]}
 

@@ -100,7 +100,7 @@ class RecaptionStage(Stage):
 
     def provenance(self) -> dict[str, Any]:
         c = self.captioner
-        return {"images": storage.absolute(self.images_dir),
+        return {"images": storage.resolved(self.images_dir),
                 **({"backend": c.backend, "model_id": c.model_id, "resolved_revision": c.revision} if c else {})}
 
     def plan(self) -> list[ShardTask]:

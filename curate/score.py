@@ -340,8 +340,8 @@ class ScoreStage(Stage):
                 **({"vqa": self.vqa.identity} if self.vqa else {})}
 
     def provenance(self) -> dict[str, Any]:
-        return {"images": storage.absolute(self.images_dir),
-                "captions": storage.absolute(self.captions_dir) if self.captions_dir else None,
+        return {"images": storage.resolved(self.images_dir),
+                "captions": storage.resolved(self.captions_dir) if self.captions_dir else None,
                 "aesthetic": str(self.aesthetic.resolve()) if self.aesthetic else None,
                 # The commit is provenance, not config: recording it did not score existing stages again.
                 **({"model_id": self.scorer.id, "model_commit": self.scorer.commit} if self.scorer else {}),

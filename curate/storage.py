@@ -82,6 +82,11 @@ def absolute(path: str | os.PathLike) -> str:
     return os.fspath(path) if is_remote(path) else str(Path(path).absolute())
 
 
+def resolved(path: str | os.PathLike) -> str:
+    """A URL as it is, a local path absolute with its links resolved: how a stage records its inputs."""
+    return os.fspath(path) if is_remote(path) else str(Path(path).resolve())
+
+
 def join(base: str | os.PathLike, *parts: str) -> str:
     """``base / parts``, for a folder's URL as for a local folder. A URL's ``..`` are resolved here:
     an object store's keys are plain strings, where ``a/../b`` is not ``b``."""

@@ -119,9 +119,9 @@ def _row_sharded(t: torch.Tensor) -> bool:
 
     if not isinstance(t, DTensor):
         return False
-    if t.device_mesh.ndim != 1 or tuple(t.placements) != (Shard(0),):
-        raise ValueError(f"Muon takes whole matrices or ones split by rows over one mesh dimension "
-                         f"(FSDP's), not placements {t.placements} over a {t.device_mesh.ndim}-d mesh")
+    if t.device_mesh.ndim != 1 or tuple(t.placements) != (Shard(0),) or t.device_mesh.size() != dist.get_world_size():
+        raise ValueError(f"Muon takes whole matrices or ones split by rows over every rank (FSDP's), not "
+                         f"placements {t.placements} over a {t.device_mesh.ndim}-d mesh of {t.device_mesh.size()} ranks")
     return True
 
 

@@ -14,18 +14,16 @@ counted from the matrices it owns; the optimizer state each rank holds is counte
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+from sharding import on_two_ranks, send_rows  # noqa: E402
 
 MODES = {"ddp-every-rank-all": "DDP, every rank orthogonalises every matrix",
          "ddp": "DDP, each rank its share (broadcast)", "fsdp": "FSDP, each rank its share (gather, scatter)"}
@@ -71,11 +69,7 @@ def worker(args: argparse.Namespace) -> None:
     row = {"rank": rank, "step_s": statistics.median(times[1:]), "ns_flops": flops, "state": state_bytes,
            "matrices": len(matrices), "muon_params": sum(p.numel() for p in matrices),
            "params": sum(p.numel() for p in model.parameters())}
-    rows = [None] * world
-    dist.all_gather_object(rows, row)
-    if rank == 0:
-        Path(args.out).write_text(json.dumps(rows))
-    dist.destroy_process_group()
+    send_rows(row, args.out)
 
 
 def main() -> None:
@@ -89,15 +83,8 @@ def main() -> None:
     if args.mode:
         worker(args)
         return
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for mode in MODES:
-            out = Path(tmp) / f"{mode}.json"
-            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            __file__, "--mode", mode, "--out", str(out), "--width", str(args.width),
-                            "--depth", str(args.depth), "--steps", str(args.steps)], check=True,
-                           capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-            results[mode] = json.loads(out.read_text())
+    results = on_two_ranks(__file__, list(MODES), ["--width", str(args.width), "--depth", str(args.depth),
+                                                   "--steps", str(args.steps)])
     first = results["ddp"][0]
     print(f"# bench/muon.py: PRXTransformer2DModel width {args.width}, depth {args.depth} "
           f"({first['params'] / 1e6:.1f}M parameters, {first['matrices']} matrices for Muon, "

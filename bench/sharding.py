@@ -65,11 +65,33 @@ def worker(args: argparse.Namespace) -> None:
     row = {"rank": rank, "parameters": parameters, "weights": local_bytes(params),
            "grads": local_bytes([p.grad for p in params if p.grad is not None]), "optimizer": local_bytes(state),
            "step_rss": (peak - before) * 1024}
+    send_rows(row, args.out)
+
+
+def send_rows(row: dict, out: str) -> None:
+    """Every rank's ``row``, gathered and written by rank 0 to ``out`` (what :func:`on_two_ranks`
+    returns); ends the process group."""
+    import torch.distributed as dist
+
     rows = [None] * dist.get_world_size()
     dist.all_gather_object(rows, row)
-    if rank == 0:
-        Path(args.out).write_text(json.dumps(rows))
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(rows))
     dist.destroy_process_group()
+
+
+def on_two_ranks(script: str, modes: list[str], args: list[str]) -> dict[str, list[dict]]:
+    """Per mode, ``script --mode MODE --out FILE ARGS`` run by torchrun on 2 gloo ranks of one
+    thread each, and the rows its ranks sent (:func:`send_rows`)."""
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in modes:
+            out = Path(tmp) / f"{mode}.json"
+            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            script, "--mode", mode, "--out", str(out), *args], check=True, capture_output=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+            results[mode] = json.loads(out.read_text())
+    return results
 
 
 def main() -> None:
@@ -82,15 +104,7 @@ def main() -> None:
     if args.mode:
         worker(args)
         return
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for mode in ("ddp", "fsdp"):
-            out = Path(tmp) / f"{mode}.json"
-            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            __file__, "--mode", mode, "--out", str(out), "--width", str(args.width),
-                            "--depth", str(args.depth)], check=True, capture_output=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-            results[mode] = json.loads(out.read_text())
+    results = on_two_ranks(__file__, ["ddp", "fsdp"], ["--width", str(args.width), "--depth", str(args.depth)])
     parameters = results["ddp"][0]["parameters"]
     print(f"# bench/sharding.py: PRXTransformer2DModel width {args.width}, depth {args.depth} "
           f"({parameters / 1e6:.1f}M parameters), 2 gloo ranks, one step of AdamW; torch {torch.__version__}")

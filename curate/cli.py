@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ingest", help="images from a folder, URL list, webdataset tars or HF dataset into shards",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("src", help="folder of images | URL list (.parquet .csv .tsv .jsonl .txt) | tar file, "
-                               "folder or pattern ('shards/{00000..00009}.tar') | hf:NAME[:SPLIT] | "
-                               "datasets save_to_disk folder")
+                               "folder or pattern ('shards/{00000..00009}.tar'), also at a URL (s3://, gs://, "
+                               "https://...) | hf:NAME[:SPLIT] | datasets save_to_disk folder")
     p.add_argument("--out", required=True, help="output stage folder, e.g. DATA/images")
     p.add_argument("--shard-size", type=int, default=1000, help="input samples per output shard")
     p.add_argument("--min-side", type=int, default=64, help="reject images whose short side is smaller")

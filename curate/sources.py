@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import json
 import logging
 import os
+import posixpath
 import shutil
 import tarfile
 from collections.abc import Iterator
@@ -22,6 +24,7 @@ from typing import Any
 
 import polars as pl
 
+from curate import storage
 from curate.images import IMAGE_EXTENSIONS
 from curate.runner import CurateError, ShardTask
 from curate.shards import split_member, stable_hash
@@ -175,7 +178,7 @@ def _group_tar(tar_path: str, label: str) -> Iterator[Record]:
     """Records from a webdataset tar, reading members in order; a broken tar ends in a rejection."""
     key, members, last = None, {}, None
     try:
-        with tarfile.open(tar_path, mode="r|*") as tar:
+        with storage.open_stream(tar_path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
@@ -185,6 +188,8 @@ def _group_tar(tar_path: str, label: str) -> Iterator[Record]:
                     members = {}
                 key, last = k, info.name
                 members[ext.lower()] = tar.extractfile(info).read()
+    except storage.RemoteError:
+        raise  # the network, not the data: the shard fails and a rerun reads it again
     except (tarfile.TarError, OSError, EOFError, UnicodeDecodeError) as e:
         if key is not None:
             yield Record(source=f"{label}::{key}", error=("unreadable", f"tar member unreadable: {e}"[:300]))
@@ -220,7 +225,9 @@ def _record_from_members(label: str, key: str, members: dict[str, bytes]) -> Rec
 
 
 class TarSource(Source):
-    """Existing webdataset tars (img2dataset output for instance); each tar gives one shard."""
+    """Existing webdataset tars (img2dataset output for instance); each tar gives one shard. They
+    may lie at URLs (curate/storage.py): a folder's (listed), one tar's, or a brace pattern's
+    (``https://host/out/{00000..00099}.tar``), each read as a stream with read-ahead."""
 
     kind = "tars"
 
@@ -229,7 +236,19 @@ class TarSource(Source):
         self.paths = self._expand(spec)
 
     @staticmethod
-    def _expand(spec: str) -> list[Path]:
+    def _expand(spec: str) -> list[Path | str]:
+        if storage.is_remote(spec):
+            import braceexpand
+
+            if "{" in spec:
+                return sorted(set(braceexpand.braceexpand(spec)))
+            if spec.lower().endswith(".tar"):
+                return [spec]
+            try:
+                names = storage.list_names(spec)
+            except FileNotFoundError:
+                return []
+            return [storage.join(spec, n) for n in names if n.endswith(".tar") and not n.startswith(".")]
         path = Path(spec)
         if path.is_dir():
             paths = sorted(path.rglob("*.tar"))
@@ -247,6 +266,8 @@ class TarSource(Source):
     def plan(self, shard_size: int) -> list[ShardTask]:
         if not self.paths:
             raise CurateError(f"{self.spec}: no .tar files found")
+        if storage.is_remote(self.spec):
+            return self._plan_urls()
         common = Path(os.path.commonpath([p.resolve().parent for p in self.paths]))
         tasks = []
         for shard_id, path in enumerate(self.paths):
@@ -257,18 +278,39 @@ class TarSource(Source):
                                    max(1, st.st_size // 150_000), (str(path), label)))
         return tasks
 
+    def _plan_urls(self) -> list[ShardTask]:
+        """As for files: labelled by their path under the folder they share, fingerprinted by
+        size and the store's ETag or modification time (asked many at a time)."""
+        urls = [str(u) for u in self.paths]
+
+        def stat(url: str) -> tuple[int, str]:
+            try:
+                return storage.version(url)
+            except FileNotFoundError:
+                raise CurateError(f"{url}: no such tar") from None
+
+        common = posixpath.commonpath([storage.parent(u).split("://", 1)[1] for u in urls])
+        tasks = []
+        for shard_id, (url, (size, tag)) in enumerate(zip(urls, storage.parallel_map(stat, urls, True), strict=True)):
+            label = posixpath.relpath(url.split("://", 1)[1], common)
+            tasks.append(ShardTask(shard_id, stable_hash([label, size, tag]), max(1, size // 150_000), (url, label)))
+        return tasks
+
     def records(self, task: ShardTask) -> Iterator[Record]:
         path, label = task.payload
         yield from _group_tar(path, label)
-        yield from _img2dataset_failures(Path(path).with_suffix(".parquet"))
+        yield from _img2dataset_failures(path[: -len(".tar")] + ".parquet" if path.endswith(".tar")
+                                         else str(Path(path).with_suffix(".parquet")))
 
 
-def _img2dataset_failures(parquet: Path) -> Iterator[Record]:
-    """img2dataset records failed downloads only in the parquet beside its tar."""
-    if not parquet.exists():
+def _img2dataset_failures(parquet: str) -> Iterator[Record]:
+    """img2dataset records failed downloads only in the parquet beside its tar (a file or a URL)."""
+    if not storage.is_file(parquet):
         return
     try:
-        df = pl.read_parquet(parquet)
+        df = pl.read_parquet(io.BytesIO(storage.read_bytes(parquet)))
+    except storage.RemoteError:
+        raise
     except Exception:
         return
     if not {"status", "error_message", "url"} <= set(df.columns):
@@ -476,6 +518,11 @@ def open_source(
     order: str = "spread",
 ) -> Source:
     """Pick the source type from SRC (or --source-type) and open it; a bad SRC is a CurateError."""
+    if storage.is_remote(spec):  # at a URL: webdataset tars (img2dataset's output in a bucket)
+        if kind not in ("auto", "tars"):
+            raise CurateError(f"{spec}: a source at a URL is webdataset tars (a folder of them, one tar, or a "
+                              f"{{00000..00099}}.tar pattern), not --source-type {kind}")
+        return TarSource(spec)
     path = Path(spec)
     if kind == "auto":
         if spec.startswith("hf:"):

@@ -20,6 +20,7 @@ bursts as a matter of course); a missing file is not retried.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import posixpath
 import sys
@@ -28,7 +29,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 CHUNK = 4 << 20  # bytes a ranged request fetches
 AHEAD = 4  # chunks fetched ahead of a forward walk
@@ -185,6 +186,22 @@ def size(path: str | os.PathLike) -> int:
     return int(info["size"])
 
 
+def version(path: str | os.PathLike) -> tuple[int, str]:
+    """(size, what changes when the content does): a local file's mtime, a URL's ETag or
+    modification time as its store reports it ("" when it reports neither)."""
+    if not is_remote(path):
+        st = os.stat(local_path(path))
+        return st.st_size, str(st.st_mtime_ns)
+    url = os.fspath(path)
+    fs, inner = _filesystem(url)
+    info = _retried(url, "asking its size", lambda: fs.info(inner))
+    if info.get("type") == "directory" or info.get("size") is None:
+        raise FileNotFoundError(f"{url}: not a file, or the server does not say its size")
+    tag = next((str(info[k]) for k in ("ETag", "etag", "LastModified", "last_modified", "mtime", "updated")
+                if info.get(k)), "")
+    return int(info["size"]), tag
+
+
 def is_file(path: str | os.PathLike) -> bool:
     try:
         size(path)
@@ -308,6 +325,47 @@ class RangeReader:
     def close(self) -> None:
         self._chunks.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)  # no thread left running (see parallel_map)
+
+
+class _RangeStream(io.RawIOBase):
+    """A :class:`RangeReader` as a file (what ``tarfile`` reads), read forward with read-ahead."""
+
+    def __init__(self, reader: RangeReader):
+        super().__init__()
+        self._reader, self._position = reader, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._reader.size}[whence]
+        self._position = base + offset
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._reader.pread(len(buffer), self._position)
+        buffer[: len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._reader.close()
+        super().close()
+
+
+def open_stream(path: str | os.PathLike) -> BinaryIO:
+    """A file to read through (a tar read as a stream): a local file, or a URL read by ranged
+    requests with read-ahead and retries (:class:`RangeReader`)."""
+    if not is_remote(path):
+        return open(local_path(path), "rb")
+    return io.BufferedReader(_RangeStream(RangeReader(os.fspath(path))), buffer_size=1 << 20)
 
 
 def open_reader(path: str) -> LocalFile | RangeReader:

@@ -13,9 +13,9 @@ from conftest import encode, kill_at, noise_image, run_cli, samples, snapshot, w
 from PIL import Image
 
 from curate.ingest import IngestStage
-from curate.runner import STAGE_FILE, WorkerShare, run_stage
+from curate.runner import STAGE_FILE, CurateError, WorkerShare, run_stage
 from curate.shards import committed_shards, read_index
-from curate.sources import FolderSource, open_source
+from curate.sources import FolderSource, TarSource, open_source
 
 EXPECTED_REASONS = {"empty_file": 1, "truncated": 1, "not_an_image": 1, "too_small": 1,
                     "too_many_pixels": 1, "duplicate": 1}
@@ -191,6 +191,27 @@ def test_reingesting_our_own_tars_keeps_keys_and_bytes(mixed_folder: Path, tmp_p
     assert samples(first).keys() == samples(second).keys()
     for key, members in samples(second).items():
         assert members["jpg"] == samples(first)[key]["jpg"]
+
+
+def test_tars_at_a_url_ingest_as_their_files(mixed_folder: Path, tmp_path: Path):
+    """`curate ingest http://host/out/` (img2dataset's output in a bucket): the folder listed, or a
+    brace pattern of tars, each tar streamed; the shards are the local folder's."""
+    from file_server import serve
+
+    first = tmp_path / "first"
+    ingest(mixed_folder, first, shard_size=4)
+    local = tmp_path / "local"
+    ingest(first, local)
+    last = len(list(first.glob("*.tar"))) - 1
+    assert last > 0
+    with serve(tmp_path) as server:
+        for name, spec in (("folder", f"{server.url}/first/"), ("braces", f"{server.url}/first/{{000000..{last:06d}}}.tar")):
+            out = tmp_path / name
+            assert [str(p) for p in TarSource(spec).paths][-1].endswith(f"/first/{last:06d}.tar")
+            assert ingest(spec, out).complete
+            assert snapshot(out) == snapshot(local), name
+        with pytest.raises(CurateError, match="a source at a URL is webdataset tars"):
+            open_source(f"{server.url}/first/", kind="folder")
 
 
 def test_broken_tar_member_is_recorded(tmp_path: Path):

@@ -116,12 +116,26 @@ def _filesystem(url: str) -> tuple[Any, str]:
         raise RemoteError(f"{url}: {e}") from None
 
 
+def _missing(e: BaseException) -> bool:
+    """A missing file, not a failed request: fsspec's HTTP ``info`` turns any failure into
+    FileNotFoundError (a 503 included), with the real one as its cause."""
+    cause = e.__cause__
+    return cause is None or getattr(cause, "status", None) in (404, 410)
+
+
 def _retried(url: str, what: str, call: Callable[[], T]) -> T:
     wait = RETRY_WAIT
     for attempt in range(RETRIES + 1):
         try:
             return call()
-        except (FileNotFoundError, PermissionError, RemoteError):
+        except FileNotFoundError as e:
+            if _missing(e):
+                raise
+            if attempt == RETRIES:
+                raise RemoteError(f"{url}: {what} failed {RETRIES + 1} times; last: {e.__cause__!r}") from e
+            time.sleep(wait)
+            wait *= 2
+        except (PermissionError, RemoteError):
             raise
         except Exception as e:  # noqa: BLE001 - network errors come as each backend's own types
             if attempt == RETRIES:

@@ -12,6 +12,7 @@ import pytest
 from conftest import encode, kill_at, noise_image, run_cli, samples, snapshot, write_good_images
 from PIL import Image
 
+from curate import storage
 from curate.ingest import IngestStage
 from curate.runner import STAGE_FILE, CurateError, WorkerShare, run_stage
 from curate.shards import committed_shards, read_index
@@ -193,7 +194,7 @@ def test_reingesting_our_own_tars_keeps_keys_and_bytes(mixed_folder: Path, tmp_p
         assert members["jpg"] == samples(first)[key]["jpg"]
 
 
-def test_tars_at_a_url_ingest_as_their_files(mixed_folder: Path, tmp_path: Path):
+def test_tars_at_a_url_ingest_as_their_files(mixed_folder: Path, tmp_path: Path, monkeypatch):
     """`curate ingest http://host/out/` (img2dataset's output in a bucket): the folder listed, or a
     brace pattern of tars, each tar streamed; the shards are the local folder's."""
     from file_server import serve
@@ -212,6 +213,13 @@ def test_tars_at_a_url_ingest_as_their_files(mixed_folder: Path, tmp_path: Path)
             assert snapshot(out) == snapshot(local), name
         with pytest.raises(CurateError, match="a source at a URL is webdataset tars"):
             open_source(f"{server.url}/first/", kind="folder")
+        # A store that keeps failing is an error, not a broken tar whose rest would be lost.
+        monkeypatch.setattr(storage, "RETRY_WAIT", 0.0)
+        source = TarSource(f"{server.url}/first/")
+        task = source.plan(100)[0]
+        server.fail_next = 100
+        with pytest.raises(storage.RemoteError, match="503"):
+            list(source.records(task))
 
 
 def test_broken_tar_member_is_recorded(tmp_path: Path):

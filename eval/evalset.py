@@ -48,7 +48,7 @@ from curate.manifest import (
     shard_urls,
 )
 from curate.runner import CurateError
-from curate.shards import OK, iter_tar_samples, read_index, samples_at, shard_name
+from curate.shards import OK, ShardError, iter_tar_samples, owned_samples, read_index, shard_name
 from train.data import choose_caption
 
 __all__ = ["EvalSample", "EvalSetError", "choose_samples", "images_dir_of", "prompt_samples", "real_batches",
@@ -167,18 +167,17 @@ def _index_of(tar: str) -> str:
 def _read_samples(tar: str, keys: Collection[str], wanted: Callable[[str, str], bool]
                   ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """The samples of ``keys`` (their ``wanted`` members) in the tar's order: a local tar walked,
-    seeking over the rest; a URL's samples read where its index locates them, one request each."""
+    seeking over the rest; a URL's samples read where its index locates them (consecutive ones in
+    one request, curate.shards.owned_samples)."""
     if not storage.is_remote(tar):
         yield from iter_tar_samples(tar, wanted)
         return
-    index = read_index(_index_of(tar), columns=["key", "status", "tar_offset", "tar_length"])
-    rows = index.filter((index["status"] == OK) & index["key"].is_in(list(keys)))
-    if rows["tar_offset"].null_count() or rows["tar_length"].null_count():
-        raise EvalSetError(f"{tar}: its index does not locate its samples (written before indexes recorded "
-                           "tar_offset): evaluate from a local copy")
-    rows = rows.sort("tar_offset")
-    yield from samples_at(tar, list(zip(rows["tar_offset"].to_list(), rows["tar_length"].to_list(), strict=True)),
-                          wanted)
+    try:
+        for key, members in owned_samples(tar, lambda i, k: k in keys, wanted):
+            if members:
+                yield key, members
+    except ShardError as e:
+        raise EvalSetError(str(e)) from None
 
 
 def _is_caption_member(ext: str) -> bool:

@@ -241,7 +241,8 @@ def _iter_samples(tar_path: str, wanted: Callable[[int, str], bool]) -> Iterator
 
     ``wanted(i, key)`` is asked once per sample (i counts samples from 0). Every worker walks
     every tar, but the bytes of samples it does not own are seeked over, never read; a tar at a
-    URL is not walked: its index locates the wanted samples, fetched alone (curate.shards.owned_samples).
+    URL is not walked: its index locates the wanted samples, each run of them fetched in one request
+    (curate.shards.owned_samples).
     """
     from curate import storage
     from curate.shards import owned_samples

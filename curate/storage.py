@@ -6,8 +6,9 @@ run trains from an object store with no copy and no mount. Only reading: the sta
 folders (upload them with your tool of choice, or mount the bucket).
 
 The curate stages read an image stage at a URL too (encode-latents, recaption, score): its
-folder listed, its indexes fetched whole, and each sample a worker decodes fetched alone at the
-offset its index records (:func:`read_range`), so that N decoding workers fetch each byte once.
+folder listed, its indexes fetched whole, and the samples a worker decodes fetched at the offsets
+their index records (:func:`read_range`, one request per run of consecutive samples), so that N
+decoding workers fetch each byte once; ingest streams webdataset tars (:func:`open_stream`).
 
 A tar is read through :class:`RangeReader`: ranged GETs of ``CHUNK`` bytes, the next ``AHEAD``
 chunks fetched at once in the background while the current one is read, so that a reader walking a

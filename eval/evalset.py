@@ -17,7 +17,7 @@ A benchmark's prompt file (``evaluate run --prompts``) gives an evaluation set w
 images: its prompts in order, prompt ``i`` with noise ``seed + i`` as above.
 
 The manifest, its shards and the image stage may be URLs (curate/storage.py). A local tar is
-walked, seeking over the members not wanted; at a URL each chosen sample is fetched alone, at the
+walked, seeking over the members not wanted; at a URL each chosen sample is fetched by itself (neighbours together), at the
 offset and length its shard's index records, since 10,000 samples drawn from a million are a few
 in each shard and read-ahead chunks would fetch megabytes around each.
 """

@@ -412,6 +412,7 @@ def _is_alias(name: str) -> bool:
 
 
 def cmd_manifest(args: argparse.Namespace) -> int:
+    from curate import storage
     from curate.manifest import (
         ManifestError,
         hold_out,
@@ -441,10 +442,13 @@ def cmd_manifest(args: argparse.Namespace) -> int:
             raise CurateError("give --captions for another caption selection, --where, --keep, --exclude or "
                               "--fraction for a subset of the samples, --hold-out to split off held-out shards, "
                               "or several manifests to merge")
+        if not args.out and storage.is_remote(sources[0][1]):
+            raise CurateError(f"{sources[0][1]} is a URL: give --out, where the new manifest is written (a local "
+                              "file; its shards stay at their URLs)")
         out = Path(args.out) if args.out else Path(sources[0][1]).parent / f"{args.name}.json"
         held_out_path = out.with_name(f"{args.name}-heldout.json")
         for target in (out, held_out_path) if holding else (out,):
-            if any(target.resolve() == Path(path).resolve() for _, path, _ in sources):
+            if any(not storage.is_remote(path) and target.resolve() == Path(path).resolve() for _, path, _ in sources):
                 raise CurateError(f"{target} is a source manifest: choose another --name or --out")
         weights = parse_caption_weights(args.captions) if args.captions is not None else None
         held = report = None

@@ -440,9 +440,12 @@ def verify_shards(
 
 def rebase_shard_path(path: str, old: str | os.PathLike, new: str | os.PathLike) -> str:
     """A shard path of a manifest in folder ``old``, for a manifest in folder ``new``: relative
-    paths are rebased; absolute paths and URLs (``pipe:`` included) stay as they are."""
+    paths are rebased (onto a URL when ``old`` is one: the shard's own URL); absolute paths and
+    URLs (``pipe:`` included) stay as they are."""
     if os.path.isabs(path) or "://" in path or path.startswith("pipe:"):
         return path
+    if storage.is_remote(old):
+        return storage.join(old, path)
     return os.path.relpath((Path(old) / path).resolve(), Path(new).resolve())
 
 
@@ -487,15 +490,30 @@ def latent_index_rows(manifest: Manifest, manifest_path: str | os.PathLike, colu
     (remote or missing shards)."""
     import polars as pl
 
-    frames, read = [], {}
-    for i, (entry, url) in enumerate(zip(manifest.shards, shard_urls(manifest, manifest_path), strict=True)):
-        index = Path(url).with_suffix(".parquet")
-        if "://" in url or not index.is_file():
+    from curate.shards import read_index
+
+    urls = shard_urls(manifest, manifest_path)
+    if any(url.startswith("pipe:") or not url.endswith(".tar") for url in urls):
+        return None
+    indexes = list(dict.fromkeys(url[: -len(".tar")] + ".parquet" for url in urls))
+    remote = any(map(storage.is_remote, indexes))
+
+    def rows_of(index: str) -> Any:
+        if not storage.is_remote(index) and not os.path.isfile(index):
             return None
-        if index not in read:
-            read[index] = (pl.read_parquet(index, columns=["status", *columns]).filter(pl.col("status") == "ok")
-                           .drop("status").with_row_index("ordinal").with_columns(pl.col("ordinal").cast(pl.Int64)))
-        rows = read[index]
+        try:
+            table = read_index(index, columns=["status", *columns])
+        except FileNotFoundError:  # at a URL
+            return None
+        return (table.filter(pl.col("status") == "ok").drop("status").with_row_index("ordinal")
+                .with_columns(pl.col("ordinal").cast(pl.Int64)))
+
+    read = dict(zip(indexes, storage.parallel_map(rows_of, indexes, remote), strict=True))  # URLs: many at a time
+    if any(rows is None for rows in read.values()):
+        return None
+    frames = []
+    for i, (entry, url) in enumerate(zip(manifest.shards, urls, strict=True)):
+        rows = read[url[: -len(".tar")] + ".parquet"]
         if rows.height != entry.accepted:
             raise ManifestError(f"{manifest_path}: shard {i} ({entry.path}): its index lists {rows.height} accepted "
                                 f"samples but the manifest says {entry.accepted}: the shard changed after the "
@@ -569,7 +587,7 @@ def with_captions(manifest: Manifest, manifest_path: str | os.PathLike, weights:
     """The same shards (and text shards) with another caption selection (for every part of a merged
     manifest; None keeps the manifest's), for a manifest written at ``out``: relative shard paths
     are rebased onto its folder, and the provenance names the source of the new selection."""
-    source_dir, out_dir = Path(manifest_path).resolve().parent, Path(out).resolve().parent
+    source_dir, out_dir = storage.parent(manifest_path), Path(out).resolve().parent
     text = (manifest.text.model_copy(update={"shards": rebase_entries(manifest.text.shards, source_dir, out_dir)})
             if manifest.text else None)
     moved = manifest.model_copy(update={"name": name, "shards": rebase_entries(manifest.shards, source_dir, out_dir),
@@ -579,7 +597,7 @@ def with_captions(manifest: Manifest, manifest_path: str | os.PathLike, weights:
     _check_text_variants(manifest, manifest_path, weights)
     parts = None if manifest.parts is None else [p.model_copy(update={"captions": weights}) for p in manifest.parts]
     provenance = {**manifest.provenance,
-                  "captions_from": {"path": str(Path(manifest_path).resolve()), "sha256": file_sha256(manifest_path),
+                  "captions_from": {"path": storage.resolved(manifest_path), "sha256": file_sha256(manifest_path),
                                     "captions": manifest.captions}}
     return Manifest.model_validate(moved.model_copy(update={"captions": weights, "parts": parts,
                                                             "provenance": provenance}).model_dump())
@@ -604,8 +622,8 @@ def hold_out(manifest: Manifest, manifest_path: str | os.PathLike, shards: int, 
         raise ManifestError(f"--hold-out {shards}: {manifest_path} has {len(manifest.shards)} shards; hold out at "
                             "least 1 and leave at least 1 to train on")
     chosen = set(np.random.default_rng(0).choice(len(manifest.shards), shards, replace=False).tolist())
-    source = {"path": str(Path(manifest_path).resolve()), "sha256": file_sha256(manifest_path)}
-    source_dir, out_dir = Path(manifest_path).resolve().parent, Path(out).resolve().parent
+    source = {"path": storage.resolved(manifest_path), "sha256": file_sha256(manifest_path)}
+    source_dir, out_dir = storage.parent(manifest_path), Path(out).resolve().parent
 
     def subset(held: bool, subset_name: str) -> Manifest:
         def pick(entries: list[ShardEntry]) -> list[ShardEntry]:
@@ -637,7 +655,7 @@ def parse_merge_source(text: str) -> tuple[str | None, str, int]:
     if not sep or not name or os.sep in name:
         name, rest = None, text
     path, colon, count = rest.rpartition(":")
-    if not colon:
+    if not colon or "/" in count:  # no repeat; or the colon of a URL's scheme or port
         path, count = rest, "1"
     if not count.isdigit() or int(count) < 1 or not path:
         raise ManifestError(f"{text!r}: give a manifest as [NAME=]PATH[:REPEAT], REPEAT a whole number >= 1 "
@@ -681,7 +699,7 @@ def merge_manifests(sources: list[tuple[str | None, str | os.PathLike, int]], *,
     buckets: set[tuple[int, int]] = set()
     merged_from = []
     for label, path, repeat in sources:
-        path = Path(path)
+        path = storage.as_location(path)  # a file, or a URL
         m = load_manifest(path)
         if first is None:
             first_path, first = path, m
@@ -700,8 +718,8 @@ def merge_manifests(sources: list[tuple[str | None, str | os.PathLike, int]], *,
                 raise ManifestError(f"{path}: its text embeddings differ from those of {first_path} in "
                                     f"{'; '.join(problems)}: one run has one text encoder")
             text_variants += [v for v in m.text.variants if v not in text_variants]
-        source_dir = path.resolve().parent
-        record = {"path": str(path.resolve()), "sha256": file_sha256(path), "name": m.name}
+        source_dir = storage.parent(path)
+        record = {"path": storage.resolved(path), "sha256": file_sha256(path), "name": m.name}
         merged_from.append({**record, "repeat": repeat})
 
         own = m.parts or [ManifestPart(name=m.name, shards=len(m.shards), samples=m.samples, captions=m.captions,

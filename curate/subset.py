@@ -138,7 +138,7 @@ def subset_manifest(manifest: Manifest, manifest_path: str | os.PathLike, rules:
     subset = subset.model_copy(update={"provenance": {
         **manifest.provenance,
         "subsets": [*manifest.provenance.get("subsets", []),
-                    {"from": {"path": str(Path(manifest_path).resolve()), "name": manifest.name},
+                    {"from": {"path": storage.resolved(manifest_path), "name": manifest.name},
                      **rules.record(), "kept": int(keep.sum()), "of": rows.height}]}})
     return Manifest.model_validate(subset.model_dump()), SubsetReport(rows.height, int(keep.sum()), report_rules)
 
@@ -262,8 +262,19 @@ def _stage_indexes(stage: Path | str) -> list[Path | str]:
 
 def _stage_columns(stage: Path | str) -> list[str]:
     first = next(iter(_stage_indexes(stage)), None)
-    return [] if first is None else list(read_index(first).columns if storage.is_remote(first)
-                                         else pl.read_parquet_schema(first))
+    return [] if first is None else _stage_columns_of(first)
+
+
+def _stage_columns_of(index: Path | str) -> list[str]:
+    """An index's columns (a URL's fetched)."""
+    return list(read_index(index).columns if storage.is_remote(index) else pl.read_parquet_schema(index))
+
+
+def _is_stage(path: str) -> bool:
+    """Whether a stage a provenance records is there: a folder, or a URL with its _stage.json."""
+    from curate.runner import STAGE_FILE
+
+    return storage.is_file(storage.join(path, STAGE_FILE)) if storage.is_remote(path) else Path(path).is_dir()
 
 
 def _stage_mapping(stage: Path | str | None, prefix: str, taken: set[str] | dict[str, str]) -> dict[str, str]:
@@ -289,17 +300,18 @@ def _sample_rows(manifest: Manifest, manifest_path: str | os.PathLike, loaded: _
     every column ``wanted`` names, joined from the stages and the score tables."""
     unreadable = ManifestError(f"{manifest_path}: the indexes of its shards cannot be read here (remote or "
                                "missing shards); a subset is chosen from them")
-    first_index = Path(shard_urls(manifest, manifest_path)[0]).with_suffix(".parquet")
-    if not first_index.is_file():
+    first_tar = shard_urls(manifest, manifest_path)[0]
+    first_index = first_tar[: -len(".tar")] + ".parquet"
+    if not first_tar.endswith(".tar") or not storage.is_file(first_index):
         raise unreadable
-    latent_columns = [c for c in pl.read_parquet_schema(first_index) if c not in _BOOKKEEPING]
+    latent_columns = [c for c in _stage_columns_of(first_index) if c not in _BOOKKEEPING]
     available: dict[str, str] = {c: "the latent index" for c in latent_columns}
     # Per source: index column -> the name it gets here (prefixed when an earlier source has it).
     stage_maps: dict[str, dict[str, str]] = {}
     provenances = part_provenance(manifest)
     for stage, prefix in (("images", "image_"), ("captions", "caption_")):
         recorded = [(p.get(stage) or {}).get("path") for p in provenances]
-        found = [Path(r) for r in recorded if r and Path(r).is_dir()]
+        found = [storage.as_location(r) for r in recorded if r and _is_stage(r)]
         mapping = _stage_mapping(found[0] if found else None, prefix, available)
         stage_maps[stage] = mapping
         available |= {name: f"the {stage} stage" for name in mapping.values()}
@@ -359,12 +371,12 @@ def _join_stage(rows: pl.DataFrame, manifest: Manifest, stage: str, columns: dic
         mine = rows.filter(pl.col("part") == part)
         if mine.height == 0:
             continue
-        if not recorded or not Path(recorded).is_dir():
+        if not recorded or not _is_stage(recorded):
             where = f"provenance.{stage}.path" if manifest.parts is None else f"parts.{part}.provenance.{stage}.path"
             raise ManifestError(f"the columns {', '.join(columns.values())} come from the {stage} stage, but "
                                 f"{where} ({recorded or 'not recorded'}) is not a folder here")
         if recorded not in tables:
-            tables[recorded] = _stage_table(Path(recorded), columns)
+            tables[recorded] = _stage_table(storage.as_location(recorded), columns)
         frames.append(mine.join(tables[recorded], on="key", how="left"))
     return pl.concat(frames, how="vertical_relaxed")
 
@@ -452,7 +464,7 @@ def hold_out_samples(manifest: Manifest, manifest_path: str | os.PathLike, sampl
                             "least 1 and leave at least 1 to train on")
     held = np.zeros(rows.height, dtype=bool)
     held[np.argsort(_key_draws(rows["key"], 0), kind="stable")[:samples]] = True
-    source = {"path": str(Path(manifest_path).resolve()), "sha256": file_sha256(manifest_path), "samples": samples}
+    source = {"path": storage.resolved(manifest_path), "sha256": file_sha256(manifest_path), "samples": samples}
 
     def part(keep: np.ndarray, this: str) -> Manifest:
         subset = _apply(manifest, rows, keep)

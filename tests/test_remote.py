@@ -147,6 +147,36 @@ def test_an_evaluation_set_at_a_url_is_its_files_and_reads_only_the_chosen_sampl
         assert a == b and torch.equal(x, y)
 
 
+def test_curate_manifest_on_manifests_at_urls_writes_a_local_manifest_of_their_shards(served, tmp_path):
+    """`curate manifest URL --where ... --out FILE`, a held-out split and a merge of URL manifests:
+    the latent indexes read over HTTP, the same samples chosen as from the files, the shards named
+    by their URLs (a local manifest cannot reach them by a relative path); and it trains."""
+    from curate.cli import main as curate_main
+
+    root, server = served
+    base = f"{server.url}/manifests"
+    runs = {"where": ["--where", "bucket_w > 4", "--name", "wide"], "held": ["--hold-out-samples", "3", "--name", "v"],
+            "merge": ["a=MANIFEST:2", f"b={base}/short.json", "--name", "both"]}
+    for name, args in runs.items():
+        made = {}
+        for side, manifest in (("files", str(root / "manifests" / "long.json")), ("http", f"{base}/long.json")):
+            at = [a.replace("MANIFEST", manifest) for a in args]
+            if name != "merge":
+                at = [manifest, *at]
+            out = tmp_path / side / f"{name}.json"
+            assert curate_main(["manifest", *at, "--out", str(out), "--captions", "long=1"]) == 0, (name, side)
+            made[side] = load_manifest(out)
+        files, http = made["files"], made["http"]
+        assert [e.path.rsplit("/", 1)[-1] for e in http.shards] == [e.path.rsplit("/", 1)[-1] for e in files.shards]
+        assert all(e.path.startswith(f"{server.url}/latents/") for e in http.shards)
+        assert [(e.samples, e.subset) for e in http.shards] == [(e.samples, e.subset) for e in files.shards]
+        assert http.samples == files.samples
+    st = DataSettings(seed=1, global_batch=2, micro_batch=2, workers=0, shuffle_buffer=4)
+    with LatentLoader(http, tmp_path / "http" / "merge.json", st) as loader:
+        assert sum(1 for _ in zip(loader, range(3), strict=False)) == 3
+    assert curate_main(["manifest", f"{base}/long.json", "--captions", "long=1", "--name", "x"]) == 2  # no --out
+
+
 def test_missing_and_truncated_remote_shards_are_named_before_training(served, tmp_path):
     root, server = served
     broken = root / "broken"

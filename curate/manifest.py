@@ -490,12 +490,12 @@ def latent_index_rows(manifest: Manifest, manifest_path: str | os.PathLike, colu
     (remote or missing shards)."""
     import polars as pl
 
-    from curate.shards import read_index
+    from curate.shards import index_of, read_index
 
     urls = shard_urls(manifest, manifest_path)
     if any(url.startswith("pipe:") or not url.endswith(".tar") for url in urls):
         return None
-    indexes = list(dict.fromkeys(url[: -len(".tar")] + ".parquet" for url in urls))
+    indexes = list(dict.fromkeys(map(index_of, urls)))
     remote = any(map(storage.is_remote, indexes))
 
     def rows_of(index: str) -> Any:
@@ -513,7 +513,7 @@ def latent_index_rows(manifest: Manifest, manifest_path: str | os.PathLike, colu
         return None
     frames = []
     for i, (entry, url) in enumerate(zip(manifest.shards, urls, strict=True)):
-        rows = read[url[: -len(".tar")] + ".parquet"]
+        rows = read[index_of(url)]
         if rows.height != entry.accepted:
             raise ManifestError(f"{manifest_path}: shard {i} ({entry.path}): its index lists {rows.height} accepted "
                                 f"samples but the manifest says {entry.accepted}: the shard changed after the "

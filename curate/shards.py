@@ -371,6 +371,11 @@ def read_meta(index_path: str | os.PathLike | Any) -> ShardMeta:
     return ShardMeta.from_json(blob)
 
 
+def index_of(tar: str | os.PathLike) -> str:
+    """The index beside a shard's tar (a path or a URL): ``000123.tar`` -> ``000123.parquet``."""
+    return os.path.splitext(os.fspath(tar))[0] + ".parquet"
+
+
 def read_index(index_path: str | os.PathLike, columns: list[str] | None = None) -> pl.DataFrame:
     """An index's rows (``columns``, or all); a URL's is fetched whole (curate/storage.py)."""
     from curate import storage
@@ -495,7 +500,7 @@ def owned_samples(
 
     # pyarrow on one thread, not polars: this runs in forked DataLoader workers, where polars'
     # thread pool, used by the parent before the fork, deadlocks.
-    index = pq.read_table(io.BytesIO(storage.read_bytes(tar[: -len(".tar")] + ".parquet")), use_threads=False,
+    index = pq.read_table(io.BytesIO(storage.read_bytes(index_of(tar))), use_threads=False,
                           columns=["key", "status", "tar_offset", "tar_length"]).to_pylist()
     rows = sorted((r for r in index if r["status"] == OK), key=lambda r: r["tar_offset"] or 0)
     if any(r["tar_offset"] is None or r["tar_length"] is None for r in rows):

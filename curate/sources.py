@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ import polars as pl
 from curate import storage
 from curate.images import IMAGE_EXTENSIONS
 from curate.runner import CurateError, ShardTask
-from curate.shards import split_member, stable_hash
+from curate.shards import index_of, read_index, split_member, stable_hash
 
 log = logging.getLogger("curate")
 
@@ -299,8 +298,7 @@ class TarSource(Source):
     def records(self, task: ShardTask) -> Iterator[Record]:
         path, label = task.payload
         yield from _group_tar(path, label)
-        yield from _img2dataset_failures(path[: -len(".tar")] + ".parquet" if path.endswith(".tar")
-                                         else str(Path(path).with_suffix(".parquet")))
+        yield from _img2dataset_failures(index_of(path))
 
 
 def _img2dataset_failures(parquet: str) -> Iterator[Record]:
@@ -308,7 +306,7 @@ def _img2dataset_failures(parquet: str) -> Iterator[Record]:
     if not storage.is_file(parquet):
         return
     try:
-        df = pl.read_parquet(io.BytesIO(storage.read_bytes(parquet)))
+        df = read_index(parquet)
     except storage.RemoteError:
         raise
     except Exception:

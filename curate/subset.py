@@ -52,7 +52,7 @@ from curate.manifest import (
     shard_subset,
     shard_urls,
 )
-from curate.shards import read_index
+from curate.shards import index_of, read_index
 
 __all__ = ["SubsetReport", "SubsetRules", "hold_out_samples", "images_left_out",
            "subset_manifest", "subset_summary"]
@@ -301,7 +301,7 @@ def _sample_rows(manifest: Manifest, manifest_path: str | os.PathLike, loaded: _
     unreadable = ManifestError(f"{manifest_path}: the indexes of its shards cannot be read here (remote or "
                                "missing shards); a subset is chosen from them")
     first_tar = shard_urls(manifest, manifest_path)[0]
-    first_index = first_tar[: -len(".tar")] + ".parquet"
+    first_index = index_of(first_tar)
     if not first_tar.endswith(".tar") or not storage.is_file(first_index):
         raise unreadable
     latent_columns = [c for c in _stage_columns_of(first_index) if c not in _BOOKKEEPING]

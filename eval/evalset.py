@@ -48,7 +48,15 @@ from curate.manifest import (
     shard_urls,
 )
 from curate.runner import CurateError
-from curate.shards import OK, ShardError, iter_tar_samples, owned_samples, read_index, shard_name
+from curate.shards import (
+    OK,
+    ShardError,
+    index_of,
+    iter_tar_samples,
+    owned_samples,
+    read_index,
+    shard_name,
+)
 from train.data import choose_caption
 
 __all__ = ["EvalSample", "EvalSetError", "choose_samples", "images_dir_of", "prompt_samples", "real_batches",
@@ -116,7 +124,7 @@ def choose_samples(
         read.add(listing)
         if url.startswith("pipe:"):
             raise EvalSetError(f"{url}: evaluation reads files and URLs, not pipes")
-        index = _index_of(url)
+        index = index_of(url)
         if not storage.is_file(index):
             raise EvalSetError(f"{url}: no index beside it ({posixpath.basename(index)})")
         table = read_index(index, columns=["key", "status"])
@@ -157,11 +165,6 @@ def choose_samples(
             raise EvalSetError(f"{urls[pos]}: the index lists {len(keys)} sample(s) the tar lacks "
                                f"(first: {next(iter(keys))}): the shard changed after indexing")
     return [s for s in samples if s is not None]
-
-
-def _index_of(tar: str) -> str:
-    """A shard's index, beside its tar (a path or a URL)."""
-    return tar[: -len(".tar")] + ".parquet" if tar.endswith(".tar") else str(Path(tar).with_suffix(".parquet"))
 
 
 def _read_samples(tar: str, keys: Collection[str], wanted: Callable[[str, str], bool]

@@ -83,7 +83,7 @@ from curate.manifest import (
     verify_shards,
 )
 from curate.procs import die_with_parent
-from curate.shards import OK, ShardError, read_meta, stable_hash
+from curate.shards import OK, ShardError, index_of, read_meta, stable_hash
 from curate.vae import model_channels, model_downsample, sample_latent, to_model_input
 
 __all__ = [
@@ -313,10 +313,6 @@ def image_shard_paths(manifest: Manifest, images: ImageStages) -> list[str]:
             for part, entry in zip(shard_parts(manifest), manifest.shards, strict=True)]
 
 
-def _index_path(tar: str) -> str:
-    return os.path.splitext(tar)[0] + ".parquet"
-
-
 def _bucket_code(h: np.ndarray, w: np.ndarray) -> np.ndarray:
     return (h.astype(np.int64) << 32) | w.astype(np.int64)
 
@@ -379,7 +375,7 @@ class _ShardTable:
         if i in self._cache:
             self._cache.move_to_end(i)
             return self._cache[i]
-        index = _index_path(self.paths[i])
+        index = index_of(self.paths[i])
         # pyarrow without threads, not polars: this runs in forked DataLoader workers, and polars'
         # thread pool, started in the parent (check_data, the curate stages), deadlocks after fork.
         try:
@@ -389,7 +385,7 @@ class _ShardTable:
         text_offsets = None
         if self.text_paths is not None:
             try:
-                text_offsets = _offsets(_ok_rows(_index_path(self.text_paths[i]), []), self.entries[i].accepted)
+                text_offsets = _offsets(_ok_rows(index_of(self.text_paths[i]), []), self.entries[i].accepted)
             except (OSError, pa.ArrowException):
                 pass  # the reader names an unreadable text shard when it opens it
         if ok.num_rows != self.entries[i].accepted:
@@ -1012,7 +1008,7 @@ def _used_samples(samples: _TarSamples, entry: ShardEntry, label: str) -> Iterat
         yield from samples
         return
     used = entry.subset.used()
-    index = _index_path(samples.path)
+    index = index_of(samples.path)
     try:
         ok = _ok_rows(index, ["key"])
         offsets = _offsets(ok, entry.accepted)
@@ -1253,7 +1249,7 @@ def _read_committed(label: str, tar: str, sha256: str | None, verify: str,
                     columns: list[str]) -> tuple[Any, pl.DataFrame]:
     """A shard's index metadata and rows (``columns``, those it has), after checking that the shard
     is committed and whole."""
-    index = _index_path(tar)
+    index = index_of(tar)
     try:
         tar_size = storage.size(tar)
     except FileNotFoundError:

@@ -38,7 +38,7 @@ from curate import storage
 from curate.images import ImageStream
 from curate.manifest import file_sha256
 from curate.runner import CurateError, ShardTask, Stage, image_stage_tasks, read_image_captions
-from curate.shards import ShardWriter, committed_shards, read_index
+from curate.shards import ShardWriter, committed_shards, index_columns
 from curate.stats import rounded
 from curate.subset import EMBEDDING_COLUMN
 from curate.vqa import VqaScorer
@@ -325,7 +325,7 @@ class ScoreStage(Stage):
         shards = committed_shards(self.captions_dir)
         if not shards:
             raise CurateError(f"{self.captions_dir}: no caption shards (run curate recaption first)")
-        columns = read_index(shards[0].index_path).columns
+        columns = index_columns(shards[0].index_path)
         return [c.removesuffix("_prompt_hash") for c in columns if c.endswith("_prompt_hash")]
 
     def config(self) -> dict[str, Any]:

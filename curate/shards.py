@@ -371,6 +371,15 @@ def read_meta(index_path: str | os.PathLike | Any) -> ShardMeta:
     return ShardMeta.from_json(blob)
 
 
+def index_columns(index_path: str | os.PathLike) -> list[str]:
+    """An index's column names, from its schema alone (a URL's file fetched)."""
+    from curate import storage
+
+    if storage.is_remote(index_path):
+        return pq.read_schema(io.BytesIO(storage.read_bytes(index_path))).names
+    return list(pl.read_parquet_schema(index_path))
+
+
 def index_of(tar: str | os.PathLike) -> str:
     """The index beside a shard's tar (a path or a URL): ``000123.tar`` -> ``000123.parquet``."""
     return os.path.splitext(os.fspath(tar))[0] + ".parquet"

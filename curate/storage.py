@@ -191,14 +191,7 @@ def read_range(path: str | os.PathLike, offset: int, length: int) -> bytes:
 
 def size(path: str | os.PathLike) -> int:
     """The file's size in bytes; FileNotFoundError when there is none."""
-    if not is_remote(path):
-        return os.stat(local_path(path)).st_size
-    url = os.fspath(path)
-    fs, inner = _filesystem(url)
-    info = _retried(url, "asking its size", lambda: fs.info(inner))
-    if info.get("type") == "directory" or info.get("size") is None:
-        raise FileNotFoundError(f"{url}: not a file, or the server does not say its size")
-    return int(info["size"])
+    return version(path)[0]
 
 
 def version(path: str | os.PathLike) -> tuple[int, str]:

@@ -52,7 +52,7 @@ from curate.manifest import (
     shard_subset,
     shard_urls,
 )
-from curate.shards import index_of, read_index
+from curate.shards import index_columns, index_of, read_index
 
 __all__ = ["SubsetReport", "SubsetRules", "hold_out_samples", "images_left_out",
            "subset_manifest", "subset_summary"]
@@ -262,12 +262,7 @@ def _stage_indexes(stage: Path | str) -> list[Path | str]:
 
 def _stage_columns(stage: Path | str) -> list[str]:
     first = next(iter(_stage_indexes(stage)), None)
-    return [] if first is None else _stage_columns_of(first)
-
-
-def _stage_columns_of(index: Path | str) -> list[str]:
-    """An index's columns (a URL's fetched)."""
-    return list(read_index(index).columns if storage.is_remote(index) else pl.read_parquet_schema(index))
+    return [] if first is None else index_columns(first)
 
 
 def _is_stage(path: str) -> bool:
@@ -304,7 +299,7 @@ def _sample_rows(manifest: Manifest, manifest_path: str | os.PathLike, loaded: _
     first_index = index_of(first_tar)
     if not first_tar.endswith(".tar") or not storage.is_file(first_index):
         raise unreadable
-    latent_columns = [c for c in _stage_columns_of(first_index) if c not in _BOOKKEEPING]
+    latent_columns = [c for c in index_columns(first_index) if c not in _BOOKKEEPING]
     available: dict[str, str] = {c: "the latent index" for c in latent_columns}
     # Per source: index column -> the name it gets here (prefixed when an earlier source has it).
     stage_maps: dict[str, dict[str, str]] = {}

@@ -22,7 +22,7 @@ from curate.cli import main as curate_main
 from curate.manifest import image_stages, load_manifest, write_manifest
 from train.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint
 from train.cli import main as train_main
-from train.config import ConfigError, build_config
+from train.config import ConfigError, build_config, repa_block
 from train.data import DataError, DataSettings, LatentLoader, check_data
 from train.metrics import read_metrics
 from train.repa import (
@@ -31,7 +31,6 @@ from train.repa import (
     WithRepa,
     alignment_loss,
     build_projector,
-    repa_block,
     spatial_normalize,
 )
 

@@ -528,8 +528,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"token routing needs 0 <= routing.start < routing.end <= model.depth; got start "
                           f"{cfg.routing.start}, end {end} (routing.end 0 means depth - 2), depth "
                           f"{cfg.model.depth}")
-    aligned = cfg.repa.block or max(1, cfg.model.depth // 4)  # train.repa.repa_block
-    if cfg.repa.weight > 0 and cfg.repa.projector == "conv" and cfg.routing.ratio > 0 and start <= aligned - 1 < end:
+    aligned = repa_block(cfg)
+    if cfg.repa.weight > 0 and cfg.repa.projector == "conv" and cfg.routing.ratio > 0 and aligned_in_route(cfg, aligned):
         raise ConfigError(f"repa.projector=conv convolves block {aligned}'s whole token grid, but TREAD routes "
                           f"part of its tokens past blocks {start + 1}-{end}: align a block outside them "
                           "(repa.block) or route others (routing.start, routing.end)")
@@ -565,6 +565,18 @@ def validate(cfg: TrainConfig) -> None:
 def routed_blocks(cfg: TrainConfig) -> tuple[int, int]:
     """(start, end) of TREAD's routed blocks: ``routing.start`` and ``routing.end`` (0: depth - 2)."""
     return cfg.routing.start, cfg.routing.end or cfg.model.depth - 2
+
+
+def repa_block(cfg: TrainConfig) -> int:
+    """The block (1-based) whose output REPA aligns: ``repa.block``, or a quarter of the depth
+    (PRX-1.2B: block 4 of 16; REPA aligned block 8 of SiT-XL's 28)."""
+    return cfg.repa.block or max(1, cfg.model.depth // 4)  # validate checks repa.block
+
+
+def aligned_in_route(cfg: TrainConfig, block: int) -> bool:
+    """Whether REPA's block (1-based) lies in the routed range, where it sees the kept tokens only."""
+    start, end = routed_blocks(cfg)
+    return start <= block - 1 < end
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:

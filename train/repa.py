@@ -38,12 +38,6 @@ from train.config import ConfigError, TrainConfig
 _MAX_PREFIX_TOKENS = 8
 
 
-def repa_block(cfg: TrainConfig) -> int:
-    """The block (1-based) whose output is aligned: ``repa.block``, or a quarter of the depth
-    (PRX-1.2B: block 4 of 16; REPA aligned block 8 of SiT-XL's 28)."""
-    return cfg.repa.block or max(1, cfg.model.depth // 4)  # train.config.validate checked repa.block
-
-
 def repa_active(cfg: TrainConfig, step: int) -> bool:
     """Whether optimizer step ``step`` (counted from 0) trains with the alignment loss."""
     return cfg.repa.weight > 0 and (cfg.repa.stop_step == 0 or step < cfg.repa.stop_step)

@@ -21,7 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from train.config import TrainConfig, routed_blocks  # the range, checked by validate
+from train.config import (  # the range, checked by validate
+    TrainConfig,
+    routed_blocks,
+)
 from train.recompute import run_block
 
 
@@ -44,12 +47,6 @@ def draw_route(cfg: TrainConfig, n: int, tokens: int, generator: torch.Generator
 def gather_tokens(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Tokens ``keep`` [B, K] of ``x`` [B, N, D] -> [B, K, D]."""
     return x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
-
-
-def aligned_in_route(cfg: TrainConfig, block: int) -> bool:
-    """Whether REPA's block (1-based) lies in the routed range, where it sees the kept tokens only."""
-    start, end = routed_blocks(cfg)
-    return start <= block - 1 < end
 
 
 def routed_forward(model: torch.nn.Module, *, hidden_states: torch.Tensor, timestep: torch.Tensor,

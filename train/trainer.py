@@ -55,8 +55,10 @@ from train.checkpoint import (
 from train.config import (
     ConfigError,
     TrainConfig,
+    aligned_in_route,
     differences,
     from_dict,
+    repa_block,
     to_dict,
     to_yaml,
 )
@@ -84,10 +86,9 @@ from train.repa import (
     alignment_loss,
     build_projector,
     repa_active,
-    repa_block,
     spatial_normalize,
 )
-from train.routing import RoutedDenoiser, aligned_in_route, draw_route, gather_tokens
+from train.routing import RoutedDenoiser, draw_route, gather_tokens
 from train.schedule import build_schedule, lr_factor
 from train.schedule import describe as describe_schedule
 from train.sharding import (

@@ -15,6 +15,11 @@ as ``curate encode-latents`` stores them (32 x 32 x 32, mean and std in bf16: 13
    processes) over an image stage of 256 px noise JPEGs: images/s decoded and cropped, each worker
    fetching its own samples at their index offsets (``curate.shards.owned_samples``), against the
    files; and the bytes the server sent over the tars' bytes (goal 1.00: each image fetched once).
+4. ``curate recaption``'s and ``curate score``'s image reader (``curate.images.ImageStream``,
+   ``--workers`` processes) over the same image stage: images/s decoded
+   and fitted to recaption's default 802,816 pixels, each worker fetching its chunks of 8
+   consecutive samples in one request (the default), against a request per image (chunks of 1),
+   16 images ahead per worker in both.
 
 Configurations run interleaved, ``--repeats`` times; tables give the median and every run.
 
@@ -24,6 +29,7 @@ Configurations run interleaved, ``--repeats`` times; tables give the median and 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -33,18 +39,23 @@ import tempfile
 import time
 from pathlib import Path
 
+import polars as pl
+
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 
 from file_server import serve  # noqa: E402
 from latent_data import add_image_stage, make_latent_dataset  # noqa: E402
 
 from curate.buckets import ShardImageLoader  # noqa: E402
+from curate.images import ImageStream, fit_pixels  # noqa: E402
 from curate.manifest import load_manifest  # noqa: E402
+from curate.shards import index_of, read_index  # noqa: E402
 from train.data import DataSettings, LatentLoader, _TarSamples  # noqa: E402
 
 BATCH = 32
 SHARDS = 8
 IMAGES_PER_SHARD = 256
+STREAM_CHUNKS = (8, 1)
 
 
 def walk_rate(tars: list[str]) -> float:
@@ -83,6 +94,19 @@ def decode_rate(tars: list[str], workers: int) -> float:
     return images / (time.perf_counter() - start)
 
 
+def stream_rate(tars: list[str], counts: list[int], workers: int, chunk: int) -> float:
+    """Images per second through recaption's and score's reader, fitted as recaption fits them,
+    16 images decoded ahead per worker whatever the chunk."""
+    start = time.perf_counter()
+    stream = ImageStream(list(enumerate(tars)), functools.partial(fit_pixels, max_pixels=802_816), workers,
+                         prefetch=max(1, 16 // chunk), chunk=chunk)
+    for shard_id, count in enumerate(counts):
+        for key, image, error in stream.take(shard_id, count):
+            assert image is not None, (key, error)
+    stream.close()
+    return sum(counts) / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 repeat, few steps")
@@ -107,11 +131,13 @@ def main() -> None:
         walks: dict[str, list[float]] = {side: [] for side in sides}
         loads: dict[str, list[float]] = {side: [] for side in sides}
         decodes: dict[str, list[float]] = {side: [] for side in sides}
+        streams: dict[int, dict[str, list[float]]] = {chunk: {side: [] for side in sides} for chunk in STREAM_CHUNKS}
         stage = make_latent_dataset(root / "stage", shards=4, per_shard=IMAGES_PER_SHARD, channels=16, sizes=[(32, 32)],
                                     variants=("long",))
         image_tars = sorted(str(p) for p in add_image_stage(stage).glob("*.tar"))
         image_bytes = sum(os.path.getsize(t) for t in image_tars)
         decode_rate(image_tars, args.workers)  # the page cache
+        stream_counts = [len(read_index(index_of(t)).filter(pl.col("status") == "ok")) for t in image_tars]
         # Every byte fetched once: counted by a server in this process.
         with serve(root) as server:
             walk_rate([f"{server.url}/{Path(t).relative_to(root)}" for t in tars])
@@ -134,8 +160,12 @@ def main() -> None:
                     walks[side].append(walk_rate(urls[side][0]))
                     loads[side].append(loader_rate(urls[side][1], args.steps, args.workers))
                     decodes[side].append(decode_rate(urls[side][2], args.workers))
+                    for chunk in STREAM_CHUNKS:
+                        streams[chunk][side].append(stream_rate(urls[side][2], stream_counts, args.workers, chunk))
                     print(f"  {side}: walk {walks[side][-1]:.0f}, loader {loads[side][-1]:.0f} samples/s, "
-                          f"images {decodes[side][-1]:.0f}/s", file=sys.stderr, flush=True)
+                          f"images {decodes[side][-1]:.0f}/s, stream "
+                          f"{', '.join(f'{streams[c][side][-1]:.0f}' for c in STREAM_CHUNKS)}/s",
+                          file=sys.stderr, flush=True)
         finally:
             for process in servers.values():
                 process.kill()
@@ -161,6 +191,18 @@ def main() -> None:
           f"({image_bytes / len(image_tars) / IMAGES_PER_SHARD / 1000:.0f} KB an image) to 256 px:\n")
     table(decodes)
     print(f"\nbytes the server sent / bytes of the image tars (0 ms): {image_sent:.4f}")
+
+    print(f"\n4. recaption's and score's image reader, {args.workers} workers, the same image shards fitted to "
+          "802,816 pixels:\n")
+    first, second = STREAM_CHUNKS
+    print(f"| read from | chunks of {first}: images/s (median) | each run | chunks of {second} | each run | "
+          f"{first} against {second} |")
+    print("| --- | ---: | --- | ---: | --- | ---: |")
+    for side in sides:
+        a, b = streams[first][side], streams[second][side]
+        print(f"| {side} | {statistics.median(a):.0f} | {', '.join(f'{v:.0f}' for v in a)} | "
+              f"{statistics.median(b):.0f} | {', '.join(f'{v:.0f}' for v in b)} | "
+              f"{statistics.median(a) / statistics.median(b):.2f} |")
 
 
 if __name__ == "__main__":

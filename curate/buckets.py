@@ -383,7 +383,7 @@ class ShardImageLoader:
     ``workers`` DataLoader processes decode ahead (0: in this process), ``chunk`` consecutive
     samples of a shard at a time. Chunk c (counted across shards) goes to worker c % workers,
     and the DataLoader takes from the workers in turn, so the stream comes out in input order
-    whatever the number of workers (``recaption._ImageStream``'s idea).
+    whatever the number of workers (``curate.images.ImageStream``'s idea).
 
     ``skip_keys[shard_id]`` are keys to skip; ``only_keys[shard_id]``, the other way round,
     the only keys to decode in that shard (shards absent from ``only_keys`` are decoded whole).

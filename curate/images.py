@@ -12,6 +12,7 @@ Accepted images keep their original bytes; flags record what is unusual about th
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import warnings
@@ -237,50 +238,67 @@ class ImageStream:
     (a resize, a model's image processor) in DataLoader workers, ahead of the model that takes
     them: what recaption and score read the image stage with.
 
-    Workers split the samples by their global position (item g goes to worker g % n), and the
-    DataLoader takes from the workers in turn, so the stream comes out in exactly the order of
-    the shards, shard after shard, while the workers decode ahead (``prefetch`` items each).
+    Workers split the samples in chunks of ``chunk`` by their global position (chunk c goes to
+    worker c % n), and the DataLoader takes a chunk from the workers in turn, so the stream comes
+    out in exactly the order of the shards, shard after shard, while the workers decode ahead
+    (``prefetch`` chunks each). A chunk is one message between processes and, for a tar at a URL,
+    one request for its consecutive samples (a request per image would wait out the store's
+    latency for every image).
     """
 
     def __init__(self, shards: list[tuple[int, str]], prepare: Callable[[Image.Image], Any], workers: int,
-                 prefetch: int = 8, skip: Collection[str] = ()):
+                 prefetch: int = 2, skip: Collection[str] = (), chunk: int = 8):
         import torch.utils.data as tud
 
         from curate import storage
         from curate.procs import die_with_parent
         from curate.shards import iter_tar_samples, owned_samples
 
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+
         class Images(tud.IterableDataset):
-            def __iter__(self) -> Iterator[tuple[int, str, Any, str | None]]:
+            def __iter__(self) -> Iterator[list[tuple[int, str, Any, str | None]]]:
                 info = tud.get_worker_info()
                 wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
-                position = 0
+                position = 0  # counts samples across shards
+                items: list[tuple[int, str, Any, str | None]] = []
                 for shard_id, tar in shards:
                     # A tar at a URL: this worker fetches its own samples alone, where the index puts them.
-                    samples = (owned_samples(tar, lambda i, k, start=position: (start + i) % n == wid and k not in skip)
+                    samples = (owned_samples(tar, lambda i, k, start=position: (start + i) // chunk % n == wid
+                                             and k not in skip)
                                if storage.is_remote(tar) else iter_tar_samples(tar))
                     for key, members in samples:
-                        if position % n == wid:  # a skipped key comes through undecoded, as (None, None)
-                            yield (shard_id, key, *((None, None) if key in skip else _prepared(members, prepare)))
+                        if position // chunk % n == wid:  # a skipped key comes through undecoded, as (None, None)
+                            items.append((shard_id, key, *((None, None) if key in skip
+                                                           else _prepared(members, prepare))))
+                            if position % chunk == chunk - 1:
+                                yield items
+                                items = []
                         position += 1
+                if items:  # the last chunk, shorter
+                    yield items
 
         self.loader = tud.DataLoader(Images(), batch_size=None, num_workers=workers,
                                      prefetch_factor=prefetch if workers else None, collate_fn=lambda x: x,
                                      worker_init_fn=die_with_parent)
-        self.iterator = iter(self.loader)
+        self.chunks = iter(self.loader)
+        self.pending: collections.deque[tuple[int, str, Any, str | None]] = collections.deque()
 
     def take(self, shard_id: int, count: int) -> Iterator[tuple[str, Any, str | None]]:
         """The next ``count`` items, all of shard ``shard_id``: (key, prepared image or None, error or None)."""
         from curate.runner import CurateError
 
         for _ in range(count):
-            got_shard, key, image, error = next(self.iterator)
+            if not self.pending:
+                self.pending.extend(next(self.chunks, ()))
+            got_shard, key, image, error = self.pending.popleft() if self.pending else (None, None, None, None)
             if got_shard != shard_id:
                 raise CurateError(f"image shard {shard_id} holds fewer samples than its index lists")
             yield key, image, error
 
     def close(self) -> None:
-        del self.iterator
+        del self.chunks
 
 
 def _prepared(members: dict[str, bytes], prepare: Callable[[Image.Image], Any]) -> tuple[Any, str | None]:

@@ -4,7 +4,7 @@ What it can be told to do, for the remote-shard tests and ``bench/remote.py``: a
 seconds to every answer (an object store's first byte is tens of milliseconds away), fail the
 next ``fail_next`` requests with 503 (a store's "slow down"), or ignore ``Range`` headers (a server
 that cannot serve ranges, whose whole-file answers must not be taken for ranges). It counts the
-requests and the body bytes it sent. A folder answers with an index page of links (fsspec lists
+requests, and the answers and body bytes it sent by path. A folder answers with an index page of links (fsspec lists
 folders by them).
 """
 
@@ -33,6 +33,7 @@ class FileServer(ThreadingHTTPServer):
         self.requests = 0
         self.bytes_sent = 0
         self.sent: Counter[str] = Counter()  # body bytes by path (/images/000000.tar)
+        self.answers: Counter[str] = Counter()  # answers with a body, by path
         self.lock = threading.Lock()
         super().__init__(("127.0.0.1", 0), _Handler)
 
@@ -108,6 +109,7 @@ class _Handler(SimpleHTTPRequestHandler):
             with server.lock:
                 server.bytes_sent += len(data)
                 server.sent[self.path] += len(data)
+                server.answers[self.path] += 1
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's names
         self._answer(body=True)

@@ -4,6 +4,7 @@ wrong (503s, ignored ranges, missing or truncated files) is retried or named."""
 
 from __future__ import annotations
 
+import io
 import random
 import shutil
 from pathlib import Path
@@ -77,6 +78,47 @@ def test_a_tar_walked_by_the_loaders_reader_is_fetched_once(served, monkeypatch)
     assert walked == [(key, local.read(members)) for key, members in local]
     local.close()
     assert server.bytes_sent == tar.stat().st_size > 4 * 4096
+
+
+@pytest.mark.parametrize(("workers", "chunk"), [(2, 3), (3, 1)])
+def test_the_image_stream_comes_in_shard_order_and_fetches_each_chunk_in_one_request(served, workers, chunk):
+    """recaption and score read the image stage through ImageStream: the images come in the
+    shards' order, a skipped key undecoded, whatever the workers and chunk; at a URL a worker
+    fetches each of its chunks of consecutive samples in one request, and no skipped sample."""
+    from PIL import Image
+
+    from curate.images import ImageStream
+    from curate.shards import iter_tar_samples, read_index
+
+    root, server = served
+    tars = sorted((root / "images").glob("*.tar"))
+    expected = [[(key, Image.open(io.BytesIO(members["jpg"])).convert("RGB").tobytes(), None)
+                 for key, members in iter_tar_samples(tar)] for tar in tars]
+    skip = {expected[0][1][0], expected[1][2][0]}  # mid-chunk for chunk 3: its chunk is fetched in two
+    expected = [[(key, *((None, None) if key in skip else rest)) for key, *rest in shard] for shard in expected]
+
+    def streamed(paths: list[str]) -> list[list[tuple]]:
+        stream = ImageStream(list(enumerate(paths)), lambda img: img.tobytes(), workers, skip=skip, chunk=chunk)
+        taken = [list(stream.take(shard_id, len(shard))) for shard_id, shard in enumerate(expected)]
+        stream.close()
+        return taken
+
+    assert streamed([str(t) for t in tars]) == expected
+    server.sent.clear()
+    server.answers.clear()
+    assert streamed([f"{server.url}/images/{t.name}" for t in tars]) == expected
+    position, spans = 0, 0
+    for tar, shard in zip(tars, expected, strict=True):
+        index = read_index(tar.with_suffix(".parquet")).filter(pl.col("status") == "ok")
+        assert server.sent[f"/images/{tar.name}"] == index.filter(~pl.col("key").is_in(skip))["tar_length"].sum()
+        runs, last = 0, None  # runs of consecutive fetched samples of one chunk
+        for key, *_ in shard:
+            runs += key not in skip and position // chunk != last
+            last = None if key in skip else position // chunk
+            position += 1
+        assert server.answers[f"/images/{tar.name}"] == runs
+        spans += runs
+    assert spans < position - len(skip) or chunk == 1
 
 
 def test_failed_requests_are_retried_and_a_server_that_ignores_ranges_is_named(tmp_path):

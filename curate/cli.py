@@ -62,10 +62,13 @@ _IMAGE_RULES = ("over the image stage's columns (width, height, bytes, format, s
 
 def _selection(args: argparse.Namespace) -> SubsetRules:
     from curate.runner import CurateError
+    from curate.storage import as_location
     from curate.subset import SubsetRules
 
-    rules = SubsetRules(where=args.where, scores=[Path(p) for p in args.scores],
-                        keep=Path(args.keep) if args.keep else None, exclude=[Path(p) for p in args.exclude],
+    # Each table or score folder a path here or a URL (as_location: Path would fold "s3://" to "s3:/").
+    rules = SubsetRules(where=args.where, scores=[as_location(p) for p in args.scores],
+                        keep=as_location(args.keep) if args.keep else None,
+                        exclude=[as_location(p) for p in args.exclude],
                         fraction=args.fraction, seed=args.fraction_seed, unique=getattr(args, "unique", False))
     if rules.scores and not rules.where:
         raise CurateError("--scores only gives columns to --where: say which samples to keep with --where")

@@ -31,8 +31,10 @@ Subsetting a subset narrows it. Every rule is recorded in the manifest's provena
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,7 @@ _BOOKKEEPING = {"status", "reason", "detail", "tar_offset", "tar_length"}
 # `curate score --embeddings`' CLIP image embeddings (for curate dedup): no column to filter on.
 EMBEDDING_COLUMN = "image_embedding"
 _KEY_COLUMNS = ("key", "source")
+_TABLE_SUFFIXES = (".parquet", ".csv", ".tsv", ".jsonl", ".ndjson", ".txt")
 
 log = logging.getLogger("curate")
 
@@ -69,9 +72,10 @@ log = logging.getLogger("curate")
 @dataclass(frozen=True)
 class SubsetRules:
     where: list[str] = field(default_factory=list)
-    scores: list[Path] = field(default_factory=list)
-    keep: Path | None = None
-    exclude: list[Path] = field(default_factory=list)  # each table's samples are dropped
+    # Tables and `curate score` folders, local (Path) or at URLs (str: curate.storage.as_location).
+    scores: list[Path | str] = field(default_factory=list)
+    keep: Path | str | None = None
+    exclude: list[Path | str] = field(default_factory=list)  # each table's samples are dropped
     fraction: float | None = None
     seed: int = 0  # of the fraction's draw
     unique: bool = False  # a merged manifest: a sample in several parts stays in the first only
@@ -81,13 +85,14 @@ class SubsetRules:
 
     def record(self) -> dict[str, Any]:
         """The rules as the manifest's provenance keeps them (files with their sha256)."""
-        def file(path: Path) -> dict[str, str]:
-            if path.is_dir():  # a stage folder: its indexes' hashes, hashed
+        def file(path: Path | str) -> dict[str, str]:
+            if _is_folder(path):  # a stage folder: its indexes' hashes, hashed
                 from curate.shards import stable_hash
 
-                return {"path": str(path.resolve()),
-                        "indexes": stable_hash([file_sha256(p) for p in sorted(path.glob("*.parquet"))])}
-            return {"path": str(path.resolve()), "sha256": file_sha256(path)}
+                indexes = _stage_indexes(path)
+                hashes = storage.parallel_map(file_sha256, indexes, storage.is_remote(path))
+                return {"path": storage.resolved(path), "indexes": stable_hash(list(hashes))}
+            return {"path": storage.resolved(path), "sha256": file_sha256(path)}
 
         out: dict[str, Any] = {}
         if self.where:
@@ -206,24 +211,26 @@ def _parse(text: str) -> pl.Expr:
         raise ManifestError(f"--where {text!r}: not a SQL expression: {e}") from None
 
 
-def _read_table(path: str | os.PathLike, option: str) -> pl.DataFrame:
-    """A table of samples (by ``key`` or ``source``); a ``.txt`` file is a list of keys."""
-    path = Path(path)
-    suffix = path.suffix.lower()
+def _read_table(path: Path | str, option: str) -> pl.DataFrame:
+    """A table of samples (by ``key`` or ``source``); a ``.txt`` file is a list of keys. A file or
+    a `curate score` folder, here or at a URL."""
+    suffix = posixpath.splitext(str(path))[1].lower()
     try:
-        if path.is_dir():
+        if _is_folder(path):
             table = _stage_scores(path, option)
-        elif suffix == ".parquet":
-            table = pl.read_parquet(path)
-        elif suffix in (".csv", ".tsv"):
-            table = pl.read_csv(path, separator="\t" if suffix == ".tsv" else ",")
-        elif suffix in (".jsonl", ".ndjson"):
-            table = pl.read_ndjson(path)
-        elif suffix == ".txt":
-            keys = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-            table = pl.DataFrame({"key": keys}, schema={"key": pl.String})
-        else:
+        elif suffix not in _TABLE_SUFFIXES:
             raise ManifestError(f"{option} {path}: give a .parquet, .csv, .tsv, .jsonl or .txt (keys) file")
+        else:
+            data = io.BytesIO(storage.read_bytes(path))
+            if suffix == ".parquet":
+                table = pl.read_parquet(data)
+            elif suffix in (".csv", ".tsv"):
+                table = pl.read_csv(data, separator="\t" if suffix == ".tsv" else ",")
+            elif suffix in (".jsonl", ".ndjson"):
+                table = pl.read_ndjson(data)
+            else:
+                keys = [line.strip() for line in data.read().decode().splitlines() if line.strip()]
+                table = pl.DataFrame({"key": keys}, schema={"key": pl.String})
     except FileNotFoundError:
         raise ManifestError(f"{option} {path}: no such file") from None
     except (OSError, pl.exceptions.PolarsError) as e:
@@ -240,15 +247,25 @@ def _read_table(path: str | os.PathLike, option: str) -> pl.DataFrame:
     return table
 
 
-def _stage_scores(stage: Path, option: str) -> pl.DataFrame:
+def _is_folder(path: Path | str) -> bool:
+    """A folder (a `curate score` stage) rather than a table file: at a URL, whatever does not end
+    as a table does (a stage's URL is a prefix, which an object store cannot tell from a file's)."""
+    if storage.is_remote(path):
+        return posixpath.splitext(str(path).rstrip("/"))[1].lower() not in _TABLE_SUFFIXES
+    return Path(path).is_dir()
+
+
+def _stage_scores(stage: Path | str, option: str) -> pl.DataFrame:
     """A stage folder's accepted rows (``curate score``'s output), by key; its flags as ``score_flags``."""
     from curate.shards import committed_shards
 
     shards = committed_shards(stage)
     if not shards:
         raise ManifestError(f"{option} {stage}: a folder, but no stage's committed shards (such as DATA/scores/clip)")
-    columns = [c for c in pl.read_parquet_schema(shards[0].index_path) if c != EMBEDDING_COLUMN]
-    table = pl.concat([pl.read_parquet(s.index_path, columns=columns) for s in shards], how="diagonal_relaxed")
+    columns = [c for c in index_columns(shards[0].index_path) if c != EMBEDDING_COLUMN]
+    tables = storage.parallel_map(lambda s: read_index(s.index_path, columns=columns), shards,
+                                  storage.is_remote(stage))  # URLs: many at a time
+    table = pl.concat(list(tables), how="diagonal_relaxed")
     return (table.filter(pl.col("status") == "ok").drop(*_BOOKKEEPING, strict=False)
             .rename({"flags": "score_flags"}, strict=False))
 
@@ -265,8 +282,8 @@ def _stage_columns(stage: Path | str) -> list[str]:
     return [] if first is None else index_columns(first)
 
 
-def _is_stage(path: str) -> bool:
-    """Whether a stage a provenance records is there: a folder, or a URL with its _stage.json."""
+def _is_stage(path: str | os.PathLike) -> bool:
+    """Whether a stage is there: a folder, or a URL with its _stage.json."""
     from curate.runner import STAGE_FILE
 
     return storage.is_file(storage.join(path, STAGE_FILE)) if storage.is_remote(path) else Path(path).is_dir()
@@ -282,8 +299,10 @@ def _stage_mapping(stage: Path | str | None, prefix: str, taken: set[str] | dict
 def _stage_table(stage: Path | str, columns: dict[str, str]) -> pl.DataFrame:
     """The accepted rows of a stage's indexes: ``key`` and ``columns`` (name in the index -> name
     in the subset's view)."""
-    frames = [read_index(p, columns=["key", "status", *columns]).filter(pl.col("status") == "ok")
-              for p in _stage_indexes(stage)]
+    indexes = _stage_indexes(stage)
+    read = storage.parallel_map(lambda p: read_index(p, columns=["key", "status", *columns]), indexes,
+                                storage.is_remote(stage))  # URLs: many at a time
+    frames = [table.filter(pl.col("status") == "ok") for table in read]
     if not frames:
         raise ManifestError(f"{stage}: no index files: the stage is not there")
     return pl.concat(frames).drop("status").rename(columns)

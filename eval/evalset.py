@@ -117,6 +117,7 @@ def choose_samples(
     # and two datasets may share images; the first listing is the one used.
     seen: set[str] = set()
     read: set[tuple[str, str | None]] = set()
+    firsts = []  # (position, entry, url) of each shard's first listing with its subset
     for pos, (entry, url) in enumerate(zip(manifest.shards, urls, strict=True)):
         listing = (url, entry.subset.mask if entry.subset is not None else None)
         if listing in read:
@@ -124,11 +125,20 @@ def choose_samples(
         read.add(listing)
         if url.startswith("pipe:"):
             raise EvalSetError(f"{url}: evaluation reads files and URLs, not pipes")
+        firsts.append((pos, entry, url))
+
+    def accepted_keys(url: str) -> list[str]:
         index = index_of(url)
         if not storage.is_file(index):
             raise EvalSetError(f"{url}: no index beside it ({posixpath.basename(index)})")
         table = read_index(index, columns=["key", "status"])
-        accepted = table.filter(table["status"] == OK)["key"].to_list()
+        return table.filter(table["status"] == OK)["key"].to_list()
+
+    distinct = list(dict.fromkeys(url for _, _, url in firsts))
+    keys_of = dict(zip(distinct, storage.parallel_map(accepted_keys, distinct, any(map(storage.is_remote, distinct))),
+                       strict=True))  # URLs: many indexes at a time
+    for pos, entry, url in firsts:
+        accepted = keys_of[url]
         if len(accepted) != entry.accepted:
             raise EvalSetError(f"{url}: its index lists {len(accepted)} accepted samples but the manifest says "
                                f"{entry.accepted}: the shard changed after the manifest was written")

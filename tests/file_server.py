@@ -4,7 +4,7 @@ What it can be told to do, for the remote-shard tests and ``bench/remote.py``: a
 seconds to every answer (an object store's first byte is tens of milliseconds away), fail the
 next ``fail_next`` requests with 503 (a store's "slow down"), or ignore ``Range`` headers (a server
 that cannot serve ranges, whose whole-file answers must not be taken for ranges). It counts the
-requests, and the answers and body bytes it sent by path. A folder answers with an index page of links (fsspec lists
+requests, the most answered at once, and the answers and body bytes it sent by path. A folder answers with an index page of links (fsspec lists
 folders by them).
 """
 
@@ -34,6 +34,7 @@ class FileServer(ThreadingHTTPServer):
         self.bytes_sent = 0
         self.sent: Counter[str] = Counter()  # body bytes by path (/images/000000.tar)
         self.answers: Counter[str] = Counter()  # answers with a body, by path
+        self.in_flight = self.peak = 0  # requests being answered; the most at once
         self.lock = threading.Lock()
         super().__init__(("127.0.0.1", 0), _Handler)
 
@@ -57,8 +58,18 @@ class _Handler(SimpleHTTPRequestHandler):
         server = self.server
         with server.lock:
             server.requests += 1
+            server.in_flight += 1
+            server.peak = max(server.peak, server.in_flight)
             fail = server.fail_next > 0
             server.fail_next -= fail
+        try:
+            self._respond(body, fail)
+        finally:
+            with server.lock:
+                server.in_flight -= 1
+
+    def _respond(self, body: bool, fail: bool) -> None:
+        server = self.server
         if server.latency:
             time.sleep(server.latency)
         if fail:

@@ -219,6 +219,48 @@ def test_curate_manifest_on_manifests_at_urls_writes_a_local_manifest_of_their_s
     assert curate_main(["manifest", f"{base}/long.json", "--captions", "long=1", "--name", "x"]) == 2  # no --out
 
 
+def test_score_folders_and_tables_at_urls_choose_the_samples_their_files_do(served, tmp_path):
+    """`curate manifest --scores URL --keep URL --exclude URL`: a `curate score` folder (its indexes
+    read many at a time) and key tables over HTTP choose the same samples as the files, and the
+    manifest records their URLs with the files' hashes."""
+    from curate.cli import main as curate_main
+    from curate.shards import ShardWriter, committed_shards, read_index, stable_hash
+
+    root, server = served
+    keys = [k for shard in committed_shards(root / "latents")
+            for k in read_index(shard.index_path).filter(pl.col("status") == "ok")["key"]]
+    tables = root / "tables"
+    scores = tables / "clip"
+    for shard in range(3):  # as curate score writes them: an index per image shard, no tar
+        writer = ShardWriter(scores, shard, {"clip_long": pl.Float32}, with_tar=False)
+        for i in range(shard, len(keys), 3):
+            writer.add(keys[i], {}, row={"clip_long": i / 100})
+        writer.commit(stage="score", fingerprint=stable_hash([shard]), config_hash="test")
+    (tables / "keep.txt").write_text("\n".join(keys[:-2]) + "\n")
+    pl.DataFrame({"key": keys[:2]}).write_csv(tables / "drop.csv")
+    rules = ["--where", "clip_long >= 0.03", "--keep", "TABLES/keep.txt", "--exclude", "TABLES/drop.csv"]
+    made = {}
+    server.latency, server.peak = 0.05, 0
+    try:
+        for side, at in (("files", str(tables)), ("http", f"{server.url}/tables")):
+            args = [a.replace("TABLES", at) for a in rules]
+            out = tmp_path / f"{side}.json"
+            assert curate_main(["manifest", str(root / "manifests" / "long.json"), "--scores", f"{at}/clip", *args,
+                                "--name", side, "--out", str(out)]) == 0, side
+            made[side] = load_manifest(out)
+    finally:
+        server.latency = 0.0
+    assert server.peak > 1  # the score indexes asked for side by side
+    files, http = made["files"], made["http"]
+    assert [(e.path, e.subset) for e in http.shards] == [(e.path, e.subset) for e in files.shards]
+    assert http.samples == files.samples == len(keys) - 5  # the first 3 scored low, the last 2 not kept
+    recorded = {side: m.provenance["subsets"][-1] for side, m in made.items()}
+    assert recorded["http"]["scores"][0] == {**recorded["files"]["scores"][0], "path": f"{server.url}/tables/clip"}
+    assert recorded["http"]["keep"] == {**recorded["files"]["keep"], "path": f"{server.url}/tables/keep.txt"}
+    missing = ["--where", "clip_long > 0", "--scores", f"{server.url}/tables/none.parquet", "--out", str(tmp_path / "x")]
+    assert curate_main(["manifest", str(root / "manifests" / "long.json"), *missing, "--name", "x"]) == 2
+
+
 def test_missing_and_truncated_remote_shards_are_named_before_training(served, tmp_path):
     root, server = served
     broken = root / "broken"

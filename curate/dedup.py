@@ -41,6 +41,7 @@ import json
 import logging
 import math
 import os
+import posixpath
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,9 @@ import numpy as np
 import polars as pl
 import torch
 
+from curate import storage
 from curate.runner import STAGE_FILE, CurateError, resolve_device
-from curate.shards import OK, committed_shards
+from curate.shards import OK, committed_shards, index_columns, read_index
 from curate.subset import EMBEDDING_COLUMN
 
 log = logging.getLogger("curate")
@@ -202,7 +204,8 @@ def dedup_scores(scores_dir: str | os.PathLike, threshold: float = 0.95, *, clus
     """Find the duplicates among the images of a ``curate score --embeddings`` stage and write
     them (atomically) to ``out`` (default: ``scores_dir/duplicates-THRESHOLD.parquet``); returns
     a summary. ``prefer``: which image of a group stays (see the module note)."""
-    scores_dir = Path(scores_dir)
+    scores_dir = storage.as_location(scores_dir)
+    out = _table_path(scores_dir, out, f"duplicates-{threshold:g}.parquet")
     keys, embeddings = _stored_embeddings(scores_dir)
     # The order in which images are kept: the dataset's, or by --prefer (highest first, ties and
     # nulls in the dataset's order after).
@@ -211,7 +214,6 @@ def dedup_scores(scores_dir: str | os.PathLike, threshold: float = 0.95, *, clus
     found["index"], found["of"] = order[found["index"]], order[found["of"]]
     ordered = np.argsort(found["index"], kind="stable")  # the table in the dataset's order
     found = {name: values[ordered] for name, values in found.items()}
-    out = Path(out) if out is not None else scores_dir / f"duplicates-{threshold:g}.parquet"
     table = _write_table(found, keys, keys, out)
     summary = {"images": len(keys), "duplicates": table.height, "threshold": threshold,
                "clusters": cluster_count(len(keys), cluster_size), "cluster_size": cluster_size, "seed": seed,
@@ -233,9 +235,13 @@ def decontaminate(scores_dir: str | os.PathLike, against: str | os.PathLike, thr
     images, ingested and scored on their own), or a manifest (a held-out set such as ``curate
     manifest --hold-out`` writes) whose samples' embeddings are read from ``scores_dir`` itself;
     its own samples are not candidates then."""
-    scores_dir, against = Path(scores_dir), Path(against)
+    scores_dir, against = storage.as_location(scores_dir), storage.as_location(against)
+    is_manifest = str(against).endswith(".json") if storage.is_remote(against) else Path(against).is_file()
+    name = posixpath.basename(str(against).rstrip("/"))
+    name = posixpath.splitext(name)[0] if is_manifest else name
+    out = _table_path(scores_dir, out, f"duplicates-of-{name}-{threshold:g}.parquet")
     keys, embeddings = _stored_embeddings(scores_dir)
-    if against.is_file():
+    if is_manifest:
         ref_keys = _manifest_keys(against)
         row_of = {k: i for i, k in enumerate(keys)}
         missing = [k for k in ref_keys if k not in row_of]
@@ -246,8 +252,8 @@ def decontaminate(scores_dir: str | os.PathLike, against: str | os.PathLike, thr
         reference = embeddings[[row_of[k] for k in ref_keys]]
         held = set(ref_keys)
         candidates = np.array([i for i, k in enumerate(keys) if k not in held], dtype=np.int64)
-    elif (against / STAGE_FILE).is_file():
-        if against.resolve() == scores_dir.resolve():
+    elif _stage_record(against) is not None:
+        if storage.resolved(against) == storage.resolved(scores_dir):
             raise CurateError(f"--against {against}: the stage itself; its own near-duplicates are "
                               f"`curate dedup {scores_dir}` without --against")
         _check_same_model(scores_dir, against)
@@ -261,8 +267,6 @@ def decontaminate(scores_dir: str | os.PathLike, against: str | os.PathLike, thr
     found = find_matches(embeddings[candidates], reference, threshold, cluster_size=cluster_size, seed=seed,
                          device=device)
     found["index"] = candidates[found["index"]]
-    name = against.stem if against.is_file() else against.name
-    out = Path(out) if out is not None else scores_dir / f"duplicates-of-{name}-{threshold:g}.parquet"
     table = _write_table(found, keys, ref_keys, out)
     summary = {"images": len(candidates), "reference": len(ref_keys), "against": str(against),
                "duplicates": table.height, "threshold": threshold,
@@ -273,17 +277,36 @@ def decontaminate(scores_dir: str | os.PathLike, against: str | os.PathLike, thr
     return summary
 
 
-def _stored_embeddings(scores_dir: Path) -> tuple[list[str], np.ndarray]:
-    """The keys and float16 embeddings [N, D] of a score stage's images, in the dataset's order."""
-    if not (scores_dir / STAGE_FILE).is_file():
+def _table_path(scores_dir: Path | str, out: str | os.PathLike | None, name: str) -> Path:
+    """Where the table goes: ``out``, or ``name`` in the score stage (which must be here to be written)."""
+    if out is not None:
+        return Path(out)
+    if storage.is_remote(scores_dir):
+        raise CurateError(f"{scores_dir} is at a URL, where the table cannot be written: give --out, a local file")
+    return Path(scores_dir) / name
+
+
+def _stage_record(stage: Path | str) -> dict[str, Any] | None:
+    """A stage's _stage.json (here or at a URL); None when it has none."""
+    try:
+        return json.loads(storage.read_bytes(storage.join(stage, STAGE_FILE)))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _stored_embeddings(scores_dir: Path | str) -> tuple[list[str], np.ndarray]:
+    """The keys and float16 embeddings [N, D] of a score stage's images, in the dataset's order
+    (at a URL, the indexes fetched many at a time)."""
+    if _stage_record(scores_dir) is None:
         raise CurateError(f"{scores_dir}: not a complete `curate score` stage (no {STAGE_FILE})")
     shards = committed_shards(scores_dir)
-    if not shards or EMBEDDING_COLUMN not in pl.read_parquet_schema(shards[0].index_path):
+    if not shards or EMBEDDING_COLUMN not in index_columns(shards[0].index_path):
         raise CurateError(f"{scores_dir}: holds no image embeddings; score with `curate score ... --embeddings`")
     keys: list[str] = []
     parts: list[np.ndarray] = []
-    for shard in shards:
-        rows = pl.read_parquet(shard.index_path, columns=["key", "status", EMBEDDING_COLUMN])
+    tables = storage.parallel_map(lambda shard: read_index(shard.index_path, columns=["key", "status", EMBEDDING_COLUMN]),
+                                  shards, storage.is_remote(scores_dir))
+    for rows in tables:
         rows = rows.filter((pl.col("status") == OK) & pl.col(EMBEDDING_COLUMN).is_not_null())
         keys.extend(rows["key"].to_list())
         parts.append(rows[EMBEDDING_COLUMN].to_numpy().astype(np.float16))
@@ -292,7 +315,7 @@ def _stored_embeddings(scores_dir: Path) -> tuple[list[str], np.ndarray]:
     return keys, np.concatenate(parts)
 
 
-def _manifest_keys(path: Path) -> list[str]:
+def _manifest_keys(path: Path | str) -> list[str]:
     """The distinct sample keys a manifest uses, in its order."""
     from curate.manifest import ManifestError, latent_index_rows, load_manifest
 
@@ -306,7 +329,7 @@ def _manifest_keys(path: Path) -> list[str]:
     return rows["key"].unique(maintain_order=True).to_list()
 
 
-def _check_same_model(scores_dir: Path, against: Path) -> None:
+def _check_same_model(scores_dir: Path | str, against: Path | str) -> None:
     """Embeddings compare only within one model's space: the same model, revision and files, and
     the same Hub commit where both stages recorded one."""
     ours, theirs = _embedding_model(scores_dir), _embedding_model(against)
@@ -320,8 +343,8 @@ def _check_same_model(scores_dir: Path, against: Path) -> None:
                           "similarities between two models' embeddings mean nothing; score both with one model")
 
 
-def _embedding_model(stage: Path) -> dict[str, Any]:
-    record = json.loads((stage / STAGE_FILE).read_text())
+def _embedding_model(stage: Path | str) -> dict[str, Any]:
+    record = _stage_record(stage) or {}
     config, provenance = record.get("config", {}), record.get("provenance", {})
     return {"model": provenance.get("model_id", config.get("model")), "revision": config.get("revision"),
             "files": config.get("local_model_files"), "commit": provenance.get("model_commit")}
@@ -340,16 +363,17 @@ def _write_table(found: dict[str, np.ndarray], keys: list[str], of_keys: list[st
     return table
 
 
-def _preferred_order(scores_dir: Path, keys: list[str], prefer: str) -> np.ndarray:
+def _preferred_order(scores_dir: Path | str, keys: list[str], prefer: str) -> np.ndarray:
     """The rows of ``keys`` by ``prefer``'s value over the score stage's and image stage's columns
     (as ``--where`` reads them), highest first; nulls last; ties in the dataset's order."""
-    from curate.subset import _stage_mapping, _stage_scores, _stage_table
+    from curate.subset import _is_stage, _stage_mapping, _stage_scores, _stage_table
 
     table = _stage_scores(scores_dir, "--prefer").drop("score_flags", strict=False)
-    images = json.loads((scores_dir / STAGE_FILE).read_text()).get("provenance", {}).get("images")
-    if images and Path(images).is_dir():  # the image stage's columns: width, height, bytes, source...
-        mapping = _stage_mapping(Path(images), "image_", {"flags", *table.columns})
-        table = table.join(_stage_table(Path(images), mapping), on="key", how="left")
+    images = (_stage_record(scores_dir) or {}).get("provenance", {}).get("images")
+    if images and _is_stage(images):  # the image stage's columns: width, height, bytes, source...
+        images = storage.as_location(images)
+        mapping = _stage_mapping(images, "image_", {"flags", *table.columns})
+        table = table.join(_stage_table(images, mapping), on="key", how="left")
     try:
         values = table.select("key", pl.sql_expr(prefer).cast(pl.Float64).alias("value"))
     except pl.exceptions.PolarsError as e:

@@ -250,3 +250,41 @@ def test_dedup_of_a_score_stage_is_what_exclude_leaves_out(tmp_path: Path, capsy
     assert curate_main(["dedup", str(scores), "--prefer", "sharpness", "--device", "cpu"]) == 2
     assert "--prefer 'sharpness': cannot evaluate it on the columns key, clip_orig" in capsys.readouterr().err
     assert len(committed_shards(scores)) == 3  # the tables beside the shards are not shards
+
+
+def test_a_score_stage_and_a_held_out_manifest_at_urls_dedup_as_their_files(tmp_path: Path, capsys):
+    """`curate dedup URL --out FILE` and `--against MANIFEST-URL`: the embeddings and the manifest's
+    latent indexes read over HTTP give the files' tables; without --out it is refused (a URL
+    cannot be written to)."""
+    from file_server import serve
+
+    data = make_latent_dataset(tmp_path / "data", shards=2, per_shard=5)
+    assert curate_main(["manifest", str(data["long"]), "--hold-out", "1", "--name", "train"]) == 0
+    heldout = tmp_path / "data" / "manifests" / "train-heldout.json"
+    held_keys = latent_index_rows(load_manifest(heldout), heldout, ["key"])["key"].to_list()
+    keys = sorted(latent_index_rows(load_manifest(data["long"]), data["long"], ["key"])["key"].to_list())
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(len(keys), 16))
+    row = {k: i for i, k in enumerate(keys)}
+    others = [k for k in keys if k not in held_keys]
+    for copy, of in ((others[0], held_keys[1]), (others[3], others[2])):
+        x[row[copy]] = x[row[of]] + rng.normal(scale=0.02, size=16)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    scores = _score_stage(tmp_path / "scores", keys, x)
+    runs = {"within": [], "against": ["--against", "HERE/data/manifests/train-heldout.json"]}
+    tables = {}
+    with serve(tmp_path) as server:
+        for side, here in (("files", str(tmp_path)), ("http", server.url)):
+            for name, extra in runs.items():
+                out = tmp_path / f"{side}-{name}.parquet"
+                args = [a.replace("HERE", here) for a in extra]
+                assert curate_main(["dedup", f"{here}/scores", *args, "--out", str(out), "--device", "cpu"]) == 0
+                tables[side, name] = pl.read_parquet(out)
+        capsys.readouterr()
+        assert curate_main(["dedup", f"{server.url}/scores", "--device", "cpu"]) == 2
+        assert "give --out, a local file" in capsys.readouterr().err
+    for name in runs:
+        assert tables["http", name].equals(tables["files", name]), name
+    assert tables["files", "against"]["key"].to_list() == [others[0]]
+    assert tables["files", "within"].height == 2  # one of each planted pair
+    assert not list(scores.glob("duplicates-*.parquet"))  # --out, not the stage folder

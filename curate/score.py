@@ -364,7 +364,8 @@ class ScoreStage(Stage):
         # Each model has its own image processor: a worker prepares an image once for each.
         preparers = [m.prepare for m in [self.scorer, *self.classifiers, self.vqa] if m is not None]
         self.stream = ImageStream([(t.shard_id, t.payload[1]) for t in todo],
-                                  functools.partial(_prepare_for_each, preparers), self.decode_workers, prefetch=16)
+                                  functools.partial(_prepare_for_each, preparers), self.decode_workers,
+                                  prefetch=2)  # chunks of 8 ahead: 16 images per worker, as before chunks
         for model in [self.scorer, *self.classifiers, self.vqa]:
             if model is not None:
                 model.load()

@@ -365,7 +365,7 @@ class ScoreStage(Stage):
         preparers = [m.prepare for m in [self.scorer, *self.classifiers, self.vqa] if m is not None]
         self.stream = ImageStream([(t.shard_id, t.payload[1]) for t in todo],
                                   functools.partial(_prepare_for_each, preparers), self.decode_workers,
-                                  prefetch=2)  # chunks of 8 ahead: 16 images per worker, as before chunks
+                                  prefetch=2)  # 2 chunks of 8 ahead: 16 images per worker
         for model in [self.scorer, *self.classifiers, self.vqa]:
             if model is not None:
                 model.load()

@@ -551,8 +551,9 @@ def cmd_dedup(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from curate.stats import format_manifest_stats, format_stats, manifest_stats, stage_stats
+    from curate.storage import is_remote
 
-    if args.stage_dir.endswith(".json") and Path(args.stage_dir).is_file():
+    if args.stage_dir.endswith(".json") and (is_remote(args.stage_dir) or Path(args.stage_dir).is_file()):
         stats = manifest_stats(args.stage_dir)
         print(json.dumps(stats, indent=2) if args.json else format_manifest_stats(stats))
         return 0

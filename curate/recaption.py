@@ -212,7 +212,8 @@ def _caption_table(stage_dir: str | Path) -> tuple[pl.DataFrame, list[str]] | No
     paths = [str(s.index_path) for s in committed_shards(stage_dir)]
     if not paths:
         return None
-    df = pl.concat([pl.read_parquet(p) for p in paths], how="diagonal_relaxed")
+    tables = storage.parallel_map(read_index, paths, storage.is_remote(stage_dir))  # URLs: many at a time
+    df = pl.concat(list(tables), how="diagonal_relaxed")
     return df, [c[: -len("_prompt_hash")] for c in df.columns if c.endswith("_prompt_hash")]
 
 

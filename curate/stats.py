@@ -2,28 +2,36 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+from curate import storage
 from curate.images import REASONS
 from curate.runner import STAGE_FILE, CurateError
 from curate.shards import add_counts, committed_shards
 
 
 def stage_stats(stage_dir: str | os.PathLike) -> dict[str, Any]:
-    """_stage.json when the stage is complete; otherwise totals over the shards committed so far."""
-    stage_dir = Path(stage_dir)
-    if not stage_dir.is_dir():
+    """_stage.json when the stage is complete; otherwise totals over the shards committed so far.
+    The stage may lie at a URL (its shards' metadata fetched many at a time)."""
+    stage_dir = storage.as_location(stage_dir)
+    remote = storage.is_remote(stage_dir)
+    if not remote and not Path(stage_dir).is_dir():
         raise CurateError(f"{stage_dir}: no such folder")
-    stage_file = stage_dir / STAGE_FILE
     shards = committed_shards(stage_dir)
-    if stage_file.exists():
-        stats = json.loads(stage_file.read_text())
+    try:
+        stats = json.loads(storage.read_bytes(storage.join(stage_dir, STAGE_FILE)))
+    except FileNotFoundError:
+        stats = None
+    if stats is not None:
         stats["committed_shards"] = len(shards)
         # `curate dedup`'s tables beside a score stage's shards: images to leave out, per threshold.
-        duplicates = {p.name: _rows(p) for p in sorted(stage_dir.glob("duplicates-*.parquet"))}
+        names = storage.list_names(stage_dir) if remote else os.listdir(stage_dir)
+        tables = sorted(n for n in names if n.startswith("duplicates-") and n.endswith(".parquet"))
+        duplicates = {name: _rows(storage.join(stage_dir, name)) for name in tables}
         if duplicates:
             stats["duplicates"] = duplicates
         return stats
@@ -71,10 +79,12 @@ def format_stats(stats: dict[str, Any], stage_dir: str | os.PathLike = "") -> st
     return "\n".join(lines)
 
 
-def _rows(path: Path) -> int:
-    import polars as pl
+def _rows(path: str) -> int:
+    import pyarrow.parquet as pq
 
-    return pl.scan_parquet(path).select(pl.len()).collect().item()
+    if storage.is_remote(path):  # the footer's row count, from the whole file (a table, not a shard)
+        return pq.ParquetFile(io.BytesIO(storage.read_bytes(path))).metadata.num_rows
+    return pq.ParquetFile(path).metadata.num_rows
 
 
 def rounded(value: float) -> float:

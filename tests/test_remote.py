@@ -261,6 +261,37 @@ def test_score_folders_and_tables_at_urls_choose_the_samples_their_files_do(serv
     assert curate_main(["manifest", str(root / "manifests" / "long.json"), *missing, "--name", "x"]) == 2
 
 
+def test_curate_stats_of_stages_and_a_manifest_at_urls_are_their_files(served, tmp_path):
+    """`curate stats URL`: a complete stage (with a dedup table beside its shards), an incomplete
+    one and a manifest read over HTTP give the files' statistics."""
+    import contextlib
+    import json
+
+    from curate.cli import main as curate_main
+
+    root, server = served
+    scored = root / "scored"
+    scored.mkdir(exist_ok=True)
+    shutil.copy(root / "latents" / "_stage.json", scored / "_stage.json")
+    pl.DataFrame({"key": ["a", "b", "c"], "duplicate_of": ["x", "x", "y"]}).write_parquet(
+        scored / "duplicates-0.95.parquet")
+
+    def stats(path: str) -> dict:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert curate_main(["stats", path, "--json"]) == 0, path
+        return json.loads(out.getvalue())
+
+    for name in ("latents", "images", "scored", "manifests/long.json"):
+        files, http = stats(str(root / name)), stats(f"{server.url}/{name}")
+        if name.endswith(".json"):
+            assert http.pop("manifest") == f"{server.url}/{name}" and files.pop("manifest") == str(root / name)
+        assert http == files, name
+    assert stats(f"{server.url}/scored")["duplicates"] == {"duplicates-0.95.parquet": 3}
+    assert stats(f"{server.url}/manifests/long.json")["buckets"] is not None  # its latent indexes were read
+    assert curate_main(["stats", f"{server.url}/nothing"]) == 2
+
+
 def test_missing_and_truncated_remote_shards_are_named_before_training(served, tmp_path):
     root, server = served
     broken = root / "broken"

@@ -325,7 +325,7 @@ def _manifest_keys(path: Path | str) -> list[str]:
     except ManifestError as e:
         raise CurateError(f"--against {path}: {e}") from None
     if rows is None:
-        raise CurateError(f"--against {path}: its shard indexes cannot be read here (remote or missing shards)")
+        raise CurateError(f"--against {path}: its shard indexes cannot be read (pipe: shards, or index files missing)")
     return rows["key"].unique(maintain_order=True).to_list()
 
 

@@ -486,8 +486,8 @@ def latent_index_rows(manifest: Manifest, manifest_path: str | os.PathLike, colu
     """The rows of the samples the manifest uses, from every latent shard's index: ``columns`` of
     them, ``shard`` (the entry's position in ``manifest.shards``) and ``ordinal`` (the sample's
     position among its shard's accepted samples, which is its place in the tar). A polars DataFrame
-    in shard order, a repeated shard's rows once per listing; None when an index cannot be read here
-    (remote or missing shards)."""
+    in shard order, a repeated shard's rows once per listing; None when an index cannot be read
+    (pipe: shards, or index files missing)."""
     import polars as pl
 
     from curate.shards import index_of, read_index

@@ -117,7 +117,7 @@ def manifest_stats(manifest_path: str | os.PathLike) -> dict[str, Any]:
     except ManifestError as e:
         raise CurateError(str(e)) from None
     spec = manifest.latent
-    # Remote or missing shards are not counted here (training's check names them).
+    # Piped (pipe:) or missing shards are not counted here (training's check names them).
     try:
         rows = latent_index_rows(manifest, manifest_path, ["key", "captions", "bucket_h", "bucket_w"])
     except ManifestError as e:

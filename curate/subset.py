@@ -312,8 +312,8 @@ def _sample_rows(manifest: Manifest, manifest_path: str | os.PathLike, loaded: _
                  rules: SubsetRules) -> pl.DataFrame:
     """One row per sample the manifest uses (per listing), with ``shard``, ``ordinal``, ``key`` and
     every column ``wanted`` names, joined from the stages and the score tables."""
-    unreadable = ManifestError(f"{manifest_path}: the indexes of its shards cannot be read here (remote or "
-                               "missing shards); a subset is chosen from them")
+    unreadable = ManifestError(f"{manifest_path}: the indexes of its shards cannot be read (pipe: shards, "
+                               "or index files missing); a subset is chosen from them")
     first_tar = shard_urls(manifest, manifest_path)[0]
     first_index = index_of(first_tar)
     if not first_tar.endswith(".tar") or not storage.is_file(first_index):
@@ -471,8 +471,8 @@ def hold_out_samples(manifest: Manifest, manifest_path: str | os.PathLike, sampl
                             "dataset's manifest, then merge the rest")
     rows = latent_index_rows(manifest, manifest_path, ["key"])
     if rows is None:
-        raise ManifestError(f"{manifest_path}: the indexes of its shards cannot be read here (remote or missing "
-                            "shards); the held-out samples are drawn from them")
+        raise ManifestError(f"{manifest_path}: the indexes of its shards cannot be read (pipe: shards, or "
+                            "index files missing); the held-out samples are drawn from them")
     if not 0 < samples < rows.height:
         raise ManifestError(f"--hold-out-samples {samples}: {manifest_path} has {rows.height} samples; hold out at "
                             "least 1 and leave at least 1 to train on")

@@ -45,6 +45,7 @@ from curate.tiny import (  # noqa: E402
 from eval import evaluation  # noqa: E402
 from eval.evalset import choose_samples, images_dir_of, real_images  # noqa: E402
 from train.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
+from train.config import EVERY_STEP  # noqa: E402
 from train.ema import checkpoint_weights  # noqa: E402
 
 
@@ -75,9 +76,10 @@ def bare(made: dict[str, Path], args: argparse.Namespace) -> tuple[float, dict[s
     networks = evaluation.load_networks(list(evaluation.DEFAULT_METRICS), "cpu", clip=str(made["clip"]),
                                         dino=str(made["dino"]))
     model_weights, _ = checkpoint_weights(state)
-    generator = evaluation._Generator(state, model_weights, spec, "cpu", steps=args.steps,
-                                      guidance=cfg["sample"]["guidance"], shift=cfg["flow"]["shift"],
-                                      prediction=("velocity", 0.05), seed=0, batch_size=16)
+    sampler = evaluation._Sampler(steps=args.steps, guidance=cfg["sample"]["guidance"], interval=EVERY_STEP,
+                                  shift=cfg["flow"]["shift"], prediction=("velocity", 0.05))
+    generator = evaluation._Generator.from_checkpoint(state, model_weights, spec, "cpu", sampler=sampler, seed=0,
+                                                      batch_size=16)
     parts = dict.fromkeys(["generation", *networks], 0.0)
     start = time.perf_counter()
     batches = generator.images(evalset)

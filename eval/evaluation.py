@@ -38,6 +38,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -148,8 +150,6 @@ def evaluate_run(
     Returns the result, or None when other workers still have chunks to generate.
     """
     run = Path(run)
-    metrics = list(dict.fromkeys(metrics))
-    share = resolve_share(rank, world_size)
     path = latest_checkpoint(run) if step is None else checkpoint_path(run, step)
     if path is None or not path.is_file():
         raise CheckpointError(f"{run} has {'no checkpoint' if step is None else f'no checkpoint of step {step}'}")
@@ -169,6 +169,50 @@ def evaluate_run(
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} lacks what evaluation needs: {e!r}") from None
     model_weights, weights = checkpoint_weights(state, weights)
+    data = None
+    if prompts is None:
+        try:
+            data = load_manifest(manifest_path, check_files=True)
+        except ManifestError as e:
+            if manifest is not None or isinstance(manifest_path, str) or manifest_path.is_absolute():
+                raise
+            raise ManifestError(f"{e} (the run trained on {manifest_path}, relative to where it was started: "
+                                "run from there, or pass the manifest with --manifest)") from None
+    sampler = _Sampler(steps=steps, guidance=guidance, interval=interval, shift=shift, prediction=prediction)
+    return _evaluate(
+        run, step=step, spec=spec, sampler=sampler,
+        make_generator=lambda device: _Generator.from_checkpoint(state, model_weights, spec, device, sampler=sampler,
+                                                                 seed=seed, batch_size=batch_size),
+        # only when EMA, so the tags of runs without EMA stay what they were
+        extra_settings={"weights": "ema"} if weights == "ema" else {},
+        record={"run": str(run.absolute()), "checkpoint": str(path.absolute())},
+        metrics=metrics, data=data, manifest=manifest, manifest_path=manifest_path, images=images, prompts=prompts,
+        samples=samples, seed=seed, variant=variant, batch_size=batch_size, device=device,
+        networks=dict(inception=inception, clip=clip, dino=dino, clip_score=clip_score, vqa=vqa),
+        share=resolve_share(rank, world_size), force=force, progress=progress)
+
+
+@dataclass(frozen=True)
+class _Sampler:
+    """How the images are sampled: what changes them, besides the weights and the prompts."""
+
+    steps: int
+    guidance: float
+    interval: tuple[float, float]
+    shift: float
+    prediction: tuple[str, float]  # ("velocity" or "x0", x0_t_min)
+
+
+def _evaluate(
+    folder: Path, *, step: int, spec: LatentSpec, sampler: _Sampler, make_generator: Callable[[str], _Generator],
+    extra_settings: dict[str, Any], record: dict[str, Any], metrics: list[str] | tuple[str, ...], data: Any,
+    manifest: Any, manifest_path: Path | str | None, images: Any, prompts: Any, samples: int, seed: int,
+    variant: str | None, batch_size: int, device: str | None, networks: dict[str, Any], share: Any, force: bool,
+    progress: bool,
+) -> dict[str, Any] | None:
+    """The evaluation of one model (a run's checkpoint or a pipeline), stored under ``folder/eval``."""
+    metrics = list(dict.fromkeys(metrics))
+    steps, guidance, interval, shift = sampler.steps, sampler.guidance, sampler.interval, sampler.shift
     if batch_size < 1 or steps < 1:
         raise CurateError(f"batch size and sampler steps must be at least 1 (got {batch_size}, {steps})")
     if prompts is not None:
@@ -178,20 +222,10 @@ def evaluate_run(
         if unpaired:
             raise CurateError(f"{', '.join(unpaired)} compare with real images, which a prompt file does not have: "
                               f"with --prompts choose from {', '.join(PROMPT_METRICS)}")
-        data = None
-    else:
-        try:
-            data = load_manifest(manifest_path, check_files=True)
-        except ManifestError as e:
-            if manifest is not None or isinstance(manifest_path, str) or manifest_path.is_absolute():
-                raise
-            raise ManifestError(f"{e} (the run trained on {manifest_path}, relative to where it was started: "
-                                "run from there, or pass the manifest with --manifest)") from None
     device = str(resolve_device(device))
     evalset = (prompt_samples(prompts, samples) if data is None
                else choose_samples(data, manifest_path, samples, seed=seed, variant=variant))
-    networks = load_networks(metrics, device, inception=inception, clip=clip, dino=dino, clip_score=clip_score,
-                             vqa=vqa)
+    networks = load_networks(metrics, device, **networks)
     for metric, why in (("fid", "a covariance"), ("fd-dinov2", "a covariance"), ("kid", "an unbiased estimate")):
         if metric in metrics and len(evalset) < 2:
             raise CurateError(f"{metric.upper()} needs at least 2 images ({why}); the evaluation set has {len(evalset)}")
@@ -204,13 +238,12 @@ def evaluate_run(
                      "keys": stable_hash([s.key for s in evalset])}
     else:
         settings["prompt_set"] = Path(prompts).name
-    if weights == "ema":  # only then, so the tags of runs without EMA stay what they were
-        settings["weights"] = "ema"
-    if interval != EVERY_STEP:  # likewise: guidance at every step keeps the tags it had
+    settings |= extra_settings
+    if interval != EVERY_STEP:  # guidance at every step is not recorded: the tags from before intervals stay
         settings["guidance_interval"] = list(interval)
     tag = stable_hash(settings)[:12]
     name = f"step{step:08d}-{tag}"
-    result_path = run / "eval" / f"{name}.json"
+    result_path = folder / "eval" / f"{name}.json"
     stored = json.loads(result_path.read_text()) if result_path.is_file() else None
     wanted = [m for m in metrics if force or stored is None or m not in stored["metrics"]
               or stored["metrics"][m]["network"] != networks[METRICS[m]].identity]
@@ -218,7 +251,7 @@ def evaluate_run(
         return stored
     needed = {METRICS[m]: networks[METRICS[m]] for m in wanted}
 
-    work = run / "eval" / name
+    work = folder / "eval" / name
     work.mkdir(parents=True, exist_ok=True)
     _write_json(work / "settings.json", settings)  # what the features in this folder were made with
     chunks = math.ceil(len(evalset) / CHUNK)
@@ -232,9 +265,7 @@ def evaluate_run(
     mine = [c for c in range(share.rank, chunks, share.world_size) if missing(c)]
     started = time.perf_counter()
     if mine:
-        generator = _Generator(state, model_weights, spec, device, steps=steps, guidance=guidance,
-                               guidance_interval=interval, shift=shift,
-                               prediction=prediction, seed=seed, batch_size=batch_size)
+        generator = make_generator(device)
         todo = sum(len(evalset[c * CHUNK : (c + 1) * CHUNK]) for c in mine)
         bar = tqdm(total=todo, unit="img", desc=f"generating ({name})", disable=not progress)
         for c in mine:
@@ -254,13 +285,13 @@ def evaluate_run(
             for net in nets:
                 _save_npy(chunk_file(c, net), np.concatenate(features[net.key]).astype(np.float32))
             if c == 0:
-                _preview(run / "eval" / f"{name}.png", first, evalset, data, images, spec.resolution)
+                _preview(folder / "eval" / f"{name}.png", first, evalset, data, images, spec.resolution)
         bar.close()
     if not all(chunk_file(c, net).is_file() for c in range(chunks) for net in needed.values()):
         return None  # another worker's chunks are not done; the last worker to finish writes the result
 
     reference = {} if data is None else _reference_features(
-        run, data, images, evalset, spec.resolution, needed, settings, batch_size=max(batch_size, 32),
+        folder, data, images, evalset, spec.resolution, needed, settings, batch_size=max(batch_size, 32),
         progress=progress)
     result = stored if stored is not None else {"metrics": {}}
     for metric in wanted:
@@ -271,12 +302,12 @@ def evaluate_run(
                                      **({"reference": str(real_file.absolute())} if real_file else {})}
     empty = sum(1 for s in evalset if not s.caption)
     result |= {
-        "step": step, "run": str(run.absolute()), "tag": tag, "checkpoint": str(path.absolute()),
+        "step": step, **record, "tag": tag,
         "settings": settings,
         **({"manifest": {"path": storage.absolute(manifest_path), "name": data.name,
                          "sha256": file_sha256(manifest_path)}} if data is not None
            else {"prompt_set": {"path": str(Path(prompts).absolute()), "sha256": file_sha256(Path(prompts))}}),
-        "features": str(work.absolute()), "preview": str((run / "eval" / f"{name}.png").absolute()),
+        "features": str(work.absolute()), "preview": str((folder / "eval" / f"{name}.png").absolute()),
         "empty_prompts": empty,
         "note": (f"FID from {len(evalset)} images (fewer than {FEW_SAMPLES}) is biased upwards: compare "
                  "it only with evaluations of the same sample count (KID, --metrics kid, is unbiased)")
@@ -313,44 +344,47 @@ def _value(metric: str, generated: list[np.ndarray], real: np.ndarray | None) ->
 
 
 class _Generator:
-    """The checkpoint's denoiser, its text encoder and the manifest's VAE, turning evaluation
-    samples into uint8 images [B, 3, H, W] exactly as ``train generate`` would (noise seed + i)."""
+    """A denoiser, its text encoder and a VAE, turning evaluation samples into uint8 images
+    [B, 3, H, W] exactly as ``train generate`` would (noise seed + i)."""
 
-    def __init__(self, state: dict[str, Any], model_weights: dict[str, torch.Tensor], spec: LatentSpec,
-                 device: str, *, steps: int, guidance: float, shift: float, prediction: tuple[str, float],
-                 seed: int, batch_size: int, guidance_interval: tuple[float, float] = EVERY_STEP):
+    def __init__(self, transformer: torch.nn.Module, text: Any, vae: Any, spec: LatentSpec, device: str, *,
+                 sampler: _Sampler, seed: int, batch_size: int):
+        self.transformer = transformer.to(device).eval().requires_grad_(False)
+        self.text, self.vae, self.spec, self.sampler = text, vae, spec, sampler
+        self.seed, self.batch_size = seed, batch_size
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any], model_weights: dict[str, torch.Tensor], spec: LatentSpec,
+                        device: str, *, sampler: _Sampler, seed: int, batch_size: int) -> _Generator:
+        """The checkpoint's denoiser and text encoder, and the manifest's VAE."""
         from diffusers import PRXTransformer2DModel
 
         from curate.text import TextEncoder
         from curate.vae import load_vae_for_spec
 
         try:
-            self.transformer = PRXTransformer2DModel(**state["denoiser"])
-            self.transformer.load_state_dict(model_weights)
+            transformer = PRXTransformer2DModel(**state["denoiser"])
+            transformer.load_state_dict(model_weights)
             text = state["text_encoder"]
         except (KeyError, TypeError, RuntimeError) as e:
             raise CheckpointError(f"the checkpoint's denoiser cannot be rebuilt: {e}") from None
-        self.transformer.to(device).eval().requires_grad_(False)
-        self.text = TextEncoder.load(text.get("id") or text["name"], device=device,
-                                     revision=text.get("revision"), max_tokens=int(text["max_tokens"]))
-        self.vae = load_vae_for_spec(spec, device=device)
-        self.spec, self.steps, self.shift = spec, steps, shift
-        self.guidance, self.guidance_interval = guidance, guidance_interval
-        self.prediction, self.x0_t_min = prediction
-        self.seed, self.batch_size = seed, batch_size
+        encoder = TextEncoder.load(text.get("id") or text["name"], device=device, revision=text.get("revision"),
+                                   max_tokens=int(text["max_tokens"]))
+        return cls(transformer, encoder, load_vae_for_spec(spec, device=device), spec, device, sampler=sampler,
+                   seed=seed, batch_size=batch_size)
 
     def images(self, part: list[EvalSample]):
         from curate.vae import decode_to_images
         from train.sample import initial_noise, sample_latents
 
-        size = self.spec.resolution
+        size, sampler = self.spec.resolution, self.sampler
         for start in range(0, len(part), self.batch_size):
             batch = part[start : start + self.batch_size]
             noise = torch.cat([initial_noise(self.spec, 1, size, size, self.seed + s.index) for s in batch])
             latents = sample_latents(self.transformer, self.text, [s.caption for s in batch], spec=self.spec,
-                                     height=size, width=size, steps=self.steps, guidance=self.guidance,
-                                     guidance_interval=self.guidance_interval, shift=self.shift, prediction=self.prediction, x0_t_min=self.x0_t_min,
-                                     noise=noise)
+                                     height=size, width=size, steps=sampler.steps, guidance=sampler.guidance,
+                                     guidance_interval=sampler.interval, shift=sampler.shift,
+                                     prediction=sampler.prediction[0], x0_t_min=sampler.prediction[1], noise=noise)
             with torch.no_grad():  # 8 images per VAE call, as sample grids: 16 at 1024 px would not fit
                 pixels = torch.cat([decode_to_images(c, self.spec, self.vae) for c in latents.split(8)])
             yield pixels.mul(255).round().clamp(0, 255).to(torch.uint8)

@@ -1,4 +1,5 @@
-"""``evaluate compare RUN ...``: runs side by side, with the config keys in which they differ.
+"""``evaluate compare RUN ...``: runs side by side, with the config keys in which they differ (and
+the pipelines `evaluate pipeline` measured, named in a column of their own).
 
 One row per run: the last step logged, its loss (the logged window's mean), its latest validation
 loss (``val.shards``: a held-out set measured the same way each time; with ``by_step`` or ``every``,
@@ -76,12 +77,17 @@ def compare_runs(
         raise ValueError("by_step and every are two layouts: choose one")
     if not runs:
         raise ValueError("no runs to compare")
-    configs, logs, held_out, evaluations = [], [], [], []
+    configs, pipelines, logs, held_out, evaluations = [], [], [], [], []
     for run in map(Path, runs):
         cfg = load_run_config(run)
-        if cfg is None:
-            raise FileNotFoundError(f"{run} is not a run folder (no config.yaml)")
-        configs.append({k: v for k, v in flatten(to_dict(cfg)).items() if k not in _NOT_COMPARED})
+        pipeline = _pipeline_of(run) if cfg is None else None
+        if cfg is None and pipeline is None:
+            raise FileNotFoundError(f"{run} is neither a run folder (no config.yaml) nor a folder of `evaluate "
+                                    "pipeline` evaluations")
+        # A pipeline has no config: its row names the pipeline, the runs' keys are left empty.
+        configs.append(None if cfg is None else
+                       {k: v for k, v in flatten(to_dict(cfg)).items() if k not in _NOT_COMPARED})
+        pipelines.append(pipeline)
         metrics_lines = read_metrics(run)
         logs.append([m for m in metrics_lines if "loss" in m])
         held_out.append([m for m in metrics_lines if "val_loss" in m])  # train's val.shards
@@ -89,15 +95,18 @@ def compare_runs(
         evaluations.append(_all_evaluations(run) if every else by if by_step else by[-1:])
     measured = [e for run_evaluations in evaluations for e in run_evaluations]
     metrics = [m for m in METRICS if any(m in e["metrics"] for e in measured)]
-    keys = sorted(set().union(*configs))
-    differing = [k for k in keys if _differ([c.get(k) for c in configs])]
+    trained = [c for c in configs if c is not None]
+    keys = sorted(set().union(*trained))
+    differing = [k for k in keys if _differ([c.get(k) for c in trained])]
+    named = any(pipelines)
     swept = [s for s in _SWEPT if every and _differ([_setting(e, s) for e in measured])]
     validated = any(held_out)
     header = ["run", "step", "loss", *(["val loss"] if validated else []), *[_TITLES[m] for m in metrics],
               "eval step", "eval samples",
-              *[_SWEPT[s] for s in swept], *differing]
+              *[_SWEPT[s] for s in swept], *(["pipeline"] if named else []), *differing]
     rows = []
-    for run, logged, val, run_evaluations, config in zip(runs, logs, held_out, evaluations, configs, strict=True):
+    for run, logged, val, run_evaluations, config, pipeline in zip(runs, logs, held_out, evaluations, configs,
+                                                                    pipelines, strict=True):
         for evaluation in run_evaluations or [None]:
             values = [rounded(evaluation["metrics"][m]["value"]) if evaluation and m in evaluation["metrics"]
                       else None for m in metrics]
@@ -108,12 +117,13 @@ def compare_runs(
                          evaluation["step"] if evaluation else None,
                          evaluation["settings"]["samples"] if evaluation else None,
                          *[_setting(evaluation, s) if evaluation else None for s in swept],
-                         *[config.get(k) for k in differing]])
+                         *([pipeline] if named else []),
+                         *[config.get(k) if config is not None else None for k in differing]])
 
     notes = [f"the evaluations differ in {setting}: their metrics are not comparable"
              for setting in _COMPARABLE
              if setting not in swept and _differ([_setting(e, setting) for e in measured])]
-    if validated and any(_differ([c.get(k) for c in configs]) for k in ("val.shards", "val.samples", "val.timesteps")):
+    if validated and any(_differ([c.get(k) for c in trained]) for k in ("val.shards", "val.samples", "val.timesteps")):
         notes.append("the runs measured their val loss on different held-out sets (val.shards, val.samples, "
                      "val.timesteps): not comparable")
     for m in metrics:
@@ -122,6 +132,17 @@ def compare_runs(
     if "fid" in metrics and any(e["settings"]["samples"] < FEW_SAMPLES for e in measured):
         notes.append(f"FID from fewer than {FEW_SAMPLES} images is biased: compare it only at equal sample counts")
     return header, rows, notes
+
+
+def _pipeline_of(folder: Path) -> str | None:
+    """The pipeline an `evaluate pipeline --out` folder's evaluations measured (its Hub id, with the
+    revision when one was asked for, or its folder); None when the folder holds none."""
+    for path in result_files(folder):
+        record = json.loads(path.read_text()).get("pipeline")
+        if record:
+            name = record.get("id") or record.get("path")
+            return f"{name}@{record['revision']}" if record.get("revision") else name
+    return None
 
 
 def _setting(evaluation: dict[str, Any], name: str) -> Any:

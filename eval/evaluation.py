@@ -51,6 +51,7 @@ from curate import storage
 from curate.manifest import LatentSpec, ManifestError, file_sha256, load_manifest
 from curate.runner import CurateError, package_versions, resolve_device, resolve_share
 from curate.shards import stable_hash
+from curate.text import DEFAULT_MAX_TOKENS
 from eval.evalset import (
     EvalSample,
     choose_samples,
@@ -63,8 +64,10 @@ from eval.stats import fid_from_features, kid, mmd
 from train.checkpoint import CheckpointError, checkpoint_path, latest_checkpoint, load_checkpoint
 from train.config import EVERY_STEP, check_guidance_interval
 from train.ema import checkpoint_weights
+from train.export import EXPORT_INFO, exported_vae
 
-__all__ = ["CHUNK", "DEFAULT_METRICS", "METRICS", "PROMPT_METRICS", "evaluate_run", "result_files"]
+__all__ = ["CHUNK", "DEFAULT_METRICS", "METRICS", "PROMPT_METRICS", "evaluate_pipeline", "evaluate_run",
+           "result_files"]
 
 CHUNK = 256  # images per saved feature file: what a killed evaluation can lose
 PREVIEW = 8  # generated images shown above their real counterparts in RUN/eval/stepN-TAG.png
@@ -180,7 +183,7 @@ def evaluate_run(
                                 "run from there, or pass the manifest with --manifest)") from None
     sampler = _Sampler(steps=steps, guidance=guidance, interval=interval, shift=shift, prediction=prediction)
     return _evaluate(
-        run, step=step, spec=spec, sampler=sampler,
+        run, step=step, resolution=spec.resolution, sampler=sampler,
         make_generator=lambda device: _Generator.from_checkpoint(state, model_weights, spec, device, sampler=sampler,
                                                                  seed=seed, batch_size=batch_size),
         # only when EMA, so the tags of runs without EMA stay what they were
@@ -190,6 +193,128 @@ def evaluate_run(
         samples=samples, seed=seed, variant=variant, batch_size=batch_size, device=device,
         networks=dict(inception=inception, clip=clip, dino=dino, clip_score=clip_score, vqa=vqa),
         share=resolve_share(rank, world_size), force=force, progress=progress)
+
+
+def evaluate_pipeline(
+    pipeline: str,
+    out: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    manifest: str | os.PathLike[str] | None = None,
+    prompts: str | os.PathLike[str] | None = None,
+    resolution: int | None = None,
+    steps: int = 28,
+    guidance: float = 4.0,
+    guidance_interval: tuple[float, float] | None = None,
+    shift: float | None = None,
+    metrics: list[str] | tuple[str, ...] = DEFAULT_METRICS,
+    images: str | os.PathLike[str] | None = None,
+    samples: int = 10_000,
+    seed: int = 0,
+    variant: str | None = None,
+    batch_size: int = 16,
+    device: str | None = None,
+    inception: str | os.PathLike[str] | None = None,
+    clip: str | None = None,
+    dino: str | None = None,
+    clip_score: str | None = None,
+    vqa: str | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Any] | None:
+    """``metrics`` of a ``PRXPipeline``: a ``train export`` folder, any PRXPipeline folder, or a Hub
+    id or alias (Photoroom's releases: ``prx-256``...; at ``revision``), sampled as a run's
+    checkpoint is (its denoiser, text encoder and VAE through evaluate's sampler), so that a
+    released model measures against a run on the same samples. The samples and real images are
+    ``manifest``'s (or ``prompts``, a prompt file); the result goes to ``out/eval`` (``evaluate
+    compare`` lists ``out`` beside runs). An export knows its latent spec, token length and shift;
+    for another pipeline they come from its VAE, tokenizer and scheduler configs. ``resolution``
+    defaults to the export's, else the pipeline's ``default_sample_size``; ``shift`` to its
+    scheduler's; ``steps`` and ``guidance`` to PRXPipeline's own defaults (28, 4.0)."""
+    if (manifest is None) == (prompts is None):
+        raise CurateError("a pipeline has no training data of its own: give --manifest (the samples and real images "
+                          "to measure against) or --prompts (a prompt file), one of them")
+    root, identity = _pipeline_folder(pipeline, revision)
+    info = _read_json(root / EXPORT_INFO)
+    try:
+        if info is not None:  # a kiln export: the run's latent spec, text length and shift
+            spec: LatentSpec | None = LatentSpec.model_validate(info["latent_spec"])
+            native, max_tokens = spec.resolution, int(info["text_encoder"]["max_tokens"])
+            step, pipe_shift = int(info.get("step") or 0), float(info["scheduler_shift"])
+        else:
+            spec, step = None, 0  # from the VAE, when the images are generated
+            native = int((_read_json(root / "model_index.json") or {}).get("default_sample_size") or 256)
+            tokenizer = _read_json(root / "tokenizer" / "tokenizer_config.json") or {}
+            max_tokens = int(tokenizer.get("model_max_length") or 0)
+            max_tokens = max_tokens if 0 < max_tokens <= 4096 else DEFAULT_MAX_TOKENS  # "no limit" is 1e30
+            pipe_shift = float((_read_json(root / "scheduler" / "scheduler_config.json") or {}).get("shift") or 1.0)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CurateError(f"{pipeline}: its {EXPORT_INFO} lacks what evaluation needs: {e!r}") from None
+    size = resolution or native
+    interval = check_guidance_interval(guidance_interval or EVERY_STEP, "the guidance interval")
+    sampler = _Sampler(steps=int(steps), guidance=float(guidance), interval=interval,
+                       shift=float(shift if shift is not None else pipe_shift), prediction=("velocity", 0.05))
+    manifest_path = None if manifest is None else storage.as_location(manifest)
+    data = None if manifest_path is None else load_manifest(manifest_path, check_files=True)
+
+    def make_generator(device: str) -> _Generator:
+        from diffusers import PRXTransformer2DModel
+
+        from curate.text import TextEncoder
+        from curate.vae import latent_spec_for, load_vae, model_channels
+
+        if spec is not None:
+            vae = exported_vae(root, spec, device)
+            used = spec.model_copy(update={"resolution": size})
+        else:
+            vae = load_vae(str(root), subfolder="vae", device=device)
+            used = latent_spec_for(vae, stored="mean", dtype="float32", resolution=size, buckets=[])
+        transformer = PRXTransformer2DModel.from_pretrained(root, subfolder="transformer")
+        if transformer.config.in_channels != model_channels(used):
+            raise CurateError(f"{pipeline}: its transformer takes {transformer.config.in_channels} channels, its VAE's "
+                              f"latents have {model_channels(used)} in model space")
+        text = TextEncoder.load(str(root), device=device, max_tokens=max_tokens)
+        return _Generator(transformer, text, vae, used, device, sampler=sampler, seed=seed, batch_size=batch_size)
+
+    return _evaluate(
+        Path(out), step=step, resolution=size, sampler=sampler, make_generator=make_generator,
+        extra_settings={"pipeline": identity}, record={"pipeline": identity},
+        metrics=metrics, data=data, manifest=manifest, manifest_path=manifest_path, images=images, prompts=prompts,
+        samples=samples, seed=seed, variant=variant, batch_size=batch_size, device=device,
+        networks=dict(inception=inception, clip=clip, dino=dino, clip_score=clip_score, vqa=vqa),
+        share=resolve_share(rank, world_size), force=force, progress=progress)
+
+
+def _pipeline_folder(pipeline: str, revision: str | None) -> tuple[Path, dict[str, Any]]:
+    """(the pipeline's folder, what names it: a folder's path and fingerprint, a Hub id's commit)."""
+    from curate.models import local_fingerprint, resolve_model
+
+    ref = resolve_model(pipeline, "denoiser", revision)
+    if ref.local:
+        root = Path(ref.id)
+        identity = {"path": str(root), "fingerprint": local_fingerprint(str(root))}
+    else:
+        from huggingface_hub import snapshot_download
+
+        try:
+            root = Path(snapshot_download(ref.id, revision=revision))
+        except Exception as e:  # offline, gated, no such repository or revision
+            raise CurateError(f"{pipeline}: cannot fetch pipeline {ref.id} from the Hub: {e}") from None
+        identity = {"id": ref.id, "revision": revision, "commit": root.name}  # snapshots/COMMIT
+    if not (root / "transformer" / "config.json").is_file():
+        raise CurateError(f"{pipeline}: not a PRXPipeline folder (no transformer/config.json)")
+    return root, identity
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        raise CurateError(f"{path}: not readable JSON: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -204,7 +329,7 @@ class _Sampler:
 
 
 def _evaluate(
-    folder: Path, *, step: int, spec: LatentSpec, sampler: _Sampler, make_generator: Callable[[str], _Generator],
+    folder: Path, *, step: int, resolution: int, sampler: _Sampler, make_generator: Callable[[str], _Generator],
     extra_settings: dict[str, Any], record: dict[str, Any], metrics: list[str] | tuple[str, ...], data: Any,
     manifest: Any, manifest_path: Path | str | None, images: Any, prompts: Any, samples: int, seed: int,
     variant: str | None, batch_size: int, device: str | None, networks: dict[str, Any], share: Any, force: bool,
@@ -231,7 +356,7 @@ def _evaluate(
             raise CurateError(f"{metric.upper()} needs at least 2 images ({why}); the evaluation set has {len(evalset)}")
     settings = {
         "step": step, "samples": len(evalset), "seed": seed, "steps": steps, "guidance": guidance,
-        "shift": shift, "resolution": spec.resolution, "prompts": stable_hash([s.caption for s in evalset]),
+        "shift": shift, "resolution": resolution, "prompts": stable_hash([s.caption for s in evalset]),
     }
     if data is not None:  # the real images' samples and how their prompts were chosen
         settings |= {"captions": {variant: 1.0} if variant else dict(data.captions),
@@ -285,13 +410,13 @@ def _evaluate(
             for net in nets:
                 _save_npy(chunk_file(c, net), np.concatenate(features[net.key]).astype(np.float32))
             if c == 0:
-                _preview(folder / "eval" / f"{name}.png", first, evalset, data, images, spec.resolution)
+                _preview(folder / "eval" / f"{name}.png", first, evalset, data, images, resolution)
         bar.close()
     if not all(chunk_file(c, net).is_file() for c in range(chunks) for net in needed.values()):
         return None  # another worker's chunks are not done; the last worker to finish writes the result
 
     reference = {} if data is None else _reference_features(
-        folder, data, images, evalset, spec.resolution, needed, settings, batch_size=max(batch_size, 32),
+        folder, data, images, evalset, resolution, needed, settings, batch_size=max(batch_size, 32),
         progress=progress)
     result = stored if stored is not None else {"metrics": {}}
     for metric in wanted:

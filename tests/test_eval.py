@@ -624,3 +624,45 @@ def test_a_guidance_sweep_is_stored_per_scale_and_laid_out_by_compare_every(pipe
     assert fid[1] == fid[0] != fid[2]
     assert evaluate_main(["run", str(run), "--guidance-interval", "0.5,0.2", *options]) == 2
     assert "the guidance interval must be two times" in capsys.readouterr().err
+
+
+def test_a_pipeline_measures_as_the_run_it_was_exported_from(pipeline, embedders, tmp_path: Path, capsys):
+    """`evaluate pipeline`: the export of a run, and the same folder as a plain PRXPipeline (no
+    kiln record: the latent spec from its VAE, the shift from its scheduler, the text length from its
+    tokenizer), sampled through evaluate's sampler, give the run's metrics exactly; `evaluate
+    compare` lists them beside the run."""
+    from curate.stats import rounded
+    from eval.evaluation import evaluate_pipeline
+    from train.export import EXPORT_INFO, export_run
+
+    run = _fresh_copy(pipeline["base"], tmp_path / "run")
+    exported = export_run(run, tmp_path / "exported")
+    plain = tmp_path / "plain"
+    shutil.copytree(exported, plain)
+    (plain / EXPORT_INFO).unlink()
+    options = {"samples": SAMPLES, "steps": 2, "guidance": 3.0, "batch_size": 4, "device": "cpu", "progress": False,
+               "clip": str(embedders["clip"]), "dino": str(embedders["dino"])}
+    trained = evaluate_run(run, **options)
+    measured = {name: evaluate_pipeline(str(folder), tmp_path / "evals" / name, manifest=pipeline["manifest"],
+                                        **options)
+                for name, folder in (("exported", exported), ("plain", plain))}
+    for name, result in measured.items():
+        assert _values(result) == _values(trained), name
+        assert result["settings"]["keys"] == trained["settings"]["keys"]
+        assert result["pipeline"]["path"] == str(exported if name == "exported" else plain)
+    assert measured["exported"]["step"] == trained["step"] and measured["plain"]["step"] == 0
+    header, rows, _ = compare_runs([run, tmp_path / "evals" / "exported", tmp_path / "evals" / "plain"])
+    assert header[-1] == "pipeline" and [r[-1] for r in rows] == [None, str(exported), str(plain)]
+    assert len({r[header.index("FID")] for r in rows}) == 1
+    # The command, and what it refuses.
+    capsys.readouterr()
+    args = ["pipeline", str(exported), "--out", str(tmp_path / "evals" / "cli"), "--samples", str(SAMPLES), "--steps",
+            "2", "--guidance", "3", "--batch-size", "4", "--device", "cpu", "--no-progress",
+            "--clip", str(embedders["clip"]), "--dino", str(embedders["dino"])]
+    assert evaluate_main([*args, "--manifest", str(pipeline["manifest"])]) == 0
+    assert capsys.readouterr().out.startswith(f"fid {rounded(_values(trained)['fid'])}, cmmd ")
+    assert evaluate_main(args) == 2
+    assert "give --manifest" in capsys.readouterr().err
+    assert evaluate_main(["pipeline", str(tmp_path), "--out", str(tmp_path / "x"), "--manifest",
+                          str(pipeline["manifest"])]) == 2
+    assert "not a PRXPipeline folder" in capsys.readouterr().err

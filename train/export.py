@@ -82,6 +82,7 @@ __all__ = [
     "ExportError",
     "export_pipeline",
     "export_run",
+    "exported_vae",
     "generate",
     "load_exported",
     "pipeline_decode_problem",
@@ -319,21 +320,22 @@ def load_exported(
         pipe = PRXPipeline.from_pretrained(folder, **kwargs)
     if device is not None:
         pipe.to(device)
-    vae_device = device or "cpu"
-    if info.get("mode") == "pixels":
-        vae: Any = pipe.vae
-    elif spec.vae == PIXELS:
-        vae = load_vae_for_spec(spec, device=vae_device)
-    else:
-        # The copy in vae/, checked against the spec's implied fields like any manifest VAE.
-        local = spec.model_copy(update={"vae": str(folder / "vae"), "vae_id": str(folder / "vae"),
-                                        "vae_subfolder": None, "revision": None})
-        vae = load_vae_for_spec(local, device=vae_device)
+    vae: Any = pipe.vae if info.get("mode") == "pixels" else exported_vae(folder, spec, device or "cpu")
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
         return decode_to_images(latents, spec, vae)
 
     return pipe, decode
+
+
+def exported_vae(folder: str | os.PathLike[str], spec: LatentSpec, device: str | torch.device) -> LoadedVae:
+    """An export's VAE: the copy in ``vae/``, checked against the spec's implied fields like any
+    manifest VAE (pixel space has none to load)."""
+    if spec.vae == PIXELS:
+        return load_vae_for_spec(spec, device=device)
+    copy = str(Path(folder).absolute() / "vae")
+    return load_vae_for_spec(spec.model_copy(update={"vae": copy, "vae_id": copy, "vae_subfolder": None,
+                                                     "revision": None}), device=device)
 
 
 def generate(

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -666,3 +669,22 @@ def test_a_pipeline_measures_as_the_run_it_was_exported_from(pipeline, embedders
     assert evaluate_main(["pipeline", str(tmp_path), "--out", str(tmp_path / "x"), "--manifest",
                           str(pipeline["manifest"])]) == 2
     assert "not a PRXPipeline folder" in capsys.readouterr().err
+    # A Hub release by its alias: a stand-in for Photoroom/prx-256-t2i in a Hub cache laid out as
+    # huggingface_hub writes it, read offline (in a subprocess: huggingface_hub reads
+    # HF_HUB_OFFLINE and the cache folder at import).
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--Photoroom--prx-256-t2i"
+    shutil.copytree(plain, repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    hub = [a.replace(str(exported), "prx-256").replace("evals/cli", "evals/hub") for a in args]
+    proc = subprocess.run([sys.executable, "-m", "eval", *hub, "--manifest", str(pipeline["manifest"])],
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    stored = json.loads(next((tmp_path / "evals" / "hub" / "eval").glob("step*.json")).read_text())
+    assert stored["pipeline"] == {"id": "Photoroom/prx-256-t2i", "revision": None, "commit": sha}
+    assert _values(stored) == _values(trained)
+    proc = subprocess.run([sys.executable, "-m", "eval", *hub[:1], "prx-512", *hub[2:], "--manifest",
+                           str(pipeline["manifest"])], env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "cannot fetch pipeline Photoroom/prx-512-t2i" in proc.stderr, proc.stderr

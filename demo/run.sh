@@ -98,6 +98,11 @@ evaluate run "$DATA/runs/base" --samples 48 --steps 8 --clip "$DATA/models/tiny-
     --dino "$DATA/models/tiny-dinov2" --metrics fid,kid,cmmd,dino-mmd,fd-dinov2,clip-score,vqa-score \
     --clip-score "$DATA/models/tiny-clip-score" --vqa-model "$DATA/models/tiny-qwen2.5-vl" --no-progress
 evaluate compare "$DATA/runs/base"
+# The export measured as a released model is (`evaluate pipeline prx-256 ...` measures Photoroom's own):
+# its denoiser, text encoder and VAE through the same sampler give the run's FID, CMMD and DINO-MMD.
+evaluate pipeline "$DATA/export/base" --out "$DATA/evals/export-base" --manifest manifests/demo-train-clean.json \
+    --samples 48 --steps 8 --clip "$DATA/models/tiny-clip" --dino "$DATA/models/tiny-dinov2" --no-progress
+evaluate compare "$DATA/runs/base" "$DATA/evals/export-base"
 
 echo "== 11. an ablation, one switch away: the same run with REPA (a tiny DINOv3 teacher), side by side"
 # --ablation repa aligns block 1's tokens with the teacher's patch features of the original images,

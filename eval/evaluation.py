@@ -1,5 +1,6 @@
 """``evaluate run RUN``: FID, CMMD and DINO-MMD of a run's checkpoint against its training images,
-and its CLIP score and VQAScore.
+and its CLIP score and VQAScore; ``evaluate pipeline PIPE``: the same of a PRXPipeline (an export,
+Photoroom's releases), its parts run through the same sampler.
 
     checkpoint -> n prompts of the evaluation set (eval.evalset) -> Euler sampling with guidance
     (train.sample, the run's sampler) -> the manifest's VAE -> features of each metric's network
@@ -251,7 +252,7 @@ def evaluate_pipeline(
             max_tokens = max_tokens if 0 < max_tokens <= 4096 else DEFAULT_MAX_TOKENS  # "no limit" is 1e30
             pipe_shift = float((_read_json(root / "scheduler" / "scheduler_config.json") or {}).get("shift") or 1.0)
     except (KeyError, TypeError, ValueError) as e:
-        raise CurateError(f"{pipeline}: its {EXPORT_INFO} lacks what evaluation needs: {e!r}") from None
+        raise CurateError(f"{pipeline}: its configs lack what evaluation needs: {e!r}") from None
     size = resolution or native
     interval = check_guidance_interval(guidance_interval or EVERY_STEP, "the guidance interval")
     sampler = _Sampler(steps=int(steps), guidance=float(guidance), interval=interval,
@@ -276,6 +277,9 @@ def evaluate_pipeline(
             raise CurateError(f"{pipeline}: its transformer takes {transformer.config.in_channels} channels, its VAE's "
                               f"latents have {model_channels(used)} in model space")
         text = TextEncoder.load(str(root), device=device, max_tokens=max_tokens)
+        if text.dim != transformer.config.context_in_dim:
+            raise CurateError(f"{pipeline}: its transformer takes {transformer.config.context_in_dim}-d text, its text "
+                              f"encoder gives {text.dim}-d embeddings")
         return _Generator(transformer, text, vae, used, device, sampler=sampler, seed=seed, batch_size=batch_size)
 
     return _evaluate(

@@ -80,11 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("ingest", help="images from a folder, URL list, webdataset tars or HF dataset into shards",
+    p = sub.add_parser("ingest", help="images from a folder, URL list, webdataset tars, parquet files of images or "
+                                      "HF dataset into shards",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("src", help="folder of images | URL list (.parquet .csv .tsv .jsonl .txt) | tar file, "
-                               "folder or pattern ('shards/{00000..00009}.tar'), also at a URL (s3://, gs://, "
-                               "https://...) | hf:NAME[:SPLIT] | datasets save_to_disk folder")
+                               "folder or pattern ('shards/{00000..00009}.tar') | parquet files holding the images "
+                               "(file, folder or pattern) | the last two also at URLs (s3://, gs://, https://, "
+                               "hf://datasets/...) | hf:NAME[:SPLIT] | datasets save_to_disk folder")
     p.add_argument("--out", required=True, help="output stage folder, e.g. DATA/images")
     p.add_argument("--shard-size", type=int, default=1000, help="input samples per output shard")
     p.add_argument("--min-side", type=int, default=64, help="reject images whose short side is smaller")
@@ -95,14 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "earlier kept image's (re-encoded, resized, lightly edited copies; 4 is strict, 10 "
                         "loose; 0 to 8); off by default: exact duplicates only")
     p.add_argument("--workers", type=int, default=_default_workers(), help="decoding processes")
-    p.add_argument("--source-type", choices=["auto", "folder", "urls", "tars", "hf"], default="auto")
+    p.add_argument("--source-type", choices=["auto", "folder", "urls", "tars", "parquet", "hf"], default="auto")
     p.add_argument("--order", choices=["spread", "path"], default=None,
                    help="folders: how images are ordered into shards: spread (by a hash of the path, so every shard "
                         "samples every subfolder; the default) or path (sorted); default: spread, or path to "
                         "continue a stage ingested in path order")
     p.add_argument("--url-column", default=None, help="URL lists: the URL column (detected if omitted)")
     p.add_argument("--caption-column", default=None, help="URL lists and HF datasets: the caption column")
-    p.add_argument("--image-column", default=None, help="HF datasets: the image column (detected if omitted)")
+    p.add_argument("--image-column", default=None,
+                   help="HF datasets and parquet files of images: the image column (detected if omitted)")
     p.add_argument("--split", default=None, help="HF datasets: the split (default train)")
     p.add_argument("--download-threads", type=int, default=32, help="URL lists: threads per process")
     p.add_argument("--download-timeout", type=int, default=10, help="URL lists: seconds per request")

@@ -1,4 +1,5 @@
-"""Where `curate ingest` reads images from: folders, URL lists, webdataset tars, HF datasets.
+"""Where `curate ingest` reads images from: folders, URL lists, webdataset tars, parquet files of
+images, HF datasets.
 
 A source splits its input into output shards (``plan``) deterministically, whatever the
 number of workers, and yields the records of one shard in a fixed order (``records``). A
@@ -8,6 +9,7 @@ sample came from; a record that could not be read at all carries the rejection i
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -236,28 +238,7 @@ class TarSource(Source):
 
     @staticmethod
     def _expand(spec: str) -> list[Path | str]:
-        if storage.is_remote(spec):
-            import braceexpand
-
-            if "{" in spec:
-                return sorted(set(braceexpand.braceexpand(spec)))
-            if spec.lower().endswith(".tar"):
-                return [spec]
-            try:
-                names = storage.list_names(spec)
-            except FileNotFoundError:
-                return []
-            return [storage.join(spec, n) for n in names if n.endswith(".tar") and not n.startswith(".")]
-        path = Path(spec)
-        if path.is_dir():
-            paths = sorted(path.rglob("*.tar"))
-        elif path.is_file():
-            paths = [path]
-        else:
-            import braceexpand
-
-            paths = sorted({Path(p) for pattern in braceexpand.braceexpand(spec) for p in glob.glob(pattern)})
-        return [p for p in paths if not p.name.startswith(".")]
+        return _expand(spec, ".tar")
 
     def location(self) -> str:
         return self.spec
@@ -421,6 +402,187 @@ class UrlListSource(Source):
         shutil.rmtree(out_dir / "_downloads", ignore_errors=True)
 
 
+# Columns that may hold image bytes in parquet files: a Hugging Face Image feature (a struct of
+# bytes and path), or raw bytes under one of these names.
+IMAGE_COLUMNS = ("image", "img", "jpg", "jpeg", "png", "webp", "image_bytes")
+
+
+class ParquetSource(Source):
+    """Parquet files that hold the images themselves (how the Hugging Face Hub stores datasets with
+    an Image feature, and many dumps): a file, a folder, a glob or brace pattern, or URLs of them
+    (``hf://datasets/ORG/NAME/data/train-*.parquet`` through huggingface_hub's filesystem, ``s3://``,
+    ``https://``). Each file is cut into shards of --shard-size rows, read a few row groups at a time
+    (at a URL by ranged requests), so nothing is downloaded or converted whole before work starts.
+    The image column is an Image feature's struct (its ``bytes``) or a binary column; the caption
+    column as for the other sources."""
+
+    kind = "parquet"
+
+    def __init__(self, spec: str, *, image_column: str | None = None, caption_column: str | None = None):
+        self.spec = spec
+        self.paths = [str(p) for p in _expand(spec, ".parquet")]
+        if not self.paths:
+            raise CurateError(f"{spec}: no .parquet files found")
+        with _parquet_file(self.paths[0]) as file:
+            schema = file.schema_arrow
+        self.image_column = image_column or image_column_of(schema)
+        if self.image_column is None or self.image_column not in schema.names:
+            raise CurateError(f"{self.paths[0]}: no image column (an Image feature, or bytes named "
+                              f"{', '.join(IMAGE_COLUMNS)}) among {', '.join(schema.names)}; name it with --image-column")
+        if caption_column is not None and caption_column not in schema.names:
+            raise CurateError(f"{self.paths[0]}: no column {caption_column!r} (columns: {', '.join(schema.names)})")
+        self.caption_column = caption_column or next(
+            (c for c in CAPTION_COLUMNS if c in schema.names and _is_text(schema.field(c).type)), None)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "image_column": self.image_column, "caption_column": self.caption_column}
+
+    def location(self) -> str:
+        return self.spec
+
+    def plan(self, shard_size: int) -> list[ShardTask]:
+        remote = storage.is_remote(self.paths[0])
+
+        def stat(path: str) -> tuple[int, str, int]:
+            try:
+                size, tag = storage.version(path)
+                with _parquet_file(path) as file:
+                    return size, tag, file.metadata.num_rows
+            except FileNotFoundError:
+                raise CurateError(f"{path}: no such parquet file") from None
+
+        common = posixpath.commonpath([storage.parent(p).split("://", 1)[-1] for p in self.paths])
+        tasks: list[ShardTask] = []
+        for path, (size, tag, rows) in zip(self.paths, storage.parallel_map(stat, self.paths, remote), strict=True):
+            label = posixpath.relpath(path.split("://", 1)[-1], common)
+            for start, end in _chunks(rows, shard_size):
+                tasks.append(ShardTask(len(tasks), stable_hash([label, size, tag, start, end]), end - start,
+                                       (path, label, start, end)))
+        if not tasks:
+            raise CurateError(f"{self.spec}: the parquet files hold no rows")
+        return tasks
+
+    def records(self, task: ShardTask) -> Iterator[Record]:
+        path, label, start, end = task.payload
+        with _parquet_file(path) as file:
+            yield from self._rows(file, label, start, end)
+
+    def _rows(self, file: Any, label: str, start: int, end: int) -> Iterator[Record]:
+        columns = [self.image_column] + ([self.caption_column] if self.caption_column else [])
+        # The row groups that hold rows [start, end), read one at a time.
+        first = 0
+        for group in range(file.metadata.num_row_groups):
+            count = file.metadata.row_group(group).num_rows
+            if first + count > start and first < end:
+                table = file.read_row_group(group, columns=columns, use_threads=False)
+                lo, hi = max(start, first) - first, min(end, first + count) - first
+                images = table.column(self.image_column).slice(lo, hi - lo).to_pylist()
+                captions = (table.column(self.caption_column).slice(lo, hi - lo).to_pylist() if self.caption_column
+                            else [None] * (hi - lo))
+                for offset, (image, caption) in enumerate(zip(images, captions, strict=True)):
+                    source = f"{label}[{first + lo + offset}]"
+                    data = image.get("bytes") if isinstance(image, dict) else image
+                    if isinstance(data, bytes | bytearray) and data:
+                        yield Record(source=source, data=bytes(data), caption=caption)
+                    else:
+                        yield Record(source=source, caption=caption,
+                                     error=("unreadable", f"no image bytes in column {self.image_column!r}"))
+            first += count
+            if first >= end:
+                break
+
+
+@contextlib.contextmanager
+def _parquet_file(path: str) -> Iterator[Any]:
+    """A parquet file to read, here or at a URL (ranged requests with read-ahead: the footer, then
+    the row groups asked for)."""
+    import pyarrow.parquet as pq
+
+    if not storage.is_remote(path):
+        file = pq.ParquetFile(storage.local_path(path))  # native reads
+        try:
+            yield file
+        finally:
+            file.close()
+        return
+    with storage.open_stream(path) as stream:
+        yield pq.ParquetFile(stream)
+
+
+def _holds_images(path: Path) -> bool:
+    import pyarrow.parquet as pq
+
+    try:
+        return image_column_of(pq.read_schema(path)) is not None
+    except (OSError, ValueError):  # not readable parquet: the URL list reader names the problem
+        return False
+
+
+def _parquet_at_url(spec: str) -> bool:
+    """Whether a URL names parquet files: by its suffix, else by what its folder lists."""
+    lowered = spec.lower()
+    if lowered.endswith(".parquet") or ".parquet" in lowered.rsplit("/", 1)[-1]:
+        return True
+    if lowered.endswith(".tar") or "{" in spec:
+        return False
+    try:
+        names = storage.list_names(spec)
+    except FileNotFoundError:
+        return False
+    return any(n.endswith(".parquet") for n in names) and not any(n.endswith(".tar") for n in names)
+
+
+def image_column_of(schema: Any) -> str | None:
+    """The column of image bytes in a parquet schema: an Image feature's struct (with a binary
+    ``bytes`` field), else a binary column of a usual name; None when there is none."""
+    import pyarrow as pa
+
+    for field_ in schema:
+        t = field_.type
+        if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0 and _is_binary(t.field("bytes").type):
+            return field_.name
+    return next((c for c in IMAGE_COLUMNS if c in schema.names and _is_binary(schema.field(c).type)), None)
+
+
+def _is_binary(t: Any) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
+def _is_text(t: Any) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _expand(spec: str, suffix: str) -> list[Path | str]:
+    """The files a source names: one, a folder's (recursively; a URL's listed), or a glob or brace
+    pattern's (a URL's braces only), sorted; hidden ones left out."""
+    if storage.is_remote(spec):
+        import braceexpand
+
+        if "{" in spec:
+            return sorted(set(braceexpand.braceexpand(spec)))
+        if spec.lower().endswith(suffix):
+            return [spec]
+        try:
+            names = storage.list_names(spec)
+        except FileNotFoundError:
+            return []
+        return [storage.join(spec, n) for n in names if n.endswith(suffix) and not n.startswith(".")]
+    path = Path(spec)
+    if path.is_dir():
+        paths = sorted(path.rglob(f"*{suffix}"))
+    elif path.is_file():
+        paths = [path]
+    else:
+        import braceexpand
+
+        paths = sorted({Path(p) for pattern in braceexpand.braceexpand(spec) for p in glob.glob(pattern)})
+    return [p for p in paths if not p.name.startswith(".")]
+
+
 class HFSource(Source):
     """A Hugging Face dataset: ``hf:NAME[:SPLIT]`` from the Hub, or a ``save_to_disk`` folder."""
 
@@ -516,10 +678,14 @@ def open_source(
     order: str = "spread",
 ) -> Source:
     """Pick the source type from SRC (or --source-type) and open it; a bad SRC is a CurateError."""
-    if storage.is_remote(spec):  # at a URL: webdataset tars (img2dataset's output in a bucket)
-        if kind not in ("auto", "tars"):
+    if storage.is_remote(spec):  # at a URL: webdataset tars (img2dataset's output in a bucket) or parquet files
+        if kind == "auto":
+            kind = "parquet" if _parquet_at_url(spec) else "tars"
+        if kind == "parquet":
+            return ParquetSource(spec, image_column=image_column, caption_column=caption_column)
+        if kind != "tars":
             raise CurateError(f"{spec}: a source at a URL is webdataset tars (a folder of them, one tar, or a "
-                              f"{{00000..00099}}.tar pattern), not --source-type {kind}")
+                              f"{{00000..00099}}.tar pattern) or parquet files of images, not --source-type {kind}")
         return TarSource(spec)
     path = Path(spec)
     if kind == "auto":
@@ -530,11 +696,16 @@ def open_source(
         elif path.is_dir():
             has_images = any(Path(f).suffix.lower() in IMAGE_EXTENSIONS
                              for _, _, files in os.walk(path) for f in files)
-            kind = "folder" if has_images or not list(path.rglob("*.tar")) else "tars"
+            kind = ("folder" if has_images else "tars" if list(path.rglob("*.tar"))
+                    else "parquet" if list(path.rglob("*.parquet")) else "folder")
         elif path.is_file() and path.name.lower().endswith(".tar"):
             kind = "tars"
+        elif path.is_file() and path.name.lower().endswith(".parquet") and (image_column or _holds_images(path)):
+            kind = "parquet"  # images in the file itself; a parquet of URLs is a URL list
         elif path.is_file() and path.name.lower().endswith(URL_LIST_SUFFIXES):
             kind = "urls"
+        elif any(ch in spec for ch in "*?{") and spec.lower().endswith(".parquet"):
+            kind = "parquet"
         elif any(ch in spec for ch in "*?{") and TarSource._expand(spec):
             kind = "tars"
         elif not path.exists():
@@ -542,12 +713,14 @@ def open_source(
         else:
             raise CurateError(f"{spec}: not a folder of images, URL list ({', '.join(URL_LIST_SUFFIXES)}), "
                               "webdataset tar or Hugging Face dataset")
-    if kind not in ("hf", "tars") and not path.exists():
+    if kind not in ("hf", "tars", "parquet") and not path.exists():
         raise CurateError(f"{spec}: no such file or folder")
     if kind == "folder":
         return FolderSource(path, order=order)
     if kind == "tars":
         return TarSource(spec)
+    if kind == "parquet":
+        return ParquetSource(spec, image_column=image_column, caption_column=caption_column)
     if kind == "urls":
         return UrlListSource(path, url_column=url_column, caption_column=caption_column,
                              threads=download_threads, timeout=download_timeout, retries=download_retries)

@@ -355,3 +355,53 @@ def test_a_stage_ingested_in_path_order_is_continued_in_it(tmp_path: Path):
         (tars / shard.tar_path.name).write_bytes(shard.tar_path.read_bytes())
     proc = run_cli("ingest", str(tars), "--out", str(tmp_path / "t"), "--order", "path", check=False)
     assert proc.returncode == 2 and "--order orders a folder's images" in proc.stderr
+
+
+def _image_parquet(path: Path, images: list[bytes | None], captions: list[str], row_group_size: int) -> None:
+    """A parquet file as the Hugging Face Hub stores a dataset with an Image feature: a struct of
+    the image's bytes and path per row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    column = [{"bytes": data, "path": f"{i}.jpg"} for i, data in enumerate(images)]
+    pq.write_table(pa.table({"image": column, "text": captions}), path, row_group_size=row_group_size)
+
+
+def test_parquet_files_of_images_ingest_by_row_groups_here_and_at_a_url(tmp_path: Path):
+    """`curate ingest DATA/*.parquet` (or their folder, or its URL: ``hf://datasets/...`` on the
+    Hub): each file cut into shards of --shard-size rows across its row groups; the images and
+    captions are the rows', a row without bytes is recorded, and over HTTP the shards are the
+    files'."""
+    from file_server import serve
+
+    files = write_good_images(tmp_path / "raw", 7)
+    images = [f.read_bytes() for f in files]
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    _image_parquet(folder / "train-00000.parquet", images[:4], [f"caption {i}" for i in range(4)], row_group_size=3)
+    _image_parquet(folder / "train-00001.parquet", [*images[4:], None], [f"caption {i}" for i in range(4, 8)],
+                   row_group_size=2)
+    local = tmp_path / "local"
+    result = ingest(folder, local, shard_size=3)
+    assert result.summary["config"]["source"] == {"kind": "parquet", "image_column": "image", "caption_column": "text"}
+    assert result.summary["totals"]["ok"] == 7 and result.summary["totals"]["reasons"] == {"unreadable": 1}
+    index = pl.concat([read_index(s.index_path) for s in committed_shards(local)])
+    assert len(committed_shards(local)) == 4  # rows 0-2 and 3 of each file
+    assert index["caption"].to_list() == [f"caption {i}" for i in range(8)]
+    assert index["source"].to_list() == [f"train-0000{i // 4}.parquet[{i % 4}]" for i in range(8)]
+    assert sorted(m["jpg"] for m in samples(local).values()) == sorted(images)
+    with serve(tmp_path) as server:
+        for name, spec in (("listed", f"{server.url}/pq/"),
+                           ("braces", f"{server.url}/pq/train-{{00000..00001}}.parquet")):
+            out = tmp_path / name
+            assert ingest(spec, out, shard_size=3).complete
+            assert snapshot(out) == snapshot(local), name
+    # What a parquet file is taken for: images in it, or a list of URLs to download.
+    assert open_source(str(folder / "train-00000.parquet")).kind == "parquet"
+    assert open_source(str(tmp_path / "pq" / "*.parquet")).kind == "parquet"
+    pl.DataFrame({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a"]}).write_parquet(tmp_path / "urls.parquet")
+    assert open_source(str(tmp_path / "urls.parquet")).kind == "urls"
+    pl.DataFrame({"jpg": [images[0]], "note": ["x"]}).write_parquet(tmp_path / "raw.parquet")
+    assert open_source(str(tmp_path / "raw.parquet")).image_column == "jpg"  # raw bytes under a usual name
+    with pytest.raises(CurateError, match="no image column"):
+        open_source(str(tmp_path / "urls.parquet"), kind="parquet")

@@ -1,4 +1,4 @@
-"""VAE encode throughput on a GPU: images/s for the full-size Flux VAE and FLUX.2 AE
+"""VAE encode throughput on a GPU: images/s for the full-size Flux VAE, FLUX.2 AE and DC-AE
 architectures (randomly initialised: no weights needed, same FLOPs) at 256 and 512 px, in
 bf16 with channels_last, with the FLOPs per image (torch's FlopCounterMode) and the share
 of the bf16 matmul peak measured on the same GPU in the same run.
@@ -34,6 +34,25 @@ def flux2_vae():
     return AutoencoderKLFlux2()  # the defaults are FLUX.2's architecture
 
 
+def dc_ae():
+    from diffusers import AutoencoderDC
+
+    # mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers's architecture (PRX's DC-AE releases).
+    blocks = ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3
+    multiscales = ((), (), (), (5,), (5,), (5,))
+    return AutoencoderDC(
+        encoder_block_types=blocks, decoder_block_types=blocks, encoder_qkv_multiscales=multiscales,
+        decoder_qkv_multiscales=multiscales, downsample_block_type="Conv", upsample_block_type="interpolate",
+        decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407,
+    )
+
+
+def latent(out):
+    """The mean of a distribution, or a deterministic encoder's latent (DC-AE)."""
+    dist = getattr(out, "latent_dist", None)
+    return out.latent if dist is None else dist.mean
+
+
 def bf16_peak(device: str) -> float:
     """Measured dense bf16 matmul FLOP/s: the ceiling used for the share."""
     n = 8192
@@ -63,11 +82,11 @@ def bench(make, side: int, batch: int, iters: int, device: str, compile: bool) -
     x = torch.randn(batch, 3, side, side, device=device, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     with torch.inference_mode():
         for _ in range(3):
-            _ = encoder(x).latent_dist.mean
+            _ = latent(encoder(x))
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(iters):
-            _ = encoder(x).latent_dist.mean
+            _ = latent(encoder(x))
         torch.cuda.synchronize()
     return batch * iters / (time.perf_counter() - start)
 
@@ -84,7 +103,7 @@ def main() -> None:
           f"measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s{', torch.compile' if args.compile else ''}")
     print("| VAE | px | batch | images/s | GFLOP/image | TFLOP/s | share of peak |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name, make in (("Flux VAE (16 ch)", flux_vae), ("FLUX.2 AE (32 ch)", flux2_vae)):
+    for name, make in (("Flux VAE (16 ch)", flux_vae), ("FLUX.2 AE (32 ch)", flux2_vae), ("DC-AE (32 ch, 1/32)", dc_ae)):
         for side, batch in ((256, 64), (512, 16)):
             flops = encode_flops(make(), side)
             rate = bench(make, side, batch, args.iters, device, args.compile)

@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--captions", default=None, help="a caption stage folder written by `curate recaption`")
     p.add_argument("--out", required=True, help="output folder, e.g. DATA/latents/flux2-256")
     p.add_argument("--vae", default="flux2",
-                   help="alias (flux, flux2, repa-e-flux), Hub id or local folder; pixels: no VAE, the images "
+                   help="alias (flux, flux2, repa-e-flux, dc-ae), Hub id or local folder; pixels: no VAE, the images "
                         "themselves (pixel-space training)")
     p.add_argument("--vae-class", default=None, help="diffusers class for a Hub id or folder (read from its config)")
     p.add_argument("--revision", default=None, help="pinned Hub revision of the VAE")
@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bucket sides divisible by this (VAE downsampling x denoiser patch)")
     p.add_argument("--store", choices=["dist", "mean"], default=None,
                    help="dist: mean and std, training samples a fresh latent each epoch; mean: the mean only "
-                        "(default: dist; pixels: mean, they have no distribution)")
+                        "(default: dist; pixels and deterministic encoders such as DC-AE: mean, they have no "
+                        "distribution)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "uint8"], default=None,
                    help="stored latent dtype (default: bfloat16; pixels: uint8, their values as decoded)")
     p.add_argument("--vae-dtype", choices=["float32", "bfloat16"], default="float32",

@@ -29,7 +29,7 @@ import polars as pl
 
 from curate import storage
 from curate.images import FILTERED_OUT
-from curate.manifest import Manifest, ShardEntry, write_manifest
+from curate.manifest import LatentSpec, Manifest, ShardEntry, write_manifest
 from curate.models import PIXELS
 from curate.runner import (
     STAGE_FILE,
@@ -44,6 +44,8 @@ from curate.subset import SubsetRules, images_left_out
 
 if TYPE_CHECKING:
     import torch
+
+    from curate.vae import LoadedVae
 
 log = logging.getLogger("curate")
 
@@ -82,16 +84,24 @@ class EncodeLatentsStage(Stage):
                  vae_dtype: str = "float32", batch_size: int = 32, compile: bool = False,
                  decode_workers: int = 2, allow_missing_captions: bool = False, select: SubsetRules | None = None,
                  manifest_dir: str | Path = "manifests", name: str | None = None, device: str | None = None):
+        from curate.vae import DETERMINISTIC_CLASSES, vae_class_of
+
         pixels = vae == PIXELS
-        # Pixel space stores the images' own values: one draw (no distribution), and uint8 holds
-        # them exactly in half bf16's bytes.
-        store = store or ("mean" if pixels else "dist")
+        # Pixel space stores the images' own values and a deterministic encoder (DC-AE) one latent
+        # per image: no distribution, so the mean is all there is; uint8 holds pixels exactly in
+        # half bf16's bytes.
+        deterministic = store != "mean" and vae_class_of(vae, revision=revision,
+                                                         vae_class=vae_class) in DETERMINISTIC_CLASSES
+        store = store or ("mean" if deterministic else "dist")
         dtype = dtype or ("uint8" if pixels else "bfloat16")
         if store not in ("dist", "mean"):
             raise CurateError(f"--store must be dist or mean, not {store!r}")
         if pixels and store == "dist":
             raise CurateError("--vae pixels stores the images themselves, which have no distribution: "
                               "--store mean (the default for pixels)")
+        if deterministic and store == "dist":
+            raise CurateError(f"VAE {vae!r} encodes each image to one latent, which has no distribution: "
+                              "--store mean (the default for it)")
         if dtype not in DTYPES:
             raise CurateError(f"--dtype must be one of {DTYPES}, not {dtype!r}")
         if dtype == "uint8" and not pixels:
@@ -187,6 +197,7 @@ class EncodeLatentsStage(Stage):
             torch.cuda.set_device(device)
         self.loaded = load_vae(self.vae_name, revision=self.revision, vae_class=self.vae_class, device=device,
                                dtype=getattr(torch, self.vae_dtype))
+        self.latent_spec(self.loaded)  # sizes that are not whole latent cells: refused before any encode
         # No torch.set_num_threads here: on a CPU-only machine the encoder keeps one thread per
         # core although the decoding workers share those cores, since next to a VAE they are
         # idle most of the time (2 cores, 2 workers: the full-size encoder ran 1.7x and the tiny
@@ -316,13 +327,24 @@ class EncodeLatentsStage(Stage):
             selections["mix"][variants[0]] += drift
         return selections
 
+    def latent_spec(self, loaded: LoadedVae) -> LatentSpec:
+        """The manifests' latent spec; image sizes that are not whole cells of the denoiser's
+        input (FLUX.2's 16 px after its 2x2 patches, DC-AE's 32 px) are refused with the fix."""
+        from curate.vae import latent_spec_for
+
+        try:
+            return latent_spec_for(loaded, stored=self.store, dtype=self.dtype, resolution=self.resolution,
+                                   buckets=self.bucket_table())
+        except ValueError as e:
+            cell = loaded.downsample * (loaded.normalization.patch_size if loaded.normalization else 1)
+            raise CurateError(f"{e}; pass a --resolution and a --bucket-multiple divisible by {cell}") from e
+
     def write_manifests(self, out_dir: Path) -> list[Path]:
-        from curate.vae import latent_spec_for, load_vae
+        from curate.vae import load_vae
 
         loaded = self.loaded or load_vae(self.vae_name, revision=self.revision, vae_class=self.vae_class,
                                          device="cpu")
-        spec = latent_spec_for(loaded, stored=self.store, dtype=self.dtype, resolution=self.resolution,
-                               buckets=self.bucket_table())
+        spec = self.latent_spec(loaded)
         shards = committed_shards(out_dir)
         prefix = f"{self.manifest_name}-" if self.manifest_name else ""
         provenance = {"images": self._stage_summary(self.images_dir),

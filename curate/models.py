@@ -50,6 +50,9 @@ VAES = {
         id="black-forest-labs/FLUX.2-klein-4B", subfolder="vae", cls="AutoencoderKLFlux2"
     ),
     "repa-e-flux": VaeEntry(id="REPA-E/e2e-flux-vae", subfolder=None, cls="AutoencoderKL"),
+    # PRX's other latent space: DC-AE (Chen et al. 2025), 32 channels at 1/32, deterministic; the
+    # checkpoint diffusers' PRX conversion saves beside the DC-AE releases' transformers.
+    "dc-ae": VaeEntry(id="mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers", subfolder=None, cls="AutoencoderDC"),
 }
 
 # No VAE: the images themselves, pixel values at full resolution (curate.vae.PixelSpace).
@@ -80,13 +83,16 @@ IMAGE_ENCODERS = {
 }
 
 # Denoisers to start a run from (`train --init-from`): Photoroom's released PRX-1.2B transformers
-# trained on Flux VAE latents with T5Gemma, so they continue on `curate encode-latents --vae flux`
-# manifests with the prx-1.2b preset (the other releases work by Hub id).
+# with T5Gemma, trained on Flux VAE latents (so they continue on `curate encode-latents --vae flux`
+# manifests with the prx-1.2b preset) or, the dc-ae ones, on DC-AE latents (`--vae dc-ae`: 32 px
+# tokens, patch size 1). The other releases work by Hub id.
 DENOISERS = {
     "prx-256": "Photoroom/prx-256-t2i",
     "prx-512": "Photoroom/prx-512-t2i",
     "prx-512-sft": "Photoroom/prx-512-t2i-sft",
     "prx-1024-beta": "Photoroom/prx-1024-t2i-beta",
+    "prx-512-dc-ae": "Photoroom/prx-512-t2i-dc-ae",
+    "prx-512-dc-ae-sft": "Photoroom/prx-512-t2i-dc-ae-sft",
 }
 
 # Image classifiers for `curate score --classifier`: an alias names a model and the label whose

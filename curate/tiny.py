@@ -70,6 +70,7 @@ __all__ = [
     "build_tiny_qwen2_vl",
     "build_tiny_flux_vae",
     "build_tiny_flux2_vae",
+    "build_tiny_dc_ae",
     "build_tiny_t5gemma",
     "build_tiny_clip",
     "build_tiny_clip_vision",
@@ -1007,6 +1008,39 @@ def build_tiny_flux2_vae(out_dir: str | os.PathLike[str], seed: int = 0) -> Path
     return _build_once(out_dir, spec, required, build)
 
 
+def build_tiny_dc_ae(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Build a tiny random DC-AE (diffusers ``AutoencoderDC``, 32 latent channels, 32x down).
+
+    Why: PRX's DC-AE latent space (a deterministic encoder: no distribution, one latent) must be
+    testable offline. The config mirrors ``mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers`` except
+    widths and depth: six stages (three ResBlock, three EfficientViT with multi-scale linear
+    attention), convolution down, interpolation up, RMS norm and SiLU in the decoder,
+    ``scaling_factor`` 0.41407.
+    """
+    spec = {"builder": "dc_ae", "recipe": RECIPE_VERSION, "seed": int(seed)}
+    required = ("config.json", "diffusion_pytorch_model.safetensors")
+
+    def build(tmp: Path) -> dict[str, Any]:
+        from diffusers import AutoencoderDC
+
+        blocks = ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3
+        multiscales = ((), (), (), (5,), (5,), (5,))
+        with _seeded(seed):
+            vae = AutoencoderDC(
+                in_channels=3, latent_channels=32, attention_head_dim=8,
+                encoder_block_types=blocks, decoder_block_types=blocks,
+                encoder_block_out_channels=(8, 8, 16, 16, 32, 32), decoder_block_out_channels=(8, 8, 16, 16, 32, 32),
+                encoder_layers_per_block=(1,) * 6, decoder_layers_per_block=(1,) * 6,
+                encoder_qkv_multiscales=multiscales, decoder_qkv_multiscales=multiscales,
+                downsample_block_type="Conv", upsample_block_type="interpolate",
+                decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407,
+            ).eval()
+        vae.save_pretrained(tmp)
+        return {"class": type(vae).__name__, "num_parameters": _num_parameters(vae)}
+
+    return _build_once(out_dir, spec, required, build)
+
+
 # --------------------------------------------------------------------------- T5Gemma text encoder
 
 # Gemma's special tokens at Gemma's ids (T5GemmaModuleConfig's defaults: pad 0, eos 1, bos 2).
@@ -1340,6 +1374,7 @@ def main(argv: list[str] | None = None) -> int:
         "qwen2.5-vl": lambda out: build_tiny_qwen2_vl(out, variant="qwen2.5-vl"),
         "flux-vae": build_tiny_flux_vae,
         "flux2-vae": build_tiny_flux2_vae,
+        "dc-ae": build_tiny_dc_ae,
         "t5gemma": build_tiny_t5gemma,
         "clip": build_tiny_clip_vision,
         "clip-score": build_tiny_clip,

@@ -9,6 +9,8 @@ so one set of shards serves any convention and a trainer decodes with exactly th
 - FLUX.2 (``AutoencoderKLFlux2``): 2x2 patchify, then ``(x - bn_mean) / sqrt(bn_var + eps)``
   with the VAE's batch-norm running statistics, as diffusers' ``Flux2Pipeline`` does
   (128 ch at 1/16); its scaling and shift are 1 and 0;
+- DC-AE (``AutoencoderDC``, ``--vae dc-ae``): ``x = latent * scaling_factor`` (32 ch at 1/32);
+  its encoder is deterministic (no distribution), so its latent is stored as the mean alone;
 - any other diffusers VAE: its config's scaling and shift;
 - ``pixels`` (no VAE, :class:`PixelSpace`): the image itself, its pixel values 0 to 255 at full
   resolution (3 ch at 1/1), which ``x = (p - 127.5) / 127.5`` maps to [-1, 1]: the pixel-space
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from diffusers import ModelMixin
 
 __all__ = [
+    "DETERMINISTIC_CLASSES",
     "PIXELS",
     "LoadedVae",
     "PixelSpace",
@@ -54,6 +57,7 @@ __all__ = [
     "sample_latent",
     "to_model_input",
     "unpatchify",
+    "vae_class_of",
 ]
 
 
@@ -126,6 +130,26 @@ def _pixel_space(revision: str | None, vae_class: str | None, subfolder: str | N
 
 # --------------------------------------------------------------------------- loading
 
+# Autoencoders whose encoder gives one latent, not a distribution (``encode(x).latent``): there is
+# no std to store, and a std of zeros would double the shards for nothing.
+DETERMINISTIC_CLASSES = ("AutoencoderDC", "PixelSpace")
+
+
+def vae_class_of(name: str, *, revision: str | None = None, vae_class: str | None = None,
+                 subfolder: str | None = None) -> str:
+    """The diffusers class ``name`` loads as, known before its weights are: the one given, the
+    alias's, else its config's ``_class_name`` (a local file, or the Hub's config alone)."""
+    if name == PIXELS:
+        return PixelSpace.__name__
+    vae_id, subfolder, cls_hint, local = _resolve(name, subfolder, vae_class)
+    if cls_hint:
+        return cls_hint
+    config, _, _ = _read_config(name, vae_id, subfolder, revision, local)
+    if not config.get("_class_name"):
+        raise VaeError(f"VAE {name!r}: its config names no class; pass vae_class (--vae-class)")
+    return str(config["_class_name"])
+
+
 
 def load_vae(
     name: str,
@@ -136,7 +160,7 @@ def load_vae(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
 ) -> LoadedVae:
-    """Load an alias (``flux``, ``flux2``, ``repa-e-flux``, ``pixels``), a Hub id or a local folder.
+    """Load an alias (``flux``, ``flux2``, ``repa-e-flux``, ``dc-ae``, ``pixels``), a Hub id or a local folder.
 
     The class comes from ``vae_class``, else the alias, else the config's ``_class_name``.
     ``device`` defaults to ``cuda:LOCAL_RANK`` when CUDA is available (``default_device``);

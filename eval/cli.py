@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "PRXPipeline folder, or Photoroom's releases (prx-256...) by Hub id or alias",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("pipeline", help="a pipeline folder, a Hub id or an alias (prx-256, prx-512, prx-512-sft, "
-                                    "prx-1024-beta)")
+                                    "prx-1024-beta, prx-512-dc-ae, prx-512-dc-ae-sft)")
     p.add_argument("--out", required=True, help="where the evaluations go (OUT/eval); `evaluate compare` lists OUT "
                                                 "beside runs")
     p.add_argument("--manifest", default=None, help="the manifest whose samples, captions and real images are "

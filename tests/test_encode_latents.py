@@ -137,6 +137,54 @@ def test_pixel_space_stores_each_crop_exactly_and_decodes_back_to_it(data, vaes,
         encode_stage(data, vaes["flux"], out, manifests, dtype="uint8")
 
 
+def test_dc_ae_stores_one_latent_per_image_that_decodes_and_trains_through_the_manifest(data, tmp_path: Path):
+    """PRX's DC-AE space: a deterministic encoder (its latent alone is stored), 32 channels at 1/32,
+    so the denoiser takes a token per latent cell; sizes that are not whole cells are refused before
+    any image is encoded."""
+    from curate.tiny import build_tiny_dc_ae, build_tiny_t5gemma
+    from train.cli import main as train_main
+
+    vae_dir = build_tiny_dc_ae(tmp_path / "dc-ae")
+    out, manifests = tmp_path / "latents", tmp_path / "manifests"
+    run_stage(encode_stage(data, vae_dir, out, manifests), out, progress=False)
+    manifest_path = manifests / "long.json"
+    spec = load_manifest(manifest_path, check_checksums=True).latent
+    assert (spec.vae_class, spec.channels, spec.downsample, spec.stored, spec.dtype) == \
+        ("AutoencoderDC", 32, 32, "mean", "bfloat16")
+    assert (spec.scaling_factor, spec.shift_factor, spec.normalization) == (0.41407, 0.0, None)
+
+    vae = load_vae_for_spec(spec, "cpu")
+    seen = 0
+    for tar in shard_urls(load_manifest(manifest_path), manifest_path):
+        for key, members in iter_tar_samples(tar):
+            stored = load_safetensors(members["latent.safetensors"])
+            assert set(stored) == {"mean"} and stored["mean"].shape == (32, 2, 2)
+            crop, _ = preprocess(_original_bytes(data, key), resolution=64, buckets=None)
+            with torch.no_grad():
+                direct = vae.model.encode(to_model_range(crop[None])).latent
+                by_hand = ((vae.model.decode(stored["mean"][None].float()).sample + 1) / 2).clamp(0, 1)
+            torch.testing.assert_close(stored["mean"][None].float(), direct, rtol=1e-2, atol=2e-2)  # bf16
+            model_space = to_model_input(stored["mean"][None], spec)
+            torch.testing.assert_close(model_space, stored["mean"][None].float() * 0.41407)
+            torch.testing.assert_close(decode_to_images(model_space, spec, vae), by_hand, rtol=1e-5, atol=1e-5)
+            seen += 1
+    assert seen == 8
+
+    with pytest.raises(CurateError, match="one latent, which has no distribution"):
+        encode_stage(data, vae_dir, out, manifests, store="dist")
+    bucketed = tmp_path / "bucketed"
+    with pytest.raises(CurateError, match="not divisible by 32.*--bucket-multiple divisible by 32"):
+        run_stage(encode_stage(data, vae_dir, bucketed, tmp_path / "m2", buckets=True), bucketed, progress=False)
+    assert not committed_shards(bucketed)
+
+    run = tmp_path / "run"
+    assert train_main(["--shards", str(manifest_path), "--out", str(run), "--preset", "tiny", "steps=2",
+                       "global_batch=4", "micro_batch=4", f"text_encoder={build_tiny_t5gemma(tmp_path / 't5')}",
+                       "sample_every=0", "data.workers=0", "log.tensorboard=false"]) == 0
+    config = torch.load(sorted((run / "checkpoints").glob("*.pt"))[-1], weights_only=True)["denoiser"]
+    assert (config["in_channels"], config["patch_size"]) == (32, 1)
+
+
 def _original_bytes(data, key: str) -> bytes:
     for shard in committed_shards(data["images"]):
         for k, members in iter_tar_samples(shard.tar_path):

@@ -11,7 +11,12 @@ import torch
 from PIL import Image
 
 from curate.text import TextEncoder
-from curate.tiny import build_tiny_flux2_vae, build_tiny_flux_vae, build_tiny_t5gemma
+from curate.tiny import (
+    build_tiny_dc_ae,
+    build_tiny_flux2_vae,
+    build_tiny_flux_vae,
+    build_tiny_t5gemma,
+)
 from curate.vae import decode_to_images, latent_spec_for, load_vae, load_vae_for_spec
 from train.export import (
     EXPORT_INFO,
@@ -36,7 +41,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("export-models")
     return {"text": build_tiny_t5gemma(root / "t5gemma"), "flux": build_tiny_flux_vae(root / "flux"),
-            "flux2": build_tiny_flux2_vae(root / "flux2")}
+            "flux2": build_tiny_flux2_vae(root / "flux2"), "dc-ae": build_tiny_dc_ae(root / "dc-ae")}
 
 
 @pytest.fixture(scope="module")
@@ -44,19 +49,19 @@ def text(models) -> TextEncoder:
     return TextEncoder.load(str(models["text"]))
 
 
-def _spec(folder: Path):
-    return latent_spec_for(load_vae(str(folder), device="cpu"), stored="dist", dtype="bfloat16",
+def _spec(folder: Path, stored: str = "dist"):
+    return latent_spec_for(load_vae(str(folder), device="cpu"), stored=stored, dtype="bfloat16",
                            resolution=SIZE, buckets=[])
 
 
 @pytest.fixture(scope="module")
 def kinds(models, text) -> dict[str, tuple]:
     """(spec, transformer) per VAE kind: Flux 16 ch with patch 2, FLUX.2 128 ch (already
-    patchified in model space) with patch 1."""
+    patchified in model space) with patch 1, DC-AE 32 ch at 1/32 with patch 1."""
     from diffusers import PRXTransformer2DModel
 
     out = {}
-    for kind, channels, patch in (("flux", 16, 2), ("flux2", 128, 1)):
+    for kind, channels, patch in (("flux", 16, 2), ("flux2", 128, 1), ("dc-ae", 32, 1)):
         torch.manual_seed(0)
         transformer = PRXTransformer2DModel(
             in_channels=channels, patch_size=patch, context_in_dim=text.dim, hidden_size=64,
@@ -65,7 +70,7 @@ def kinds(models, text) -> dict[str, tuple]:
             for p in transformer.parameters():
                 if not p.any():
                     p.normal_(0, 0.2)
-        out[kind] = (_spec(models[kind]), transformer.eval())
+        out[kind] = (_spec(models[kind], "mean" if kind == "dc-ae" else "dist"), transformer.eval())
     return out
 
 
@@ -74,19 +79,24 @@ def _pipeline_grid(steps: int) -> list[float]:
     return [1000 * float(t) for t in torch.linspace(1, 0, steps + 1)[:-1]]
 
 
-def test_flux_export_loads_in_prx_pipeline_and_matches_our_sampler(kinds, text, tmp_path: Path):
-    from diffusers import AutoencoderKL, PRXPipeline
+@pytest.mark.parametrize("kind", ["flux", "dc-ae"])
+def test_a_flux_or_dc_ae_export_loads_in_prx_pipeline_and_matches_our_sampler(kinds, text, tmp_path: Path,
+                                                                               kind: str):
+    """PRXPipeline decodes both with the VAE's scale and shift: DC-AE's 32 px tokens included."""
+    from diffusers import PRXPipeline
 
-    spec, transformer = kinds["flux"]
+    spec, transformer = kinds[kind]
+    vae_class = {"flux": "AutoencoderKL", "dc-ae": "AutoencoderDC"}[kind]
     out = export_pipeline(transformer, text_encoder=text.id, spec=spec, to=tmp_path / "export",
                           shift=1.0, max_tokens=text.max_tokens, run=tmp_path / "run", step=7)
     info = json.loads((out / EXPORT_INFO).read_text())
-    assert info["mode"] == "pixels" and info["step"] == 7 and info["latent_spec"]["vae_class"] == "AutoencoderKL"
+    assert info["mode"] == "pixels" and info["step"] == 7 and info["latent_spec"]["vae_class"] == vae_class
     assert not (out / LATENTS_INFO).exists()
     assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["shift"] == 1.0
 
     pipe = PRXPipeline.from_pretrained(out)
-    assert isinstance(pipe.vae, AutoencoderKL) and pipe.tokenizer.model_max_length == 256
+    assert type(pipe.vae).__name__ == vae_class and pipe.tokenizer.model_max_length == 256
+    assert pipe.vae_scale_factor == spec.downsample
     pipe.set_progress_bar_config(disable=True)
     image = pipe(PROMPT, num_inference_steps=2, height=SIZE, width=SIZE).images[0]
     assert isinstance(image, Image.Image) and image.size == (SIZE, SIZE)

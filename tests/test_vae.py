@@ -307,7 +307,7 @@ def test_bf16_storage(vaes: dict[str, LoadedVae], kind: str) -> None:
 
 def test_errors_name_the_vae(vaes: dict[str, LoadedVae], vae_dirs: dict[str, Path], tmp_path: Path) -> None:
     flux, flux2 = str(vae_dirs["flux"]), str(vae_dirs["flux2"])
-    with pytest.raises(VaeError, match=r"'nope' is not a known alias \(flux, flux2, pixels, repa-e-flux\)") as err:
+    with pytest.raises(VaeError, match=r"'nope' is not a known alias \(dc-ae, flux, flux2, pixels, repa-e-flux\)") as err:
         load_vae("nope")
     assert isinstance(err.value, ValueError) and isinstance(err.value, CurateError)
     for bad in ("NotAClass", "UNet2DModel", "os.path"):

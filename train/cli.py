@@ -41,7 +41,7 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", metavar="SOURCE",
                    help="start from trained weights (init.source): a run folder (its latest checkpoint), "
                         "a checkpoint file, a `train export` folder, a diffusers PRXTransformer2DModel "
-                        "folder or Hub id, or an alias (prx-256, prx-512, prx-512-sft, prx-1024-beta); "
+                        "folder or Hub id, or an alias (prx-256, prx-512, prx-512-sft, prx-1024-beta, prx-512-dc-ae...); "
                         "optimizer, schedule and step start afresh")
     p.add_argument("--config", dest="config_file", help="a YAML file of config keys")
     p.add_argument("--resume", default="never",

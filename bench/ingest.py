@@ -6,7 +6,9 @@ orientation, validation, the parquet index, fsync and atomic commits. Figures ar
 of images/s in the same run on the same files (page cache warm for both). With
 ``--near-duplicates BITS`` each image is also hashed (pHash) and the final pass searches the
 hashes; that search alone is timed too, on random 64-bit hashes (unrelated images), at the
-counts and thresholds of ``--search``.
+counts and thresholds of ``--search``. The same images are also ingested from parquet files
+that hold them (the Hugging Face Hub's Image-feature layout, row groups of 100), as
+``curate ingest DIR_OF_PARQUET`` reads a dataset downloaded from the Hub.
 
     python bench/ingest.py [--images 2000] [--side 1024] [--repeats 3] [--search 100000:4,1000000:4,100000:8,300000:8]
 """
@@ -33,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from curate.ingest import IngestStage, near_duplicate_pairs  # noqa: E402
 from curate.runner import run_stage  # noqa: E402
-from curate.sources import FolderSource  # noqa: E402
+from curate.sources import FolderSource, ParquetSource  # noqa: E402
 
 
 def make_images(root: Path, n: int, side: int) -> None:
@@ -75,9 +77,34 @@ def bare_loop(src: Path, out: Path) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
+def write_parquet(src: Path, out: Path, rows_per_file: int = 1000, row_group: int = 100) -> None:
+    """The folder's images and captions as parquet files: an Image-feature struct column
+    (``{bytes, path}``, as ``datasets`` writes it) and a ``text`` column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out.mkdir(parents=True)
+    paths = sorted(src.glob("*.jpg"))
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    for start in range(0, len(paths), rows_per_file):
+        part = paths[start: start + rows_per_file]
+        table = pa.table({
+            "image": pa.array([{"bytes": p.read_bytes(), "path": p.name} for p in part], type=image_type),
+            "text": [p.with_suffix(".txt").read_text() for p in part],
+        })
+        pq.write_table(table, out / f"train-{start // rows_per_file:05d}.parquet", row_group_size=row_group)
+
+
 def curate_ingest(src: Path, out: Path, workers: int, near_duplicates: int | None = None) -> None:
-    stage = IngestStage(FolderSource(src), out, shard_size=1000, workers=workers, near_duplicates=near_duplicates)
+    source = ParquetSource(str(src)) if any(src.glob("*.parquet")) else FolderSource(src)
+    stage = IngestStage(source, out, shard_size=1000, workers=workers, near_duplicates=near_duplicates)
     run_stage(stage, out, progress=False)
+
+
+def _keys(stage: Path) -> set[str]:
+    import pyarrow.parquet as pq
+
+    return {k for index in stage.glob("*.parquet") for k in pq.read_table(index, columns=["key"])["key"].to_pylist()}
 
 
 def timed(fn, out: Path, repeats: int) -> float:
@@ -111,8 +138,14 @@ def main() -> None:
             rows.append((f"curate ingest --workers {workers}", t))
         t = timed(lambda o: curate_ingest(src, o, cores, near_duplicates=4), Path(tmp) / "near", args.repeats)
         rows.append((f"curate ingest --workers {cores} --near-duplicates 4", t))
+        parquet = Path(tmp) / "parquet"
+        write_parquet(src, parquet)
+        t = timed(lambda o: curate_ingest(parquet, o, cores), Path(tmp) / "pq", args.repeats)
+        rows.append((f"curate ingest --workers {cores}, the images in parquet files", t))
+        same = _keys(Path(tmp) / "pq") == _keys(Path(tmp) / f"w{cores}")
     print(f"# bench/ingest.py: {args.images} JPEGs {args.side}x{args.side * 3 // 4} ({mb:.0f} MB), "
           f"{cores} cores, {platform.processor() or platform.machine()}, median of {args.repeats}")
+    print(f"parquet ingest kept the folder's samples (content keys): {same}")
     print("| run | images/s | ratio to bare loop |")
     print("| --- | ---: | ---: |")
     for name, t in rows:

@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("encode-text", help="text-encoder embeddings of every caption, and manifests that list them",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("latents", help="a latent stage folder written by `curate encode-latents`")
+    p.add_argument("latents", help="a latent stage folder written by `curate encode-latents`, or its URL")
     p.add_argument("--out", required=True, help="output folder, e.g. DATA/text/t5gemma")
     p.add_argument("--text-encoder", default="t5gemma",
                    help="alias (t5gemma), Hub id or local folder: a T5Gemma checkpoint or a PRX pipeline")
@@ -231,8 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes reading and cleaning captions ahead of the encoder (0: in this one; "
                         "default: 0 on a CPU, where the encoder takes every core, else 4)")
     p.add_argument("--manifests", nargs="+", default=None,
-                   help="the manifests to extend (default: those encode-latents wrote for these latents)")
-    p.add_argument("--manifest-dir", default=None, help="where the new manifests go (default: beside each input)")
+                   help="the manifests to extend, files or URLs (default: those encode-latents wrote for "
+                        "these latents)")
+    p.add_argument("--manifest-dir", default=None,
+                   help="where the new manifests go (default: beside each input; required for a manifest at a URL)")
     p.add_argument("--name", default=None,
                    help="suffix of the new manifests' names, NAME in long-NAME.json (default: the --out folder's name)")
     p.add_argument("--device", default=None, help="None: cuda:LOCAL_RANK if available, else cpu")

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from curate import storage
 from curate.manifest import (
     Manifest,
     ManifestError,
@@ -46,6 +47,7 @@ from curate.manifest import (
     TextSpec,
     load_manifest,
     rebase_entries,
+    shard_urls,
     write_manifest,
 )
 from curate.procs import available_cores, die_with_parent
@@ -75,9 +77,16 @@ def _is_caption(key: str, ext: str) -> bool:
 
 def read_captions(tar: str, keys: list[str]) -> list[dict[str, str]]:
     """The non-empty captions of each of ``keys`` in a latent shard, per variant, cleaned as
-    ``PRXPipeline`` cleans prompts. Runs in the stage's worker processes."""
+    ``PRXPipeline`` cleans prompts. Runs in the stage's worker processes. A tar at a URL is read
+    forward once: its captions lie between the latents, which its ranged requests fetch anyway."""
     found = {}
-    for key, members in iter_tar_samples(tar, wanted=_is_caption):
+    if storage.is_remote(tar):
+        with storage.open_stream(tar) as stream:
+            samples = [(key, {ext: data for ext, data in members.items() if _is_caption(key, ext)})
+                       for key, members in iter_tar_samples(stream, what=tar)]
+    else:
+        samples = iter_tar_samples(tar, wanted=_is_caption)
+    for key, members in samples:
         found[key] = {ext[: -len(".txt")]: data.decode("utf-8") for ext, data in members.items()}
     missing = [k for k in keys if k not in found]
     if missing:
@@ -114,7 +123,9 @@ class EncodeTextStage(Stage):
             raise CurateError(f"--dtype must be one of {DTYPES}, not {dtype!r}")
         if batch_size < 1 or (workers is not None and workers < 0):
             raise CurateError("--batch-size must be positive and --workers at least 0")
-        self.latents_dir, self.out_dir = Path(latents_dir), Path(out_dir)
+        # The latent stage and its manifests may be URLs (read where they lie); the text shards and
+        # the manifests that list them are written locally.
+        self.latents_dir, self.out_dir = storage.as_location(latents_dir), Path(out_dir)
         self.encoder_name, self.revision = text_encoder, revision
         self.max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
         if self.max_tokens < 1:
@@ -122,11 +133,11 @@ class EncodeTextStage(Stage):
         self.dtype, self.batch_size, self.workers, self.device = dtype, batch_size, workers, device
         self.manifest_dir = Path(manifest_dir) if manifest_dir is not None else None
         self.manifest_name = name or self.out_dir.name
-        stage_file = self.latents_dir / STAGE_FILE
-        if not stage_file.exists():
+        stage_file = storage.join(self.latents_dir, STAGE_FILE)
+        if not storage.is_file(stage_file):
             raise CurateError(f"{self.latents_dir}: not a complete encode-latents stage (no {STAGE_FILE}); "
                               "run `curate encode-latents` to completion first")
-        self.latent_stage = json.loads(stage_file.read_text())
+        self.latent_stage = json.loads(storage.read_bytes(stage_file))
         if self.latent_stage.get("stage") != "encode-latents":
             raise CurateError(f"{self.latents_dir} holds a {self.latent_stage.get('stage')!r} stage, "
                               "not encode-latents")
@@ -140,10 +151,11 @@ class EncodeTextStage(Stage):
 
     # -- what decides the output -------------------------------------------------------------------------
 
-    def _input_manifests(self, given: list[str | Path] | None) -> list[Path]:
-        """The manifests to extend with text shards: those given, else the ones encode-latents wrote."""
+    def _input_manifests(self, given: list[str | Path] | None) -> list[Path | str]:
+        """The manifests to extend with text shards: those given (files or URLs), else the ones
+        encode-latents wrote."""
         if given:
-            paths = [Path(p) for p in given]
+            paths = [storage.as_location(p) for p in given]
         else:
             written = self.latent_stage.get("summary", {}).get("manifests", [])
             paths = [Path(p) for p in written]
@@ -153,10 +165,13 @@ class EncodeTextStage(Stage):
                                   f"({', '.join(absent) or 'none recorded'}, relative to the folder it ran "
                                   "in); name them with --manifests")
         for p in paths:
-            if not p.exists():
+            if not storage.is_file(p):
                 raise CurateError(f"{p}: no such manifest")
+            if storage.is_remote(p) and self.manifest_dir is None:
+                raise CurateError(f"{p} is a URL, and the manifests are written locally: name the folder "
+                                  "with --manifest-dir")
             try:
-                parts = json.loads(p.read_text()).get("parts")
+                parts = json.loads(storage.read_bytes(p)).get("parts")
             except (OSError, ValueError):
                 continue  # named, with its field, when the manifests are written
             if parts:
@@ -172,7 +187,7 @@ class EncodeTextStage(Stage):
                 "dtype": self.dtype, "cleaning": "prx", "variants": self.variants}
 
     def provenance(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"latents": str(self.latents_dir.resolve())}
+        out: dict[str, Any] = {"latents": storage.resolved(self.latents_dir)}
         if self.encoder is not None:
             out |= {"encoder_id": self.encoder.id, "encoder_revision": self.encoder.revision}
         return out
@@ -291,15 +306,15 @@ class EncodeTextStage(Stage):
 
     # -- manifests ---------------------------------------------------------------------------------------
 
-    def text_spec(self, out_dir: Path, manifest_dir: Path, latent: Manifest, latent_base: Path) -> TextSpec:
-        """The text section of the manifest that extends ``latent``: its shards' text shards."""
+    def text_spec(self, out_dir: Path, manifest_dir: Path, latent: Manifest, latent_path: Path | str) -> TextSpec:
+        """The text section of the manifest that extends ``latent`` (read from ``latent_path``, a
+        file or a URL): its shards' text shards."""
         encoder_id, revision, dim = self._identity()
-        by_tar = {s.tar_path.resolve(): s for s in committed_shards(self.latents_dir)}
+        by_tar = {storage.resolved(s.tar_path): s for s in committed_shards(self.latents_dir)}
         text = {s.shard_id: s for s in committed_shards(out_dir)}
         entries = []
-        for i, entry in enumerate(latent.shards):
-            path = Path(entry.path) if os.path.isabs(entry.path) else latent_base / entry.path
-            shard = by_tar.get(path.resolve())
+        for i, (entry, url) in enumerate(zip(latent.shards, shard_urls(latent, latent_path), strict=True)):
+            shard = by_tar.get(storage.resolved(url))
             if shard is None or (entry.sha256 is not None and shard.meta.tar_sha256 != entry.sha256):
                 raise CurateError(f"{latent.name}: shard {i} ({entry.path}) is not a current shard of "
                                   f"{self.latents_dir}: the manifest and the latents differ; rerun "
@@ -335,8 +350,8 @@ class EncodeTextStage(Stage):
             except ManifestError as e:
                 raise CurateError(str(e)) from e
             target_dir = self.manifest_dir or path.parent
-            text = self.text_spec(out_dir, target_dir, latent, path.resolve().parent)
-            shards = rebase_entries(latent.shards, path.parent, target_dir)
+            text = self.text_spec(out_dir, target_dir, latent, path)
+            shards = rebase_entries(latent.shards, storage.parent(path), target_dir)
             name = f"{latent.name}-{self.manifest_name}"
             provenance = {**latent.provenance, "text": {"path": str(out_dir.resolve()), "encoder": text.encoder_id,
                                                         "revision": text.revision,

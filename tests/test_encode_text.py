@@ -266,3 +266,39 @@ def test_a_subset_manifest_gets_text_shards_of_every_sample_and_keeps_its_subset
     # A text shard holds every accepted sample of its latent shard, the ones the subset leaves out too.
     assert [e.samples for e in manifest.text.shards] == [e.accepted for e in source.shards]
     assert check_data(manifest, written).samples == source.samples
+
+
+def test_latents_and_manifests_at_urls_encode_as_their_files_reading_each_tar_once(dataset, encoders,
+                                                                                   tmp_path: Path):
+    """`curate encode-text http://.../latents --manifests http://.../long.json --manifest-dir M`: the
+    text shards are the local folder's, each latent tar is fetched once, and the manifest written
+    locally names the latent shards by their URLs and trains as the local one does."""
+    from file_server import serve
+
+    local = tmp_path / "local" / "t5"
+    encode_text(dataset, encoders["left"], local, manifests=[dataset["long"]], workers=1)
+    root = dataset["root"]
+    with serve(root) as server:
+        def url(path: Path) -> str:
+            return f"{server.url}/{path.relative_to(root).as_posix()}"
+
+        with pytest.raises(CurateError, match="is a URL, and the manifests are written locally"):
+            EncodeTextStage(url(dataset["latents"]), tmp_path / "x", str(encoders["left"]),
+                            manifests=[url(dataset["long"])])
+        remote = tmp_path / "remote" / "t5"
+        encode_text({"latents": url(dataset["latents"])}, encoders["left"], remote,
+                    manifests=[url(dataset["long"])], workers=1)
+        sent = dict(server.sent)
+        written = remote.parent / "manifests" / "long-t5.json"
+        manifest = load_manifest(written, check_checksums=True)
+        assert [s.path for s in manifest.shards] == [url(t) for t in sorted(dataset["latents"].glob("*.tar"))]
+        local_manifest = local.parent / "manifests" / "long-t5.json"
+        remote_summary, local_summary = check_data(manifest, written), check_data(load_manifest(local_manifest),
+                                                                                    local_manifest)
+        assert (remote_summary.samples, remote_summary.buckets) == (local_summary.samples, local_summary.buckets)
+    assert snapshot(remote) == snapshot(local)
+    assert manifest.text.model_dump() | {"shards": None} == load_manifest(local_manifest).text.model_dump() | \
+        {"shards": None}
+    assert json.loads((remote / "_stage.json").read_text())["provenance"]["latents"] == url(dataset["latents"])
+    for tar in dataset["latents"].glob("*.tar"):
+        assert sent[f"/{tar.relative_to(root).as_posix()}"] == tar.stat().st_size

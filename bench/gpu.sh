@@ -8,7 +8,7 @@
 # bench/gpu_train.py --feeds shards,text, 300 s: run it as `GPU_ENCODE=0 GPU_TEXT=1 bash
 # bench/gpu.sh` on the machine still warm from the first call); then, with GPU_TRAIN=1, the trainer as the prx-1.2b preset runs it (compiled) fed by shards
 # and by memory (bench/gpu_train.py, 230 s) and eager from memory (150 s). The encoder-only
-# figures (bench/gpu_vae.py) run too with GPU_VAE=1: a further 150 s. GPU_ABLATIONS=1 times the
+# figures (bench/gpu_vae.py: Flux, FLUX.2 and DC-AE) run too with GPU_VAE=1: a further 220 s. GPU_ABLATIONS=1 times the
 # prx-1.2b step fed from memory as the baseline and with `--ablation muon`, `ema` and `tread`
 # (420 s; run it alone: GPU_ENCODE=0 GPU_ABLATIONS=1); GPU_REPA=1 the shard-fed step against the
 # same with `--ablation repa` and `irepa` (a DINOv3 ViT-B/16-shaped teacher, noise JPEGs as originals; 380 s); GPU_SCORE=1 the
@@ -62,7 +62,7 @@ torch.__version__, 'transformers', transformers.__version__, 'diffusers', diffus
 'polars', polars.__version__, 'pydantic', pydantic.VERSION)"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 if [ "${GPU_VAE:-0}" = 1 ]; then
-    timeout -k 10 150 "$PY" bench/gpu_vae.py --iters 20 | tee "$OUT/gpu_vae.md" \
+    timeout -k 10 220 "$PY" bench/gpu_vae.py --iters 20 | tee "$OUT/gpu_vae.md" \
         || echo "bench/gpu_vae.py stopped early (exit $?)"
 fi
 if [ "${GPU_ENCODE:-1}" = 1 ]; then

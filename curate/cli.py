@@ -297,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stage_dir", help="a stage folder (DATA/images), or a manifest (manifests/long.json): its "
                                      "samples per bucket, caption weights and coverage, text section, provenance")
     p.add_argument("--json", action="store_true", help="print the raw statistics as JSON")
+    p.add_argument("--latents", type=int, default=0, metavar="N",
+                   help="manifests: the mean and std of N samples' latents as the denoiser is fed them (drawn "
+                        "as training draws them, in model space), and the scaling that would make them 0 and 1")
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="caption stages: write a histogram of caption lengths per variant")
     return parser
@@ -556,13 +559,24 @@ def cmd_dedup(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from curate.stats import format_manifest_stats, format_stats, manifest_stats, stage_stats
+    from curate.runner import CurateError
+    from curate.stats import (
+        format_manifest_stats,
+        format_stats,
+        latent_stats,
+        manifest_stats,
+        stage_stats,
+    )
     from curate.storage import is_remote
 
     if args.stage_dir.endswith(".json") and (is_remote(args.stage_dir) or Path(args.stage_dir).is_file()):
         stats = manifest_stats(args.stage_dir)
+        if args.latents:
+            stats["latents"] = latent_stats(args.stage_dir, args.latents)
         print(json.dumps(stats, indent=2) if args.json else format_manifest_stats(stats))
         return 0
+    if args.latents:
+        raise CurateError(f"{args.stage_dir}: --latents measures a manifest's latents; name a manifest (.json)")
 
     stats = stage_stats(args.stage_dir)
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats, args.stage_dir))

@@ -155,6 +155,104 @@ def manifest_stats(manifest_path: str | os.PathLike) -> dict[str, Any]:
     }
 
 
+# How far the denoiser's inputs may stray from mean 0 and standard deviation 1 before a note says so.
+UNIT_SCALE_TOLERANCE = 0.3
+
+
+def latent_stats(manifest_path: str | os.PathLike, samples: int, seed: int = 0) -> dict[str, Any]:
+    """`curate stats MANIFEST --latents N`: what the denoiser is fed. ``samples`` of the manifest's
+    samples, spread evenly over it (its subsets applied), each latent drawn as training draws it
+    (``mean + std * eps``, seeded; the mean when only it is stored) and put in model space by the
+    manifest's spec: their mean and standard deviation overall and per channel. Without a batch-norm
+    normalisation (FLUX.2's) also the raw latents' mean and standard deviation, which as
+    ``shift_factor`` and ``1 / scaling_factor`` would give the denoiser mean 0 and std 1: a VAE whose
+    config sets no scaling (or another dataset's) shows here, before a run trains on badly scaled
+    inputs."""
+    import torch
+    from safetensors.torch import load as load_safetensors
+
+    from curate.manifest import ManifestError, latent_index_rows, load_manifest, shard_urls
+    from curate.shards import samples_at
+    from curate.vae import PIXELS, sample_latent, to_model_input
+
+    if samples < 1:
+        raise CurateError(f"--latents must be positive, not {samples}")
+    try:
+        manifest = load_manifest(manifest_path)
+        rows = latent_index_rows(manifest, manifest_path, ["tar_offset", "tar_length"])
+    except ManifestError as e:
+        raise CurateError(str(e)) from None
+    if rows is None:
+        raise CurateError(f"{manifest_path}: its shards' indexes cannot be read (pipe: shards, or index files "
+                          "missing): no latents to measure")
+    n = min(samples, rows.height)
+    chosen = rows[sorted({i * rows.height // n for i in range(n)})]  # evenly spread, in shard order
+    spec, urls = manifest.latent, shard_urls(manifest, manifest_path)
+    generator = torch.Generator().manual_seed(seed)
+    sums = {"raw": None, "model": None}  # per channel: [count, sum, sum of squares], float64
+
+    def add(name: str, x: torch.Tensor) -> None:
+        x = x.double()
+        counted = torch.stack([torch.full((x.shape[1],), x[0, 0].numel(), dtype=torch.float64),
+                               x.sum(dim=(0, 2, 3)), x.square().sum(dim=(0, 2, 3))])
+        sums[name] = counted if sums[name] is None else sums[name] + counted
+
+    drawn = 0
+    for shard, group in chosen.group_by("shard", maintain_order=True):
+        spans = list(zip(group["tar_offset"].to_list(), group["tar_length"].to_list(), strict=True))
+        for _, members in samples_at(urls[shard[0]], spans, wanted=lambda _, ext: ext == "latent.safetensors"):
+            stored = load_safetensors(members["latent.safetensors"])
+            mean = stored["mean"][None]
+            latent = (sample_latent(mean, stored["std"][None], generator) if "std" in stored
+                      else mean.to(torch.float32))
+            add("raw", latent)
+            add("model", to_model_input(latent, spec))
+            drawn += 1
+
+    def summary(counted: torch.Tensor) -> dict[str, Any]:
+        count, total, squares = counted
+        channel_mean = total / count
+        channel_std = (squares / count - channel_mean.square()).clamp_min(0).sqrt()
+        mean = float(total.sum() / count.sum())
+        return {"channels": len(count), "mean": rounded(mean),
+                "std": rounded(float((squares.sum() / count.sum() - mean**2) ** 0.5)),
+                "channel_mean": [rounded(float(channel_mean.min())), rounded(float(channel_mean.max()))],
+                "channel_std": [rounded(float(channel_std.min())), rounded(float(channel_std.max()))]}
+
+    out: dict[str, Any] = {"samples": drawn, "of": rows.height, "seed": seed,
+                           "drawn": "mean + std * eps" if spec.stored == "dist" else "mean",
+                           "model": summary(sums["model"]),
+                           "spec": {"shift_factor": spec.shift_factor, "scaling_factor": spec.scaling_factor,
+                                    "normalization": None if spec.normalization is None
+                                    else spec.normalization.kind}}
+    if spec.normalization is None and spec.vae != PIXELS:
+        raw = summary(sums["raw"])
+        out["raw"] = raw
+        out["unit_scale"] = {"shift_factor": raw["mean"], "scaling_factor": rounded(1 / raw["std"])
+                             if raw["std"] else None}
+    return out
+
+
+def format_latent_stats(stats: dict[str, Any]) -> list[str]:
+    model = stats["model"]
+    lines = [f"  model in  {stats['samples']} of {stats['of']} samples ({stats['drawn']}, seed {stats['seed']}): "
+             f"mean {_fmt(model['mean'])}, std {_fmt(model['std'])}; per channel mean "
+             f"{_fmt(model['channel_mean'][0])} to {_fmt(model['channel_mean'][1])}, std "
+             f"{_fmt(model['channel_std'][0])} to {_fmt(model['channel_std'][1])}"]
+    off = abs(model["mean"]) > UNIT_SCALE_TOLERANCE or abs(model["std"] - 1) > UNIT_SCALE_TOLERANCE
+    if off:
+        spec = stats["spec"]
+        lines.append(f"  note      the denoiser's inputs are not near mean 0, std 1 (the spec's shift_factor "
+                     f"{_fmt(spec['shift_factor'])}, scaling_factor {_fmt(spec['scaling_factor'])}"
+                     + (f", {spec['normalization']} normalisation" if spec["normalization"] else "") + ")")
+        unit = stats.get("unit_scale")
+        if unit and unit["scaling_factor"]:
+            lines.append(f"            these latents' own: shift_factor {_fmt(unit['shift_factor'])}, scaling_factor "
+                         f"{_fmt(unit['scaling_factor'])} (encoded again with a VAE folder whose config.json sets "
+                         "them, the inputs are at unit scale)")
+    return lines
+
+
 def _where(record: Any) -> Any:
     """A provenance record's path (each one's, for a list of records such as ``merged_from``)."""
     if isinstance(record, list):
@@ -195,4 +293,6 @@ def format_manifest_stats(stats: dict[str, Any]) -> str:
                      f"variants {', '.join(text['variants'])}")
     for stage, path in stats["provenance"].items():
         lines.append(f"  from      {stage}: {', '.join(map(str, path)) if isinstance(path, list) else _fmt(path)}")
+    if stats.get("latents"):
+        lines += format_latent_stats(stats["latents"])
     return "\n".join(lines)

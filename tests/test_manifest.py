@@ -213,3 +213,53 @@ def test_curate_stats_of_a_manifest(latents, capsys):
     assert curate_main(["stats", str(latents["mix"]), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["caption_coverage"] == {"long": 24, "short": 23, "orig": 12} and stats["text"] is None
+
+
+def test_curate_stats_measures_the_latents_as_the_denoiser_is_fed_them(latents, capsys):
+    """--latents N: N samples spread over the manifest, drawn as training draws them (seeded), in
+    model space; a spec that does not bring them near mean 0, std 1 is named, with the shift and
+    scaling that would."""
+    import torch
+    from safetensors.torch import load
+
+    from curate.cli import main as curate_main
+    from curate.manifest import shard_urls
+    from curate.shards import iter_tar_samples
+    from curate.stats import latent_stats
+    from curate.vae import sample_latent
+
+    manifest = load_manifest(latents["long"])
+    generator = torch.Generator().manual_seed(0)
+    drawn = []
+    for url in shard_urls(manifest, latents["long"]):
+        for _, members in iter_tar_samples(url):
+            stored = load(members["latent.safetensors"])
+            drawn.append(sample_latent(stored["mean"][None], stored["std"][None], generator))
+    every = torch.cat(drawn).double()
+    stats = latent_stats(latents["long"], 1000)
+    assert (stats["samples"], stats["of"], stats["drawn"]) == (24, 24, "mean + std * eps")
+    assert abs(stats["model"]["mean"] - float(every.mean())) < 1e-4
+    assert abs(stats["model"]["std"] - float(every.std(unbiased=False))) < 1e-4
+    per_channel = every.std(dim=(0, 2, 3), unbiased=False)
+    assert abs(stats["model"]["channel_std"][0] - float(per_channel.min())) < 1e-4
+    assert abs(stats["model"]["channel_std"][1] - float(per_channel.max())) < 1e-4
+    unit = stats["unit_scale"]
+    rescaled = (every - unit["shift_factor"]) * unit["scaling_factor"]
+    assert abs(float(rescaled.mean())) < 1e-3 and abs(float(rescaled.std(unbiased=False)) - 1) < 1e-3
+    assert latent_stats(latents["long"], 5)["samples"] == 5  # spread over the shards: 0, 4, 9, 14, 19
+
+    # The same shards under a spec that scales them by 3 and shifts them by 0.5 first.
+    data = json.loads(latents["long"].read_text())
+    data["latent"] |= {"scaling_factor": 3.0, "shift_factor": 0.5}
+    scaled = latents["long"].with_name("scaled.json")
+    scaled.write_text(json.dumps(data))
+    assert curate_main(["stats", str(scaled), "--latents", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "model in  24 of 24 samples (mean + std * eps, seed 0): mean -1." in out
+    assert "note      the denoiser's inputs are not near mean 0, std 1 (the spec's shift_factor 0.5, " \
+           "scaling_factor 3)" in out
+    assert f"these latents' own: shift_factor {unit['shift_factor']:.3g}" in out
+    assert curate_main(["stats", str(latents["long"]), "--latents", "24"]) == 0
+    assert "note" not in capsys.readouterr().out
+    assert curate_main(["stats", str(latents["latents"]), "--latents", "4"]) == 2
+    assert "--latents measures a manifest's latents" in capsys.readouterr().err

@@ -62,7 +62,7 @@ echo "== 7. encode-text: every caption's T5Gemma embedding, and manifests/demo-{
 curate encode-text "$DATA/latents/tiny-flux2-256" --out "$DATA/text/t5gemma" --text-encoder "$DATA/models/tiny-t5gemma" \
     --max-tokens 64 --workers 1 --device cpu --no-progress
 ls -l manifests/demo-*-t5gemma.json
-curate stats manifests/demo-long-t5gemma.json   # what training will read: buckets, caption coverage, text
+curate stats manifests/demo-long-t5gemma.json --latents 256   # what training will read: buckets, caption coverage, text, input scale
 
 echo "== 8. train: the tiny preset on all shards but one, a validation loss on that one, a sample grid every 100 steps"
 # --hold-out 1 writes demo-train.json (the other shards) and demo-train-heldout.json (one shard, drawn at random):

@@ -269,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "(long_words, short_words...) and --scores")
     p.add_argument("--unique", action="store_true",
                    help="when merging: a sample whose content is in several parts stays in the first one only")
+    p.add_argument("--latent-scaling", type=float, default=None, metavar="S",
+                   help="the denoiser's inputs are (latent - shift) * S instead of the VAE config's scaling "
+                        "(`curate stats MANIFEST --latents N` measures the one that gives std 1)")
+    p.add_argument("--latent-shift", type=float, default=None, metavar="H",
+                   help="... and the shift H (the latents' mean for mean 0)")
     p.add_argument("--name", required=True, help="the new manifest's name")
     p.add_argument("--out", default=None, help="where to write it (default: NAME.json beside the first manifest)")
 
@@ -437,6 +442,7 @@ def cmd_manifest(args: argparse.Namespace) -> int:
         part_captions,
         part_coverage,
         with_captions,
+        with_latent_scaling,
         write_manifest,
     )
     from curate.runner import CurateError
@@ -450,10 +456,12 @@ def cmd_manifest(args: argparse.Namespace) -> int:
         if merging and holding:
             raise CurateError("--hold-out splits one manifest: hold shards out of each dataset's manifest, "
                               "then merge the rest")
-        if not merging and args.captions is None and not holding and not rules:
+        rescaling = args.latent_scaling is not None or args.latent_shift is not None
+        if not merging and args.captions is None and not holding and not rules and not rescaling:
             raise CurateError("give --captions for another caption selection, --where, --keep, --exclude or "
                               "--fraction for a subset of the samples, --hold-out to split off held-out shards, "
-                              "or several manifests to merge")
+                              "--latent-scaling/--latent-shift for another input scale, or several manifests "
+                              "to merge")
         if not args.out and storage.is_remote(sources[0][1]):
             raise CurateError(f"{sources[0][1]} is a URL: give --out, where the new manifest is written (a local "
                               "file; its shards stay at their URLs)")
@@ -483,6 +491,10 @@ def cmd_manifest(args: argparse.Namespace) -> int:
                 held = with_captions(held, sources[0][1], weights, name=f"{args.name}-heldout", out=held_out_path)
             else:
                 manifest = with_captions(source, sources[0][1], weights, name=args.name, out=out)
+        if rescaling:
+            manifest = with_latent_scaling(manifest, args.latent_scaling, args.latent_shift)
+            if held is not None:  # the held-out samples are fed as the training ones
+                held = with_latent_scaling(held, args.latent_scaling, args.latent_shift)
         rows = latent_index_rows(manifest, out, ["key", "captions"])  # read once: coverage and overlap
         coverage = part_coverage(manifest, rows)
         parts = manifest.parts or [None]
@@ -501,6 +513,9 @@ def cmd_manifest(args: argparse.Namespace) -> int:
         raise CurateError(str(e)) from None
     print(f"wrote {written}: {manifest.samples} samples in {len(manifest.shards)} shards"
           + (" an epoch" if merging else ""))
+    if rescaling:
+        print(f"  latents: (latent - {manifest.latent.shift_factor:g}) * {manifest.latent.scaling_factor:g} "
+              f"(the VAE's own: shift {manifest.latent.vae_scaling[1]:g}, scaling {manifest.latent.vae_scaling[0]:g})")
     if report is not None:
         print(f"  subset: kept {report.kept} of {report.of} samples ({100 * report.kept / max(report.of, 1):.1f}%)")
         for rule, dropped, nulls in report.rules:

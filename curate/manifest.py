@@ -80,6 +80,35 @@ class LatentSpec(_Strict):
     normalization: LatentNormalization | None = None
     resolution: int = Field(gt=0)  # target pixel area is resolution**2
     buckets: list[tuple[int, int]] = Field(default_factory=list)  # (height, width) in pixels
+    # The VAE config's own scaling and shift, when the two above were set otherwise (`curate
+    # manifest --latent-scaling/--latent-shift`: the stored latents are raw, so any scale can be
+    # chosen after encoding); absent when they are the VAE's.
+    vae_scaling_factor: float | None = None
+    vae_shift_factor: float | None = None
+
+    @model_validator(mode="after")
+    def _rescaled_whole(self) -> LatentSpec:
+        if (self.vae_scaling_factor is None) != (self.vae_shift_factor is None):
+            raise ValueError("vae_scaling_factor and vae_shift_factor come together")
+        if self.vae_scaling_factor is not None and (self.normalization is not None or self.scaling_factor <= 0):
+            raise ValueError("a scaling of its own needs a positive scaling_factor and no normalization")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_rescaling(self, handler: Any) -> Any:
+        # Written only when set, so that every manifest of a VAE's own scaling stays as it was.
+        data = handler(self)
+        if isinstance(data, dict) and data.get("vae_scaling_factor") is None:
+            data.pop("vae_scaling_factor", None)
+            data.pop("vae_shift_factor", None)
+        return data
+
+    @property
+    def vae_scaling(self) -> tuple[float, float]:
+        """(scaling, shift) of the VAE's config, which the latents were encoded beside."""
+        if self.vae_scaling_factor is None:
+            return self.scaling_factor, self.shift_factor
+        return self.vae_scaling_factor, float(self.vae_shift_factor)
 
     @field_validator("buckets")
     @classmethod
@@ -670,7 +699,32 @@ def _differences(ours: BaseModel, theirs: BaseModel, exclude: set[str]) -> list[
         text = repr(value)
         return text if len(text) <= 48 else text[:45] + "..."
 
-    return [f"{field} ({short(b[field])} against {short(a[field])})" for field in a if a[field] != b[field]]
+    fields = [*a, *(f for f in b if f not in a)]  # a field written only when set may be in one alone
+    return [f"{field} ({short(b.get(field))} against {short(a.get(field))})" for field in fields
+            if a.get(field) != b.get(field)]
+
+
+def with_latent_scaling(manifest: Manifest, scaling: float | None = None, shift: float | None = None) -> Manifest:
+    """The same manifest with the denoiser's inputs ``(latent - shift) * scaling`` (either left out:
+    as it was). The shards hold raw latents, so a scale measured on the data (``curate stats
+    --latents``: the raw mean and 1/std) applies without encoding again; the VAE config's own
+    values stay recorded, so its check and the export's decoding still hold."""
+    spec = manifest.latent
+    if spec.normalization is not None:
+        raise ManifestError(f"{spec.vae}'s latents are {spec.normalization.kind}-normalised per channel after "
+                            "patchifying (FLUX.2): a scaling and shift of their own do not apply")
+    if spec.vae == "pixels":
+        raise ManifestError("pixel space maps 0..255 to [-1, 1] (shift 127.5, scaling 1/127.5): no other scale")
+    scaling = spec.scaling_factor if scaling is None else float(scaling)
+    shift = spec.shift_factor if shift is None else float(shift)
+    if not (math.isfinite(scaling) and scaling > 0 and math.isfinite(shift)):
+        raise ManifestError(f"--latent-scaling must be positive and finite and --latent-shift finite, not "
+                            f"{scaling} and {shift}")
+    own = spec.vae_scaling
+    recorded = (None, None) if (scaling, shift) == own else own
+    latent = LatentSpec.model_validate({**spec.model_dump(), "scaling_factor": scaling, "shift_factor": shift,
+                                        "vae_scaling_factor": recorded[0], "vae_shift_factor": recorded[1]})
+    return manifest.model_copy(update={"latent": latent})
 
 
 def mergeable_latents(ours: LatentSpec, theirs: LatentSpec) -> list[str]:

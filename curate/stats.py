@@ -233,7 +233,7 @@ def latent_stats(manifest_path: str | os.PathLike, samples: int, seed: int = 0) 
     return out
 
 
-def format_latent_stats(stats: dict[str, Any]) -> list[str]:
+def format_latent_stats(stats: dict[str, Any], manifest: str) -> list[str]:
     model = stats["model"]
     lines = [f"  model in  {stats['samples']} of {stats['of']} samples ({stats['drawn']}, seed {stats['seed']}): "
              f"mean {_fmt(model['mean'])}, std {_fmt(model['std'])}; per channel mean "
@@ -247,9 +247,10 @@ def format_latent_stats(stats: dict[str, Any]) -> list[str]:
                      + (f", {spec['normalization']} normalisation" if spec["normalization"] else "") + ")")
         unit = stats.get("unit_scale")
         if unit and unit["scaling_factor"]:
-            lines.append(f"            these latents' own: shift_factor {_fmt(unit['shift_factor'])}, scaling_factor "
-                         f"{_fmt(unit['scaling_factor'])} (encoded again with a VAE folder whose config.json sets "
-                         "them, the inputs are at unit scale)")
+            lines.append(f"            these latents' own (their mean and 1/std): shift {unit['shift_factor']}, scaling "
+                         f"{unit['scaling_factor']}; for unit-scale inputs without encoding again: curate manifest "
+                         f"{manifest} --latent-shift {unit['shift_factor']} --latent-scaling {unit['scaling_factor']} "
+                         "--name NAME")
     return lines
 
 
@@ -294,5 +295,5 @@ def format_manifest_stats(stats: dict[str, Any]) -> str:
     for stage, path in stats["provenance"].items():
         lines.append(f"  from      {stage}: {', '.join(map(str, path)) if isinstance(path, list) else _fmt(path)}")
     if stats.get("latents"):
-        lines += format_latent_stats(stats["latents"])
+        lines += format_latent_stats(stats["latents"], stats["manifest"])
     return "\n".join(lines)

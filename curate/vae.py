@@ -204,10 +204,12 @@ def load_vae(
 def load_vae_for_spec(
     spec: LatentSpec, device: str | torch.device | None = None, dtype: torch.dtype | None = None
 ) -> LoadedVae:
-    """The manifest's VAE, at its recorded revision; refuses one whose config no longer matches."""
+    """The manifest's VAE, at its recorded revision; refuses one whose config no longer matches
+    (the config's own scaling and shift, for a spec that chose others)."""
     loaded = load_vae(spec.vae_id, revision=spec.revision, vae_class=spec.vae_class,
                       subfolder=spec.vae_subfolder, device=device, dtype=dtype)
     recorded = {f: getattr(spec, f) for f in _IMPLIED_FIELDS}
+    recorded["scaling_factor"], recorded["shift_factor"] = spec.vae_scaling
     found = {f: getattr(loaded, f) for f in _IMPLIED_FIELDS}
     wrong = [f for f in _IMPLIED_FIELDS if recorded[f] != found[f]]
     if wrong:

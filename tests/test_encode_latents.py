@@ -184,6 +184,18 @@ def test_dc_ae_stores_one_latent_per_image_that_decodes_and_trains_through_the_m
     config = torch.load(sorted((run / "checkpoints").glob("*.pt"))[-1], weights_only=True)["denoiser"]
     assert (config["in_channels"], config["patch_size"]) == (32, 1)
 
+    # A scale of the manifest's own (curate manifest --latent-scaling): the same shards train, and
+    # the sample grid decodes with the VAE checked against its own config.
+    from curate.cli import main as curate_main
+
+    assert curate_main(["manifest", str(manifest_path), "--latent-scaling", "0.2", "--name", "rescaled"]) == 0
+    rescaled = load_manifest(manifests / "rescaled.json").latent
+    assert (rescaled.scaling_factor, rescaled.vae_scaling) == (0.2, (0.41407, 0.0))
+    assert train_main(["--shards", str(manifests / "rescaled.json"), "--out", str(tmp_path / "run2"), "--preset",
+                       "tiny", "steps=2", "global_batch=4", "micro_batch=4", "sample_every=2",
+                       f"text_encoder={tmp_path / 't5'}", "data.workers=0", "log.tensorboard=false"]) == 0
+    assert list((tmp_path / "run2" / "samples").glob("*.png"))
+
 
 def _original_bytes(data, key: str) -> bytes:
     for shard in committed_shards(data["images"]):

@@ -75,6 +75,15 @@ def test_a_run_starts_from_another_runs_weights_at_a_new_resolution(tmp_path, mo
     assert "initialised from" in err and "resolution 32 px -> 64 px; flow.shift 1 (the source's 1, SD3 scales it with the side: x2)" in err
     assert "WARNING" not in err  # the same VAE
 
+    # The same latents at a scale of their own (curate manifest --latent-scaling): noted.
+    from curate.cli import main as curate_main
+
+    rescaled = data["32"]["long"].with_name("rescaled.json")
+    assert curate_main(["manifest", str(data["32"]["long"]), "--latent-scaling", "0.5", "--name", "rescaled"]) == 0
+    assert run_train(rescaled, tmp_path / "rescaled", models, "--init-from", str(source), **FROZEN) == 0
+    assert "WARNING: the source's inputs were (latent - 0.1159) * 0.3611, this run's are (latent - 0.1159) * 0.5" \
+        in capsys.readouterr().err
+
     # Training on from there is learning, not a restart: its first loss is below a fresh run's.
     fresh, warm = tmp_path / "fresh", tmp_path / "warm"
     assert run_train(data["32"]["long"], fresh, models, steps=1) == 0

@@ -258,8 +258,24 @@ def test_curate_stats_measures_the_latents_as_the_denoiser_is_fed_them(latents, 
     assert "model in  24 of 24 samples (mean + std * eps, seed 0): mean -1." in out
     assert "note      the denoiser's inputs are not near mean 0, std 1 (the spec's shift_factor 0.5, " \
            "scaling_factor 3)" in out
-    assert f"these latents' own: shift_factor {unit['shift_factor']:.3g}" in out
+    command = (f"curate manifest {scaled} --latent-shift {unit['shift_factor']} --latent-scaling "
+               f"{unit['scaling_factor']} --name NAME")
+    assert command in out
     assert curate_main(["stats", str(latents["long"]), "--latents", "24"]) == 0
     assert "note" not in capsys.readouterr().out
+
+    # The command the note gives: the same shards, fed at unit scale, the VAE's own scale recorded.
+    assert curate_main([*command.split()[1:-1], "unit"]) == 0
+    assert "latents: (latent - " in capsys.readouterr().out
+    unit_spec = load_manifest(scaled.with_name("unit.json")).latent
+    assert (unit_spec.scaling_factor, unit_spec.shift_factor) == (unit["scaling_factor"], unit["shift_factor"])
+    assert unit_spec.vae_scaling == (3.0, 0.5)
+    measured = latent_stats(scaled.with_name("unit.json"), 1000)["model"]
+    assert abs(measured["mean"]) < 1e-3 and abs(measured["std"] - 1) < 1e-3
+    # Back to the VAE's own scale: nothing of its own recorded, the manifest as encode-latents wrote it.
+    assert curate_main(["manifest", str(scaled.with_name("unit.json")), "--latent-scaling", "3",
+                        "--latent-shift", "0.5", "--name", "back"]) == 0
+    back = json.loads(scaled.with_name("back.json").read_text())["latent"]
+    assert back == data["latent"] and "vae_scaling_factor" not in back
     assert curate_main(["stats", str(latents["latents"]), "--latents", "4"]) == 2
     assert "--latents measures a manifest's latents" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from curate.manifest import LatentSpec
 from curate.text import TextEncoder
 from curate.tiny import (
     build_tiny_dc_ae,
@@ -124,6 +125,37 @@ def test_a_flux_or_dc_ae_export_loads_in_prx_pipeline_and_matches_our_sampler(ki
     assert export_pipeline(transformer, text_encoder=text.id, spec=spec, to=out, shift=3.0) == out
     assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["shift"] == 3.0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("kind", ["flux", "dc-ae"])
+def test_a_scale_of_the_manifests_own_is_exported_with_the_vae(kinds, text, tmp_path: Path, kind: str):
+    """`curate manifest --latent-scaling/--latent-shift`: the export's VAE config carries the
+    manifest's scale, so PRXPipeline decodes as we do (DC-AE's config has no shift: that export
+    returns latents, which its decode turns into the same images)."""
+    from diffusers import PRXPipeline
+
+    spec, transformer = kinds[kind]
+    rescaled = LatentSpec.model_validate({**spec.model_dump(), "scaling_factor": 0.5, "shift_factor": 0.2,
+                                          "vae_scaling_factor": spec.scaling_factor,
+                                          "vae_shift_factor": spec.shift_factor})
+    vae = load_vae_for_spec(rescaled, device="cpu")  # checked against the VAE's own scale
+    out = export_pipeline(transformer, text_encoder=text.id, spec=rescaled, to=tmp_path / "export")
+    saved = json.loads((out / "vae" / "config.json").read_text())
+    assert saved["scaling_factor"] == 0.5 and saved.get("shift_factor") == (0.2 if kind == "flux" else None)
+    info = json.loads((out / EXPORT_INFO).read_text())
+    assert info["mode"] == ("pixels" if kind == "flux" else "latents")
+    steps, noise = 2, initial_noise(rescaled, 1, SIZE, SIZE, seed=3)
+    ours = sample_latents(transformer, text, [PROMPT], spec=rescaled, height=SIZE, width=SIZE, steps=steps, seed=3)
+    want = decode_to_images(ours, rescaled, vae)
+    pipe, decode = load_exported(out)
+    pipe.set_progress_bar_config(disable=True)
+    if kind == "flux":
+        pipe = PRXPipeline.from_pretrained(out)
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(PROMPT, latents=noise.clone(), timesteps=_pipeline_grid(steps), output_type="pt",
+                      use_resolution_binning=False, height=SIZE, width=SIZE).images
+        torch.testing.assert_close(images, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(decode(ours), want, rtol=1e-5, atol=1e-5)
 
 
 def test_flux2_exports_latents_and_decodes_through_curate(kinds, text, tmp_path: Path):

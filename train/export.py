@@ -134,6 +134,21 @@ def pipeline_decode_problem(vae: LoadedVae, spec: LatentSpec) -> str | None:
     return None
 
 
+def _carry_scaling(vae: LoadedVae, spec: LatentSpec) -> LatentSpec:
+    """For a manifest that chose its own scaling and shift: the VAE saved with the export carries
+    them in its config, which is what PRXPipeline unscales with (the shift only where the class
+    has one: AutoencoderDC has none, and such an export returns latents). Returns the spec whose
+    record of the VAE's config is the saved copy's."""
+    import inspect
+
+    update = {"scaling_factor": spec.scaling_factor}
+    if "shift_factor" in inspect.signature(type(vae.model).__init__).parameters:
+        update["shift_factor"] = spec.shift_factor
+    vae.model.register_to_config(**update)
+    return spec.model_copy(update={"vae_scaling_factor": spec.scaling_factor,
+                                   "vae_shift_factor": update.get("shift_factor", spec.vae_scaling[1])})
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The bare model inside DDP (``.module``) or ``torch.compile`` (``._orig_mod``) wrappers."""
     while True:
@@ -184,6 +199,8 @@ def export_pipeline(
     _check_destination(out)
 
     vae = load_vae_for_spec(spec, device="cpu")
+    if spec.vae_scaling_factor is not None:
+        spec = _carry_scaling(vae, spec)
     problem = pipeline_decode_problem(vae, spec)
     mode: Literal["pixels", "latents"] = "pixels" if problem is None else "latents"
     # Stored as the checkpoint stores it ("auto"): fp32 weights of a bf16 checkpoint only double the size.

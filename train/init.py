@@ -209,6 +209,11 @@ def _check_text_and_latents(text: dict[str, Any] | None, latent: dict[str, Any] 
         if (before.vae_id, before.revision) != (spec.vae_id, spec.revision):
             notes.append(f"WARNING: the source was trained on latents of {before.vae_id}, this run's come "
                          f"from {spec.vae_id}: the model starts in another latent space")
+        elif (before.scaling_factor, before.shift_factor) != (spec.scaling_factor, spec.shift_factor):
+            notes.append(f"WARNING: the source's inputs were (latent - {before.shift_factor:g}) * "
+                         f"{before.scaling_factor:g}, this run's are (latent - {spec.shift_factor:g}) * "
+                         f"{spec.scaling_factor:g} (curate manifest --latent-scaling): the model starts at "
+                         "another input scale")
         if before.resolution != spec.resolution:
             # More pixels keep more signal at the same noise level; SD3 scales its shift by
             # sqrt(pixels), that is by the side's ratio.

@@ -420,11 +420,18 @@ class ParquetSource(Source):
 
     def __init__(self, spec: str, *, image_column: str | None = None, caption_column: str | None = None):
         self.spec = spec
-        self.paths = [str(p) for p in _expand(spec, ".parquet")]
+        # Local files by their resolved paths: their labels (in the fingerprints and the source
+        # column) must not depend on the working folder or a link it was reached through.
+        self.paths = [storage.resolved(p) for p in _expand(spec, ".parquet")]
         if not self.paths:
             raise CurateError(f"{spec}: no .parquet files found")
-        with _parquet_file(self.paths[0]) as file:
-            schema = file.schema_arrow
+        try:
+            with _parquet_file(self.paths[0]) as file:
+                schema = file.schema_arrow
+        except FileNotFoundError:
+            raise CurateError(f"{self.paths[0]}: no such parquet file") from None
+        except (OSError, ValueError) as e:  # a failed request (RemoteError), not a parquet file
+            raise CurateError(f"{self.paths[0]}: cannot read it as parquet: {e}") from None
         self.image_column = image_column or image_column_of(schema)
         if self.image_column is None or self.image_column not in schema.names:
             raise CurateError(f"{self.paths[0]}: no image column (an Image feature, or bytes named "
@@ -443,17 +450,25 @@ class ParquetSource(Source):
     def plan(self, shard_size: int) -> list[ShardTask]:
         remote = storage.is_remote(self.paths[0])
 
-        def stat(path: str) -> tuple[int, str, int]:
+        def stat(path: str) -> tuple[int, str, int, int]:
             try:
                 size, tag = storage.version(path)
                 with _parquet_file(path) as file:
-                    return size, tag, file.metadata.num_rows
+                    meta = file.metadata
+                    largest = max((meta.row_group(g).num_rows for g in range(meta.num_row_groups)), default=0)
+                    return size, tag, meta.num_rows, largest
             except FileNotFoundError:
                 raise CurateError(f"{path}: no such parquet file") from None
 
         common = posixpath.commonpath([storage.parent(p).split("://", 1)[-1] for p in self.paths])
         tasks: list[ShardTask] = []
-        for path, (size, tag, rows) in zip(self.paths, storage.parallel_map(stat, self.paths, remote), strict=True):
+        stats = list(storage.parallel_map(stat, self.paths, remote))
+        largest = max(group for *_, group in stats)
+        if largest > 4 * shard_size:
+            log.warning("%s: row groups of up to %d rows, %d shards' worth: each shard reads its row group from its "
+                        "start to its own rows (--shard-size %d reads each once)", self.spec, largest,
+                        largest // shard_size, largest)
+        for path, (size, tag, rows, _) in zip(self.paths, stats, strict=True):
             label = posixpath.relpath(path.split("://", 1)[-1], common)
             for start, end in _chunks(rows, shard_size):
                 tasks.append(ShardTask(len(tasks), stable_hash([label, size, tag, start, end]), end - start,
@@ -469,27 +484,42 @@ class ParquetSource(Source):
 
     def _rows(self, file: Any, label: str, start: int, end: int) -> Iterator[Record]:
         columns = [self.image_column] + ([self.caption_column] if self.caption_column else [])
-        # The row groups that hold rows [start, end), read one at a time.
+        # The row groups that hold rows [start, end), each read a batch of rows at a time: a row
+        # group may hold far more rows than a shard (pandas and pyarrow write up to a million),
+        # and only a batch is held in memory (the rows before the shard's are read and dropped).
         first = 0
         for group in range(file.metadata.num_row_groups):
             count = file.metadata.row_group(group).num_rows
             if first + count > start and first < end:
-                table = file.read_row_group(group, columns=columns, use_threads=False)
-                lo, hi = max(start, first) - first, min(end, first + count) - first
-                images = table.column(self.image_column).slice(lo, hi - lo).to_pylist()
-                captions = (table.column(self.caption_column).slice(lo, hi - lo).to_pylist() if self.caption_column
-                            else [None] * (hi - lo))
-                for offset, (image, caption) in enumerate(zip(images, captions, strict=True)):
-                    source = f"{label}[{first + lo + offset}]"
-                    data = image.get("bytes") if isinstance(image, dict) else image
-                    if isinstance(data, bytes | bytearray) and data:
-                        yield Record(source=source, data=bytes(data), caption=caption)
-                    else:
-                        yield Record(source=source, caption=caption,
-                                     error=("unreadable", f"no image bytes in column {self.image_column!r}"))
+                position = first
+                for batch in file.iter_batches(batch_size=_PARQUET_BATCH, row_groups=[group], columns=columns,
+                                               use_threads=False):
+                    lo, hi = max(start, position) - position, min(end, position + batch.num_rows) - position
+                    if hi > lo:
+                        yield from self._records(batch, label, position, lo, hi)
+                    position += batch.num_rows
+                    if position >= end:
+                        break
             first += count
             if first >= end:
                 break
+
+    def _records(self, batch: Any, label: str, position: int, lo: int, hi: int) -> Iterator[Record]:
+        images = batch.column(self.image_column).slice(lo, hi - lo).to_pylist()
+        captions = (batch.column(self.caption_column).slice(lo, hi - lo).to_pylist() if self.caption_column
+                    else [None] * (hi - lo))
+        for offset, (image, caption) in enumerate(zip(images, captions, strict=True)):
+            source = f"{label}[{position + lo + offset}]"
+            data = image.get("bytes") if isinstance(image, dict) else image
+            if isinstance(data, bytes | bytearray) and data:
+                yield Record(source=source, data=bytes(data), caption=caption)
+            else:
+                yield Record(source=source, caption=caption,
+                             error=("unreadable", f"no image bytes in column {self.image_column!r}"))
+
+
+_PARQUET_BATCH = 64  # rows decoded at a time
+_PARQUET_BUFFER = 1 << 23  # bytes read at a time
 
 
 @contextlib.contextmanager
@@ -499,14 +529,15 @@ def _parquet_file(path: str) -> Iterator[Any]:
     import pyarrow.parquet as pq
 
     if not storage.is_remote(path):
-        file = pq.ParquetFile(storage.local_path(path))  # native reads
+        # A buffered stream: a batch's pages are read, not the row group's whole column chunk.
+        file = pq.ParquetFile(storage.local_path(path), buffer_size=_PARQUET_BUFFER)  # native reads
         try:
             yield file
         finally:
             file.close()
         return
     with storage.open_stream(path) as stream:
-        yield pq.ParquetFile(stream)
+        yield pq.ParquetFile(stream, buffer_size=_PARQUET_BUFFER)
 
 
 def _holds_images(path: Path) -> bool:
@@ -558,12 +589,15 @@ def _is_text(t: Any) -> bool:
 
 def _expand(spec: str, suffix: str) -> list[Path | str]:
     """The files a source names: one, a folder's (recursively; a URL's listed), or a glob or brace
-    pattern's (a URL's braces only), sorted; hidden ones left out."""
+    pattern's, sorted; hidden ones left out."""
     if storage.is_remote(spec):
         import braceexpand
 
-        if "{" in spec:
-            return sorted(set(braceexpand.braceexpand(spec)))
+        if "{" in spec or storage.has_magic(spec.split("://", 1)[1]):
+            expanded = braceexpand.braceexpand(spec)
+            return sorted({url for item in expanded
+                           for url in (storage.glob(item) if storage.has_magic(item.split("://", 1)[1]) else [item])
+                           if not posixpath.basename(url).startswith(".")})
         if spec.lower().endswith(suffix):
             return [spec]
         try:

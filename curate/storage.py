@@ -20,6 +20,7 @@ bursts as a matter of course); a missing file is not retried.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import io
 import os
@@ -166,6 +167,27 @@ def list_names(path: str | os.PathLike) -> list[str]:
     fs, inner = _filesystem(url)
     entries = _retried(url, "listing it", lambda: fs.ls(inner, detail=False))
     return sorted(posixpath.basename(str(entry).rstrip("/")) for entry in entries)
+
+
+def has_magic(text: str) -> bool:
+    """Whether ``text`` holds glob characters (``*``, ``?``, ``[``)."""
+    return any(c in text for c in "*?[")
+
+
+def glob(pattern: str) -> list[str]:
+    """The URLs a glob pattern names, sorted: with the pattern in its last part (``.../train-*.parquet``,
+    the usual case) the folder is listed and its names matched; a pattern in an earlier part goes
+    through the store's own glob."""
+    folder, _, name = pattern.rstrip("/").rpartition("/")
+    if not has_magic(folder):
+        try:
+            names = list_names(folder)
+        except FileNotFoundError:
+            return []
+        return [join(folder, n) for n in names if fnmatch.fnmatchcase(n, name)]
+    fs, inner = _filesystem(pattern)
+    found = _retried(pattern, "globbing it", lambda: fs.glob(inner))
+    return sorted(fs.unstrip_protocol(p) for p in found)
 
 
 def as_location(path: str | os.PathLike) -> Path | str:

@@ -367,6 +367,20 @@ def _image_parquet(path: Path, images: list[bytes | None], captions: list[str], 
     pq.write_table(pa.table({"image": column, "text": captions}), path, row_group_size=row_group_size)
 
 
+def test_a_row_group_larger_than_a_shard_is_read_a_batch_at_a_time(tmp_path: Path, caplog):
+    """pandas and pyarrow write row groups of up to a million rows: shards cut inside one take
+    their own rows (read in batches across the batch boundaries), and the plan says what it costs."""
+    images = [encode(noise_image(i, (64, 64)), "JPEG", quality=80) for i in range(150)]
+    _image_parquet(tmp_path / "big.parquet", images, [f"caption {i}" for i in range(150)], row_group_size=150)
+    with caplog.at_level("WARNING", logger="curate"):
+        result = ingest(tmp_path / "big.parquet", tmp_path / "out", shard_size=20)
+    assert "row groups of up to 150 rows, 7 shards' worth" in caplog.text
+    assert result.summary["totals"]["ok"] == 150 and len(committed_shards(tmp_path / "out")) == 8
+    index = pl.concat([read_index(s.index_path) for s in committed_shards(tmp_path / "out")])
+    assert index["caption"].to_list() == [f"caption {i}" for i in range(150)]
+    assert index["source"].to_list() == [f"big.parquet[{i}]" for i in range(150)]
+
+
 def test_parquet_files_of_images_ingest_by_row_groups_here_and_at_a_url(tmp_path: Path):
     """`curate ingest DATA/*.parquet` (or their folder, or its URL: ``hf://datasets/...`` on the
     Hub): each file cut into shards of --shard-size rows across its row groups; the images and
@@ -392,10 +406,18 @@ def test_parquet_files_of_images_ingest_by_row_groups_here_and_at_a_url(tmp_path
     assert sorted(m["jpg"] for m in samples(local).values()) == sorted(images)
     with serve(tmp_path) as server:
         for name, spec in (("listed", f"{server.url}/pq/"),
-                           ("braces", f"{server.url}/pq/train-{{00000..00001}}.parquet")):
+                           ("braces", f"{server.url}/pq/train-{{00000..00001}}.parquet"),
+                           ("glob", f"{server.url}/pq/train-*.parquet")):
             out = tmp_path / name
             assert ingest(spec, out, shard_size=3).complete
             assert snapshot(out) == snapshot(local), name
+        with pytest.raises(CurateError, match="no .parquet files found"):
+            open_source(f"{server.url}/pq/test-*.parquet")
+        with pytest.raises(CurateError, match="no such parquet file"):
+            open_source(f"{server.url}/pq/absent.parquet")
+    # Through a link, from another working folder: the same labels, so a rerun finds its shards done.
+    (tmp_path / "link").symlink_to(folder)
+    assert ingest(tmp_path / "link", local, shard_size=3).processed == []
     # What a parquet file is taken for: images in it, or a list of URLs to download.
     assert open_source(str(folder / "train-00000.parquet")).kind == "parquet"
     assert open_source(str(tmp_path / "pq" / "*.parquet")).kind == "parquet"

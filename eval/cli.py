@@ -179,7 +179,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "pipeline":
         runs = [lambda guidance: evaluate_pipeline(
             args.pipeline, args.out, revision=args.revision, resolution=args.resolution, shift=args.shift,
-            steps=args.steps or 28, guidance=4.0 if guidance is None else guidance, **common)]
+            steps=28 if args.steps is None else args.steps, guidance=4.0 if guidance is None else guidance,
+            **common)]
         where = args.out
     else:
         runs = [lambda guidance, step=step: evaluate_run(args.run, step=step, steps=args.steps, guidance=guidance,

@@ -65,7 +65,7 @@ from eval.stats import fid_from_features, kid, mmd
 from train.checkpoint import CheckpointError, checkpoint_path, latest_checkpoint, load_checkpoint
 from train.config import EVERY_STEP, check_guidance_interval
 from train.ema import checkpoint_weights
-from train.export import EXPORT_INFO, exported_vae
+from train.export import EXPORT_INFO, LATENTS_INFO, exported_vae
 
 __all__ = ["CHUNK", "DEFAULT_METRICS", "METRICS", "PROMPT_METRICS", "evaluate_pipeline", "evaluate_run",
            "result_files"]
@@ -246,7 +246,8 @@ def evaluate_pipeline(
             step, pipe_shift = int(info.get("step") or 0), float(info["scheduler_shift"])
         else:
             spec, step = None, 0  # from the VAE, when the images are generated
-            native = int((_read_json(root / "model_index.json") or {}).get("default_sample_size") or 256)
+            # PRXPipeline's own default (512) when its folder sets none.
+            native = int((_read_json(root / "model_index.json") or {}).get("default_sample_size") or 512)
             tokenizer = _read_json(root / "tokenizer" / "tokenizer_config.json") or {}
             max_tokens = int(tokenizer.get("model_max_length") or 0)
             max_tokens = max_tokens if 0 < max_tokens <= 4096 else DEFAULT_MAX_TOKENS  # "no limit" is 1e30
@@ -254,6 +255,8 @@ def evaluate_pipeline(
     except (KeyError, TypeError, ValueError) as e:
         raise CurateError(f"{pipeline}: its configs lack what evaluation needs: {e!r}") from None
     size = resolution or native
+    _check_size(pipeline, root, spec, size)
+    _check_out(pipeline, Path(out), identity)
     interval = check_guidance_interval(guidance_interval or EVERY_STEP, "the guidance interval")
     sampler = _Sampler(steps=int(steps), guidance=float(guidance), interval=interval,
                        shift=float(shift if shift is not None else pipe_shift), prediction=("velocity", 0.05))
@@ -291,14 +294,58 @@ def evaluate_pipeline(
         share=resolve_share(rank, world_size), force=force, progress=progress)
 
 
+def _check_size(pipeline: str, root: Path, spec: LatentSpec | None, size: int) -> None:
+    """An image side that is whole tokens (VAE downsampling x patch size), refused before any model
+    loads: the sampler would otherwise fail deep inside the transformer."""
+    from curate.vae import model_downsample
+
+    try:
+        patch = int((_read_json(root / "transformer" / "config.json") or {}).get("patch_size") or 1)
+        if spec is not None:
+            down = model_downsample(spec)
+        else:
+            vae = _read_json(root / "vae" / "config.json") or {}
+            blocks = vae.get("block_out_channels") or vae.get("encoder_block_out_channels") or [0]
+            down = 2 ** (len(blocks) - 1)
+    except (TypeError, ValueError) as e:
+        raise CurateError(f"{pipeline}: its configs lack what evaluation needs: {e!r}") from None
+    if size < 1 or size % (down * patch):
+        raise CurateError(f"{pipeline}: images of {size} px are not whole tokens of {down * patch} px (VAE "
+                          f"downsampling {down} x patch size {patch}): pass --resolution a multiple of {down * patch}")
+
+
+def _check_out(pipeline: str, out: Path, identity: dict[str, Any]) -> None:
+    """One pipeline per OUT folder: `evaluate compare` names the folder after the pipeline its
+    evaluations measured (a folder re-exported in place stays the same pipeline)."""
+    named = identity.get("id") or identity.get("path")
+    for path in result_files(out):
+        record = json.loads(path.read_text()).get("pipeline") or {}
+        other = record.get("id") or record.get("path")
+        if other and other != named:
+            raise CurateError(f"{out} holds evaluations of {other}: give {pipeline} an --out of its own")
+
+
+def _pipeline_fingerprint(root: Path) -> str:
+    """A hash of the pipeline's own files (model_index.json, the export's records and the component
+    folders the index names: names, sizes, mtimes), not of whatever else its folder holds, such as
+    an evaluation's --out inside it, whose every write would change the tag."""
+    from curate.models import local_fingerprint
+
+    index = _read_json(root / "model_index.json") or {}
+    parts = sorted(k for k, v in index.items() if isinstance(v, list) and (root / k).is_dir()) or ["transformer"]
+    files = [f for f in ("model_index.json", EXPORT_INFO, LATENTS_INFO) if (root / f).is_file()]
+    return stable_hash({**{part: local_fingerprint(str(root / part)) for part in parts},
+                        **{f: [(root / f).stat().st_size, (root / f).stat().st_mtime_ns] for f in files}})[:16]
+
+
 def _pipeline_folder(pipeline: str, revision: str | None) -> tuple[Path, dict[str, Any]]:
     """(the pipeline's folder, what names it: a folder's path and fingerprint, a Hub id's commit)."""
-    from curate.models import local_fingerprint, resolve_model
+    from curate.models import resolve_model
 
     ref = resolve_model(pipeline, "denoiser", revision)
     if ref.local:
         root = Path(ref.id)
-        identity = {"path": str(root), "fingerprint": local_fingerprint(str(root))}
+        identity = {"path": str(root), "fingerprint": _pipeline_fingerprint(root)}
     else:
         from huggingface_hub import snapshot_download
 

@@ -669,6 +669,16 @@ def test_a_pipeline_measures_as_the_run_it_was_exported_from(pipeline, embedders
     assert evaluate_main(["pipeline", str(tmp_path), "--out", str(tmp_path / "x"), "--manifest",
                           str(pipeline["manifest"])]) == 2
     assert "not a PRXPipeline folder" in capsys.readouterr().err
+    assert evaluate_main([*args, "--manifest", str(pipeline["manifest"]), "--resolution", "20"]) == 2
+    assert "images of 20 px are not whole tokens of 16 px" in capsys.readouterr().err
+    other = [a.replace(str(exported), str(plain)) for a in args]  # another pipeline into the same --out
+    assert evaluate_main([*other, "--manifest", str(pipeline["manifest"])]) == 2
+    assert f"holds evaluations of {exported}: give {plain} an --out of its own" in capsys.readouterr().err
+    # An --out inside the pipeline's folder leaves its tag alone: the second call reads the result.
+    inside = [a.replace(str(tmp_path / "evals" / "cli"), str(plain / "evals")) for a in other]
+    for _ in range(2):
+        assert evaluate_main([*inside, "--manifest", str(pipeline["manifest"])]) == 0
+    assert len(list((plain / "evals" / "eval").glob("step*.json"))) == 1
     # A Hub release by its alias: a stand-in for Photoroom/prx-256-t2i in a Hub cache laid out as
     # huggingface_hub writes it, read offline (in a subprocess: huggingface_hub reads
     # HF_HUB_OFFLINE and the cache folder at import).

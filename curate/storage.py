@@ -86,8 +86,9 @@ def absolute(path: str | os.PathLike) -> str:
 
 
 def resolved(path: str | os.PathLike) -> str:
-    """A URL as it is, a local path absolute with its links resolved: how a stage records its inputs."""
-    return os.fspath(path) if is_remote(path) else str(Path(path).resolve())
+    """A URL without a trailing slash, a local path absolute with its links resolved: how a stage
+    records its inputs, and how two names of one folder compare equal."""
+    return os.fspath(path).rstrip("/") if is_remote(path) else str(Path(path).resolve())
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:

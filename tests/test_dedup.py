@@ -283,6 +283,10 @@ def test_a_score_stage_and_a_held_out_manifest_at_urls_dedup_as_their_files(tmp_
         capsys.readouterr()
         assert curate_main(["dedup", f"{server.url}/scores", "--device", "cpu"]) == 2
         assert "give --out, a local file" in capsys.readouterr().err
+        # The stage against itself, named with a trailing slash: refused like the plain name.
+        assert curate_main(["dedup", f"{server.url}/scores", "--against", f"{server.url}/scores/", "--out",
+                            str(tmp_path / "self.parquet"), "--device", "cpu"]) == 2
+        assert "the stage itself" in capsys.readouterr().err
     for name in runs:
         assert tables["http", name].equals(tables["files", name]), name
     assert tables["files", "against"]["key"].to_list() == [others[0]]

@@ -37,7 +37,7 @@ import torch
 import torch.utils.data as tud
 from PIL import Image, UnidentifiedImageError
 
-from curate.images import _TRANSPOSED_ORIENTATIONS, _orientation, to_rgb
+from curate.images import _TRANSPOSED_ORIENTATIONS, _orientation, out_of_shared_memory, to_rgb
 from curate.procs import die_with_parent
 from curate.runner import CurateError
 from curate.shards import split_member
@@ -417,11 +417,10 @@ class ShardImageLoader:
             for chunk in chunks:
                 yield from chunk.items()
         except RuntimeError as e:
-            if "No space left on device" in str(e) or "shared memory" in str(e):
-                raise CurateError("the decoding workers ran out of shared memory (/dev/shm): give the "
-                                  "container more (docker run --shm-size=2g) or pass fewer --decode-workers. "
-                                  f"torch said: {e}") from e
-            raise
+            clear = out_of_shared_memory(e)
+            if clear is None:
+                raise
+            raise clear from e
 
     def __iter__(self) -> Iterator[tuple[int, str, torch.Tensor | None, dict]]:
         if self._items is None:

@@ -37,7 +37,6 @@ images of CLIP ViT-L/14).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -50,7 +49,7 @@ import polars as pl
 import torch
 
 from curate import storage
-from curate.runner import STAGE_FILE, CurateError, resolve_device
+from curate.runner import STAGE_FILE, CurateError, resolve_device, stage_record
 from curate.shards import OK, committed_shards, index_columns, read_index
 from curate.subset import EMBEDDING_COLUMN
 
@@ -252,7 +251,7 @@ def decontaminate(scores_dir: str | os.PathLike, against: str | os.PathLike, thr
         reference = embeddings[[row_of[k] for k in ref_keys]]
         held = set(ref_keys)
         candidates = np.array([i for i, k in enumerate(keys) if k not in held], dtype=np.int64)
-    elif _stage_record(against) is not None:
+    elif stage_record(against) is not None:
         if storage.resolved(against) == storage.resolved(scores_dir):
             raise CurateError(f"--against {against}: the stage itself; its own near-duplicates are "
                               f"`curate dedup {scores_dir}` without --against")
@@ -286,18 +285,10 @@ def _table_path(scores_dir: Path | str, out: str | os.PathLike | None, name: str
     return Path(scores_dir) / name
 
 
-def _stage_record(stage: Path | str) -> dict[str, Any] | None:
-    """A stage's _stage.json (here or at a URL); None when it has none."""
-    try:
-        return json.loads(storage.read_bytes(storage.join(stage, STAGE_FILE)))
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-
-
 def _stored_embeddings(scores_dir: Path | str) -> tuple[list[str], np.ndarray]:
     """The keys and float16 embeddings [N, D] of a score stage's images, in the dataset's order
     (at a URL, the indexes fetched many at a time)."""
-    if _stage_record(scores_dir) is None:
+    if stage_record(scores_dir) is None:
         raise CurateError(f"{scores_dir}: not a complete `curate score` stage (no {STAGE_FILE})")
     shards = committed_shards(scores_dir)
     if not shards or EMBEDDING_COLUMN not in index_columns(shards[0].index_path):
@@ -344,7 +335,7 @@ def _check_same_model(scores_dir: Path | str, against: Path | str) -> None:
 
 
 def _embedding_model(stage: Path | str) -> dict[str, Any]:
-    record = _stage_record(stage) or {}
+    record = stage_record(stage) or {}
     config, provenance = record.get("config", {}), record.get("provenance", {})
     return {"model": provenance.get("model_id", config.get("model")), "revision": config.get("revision"),
             "files": config.get("local_model_files"), "commit": provenance.get("model_commit")}
@@ -369,7 +360,7 @@ def _preferred_order(scores_dir: Path | str, keys: list[str], prefer: str) -> np
     from curate.subset import _is_stage, _stage_mapping, _stage_scores, _stage_table
 
     table = _stage_scores(scores_dir, "--prefer").drop("score_flags", strict=False)
-    images = (_stage_record(scores_dir) or {}).get("provenance", {}).get("images")
+    images = (stage_record(scores_dir) or {}).get("provenance", {}).get("images")
     if images and _is_stage(images):  # the image stage's columns: width, height, bytes, source...
         images = storage.as_location(images)
         mapping = _stage_mapping(images, "image_", {"flags", *table.columns})

@@ -38,6 +38,7 @@ from curate.runner import (
     Stage,
     image_stage_tasks,
     read_image_captions,
+    stage_record,
 )
 from curate.shards import ShardWriter, committed_shards
 from curate.subset import SubsetRules, images_left_out
@@ -133,11 +134,11 @@ class EncodeLatentsStage(Stage):
             if not self.allow_missing_captions:
                 raise CurateError("--captions is required (or --allow-missing-captions to train on original captions)")
             return []
-        stage_file = storage.join(self.captions_dir, STAGE_FILE)
-        if not storage.is_file(stage_file):
+        record = stage_record(self.captions_dir)
+        if record is None:
             raise CurateError(f"{self.captions_dir}: not a complete caption stage (no {STAGE_FILE}); "
                               "run `curate recaption` to completion first")
-        return list(json.loads(storage.read_bytes(stage_file))["config"]["prompts"])
+        return list(record["config"]["prompts"])
 
     def bucket_table(self) -> list[tuple[int, int]]:
         from curate.buckets import make_buckets
@@ -336,6 +337,8 @@ class EncodeLatentsStage(Stage):
             return latent_spec_for(loaded, stored=self.store, dtype=self.dtype, resolution=self.resolution,
                                    buckets=self.bucket_table())
         except ValueError as e:
+            if "not divisible" not in str(e):
+                raise CurateError(f"{self.vae_name}: no latent spec for these latents: {e}") from e
             cell = loaded.downsample * (loaded.normalization.patch_size if loaded.normalization else 1)
             raise CurateError(f"{e}; pass a --resolution and a --bucket-multiple divisible by {cell}") from e
 
@@ -369,7 +372,9 @@ class EncodeLatentsStage(Stage):
 
     @staticmethod
     def _stage_summary(stage_dir: Path | str) -> dict[str, Any]:
-        stage = json.loads(storage.read_bytes(storage.join(stage_dir, STAGE_FILE)))
+        stage = stage_record(stage_dir)
+        if stage is None:
+            raise CurateError(f"{stage_dir}: its {STAGE_FILE} is gone")
         return {"path": storage.resolved(stage_dir), "stage": stage["stage"], "config": stage["config"],
                 "config_hash": stage["config_hash"], "totals": stage["totals"]}
 

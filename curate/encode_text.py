@@ -51,7 +51,7 @@ from curate.manifest import (
     write_manifest,
 )
 from curate.procs import available_cores, die_with_parent
-from curate.runner import STAGE_FILE, CurateError, ShardTask, Stage
+from curate.runner import STAGE_FILE, CurateError, ShardTask, Stage, stage_record
 from curate.shards import (
     OK,
     ShardWriter,
@@ -133,11 +133,10 @@ class EncodeTextStage(Stage):
         self.dtype, self.batch_size, self.workers, self.device = dtype, batch_size, workers, device
         self.manifest_dir = Path(manifest_dir) if manifest_dir is not None else None
         self.manifest_name = name or self.out_dir.name
-        stage_file = storage.join(self.latents_dir, STAGE_FILE)
-        if not storage.is_file(stage_file):
+        self.latent_stage = stage_record(self.latents_dir)
+        if self.latent_stage is None:
             raise CurateError(f"{self.latents_dir}: not a complete encode-latents stage (no {STAGE_FILE}); "
                               "run `curate encode-latents` to completion first")
-        self.latent_stage = json.loads(storage.read_bytes(stage_file))
         if self.latent_stage.get("stage") != "encode-latents":
             raise CurateError(f"{self.latents_dir} holds a {self.latent_stage.get('stage')!r} stage, "
                               "not encode-latents")

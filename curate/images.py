@@ -291,7 +291,13 @@ class ImageStream:
 
         for _ in range(count):
             if not self.pending:
-                self.pending.extend(next(self.chunks, ()))
+                try:
+                    self.pending.extend(next(self.chunks, ()))
+                except RuntimeError as e:
+                    clear = out_of_shared_memory(e)
+                    if clear is None:
+                        raise
+                    raise clear from e
             got_shard, key, image, error = self.pending.popleft() if self.pending else (None, None, None, None)
             if got_shard != shard_id:
                 raise CurateError(f"image shard {shard_id} holds fewer samples than its index lists")
@@ -299,6 +305,17 @@ class ImageStream:
 
     def close(self) -> None:
         del self.chunks
+
+
+def out_of_shared_memory(e: RuntimeError) -> Exception | None:
+    """A clear error for a DataLoader whose workers filled /dev/shm (tensors travel through it),
+    else None."""
+    from curate.runner import CurateError
+
+    if "No space left on device" in str(e) or "shared memory" in str(e):
+        return CurateError("the decoding workers ran out of shared memory (/dev/shm): give the container more "
+                           f"(docker run --shm-size=2g) or pass fewer --decode-workers. torch said: {e}")
+    return None
 
 
 def _prepared(members: dict[str, bytes], prepare: Callable[[Image.Image], Any]) -> tuple[Any, str | None]:

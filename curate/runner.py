@@ -61,12 +61,24 @@ class ShardTask:
     payload: Any = None
 
 
+def stage_record(stage_dir: Path | str) -> dict[str, Any] | None:
+    """A complete stage's _stage.json (its folder here or at a URL), or None when it has none: the
+    one way every reader asks whether a stage is there and finished."""
+    from curate import storage
+
+    try:
+        return json.loads(storage.read_bytes(storage.join(stage_dir, STAGE_FILE)))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except ValueError as e:
+        raise CurateError(f"{storage.join(stage_dir, STAGE_FILE)}: not readable JSON: {e}") from None
+
+
 def image_shards(images_dir: Path | str) -> list[Shard]:
     """The shards of a complete image stage (a folder, or a URL: curate/storage.py)."""
-    from curate import storage
     from curate.shards import committed_shards
 
-    if not storage.is_file(storage.join(images_dir, STAGE_FILE)):
+    if stage_record(images_dir) is None:
         raise CurateError(f"{images_dir}: not a complete image stage (no {STAGE_FILE}); run `curate ingest` to "
                           "completion first")
     shards = committed_shards(images_dir)

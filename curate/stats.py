@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from curate import storage
 from curate.images import REASONS
-from curate.runner import STAGE_FILE, CurateError
+from curate.runner import STAGE_FILE, CurateError, stage_record
 from curate.shards import add_counts, committed_shards
 
 
@@ -22,10 +21,7 @@ def stage_stats(stage_dir: str | os.PathLike) -> dict[str, Any]:
     if not remote and not Path(stage_dir).is_dir():
         raise CurateError(f"{stage_dir}: no such folder")
     shards = committed_shards(stage_dir)
-    try:
-        stats = json.loads(storage.read_bytes(storage.join(stage_dir, STAGE_FILE)))
-    except FileNotFoundError:
-        stats = None
+    stats = stage_record(stage_dir)
     if stats is not None:
         stats["committed_shards"] = len(shards)
         # `curate dedup`'s tables beside a score stage's shards: images to leave out, per threshold.

@@ -351,6 +351,13 @@ def test_loader_says_what_to_do_when_shared_memory_runs_out(three_shards: list[t
     with ShardImageLoader(three_shards, resolution=64, workers=2) as loader:
         with pytest.raises(CurateError, match=r"out of shared memory \(/dev/shm\).*--shm-size"):
             list(loader.take(3, 5))
+    # recaption's and score's stream of images says the same.
+    from curate.images import ImageStream
+
+    stream = ImageStream(three_shards, lambda image: image, workers=2)
+    with pytest.raises(CurateError, match=r"out of shared memory \(/dev/shm\).*--shm-size"):
+        list(stream.take(3, 5))
+    stream.close()
 
 
 def test_loader_take_checks_shard_boundaries(three_shards: list[tuple[int, str]]) -> None:

@@ -20,6 +20,11 @@ as ``curate encode-latents`` stores them (32 x 32 x 32, mean and std in bf16: 13
    and fitted to recaption's default 802,816 pixels, each worker fetching its chunks of 8
    consecutive samples in one request (the default), against a request per image (chunks of 1),
    16 images ahead per worker in both.
+5. A stage writing its shards to a URL (``--out http://...``, what a worker on a machine without
+   a shared folder does): the runner (``curate.runner.run_stage``) with a stage that only writes
+   part 1's latent samples, 8 shards, so that its rate is the ceiling that writing puts on any
+   stage: samples/s and MB/s into a local folder and uploaded to the server (each shard staged
+   locally, then its tar and index PUT while the next shard is made).
 
 Configurations run interleaved, ``--repeats`` times; tables give the median and every run.
 
@@ -32,6 +37,7 @@ import argparse
 import functools
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,7 +55,8 @@ from latent_data import add_image_stage, make_latent_dataset  # noqa: E402
 from curate.buckets import ShardImageLoader  # noqa: E402
 from curate.images import ImageStream, fit_pixels  # noqa: E402
 from curate.manifest import load_manifest  # noqa: E402
-from curate.shards import index_of, read_index  # noqa: E402
+from curate.runner import ShardTask, Stage, run_stage  # noqa: E402
+from curate.shards import index_of, iter_tar_samples, read_index  # noqa: E402
 from train.data import DataSettings, LatentLoader, _TarSamples  # noqa: E402
 
 BATCH = 32
@@ -107,6 +114,32 @@ def stream_rate(tars: list[str], counts: list[int], workers: int, chunk: int) ->
     return sum(counts) / (time.perf_counter() - start)
 
 
+class CopyStage(Stage):
+    """Writes the given samples again, shard by shard: a stage whose only work is its output."""
+
+    name = "copy"
+    writes_urls = True
+
+    def __init__(self, shards: list[list[tuple[str, dict[str, bytes]]]]):
+        self.shards = shards
+
+    def plan(self) -> list[ShardTask]:
+        return [ShardTask(i, str(i), len(samples)) for i, samples in enumerate(self.shards)]
+
+    def process(self, task, writer, progress) -> None:
+        for key, members in self.shards[task.shard_id]:
+            writer.add(key, members)
+        progress(task.num_inputs)
+
+
+def write_rate(stage: CopyStage, out: str) -> float:
+    """Samples per second of the whole stage, from its plan to its _stage.json."""
+    start = time.perf_counter()
+    result = run_stage(stage, out, progress=False)
+    assert result.complete
+    return sum(len(s) for s in stage.shards) / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 repeat, few steps")
@@ -132,6 +165,9 @@ def main() -> None:
         loads: dict[str, list[float]] = {side: [] for side in sides}
         decodes: dict[str, list[float]] = {side: [] for side in sides}
         streams: dict[int, dict[str, list[float]]] = {chunk: {side: [] for side in sides} for chunk in STREAM_CHUNKS}
+        writes: dict[str, list[float]] = {side: [] for side in sides}
+        copy = CopyStage([[(key, {"latent.safetensors": members["latent.safetensors"]})
+                           for key, members in iter_tar_samples(t)] for t in tars])
         stage = make_latent_dataset(root / "stage", shards=4, per_shard=IMAGES_PER_SHARD, channels=16, sizes=[(32, 32)],
                                     variants=("long",))
         image_tars = sorted(str(p) for p in add_image_stage(stage).glob("*.tar"))
@@ -150,8 +186,9 @@ def main() -> None:
                    for side, latency in zip(sides[1:], latencies, strict=True)}
         try:
             urls = {"files": (tars, str(data["long"]), image_tars)}
+            bases = {"files": str(root)}
             for side, process in servers.items():
-                base = process.stdout.readline().split()[1]
+                base = bases[side] = process.stdout.readline().split()[1]
                 urls[side] = ([f"{base}/{Path(t).relative_to(root)}" for t in tars],
                               f"{base}/{data['long'].relative_to(root)}",
                               [f"{base}/{Path(t).relative_to(root)}" for t in image_tars])
@@ -162,9 +199,12 @@ def main() -> None:
                     decodes[side].append(decode_rate(urls[side][2], args.workers))
                     for chunk in STREAM_CHUNKS:
                         streams[chunk][side].append(stream_rate(urls[side][2], stream_counts, args.workers, chunk))
+                    writes[side].append(write_rate(copy, f"{bases[side]}/written"))
+                    shutil.rmtree(root / "written")
                     print(f"  {side}: walk {walks[side][-1]:.0f}, loader {loads[side][-1]:.0f} samples/s, "
                           f"images {decodes[side][-1]:.0f}/s, stream "
-                          f"{', '.join(f'{streams[c][side][-1]:.0f}' for c in STREAM_CHUNKS)}/s",
+                          f"{', '.join(f'{streams[c][side][-1]:.0f}' for c in STREAM_CHUNKS)}/s, "
+                          f"written {writes[side][-1]:.0f} samples/s",
                           file=sys.stderr, flush=True)
         finally:
             for process in servers.values():
@@ -203,6 +243,12 @@ def main() -> None:
         print(f"| {side} | {statistics.median(a):.0f} | {', '.join(f'{v:.0f}' for v in a)} | "
               f"{statistics.median(b):.0f} | {', '.join(f'{v:.0f}' for v in b)} | "
               f"{statistics.median(a) / statistics.median(b):.2f} |")
+
+    sample_mb = tar_bytes / SHARDS / per_shard / 1e6
+    print(f"\n5. A stage's output written by the runner, {SHARDS} shards of {per_shard} latent samples "
+          f"({tar_bytes / SHARDS / 1e6:.0f} MB a shard), into a folder or uploaded:\n")
+    table(writes)
+    print("\nMB/s (median): " + ", ".join(f"{side} {statistics.median(v) * sample_mb:.0f}" for side, v in writes.items()))
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "folder or pattern ('shards/{00000..00009}.tar') | parquet files holding the images "
                                "(file, folder or pattern) | the last two also at URLs (s3://, gs://, https://, "
                                "hf://datasets/...) | hf:NAME[:SPLIT] | datasets save_to_disk folder")
-    p.add_argument("--out", required=True, help="output stage folder, e.g. DATA/images")
+    p.add_argument("--out", required=True, help="output stage folder, e.g. DATA/images (a local folder: upload it after)")
     p.add_argument("--shard-size", type=int, default=1000, help="input samples per output shard")
     p.add_argument("--min-side", type=int, default=64, help="reject images whose short side is smaller")
     p.add_argument("--max-pixels", type=int, default=89_478_485,
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("images", help="an image stage folder written by `curate ingest`, e.g. DATA/images, or its "
                                   "URL (s3://, gs://, https://...)")
-    p.add_argument("--out", required=True, help="output folder, e.g. DATA/captions/qwen2vl")
+    p.add_argument("--out", required=True, help="output folder, e.g. DATA/captions/qwen2vl, or a URL (s3://...: uploaded shard by shard)")
     p.add_argument("--model", default="qwen2-vl",
                    help="alias (qwen2-vl, qwen2-vl-2b, qwen2.5-vl, qwen2.5-vl-3b, qwen3-vl), Hub id or local folder;"
                         " with --backend openai, the served model name")
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("images", help="an image stage folder written by `curate ingest`, or its URL")
     p.add_argument("--captions", default=None, help="a caption stage folder written by `curate recaption`")
-    p.add_argument("--out", required=True, help="output folder, e.g. DATA/latents/flux2-256")
+    p.add_argument("--out", required=True, help="output folder, e.g. DATA/latents/flux2-256, or a URL (s3://...: uploaded shard by shard)")
     p.add_argument("--vae", default="flux2",
                    help="alias (flux, flux2, repa-e-flux, dc-ae), Hub id or local folder; pixels: no VAE, the images "
                         "themselves (pixel-space training)")
@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "classifiers' probabilities (NSFW, watermark), per image",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("images", help="an image stage folder written by `curate ingest`, or its URL")
-    p.add_argument("--out", required=True, help="output folder, e.g. DATA/scores/clip")
+    p.add_argument("--out", required=True, help="output folder, e.g. DATA/scores/clip, or a URL (s3://...: uploaded shard by shard)")
     p.add_argument("--captions", default=None,
                    help="a caption stage folder written by `curate recaption`: score its variants too (the "
                         "original captions, orig, are always scored)")
@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("encode-text", help="text-encoder embeddings of every caption, and manifests that list them",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("latents", help="a latent stage folder written by `curate encode-latents`, or its URL")
-    p.add_argument("--out", required=True, help="output folder, e.g. DATA/text/t5gemma")
+    p.add_argument("--out", required=True, help="output folder, e.g. DATA/text/t5gemma, or a URL (s3://...: uploaded shard by shard)")
     p.add_argument("--text-encoder", default="t5gemma",
                    help="alias (t5gemma), Hub id or local folder: a T5Gemma checkpoint or a PRX pipeline")
     p.add_argument("--revision", default=None, help="pinned Hub revision of the text encoder")

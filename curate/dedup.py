@@ -278,6 +278,8 @@ def decontaminate(scores_dir: str | os.PathLike, against: str | os.PathLike, thr
 
 def _table_path(scores_dir: Path | str, out: str | os.PathLike | None, name: str) -> Path:
     """Where the table goes: ``out``, or ``name`` in the score stage (which must be here to be written)."""
+    if out is not None and storage.is_remote(out):
+        raise CurateError(f"--out {out}: the table is written to a local file")
     if out is not None:
         return Path(out)
     if storage.is_remote(scores_dir):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,7 +28,7 @@ import polars as pl
 
 from curate import storage
 from curate.images import FILTERED_OUT
-from curate.manifest import LatentSpec, Manifest, ShardEntry, write_manifest
+from curate.manifest import LatentSpec, Manifest, ShardEntry, shard_path_for, write_manifest
 from curate.models import PIXELS
 from curate.runner import (
     STAGE_FILE,
@@ -68,6 +67,7 @@ def _serialize(mean, std) -> bytes:
 
 class EncodeLatentsStage(Stage):
     name = "encode-latents"
+    writes_urls = True  # --out s3://...: each shard uploaded as it is committed
     version = 1
     packages = ("kiln", "torch", "diffusers", "safetensors", "pillow", "polars")
     index_schema = {
@@ -111,7 +111,8 @@ class EncodeLatentsStage(Stage):
             raise CurateError(f"--vae-dtype must be one of {VAE_DTYPES}, not {vae_dtype!r}")
         if resolution % bucket_multiple:
             raise CurateError(f"--resolution {resolution} must be a multiple of {bucket_multiple}")
-        self.images_dir, self.out_dir = storage.as_location(images_dir), Path(out_dir)  # images: a folder or a URL
+        # Either may be a folder or a URL (the latents then uploaded shard by shard).
+        self.images_dir, self.out_dir = storage.as_location(images_dir), storage.as_location(out_dir)
         self.captions_dir = storage.as_location(captions_dir) if captions_dir else None
         self.vae_name, self.revision, self.vae_class = vae, revision, vae_class
         self.resolution, self.use_buckets, self.bucket_multiple = resolution, buckets, bucket_multiple
@@ -312,7 +313,7 @@ class EncodeLatentsStage(Stage):
 
         writer.defer(write)
 
-    def finalize(self, out_dir: Path, tasks: list[ShardTask]) -> dict[str, Any]:
+    def finalize(self, out_dir: Path | str, tasks: list[ShardTask]) -> dict[str, Any]:
         written = self.write_manifests(out_dir)
         return {"manifests": [str(p) for p in written], "buckets": len(self.bucket_table())}
 
@@ -342,7 +343,7 @@ class EncodeLatentsStage(Stage):
             cell = loaded.downsample * (loaded.normalization.patch_size if loaded.normalization else 1)
             raise CurateError(f"{e}; pass a --resolution and a --bucket-multiple divisible by {cell}") from e
 
-    def write_manifests(self, out_dir: Path) -> list[Path]:
+    def write_manifests(self, out_dir: Path | str) -> list[Path]:
         from curate.vae import load_vae
 
         loaded = self.loaded or load_vae(self.vae_name, revision=self.revision, vae_class=self.vae_class,
@@ -352,13 +353,13 @@ class EncodeLatentsStage(Stage):
         prefix = f"{self.manifest_name}-" if self.manifest_name else ""
         provenance = {"images": self._stage_summary(self.images_dir),
                       "captions": self._stage_summary(self.captions_dir) if self.captions_dir else None,
-                      "latents": {"path": str(out_dir.resolve()), "vae": loaded.id, "vae_class": loaded.cls,
+                      "latents": {"path": storage.resolved(out_dir), "vae": loaded.id, "vae_class": loaded.cls,
                                   "revision": loaded.revision, "vae_dtype": self.vae_dtype,
                                   **({"select": self.select.record()} if self.select else {})}}
         written = []
         self.manifest_dir.mkdir(parents=True, exist_ok=True)
         for selection_name, weights in self.caption_selections().items():
-            entries = [ShardEntry(path=os.path.relpath(s.tar_path.resolve(), self.manifest_dir.resolve()),
+            entries = [ShardEntry(path=shard_path_for(s.tar_path, self.manifest_dir),
                                   samples=s.meta.counts["ok"], sha256=s.meta.tar_sha256)
                        for s in shards if s.meta.counts["ok"] > 0]
             if not entries:

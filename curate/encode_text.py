@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import os
+import posixpath
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -47,6 +47,7 @@ from curate.manifest import (
     TextSpec,
     load_manifest,
     rebase_entries,
+    shard_path_for,
     shard_urls,
     write_manifest,
 )
@@ -109,6 +110,7 @@ def _serialize(rows: dict[str, torch.Tensor]) -> bytes:
 
 class EncodeTextStage(Stage):
     name = "encode-text"
+    writes_urls = True  # --out s3://...: each shard uploaded as it is committed
     version = 1
     unit = "sample"
     packages = ("kiln", "torch", "transformers", "diffusers", "ftfy", "safetensors")
@@ -123,16 +125,16 @@ class EncodeTextStage(Stage):
             raise CurateError(f"--dtype must be one of {DTYPES}, not {dtype!r}")
         if batch_size < 1 or (workers is not None and workers < 0):
             raise CurateError("--batch-size must be positive and --workers at least 0")
-        # The latent stage and its manifests may be URLs (read where they lie); the text shards and
-        # the manifests that list them are written locally.
-        self.latents_dir, self.out_dir = storage.as_location(latents_dir), Path(out_dir)
+        # The latent stage and its manifests may be URLs (read where they lie), and so may the text
+        # shards (uploaded shard by shard); the manifests that list them are written locally.
+        self.latents_dir, self.out_dir = storage.as_location(latents_dir), storage.as_location(out_dir)
         self.encoder_name, self.revision = text_encoder, revision
         self.max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
         if self.max_tokens < 1:
             raise CurateError(f"--max-tokens must be positive, got {self.max_tokens}")
         self.dtype, self.batch_size, self.workers, self.device = dtype, batch_size, workers, device
         self.manifest_dir = Path(manifest_dir) if manifest_dir is not None else None
-        self.manifest_name = name or self.out_dir.name
+        self.manifest_name = name or posixpath.basename(storage.resolved(self.out_dir))
         self.latent_stage = stage_record(self.latents_dir)
         if self.latent_stage is None:
             raise CurateError(f"{self.latents_dir}: not a complete encode-latents stage (no {STAGE_FILE}); "
@@ -299,13 +301,13 @@ class EncodeTextStage(Stage):
 
         writer.defer(write)
 
-    def finalize(self, out_dir: Path, tasks: list[ShardTask]) -> dict[str, Any]:
+    def finalize(self, out_dir: Path | str, tasks: list[ShardTask]) -> dict[str, Any]:
         written = self.write_manifests(out_dir)
         return {"manifests": [str(p) for p in written]}
 
     # -- manifests ---------------------------------------------------------------------------------------
 
-    def text_spec(self, out_dir: Path, manifest_dir: Path, latent: Manifest, latent_path: Path | str) -> TextSpec:
+    def text_spec(self, out_dir: Path | str, manifest_dir: Path, latent: Manifest, latent_path: Path | str) -> TextSpec:
         """The text section of the manifest that extends ``latent`` (read from ``latent_path``, a
         file or a URL): its shards' text shards."""
         encoder_id, revision, dim = self._identity()
@@ -323,7 +325,7 @@ class EncodeTextStage(Stage):
             if t.meta.counts["ok"] != entry.accepted:
                 raise CurateError(f"{t.tar_path}: {t.meta.counts['ok']} samples, but the manifest's shard "
                                   f"{i} holds {entry.accepted}")
-            entries.append(ShardEntry(path=os.path.relpath(t.tar_path.resolve(), manifest_dir.resolve()),
+            entries.append(ShardEntry(path=shard_path_for(t.tar_path, manifest_dir),
                                       samples=entry.accepted, sha256=t.meta.tar_sha256))
         return TextSpec(encoder=self.encoder_name, encoder_id=encoder_id, revision=revision, dim=dim,
                         max_tokens=self.max_tokens, dtype=self.dtype, variants=self.variants, shards=entries)
@@ -341,7 +343,7 @@ class EncodeTextStage(Stage):
                                             revision=self.revision)
         return self.encoder.id, self.encoder.revision, self.encoder.dim
 
-    def write_manifests(self, out_dir: Path) -> list[Path]:
+    def write_manifests(self, out_dir: Path | str) -> list[Path]:
         written = []
         for path in self.input_manifests:
             try:
@@ -352,7 +354,7 @@ class EncodeTextStage(Stage):
             text = self.text_spec(out_dir, target_dir, latent, path)
             shards = rebase_entries(latent.shards, storage.parent(path), target_dir)
             name = f"{latent.name}-{self.manifest_name}"
-            provenance = {**latent.provenance, "text": {"path": str(out_dir.resolve()), "encoder": text.encoder_id,
+            provenance = {**latent.provenance, "text": {"path": storage.resolved(out_dir), "encoder": text.encoder_id,
                                                         "revision": text.revision,
                                                         "stage_config": self.config()}}
             manifest = latent.model_copy(update={"name": name, "shards": shards, "text": text,

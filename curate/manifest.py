@@ -478,6 +478,14 @@ def rebase_shard_path(path: str, old: str | os.PathLike, new: str | os.PathLike)
     return os.path.relpath((Path(old) / path).resolve(), Path(new).resolve())
 
 
+def shard_path_for(tar: str | os.PathLike, manifest_dir: str | os.PathLike) -> str:
+    """How a manifest in ``manifest_dir`` names a shard's tar: a URL as it is, a local file relative
+    to the manifest's folder (so that the folders move together)."""
+    if storage.is_remote(tar):
+        return os.fspath(tar)
+    return os.path.relpath(Path(tar).resolve(), Path(manifest_dir).resolve())
+
+
 def rebase_entries(entries: list[ShardEntry], old: str | os.PathLike, new: str | os.PathLike) -> list[ShardEntry]:
     """:func:`rebase_shard_path` of every entry."""
     return [e.model_copy(update={"path": rebase_shard_path(e.path, old, new)}) for e in entries]

@@ -54,6 +54,7 @@ class CaptionSettings:
 
 class RecaptionStage(Stage):
     name = "recaption"
+    writes_urls = True  # --out s3://...: each shard uploaded as it is committed
     version = 1
     with_tar = False
     packages = ("kiln", "torch", "transformers", "vllm", "httpx2", "pillow", "polars")
@@ -203,7 +204,7 @@ class RecaptionStage(Stage):
         detail = "; ".join(f"{v}: {r}" + (f" ({e})" if e else "") for v, r, e in failures)
         return row | {"status": "rejected", "reason": f"{v}_{reason}", "detail": detail}
 
-    def finalize(self, out_dir: Path, tasks: list[ShardTask]) -> dict[str, Any]:
+    def finalize(self, out_dir: Path | str, tasks: list[ShardTask]) -> dict[str, Any]:
         return summarize_captions(out_dir, self.variants)
 
 

@@ -8,7 +8,8 @@
     when every shard is committed: the stage's final pass, then _stage.json
 
 Scaling out is "launch more workers" (torchrun, Slurm arrays); workers never talk to each
-other. Whichever worker finds every shard committed runs the final pass; it is
+other, and need no shared folder: a stage whose output may be a URL (``writes_urls``) is written
+to an object store shard by shard, each worker staging its shard locally and uploading it. Whichever worker finds every shard committed runs the final pass; it is
 deterministic and idempotent, so two workers doing it at once write the same bytes.
 """
 
@@ -155,6 +156,7 @@ class Stage:
     with_tar: bool = True
     unit: str = "img"
     packages: tuple[str, ...] = ("kiln",)  # versions recorded in _stage.json
+    writes_urls: bool = False  # whether --out may be a URL (object store) rather than a local folder
 
     def config(self) -> dict[str, Any]:
         """Settings that change the output; their hash decides whether committed shards are reused."""
@@ -176,8 +178,9 @@ class Stage:
         goes to ``writer.defer``, so that an accelerator does not wait for it."""
         raise NotImplementedError
 
-    def finalize(self, out_dir: Path, tasks: list[ShardTask]) -> dict[str, Any]:
-        """Final pass once every shard is committed; returns a summary for _stage.json."""
+    def finalize(self, out_dir: Path | str, tasks: list[ShardTask]) -> dict[str, Any]:
+        """Final pass once every shard is committed; returns a summary for _stage.json.
+        ``out_dir`` is a URL (a string) when the stage writes to one."""
         return {}
 
     def __enter__(self) -> Stage:
@@ -320,10 +323,29 @@ def _is_done(shard: Shard | None, task: ShardTask, config_hash: str, fingerprint
     )
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
+def _write_json_atomic(path: Path | str, obj: Any) -> None:
+    from curate import storage
+
+    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
+    if storage.is_remote(path):
+        storage.write_bytes(str(path), text.encode())  # one PUT: atomic in an object store
+        return
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _done(out_dir: Path | str, tasks: list[ShardTask], config_hash: str,
+          fingerprints: dict[str, str]) -> list[bool]:
+    """Whether each task's shard is committed and current: at a URL, many asked at once (a shard
+    costs two or three requests) and the folder's listing asked afresh (other workers' shards)."""
+    from curate import storage
+
+    remote = storage.is_remote(out_dir)
+    if remote:
+        storage.forget_listings(str(out_dir))
+    return list(storage.parallel_map(
+        lambda t: _is_done(open_shard(out_dir, t.shard_id), t, config_hash, fingerprints), tasks, remote))
 
 
 def stage_config(stage: Stage) -> dict[str, Any]:
@@ -338,8 +360,14 @@ def run_stage(
     share: WorkerShare | None = None,
     progress: bool = True,
 ) -> StageResult:
-    """Run this worker's share of a stage; finish the stage if every shard is then committed."""
-    out_dir = Path(out_dir)
+    """Run this worker's share of a stage; finish the stage if every shard is then committed.
+    ``out_dir`` is a local folder, or a URL for a stage that ``writes_urls``."""
+    from curate import storage
+
+    if storage.is_remote(out_dir) and not stage.writes_urls:
+        raise CurateError(f"{out_dir}: {stage.name} writes to a local folder only (its final pass rewrites shards "
+                          "in place); write it locally, then upload the folder")
+    out_dir = storage.as_location(out_dir)
     share = share or WorkerShare(0, 1)
     tasks = stage.plan()
     ids = [t.shard_id for t in tasks]
@@ -348,13 +376,14 @@ def run_stage(
     config = stage_config(stage)
     config_hash = stable_hash(config)
     fingerprints = {str(t.shard_id): t.fingerprint for t in tasks}
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(out_dir, Path):
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     result = StageResult()
     mine = share.take(tasks)
     todo = []
-    for task in mine:
-        if _is_done(open_shard(out_dir, task.shard_id), task, config_hash, fingerprints):
+    for task, done in zip(mine, _done(out_dir, mine, config_hash, fingerprints), strict=True):
+        if done:
             result.skipped.append(task.shard_id)
         else:
             todo.append(task)
@@ -396,7 +425,7 @@ def run_stage(
                 result.processed.append(committing.result())
 
         # Finish the stage if every worker's shards are in (this one may be the last to end).
-        if all(_is_done(open_shard(out_dir, t.shard_id), t, config_hash, fingerprints) for t in tasks):
+        if all(_done(out_dir, tasks, config_hash, fingerprints)):
             extra = stage.finalize(out_dir, tasks)
             result.summary = _finish(stage, out_dir, tasks, config, config_hash, extra)
             result.complete = True
@@ -420,12 +449,14 @@ def _commit(stage: Stage, task: ShardTask, writer: ShardWriter, config_hash: str
 
 def _finish(
     stage: Stage,
-    out_dir: Path,
+    out_dir: Path | str,
     tasks: list[ShardTask],
     config: dict[str, Any],
     config_hash: str,
     extra: dict[str, Any],
 ) -> dict[str, Any]:
+    from curate import storage
+
     planned = {t.shard_id for t in tasks}
     totals: dict[str, Any] = {}
     seconds = 0.0
@@ -456,7 +487,8 @@ def _finish(
         "versions": package_versions(stage.packages),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    _write_json_atomic(out_dir / STAGE_FILE, summary)
+    _write_json_atomic(storage.join(out_dir, STAGE_FILE) if storage.is_remote(out_dir) else out_dir / STAGE_FILE,
+                       summary)
     log.info("%s: complete, %d ok and %d rejected of %d seen", stage.name,
              totals["ok"], totals["rejected"], totals["seen"])
     return summary

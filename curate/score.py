@@ -38,7 +38,7 @@ from curate import storage
 from curate.images import ImageStream
 from curate.manifest import file_sha256
 from curate.runner import CurateError, ShardTask, Stage, image_stage_tasks, read_image_captions
-from curate.shards import ShardWriter, committed_shards, index_columns
+from curate.shards import ShardWriter, committed_shards, index_columns, read_index
 from curate.stats import rounded
 from curate.subset import EMBEDDING_COLUMN
 from curate.vqa import VqaScorer
@@ -272,6 +272,7 @@ def _load_frozen(cls: Any, model_id: str, revision: str | None, device: torch.de
 
 class ScoreStage(Stage):
     name = "score"
+    writes_urls = True  # --out s3://...: each shard uploaded as it is committed
     version = 2  # 2: the good variants of a rejected caption row are scored too (1 scored ok rows only)
     with_tar = False
     packages = ("kiln", "torch", "transformers", "pillow", "polars")
@@ -407,11 +408,12 @@ class ScoreStage(Stage):
             else:
                 writer.add(key, {}, row={c: row[c] for c in self.index_schema}, flags=row["flags"])
 
-    def finalize(self, out_dir: Path, tasks: list[ShardTask]) -> dict[str, Any]:
+    def finalize(self, out_dir: Path | str, tasks: list[ShardTask]) -> dict[str, Any]:
         """Each score's spread over the dataset, to choose thresholds from (``curate stats`` prints it)."""
         scores = [c for c, dtype in self.index_schema.items() if dtype == pl.Float32]
-        table = pl.concat([pl.read_parquet(s.index_path, columns=scores)
-                           for s in committed_shards(out_dir)], how="vertical_relaxed")
+        tables = storage.parallel_map(lambda s: read_index(s.index_path, columns=scores), committed_shards(out_dir),
+                                      storage.is_remote(out_dir))  # URLs: many at a time
+        table = pl.concat(list(tables), how="vertical_relaxed")
         summary = {}
         for column in scores:
             values = table[column].drop_nulls()

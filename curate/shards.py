@@ -9,6 +9,11 @@ Both are written under hidden temporary names, flushed to disk and renamed; the 
 renamed last and is the commit marker, so a shard without its index does not exist and a
 reader never sees half a shard. Stages whose output is a table only (captions) write the
 index without a tar.
+
+A stage's folder may be a URL (``--out s3://bucket/latents/flux2-256``): the shard is then written
+under the same hidden names in a local staging folder (:func:`staging_dir`) and uploaded, tar first
+and index last, each in one PUT, which an object store makes visible whole; the index is again the
+commit marker.
 """
 
 from __future__ import annotations
@@ -100,10 +105,12 @@ class Shard:
 
     def intact(self) -> bool:
         """Whether the tar on disk is the one the index describes (size check, no hashing)."""
+        from curate import storage
+
         if self.meta.tar_bytes is None:
             return True
         try:
-            return self.tar_path is not None and self.tar_path.stat().st_size == self.meta.tar_bytes
+            return self.tar_path is not None and storage.size(self.tar_path) == self.meta.tar_bytes
         except FileNotFoundError:
             return False
 
@@ -200,9 +207,28 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def remove_temporaries(out_dir: Path, shard_id: int) -> None:
+def staging_dir(out_dir: str | os.PathLike) -> Path:
+    """Where the shards of a stage at a URL are written before their upload: a folder of
+    ``$KILN_STAGING`` (default: the system's temporary folder) named after the URL, so that a rerun
+    finds and removes what a killed one left there."""
+    import tempfile
+
+    from curate import storage
+
+    root = os.environ.get("KILN_STAGING") or tempfile.gettempdir()
+    return Path(root) / f"kiln-staging-{stable_hash(storage.resolved(out_dir))[:16]}"
+
+
+def _work_dir(out_dir: str | os.PathLike) -> Path:
+    """The folder a shard's temporaries go to: the stage's own, or its staging folder for a URL."""
+    from curate import storage
+
+    return staging_dir(out_dir) if storage.is_remote(out_dir) else Path(out_dir)
+
+
+def remove_temporaries(out_dir: str | os.PathLike, shard_id: int) -> None:
     """Delete what a killed writer of this shard left behind (never visible to readers)."""
-    for tmp in glob.glob(str(out_dir / f".{shard_name(shard_id)}.*.tmp-*")):
+    for tmp in glob.glob(str(_work_dir(out_dir) / f".{shard_name(shard_id)}.*.tmp-*")):
         Path(tmp).unlink(missing_ok=True)
 
 
@@ -211,6 +237,7 @@ class ShardWriter:
 
     ``schema`` holds the stage's own index columns (after the base columns); every row gets
     every column, missing values as null, so that all shards of a stage share one schema.
+    ``out_dir`` may be a URL: the shard is staged locally and uploaded at ``commit``.
     """
 
     def __init__(
@@ -221,8 +248,12 @@ class ShardWriter:
         *,
         with_tar: bool = True,
     ):
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        from curate import storage
+
+        self.remote = storage.is_remote(out_dir)
+        self.out_dir = storage.as_location(out_dir)
+        work = _work_dir(out_dir)
+        work.mkdir(parents=True, exist_ok=True)
         self.shard_id = shard_id
         self.schema = {**BASE_SCHEMA, **schema}
         self.rows: list[dict[str, Any]] = []
@@ -231,10 +262,11 @@ class ShardWriter:
         self.started = time.perf_counter()
         name = shard_name(shard_id)
         suffix = f".tmp-{os.getpid()}"
-        self.final_tar = self.out_dir / f"{name}.tar" if with_tar else None
-        self.final_index = self.out_dir / f"{name}.parquet"
-        self.tmp_tar = self.out_dir / f".{name}.tar{suffix}" if with_tar else None
-        self.tmp_index = self.out_dir / f".{name}.parquet{suffix}"
+        final = storage.join if self.remote else (lambda folder, file: Path(folder) / file)
+        self.final_tar = final(self.out_dir, f"{name}.tar") if with_tar else None
+        self.final_index = final(self.out_dir, f"{name}.parquet")
+        self.tmp_tar = work / f".{name}.tar{suffix}" if with_tar else None
+        self.tmp_index = work / f".{name}.parquet{suffix}"
         self._raw = open(self.tmp_tar, "wb") if self.tmp_tar else None  # noqa: SIM115
         self._hashing = _HashingFile(self._raw) if self._raw else None
         self._tar = _TarStream(self._hashing) if self._hashing else None
@@ -294,8 +326,9 @@ class ShardWriter:
         seconds: float | None = None,
     ) -> Shard:
         """Run the deferred work, then flush, fsync and rename: tar first, index last (the index
-        is the commit marker). ``seconds``: the shard's time before this call (the deferred
-        work's is added); by default the time since the writer was made."""
+        is the commit marker); for a URL, upload them in that order. ``seconds``: the shard's time
+        before this call (the deferred work's is added); by default the time since the writer was
+        made."""
         started = time.perf_counter()
         while self._deferred:
             self._deferred.pop(0)()
@@ -320,11 +353,25 @@ class ShardWriter:
         table = df.to_arrow()
         table = table.replace_schema_metadata({META_KEY: json.dumps(asdict(meta)).encode()})
         pq.write_table(table, self.tmp_index)
+        if self.remote:
+            self._upload()
+            return Shard(self.shard_id, self.final_index, self.final_tar, meta)
         if self.tmp_tar is not None:
             _fsync_replace(self.tmp_tar, self.final_tar)
         _fsync_replace(self.tmp_index, self.final_index)
         fsync_dir(self.out_dir)
         return Shard(self.shard_id, self.final_index, self.final_tar, meta)
+
+    def _upload(self) -> None:
+        from curate import storage
+
+        # An index left from an earlier run goes first: until the new one is up, the shard is
+        # uncommitted rather than an old index describing a new tar.
+        storage.remove(self.final_index)
+        if self.tmp_tar is not None:
+            storage.write_file(self.tmp_tar, self.final_tar)
+        storage.write_file(self.tmp_index, self.final_index)
+        self.abort()  # the staged copies
 
     def abort(self) -> None:
         """Drop everything written so far (the shard stays uncommitted)."""
@@ -437,9 +484,15 @@ def committed_shards(stage_dir: str | os.PathLike) -> list[Shard]:
 
 def delete_shard(shard: Shard) -> None:
     """Uncommit first (index), then remove the tar, so the shard vanishes atomically."""
-    shard.index_path.unlink(missing_ok=True)
-    if shard.tar_path is not None:
-        shard.tar_path.unlink(missing_ok=True)
+    from curate import storage
+
+    for path in (shard.index_path, shard.tar_path):
+        if path is None:
+            continue
+        if storage.is_remote(path):
+            storage.remove(path)
+        else:
+            Path(path).unlink(missing_ok=True)
 
 
 def split_member(name: str) -> tuple[str, str]:

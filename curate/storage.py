@@ -2,8 +2,9 @@
 
 A manifest, its shards' tars and indexes, and an image stage may be URLs (``s3://``, ``gs://``,
 ``https://``..., any protocol fsspec knows; ``s3fs`` or ``gcsfs`` installed for theirs), so that a
-run trains from an object store with no copy and no mount. Only reading: the stages write local
-folders (upload them with your tool of choice, or mount the bucket).
+run trains from an object store with no copy and no mount. Stages that write their shards there
+(``--out s3://...``) upload each one whole (:func:`write_file`, one PUT, which an object store makes
+visible at once or not at all), its index last: see curate/shards.py.
 
 The curate stages read an image stage at a URL too (encode-latents, recaption, score): its
 folder listed, its indexes fetched whole, and the samples a worker decodes fetched at the offsets
@@ -166,6 +167,7 @@ def list_names(path: str | os.PathLike) -> list[str]:
         return sorted(os.listdir(local_path(path)))
     url = os.fspath(path).rstrip("/")
     fs, inner = _filesystem(url)
+    fs.invalidate_cache(inner)  # a listing is asked for to see what is there now
     entries = _retried(url, "listing it", lambda: fs.ls(inner, detail=False))
     return sorted(posixpath.basename(str(entry).rstrip("/")) for entry in entries)
 
@@ -194,6 +196,62 @@ def glob(pattern: str) -> list[str]:
 def as_location(path: str | os.PathLike) -> Path | str:
     """A folder or file as the stages hold it: a Path, or a URL kept a string (Path folds "//")."""
     return os.fspath(path) if is_remote(path) else Path(path)
+
+
+def _is_http(url: str) -> bool:
+    return url.startswith(("http://", "https://"))
+
+
+def write_file(local: str | os.PathLike, url: str) -> None:
+    """Upload a local file to ``url`` (an object store's PUT is atomic: readers see the old object
+    or the new one, never part of it), then check the size the store reports. An HTTP server is
+    sent a PUT, as WebDAV and object stores' HTTP endpoints take it."""
+    fs, inner = _filesystem(url)
+    extra = {"method": "put"} if _is_http(url) else {}
+    _retried(url, "uploading it", lambda: fs.put_file(os.fspath(local), inner, **extra))
+    fs.invalidate_cache(inner)
+    sent, stored = os.path.getsize(local), size(url)
+    if sent != stored:
+        raise RemoteError(f"{url}: uploaded {sent} bytes, the store holds {stored}")
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Store ``data`` at ``url`` in one PUT (a _stage.json, a small index)."""
+    fs, inner = _filesystem(url)
+    _retried(url, "writing it", lambda: fs.pipe_file(inner, data))
+    fs.invalidate_cache(inner)
+
+
+def remove(url: str) -> None:
+    """Delete ``url``; a missing one is no error."""
+    fs, inner = _filesystem(url)
+
+    def delete() -> None:
+        if not _is_http(url):  # fsspec's HTTP has no delete: a plain DELETE, as WebDAV takes it
+            fs.rm_file(inner)
+            return
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=60).close()
+        except urllib.error.HTTPError as e:
+            if e.code not in (404, 410):
+                raise
+            raise FileNotFoundError(url) from None
+
+    try:
+        _retried(url, "deleting it", delete)
+    except FileNotFoundError:
+        pass
+    fs.invalidate_cache(inner)
+
+
+def forget_listings(url: str) -> None:
+    """Drop what fsspec remembers of a folder's listing (s3fs and gcsfs keep one), so that files
+    that other workers wrote since are seen."""
+    fs, inner = _filesystem(url)
+    fs.invalidate_cache(inner)
 
 
 def read_range(path: str | os.PathLike, offset: int, length: int) -> bytes:

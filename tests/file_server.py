@@ -5,7 +5,9 @@ seconds to every answer (an object store's first byte is tens of milliseconds aw
 next ``fail_next`` requests with 503 (a store's "slow down"), or ignore ``Range`` headers (a server
 that cannot serve ranges, whose whole-file answers must not be taken for ranges). It counts the
 requests, the most answered at once, and the answers and body bytes it sent by path. A folder answers with an index page of links (fsspec lists
-folders by them).
+folders by them). It takes uploads as a WebDAV server or an object store's HTTP endpoint does: PUT
+stores the body (plain or chunked) whole, under a temporary name then renamed, so a reader never
+sees part of it, creating folders as needed; DELETE removes a file.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class FileServer(ThreadingHTTPServer):
         self.bytes_sent = 0
         self.sent: Counter[str] = Counter()  # body bytes by path (/images/000000.tar)
         self.answers: Counter[str] = Counter()  # answers with a body, by path
+        self.received: Counter[str] = Counter()  # bytes uploaded, by path
+        self.puts = 0
         self.in_flight = self.peak = 0  # requests being answered; the most at once
         self.lock = threading.Lock()
         super().__init__(("127.0.0.1", 0), _Handler)
@@ -54,8 +58,9 @@ class _Handler(SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
         pass
 
-    def _answer(self, body: bool) -> None:
+    def _answer(self, body: bool, respond=None) -> None:
         server = self.server
+        respond = respond or self._respond
         with server.lock:
             server.requests += 1
             server.in_flight += 1
@@ -63,7 +68,7 @@ class _Handler(SimpleHTTPRequestHandler):
             fail = server.fail_next > 0
             server.fail_next -= fail
         try:
-            self._respond(body, fail)
+            respond(body, fail)
         finally:
             with server.lock:
                 server.in_flight -= 1
@@ -121,6 +126,67 @@ class _Handler(SimpleHTTPRequestHandler):
                 server.bytes_sent += len(data)
                 server.sent[self.path] += len(data)
                 server.answers[self.path] += 1
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            parts = []
+            while True:
+                line = self.rfile.readline()
+                if not line:
+                    raise ConnectionError(f"{self.path}: the client died mid-upload")
+                size = int(line.split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
+                        pass
+                    return b"".join(parts)
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length", 0))
+        data = self.rfile.read(length)
+        if len(data) != length:  # the client died mid-upload: a store keeps nothing of it
+            raise ConnectionError(f"{self.path}: {len(data)} of {length} bytes uploaded")
+        return data
+
+    def _reply(self, code: int) -> None:
+        self.send_response(code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _store(self, body: bool, fail: bool) -> None:
+        data = self._body()  # read whatever the answer: the connection is kept alive
+        if self.server.latency:
+            time.sleep(self.server.latency)
+        if fail:
+            self.send_response(503, "Slow Down")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        path = Path(self.translate_path(self.path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.upload-{threading.get_ident()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        with self.server.lock:
+            self.server.puts += 1
+            self.server.received[self.path] += len(data)
+        self._reply(201)
+
+    def _delete(self, body: bool, fail: bool) -> None:
+        if fail:
+            self._reply(503)
+            return
+        path = Path(self.translate_path(self.path))
+        if not path.is_file():
+            self._reply(404)
+            return
+        path.unlink()
+        self._reply(204)
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self._answer(body=False, respond=self._store)
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._answer(body=False, respond=self._delete)
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's names
         self._answer(body=True)

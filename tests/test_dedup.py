@@ -283,6 +283,9 @@ def test_a_score_stage_and_a_held_out_manifest_at_urls_dedup_as_their_files(tmp_
         capsys.readouterr()
         assert curate_main(["dedup", f"{server.url}/scores", "--device", "cpu"]) == 2
         assert "give --out, a local file" in capsys.readouterr().err
+        assert curate_main(["dedup", f"{server.url}/scores", "--out", f"{server.url}/d.parquet", "--device",
+                            "cpu"]) == 2
+        assert "is written to a local file" in capsys.readouterr().err
         # The stage against itself, named with a trailing slash: refused like the plain name.
         assert curate_main(["dedup", f"{server.url}/scores", "--against", f"{server.url}/scores/", "--out",
                             str(tmp_path / "self.parquet"), "--device", "cpu"]) == 2

@@ -418,3 +418,64 @@ def test_stats_show_the_manifests(data, vaes, tmp_path: Path):
     run_cli(*_cli(data, vaes["flux"], out, tmp_path / "m"))
     stats = run_cli("stats", str(out)).stdout
     assert "no_caption" in stats and "long.json" in stats
+
+
+def test_latents_written_to_a_url_by_two_workers_are_a_local_runs(data, vaes, tmp_path: Path,
+                                                                   monkeypatch):
+    """`curate encode-latents ... --out http://.../latents` with two workers that share no folder:
+    each uploads its own shards (tar, then index), the second to end finishes the stage there, and
+    what is stored is the local run's; the manifests name the shards by their URLs, and check."""
+    from file_server import serve
+
+    from curate.runner import WorkerShare
+
+    monkeypatch.setenv("KILN_STAGING", str(tmp_path / "staging"))
+    local = tmp_path / "local"
+    run_stage(encode_stage(data, vaes["flux2"], local, tmp_path / "m1"), local, progress=False)
+    www = tmp_path / "www"
+    with serve(www) as server:
+        out = f"{server.url}/latents"
+        first = run_stage(encode_stage(data, vaes["flux2"], out, tmp_path / "m2"), out,
+                          share=WorkerShare(0, 2), progress=False)
+        assert first.processed == [0, 2] and not first.complete and not (www / "latents" / "_stage.json").exists()
+        second = run_stage(encode_stage(data, vaes["flux2"], out, tmp_path / "m2"), out,
+                           share=WorkerShare(1, 2), progress=False)
+        assert second.processed == [1] and second.complete
+        assert server.puts == 3 * 2 + 1  # a tar and an index per shard, then _stage.json
+        manifest = load_manifest(tmp_path / "m2" / "long.json", check_checksums=True)
+        assert [e.path for e in manifest.shards] == [f"{out}/{n:06d}.tar" for n in range(3)]
+        again = run_stage(encode_stage(data, vaes["flux2"], out, tmp_path / "m2"), out, progress=False)
+        assert again.processed == [] and again.complete and server.puts == 3 * 2 + 2
+    assert snapshot(www / "latents") == snapshot(local)
+    assert json.loads((www / "latents" / "_stage.json").read_text())["totals"] == \
+        json.loads((local / "_stage.json").read_text())["totals"]
+    a, b = (json.loads((tmp_path / m / "long.json").read_text()) for m in ("m1", "m2"))
+    assert b["provenance"]["latents"]["path"] == out
+    for manifest in (a, b):
+        manifest["shards"] = [{**e, "path": Path(e["path"]).name} for e in manifest["shards"]]
+        del manifest["provenance"]["latents"]["path"]
+    assert a == b
+    assert not [p for p in (tmp_path / "staging").rglob("*") if p.is_file()]  # staged copies are gone
+
+
+def test_killed_and_rerun_into_a_url_equals_a_clean_run(data, vaes, tmp_path: Path):
+    from file_server import serve
+
+    env = {"OMP_NUM_THREADS": "1", "KILN_STAGING": str(tmp_path / "staging")}
+    clean = tmp_path / "clean"
+    run_cli(*_cli(data, vaes["flux"], clean, tmp_path / "m1"), env=env)
+    www = tmp_path / "www"
+    with serve(www) as server:
+        args = _cli(data, vaes["flux"], tmp_path / "x", tmp_path / "m2")
+        args[args.index("--out") + 1] = f"{server.url}/killed"
+        kills = kill_at(args, www / "killed", (1, 2), env=env)
+        assert kills >= 1
+        run_cli(*args, env=env)
+    assert snapshot(www / "killed") == snapshot(clean)
+    assert not list((www / "killed").glob(".*"))  # no upload was left half done
+
+
+def test_stages_that_rewrite_their_shards_refuse_a_url(tmp_path: Path):
+    source = open_source(str(tmp_path))
+    with pytest.raises(CurateError, match="ingest writes to a local folder only"):
+        run_stage(IngestStage(source, "s3://bucket/images"), "s3://bucket/images", progress=False)

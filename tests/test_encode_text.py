@@ -54,8 +54,8 @@ def dataset(tmp_path_factory) -> dict[str, Path]:
                                missing={4: ("long",), 7: ("long", "short", "orig")})
 
 
-def encode_text(dataset, encoder: Path, out: Path, **kwargs) -> EncodeTextStage:
-    kwargs = {"manifest_dir": out.parent / "manifests", "device": "cpu", "workers": 0, "max_tokens": 64,
+def encode_text(dataset, encoder: Path, out: Path | str, **kwargs) -> EncodeTextStage:
+    kwargs = {"manifest_dir": Path(out).parent / "manifests", "device": "cpu", "workers": 0, "max_tokens": 64,
               "dtype": "float32", "batch_size": 4, **kwargs}
     stage = EncodeTextStage(dataset["latents"], out, str(encoder), **kwargs)
     result = run_stage(stage, out, progress=False)
@@ -300,5 +300,13 @@ def test_latents_and_manifests_at_urls_encode_as_their_files_reading_each_tar_on
     assert manifest.text.model_dump() | {"shards": None} == load_manifest(local_manifest).text.model_dump() | \
         {"shards": None}
     assert json.loads((remote / "_stage.json").read_text())["provenance"]["latents"] == url(dataset["latents"])
+    # Written to a URL as well: the same shards, uploaded; the manifest names them by their URLs.
+    with serve(root) as server:
+        encode_text({"latents": url(dataset["latents"])}, encoders["left"], f"{server.url}/text/t5",
+                    manifests=[url(dataset["long"])], workers=1, manifest_dir=tmp_path / "m3")
+        manifest = load_manifest(tmp_path / "m3" / "long-t5.json", check_checksums=True)
+        assert [s.path for s in manifest.text.shards] == [f"{server.url}/text/t5/{n:06d}.tar"
+                                                          for n in range(len(manifest.shards))]
+    assert snapshot(root / "text" / "t5") == snapshot(local)
     for tar in dataset["latents"].glob("*.tar"):
         assert sent[f"/{tar.relative_to(root).as_posix()}"] == tar.stat().st_size

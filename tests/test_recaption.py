@@ -13,7 +13,7 @@ from conftest import kill_at, run_cli, snapshot, write_good_images
 from curate.captioners.base import Captioner, CaptionRequest, Generation, Sampling
 from curate.ingest import IngestStage
 from curate.prompts import load_prompts
-from curate.recaption import CaptionSettings, RecaptionStage
+from curate.recaption import CaptionSettings, RecaptionStage, summarize_captions
 from curate.runner import STAGE_FILE, CurateError, WorkerShare, run_stage
 from curate.shards import committed_shards, read_index
 from curate.sources import open_source
@@ -167,7 +167,7 @@ def test_an_image_stage_at_a_url_captions_as_its_files(images: Path, tmp_path: P
     n = numbering(images)
     settings = CaptionSettings(prompts=load_prompts([], ["long", "short"]), sampling=Sampling(seed=7),
                                max_pixels=200 * 150)
-    local, remote = ScriptedCaptioner({}, n), ScriptedCaptioner({}, n)
+    local, remote, uploaded = ScriptedCaptioner({}, n), ScriptedCaptioner({}, n), ScriptedCaptioner({}, n)
     run_stage(RecaptionStage(images, "scripted/model", lambda: local, settings, chunk_images=3, decode_workers=0),
               tmp_path / "local", progress=False)
     with serve(images.parent) as server:
@@ -177,7 +177,15 @@ def test_an_image_stage_at_a_url_captions_as_its_files(images: Path, tmp_path: P
         tars = {f"/images/{s.tar_path.name}": s.tar_path.stat().st_size for s in committed_shards(images)}
         assert {path: server.sent[path] for path in tars} == {  # every sample's bytes, once
             path: read_index(images / Path(path).with_suffix(".parquet").name)["tar_length"].sum() for path in tars}
+        # Read over HTTP and written there too (each worker's shards uploaded as they are committed).
+        written = run_stage(RecaptionStage(f"{server.url}/images", "scripted/model", lambda: uploaded, settings,
+                                           chunk_images=3, decode_workers=2),
+                            f"{server.url}/captions-uploaded", progress=False)
+        timing = "generated_tokens_per_second_per_worker"
+        assert written.complete and {**written.summary["summary"], timing: None} == \
+            {**summarize_captions(tmp_path / "local"), timing: None}
     assert rows_without_timing(tmp_path / "remote") == rows_without_timing(tmp_path / "local")
+    assert rows_without_timing(images.parent / "captions-uploaded") == rows_without_timing(tmp_path / "local")
     assert remote.calls == local.calls
     stage_file = json.loads((tmp_path / "remote" / STAGE_FILE).read_text())
     assert stage_file["provenance"]["images"] == f"{server.url}/images"

@@ -5,6 +5,7 @@ wrong (503s, ignored ranges, missing or truncated files) is retried or named."""
 from __future__ import annotations
 
 import io
+import os
 import random
 import shutil
 from pathlib import Path
@@ -320,3 +321,38 @@ def test_a_protocol_without_its_package_is_named(tmp_path):
     assert storage.join("s3://bucket/manifests", "../latents/000001.tar") == "s3://bucket/latents/000001.tar"
     assert storage.parent("s3://bucket/manifests/long.json") == "s3://bucket/manifests"
     assert storage.join(tmp_path, "x") == str(Path(tmp_path, "x")) and not storage.is_remote("file:///x")
+
+
+def test_uploads_are_whole_retried_and_a_killed_writer_leaves_nothing_at_the_url(tmp_path, monkeypatch):
+    """What the stages writing to a URL rest on: a file put there is the file (503s retried), a
+    delete of a missing one is no error, and a shard writer that dies before its commit leaves
+    nothing at the URL and only temporaries in its staging folder, which the next one removes."""
+    from curate.shards import ShardWriter, open_shard, remove_temporaries, staging_dir
+
+    monkeypatch.setenv("KILN_STAGING", str(tmp_path / "staging"))
+    local = tmp_path / "blob"
+    local.write_bytes(os.urandom((9 << 20) + 123))  # several of the HTTP client's 5 MB upload chunks
+    with serve(tmp_path / "www") as server:
+        server.fail_next = 2
+        storage.write_file(local, f"{server.url}/a/b/blob")
+        assert (tmp_path / "www/a/b/blob").read_bytes() == local.read_bytes()
+        storage.write_bytes(f"{server.url}/a/note.json", b"{}")
+        assert storage.read_bytes(f"{server.url}/a/note.json") == b"{}"
+        storage.remove(f"{server.url}/a/note.json")
+        storage.remove(f"{server.url}/a/note.json")
+        assert storage.list_names(f"{server.url}/a") == ["b"]
+
+        out = f"{server.url}/stage"
+        writer = ShardWriter(out, 3, {})
+        writer.add("k", {"txt": b"hello"})
+        writer._raw.flush()
+        assert open_shard(out, 3) is None and not (tmp_path / "www/stage").exists()
+        assert [p.name for p in staging_dir(out).iterdir()] == [writer.tmp_tar.name]
+        remove_temporaries(out, 3)  # what the next run does first
+        assert list(staging_dir(out).iterdir()) == []
+        writer = ShardWriter(out, 3, {})
+        writer.add("k", {"txt": b"hello"})
+        shard = writer.commit(stage="test", fingerprint="f", config_hash="c")
+        assert open_shard(out, 3).meta == shard.meta and shard.intact()
+        assert sorted(p.name for p in (tmp_path / "www/stage").iterdir()) == ["000003.parquet", "000003.tar"]
+        assert list(staging_dir(out).iterdir()) == []

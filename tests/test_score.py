@@ -112,17 +112,19 @@ def test_score_writes_a_row_per_image_and_a_rerun_redoes_nothing(clip, stage, tm
     before = {s.index_path.name: s.index_path.read_bytes() for s in committed_shards(out)}
     assert curate_main(args) == 0
     assert {s.index_path.name: s.index_path.read_bytes() for s in committed_shards(out)} == before
-    # The image and caption stages at URLs score the same.
+    # The image and caption stages at URLs score the same, into a folder or to a URL (uploaded).
     from file_server import serve
 
     with serve("/") as server:
-        remote = tmp_path / "remote"
-        at = [*args]
-        at[1], at[at.index("--captions") + 1] = f"{server.url}{stage['images']}", f"{server.url}{captions}"
-        at[at.index("--out") + 1] = str(remote)
-        assert curate_main(at) == 0
-    scored = pl.concat([pl.read_parquet(s.index_path) for s in committed_shards(remote)])
-    assert scored.equals(rows)
+        for remote in (tmp_path / "remote", f"{server.url}{tmp_path}/uploaded"):
+            at = [*args]
+            at[1], at[at.index("--captions") + 1] = f"{server.url}{stage['images']}", f"{server.url}{captions}"
+            at[at.index("--out") + 1] = str(remote)
+            assert curate_main(at) == 0
+    for remote in (tmp_path / "remote", tmp_path / "uploaded"):
+        scored = pl.concat([pl.read_parquet(s.index_path) for s in committed_shards(remote)])
+        assert scored.equals(rows)
+    assert json.loads((tmp_path / "uploaded" / "_stage.json").read_text())["summary"] == stage_file["summary"]
 
 
 def test_a_killed_score_run_resumes_to_the_same_result(clip, stage, tmp_path: Path):

@@ -247,6 +247,10 @@ def format_latent_stats(stats: dict[str, Any], manifest: str) -> list[str]:
                          f"{unit['scaling_factor']}; for unit-scale inputs without encoding again: curate manifest "
                          f"{manifest} --latent-shift {unit['shift_factor']} --latent-scaling {unit['scaling_factor']} "
                          "--name NAME")
+        elif spec["normalization"]:
+            lines.append(f"            the {spec['normalization']} normalisation's statistics are the VAE's own (its running "
+                         "mean and variance): these images are far from what they were measured on, or the VAE's "
+                         "were never trained")
     return lines
 
 

@@ -279,3 +279,13 @@ def test_curate_stats_measures_the_latents_as_the_denoiser_is_fed_them(latents, 
     assert back == data["latent"] and "vae_scaling_factor" not in back
     assert curate_main(["stats", str(latents["latents"]), "--latents", "4"]) == 2
     assert "--latents measures a manifest's latents" in capsys.readouterr().err
+
+    # FLUX.2's batch-norm statistics are its VAE's: no shift and scaling of a manifest's own is offered.
+    normalised = json.loads(latents["long"].read_text())
+    channels = normalised["latent"]["channels"] * 4
+    normalised["latent"]["normalization"] = {"mean": [0.0] * channels, "var": [0.01] * channels}
+    scaled.write_text(json.dumps(normalised))
+    assert curate_main(["stats", str(scaled), "--latents", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "batchnorm normalisation)" in out and "--latent-scaling" not in out
+    assert "the batchnorm normalisation's statistics are the VAE's own" in out

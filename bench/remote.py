@@ -24,7 +24,8 @@ as ``curate encode-latents`` stores them (32 x 32 x 32, mean and std in bf16: 13
    a shared folder does): the runner (``curate.runner.run_stage``) with a stage that only writes
    part 1's latent samples, 8 shards, so that its rate is the ceiling that writing puts on any
    stage: samples/s and MB/s into a local folder and uploaded to the server (each shard staged
-   locally, then its tar and index PUT while the next shard is made).
+   locally, then its tar and index PUT while the next shards are made), with 4 shards uploaded at
+   once (the default, ``curate.runner.UPLOADS``) against one at a time.
 
 Configurations run interleaved, ``--repeats`` times; tables give the median and every run.
 
@@ -52,6 +53,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 from file_server import serve  # noqa: E402
 from latent_data import add_image_stage, make_latent_dataset  # noqa: E402
 
+from curate import runner  # noqa: E402
 from curate.buckets import ShardImageLoader  # noqa: E402
 from curate.images import ImageStream, fit_pixels  # noqa: E402
 from curate.manifest import load_manifest  # noqa: E402
@@ -63,6 +65,7 @@ BATCH = 32
 SHARDS = 8
 IMAGES_PER_SHARD = 256
 STREAM_CHUNKS = (8, 1)
+UPLOADS = (4, 1)
 
 
 def walk_rate(tars: list[str]) -> float:
@@ -132,8 +135,9 @@ class CopyStage(Stage):
         progress(task.num_inputs)
 
 
-def write_rate(stage: CopyStage, out: str) -> float:
+def write_rate(stage: CopyStage, out: str, uploads: int) -> float:
     """Samples per second of the whole stage, from its plan to its _stage.json."""
+    runner.UPLOADS = uploads
     start = time.perf_counter()
     result = run_stage(stage, out, progress=False)
     assert result.complete
@@ -165,7 +169,7 @@ def main() -> None:
         loads: dict[str, list[float]] = {side: [] for side in sides}
         decodes: dict[str, list[float]] = {side: [] for side in sides}
         streams: dict[int, dict[str, list[float]]] = {chunk: {side: [] for side in sides} for chunk in STREAM_CHUNKS}
-        writes: dict[str, list[float]] = {side: [] for side in sides}
+        writes: dict[int, dict[str, list[float]]] = {n: {side: [] for side in sides} for n in UPLOADS}
         copy = CopyStage([[(key, {"latent.safetensors": members["latent.safetensors"]})
                            for key, members in iter_tar_samples(t)] for t in tars])
         stage = make_latent_dataset(root / "stage", shards=4, per_shard=IMAGES_PER_SHARD, channels=16, sizes=[(32, 32)],
@@ -199,17 +203,29 @@ def main() -> None:
                     decodes[side].append(decode_rate(urls[side][2], args.workers))
                     for chunk in STREAM_CHUNKS:
                         streams[chunk][side].append(stream_rate(urls[side][2], stream_counts, args.workers, chunk))
-                    writes[side].append(write_rate(copy, f"{bases[side]}/written"))
-                    shutil.rmtree(root / "written")
+                    for n in UPLOADS:
+                        writes[n][side].append(write_rate(copy, f"{bases[side]}/written", n))
+                        shutil.rmtree(root / "written")
                     print(f"  {side}: walk {walks[side][-1]:.0f}, loader {loads[side][-1]:.0f} samples/s, "
                           f"images {decodes[side][-1]:.0f}/s, stream "
                           f"{', '.join(f'{streams[c][side][-1]:.0f}' for c in STREAM_CHUNKS)}/s, "
-                          f"written {writes[side][-1]:.0f} samples/s",
+                          f"written {', '.join(f'{writes[n][side][-1]:.0f}' for n in UPLOADS)} samples/s",
                           file=sys.stderr, flush=True)
         finally:
             for process in servers.values():
                 process.kill()
                 process.wait()
+
+    def paired(where: str, what: str, configs: tuple[int, int], rates: dict[int, dict[str, list[float]]]) -> None:
+        first, second = configs
+        print(f"| {where} | {what.format(first)} (median) | each run | {what.format(second)} | each run | "
+              f"{first} against {second} |")
+        print("| --- | ---: | --- | ---: | --- | ---: |")
+        for side in sides:
+            a, b = rates[first][side], rates[second][side]
+            print(f"| {side} | {statistics.median(a):.0f} | {', '.join(f'{v:.0f}' for v in a)} | "
+                  f"{statistics.median(b):.0f} | {', '.join(f'{v:.0f}' for v in b)} | "
+                  f"{statistics.median(a) / statistics.median(b):.2f} |")
 
     def table(rates: dict[str, list[float]]) -> None:
         med = {side: statistics.median(v) for side, v in rates.items()}
@@ -234,21 +250,14 @@ def main() -> None:
 
     print(f"\n4. recaption's and score's image reader, {args.workers} workers, the same image shards fitted to "
           "802,816 pixels:\n")
-    first, second = STREAM_CHUNKS
-    print(f"| read from | chunks of {first}: images/s (median) | each run | chunks of {second} | each run | "
-          f"{first} against {second} |")
-    print("| --- | ---: | --- | ---: | --- | ---: |")
-    for side in sides:
-        a, b = streams[first][side], streams[second][side]
-        print(f"| {side} | {statistics.median(a):.0f} | {', '.join(f'{v:.0f}' for v in a)} | "
-              f"{statistics.median(b):.0f} | {', '.join(f'{v:.0f}' for v in b)} | "
-              f"{statistics.median(a) / statistics.median(b):.2f} |")
+    paired("read from", "chunks of {}: images/s", STREAM_CHUNKS, streams)
 
     sample_mb = tar_bytes / SHARDS / per_shard / 1e6
     print(f"\n5. A stage's output written by the runner, {SHARDS} shards of {per_shard} latent samples "
           f"({tar_bytes / SHARDS / 1e6:.0f} MB a shard), into a folder or uploaded:\n")
-    table(writes)
-    print("\nMB/s (median): " + ", ".join(f"{side} {statistics.median(v) * sample_mb:.0f}" for side, v in writes.items()))
+    paired("written to", "{} uploads at once: samples/s", UPLOADS, writes)
+    print("\nMB/s (medians, 4 uploads at once): " + ", ".join(
+        f"{side} {statistics.median(v) * sample_mb:.0f}" for side, v in writes[UPLOADS[0]].items()))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import platform
 import posixpath
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ from curate.shards import (
 log = logging.getLogger("curate")
 
 STAGE_FILE = "_stage.json"
+UPLOADS = 4  # shards uploaded at once by a worker writing to a URL
 
 
 class CurateError(Exception):
@@ -382,9 +384,12 @@ def run_stage(
     result = StageResult()
     mine = share.take(tasks)
     todo = []
+    remote = storage.is_remote(out_dir)
     for task, done in zip(mine, _done(out_dir, mine, config_hash, fingerprints), strict=True):
         if done:
             result.skipped.append(task.shard_id)
+            if remote:  # staged copies that a kill left after the upload, if any
+                remove_temporaries(out_dir, task.shard_id)
         else:
             todo.append(task)
     log.info(
@@ -406,8 +411,13 @@ def run_stage(
         )
         # One shard is finished and committed in the background while the next is processed; an
         # error in either stops the run (the executor's exit waits for the one in the background).
-        with bar, ThreadPoolExecutor(1, thread_name_prefix=f"{stage.name}-commit") as committer:
-            committing: Future | None = None
+        # At a URL the commit stages the shard and hands its upload to a pool of its own, UPLOADS
+        # at once: uploads wait on the store's latency, request by request, and need not wait for
+        # each other or hold up the next shard's commit.
+        with (bar, ThreadPoolExecutor(1, thread_name_prefix=f"{stage.name}-commit") as committer,
+              ThreadPoolExecutor(UPLOADS if remote else 1, thread_name_prefix=f"{stage.name}-upload") as uploader):
+            committing: Future[Future[int]] | None = None
+            uploading: deque[Future[int]] = deque()
             for task in todo:
                 remove_temporaries(out_dir, task.shard_id)
                 writer = ShardWriter(out_dir, task.shard_id, stage.index_schema, with_tar=stage.with_tar)
@@ -416,13 +426,18 @@ def run_stage(
                     stage.process(task, writer, bar.update)
                     seconds = time.perf_counter() - started
                     if committing is not None:
-                        result.processed.append(committing.result())
+                        uploading.append(committing.result())
+                    while len(uploading) > UPLOADS:
+                        result.processed.append(uploading.popleft().result())
                 except BaseException:
                     writer.abort()
                     raise
-                committing = committer.submit(_commit, stage, task, writer, config_hash, seconds)
+                committing = committer.submit(_commit, stage, task, writer, config_hash, seconds,
+                                              uploader if remote else None)
             if committing is not None:
-                result.processed.append(committing.result())
+                uploading.append(committing.result())
+            while uploading:
+                result.processed.append(uploading.popleft().result())
 
         # Finish the stage if every worker's shards are in (this one may be the last to end).
         if all(_done(out_dir, tasks, config_hash, fingerprints)):
@@ -435,16 +450,31 @@ def run_stage(
     return result
 
 
-def _commit(stage: Stage, task: ShardTask, writer: ShardWriter, config_hash: str, seconds: float) -> int:
+def _commit(stage: Stage, task: ShardTask, writer: ShardWriter, config_hash: str, seconds: float,
+            uploader: ThreadPoolExecutor | None) -> Future[int]:
+    """Commit a shard; at a URL, stage it and return its upload's future (its id when it is up)."""
     try:
         # The shard's own time (its processing, plus its deferred work that commit adds), not the
         # time it waited behind the next shard's processing.
         writer.commit(stage=stage.name, fingerprint=task.fingerprint, config_hash=config_hash,
-                      seconds=seconds)
+                      seconds=seconds, upload=uploader is None)
     except BaseException:
         writer.abort()
         raise
-    return task.shard_id
+    if uploader is None:
+        done: Future[int] = Future()
+        done.set_result(task.shard_id)
+        return done
+
+    def upload() -> int:
+        try:
+            writer.upload()
+        except BaseException:
+            writer.abort()
+            raise
+        return task.shard_id
+
+    return uploader.submit(upload)
 
 
 def _finish(

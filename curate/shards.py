@@ -324,9 +324,11 @@ class ShardWriter:
         config_hash: str,
         depends_on: Mapping[str, str] | None = None,
         seconds: float | None = None,
+        upload: bool = True,
     ) -> Shard:
         """Run the deferred work, then flush, fsync and rename: tar first, index last (the index
-        is the commit marker); for a URL, upload them in that order. ``seconds``: the shard's time
+        is the commit marker); for a URL, upload them in that order (with ``upload=False``, only
+        stage them: :meth:`upload` then finishes the commit). ``seconds``: the shard's time
         before this call (the deferred work's is added); by default the time since the writer was
         made."""
         started = time.perf_counter()
@@ -354,7 +356,8 @@ class ShardWriter:
         table = table.replace_schema_metadata({META_KEY: json.dumps(asdict(meta)).encode()})
         pq.write_table(table, self.tmp_index)
         if self.remote:
-            self._upload()
+            if upload:
+                self.upload()
             return Shard(self.shard_id, self.final_index, self.final_tar, meta)
         if self.tmp_tar is not None:
             _fsync_replace(self.tmp_tar, self.final_tar)
@@ -362,7 +365,8 @@ class ShardWriter:
         fsync_dir(self.out_dir)
         return Shard(self.shard_id, self.final_index, self.final_tar, meta)
 
-    def _upload(self) -> None:
+    def upload(self) -> None:
+        """Upload a staged shard: tar, then index (the commit)."""
         from curate import storage
 
         # An index left from an earlier run goes first: until the new one is up, the shard is

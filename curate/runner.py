@@ -9,8 +9,9 @@
 
 Scaling out is "launch more workers" (torchrun, Slurm arrays); workers never talk to each
 other, and need no shared folder: a stage whose output may be a URL (``writes_urls``) is written
-to an object store shard by shard, each worker staging its shard locally and uploading it. Whichever worker finds every shard committed runs the final pass; it is
-deterministic and idempotent, so two workers doing it at once write the same bytes.
+to an object store shard by shard, each worker staging its shards locally and uploading them.
+Whichever worker finds every shard committed runs the final pass; it is deterministic and
+idempotent, so two workers doing it at once write the same bytes.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import posixpath
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -338,16 +339,26 @@ def _write_json_atomic(path: Path | str, obj: Any) -> None:
 
 
 def _done(out_dir: Path | str, tasks: list[ShardTask], config_hash: str,
-          fingerprints: dict[str, str]) -> list[bool]:
-    """Whether each task's shard is committed and current: at a URL, many asked at once (a shard
-    costs two or three requests) and the folder's listing asked afresh (other workers' shards)."""
+          fingerprints: dict[str, str]) -> Iterator[bool]:
+    """Whether each task's shard is committed and current, lazily and in order: at a URL, many
+    asked at once (a shard costs two or three requests) and the folder's listing asked afresh
+    (other workers' shards)."""
     from curate import storage
 
     remote = storage.is_remote(out_dir)
     if remote:
         storage.forget_listings(str(out_dir))
-    return list(storage.parallel_map(
-        lambda t: _is_done(open_shard(out_dir, t.shard_id), t, config_hash, fingerprints), tasks, remote))
+    return storage.parallel_map(
+        lambda t: _is_done(open_shard(out_dir, t.shard_id), t, config_hash, fingerprints), tasks, remote)
+
+
+def _all_done(out_dir: Path | str, tasks: list[ShardTask], config_hash: str, fingerprints: dict[str, str]) -> bool:
+    """Whether every shard is in; the first one missing ends the asking."""
+    checks = _done(out_dir, tasks, config_hash, fingerprints)
+    try:
+        return all(checks)
+    finally:
+        checks.close()
 
 
 def stage_config(stage: Stage) -> dict[str, Any]:
@@ -440,7 +451,7 @@ def run_stage(
                 result.processed.append(uploading.popleft().result())
 
         # Finish the stage if every worker's shards are in (this one may be the last to end).
-        if all(_done(out_dir, tasks, config_hash, fingerprints)):
+        if _all_done(out_dir, tasks, config_hash, fingerprints):
             extra = stage.finalize(out_dir, tasks)
             result.summary = _finish(stage, out_dir, tasks, config, config_hash, extra)
             result.complete = True

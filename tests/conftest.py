@@ -157,3 +157,36 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def s3_bucket(monkeypatch) -> str:
+    """An empty bucket of a real S3 API server on 127.0.0.1 (moto's), reached through s3fs as a
+    user's `s3://` URLs are: returns ``s3://BUCKET``. The endpoint and fake credentials are in the
+    environment, for the test's subprocesses too."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+    from s3fs import S3FileSystem
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for name, value in {"AWS_ACCESS_KEY_ID": "kiln", "AWS_SECRET_ACCESS_KEY": "kiln", "AWS_DEFAULT_REGION": "us-east-1",
+                        "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+        monkeypatch.setenv(name, value)
+    boto3.client("s3").create_bucket(Bucket="kiln-test")
+    S3FileSystem.clear_instance_cache()  # fsspec keeps one per arguments, not per endpoint
+    try:
+        yield "s3://kiln-test"
+    finally:
+        S3FileSystem.clear_instance_cache()
+        server.stop()
+
+
+def download(url: str, to: Path) -> Path:
+    """A folder at a URL copied here (to look at what a stage wrote there)."""
+    from fsspec.core import url_to_fs
+
+    fs, inner = url_to_fs(url)
+    fs.get(inner.rstrip("/") + "/", str(to), recursive=True)
+    return to

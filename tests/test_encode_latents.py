@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
-from conftest import encode, kill_at, noise_image, run_cli, snapshot
+from conftest import download, encode, kill_at, noise_image, run_cli, snapshot
 from safetensors.torch import load as load_safetensors
 from test_recaption import ScriptedCaptioner, numbering
 
@@ -19,7 +19,7 @@ from curate.ingest import IngestStage
 from curate.manifest import ManifestError, load_manifest, shard_urls
 from curate.prompts import load_prompts
 from curate.recaption import CaptionSettings, RecaptionStage
-from curate.runner import CurateError, run_stage
+from curate.runner import CurateError, run_stage, stage_record
 from curate.shards import committed_shards, iter_tar_samples, read_index
 from curate.sources import open_source
 from curate.vae import (
@@ -420,11 +420,15 @@ def test_stats_show_the_manifests(data, vaes, tmp_path: Path):
     assert "no_caption" in stats and "long.json" in stats
 
 
-def test_latents_written_to_a_url_by_two_workers_are_a_local_runs(data, vaes, tmp_path: Path,
-                                                                   monkeypatch):
-    """`curate encode-latents ... --out http://.../latents` with two workers that share no folder:
+@pytest.mark.parametrize("store", ["http", "s3"])
+def test_latents_written_to_a_url_by_two_workers_are_a_local_runs(data, vaes, tmp_path: Path, monkeypatch,
+                                                                   request, store: str):
+    """`curate encode-latents ... --out s3://bucket/latents` with two workers that share no folder:
     each uploads its own shards (tar, then index), the second to end finishes the stage there, and
-    what is stored is the local run's; the manifests name the shards by their URLs, and check."""
+    what is stored is the local run's; the manifests name the shards by their URLs, and check. Both
+    an HTTP server that takes PUT and a real S3 API (moto's server, through s3fs) on 127.0.0.1."""
+    import contextlib
+
     from file_server import serve
 
     from curate.runner import WorkerShare
@@ -433,19 +437,22 @@ def test_latents_written_to_a_url_by_two_workers_are_a_local_runs(data, vaes, tm
     local = tmp_path / "local"
     run_stage(encode_stage(data, vaes["flux2"], local, tmp_path / "m1"), local, progress=False)
     www = tmp_path / "www"
-    with serve(www) as server:
-        out = f"{server.url}/latents"
+    with serve(www) if store == "http" else contextlib.nullcontext() as server:
+        out = f"{server.url}/latents" if store == "http" else f"{request.getfixturevalue('s3_bucket')}/latents"
         first = run_stage(encode_stage(data, vaes["flux2"], out, tmp_path / "m2"), out,
                           share=WorkerShare(0, 2), progress=False)
-        assert first.processed == [0, 2] and not first.complete and not (www / "latents" / "_stage.json").exists()
+        assert first.processed == [0, 2] and not first.complete and stage_record(out) is None
         second = run_stage(encode_stage(data, vaes["flux2"], out, tmp_path / "m2"), out,
                            share=WorkerShare(1, 2), progress=False)
         assert second.processed == [1] and second.complete
-        assert server.puts == 3 * 2 + 1  # a tar and an index per shard, then _stage.json
+        if server:
+            assert server.puts == 3 * 2 + 1  # a tar and an index per shard, then _stage.json
         manifest = load_manifest(tmp_path / "m2" / "long.json", check_checksums=True)
         assert [e.path for e in manifest.shards] == [f"{out}/{n:06d}.tar" for n in range(3)]
         again = run_stage(encode_stage(data, vaes["flux2"], out, tmp_path / "m2"), out, progress=False)
-        assert again.processed == [] and again.complete and server.puts == 3 * 2 + 2
+        assert again.processed == [] and again.complete
+        if store == "s3":
+            download(out, www / "latents")
     assert snapshot(www / "latents") == snapshot(local)
     assert json.loads((www / "latents" / "_stage.json").read_text())["totals"] == \
         json.loads((local / "_stage.json").read_text())["totals"]

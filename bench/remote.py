@@ -121,7 +121,6 @@ class CopyStage(Stage):
     """Writes the given samples again, shard by shard: a stage whose only work is its output."""
 
     name = "copy"
-    writes_urls = True
 
     def __init__(self, shards: list[list[tuple[str, dict[str, bytes]]]]):
         self.shards = shards

@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "folder or pattern ('shards/{00000..00009}.tar') | parquet files holding the images "
                                "(file, folder or pattern) | the last two also at URLs (s3://, gs://, https://, "
                                "hf://datasets/...) | hf:NAME[:SPLIT] | datasets save_to_disk folder")
-    p.add_argument("--out", required=True, help="output stage folder, e.g. DATA/images (a local folder: upload it after)")
+    p.add_argument("--out", required=True, help="output stage folder, e.g. DATA/images, or a URL (s3://...: uploaded shard by shard)")
     p.add_argument("--shard-size", type=int, default=1000, help="input samples per output shard")
     p.add_argument("--min-side", type=int, default=64, help="reject images whose short side is smaller")
     p.add_argument("--max-pixels", type=int, default=89_478_485,

@@ -67,7 +67,6 @@ def _serialize(mean, std) -> bytes:
 
 class EncodeLatentsStage(Stage):
     name = "encode-latents"
-    writes_urls = True  # --out s3://...: each shard uploaded as it is committed
     version = 1
     packages = ("kiln", "torch", "diffusers", "safetensors", "pillow", "polars")
     index_schema = {

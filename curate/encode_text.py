@@ -110,7 +110,6 @@ def _serialize(rows: dict[str, torch.Tensor]) -> bytes:
 
 class EncodeTextStage(Stage):
     name = "encode-text"
-    writes_urls = True  # --out s3://...: each shard uploaded as it is committed
     version = 1
     unit = "sample"
     packages = ("kiln", "torch", "transformers", "diffusers", "ftfy", "safetensors")

@@ -24,9 +24,18 @@ from typing import Any
 
 import polars as pl
 
+from curate import storage
 from curate.images import ImageCheck, allow_pixels, read_and_check, read_and_check_batch
 from curate.runner import ShardTask, Stage, stage_config
-from curate.shards import OK, ShardWriter, committed_shards, read_index, reject_samples, stable_hash
+from curate.shards import (
+    OK,
+    ShardWriter,
+    committed_shards,
+    read_index,
+    reject_samples,
+    stable_hash,
+    staging_dir,
+)
 from curate.sources import FolderSource, Record, Source
 
 log = logging.getLogger("curate")
@@ -66,7 +75,9 @@ def ingested_in_path_order(stage: IngestStage) -> bool:
     source in path order (before the spread order existed): a rerun then continues in that order
     instead of redoing every shard, and every stage after it."""
     source = stage.source
-    if not isinstance(source, FolderSource) or source.order == "path" or not stage.out_dir.is_dir():
+    if not isinstance(source, FolderSource) or source.order == "path":
+        return False
+    if isinstance(stage.out_dir, Path) and not stage.out_dir.is_dir():
         return False
     ordered = source.order
     source.order = "path"
@@ -94,7 +105,7 @@ class IngestStage(Stage):
         if near_duplicates is not None:
             self.index_schema = {**INDEX_SCHEMA, "phash": pl.Int64}
         self.source = source
-        self.out_dir = Path(out_dir)
+        self.out_dir = storage.as_location(out_dir)
         self.shard_size, self.min_side, self.max_pixels = shard_size, min_side, max_pixels
         self.workers = workers
         self.pool = None
@@ -112,8 +123,12 @@ class IngestStage(Stage):
     def plan(self) -> list[ShardTask]:
         return self.source.plan(self.shard_size)
 
+    def scratch(self) -> Path:
+        """A local folder for the source's downloads: the stage's own, or its staging folder."""
+        return staging_dir(self.out_dir) if storage.is_remote(self.out_dir) else Path(self.out_dir)
+
     def prepare(self, todo: list[ShardTask]) -> None:
-        self.source.prepare(todo, self.out_dir, self.workers)
+        self.source.prepare(todo, self.scratch(), self.workers)
 
     def __enter__(self) -> IngestStage:
         allow_pixels(self.max_pixels)
@@ -192,14 +207,14 @@ class IngestStage(Stage):
                            row=row, flags=check.flags)
         self.source.done(task)
 
-    def finalize(self, out_dir: Path, tasks: list[ShardTask]) -> dict[str, Any]:
+    def finalize(self, out_dir: Path | str, tasks: list[ShardTask]) -> dict[str, Any]:
         self._drop_cross_shard_duplicates(out_dir)
         if self.near_duplicates is not None:
             self._drop_near_duplicates(out_dir, self.near_duplicates)
-        self.source.cleanup(out_dir)
+        self.source.cleanup(self.scratch())
         return summarize_images(out_dir)
 
-    def _drop_cross_shard_duplicates(self, out_dir: Path) -> None:
+    def _drop_cross_shard_duplicates(self, out_dir: Path | str) -> None:
         """Keep the first accepted copy of each key in shard order; reject the later ones."""
 
         def first_copies(rows: dict[str, list[Any]]) -> dict[int, tuple[int, str]]:
@@ -214,7 +229,7 @@ class IngestStage(Stage):
 
         _reject_in_shard_order(out_dir, "duplicate", [], first_copies)
 
-    def _drop_near_duplicates(self, out_dir: Path, bits: int) -> None:
+    def _drop_near_duplicates(self, out_dir: Path | str, bits: int) -> None:
         """Reject, in shard order, every image whose hash is within ``bits`` of a kept one's.
 
         Greedy in a fixed order, so the result depends on neither the number of workers nor a
@@ -230,7 +245,7 @@ class IngestStage(Stage):
         _reject_in_shard_order(out_dir, "near_duplicate", ["phash"], near_copies)
 
 
-def _reject_in_shard_order(out_dir: Path, reason: str, columns: list[str],
+def _reject_in_shard_order(out_dir: Path | str, reason: str, columns: list[str],
                            earlier: Callable[[dict[str, list[Any]]], dict[int, tuple[int, str]]]) -> None:
     """Reject the accepted samples that an earlier accepted sample makes redundant, as ``reason``.
 
@@ -330,9 +345,12 @@ def summarize_images(stage_dir: str | os.PathLike) -> dict[str, Any]:
     paths = [str(s.index_path) for s in committed_shards(stage_dir)]
     if not paths:
         return {}
-    ok = pl.scan_parquet(paths).filter(pl.col("status") == OK).select(
-        "format", "mode", "width", "height", "bytes"
-    ).collect()
+    columns = ["status", "format", "mode", "width", "height", "bytes"]
+    if storage.is_remote(stage_dir):  # fetched many at a time
+        rows = pl.concat(list(storage.parallel_map(lambda p: read_index(p, columns=columns), paths, True)))
+    else:
+        rows = pl.scan_parquet(paths).select(columns).collect()
+    ok = rows.filter(pl.col("status") == OK).drop("status")
     if ok.height == 0:
         return {"images": 0}
 

@@ -54,7 +54,6 @@ class CaptionSettings:
 
 class RecaptionStage(Stage):
     name = "recaption"
-    writes_urls = True  # --out s3://...: each shard uploaded as it is committed
     version = 1
     with_tar = False
     packages = ("kiln", "torch", "transformers", "vllm", "httpx2", "pillow", "polars")

@@ -8,8 +8,8 @@
     when every shard is committed: the stage's final pass, then _stage.json
 
 Scaling out is "launch more workers" (torchrun, Slurm arrays); workers never talk to each
-other, and need no shared folder: a stage whose output may be a URL (``writes_urls``) is written
-to an object store shard by shard, each worker staging its shards locally and uploading them.
+other, and need no shared folder: a stage's output may be a URL (an object store), written
+shard by shard, each worker staging its shards locally and uploading them.
 Whichever worker finds every shard committed runs the final pass; it is deterministic and
 idempotent, so two workers doing it at once write the same bytes.
 """
@@ -159,7 +159,6 @@ class Stage:
     with_tar: bool = True
     unit: str = "img"
     packages: tuple[str, ...] = ("kiln",)  # versions recorded in _stage.json
-    writes_urls: bool = False  # whether --out may be a URL (object store) rather than a local folder
 
     def config(self) -> dict[str, Any]:
         """Settings that change the output; their hash decides whether committed shards are reused."""
@@ -183,7 +182,8 @@ class Stage:
 
     def finalize(self, out_dir: Path | str, tasks: list[ShardTask]) -> dict[str, Any]:
         """Final pass once every shard is committed; returns a summary for _stage.json.
-        ``out_dir`` is a URL (a string) when the stage writes to one."""
+        ``out_dir`` is a URL (a string) when the stage writes to one: what it rewrites there goes
+        through :class:`ShardWriter` (staged, then uploaded) as the shards did."""
         return {}
 
     def __enter__(self) -> Stage:
@@ -374,12 +374,9 @@ def run_stage(
     progress: bool = True,
 ) -> StageResult:
     """Run this worker's share of a stage; finish the stage if every shard is then committed.
-    ``out_dir`` is a local folder, or a URL for a stage that ``writes_urls``."""
+    ``out_dir`` is a local folder or a URL (``s3://bucket/DATA/latents``: curate/storage.py)."""
     from curate import storage
 
-    if storage.is_remote(out_dir) and not stage.writes_urls:
-        raise CurateError(f"{out_dir}: {stage.name} writes to a local folder only (its final pass rewrites shards "
-                          "in place); write it locally, then upload the folder")
     out_dir = storage.as_location(out_dir)
     share = share or WorkerShare(0, 1)
     tasks = stage.plan()

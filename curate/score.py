@@ -272,7 +272,6 @@ def _load_frozen(cls: Any, model_id: str, revision: str | None, device: torch.de
 
 class ScoreStage(Stage):
     name = "score"
-    writes_urls = True  # --out s3://...: each shard uploaded as it is committed
     version = 2  # 2: the good variants of a rejected caption row are scored too (1 scored ok rows only)
     with_tar = False
     packages = ("kiln", "torch", "transformers", "pillow", "polars")

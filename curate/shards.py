@@ -18,6 +18,7 @@ commit marker.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
@@ -609,15 +610,20 @@ def reject_samples(
     old shard, the new one, or an index whose tar size does not match (which the runner
     treats as uncommitted and redoes).
     """
-    out_dir = shard.index_path.parent
+    from curate import storage
+
+    remote = storage.is_remote(shard.index_path)  # at a URL: read as a stream, the new one uploaded
+    out_dir = storage.parent(shard.index_path) if remote else Path(shard.index_path).parent
     old = read_index(shard.index_path)
     stage_schema = {k: v for k, v in old.schema.items() if k not in BASE_SCHEMA}
     writer = ShardWriter(out_dir, shard.shard_id, stage_schema, with_tar=shard.tar_path is not None)
     try:
         if shard.tar_path is not None:
-            for key, members in iter_tar_samples(shard.tar_path):
-                if key not in rejections:
-                    writer.write_members(key, members)
+            with contextlib.ExitStack() as stack:
+                tar = stack.enter_context(storage.open_stream(shard.tar_path)) if remote else shard.tar_path
+                for key, members in iter_tar_samples(tar, what=str(shard.tar_path)):
+                    if key not in rejections:
+                        writer.write_members(key, members)
         for row in old.iter_rows(named=True):
             if row["status"] == OK and row["key"] in rejections:
                 row.update(status=REJECTED, reason=reason, detail=rejections[row["key"]])

@@ -481,8 +481,3 @@ def test_killed_and_rerun_into_a_url_equals_a_clean_run(data, vaes, tmp_path: Pa
     assert snapshot(www / "killed") == snapshot(clean)
     assert not list((www / "killed").glob(".*"))  # no upload was left half done
 
-
-def test_stages_that_rewrite_their_shards_refuse_a_url(tmp_path: Path):
-    source = open_source(str(tmp_path))
-    with pytest.raises(CurateError, match="ingest writes to a local folder only"):
-        run_stage(IngestStage(source, "s3://bucket/images"), "s3://bucket/images", progress=False)

@@ -152,6 +152,37 @@ def test_two_ranks_split_shards_and_equal_one_worker(tmp_path: Path):
     assert snapshot(one) == snapshot(two)
 
 
+@pytest.mark.parametrize("store", ["http", "s3"])
+def test_two_workers_ingesting_into_a_url_equal_one_worker_here(tmp_path: Path, monkeypatch, request, store: str):
+    """`curate ingest photos/ --out s3://bucket/images` by two workers that share no folder: their
+    shards uploaded, then the last one's final pass rewrites, where they lie, the shards that hold
+    later copies of another shard's images; the stage is the one a single local worker writes."""
+    import contextlib
+
+    from conftest import download
+    from file_server import serve
+
+    monkeypatch.setenv("KILN_STAGING", str(tmp_path / "staging"))
+    src = tmp_path / "src"
+    _make_dup_heavy_folder(src)
+    here = tmp_path / "here"
+    ingest(src, here, shard_size=8, near_duplicates=4)
+    www = tmp_path / "www"
+    with serve(www) if store == "http" else contextlib.nullcontext() as server:
+        out = f"{server.url if server else request.getfixturevalue('s3_bucket')}/images"
+        first = ingest(src, out, shard_size=8, near_duplicates=4, share=WorkerShare(0, 2))
+        second = ingest(src, out, shard_size=8, near_duplicates=4, share=WorkerShare(1, 2))
+        assert not first.complete and second.complete
+        assert second.summary["totals"] == json.loads((here / STAGE_FILE).read_text())["totals"]
+        assert second.summary["summary"] == json.loads((here / STAGE_FILE).read_text())["summary"]
+        assert ingest(src, out, shard_size=8, near_duplicates=4).processed == []  # rewritten shards count
+        if store == "s3":
+            download(out, www / "images")
+    assert any(s.meta.depends_on for s in committed_shards(here))
+    assert snapshot(www / "images") == snapshot(here)
+    assert not [p for p in (tmp_path / "staging").rglob("*") if p.is_file()]
+
+
 def test_number_of_decoding_workers_does_not_change_output(tmp_path: Path, mixed_folder: Path):
     a, b = tmp_path / "a", tmp_path / "b"
     ingest(mixed_folder, a, shard_size=5, workers=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import threading
@@ -39,7 +40,12 @@ def image_server(tmp_path: Path):
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "csv"])
-def test_url_list_ingest_through_img2dataset(image_server, tmp_path: Path, fmt: str):
+def test_url_list_ingest_through_img2dataset(image_server, tmp_path: Path, fmt: str, monkeypatch):
+    """The csv list's stage is written to a URL (uploaded shard by shard, img2dataset's downloads in
+    the local staging folder), the parquet list's to a folder."""
+    from file_server import serve
+
+    monkeypatch.setenv("KILN_STAGING", str(tmp_path / "staging"))
     base, files = image_server
     urls = [f"{base}/{p.name}" for p in files] + [f"{base}/missing.jpg", f"{base}/broken.jpg"]
     urls.insert(3, f"{base}/{files[0].name}")  # the same image under a second URL
@@ -47,27 +53,32 @@ def test_url_list_ingest_through_img2dataset(image_server, tmp_path: Path, fmt: 
     url_list = tmp_path / f"urls.{fmt}"
     {"parquet": table.write_parquet, "csv": table.write_csv, "jsonl": table.write_ndjson}[fmt](url_list)
 
-    out = tmp_path / "images"
-    source = open_source(str(url_list), download_timeout=5, download_retries=0)
-    assert (source.url_column, source.caption_column) == ("URL", "TEXT")
-    result = run_stage(IngestStage(source, out, shard_size=4, workers=1), out, progress=False)
+    with contextlib.ExitStack() as stack:
+        if fmt == "csv":
+            out, here = f"{stack.enter_context(serve(tmp_path / 'www')).url}/images", tmp_path / "www" / "images"
+        else:
+            out = here = tmp_path / "images"
+        source = open_source(str(url_list), download_timeout=5, download_retries=0)
+        assert (source.url_column, source.caption_column) == ("URL", "TEXT")
+        result = run_stage(IngestStage(source, out, shard_size=4, workers=1), out, progress=False)
+        # A rerun downloads nothing again.
+        again = run_stage(IngestStage(open_source(str(url_list)), out, shard_size=4), out, progress=False)
+        assert again.processed == []
     totals = result.summary["totals"]
     assert totals["seen"] == 10
     assert totals["ok"] == 7
     assert totals["reasons"]["download_failed"] == 1
     assert totals["reasons"]["duplicate"] == 1
     assert sum(totals["reasons"].values()) == 3  # broken.jpg: truncated or corrupt
-    assert not (out / "_downloads").exists()
+    assert not (here / "_downloads").exists()
+    assert not [p for p in (tmp_path / "staging").rglob("*") if p.is_file()]
 
-    index = pl.concat([read_index(s.index_path) for s in committed_shards(out)])
+    index = pl.concat([read_index(s.index_path) for s in committed_shards(here)])
     assert index["source"].to_list() == urls  # the list's order, whatever order downloads finished in
     assert index.filter(pl.col("source") == f"{base}/missing.jpg")["detail"][0]
-    got = samples(out)
+    got = samples(here)
     assert sorted(m["jpg"] for m in got.values()) == sorted(p.read_bytes() for p in files)
     assert index["caption"].to_list() == [f"alt text {i}" for i in range(len(urls))]
-    # A rerun downloads nothing again.
-    again = run_stage(IngestStage(open_source(str(url_list)), out, shard_size=4), out, progress=False)
-    assert again.processed == []
 
 
 def test_url_list_without_url_column_is_a_clear_error(tmp_path: Path):

@@ -118,7 +118,12 @@ class EncodeLatentsStage(Stage):
         self.store, self.dtype, self.batch_size, self.compile = store, dtype, batch_size, compile
         self.vae_dtype = vae_dtype
         self.decode_workers, self.allow_missing_captions = decode_workers, allow_missing_captions
-        self.manifest_dir, self.manifest_name, self.device = Path(manifest_dir), name, device
+        # The manifests may go to a URL too (any worker may be the one that writes them), if the
+        # shards they name are there.
+        self.manifest_dir, self.manifest_name, self.device = storage.as_location(manifest_dir), name, device
+        if storage.is_remote(self.manifest_dir) and not storage.is_remote(self.out_dir):
+            raise CurateError(f"--manifest-dir {manifest_dir} is a URL: its manifests can name shards at URLs only; "
+                              "give --out a URL too, or a local --manifest-dir")
         self.variants = self._caption_variants()
         # Rules that leave images out before they are decoded (--where ...): a second stage at 512 px
         # encodes the images that have 512 px, not every image to subset the manifest after.
@@ -342,7 +347,7 @@ class EncodeLatentsStage(Stage):
             cell = loaded.downsample * (loaded.normalization.patch_size if loaded.normalization else 1)
             raise CurateError(f"{e}; pass a --resolution and a --bucket-multiple divisible by {cell}") from e
 
-    def write_manifests(self, out_dir: Path | str) -> list[Path]:
+    def write_manifests(self, out_dir: Path | str) -> list[Path | str]:
         from curate.vae import load_vae
 
         loaded = self.loaded or load_vae(self.vae_name, revision=self.revision, vae_class=self.vae_class,
@@ -356,7 +361,6 @@ class EncodeLatentsStage(Stage):
                                   "revision": loaded.revision, "vae_dtype": self.vae_dtype,
                                   **({"select": self.select.record()} if self.select else {})}}
         written = []
-        self.manifest_dir.mkdir(parents=True, exist_ok=True)
         for selection_name, weights in self.caption_selections().items():
             entries = [ShardEntry(path=shard_path_for(s.tar_path, self.manifest_dir),
                                   samples=s.meta.counts["ok"], sha256=s.meta.tar_sha256)
@@ -366,7 +370,7 @@ class EncodeLatentsStage(Stage):
             manifest = Manifest(name=f"{prefix}{selection_name}", shards=entries,
                                 samples=sum(e.samples for e in entries), latent=spec, captions=weights,
                                 provenance=provenance)
-            written.append(write_manifest(manifest, self.manifest_dir / f"{prefix}{selection_name}.json"))
+            written.append(write_manifest(manifest, storage.join(self.manifest_dir, f"{prefix}{selection_name}.json")))
         log.info("encode-latents: wrote %s", ", ".join(str(p) for p in written))
         return written
 

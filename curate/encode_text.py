@@ -125,14 +125,14 @@ class EncodeTextStage(Stage):
         if batch_size < 1 or (workers is not None and workers < 0):
             raise CurateError("--batch-size must be positive and --workers at least 0")
         # The latent stage and its manifests may be URLs (read where they lie), and so may the text
-        # shards (uploaded shard by shard); the manifests that list them are written locally.
+        # shards (uploaded shard by shard) and the manifests that list them.
         self.latents_dir, self.out_dir = storage.as_location(latents_dir), storage.as_location(out_dir)
         self.encoder_name, self.revision = text_encoder, revision
         self.max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
         if self.max_tokens < 1:
             raise CurateError(f"--max-tokens must be positive, got {self.max_tokens}")
         self.dtype, self.batch_size, self.workers, self.device = dtype, batch_size, workers, device
-        self.manifest_dir = Path(manifest_dir) if manifest_dir is not None else None
+        self.manifest_dir = storage.as_location(manifest_dir) if manifest_dir is not None else None
         self.manifest_name = name or posixpath.basename(storage.resolved(self.out_dir))
         self.latent_stage = stage_record(self.latents_dir)
         if self.latent_stage is None:
@@ -158,8 +158,8 @@ class EncodeTextStage(Stage):
             paths = [storage.as_location(p) for p in given]
         else:
             written = self.latent_stage.get("summary", {}).get("manifests", [])
-            paths = [Path(p) for p in written]
-            absent = [str(p) for p in paths if not p.exists()]
+            paths = [storage.as_location(p) for p in written]
+            absent = [str(p) for p in paths if not storage.is_file(p)]
             if not paths or absent:
                 raise CurateError(f"{self.latents_dir}: cannot find the manifests encode-latents wrote "
                                   f"({', '.join(absent) or 'none recorded'}, relative to the folder it ran "
@@ -167,9 +167,10 @@ class EncodeTextStage(Stage):
         for p in paths:
             if not storage.is_file(p):
                 raise CurateError(f"{p}: no such manifest")
-            if storage.is_remote(p) and self.manifest_dir is None:
-                raise CurateError(f"{p} is a URL, and the manifests are written locally: name the folder "
-                                  "with --manifest-dir")
+            target = self.target_dir(p)
+            if storage.is_remote(target) and not (storage.is_remote(self.out_dir) and storage.is_remote(self.latents_dir)):
+                raise CurateError(f"{p}: its manifest would be written at {target}, where it can name shards at URLs "
+                                  "only: give --out a URL (with the latents at theirs), or a local --manifest-dir")
             try:
                 parts = json.loads(storage.read_bytes(p)).get("parts")
             except (OSError, ValueError):
@@ -306,7 +307,7 @@ class EncodeTextStage(Stage):
 
     # -- manifests ---------------------------------------------------------------------------------------
 
-    def text_spec(self, out_dir: Path | str, manifest_dir: Path, latent: Manifest, latent_path: Path | str) -> TextSpec:
+    def text_spec(self, out_dir: Path | str, manifest_dir: Path | str, latent: Manifest, latent_path: Path | str) -> TextSpec:
         """The text section of the manifest that extends ``latent`` (read from ``latent_path``, a
         file or a URL): its shards' text shards."""
         encoder_id, revision, dim = self._identity()
@@ -342,14 +343,20 @@ class EncodeTextStage(Stage):
                                             revision=self.revision)
         return self.encoder.id, self.encoder.revision, self.encoder.dim
 
-    def write_manifests(self, out_dir: Path | str) -> list[Path]:
+    def target_dir(self, manifest: Path | str) -> Path | str:
+        """Where the manifest extending ``manifest`` goes: --manifest-dir, else beside it (a folder or a URL)."""
+        if self.manifest_dir is not None:
+            return self.manifest_dir
+        return storage.parent(manifest) if storage.is_remote(manifest) else Path(manifest).parent
+
+    def write_manifests(self, out_dir: Path | str) -> list[Path | str]:
         written = []
         for path in self.input_manifests:
             try:
                 latent = load_manifest(path)
             except ManifestError as e:
                 raise CurateError(str(e)) from e
-            target_dir = self.manifest_dir or path.parent
+            target_dir = self.target_dir(path)
             text = self.text_spec(out_dir, target_dir, latent, path)
             shards = rebase_entries(latent.shards, storage.parent(path), target_dir)
             name = f"{latent.name}-{self.manifest_name}"
@@ -358,7 +365,8 @@ class EncodeTextStage(Stage):
                                                         "stage_config": self.config()}}
             manifest = latent.model_copy(update={"name": name, "shards": shards, "text": text,
                                                  "provenance": provenance})
-            written.append(write_manifest(Manifest.model_validate(manifest.model_dump()), target_dir / f"{name}.json"))
+            written.append(write_manifest(Manifest.model_validate(manifest.model_dump()),
+                                          storage.join(target_dir, f"{name}.json")))
         log.info("encode-text: wrote %s", ", ".join(str(p) for p in written))
         return written
 

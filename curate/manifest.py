@@ -18,6 +18,7 @@ import base64
 import json
 import math
 import os
+import posixpath
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -469,20 +470,31 @@ def verify_shards(
 
 def rebase_shard_path(path: str, old: str | os.PathLike, new: str | os.PathLike) -> str:
     """A shard path of a manifest in folder ``old``, for a manifest in folder ``new``: relative
-    paths are rebased (onto a URL when ``old`` is one: the shard's own URL); absolute paths and
-    URLs (``pipe:`` included) stay as they are."""
+    paths are rebased (:func:`shard_path_for`); absolute paths and URLs (``pipe:`` included) stay
+    as they are."""
     if os.path.isabs(path) or "://" in path or path.startswith("pipe:"):
         return path
-    if storage.is_remote(old):
-        return storage.join(old, path)
-    return os.path.relpath((Path(old) / path).resolve(), Path(new).resolve())
+    return shard_path_for(storage.join(old, path) if storage.is_remote(old) else Path(old) / path, new)
+
+
+def _bucket(url: str) -> str:
+    """``scheme://host``: the part two URLs share for one to name the other by a relative path."""
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://{rest.split('/', 1)[0]}"
 
 
 def shard_path_for(tar: str | os.PathLike, manifest_dir: str | os.PathLike) -> str:
-    """How a manifest in ``manifest_dir`` names a shard's tar: a URL as it is, a local file relative
-    to the manifest's folder (so that the folders move together)."""
+    """How a manifest in ``manifest_dir`` names a shard's tar: relative to the manifest's folder
+    (so that the folders move together), locally and within one bucket or host; a URL elsewhere as
+    it is. A local shard cannot be named from a manifest at a URL (ValueError)."""
     if storage.is_remote(tar):
-        return os.fspath(tar)
+        tar = os.fspath(tar)
+        if storage.is_remote(manifest_dir) and _bucket(tar) == _bucket(os.fspath(manifest_dir)):
+            inside = len(_bucket(tar))
+            return posixpath.relpath(tar[inside:], os.fspath(manifest_dir).rstrip("/")[inside:] or "/")
+        return tar
+    if storage.is_remote(manifest_dir):
+        raise ValueError(f"{tar} is a local file, which a manifest at {manifest_dir} cannot name")
     return os.path.relpath(Path(tar).resolve(), Path(manifest_dir).resolve())
 
 
@@ -491,8 +503,11 @@ def rebase_entries(entries: list[ShardEntry], old: str | os.PathLike, new: str |
     return [e.model_copy(update={"path": rebase_shard_path(e.path, old, new)}) for e in entries]
 
 
-def write_manifest(manifest: Manifest, path: str | os.PathLike) -> Path:
-    """Write atomically (temporary name, then rename)."""
+def write_manifest(manifest: Manifest, path: str | os.PathLike) -> Path | str:
+    """Write atomically (temporary name, then rename; at a URL, one PUT)."""
+    if storage.is_remote(path):
+        storage.write_bytes(os.fspath(path), (manifest.model_dump_json(indent=2) + "\n").encode())
+        return os.fspath(path)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -29,6 +29,7 @@ from curate.vae import (
     load_vae_for_spec,
     to_model_input,
 )
+from train.data import check_data
 
 
 @pytest.fixture(scope="module")
@@ -449,8 +450,16 @@ def test_latents_written_to_a_url_by_two_workers_are_a_local_runs(data, vaes, tm
             assert server.puts == 3 * 2 + 1  # a tar and an index per shard, then _stage.json
         manifest = load_manifest(tmp_path / "m2" / "long.json", check_checksums=True)
         assert [e.path for e in manifest.shards] == [f"{out}/{n:06d}.tar" for n in range(3)]
-        again = run_stage(encode_stage(data, vaes["flux2"], out, tmp_path / "m2"), out, progress=False)
+        # Rerun with the manifests to the store as well (any worker may be the one that writes them):
+        # they name the shards relative to themselves, as in a folder, and train from there.
+        at = out.rsplit("/", 1)[0] + "/manifests"
+        again = run_stage(encode_stage(data, vaes["flux2"], out, at), out, progress=False)
         assert again.processed == [] and again.complete
+        there = load_manifest(f"{at}/long.json", check_checksums=True)
+        assert [e.path for e in there.shards] == [f"../latents/{n:06d}.tar" for n in range(3)]
+        assert check_data(there, f"{at}/long.json").samples == manifest.samples
+        with pytest.raises(CurateError, match="give --out a URL too"):
+            encode_stage(data, vaes["flux2"], tmp_path / "here", at)
         if store == "s3":
             download(out, www / "latents")
     assert snapshot(www / "latents") == snapshot(local)

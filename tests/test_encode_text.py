@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -282,7 +283,7 @@ def test_latents_and_manifests_at_urls_encode_as_their_files_reading_each_tar_on
         def url(path: Path) -> str:
             return f"{server.url}/{path.relative_to(root).as_posix()}"
 
-        with pytest.raises(CurateError, match="is a URL, and the manifests are written locally"):
+        with pytest.raises(CurateError, match="where it can name shards at URLs only"):
             EncodeTextStage(url(dataset["latents"]), tmp_path / "x", str(encoders["left"]),
                             manifests=[url(dataset["long"])])
         remote = tmp_path / "remote" / "t5"
@@ -307,6 +308,15 @@ def test_latents_and_manifests_at_urls_encode_as_their_files_reading_each_tar_on
         manifest = load_manifest(tmp_path / "m3" / "long-t5.json", check_checksums=True)
         assert [s.path for s in manifest.text.shards] == [f"{server.url}/text/t5/{n:06d}.tar"
                                                           for n in range(len(manifest.shards))]
+        # Without --manifest-dir the manifest goes beside the one it extends, at its URL, naming the
+        # shards relative to it as a folder's manifest does; it trains from there.
+        encode_text({"latents": url(dataset["latents"])}, encoders["left"], f"{server.url}/text/t5",
+                    manifests=[url(dataset["long"])], workers=1, manifest_dir=None)
+        beside = f"{url(dataset['long']).rsplit('/', 1)[0]}/long-t5.json"
+        there = load_manifest(beside, check_checksums=True)
+        assert there.text.shards[0].path == os.path.relpath(root / "text/t5/000000.tar", dataset["long"].parent)
+        assert there.shards[0].path == json.loads(dataset["long"].read_text())["shards"][0]["path"]
+        assert check_data(there, beside).samples == check_data(manifest, tmp_path / "m3" / "long-t5.json").samples
     assert snapshot(root / "text" / "t5") == snapshot(local)
     for tar in dataset["latents"].glob("*.tar"):
         assert sent[f"/{tar.relative_to(root).as_posix()}"] == tar.stat().st_size

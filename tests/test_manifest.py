@@ -289,3 +289,18 @@ def test_curate_stats_measures_the_latents_as_the_denoiser_is_fed_them(latents, 
     out = capsys.readouterr().out
     assert "batchnorm normalisation)" in out and "--latent-scaling" not in out
     assert "the batchnorm normalisation's statistics are the VAE's own" in out
+
+
+def test_a_manifest_names_its_shards_relative_to_itself_within_a_bucket():
+    from curate.manifest import rebase_shard_path, shard_path_for
+
+    assert shard_path_for("s3://b/latents/000000.tar", "s3://b/manifests") == "../latents/000000.tar"
+    assert shard_path_for("s3://b/latents/000000.tar", "s3://b/") == "latents/000000.tar"
+    assert shard_path_for("s3://b/latents/000000.tar", "s3://other/manifests") == "s3://b/latents/000000.tar"
+    assert shard_path_for("s3://b/latents/000000.tar", "manifests") == "s3://b/latents/000000.tar"
+    assert shard_path_for("/data/latents/000000.tar", "/data/manifests") == "../latents/000000.tar"
+    with pytest.raises(ValueError, match="a local file, which a manifest at s3://b/m cannot name"):
+        shard_path_for("/data/latents/000000.tar", "s3://b/m")
+    assert rebase_shard_path("../latents/000000.tar", "s3://b/manifests", "s3://b/m/sub") == \
+        "../../latents/000000.tar"
+    assert rebase_shard_path("../latents/000000.tar", "s3://b/manifests", "/here") == "s3://b/latents/000000.tar"

@@ -75,12 +75,7 @@ class _Handler(SimpleHTTPRequestHandler):
 
     def _respond(self, body: bool, fail: bool) -> None:
         server = self.server
-        if server.latency:
-            time.sleep(server.latency)
-        if fail:
-            self.send_response(503, "Slow Down")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+        if self._failed_after_latency(fail):
             return
         path = Path(self.translate_path(self.path))
         if path.is_dir():  # an index page of links, as nginx's autoindex (what fsspec lists a folder by)
@@ -94,9 +89,7 @@ class _Handler(SimpleHTTPRequestHandler):
                 self.wfile.write(page)
             return
         if not path.is_file():
-            self.send_response(404)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+            self._reply(404)
             return
         data_size = path.stat().st_size
         start, end = 0, data_size
@@ -147,19 +140,23 @@ class _Handler(SimpleHTTPRequestHandler):
             raise ConnectionError(f"{self.path}: {len(data)} of {length} bytes uploaded")
         return data
 
-    def _reply(self, code: int) -> None:
-        self.send_response(code)
+    def _failed_after_latency(self, fail: bool) -> bool:
+        """Wait the server's latency, then give the 503 it was told to give, if any: whether it did."""
+        if self.server.latency:
+            time.sleep(self.server.latency)
+        if fail:
+            self._reply(503, "Slow Down")
+        return fail
+
+    def _reply(self, code: int, reason: str | None = None) -> None:
+        """An answer without a body."""
+        self.send_response(code, reason)
         self.send_header("Content-Length", "0")
         self.end_headers()
 
     def _store(self, body: bool, fail: bool) -> None:
         data = self._body()  # read whatever the answer: the connection is kept alive
-        if self.server.latency:
-            time.sleep(self.server.latency)
-        if fail:
-            self.send_response(503, "Slow Down")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+        if self._failed_after_latency(fail):
             return
         path = Path(self.translate_path(self.path))
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,8 +169,7 @@ class _Handler(SimpleHTTPRequestHandler):
         self._reply(201)
 
     def _delete(self, body: bool, fail: bool) -> None:
-        if fail:
-            self._reply(503)
+        if self._failed_after_latency(fail):
             return
         path = Path(self.translate_path(self.path))
         if not path.is_file():

@@ -475,11 +475,7 @@ def _commit(stage: Stage, task: ShardTask, writer: ShardWriter, config_hash: str
         return done
 
     def upload() -> int:
-        try:
-            writer.upload()
-        except BaseException:
-            writer.abort()
-            raise
+        writer.upload()
         return task.shard_id
 
     return uploader.submit(upload)

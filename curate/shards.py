@@ -367,16 +367,19 @@ class ShardWriter:
         return Shard(self.shard_id, self.final_index, self.final_tar, meta)
 
     def upload(self) -> None:
-        """Upload a staged shard: tar, then index (the commit)."""
+        """Upload a staged shard: tar, then index (the commit). The staged copies are removed
+        whether it succeeds or fails (a failed shard stays uncommitted, to be redone)."""
         from curate import storage
 
-        # An index left from an earlier run goes first: until the new one is up, the shard is
-        # uncommitted rather than an old index describing a new tar.
-        storage.remove(self.final_index)
-        if self.tmp_tar is not None:
-            storage.write_file(self.tmp_tar, self.final_tar)
-        storage.write_file(self.tmp_index, self.final_index)
-        self.abort()  # the staged copies
+        try:
+            # An index left from an earlier run goes first: until the new one is up, the shard is
+            # uncommitted rather than an old index describing a new tar.
+            storage.remove(self.final_index)
+            if self.tmp_tar is not None:
+                storage.write_file(self.tmp_tar, self.final_tar)
+            storage.write_file(self.tmp_index, self.final_index)
+        finally:
+            self.abort()
 
     def abort(self) -> None:
         """Drop everything written so far (the shard stays uncommitted)."""

@@ -356,3 +356,11 @@ def test_uploads_are_whole_retried_and_a_killed_writer_leaves_nothing_at_the_url
         assert open_shard(out, 3).meta == shard.meta and shard.intact()
         assert sorted(p.name for p in (tmp_path / "www/stage").iterdir()) == ["000003.parquet", "000003.tar"]
         assert list(staging_dir(out).iterdir()) == []
+        # A store that keeps refusing: the error names the URL, and the shard is left uncommitted.
+        writer = ShardWriter(out, 4, {})
+        writer.add("k", {"txt": b"hello"})
+        server.fail_next = 100
+        with pytest.raises(storage.RemoteError, match=f"{out}/000004.parquet: deleting it failed 5 times"):
+            writer.commit(stage="test", fingerprint="f", config_hash="c")
+        server.fail_next = 0
+        assert open_shard(out, 4) is None and list(staging_dir(out).iterdir()) == []

@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep images without an accepted caption (their original caption is still stored)")
     _add_selection_args(p, "images encoded, the others recorded as filtered_out (the images curate recaption left "
                            f"out are left out too): {_IMAGE_RULES}", "--fraction-seed")
-    p.add_argument("--manifest-dir", default="manifests", help="where long.json, short.json and mix.json go")
+    p.add_argument("--manifest-dir", default="manifests",
+                   help="where long.json, short.json and mix.json go: a folder, or a URL when --out is one")
     p.add_argument("--name", default=None, help="prefix of the manifest names (NAME-long.json)")
     p.add_argument("--device", default=None, help="None: cuda:LOCAL_RANK if available, else cpu")
     _add_worker_args(p)
@@ -234,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the manifests to extend, files or URLs (default: those encode-latents wrote for "
                         "these latents)")
     p.add_argument("--manifest-dir", default=None,
-                   help="where the new manifests go (default: beside each input; required for a manifest at a URL)")
+                   help="where the new manifests go, a folder or a URL (default: beside each input; a local one "
+                        "for a manifest at a URL when --out is local)")
     p.add_argument("--name", default=None,
                    help="suffix of the new manifests' names, NAME in long-NAME.json (default: the --out folder's name)")
     p.add_argument("--device", default=None, help="None: cuda:LOCAL_RANK if available, else cpu")
@@ -462,6 +464,9 @@ def cmd_manifest(args: argparse.Namespace) -> int:
                               "--fraction for a subset of the samples, --hold-out to split off held-out shards, "
                               "--latent-scaling/--latent-shift for another input scale, or several manifests "
                               "to merge")
+        if args.out and storage.is_remote(args.out):
+            raise CurateError(f"--out {args.out}: this manifest is written to a local file (its shards may stay at "
+                              "their URLs); upload it after")
         if not args.out and storage.is_remote(sources[0][1]):
             raise CurateError(f"{sources[0][1]} is a URL: give --out, where the new manifest is written (a local "
                               "file; its shards stay at their URLs)")
@@ -622,13 +627,14 @@ def main(argv: list[str] | None = None) -> int:
         if not 0 <= near <= MAX_NEAR_DUPLICATE_BITS:
             parser.error(f"--near-duplicates must be 0 to {MAX_NEAR_DUPLICATE_BITS} bits, got {near}")
     from curate.runner import CurateError
+    from curate.storage import RemoteError
 
     try:
         commands = {"ingest": cmd_ingest, "recaption": cmd_recaption, "encode-latents": cmd_encode_latents,
                     "encode-text": cmd_encode_text, "score": cmd_score, "manifest": cmd_manifest,
                     "dedup": cmd_dedup, "stats": cmd_stats}
         return commands[args.command](args)
-    except CurateError as e:
+    except (CurateError, RemoteError) as e:  # RemoteError: a store that failed after the retries
         print(f"curate: error: {e}", file=sys.stderr)
         return 2
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import os
 import posixpath
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -133,7 +134,7 @@ class EncodeTextStage(Stage):
             raise CurateError(f"--max-tokens must be positive, got {self.max_tokens}")
         self.dtype, self.batch_size, self.workers, self.device = dtype, batch_size, workers, device
         self.manifest_dir = storage.as_location(manifest_dir) if manifest_dir is not None else None
-        self.manifest_name = name or posixpath.basename(storage.resolved(self.out_dir))
+        self.manifest_name = name or posixpath.basename(os.fspath(self.out_dir).rstrip("/"))
         self.latent_stage = stage_record(self.latents_dir)
         if self.latent_stage is None:
             raise CurateError(f"{self.latents_dir}: not a complete encode-latents stage (no {STAGE_FILE}); "

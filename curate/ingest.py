@@ -347,10 +347,10 @@ def summarize_images(stage_dir: str | os.PathLike) -> dict[str, Any]:
         return {}
     columns = ["status", "format", "mode", "width", "height", "bytes"]
     if storage.is_remote(stage_dir):  # fetched many at a time
-        rows = pl.concat(list(storage.parallel_map(lambda p: read_index(p, columns=columns), paths, True)))
+        rows = pl.concat(list(storage.parallel_map(lambda p: read_index(p, columns=columns), paths, True))).lazy()
     else:
-        rows = pl.scan_parquet(paths).select(columns).collect()
-    ok = rows.filter(pl.col("status") == OK).drop("status")
+        rows = pl.scan_parquet(paths)
+    ok = rows.filter(pl.col("status") == OK).select(columns[1:]).collect()
     if ok.height == 0:
         return {"images": 0}
 

@@ -406,6 +406,8 @@ def run_stage(
     )
 
     with stage:
+        if todo and remote:
+            _check_writable(out_dir)
         if todo:
             stage.prepare(todo)
         bar = tqdm(
@@ -422,8 +424,9 @@ def run_stage(
         # At a URL the commit stages the shard and hands its upload to a pool of its own, UPLOADS
         # at once: uploads wait on the store's latency, request by request, and need not wait for
         # each other or hold up the next shard's commit.
-        with (bar, ThreadPoolExecutor(1, thread_name_prefix=f"{stage.name}-commit") as committer,
-              ThreadPoolExecutor(UPLOADS if remote else 1, thread_name_prefix=f"{stage.name}-upload") as uploader):
+        # The uploader is shut down last: the committer's shard in flight hands it its upload.
+        with (bar, ThreadPoolExecutor(UPLOADS if remote else 1, thread_name_prefix=f"{stage.name}-upload") as uploader,
+              ThreadPoolExecutor(1, thread_name_prefix=f"{stage.name}-commit") as committer):
             committing: Future[Future[int]] | None = None
             uploading: deque[Future[int]] = deque()
             for task in todo:
@@ -435,7 +438,8 @@ def run_stage(
                     seconds = time.perf_counter() - started
                     if committing is not None:
                         uploading.append(committing.result())
-                    while len(uploading) > UPLOADS:
+                    # Uploads that ended are taken as they end (a failed one stops the run now).
+                    while uploading and (len(uploading) > UPLOADS or uploading[0].done()):
                         result.processed.append(uploading.popleft().result())
                 except BaseException:
                     writer.abort()
@@ -456,6 +460,22 @@ def run_stage(
             log.info("%s: other workers' shards are still missing; the last worker to end finishes the stage",
                      stage.name)
     return result
+
+
+def _check_writable(out_dir: str) -> None:
+    """Write and delete a small object at a URL before any work: a store this worker may not write
+    to (read-only credentials, a server that refuses uploads) is named now, not after its first
+    shards were made."""
+    import socket
+
+    from curate import storage
+
+    probe = storage.join(out_dir, f".kiln-probe-{socket.gethostname()}-{os.getpid()}")
+    try:
+        storage.write_bytes(probe, b"kiln")
+        storage.remove(probe)
+    except OSError as e:
+        raise CurateError(f"{out_dir}: cannot write there: {e}") from None
 
 
 def _commit(stage: Stage, task: ShardTask, writer: ShardWriter, config_hash: str, seconds: float,

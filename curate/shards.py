@@ -23,8 +23,10 @@ import glob
 import hashlib
 import io
 import json
+import logging
 import os
 import re
+import socket
 import tarfile
 import time
 from collections import Counter
@@ -38,6 +40,8 @@ import pyarrow.parquet as pq
 
 # Keys are part of the contract; images.py computes them so decoding workers import nothing heavy.
 from curate.images import sample_key  # noqa: F401
+
+log = logging.getLogger("curate")
 
 OK = "ok"
 REJECTED = "rejected"
@@ -134,6 +138,33 @@ class _HashingFile(io.RawIOBase):
 
     def tell(self) -> int:
         return self.size
+
+
+class _HashingReader(io.RawIOBase):
+    """Read-through wrapper that hashes and counts the bytes read, to check a tar read at a URL
+    against its index (an object replaced while it is read in ranges gives bytes of both)."""
+
+    def __init__(self, raw: BinaryIO):
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.raw.read(len(buffer))
+        buffer[: len(data)] = data
+        self.sha.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def drain(self) -> tuple[int, str]:
+        """Read to the end; (bytes, sha256) of the whole file."""
+        while block := self.raw.read(1 << 20):
+            self.sha.update(block)
+            self.size += len(block)
+        return self.size, self.sha.hexdigest()
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -262,7 +293,8 @@ class ShardWriter:
         self._deferred: list[Callable[[], None]] = []
         self.started = time.perf_counter()
         name = shard_name(shard_id)
-        suffix = f".tmp-{os.getpid()}"
+        # The host too: two machines' finalizers may rewrite one shard in a folder they share.
+        suffix = f".tmp-{socket.gethostname()}-{os.getpid()}"
         final = storage.join if self.remote else (lambda folder, file: Path(folder) / file)
         self.final_tar = final(self.out_dir, f"{name}.tar") if with_tar else None
         self.final_index = final(self.out_dir, f"{name}.parquet")
@@ -326,6 +358,7 @@ class ShardWriter:
         depends_on: Mapping[str, str] | None = None,
         seconds: float | None = None,
         upload: bool = True,
+        replacing: bool = False,
     ) -> Shard:
         """Run the deferred work, then flush, fsync and rename: tar first, index last (the index
         is the commit marker); for a URL, upload them in that order (with ``upload=False``, only
@@ -358,7 +391,7 @@ class ShardWriter:
         pq.write_table(table, self.tmp_index)
         if self.remote:
             if upload:
-                self.upload()
+                self.upload(replacing=replacing)
             return Shard(self.shard_id, self.final_index, self.final_tar, meta)
         if self.tmp_tar is not None:
             _fsync_replace(self.tmp_tar, self.final_tar)
@@ -366,15 +399,20 @@ class ShardWriter:
         fsync_dir(self.out_dir)
         return Shard(self.shard_id, self.final_index, self.final_tar, meta)
 
-    def upload(self) -> None:
+    def upload(self, *, replacing: bool = False) -> None:
         """Upload a staged shard: tar, then index (the commit). The staged copies are removed
-        whether it succeeds or fails (a failed shard stays uncommitted, to be redone)."""
+        whether it succeeds or fails (a failed shard stays uncommitted, to be redone).
+        ``replacing``: the rewrite of a committed shard (the final pass), whose index stays
+        readable throughout, as a rename keeps it locally: workers that run the final pass at
+        once read it and rewrite it alike, and the old index over the new tar (another size)
+        is not intact, so a kill in between redoes the shard."""
         from curate import storage
 
         try:
-            # An index left from an earlier run goes first: until the new one is up, the shard is
-            # uncommitted rather than an old index describing a new tar.
-            storage.remove(self.final_index)
+            # Otherwise an index left from an earlier run goes first: until the new one is up, the
+            # shard is uncommitted rather than an old index describing a new tar.
+            if not replacing:
+                storage.remove(self.final_index)
             if self.tmp_tar is not None:
                 storage.write_file(self.tmp_tar, self.final_tar)
             storage.write_file(self.tmp_index, self.final_index)
@@ -617,16 +655,31 @@ def reject_samples(
 
     remote = storage.is_remote(shard.index_path)  # at a URL: read as a stream, the new one uploaded
     out_dir = storage.parent(shard.index_path) if remote else Path(shard.index_path).parent
+    if remote and (current := open_shard(out_dir, shard.shard_id)) != shard:
+        log.info("%s: rewritten by another worker's final pass already", shard.index_path)
+        return current
     old = read_index(shard.index_path)
     stage_schema = {k: v for k, v in old.schema.items() if k not in BASE_SCHEMA}
     writer = ShardWriter(out_dir, shard.shard_id, stage_schema, with_tar=shard.tar_path is not None)
     try:
         if shard.tar_path is not None:
             with contextlib.ExitStack() as stack:
-                tar = stack.enter_context(storage.open_stream(shard.tar_path)) if remote else shard.tar_path
-                for key, members in iter_tar_samples(tar, what=str(shard.tar_path)):
-                    if key not in rejections:
-                        writer.write_members(key, members)
+                tar = _HashingReader(stack.enter_context(storage.open_stream(shard.tar_path))) if remote \
+                    else shard.tar_path
+                try:
+                    for key, members in iter_tar_samples(tar, what=str(shard.tar_path)):
+                        if key not in rejections:
+                            writer.write_members(key, members)
+                    changed = remote and tar.drain() != (shard.meta.tar_bytes, shard.meta.tar_sha256)
+                except Exception:
+                    # A tar replaced mid-read may not even parse: changed if it or its index is.
+                    if not remote or (open_shard(out_dir, shard.shard_id) == shard and shard.intact()):
+                        raise
+                    changed = True
+                if changed:  # replaced while it was read: by another worker's same rewrite
+                    log.info("%s: rewritten by another worker's final pass while it was read", shard.tar_path)
+                    writer.abort()
+                    return open_shard(out_dir, shard.shard_id)
         for row in old.iter_rows(named=True):
             if row["status"] == OK and row["key"] in rejections:
                 row.update(status=REJECTED, reason=reason, detail=rejections[row["key"]])
@@ -638,6 +691,7 @@ def reject_samples(
             config_hash=meta.config_hash,
             depends_on={**meta.depends_on, **(depends_on or {})},
             seconds=meta.seconds,
+            replacing=True,
         )
     except BaseException:
         writer.abort()

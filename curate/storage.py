@@ -115,7 +115,7 @@ def _filesystem(url: str) -> tuple[Any, str]:
 
         return url_to_fs(url)
     except ImportError as e:  # the protocol's package: s3fs, gcsfs, adlfs...
-        raise RemoteError(f"{url}: reading this protocol needs a package that is not installed: {e}") from None
+        raise RemoteError(f"{url}: this protocol needs a package that is not installed: {e}") from None
     except ValueError as e:  # an unknown protocol
         raise RemoteError(f"{url}: {e}") from None
 
@@ -142,6 +142,8 @@ def _retried(url: str, what: str, call: Callable[[], T]) -> T:
         except (PermissionError, RemoteError):
             raise
         except Exception as e:  # noqa: BLE001 - network errors come as each backend's own types
+            if getattr(e, "status", None) in (401, 403):  # refused, not failed: asking again changes nothing
+                raise RemoteError(f"{url}: {what} was refused: {type(e).__name__}: {e}") from e
             if attempt == RETRIES:
                 raise RemoteError(f"{url}: {what} failed {RETRIES + 1} times; last: "
                                   f"{type(e).__name__}: {e}") from e
@@ -207,10 +209,13 @@ def write_file(local: str | os.PathLike, url: str) -> None:
     or the new one, never part of it), then check the size the store reports. An HTTP server is
     sent a PUT, as WebDAV and object stores' HTTP endpoints take it."""
     fs, inner = _filesystem(url)
-    extra = {"method": "put"} if _is_http(url) else {}
+    sent = os.path.getsize(local)
+    # Over HTTP with its length: fsspec would stream it chunked, which some servers refuse.
+    headers = {**getattr(fs, "kwargs", {}).get("headers", {}), "Content-Length": str(sent)}
+    extra = {"method": "put", "headers": headers} if _is_http(url) else {}
     _retried(url, "uploading it", lambda: fs.put_file(os.fspath(local), inner, **extra))
     fs.invalidate_cache(inner)
-    sent, stored = os.path.getsize(local), size(url)
+    stored = size(url)
     if sent != stored:
         raise RemoteError(f"{url}: uploaded {sent} bytes, the store holds {stored}")
 
@@ -226,19 +231,22 @@ def remove(url: str) -> None:
     """Delete ``url``; a missing one is no error."""
     fs, inner = _filesystem(url)
 
-    def delete() -> None:
-        if not _is_http(url):  # fsspec's HTTP has no delete: a plain DELETE, as WebDAV takes it
-            fs.rm_file(inner)
-            return
-        import urllib.error
-        import urllib.request
+    async def http_delete() -> None:
+        # fsspec's HTTP has no delete: a plain DELETE, as WebDAV takes it, through the filesystem's
+        # own session and options (its headers and credentials).
+        session = await fs.set_session()
+        async with session.delete(fs.encode_url(inner), **fs.kwargs) as answer:
+            if answer.status in (404, 410):
+                raise FileNotFoundError(url)
+            answer.raise_for_status()
 
-        try:
-            urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=60).close()
-        except urllib.error.HTTPError as e:
-            if e.code not in (404, 410):
-                raise
-            raise FileNotFoundError(url) from None
+    def delete() -> None:
+        if _is_http(url):
+            from fsspec.asyn import sync
+
+            sync(fs.loop, http_delete)
+        else:
+            fs.rm_file(inner)
 
     try:
         _retried(url, "deleting it", delete)

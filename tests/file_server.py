@@ -6,7 +6,7 @@ next ``fail_next`` requests with 503 (a store's "slow down"), or ignore ``Range`
 that cannot serve ranges, whose whole-file answers must not be taken for ranges). It counts the
 requests, the most answered at once, and the answers and body bytes it sent by path. A folder answers with an index page of links (fsspec lists
 folders by them). It takes uploads as a WebDAV server or an object store's HTTP endpoint does: PUT
-stores the body (plain or chunked) whole, under a temporary name then renamed, so a reader never
+stores the body (plain or chunked) whole (or answers 403 when ``read_only``), under a temporary name then renamed, so a reader never
 sees part of it, creating folders as needed; DELETE removes a file.
 """
 
@@ -37,6 +37,7 @@ class FileServer(ThreadingHTTPServer):
         self.sent: Counter[str] = Counter()  # body bytes by path (/images/000000.tar)
         self.answers: Counter[str] = Counter()  # answers with a body, by path
         self.received: Counter[str] = Counter()  # bytes uploaded, by path
+        self.read_only = False  # answer uploads and deletes 403, as a store to read-only credentials
         self.puts = 0
         self.in_flight = self.peak = 0  # requests being answered; the most at once
         self.lock = threading.Lock()
@@ -158,6 +159,9 @@ class _Handler(SimpleHTTPRequestHandler):
         data = self._body()  # read whatever the answer: the connection is kept alive
         if self._failed_after_latency(fail):
             return
+        if self.server.read_only:
+            self._reply(403, "Forbidden")
+            return
         path = Path(self.translate_path(self.path))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.upload-{threading.get_ident()}")
@@ -170,6 +174,9 @@ class _Handler(SimpleHTTPRequestHandler):
 
     def _delete(self, body: bool, fail: bool) -> None:
         if self._failed_after_latency(fail):
+            return
+        if self.server.read_only:
+            self._reply(403, "Forbidden")
             return
         path = Path(self.translate_path(self.path))
         if not path.is_file():

@@ -447,7 +447,7 @@ def test_latents_written_to_a_url_by_two_workers_are_a_local_runs(data, vaes, tm
                            share=WorkerShare(1, 2), progress=False)
         assert second.processed == [1] and second.complete
         if server:
-            assert server.puts == 3 * 2 + 1  # a tar and an index per shard, then _stage.json
+            assert server.puts == 3 * 2 + 1 + 2  # a tar and an index per shard, _stage.json, each worker's probe
         manifest = load_manifest(tmp_path / "m2" / "long.json", check_checksums=True)
         assert [e.path for e in manifest.shards] == [f"{out}/{n:06d}.tar" for n in range(3)]
         # Rerun with the manifests to the store as well (any worker may be the one that writes them):

@@ -364,3 +364,69 @@ def test_uploads_are_whole_retried_and_a_killed_writer_leaves_nothing_at_the_url
             writer.commit(stage="test", fingerprint="f", config_hash="c")
         server.fail_next = 0
         assert open_shard(out, 4) is None and list(staging_dir(out).iterdir()) == []
+
+
+def test_a_store_that_refuses_uploads_is_named_before_any_work(tmp_path, monkeypatch):
+    from curate.runner import CurateError, ShardTask, Stage, run_stage
+
+    class Counting(Stage):
+        name = "counting"
+        processed = 0
+
+        def plan(self):
+            return [ShardTask(0, "f", 1)]
+
+        def process(self, task, writer, progress):
+            Counting.processed += 1
+            writer.add("k", {"txt": b"x"})
+
+    monkeypatch.setenv("KILN_STAGING", str(tmp_path / "staging"))
+    with serve(tmp_path / "www") as server:
+        server.read_only = True
+        with pytest.raises(CurateError, match=f"{server.url}/out: cannot write there: .* writing it was refused"):
+            run_stage(Counting(), f"{server.url}/out", progress=False)
+        assert Counting.processed == 0 and server.requests < 10  # not retried
+        server.read_only = False
+        assert run_stage(Counting(), f"{server.url}/out", progress=False).complete
+    assert sorted(p.name for p in (tmp_path / "www/out").iterdir()) == ["000000.parquet", "000000.tar", "_stage.json"]
+
+
+def test_final_passes_of_two_workers_at_once_rewrite_a_shard_at_a_url_alike(tmp_path, monkeypatch, caplog):
+    """Two workers may run the final pass at once: one that finds the shard it would rewrite
+    already rewritten (before it reads it, or while it reads it) leaves it as the other wrote it."""
+    from curate.shards import ShardWriter, reject_samples
+
+    monkeypatch.setenv("KILN_STAGING", str(tmp_path / "staging"))
+    with serve(tmp_path / "www") as server:
+        out = f"{server.url}/stage"
+        writer = ShardWriter(out, 0, {})
+        for key in ("a", "b", "c"):
+            writer.add(key, {"txt": key.encode() * 100})
+        stale = writer.commit(stage="test", fingerprint="f", config_hash="c")
+        first = reject_samples(stale, {"b": "same as a"}, "duplicate")
+        tar, index = (tmp_path / "www/stage/000000.tar").read_bytes(), (tmp_path / "www/stage/000000.parquet").read_bytes()
+        puts = server.puts
+        assert reject_samples(stale, {"b": "same as a"}, "duplicate") == first  # rewritten before it looked
+        assert server.puts == puts
+
+        # Rewritten while it is read: the bytes read are not the tar its index described.
+        writer = ShardWriter(out, 1, {})
+        for key in ("a", "b", "c"):
+            writer.add(key, {"txt": key.encode() * 100})
+        stale = writer.commit(stage="test", fingerprint="f", config_hash="c")
+        replaced = tmp_path / "www/stage/000001.tar"
+        opened = storage.open_stream
+
+        def open_then_replace(path):
+            stream = opened(path)
+            replaced.write_bytes(tar)  # the other worker's upload lands between two ranged reads
+            return stream
+
+        monkeypatch.setattr(storage, "CHUNK", 512)
+        monkeypatch.setattr(storage, "open_stream", open_then_replace)
+        puts = server.puts
+        with caplog.at_level("INFO", logger="curate"):
+            reject_samples(stale, {"b": "same as a"}, "duplicate")
+        assert "rewritten by another worker's final pass while it was read" in caplog.text
+        assert server.puts == puts and replaced.read_bytes() == tar  # nothing uploaded over it
+    assert index  # the first rewrite's index was there throughout

@@ -340,8 +340,8 @@ def _with(path: Path, **update) -> Manifest:
     ("checksum", "checksums", r"shard 1 .*does not match its sha256"),
     ("unknown caption", "size", r"selects 'medium', but no sample has that caption"),
     ("count", "size", r"shard 0 .*lists 8 ok samples but the manifest says 9"),
-    # URLs are read (tests/test_remote.py); one whose protocol's package is not installed is named.
-    ("s3", "size", r"shard 0 \(s3://bucket/000000.tar\): cannot read the tar .*s3fs"),
+    # URLs are read (tests/test_remote.py); one whose protocol's package is not installed (gcsfs) is named.
+    ("gs", "size", r"shard 0 \(gs://bucket/000000.tar\): cannot read the tar .*gcsfs"),
     ("pipe", "size", r"runs a shell command"),
 ])
 def test_check_data_names_the_shard_and_the_problem(dataset, case, verify, match):
@@ -363,7 +363,7 @@ def test_check_data_names_the_shard_and_the_problem(dataset, case, verify, match
         shards = [manifest.shards[0].model_copy(update={"samples": 9}), *manifest.shards[1:]]
         manifest = _with(path, shards=shards, samples=25)
     else:
-        url = {"s3": "s3://bucket/000000.tar", "pipe": "pipe:cat 000000.tar"}[case]
+        url = {"gs": "gs://bucket/000000.tar", "pipe": "pipe:cat 000000.tar"}[case]
         manifest = _with(path, shards=[ShardEntry(path=url, samples=8), *manifest.shards[1:]])
     with pytest.raises(DataError, match=match):
         check_data(manifest, path, verify=verify)

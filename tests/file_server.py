@@ -149,6 +149,14 @@ class _Handler(SimpleHTTPRequestHandler):
             self._reply(503, "Slow Down")
         return fail
 
+    def _refused_write(self, fail: bool) -> bool:
+        """For an upload or a delete: the latency, then a 503 or a read-only server's 403, if any."""
+        if self._failed_after_latency(fail):
+            return True
+        if self.server.read_only:
+            self._reply(403, "Forbidden")
+        return self.server.read_only
+
     def _reply(self, code: int, reason: str | None = None) -> None:
         """An answer without a body."""
         self.send_response(code, reason)
@@ -157,10 +165,7 @@ class _Handler(SimpleHTTPRequestHandler):
 
     def _store(self, body: bool, fail: bool) -> None:
         data = self._body()  # read whatever the answer: the connection is kept alive
-        if self._failed_after_latency(fail):
-            return
-        if self.server.read_only:
-            self._reply(403, "Forbidden")
+        if self._refused_write(fail):
             return
         path = Path(self.translate_path(self.path))
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,10 +178,7 @@ class _Handler(SimpleHTTPRequestHandler):
         self._reply(201)
 
     def _delete(self, body: bool, fail: bool) -> None:
-        if self._failed_after_latency(fail):
-            return
-        if self.server.read_only:
-            self._reply(403, "Forbidden")
+        if self._refused_write(fail):
             return
         path = Path(self.translate_path(self.path))
         if not path.is_file():

@@ -430,3 +430,33 @@ def test_final_passes_of_two_workers_at_once_rewrite_a_shard_at_a_url_alike(tmp_
         assert "rewritten by another worker's final pass while it was read" in caplog.text
         assert server.puts == puts and replaced.read_bytes() == tar  # nothing uploaded over it
     assert index  # the first rewrite's index was there throughout
+
+
+def test_a_worker_sees_shards_that_another_machine_put_in_a_bucket_after_it_listed_it(s3_bucket, tmp_path,
+                                                                                      monkeypatch):
+    """s3fs remembers a folder's listing; a worker whose listing predates another machine's upload
+    would take that machine's shard for missing and never finish the stage. The runner's checks ask
+    for the listing afresh (storage.forget_listings)."""
+    from fsspec.core import url_to_fs
+    from s3fs import S3FileSystem
+
+    from curate.runner import ShardTask, _all_done
+    from curate.shards import ShardWriter, open_shard
+
+    monkeypatch.setenv("KILN_STAGING", str(tmp_path / "staging"))
+    out = f"{s3_bucket}/stage"
+    writer = ShardWriter(out, 0, {})
+    writer.add("a", {"txt": b"a"})
+    writer.commit(stage="test", fingerprint="f0", config_hash="c")
+    this, _ = url_to_fs(out)  # this worker's filesystem: it lists the folder
+    assert this.ls(out, detail=False) and open_shard(out, 1) is None
+
+    elsewhere = ShardWriter(tmp_path / "elsewhere", 1, {})
+    elsewhere.add("b", {"txt": b"b"})
+    elsewhere.commit(stage="test", fingerprint="f1", config_hash="c")
+    other = S3FileSystem(skip_instance_cache=True)  # another machine's uploads, unknown to this one
+    for name in ("000001.tar", "000001.parquet"):
+        other.put_file(str(tmp_path / "elsewhere" / name), f"{out}/{name}")
+    assert not this.exists(f"{out}/000001.parquet")  # s3fs's remembered listing: stale
+    tasks = [ShardTask(0, "f0", 1), ShardTask(1, "f1", 1)]
+    assert _all_done(out, tasks, "c", {"0": "f0", "1": "f1"})

@@ -505,15 +505,7 @@ def rebase_entries(entries: list[ShardEntry], old: str | os.PathLike, new: str |
 
 def write_manifest(manifest: Manifest, path: str | os.PathLike) -> Path | str:
     """Write atomically (temporary name, then rename; at a URL, one PUT)."""
-    if storage.is_remote(path):
-        storage.write_bytes(os.fspath(path), (manifest.model_dump_json(indent=2) + "\n").encode())
-        return os.fspath(path)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return storage.write_text(path, manifest.model_dump_json(indent=2) + "\n")
 
 
 def parse_caption_weights(text: str) -> dict[str, float]:

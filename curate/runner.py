@@ -326,18 +326,6 @@ def _is_done(shard: Shard | None, task: ShardTask, config_hash: str, fingerprint
     )
 
 
-def _write_json_atomic(path: Path | str, obj: Any) -> None:
-    from curate import storage
-
-    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
-    if storage.is_remote(path):
-        storage.write_bytes(str(path), text.encode())  # one PUT: atomic in an object store
-        return
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _done(out_dir: Path | str, tasks: list[ShardTask], config_hash: str,
           fingerprints: dict[str, str]) -> Iterator[bool]:
     """Whether each task's shard is committed and current, lazily and in order: at a URL, many
@@ -541,8 +529,7 @@ def _finish(
         "versions": package_versions(stage.packages),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    _write_json_atomic(storage.join(out_dir, STAGE_FILE) if storage.is_remote(out_dir) else out_dir / STAGE_FILE,
-                       summary)
+    storage.write_text(storage.join(out_dir, STAGE_FILE), json.dumps(summary, indent=2, sort_keys=False) + "\n")
     log.info("%s: complete, %d ok and %d rejected of %d seen", stage.name,
              totals["ok"], totals["rejected"], totals["seen"])
     return summary

@@ -227,6 +227,20 @@ def write_bytes(url: str, data: bytes) -> None:
     fs.invalidate_cache(inner)
 
 
+def write_text(path: str | os.PathLike, text: str) -> Path | str:
+    """Write a small text file whole, here or at a URL: locally under a temporary name, then
+    renamed (its folder made if missing); at a URL in one PUT. Returns where it went."""
+    if is_remote(path):
+        write_bytes(os.fspath(path), text.encode())
+        return os.fspath(path)
+    path = Path(local_path(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
 def remove(url: str) -> None:
     """Delete ``url``; a missing one is no error."""
     fs, inner = _filesystem(url)

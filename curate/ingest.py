@@ -34,7 +34,7 @@ from curate.shards import (
     read_index,
     reject_samples,
     stable_hash,
-    staging_dir,
+    work_dir,
 )
 from curate.sources import FolderSource, Record, Source
 
@@ -123,12 +123,8 @@ class IngestStage(Stage):
     def plan(self) -> list[ShardTask]:
         return self.source.plan(self.shard_size)
 
-    def scratch(self) -> Path:
-        """A local folder for the source's downloads: the stage's own, or its staging folder."""
-        return staging_dir(self.out_dir) if storage.is_remote(self.out_dir) else Path(self.out_dir)
-
     def prepare(self, todo: list[ShardTask]) -> None:
-        self.source.prepare(todo, self.scratch(), self.workers)
+        self.source.prepare(todo, work_dir(self.out_dir), self.workers)
 
     def __enter__(self) -> IngestStage:
         allow_pixels(self.max_pixels)
@@ -211,7 +207,7 @@ class IngestStage(Stage):
         self._drop_cross_shard_duplicates(out_dir)
         if self.near_duplicates is not None:
             self._drop_near_duplicates(out_dir, self.near_duplicates)
-        self.source.cleanup(self.scratch())
+        self.source.cleanup(work_dir(self.out_dir))
         return summarize_images(out_dir)
 
     def _drop_cross_shard_duplicates(self, out_dir: Path | str) -> None:

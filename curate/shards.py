@@ -120,34 +120,36 @@ class Shard:
             return False
 
 
-class _HashingFile(io.RawIOBase):
-    """Write-through wrapper that hashes and counts the bytes of the tar as they are written."""
+class _Hashing(io.RawIOBase):
+    """Pass-through wrapper that hashes and counts the bytes of a tar that go through it."""
 
     def __init__(self, raw: BinaryIO):
         self.raw = raw
         self.sha = hashlib.sha256()
         self.size = 0
 
+    def _count(self, data: bytes) -> None:
+        self.sha.update(data)
+        self.size += len(data)
+
+
+class _HashingFile(_Hashing):
+    """The tar being written."""
+
     def writable(self) -> bool:
         return True
 
     def write(self, b) -> int:  # type: ignore[override]
-        self.sha.update(b)
-        self.size += len(b)
+        self._count(b)
         return self.raw.write(b)
 
     def tell(self) -> int:
         return self.size
 
 
-class _HashingReader(io.RawIOBase):
-    """Read-through wrapper that hashes and counts the bytes read, to check a tar read at a URL
-    against its index (an object replaced while it is read in ranges gives bytes of both)."""
-
-    def __init__(self, raw: BinaryIO):
-        self.raw = raw
-        self.sha = hashlib.sha256()
-        self.size = 0
+class _HashingReader(_Hashing):
+    """A tar being read, to check one read at a URL against its index (an object replaced while
+    it is read in ranges gives bytes of both)."""
 
     def readable(self) -> bool:
         return True
@@ -155,15 +157,13 @@ class _HashingReader(io.RawIOBase):
     def readinto(self, buffer: Any) -> int:
         data = self.raw.read(len(buffer))
         buffer[: len(data)] = data
-        self.sha.update(data)
-        self.size += len(data)
+        self._count(data)
         return len(data)
 
     def drain(self) -> tuple[int, str]:
         """Read to the end; (bytes, sha256) of the whole file."""
         while block := self.raw.read(1 << 20):
-            self.sha.update(block)
-            self.size += len(block)
+            self._count(block)
         return self.size, self.sha.hexdigest()
 
 
@@ -251,8 +251,9 @@ def staging_dir(out_dir: str | os.PathLike) -> Path:
     return Path(root) / f"kiln-staging-{stable_hash(storage.resolved(out_dir))[:16]}"
 
 
-def _work_dir(out_dir: str | os.PathLike) -> Path:
-    """The folder a shard's temporaries go to: the stage's own, or its staging folder for a URL."""
+def work_dir(out_dir: str | os.PathLike) -> Path:
+    """The local folder a stage's temporaries go to (its shards', a source's downloads): the
+    stage's own, or its staging folder for a URL."""
     from curate import storage
 
     return staging_dir(out_dir) if storage.is_remote(out_dir) else Path(out_dir)
@@ -260,7 +261,7 @@ def _work_dir(out_dir: str | os.PathLike) -> Path:
 
 def remove_temporaries(out_dir: str | os.PathLike, shard_id: int) -> None:
     """Delete what a killed writer of this shard left behind (never visible to readers)."""
-    for tmp in glob.glob(str(_work_dir(out_dir) / f".{shard_name(shard_id)}.*.tmp-*")):
+    for tmp in glob.glob(str(work_dir(out_dir) / f".{shard_name(shard_id)}.*.tmp-*")):
         Path(tmp).unlink(missing_ok=True)
 
 
@@ -284,7 +285,7 @@ class ShardWriter:
 
         self.remote = storage.is_remote(out_dir)
         self.out_dir = storage.as_location(out_dir)
-        work = _work_dir(out_dir)
+        work = work_dir(out_dir)
         work.mkdir(parents=True, exist_ok=True)
         self.shard_id = shard_id
         self.schema = {**BASE_SCHEMA, **schema}

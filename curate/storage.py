@@ -26,6 +26,7 @@ import hashlib
 import io
 import os
 import posixpath
+import socket
 import sys
 import time
 from collections import deque
@@ -218,6 +219,23 @@ def write_file(local: str | os.PathLike, url: str) -> None:
     stored = size(url)
     if sent != stored:
         raise RemoteError(f"{url}: uploaded {sent} bytes, the store holds {stored}")
+
+
+def fetch_file(url: str, local: str | os.PathLike) -> None:
+    """Download ``url`` to ``local`` (a checkpoint: too large to hold in memory): under a temporary
+    name beside it, size-checked, then renamed, so that ``local`` is whole or absent."""
+    fs, inner = _filesystem(url)
+    local = Path(local)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    try:
+        _retried(url, "downloading it", lambda: fs.get_file(inner, os.fspath(tmp)))
+        expected, got = size(url), os.path.getsize(tmp)
+        if expected != got:
+            raise RemoteError(f"{url}: downloaded {got} bytes, the store holds {expected}")
+        os.replace(tmp, local)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_bytes(url: str, data: bytes) -> None:

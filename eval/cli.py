@@ -14,11 +14,12 @@ import sys
 
 from curate.manifest import ManifestError
 from curate.runner import CurateError
+from curate.storage import RemoteError
 from eval.evaluation import DEFAULT_METRICS, METRICS
 from train.checkpoint import CheckpointError
 from train.config import ConfigError
 
-USER_ERRORS = (CurateError, ManifestError, CheckpointError, ConfigError, FileNotFoundError)
+USER_ERRORS = (CurateError, ManifestError, CheckpointError, ConfigError, FileNotFoundError, RemoteError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="FID, CMMD and DINO-MMD of a run's checkpoint against its training images "
                                    "(and the CLIP score of its images against their prompts)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("run", help="the run folder (train --out)")
+    p.add_argument("run", help="the run folder (train --out), or its URL")
     p.add_argument("--step", default=None, help="the checkpoint's step, several (5000,10000) or all (every "
                                                 "checkpoint the run kept, oldest first); default: the latest")
     p.add_argument("--manifest", default=None, help="the manifest whose samples and captions are used "
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     _measuring(p, "28, as PRXPipeline", "4.0, as PRXPipeline", "0,1: every step")
 
     p = sub.add_parser("compare", help="runs side by side: loss, FID and the config keys that differ")
-    p.add_argument("runs", nargs="+", help="run folders (and `evaluate pipeline --out` folders)")
+    p.add_argument("runs", nargs="+", help="run folders or URLs (and `evaluate pipeline --out` folders)")
     p.add_argument("--format", choices=("markdown", "csv", "json"), default="markdown")
     p.add_argument("--by-step", action="store_true",
                    help="one row per evaluated checkpoint of each run: metrics against training steps")
@@ -132,12 +133,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _steps(run: str, step: str | None) -> list[int | None]:
     """--step as checkpoint steps: None (the latest), N, N,M,... or all (every kept checkpoint)."""
+    from curate import storage
     from train.checkpoint import list_checkpoints
+    from train.remote_run import RemoteRun
 
     if step is None:
         return [None]
     if step == "all":
-        found = [s for s, _ in list_checkpoints(run)]
+        found = (RemoteRun(run, reader=True).steps() if storage.is_remote(run)
+                 else [s for s, _ in list_checkpoints(run)])
         if not found:
             raise CheckpointError(f"{run} has no checkpoint")
         return found

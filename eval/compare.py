@@ -22,10 +22,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from curate import storage
 from curate.stats import rounded
-from eval.evaluation import FEW_SAMPLES, METRICS, result_files
+from eval.evaluation import FEW_SAMPLES, METRICS, RESULT_GLOB, result_files
 from train.config import EVERY_STEP, flatten, load_run_config, to_dict
-from train.metrics import read_metrics
+from train.metrics import METRICS_FILE, read_metrics
+from train.remote_run import RemoteRun
 
 __all__ = ["compare_runs", "format_table"]
 
@@ -78,7 +80,7 @@ def compare_runs(
     if not runs:
         raise ValueError("no runs to compare")
     configs, pipelines, logs, held_out, evaluations = [], [], [], [], []
-    for run in map(Path, runs):
+    for run in map(_readable, runs):
         cfg = load_run_config(run)
         pipeline = _pipeline_of(run) if cfg is None else None
         if cfg is None and pipeline is None:
@@ -132,6 +134,15 @@ def compare_runs(
     if "fid" in metrics and any(e["settings"]["samples"] < FEW_SAMPLES for e in measured):
         notes.append(f"FID from fewer than {FEW_SAMPLES} images is biased: compare it only at equal sample counts")
     return header, rows, notes
+
+
+def _readable(run: str | os.PathLike[str]) -> Path:
+    """The run folder, or for a run at a URL a local copy of what is compared: its config, metrics
+    and evaluation results."""
+    if not storage.is_remote(run):
+        return Path(run)
+    remote = RemoteRun(os.fspath(run), reader=True)
+    return remote.pull(("config.yaml", METRICS_FILE), folders=("eval",), pattern=RESULT_GLOB)
 
 
 def _pipeline_of(folder: Path) -> str | None:

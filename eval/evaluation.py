@@ -62,10 +62,11 @@ from eval.evalset import (
     real_images,
 )
 from eval.stats import fid_from_features, kid, mmd
-from train.checkpoint import CheckpointError, checkpoint_path, latest_checkpoint, load_checkpoint
+from train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 from train.config import EVERY_STEP, check_guidance_interval
 from train.ema import checkpoint_weights
 from train.export import EXPORT_INFO, LATENTS_INFO, exported_vae
+from train.remote_run import RemoteRun
 
 __all__ = ["CHUNK", "DEFAULT_METRICS", "METRICS", "PROMPT_METRICS", "evaluate_pipeline", "evaluate_run",
            "result_files"]
@@ -153,9 +154,17 @@ def evaluate_run(
     samples; then only the metrics that need no real images (PROMPT_METRICS) can be measured.
     Returns the result, or None when other workers still have chunks to generate.
     """
-    run = Path(run)
-    path = latest_checkpoint(run) if step is None else checkpoint_path(run, step)
-    if path is None or not path.is_file():
+    share = resolve_share(rank, world_size)
+    # A run at a URL (train --out s3://...) is evaluated in a local copy: its checkpoint and stored
+    # evaluations fetched, the new results uploaded. One worker: several, on machines that share no
+    # folder, could not pool their chunks.
+    remote = RemoteRun(os.fspath(run), reader=True) if storage.is_remote(run) else None
+    if remote is not None and share.world_size > 1:
+        raise CurateError(f"{run}: a run at a URL is evaluated by one worker, not {share.world_size} (several "
+                          "pool their chunks in a shared run folder: copy the run to one to spread the work)")
+    folder = remote.local if remote is not None else Path(run)
+    path = remote.fetch(step) if remote is not None else find_checkpoint(folder, step)
+    if path is None:
         raise CheckpointError(f"{run} has {'no checkpoint' if step is None else f'no checkpoint of step {step}'}")
     state = load_checkpoint(path, mmap=True)  # the config, and the model only if images are generated
     try:
@@ -183,17 +192,23 @@ def evaluate_run(
             raise ManifestError(f"{e} (the run trained on {manifest_path}, relative to where it was started: "
                                 "run from there, or pass the manifest with --manifest)") from None
     sampler = _Sampler(steps=steps, guidance=guidance, interval=interval, shift=shift, prediction=prediction)
-    return _evaluate(
-        run, step=step, resolution=spec.resolution, sampler=sampler,
+    if remote is not None:
+        remote.pull(folders=("eval",))
+    result = _evaluate(
+        folder, step=step, resolution=spec.resolution, sampler=sampler,
         make_generator=lambda device: _Generator.from_checkpoint(state, model_weights, spec, device, sampler=sampler,
                                                                  seed=seed, batch_size=batch_size),
         # only when EMA, so the tags of runs without EMA stay what they were
         extra_settings={"weights": "ema"} if weights == "ema" else {},
-        record={"run": str(run.absolute()), "checkpoint": str(path.absolute())},
+        record={"run": storage.absolute(run),
+                "checkpoint": remote.checkpoint_url(step) if remote is not None else str(path.absolute())},
         metrics=metrics, data=data, manifest=manifest, manifest_path=manifest_path, images=images, prompts=prompts,
         samples=samples, seed=seed, variant=variant, batch_size=batch_size, device=device,
         networks=dict(inception=inception, clip=clip, dino=dino, clip_score=clip_score, vqa=vqa),
-        share=resolve_share(rank, world_size), force=force, progress=progress)
+        share=share, force=force, progress=progress)
+    if remote is not None:
+        remote.upload("eval")
+    return result
 
 
 def evaluate_pipeline(

@@ -520,6 +520,32 @@ def test_compare_puts_runs_side_by_side_with_their_differences(pipeline, incepti
         "FID from fewer than 2048 images is biased: compare it only at equal sample counts"]
 
 
+def test_a_run_at_a_url_is_evaluated_and_compared_as_its_folder(pipeline, embedders, tmp_path: Path, monkeypatch):
+    """`evaluate run URL` (a run of `train --out s3://...`): its checkpoint fetched, the result
+    stored in the run's eval/ at the URL, where another machine finds it (nothing measured again,
+    nothing uploaded); `evaluate compare` reads it there; several workers are refused."""
+    from file_server import serve
+
+    local = _evaluate(_fresh_copy(pipeline["base"], tmp_path / "local"), embedders, metrics=["cmmd"])
+    store = tmp_path / "store"
+    _fresh_copy(pipeline["base"], store / "runs" / "base")
+    with serve(store) as server:
+        url = f"{server.url}/runs/base"
+        monkeypatch.setenv("KILN_STAGING", str(tmp_path / "machine-1"))
+        remote = _evaluate(url, embedders, metrics=["cmmd"])
+        assert _values(remote) == _values(local) and remote["tag"] == local["tag"]
+        assert remote["run"] == url and remote["checkpoint"] == f"{url}/checkpoints/step_00000002.pt"
+        assert json.loads((store / "runs/base/eval" / f"step00000002-{remote['tag']}.json").read_text()) == remote
+        monkeypatch.setenv("KILN_STAGING", str(tmp_path / "machine-2"))
+        uploads = server.puts
+        assert _evaluate(url, embedders, metrics=["cmmd"]) == remote and server.puts == uploads
+        header, rows, _ = compare_runs([url, tmp_path / "local"])
+        assert [r[0] for r in rows] == ["base", "local"]
+        assert rows[0][header.index("CMMD")] == rows[1][header.index("CMMD")] is not None
+        with pytest.raises(CurateError, match="evaluated by one worker, not 2"):
+            _evaluate(url, embedders, metrics=["cmmd"], rank=0, world_size=2)
+
+
 def test_the_evaluate_command(pipeline, inception, embedders, tmp_path: Path, capsys):
     run = _fresh_copy(pipeline["base"], tmp_path / "run")
     nets = ["--clip", str(embedders["clip"]), "--dino", str(embedders["dino"])]

@@ -34,21 +34,38 @@ def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / f"step_{step:08d}.pt"
 
 
+def checkpoint_step(name: str) -> int | None:
+    """The step a checkpoint's file name holds; None for any other name (a temporary file)."""
+    match = _NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
 def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """Committed checkpoints, oldest first (temporary files of a killed save are not listed)."""
     folder = Path(run_dir) / CHECKPOINT_DIR
     if not folder.is_dir():
         return []
-    found = []
-    for path in folder.iterdir():
-        match = _NAME.match(path.name)
-        if match:
-            found.append((int(match.group(1)), path))
+    found = [(step, path) for path in folder.iterdir() if (step := checkpoint_step(path.name)) is not None]
     return sorted(found)
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Write under a temporary name, fsync, rename; then drop all but the newest ``keep``."""
+def find_checkpoint(run: str | os.PathLike, step: int | None = None) -> Path | None:
+    """The checkpoint of ``step`` (default: the latest) of a run folder, or of a run at a URL
+    (``train --out s3://...``; fetched into its local copy, train/remote_run.py); None when there
+    is none."""
+    from curate import storage
+
+    if storage.is_remote(run):
+        from train.remote_run import RemoteRun
+
+        return RemoteRun(os.fspath(run), reader=True).fetch(step)
+    path = latest_checkpoint(run) if step is None else checkpoint_path(run, step)
+    return path if path is not None and path.is_file() else None
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int | None) -> Path:
+    """Write under a temporary name, fsync, rename; then drop all but the newest ``keep`` (None:
+    the caller prunes; a run at a URL drops its local copies once they are uploaded)."""
     final = checkpoint_path(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
@@ -58,7 +75,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict[str, Any]
         os.fsync(f.fileno())
     os.replace(tmp, final)
     fsync_dir(final.parent)
-    for _, old in list_checkpoints(run_dir)[:-keep]:
+    for _, old in list_checkpoints(run_dir)[:-keep] if keep is not None else ():
         old.unlink(missing_ok=True)
     for stale in final.parent.glob(".step_*.pt.tmp-*"):  # left by a save that was killed
         if stale != tmp:

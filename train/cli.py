@@ -15,14 +15,16 @@ import os
 import sys
 from pathlib import Path
 
+from curate import storage
 from curate.manifest import ManifestError
 from curate.runner import CurateError
+from curate.storage import RemoteError
 from train.checkpoint import CheckpointError
 from train.config import ABLATIONS, PRESETS, ConfigError
 from train.data import DataError
 
 # What a user can fix (bad arguments, data or run folder): a message and exit status 2, no traceback.
-USER_ERRORS = (ConfigError, ManifestError, CheckpointError, CurateError, DataError, FileNotFoundError)
+USER_ERRORS = (ConfigError, ManifestError, CheckpointError, CurateError, DataError, FileNotFoundError, RemoteError)
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -71,7 +73,7 @@ def _ablation_names(value: str) -> list[str]:
 def _export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train export",
                                 description="Write a run's checkpoint as a diffusers PRXPipeline folder.")
-    p.add_argument("run", type=Path, help="the run folder")
+    p.add_argument("run", help="the run folder, or a run's URL (train --out s3://...)")
     p.add_argument("--to", type=Path, required=True, help="the folder to write")
     p.add_argument("--step", type=int, default=None, help="the checkpoint's step (default: latest)")
     p.add_argument("--weights", choices=["ema", "raw"], default=None,
@@ -124,7 +126,8 @@ def _train(args: argparse.Namespace) -> int:
     result = train(cfg, resume=args.resume, check_only=args.check)
     if int(os.environ.get("RANK", "0")) == 0:
         print("\n".join(["train --check: every check before the first step passed", *result.notes]) if args.check
-              else f"trained {result.steps} steps; last loss {result.last_loss}; run folder {result.run_dir}")
+              else f"trained {result.steps} steps; last loss {result.last_loss}; run folder "
+              + (cfg.out if storage.is_remote(cfg.out) else str(result.run_dir)))
     return 0
 
 

@@ -350,10 +350,12 @@ def build_config(
 
 
 def _read_yaml(path: str | Path) -> dict[str, Any]:
+    from curate import storage
+
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.safe_load(storage.read_bytes(path).decode())
     except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if data is None:
@@ -590,9 +592,11 @@ def from_dict(data: dict[str, Any], source: str = "saved config") -> TrainConfig
 
 
 def load_run_config(run_dir: str | Path) -> TrainConfig | None:
-    """The resolved config a run folder was started with (``RUN/config.yaml``), if any."""
-    path = Path(run_dir) / "config.yaml"
-    return from_dict(_read_yaml(path), source=str(path)) if path.is_file() else None
+    """The resolved config a run folder (or a run at a URL) was started with (``RUN/config.yaml``), if any."""
+    from curate import storage
+
+    path = storage.join(run_dir, "config.yaml")
+    return from_dict(_read_yaml(path), source=path) if storage.is_file(path) else None
 
 
 def to_yaml(cfg: TrainConfig) -> str:

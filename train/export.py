@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from PIL import Image
 
+from curate import storage
 from curate.manifest import LatentSpec
 from curate.models import PIXELS
 from curate.runner import CurateError
@@ -240,7 +241,7 @@ def export_pipeline(
         _write_json(tmp / EXPORT_INFO, {
             "format": 1,
             "mode": mode,
-            "run": None if run is None else str(Path(run).expanduser().absolute()),
+            "run": None if run is None else storage.absolute(os.path.expanduser(run)),
             "step": step,
             "weights": weights,
             "latent_spec": spec_json,
@@ -270,17 +271,11 @@ def export_run(
     """
     from diffusers import PRXTransformer2DModel
 
-    from train.checkpoint import (
-        CheckpointError,
-        checkpoint_path,
-        latest_checkpoint,
-        load_checkpoint,
-    )
+    from train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
     from train.ema import checkpoint_weights
 
-    run = Path(run)
-    path = latest_checkpoint(run) if step is None else checkpoint_path(run, step)
-    if path is None or not path.is_file():
+    path = find_checkpoint(run, step)  # a run at a URL: fetched
+    if path is None:
         which = "no checkpoint" if step is None else f"no checkpoint of step {step}"
         raise CheckpointError(f"{run} has {which}")
     state = load_checkpoint(path, mmap=True)  # the model alone is read

@@ -29,10 +29,17 @@ from typing import Any
 
 import torch
 
+from curate import storage
 from curate.manifest import LatentSpec
 from curate.models import resolve_model
 from curate.runner import CurateError
-from train.checkpoint import CHECKPOINT_DIR, CheckpointError, latest_checkpoint, load_checkpoint
+from train.checkpoint import (
+    CHECKPOINT_DIR,
+    CheckpointError,
+    checkpoint_step,
+    latest_checkpoint,
+    load_checkpoint,
+)
 from train.config import ConfigError, TrainConfig
 from train.ema import checkpoint_weights
 from train.export import EXPORT_INFO
@@ -60,6 +67,8 @@ def load_initial_weights(cfg: TrainConfig, architecture: dict[str, Any], spec: L
     constructor arguments), checked against the run: architecture, text encoder (``text_id``),
     prediction; the latent space's VAE and resolution may change, with a note."""
     source = cfg.init.source
+    if storage.is_remote(source):  # a run at a URL (train --out s3://...), or one of its checkpoints
+        return _from_checkpoint(_fetch_remote(source), cfg, architecture, spec, text_id, source=source)
     path = Path(source).expanduser()
     if path.is_file():
         return _from_checkpoint(path, cfg, architecture, spec, text_id)
@@ -81,8 +90,24 @@ def load_initial_weights(cfg: TrainConfig, architecture: dict[str, Any], spec: L
     return _from_diffusers(ref.id, None, cfg, architecture, spec, text_id)
 
 
+def _fetch_remote(source: str) -> Path:
+    """The local copy of a URL run's latest checkpoint, or of the checkpoint a URL names."""
+    from train.remote_run import RemoteRun
+
+    folder, _, name = storage.resolved(source).rpartition("/")
+    step = checkpoint_step(name)
+    if step is not None and folder.endswith(f"/{CHECKPOINT_DIR}"):
+        path = RemoteRun(storage.parent(folder), reader=True).fetch(step)
+    else:
+        path = RemoteRun(source, reader=True).fetch()
+    if path is None:
+        raise ConfigError(f"init.source {source}: neither a run at a URL holding checkpoints, nor one of its "
+                          "checkpoints (RUN/checkpoints/step_N.pt)")
+    return path
+
+
 def _from_checkpoint(path: Path, cfg: TrainConfig, architecture: dict[str, Any], spec: LatentSpec,
-                     text_id: str) -> InitialWeights:
+                     text_id: str, source: str | None = None) -> InitialWeights:
     if cfg.init.revision:
         raise ConfigError(f"init.revision applies to Hub sources, not to the checkpoint {path}")
     state = load_checkpoint(path, mmap=True)  # the model alone is read, not the optimizer's moments
@@ -97,7 +122,7 @@ def _from_checkpoint(path: Path, cfg: TrainConfig, architecture: dict[str, Any],
     notes = _check_text_and_latents(state.get("text_encoder"), state.get("latent_spec"), cfg, spec, text_id, where,
                                     source_shift=saved_config.get("flow", {}).get("shift"))
     weights, used = checkpoint_weights(state, cfg.init.weights)
-    record = {"kind": "checkpoint", "source": str(path.absolute()), "step": int(state.get("step", 0)),
+    record = {"kind": "checkpoint", "source": source or str(path.absolute()), "step": int(state.get("step", 0)),
               "weights": used, "manifest_sha256": state.get("manifest_sha256")}
     return InitialWeights(dict(weights), record, notes)
 

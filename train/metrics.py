@@ -32,7 +32,10 @@ class MetricsLogger:
         wandb: bool = False,
         wandb_project: str = "kiln",
         config: dict[str, Any] | None = None,
+        url: str | None = None,
     ):
+        """``url``: where the run lives when ``run_dir`` is its local copy (train/remote_run.py):
+        it names the wandb run, the same from any machine."""
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS_FILE
         self.tb = self.wandb = self.bar = None
@@ -55,8 +58,8 @@ class MetricsLogger:
             except ImportError:
                 raise RuntimeError("log.wandb=true but wandb is not installed (pip install wandb)") from None
             self.wandb = wandb_module.init(project=wandb_project, dir=str(run_dir), config=config,
-                                           name=Path(run_dir).name, resume="allow",
-                                           id=_wandb_id(Path(run_dir)))
+                                           name=Path(url or run_dir).name, resume="allow",
+                                           id=_wandb_id(url or str(Path(run_dir).resolve())))
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                         disable=not sys.stderr.isatty() and os.environ.get("KILN_PROGRESS") != "1")
         self.total_steps, self.start_step, self.started = total_steps, start_step, time.monotonic()
@@ -100,6 +103,14 @@ class MetricsLogger:
             import wandb as wandb_module
 
             self.wandb.log({tag: wandb_module.Image(str(path))}, step=step)
+
+    def flush(self) -> None:
+        """Everything logged so far on disk (before the run folder is copied)."""
+        if not self.enabled:
+            return
+        self.file.flush()
+        if self.tb is not None:
+            self.tb.flush()
 
     def close(self) -> None:
         if not self.enabled:
@@ -155,8 +166,8 @@ def _truncate_after(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def _wandb_id(run_dir: Path) -> str:
-    """A stable id per run folder, so a resumed run continues the same wandb run."""
+def _wandb_id(location: str) -> str:
+    """A stable id per run folder (its resolved path or URL), so a resumed run continues the same wandb run."""
     import hashlib
 
-    return hashlib.blake2b(str(run_dir.resolve()).encode(), digest_size=8).hexdigest()
+    return hashlib.blake2b(location.encode(), digest_size=8).hexdigest()

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from curate import storage
 from curate.manifest import (
     LatentSpec,
     Manifest,
@@ -80,6 +81,7 @@ from train.model import (
 from train.optim import build_optimizer
 from train.perceptual import PerceptualLosses
 from train.recompute import recomputed
+from train.remote_run import RemoteRun
 from train.repa import (
     DinoEncoder,
     WithRepa,
@@ -122,7 +124,7 @@ class World:
 
 @dataclass
 class RunResult:
-    run_dir: Path
+    run_dir: Path  # for a run at a URL, its local copy
     steps: int  # optimizer steps completed, in total
     resumed_from: int | None
     last_loss: float | None
@@ -150,16 +152,19 @@ def train(cfg: TrainConfig, *, resume: str = "never", data: DataSource | None = 
 def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None, check_only: bool = False) -> RunResult:
     if not cfg.shards or not cfg.out:
         raise ConfigError("both --shards (a manifest) and --out (the run folder) are needed")
-    run_dir = Path(cfg.out)
+    # A run at a URL (train/remote_run.py) is written in a local copy and pushed there.
+    remote = RemoteRun(cfg.out, reader=check_only) if storage.is_remote(cfg.out) else None
+    run_dir = remote.local if remote is not None else Path(cfg.out)
 
     # ---- everything that can fail, before any step ------------------------------------------
     manifest = load_manifest(cfg.shards, allow_pipe=cfg.data.allow_pipe)
     manifest_sha = file_sha256(cfg.shards)
     settings = data_settings(cfg, pin_memory=world.device.type == "cuda")
     accum = settings.accum(world.world_size)
-    checkpoint = _find_checkpoint(run_dir, resume)
+    checkpoint = remote.prepare(resume) if remote is not None else _find_checkpoint(run_dir, resume)
     state = load_checkpoint(checkpoint) if checkpoint is not None else None
     first_step = int(state.get("step", 0)) if state is not None else 0
+    resumed_from = remote.checkpoint_url(first_step) if remote is not None and state is not None else checkpoint
     # REPA's teacher sees each sample's image: in pixel space the sample itself, else its original,
     # read from the image stage beside the latents.
     pixel_space = manifest.latent.vae == PIXELS
@@ -189,7 +194,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
     if validation is not None:
         check_token_grid(validation.sizes, manifest.latent, architecture["patch_size"], "the held-out manifest's")
     if state is not None:
-        _check_resume(state, cfg, manifest_sha, fingerprint, architecture, manifest, checkpoint)
+        _check_resume(state, cfg, manifest_sha, fingerprint, architecture, manifest, resumed_from)
     # A new run may start from trained weights (train/init.py); a resumed one has its own.
     initial = (load_initial_weights(cfg, architecture, manifest.latent, text.id)
                if state is None and cfg.init.source else None)
@@ -209,7 +214,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
         notes = [f"data: {summary.samples} samples in {summary.shards} shards",
                  *[f"a subset: {subset_summary(s)}" for s in manifest.provenance.get("subsets", [])], *summary.notes,
                  *([world.note] if world.note else []),
-                 f"would resume from {checkpoint} at step {first_step}" if state is not None else "a new run",
+                 f"would resume from {resumed_from} at step {first_step}" if state is not None else "a new run",
                  *([f"initialised from {initial.describe()}", *initial.notes] if initial is not None else []),
                  *([f"perceptual losses: {perceptual.describe()}"] if perceptual is not None else []),
                  *([f"validation: {validation.samples} held-out samples of {validation.source}"]
@@ -276,10 +281,14 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
     # ---- the run folder ------------------------------------------------------------------------------
     logger = MetricsLogger(run_dir, enabled=world.main, start_step=start_step, total_steps=cfg.steps,
                            tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
-                           wandb_project=cfg.log.wandb_project, config=to_dict(cfg))
+                           wandb_project=cfg.log.wandb_project, config=to_dict(cfg),
+                           url=remote.url if remote is not None else None)
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        if remote is not None:  # now, not after hours of steps: a store that refuses writes stops the run here
+            remote.push(note=logger.note, wait=True)
+            logger.note(f"run folder: {remote.url}, written in {run_dir} and uploaded with each checkpoint")
         ablations = f" + ablations {', '.join(cfg.ablations)}" if cfg.ablations else ""
         logger.note(f"config ({cfg.preset} preset{ablations}, resolved):\n{to_yaml(cfg)}")
         logger.note(
@@ -319,7 +328,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
                         "expect worse FID than fp32 weights with bf16 autocast")
         logger.note(f"schedule: {describe_schedule(cfg.optim, cfg.lr, cfg.steps)}")
         if state is not None:
-            logger.note(f"resumed from {checkpoint} at step {start_step}")
+            logger.note(f"resumed from {resumed_from} at step {start_step}")
             saved = from_dict(state["config"])
             before = saved.lr * lr_factor(start_step, saved.optim, saved.steps)
             now = cfg.lr * lr_factor(start_step, cfg.optim, cfg.steps)
@@ -359,7 +368,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
         loader, batches = None, data(start_step, world.rank)
     ddp_model.train()
     stop = StopRequest()  # SIGTERM / SIGUSR1 (Slurm's preemption warnings): checkpoint, then exit
-    completed = start_step
+    completed, failing = start_step, True
     try:
         for step in range(start_step, cfg.steps):
             if teacher is not None and not repa_active(cfg, step):
@@ -510,7 +519,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
                 # Never a checkpoint of broken weights: it would become the one --resume auto takes,
                 # and push a good one out of keep_checkpoints. (One pass over the weights, each rank.)
                 if not all_finite(list(model.parameters())):
-                    last = latest_checkpoint(run_dir)
+                    last = latest_checkpoint(run_dir) if remote is None else remote.latest_url()
                     raise TrainingError(f"the weights are not finite after step {done}: no checkpoint written; lower "
                                         "lr or check the data (curate stats), then resume from "
                                         + (f"{last} (--resume {last})" if last else "the start (a new --out)"))
@@ -523,7 +532,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
                     average["weights"] = whole(average["weights"])
                 aligner = {"projector": whole(projector.state_dict())} if projector is not None else None
                 if world.main:
-                    save_checkpoint(run_dir, done, {
+                    written = save_checkpoint(run_dir, done, {
                         "format": CHECKPOINT_FORMAT,
                         "step": done,
                         "model": weights,
@@ -541,7 +550,10 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
                         "text_encoder": {"name": text.name, "id": text.id, "revision": text.revision,
                                          "max_tokens": cfg.max_tokens},
                         "world_size": world.world_size,
-                        }, keep=cfg.keep_checkpoints)
+                        }, keep=cfg.keep_checkpoints if remote is None else None)
+                    if remote is not None:  # uploaded while the next steps run
+                        logger.flush()
+                        remote.push(written, keep=cfg.keep_checkpoints, note=logger.note)
                 if world.world_size > 1:
                     dist.barrier()  # nobody races ahead of a checkpoint that may be resumed from
             window.exclude(time.perf_counter() - housekeeping)  # samples and checkpoints are not steps
@@ -549,10 +561,13 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
                 logger.note(f"stopped by {stop.signal_name} after step {done}; checkpoint written: "
                             "rerun with --resume auto to continue")
                 break
+        failing = False
     finally:
         stop.restore()
         if loader is not None:
             loader.close()
+        if remote is not None and world.main:  # the upload in flight, then the files changed since
+            remote.close(note=logger.note, failing=failing)
         logger.close()
     return RunResult(run_dir, completed, start_step if state is not None else None, last_loss)
 
@@ -778,7 +793,7 @@ def _find_checkpoint(run_dir: Path, resume: str) -> Path | None:
 
 
 def _check_resume(state: dict[str, Any], cfg: TrainConfig, manifest_sha: str, fingerprint: dict[str, Any],
-                  architecture: dict[str, Any], manifest: Manifest, path: Path) -> None:
+                  architecture: dict[str, Any], manifest: Manifest, path: Path | str) -> None:
     """A resume must continue the same experiment: refuse anything else, naming the difference."""
     check_format(state, path, window_keys=set(inspect.signature(_Window).parameters) - {"device"})
     changed = differences(from_dict(state["config"]), cfg)

@@ -1,0 +1,228 @@
+"""`train --out URL`: a run folder in an object store (train/remote_run.py), written from a local
+copy; killed, resumed on other machines (other local copies), two machines resuming one run
+together, uploads that fail, and the readers of such a run (export, --init-from)."""
+# ruff: noqa: F811 - the fixtures imported from test_train are the tests' arguments
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from file_server import serve
+
+# The trainer's tests' tiny models, latents and reference runs (fixtures, re-made for this module).
+from test_train import (  # noqa: F401
+    INTERRUPTED,
+    _cli_cmd,
+    dataset,
+    losses,
+    models,
+    one_process,
+    run_train,
+    uninterrupted,
+)
+
+from curate import storage
+from train.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint
+from train.cli import main as train_main
+from train.metrics import read_metrics
+from train.remote_run import RemoteRun
+
+
+def _steps_at(store: Path, run: str = "runs/a") -> list[int]:
+    return [s for s, _ in list_checkpoints(store / run)]
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    wa, wb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_run_at_a_url_killed_and_resumed_on_another_machine_continues_exactly(tmp_path: Path, models, dataset,
+                                                                               uninterrupted):
+    """SIGKILL once the store holds a checkpoint; a rerun refused without --resume; then resumed on
+    a machine with an empty local copy (another $KILN_STAGING): the loss sequence and the weights
+    are the local uninterrupted run's, and the store holds the run folder as a local run's."""
+    store = tmp_path / "store"
+    store.mkdir()
+    with serve(store) as server:
+        url = f"{server.url}/runs/a"
+        first = {**os.environ, "KILN_STAGING": str(tmp_path / "machine-1")}
+        proc = subprocess.Popen(_cli_cmd(dataset["mix"], url, models, **INTERRUPTED), cwd=REPO, env=first,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while not _steps_at(store) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        at_kill = _steps_at(store)
+        assert at_kill and at_kill[-1] < 60, f"the run ended before it could be killed: {at_kill}"
+
+        second = {**os.environ, "KILN_STAGING": str(tmp_path / "machine-2")}
+        refused = subprocess.run(_cli_cmd(dataset["mix"], url, models, **INTERRUPTED), cwd=REPO, env=second,
+                                 capture_output=True, text=True)
+        assert refused.returncode == 2 and f"{url} already holds checkpoints" in refused.stderr
+        resumed = subprocess.run([*_cli_cmd(dataset["mix"], url, models, **INTERRUPTED), "--resume", "auto"],
+                                 cwd=REPO, env=second, capture_output=True, text=True)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert f"resumed from {url}/checkpoints/step_{at_kill[-1]:08d}.pt" in resumed.stderr
+        assert f"run folder {url}" in resumed.stdout
+    assert losses(store / "runs/a") == losses(uninterrupted)  # the store's metrics.jsonl, every step
+    assert _steps_at(store) == [s for s, _ in list_checkpoints(uninterrupted)] == [25, 50, 60]
+    assert _same_weights(latest_checkpoint(store / "runs/a"), latest_checkpoint(uninterrupted))
+    config = (store / "runs/a/config.yaml").read_text()  # the same but for --out
+    assert config == (uninterrupted / "config.yaml").read_text().replace(f"out: {uninterrupted}\n", f"out: {url}\n")
+    # The second machine's local copy holds the newest checkpoint only; the store the kept ones.
+    (local,) = (tmp_path / "machine-2").glob("kiln-staging-*/run")
+    assert [s for s, _ in list_checkpoints(local)] == [60]
+
+
+def test_uploads_that_fail_leave_the_checkpoint_local_and_the_last_one_fails_the_run(
+        tmp_path: Path, models, dataset, monkeypatch, capsys):
+    """An upload refused after the retries is a warning and training goes on (the next checkpoint
+    supersedes it); when the last checkpoint's upload fails the run ends with an error naming its
+    local copy, which is kept."""
+    monkeypatch.setenv("KILN_STAGING", str(tmp_path / "staging"))
+    write_file, refused = storage.write_file, set()
+
+    def flaky(local, url):
+        if url.rsplit("/", 1)[-1] in refused:
+            raise storage.RemoteError(f"{url}: uploading it failed 5 times; last: 503 Slow Down")
+        return write_file(local, url)
+
+    monkeypatch.setattr(storage, "write_file", flaky)
+    store = tmp_path / "store"
+    store.mkdir()
+    with serve(store) as server:
+        url = f"{server.url}/runs/a"
+        refused.add("step_00000004.pt")
+        assert run_train(dataset["long"], url, models, steps=6, checkpoint_every=2) == 0
+        err = capsys.readouterr().err
+        assert "WARNING: checkpoint step 4 was not uploaded" in err and "training goes on" in err
+        assert _steps_at(store) == [2, 6]
+        assert [s for s, _ in list_checkpoints(RemoteRun(url).local)] == [6]
+        assert len(read_metrics(store / "runs/a")) == 6
+
+        url = f"{server.url}/runs/b"
+        refused.add("step_00000006.pt")
+        assert run_train(dataset["long"], url, models, steps=6, checkpoint_every=2) == 2
+        err = capsys.readouterr().err
+        kept = checkpoint_path(RemoteRun(url).local, 6)
+        assert f"train: error: checkpoint step 6 was not uploaded to {url}/checkpoints/step_00000006.pt" in err
+        assert f"it is kept at {kept}" in err and kept.is_file()
+        assert _steps_at(store, "runs/b") == [2]
+        assert len(read_metrics(store / "runs/b")) == 6  # the metrics went up all the same
+
+
+def test_a_store_that_refuses_writes_stops_the_run_before_its_first_step(tmp_path: Path, models, dataset,
+                                                                         monkeypatch, capsys):
+    monkeypatch.setenv("KILN_STAGING", str(tmp_path / "staging"))
+    store = tmp_path / "store"
+    store.mkdir()
+    with serve(store) as server:
+        server.read_only = True
+        assert run_train(dataset["long"], f"{server.url}/runs/a", models, steps=6) == 2
+    err = capsys.readouterr().err
+    assert "config.yaml: writing it was refused" in err and "step 1/6" not in err
+
+
+def test_readers_fetch_a_url_runs_checkpoints(tmp_path: Path, models, dataset, monkeypatch):
+    """`train export`, --init-from and --resume of a run at a URL use its checkpoints as a run
+    folder's: fetched once into the readers' local copy (apart from the trainer's), S3 included."""
+    monkeypatch.setenv("KILN_STAGING", str(tmp_path / "staging"))
+    local = tmp_path / "local"
+    assert run_train(dataset["long"], local, models, steps=4, checkpoint_every=2, keep_checkpoints=2) == 0
+    store = tmp_path / "store"
+    (store / "runs").mkdir(parents=True)
+    shutil.copytree(local, store / "runs/a")
+    with serve(store) as server:
+        url = f"{server.url}/runs/a"
+        # Exported from the URL as from the folder.
+        assert train_main(["export", url, "--to", str(tmp_path / "from-url")]) == 0
+        assert train_main(["export", str(local), "--to", str(tmp_path / "from-folder")]) == 0
+        a = (tmp_path / "from-url/transformer/diffusion_pytorch_model.safetensors").read_bytes()
+        assert a == (tmp_path / "from-folder/transformer/diffusion_pytorch_model.safetensors").read_bytes()
+        # A new run started from the URL run's latest checkpoint, or from one it names.
+        for source, step in ((url, 4), (f"{url}/checkpoints/step_00000002.pt", 2)):
+            new = tmp_path / f"init-{step}"
+            assert run_train(dataset["long"], new, models, "--init-from", source, steps=1) == 0
+            record = load_checkpoint(latest_checkpoint(new))["init"]
+            assert record["source"] == source and record["step"] == step
+        reader = RemoteRun(url, reader=True)
+        assert [s for s, _ in list_checkpoints(reader.local)] == [2, 4] and reader.local != RemoteRun(url).local
+        assert _same_weights(checkpoint_path(reader.local, 4), checkpoint_path(local, 4))
+        # --resume names one of the run's own checkpoints by URL, nothing else.
+        assert run_train(dataset["long"], url, models, "--resume", str(local / "checkpoints/step_00000002.pt"),
+                         steps=4, checkpoint_every=2, keep_checkpoints=2) == 2
+        assert run_train(dataset["long"], url, models, "--resume", f"{url}/checkpoints/step_00000002.pt",
+                         steps=4, checkpoint_every=2, keep_checkpoints=2) == 0
+        assert losses(store / "runs/a") == losses(local)  # steps 3 and 4 again, the same
+
+
+def test_a_run_in_s3_resumes_and_keeps_its_newest_checkpoints(tmp_path: Path, models, dataset, monkeypatch,
+                                                              s3_bucket, capsys):
+    """Through s3fs against a real S3 API (moto): started, continued with more steps from another
+    machine; the bucket keeps keep_checkpoints, and a reader's copy is fetched only once (its ETag)."""
+    url = f"{s3_bucket}/runs/a"
+    monkeypatch.setenv("KILN_STAGING", str(tmp_path / "machine-1"))
+    settings = {"checkpoint_every": 2, "keep_checkpoints": 2}
+    assert run_train(dataset["long"], url, models, steps=4, **settings) == 0
+    # --check fetches what a resume would load, into the readers' copy: the trainer's stays as it is.
+    trainer_copy = sorted(p.name for p in RemoteRun(url).local.rglob("*"))
+    assert train_main(["--shards", str(dataset["long"]), "--out", url, "--preset", "tiny", "--resume", "auto",
+                       "--check", "steps=6"]) == 0
+    assert f"would resume from {url}/checkpoints/step_00000004.pt at step 4" in capsys.readouterr().out
+    assert sorted(p.name for p in RemoteRun(url).local.rglob("*")) == trainer_copy
+    monkeypatch.setenv("KILN_STAGING", str(tmp_path / "machine-2"))
+    assert train_main(["--shards", str(dataset["long"]), "--out", url, "--preset", "tiny", "--resume", "auto",
+                       "steps=6"]) == 0
+    assert RemoteRun(url).steps() == [4, 6]
+    storage.fetch_file(storage.join(url, "metrics.jsonl"), tmp_path / "fetched" / "metrics.jsonl")
+    assert [m["step"] for m in read_metrics(tmp_path / "fetched")] == [1, 2, 3, 4, 5, 6]
+    reader = RemoteRun(url, reader=True)
+    first = reader.fetch()
+    stamp = first.stat().st_mtime_ns
+    assert reader.fetch() == first and first.stat().st_mtime_ns == stamp  # the same ETag: not fetched again
+
+
+def test_two_machines_resume_a_url_run_together_as_one_process(tmp_path: Path, models, dataset, one_process):
+    """A run at a URL started by one process, continued by two machines with nothing shared but the
+    store (torchrun --nnodes 2, each node with its own $KILN_STAGING): each fetches the checkpoint
+    itself, and steps 4-6 equal the one-process run's."""
+    one, settings = one_process
+    store = tmp_path / "store"
+    store.mkdir()
+    with serve(store) as server:
+        url = f"{server.url}/runs/a"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "KILN_STAGING": str(tmp_path / "node-0")}
+        subprocess.run(_cli_cmd(dataset["long"], url, models, **{**settings, "steps": 3}), check=True, cwd=REPO,
+                       env=env, capture_output=True)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        nodes = [subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+             "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+             *_cli_cmd(dataset["long"], url, models, **settings)[1:], "--resume", "auto"],
+            cwd=REPO, env={**env, "KILN_STAGING": str(tmp_path / f"node-{rank}")}, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in range(2)]
+        outputs = [node.communicate(timeout=300)[0] for node in nodes]
+        assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    # The second machine fetched step 3 for itself (the first one's copy is dropped once step 6 is up).
+    assert [p.name for p in (tmp_path / "node-1").rglob("step_*.pt")] == ["step_00000003.pt"]
+    b = load_checkpoint(store / "runs/a/checkpoints/step_00000006.pt")
+    assert b["world_size"] == 2
+    a = load_checkpoint(checkpoint_path(one, 6))
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-6)
+    for (s1, l1), (s2, l2) in zip(losses(one), losses(store / "runs/a"), strict=True):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4)

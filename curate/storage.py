@@ -334,7 +334,7 @@ def version(path: str | os.PathLike) -> tuple[int, str]:
 def is_file(path: str | os.PathLike) -> bool:
     try:
         size(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: a file named as a folder
         return False
     return True
 

@@ -80,11 +80,11 @@ def compare_runs(
     if not runs:
         raise ValueError("no runs to compare")
     configs, pipelines, logs, held_out, evaluations = [], [], [], [], []
-    for run in map(_readable, runs):
+    for name, run in zip(runs, map(_readable, runs), strict=True):
         cfg = load_run_config(run)
         pipeline = _pipeline_of(run) if cfg is None else None
         if cfg is None and pipeline is None:
-            raise FileNotFoundError(f"{run} is neither a run folder (no config.yaml) nor a folder of `evaluate "
+            raise FileNotFoundError(f"{name} is neither a run folder (no config.yaml) nor a folder of `evaluate "
                                     "pipeline` evaluations")
         # A pipeline has no config: its row names the pipeline, the runs' keys are left empty.
         configs.append(None if cfg is None else

@@ -5,7 +5,7 @@ seconds to every answer (an object store's first byte is tens of milliseconds aw
 next ``fail_next`` requests with 503 (a store's "slow down"), or ignore ``Range`` headers (a server
 that cannot serve ranges, whose whole-file answers must not be taken for ranges). It counts the
 requests, the most answered at once, and the answers and body bytes it sent by path. A folder answers with an index page of links (fsspec lists
-folders by them). It takes uploads as a WebDAV server or an object store's HTTP endpoint does: PUT
+folders by them). It takes uploads (at most ``upload_rate`` bytes a second each, when set: a store's bandwidth) as a WebDAV server or an object store's HTTP endpoint does: PUT
 stores the body (plain or chunked) whole (or answers 403 when ``read_only``), under a temporary name then renamed, so a reader never
 sees part of it, creating folders as needed; DELETE removes a file.
 """
@@ -28,8 +28,9 @@ _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
 class FileServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, root: str | os.PathLike, latency: float = 0.0):
+    def __init__(self, root: str | os.PathLike, latency: float = 0.0, upload_rate: float = 0.0):
         self.root, self.latency = Path(root), latency
+        self.upload_rate = upload_rate  # bytes/s an upload takes at most (a store's bandwidth); 0: no limit
         self.fail_next = 0
         self.ignore_ranges = False
         self.requests = 0
@@ -164,7 +165,10 @@ class _Handler(SimpleHTTPRequestHandler):
         self.end_headers()
 
     def _store(self, body: bool, fail: bool) -> None:
+        started = time.monotonic()
         data = self._body()  # read whatever the answer: the connection is kept alive
+        if self.server.upload_rate:
+            time.sleep(max(0.0, len(data) / self.server.upload_rate - (time.monotonic() - started)))
         if self._refused_write(fail):
             return
         path = Path(self.translate_path(self.path))
@@ -222,8 +226,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("root")
     parser.add_argument("--latency", type=float, default=0.0)
+    parser.add_argument("--upload-rate", type=float, default=0.0, help="bytes/s an upload takes at most")
     args = parser.parse_args()
-    server = FileServer(args.root, args.latency)
+    server = FileServer(args.root, args.latency, args.upload_rate)
     print(f"READY {server.url}", flush=True)
     server.serve_forever()
 

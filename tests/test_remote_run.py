@@ -93,21 +93,22 @@ def test_uploads_that_fail_leave_the_checkpoint_local_and_the_last_one_fails_the
     local copy, which is kept."""
     monkeypatch.setenv("KILN_STAGING", str(tmp_path / "staging"))
     write_file, refused = storage.write_file, set()
+    store = tmp_path / "store"
 
     def flaky(local, url):
-        if url.rsplit("/", 1)[-1] in refused:
+        name = url.rsplit("/", 1)[-1]
+        if name in refused or (name == "metrics.jsonl" and (store / "runs/c/checkpoints").is_dir()):
             raise storage.RemoteError(f"{url}: uploading it failed 5 times; last: 503 Slow Down")
         return write_file(local, url)
 
     monkeypatch.setattr(storage, "write_file", flaky)
-    store = tmp_path / "store"
     store.mkdir()
     with serve(store) as server:
         url = f"{server.url}/runs/a"
         refused.add("step_00000004.pt")
         assert run_train(dataset["long"], url, models, steps=6, checkpoint_every=2) == 0
         err = capsys.readouterr().err
-        assert "WARNING: checkpoint step 4 was not uploaded" in err and "training goes on" in err
+        assert "WARNING: checkpoint step 4 was not uploaded" in err
         assert _steps_at(store) == [2, 6]
         assert [s for s, _ in list_checkpoints(RemoteRun(url).local)] == [6]
         assert len(read_metrics(store / "runs/a")) == 6
@@ -122,6 +123,40 @@ def test_uploads_that_fail_leave_the_checkpoint_local_and_the_last_one_fails_the
         assert _steps_at(store, "runs/b") == [2]
         assert len(read_metrics(store / "runs/b")) == 6  # the metrics went up all the same
 
+        # The metrics refused once a checkpoint is up: each checkpoint after them goes up all the
+        # same, and the run fails.
+        url = f"{server.url}/runs/c"
+        refused.clear()
+        assert run_train(dataset["long"], url, models, steps=6, checkpoint_every=2) == 2
+        assert "runs/c/metrics.jsonl: uploading it failed" in capsys.readouterr().err
+        assert _steps_at(store, "runs/c") == [2, 4, 6]
+
+
+def test_a_store_slower_than_checkpoint_every_gets_the_newest_checkpoint_and_no_step_waits(
+        tmp_path: Path, models, dataset, monkeypatch, capsys):
+    """Uploads of a second each, a checkpoint every step: the steps do not wait for them (had they,
+    every checkpoint would be up), a checkpoint still queued is dropped for the next one with a
+    warning, and the last one is up when the run ends."""
+    monkeypatch.setenv("KILN_STAGING", str(tmp_path / "staging"))
+    write_file = storage.write_file
+
+    def slow(local, url):
+        if "/checkpoints/" in url:
+            time.sleep(1.0)
+        return write_file(local, url)
+
+    monkeypatch.setattr(storage, "write_file", slow)
+    store = tmp_path / "store"
+    store.mkdir()
+    with serve(store) as server:
+        url = f"{server.url}/runs/a"
+        assert run_train(dataset["long"], url, models, steps=6, checkpoint_every=1, keep_checkpoints=6) == 0
+    err = capsys.readouterr().err
+    uploaded = _steps_at(store)
+    assert uploaded[0] == 1 and uploaded[-1] == 6 and len(uploaded) < 6, uploaded
+    assert "is not uploaded: step_00000006.pt replaces it" in err and "slower than checkpoint_every" in err
+    assert [s for s, _ in list_checkpoints(RemoteRun(url).local)] == [6]
+
 
 def test_a_store_that_refuses_writes_stops_the_run_before_its_first_step(tmp_path: Path, models, dataset,
                                                                          monkeypatch, capsys):
@@ -132,7 +167,7 @@ def test_a_store_that_refuses_writes_stops_the_run_before_its_first_step(tmp_pat
         server.read_only = True
         assert run_train(dataset["long"], f"{server.url}/runs/a", models, steps=6) == 2
     err = capsys.readouterr().err
-    assert "config.yaml: writing it was refused" in err and "step 1/6" not in err
+    assert "/runs/a/config.yaml: uploading it was refused" in err and "step 1/6" not in err
 
 
 def test_readers_fetch_a_url_runs_checkpoints(tmp_path: Path, models, dataset, monkeypatch):

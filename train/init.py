@@ -97,9 +97,9 @@ def _fetch_remote(source: str) -> Path:
     folder, _, name = storage.resolved(source).rpartition("/")
     step = checkpoint_step(name)
     if step is not None and folder.endswith(f"/{CHECKPOINT_DIR}"):
-        path = RemoteRun(storage.parent(folder), reader=True).fetch(step)
+        path = RemoteRun(storage.parent(folder), reader=True).fetch_on_each_machine(step)
     else:
-        path = RemoteRun(source, reader=True).fetch()
+        path = RemoteRun(source, reader=True).fetch_on_each_machine()
     if path is None:
         raise ConfigError(f"init.source {source}: neither a run at a URL holding checkpoints, nor one of its "
                           "checkpoints (RUN/checkpoints/step_N.pt)")

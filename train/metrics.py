@@ -104,13 +104,17 @@ class MetricsLogger:
 
             self.wandb.log({tag: wandb_module.Image(str(path))}, step=step)
 
-    def flush(self) -> None:
-        """Everything logged so far on disk (before the run folder is copied)."""
+    def flush(self, new_events_file: bool = False) -> None:
+        """Everything logged so far on disk, before the run folder is copied; ``new_events_file``:
+        TensorBoard's file closed and a new one begun, so that a copy need only send the new one."""
         if not self.enabled:
             return
         self.file.flush()
         if self.tb is not None:
             self.tb.flush()
+            if new_events_file:
+                self.tb.close()
+                self.tb = type(self.tb)(self.tb.log_dir)
 
     def close(self) -> None:
         if not self.enabled:

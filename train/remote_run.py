@@ -3,36 +3,47 @@
 The trainer works in a local copy of the run folder, in ``$KILN_STAGING`` as the curate stages
 stage their shards (curate/shards.py ``staging_dir``), and pushes it to the URL:
 
-- each checkpoint whole (one PUT, or s3fs's multipart upload, which a store makes visible at once
-  or not at all: a listed checkpoint is a complete one), in a background thread while training
-  goes on; then the URL's checkpoints beyond ``keep_checkpoints`` are deleted, and the local
-  copies older than the uploaded one;
-- the other files that changed (config.yaml, metrics.jsonl, samples/, tensorboard/; not wandb/,
-  which wandb syncs itself), with each checkpoint, and at the start (config.yaml before the
-  first step, which also finds a store that refuses writes) and at the end.
+- each checkpoint whole (one PUT, or s3fs's multipart upload, which an object store makes visible
+  at once or not at all: a listed checkpoint is a complete one), in a background thread while
+  training goes on; then the URL's checkpoints beyond ``keep_checkpoints`` are deleted, and the
+  local copies older than the uploaded one. A push never waits (the other ranks may be waiting
+  for this one in a collective): uploads queue behind the one in flight, and a checkpoint still
+  queued when the next one comes is dropped for it, with a note (the store is slower than
+  ``checkpoint_every``);
+- before it, the other files that changed (config.yaml, metrics.jsonl, samples/, tensorboard/,
+  whose events file is started anew at each push so that every finished one is uploaded once;
+  not wandb/, which wandb syncs itself), copied aside at the push so the trainer goes on writing;
+  at the start too (config.yaml before the first step: a store that refuses writes stops every
+  rank there) and at the end.
 
-A resume, on any machine, lists the URL's checkpoints on the main rank, which every rank follows;
-the main rank clears the local copy but for that checkpoint and fetches the config, the metrics
-and the TensorBoard events (the resumed run appends to them as a local one does); then the first
-rank of each machine (LOCAL_RANK 0) fetches the checkpoint unless its copy is already that file
-(same size and ETag), and every rank loads it from there.
+A resume, on any machine, takes the step the main rank finds at the URL; the main rank clears the
+local copy but for that checkpoint and fetches the config, the metrics and the TensorBoard events
+(the resumed run appends to them as a local one does); then the first rank of each machine
+(LOCAL_RANK 0) fetches the checkpoint unless its copy is already that file (same size and ETag),
+and every rank loads it from there. Each of these steps ends with the ranks agreeing that it
+worked, so that a rank that failed is not waited for in a collective.
 
 An upload that fails (after the storage module's retries) is a warning and training goes on: the
-checkpoint stays in the local copy and the next one is uploaded. If the last one fails the run
-ends with an error naming the local copy.
+checkpoint stays in the local copy (up to ``keep_checkpoints`` of them) and the next one is
+uploaded. If the last one fails the run ends with an error naming the local copy.
 
-Readers of a run (``train export``, ``train generate``, ``--init-from``, ``evaluate run``) fetch
-the checkpoint they need into the same local copy (:meth:`RemoteRun.fetch`).
+Readers of a run (``train export``, ``--init-from``, ``evaluate run`` and ``compare``) fetch what
+they read into a copy of their own (``reader=True``), never the trainer's, whose files it appends
+to: :meth:`RemoteRun.fetch`.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import os
+import shutil
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+import torch
 import torch.distributed as dist
 
 from curate import storage
@@ -46,6 +57,15 @@ RESUMED_FILES = ("config.yaml", METRICS_FILE)  # what a resumed run continues, w
 TENSORBOARD = "tensorboard"
 
 Note = Callable[[str], None]
+T = TypeVar("T")
+
+
+@dataclass
+class _Upload:
+    future: Future[dict[str, tuple[int, int]]]
+    checkpoint: Path | None
+    snapshot: Path  # the changed files, copied aside at the push
+    changed: dict[str, tuple[int, int]]  # their (size, mtime) then
 
 
 class RemoteRun:
@@ -58,7 +78,8 @@ class RemoteRun:
         self.local = staging_dir(self.url) / ("read" if reader else "run")
         self._pushed: dict[str, tuple[int, int]] = {}  # file -> (size, mtime) when last uploaded
         self._pool: ThreadPoolExecutor | None = None
-        self._upload: Future[dict[str, tuple[int, int]]] | None = None
+        self._uploads: list[_Upload] = []  # pushed, not yet collected; oldest first
+        self._pushes = 0
         self._lost: str | None = None  # the newest checkpoint's failed upload, until a later one succeeds
 
     # ---- checkpoints at the URL ---------------------------------------------------------------
@@ -73,13 +94,10 @@ class RemoteRun:
             return []
         return sorted(step for name in names if (step := checkpoint_step(name)) is not None)
 
-    def latest_url(self) -> str | None:
-        steps = self.steps()
-        return self.checkpoint_url(steps[-1]) if steps else None
-
     def fetch(self, step: int | None = None) -> Path | None:
         """The local copy of the checkpoint of ``step`` (default: the latest), downloaded unless
-        the copy is that file already; None when the URL holds no such checkpoint."""
+        the copy is that file already; None when the URL holds no such checkpoint. A reader's
+        copies of checkpoints the URL no longer holds (pruned by the trainer) are dropped."""
         steps = self.steps()
         if step is None and steps:
             step = steps[-1]
@@ -89,7 +107,26 @@ class RemoteRun:
         if not self._is_copy_of(local, url):
             storage.fetch_file(url, local)
             self._mark_copy(local, url)
+        if self.reader:
+            for old, path in list_checkpoints(self.local):
+                if old not in steps:
+                    _drop_local(path)
         return local
+
+    def fetch_on_each_machine(self, step: int | None = None) -> Path | None:
+        """:meth:`fetch` for ranks launched together: the step chosen by rank 0, fetched by the
+        first rank of each machine, which the others wait for (``--init-from`` a URL)."""
+        step = _from_rank_0(lambda: step if step is not None else (self.steps() or [None])[-1])
+        if step is None:
+            return None
+        _on_first_rank_of_each_machine(lambda: self.fetch(step))
+        local = checkpoint_path(self.local, step)
+        return local if local.is_file() else None
+
+    def latest_local_url(self) -> str | None:
+        """The URL of the newest checkpoint of the local copy (uploaded, or being uploaded)."""
+        found = list_checkpoints(self.local)
+        return self.checkpoint_url(found[-1][0]) if found else None
 
     def _is_copy_of(self, local: Path, url: str) -> bool:
         marker = _version_marker(local)
@@ -106,36 +143,24 @@ class RemoteRun:
     def prepare(self, resume: str) -> Path | None:
         """The local checkpoint this run resumes from (None: a new run), the same on every rank:
         ``resume`` is "never", "auto" (the URL's latest) or one of the run's checkpoints by URL."""
-        distributed = dist.is_initialized()
-        main = not distributed or dist.get_rank() == 0
-        answer: list[object] = [None]
-        error: Exception | None = None
-        if main:
-            try:
-                answer[0] = self._resume_step(resume)
-            except (ConfigError, OSError) as e:
-                if not distributed:
-                    raise
-                answer[0], error = str(e), e
-        if distributed:
-            dist.broadcast_object_list(answer, src=0)
-        if isinstance(answer[0], str):  # rank 0 refused: every rank stops with its reason
-            raise error if error is not None else ConfigError(f"rank 0: {answer[0]}")
-        step = answer[0]
-        assert step is None or isinstance(step, int)
-        if main and not self.reader:  # a reader (train --check) leaves the trainer's copy alone
-            self._clear(keep=step)
+        step = _from_rank_0(lambda: self._resume_step(resume))
+        if not self.reader:  # a reader (train --check) leaves the trainer's copy alone
+            _on_first_rank_of_each_machine(lambda: self._clear(keep=step))
             if step is not None:
-                self.pull(RESUMED_FILES, folders=(TENSORBOARD,))
-        if distributed:
-            dist.barrier()
+                _on_main_rank(lambda: self.pull(RESUMED_FILES, folders=(TENSORBOARD,)))
         if step is None:
             return None
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one download per machine
-            self.fetch(step)
-        if distributed:
-            dist.barrier()
+        _on_first_rank_of_each_machine(lambda: self.fetch(step))
         return checkpoint_path(self.local, step)
+
+    def start(self, *, note: Note) -> None:
+        """Push the run's config, on the main rank (every rank calls this): now, not after hours
+        of steps, so that a store that refuses writes stops every rank before the first step."""
+        def push_config() -> None:
+            self.push(note=note)
+            self._pushed.update(self._uploads.pop().future.result())
+
+        _on_main_rank(push_config)
 
     def _resume_step(self, resume: str) -> int | None:
         steps = self.steps()
@@ -165,19 +190,26 @@ class RemoteRun:
         self._pushed.clear()
 
     def pull(self, files: tuple[str, ...] = (), folders: tuple[str, ...] = (), pattern: str = "*") -> Path:
-        """Fetch ``files``, and the files in ``folders`` (not their subfolders) whose names match
-        ``pattern``, that the URL holds; returns the local copy."""
+        """Make the local copy's ``files``, and the files in ``folders`` (not their subfolders)
+        whose names match ``pattern``, those at the URL: fetched, or removed when the URL has
+        none (a result deleted there is not served again). Returns the local copy."""
         names = list(files)
         for folder in folders:
             try:
-                names += [f"{folder}/{name}" for name in storage.list_names(storage.join(self.url, folder))
-                          if fnmatch.fnmatchcase(name, pattern)]
+                listed = storage.list_names(storage.join(self.url, folder))
             except FileNotFoundError:
-                continue
+                listed = []
+            names += [f"{folder}/{n}" for n in listed if fnmatch.fnmatchcase(n, pattern)]
+            for path in (self.local / folder).glob("[!.]*"):
+                if path.is_file() and fnmatch.fnmatchcase(path.name, pattern) and path.name not in listed:
+                    path.unlink()
         for name in names:
             try:
                 storage.fetch_file(storage.join(self.url, name), self.local / name)
-            except (FileNotFoundError, IsADirectoryError):  # absent, or a subfolder's name
+            except FileNotFoundError:
+                (self.local / name).unlink(missing_ok=True)
+                continue
+            except IsADirectoryError:  # a subfolder's name in the listing
                 continue
             self._pushed[name] = _stamp(self.local / name)
         return self.local
@@ -192,50 +224,67 @@ class RemoteRun:
                 self._pushed[name] = stamp
 
     # ---- pushing (the main rank) --------------------------------------------------------------
-    def push(self, checkpoint: Path | None = None, *, keep: int = 1, note: Note, wait: bool = False) -> None:
-        """Upload the files changed since the last push and then ``checkpoint``, in the background;
-        the upload before it is waited for first (its failure becomes a ``note``). ``wait``: this
-        upload too, raising its failure."""
-        self._settle(note, "training goes on, and the next checkpoint is uploaded")
-        for _, old in list_checkpoints(self.local)[:-keep]:  # uploads that failed: as many as a local run keeps
-            _drop_local(old)
-        changed = self._changed_files()  # read now: the trainer appends to them as soon as it goes on
+    def push(self, checkpoint: Path | None = None, *, keep: int = 1, note: Note) -> None:
+        """Queue the upload of the files changed since the last push, then of ``checkpoint``
+        (then the pruning to ``keep``). Never waits: the uploads finished since are collected
+        (a failure becomes a ``note``), and a checkpoint still queued is dropped for this one."""
+        self._collect(note, "training goes on, and the next checkpoint is uploaded")
+        if checkpoint is not None:
+            running = next((u.checkpoint for u in self._uploads if u.checkpoint and u.future.running()), None)
+            for upload in self._uploads:
+                if upload.checkpoint is not None and upload.future.cancel():
+                    note(f"WARNING: checkpoint {upload.checkpoint.name} is not uploaded: {checkpoint.name} replaces "
+                         f"it while the store still takes {running.name if running else 'the one before'} "
+                         "(uploads are slower than checkpoint_every)")
+                    _drop_local(upload.checkpoint)
+                    shutil.rmtree(upload.snapshot, ignore_errors=True)
+            self._uploads = [u for u in self._uploads if not u.future.cancelled()]
+        self._pushes += 1
+        snapshot = self.local / f".push-{self._pushes}"
+        changed = self._copy_changed(snapshot)  # aside: the trainer appends to them as soon as it goes on
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="kiln-run-upload")
-        self._upload = self._pool.submit(self._upload_files, changed, checkpoint, keep)
-        if wait:
-            upload, self._upload = self._upload, None
-            self._pushed.update(upload.result())
+        future = self._pool.submit(self._upload_files, snapshot, changed, checkpoint, keep)
+        self._uploads.append(_Upload(future, checkpoint, snapshot, changed))
 
     def close(self, *, note: Note, failing: bool = False) -> None:
-        """At the end of the run: wait for the upload in flight, then push what changed since.
+        """At the end of the run: push what changed since the last push and wait for every upload.
         Raises when the last checkpoint or those files are not at the URL, unless the run is
-        ``failing`` anyway (then they were notes)."""
+        ``failing`` anyway (then they are notes, as is any error here)."""
         try:
+            self._collect(note, "", wait=True)  # first: what these failed to send is sent again below
             self.push(note=note)
-            error = self._settle(note, "")
+            error = self._collect(note, "", wait=True)
+        except Exception as e:  # noqa: BLE001 - a failing run's own error is the one to show
+            if not failing:
+                raise
+            note(f"WARNING: the run folder was not uploaded in full: {e}")
+            return
         finally:
             if self._pool is not None:
-                self._pool.shutdown()
+                self._pool.shutdown(wait=False, cancel_futures=True)
         problems = [p for p in (self._lost, error) if p]
         if problems and not failing:
             raise storage.RemoteError("; ".join(dict.fromkeys(problems)))
 
-    def _settle(self, note: Note, consequence: str) -> str | None:
-        """Wait for the upload in flight; its failure, noted (None when it succeeded)."""
-        if self._upload is None:
-            return None
-        upload, self._upload = self._upload, None
-        try:
-            self._pushed.update(upload.result())
-        except Exception as e:  # noqa: BLE001 - the store's errors, after retries: training goes on
-            if isinstance(e, CheckpointNotUploaded):
-                self._lost = str(e)
-            note(f"WARNING: {e}" + (f"; {consequence}" if consequence else ""))
-            return str(e)
-        return None
+    def _collect(self, note: Note, consequence: str, wait: bool = False) -> str | None:
+        """Take in the uploads that finished (all of them with ``wait``), oldest first, noting
+        their failures; the failure of the last one taken in, if it failed (the files a failed
+        upload did not send are sent by the next push after it is taken in)."""
+        error = None
+        while self._uploads and (wait or self._uploads[0].future.done()):
+            upload = self._uploads.pop(0)
+            try:
+                self._pushed.update(upload.future.result())
+                error = None
+            except Exception as e:  # noqa: BLE001 - the store's errors, after retries: training goes on
+                error = str(e)
+                note(f"WARNING: {e}" + (f"; {consequence}" if consequence else ""))
+        return error
 
-    def _changed_files(self) -> dict[str, tuple[bytes, tuple[int, int]]]:
+    def _copy_changed(self, snapshot: Path) -> dict[str, tuple[int, int]]:
+        """Copy the files changed since they were last sent (or queued) into ``snapshot``."""
+        sent = self._pushed | {name: stamp for upload in self._uploads for name, stamp in upload.changed.items()}
         changed = {}
         for path in sorted(self.local.rglob("*")) if self.local.is_dir() else ():
             name = path.relative_to(self.local).as_posix()
@@ -243,39 +292,104 @@ class RemoteRun:
                     or any(part.startswith(".") for part in name.split("/"))):
                 continue
             stamp = _stamp(path)
-            if self._pushed.get(name) != stamp:
-                changed[name] = (path.read_bytes(), stamp)
+            if sent.get(name) != stamp:
+                (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, snapshot / name)
+                changed[name] = stamp
         return changed
 
-    def _upload_files(self, changed: dict[str, tuple[bytes, tuple[int, int]]], checkpoint: Path | None,
+    def _upload_files(self, snapshot: Path, changed: dict[str, tuple[int, int]], checkpoint: Path | None,
                       keep: int) -> dict[str, tuple[int, int]]:
-        """The upload job: the small files first (the metrics may run ahead of the URL's latest
-        checkpoint: a resume drops the lines after it), then the checkpoint and the pruning."""
-        for name, (data, _) in changed.items():
-            storage.write_bytes(storage.join(self.url, name), data)
-        if checkpoint is not None:
-            step = checkpoint_step(checkpoint.name)
-            assert step is not None, checkpoint
-            url = self.checkpoint_url(step)
-            try:
-                storage.write_file(checkpoint, url)
-            except OSError as e:
-                raise CheckpointNotUploaded(
-                    f"checkpoint step {step} was not uploaded to {url} ({e}); it is kept at {checkpoint}: "
-                    "a rerun resumes from the URL's latest and clears that copy, so upload it by hand to "
-                    "keep it") from e
-            self._lost = None  # the newest checkpoint is at the URL: one that failed before is superseded
-            self._mark_copy(checkpoint, url)
-            for old in self.steps()[:-keep]:
-                storage.remove(self.checkpoint_url(old))
-            for old_step, path in list_checkpoints(self.local):
-                if old_step < step:
-                    _drop_local(path)
-        return {name: stamp for name, (_, stamp) in changed.items()}
+        """The upload job: the changed files first (the metrics may run ahead of the URL's latest
+        checkpoint: a resume drops the lines after it), then the checkpoint and the pruning. A
+        checkpoint is tried even when a file before it failed."""
+        failed = None
+        try:
+            for name in changed:
+                try:
+                    storage.write_file(snapshot / name, storage.join(self.url, name))
+                except OSError as e:
+                    failed = failed or e  # the first: with a store that refuses writes, config.yaml's
+            if checkpoint is not None:
+                self._upload_checkpoint(checkpoint, keep)
+        finally:
+            shutil.rmtree(snapshot, ignore_errors=True)
+        if failed is not None:
+            raise failed
+        return changed
+
+    def _upload_checkpoint(self, checkpoint: Path, keep: int) -> None:
+        step = checkpoint_step(checkpoint.name)
+        assert step is not None, checkpoint
+        url = self.checkpoint_url(step)
+        try:
+            storage.write_file(checkpoint, url)
+        except OSError as e:
+            for _, path in [c for c in list_checkpoints(self.local) if c[0] <= step][:-keep]:
+                _drop_local(path)  # of the uploads that failed, as many as a local run keeps
+            # Set here, in the jobs' order: a later checkpoint's upload clears it.
+            self._lost = (f"checkpoint step {step} was not uploaded to {url} ({e}); it is kept at {checkpoint}: a rerun "
+                          "resumes from the URL's latest and clears that copy, so upload it by hand to keep it")
+            raise CheckpointNotUploaded(self._lost) from e
+        self._lost = None  # the newest checkpoint is at the URL: one that failed before is superseded
+        self._mark_copy(checkpoint, url)
+        for old in self.steps()[:-keep]:
+            storage.remove(self.checkpoint_url(old))
+        for old_step, path in list_checkpoints(self.local):
+            if old_step < step:
+                _drop_local(path)
 
 
 class CheckpointNotUploaded(storage.RemoteError):
     """A checkpoint that stayed in the local copy only."""
+
+
+# ---- ranks agreeing (each helper is called by every rank, or by the only process) -------------------
+def _from_rank_0(compute: Callable[[], T]) -> T:
+    """Rank 0's ``compute()``, on every rank; its error, raised on every rank."""
+    if not dist.is_initialized():
+        return compute()
+    answer: list[object] = [None, None]
+    error: Exception | None = None
+    if dist.get_rank() == 0:
+        try:
+            answer[0] = compute()
+        except (ConfigError, OSError) as e:
+            answer[1], error = str(e), e
+    dist.broadcast_object_list(answer, src=0)
+    if answer[1] is not None:
+        raise error if error is not None else ConfigError(f"rank 0: {answer[1]}")
+    return answer[0]  # type: ignore[return-value]
+
+
+def _on_main_rank(work: Callable[[], object]) -> None:
+    _agreed(work if not dist.is_initialized() or dist.get_rank() == 0 else None)
+
+
+def _on_first_rank_of_each_machine(work: Callable[[], object]) -> None:
+    _agreed(work if int(os.environ.get("LOCAL_RANK", "0")) == 0 else None)
+
+
+def _agreed(work: Callable[[], object] | None) -> None:
+    """Run ``work`` here (None: nothing to do on this rank), then agree with the other ranks that
+    it worked everywhere: a barrier that carries failures, so no rank waits for one that raised."""
+    error: Exception | None = None
+    try:
+        if work is not None:
+            work()
+    except (ConfigError, OSError) as e:
+        if not dist.is_initialized():
+            raise
+        error = e
+    if not dist.is_initialized():
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    failed = torch.tensor([error is not None], dtype=torch.int32, device=device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if failed.item():
+        raise storage.RemoteError("another rank failed to read or write the run's URL: see its error")
 
 
 def _version_marker(local: Path) -> Path:
@@ -291,4 +405,3 @@ def _drop_local(path: Path) -> None:
 def _stamp(path: Path) -> tuple[int, int]:
     st = path.stat()
     return st.st_size, st.st_mtime_ns
-

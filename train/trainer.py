@@ -286,9 +286,6 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        if remote is not None:  # now, not after hours of steps: a store that refuses writes stops the run here
-            remote.push(note=logger.note, wait=True)
-            logger.note(f"run folder: {remote.url}, written in {run_dir} and uploaded with each checkpoint")
         ablations = f" + ablations {', '.join(cfg.ablations)}" if cfg.ablations else ""
         logger.note(f"config ({cfg.preset} preset{ablations}, resolved):\n{to_yaml(cfg)}")
         logger.note(
@@ -354,6 +351,9 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
                         + ("; a 3x3 convolution projects (iREPA)" if cfg.repa.projector == "conv" else "")
                         + (f"; the teacher's features spatially normalised, gamma {cfg.repa.spatial_gamma} (iREPA)"
                            if cfg.repa.spatial_norm else ""))
+    if remote is not None:  # every rank: a store that refuses writes stops them all here, before step 1
+        remote.start(note=logger.note)
+        logger.note(f"run folder: {remote.url}, written in {run_dir} and uploaded with each checkpoint")
 
     # ---- the loop ----------------------------------------------------------------------------------
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=world.device.type == "cuda")
@@ -519,7 +519,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
                 # Never a checkpoint of broken weights: it would become the one --resume auto takes,
                 # and push a good one out of keep_checkpoints. (One pass over the weights, each rank.)
                 if not all_finite(list(model.parameters())):
-                    last = latest_checkpoint(run_dir) if remote is None else remote.latest_url()
+                    last = latest_checkpoint(run_dir) if remote is None else remote.latest_local_url()
                     raise TrainingError(f"the weights are not finite after step {done}: no checkpoint written; lower "
                                         "lr or check the data (curate stats), then resume from "
                                         + (f"{last} (--resume {last})" if last else "the start (a new --out)"))
@@ -552,7 +552,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
                         "world_size": world.world_size,
                         }, keep=cfg.keep_checkpoints if remote is None else None)
                     if remote is not None:  # uploaded while the next steps run
-                        logger.flush()
+                        logger.flush(new_events_file=True)
                         remote.push(written, keep=cfg.keep_checkpoints, note=logger.note)
                 if world.world_size > 1:
                     dist.barrier()  # nobody races ahead of a checkpoint that may be resumed from
@@ -566,9 +566,12 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
         stop.restore()
         if loader is not None:
             loader.close()
-        if remote is not None and world.main:  # the upload in flight, then the files changed since
-            remote.close(note=logger.note, failing=failing)
-        logger.close()
+        try:
+            if remote is not None and world.main:  # the uploads in flight, then the files changed since
+                logger.flush()
+                remote.close(note=logger.note, failing=failing)
+        finally:
+            logger.close()
     return RunResult(run_dir, completed, start_step if state is not None else None, last_loss)
 
 

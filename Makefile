@@ -41,6 +41,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/muon.py
 	$(PY) bench/subset.py
 	$(PY) bench/remote.py
+	$(PY) bench/remote_run.py
 	$(PY) bench/evaluate.py
 
 clean-demo:

@@ -2,7 +2,7 @@
 measured in one run (CPU, 127.0.0.1).
 
 The same training run (bench/train.py's widened tiny denoiser, 5.0M parameters: checkpoints of
-61 MB with AdamW's moments) written three ways, ``--steps`` steps with a checkpoint every
+60 MB with AdamW's moments) written three ways, ``--steps`` steps with a checkpoint every
 ``--every``:
 
 - into a local folder (the reference);
@@ -35,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,11 +58,13 @@ _spec.loader.exec_module(bench_train)
 
 @contextlib.contextmanager
 def uploads_waited() -> Iterator[None]:
-    """Every push of the trainer waits for its upload, as an in-line upload would."""
+    """Every checkpoint's push waits for its upload, as an in-line upload would."""
     push = RemoteRun.push
 
-    def waited(self: RemoteRun, checkpoint: Path | None = None, **kwargs: object) -> None:
-        push(self, checkpoint, **{**kwargs, "wait": True})
+    def waited(self: RemoteRun, checkpoint: Path | None = None, **kwargs: Any) -> None:
+        push(self, checkpoint, **kwargs)
+        if checkpoint is not None:
+            self._collect(kwargs["note"], "", wait=True)
 
     RemoteRun.push = waited  # type: ignore[method-assign]
     try:

@@ -19,7 +19,7 @@ from eval.evaluation import DEFAULT_METRICS, METRICS
 from train.checkpoint import CheckpointError
 from train.config import ConfigError
 
-USER_ERRORS = (CurateError, ManifestError, CheckpointError, ConfigError, FileNotFoundError, RemoteError)
+USER_ERRORS = (CurateError, ManifestError, CheckpointError, ConfigError, FileNotFoundError, PermissionError, RemoteError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -170,7 +170,7 @@ def test_a_store_that_refuses_writes_stops_the_run_before_its_first_step(tmp_pat
     assert "/runs/a/config.yaml: uploading it was refused" in err and "step 1/6" not in err
 
 
-def test_readers_fetch_a_url_runs_checkpoints(tmp_path: Path, models, dataset, monkeypatch):
+def test_readers_fetch_a_url_runs_checkpoints(tmp_path: Path, models, dataset, monkeypatch, capsys):
     """`train export`, --init-from and --resume of a run at a URL use its checkpoints as a run
     folder's: fetched once into the readers' local copy (apart from the trainer's), S3 included."""
     monkeypatch.setenv("KILN_STAGING", str(tmp_path / "staging"))
@@ -192,15 +192,21 @@ def test_readers_fetch_a_url_runs_checkpoints(tmp_path: Path, models, dataset, m
             assert run_train(dataset["long"], new, models, "--init-from", source, steps=1) == 0
             record = load_checkpoint(latest_checkpoint(new))["init"]
             assert record["source"] == source and record["step"] == step
+        assert run_train(dataset["long"], new, models, "--init-from", f"{url}/checkpoints/step_00000001.pt",
+                         steps=1) == 2  # not one of the run's
         reader = RemoteRun(url, reader=True)
         assert [s for s, _ in list_checkpoints(reader.local)] == [2, 4] and reader.local != RemoteRun(url).local
         assert _same_weights(checkpoint_path(reader.local, 4), checkpoint_path(local, 4))
-        # --resume names one of the run's own checkpoints by URL, nothing else.
+        # --resume names one of the run's own checkpoints by URL, nothing else; going back to an
+        # older one, the later ones are deleted once the resumed run has written its first.
         assert run_train(dataset["long"], url, models, "--resume", str(local / "checkpoints/step_00000002.pt"),
                          steps=4, checkpoint_every=2, keep_checkpoints=2) == 2
+        capsys.readouterr()
         assert run_train(dataset["long"], url, models, "--resume", f"{url}/checkpoints/step_00000002.pt",
-                         steps=4, checkpoint_every=2, keep_checkpoints=2) == 0
+                         steps=4, checkpoint_every=3, keep_checkpoints=2) == 0
+        assert "the checkpoints of steps 4 come after the one resumed" in capsys.readouterr().err
         assert losses(store / "runs/a") == losses(local)  # steps 3 and 4 again, the same
+        assert _steps_at(store) == [3, 4]
 
 
 def test_a_run_in_s3_resumes_and_keeps_its_newest_checkpoints(tmp_path: Path, models, dataset, monkeypatch,

@@ -396,6 +396,21 @@ def test_weights_gone_non_finite_are_never_checkpointed(tmp_path: Path, models, 
     assert all(torch.isfinite(w).all() for w in load_checkpoint(latest_checkpoint(run))["model"].values())
 
 
+def test_going_back_to_an_older_checkpoint_drops_the_later_ones_at_the_first_save(tmp_path: Path, models, dataset,
+                                                                                  capsys):
+    """--resume RUN/checkpoints/step_N.pt after a loss spike: the checkpoints after N are from the
+    abandoned steps; they stay until the resumed run writes its first one (a failed attempt loses
+    nothing), then go, so --resume auto never takes them up again."""
+    run = tmp_path / "run"
+    assert run_train(dataset["long"], run, models, steps=6, checkpoint_every=2) == 0
+    capsys.readouterr()
+    assert run_train(dataset["long"], run, models, "--resume", str(run / "checkpoints/step_00000002.pt"), steps=6,
+                     checkpoint_every=3) == 0
+    assert "the checkpoints of steps 4, 6 come after the one resumed" in capsys.readouterr().err
+    assert [s for s, _ in list_checkpoints(run)] == [2, 3, 6]
+    assert [s for s, _ in losses(run)] == [1, 2, 3, 4, 5, 6]
+
+
 def test_resume_with_another_config_is_refused(tmp_path: Path, models, dataset, capsys):
     run = tmp_path / "run"
     assert run_train(dataset["long"], run, models, steps=2) == 0

@@ -64,8 +64,9 @@ def find_checkpoint(run: str | os.PathLike, step: int | None = None) -> Path | N
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int | None) -> Path:
-    """Write under a temporary name, fsync, rename; then drop all but the newest ``keep`` (None:
-    the caller prunes; a run at a URL drops its local copies once they are uploaded)."""
+    """Write under a temporary name, fsync, rename; then drop the checkpoints of later steps (a
+    resume from an older checkpoint abandoned them) and all but the newest ``keep`` (None: the
+    caller prunes; a run at a URL drops its local copies once they are uploaded)."""
     final = checkpoint_path(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
@@ -75,7 +76,11 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict[str, Any]
         os.fsync(f.fileno())
     os.replace(tmp, final)
     fsync_dir(final.parent)
-    for _, old in list_checkpoints(run_dir)[:-keep] if keep is not None else ():
+    found = list_checkpoints(run_dir)
+    for old_step, old in found:
+        if old_step > step:
+            old.unlink(missing_ok=True)
+    for _, old in [c for c in found if c[0] <= step][:-keep] if keep is not None else ():
         old.unlink(missing_ok=True)
     for stale in final.parent.glob(".step_*.pt.tmp-*"):  # left by a save that was killed
         if stale != tmp:

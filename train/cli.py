@@ -24,7 +24,7 @@ from train.config import ABLATIONS, PRESETS, ConfigError
 from train.data import DataError
 
 # What a user can fix (bad arguments, data or run folder): a message and exit status 2, no traceback.
-USER_ERRORS = (ConfigError, ManifestError, CheckpointError, CurateError, DataError, FileNotFoundError, RemoteError)
+USER_ERRORS = (ConfigError, ManifestError, CheckpointError, CurateError, DataError, FileNotFoundError, PermissionError, RemoteError)
 
 
 def _train_parser() -> argparse.ArgumentParser:

@@ -81,6 +81,7 @@ class RemoteRun:
         self._uploads: list[_Upload] = []  # pushed, not yet collected; oldest first
         self._pushes = 0
         self._lost: str | None = None  # the newest checkpoint's failed upload, until a later one succeeds
+        self._failed: set[int] = set()  # steps whose upload failed (their local copies are the only ones)
 
     # ---- checkpoints at the URL ---------------------------------------------------------------
     def checkpoint_url(self, step: int) -> str:
@@ -116,17 +117,20 @@ class RemoteRun:
     def fetch_on_each_machine(self, step: int | None = None) -> Path | None:
         """:meth:`fetch` for ranks launched together: the step chosen by rank 0, fetched by the
         first rank of each machine, which the others wait for (``--init-from`` a URL)."""
-        step = _from_rank_0(lambda: step if step is not None else (self.steps() or [None])[-1])
-        if step is None:
+        def chosen() -> int | None:
+            steps = self.steps()
+            return (step if step in steps else None) if step is not None else (steps[-1] if steps else None)
+
+        found = _from_rank_0(chosen)
+        if found is None:
             return None
-        _on_first_rank_of_each_machine(lambda: self.fetch(step))
-        local = checkpoint_path(self.local, step)
-        return local if local.is_file() else None
+        _on_first_rank_of_each_machine(lambda: self.fetch(found))
+        return checkpoint_path(self.local, found)
 
     def latest_local_url(self) -> str | None:
-        """The URL of the newest checkpoint of the local copy (uploaded, or being uploaded)."""
-        found = list_checkpoints(self.local)
-        return self.checkpoint_url(found[-1][0]) if found else None
+        """The URL of the newest checkpoint of the local copy that is uploaded or being uploaded."""
+        found = [step for step, _ in list_checkpoints(self.local) if step not in self._failed]
+        return self.checkpoint_url(found[-1]) if found else None
 
     def _is_copy_of(self, local: Path, url: str) -> bool:
         marker = _version_marker(local)
@@ -190,9 +194,9 @@ class RemoteRun:
         self._pushed.clear()
 
     def pull(self, files: tuple[str, ...] = (), folders: tuple[str, ...] = (), pattern: str = "*") -> Path:
-        """Make the local copy's ``files``, and the files in ``folders`` (not their subfolders)
-        whose names match ``pattern``, those at the URL: fetched, or removed when the URL has
-        none (a result deleted there is not served again). Returns the local copy."""
+        """Fetch ``files`` (a local one the URL lacks is removed) and the files in ``folders`` (not
+        their subfolders) whose names match ``pattern`` (a local one the URL lacks stays: another
+        reader on this machine may not have uploaded it yet). Returns the local copy."""
         names = list(files)
         for folder in folders:
             try:
@@ -200,9 +204,6 @@ class RemoteRun:
             except FileNotFoundError:
                 listed = []
             names += [f"{folder}/{n}" for n in listed if fnmatch.fnmatchcase(n, pattern)]
-            for path in (self.local / folder).glob("[!.]*"):
-                if path.is_file() and fnmatch.fnmatchcase(path.name, pattern) and path.name not in listed:
-                    path.unlink()
         for name in names:
             try:
                 storage.fetch_file(storage.join(self.url, name), self.local / name)
@@ -251,6 +252,9 @@ class RemoteRun:
         """At the end of the run: push what changed since the last push and wait for every upload.
         Raises when the last checkpoint or those files are not at the URL, unless the run is
         ``failing`` anyway (then they are notes, as is any error here)."""
+        pending = [u.checkpoint.name for u in self._uploads if u.checkpoint is not None]
+        if pending:
+            note(f"waiting for the upload of {', '.join(pending)} to {self.url}")
         try:
             self._collect(note, "", wait=True)  # first: what these failed to send is sent again below
             self.push(note=note)
@@ -328,13 +332,16 @@ class RemoteRun:
             for _, path in [c for c in list_checkpoints(self.local) if c[0] <= step][:-keep]:
                 _drop_local(path)  # of the uploads that failed, as many as a local run keeps
             # Set here, in the jobs' order: a later checkpoint's upload clears it.
+            self._failed.add(step)
             self._lost = (f"checkpoint step {step} was not uploaded to {url} ({e}); it is kept at {checkpoint}: a rerun "
                           "resumes from the URL's latest and clears that copy, so upload it by hand to keep it")
             raise CheckpointNotUploaded(self._lost) from e
         self._lost = None  # the newest checkpoint is at the URL: one that failed before is superseded
+        self._failed.discard(step)
         self._mark_copy(checkpoint, url)
-        for old in self.steps()[:-keep]:
-            storage.remove(self.checkpoint_url(old))
+        at_url = self.steps()
+        for old in [s for s in at_url if s > step] + [s for s in at_url if s <= step][:-keep]:
+            storage.remove(self.checkpoint_url(old))  # later steps: a resume from an older one abandoned them
         for old_step, path in list_checkpoints(self.local):
             if old_step < step:
                 _drop_local(path)
@@ -354,7 +361,7 @@ def _from_rank_0(compute: Callable[[], T]) -> T:
     if dist.get_rank() == 0:
         try:
             answer[0] = compute()
-        except (ConfigError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 - told to every rank, then raised
             answer[1], error = str(e), e
     dist.broadcast_object_list(answer, src=0)
     if answer[1] is not None:
@@ -377,7 +384,7 @@ def _agreed(work: Callable[[], object] | None) -> None:
     try:
         if work is not None:
             work()
-    except (ConfigError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - agreed on with the other ranks, then raised
         if not dist.is_initialized():
             raise
         error = e

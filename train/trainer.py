@@ -50,6 +50,7 @@ from train.checkpoint import (
     CheckpointError,
     check_format,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
@@ -326,6 +327,11 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
         logger.note(f"schedule: {describe_schedule(cfg.optim, cfg.lr, cfg.steps)}")
         if state is not None:
             logger.note(f"resumed from {resumed_from} at step {start_step}")
+            later = ([s for s, _ in list_checkpoints(run_dir)] if remote is None else remote.steps())
+            if any(s > start_step for s in later):
+                logger.note(f"WARNING: the checkpoints of steps {', '.join(str(s) for s in later if s > start_step)} "
+                            "come after the one resumed: they are deleted when this run writes its first "
+                            "checkpoint (until then, --resume auto would take the latest of them)")
             saved = from_dict(state["config"])
             before = saved.lr * lr_factor(start_step, saved.optim, saved.steps)
             now = cfg.lr * lr_factor(start_step, cfg.optim, cfg.steps)
@@ -352,7 +358,11 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
                         + (f"; the teacher's features spatially normalised, gamma {cfg.repa.spatial_gamma} (iREPA)"
                            if cfg.repa.spatial_norm else ""))
     if remote is not None:  # every rank: a store that refuses writes stops them all here, before step 1
-        remote.start(note=logger.note)
+        try:
+            remote.start(note=logger.note)
+        except BaseException:
+            logger.close()
+            raise
         logger.note(f"run folder: {remote.url}, written in {run_dir} and uploaded with each checkpoint")
 
     # ---- the loop ----------------------------------------------------------------------------------
@@ -563,7 +573,6 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
                 break
         failing = False
     finally:
-        stop.restore()
         if loader is not None:
             loader.close()
         try:
@@ -571,6 +580,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
                 logger.flush()
                 remote.close(note=logger.note, failing=failing)
         finally:
+            stop.restore()  # after the uploads: a second SIGTERM during them is not fatal either
             logger.close()
     return RunResult(run_dir, completed, start_step if state is not None else None, last_loss)
 

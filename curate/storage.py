@@ -163,16 +163,19 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     return _retried(url, "reading it", lambda: fs.cat_file(inner))
 
 
-def list_names(path: str | os.PathLike) -> list[str]:
-    """The names in a folder, sorted: a URL's from its store's listing (an HTTP server's from its
-    index page, as fsspec reads one). FileNotFoundError when there is no such folder."""
+def list_names(path: str | os.PathLike, files_only: bool = False) -> list[str]:
+    """The names in a folder, sorted (``files_only``: not its subfolders'): a URL's from its store's
+    listing (an HTTP server's from its index page, as fsspec reads one). FileNotFoundError when
+    there is no such folder."""
     if not is_remote(path):
-        return sorted(os.listdir(local_path(path)))
+        names = os.listdir(local_path(path))
+        return sorted(n for n in names if not files_only or os.path.isfile(os.path.join(local_path(path), n)))
     url = os.fspath(path).rstrip("/")
     fs, inner = _filesystem(url)
     fs.invalidate_cache(inner)  # a listing is asked for to see what is there now
-    entries = _retried(url, "listing it", lambda: fs.ls(inner, detail=False))
-    return sorted(posixpath.basename(str(entry).rstrip("/")) for entry in entries)
+    entries = _retried(url, "listing it", lambda: fs.ls(inner, detail=True))
+    return sorted(posixpath.basename(str(entry["name"]).rstrip("/")) for entry in entries
+                  if not files_only or entry.get("type") != "directory")
 
 
 def has_magic(text: str) -> bool:

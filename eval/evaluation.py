@@ -156,12 +156,8 @@ def evaluate_run(
     """
     share = resolve_share(rank, world_size)
     # A run at a URL (train --out s3://...) is evaluated in a local copy: its checkpoint and stored
-    # evaluations fetched, the new results uploaded. One worker: several, on machines that share no
-    # folder, could not pool their chunks.
+    # evaluations fetched, the workers' chunks pooled at the URL, the new results uploaded.
     remote = RemoteRun(os.fspath(run), reader=True) if storage.is_remote(run) else None
-    if remote is not None and share.world_size > 1:
-        raise CurateError(f"{run}: a run at a URL is evaluated by one worker, not {share.world_size} (several "
-                          "pool their chunks in a shared run folder: copy the run to one to spread the work)")
     folder = remote.local if remote is not None else Path(run)
     path = remote.fetch(step) if remote is not None else find_checkpoint(folder, step)
     if path is None:
@@ -205,7 +201,7 @@ def evaluate_run(
         metrics=metrics, data=data, manifest=manifest, manifest_path=manifest_path, images=images, prompts=prompts,
         samples=samples, seed=seed, variant=variant, batch_size=batch_size, device=device,
         networks=dict(inception=inception, clip=clip, dino=dino, clip_score=clip_score, vqa=vqa),
-        share=share, force=force, progress=progress)
+        share=share, force=force, progress=progress, remote=remote)
     if remote is not None:
         remote.upload("eval")
     return result
@@ -399,9 +395,12 @@ def _evaluate(
     extra_settings: dict[str, Any], record: dict[str, Any], metrics: list[str] | tuple[str, ...], data: Any,
     manifest: Any, manifest_path: Path | str | None, images: Any, prompts: Any, samples: int, seed: int,
     variant: str | None, batch_size: int, device: str | None, networks: dict[str, Any], share: Any, force: bool,
-    progress: bool,
+    progress: bool, remote: RemoteRun | None = None,
 ) -> dict[str, Any] | None:
-    """The evaluation of one model (a run's checkpoint or a pipeline), stored under ``folder/eval``."""
+    """The evaluation of one model (a run's checkpoint or a pipeline), stored under ``folder/eval``;
+    with ``remote`` (a run at a URL, ``folder`` its local copy) the workers, on machines that share
+    no folder, pool their chunks at the URL: each uploads its own as it saves them and fetches the
+    others' first (chunks done elsewhere are not generated again) and last."""
     metrics = list(dict.fromkeys(metrics))
     steps, guidance, interval, shift = sampler.steps, sampler.guidance, sampler.interval, sampler.shift
     if batch_size < 1 or steps < 1:
@@ -453,6 +452,11 @@ def _evaluate(
     def missing(c: int) -> list[Any]:
         return [net for net in needed.values() if force or not chunk_file(c, net).is_file()]
 
+    def others_chunks() -> None:
+        if remote is not None:
+            remote.pull(folders=(f"eval/{name}",), pattern="*.npy", only_missing=True)
+
+    others_chunks()
     mine = [c for c in range(share.rank, chunks, share.world_size) if missing(c)]
     started = time.perf_counter()
     if mine:
@@ -475,9 +479,12 @@ def _evaluate(
                 bar.update(len(batch))
             for net in nets:
                 _save_npy(chunk_file(c, net), np.concatenate(features[net.key]).astype(np.float32))
+            if remote is not None:  # before any check of the others': of two last workers, one sees both
+                remote.upload(f"eval/{name}")
             if c == 0:
                 _preview(folder / "eval" / f"{name}.png", first, evalset, data, images, resolution)
         bar.close()
+    others_chunks()
     if not all(chunk_file(c, net).is_file() for c in range(chunks) for net in needed.values()):
         return None  # another worker's chunks are not done; the last worker to finish writes the result
 

@@ -523,7 +523,8 @@ def test_compare_puts_runs_side_by_side_with_their_differences(pipeline, incepti
 def test_a_run_at_a_url_is_evaluated_and_compared_as_its_folder(pipeline, embedders, tmp_path: Path, monkeypatch):
     """`evaluate run URL` (a run of `train --out s3://...`): its checkpoint fetched, the result
     stored in the run's eval/ at the URL, where another machine finds it (nothing measured again,
-    nothing uploaded); `evaluate compare` reads it there; several workers are refused."""
+    nothing uploaded); `evaluate compare` reads it there; two workers on two machines pool their
+    chunks at the URL and give one worker's numbers."""
     from file_server import serve
 
     local = _evaluate(_fresh_copy(pipeline["base"], tmp_path / "local"), embedders, metrics=["cmmd"])
@@ -542,8 +543,17 @@ def test_a_run_at_a_url_is_evaluated_and_compared_as_its_folder(pipeline, embedd
         header, rows, _ = compare_runs([url, tmp_path / "local"])
         assert [r[0] for r in rows] == ["base", "local"]
         assert rows[0][header.index("CMMD")] == rows[1][header.index("CMMD")] is not None
-        with pytest.raises(CurateError, match="evaluated by one worker, not 2"):
-            _evaluate(url, embedders, metrics=["cmmd"], rank=0, world_size=2)
+
+        monkeypatch.setattr(evaluation, "CHUNK", 4)  # 3 chunks of SAMPLES = 10
+        _fresh_copy(pipeline["base"], store / "runs" / "shared")
+        shared = f"{server.url}/runs/shared"
+        monkeypatch.setenv("KILN_STAGING", str(tmp_path / "machine-3"))
+        assert _evaluate(shared, embedders, metrics=["cmmd"], rank=0, world_size=2) is None  # chunks 0 and 2
+        monkeypatch.setenv("KILN_STAGING", str(tmp_path / "machine-4"))
+        pooled = _evaluate(shared, embedders, metrics=["cmmd"], rank=1, world_size=2)  # chunk 1, then all three
+        assert _values(pooled) == _values(local)
+        assert len(list((store / "runs/shared/eval").glob("step*/0000[012].*.npy"))) == 3
+        assert list((tmp_path / "machine-4").rglob("00000.*.npy"))  # the first machine's chunk, fetched
 
 
 def test_the_evaluate_command(pipeline, inception, embedders, tmp_path: Path, capsys):

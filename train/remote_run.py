@@ -193,24 +193,26 @@ class RemoteRun:
                 path.unlink(missing_ok=True)
         self._pushed.clear()
 
-    def pull(self, files: tuple[str, ...] = (), folders: tuple[str, ...] = (), pattern: str = "*") -> Path:
+    def pull(self, files: tuple[str, ...] = (), folders: tuple[str, ...] = (), pattern: str = "*",
+             only_missing: bool = False) -> Path:
         """Fetch ``files`` (a local one the URL lacks is removed) and the files in ``folders`` (not
         their subfolders) whose names match ``pattern`` (a local one the URL lacks stays: another
-        reader on this machine may not have uploaded it yet). Returns the local copy."""
+        reader on this machine may not have uploaded it yet); ``only_missing``: those the local
+        copy lacks (files never rewritten). Returns the local copy."""
         names = list(files)
         for folder in folders:
             try:
-                listed = storage.list_names(storage.join(self.url, folder))
+                listed = storage.list_names(storage.join(self.url, folder), files_only=True)
             except FileNotFoundError:
                 listed = []
             names += [f"{folder}/{n}" for n in listed if fnmatch.fnmatchcase(n, pattern)]
         for name in names:
+            if only_missing and (self.local / name).is_file():
+                continue
             try:
                 storage.fetch_file(storage.join(self.url, name), self.local / name)
             except FileNotFoundError:
                 (self.local / name).unlink(missing_ok=True)
-                continue
-            except IsADirectoryError:  # a subfolder's name in the listing
                 continue
             self._pushed[name] = _stamp(self.local / name)
         return self.local

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,15 @@ from PIL import Image
 from curate.shards import committed_shards, iter_tar_samples
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _staging_of_the_test_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """What stages and runs at URLs stage locally ($KILN_STAGING, by default the system's temporary
+    folder) goes to a folder of the test run, not /tmp (a test may set its own, as machines do)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KILN_STAGING", str(tmp_path_factory.mktemp("staging")))
+        yield
 
 
 def noise_image(seed: int, size: tuple[int, int] = (96, 80), mode: str = "RGB") -> Image.Image:

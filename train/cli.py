@@ -33,7 +33,8 @@ def _train_parser() -> argparse.ArgumentParser:
         epilog="`train export RUN --to DIR` writes a folder that diffusers' PRXPipeline loads; "
                "`train generate DIR PROMPT --out FILE.png` samples from it.")
     p.add_argument("--shards", help="the manifest to train on (manifests/long.json)")
-    p.add_argument("--out", help="the run folder: config, checkpoints, metrics, samples")
+    p.add_argument("--out", help="the run folder: config, checkpoints, metrics, samples; or a URL "
+                                 "(s3://bucket/runs/NAME: written in a local copy in $KILN_STAGING and uploaded)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="model size and schedule; default prx-1.2b")
     p.add_argument("--ablation", dest="ablations", action="append", type=_ablation_names, default=None,
@@ -41,15 +42,16 @@ def _train_parser() -> argparse.ArgumentParser:
                    + "; ".join(f"{name}: {', '.join(f'{k}={v}' for k, v in keys.items())}"
                                for name, keys in ABLATIONS.items()))
     p.add_argument("--init-from", metavar="SOURCE",
-                   help="start from trained weights (init.source): a run folder (its latest checkpoint), "
-                        "a checkpoint file, a `train export` folder, a diffusers PRXTransformer2DModel "
+                   help="start from trained weights (init.source): a run folder or URL (its latest "
+                        "checkpoint), a checkpoint file or URL, a `train export` folder, a diffusers PRXTransformer2DModel "
                         "folder or Hub id, or an alias (prx-256, prx-512, prx-512-sft, prx-1024-beta, prx-512-dc-ae...); "
                         "optimizer, schedule and step start afresh")
     p.add_argument("--config", dest="config_file", help="a YAML file of config keys")
     p.add_argument("--resume", default="never",
                    help="auto: continue from the run folder's latest checkpoint, starting from its "
-                        "saved config (key=value may change steps, intervals, logging); or a "
-                        "checkpoint file; never (default) refuses a run folder that has checkpoints")
+                        "saved config (key=value may change steps, intervals, logging); or one of the "
+                        "run's checkpoints (RUN/checkpoints/step_N.pt: the later ones are deleted at the "
+                        "next checkpoint); never (default) refuses a run folder that has checkpoints")
     p.add_argument("--check", action="store_true",
                    help="run every check of the first step (manifest, shards, text shards, resume or "
                         "init source, REPA's teacher and images, the sample grids' VAE) and exit without "

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from test_train import (  # noqa: F401
     INTERRUPTED,
     _cli_cmd,
     dataset,
+    killed_at_a_checkpoint,
     losses,
     models,
     one_process,
@@ -57,15 +57,8 @@ def test_a_run_at_a_url_killed_and_resumed_on_another_machine_continues_exactly(
     with serve(store) as server:
         url = f"{server.url}/runs/a"
         first = {**os.environ, "KILN_STAGING": str(tmp_path / "machine-1")}
-        proc = subprocess.Popen(_cli_cmd(dataset["mix"], url, models, **INTERRUPTED), cwd=REPO, env=first,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 120
-        while not _steps_at(store) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        at_kill = _steps_at(store)
-        assert at_kill and at_kill[-1] < 60, f"the run ended before it could be killed: {at_kill}"
+        at_kill = killed_at_a_checkpoint(_cli_cmd(dataset["mix"], url, models, **INTERRUPTED),
+                                         lambda: _steps_at(store), env=first)
 
         second = {**os.environ, "KILN_STAGING": str(tmp_path / "machine-2")}
         refused = subprocess.run(_cli_cmd(dataset["mix"], url, models, **INTERRUPTED), cwd=REPO, env=second,

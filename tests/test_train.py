@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,17 +92,26 @@ def uninterrupted(tmp_path_factory, models, dataset) -> Path:
     return run
 
 
-def test_sigkill_and_resume_continue_the_exact_loss_sequence(tmp_path: Path, models, dataset, uninterrupted):
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli_cmd(dataset["mix"], killed, models, **INTERRUPTED), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+def killed_at_a_checkpoint(cmd: list[str], checkpoints: Callable[[], list[int]],
+                           env: dict[str, str] | None = None) -> list[int]:
+    """Run ``cmd`` (an INTERRUPTED run) and SIGKILL it, DataLoader workers included, as soon as
+    ``checkpoints()`` lists one: the steps listed then."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     deadline = time.monotonic() + 120
-    while not list_checkpoints(killed) and proc.poll() is None and time.monotonic() < deadline:
+    while not checkpoints() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    at_kill = [s for s, _ in list_checkpoints(killed)]
-    assert at_kill and at_kill[-1] < 60, f"the run ended before it could be killed: {at_kill}"
+    at_kill = checkpoints()
+    assert at_kill and at_kill[-1] < INTERRUPTED["steps"], f"the run ended before it could be killed: {at_kill}"
+    return at_kill
+
+
+def test_sigkill_and_resume_continue_the_exact_loss_sequence(tmp_path: Path, models, dataset, uninterrupted):
+    killed = tmp_path / "killed"
+    killed_at_a_checkpoint(_cli_cmd(dataset["mix"], killed, models, **INTERRUPTED),
+                           lambda: [s for s, _ in list_checkpoints(killed)])
     # Without --resume a run folder with checkpoints is refused; with it, the run continues.
     refused = subprocess.run(_cli_cmd(dataset["mix"], killed, models, **INTERRUPTED), cwd=REPO,
                              capture_output=True, text=True)

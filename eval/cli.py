@@ -133,15 +133,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _steps(run: str, step: str | None) -> list[int | None]:
     """--step as checkpoint steps: None (the latest), N, N,M,... or all (every kept checkpoint)."""
-    from curate import storage
-    from train.checkpoint import list_checkpoints
-    from train.remote_run import RemoteRun
+    from train.checkpoint import checkpoint_steps
 
     if step is None:
         return [None]
     if step == "all":
-        found = (RemoteRun(run, reader=True).steps() if storage.is_remote(run)
-                 else [s for s, _ in list_checkpoints(run)])
+        found = checkpoint_steps(run)
         if not found:
             raise CheckpointError(f"{run} has no checkpoint")
         return found

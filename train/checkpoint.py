@@ -49,6 +49,23 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def checkpoint_steps(run: str | os.PathLike) -> list[int]:
+    """The steps of a run folder's checkpoints, or of a run's at a URL, oldest first."""
+    from curate import storage
+
+    if storage.is_remote(run):
+        from train.remote_run import RemoteRun
+
+        return RemoteRun(os.fspath(run), reader=True).steps()
+    return [step for step, _ in list_checkpoints(run)]
+
+
+def superseded(steps: list[int], step: int, keep: int) -> list[int]:
+    """Of a run's checkpoint ``steps`` (oldest first), those that go once ``step`` is written: the
+    later ones (a resume from an older checkpoint abandoned them) and all but the newest ``keep``."""
+    return [s for s in steps if s > step] + [s for s in steps if s <= step][:-keep]
+
+
 def find_checkpoint(run: str | os.PathLike, step: int | None = None) -> Path | None:
     """The checkpoint of ``step`` (default: the latest) of a run folder, or of a run at a URL
     (``train --out s3://...``; fetched into its local copy, train/remote_run.py); None when there
@@ -64,9 +81,9 @@ def find_checkpoint(run: str | os.PathLike, step: int | None = None) -> Path | N
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int | None) -> Path:
-    """Write under a temporary name, fsync, rename; then drop the checkpoints of later steps (a
-    resume from an older checkpoint abandoned them) and all but the newest ``keep`` (None: the
-    caller prunes; a run at a URL drops its local copies once they are uploaded)."""
+    """Write under a temporary name, fsync, rename; then drop the checkpoints it supersedes (see
+    :func:`superseded`; ``keep`` None: the caller prunes, as a run at a URL drops its local copies
+    once they are uploaded, its local copy holding no later ones)."""
     final = checkpoint_path(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
@@ -76,12 +93,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict[str, Any]
         os.fsync(f.fileno())
     os.replace(tmp, final)
     fsync_dir(final.parent)
-    found = list_checkpoints(run_dir)
-    for old_step, old in found:
-        if old_step > step:
-            old.unlink(missing_ok=True)
-    for _, old in [c for c in found if c[0] <= step][:-keep] if keep is not None else ():
-        old.unlink(missing_ok=True)
+    for old in superseded([s for s, _ in list_checkpoints(run_dir)], step, keep) if keep is not None else ():
+        checkpoint_path(run_dir, old).unlink(missing_ok=True)
     for stale in final.parent.glob(".step_*.pt.tmp-*"):  # left by a save that was killed
         if stale != tmp:
             stale.unlink(missing_ok=True)

@@ -36,7 +36,6 @@ from curate.runner import CurateError
 from train.checkpoint import (
     CHECKPOINT_DIR,
     CheckpointError,
-    checkpoint_step,
     latest_checkpoint,
     load_checkpoint,
 )
@@ -92,14 +91,10 @@ def load_initial_weights(cfg: TrainConfig, architecture: dict[str, Any], spec: L
 
 def _fetch_remote(source: str) -> Path:
     """The local copy of a URL run's latest checkpoint, or of the checkpoint a URL names."""
-    from train.remote_run import RemoteRun
+    from train.remote_run import RemoteRun, split_checkpoint_url
 
-    folder, _, name = storage.resolved(source).rpartition("/")
-    step = checkpoint_step(name)
-    if step is not None and folder.endswith(f"/{CHECKPOINT_DIR}"):
-        path = RemoteRun(storage.parent(folder), reader=True).fetch_on_each_machine(step)
-    else:
-        path = RemoteRun(source, reader=True).fetch_on_each_machine()
+    run, step = split_checkpoint_url(source) or (source, None)
+    path = RemoteRun(run, reader=True).fetch_on_each_machine(step)
     if path is None:
         raise ConfigError(f"init.source {source}: neither a run at a URL holding checkpoints, nor one of its "
                           "checkpoints (RUN/checkpoints/step_N.pt)")

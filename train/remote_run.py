@@ -48,7 +48,13 @@ import torch.distributed as dist
 
 from curate import storage
 from curate.shards import staging_dir
-from train.checkpoint import CHECKPOINT_DIR, checkpoint_path, checkpoint_step, list_checkpoints
+from train.checkpoint import (
+    CHECKPOINT_DIR,
+    checkpoint_path,
+    checkpoint_step,
+    list_checkpoints,
+    superseded,
+)
 from train.config import ConfigError
 from train.metrics import METRICS_FILE
 
@@ -175,8 +181,8 @@ class RemoteRun:
             return None
         if resume == "auto":
             return steps[-1] if steps else None
-        step = checkpoint_step(os.path.basename(resume.rstrip("/"))) if storage.is_remote(resume) else None
-        if step is None or storage.resolved(resume) != self.checkpoint_url(step):
+        run, step = split_checkpoint_url(resume) or (None, None)
+        if run != self.url or step is None:
             raise ConfigError(f"--resume {resume}: a run at a URL resumes from one of its own checkpoints "
                               f"({storage.join(self.url, CHECKPOINT_DIR)}/step_NNNNNNNN.pt), or auto")
         if step not in steps:
@@ -337,20 +343,27 @@ class RemoteRun:
             self._failed.add(step)
             self._lost = (f"checkpoint step {step} was not uploaded to {url} ({e}); it is kept at {checkpoint}: a rerun "
                           "resumes from the URL's latest and clears that copy, so upload it by hand to keep it")
-            raise CheckpointNotUploaded(self._lost) from e
+            raise storage.RemoteError(self._lost) from e
         self._lost = None  # the newest checkpoint is at the URL: one that failed before is superseded
         self._failed.discard(step)
         self._mark_copy(checkpoint, url)
-        at_url = self.steps()
-        for old in [s for s in at_url if s > step] + [s for s in at_url if s <= step][:-keep]:
-            storage.remove(self.checkpoint_url(old))  # later steps: a resume from an older one abandoned them
+        for old in superseded(self.steps(), step, keep):
+            storage.remove(self.checkpoint_url(old))
         for old_step, path in list_checkpoints(self.local):
             if old_step < step:
                 _drop_local(path)
 
 
-class CheckpointNotUploaded(storage.RemoteError):
-    """A checkpoint that stayed in the local copy only."""
+def split_checkpoint_url(url: str) -> tuple[str, int] | None:
+    """(the run's URL, the step) of a checkpoint's URL (RUN/checkpoints/step_N.pt); None for any
+    other string."""
+    if not storage.is_remote(url):
+        return None
+    folder, _, name = storage.resolved(url).rpartition("/")
+    step = checkpoint_step(name)
+    if step is None or not folder.endswith(f"/{CHECKPOINT_DIR}"):
+        return None
+    return storage.parent(folder), step
 
 
 # ---- ranks agreeing (each helper is called by every rank, or by the only process) -------------------

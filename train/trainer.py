@@ -49,8 +49,8 @@ from train.checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
     check_format,
+    checkpoint_steps,
     latest_checkpoint,
-    list_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
@@ -327,9 +327,9 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
         logger.note(f"schedule: {describe_schedule(cfg.optim, cfg.lr, cfg.steps)}")
         if state is not None:
             logger.note(f"resumed from {resumed_from} at step {start_step}")
-            later = ([s for s, _ in list_checkpoints(run_dir)] if remote is None else remote.steps())
-            if any(s > start_step for s in later):
-                logger.note(f"WARNING: the checkpoints of steps {', '.join(str(s) for s in later if s > start_step)} "
+            later = [s for s in checkpoint_steps(cfg.out) if s > start_step]
+            if later:
+                logger.note(f"WARNING: the checkpoints of steps {', '.join(map(str, later))} "
                             "come after the one resumed: they are deleted when this run writes its first "
                             "checkpoint (until then, --resume auto would take the latest of them)")
             saved = from_dict(state["config"])

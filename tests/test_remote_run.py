@@ -5,6 +5,7 @@ together, uploads that fail, and the readers of such a run (export, --init-from)
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import socket
@@ -187,8 +188,17 @@ def test_readers_fetch_a_url_runs_checkpoints(tmp_path: Path, models, dataset, m
             assert record["source"] == source and record["step"] == step
         assert run_train(dataset["long"], new, models, "--init-from", f"{url}/checkpoints/step_00000001.pt",
                          steps=1) == 2  # not one of the run's
+        # The readers' copy keeps the checkpoint each reader on the machine fetched last: here the
+        # one of step 2, until another reader's fetch of step 4 finds nobody holding it.
         reader = RemoteRun(url, reader=True)
-        assert [s for s, _ in list_checkpoints(reader.local)] == [2, 4] and reader.local != RemoteRun(url).local
+        assert [s for s, _ in list_checkpoints(reader.local)] == [2] and reader.local != RemoteRun(url).local
+        with open(reader.local / "checkpoints/.step_00000002.pt.lock", "ab") as other_reader:
+            fcntl.flock(other_reader, fcntl.LOCK_SH)
+            assert reader.fetch(4) == checkpoint_path(reader.local, 4)
+            assert [s for s, _ in list_checkpoints(reader.local)] == [2, 4]
+        assert reader.fetch(4) == checkpoint_path(reader.local, 4)
+        assert sorted(p.name for p in (reader.local / "checkpoints").iterdir()) == [
+            ".step_00000004.pt.lock", ".step_00000004.pt.version", "step_00000004.pt"]
         assert _same_weights(checkpoint_path(reader.local, 4), checkpoint_path(local, 4))
         # --resume names one of the run's own checkpoints by URL, nothing else; going back to an
         # older one, the later ones are deleted once the resumed run has written its first.

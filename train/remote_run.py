@@ -29,11 +29,13 @@ uploaded. If the last one fails the run ends with an error naming the local copy
 
 Readers of a run (``train export``, ``--init-from``, ``evaluate run`` and ``compare``) fetch what
 they read into a copy of their own (``reader=True``), never the trainer's, whose files it appends
-to: :meth:`RemoteRun.fetch`.
+to: :meth:`RemoteRun.fetch`, which keeps there the checkpoint each reader on the machine fetched
+last and no other.
 """
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import os
 import shutil
@@ -41,7 +43,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -103,21 +105,25 @@ class RemoteRun:
 
     def fetch(self, step: int | None = None) -> Path | None:
         """The local copy of the checkpoint of ``step`` (default: the latest), downloaded unless
-        the copy is that file already; None when the URL holds no such checkpoint. A reader's
-        copies of checkpoints the URL no longer holds (pruned by the trainer) are dropped."""
+        the copy is that file already; None when the URL holds no such checkpoint. A reader's copy
+        keeps one checkpoint per reader process on this machine (a checkpoint of a 1B model with its
+        optimizer state is tens of GB): this process's previous one is released, and every copy no
+        reader holds but this one is dropped (see _use)."""
         steps = self.steps()
         if step is None and steps:
             step = steps[-1]
         if step is None or step not in steps:
             return None
         local, url = checkpoint_path(self.local, step), self.checkpoint_url(step)
+        if self.reader:  # before the check: no other reader drops it while this one fetches and loads it
+            _use(self.local, local)
         if not self._is_copy_of(local, url):
             storage.fetch_file(url, local)
             self._mark_copy(local, url)
         if self.reader:
             for old, path in list_checkpoints(self.local):
-                if old not in steps:
-                    _drop_local(path)
+                if old != step:
+                    _drop_unused(path)
         return local
 
     def fetch_on_each_machine(self, step: int | None = None) -> Path | None:
@@ -417,6 +423,56 @@ def _agreed(work: Callable[[], object] | None) -> None:
 def _version_marker(local: Path) -> Path:
     """Beside a local copy of a checkpoint: the size and ETag of the URL's file it copies."""
     return local.with_name(f".{local.name}.version")
+
+
+# The checkpoint each reader copy's process fetched last, held by a shared lock (fcntl.flock, let go
+# when the process exits) on a file beside it, so that a reader on the same machine fetching another
+# step (`evaluate run URL --step all` by several workers) drops only the copies nobody is loading.
+_IN_USE: dict[Path, IO[bytes]] = {}
+
+
+def _lock_file(checkpoint: Path) -> Path:
+    return checkpoint.with_name(f".{checkpoint.name}.lock")
+
+
+def _same_file(handle: IO[bytes], path: Path) -> bool:
+    """Whether the open ``handle`` is still the file at ``path`` (a reader that dropped the copy
+    has not unlinked it meanwhile)."""
+    try:
+        there = path.stat()
+    except FileNotFoundError:
+        return False
+    held = os.fstat(handle.fileno())
+    return (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _use(copy: Path, checkpoint: Path) -> None:
+    """Hold ``checkpoint`` of the reader copy ``copy`` for this process, instead of the one it held."""
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        handle = open(_lock_file(checkpoint), "ab")  # noqa: SIM115 - held until the next fetch or exit
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        if _same_file(handle, _lock_file(checkpoint)):
+            break
+        handle.close()  # locked a file being dropped: take the new one
+    previous = _IN_USE.get(copy)
+    _IN_USE[copy] = handle
+    if previous is not None:
+        previous.close()
+
+
+def _drop_unused(checkpoint: Path) -> None:
+    """Delete a reader copy's ``checkpoint`` unless a reader on this machine holds it."""
+    lock = _lock_file(checkpoint)
+    with open(lock, "ab") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return
+        if not _same_file(handle, lock):
+            return
+        _drop_local(checkpoint)
+        lock.unlink()  # last: a reader that opens it anew finds the checkpoint gone and fetches it
 
 
 def _drop_local(path: Path) -> None:

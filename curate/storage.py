@@ -319,8 +319,9 @@ def size(path: str | os.PathLike) -> int:
 
 
 def version(path: str | os.PathLike) -> tuple[int, str]:
-    """(size, what changes when the content does): a local file's mtime, a URL's ETag or
-    modification time as its store reports it ("" when it reports neither)."""
+    """(size, what changes when the content does): a local file's mtime, a URL's ETag (or an HTTP
+    server's content digest) or modification time as its store reports it ("" when it reports
+    none of them)."""
     if not is_remote(path):
         st = os.stat(local_path(path))
         return st.st_size, str(st.st_mtime_ns)
@@ -329,7 +330,8 @@ def version(path: str | os.PathLike) -> tuple[int, str]:
     info = _retried(url, "asking its size", lambda: fs.info(inner))
     if info.get("type") == "directory" or info.get("size") is None:
         raise FileNotFoundError(f"{url}: not a file, or the server does not say its size")
-    tag = next((str(info[k]) for k in ("ETag", "etag", "LastModified", "last_modified", "mtime", "updated")
+    tag = next((str(info[k]) for k in ("ETag", "etag", "Content-MD5", "Digest", "LastModified", "last_modified",
+                                       "Last-Modified", "mtime", "updated")
                 if info.get(k)), "")
     return int(info["size"]), tag
 

@@ -13,6 +13,7 @@ sees part of it, creating folders as needed; DELETE removes a file.
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import os
 import re
 import threading
@@ -110,6 +111,7 @@ class _Handler(SimpleHTTPRequestHandler):
         else:
             self.send_response(200)
         self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Last-Modified", email.utils.formatdate(path.stat().st_mtime, usegmt=True))  # no ETag
         self.send_header("Content-Length", str(end - start))
         self.end_headers()
         if body:

@@ -196,7 +196,9 @@ def test_readers_fetch_a_url_runs_checkpoints(tmp_path: Path, models, dataset, m
             fcntl.flock(other_reader, fcntl.LOCK_SH)
             assert reader.fetch(4) == checkpoint_path(reader.local, 4)
             assert [s for s, _ in list_checkpoints(reader.local)] == [2, 4]
+        stamp = checkpoint_path(reader.local, 4).stat().st_mtime_ns
         assert reader.fetch(4) == checkpoint_path(reader.local, 4)
+        assert checkpoint_path(reader.local, 4).stat().st_mtime_ns == stamp  # same size and Last-Modified: kept
         assert sorted(p.name for p in (reader.local / "checkpoints").iterdir()) == [
             ".step_00000004.pt.lock", ".step_00000004.pt.version", "step_00000004.pt"]
         assert _same_weights(checkpoint_path(reader.local, 4), checkpoint_path(local, 4))

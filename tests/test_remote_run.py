@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -148,7 +149,8 @@ def test_a_store_slower_than_checkpoint_every_gets_the_newest_checkpoint_and_no_
     err = capsys.readouterr().err
     uploaded = _steps_at(store)
     assert uploaded[0] == 1 and uploaded[-1] == 6 and len(uploaded) < 6, uploaded
-    assert "is not uploaded: step_00000006.pt replaces it" in err and "slower than checkpoint_every" in err
+    # Which checkpoint replaces a queued one depends on how fast the steps run beside the uploads.
+    assert re.search(r"is not uploaded: step_0000000\d\.pt replaces it", err) and "slower than checkpoint_every" in err
     assert [s for s, _ in list_checkpoints(RemoteRun(url).local)] == [6]
 
 

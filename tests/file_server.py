@@ -40,6 +40,8 @@ class FileServer(ThreadingHTTPServer):
         self.answers: Counter[str] = Counter()  # answers with a body, by path
         self.received: Counter[str] = Counter()  # bytes uploaded, by path
         self.read_only = False  # answer uploads and deletes 403, as a store to read-only credentials
+        self.keeps_files = False  # answer deletes 403, as a bucket whose policy allows writes but not deletes
+        self.lists_folders = True  # False: a folder's URL answers 404, as a store's endpoint that lists nothing
         self.puts = 0
         self.in_flight = self.peak = 0  # requests being answered; the most at once
         self.lock = threading.Lock()
@@ -81,6 +83,9 @@ class _Handler(SimpleHTTPRequestHandler):
         if self._failed_after_latency(fail):
             return
         path = Path(self.translate_path(self.path))
+        if path.is_dir() and not server.lists_folders:
+            self._reply(404)
+            return
         if path.is_dir():  # an index page of links, as nginx's autoindex (what fsspec lists a folder by)
             names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
             page = "".join(f'<a href="{name}">{name}</a>\n' for name in names).encode()
@@ -185,6 +190,9 @@ class _Handler(SimpleHTTPRequestHandler):
 
     def _delete(self, body: bool, fail: bool) -> None:
         if self._refused_write(fail):
+            return
+        if self.server.keeps_files:
+            self._reply(403, "Forbidden")
             return
         path = Path(self.translate_path(self.path))
         if not path.is_file():

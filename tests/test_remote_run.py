@@ -166,6 +166,58 @@ def test_a_store_that_refuses_writes_stops_the_run_before_its_first_step(tmp_pat
     assert "/runs/a/config.yaml: uploading it was refused" in err and "step 1/6" not in err
 
 
+def test_a_store_that_refuses_deletes_or_lists_nothing(tmp_path: Path, models, dataset, monkeypatch, capsys):
+    """A bucket that takes writes but refuses deletes: the run goes on with a warning at each
+    checkpoint, the local copy still keeps only the newest checkpoint, and every file goes up once.
+    A store whose folders list nothing is refused before step 1 (a resume could not find the
+    checkpoints, nor could they be pruned)."""
+    monkeypatch.setenv("KILN_STAGING", str(tmp_path / "staging"))
+    store = tmp_path / "store"
+    store.mkdir()
+    with serve(store) as server:
+        server.keeps_files = True
+        url = f"{server.url}/runs/a"
+        assert run_train(dataset["long"], url, models, steps=8, checkpoint_every=2, keep_checkpoints=1,
+                         sample_every=2) == 0
+        assert "deleting it was refused" in capsys.readouterr().err and _steps_at(store) == [2, 4, 6, 8]
+        assert [s for s, _ in list_checkpoints(RemoteRun(url).local)] == [8]
+        samples = sorted((store / "runs/a/samples").iterdir())
+        assert len(samples) == 4 and all(server.received[f"/runs/a/samples/{p.name}"] == p.stat().st_size
+                                         for p in samples)
+        assert not (RemoteRun(url).local.parent / "pushes").exists() or not any(
+            (RemoteRun(url).local.parent / "pushes").iterdir())  # the snapshots of the pushes are gone
+
+        server.lists_folders = False
+        assert run_train(dataset["long"], f"{server.url}/runs/b", models, steps=2) == 2
+    err = capsys.readouterr().err
+    assert "the store does not list the run's folder" in err and "step 1/2" not in err
+
+
+def test_a_file_refused_before_a_checkpoint_is_sent_again_after_it(tmp_path: Path, models, dataset, monkeypatch,
+                                                                   capsys):
+    """metrics.jsonl refused in the first checkpoint's push: sent again after the checkpoint, so the URL
+    never holds a checkpoint without the metrics up to it (a resume elsewhere would have a gap)."""
+    monkeypatch.setenv("KILN_STAGING", str(tmp_path / "staging"))
+    write_file, calls = storage.write_file, []
+
+    def flaky_metrics(local, url):
+        calls.append(url.rsplit("/", 1)[-1])
+        if url.endswith("metrics.jsonl") and calls.count("metrics.jsonl") == 2:  # the first after the start
+            raise storage.RemoteError(f"{url}: uploading it was refused")
+        return write_file(local, url)
+
+    monkeypatch.setattr(storage, "write_file", flaky_metrics)
+    store = tmp_path / "store"
+    store.mkdir()
+    with serve(store) as server:
+        url = f"{server.url}/runs/a"
+        assert run_train(dataset["long"], url, models, steps=4, checkpoint_every=2) == 0
+    assert "metrics.jsonl: uploading it was refused" in capsys.readouterr().err
+    between = calls[calls.index("step_00000002.pt"):calls.index("step_00000004.pt")]
+    assert between[1] == "metrics.jsonl" and between.count("metrics.jsonl") == 2  # sent again, then step 4's push
+    assert [m["step"] for m in read_metrics(store / "runs/a")] == [1, 2, 3, 4]
+
+
 def test_readers_fetch_a_url_runs_checkpoints(tmp_path: Path, models, dataset, monkeypatch, capsys):
     """`train export`, --init-from and --resume of a run at a URL use its checkpoints as a run
     folder's: fetched once into the readers' local copy (apart from the trainer's), S3 included."""
@@ -192,6 +244,8 @@ def test_readers_fetch_a_url_runs_checkpoints(tmp_path: Path, models, dataset, m
                          steps=1) == 2  # not one of the run's
         # The readers' copy keeps the checkpoint each reader on the machine fetched last: here the
         # one of step 2, until another reader's fetch of step 4 finds nobody holding it.
+        # What a NaN stop names to resume from: the URL's latest, with nothing in the local copy.
+        assert RemoteRun(url).latest_url() == f"{url}/checkpoints/step_00000004.pt"
         reader = RemoteRun(url, reader=True)
         assert [s for s, _ in list_checkpoints(reader.local)] == [2] and reader.local != RemoteRun(url).local
         with open(reader.local / "checkpoints/.step_00000002.pt.lock", "ab") as other_reader:

@@ -41,7 +41,7 @@ import os
 import shutil
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TypeVar
 
@@ -69,8 +69,18 @@ T = TypeVar("T")
 
 
 @dataclass
+class _Sent:
+    """What an upload job did: the files it sent (the others are sent again by a later push), and
+    what went wrong (the first failure: an error; and warnings, such as a checkpoint not pruned)."""
+
+    files: dict[str, tuple[int, int]]
+    error: OSError | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
 class _Upload:
-    future: Future[dict[str, tuple[int, int]]]
+    future: Future[_Sent]
     checkpoint: Path | None
     snapshot: Path  # the changed files, copied aside at the push
     changed: dict[str, tuple[int, int]]  # their (size, mtime) then
@@ -84,6 +94,8 @@ class RemoteRun:
     def __init__(self, url: str, *, reader: bool = False):
         self.url, self.reader = storage.resolved(url), reader
         self.local = staging_dir(self.url) / ("read" if reader else "run")
+        self._snapshots = staging_dir(self.url) / "pushes"  # beside the copy: never walked while it changes
+        self.listed: list[int] = []  # the URL's checkpoints when the run started (on rank 0)
         self._pushed: dict[str, tuple[int, int]] = {}  # file -> (size, mtime) when last uploaded
         self._pool: ThreadPoolExecutor | None = None
         self._uploads: list[_Upload] = []  # pushed, not yet collected; oldest first
@@ -139,10 +151,14 @@ class RemoteRun:
         _on_first_rank_of_each_machine(lambda: self.fetch(found))
         return checkpoint_path(self.local, found)
 
-    def latest_local_url(self) -> str | None:
-        """The URL of the newest checkpoint of the local copy that is uploaded or being uploaded."""
-        found = [step for step, _ in list_checkpoints(self.local) if step not in self._failed]
-        return self.checkpoint_url(found[-1]) if found else None
+    def latest_url(self) -> str | None:
+        """The URL of the newest checkpoint that is at the URL or being uploaded there."""
+        found = {step for step, _ in list_checkpoints(self.local) if step not in self._failed}
+        try:
+            found.update(self.steps())
+        except OSError:  # the store is unreachable: what this run uploaded or is uploading
+            pass
+        return self.checkpoint_url(max(found)) if found else None
 
     def _is_copy_of(self, local: Path, url: str) -> bool:
         marker = _version_marker(local)
@@ -174,12 +190,23 @@ class RemoteRun:
         of steps, so that a store that refuses writes stops every rank before the first step."""
         def push_config() -> None:
             self.push(note=note)
-            self._pushed.update(self._uploads.pop().future.result())
+            sent = self._uploads.pop().future.result()
+            if sent.error is not None:
+                raise sent.error
+            self._pushed.update(sent.files)
+            try:
+                listed = "config.yaml" in storage.list_names(self.url, files_only=True)
+            except FileNotFoundError:
+                listed = False
+            if not listed:  # its checkpoints could be neither found by a resume nor pruned
+                raise storage.RemoteError(f"{self.url}: the store does not list the run's folder (config.yaml was "
+                                          "uploaded but is not listed): a run at a URL needs a store that lists "
+                                          "folders (S3, GCS, Azure, an HTTP server with index pages)")
 
         _on_main_rank(push_config)
 
     def _resume_step(self, resume: str) -> int | None:
-        steps = self.steps()
+        steps = self.listed = self.steps()
         if resume == "never":
             if steps:
                 raise ConfigError(f"{self.url} already holds checkpoints (latest step {steps[-1]}): pass "
@@ -198,6 +225,7 @@ class RemoteRun:
 
     def _clear(self, keep: int | None) -> None:
         """Empty the local copy (what an earlier run here left) but for the checkpoint to resume."""
+        shutil.rmtree(self._snapshots, ignore_errors=True)  # of a run killed during a push
         kept = {checkpoint_path(self.local, keep)} if keep is not None else set()
         kept |= {_version_marker(path) for path in kept}
         for path in self.local.rglob("*") if self.local.is_dir() else ():
@@ -255,7 +283,7 @@ class RemoteRun:
                     shutil.rmtree(upload.snapshot, ignore_errors=True)
             self._uploads = [u for u in self._uploads if not u.future.cancelled()]
         self._pushes += 1
-        snapshot = self.local / f".push-{self._pushes}"
+        snapshot = self._snapshots / f"push-{self._pushes}"
         changed = self._copy_changed(snapshot)  # aside: the trainer appends to them as soon as it goes on
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="kiln-run-upload")
@@ -291,52 +319,65 @@ class RemoteRun:
         upload did not send are sent by the next push after it is taken in)."""
         error = None
         while self._uploads and (wait or self._uploads[0].future.done()):
-            upload = self._uploads.pop(0)
-            try:
-                self._pushed.update(upload.future.result())
-                error = None
-            except Exception as e:  # noqa: BLE001 - the store's errors, after retries: training goes on
-                error = str(e)
-                note(f"WARNING: {e}" + (f"; {consequence}" if consequence else ""))
+            sent = self._uploads.pop(0).future.result()
+            self._pushed.update(sent.files)
+            for warning in sent.warnings:
+                note(f"WARNING: {warning}")
+            error = str(sent.error) if sent.error is not None else None
+            if error is not None:  # the store's errors, after retries: training goes on
+                note(f"WARNING: {error}" + (f"; {consequence}" if consequence else ""))
         return error
 
     def _copy_changed(self, snapshot: Path) -> dict[str, tuple[int, int]]:
         """Copy the files changed since they were last sent (or queued) into ``snapshot``."""
         sent = self._pushed | {name: stamp for upload in self._uploads for name, stamp in upload.changed.items()}
         changed = {}
-        for path in sorted(self.local.rglob("*")) if self.local.is_dir() else ():
-            name = path.relative_to(self.local).as_posix()
-            if (not path.is_file() or name.split("/")[0] in NOT_PUSHED
-                    or any(part.startswith(".") for part in name.split("/"))):
+        for name in _pushed_files(self.local):
+            try:
+                stamp = _stamp(self.local / name)
+                if sent.get(name) != stamp:
+                    (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(self.local / name, snapshot / name)
+                    changed[name] = stamp
+            except FileNotFoundError:  # gone since it was listed
                 continue
-            stamp = _stamp(path)
-            if sent.get(name) != stamp:
-                (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, snapshot / name)
-                changed[name] = stamp
         return changed
 
     def _upload_files(self, snapshot: Path, changed: dict[str, tuple[int, int]], checkpoint: Path | None,
-                      keep: int) -> dict[str, tuple[int, int]]:
+                      keep: int) -> _Sent:
         """The upload job: the changed files first (the metrics may run ahead of the URL's latest
         checkpoint: a resume drops the lines after it), then the checkpoint and the pruning. A
-        checkpoint is tried even when a file before it failed."""
-        failed = None
-        try:
-            for name in changed:
+        checkpoint is tried even when a file before it failed, and such files once more after it
+        (the metrics behind the URL's latest checkpoint would leave a gap in a resumed run's)."""
+        sent = _Sent({})
+
+        def send(names: list[str]) -> list[str]:
+            failed = []
+            for name in names:
                 try:
                     storage.write_file(snapshot / name, storage.join(self.url, name))
+                    sent.files[name] = changed[name]
                 except OSError as e:
-                    failed = failed or e  # the first: with a store that refuses writes, config.yaml's
+                    failed.append(name)
+                    sent.error = sent.error or e  # the first: with a store that refuses writes, config.yaml's
+            return failed
+
+        try:
+            failed = send(list(changed))
             if checkpoint is not None:
-                self._upload_checkpoint(checkpoint, keep)
+                try:
+                    sent.warnings += self._upload_checkpoint(checkpoint, keep)
+                except OSError as e:
+                    sent.error = e  # the checkpoint's, the one that matters most
+                if failed:
+                    send(failed)
         finally:
             shutil.rmtree(snapshot, ignore_errors=True)
-        if failed is not None:
-            raise failed
-        return changed
+        return sent
 
-    def _upload_checkpoint(self, checkpoint: Path, keep: int) -> None:
+    def _upload_checkpoint(self, checkpoint: Path, keep: int) -> list[str]:
+        """Upload ``checkpoint``, then drop the older local copies and the URL's checkpoints it
+        supersedes; returns warnings (a store that refuses deletes keeps more than ``keep``)."""
         step = checkpoint_step(checkpoint.name)
         assert step is not None, checkpoint
         url = self.checkpoint_url(step)
@@ -352,12 +393,16 @@ class RemoteRun:
             raise storage.RemoteError(self._lost) from e
         self._lost = None  # the newest checkpoint is at the URL: one that failed before is superseded
         self._failed.discard(step)
-        self._mark_copy(checkpoint, url)
-        for old in superseded(self.steps(), step, keep):
-            storage.remove(self.checkpoint_url(old))
         for old_step, path in list_checkpoints(self.local):
             if old_step < step:
                 _drop_local(path)
+        try:
+            self._mark_copy(checkpoint, url)
+            for old in superseded(self.steps(), step, keep):
+                storage.remove(self.checkpoint_url(old))
+        except OSError as e:
+            return [f"{e}: the URL may hold more checkpoints than keep_checkpoints={keep}"]
+        return []
 
 
 def split_checkpoint_url(url: str) -> tuple[str, int] | None:
@@ -473,6 +518,18 @@ def _drop_unused(checkpoint: Path) -> None:
             return
         _drop_local(checkpoint)
         lock.unlink()  # last: a reader that opens it anew finds the checkpoint gone and fetches it
+
+
+def _pushed_files(folder: Path) -> list[str]:
+    """The files of a run's local copy that go to its URL, by name: not the checkpoints (uploaded
+    their own way), wandb's folder (it syncs itself) or hidden ones (version markers, temporary
+    files). Files that another process removes while they are listed are passed over."""
+    names = []
+    for root, dirs, files in os.walk(folder):
+        top = Path(root) == folder
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (top and d in NOT_PUSHED))
+        names += [(Path(root) / f).relative_to(folder).as_posix() for f in sorted(files) if not f.startswith(".")]
+    return names
 
 
 def _drop_local(path: Path) -> None:

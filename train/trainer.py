@@ -327,7 +327,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
         logger.note(f"schedule: {describe_schedule(cfg.optim, cfg.lr, cfg.steps)}")
         if state is not None:
             logger.note(f"resumed from {resumed_from} at step {start_step}")
-            later = [s for s in checkpoint_steps(cfg.out) if s > start_step]
+            listed = remote.listed if remote is not None else checkpoint_steps(run_dir)  # rank 0's, listed once
+            later = [s for s in listed if s > start_step]
             if later:
                 logger.note(f"WARNING: the checkpoints of steps {', '.join(map(str, later))} "
                             "come after the one resumed: they are deleted when this run writes its first "
@@ -529,7 +530,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
                 # Never a checkpoint of broken weights: it would become the one --resume auto takes,
                 # and push a good one out of keep_checkpoints. (One pass over the weights, each rank.)
                 if not all_finite(list(model.parameters())):
-                    last = latest_checkpoint(run_dir) if remote is None else remote.latest_local_url()
+                    last = latest_checkpoint(run_dir) if remote is None else remote.latest_url()
                     raise TrainingError(f"the weights are not finite after step {done}: no checkpoint written; lower "
                                         "lr or check the data (curate stats), then resume from "
                                         + (f"{last} (--resume {last})" if last else "the start (a new --out)"))

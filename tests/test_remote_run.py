@@ -328,3 +328,12 @@ def test_two_machines_resume_a_url_run_together_as_one_process(tmp_path: Path, m
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-6)
     for (s1, l1), (s2, l2) in zip(losses(one), losses(store / "runs/a"), strict=True):
         assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4)
+
+
+def test_a_file_url_is_the_local_folder(tmp_path: Path, models, dataset, monkeypatch):
+    """`--out file:///abs/run` and `train export file:///abs/run` are the folder /abs/run (not a
+    folder named "file:" in the working directory)."""
+    monkeypatch.chdir(tmp_path)
+    assert run_train(dataset["long"], f"file://{tmp_path}/run", models, steps=1) == 0
+    assert (tmp_path / "run/checkpoints/step_00000001.pt").is_file() and not (tmp_path / "file:").exists()
+    assert train_main(["export", f"file://{tmp_path}/run", "--to", str(tmp_path / "export")]) == 0

@@ -57,7 +57,7 @@ def checkpoint_steps(run: str | os.PathLike) -> list[int]:
         from train.remote_run import RemoteRun
 
         return RemoteRun(os.fspath(run), reader=True).steps()
-    return [step for step, _ in list_checkpoints(run)]
+    return [step for step, _ in list_checkpoints(storage.local_path(run))]
 
 
 def superseded(steps: list[int], step: int, keep: int) -> list[int]:
@@ -76,6 +76,7 @@ def find_checkpoint(run: str | os.PathLike, step: int | None = None) -> Path | N
         from train.remote_run import RemoteRun
 
         return RemoteRun(os.fspath(run), reader=True).fetch(step)
+    run = storage.local_path(run)
     path = latest_checkpoint(run) if step is None else checkpoint_path(run, step)
     return path if path is not None and path.is_file() else None
 

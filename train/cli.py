@@ -116,6 +116,8 @@ def _train(args: argparse.Namespace) -> int:
     from train.config import build_config, load_run_config
     from train.trainer import train
 
+    if args.out:
+        args.out = storage.local_path(args.out)  # file:///abs/run is the folder /abs/run
     # Resuming starts from the run's saved config: `train --out runs/NAME --resume auto` is enough.
     base = load_run_config(args.out) if args.out and args.resume != "never" else None
     cfg = build_config(args.preset, args.config_file, args.overrides, ablations=sum(args.ablations or [], []), base=base,

@@ -140,7 +140,7 @@ def _readable(run: str | os.PathLike[str]) -> Path:
     """The run folder, or for a run at a URL a local copy of what is compared: its config, metrics
     and evaluation results."""
     if not storage.is_remote(run):
-        return Path(run)
+        return Path(storage.local_path(run))
     remote = RemoteRun(os.fspath(run), reader=True)
     return remote.pull(("config.yaml", METRICS_FILE), folders=("eval",), pattern=RESULT_GLOB)
 

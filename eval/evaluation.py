@@ -158,7 +158,7 @@ def evaluate_run(
     # A run at a URL (train --out s3://...) is evaluated in a local copy: its checkpoint and stored
     # evaluations fetched, the workers' chunks pooled at the URL, the new results uploaded.
     remote = RemoteRun(os.fspath(run), reader=True) if storage.is_remote(run) else None
-    folder = remote.local if remote is not None else Path(run)
+    folder = remote.local if remote is not None else Path(storage.local_path(run))
     path = remote.fetch(step) if remote is not None else find_checkpoint(folder, step)
     if path is None:
         raise CheckpointError(f"{run} has {'no checkpoint' if step is None else f'no checkpoint of step {step}'}")

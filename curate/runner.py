@@ -354,6 +354,29 @@ def stage_config(stage: Stage) -> dict[str, Any]:
     return {"stage": stage.name, "stage_version": stage.version, **stage.config()}
 
 
+INPUTS = ("source", "images", "captions", "latents")  # the provenance entries that name a stage's inputs
+
+
+def _check_own_folder(stage: Stage, out_dir: Path | str, tasks: list[ShardTask]) -> None:
+    """A stage's --out is a folder of its own: not one it reads, nor one of another stage's (complete
+    or not), whose shards it would replace one by one."""
+    from curate import storage
+
+    where = storage.resolved(out_dir)
+    inputs = stage.provenance()
+    for name in INPUTS:
+        if isinstance(inputs.get(name), str) and storage.resolved(inputs[name]) == where:
+            raise CurateError(f"--out {out_dir} is also the {name} the {stage.name} stage reads: give it a folder of "
+                              "its own")
+    record = stage_record(out_dir)
+    found = record.get("stage") if record is not None else None
+    if found is None and tasks and (shard := open_shard(out_dir, tasks[0].shard_id)) is not None:
+        found = shard.meta.stage
+    if found is not None and found != stage.name:
+        raise CurateError(f"--out {out_dir} holds a {found} stage: give the {stage.name} stage a folder of its own "
+                          "(it would replace that stage's shards)")
+
+
 def run_stage(
     stage: Stage,
     out_dir: str | os.PathLike,
@@ -371,6 +394,7 @@ def run_stage(
     ids = [t.shard_id for t in tasks]
     if ids != sorted(set(ids)):
         raise RuntimeError(f"{stage.name}: plan must list unique shard ids in order")
+    _check_own_folder(stage, out_dir, tasks)
     config = stage_config(stage)
     config_hash = stable_hash(config)
     fingerprints = {str(t.shard_id): t.fingerprint for t in tasks}

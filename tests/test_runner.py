@@ -220,6 +220,32 @@ def test_a_failure_while_a_shard_commits_in_the_background_loses_nothing(tmp_pat
     assert result.skipped == committed and result.complete
 
 
+class Cubes(Squares):
+    """Another stage, reading a folder of its input (its provenance names it)."""
+
+    name = "cubes"
+
+    def __init__(self, inputs: list[list[int]], images: Path | None = None, fail_on: int | None = None):
+        super().__init__(inputs, fail_on)
+        self.images = images
+
+    def provenance(self):
+        return {"images": str(self.images)} if self.images else {}
+
+
+def test_a_stage_refuses_the_folder_of_another_stage_or_its_own_input(tmp_path: Path):
+    run_stage(Squares([[2], [4]]), tmp_path / "done", progress=False)  # complete: its _stage.json
+    with pytest.raises(RuntimeError, match="boom"):  # begun: one shard committed
+        run_stage(Squares([[2], [4, 6]], fail_on=6), tmp_path / "begun", progress=False)
+    for folder in ("done", "begun"):
+        with pytest.raises(CurateError, match=f"--out .*{folder} holds a squares stage: give the cubes stage a folder"):
+            run_stage(Cubes([[2], [4]]), tmp_path / folder, progress=False)
+    with pytest.raises(CurateError, match="is also the images the cubes stage reads"):
+        run_stage(Cubes([[2]], images=tmp_path / "in"), tmp_path / "in", progress=False)
+    assert [s.meta.stage for s in committed_shards(tmp_path / "done")] == ["squares", "squares"]
+    assert run_stage(Cubes([[2], [4]], images=tmp_path / "done"), tmp_path / "cubes", progress=False).complete
+
+
 def test_tar_without_index_is_not_a_shard_and_a_mismatched_tar_is_redone(tmp_path: Path):
     run_stage(Squares([[2], [4]]), tmp_path, progress=False)
     (tmp_path / "000001.parquet").unlink()  # as if killed between the two renames

@@ -484,7 +484,7 @@ def cmd_manifest(args: argparse.Namespace) -> int:
             if rules:
                 manifest, report = subset_manifest(manifest, out, rules)
         else:
-            source = load_manifest(sources[0][1])
+            source = load_manifest(sources[0][1], check_files=True)  # not a new manifest of missing shards
             if rules:
                 source, report = subset_manifest(source, sources[0][1], rules)
             if args.hold_out is not None:

@@ -769,7 +769,7 @@ def merge_manifests(sources: list[tuple[str | None, str | os.PathLike, int]], *,
     merged_from = []
     for label, path, repeat in sources:
         path = storage.as_location(path)  # a file, or a URL
-        m = load_manifest(path)
+        m = load_manifest(path, check_files=True)  # a manifest of shards that are not there is refused
         if first is None:
             first_path, first = path, m
         problems = mergeable_latents(first.latent, m.latent)

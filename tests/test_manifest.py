@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -181,6 +182,20 @@ def test_curate_manifest_refuses_what_training_could_not_use(tmp_path, latents, 
     assert curate_main(["manifest", str(latents["long"]), "--captions", captions, "--name", "x"]) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (latents["long"].parent / "x.json").exists()
+
+
+def test_curate_manifest_refuses_a_manifest_whose_shards_are_not_there(tmp_path, latents, capsys):
+    """A manifest copied away from its shards (its relative paths no longer resolve) is refused, not
+    turned into another manifest of missing shards, alone or merged."""
+    from curate.cli import main as curate_main
+
+    moved = tmp_path / "deep" / "moved.json"
+    moved.parent.mkdir()
+    shutil.copy(latents["long"], moved)
+    for argv in (["--captions", "long=1"], ["--hold-out", "1"], [str(latents["long"])]):
+        assert curate_main(["manifest", str(moved), *argv, "--name", "x", "--out", str(tmp_path / "x.json")]) == 2
+        assert "does not exist at" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_curate_manifest_keeps_text_shards_and_their_variants(tmp_path, latents, capsys):

@@ -24,7 +24,7 @@ from typing import Any
 
 from curate import storage
 from curate.stats import rounded
-from eval.evaluation import FEW_SAMPLES, METRICS, RESULT_GLOB, result_files
+from eval.evaluation import FEW_SAMPLES, METRICS, RESULT_GLOB, read_json, result_files
 from train.config import EVERY_STEP, flatten, load_run_config, to_dict
 from train.metrics import METRICS_FILE, read_metrics
 from train.remote_run import RemoteRun
@@ -44,7 +44,9 @@ def _evaluations_by_step(run: Path) -> dict[int, dict[str, Any]]:
     """A run's evaluations, one per checkpoint step: the one with the most samples, then the newest."""
     chosen: dict[int, dict[str, Any]] = {}
     for path in result_files(run):
-        result = json.loads(path.read_text())
+        result = read_json(path)
+        if result is None:  # deleted since it was listed
+            continue
         rank = (result["settings"]["samples"], result.get("finished", 0))
         held = chosen.get(result["step"])
         if held is None or rank > (held["settings"]["samples"], held.get("finished", 0)):
@@ -64,7 +66,7 @@ _UNRECORDED = {"guidance_interval": list(EVERY_STEP)}
 
 def _all_evaluations(run: Path) -> list[dict[str, Any]]:
     """Every stored evaluation of a run, by step, then sampler settings, then samples."""
-    results = [json.loads(path.read_text()) for path in result_files(run)]
+    results = [result for path in result_files(run) if (result := read_json(path)) is not None]
     return sorted(results, key=lambda r: (r["step"], *(json.dumps(_setting(r, s)) for s in _SWEPT),
                                           r["settings"]["samples"], r.get("finished", 0)))
 
@@ -149,7 +151,7 @@ def _pipeline_of(folder: Path) -> str | None:
     """The pipeline an `evaluate pipeline --out` folder's evaluations measured (its Hub id, with the
     revision when one was asked for, or its folder); None when the folder holds none."""
     for path in result_files(folder):
-        record = json.loads(path.read_text()).get("pipeline")
+        record = (read_json(path) or {}).get("pipeline")
         if record:
             name = record.get("id") or record.get("path")
             return f"{name}@{record['revision']}" if record.get("revision") else name

@@ -249,7 +249,7 @@ def evaluate_pipeline(
         raise CurateError("a pipeline has no training data of its own: give --manifest (the samples and real images "
                           "to measure against) or --prompts (a prompt file), one of them")
     root, identity = _pipeline_folder(pipeline, revision)
-    info = _read_json(root / EXPORT_INFO)
+    info = read_json(root / EXPORT_INFO)
     try:
         if info is not None:  # a kiln export: the run's latent spec, text length and shift
             spec: LatentSpec | None = LatentSpec.model_validate(info["latent_spec"])
@@ -258,11 +258,11 @@ def evaluate_pipeline(
         else:
             spec, step = None, 0  # from the VAE, when the images are generated
             # PRXPipeline's own default (512) when its folder sets none.
-            native = int((_read_json(root / "model_index.json") or {}).get("default_sample_size") or 512)
-            tokenizer = _read_json(root / "tokenizer" / "tokenizer_config.json") or {}
+            native = int((read_json(root / "model_index.json") or {}).get("default_sample_size") or 512)
+            tokenizer = read_json(root / "tokenizer" / "tokenizer_config.json") or {}
             max_tokens = int(tokenizer.get("model_max_length") or 0)
             max_tokens = max_tokens if 0 < max_tokens <= 4096 else DEFAULT_MAX_TOKENS  # "no limit" is 1e30
-            pipe_shift = float((_read_json(root / "scheduler" / "scheduler_config.json") or {}).get("shift") or 1.0)
+            pipe_shift = float((read_json(root / "scheduler" / "scheduler_config.json") or {}).get("shift") or 1.0)
     except (KeyError, TypeError, ValueError) as e:
         raise CurateError(f"{pipeline}: its configs lack what evaluation needs: {e!r}") from None
     size = resolution or native
@@ -311,11 +311,11 @@ def _check_size(pipeline: str, root: Path, spec: LatentSpec | None, size: int) -
     from curate.vae import model_downsample
 
     try:
-        patch = int((_read_json(root / "transformer" / "config.json") or {}).get("patch_size") or 1)
+        patch = int((read_json(root / "transformer" / "config.json") or {}).get("patch_size") or 1)
         if spec is not None:
             down = model_downsample(spec)
         else:
-            vae = _read_json(root / "vae" / "config.json") or {}
+            vae = read_json(root / "vae" / "config.json") or {}
             blocks = vae.get("block_out_channels") or vae.get("encoder_block_out_channels") or [0]
             down = 2 ** (len(blocks) - 1)
     except (TypeError, ValueError) as e:
@@ -330,7 +330,7 @@ def _check_out(pipeline: str, out: Path, identity: dict[str, Any]) -> None:
     evaluations measured (a folder re-exported in place stays the same pipeline)."""
     named = identity.get("id") or identity.get("path")
     for path in result_files(out):
-        record = json.loads(path.read_text()).get("pipeline") or {}
+        record = (read_json(path) or {}).get("pipeline") or {}
         other = record.get("id") or record.get("path")
         if other and other != named:
             raise CurateError(f"{out} holds evaluations of {other}: give {pipeline} an --out of its own")
@@ -342,7 +342,7 @@ def _pipeline_fingerprint(root: Path) -> str:
     an evaluation's --out inside it, whose every write would change the tag."""
     from curate.models import local_fingerprint
 
-    index = _read_json(root / "model_index.json") or {}
+    index = read_json(root / "model_index.json") or {}
     parts = sorted(k for k, v in index.items() if isinstance(v, list) and (root / k).is_dir()) or ["transformer"]
     files = [f for f in ("model_index.json", EXPORT_INFO, LATENTS_INFO) if (root / f).is_file()]
     return stable_hash({**{part: local_fingerprint(str(root / part)) for part in parts},
@@ -370,7 +370,9 @@ def _pipeline_folder(pipeline: str, revision: str | None) -> tuple[Path, dict[st
     return root, identity
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON file (a stored result, a pipeline's config) read; None when it is absent, a clear error
+    when it is not JSON."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -509,7 +511,7 @@ def _evaluate(
         "empty_prompts": empty,
         "note": (f"FID from {len(evalset)} images (fewer than {FEW_SAMPLES}) is biased upwards: compare "
                  "it only with evaluations of the same sample count (KID, --metrics kid, is unbiased)")
-        if len(evalset) < FEW_SAMPLES and data is not None else None,
+        if len(evalset) < FEW_SAMPLES and "fid" in result["metrics"] else None,
         "seconds_this_worker": round(time.perf_counter() - started, 1), "finished": time.time(),
         "versions": package_versions(("kiln", "torch", "diffusers", "transformers")),
     }

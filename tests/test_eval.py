@@ -518,6 +518,13 @@ def test_compare_puts_runs_side_by_side_with_their_differences(pipeline, incepti
     assert compare_runs(runs)[2] == [
         "CMMD was measured with different networks: not comparable",
         "FID from fewer than 2048 images is biased: compare it only at equal sample counts"]
+    # A line of metrics.jsonl that a kill cut off is passed over; an unreadable result is named.
+    with open(runs[0] / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')
+    assert compare_runs(runs)[1][0][1] == 2
+    (runs[0] / "eval" / "step00000002-broken.json").write_text("{bad")
+    with pytest.raises(CurateError, match="step00000002-broken.json: not readable JSON"):
+        compare_runs(runs)
 
 
 def test_a_run_at_a_url_is_evaluated_and_compared_as_its_folder(pipeline, embedders, tmp_path: Path, monkeypatch):

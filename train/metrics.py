@@ -150,7 +150,13 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    metrics = []
+    for line in path.read_text().splitlines():
+        try:
+            metrics.append(json.loads(line))
+        except json.JSONDecodeError:  # cut off by a kill, or being written: a resume drops it too
+            continue
+    return metrics
 
 
 def _truncate_after(path: Path, step: int) -> None:

@@ -615,9 +615,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for name in ("workers", "shard_size", "min_side", "max_pixels", "batch_size", "concurrency", "resolution"):
+    least_values = {"workers": 0 if args.command == "encode-text" else 1,  # 0: in-process
+                    "shard_size": 1, "min_side": 1, "max_pixels": 1, "batch_size": 1, "concurrency": 1,
+                    "resolution": 1, "decode_workers": 0, "retries": 0, "bucket_multiple": 1,
+                    "download_threads": 1, "download_timeout": 1, "download_retries": 0}
+    for name, least in least_values.items():
         value = getattr(args, name, None)
-        least = 0 if (args.command, name) == ("encode-text", "workers") else 1  # 0: in-process
         if isinstance(value, int) and value < least:
             parser.error(f"--{name.replace('_', '-')} must be at least {least}")
     near = getattr(args, "near_duplicates", None)
@@ -626,15 +629,16 @@ def main(argv: list[str] | None = None) -> int:
 
         if not 0 <= near <= MAX_NEAR_DUPLICATE_BITS:
             parser.error(f"--near-duplicates must be 0 to {MAX_NEAR_DUPLICATE_BITS} bits, got {near}")
+    from curate.manifest import ManifestError
     from curate.runner import CurateError
-    from curate.storage import RemoteError
+    from curate.storage import PATH_ERRORS, RemoteError
 
     try:
         commands = {"ingest": cmd_ingest, "recaption": cmd_recaption, "encode-latents": cmd_encode_latents,
                     "encode-text": cmd_encode_text, "score": cmd_score, "manifest": cmd_manifest,
                     "dedup": cmd_dedup, "stats": cmd_stats}
         return commands[args.command](args)
-    except (CurateError, RemoteError) as e:  # RemoteError: a store that failed after the retries
+    except (CurateError, ManifestError, RemoteError, *PATH_ERRORS) as e:  # RemoteError: a store, after the retries
         print(f"curate: error: {e}", file=sys.stderr)
         return 2
 

@@ -72,6 +72,11 @@ class RemoteError(OSError):
     """A remote file that could not be read after the retries, or whose server misbehaved."""
 
 
+# A path given that is not there, or a file where a folder is due (or the reverse), or not ours to
+# write: the OS's message names it, so the command-line tools report it as the user's error.
+PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
 def is_remote(path: str | os.PathLike) -> bool:
     """A URL that fsspec reads (``file://`` is local)."""
     text = os.fspath(path)
@@ -258,7 +263,11 @@ def write_text(path: str | os.PathLike, text: str) -> Path | str:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # a folder of that name, say
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -14,12 +14,12 @@ import sys
 
 from curate.manifest import ManifestError
 from curate.runner import CurateError
-from curate.storage import RemoteError
+from curate.storage import PATH_ERRORS, RemoteError
 from eval.evaluation import DEFAULT_METRICS, METRICS
 from train.checkpoint import CheckpointError
 from train.config import ConfigError
 
-USER_ERRORS = (CurateError, ManifestError, CheckpointError, ConfigError, FileNotFoundError, PermissionError, RemoteError)
+USER_ERRORS = (CurateError, ManifestError, CheckpointError, ConfigError, *PATH_ERRORS, RemoteError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -458,3 +458,19 @@ def test_parquet_files_of_images_ingest_by_row_groups_here_and_at_a_url(tmp_path
     assert open_source(str(tmp_path / "raw.parquet")).image_column == "jpg"  # raw bytes under a usual name
     with pytest.raises(CurateError, match="no image column"):
         open_source(str(tmp_path / "urls.parquet"), kind="parquet")
+
+
+def test_numbers_out_of_range_and_a_file_given_as_a_folder_are_clear_errors(mixed_folder: Path, tmp_path: Path,
+                                                                           capsys):
+    from curate.cli import main
+
+    for argv, message in ((["recaption", "x", "--decode-workers", "-1"], "--decode-workers must be at least 0"),
+                          (["recaption", "x", "--retries", "-1"], "--retries must be at least 0"),
+                          (["encode-latents", "x", "--bucket-multiple", "0"], "--bucket-multiple must be at least 1"),
+                          (["ingest", "x", "--download-threads", "0"], "--download-threads must be at least 1")):
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, "--out", str(tmp_path / "out")])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    (tmp_path / "file.txt").write_text("")
+    assert main(["ingest", str(mixed_folder), "--out", str(tmp_path / "file.txt")]) == 2
+    assert capsys.readouterr().err.startswith("curate: error: [Errno 17] File exists")

@@ -631,6 +631,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--near-duplicates must be 0 to {MAX_NEAR_DUPLICATE_BITS} bits, got {near}")
     from curate.manifest import ManifestError
     from curate.runner import CurateError
+    from curate.shards import ShardError
     from curate.storage import PATH_ERRORS, RemoteError
 
     try:
@@ -638,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
                     "encode-text": cmd_encode_text, "score": cmd_score, "manifest": cmd_manifest,
                     "dedup": cmd_dedup, "stats": cmd_stats}
         return commands[args.command](args)
-    except (CurateError, ManifestError, RemoteError, *PATH_ERRORS) as e:  # RemoteError: a store, after the retries
+    except (CurateError, ManifestError, ShardError, RemoteError, *PATH_ERRORS) as e:  # RemoteError: a store, after the retries
         print(f"curate: error: {e}", file=sys.stderr)
         return 2
 

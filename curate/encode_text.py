@@ -57,6 +57,7 @@ from curate.runner import STAGE_FILE, CurateError, ShardTask, Stage, stage_recor
 from curate.shards import (
     OK,
     ShardWriter,
+    check_intact,
     committed_shards,
     iter_tar_samples,
     read_index,
@@ -196,7 +197,9 @@ class EncodeTextStage(Stage):
 
     def plan(self) -> list[ShardTask]:
         tasks = []
-        for shard in committed_shards(self.latents_dir):
+        shards = committed_shards(self.latents_dir)
+        check_intact(shards, self.latents_dir)
+        for shard in shards:
             tasks.append(ShardTask(shard.shard_id, stable_hash([shard.meta.fingerprint, shard.meta.tar_sha256]),
                                    shard.meta.counts["ok"], (str(shard.index_path), str(shard.tar_path))))
         if not tasks:

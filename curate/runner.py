@@ -80,7 +80,7 @@ def stage_record(stage_dir: Path | str) -> dict[str, Any] | None:
 
 def image_shards(images_dir: Path | str) -> list[Shard]:
     """The shards of a complete image stage (a folder, or a URL: curate/storage.py)."""
-    from curate.shards import committed_shards
+    from curate.shards import check_intact, committed_shards
 
     if stage_record(images_dir) is None:
         raise CurateError(f"{images_dir}: not a complete image stage (no {STAGE_FILE}); run `curate ingest` to "
@@ -88,6 +88,7 @@ def image_shards(images_dir: Path | str) -> list[Shard]:
     shards = committed_shards(images_dir)
     if not shards:
         raise CurateError(f"{images_dir}: no image shards")
+    check_intact(shards, images_dir)
     return shards
 
 

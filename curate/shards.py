@@ -529,6 +529,28 @@ def committed_shards(stage_dir: str | os.PathLike) -> list[Shard]:
     return [s for i in ids if (s := open_shard(stage_dir, i)) is not None]
 
 
+def check_intact(shards: list[Shard], stage_dir: str | os.PathLike) -> None:
+    """Refuse an input stage whose tars are not the ones their indexes describe: cut off by a copy,
+    or replaced since (a size each, asked many at a time at a URL), before any work reads them."""
+    from curate import storage
+
+    def problem(shard: Shard) -> str | None:
+        if shard.tar_path is None or shard.meta.tar_bytes is None:
+            return None
+        try:
+            found = storage.size(shard.tar_path)
+        except FileNotFoundError:
+            return f"{shard.tar_path}: missing, but its index {shard.index_path} is there"
+        if found != shard.meta.tar_bytes:
+            return (f"{shard.tar_path}: {found} bytes, but its index recorded {shard.meta.tar_bytes} (cut off, or "
+                    "replaced after it was committed)")
+        return None
+
+    for found in storage.parallel_map(problem, shards, storage.is_remote(stage_dir)):
+        if found:
+            raise ShardError(f"{found}: rerun the stage that made {stage_dir} (it makes such a shard again)")
+
+
 def delete_shard(shard: Shard) -> None:
     """Uncommit first (index), then remove the tar, so the shard vanishes atomically."""
     from curate import storage
@@ -564,21 +586,25 @@ def iter_tar_samples(
         tar = tarfile.open(**source, mode="r|" if wanted is None else "r:")
     except tarfile.TarError as e:
         raise ShardError(f"{what or tar_path}: not a readable tar: {e}") from e
-    with tar:
-        key, members = None, {}
-        for info in tar:
-            if not info.isfile():
-                continue
-            k, ext = split_member(info.name)
-            if key is not None and k != key:
-                if members:
-                    yield key, members
-                members = {}
-            key = k
-            if wanted is None or wanted(k, ext):
-                members[ext] = tar.extractfile(info).read()
-        if key is not None and members:
-            yield key, members
+    try:
+        with tar:
+            key, members = None, {}
+            for info in tar:
+                if not info.isfile():
+                    continue
+                k, ext = split_member(info.name)
+                if key is not None and k != key:
+                    if members:
+                        yield key, members
+                    members = {}
+                key = k
+                if wanted is None or wanted(k, ext):
+                    members[ext] = tar.extractfile(info).read()
+            if key is not None and members:
+                yield key, members
+    except (tarfile.TarError, EOFError) as e:
+        raise ShardError(f"{what or tar_path}: cut off or damaged ({e}); a shard that a stage committed is made "
+                         "again by rerunning that stage") from e
 
 
 def samples_at(

@@ -14,12 +14,13 @@ import sys
 
 from curate.manifest import ManifestError
 from curate.runner import CurateError
+from curate.shards import ShardError
 from curate.storage import PATH_ERRORS, RemoteError
 from eval.evaluation import DEFAULT_METRICS, METRICS
 from train.checkpoint import CheckpointError
 from train.config import ConfigError
 
-USER_ERRORS = (CurateError, ManifestError, CheckpointError, ConfigError, *PATH_ERRORS, RemoteError)
+USER_ERRORS = (CurateError, ManifestError, CheckpointError, ConfigError, ShardError, *PATH_ERRORS, RemoteError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import polars as pl
@@ -20,7 +22,7 @@ from curate.manifest import ManifestError, load_manifest, shard_urls
 from curate.prompts import load_prompts
 from curate.recaption import CaptionSettings, RecaptionStage
 from curate.runner import CurateError, run_stage, stage_record
-from curate.shards import committed_shards, iter_tar_samples, read_index
+from curate.shards import ShardError, committed_shards, iter_tar_samples, read_index
 from curate.sources import open_source
 from curate.vae import (
     decode_to_images,
@@ -255,6 +257,20 @@ def test_missing_or_changed_shard_is_a_clear_error(data, vaes, tmp_path: Path):
     first.unlink()
     with pytest.raises(ManifestError, match="does not exist"):
         load_manifest(manifests / "long.json", check_files=True)
+
+
+def test_an_image_shard_cut_off_is_refused_before_any_work(data, vaes, tmp_path: Path):
+    """A tar shorter than its index recorded (a copy cut off) is named before anything is read or
+    written, whoever would read it first: here, or in DataLoader workers."""
+    images = tmp_path / "images"
+    shutil.copytree(data["images"], images)
+    os.truncate(images / "000001.tar", 3000)
+    out = tmp_path / "latents"
+    for workers in (0, 2):
+        with pytest.raises(ShardError, match=r"000001.tar: 3000 bytes, but its index recorded \d+ \(cut off"):
+            run_stage(encode_stage({**data, "images": images}, vaes["flux"], out, tmp_path / "m",
+                                   decode_workers=workers), out, progress=False)
+    assert not committed_shards(out)
 
 
 def test_buckets_keep_aspect_ratio_and_batches_share_a_shape(data, vaes, tmp_path: Path):

@@ -18,13 +18,14 @@ from pathlib import Path
 from curate import storage
 from curate.manifest import ManifestError
 from curate.runner import CurateError
+from curate.shards import ShardError
 from curate.storage import PATH_ERRORS, RemoteError
 from train.checkpoint import CheckpointError
 from train.config import ABLATIONS, PRESETS, ConfigError
 from train.data import DataError
 
 # What a user can fix (bad arguments, data or run folder): a message and exit status 2, no traceback.
-USER_ERRORS = (ConfigError, ManifestError, CheckpointError, CurateError, DataError, *PATH_ERRORS, RemoteError)
+USER_ERRORS = (ConfigError, ManifestError, CheckpointError, CurateError, DataError, ShardError, *PATH_ERRORS, RemoteError)
 
 
 def _train_parser() -> argparse.ArgumentParser:

@@ -295,8 +295,16 @@ def resolve_device(device: Any = None) -> Any:
 
     if device is None:
         return torch.device(default_device())
-    device = torch.device(device)
-    return _local_gpu() if device.type == "cuda" and device.index is None else device
+    try:
+        asked = torch.device(device)
+    except RuntimeError:
+        raise CurateError(f"--device {device}: not a device (cpu, cuda, cuda:N, ...)") from None
+    if asked.type == "cuda" and not torch.cuda.is_available():
+        build = f"a CPU-only build of torch {torch.__version__}" if torch.version.cuda is None else "no GPU visible"
+        raise CurateError(f"--device {device}: CUDA is not available here ({build})")
+    if asked.type == "cuda" and asked.index is not None and asked.index >= torch.cuda.device_count():
+        raise CurateError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return _local_gpu() if asked.type == "cuda" and asked.index is None else asked
 
 
 def package_versions(names: Iterable[str]) -> dict[str, str]:

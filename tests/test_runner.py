@@ -320,3 +320,18 @@ def test_default_workers_split_a_node_between_its_workers(monkeypatch, env, visi
     monkeypatch.setattr(curate.procs, "available_cores", lambda: visible)
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert _default_workers() == expected
+
+
+def test_a_device_that_is_not_there_is_a_clear_error(monkeypatch):
+    import torch
+
+    with pytest.raises(CurateError, match="--device bogus: not a device"):
+        resolve_device("bogus")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(CurateError, match="--device cuda: CUDA is not available here"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(CurateError, match="--device cuda:2: this machine has 2 GPU"):
+        resolve_device("cuda:2")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cpu") == torch.device("cpu")

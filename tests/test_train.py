@@ -294,6 +294,10 @@ def test_export_loads_in_prx_pipeline_and_generates(tmp_path: Path, models, data
     png = tmp_path / "cube.png"
     assert train_main(["generate", str(out), "a red cube", "--out", str(png), "--steps", "2"]) == 0
     assert Image.open(png).size == (32, 32)
+    for wrong in (["--size", "0"], ["--steps", "0"], ["--size", "40"], ["--device", "cuda:7"]):
+        assert train_main(["generate", str(out), "a red cube", "--out", str(png), *wrong]) == 2
+    for wrong in (tmp_path, tmp_path / "cube.txt"):  # not an image file name: refused before generating
+        assert train_main(["generate", str(out), "a red cube", "--out", str(wrong)]) == 2
 
 
 def test_flux2_runs_export_latents_and_generate_decodes_them(tmp_path: Path, models):

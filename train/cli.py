@@ -145,11 +145,14 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import torch
+    from PIL import Image
 
+    from curate.runner import resolve_device
     from train.export import generate
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
+    if args.out.is_dir() or args.out.suffix.lower() not in Image.registered_extensions():
+        raise ConfigError(f"--out {args.out}: give an image file name (.png, .jpg, .webp ...)")
     images = generate(args.folder, args.prompts, height=args.size, width=args.size, steps=args.steps,
                       guidance=args.guidance, seed=args.seed, device=device)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -364,10 +364,16 @@ def generate(
     """Images from an exported folder through ``PRXPipeline``, one call per prompt (see the module
     note on guidance with several images), in either mode: in ``latents`` mode the pipeline
     denoises and :func:`load_exported`'s ``decode`` makes the pixels."""
+    if steps < 1 or (height is not None and height < 1) or (width is not None and width < 1):
+        raise ExportError(f"generate: steps ({steps}) and the image size ({height}x{width}) must be positive")
     pipe, decode = load_exported(folder, device=device)
     info = json.loads((Path(folder) / EXPORT_INFO).read_text())
     spec = LatentSpec.model_validate(info["latent_spec"])
     height, width = height or spec.resolution, width or spec.resolution
+    token = model_downsample(spec) * pipe.transformer.config.patch_size
+    if height % token or width % token:
+        raise ExportError(f"generate: the image size {height}x{width} is not a multiple of {token}, the pixels of "
+                          "one of the denoiser's tokens")
     images = []
     for i, prompt in enumerate(prompts):
         noise = initial_noise(spec, 1, height, width, seed + i).to(pipe.device)

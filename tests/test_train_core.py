@@ -146,6 +146,9 @@ def test_precedence_defaults_preset_yaml_overrides(tmp_path: Path):
     ("data.verify=fast", "data.verify must be"),
     ("caption_dropout=1.5", "caption_dropout must be in [0, 1)"),
     ("lr", "is not key=value"),
+    ("steps=[1", "its value is not YAML"),
+    ("model.depth=0", "model.depth must be positive"),
+    ("model.patch_size=-2", "model.patch_size and model.bottleneck_size cannot be negative"),
     ("optim.decay=exp", "optim.decay must be none, linear, cosine or 1-sqrt"),
     ("sample.guidance_interval=[0.8, 0.2]", "sample.guidance_interval must be two times 0 <= low <= high <= 1"),
     ("optim.decay_steps=5", "optim.decay is none"),
@@ -297,5 +300,7 @@ def test_print_config_shows_every_key_resolved(capsys):
     assert main(["--preset", "tiny", "--print-config", "lr=2e-4", "flow.shift=3"]) == 0
     out = capsys.readouterr().out
     assert "lr: 0.0002" in out and "shift: 3.0" in out and "hidden_size: 64" in out
+    assert main(["--preset", "tiny", "lr=2e-4", "--print-config", "flow.shift=3"]) == 0  # options between overrides
+    assert "lr: 0.0002" in (out := capsys.readouterr().out) and "shift: 3.0" in out
     assert main(["--print-config", "lr=-1"]) == 2
     assert "lr must be positive" in capsys.readouterr().err

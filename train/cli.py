@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             return _export(_export_parser().parse_args(argv[1:]))
         if argv[:1] == ["generate"]:
             return _generate(_generate_parser().parse_args(argv[1:]))
-        return _train(_train_parser().parse_args(argv))
+        return _train(_train_parser().parse_intermixed_args(argv))  # key=value before and after options
     except USER_ERRORS as e:
         rank = os.environ.get("RANK")
         prefix = f"train (rank {rank})" if rank not in (None, "0") else "train"

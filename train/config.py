@@ -338,7 +338,12 @@ def build_config(
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value")
-        set_key(cfg, key.strip(), yaml.safe_load(value) if value.strip() else "", source="command line")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: its value is not YAML ({str(e).splitlines()[0]}); quote a "
+                              "string that starts with [ { or :") from None
+        set_key(cfg, key.strip(), parsed, source="command line")
     for key, value in fields.items():
         if value is not None:
             set_key(cfg, key, value, source="command line")
@@ -468,10 +473,16 @@ def validate(cfg: TrainConfig) -> None:
     positive = {"steps": cfg.steps, "global_batch": cfg.global_batch, "micro_batch": cfg.micro_batch,
                 "max_tokens": cfg.max_tokens, "checkpoint_every": cfg.checkpoint_every,
                 "keep_checkpoints": cfg.keep_checkpoints, "data.shuffle_buffer": cfg.data.shuffle_buffer,
-                "log.every": cfg.log.every, "sample.steps": cfg.sample.steps}
+                "log.every": cfg.log.every, "sample.steps": cfg.sample.steps,
+                "model.hidden_size": cfg.model.hidden_size, "model.depth": cfg.model.depth,
+                "model.num_heads": cfg.model.num_heads, "model.mlp_ratio": cfg.model.mlp_ratio,
+                "model.theta": cfg.model.theta}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    if cfg.model.patch_size < 0 or cfg.model.bottleneck_size < 0:
+        raise ConfigError("model.patch_size and model.bottleneck_size cannot be negative (0: chosen from the "
+                          "manifest, and no bottleneck)")
     if cfg.global_batch % cfg.micro_batch:
         raise ConfigError(f"global_batch ({cfg.global_batch}) must be a multiple of micro_batch "
                           f"({cfg.micro_batch})")

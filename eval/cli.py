@@ -58,10 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="runs side by side: loss, FID and the config keys that differ")
     p.add_argument("runs", nargs="+", help="run folders or URLs (and `evaluate pipeline --out` folders)")
     p.add_argument("--format", choices=("markdown", "csv", "json"), default="markdown")
-    p.add_argument("--by-step", action="store_true",
-                   help="one row per evaluated checkpoint of each run: metrics against training steps")
-    p.add_argument("--every", action="store_true",
-                   help="one row per stored evaluation: sweeps of guidance or sampler steps side by side")
+    layout = p.add_mutually_exclusive_group()
+    layout.add_argument("--by-step", action="store_true",
+                        help="one row per evaluated checkpoint of each run: metrics against training steps")
+    layout.add_argument("--every", action="store_true",
+                        help="one row per stored evaluation: sweeps of guidance or sampler steps side by side")
 
     p = sub.add_parser("get-inception", help="download the FID Inception weights with pip (no dependencies)")
     p.add_argument("--to", default=None, help="where to keep the file (default: inside this environment)")
@@ -114,7 +115,13 @@ def _measuring(p: argparse.ArgumentParser, steps: str, guidance: str, interval: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    for name in ("samples", "steps", "batch_size", "resolution"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if getattr(args, "shift", None) is not None and args.shift <= 0:
+        parser.error("--shift must be positive")
     try:
         if args.command in ("run", "pipeline"):
             return _run(args)

@@ -174,7 +174,12 @@ def choose_samples(
         if keys:
             raise EvalSetError(f"{urls[pos]}: the index lists {len(keys)} sample(s) the tar lacks "
                                f"(first: {next(iter(keys))}): the shard changed after indexing")
-    return [s for s in samples if s is not None]
+    found = [s for s in samples if s is not None]
+    if variant and found and not any(s.variant == variant for s in found):
+        used = sorted({s.variant for s in found if s.variant})
+        raise EvalSetError(f"--captions {variant}: no sample drawn has a {variant} caption (they have "
+                           f"{', '.join(used) or 'none'})")
+    return found
 
 
 def _read_samples(tar: str, keys: Collection[str], wanted: Callable[[str, str], bool]

@@ -155,6 +155,8 @@ def evaluate_run(
     Returns the result, or None when other workers still have chunks to generate.
     """
     share = resolve_share(rank, world_size)
+    if guidance_interval is not None:  # the user's, named as theirs (the run's is checked below)
+        check_guidance_interval(guidance_interval, "--guidance-interval")
     # A run at a URL (train --out s3://...) is evaluated in a local copy: its checkpoint and stored
     # evaluations fetched, the workers' chunks pooled at the URL, the new results uploaded.
     remote = RemoteRun(os.fspath(run), reader=True) if storage.is_remote(run) else None

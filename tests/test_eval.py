@@ -236,6 +236,8 @@ def test_evaluation_sets_share_keys_across_caption_selections_and_follow_each(tm
     assert choose_samples(loaded["long"], manifests["long"], 8, seed=3) == sets["long"]
     fixed = choose_samples(loaded["mix"], manifests["mix"], 8, seed=3, variant="short")
     assert {s.variant for s in fixed} == {"short"}
+    with pytest.raises(EvalSetError, match="--captions bogus: no sample drawn has a bogus caption"):
+        choose_samples(loaded["mix"], manifests["mix"], 8, seed=3, variant="bogus")
     everything = choose_samples(loaded["long"], manifests["long"], 1000)
     assert len(everything) == 18 and len({s.key for s in everything}) == 18
     # The sample whose long caption is missing falls back to another variant, as in training.
@@ -659,6 +661,12 @@ def test_a_guidance_sweep_is_stored_per_scale_and_laid_out_by_compare_every(pipe
     with pytest.raises(SystemExit):  # argparse: a usage error
         evaluate_main(["run", str(run), "--guidance", "high", *options])
     assert "a guidance scale or several" in capsys.readouterr().err
+    for wrong, message in ((["compare", str(run), "--every", "--by-step"], "not allowed with argument"),
+                           (["run", str(run), *options, "--steps", "0"], "--steps must be at least 1"),
+                           (["pipeline", str(run), "--out", str(run), "--shift", "-1"], "--shift must be positive")):
+        with pytest.raises(SystemExit):
+            evaluate_main(wrong)
+        assert message in capsys.readouterr().err
     # A guidance interval is a setting of its own (recorded only when it is not every step), laid out
     # beside the sweep. Guided only for t <= 0.5, the one sampler step (at t = 1) runs the conditional
     # model alone: the images, and so the FID, of guidance 1.

@@ -677,7 +677,7 @@ def test_a_guidance_sweep_is_stored_per_scale_and_laid_out_by_compare_every(pipe
     fid = [r[header.index("FID")] for r in rows]
     assert fid[1] == fid[0] != fid[2]
     assert evaluate_main(["run", str(run), "--guidance-interval", "0.5,0.2", *options]) == 2
-    assert "the guidance interval must be two times" in capsys.readouterr().err
+    assert "--guidance-interval must be two times" in capsys.readouterr().err
 
 
 def test_a_pipeline_measures_as_the_run_it_was_exported_from(pipeline, embedders, tmp_path: Path, capsys):

@@ -37,6 +37,7 @@ from curate.runner import (
     Stage,
     image_stage_tasks,
     read_image_captions,
+    stage_of_kind,
     stage_record,
 )
 from curate.shards import ShardWriter, committed_shards
@@ -139,7 +140,7 @@ class EncodeLatentsStage(Stage):
             if not self.allow_missing_captions:
                 raise CurateError("--captions is required (or --allow-missing-captions to train on original captions)")
             return []
-        record = stage_record(self.captions_dir)
+        record = stage_of_kind(self.captions_dir, "recaption", "captions")
         if record is None:
             raise CurateError(f"{self.captions_dir}: not a complete caption stage (no {STAGE_FILE}); "
                               "run `curate recaption` to completion first")

@@ -78,11 +78,28 @@ def stage_record(stage_dir: Path | str) -> dict[str, Any] | None:
         raise CurateError(f"{storage.join(stage_dir, STAGE_FILE)}: not readable JSON: {e}") from None
 
 
+def stage_of_kind(stage_dir: Path | str, kind: str, what: str) -> dict[str, Any] | None:
+    """``stage_dir``'s _stage.json (None while it is not complete), refusing a folder that holds
+    another stage than ``kind`` (complete, or begun: its first shard's), which ``what`` names."""
+    record = stage_record(stage_dir)
+    found = record.get("stage") if record is not None else _first_shard_stage(stage_dir)
+    if found is not None and found != kind:
+        raise CurateError(f"{stage_dir} holds shards of `curate {found}`, not {what} (`curate {kind}` makes those)")
+    return record
+
+
+def _first_shard_stage(stage_dir: Path | str) -> str | None:
+    from curate.shards import committed_shards
+
+    shards = committed_shards(stage_dir)
+    return shards[0].meta.stage if shards else None
+
+
 def image_shards(images_dir: Path | str) -> list[Shard]:
     """The shards of a complete image stage (a folder, or a URL: curate/storage.py)."""
     from curate.shards import check_intact, committed_shards
 
-    if stage_record(images_dir) is None:
+    if stage_of_kind(images_dir, "ingest", "images") is None:
         raise CurateError(f"{images_dir}: not a complete image stage (no {STAGE_FILE}); run `curate ingest` to "
                           "completion first")
     shards = committed_shards(images_dir)
@@ -380,10 +397,10 @@ def _check_own_folder(stage: Stage, out_dir: Path | str, tasks: list[ShardTask])
     record = stage_record(out_dir)
     found = record.get("stage") if record is not None else None
     if found is None and tasks and (shard := open_shard(out_dir, tasks[0].shard_id)) is not None:
-        found = shard.meta.stage
+        found = shard.meta.stage  # one shard asked for: listing a large stage at a URL costs more
     if found is not None and found != stage.name:
-        raise CurateError(f"--out {out_dir} holds a {found} stage: give the {stage.name} stage a folder of its own "
-                          "(it would replace that stage's shards)")
+        raise CurateError(f"--out {out_dir} holds shards of `curate {found}`: give `curate {stage.name}` a folder of "
+                          "its own (it would replace those shards)")
 
 
 def run_stage(

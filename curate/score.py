@@ -37,7 +37,14 @@ import torch
 from curate import storage
 from curate.images import ImageStream
 from curate.manifest import file_sha256
-from curate.runner import CurateError, ShardTask, Stage, image_stage_tasks, read_image_captions
+from curate.runner import (
+    CurateError,
+    ShardTask,
+    Stage,
+    image_stage_tasks,
+    read_image_captions,
+    stage_of_kind,
+)
 from curate.shards import ShardWriter, committed_shards, index_columns, read_index
 from curate.stats import rounded
 from curate.subset import EMBEDDING_COLUMN
@@ -322,6 +329,7 @@ class ScoreStage(Stage):
     def _caption_variants(self) -> list[str]:
         if self.captions_dir is None:
             return []
+        stage_of_kind(self.captions_dir, "recaption", "captions")
         shards = committed_shards(self.captions_dir)
         if not shards:
             raise CurateError(f"{self.captions_dir}: no caption shards (run curate recaption first)")

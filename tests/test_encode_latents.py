@@ -273,6 +273,14 @@ def test_an_image_shard_cut_off_is_refused_before_any_work(data, vaes, tmp_path:
     assert not committed_shards(out)
 
 
+def test_a_folder_of_another_stage_given_as_the_images_or_captions_is_named(data, vaes, tmp_path: Path):
+    for swapped, message in (({"captions": data["images"]}, "holds shards of `curate ingest`, not captions"),
+                             ({"images": data["captions"]}, "holds shards of `curate recaption`, not images")):
+        with pytest.raises(CurateError, match=message):
+            run_stage(encode_stage({**data, **swapped}, vaes["flux"], tmp_path / "out", tmp_path / "m"),
+                      tmp_path / "out", progress=False)
+
+
 def test_buckets_keep_aspect_ratio_and_batches_share_a_shape(data, vaes, tmp_path: Path):
     out, manifests = tmp_path / "latents", tmp_path / "manifests"
     run_stage(encode_stage(data, vaes["flux"], out, manifests, buckets=True, store="mean"), out, progress=False)

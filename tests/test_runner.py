@@ -238,7 +238,7 @@ def test_a_stage_refuses_the_folder_of_another_stage_or_its_own_input(tmp_path: 
     with pytest.raises(RuntimeError, match="boom"):  # begun: one shard committed
         run_stage(Squares([[2], [4, 6]], fail_on=6), tmp_path / "begun", progress=False)
     for folder in ("done", "begun"):
-        with pytest.raises(CurateError, match=f"--out .*{folder} holds a squares stage: give the cubes stage a folder"):
+        with pytest.raises(CurateError, match=f"--out .*{folder} holds shards of `curate squares`: give `curate cubes` a folder"):
             run_stage(Cubes([[2], [4]]), tmp_path / folder, progress=False)
     with pytest.raises(CurateError, match="is also the images the cubes stage reads"):
         run_stage(Cubes([[2]], images=tmp_path / "in"), tmp_path / "in", progress=False)

@@ -561,6 +561,9 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     from curate.dedup import decontaminate, dedup_scores
     from curate.runner import CurateError
 
+    if args.out is not None and not str(args.out).endswith(".parquet"):
+        raise CurateError(f"--out {args.out}: the table is written as parquet: name it NAME.parquet (--exclude "
+                          "reads a file by its suffix)")
     if args.against is not None:
         if args.prefer is not None:
             raise CurateError("--prefer chooses which image of a group stays; with --against every image near an "
@@ -623,6 +626,9 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, name, None)
         if isinstance(value, int) and value < least:
             parser.error(f"--{name.replace('_', '-')} must be at least {least}")
+    name = getattr(args, "name", None)
+    if name is not None and (not name.strip() or "/" in name or name in (".", "..")):
+        parser.error(f"--name {name!r}: a name that begins file names, without /")
     near = getattr(args, "near_duplicates", None)
     if near is not None:
         from curate.ingest import MAX_NEAR_DUPLICATE_BITS

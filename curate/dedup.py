@@ -352,7 +352,11 @@ def _write_table(found: dict[str, np.ndarray], keys: list[str], of_keys: list[st
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     table.write_parquet(tmp)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # a folder of that name, say
+        tmp.unlink(missing_ok=True)
+        raise
     return table
 
 

@@ -233,8 +233,8 @@ def _read_table(path: Path | str, option: str) -> pl.DataFrame:
                 table = pl.DataFrame({"key": keys}, schema={"key": pl.String})
     except FileNotFoundError:
         raise ManifestError(f"{option} {path}: no such file") from None
-    except (OSError, pl.exceptions.PolarsError) as e:
-        raise ManifestError(f"{option} {path}: cannot read it: {e}") from None
+    except (OSError, UnicodeDecodeError, pl.exceptions.PolarsError) as e:  # Unicode: a binary file named .txt
+        raise ManifestError(f"{option} {path}: cannot read it as its suffix says: {e}") from None
     by = [c for c in _KEY_COLUMNS if c in table.columns]
     if len(by) != 1:
         raise ManifestError(f"{option} {path}: needs exactly one of the columns key (the samples' keys) or source "

@@ -471,6 +471,11 @@ def test_numbers_out_of_range_and_a_file_given_as_a_folder_are_clear_errors(mixe
         with pytest.raises(SystemExit) as exit_:
             main([*argv, "--out", str(tmp_path / "out")])
         assert exit_.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["manifest", "m.json", "--captions", "long=1", "--name", "a/b"])
+    assert "--name 'a/b': a name that begins file names, without /" in capsys.readouterr().err
     (tmp_path / "file.txt").write_text("")
     assert main(["ingest", str(mixed_folder), "--out", str(tmp_path / "file.txt")]) == 2
     assert capsys.readouterr().err.startswith("curate: error: [Errno 17] File exists")
+    assert main(["dedup", str(tmp_path), "--out", str(tmp_path / "near.txt")]) == 2
+    assert "name it NAME.parquet" in capsys.readouterr().err

@@ -251,7 +251,10 @@ def decontaminate(scores_dir: str | os.PathLike, against: str | os.PathLike, thr
         reference = embeddings[[row_of[k] for k in ref_keys]]
         held = set(ref_keys)
         candidates = np.array([i for i, k in enumerate(keys) if k not in held], dtype=np.int64)
-    elif stage_record(against) is not None:
+    elif (record := stage_record(against)) is not None:
+        if record.get("stage") != "score":
+            raise CurateError(f"--against {against}: holds shards of `curate {record.get('stage')}`, not a score "
+                              "stage's embeddings (or give a manifest of the evaluation images)")
         if storage.resolved(against) == storage.resolved(scores_dir):
             raise CurateError(f"--against {against}: the stage itself; its own near-duplicates are "
                               f"`curate dedup {scores_dir}` without --against")

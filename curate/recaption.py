@@ -250,6 +250,10 @@ def plot_caption_lengths(stage_dir: str | Path, png: str | Path, bins: int = 40)
     if table is None:
         raise CurateError(f"{stage_dir}: no caption shards")
     df, variants = table
+    if not variants:
+        raise CurateError(f"{stage_dir}: no caption variants to plot (--plot draws a caption stage's lengths)")
+    if Path(png).suffix.lower() not in Image.registered_extensions():
+        raise CurateError(f"--plot {png}: give an image file name (.png)")
     panel_w, panel_h, margin = 640, 220, 40
     img = Image.new("RGB", (panel_w, panel_h * len(variants)), "white")
     draw = ImageDraw.Draw(img)

@@ -19,7 +19,8 @@ def stage_stats(stage_dir: str | os.PathLike) -> dict[str, Any]:
     stage_dir = storage.as_location(stage_dir)
     remote = storage.is_remote(stage_dir)
     if not remote and not Path(stage_dir).is_dir():
-        raise CurateError(f"{stage_dir}: no such folder")
+        raise CurateError(f"{stage_dir}: not a stage folder (of shards) nor a manifest (.json)"
+                          if Path(stage_dir).exists() else f"{stage_dir}: no such stage folder or manifest")
     shards = committed_shards(stage_dir)
     stats = stage_record(stage_dir)
     if stats is not None:

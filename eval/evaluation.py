@@ -247,7 +247,10 @@ def evaluate_pipeline(
     for another pipeline they come from its VAE, tokenizer and scheduler configs. ``resolution``
     defaults to the export's, else the pipeline's ``default_sample_size``; ``shift`` to its
     scheduler's; ``steps`` and ``guidance`` to PRXPipeline's own defaults (28, 4.0)."""
-    if (manifest is None) == (prompts is None):
+    if manifest is not None and prompts is not None:
+        raise CurateError("give --manifest (the samples and real images to measure against) or --prompts (a prompt "
+                          "file), not both")
+    if manifest is None and prompts is None:
         raise CurateError("a pipeline has no training data of its own: give --manifest (the samples and real images "
                           "to measure against) or --prompts (a prompt file), one of them")
     root, identity = _pipeline_folder(pipeline, revision)

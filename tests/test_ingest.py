@@ -315,6 +315,8 @@ def test_cli_ingest_then_stats(mixed_folder: Path, tmp_path: Path):
     assert "seen" in stats.stdout and "17" in stats.stdout and "duplicate" in stats.stdout
     raw = json.loads(run_cli("stats", str(out), "--json").stdout)
     assert raw["totals"]["reasons"] == EXPECTED_REASONS
+    plot = run_cli("stats", str(out), "--plot", str(tmp_path / "lengths.png"), check=False)
+    assert plot.returncode == 2 and "no caption variants to plot" in plot.stderr
 
 
 @pytest.mark.parametrize("setup", ["missing", "empty_folder", "no_images", "empty_url_list"])
@@ -479,3 +481,6 @@ def test_numbers_out_of_range_and_a_file_given_as_a_folder_are_clear_errors(mixe
     assert capsys.readouterr().err.startswith("curate: error: [Errno 17] File exists")
     assert main(["dedup", str(tmp_path), "--out", str(tmp_path / "near.txt")]) == 2
     assert "name it NAME.parquet" in capsys.readouterr().err
+    assert main(["stats", str(tmp_path / "file.txt")]) == 2 and main(["stats", str(tmp_path / "no.json")]) == 2
+    err = capsys.readouterr().err
+    assert "file.txt: not a stage folder (of shards) nor a manifest" in err and "no.json: no such stage folder" in err

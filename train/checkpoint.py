@@ -108,7 +108,8 @@ def load_checkpoint(path: str | os.PathLike, *, mmap: bool = False) -> dict[str,
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # a truncated or foreign file: say which one
-        raise CheckpointError(f"cannot load checkpoint {path}: {e}") from None
+        raise CheckpointError(f"cannot load checkpoint {path}: not a checkpoint torch reads, or cut off "
+                              f"({type(e).__name__}: {e})") from None
 
 
 def check_format(state: dict[str, Any], path: str | os.PathLike, window_keys: set[str]) -> None:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -191,6 +192,7 @@ def evaluate_run(
                                 "run from there, or pass the manifest with --manifest)") from None
     sampler = _Sampler(steps=steps, guidance=guidance, interval=interval, shift=shift, prediction=prediction)
     if remote is not None:
+        _forget_another_checkpoints(remote, step)
         remote.pull(folders=("eval",))
     result = _evaluate(
         folder, step=step, resolution=spec.resolution, sampler=sampler,
@@ -207,6 +209,20 @@ def evaluate_run(
     if remote is not None:
         remote.upload("eval")
     return result
+
+
+def _forget_another_checkpoints(remote: RemoteRun, step: int) -> None:
+    """Drop the reader copy's evaluations of ``step`` (results, features) when they measured another
+    checkpoint than the URL holds now (the run was deleted and trained again under its name, or its
+    step rewritten by a resume from an older one): kept, they would be returned as this one's
+    numbers and uploaded into the new run. The checkpoint's size and ETag (or modification time)
+    are kept beside them."""
+    version = " ".join(map(str, storage.version(remote.checkpoint_url(step))))
+    marker = remote.local / "eval" / f".step{step:08d}.checkpoint"
+    if marker.is_file() and marker.read_text() != version:
+        for path in (remote.local / "eval").glob(f"step{step:08d}-*"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    storage.write_text(marker, version)
 
 
 def evaluate_pipeline(

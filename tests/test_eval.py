@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -563,6 +564,18 @@ def test_a_run_at_a_url_is_evaluated_and_compared_as_its_folder(pipeline, embedd
         assert _values(pooled) == _values(local)
         assert len(list((store / "runs/shared/eval").glob("step*/0000[012].*.npy"))) == 3
         assert list((tmp_path / "machine-4").rglob("00000.*.npy"))  # the first machine's chunk, fetched
+
+        # The run deleted and trained again under its name: machine 1's copy of the old run's
+        # evaluation is neither returned nor uploaded into the new run's eval/.
+        shutil.rmtree(store / "runs/base")
+        _fresh_copy(pipeline["slow"], store / "runs/base")
+        later = time.time() + 10  # another upload: another modification time, as the server reports it
+        os.utime(store / "runs/base/checkpoints/step_00000002.pt", (later, later))
+        monkeypatch.setattr(evaluation, "CHUNK", 16)
+        monkeypatch.setenv("KILN_STAGING", str(tmp_path / "machine-1"))
+        again = _evaluate(url, embedders, metrics=["cmmd"])
+        assert _values(again) == _values(_evaluate(_fresh_copy(pipeline["slow"], tmp_path / "slow"), embedders,
+                                                   metrics=["cmmd"])) != _values(remote)
 
 
 def test_the_evaluate_command(pipeline, inception, embedders, tmp_path: Path, capsys):

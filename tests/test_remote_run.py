@@ -330,6 +330,27 @@ def test_two_machines_resume_a_url_run_together_as_one_process(tmp_path: Path, m
         assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4)
 
 
+def test_a_checkpoint_that_never_reached_the_url_is_moved_aside_not_lost(tmp_path: Path, models, dataset,
+                                                                         monkeypatch, capsys):
+    """A rerun on the machine of a run killed while it uploaded its newest checkpoint resumes from the
+    URL's latest and keeps the newer local one apart, saying where and how to continue from it."""
+    monkeypatch.setenv("KILN_STAGING", str(tmp_path / "staging"))
+    store = tmp_path / "store"
+    store.mkdir()
+    with serve(store) as server:
+        url = f"{server.url}/runs/a"
+        assert run_train(dataset["long"], url, models, steps=4, checkpoint_every=2) == 0
+        local = RemoteRun(url).local
+        shutil.copy(checkpoint_path(local, 4), checkpoint_path(local, 6))  # as if its upload had been killed
+        capsys.readouterr()
+        assert train_main(["--out", url, "--resume", "auto", "steps=8"]) == 0
+    err = capsys.readouterr().err
+    aside = local.parent / "not-uploaded" / "step_00000006.pt"
+    assert f"step_00000006.pt, written here by an earlier run, never reached {url} (its latest is step 4): " \
+           f"moved to {aside}" in err and aside.is_file()
+    assert "resumed from" in err and _steps_at(store)[-1] == 8
+
+
 def test_a_file_url_is_the_local_folder(tmp_path: Path, models, dataset, monkeypatch):
     """`--out file:///abs/run` and `train export file:///abs/run` are the folder /abs/run (not a
     folder named "file:" in the working directory)."""

@@ -96,6 +96,7 @@ class RemoteRun:
         self.local = staging_dir(self.url) / ("read" if reader else "run")
         self._snapshots = staging_dir(self.url) / "pushes"  # beside the copy: never walked while it changes
         self.listed: list[int] = []  # the URL's checkpoints when the run started (on rank 0)
+        self.notes: list[str] = []  # warnings of the preparation, for the run's log
         self._pushed: dict[str, tuple[int, int]] = {}  # file -> (size, mtime) when last uploaded
         self._pool: ThreadPoolExecutor | None = None
         self._uploads: list[_Upload] = []  # pushed, not yet collected; oldest first
@@ -224,8 +225,19 @@ class RemoteRun:
         return step
 
     def _clear(self, keep: int | None) -> None:
-        """Empty the local copy (what an earlier run here left) but for the checkpoint to resume."""
+        """Empty the local copy (what an earlier run here left) but for the checkpoint to resume; a
+        checkpoint newer than any at the URL (its upload was killed, or failed) is moved aside."""
         shutil.rmtree(self._snapshots, ignore_errors=True)  # of a run killed during a push
+        at_url = self.steps()
+        for step, path in list_checkpoints(self.local):
+            if step != keep and (not at_url or step > at_url[-1]):
+                aside = staging_dir(self.url) / "not-uploaded" / path.name
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, aside)
+                self.notes.append(f"{path.name}, written here by an earlier run, never reached {self.url} (its "
+                                  f"latest is {f'step {at_url[-1]}' if at_url else 'none'}): moved to {aside}; "
+                                  f"to continue from it, upload it to {self.checkpoint_url(step)} and rerun with "
+                                  "--resume auto")
         kept = {checkpoint_path(self.local, keep)} if keep is not None else set()
         kept |= {_version_marker(path) for path in kept}
         for path in self.local.rglob("*") if self.local.is_dir() else ():
@@ -389,7 +401,7 @@ class RemoteRun:
             # Set here, in the jobs' order: a later checkpoint's upload clears it.
             self._failed.add(step)
             self._lost = (f"checkpoint step {step} was not uploaded to {url} ({e}); it is kept at {checkpoint}: a rerun "
-                          "resumes from the URL's latest and clears that copy, so upload it by hand to keep it")
+                          "resumes from the URL's latest and moves that copy aside, so upload it by hand to continue from it")
             raise storage.RemoteError(self._lost) from e
         self._lost = None  # the newest checkpoint is at the URL: one that failed before is superseded
         self._failed.discard(step)

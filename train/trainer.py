@@ -305,6 +305,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
             logger.note(f"data: {note}")
         if world.note:
             logger.note(f"WARNING: {world.note}")
+        for note in remote.notes if remote is not None else ():
+            logger.note(f"WARNING: {note}")
         if cfg.optim.name == "muon":
             muon, other = (sum(p.numel() for p in g["params"]) for g in optimizer.param_groups[:2])
             split = (f"; each of {world.world_size} ranks orthogonalises its share of the "

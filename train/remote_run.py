@@ -149,8 +149,16 @@ class RemoteRun:
         found = _from_rank_0(chosen)
         if found is None:
             return None
-        _on_first_rank_of_each_machine(lambda: self.fetch(found))
+        _on_first_rank_of_each_machine(lambda: self._fetch_listed(found))
         return checkpoint_path(self.local, found)
+
+    def _fetch_listed(self, step: int) -> Path:
+        """:meth:`fetch` of a step rank 0 listed, which another machine may find gone since."""
+        path = self.fetch(step)
+        if path is None:
+            raise storage.RemoteError(f"{self.checkpoint_url(step)}: deleted since this run listed it (another run "
+                                      "writing to this URL is pruning its checkpoints?)")
+        return path
 
     def latest_url(self) -> str | None:
         """The URL of the newest checkpoint that is at the URL or being uploaded there."""
@@ -183,7 +191,7 @@ class RemoteRun:
                 _on_main_rank(lambda: self.pull(RESUMED_FILES, folders=(TENSORBOARD,)))
         if step is None:
             return None
-        _on_first_rank_of_each_machine(lambda: self.fetch(step))
+        _on_first_rank_of_each_machine(lambda: self._fetch_listed(step))
         return checkpoint_path(self.local, step)
 
     def start(self, *, note: Note) -> None:

@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                         " with --backend openai, the served model name")
     p.add_argument("--revision", default=None, help="pinned Hub revision (commit hash or tag)")
     p.add_argument("--backend", choices=["auto", "transformers", "vllm", "openai"], default="auto",
-                   help="auto: vllm if installed and a GPU is present, else transformers")
+                   help="auto: openai with --endpoint, else vllm if installed and a GPU is present, else transformers")
     p.add_argument("--endpoint", default=None, help="openai: base URL of the server, e.g. http://localhost:8000/v1")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY",
                    help="openai: environment variable holding the API key (never logged)")
@@ -355,7 +355,11 @@ def cmd_recaption(args: argparse.Namespace) -> int:
     from curate.runner import CurateError, resolve_share
 
     share = resolve_share(args.rank, args.world_size)
-    backend = choose_backend(args.backend)
+    # --endpoint names a server: with --backend auto that is the openai backend.
+    backend = "openai" if args.endpoint and args.backend == "auto" else choose_backend(args.backend)
+    if args.endpoint and backend != "openai":  # a server was meant, and the model would run here instead
+        raise CurateError(f"--endpoint is the openai backend's server; the {backend} backend runs the model here: "
+                          "add --backend openai, or drop --endpoint")
     # A served model's name is whatever the server calls it; elsewhere resolve aliases and folders.
     model = args.model if backend == "openai" and not _is_alias(args.model) else resolve_model(args.model, "vlm").id
     try:

@@ -479,6 +479,8 @@ def test_numbers_out_of_range_and_a_file_given_as_a_folder_are_clear_errors(mixe
     (tmp_path / "file.txt").write_text("")
     assert main(["ingest", str(mixed_folder), "--out", str(tmp_path / "file.txt")]) == 2
     assert capsys.readouterr().err.startswith("curate: error: [Errno 17] File exists")
+    assert main(["recaption", "x", "--out", "y", "--backend", "transformers", "--endpoint", "http://127.0.0.1:9"]) == 2
+    assert "--endpoint is the openai backend's server" in capsys.readouterr().err
     assert main(["dedup", str(tmp_path), "--out", str(tmp_path / "near.txt")]) == 2
     assert "name it NAME.parquet" in capsys.readouterr().err
     assert main(["stats", str(tmp_path / "file.txt")]) == 2 and main(["stats", str(tmp_path / "no.json")]) == 2

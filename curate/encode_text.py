@@ -28,7 +28,6 @@ takes every core); writing a shard overlaps encoding the next.
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import os
@@ -173,10 +172,7 @@ class EncodeTextStage(Stage):
             if storage.is_remote(target) and not (storage.is_remote(self.out_dir) and storage.is_remote(self.latents_dir)):
                 raise CurateError(f"{p}: its manifest would be written at {target}, where it can name shards at URLs "
                                   "only: give --out a URL (with the latents at theirs), or a local --manifest-dir")
-            try:
-                parts = json.loads(storage.read_bytes(p)).get("parts")
-            except (OSError, ValueError):
-                continue  # named, with its field, when the manifests are written
+            parts = load_manifest(p).parts  # one that does not validate is named before any encoding
             if parts:
                 raise CurateError(f"{p} merges {len(parts)} datasets: run encode-text on each dataset's "
                                   "latents, then merge the manifests it writes (curate manifest)")

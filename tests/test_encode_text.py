@@ -237,6 +237,9 @@ def test_bad_arguments_and_inputs(dataset, encoders, tmp_path: Path):
         EncodeTextStage(dataset["latents"], tmp_path / "t", str(encoders["left"]), dtype="int8")
     with pytest.raises(CurateError, match="not a complete encode-latents stage"):
         EncodeTextStage(tmp_path, tmp_path / "t", str(encoders["left"]))
+    (tmp_path / "bad.json").write_text("{bad")
+    with pytest.raises(ManifestError, match="bad.json: not valid JSON"):  # before anything is encoded
+        EncodeTextStage(dataset["latents"], tmp_path / "t", str(encoders["left"]), manifests=[tmp_path / "bad.json"])
     moved = tmp_path / "moved"
     shutil.copytree(dataset["latents"], moved)
     stage_file = json.loads((moved / "_stage.json").read_text())

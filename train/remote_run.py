@@ -54,6 +54,7 @@ from train.checkpoint import (
     CHECKPOINT_DIR,
     checkpoint_path,
     checkpoint_step,
+    evaluation_prefix,
     list_checkpoints,
     superseded,
 )
@@ -169,6 +170,12 @@ class RemoteRun:
             pass
         return self.checkpoint_url(max(found)) if found else None
 
+    def copy_version(self, step: int) -> str | None:
+        """The size and ETag (or modification time) of the URL's checkpoint of ``step`` that the
+        local copy holds, as fetched; None when it holds none."""
+        marker = _version_marker(checkpoint_path(self.local, step))
+        return marker.read_text() if marker.is_file() else None
+
     def _is_copy_of(self, local: Path, url: str) -> bool:
         marker = _version_marker(local)
         if not (local.is_file() and marker.is_file()):
@@ -238,12 +245,12 @@ class RemoteRun:
         shutil.rmtree(self._snapshots, ignore_errors=True)  # of a run killed during a push
         at_url = self.steps()
         for step, path in list_checkpoints(self.local):
-            if step != keep and (not at_url or step > at_url[-1]):
+            if step != keep and at_url and step > at_url[-1]:  # none at the URL: the run there was deleted
                 aside = staging_dir(self.url) / "not-uploaded" / path.name
                 aside.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(path, aside)
                 self.notes.append(f"{path.name}, written here by an earlier run, never reached {self.url} (its "
-                                  f"latest is {f'step {at_url[-1]}' if at_url else 'none'}): moved to {aside}; "
+                                  f"latest is step {at_url[-1]}): moved to {aside}; "
                                   f"to continue from it, upload it to {self.checkpoint_url(step)} and rerun with "
                                   "--resume auto")
         kept = {checkpoint_path(self.local, keep)} if keep is not None else set()
@@ -277,10 +284,11 @@ class RemoteRun:
             self._pushed[name] = _stamp(self.local / name)
         return self.local
 
-    def upload(self, folder: str) -> None:
-        """Upload the files of the local copy's ``folder`` (not its subfolders) that changed since
-        they were pulled: what a reader added to the run (``evaluate run``'s results)."""
-        for path in sorted((self.local / folder).glob("[!.]*")):
+    def upload(self, folder: str, pattern: str = "[!.]*") -> None:
+        """Upload the files of the local copy's ``folder`` (not its subfolders) whose names match
+        ``pattern`` and that changed since they were pulled: what a reader added to the run
+        (``evaluate run``'s results)."""
+        for path in sorted((self.local / folder).glob(pattern)):
             name = f"{folder}/{path.name}"
             if path.is_file() and self._pushed.get(name) != (stamp := _stamp(path)):
                 storage.write_file(path, storage.join(self.url, name))
@@ -371,29 +379,49 @@ class RemoteRun:
         (the metrics behind the URL's latest checkpoint would leave a gap in a resumed run's)."""
         sent = _Sent({})
 
-        def send(names: list[str]) -> list[str]:
-            failed = []
+        def send(names: list[str]) -> OSError | None:
+            """Upload ``names``; the first failure (with a store that refuses writes, config.yaml's)."""
+            first = None
             for name in names:
                 try:
                     storage.write_file(snapshot / name, storage.join(self.url, name))
                     sent.files[name] = changed[name]
                 except OSError as e:
-                    failed.append(name)
-                    sent.error = sent.error or e  # the first: with a store that refuses writes, config.yaml's
-            return failed
+                    first = first or e
+            return first
 
         try:
-            failed = send(list(changed))
+            files_error = send(list(changed))
+            checkpoint_error = None
             if checkpoint is not None:
                 try:
                     sent.warnings += self._upload_checkpoint(checkpoint, keep)
                 except OSError as e:
-                    sent.error = e  # the checkpoint's, the one that matters most
-                if failed:
-                    send(failed)
+                    checkpoint_error = e
+                if files_error is not None:  # once more: up now, the metrics reach the checkpoint's step
+                    files_error = send([name for name in changed if name not in sent.files])
+            sent.error = checkpoint_error or files_error  # the checkpoint's matters most
+        except Exception as e:  # noqa: BLE001 - anything else in this thread: a failed upload, not a dead run
+            sent.error = OSError(f"uploading to {self.url} failed: {e!r}")
         finally:
             shutil.rmtree(snapshot, ignore_errors=True)
         return sent
+
+    def _remove_evaluations(self, step: int) -> None:
+        """Delete the URL's evaluations of ``step`` (result files and feature folders)."""
+        folder = storage.join(self.url, "eval")
+        try:
+            names = storage.list_names(folder)
+        except FileNotFoundError:
+            return
+        for name in (n for n in names if n.startswith(evaluation_prefix(step))):
+            try:
+                inner = storage.list_names(storage.join(folder, name), files_only=True)  # a features folder
+            except (FileNotFoundError, NotADirectoryError):
+                inner = []
+            for file in inner:
+                storage.remove(storage.join(folder, name, file))
+            storage.remove(storage.join(folder, name))
 
     def _upload_checkpoint(self, checkpoint: Path, keep: int) -> list[str]:
         """Upload ``checkpoint``, then drop the older local copies and the URL's checkpoints it
@@ -416,13 +444,19 @@ class RemoteRun:
         for old_step, path in list_checkpoints(self.local):
             if old_step < step:
                 _drop_local(path)
+        warnings = []
         try:
             self._mark_copy(checkpoint, url)
+        except OSError as e:  # a resume on this machine fetches it again, no more
+            warnings.append(f"{e}: the local copy of {checkpoint.name} is not marked as the URL's")
+        try:
             for old in superseded(self.steps(), step, keep):
                 storage.remove(self.checkpoint_url(old))
+                if old > step:  # abandoned by a resume from an older checkpoint: its evaluations too
+                    self._remove_evaluations(old)
         except OSError as e:
-            return [f"{e}: the URL may hold more checkpoints than keep_checkpoints={keep}"]
-        return []
+            warnings.append(f"{e}: the URL may hold more checkpoints than keep_checkpoints={keep}")
+        return warnings
 
 
 def split_checkpoint_url(url: str) -> tuple[str, int] | None:

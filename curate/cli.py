@@ -565,7 +565,7 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     from curate.dedup import decontaminate, dedup_scores
     from curate.runner import CurateError
 
-    if args.out is not None and not str(args.out).endswith(".parquet"):
+    if args.out is not None and not str(args.out).lower().endswith(".parquet"):
         raise CurateError(f"--out {args.out}: the table is written as parquet: name it NAME.parquet (--exclude "
                           "reads a file by its suffix)")
     if args.against is not None:

@@ -304,10 +304,11 @@ def default_device() -> str:
     return str(_local_gpu()) if torch.cuda.is_available() else "cpu"
 
 
-def resolve_device(device: Any = None) -> Any:
+def resolve_device(device: Any = None, option: str = "--device ") -> Any:
     """The ``torch.device`` to run on: ``default_device()`` when none is given, and this
     worker's GPU for a bare ``cuda`` (torch would read it as the current device, cuda:0 in
-    every worker, and ``torch.cuda.set_device`` refuses a device without an index)."""
+    every worker, and ``torch.cuda.set_device`` refuses a device without an index). ``option``:
+    how errors name the setting (``--device `` or train's ``device=``)."""
     import torch
 
     if device is None:
@@ -315,12 +316,12 @@ def resolve_device(device: Any = None) -> Any:
     try:
         asked = torch.device(device)
     except RuntimeError:
-        raise CurateError(f"--device {device}: not a device (cpu, cuda, cuda:N, ...)") from None
+        raise CurateError(f"{option}{device}: not a device (cpu, cuda, cuda:N, ...)") from None
     if asked.type == "cuda" and not torch.cuda.is_available():
         build = f"a CPU-only build of torch {torch.__version__}" if torch.version.cuda is None else "no GPU visible"
-        raise CurateError(f"--device {device}: CUDA is not available here ({build})")
+        raise CurateError(f"{option}{device}: CUDA is not available here ({build})")
     if asked.type == "cuda" and asked.index is not None and asked.index >= torch.cuda.device_count():
-        raise CurateError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+        raise CurateError(f"{option}{device}: this machine has {torch.cuda.device_count()} GPU(s)")
     return _local_gpu() if asked.type == "cuda" and asked.index is None else asked
 
 
@@ -342,7 +343,11 @@ class StageResult:
     summary: dict[str, Any] = field(default_factory=dict)  # _stage.json, when complete
 
 
-def _is_done(shard: Shard | None, task: ShardTask, config_hash: str, fingerprints: dict[str, str]) -> bool:
+def _is_done(shard: Shard | None, task: ShardTask, config_hash: str, fingerprints: dict[str, str],
+             stage_name: str | None = None) -> bool:
+    if shard is not None and stage_name is not None and shard.meta.stage != stage_name:
+        raise CurateError(f"{shard.index_path} is a shard of `curate {shard.meta.stage}`: give `curate {stage_name}` "
+                          "a folder of its own (it would replace that stage's shards)")
     return (
         shard is not None
         and shard.meta.fingerprint == task.fingerprint
@@ -353,7 +358,7 @@ def _is_done(shard: Shard | None, task: ShardTask, config_hash: str, fingerprint
 
 
 def _done(out_dir: Path | str, tasks: list[ShardTask], config_hash: str,
-          fingerprints: dict[str, str]) -> Iterator[bool]:
+          fingerprints: dict[str, str], stage_name: str | None = None) -> Iterator[bool]:
     """Whether each task's shard is committed and current, lazily and in order: at a URL, many
     asked at once (a shard costs two or three requests) and the folder's listing asked afresh
     (other workers' shards)."""
@@ -363,7 +368,7 @@ def _done(out_dir: Path | str, tasks: list[ShardTask], config_hash: str,
     if remote:
         storage.forget_listings(str(out_dir))
     return storage.parallel_map(
-        lambda t: _is_done(open_shard(out_dir, t.shard_id), t, config_hash, fingerprints), tasks, remote)
+        lambda t: _is_done(open_shard(out_dir, t.shard_id), t, config_hash, fingerprints, stage_name), tasks, remote)
 
 
 def _all_done(out_dir: Path | str, tasks: list[ShardTask], config_hash: str, fingerprints: dict[str, str]) -> bool:
@@ -383,9 +388,9 @@ def stage_config(stage: Stage) -> dict[str, Any]:
 INPUTS = ("source", "images", "captions", "latents")  # the provenance entries that name a stage's inputs
 
 
-def _check_own_folder(stage: Stage, out_dir: Path | str, tasks: list[ShardTask]) -> None:
-    """A stage's --out is a folder of its own: not one it reads, nor one of another stage's (complete
-    or not), whose shards it would replace one by one."""
+def _check_own_folder(stage: Stage, out_dir: Path | str) -> None:
+    """A stage's --out is a folder of its own: not one it reads, nor one of another complete stage
+    (a begun one's shards are refused one by one, as each worker finds them: _is_done)."""
     from curate import storage
 
     where = storage.resolved(out_dir)
@@ -396,8 +401,6 @@ def _check_own_folder(stage: Stage, out_dir: Path | str, tasks: list[ShardTask])
                               "its own")
     record = stage_record(out_dir)
     found = record.get("stage") if record is not None else None
-    if found is None and tasks and (shard := open_shard(out_dir, tasks[0].shard_id)) is not None:
-        found = shard.meta.stage  # one shard asked for: listing a large stage at a URL costs more
     if found is not None and found != stage.name:
         raise CurateError(f"--out {out_dir} holds shards of `curate {found}`: give `curate {stage.name}` a folder of "
                           "its own (it would replace those shards)")
@@ -420,7 +423,7 @@ def run_stage(
     ids = [t.shard_id for t in tasks]
     if ids != sorted(set(ids)):
         raise RuntimeError(f"{stage.name}: plan must list unique shard ids in order")
-    _check_own_folder(stage, out_dir, tasks)
+    _check_own_folder(stage, out_dir)
     config = stage_config(stage)
     config_hash = stable_hash(config)
     fingerprints = {str(t.shard_id): t.fingerprint for t in tasks}
@@ -431,7 +434,8 @@ def run_stage(
     mine = share.take(tasks)
     todo = []
     remote = storage.is_remote(out_dir)
-    for task, done in zip(mine, _done(out_dir, mine, config_hash, fingerprints), strict=True):
+    # Every shard of this worker's share is asked for before any work: one of another stage is refused.
+    for task, done in zip(mine, _done(out_dir, mine, config_hash, fingerprints, stage.name), strict=True):
         if done:
             result.skipped.append(task.shard_id)
             if remote:  # staged copies that a kill left after the upload, if any

@@ -535,16 +535,14 @@ def check_intact(shards: list[Shard], stage_dir: str | os.PathLike) -> None:
     from curate import storage
 
     def problem(shard: Shard) -> str | None:
-        if shard.tar_path is None or shard.meta.tar_bytes is None:
+        if shard.intact() or shard.tar_path is None:
             return None
         try:
             found = storage.size(shard.tar_path)
         except FileNotFoundError:
             return f"{shard.tar_path}: missing, but its index {shard.index_path} is there"
-        if found != shard.meta.tar_bytes:
-            return (f"{shard.tar_path}: {found} bytes, but its index recorded {shard.meta.tar_bytes} (cut off, or "
-                    "replaced after it was committed)")
-        return None
+        return (f"{shard.tar_path}: {found} bytes, but its index recorded {shard.meta.tar_bytes} (cut off, or "
+                "replaced after it was committed)")
 
     for found in storage.parallel_map(problem, shards, storage.is_remote(stage_dir)):
         if found:
@@ -603,8 +601,8 @@ def iter_tar_samples(
             if key is not None and members:
                 yield key, members
     except (tarfile.TarError, EOFError) as e:
-        raise ShardError(f"{what or tar_path}: cut off or damaged ({e}); a shard that a stage committed is made "
-                         "again by rerunning that stage") from e
+        raise ShardError(f"{what or tar_path}: cut off or damaged ({e}); to make a committed shard again, delete "
+                         "its index (NNNNNN.parquet beside it) and rerun the stage that made it") from e
 
 
 def samples_at(

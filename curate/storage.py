@@ -89,13 +89,13 @@ def local_path(path: str | os.PathLike) -> str:
 
 def absolute(path: str | os.PathLike) -> str:
     """A URL as it is, a local path made absolute: how a record names a file for later."""
-    return os.fspath(path) if is_remote(path) else str(Path(path).absolute())
+    return os.fspath(path) if is_remote(path) else str(Path(local_path(path)).absolute())
 
 
 def resolved(path: str | os.PathLike) -> str:
     """A URL without a trailing slash, a local path absolute with its links resolved: how a stage
     records its inputs, and how two names of one folder compare equal."""
-    return os.fspath(path).rstrip("/") if is_remote(path) else str(Path(path).resolve())
+    return os.fspath(path).rstrip("/") if is_remote(path) else str(Path(local_path(path)).resolve())
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:

@@ -63,7 +63,7 @@ from eval.evalset import (
     real_images,
 )
 from eval.stats import fid_from_features, kid, mmd
-from train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+from train.checkpoint import CheckpointError, evaluation_prefix, find_checkpoint, load_checkpoint
 from train.config import EVERY_STEP, check_guidance_interval
 from train.ema import checkpoint_weights
 from train.export import EXPORT_INFO, LATENTS_INFO, exported_vae
@@ -206,21 +206,23 @@ def evaluate_run(
         samples=samples, seed=seed, variant=variant, batch_size=batch_size, device=device,
         networks=dict(inception=inception, clip=clip, dino=dino, clip_score=clip_score, vqa=vqa),
         share=share, force=force, progress=progress, remote=remote)
-    if remote is not None:
-        remote.upload("eval")
+    if remote is not None:  # this step's: the copy may hold others' that the URL no longer has
+        remote.upload("eval", pattern=f"{evaluation_prefix(step)}*")
     return result
 
 
 def _forget_another_checkpoints(remote: RemoteRun, step: int) -> None:
     """Drop the reader copy's evaluations of ``step`` (results, features) when they measured another
-    checkpoint than the URL holds now (the run was deleted and trained again under its name, or its
-    step rewritten by a resume from an older one): kept, they would be returned as this one's
-    numbers and uploaded into the new run. The checkpoint's size and ETag (or modification time)
-    are kept beside them."""
-    version = " ".join(map(str, storage.version(remote.checkpoint_url(step))))
+    checkpoint than the URL holds now (the run was deleted and trained again under its name, or the
+    step written again after a resume from an older checkpoint, which deleted the URL's evaluations
+    of it): kept, they would be returned as this one's numbers and uploaded into the run. The
+    checkpoint's size and ETag (or modification time) as fetched are kept beside them."""
+    version = remote.copy_version(step)  # as fetched just now: the store is not asked again
+    if version is None:
+        return
     marker = remote.local / "eval" / f".step{step:08d}.checkpoint"
     if marker.is_file() and marker.read_text() != version:
-        for path in (remote.local / "eval").glob(f"step{step:08d}-*"):
+        for path in (remote.local / "eval").glob(f"{evaluation_prefix(step)}*"):
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     storage.write_text(marker, version)
 
@@ -455,7 +457,7 @@ def _evaluate(
     if interval != EVERY_STEP:  # guidance at every step is not recorded: the tags from before intervals stay
         settings["guidance_interval"] = list(interval)
     tag = stable_hash(settings)[:12]
-    name = f"step{step:08d}-{tag}"
+    name = f"{evaluation_prefix(step)}{tag}"
     result_path = folder / "eval" / f"{name}.json"
     stored = json.loads(result_path.read_text()) if result_path.is_file() else None
     wanted = [m for m in metrics if force or stored is None or m not in stored["metrics"]

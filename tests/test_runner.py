@@ -237,8 +237,11 @@ def test_a_stage_refuses_the_folder_of_another_stage_or_its_own_input(tmp_path: 
     run_stage(Squares([[2], [4]]), tmp_path / "done", progress=False)  # complete: its _stage.json
     with pytest.raises(RuntimeError, match="boom"):  # begun: one shard committed
         run_stage(Squares([[2], [4, 6]], fail_on=6), tmp_path / "begun", progress=False)
-    for folder in ("done", "begun"):
-        with pytest.raises(CurateError, match=f"--out .*{folder} holds shards of `curate squares`: give `curate cubes` a folder"):
+    run_stage(Squares([[2], [4]]), tmp_path / "second", share=WorkerShare(1, 2), progress=False)  # shard 1 only
+    for folder, message in (("done", "--out .*done holds shards of `curate squares`"),
+                            ("begun", "begun/000000.parquet is a shard of `curate squares`"),
+                            ("second", "second/000001.parquet is a shard of `curate squares`")):
+        with pytest.raises(CurateError, match=f"{message}: give `curate cubes` a folder of its own"):
             run_stage(Cubes([[2], [4]]), tmp_path / folder, progress=False)
     with pytest.raises(CurateError, match="is also the images the cubes stage reads"):
         run_stage(Cubes([[2]], images=tmp_path / "in"), tmp_path / "in", progress=False)

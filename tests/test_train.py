@@ -417,11 +417,16 @@ def test_going_back_to_an_older_checkpoint_drops_the_later_ones_at_the_first_sav
     nothing), then go, so --resume auto never takes them up again."""
     run = tmp_path / "run"
     assert run_train(dataset["long"], run, models, steps=6, checkpoint_every=2) == 0
+    for name in ("step00000002-a.json", "step00000004-a.json", "step00000004-a/00000.fid.npy"):  # evaluations
+        (run / "eval" / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / "eval" / name).write_text("{}")
     capsys.readouterr()
     assert run_train(dataset["long"], run, models, "--resume", str(run / "checkpoints/step_00000002.pt"), steps=6,
                      checkpoint_every=3) == 0
     assert "the checkpoints of steps 4, 6 come after the one resumed" in capsys.readouterr().err
     assert [s for s, _ in list_checkpoints(run)] == [2, 3, 6]
+    # The abandoned step 4's evaluations went with its checkpoint; step 2's stay.
+    assert sorted(p.name for p in (run / "eval").iterdir()) == ["step00000002-a.json"]
     assert [s for s, _ in losses(run)] == [1, 2, 3, 4, 5, 6]
 
 

@@ -66,6 +66,20 @@ def superseded(steps: list[int], step: int, keep: int) -> list[int]:
     return [s for s in steps if s > step] + [s for s in steps if s <= step][:-keep]
 
 
+def evaluation_prefix(step: int) -> str:
+    """How the names of a step's evaluations begin, in RUN/eval (eval/evaluation.py)."""
+    return f"step{step:08d}-"
+
+
+def drop_evaluations(run_dir: str | os.PathLike, step: int) -> None:
+    """Delete the evaluations (results, features) of an abandoned checkpoint of ``step``: a resume
+    from an older one writes another checkpoint of that step, which must not inherit them."""
+    import shutil
+
+    for path in (Path(run_dir) / "eval").glob(f"{evaluation_prefix(step)}*"):
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 def find_checkpoint(run: str | os.PathLike, step: int | None = None) -> Path | None:
     """The checkpoint of ``step`` (default: the latest) of a run folder, or of a run at a URL
     (``train --out s3://...``; fetched into its local copy, train/remote_run.py); None when there
@@ -96,6 +110,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict[str, Any]
     fsync_dir(final.parent)
     for old in superseded([s for s, _ in list_checkpoints(run_dir)], step, keep) if keep is not None else ():
         checkpoint_path(run_dir, old).unlink(missing_ok=True)
+        if old > step:
+            drop_evaluations(run_dir, old)
     for stale in final.parent.glob(".step_*.pt.tmp-*"):  # left by a save that was killed
         if stale != tmp:
             stale.unlink(missing_ok=True)

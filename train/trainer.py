@@ -671,7 +671,7 @@ def setup_world(device: str = "auto") -> World:
     launch.export(os.environ)  # srun's tasks get torchrun's variables: one convention from here on
     world_size, rank = launch.world_size, launch.rank
     # auto: cuda:LOCAL_RANK when CUDA is available; a bare "cuda" is this rank's GPU as well.
-    dev = resolve_device(None if device == "auto" else device)
+    dev = resolve_device(None if device == "auto" else device, option="device=")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast may use TF32

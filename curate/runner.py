@@ -389,8 +389,8 @@ INPUTS = ("source", "images", "captions", "latents")  # the provenance entries t
 
 
 def _check_own_folder(stage: Stage, out_dir: Path | str) -> None:
-    """A stage's --out is a folder of its own: not one it reads, nor one of another complete stage
-    (a begun one's shards are refused one by one, as each worker finds them: _is_done)."""
+    """A stage's --out is not one of the folders it reads (nor another stage's: each shard of this
+    worker's share found there is checked before any work, _is_done; no request is added here)."""
     from curate import storage
 
     where = storage.resolved(out_dir)
@@ -399,11 +399,6 @@ def _check_own_folder(stage: Stage, out_dir: Path | str) -> None:
         if isinstance(inputs.get(name), str) and storage.resolved(inputs[name]) == where:
             raise CurateError(f"--out {out_dir} is also the {name} the {stage.name} stage reads: give it a folder of "
                               "its own")
-    record = stage_record(out_dir)
-    found = record.get("stage") if record is not None else None
-    if found is not None and found != stage.name:
-        raise CurateError(f"--out {out_dir} holds shards of `curate {found}`: give `curate {stage.name}` a folder of "
-                          "its own (it would replace those shards)")
 
 
 def run_stage(

@@ -16,6 +16,7 @@ import contextlib
 import email.utils
 import os
 import re
+import socket
 import threading
 import time
 from collections import Counter
@@ -45,11 +46,32 @@ class FileServer(ThreadingHTTPServer):
         self.puts = 0
         self.in_flight = self.peak = 0  # requests being answered; the most at once
         self.lock = threading.Lock()
+        self.connections: set[socket.socket] = set()
         super().__init__(("127.0.0.1", 0), _Handler)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
+
+    # The connections open now: closed with the server, so that a client's pooled keep-alive
+    # connection cannot reach this server's handler after a later server took over its port (a
+    # HEAD answered by the old server's files, the GET after it by the new one's).
+    def process_request(self, request, client_address) -> None:
+        with self.lock:
+            self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request) -> None:
+        with self.lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        with self.lock:
+            open_now = list(self.connections)
+        for connection in open_now:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
 
 
 class _Handler(SimpleHTTPRequestHandler):
@@ -225,6 +247,7 @@ def serve(root: str | os.PathLike, latency: float = 0.0) -> Iterator[FileServer]
     finally:
         server.shutdown()
         server.server_close()
+        server.close_connections()
         thread.join()
 
 

@@ -238,7 +238,7 @@ def test_a_stage_refuses_the_folder_of_another_stage_or_its_own_input(tmp_path: 
     with pytest.raises(RuntimeError, match="boom"):  # begun: one shard committed
         run_stage(Squares([[2], [4, 6]], fail_on=6), tmp_path / "begun", progress=False)
     run_stage(Squares([[2], [4]]), tmp_path / "second", share=WorkerShare(1, 2), progress=False)  # shard 1 only
-    for folder, message in (("done", "--out .*done holds shards of `curate squares`"),
+    for folder, message in (("done", "done/000000.parquet is a shard of `curate squares`"),
                             ("begun", "begun/000000.parquet is a shard of `curate squares`"),
                             ("second", "second/000001.parquet is a shard of `curate squares`")):
         with pytest.raises(CurateError, match=f"{message}: give `curate cubes` a folder of its own"):

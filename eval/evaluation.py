@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,7 +62,13 @@ from eval.evalset import (
     real_images,
 )
 from eval.stats import fid_from_features, kid, mmd
-from train.checkpoint import CheckpointError, evaluation_prefix, find_checkpoint, load_checkpoint
+from train.checkpoint import (
+    CheckpointError,
+    drop_evaluations,
+    evaluation_prefix,
+    find_checkpoint,
+    load_checkpoint,
+)
 from train.config import EVERY_STEP, check_guidance_interval
 from train.ema import checkpoint_weights
 from train.export import EXPORT_INFO, LATENTS_INFO, exported_vae
@@ -222,8 +227,7 @@ def _forget_another_checkpoints(remote: RemoteRun, step: int) -> None:
         return
     marker = remote.local / "eval" / f".step{step:08d}.checkpoint"
     if marker.is_file() and marker.read_text() != version:
-        for path in (remote.local / "eval").glob(f"{evaluation_prefix(step)}*"):
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        drop_evaluations(remote.local, step)
     storage.write_text(marker, version)
 
 

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,27 +151,24 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
-    metrics = []
+    return [record for _, record in _records(path)]
+
+
+def _records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each line of a metrics file with its record; a line that is not JSON (cut off by a kill, or
+    being written) is passed over."""
     for line in path.read_text().splitlines():
         try:
-            metrics.append(json.loads(line))
-        except json.JSONDecodeError:  # cut off by a kill, or being written: a resume drops it too
+            yield line, json.loads(line)
+        except json.JSONDecodeError:
             continue
-    return metrics
 
 
 def _truncate_after(path: Path, step: int) -> None:
     """Drop lines of steps > ``step``: logged after the checkpoint a resume starts from."""
     if not path.exists():
         return
-    lines = path.read_text().splitlines()
-    keep = []
-    for line in lines:
-        try:
-            if json.loads(line).get("step", -1) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:  # a line cut off by a kill
-            continue
+    keep = [line for line, record in _records(path) if record.get("step", -1) <= step]
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text("".join(f"{line}\n" for line in keep))
     os.replace(tmp, path)

@@ -96,7 +96,7 @@ class RemoteRun:
         self.url, self.reader = storage.resolved(url), reader
         self.local = staging_dir(self.url) / ("read" if reader else "run")
         self._snapshots = staging_dir(self.url) / "pushes"  # beside the copy: never walked while it changes
-        self.listed: list[int] = []  # the URL's checkpoints when the run started (on rank 0)
+        self.listed: list[int] = []  # the URL's checkpoints when the run started (rank 0's listing)
         self.notes: list[str] = []  # warnings of the preparation, for the run's log
         self._pushed: dict[str, tuple[int, int]] = {}  # file -> (size, mtime) when last uploaded
         self._pool: ThreadPoolExecutor | None = None
@@ -191,7 +191,11 @@ class RemoteRun:
     def prepare(self, resume: str) -> Path | None:
         """The local checkpoint this run resumes from (None: a new run), the same on every rank:
         ``resume`` is "never", "auto" (the URL's latest) or one of the run's checkpoints by URL."""
-        step = _from_rank_0(lambda: self._resume_step(resume))
+        def choose() -> tuple[int | None, list[int]]:
+            steps = self.steps()
+            return self._resume_step(resume, steps), steps
+
+        step, self.listed = _from_rank_0(choose)  # one listing, for every rank
         if not self.reader:  # a reader (train --check) leaves the trainer's copy alone
             _on_first_rank_of_each_machine(lambda: self._clear(keep=step))
             if step is not None:
@@ -221,8 +225,7 @@ class RemoteRun:
 
         _on_main_rank(push_config)
 
-    def _resume_step(self, resume: str) -> int | None:
-        steps = self.listed = self.steps()
+    def _resume_step(self, resume: str, steps: list[int]) -> int | None:
         if resume == "never":
             if steps:
                 raise ConfigError(f"{self.url} already holds checkpoints (latest step {steps[-1]}): pass "
@@ -243,7 +246,7 @@ class RemoteRun:
         """Empty the local copy (what an earlier run here left) but for the checkpoint to resume; a
         checkpoint newer than any at the URL (its upload was killed, or failed) is moved aside."""
         shutil.rmtree(self._snapshots, ignore_errors=True)  # of a run killed during a push
-        at_url = self.steps()
+        at_url = self.listed
         for step, path in list_checkpoints(self.local):
             if step != keep and at_url and step > at_url[-1]:  # none at the URL: the run there was deleted
                 aside = staging_dir(self.url) / "not-uploaded" / path.name

@@ -49,7 +49,7 @@ import polars as pl
 import torch
 
 from curate import storage
-from curate.runner import STAGE_FILE, CurateError, resolve_device, stage_record
+from curate.runner import STAGE_FILE, CurateError, resolve_device, stage_of_kind, stage_record
 from curate.shards import OK, committed_shards, index_columns, read_index
 from curate.subset import EMBEDDING_COLUMN
 
@@ -251,10 +251,7 @@ def decontaminate(scores_dir: str | os.PathLike, against: str | os.PathLike, thr
         reference = embeddings[[row_of[k] for k in ref_keys]]
         held = set(ref_keys)
         candidates = np.array([i for i, k in enumerate(keys) if k not in held], dtype=np.int64)
-    elif (record := stage_record(against)) is not None:
-        if record.get("stage") != "score":
-            raise CurateError(f"--against {against}: holds shards of `curate {record.get('stage')}`, not a score "
-                              "stage's embeddings (or give a manifest of the evaluation images)")
+    elif stage_of_kind(against, "score", "embeddings (or give a manifest of the evaluation images)") is not None:
         if storage.resolved(against) == storage.resolved(scores_dir):
             raise CurateError(f"--against {against}: the stage itself; its own near-duplicates are "
                               f"`curate dedup {scores_dir}` without --against")

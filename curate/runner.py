@@ -89,10 +89,13 @@ def stage_of_kind(stage_dir: Path | str, kind: str, what: str) -> dict[str, Any]
 
 
 def _first_shard_stage(stage_dir: Path | str) -> str | None:
-    from curate.shards import committed_shards
+    """The stage of a folder's first committed shard (one opened, not all of them)."""
+    from curate.shards import listed_shard_ids
 
-    shards = committed_shards(stage_dir)
-    return shards[0].meta.stage if shards else None
+    for shard_id in listed_shard_ids(stage_dir):
+        if (shard := open_shard(stage_dir, shard_id)) is not None:
+            return shard.meta.stage
+    return None
 
 
 def image_shards(images_dir: Path | str) -> list[Shard]:

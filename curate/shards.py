@@ -514,19 +514,20 @@ def committed_shards(stage_dir: str | os.PathLike) -> list[Shard]:
     metadata fetched many at a time)."""
     from curate import storage
 
-    if storage.is_remote(stage_dir):
-        try:
-            names = storage.list_names(stage_dir)
-        except FileNotFoundError:
-            return []
-        ids = sorted(int(m.group(1)) for name in names if (m := SHARD_RE.match(name)))
-        opened = storage.parallel_map(lambda i: open_shard(stage_dir, i), ids, True)
-        return [s for s in opened if s is not None]
-    stage_dir = Path(stage_dir)
-    if not stage_dir.is_dir():
+    remote = storage.is_remote(stage_dir)
+    opened = storage.parallel_map(lambda i: open_shard(stage_dir, i), listed_shard_ids(stage_dir), remote)
+    return [s for s in opened if s is not None]
+
+
+def listed_shard_ids(stage_dir: str | os.PathLike) -> list[int]:
+    """The ids of the shards a stage folder (or URL) lists, committed or not, in order."""
+    from curate import storage
+
+    try:
+        names = storage.list_names(stage_dir) if storage.is_remote(stage_dir) else os.listdir(stage_dir)
+    except (FileNotFoundError, NotADirectoryError):
         return []
-    ids = sorted(int(m.group(1)) for p in os.listdir(stage_dir) if (m := SHARD_RE.match(p)))
-    return [s for i in ids if (s := open_shard(stage_dir, i)) is not None]
+    return sorted(int(m.group(1)) for name in names if (m := SHARD_RE.match(name)))
 
 
 def check_intact(shards: list[Shard], stage_dir: str | os.PathLike) -> None:

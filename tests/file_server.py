@@ -183,9 +183,13 @@ class _Handler(SimpleHTTPRequestHandler):
         """For an upload or a delete: the latency, then a 503 or a read-only server's 403, if any."""
         if self._failed_after_latency(fail):
             return True
-        if self.server.read_only:
+        # Read once: a test that turns read_only off once its client saw the 403 must not make
+        # this handler go on to store the file and send a second answer on the connection (the
+        # client would take it for the answer to its next request).
+        refused = self.server.read_only
+        if refused:
             self._reply(403, "Forbidden")
-        return self.server.read_only
+        return refused
 
     def _reply(self, code: int, reason: str | None = None) -> None:
         """An answer without a body."""

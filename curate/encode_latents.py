@@ -186,12 +186,14 @@ class EncodeLatentsStage(Stage):
 
         if self.select:
             self.dropped = images_left_out(self.images_dir, self.select, self.name)
-        skip = {}
-        for task in todo:
+        def skipped(task: ShardTask) -> set[str]:
             captions = read_image_captions(task, self.variants)
-            skip[task.shard_id] = {k for k in captions.keys
-                                   if k in captions.filtered or k in self.dropped
-                                   or self._missing_caption(captions.accepted[k])}
+            return {k for k in captions.keys
+                    if k in captions.filtered or k in self.dropped or self._missing_caption(captions.accepted[k])}
+
+        # At a URL the indexes of a worker's shards are fetched many at a time, not one after another.
+        remote = storage.is_remote(self.images_dir) or storage.is_remote(self.captions_dir or "")
+        skip = dict(zip([t.shard_id for t in todo], storage.parallel_map(skipped, todo, remote), strict=True))
         buckets = self.bucket_table() if self.use_buckets else None
         # The decoding workers start first: they fill their queues while the VAE loads (and the
         # workers fork from a process that holds no model yet).

@@ -453,12 +453,13 @@ def add_counts(total: dict[str, Any], counts: Mapping[str, Any]) -> dict[str, An
     return out
 
 
-def read_meta(index_path: str | os.PathLike | Any) -> ShardMeta:
-    """A shard's metadata from its index: a path, a URL (fetched), or what pyarrow reads (bytes)."""
+def read_meta(index_path: str | os.PathLike | Any, file_size: int | None = None) -> ShardMeta:
+    """A shard's metadata from its index: a path, a URL (its footer fetched: storage.parquet_source,
+    ``file_size`` its size when known), or what pyarrow reads (bytes)."""
     from curate import storage
 
     remote = isinstance(index_path, str | os.PathLike) and storage.is_remote(index_path)
-    schema = pq.read_schema(io.BytesIO(storage.read_bytes(index_path)) if remote else index_path)
+    schema = pq.read_schema(storage.parquet_source(index_path, file_size) if remote else index_path)
     blob = (schema.metadata or {}).get(META_KEY)
     if blob is None:
         raise ShardError(f"{index_path}: not a shard index written by this toolkit (no metadata)")
@@ -466,11 +467,11 @@ def read_meta(index_path: str | os.PathLike | Any) -> ShardMeta:
 
 
 def index_columns(index_path: str | os.PathLike) -> list[str]:
-    """An index's column names, from its schema alone (a URL's file fetched)."""
+    """An index's column names, from its schema alone (a URL's footer fetched)."""
     from curate import storage
 
     if storage.is_remote(index_path):
-        return pq.read_schema(io.BytesIO(storage.read_bytes(index_path))).names
+        return pq.read_schema(storage.parquet_source(index_path)).names
     return list(pl.read_parquet_schema(index_path))
 
 
@@ -480,12 +481,18 @@ def index_of(tar: str | os.PathLike) -> str:
 
 
 def read_index(index_path: str | os.PathLike, columns: list[str] | None = None) -> pl.DataFrame:
-    """An index's rows (``columns``, or all); a URL's is fetched whole (curate/storage.py)."""
+    """An index's rows (``columns``, or all). A URL's is fetched whole, or, when only some columns
+    are asked for and it is large, its footer and those columns (storage.parquet_source)."""
     from curate import storage
 
-    if storage.is_remote(index_path):
-        return pl.read_parquet(io.BytesIO(storage.read_bytes(index_path)), columns=columns)
-    return pl.read_parquet(index_path, columns=columns)
+    if not storage.is_remote(index_path):
+        return pl.read_parquet(index_path, columns=columns)
+    if columns is None:
+        return pl.read_parquet(io.BytesIO(storage.read_bytes(index_path)))
+    source = storage.parquet_source(index_path)
+    if isinstance(source, io.BytesIO):
+        return pl.read_parquet(source, columns=columns)
+    return pl.from_arrow(pq.read_table(source, columns=columns, use_threads=False, pre_buffer=True))
 
 
 def open_shard(out_dir: str | os.PathLike, shard_id: int) -> Shard | None:
@@ -495,9 +502,11 @@ def open_shard(out_dir: str | os.PathLike, shard_id: int) -> Shard | None:
 
     if storage.is_remote(out_dir):
         index = storage.join(out_dir, f"{shard_name(shard_id)}.parquet")
-        if not storage.is_file(index):
+        try:
+            index_size = storage.size(index)
+        except (FileNotFoundError, NotADirectoryError):
             return None
-        meta = read_meta(index)
+        meta = read_meta(index, index_size)
         tar = storage.join(out_dir, f"{shard_name(shard_id)}.tar") if meta.tar_bytes is not None else None
         return Shard(shard_id, index, tar, meta)
     out_dir = Path(out_dir)

@@ -7,7 +7,8 @@ run trains from an object store with no copy and no mount. Stages that write the
 visible at once or not at all), its index last: see curate/shards.py.
 
 The curate stages read an image stage at a URL too (encode-latents, recaption, score): its
-folder listed, its indexes fetched whole, and the samples a worker decodes fetched at the offsets
+folder listed, its indexes fetched whole (a large one read for some columns: its footer and those
+columns' bytes, :func:`parquet_source`), and the samples a worker decodes fetched at the offsets
 their index records (:func:`read_range`, one request per run of consecutive samples), so that N
 decoding workers fetch each byte once; ingest streams webdataset tars (:func:`open_stream`).
 
@@ -41,6 +42,8 @@ BEHIND = 2  # chunks kept behind it (samples up to BEHIND chunks long are read o
 RETRIES = 4
 RETRY_WAIT = 1.0
 PARALLEL = 32  # requests in flight when many small files are read (indexes, sizes)
+WHOLE = 1 << 20  # a Parquet file up to this size is fetched whole; a larger one, its footer and columns
+TAIL = 64 << 10  # bytes of a larger one's end fetched first: its footer, and often its last columns
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -468,6 +471,66 @@ class RangeReader:
     def close(self) -> None:
         self._chunks.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)  # no thread left running (see parallel_map)
+
+
+class RangedFile(io.RawIOBase):
+    """A remote file of known ``size`` as a seekable file, each read one ranged request, its last
+    ``TAIL`` bytes fetched at the first read: what pyarrow reads a large Parquet file through, so
+    that its footer and the columns asked for are fetched and nothing else (a score stage's index
+    holds megabytes of image embeddings that its score columns' readers need not fetch). Reads
+    within ``start``, the file's first bytes when they were fetched already, cost no request."""
+
+    def __init__(self, url: str, size: int, start: bytes = b""):
+        super().__init__()
+        self.url, self.size, self._position, self._start = url, size, 0, start
+        self._tail_start, self._tail = max(0, size - TAIL), None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self.size}[whence]
+        self._position = base + offset
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        start, end = self._position, min(self._position + len(buffer), self.size)
+        if start >= end:
+            return 0
+        if end <= len(self._start):
+            data = self._start[start:end]
+        elif start >= self._tail_start:
+            if self._tail is None:
+                self._tail = read_range(self.url, self._tail_start, self.size - self._tail_start)
+            data = self._tail[start - self._tail_start: end - self._tail_start]
+        else:
+            data = read_range(self.url, start, end - start)
+        buffer[: len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+
+def parquet_source(path: str | os.PathLike, file_size: int | None = None) -> str | BinaryIO:
+    """What pyarrow reads a Parquet file from: a local path; at a URL its bytes when it is small,
+    else a :class:`RangedFile`. With ``file_size`` unknown, its first ``WHOLE`` bytes are asked for:
+    a small file (most indexes) comes whole in that one request."""
+    if not is_remote(path):
+        return local_path(path)
+    url = os.fspath(path)
+    if file_size is None:
+        fs, inner = _filesystem(url)
+        start = _retried(url, f"reading bytes 0-{WHOLE - 1}", lambda: fs.cat_file(inner, start=0, end=WHOLE))
+        if len(start) != WHOLE:  # all of it (more: a server that ignores ranges sent it whole)
+            return io.BytesIO(start)
+        file_size = size(url)
+        return io.BytesIO(start) if file_size == WHOLE else RangedFile(url, file_size, start)
+    return io.BytesIO(read_bytes(url)) if file_size <= WHOLE else RangedFile(url, file_size)
 
 
 class _RangeStream(io.RawIOBase):

@@ -122,6 +122,42 @@ def test_the_image_stream_comes_in_shard_order_and_fetches_each_chunk_in_one_req
     assert spans < position - len(skip) or chunk == 1
 
 
+def test_a_large_index_at_a_url_is_read_by_its_footer_and_the_columns_asked_for(tmp_path):
+    """A score stage's index holds image embeddings, megabytes a shard: at a URL its metadata, its
+    column names and its score columns are read from its footer, its first bytes and those
+    columns' bytes, not the whole file, and equal the local file's; all of it reads whole."""
+    import numpy as np
+    from polars.testing import assert_frame_equal
+
+    from curate.shards import ShardWriter, index_columns, open_shard, read_index
+
+    rows = 4000
+    embeddings = np.random.default_rng(0).standard_normal((rows, 256), dtype=np.float32)
+    writer = ShardWriter(tmp_path / "scores", 0, {"clip_long": pl.Float32, "image_embedding": pl.Array(pl.Float32, 256)},
+                         with_tar=False)
+    for i in range(rows):
+        writer.add(f"{i:06d}", {}, {"clip_long": i / rows, "image_embedding": embeddings[i].tolist()})
+    shard = writer.commit(stage="score", fingerprint="f", config_hash="c")
+    index, name = shard.index_path, "/scores/000000.parquet"
+    assert index.stat().st_size > 3 * storage.WHOLE
+    with serve(tmp_path) as server:
+        remote = open_shard(f"{server.url}/scores", 0)
+        assert remote.meta == shard.meta and remote.tar_path is None
+        assert server.sent[name] == storage.TAIL  # the size was asked with a HEAD: no body
+        server.sent.clear()
+        assert index_columns(remote.index_path) == index_columns(index)
+        assert server.sent[name] == storage.WHOLE + storage.TAIL  # the first bytes, then the footer
+        for columns in (["key", "status", "clip_long"], ["clip_long"]):
+            server.sent.clear()
+            assert_frame_equal(read_index(remote.index_path, columns), read_index(index, columns))
+            assert server.sent[name] < storage.WHOLE + storage.TAIL + rows * 16 < index.stat().st_size / 2
+        server.sent.clear()
+        assert_frame_equal(read_index(remote.index_path), read_index(index))
+        assert server.sent[name] == index.stat().st_size
+        assert_frame_equal(read_index(remote.index_path, ["image_embedding", "key"]),
+                           read_index(index, ["image_embedding", "key"]))
+
+
 def test_failed_requests_are_retried_and_a_server_that_ignores_ranges_is_named(tmp_path):
     (tmp_path / "blob").write_bytes(bytes(range(256)) * 100)
     with serve(tmp_path) as server:

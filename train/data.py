@@ -407,16 +407,10 @@ class _ShardTable:
 def _ok_rows(index: str, columns: list[str]) -> pa.Table:
     """The ok rows of an index: ``columns``, and ``tar_offset`` when the index records it (read in
     the same pass). pyarrow without threads: see ``_ShardTable.info``."""
-    source = _parquet_source(index)
+    source = storage.parquet_source(index)  # fetched once at a URL, however many reads follow
     offsets = ["tar_offset"] if "tar_offset" in pq.read_schema(source).names else []
     table = pq.read_table(source, columns=[*columns, "status", *offsets], use_threads=False)
     return table.filter(pc.equal(table["status"], OK))
-
-
-def _parquet_source(index: str) -> str | pa.Buffer:
-    """What pyarrow reads an index from: its path, or the bytes of one at a URL (fetched once,
-    however many reads follow)."""
-    return pa.py_buffer(storage.read_bytes(index)) if storage.is_remote(index) else index
 
 
 def _offsets(ok: pa.Table, accepted: int) -> np.ndarray | None:
@@ -1257,7 +1251,7 @@ def _read_committed(label: str, tar: str, sha256: str | None, verify: str,
     except OSError as e:
         raise DataError(f"{label}: cannot read the tar {tar}: {e}") from None
     try:
-        source = _parquet_source(index)
+        source = storage.parquet_source(index)  # fetched once at a URL, however many reads follow
         meta = read_meta(source)
         names = set(pq.read_schema(source).names)
         df = pl.from_arrow(pq.read_table(source, columns=[c for c in columns if c in names]))

@@ -158,6 +158,28 @@ def test_a_large_index_at_a_url_is_read_by_its_footer_and_the_columns_asked_for(
                            read_index(index, ["image_embedding", "key"]))
 
 
+def test_a_large_index_in_an_s3_bucket_reads_as_the_file(tmp_path, s3_bucket):
+    """The same ranged reads through s3fs against a real S3 API (moto's server on 127.0.0.1)."""
+    from fsspec.core import url_to_fs
+    from polars.testing import assert_frame_equal
+
+    from curate.shards import ShardWriter, index_columns, open_shard, read_index
+
+    writer = ShardWriter(tmp_path, 0, {"clip_long": pl.Float32, "image_embedding": pl.Array(pl.Float32, 64)},
+                         with_tar=False)
+    embeddings = torch.randn(6000, 64, generator=torch.Generator().manual_seed(0))
+    for i, embedding in enumerate(embeddings.tolist()):
+        writer.add(f"{i:06d}", {}, {"clip_long": i / 6000, "image_embedding": embedding})
+    shard = writer.commit(stage="score", fingerprint="f", config_hash="c")
+    assert shard.index_path.stat().st_size > storage.WHOLE + storage.TAIL
+    fs, _ = url_to_fs(s3_bucket)
+    fs.put_file(str(shard.index_path), f"{s3_bucket}/scores/000000.parquet")
+    remote = open_shard(f"{s3_bucket}/scores", 0)
+    assert remote.meta == shard.meta and index_columns(remote.index_path) == index_columns(shard.index_path)
+    for columns in (["clip_long", "key"], ["image_embedding"], None):
+        assert_frame_equal(read_index(remote.index_path, columns), read_index(shard.index_path, columns))
+
+
 def test_failed_requests_are_retried_and_a_server_that_ignores_ranges_is_named(tmp_path):
     (tmp_path / "blob").write_bytes(bytes(range(256)) * 100)
     with serve(tmp_path) as server:

@@ -42,6 +42,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/subset.py
 	$(PY) bench/remote.py
 	$(PY) bench/remote_run.py
+	$(PY) bench/remote_index.py
 	$(PY) bench/evaluate.py
 
 clean-demo:

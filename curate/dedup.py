@@ -297,8 +297,9 @@ def _stored_embeddings(scores_dir: Path | str) -> tuple[list[str], np.ndarray]:
         raise CurateError(f"{scores_dir}: holds no image embeddings; score with `curate score ... --embeddings`")
     keys: list[str] = []
     parts: list[np.ndarray] = []
-    tables = storage.parallel_map(lambda shard: read_index(shard.index_path, columns=["key", "status", EMBEDDING_COLUMN]),
-                                  shards, storage.is_remote(scores_dir))
+    columns = ["key", "status", EMBEDDING_COLUMN]
+    tables = storage.parallel_map(lambda shard: read_index(shard.index_path, columns, shard.index_bytes), shards,
+                                  storage.is_remote(scores_dir))
     for rows in tables:
         rows = rows.filter((pl.col("status") == OK) & pl.col(EMBEDDING_COLUMN).is_not_null())
         keys.extend(rows["key"].to_list())

@@ -418,7 +418,7 @@ class ScoreStage(Stage):
     def finalize(self, out_dir: Path | str, tasks: list[ShardTask]) -> dict[str, Any]:
         """Each score's spread over the dataset, to choose thresholds from (``curate stats`` prints it)."""
         scores = [c for c, dtype in self.index_schema.items() if dtype == pl.Float32]
-        tables = storage.parallel_map(lambda s: read_index(s.index_path, columns=scores), committed_shards(out_dir),
+        tables = storage.parallel_map(lambda s: read_index(s.index_path, scores, s.index_bytes), committed_shards(out_dir),
                                       storage.is_remote(out_dir))  # URLs: many at a time
         table = pl.concat(list(tables), how="vertical_relaxed")
         summary = {}

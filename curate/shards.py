@@ -107,6 +107,9 @@ class Shard:
     index_path: Path | str
     tar_path: Path | str | None
     meta: ShardMeta
+    # The index's size where open_shard asked a URL's (read_index's file_size): not part of what
+    # the shard is, which its paths and metadata say (a shard compares equal however it was found).
+    index_bytes: int | None = field(default=None, compare=False)
 
     def intact(self) -> bool:
         """Whether the tar on disk is the one the index describes (size check, no hashing)."""
@@ -480,16 +483,18 @@ def index_of(tar: str | os.PathLike) -> str:
     return os.path.splitext(os.fspath(tar))[0] + ".parquet"
 
 
-def read_index(index_path: str | os.PathLike, columns: list[str] | None = None) -> pl.DataFrame:
+def read_index(index_path: str | os.PathLike, columns: list[str] | None = None,
+               file_size: int | None = None) -> pl.DataFrame:
     """An index's rows (``columns``, or all). A URL's is fetched whole, or, when only some columns
-    are asked for and it is large, its footer and those columns (storage.parquet_source)."""
+    are asked for and it is large, its footer and those columns (storage.parquet_source; its size
+    ``file_size`` when known: ``Shard.index_bytes``)."""
     from curate import storage
 
     if not storage.is_remote(index_path):
         return pl.read_parquet(index_path, columns=columns)
     if columns is None:
         return pl.read_parquet(io.BytesIO(storage.read_bytes(index_path)))
-    source = storage.parquet_source(index_path)
+    source = storage.parquet_source(index_path, file_size)
     if isinstance(source, io.BytesIO):
         return pl.read_parquet(source, columns=columns)
     return pl.from_arrow(pq.read_table(source, columns=columns, use_threads=False, pre_buffer=True))
@@ -508,7 +513,7 @@ def open_shard(out_dir: str | os.PathLike, shard_id: int) -> Shard | None:
             return None
         meta = read_meta(index, index_size)
         tar = storage.join(out_dir, f"{shard_name(shard_id)}.tar") if meta.tar_bytes is not None else None
-        return Shard(shard_id, index, tar, meta)
+        return Shard(shard_id, index, tar, meta, index_size)
     out_dir = Path(out_dir)
     index = out_dir / f"{shard_name(shard_id)}.parquet"
     if not index.exists():

@@ -5,7 +5,8 @@ seconds to every answer (an object store's first byte is tens of milliseconds aw
 next ``fail_next`` requests with 503 (a store's "slow down"), or ignore ``Range`` headers (a server
 that cannot serve ranges, whose whole-file answers must not be taken for ranges). It counts the
 requests, the most answered at once, and the answers and body bytes it sent by path. A folder answers with an index page of links (fsspec lists
-folders by them). It takes uploads (at most ``upload_rate`` bytes a second each, when set: a store's bandwidth) as a WebDAV server or an object store's HTTP endpoint does: PUT
+folders by them). It sends each answer's body at ``download_rate`` bytes a second at most, when set (a store's
+bandwidth per request), and takes uploads (at most ``upload_rate`` bytes a second each, when set) as a WebDAV server or an object store's HTTP endpoint does: PUT
 stores the body (plain or chunked) whole (or answers 403 when ``read_only``), under a temporary name then renamed, so a reader never
 sees part of it, creating folders as needed; DELETE removes a file.
 """
@@ -30,9 +31,11 @@ _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
 class FileServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, root: str | os.PathLike, latency: float = 0.0, upload_rate: float = 0.0):
+    def __init__(self, root: str | os.PathLike, latency: float = 0.0, upload_rate: float = 0.0,
+                 download_rate: float = 0.0):
         self.root, self.latency = Path(root), latency
         self.upload_rate = upload_rate  # bytes/s an upload takes at most (a store's bandwidth); 0: no limit
+        self.download_rate = download_rate  # bytes/s an answer's body is sent at, at most; 0: no limit
         self.fail_next = 0
         self.ignore_ranges = False
         self.requests = 0
@@ -145,6 +148,8 @@ class _Handler(SimpleHTTPRequestHandler):
             with open(path, "rb") as f:
                 f.seek(start)
                 data = f.read(end - start)
+            if server.download_rate:
+                time.sleep(len(data) / server.download_rate)
             self.wfile.write(data)
             with server.lock:
                 server.bytes_sent += len(data)
@@ -264,8 +269,9 @@ def main() -> None:
     parser.add_argument("root")
     parser.add_argument("--latency", type=float, default=0.0)
     parser.add_argument("--upload-rate", type=float, default=0.0, help="bytes/s an upload takes at most")
+    parser.add_argument("--download-rate", type=float, default=0.0, help="bytes/s an answer's body is sent at")
     args = parser.parse_args()
-    server = FileServer(args.root, args.latency, args.upload_rate)
+    server = FileServer(args.root, args.latency, args.upload_rate, args.download_rate)
     print(f"READY {server.url}", flush=True)
     server.serve_forever()
 

@@ -293,7 +293,7 @@ def _stored_embeddings(scores_dir: Path | str) -> tuple[list[str], np.ndarray]:
     if stage_record(scores_dir) is None:
         raise CurateError(f"{scores_dir}: not a complete `curate score` stage (no {STAGE_FILE})")
     shards = committed_shards(scores_dir)
-    if not shards or EMBEDDING_COLUMN not in index_columns(shards[0].index_path):
+    if not shards or EMBEDDING_COLUMN not in index_columns(shards[0].index_path, shards[0].index_bytes):
         raise CurateError(f"{scores_dir}: holds no image embeddings; score with `curate score ... --embeddings`")
     keys: list[str] = []
     parts: list[np.ndarray] = []

@@ -333,7 +333,7 @@ class ScoreStage(Stage):
         shards = committed_shards(self.captions_dir)
         if not shards:
             raise CurateError(f"{self.captions_dir}: no caption shards (run curate recaption first)")
-        columns = index_columns(shards[0].index_path)
+        columns = index_columns(shards[0].index_path, shards[0].index_bytes)
         return [c.removesuffix("_prompt_hash") for c in columns if c.endswith("_prompt_hash")]
 
     def config(self) -> dict[str, Any]:

@@ -469,12 +469,13 @@ def read_meta(index_path: str | os.PathLike | Any, file_size: int | None = None)
     return ShardMeta.from_json(blob)
 
 
-def index_columns(index_path: str | os.PathLike) -> list[str]:
-    """An index's column names, from its schema alone (a URL's footer fetched)."""
+def index_columns(index_path: str | os.PathLike, file_size: int | None = None) -> list[str]:
+    """An index's column names, from its schema alone (a URL's footer fetched; ``file_size`` as
+    for read_index)."""
     from curate import storage
 
     if storage.is_remote(index_path):
-        return pq.read_schema(storage.parquet_source(index_path)).names
+        return pq.read_schema(storage.parquet_source(index_path, file_size)).names
     return list(pl.read_parquet_schema(index_path))
 
 

@@ -262,7 +262,7 @@ def _stage_scores(stage: Path | str, option: str) -> pl.DataFrame:
     shards = committed_shards(stage)
     if not shards:
         raise ManifestError(f"{option} {stage}: a folder, but no stage's committed shards (such as DATA/scores/clip)")
-    columns = [c for c in index_columns(shards[0].index_path) if c != EMBEDDING_COLUMN]
+    columns = [c for c in index_columns(shards[0].index_path, shards[0].index_bytes) if c != EMBEDDING_COLUMN]
     tables = storage.parallel_map(lambda s: read_index(s.index_path, columns, s.index_bytes), shards,
                                   storage.is_remote(stage))  # URLs: many at a time
     table = pl.concat(list(tables), how="diagonal_relaxed")

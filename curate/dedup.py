@@ -350,14 +350,8 @@ def _write_table(found: dict[str, np.ndarray], keys: list[str], of_keys: list[st
                           "similarity": found["similarity"], "cluster": found["cluster"]},
                          schema={"key": pl.String, "duplicate_of": pl.String, "similarity": pl.Float32,
                                  "cluster": pl.Int32})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    table.write_parquet(tmp)
-    try:
-        os.replace(tmp, out)
-    except OSError:  # a folder of that name, say
-        tmp.unlink(missing_ok=True)
-        raise
+    with storage.replacing(out) as tmp:
+        table.write_parquet(tmp)
     return table
 
 

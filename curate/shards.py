@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 
 # Keys are part of the contract; images.py computes them so decoding workers import nothing heavy.
 from curate.images import sample_key  # noqa: F401
+from curate.storage import fsync_dir
 
 log = logging.getLogger("curate")
 
@@ -231,15 +232,6 @@ def _fsync_replace(tmp: Path, final: Path) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, final)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (the directory entry, not only the file)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def staging_dir(out_dir: str | os.PathLike) -> Path:

@@ -22,6 +22,7 @@ bursts as a matter of course); a missing file is not retried.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import io
@@ -232,21 +233,45 @@ def write_file(local: str | os.PathLike, url: str) -> None:
         raise RemoteError(f"{url}: uploaded {sent} bytes, the store holds {stored}")
 
 
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike, *, fsync: bool = False) -> Iterator[Path]:
+    """A temporary path beside the local file ``path`` (its folder made if missing) for the block to
+    write the file to; renamed over ``path`` when the block ends (after an fsync of the file and
+    its folder with ``fsync``), removed if the block raises. Readers see the old file or the new
+    one, whole, and a kill leaves at most a hidden temporary file."""
+    path = Path(local_path(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if fsync:
+            fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename in ``path`` durable (the directory entry, not only the file)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fetch_file(url: str, local: str | os.PathLike) -> None:
     """Download ``url`` to ``local`` (a checkpoint: too large to hold in memory): under a temporary
     name beside it, size-checked, then renamed, so that ``local`` is whole or absent."""
     fs, inner = _filesystem(url)
-    local = Path(local)
-    local.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local.with_name(f".{local.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    try:
+    with replacing(local) as tmp:
         _retried(url, "downloading it", lambda: fs.get_file(inner, os.fspath(tmp)))
         expected, got = size(url), os.path.getsize(tmp)
         if expected != got:
             raise RemoteError(f"{url}: downloaded {got} bytes, the store holds {expected}")
-        os.replace(tmp, local)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_bytes(url: str, data: bytes) -> None:
@@ -262,16 +287,9 @@ def write_text(path: str | os.PathLike, text: str) -> Path | str:
     if is_remote(path):
         write_bytes(os.fspath(path), text.encode())
         return os.fspath(path)
-    path = Path(local_path(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    try:
-        os.replace(tmp, path)
-    except OSError:  # a folder of that name, say
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    with replacing(path) as tmp:
+        tmp.write_text(text)
+    return Path(local_path(path))
 
 
 def remove(url: str) -> None:

@@ -60,6 +60,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from curate import storage
+
 __all__ = [
     "MARKER_NAME",
     "QWEN2_VL_SPECIAL_TOKENS",
@@ -393,12 +395,9 @@ def _qwen2_vocab_and_merges(
     except (OSError, ValueError, KeyError):
         pass
     vocab, merges = _tiktoken_to_bpe(path)
-    with contextlib.suppress(OSError):  # a read-only cache only costs time
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-        payload = {"vocab": vocab, "merges": [f"{a} {b}" for a, b in merges]}
+    payload = {"vocab": vocab, "merges": [f"{a} {b}" for a, b in merges]}
+    with contextlib.suppress(OSError), storage.replacing(cache) as tmp:  # a read-only cache only costs time
         tmp.write_text(json.dumps(payload, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, cache)
     return vocab, merges
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from curate.shards import fsync_dir
+from curate import storage
 
 CHECKPOINT_DIR = "checkpoints"
 # The layout of a checkpoint's dict; bumped when a key's meaning changes, so that a resume from
@@ -51,8 +51,6 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 def checkpoint_steps(run: str | os.PathLike) -> list[int]:
     """The steps of a run folder's checkpoints, or of a run's at a URL, oldest first."""
-    from curate import storage
-
     if storage.is_remote(run):
         from train.remote_run import RemoteRun
 
@@ -84,8 +82,6 @@ def find_checkpoint(run: str | os.PathLike, step: int | None = None) -> Path | N
     """The checkpoint of ``step`` (default: the latest) of a run folder, or of a run at a URL
     (``train --out s3://...``; fetched into its local copy, train/remote_run.py); None when there
     is none."""
-    from curate import storage
-
     if storage.is_remote(run):
         from train.remote_run import RemoteRun
 
@@ -100,14 +96,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict[str, Any]
     :func:`superseded`; ``keep`` None: the caller prunes, as a run at a URL drops its local copies
     once they are uploaded, its local copy holding no later ones)."""
     final = checkpoint_path(run_dir, step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
+    with storage.replacing(final, fsync=True) as tmp:
+        torch.save(state, tmp)
     for old in superseded([s for s, _ in list_checkpoints(run_dir)], step, keep) if keep is not None else ():
         checkpoint_path(run_dir, old).unlink(missing_ok=True)
         if old > step:

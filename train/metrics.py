@@ -18,6 +18,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from curate import storage
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -169,9 +171,8 @@ def _truncate_after(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [line for line, record in _records(path) if record.get("step", -1) <= step]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(f"{line}\n" for line in keep))
-    os.replace(tmp, path)
+    with storage.replacing(path) as tmp:
+        tmp.write_text("".join(f"{line}\n" for line in keep))
 
 
 def _wandb_id(location: str) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
+from curate import storage
 from curate.manifest import LatentSpec
 from curate.text import EncodedPrompts, TextEncoder
 from curate.vae import decode_to_images, model_channels, model_downsample
@@ -205,15 +205,5 @@ def sample_grid(
 
 def save_png(image: Image.Image, path: Path) -> None:
     """Write ``image`` as a PNG atomically (a reader never sees half a file), readable by all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a sample grid is not
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with storage.replacing(path) as tmp:
+        image.save(tmp, format="PNG")

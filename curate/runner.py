@@ -41,6 +41,7 @@ from curate.shards import (
     committed_shards,
     delete_shard,
     open_shard,
+    remove_orphaned_temporaries,
     remove_temporaries,
     stable_hash,
 )
@@ -427,6 +428,9 @@ def run_stage(
     fingerprints = {str(t.shard_id): t.fingerprint for t in tasks}
     if isinstance(out_dir, Path):
         out_dir.mkdir(parents=True, exist_ok=True)
+    if orphans := remove_orphaned_temporaries(out_dir):
+        log.info("%s: removed %d temporaries that killed writers on this machine left in %s", stage.name,
+                 len(orphans), orphans[0].parent)
 
     result = StageResult()
     mine = share.take(tasks)

@@ -260,6 +260,41 @@ def remove_temporaries(out_dir: str | os.PathLike, shard_id: int) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
+_WRITERS_TEMPORARY = re.compile(r"^\.\d{6,}\.(tar|parquet)\.tmp-(?P<host>.+)-(?P<pid>\d+)$")
+ORPHAN_AGE = 3600.0  # seconds untouched before a dead writer's temporary is removed
+
+
+def remove_orphaned_temporaries(out_dir: str | os.PathLike) -> list[Path]:
+    """Delete the shard temporaries in ``out_dir``'s work folder that writers on this machine
+    left when they were killed: a run that later skips the shard (another worker redid it, or a
+    final pass's rewrite was cut off) would otherwise keep them, a shard's size each, for good.
+    Only a writer's of this host whose process is gone, untouched for ``ORPHAN_AGE`` (two
+    containers may share a host name but not their process ids). Returns what it removed."""
+    folder = work_dir(out_dir)
+    if not folder.is_dir():
+        return []
+    host, removed = socket.gethostname(), []
+    for path in folder.iterdir():
+        match = _WRITERS_TEMPORARY.match(path.name)
+        if match is None or match["host"] != host or _running(int(match["pid"])):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - path.stat().st_mtime > ORPHAN_AGE:
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 class ShardWriter:
     """Writes one shard: ``add`` accepted samples, ``reject`` the others, then ``commit``.
 

@@ -268,6 +268,30 @@ def test_leftover_temporaries_are_cleaned_before_a_shard_is_redone(tmp_path: Pat
     assert not stale.exists()
 
 
+def test_temporaries_of_killed_writers_on_this_machine_go_even_where_no_shard_is_redone(tmp_path: Path):
+    """A final pass's rewrite killed, or a shard another worker redid: the run skips the shard, and
+    its temporaries would stay for good. A run removes those of this host's writers that are gone
+    and untouched for an hour; a running writer's, another host's, and fresh ones stay."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    run_stage(Squares([[2], [4]]), tmp_path, progress=False)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    host, hour_ago = socket.gethostname(), time.time() - 3700
+    names = {"orphan": f".000001.tar.tmp-{host}-{gone}", "orphan index": f".000000.parquet.tmp-{host}-{gone}",
+             "running": f".000001.tar.tmp-{host}-{os.getpid()}", "another host": f".000001.tar.tmp-elsewhere-{gone}",
+             "fresh": f".000000.tar.tmp-{host}-{gone}", "not a shard's": f".notes.txt.tmp-{host}-{gone}"}
+    for label, name in names.items():
+        (tmp_path / name).write_bytes(b"part of a shard")
+        if label != "fresh":
+            os.utime(tmp_path / name, (hour_ago, hour_ago))
+    assert run_stage(Squares([[2], [4]]), tmp_path, progress=False).skipped == [0, 1]
+    assert {label for label, name in names.items() if not (tmp_path / name).exists()} == {"orphan", "orphan index"}
+
+
 def test_reject_samples_rewrites_tar_and_index(tmp_path: Path):
     writer = ShardWriter(tmp_path, 0, {"value": pl.Int64})
     for x in (2, 4, 6):

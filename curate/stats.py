@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 from typing import Any
@@ -79,9 +78,7 @@ def format_stats(stats: dict[str, Any], stage_dir: str | os.PathLike = "") -> st
 def _rows(path: str) -> int:
     import pyarrow.parquet as pq
 
-    if storage.is_remote(path):  # the footer's row count, from the whole file (a table, not a shard)
-        return pq.ParquetFile(io.BytesIO(storage.read_bytes(path))).metadata.num_rows
-    return pq.ParquetFile(path).metadata.num_rows
+    return pq.ParquetFile(storage.parquet_source(path)).metadata.num_rows  # the footer's row count
 
 
 def rounded(value: float) -> float:

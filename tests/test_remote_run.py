@@ -129,23 +129,29 @@ def test_uploads_that_fail_leave_the_checkpoint_local_and_the_last_one_fails_the
 
 def test_a_store_slower_than_checkpoint_every_gets_the_newest_checkpoint_and_no_step_waits(
         tmp_path: Path, models, dataset, monkeypatch, capsys):
-    """Uploads of a second each, a checkpoint every step: the steps do not wait for them (had they,
-    every checkpoint would be up), a checkpoint still queued is dropped for the next one with a
-    warning, and the last one is up when the run ends."""
+    """A checkpoint every step, each upload ending only once the run has saved a checkpoint three
+    steps later (a store slower than the steps, whatever the machine's speed): the steps do not
+    wait for the uploads (had they, the run would make no checkpoint while one uploads, and every
+    checkpoint would be up), a checkpoint still queued is dropped for the next one with a warning,
+    and the last one is up when the run ends."""
     monkeypatch.setenv("KILN_STAGING", str(tmp_path / "staging"))
     write_file = storage.write_file
+    steps = 6
 
-    def slow(local, url):
-        if "/checkpoints/" in url:
-            time.sleep(1.0)
-        return write_file(local, url)
+    def slow(local, to):
+        if match := re.search(r"/checkpoints/step_(\d+)\.pt$", to):
+            later = min(int(match[1]) + 3, steps)
+            deadline = time.monotonic() + 30  # a step that waits on this upload fails the test below, not hangs
+            while not any(s >= later for s, _ in list_checkpoints(RemoteRun(url).local)) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        return write_file(local, to)
 
     monkeypatch.setattr(storage, "write_file", slow)
     store = tmp_path / "store"
     store.mkdir()
     with serve(store) as server:
         url = f"{server.url}/runs/a"
-        assert run_train(dataset["long"], url, models, steps=6, checkpoint_every=1, keep_checkpoints=6) == 0
+        assert run_train(dataset["long"], url, models, steps=steps, checkpoint_every=1, keep_checkpoints=6) == 0
     err = capsys.readouterr().err
     uploaded = _steps_at(store)
     assert uploaded[0] == 1 and uploaded[-1] == 6 and len(uploaded) < 6, uploaded

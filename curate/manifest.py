@@ -574,7 +574,7 @@ def caption_coverage(manifest: Manifest, rows: Any) -> dict[str, int | None] | N
     ``key`` and ``captions``), ``orig`` (the original captions, written for every sample, empty when
     there was none) from the image stages' indexes (None when one cannot be found); None without
     ``rows``."""
-    import polars as pl
+    from curate.shards import listed_shard_ids, read_index, shard_name
 
     if rows is None:
         return None
@@ -593,8 +593,10 @@ def caption_coverage(manifest: Manifest, rows: Any) -> dict[str, int | None] | N
         listed[key] = listed.get(key, 0) + 1
     with_orig = 0
     for stage, listed in zip(stages, listings, strict=True):
-        for index in sorted(stage.glob("*.parquet")):
-            df = pl.read_parquet(index, columns=["key", "caption"])
+        indexes = [storage.join(stage, f"{shard_name(i)}.parquet") for i in listed_shard_ids(stage)]
+        # At a URL (an image stage read where it lies), many at a time.
+        for df in storage.parallel_map(lambda index: read_index(index, ["key", "caption"]), indexes,
+                                       storage.is_remote(stage)):
             for key, caption in zip(df["key"].to_list(), df["caption"].to_list(), strict=True):
                 if key in listed and caption and caption.strip():
                     with_orig += listed.pop(key)

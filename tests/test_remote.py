@@ -349,6 +349,19 @@ def test_curate_stats_of_stages_and_a_manifest_at_urls_are_their_files(served, t
     assert stats(f"{server.url}/scored")["duplicates"] == {"duplicates-0.95.parquet": 3}
     assert stats(f"{server.url}/manifests/long.json")["buckets"] is not None  # its latent indexes were read
     assert curate_main(["stats", f"{server.url}/nothing"]) == 2
+    # A manifest whose image stage is at a URL (`curate encode-latents http://.../images`): the
+    # samples with an original caption are counted from that stage's indexes, fetched.
+    from curate.manifest import write_manifest
+
+    manifest = load_manifest(root / "manifests" / "long.json")
+    images_at_url = {**manifest.provenance, "images": {"path": f"{server.url}/images"}}
+    shards_here = [e.model_copy(update={"path": str(root / "manifests" / e.path)}) for e in manifest.shards]
+    write_manifest(manifest.model_copy(update={"provenance": images_at_url, "shards": shards_here}),
+                   tmp_path / "long.json")
+    files, http = stats(str(root / "manifests" / "long.json")), stats(str(tmp_path / "long.json"))
+    assert http.pop("provenance")["images"] == f"{server.url}/images"
+    assert files.pop("manifest") != http.pop("manifest") and files.pop("provenance") and http == files
+    assert http["caption_coverage"] == {"long": 18, "short": 18, "orig": 0}  # the image stage's captions are empty
 
 
 def test_missing_and_truncated_remote_shards_are_named_before_training(served, tmp_path):

@@ -37,6 +37,7 @@ images of CLIP ViT-L/14).
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -276,15 +277,9 @@ def decontaminate(scores_dir: str | os.PathLike, against: str | os.PathLike, thr
     return summary
 
 
-def _table_path(scores_dir: Path | str, out: str | os.PathLike | None, name: str) -> Path:
-    """Where the table goes: ``out``, or ``name`` in the score stage (which must be here to be written)."""
-    if out is not None and storage.is_remote(out):
-        raise CurateError(f"--out {out}: the table is written to a local file")
-    if out is not None:
-        return Path(out)
-    if storage.is_remote(scores_dir):
-        raise CurateError(f"{scores_dir} is at a URL, where the table cannot be written: give --out, a local file")
-    return Path(scores_dir) / name
+def _table_path(scores_dir: Path | str, out: str | os.PathLike | None, name: str) -> Path | str:
+    """Where the table goes: ``out``, or ``name`` beside the score stage's shards (a URL's too)."""
+    return storage.as_location(out) if out is not None else storage.as_location(storage.join(scores_dir, name))
 
 
 def _stored_embeddings(scores_dir: Path | str) -> tuple[list[str], np.ndarray]:
@@ -344,14 +339,16 @@ def _embedding_model(stage: Path | str) -> dict[str, Any]:
             "files": config.get("local_model_files"), "commit": provenance.get("model_commit")}
 
 
-def _write_table(found: dict[str, np.ndarray], keys: list[str], of_keys: list[str], out: Path) -> pl.DataFrame:
-    """The table ``--exclude`` takes (key, duplicate_of, similarity, cluster), written atomically."""
+def _write_table(found: dict[str, np.ndarray], keys: list[str], of_keys: list[str], out: Path | str) -> pl.DataFrame:
+    """The table ``--exclude`` takes (key, duplicate_of, similarity, cluster), written whole (here
+    or at a URL)."""
     table = pl.DataFrame({"key": [keys[i] for i in found["index"]], "duplicate_of": [of_keys[i] for i in found["of"]],
                           "similarity": found["similarity"], "cluster": found["cluster"]},
                          schema={"key": pl.String, "duplicate_of": pl.String, "similarity": pl.Float32,
                                  "cluster": pl.Int32})
-    with storage.replacing(out) as tmp:
-        table.write_parquet(tmp)
+    buffer = io.BytesIO()
+    table.write_parquet(buffer)
+    storage.write_whole(out, buffer.getvalue())
     return table
 
 

@@ -281,15 +281,20 @@ def write_bytes(url: str, data: bytes) -> None:
     fs.invalidate_cache(inner)
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path | str:
-    """Write a small text file whole, here or at a URL: locally under a temporary name, then
-    renamed (its folder made if missing); at a URL in one PUT. Returns where it went."""
+def write_whole(path: str | os.PathLike, data: bytes) -> Path | str:
+    """Write a small file whole, here or at a URL: locally under a temporary name, then renamed
+    (its folder made if missing, :func:`replacing`); at a URL in one PUT. Returns where it went."""
     if is_remote(path):
-        write_bytes(os.fspath(path), text.encode())
+        write_bytes(os.fspath(path), data)
         return os.fspath(path)
     with replacing(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
     return Path(local_path(path))
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path | str:
+    """:func:`write_whole` of ``text`` (UTF-8)."""
+    return write_whole(path, text.encode())
 
 
 def remove(url: str) -> None:

@@ -254,8 +254,8 @@ def test_dedup_of_a_score_stage_is_what_exclude_leaves_out(tmp_path: Path, capsy
 
 def test_a_score_stage_and_a_held_out_manifest_at_urls_dedup_as_their_files(tmp_path: Path, capsys):
     """`curate dedup URL --out FILE` and `--against MANIFEST-URL`: the embeddings and the manifest's
-    latent indexes read over HTTP give the files' tables; without --out it is refused (a URL
-    cannot be written to)."""
+    latent indexes read over HTTP give the files' tables; without --out the table goes beside the
+    stage's shards at its URL, and --out may be a URL too."""
     from file_server import serve
 
     data = make_latent_dataset(tmp_path / "data", shards=2, per_shard=5)
@@ -280,12 +280,13 @@ def test_a_score_stage_and_a_held_out_manifest_at_urls_dedup_as_their_files(tmp_
                 args = [a.replace("HERE", here) for a in extra]
                 assert curate_main(["dedup", f"{here}/scores", *args, "--out", str(out), "--device", "cpu"]) == 0
                 tables[side, name] = pl.read_parquet(out)
-        capsys.readouterr()
-        assert curate_main(["dedup", f"{server.url}/scores", "--device", "cpu"]) == 2
-        assert "give --out, a local file" in capsys.readouterr().err
-        assert curate_main(["dedup", f"{server.url}/scores", "--out", f"{server.url}/d.parquet", "--device",
-                            "cpu"]) == 2
-        assert "is written to a local file" in capsys.readouterr().err
+        assert not list(scores.glob("duplicates-*.parquet"))  # --out, not the stage folder
+        assert curate_main(["dedup", f"{server.url}/scores", "--device", "cpu"]) == 0
+        assert f"--exclude {server.url}/scores/duplicates-0.95.parquet" in capsys.readouterr().out
+        assert curate_main(["dedup", f"{server.url}/scores", "--out", f"{server.url}/tables/d.parquet", "--device",
+                            "cpu"]) == 0
+        assert pl.read_parquet(scores / "duplicates-0.95.parquet").equals(tables["files", "within"])
+        assert pl.read_parquet(tmp_path / "tables" / "d.parquet").equals(tables["files", "within"])
         # The stage against itself, named with a trailing slash: refused like the plain name.
         assert curate_main(["dedup", f"{server.url}/scores", "--against", f"{server.url}/scores/", "--out",
                             str(tmp_path / "self.parquet"), "--device", "cpu"]) == 2
@@ -294,4 +295,3 @@ def test_a_score_stage_and_a_held_out_manifest_at_urls_dedup_as_their_files(tmp_
         assert tables["http", name].equals(tables["files", name]), name
     assert tables["files", "against"]["key"].to_list() == [others[0]]
     assert tables["files", "within"].height == 2  # one of each planted pair
-    assert not list(scores.glob("duplicates-*.parquet"))  # --out, not the stage folder

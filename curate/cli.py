@@ -468,21 +468,17 @@ def cmd_manifest(args: argparse.Namespace) -> int:
                               "--fraction for a subset of the samples, --hold-out to split off held-out shards, "
                               "--latent-scaling/--latent-shift for another input scale, or several manifests "
                               "to merge")
-        if args.out and storage.is_remote(args.out):
-            raise CurateError(f"--out {args.out}: this manifest is written to a local file (its shards may stay at "
-                              "their URLs); upload it after")
-        if not args.out and storage.is_remote(sources[0][1]):
-            raise CurateError(f"{sources[0][1]} is a URL: give --out, where the new manifest is written (a local "
-                              "file; its shards stay at their URLs)")
-        out = Path(args.out) if args.out else Path(sources[0][1]).parent / f"{args.name}.json"
-        held_out_path = out.with_name(f"{args.name}-heldout.json")
+        # Beside the (first) source, or --out: a local file or a URL (its shards named relative to it
+        # within one bucket or host, by their URLs elsewhere).
+        out = storage.as_location(args.out) if args.out else storage.sibling(sources[0][1], f"{args.name}.json")
+        held_out_path = storage.sibling(out, f"{args.name}-heldout.json")
         for target in (out, held_out_path) if holding else (out,):
-            if any(not storage.is_remote(path) and target.resolve() == Path(path).resolve() for _, path, _ in sources):
+            if any(storage.resolved(target) == storage.resolved(path) for _, path, _ in sources):
                 raise CurateError(f"{target} is a source manifest: choose another --name or --out")
         weights = parse_caption_weights(args.captions) if args.captions is not None else None
         held = report = None
-        # The new manifest's relative paths resolve against its folder (which must exist for "..").
-        out.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(out, Path):  # the new manifest's relative paths resolve against its folder ("..")
+            out.parent.mkdir(parents=True, exist_ok=True)
         if merging:
             manifest = merge_manifests(sources, name=args.name, out=out, captions=weights)
             if rules:
@@ -520,6 +516,10 @@ def cmd_manifest(args: argparse.Namespace) -> int:
             write_manifest(held, held_out_path)
     except ManifestError as e:
         raise CurateError(str(e)) from None
+    except ValueError as e:  # shard_path_for: local shards, which a manifest at a URL cannot name
+        if not (args.out and storage.is_remote(args.out)):
+            raise
+        raise CurateError(f"--out {args.out}: {e}; write the manifest to a local file, or its shards to a URL") from None
     print(f"wrote {written}: {manifest.samples} samples in {len(manifest.shards)} shards"
           + (" an epoch" if merging else ""))
     if rescaling:

@@ -633,7 +633,7 @@ def with_captions(manifest: Manifest, manifest_path: str | os.PathLike, weights:
     """The same shards (and text shards) with another caption selection (for every part of a merged
     manifest; None keeps the manifest's), for a manifest written at ``out``: relative shard paths
     are rebased onto its folder, and the provenance names the source of the new selection."""
-    source_dir, out_dir = storage.parent(manifest_path), Path(out).resolve().parent
+    source_dir, out_dir = storage.parent(manifest_path), storage.parent(out)
     text = (manifest.text.model_copy(update={"shards": rebase_entries(manifest.text.shards, source_dir, out_dir)})
             if manifest.text else None)
     moved = manifest.model_copy(update={"name": name, "shards": rebase_entries(manifest.shards, source_dir, out_dir),
@@ -669,7 +669,7 @@ def hold_out(manifest: Manifest, manifest_path: str | os.PathLike, shards: int, 
                             "least 1 and leave at least 1 to train on")
     chosen = set(np.random.default_rng(0).choice(len(manifest.shards), shards, replace=False).tolist())
     source = {"path": storage.resolved(manifest_path), "sha256": file_sha256(manifest_path)}
-    source_dir, out_dir = storage.parent(manifest_path), Path(out).resolve().parent
+    source_dir, out_dir = storage.parent(manifest_path), storage.parent(out)
 
     def subset(held: bool, subset_name: str) -> Manifest:
         def pick(entries: list[ShardEntry]) -> list[ShardEntry]:
@@ -760,7 +760,7 @@ def merge_manifests(sources: list[tuple[str | None, str | os.PathLike, int]], *,
     section: one run trains in one latent space with one text encoder."""
     if not sources:
         raise ManifestError("give at least one manifest to merge")
-    out_dir = Path(out).resolve().parent
+    out_dir = storage.parent(out)
     first_path: Path | None = None
     first: Manifest | None = None
     shards: list[ShardEntry] = []

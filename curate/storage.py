@@ -119,6 +119,12 @@ def parent(path: str | os.PathLike) -> str:
     return str(Path(local_path(path)).resolve().parent)
 
 
+def sibling(path: str | os.PathLike, name: str) -> Path | str:
+    """The file ``name`` in the folder that holds ``path``: a URL's, or a local path's (as it was
+    given, relative or not)."""
+    return join(parent(path), name) if is_remote(path) else Path(local_path(path)).with_name(name)
+
+
 def _filesystem(url: str) -> tuple[Any, str]:
     try:
         from fsspec.core import url_to_fs

@@ -248,10 +248,11 @@ def test_an_evaluation_set_at_a_url_is_its_files_and_reads_only_the_chosen_sampl
         assert a == b and torch.equal(x, y)
 
 
-def test_curate_manifest_on_manifests_at_urls_writes_a_local_manifest_of_their_shards(served, tmp_path):
+def test_curate_manifest_on_manifests_at_urls_writes_a_manifest_of_their_shards(served, tmp_path, capsys):
     """`curate manifest URL --where ... --out FILE`, a held-out split and a merge of URL manifests:
     the latent indexes read over HTTP, the same samples chosen as from the files, the shards named
-    by their URLs (a local manifest cannot reach them by a relative path); and it trains."""
+    by their URLs (a local manifest cannot reach them by a relative path); and it trains. Written at
+    a URL, the new manifest names them relative to itself."""
     from curate.cli import main as curate_main
 
     root, server = served
@@ -275,7 +276,26 @@ def test_curate_manifest_on_manifests_at_urls_writes_a_local_manifest_of_their_s
     st = DataSettings(seed=1, global_batch=2, micro_batch=2, workers=0, shuffle_buffer=4)
     with LatentLoader(http, tmp_path / "http" / "merge.json", st) as loader:
         assert sum(1 for _ in zip(loader, range(3), strict=False)) == 3
-    assert curate_main(["manifest", f"{base}/long.json", "--captions", "long=1", "--name", "x"]) == 2  # no --out
+    # Without --out, beside the source at its URL; or --out a URL: the shards named relative to it
+    # there (one host), as encode-latents names them from a --manifest-dir URL.
+    try:
+        assert curate_main(["manifest", f"{base}/long.json", "--captions", "long=1", "--name", "x"]) == 0
+        assert curate_main(["manifest", f"{base}/long.json", "--hold-out", "1", "--name", "h",
+                            "--out", f"{server.url}/split/h.json"]) == 0
+        beside, held, rest = (load_manifest(f"{server.url}/{name}") for name in
+                              ("manifests/x.json", "split/h-heldout.json", "split/h.json"))
+        for manifest in (beside, held, rest):
+            assert all(e.path.startswith("../latents/") for e in manifest.shards)
+        assert beside.samples == load_manifest(root / "manifests" / "long.json").samples == held.samples + rest.samples
+        assert check_data(rest, f"{server.url}/split/h.json").samples == rest.samples
+        # A manifest of local shards cannot name them from a URL.
+        assert curate_main(["manifest", str(root / "manifests" / "long.json"), "--captions", "long=1", "--name", "y",
+                            "--out", f"{server.url}/split/y.json"]) == 2
+        assert "write the manifest to a local file, or its shards to a URL" in capsys.readouterr().err
+        assert not (root / "split" / "y.json").exists()
+    finally:
+        (root / "manifests" / "x.json").unlink(missing_ok=True)
+        shutil.rmtree(root / "split", ignore_errors=True)
 
 
 def test_score_folders_and_tables_at_urls_choose_the_samples_their_files_do(served, tmp_path):

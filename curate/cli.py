@@ -277,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-shift", type=float, default=None, metavar="H",
                    help="... and the shift H (the latents' mean for mean 0)")
     p.add_argument("--name", required=True, help="the new manifest's name")
-    p.add_argument("--out", default=None, help="where to write it (default: NAME.json beside the first manifest)")
+    p.add_argument("--out", default=None, help="where to write it, a file or a URL (default: NAME.json beside the "
+                                               "first manifest)")
 
     p = sub.add_parser("dedup", help="semantic near-duplicates among the images of a `curate score --embeddings` "
                                      "stage (SemDeDup): a table of the images to leave out with --exclude",
@@ -296,8 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decontaminate instead: list the images that are near-duplicates of an evaluation set's, "
                         "EVAL being a manifest (a held-out set; its embeddings are read from SCORES) or another "
                         "score stage with embeddings of the same model (a benchmark's images)")
-    p.add_argument("--out", default=None, help="the table to write (default: SCORES/duplicates-THRESHOLD.parquet, "
-                                               "with --against SCORES/duplicates-of-EVAL-THRESHOLD.parquet)")
+    p.add_argument("--out", default=None, help="the table to write, a file or a URL (default: "
+                                               "SCORES/duplicates-THRESHOLD.parquet, with --against "
+                                               "SCORES/duplicates-of-EVAL-THRESHOLD.parquet)")
     p.add_argument("--device", default=None, help="None: cuda:LOCAL_RANK if available, else cpu")
 
     p = sub.add_parser("stats", help="totals and rejection reasons of a stage output, or what a manifest holds")

@@ -269,7 +269,7 @@ def test_a_compiled_denoiser_trains_as_eager_and_its_checkpoints_resume_eager(tm
     assert [s for s, _ in losses(tmp_path / "compiled")] == [1, 2, 3, 4]
 
 
-def test_sample_grid_decodes_through_the_manifests_vae(tmp_path: Path, models, dataset):
+def test_sample_grid_decodes_through_the_manifests_vae(tmp_path: Path, models, dataset, capsys):
     run = tmp_path / "run"
     assert run_train(dataset["long"], run, models, steps=4, sample_every=2, **{"log.tensorboard": "true"}) == 0
     grids = sorted((run / "samples").glob("*.png"))
@@ -277,7 +277,14 @@ def test_sample_grid_decodes_through_the_manifests_vae(tmp_path: Path, models, d
     image = Image.open(grids[-1])
     assert image.size == (64, 64)  # 4 prompts in a 2 x 2 grid of 32 px images
     assert len(set(image.convert("L").getdata())) > 10  # decoded pictures, not a flat fill
-    assert any((run / "tensorboard").iterdir())
+    events = sorted((run / "tensorboard").iterdir())
+    assert events
+    # The run resumed once finished: nothing to do, the last loss logged, no new (empty) events file.
+    capsys.readouterr()
+    assert run_train(dataset["long"], run, models, "--resume", "auto", steps=4, sample_every=2,
+                     **{"log.tensorboard": "true"}) == 0
+    assert f"the run had finished: trained 4 steps; last loss {losses(run)[-1][1]};" in capsys.readouterr().out
+    assert sorted((run / "tensorboard").iterdir()) == events
 
 
 def test_export_loads_in_prx_pipeline_and_generates(tmp_path: Path, models, dataset):

@@ -130,8 +130,9 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     result = train(cfg, resume=args.resume, check_only=args.check)
     if int(os.environ.get("RANK", "0")) == 0:
+        finished = "" if result.resumed_from is None or result.resumed_from < cfg.steps else "the run had finished: "
         print("\n".join(["train --check: every check before the first step passed", *result.notes]) if args.check
-              else f"trained {result.steps} steps; last loss {result.last_loss}; run folder "
+              else f"{finished}trained {result.steps} steps; last loss {result.last_loss}; run folder "
               + (cfg.out if storage.is_remote(cfg.out) else str(result.run_dir)))
     return 0
 

@@ -42,6 +42,11 @@ class MetricsLogger:
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS_FILE
         self.tb = self.wandb = self.bar = None
+        # TensorBoard's writer is made at the first value it takes, so that a run that logs
+        # nothing (a finished run resumed) leaves no empty events file; the first one made drops
+        # the events a killed run logged after the step it resumes from.
+        self._board_dir: str | None = None
+        self._purge_step: int | None = start_step + 1
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,9 +54,9 @@ class MetricsLogger:
         self.file = open(self.path, "a", buffering=1)  # noqa: SIM115 - closed in close()
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                import torch.utils.tensorboard  # noqa: F401 - whether it can be written
 
-                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
+                self._board_dir = str(Path(run_dir) / "tensorboard")
             except ImportError:
                 warnings.warn("tensorboard is not installed: metrics go to metrics.jsonl only",
                               stacklevel=2)
@@ -67,15 +72,24 @@ class MetricsLogger:
                         disable=not sys.stderr.isatty() and os.environ.get("KILN_PROGRESS") != "1")
         self.total_steps, self.start_step, self.started = total_steps, start_step, time.monotonic()
 
+    def _board(self) -> Any:
+        """TensorBoard's writer (made now if there is none), or None without TensorBoard."""
+        if self.tb is None and self._board_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(self._board_dir, purge_step=self._purge_step)
+            self._purge_step = None
+        return self.tb
+
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
         clean = {k: v for k, v in metrics.items() if v is not None}
         self.file.write(json.dumps({"step": step, **clean}) + "\n")
-        if self.tb is not None:
+        if (board := self._board()) is not None:
             for key, value in clean.items():
                 if isinstance(value, int | float):
-                    self.tb.add_scalar(key, value, step)
+                    board.add_scalar(key, value, step)
         if self.wandb is not None:
             self.wandb.log(clean, step=step)
         if self.bar is not None and not self.bar.disable:
@@ -97,11 +111,11 @@ class MetricsLogger:
             tqdm.write(message, file=sys.stderr)
 
     def add_image(self, tag: str, path: Path, step: int) -> None:
-        if self.tb is not None:
+        if (board := self._board()) is not None:
             import numpy as np
             from PIL import Image
 
-            self.tb.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+            board.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
         if self.wandb is not None:
             import wandb as wandb_module
 
@@ -109,7 +123,8 @@ class MetricsLogger:
 
     def flush(self, new_events_file: bool = False) -> None:
         """Everything logged so far on disk, before the run folder is copied; ``new_events_file``:
-        TensorBoard's file closed and a new one begun, so that a copy need only send the new one."""
+        TensorBoard's file closed, the next value to begin a new one, so that a copy need only send
+        the new one."""
         if not self.enabled:
             return
         self.file.flush()
@@ -117,7 +132,7 @@ class MetricsLogger:
             self.tb.flush()
             if new_events_file:
                 self.tb.close()
-                self.tb = type(self.tb)(self.tb.log_dir)
+                self.tb = None
 
     def close(self) -> None:
         if not self.enabled:

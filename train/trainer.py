@@ -69,7 +69,7 @@ from train.data import fingerprint as data_fingerprint
 from train.ema import EMA
 from train.init import load_initial_weights
 from train.launch import detect_launch
-from train.metrics import MetricsLogger
+from train.metrics import MetricsLogger, read_metrics
 from train.model import (
     build_denoiser,
     check_channels,
@@ -372,7 +372,9 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=world.device.type == "cuda")
     first_slot = world.rank * accum
     weights_dtype = _param_dtype(model)  # a bf16-stored model takes bf16 inputs
-    last_loss = None
+    # The last loss logged up to the step resumed from: what a finished run resumed reports.
+    last_loss = next((r["loss"] for r in reversed(read_metrics(run_dir)) if "loss" in r and r["step"] <= start_step),
+                     None) if state is not None and world.main else None
     if data is None:
         loader = LatentLoader(manifest, cfg.shards, settings, rank=world.rank, world_size=world.world_size,
                               start_step=start_step, allow_pipe=cfg.data.allow_pipe, images=images)

@@ -502,52 +502,39 @@ class RangeReader:
         self._pool.shutdown(wait=True, cancel_futures=True)  # no thread left running (see parallel_map)
 
 
-class RangedFile(io.RawIOBase):
-    """A remote file of known ``size`` as a seekable file, each read one ranged request, its last
-    ``TAIL`` bytes fetched at the first read: what pyarrow reads a large Parquet file through, so
-    that its footer and the columns asked for are fetched and nothing else (a score stage's index
-    holds megabytes of image embeddings that its score columns' readers need not fetch). Reads
-    within ``start``, the file's first bytes when they were fetched already, cost no request."""
+class SparseReader:
+    """A remote file of known ``size`` read by offset where the reads jump (the interface of
+    :class:`RangeReader`): each read one ranged request of its own, the last ``TAIL`` bytes fetched
+    once at the first read there. What pyarrow reads a large Parquet file through (as a file:
+    :class:`_RangeStream`), so that its footer and the columns asked for are fetched and nothing
+    else (a score stage's index holds megabytes of image embeddings that its score columns' readers
+    need not fetch). Reads within ``start``, the file's first bytes when they were fetched already,
+    cost no request."""
 
     def __init__(self, url: str, size: int, start: bytes = b""):
-        super().__init__()
-        self.url, self.size, self._position, self._start = url, size, 0, start
+        self.path, self.size, self._start = url, size, start
         self._tail_start, self._tail = max(0, size - TAIL), None
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self.size}[whence]
-        self._position = base + offset
-        return self._position
-
-    def readinto(self, buffer: Any) -> int:
-        start, end = self._position, min(self._position + len(buffer), self.size)
-        if start >= end:
-            return 0
+    def pread(self, size: int, offset: int) -> bytes:
+        """Up to ``size`` bytes from ``offset`` (fewer at the end of the file), as ``os.pread``."""
+        end = min(offset + size, self.size)
+        if offset >= end:
+            return b""
         if end <= len(self._start):
-            data = self._start[start:end]
-        elif start >= self._tail_start:
+            return self._start[offset:end]
+        if offset >= self._tail_start:
             if self._tail is None:
-                self._tail = read_range(self.url, self._tail_start, self.size - self._tail_start)
-            data = self._tail[start - self._tail_start: end - self._tail_start]
-        else:
-            data = read_range(self.url, start, end - start)
-        buffer[: len(data)] = data
-        self._position += len(data)
-        return len(data)
+                self._tail = read_range(self.path, self._tail_start, self.size - self._tail_start)
+            return self._tail[offset - self._tail_start: end - self._tail_start]
+        return read_range(self.path, offset, end - offset)
+
+    def close(self) -> None:
+        pass
 
 
 def parquet_source(path: str | os.PathLike, file_size: int | None = None) -> str | BinaryIO:
     """What pyarrow reads a Parquet file from: a local path; at a URL its bytes when it is small,
-    else a :class:`RangedFile`. With ``file_size`` unknown, its first ``WHOLE`` bytes are asked for:
+    else its :class:`SparseReader` as a file. With ``file_size`` unknown, its first ``WHOLE`` bytes are asked for:
     a small file (most indexes) comes whole in that one request."""
     if not is_remote(path):
         return local_path(path)
@@ -558,14 +545,15 @@ def parquet_source(path: str | os.PathLike, file_size: int | None = None) -> str
         if len(start) != WHOLE:  # all of it (more: a server that ignores ranges sent it whole)
             return io.BytesIO(start)
         file_size = size(url)
-        return io.BytesIO(start) if file_size == WHOLE else RangedFile(url, file_size, start)
-    return io.BytesIO(read_bytes(url)) if file_size <= WHOLE else RangedFile(url, file_size)
+        return io.BytesIO(start) if file_size == WHOLE else _RangeStream(SparseReader(url, file_size, start))
+    return io.BytesIO(read_bytes(url)) if file_size <= WHOLE else _RangeStream(SparseReader(url, file_size))
 
 
 class _RangeStream(io.RawIOBase):
-    """A :class:`RangeReader` as a file (what ``tarfile`` reads), read forward with read-ahead."""
+    """A reader by offset as a file: a :class:`RangeReader` (what ``tarfile`` reads, forward with
+    read-ahead), or a :class:`SparseReader`."""
 
-    def __init__(self, reader: RangeReader):
+    def __init__(self, reader: RangeReader | SparseReader):
         super().__init__()
         self._reader, self._position = reader, 0
 

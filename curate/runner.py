@@ -474,7 +474,12 @@ def run_stage(
             committing: Future[Future[int]] | None = None
             uploading: deque[Future[int]] = deque()
             for task in todo:
-                remove_temporaries(out_dir, task.shard_id)
+                if writing := remove_temporaries(out_dir, task.shard_id):
+                    # Two writers of one shard could also mix their tar and index.
+                    raise CurateError(f"{stage.name}: shard {task.shard_id} of {out_dir} is being written by process "
+                                      f"{writing[0]} on this machine: is this stage running twice into one folder, "
+                                      "or do two workers have the same rank? (--rank/--world-size, RANK/WORLD_SIZE "
+                                      "or Slurm's task variables)")
                 writer = ShardWriter(out_dir, task.shard_id, stage.index_schema, with_tar=stage.with_tar)
                 try:
                     started = time.perf_counter()

@@ -254,14 +254,29 @@ def work_dir(out_dir: str | os.PathLike) -> Path:
     return staging_dir(out_dir) if storage.is_remote(out_dir) else Path(out_dir)
 
 
-def remove_temporaries(out_dir: str | os.PathLike, shard_id: int) -> None:
-    """Delete what a killed writer of this shard left behind (never visible to readers)."""
-    for tmp in glob.glob(str(work_dir(out_dir) / f".{shard_name(shard_id)}.*.tmp-*")):
-        Path(tmp).unlink(missing_ok=True)
-
-
 _WRITERS_TEMPORARY = re.compile(r"^\.\d{6,}\.(tar|parquet)\.tmp-(?P<host>.+)-(?P<pid>\d+)$")
 ORPHAN_AGE = 3600.0  # seconds untouched before a dead writer's temporary is removed
+
+
+def remove_temporaries(out_dir: str | os.PathLike, shard_id: int) -> list[int]:
+    """Delete what a killed writer of this shard left behind (never visible to readers), but not
+    what another process on this machine is writing now (deleting it would fail that process on
+    a vanished file): returns those processes' ids."""
+    writing = []
+    for tmp in glob.glob(str(work_dir(out_dir) / f".{shard_name(shard_id)}.*.tmp-*")):
+        pid = _local_writer(os.path.basename(tmp))
+        if pid is not None and pid != os.getpid() and _running(pid):
+            writing.append(pid)
+        else:
+            Path(tmp).unlink(missing_ok=True)
+    return writing
+
+
+def _local_writer(name: str) -> int | None:
+    """The id of the process on this machine that wrote the shard temporary ``name``; None for
+    another machine's (or a name of another form)."""
+    match = _WRITERS_TEMPORARY.match(name)
+    return int(match["pid"]) if match is not None and match["host"] == socket.gethostname() else None
 
 
 def remove_orphaned_temporaries(out_dir: str | os.PathLike) -> list[Path]:
@@ -273,10 +288,10 @@ def remove_orphaned_temporaries(out_dir: str | os.PathLike) -> list[Path]:
     folder = work_dir(out_dir)
     if not folder.is_dir():
         return []
-    host, removed = socket.gethostname(), []
+    removed = []
     for path in folder.iterdir():
-        match = _WRITERS_TEMPORARY.match(path.name)
-        if match is None or match["host"] != host or _running(int(match["pid"])):
+        pid = _local_writer(path.name)
+        if pid is None or _running(pid):
             continue
         with contextlib.suppress(FileNotFoundError):
             if time.time() - path.stat().st_mtime > ORPHAN_AGE:

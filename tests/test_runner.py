@@ -268,6 +268,27 @@ def test_leftover_temporaries_are_cleaned_before_a_shard_is_redone(tmp_path: Pat
     assert not stale.exists()
 
 
+def test_a_shard_another_process_here_is_writing_is_refused_not_deleted_under_it(tmp_path: Path):
+    """The same stage started twice into one folder (or two workers of one rank): the second to
+    reach a shard finds the first one's temporary, and stops with the reason instead of deleting
+    the file the first is writing; once that process is gone, its temporary is removed."""
+    import socket
+    import subprocess
+    import sys
+
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        busy = tmp_path / f".000001.tar.tmp-{socket.gethostname()}-{writer.pid}"
+        busy.write_bytes(b"half a tar")
+        with pytest.raises(CurateError, match=f"shard 1 of .* is being written by process {writer.pid} on this machine"):
+            run_stage(Squares([[2], [4]]), tmp_path, progress=False)
+        assert busy.exists()
+    finally:
+        writer.kill()
+        writer.wait()
+    assert run_stage(Squares([[2], [4]]), tmp_path, progress=False).complete and not busy.exists()
+
+
 def test_temporaries_of_killed_writers_on_this_machine_go_even_where_no_shard_is_redone(tmp_path: Path):
     """A final pass's rewrite killed, or a shard another worker redid: the run skips the shard, and
     its temporaries would stay for good. A run removes those of this host's writers that are gone

@@ -574,7 +574,8 @@ def caption_coverage(manifest: Manifest, rows: Any) -> dict[str, int | None] | N
     ``key`` and ``captions``), ``orig`` (the original captions, written for every sample, empty when
     there was none) from the image stages' indexes (None when one cannot be found); None without
     ``rows``."""
-    from curate.shards import listed_shard_ids, read_index, shard_name
+    from curate.shards import read_index
+    from curate.subset import stage_indexes
 
     if rows is None:
         return None
@@ -593,7 +594,10 @@ def caption_coverage(manifest: Manifest, rows: Any) -> dict[str, int | None] | N
         listed[key] = listed.get(key, 0) + 1
     with_orig = 0
     for stage, listed in zip(stages, listings, strict=True):
-        indexes = [storage.join(stage, f"{shard_name(i)}.parquet") for i in listed_shard_ids(stage)]
+        try:
+            indexes = stage_indexes(stage)
+        except FileNotFoundError:  # a URL's folder that is not there (a local one: image_stages says so)
+            return {**counts, "orig": None}
         # At a URL (an image stage read where it lies), many at a time.
         for df in storage.parallel_map(lambda index: read_index(index, ["key", "caption"]), indexes,
                                        storage.is_remote(stage)):

@@ -516,9 +516,7 @@ def index_columns(index_path: str | os.PathLike, file_size: int | None = None) -
     for read_index)."""
     from curate import storage
 
-    if storage.is_remote(index_path):
-        return pq.read_schema(storage.parquet_source(index_path, file_size)).names
-    return list(pl.read_parquet_schema(index_path))
+    return pq.read_schema(storage.parquet_source(index_path, file_size)).names
 
 
 def index_of(tar: str | os.PathLike) -> str:
@@ -535,9 +533,8 @@ def read_index(index_path: str | os.PathLike, columns: list[str] | None = None,
 
     if not storage.is_remote(index_path):
         return pl.read_parquet(index_path, columns=columns)
-    if columns is None:
-        return pl.read_parquet(io.BytesIO(storage.read_bytes(index_path)))
-    source = storage.parquet_source(index_path, file_size)
+    source = (io.BytesIO(storage.read_bytes(index_path)) if columns is None
+              else storage.parquet_source(index_path, file_size))
     if isinstance(source, io.BytesIO):
         return pl.read_parquet(source, columns=columns)
     return pl.from_arrow(pq.read_table(source, columns=columns, use_threads=False, pre_buffer=True))

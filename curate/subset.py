@@ -89,7 +89,7 @@ class SubsetRules:
             if _is_folder(path):  # a stage folder: its indexes' hashes, hashed
                 from curate.shards import stable_hash
 
-                indexes = _stage_indexes(path)
+                indexes = stage_indexes(path)
                 hashes = storage.parallel_map(file_sha256, indexes, storage.is_remote(path))
                 return {"path": storage.resolved(path), "indexes": stable_hash(list(hashes))}
             return {"path": storage.resolved(path), "sha256": file_sha256(path)}
@@ -270,7 +270,7 @@ def _stage_scores(stage: Path | str, option: str) -> pl.DataFrame:
             .rename({"flags": "score_flags"}, strict=False))
 
 
-def _stage_indexes(stage: Path | str) -> list[Path | str]:
+def stage_indexes(stage: Path | str) -> list[Path | str]:
     """A stage's index files in name order (a URL's listed)."""
     if storage.is_remote(stage):
         return [storage.join(stage, n) for n in storage.list_names(stage) if n.endswith(".parquet")]
@@ -278,7 +278,7 @@ def _stage_indexes(stage: Path | str) -> list[Path | str]:
 
 
 def _stage_columns(stage: Path | str) -> list[str]:
-    first = next(iter(_stage_indexes(stage)), None)
+    first = next(iter(stage_indexes(stage)), None)
     return [] if first is None else index_columns(first)
 
 
@@ -299,7 +299,7 @@ def _stage_mapping(stage: Path | str | None, prefix: str, taken: set[str] | dict
 def _stage_table(stage: Path | str, columns: dict[str, str]) -> pl.DataFrame:
     """The accepted rows of a stage's indexes: ``key`` and ``columns`` (name in the index -> name
     in the subset's view)."""
-    indexes = _stage_indexes(stage)
+    indexes = stage_indexes(stage)
     read = storage.parallel_map(lambda p: read_index(p, columns=["key", "status", *columns]), indexes,
                                 storage.is_remote(stage))  # URLs: many at a time
     frames = [table.filter(pl.col("status") == "ok") for table in read]

@@ -19,8 +19,11 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash demo/run.sh
 
+# One worker per core (at most 4: each runs its own torch and the multi-rank tests start more);
+# tests/conftest.py gives each worker one thread. `make TEST_WORKERS=0 test` runs in one process.
+TEST_WORKERS ?= auto
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -148,13 +148,13 @@ class _Handler(SimpleHTTPRequestHandler):
             with open(path, "rb") as f:
                 f.seek(start)
                 data = f.read(end - start)
-            if server.download_rate:
-                time.sleep(len(data) / server.download_rate)
-            self.wfile.write(data)
-            with server.lock:
+            with server.lock:  # counted before the client can have them: a test reads these as soon as it has
                 server.bytes_sent += len(data)
                 server.sent[self.path] += len(data)
                 server.answers[self.path] += 1
+            if server.download_rate:
+                time.sleep(len(data) / server.download_rate)
+            self.wfile.write(data)
 
     def _body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":

@@ -366,11 +366,15 @@ def test_two_ranks_with_repa_equal_one_across_its_stop_step(pipeline, teachers, 
         for (s1, l1, r1), (s2, l2, r2) in zip(_metrics(one), _metrics(tmp_path / name), strict=True):
             assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4)
             assert (r1 is None) == (r2 is None) and (r1 is None or r1 == pytest.approx(r2, rel=1e-4))
-        # Muon orthogonalises in bf16: a gradient summed in another order can round an entry of
-        # the update to the neighbouring bf16 value, a few 1e-6 in the weights after 5 steps.
+        # FSDP: a step on sharded tensors can round a last bit otherwise than one process's, and
+        # Muon's bf16 orthogonalisation can turn such a bit into a bf16 step of its own, which later
+        # steps carry on: up to 2e-4 in weights of 0.125 after 5 steps, as measured on data made with
+        # one thread (none with two). DDP's steps are the one process's, bit for bit.
+        atol = 5e-4 if name == "fsdp" else 1e-6
         a, b = (load_checkpoint(latest_checkpoint(r)) for r in (one, tmp_path / name))
         for key in a["model"]:
-            torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=2e-5)
+            torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=atol,
+                                       msg=lambda m, key=key, name=name: f"{name} {key}: {m}")
 
 
 def test_repa_inside_the_routed_blocks_aligns_the_kept_tokens(pipeline, teachers, tmp_path: Path):

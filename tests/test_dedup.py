@@ -216,8 +216,11 @@ def test_dedup_of_a_score_stage_is_what_exclude_leaves_out(tmp_path: Path, capsy
     # What --where reads of a score folder leaves the embeddings out.
     assert "image_embedding" not in _read_table(scores, "--scores").columns
 
+    recorded = SubsetRules(scores=[scores]).record()  # the folder's shard indexes, hashed
+
     capsys.readouterr()
     assert curate_main(["dedup", str(scores), "--threshold", "0.99", "--cluster-size", "4", "--device", "cpu"]) == 0
+    assert SubsetRules(scores=[scores]).record() == recorded  # the table beside the shards is not one of them
     out = capsys.readouterr().out
     assert "2 of 10 images are near-duplicates of one kept before them" in out, out
     table = pl.read_parquet(scores / "duplicates-0.99.parquet")

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 # Keys are part of the contract; images.py computes them so decoding workers import nothing heavy.
 from curate.images import sample_key  # noqa: F401
-from curate.storage import fsync_dir
+from curate.storage import fsync_dir, fsync_file
 
 log = logging.getLogger("curate")
 
@@ -229,8 +229,7 @@ class _TarStream:
 
 
 def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    fsync_file(tmp)
     os.replace(tmp, final)
 
 

@@ -251,13 +251,19 @@ def replacing(path: str | os.PathLike, *, fsync: bool = False) -> Iterator[Path]
     try:
         yield tmp
         if fsync:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+            fsync_file(tmp)
         os.replace(tmp, path)
         if fsync:
             fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Put a written file's bytes on the disk before it is renamed into place (a crash then leaves
+    the old file or the new one whole, never a renamed empty one)."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

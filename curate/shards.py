@@ -572,13 +572,16 @@ def committed_shards(stage_dir: str | os.PathLike) -> list[Shard]:
     return [s for s in opened if s is not None]
 
 
-def listed_shard_ids(stage_dir: str | os.PathLike) -> list[int]:
-    """The ids of the shards a stage folder (or URL) lists, committed or not, in order."""
+def listed_shard_ids(stage_dir: str | os.PathLike, *, missing_ok: bool = True) -> list[int]:
+    """The ids of the shards a stage folder (or URL) lists, committed or not, in order; none for a
+    folder that is not there (FileNotFoundError without ``missing_ok``)."""
     from curate import storage
 
     try:
         names = storage.list_names(stage_dir) if storage.is_remote(stage_dir) else os.listdir(stage_dir)
     except (FileNotFoundError, NotADirectoryError):
+        if not missing_ok:
+            raise
         return []
     return sorted(int(m.group(1)) for name in names if (m := SHARD_RE.match(name)))
 

@@ -273,12 +273,10 @@ def _stage_scores(stage: Path | str, option: str) -> pl.DataFrame:
 def stage_indexes(stage: Path | str) -> list[Path | str]:
     """A stage's shard indexes in shard order (a URL's listed), not the other tables a folder may
     hold (`curate dedup` writes its own beside a score stage's shards)."""
-    from curate.shards import SHARD_RE
+    from curate.shards import listed_shard_ids, shard_name
 
-    remote = storage.is_remote(stage)
-    found = [m for n in (storage.list_names(stage) if remote else os.listdir(stage)) if (m := SHARD_RE.match(n))]
-    names = [m.group(0) for m in sorted(found, key=lambda m: int(m.group(1)))]
-    return [storage.join(stage, n) for n in names] if remote else [Path(stage) / n for n in names]
+    names = [f"{shard_name(i)}.parquet" for i in listed_shard_ids(stage, missing_ok=False)]
+    return [storage.join(stage, n) for n in names] if storage.is_remote(stage) else [Path(stage) / n for n in names]
 
 
 def _stage_columns(stage: Path | str) -> list[str]:

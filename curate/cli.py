@@ -518,10 +518,6 @@ def cmd_manifest(args: argparse.Namespace) -> int:
             write_manifest(held, held_out_path)
     except ManifestError as e:
         raise CurateError(str(e)) from None
-    except ValueError as e:  # shard_path_for: local shards, which a manifest at a URL cannot name
-        if not (args.out and storage.is_remote(args.out)):
-            raise
-        raise CurateError(f"--out {args.out}: {e}; write the manifest to a local file, or its shards to a URL") from None
     print(f"wrote {written}: {manifest.samples} samples in {len(manifest.shards)} shards"
           + (" an epoch" if merging else ""))
     if rescaling:

@@ -486,7 +486,7 @@ def _bucket(url: str) -> str:
 def shard_path_for(tar: str | os.PathLike, manifest_dir: str | os.PathLike) -> str:
     """How a manifest in ``manifest_dir`` names a shard's tar: relative to the manifest's folder
     (so that the folders move together), locally and within one bucket or host; a URL elsewhere as
-    it is. A local shard cannot be named from a manifest at a URL (ValueError)."""
+    it is. A local shard cannot be named from a manifest at a URL (ManifestError)."""
     if storage.is_remote(tar):
         tar = os.fspath(tar)
         if storage.is_remote(manifest_dir) and _bucket(tar) == _bucket(os.fspath(manifest_dir)):
@@ -494,7 +494,8 @@ def shard_path_for(tar: str | os.PathLike, manifest_dir: str | os.PathLike) -> s
             return posixpath.relpath(tar[inside:], os.fspath(manifest_dir).rstrip("/")[inside:] or "/")
         return tar
     if storage.is_remote(manifest_dir):
-        raise ValueError(f"{tar} is a local file, which a manifest at {manifest_dir} cannot name")
+        raise ManifestError(f"{tar} is a local file, which a manifest at {manifest_dir} cannot name: write the "
+                            "manifest to a local file, or its shards to a URL")
     return os.path.relpath(Path(tar).resolve(), Path(manifest_dir).resolve())
 
 

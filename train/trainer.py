@@ -372,9 +372,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=world.device.type == "cuda")
     first_slot = world.rank * accum
     weights_dtype = _param_dtype(model)  # a bf16-stored model takes bf16 inputs
-    # The last loss logged up to the step resumed from: what a finished run resumed reports.
-    last_loss = next((r["loss"] for r in reversed(read_metrics(run_dir)) if "loss" in r and r["step"] <= start_step),
-                     None) if state is not None and world.main else None
+    last_loss = None
     if data is None:
         loader = LatentLoader(manifest, cfg.shards, settings, rank=world.rank, world_size=world.world_size,
                               start_step=start_step, allow_pipe=cfg.data.allow_pipe, images=images)
@@ -587,6 +585,11 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
         finally:
             stop.restore()  # after the uploads: a second SIGTERM during them is not fatal either
             logger.close()
+    if last_loss is None and state is not None and world.main:
+        # No loss logged since the resume (a finished run resumed): the last one logged before it,
+        # read only then rather than at every resume.
+        last_loss = next((r["loss"] for r in reversed(read_metrics(run_dir)) if "loss" in r and r["step"] <= start_step),
+                         None)
     return RunResult(run_dir, completed, start_step if state is not None else None, last_loss)
 
 

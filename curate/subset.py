@@ -64,6 +64,9 @@ _BOOKKEEPING = {"status", "reason", "detail", "tar_offset", "tar_length"}
 # `curate score --embeddings`' CLIP image embeddings (for curate dedup): no column to filter on.
 EMBEDDING_COLUMN = "image_embedding"
 _KEY_COLUMNS = ("key", "source")
+# What the subset's rows hold besides the samples' columns (latent_index_rows, _with_part): where
+# each sample is listed. A table's column of one of these names would be shadowed by it.
+_ROW_COLUMNS = ("shard", "ordinal", "part")
 _TABLE_SUFFIXES = (".parquet", ".csv", ".tsv", ".jsonl", ".ndjson", ".txt")
 
 log = logging.getLogger("curate")
@@ -347,10 +350,16 @@ def _sample_rows(manifest: Manifest, manifest_path: str | os.PathLike, loaded: _
     return _join_scores(rows, loaded.scores, rules).sort("shard", "ordinal")
 
 
-def _check_columns(available: dict[str, str], loaded: _Loaded, rules: SubsetRules) -> bool:
+def _check_columns(available: dict[str, str], loaded: _Loaded, rules: SubsetRules,
+                   row_columns: tuple[str, ...] = _ROW_COLUMNS) -> bool:
     """Add the score tables' columns to ``available`` (column -> its source), refusing a name two
-    sources have and a ``--where`` name none has; whether a table matches samples by ``source``."""
+    sources have, one of ``row_columns`` (the rows' own) and a ``--where`` name none has; whether a
+    table matches samples by ``source``."""
     for path, table in zip(rules.scores, loaded.scores, strict=True):
+        reserved = [c for c in table.columns if c in row_columns]
+        if reserved:
+            raise ManifestError(f"--scores {path}: its column(s) {', '.join(reserved)} are names the subset's rows "
+                                f"use for where each sample is listed ({', '.join(_ROW_COLUMNS)}): rename them")
         clash = [c for c in table.columns if c not in _KEY_COLUMNS and c in available]
         if clash:
             raise ManifestError(f"--scores {path}: its column(s) {', '.join(clash)} are already "
@@ -448,7 +457,7 @@ def images_left_out(images_dir: str | os.PathLike, rules: SubsetRules, stage: st
         loaded = _load(rules)
         mapping = _stage_mapping(images_dir, "image_", {"flags"})  # named as in a manifest's rules
         available = {name: "the image stage" for name in mapping.values()}
-        by_source = _check_columns(available, loaded, rules)
+        by_source = _check_columns(available, loaded, rules, row_columns=())  # rows of the image stage's columns
         rows = _stage_table(images_dir, {c: name for c, name in mapping.items()
                                          if name in loaded.wanted or (c == "source" and by_source)})
         rows = _join_scores(rows, loaded.scores, rules)

@@ -393,3 +393,17 @@ def test_unique_applies_after_the_other_rules(dataset, tmp_path: Path):
     assert [(p.name, p.samples) for p in manifest.parts] == [("first", 9), ("second", 9)]
     counts = Counter(epoch_keys(out))
     assert len(counts) == SHARDS * PER_SHARD and set(counts.values()) == {1}
+
+
+def test_a_score_column_named_as_the_rows_own_bookkeeping_is_refused(dataset, tmp_path: Path):
+    """A table's ``shard`` (the tar a sample came from, say), ``ordinal`` or ``part`` column would
+    be shadowed by the rows' own positions: ``--where 'shard = 7'`` chose by the manifest's shard
+    position instead, silently. Such a column is named and refused."""
+    keys = [sample_key(0, i) for i in range(SHARDS * PER_SHARD)]
+    for column in ("shard", "ordinal", "part"):
+        table = tmp_path / f"{column}.parquet"
+        pl.DataFrame({"key": keys, column: [7] * len(keys)}).write_parquet(table)
+        code, _, err = subset(str(dataset["long"]), "--scores", str(table), "--where", f"{column} = 7",
+                              "--name", "s", "--out", str(tmp_path / "s.json"))
+        assert code == 2 and f"its column(s) {column} are names the subset's rows use" in err, err
+    assert not (tmp_path / "s.json").exists()

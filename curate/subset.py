@@ -294,23 +294,29 @@ def _is_stage(path: str | os.PathLike) -> bool:
     return storage.is_file(storage.join(path, STAGE_FILE)) if storage.is_remote(path) else Path(path).is_dir()
 
 
-def _stage_mapping(stage: Path | str | None, prefix: str, taken: set[str] | dict[str, str]) -> dict[str, str]:
+def _stage_mapping(stage: Path | str | list[Path | str] | None, prefix: str,
+                   taken: set[str] | dict[str, str]) -> dict[str, str]:
     """A stage's sample columns as rules name them (index column -> name): prefixed with ``prefix``
-    where ``taken`` has the name already (the latent index's ``flags``: ``image_flags``)."""
-    columns = _stage_columns(stage) if stage is not None else []
+    where ``taken`` has the name already (the latent index's ``flags``: ``image_flags``). Given
+    several stages (the parts of a merged manifest), every column any of them has."""
+    stages = [] if stage is None else stage if isinstance(stage, list) else [stage]
+    columns = dict.fromkeys(c for s in stages for c in _stage_columns(s))
     return {c: (prefix + c if c in taken else c) for c in columns if c not in _BOOKKEEPING and c != "key"}
 
 
 def _stage_table(stage: Path | str, columns: dict[str, str]) -> pl.DataFrame:
     """The accepted rows of a stage's indexes: ``key`` and ``columns`` (name in the index -> name
-    in the subset's view)."""
+    in the subset's view); null where the stage has no such column (a merged manifest's part
+    captioned without the variant another part's stage has)."""
     indexes = stage_indexes(stage)
-    read = storage.parallel_map(lambda p: read_index(p, columns=["key", "status", *columns]), indexes,
-                                storage.is_remote(stage))  # URLs: many at a time
-    frames = [table.filter(pl.col("status") == "ok") for table in read]
-    if not frames:
+    if not indexes:
         raise ManifestError(f"{stage}: no index files: the stage is not there")
-    return pl.concat(frames).drop("status").rename(columns)
+    has = set(index_columns(indexes[0]))
+    present = [c for c in columns if c in has]
+    read = storage.parallel_map(lambda p: read_index(p, columns=["key", "status", *present]), indexes,
+                                storage.is_remote(stage))  # URLs: many at a time
+    table = pl.concat([table.filter(pl.col("status") == "ok") for table in read]).drop("status")
+    return table.with_columns(pl.lit(None).alias(c) for c in columns if c not in has).rename(columns)
 
 
 def _sample_rows(manifest: Manifest, manifest_path: str | os.PathLike, loaded: _Loaded,
@@ -330,8 +336,8 @@ def _sample_rows(manifest: Manifest, manifest_path: str | os.PathLike, loaded: _
     provenances = part_provenance(manifest)
     for stage, prefix in (("images", "image_"), ("captions", "caption_")):
         recorded = [(p.get(stage) or {}).get("path") for p in provenances]
-        found = [storage.as_location(r) for r in recorded if r and _is_stage(r)]
-        mapping = _stage_mapping(found[0] if found else None, prefix, available)
+        found = [storage.as_location(r) for r in dict.fromkeys(recorded) if r and _is_stage(r)]
+        mapping = _stage_mapping(found, prefix, available)  # a merged manifest's parts: every column of theirs
         stage_maps[stage] = mapping
         available |= {name: f"the {stage} stage" for name in mapping.values()}
     wanted = loaded.wanted

@@ -407,3 +407,48 @@ def test_a_score_column_named_as_the_rows_own_bookkeeping_is_refused(dataset, tm
                               "--name", "s", "--out", str(tmp_path / "s.json"))
         assert code == 2 and f"its column(s) {column} are names the subset's rows use" in err, err
     assert not (tmp_path / "s.json").exists()
+
+
+def _caption_stage(data: dict[str, Path], variants: tuple[str, ...]) -> None:
+    """A caption stage for ``data`` with ``variants`` (as `curate recaption` writes its columns:
+    VARIANT, VARIANT_words, VARIANT_flags), named by its long manifest's provenance."""
+    from curate.manifest import write_manifest
+    from curate.shards import ShardWriter, committed_shards
+
+    out = Path(data["root"]) / "captions"
+    schema = {}
+    for v in variants:
+        schema |= {v: pl.String, f"{v}_words": pl.Int32, f"{v}_flags": pl.List(pl.String)}
+    for shard in committed_shards(data["latents"]):
+        ok = pl.read_parquet(shard.index_path).filter(pl.col("status") == "ok")
+        writer = ShardWriter(out, shard.shard_id, schema, with_tar=False)
+        for i, key in enumerate(ok["key"]):
+            writer.add(key, {}, row={c: f"{v} caption" if c == v else i if c.endswith("_words") else []
+                                     for v in variants for c in (v, f"{v}_words", f"{v}_flags")})
+        writer.commit(stage="recaption", fingerprint=f"test-{shard.shard_id}", config_hash="test")
+    manifest = load_manifest(data["long"])
+    write_manifest(manifest.model_copy(update={"provenance": {**manifest.provenance,
+                                                              "captions": {"path": str(out.resolve())}}}),
+                   data["long"])
+
+
+def test_a_merged_manifests_stages_may_differ_in_their_columns(tmp_path: Path):
+    """Two datasets captioned with other variants: a --where on a column only one part's caption
+    stage has sees null in the other part's samples (it raised polars' ColumnNotFoundError when the
+    first part had it, and named it unknown when only a later part had)."""
+    both = make_latent_dataset(tmp_path / "both", shards=2, per_shard=4, variants=("long", "short"), seed=0)
+    long_only = make_latent_dataset(tmp_path / "long", shards=1, per_shard=4, variants=("long",), seed=1)
+    _caption_stage(both, ("long", "short"))
+    _caption_stage(long_only, ("long",))
+    rule = ["--where", "short_words IS NULL OR short_words >= 2", "--where",
+            "short_flags IS NULL OR array_length(short_flags) = 0"]
+    for order in ([f"both={both['long']}", f"long={long_only['long']}"],
+                  [f"long={long_only['long']}", f"both={both['long']}"]):
+        out = tmp_path / "m.json"
+        code, printed, err = subset(*order, *rule, "--name", "m", "--out", str(out))
+        assert code == 0, err
+        parts = {p.name: p.samples for p in load_manifest(out).parts}
+        assert parts == {"both": 4, "long": 4}, printed  # the 2nd half of each shard of both; all of long
+    err = subset(f"both={both['long']}", f"long={long_only['long']}", "--where", "short_words >= 2", "--name", "m",
+                 "--out", str(tmp_path / "none.json"))[2]
+    assert "no sample of part 'long' passes the rules" in err

@@ -227,10 +227,12 @@ def _read_table(path: Path | str, option: str) -> pl.DataFrame:
             data = io.BytesIO(storage.read_bytes(path))
             if suffix == ".parquet":
                 table = pl.read_parquet(data)
+            # Column types from every row, not polars' first 100: a score column whose first rows are
+            # whole numbers (`5`, as R and JavaScript write 5.0) or empty is no less a float column.
             elif suffix in (".csv", ".tsv"):
-                table = pl.read_csv(data, separator="\t" if suffix == ".tsv" else ",")
+                table = pl.read_csv(data, separator="\t" if suffix == ".tsv" else ",", infer_schema_length=None)
             elif suffix in (".jsonl", ".ndjson"):
-                table = pl.read_ndjson(data)
+                table = pl.read_ndjson(data, infer_schema_length=None)
             else:
                 keys = [line.strip() for line in data.read().decode().splitlines() if line.strip()]
                 table = pl.DataFrame({"key": keys}, schema={"key": pl.String})

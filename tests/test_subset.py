@@ -452,3 +452,23 @@ def test_a_merged_manifests_stages_may_differ_in_their_columns(tmp_path: Path):
     err = subset(f"both={both['long']}", f"long={long_only['long']}", "--where", "short_words >= 2", "--name", "m",
                  "--out", str(tmp_path / "none.json"))[2]
     assert "no sample of part 'long' passes the rules" in err
+
+
+def test_a_text_tables_column_types_are_read_from_all_its_rows(dataset, tmp_path: Path):
+    """A csv or jsonl score table whose first rows hold whole numbers (written as ``5``, as R and
+    JavaScript write 5.0) or no value, and later ones fractions: its types come from every row, not
+    polars' first 100 (it was refused as unreadable, or read as text that --where cannot compare)."""
+    keys = [sample_key(0, i) for i in range(SHARDS * PER_SHARD)]
+    others = [f"{i:032x}" for i in range(150)]  # another dataset's samples, first
+    rows = [(k, str(i % 10), "") for i, k in enumerate(others)] + [(k, f"{i}.5", f"{i}.5") for i, k in enumerate(keys)]
+    (tmp_path / "s.csv").write_text("key,whole,empty\n" + "".join(f"{k},{w},{e}\n" for k, w, e in rows))
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps({"key": k, "whole": float(w) if "." in w else int(w),
+                                                          "empty": float(e) if e else None}) + "\n"
+                                              for k, w, e in rows))
+    for table in ("s.csv", "s.jsonl"):
+        for column in ("whole", "empty"):
+            out = tmp_path / f"{column}.json"
+            code, printed, err = subset(str(dataset["long"]), "--scores", str(tmp_path / table), "--where",
+                                        f"{column} >= 10", "--name", column, "--out", str(out))
+            assert code == 0, err
+            assert set(latent_index_rows(load_manifest(out), out, ["key"])["key"]) == set(keys[10:])

@@ -439,7 +439,9 @@ def _key_draws(keys: pl.Series, seed: int) -> np.ndarray:
                             f"{str(e).splitlines()[0]}") from None
     with np.errstate(over="ignore"):
         high, low = (words[0] << np.uint64(32)) | words[1], (words[2] << np.uint64(32)) | words[3]
-        return _splitmix64(_splitmix64(high ^ _splitmix64(np.array([seed], dtype=np.uint64))) ^ low)
+        # Any integer seed, as its 64 bits (a negative one wraps around; one of 64 bits is itself).
+        salt = _splitmix64(np.array([seed % 2**64], dtype=np.uint64))
+        return _splitmix64(_splitmix64(high ^ salt) ^ low)
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:

@@ -200,6 +200,9 @@ def test_a_fraction_is_drawn_per_key_so_smaller_fractions_nest(dataset, tmp_path
     small, large = kept("0.3"), kept("0.7")
     assert small < large and 0 < len(small) < len(large) < 18
     assert kept("0.3", "1") != small
+    # Any integer seed draws (a negative one raised numpy's OverflowError), and the seeds of 64 bits
+    # draw as they did.
+    assert kept("0.5", "-1") == kept("0.5", str(2**64 - 1)) != kept("0.5", "1")
 
 
 def test_a_subset_of_a_merged_manifest_keeps_its_parts_and_repeats(dataset, tmp_path: Path):

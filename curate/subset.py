@@ -200,6 +200,8 @@ def _evaluate(rows: pl.DataFrame, passes: list[tuple[str, pl.Expr]]
             raise ManifestError(f"{label}: cannot evaluate it on the samples' columns: {e}") from None
         if value.dtype != pl.Boolean:
             raise ManifestError(f"{label}: gives {value.dtype} values, not true or false")
+        if len(value) == 1 and rows.height != 1:  # one value for all (an aggregate, a constant): each sample's
+            value = value.new_from_index(0, rows.height)
         passed = value.fill_null(False).to_numpy()
         report.append((label, int((~passed).sum()), int(value.is_null().sum())))
         first[(first < 0) & ~passed] = i

@@ -261,6 +261,9 @@ def test_bad_rules_are_named(dataset, tmp_path: Path):
     assert "between 0 and 1" in subset(src, "--fraction", "1.5", *out)[2]
     err = subset(src, "--where", "orig_w > 10000", *out)[2]
     assert "no sample passes the rules (of 18: --where orig_w > 10000 drops 18)" in err
+    # A rule of one value for all (an aggregate, a constant) counts every sample it drops (it said 1).
+    err = subset(src, "--where", "MAX(orig_w) > 10000", *out)[2]
+    assert "no sample passes the rules (of 18: --where MAX(orig_w) > 10000 drops 18)" in err
     pl.DataFrame({"key": ["a", "a"], "s": [1, 2]}).write_parquet(tmp_path / "twice.parquet")
     assert "lists key 'a' more than once" in subset(src, "--scores", str(tmp_path / "twice.parquet"), "--where",
                                                     "s > 0", *out)[2]

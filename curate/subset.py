@@ -446,6 +446,18 @@ def _key_draws(keys: pl.Series, seed: int) -> np.ndarray:
         return _splitmix64(_splitmix64(high ^ salt) ^ low)
 
 
+# What mixes the held-out samples' draw apart from every --fraction's (b"held-out" as a number).
+_HELD_OUT_STREAM = np.uint64(int.from_bytes(b"held-out", "big"))
+
+
+def _held_out_draws(keys: pl.Series) -> np.ndarray:
+    """A uniform 64-bit draw per key for ``--hold-out-samples``, unrelated to ``--fraction``'s of any
+    seed: were they one, the held-out samples would be those that every fraction of seed 0 takes
+    first, so that a fraction of the training manifest kept fewer samples than asked, and a
+    fraction of the whole set held every held-out sample."""
+    return _splitmix64(_key_draws(keys, 0) ^ _HELD_OUT_STREAM)
+
+
 def _splitmix64(x: np.ndarray) -> np.ndarray:
     """SplitMix64's output function (Steele et al. 2014): a bijection that mixes every input bit."""
     x = x + np.uint64(0x9E3779B97F4A7C15)
@@ -486,9 +498,9 @@ def images_left_out(images_dir: str | os.PathLike, rules: SubsetRules, stage: st
 def hold_out_samples(manifest: Manifest, manifest_path: str | os.PathLike, samples: int
                      ) -> tuple[Manifest, Manifest]:
     """(the manifest without ``samples`` of its samples, a manifest of those), both with the shard
-    paths of ``manifest``: held-out samples for the validation loss, drawn at random (from (0,
-    key): the same ones every time, and 100 held out lie among the 200 held out) from every
-    shard, rather than whole shards."""
+    paths of ``manifest``: held-out samples for the validation loss, drawn at random (from the key,
+    :func:`_held_out_draws`: the same ones every time, and 100 held out lie among the 200 held out)
+    from every shard, rather than whole shards."""
     if manifest.parts is not None:
         raise ManifestError(f"{manifest_path} merges {len(manifest.parts)} datasets: hold samples out of each "
                             "dataset's manifest, then merge the rest")
@@ -500,7 +512,7 @@ def hold_out_samples(manifest: Manifest, manifest_path: str | os.PathLike, sampl
         raise ManifestError(f"--hold-out-samples {samples}: {manifest_path} has {rows.height} samples; hold out at "
                             "least 1 and leave at least 1 to train on")
     held = np.zeros(rows.height, dtype=bool)
-    held[np.argsort(_key_draws(rows["key"], 0), kind="stable")[:samples]] = True
+    held[np.argsort(_held_out_draws(rows["key"]), kind="stable")[:samples]] = True
     source = {"path": storage.resolved(manifest_path), "sha256": file_sha256(manifest_path), "samples": samples}
 
     def part(keep: np.ndarray, this: str) -> Manifest:

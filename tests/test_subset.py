@@ -478,3 +478,20 @@ def test_a_text_tables_column_types_are_read_from_all_its_rows(dataset, tmp_path
                                         f"{column} >= 10", "--name", column, "--out", str(out))
             assert code == 0, err
             assert set(latent_index_rows(load_manifest(out), out, ["key"])["key"]) == set(keys[10:])
+
+
+def test_held_out_samples_are_drawn_apart_from_fractions(dataset, tmp_path: Path):
+    """The held-out samples were the ones of the smallest draws of ``--fraction``'s seed 0: a
+    fraction of the training manifest then kept fewer samples than asked (those of the smallest
+    draws were held out: a 10% of 19,000 after 1,000 held out kept 1,030), and a fraction of the
+    whole set held every held-out sample. The held-out samples come from a draw of their own."""
+    def keys(path: Path) -> set[str]:
+        return set(latent_index_rows(load_manifest(path), path, ["key"])["key"])
+
+    assert subset(str(dataset["long"]), "--hold-out-samples", "5", "--name", "train", "--out",
+                  str(tmp_path / "train.json"))[0] == 0
+    held = keys(tmp_path / "train-heldout.json")
+    for source, fraction, name in ((dataset["long"], "0.3", "all"), (tmp_path / "train.json", "0.5", "half")):
+        assert subset(str(source), "--fraction", fraction, "--name", name, "--out", str(tmp_path / f"{name}.json"))[0] == 0
+    assert len(held & keys(tmp_path / "all.json")) < len(held)
+    assert len(keys(tmp_path / "half.json")) == 7  # of the 13 samples left to train on (it kept 4)

@@ -453,6 +453,8 @@ def run_stage(
         if todo and remote:
             _check_writable(out_dir)
         if todo:
+            _withdraw_completion(out_dir)
+        if todo:
             stage.prepare(todo)
         bar = tqdm(
             total=sum(t.num_inputs for t in todo),
@@ -509,6 +511,20 @@ def run_stage(
             log.info("%s: other workers' shards are still missing; the last worker to end finishes the stage",
                      stage.name)
     return result
+
+
+def _withdraw_completion(out_dir: Path | str) -> None:
+    """Remove the _stage.json of an earlier run before this one replaces or adds any shard: left
+    there, a rerun with another setting that is killed midway would leave a folder of both runs'
+    shards that still reads as complete (to `curate stats`, and to the stages that read it). The
+    run that commits the last shard writes it again."""
+    from curate import storage
+
+    record = storage.join(out_dir, STAGE_FILE)
+    if storage.is_remote(out_dir):
+        storage.remove(record)
+    else:
+        Path(record).unlink(missing_ok=True)
 
 
 def _check_writable(out_dir: str) -> None:

@@ -165,6 +165,28 @@ def test_failure_mid_shard_leaves_no_visible_shard_and_rerun_completes(tmp_path:
     assert result.skipped == [0] and result.processed == [1] and result.complete
 
 
+class Cubed(Squares):
+    """Squares with another setting: a rerun of the same stage whose shards all change."""
+
+    def config(self):
+        return {"power": 3}
+
+
+def test_a_rerun_with_another_setting_withdraws_the_stage_file_until_it_completes(tmp_path: Path):
+    """A finished stage rerun with another setting and killed midway holds shards of both runs:
+    it must not read as complete."""
+    run_stage(Squares([[2], [4, 6, 8]]), tmp_path, progress=False)
+    assert (tmp_path / "_stage.json").exists()
+    with pytest.raises(RuntimeError, match="boom"):
+        run_stage(Cubed([[2], [4, 6, 8]], fail_on=6), tmp_path, progress=False)
+    assert [s.meta.config_hash for s in committed_shards(tmp_path)][0] != open_shard(tmp_path, 1).meta.config_hash
+    assert not (tmp_path / "_stage.json").exists()
+    result = run_stage(Cubed([[2], [4, 6, 8]]), tmp_path, progress=False)
+    assert result.skipped == [0] and result.processed == [1] and result.complete
+    assert json.loads((tmp_path / "_stage.json").read_text())["config"]["power"] == 3
+    assert run_stage(Cubed([[2], [4, 6, 8]]), tmp_path, progress=False).complete  # nothing to do: complete
+
+
 class DeferredSquares(Squares):
     """Squares whose samples are written by deferred work, as encode-latents writes its own."""
 

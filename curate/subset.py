@@ -31,6 +31,7 @@ Subsetting a subset narrows it. Every rule is recorded in the manifest's provena
 
 from __future__ import annotations
 
+import codecs
 import io
 import logging
 import os
@@ -227,6 +228,8 @@ def _read_table(path: Path | str, option: str) -> pl.DataFrame:
             raise ManifestError(f"{option} {path}: give a .parquet, .csv, .tsv, .jsonl or .txt (keys) file")
         else:
             data = io.BytesIO(storage.read_bytes(path))
+            if suffix != ".parquet" and data.read(3) != codecs.BOM_UTF8:  # as Windows' editors and Excel save text
+                data.seek(0)
             if suffix == ".parquet":
                 table = pl.read_parquet(data)
             # Column types from every row, not polars' first 100: a score column whose first rows are

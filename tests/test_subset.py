@@ -190,6 +190,19 @@ def test_keep_exclude_and_a_subset_of_a_subset(dataset, tmp_path: Path):
     assert len(manifest.shards) == 2
 
 
+def test_key_lists_and_tables_saved_with_a_byte_order_mark_match_their_first_key(dataset, tmp_path: Path):
+    keys = [sample_key(0, i) for i in range(SHARDS * PER_SHARD)]
+    (tmp_path / "keep.txt").write_text("\n".join(keys[:6]) + "\n", encoding="utf-8-sig")  # Notepad's UTF-8
+    (tmp_path / "drop.jsonl").write_text(f'{{"key": "{keys[0]}"}}\n', encoding="utf-8-sig")
+    (tmp_path / "drop.csv").write_text(f"key\n{keys[1]}\n", encoding="utf-8-sig")
+    out = tmp_path / "bom.json"
+    code, _, err = subset(str(dataset["long"]), "--keep", str(tmp_path / "keep.txt"), "--exclude",
+                          str(tmp_path / "drop.jsonl"), "--exclude", str(tmp_path / "drop.csv"), "--name", "bom",
+                          "--out", str(out))
+    assert code == 0, err
+    assert set(epoch_keys(out)) == set(keys[2:6])
+
+
 def test_a_fraction_is_drawn_per_key_so_smaller_fractions_nest(dataset, tmp_path: Path):
     def kept(fraction: str, seed: str = "0") -> set[str]:
         out = tmp_path / f"f{fraction}-{seed}.json"

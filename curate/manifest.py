@@ -701,13 +701,14 @@ _MERGEABLE_TEXT = {"encoder", "variants", "shards"}
 
 
 def parse_merge_source(text: str) -> tuple[str | None, str, int]:
-    """``[NAME=]PATH[:REPEAT]`` as (name or None, path, repeat)."""
-    name, sep, rest = text.partition("=")
-    if not sep or not name or os.sep in name:
-        name, rest = None, text
-    path, colon, count = rest.rpartition(":")
+    """``[NAME=]PATH[:REPEAT]`` as (name or None, path, repeat). A local PATH that exists as given
+    is a path, ``=`` and all (a folder of partitions: ``date=2024/long.json``)."""
+    source, colon, count = text.rpartition(":")
     if not colon or "/" in count:  # no repeat; or the colon of a URL's scheme or port
-        path, count = rest, "1"
+        source, count = text, "1"
+    name, sep, path = source.partition("=")
+    if not sep or not name or os.sep in name or "/" in name or (Path(source).is_file() and not Path(path).is_file()):
+        name, path = None, source
     if not count.isdigit() or int(count) < 1 or not path:
         raise ManifestError(f"{text!r}: give a manifest as [NAME=]PATH[:REPEAT], REPEAT a whole number >= 1 "
                             "(e.g. curated=manifests/curated-long.json:3)")

@@ -211,7 +211,7 @@ def test_merged_text_shards_stay_parallel_to_the_latent_shards(tmp_path: Path):
         merge_manifests([("a", a_text["long"], 1), ("b", b["long"], 1)], name="x", out=out)
 
 
-def test_what_cannot_be_merged_is_refused_by_name(datasets, tmp_path: Path, capsys):
+def test_what_cannot_be_merged_is_refused_by_name(datasets, tmp_path: Path, capsys, monkeypatch):
     wide = make_latent_dataset(tmp_path / "wide", shards=1, per_shard=2, channels=32, seed=2)
     with pytest.raises(ManifestError, match=r"latents differ .* in channels \(32 against 16\)"):
         merge_manifests([(None, datasets["a"]["long"], 1), (None, wide["long"], 1)], name="x", out=tmp_path / "x.json")
@@ -226,6 +226,13 @@ def test_what_cannot_be_merged_is_refused_by_name(datasets, tmp_path: Path, caps
             parse_merge_source(text)
     assert parse_merge_source("cc12m=data/m.json:4") == ("cc12m", "data/m.json", 4)
     assert parse_merge_source("data/x=y/m.json") == (None, "data/x=y/m.json", 1)
+    partition = tmp_path / "date=2024" / "long.json"  # a data lake's partition folder, named relative to here
+    partition.parent.mkdir()
+    partition.write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    assert parse_merge_source("date=2024/long.json:2") == (None, "date=2024/long.json", 2)
+    assert parse_merge_source("date=2024/long.json") == (None, "date=2024/long.json", 1)
+    assert parse_merge_source("web=long.json") == ("web", "long.json", 1)
     assert curate_main(["manifest", str(datasets["a"]["long"]), "--name", "same"]) != 0
     assert "give --captions" in capsys.readouterr().err
     # A selection that a part's samples never have, as training would refuse it.

@@ -684,6 +684,8 @@ def hold_out(manifest: Manifest, manifest_path: str | os.PathLike, shards: int, 
         text = manifest.text.model_copy(update={"shards": pick(manifest.text.shards)}) if manifest.text else None
         provenance = {**manifest.provenance, "held_out": {**source, "shards": shards, "this": "held out" if held
                                                           else "the rest"}}
+        if captions is not None:  # as with_captions records another selection
+            provenance["captions_from"] = {**source, "captions": manifest.captions}
         return Manifest(name=subset_name, shards=entries, samples=sum(e.samples for e in entries),
                         latent=manifest.latent, captions=captions or manifest.captions, text=text,
                         provenance=provenance)

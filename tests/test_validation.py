@@ -160,6 +160,7 @@ def test_hold_out_splits_off_random_shards_as_a_held_out_manifest(tmp_path: Path
     resolved = {str((out.parent / e.path).resolve()) for e in kept.shards + held.shards}
     assert resolved == {str((data["long"].parent / e.path).resolve()) for e in source.shards}
     assert held.provenance["held_out"]["this"] == "held out" and kept.provenance["held_out"]["shards"] == 2
+    assert kept.provenance["captions_from"]["captions"] == held.provenance["captions_from"]["captions"] == {"long": 1.0}
     # The same shards every time (seed 0), not simply the last ones.
     assert curate_main(["manifest", str(data["long"]), "--hold-out", "2", "--name", "again",
                         "--out", str(tmp_path / "m" / "again.json")]) == 0

@@ -202,9 +202,14 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
     clipped; CMYK goes through PIL's conversion.
     """
     import numpy as np
-    from PIL import ImageOps
 
-    img = ImageOps.exif_transpose(img)
+    img.load()  # before the orientation is read: PIL >= 13 turns a TIFF upright as it loads it
+    transpose = _EXIF_TRANSPOSE.get(_orientation(img))
+    # The pixels alone: PIL's ImageOps.exif_transpose also writes the EXIF block back without the
+    # orientation, which raises on the malformed blocks web images carry (a tag of the wrong
+    # type), so an image that decodes would be rejected, or crash ingest's perceptual hash.
+    # A copy either way: the caller may close ``img``.
+    img = img.transpose(transpose) if transpose is not None else img.copy()
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0

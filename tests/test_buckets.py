@@ -198,6 +198,35 @@ def test_exif_rotated_jpeg_is_displayed_upright() -> None:
         assert np.abs(rgb_at(tensor, 70, 24) - (0, 0, 255)).max() < 12
 
 
+def malformed_exif(orientation: int) -> bytes:
+    """An EXIF block as some writers leave them: an orientation, and TransferFunction (a SHORT tag)
+    written as ASCII. PIL reads it, but cannot write it back."""
+    import struct
+
+    entries = [struct.pack("<HHI2sH", 0x0112, 3, 1, struct.pack("<H", orientation), 0),
+               struct.pack("<HHI4s", 301, 2, 4, b"abc\0")]
+    return (b"Exif\0\0II*\0" + struct.pack("<IH", 8, len(entries)) + b"".join(entries)
+            + struct.pack("<I", 0))
+
+
+def test_a_malformed_exif_block_does_not_reject_a_rotated_image() -> None:
+    # Ingest accepts the image (its pixels decode); every later stage must display it upright too,
+    # not fail on PIL rewriting the EXIF block.
+    from curate.images import check_image
+
+    arr = np.zeros((60, 120, 3), np.uint8)
+    arr[:, :60] = (255, 0, 0)
+    arr[:, 60:] = (0, 0, 255)
+    data = encode(Image.fromarray(arr), "JPEG", quality=95, exif=malformed_exif(6))
+    for phash in (False, True):
+        check = check_image(data, min_side=16, phash=phash)
+        assert check.reason is None and (check.width, check.height, check.orientation) == (60, 120, 6)
+    tensor, record = preprocess(data, resolution=64, buckets=make_buckets(64, 16))
+    assert record["orig_size"] == [60, 120] and tensor.shape == (3, 80, 48)
+    assert np.abs(rgb_at(tensor, 10, 24) - (255, 0, 0)).max() < 12
+    assert np.abs(rgb_at(tensor, 70, 24) - (0, 0, 255)).max() < 12
+
+
 def test_rgba_transparency_becomes_white() -> None:
     arr = np.zeros((64, 64, 4), np.uint8)
     arr[:, 32:] = (255, 0, 0, 255)  # left half: transparent black

@@ -37,7 +37,7 @@ import torch
 import torch.utils.data as tud
 from PIL import Image, UnidentifiedImageError
 
-from curate.images import _TRANSPOSED_ORIENTATIONS, _orientation, out_of_shared_memory, to_rgb
+from curate.images import displayed_size, out_of_shared_memory, to_rgb
 from curate.procs import die_with_parent
 from curate.runner import CurateError
 from curate.shards import split_member
@@ -207,8 +207,7 @@ def preprocess(
             img = Image.open(io.BytesIO(data))
         with img:
             stored_w, stored_h = img.size
-            turned = _orientation(img) in _TRANSPOSED_ORIENTATIONS
-            width, height = (stored_h, stored_w) if turned else (stored_w, stored_h)
+            width, height = displayed_size(img)
             target = assign_bucket(width, height, buckets) if buckets else (resolution, resolution)
             box, record = crop_record(width, height, target)
             shrink = 1.0

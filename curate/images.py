@@ -109,8 +109,7 @@ def check_image(data: bytes, *, min_side: int = 64, max_pixels: int = 89_478_485
                     width, height, img.format, img.mode,
                 )
             orientation = _orientation(img)
-            if orientation in _TRANSPOSED_ORIENTATIONS:
-                width, height = height, width
+            width, height = displayed_size(img)
             if min(width, height) < min_side:
                 return ImageCheck("too_small", f"{width}x{height}, short side < {min_side}",
                                   width, height, img.format, img.mode, orientation)
@@ -126,6 +125,22 @@ def check_image(data: bytes, *, min_side: int = 64, max_pixels: int = 89_478_485
         message = str(e) or type(e).__name__
         truncated = "truncated" in message or "broken data stream" in message or isinstance(e, EOFError)
         return ImageCheck("truncated" if truncated else "corrupt", message[:300])
+
+
+def displayed_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image as displayed, after its EXIF orientation, without
+    decoding it."""
+    width, height = img.size
+    if _orientation(img) in _TRANSPOSED_ORIENTATIONS and not _opened_upright(img):
+        width, height = height, width
+    return width, height
+
+
+def _opened_upright(img: Image.Image) -> bool:
+    # PIL >= 13 opens a TIFF at its displayed size (and turns its pixels as it loads them); older
+    # versions at its stored size, which the TIFF's own ImageWidth and ImageLength tags give.
+    tags = getattr(img, "tag_v2", None)
+    return img.format == "TIFF" and tags is not None and img.size != (tags.get(256), tags.get(257))
 
 
 def _orientation(img: Image.Image) -> int:

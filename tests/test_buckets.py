@@ -227,6 +227,34 @@ def test_a_malformed_exif_block_does_not_reject_a_rotated_image() -> None:
     assert np.abs(rgb_at(tensor, 70, 24) - (0, 0, 255)).max() < 12
 
 
+@pytest.mark.parametrize("compression", [None, "tiff_deflate"])  # PIL's own decoder, and libtiff
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_rotated_tiff_is_sized_and_displayed_upright(orientation: int, compression: str | None) -> None:
+    # PIL >= 13 opens a TIFF at its displayed size already (and turns it as it loads): the size
+    # must not be turned a second time, in ingest's index or in the crop.
+    from curate.images import check_image
+
+    arr = np.zeros((60, 120, 3), np.uint8)  # displayed: red left, blue right, green bottom-right
+    arr[:, :60] = (255, 0, 0)
+    arr[:, 60:] = (0, 0, 255)
+    arr[30:, 90:] = (0, 255, 0)
+    shown = Image.fromarray(arr)
+    stored = shown.transpose({2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                              6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+                              8: Image.Transpose.ROTATE_270}[orientation]) if orientation > 1 else shown
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(stored, "TIFF", exif=exif, **({"compression": compression} if compression else {}))
+    check = check_image(data, min_side=16)
+    assert check.reason is None and (check.width, check.height) == (120, 60)
+    tensor, record = preprocess(data, resolution=64, buckets=make_buckets(64, 16))
+    assert record["orig_size"] == [120, 60] and tensor.shape == (3, 48, 80)
+    assert np.abs(rgb_at(tensor, 10, 10) - (255, 0, 0)).max() < 12
+    assert np.abs(rgb_at(tensor, 10, 60) - (0, 0, 255)).max() < 12
+    assert np.abs(rgb_at(tensor, 40, 75) - (0, 255, 0)).max() < 12
+
+
 def test_rgba_transparency_becomes_white() -> None:
     arr = np.zeros((64, 64, 4), np.uint8)
     arr[:, 32:] = (255, 0, 0, 255)  # left half: transparent black

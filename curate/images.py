@@ -211,8 +211,8 @@ def allow_pixels(max_pixels: int) -> None:
 def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Any decoded image as 8-bit RGB, displayed the right way up.
 
-    EXIF orientation is applied; transparency (RGBA, LA, PA, palette with a transparent
-    colour) is composited on ``background`` (white: what a viewer shows, and what avoids the
+    EXIF orientation is applied; transparency (RGBA, LA, PA, a transparent colour of a palette,
+    grey or RGB image) is composited on ``background`` (white: what a viewer shows, and what avoids the
     black fringes of dropping alpha); 16- and 32-bit images are scaled to 8 bits instead of
     clipped; CMYK goes through PIL's conversion.
     """
@@ -228,13 +228,19 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        grey = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        key = img.info.get("transparency")
+        if isinstance(key, int):  # PNG's tRNS chunk: the grey level that is transparent
+            grey = Image.merge("LA", (grey, Image.fromarray(np.where(arr == key, 0, 255).astype(np.uint8))))
+        img = grey
     elif img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
         img = Image.fromarray(((arr - lo) / (hi - lo or 1.0) * 255.0 + 0.5).astype(np.uint8), mode="L")
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("1", "L", "RGB", "P") and "transparency" in img.info:
+        # PNG's tRNS chunk (or GIF's transparent index): a colour, grey level or palette entries
+        # that are transparent, which a viewer shows as the page behind them
+        img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         rgba = img.convert("RGBA")
         canvas = Image.new("RGB", rgba.size, background)

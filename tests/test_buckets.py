@@ -264,6 +264,21 @@ def test_rgba_transparency_becomes_white() -> None:
     assert rgb_at(tensor, 32, 56).tolist() == [255, 0, 0]
 
 
+@pytest.mark.parametrize("mode,key,kept", [("RGB", (0, 0, 0), (255, 0, 0)), ("L", 0, (200, 200, 200)),
+                                           ("I;16", 0, (200, 200, 200)), ("1", 0, (255, 255, 255))])
+def test_transparent_colour_of_a_grey_or_rgb_png_becomes_white(mode: str, key, kept: tuple) -> None:
+    # PNG's tRNS chunk makes one colour of a grey or truecolour image transparent (a viewer shows
+    # the page through it), as a palette entry is in a palette image.
+    fill = {"RGB": (255, 0, 0), "L": 200, "I;16": 51400, "1": 1}[mode]
+    img = Image.new(mode, (64, 64), fill)
+    img.paste(key, (0, 0, 32, 64))  # left half: the transparent colour
+    tensor, _ = preprocess(encode(img, "PNG", transparency=key), resolution=64, buckets=None)
+    assert rgb_at(tensor, 32, 8).tolist() == [255, 255, 255]
+    assert np.abs(rgb_at(tensor, 32, 56) - kept).max() <= 1
+    opaque, _ = preprocess(encode(img, "PNG"), resolution=64, buckets=None)
+    assert rgb_at(opaque, 32, 8).tolist() == [0, 0, 0]
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "TIFF"])
 def test_cmyk_is_converted(fmt: str) -> None:
     img = Image.new("CMYK", (80, 80), (0, 255, 255, 0))  # no cyan, full magenta and yellow: red

@@ -37,7 +37,7 @@ import torch
 import torch.utils.data as tud
 from PIL import Image, UnidentifiedImageError
 
-from curate.images import displayed_size, out_of_shared_memory, to_rgb
+from curate.images import _orientation, displayed_size, out_of_shared_memory, to_rgb
 from curate.procs import die_with_parent
 from curate.runner import CurateError
 from curate.shards import split_member
@@ -57,6 +57,9 @@ REDUCING_GAP = 3.0
 # the result stays at least this many times the size needed; decoding is most of the cost of
 # a big JPEG, and PIL's own ``thumbnail`` uses the same margin of 2 by default.
 DRAFT_GAP = 2.0
+# EXIF orientation -> whether the displayed image's x and y axes run against the stored image's.
+_REVERSED_AXES = {2: (True, False), 3: (True, True), 4: (False, True), 6: (True, False), 7: (True, True),
+                  8: (False, True)}
 
 
 # -- buckets --------------------------------------------------------------------------------------
@@ -210,7 +213,7 @@ def preprocess(
             width, height = displayed_size(img)
             target = assign_bucket(width, height, buckets) if buckets else (resolution, resolution)
             box, record = crop_record(width, height, target)
-            shrink = 1.0
+            shrink, orientation = 1.0, _orientation(img)
             if draft and img.format == "JPEG":
                 scale = max(target[1] / width, target[0] / height)
                 need = (math.ceil(stored_w * scale * DRAFT_GAP), math.ceil(stored_h * scale * DRAFT_GAP))
@@ -226,9 +229,15 @@ def preprocess(
         raise ValueError("cannot decode image: no image format recognised") from e
     except Exception as e:  # whatever the decoder raises, the stage records it as a rejection
         raise ValueError(f"cannot decode image: {type(e).__name__}: {e}"[:300]) from e
-    # A drafted pixel i covers original pixels [i * shrink, (i + 1) * shrink): the box scales
-    # exactly, and stays inside the real content (the last drafted pixel may be partial).
-    out = _resize_box(rgb, target, tuple(v / shrink for v in box))
+    # A drafted pixel i covers stored pixels [i * shrink, (i + 1) * shrink): the box scales
+    # exactly, and stays inside the real content (the last drafted pixel may be partial). On a
+    # displayed axis that the EXIF orientation reverses, that partial pixel comes first: the box
+    # moves by what it lacks.
+    left, top, right, bottom = (v / shrink for v in box)
+    reversed_x, reversed_y = _REVERSED_AXES.get(orientation, (False, False))
+    dx = rgb.width - width / shrink if reversed_x else 0.0
+    dy = rgb.height - height / shrink if reversed_y else 0.0
+    out = _resize_box(rgb, target, (left + dx, top + dy, min(right + dx, rgb.width), min(bottom + dy, rgb.height)))
     return to_tensor(out), record
 
 

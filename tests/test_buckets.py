@@ -47,6 +47,13 @@ def marker_image(w: int, h: int, x0: int, y0: int, size: int) -> Image.Image:
     return Image.fromarray(arr)
 
 
+# EXIF orientation -> the transpose that stores an upright image so that it displays upright.
+INVERSE_OF_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                          4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                          6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+                          8: Image.Transpose.ROTATE_270}
+
+
 def centroid(pixels: np.ndarray) -> tuple[float, float]:
     """(x, y) of the brightness-weighted centre of an HxW array."""
     weights = pixels.astype(np.float64)
@@ -162,6 +169,24 @@ def test_preprocess_big_jpeg_crop_box_with_and_without_draft(draft: bool) -> Non
     assert abs(cx - ex) < 1.0 and abs(cy - ey) < 1.0
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_draft_decoding_of_an_exif_rotated_jpeg_keeps_the_crop_in_place(orientation: int) -> None:
+    # Sides that are not multiples of the draft's scale (4 here): the last drafted pixel is partial,
+    # and the orientations that reverse an axis put it first on that axis.
+    w, h, x0, y0, s = 1017, 761, 600, 350, 80
+    shown = marker_image(w, h, x0, y0, s)
+    stored = shown.transpose(INVERSE_OF_ORIENTATION[orientation]) if orientation > 1 else shown
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(stored, "JPEG", quality=95, exif=exif)
+    centres = {}
+    for draft in (False, True):
+        tensor, record = preprocess(data, resolution=64, buckets=None, draft=draft)
+        assert record["orig_size"] == [w, h]
+        centres[draft] = centroid(tensor[0].numpy())
+    assert np.abs(np.subtract(centres[True], centres[False])).max() < 0.1, centres
+
+
 def test_draft_decoding_matches_full_decoding() -> None:
     data = encode(smooth_image(2400, 1800), "JPEG", quality=92)
     buckets = make_buckets(256, 16)
@@ -239,10 +264,7 @@ def test_exif_rotated_tiff_is_sized_and_displayed_upright(orientation: int, comp
     arr[:, 60:] = (0, 0, 255)
     arr[30:, 90:] = (0, 255, 0)
     shown = Image.fromarray(arr)
-    stored = shown.transpose({2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-                              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
-                              6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
-                              8: Image.Transpose.ROTATE_270}[orientation]) if orientation > 1 else shown
+    stored = shown.transpose(INVERSE_OF_ORIENTATION[orientation]) if orientation > 1 else shown
     exif = Image.Exif()
     exif[0x0112] = orientation
     data = encode(stored, "TIFF", exif=exif, **({"compression": compression} if compression else {}))

@@ -28,7 +28,6 @@ import dataclasses
 import io
 import math
 import tarfile
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -37,7 +36,13 @@ import torch
 import torch.utils.data as tud
 from PIL import Image, UnidentifiedImageError
 
-from curate.images import _orientation, displayed_size, out_of_shared_memory, to_rgb
+from curate.images import (
+    _orientation,
+    displayed_size,
+    out_of_shared_memory,
+    stage_pixel_limit,
+    to_rgb,
+)
 from curate.procs import die_with_parent
 from curate.runner import CurateError
 from curate.shards import split_member
@@ -204,11 +209,7 @@ def preprocess(
     if not data:
         raise ValueError("empty image data")
     try:
-        with warnings.catch_warnings():
-            # Pixel limits were applied at ingest; PIL's warning would be noise here.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-        with img:
+        with stage_pixel_limit(), Image.open(io.BytesIO(data)) as img:  # the pixel limit applied at ingest
             stored_w, stored_h = img.size
             width, height = displayed_size(img)
             target = assign_bucket(width, height, buckets) if buckets else (resolution, resolution)

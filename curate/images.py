@@ -13,8 +13,10 @@ Accepted images keep their original bytes; flags record what is unusual about th
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import io
+import threading
 import warnings
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
@@ -208,6 +210,29 @@ def allow_pixels(max_pixels: int) -> None:
     Image.MAX_IMAGE_PIXELS = max(max_pixels, Image.MAX_IMAGE_PIXELS or 0)
 
 
+_lifted = {"holders": 0, "limit": None}  # stage_pixel_limit's state, for threads that decode together
+_lifted_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def stage_pixel_limit() -> Iterator[None]:
+    """PIL's own pixel limit lifted while images of an image stage are opened and decoded: ingest
+    refused those that declare more than its --max-pixels already, and PIL's default (an error
+    above twice 89.5 MP) would refuse the bigger ones a user let in, in every stage after it.
+    PIL's limit is one global: it is restored when the last thread that lifted it is done."""
+    with _lifted_lock:
+        if _lifted["holders"] == 0:
+            _lifted["limit"], Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        _lifted["holders"] += 1
+    try:
+        yield
+    finally:
+        with _lifted_lock:
+            _lifted["holders"] -= 1
+            if _lifted["holders"] == 0:
+                Image.MAX_IMAGE_PIXELS = _lifted["limit"]
+
+
 def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Any decoded image as 8-bit RGB, displayed the right way up.
 
@@ -346,8 +371,9 @@ def out_of_shared_memory(e: RuntimeError) -> Exception | None:
 
 def _prepared(members: dict[str, bytes], prepare: Callable[[Image.Image], Any]) -> tuple[Any, str | None]:
     try:
-        with Image.open(io.BytesIO(members["jpg"])) as img:
+        with stage_pixel_limit(), Image.open(io.BytesIO(members["jpg"])) as img:
             img.load()
-            return prepare(to_rgb(img)), None
+            rgb = to_rgb(img)
+        return prepare(rgb), None
     except Exception as e:  # validated at ingest; a failure here is recorded, not fatal
         return None, f"{type(e).__name__}: {e}"[:300]

@@ -342,6 +342,24 @@ def test_undecodable_data_raises_value_error(data: bytes) -> None:
         preprocess(data, resolution=64, buckets=None)
 
 
+def test_images_that_ingest_let_in_above_pils_own_limit_decode(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # `curate ingest --max-pixels` above twice PIL's default (179 MP) lets bigger images in; the
+    # stages that decode them after (in a process where PIL's default applies) must not refuse
+    # them as decompression bombs. Scaled down here: PIL's limit 1000 pixels, the image 4096.
+    from curate.images import ImageStream
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    data = encode(smooth_image(64, 64), "PNG")
+    tensor, _ = preprocess(data, resolution=32, buckets=None)
+    assert tensor.shape == (3, 32, 32)
+    tar = write_tar(tmp_path / "000000.tar", [("k0", {"jpg": data})])
+    stream = ImageStream([(0, tar)], lambda image: image.size, workers=0)
+    assert list(stream.take(0, 1)) == [("k0", (64, 64), None)]
+    stream.close()
+    assert Image.MAX_IMAGE_PIXELS == 1000  # lifted while decoding only
+
+
 def test_to_model_range() -> None:
     pixels = torch.tensor([0, 255, 128], dtype=torch.uint8)
     out = to_model_range(pixels)

@@ -123,7 +123,9 @@ def check_image(data: bytes, *, min_side: int = 64, max_pixels: int = 89_478_485
         return ImageCheck("too_many_pixels", str(e))
     except UnidentifiedImageError:
         return ImageCheck("not_an_image", "no image format recognised")
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
+    except MemoryError:
+        raise
+    except Exception as e:  # whatever a decoder raises on bad data (PIL's AVIF decoder: RuntimeError)
         message = str(e) or type(e).__name__
         truncated = "truncated" in message or "broken data stream" in message or isinstance(e, EOFError)
         return ImageCheck("truncated" if truncated else "corrupt", message[:300])

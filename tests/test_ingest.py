@@ -269,6 +269,20 @@ def test_broken_tar_member_is_recorded(tmp_path: Path):
     assert totals["ok"] >= 2
 
 
+@pytest.mark.skipif(not __import__("PIL.features").features.check("avif"), reason="PIL without AVIF")
+def test_an_image_whose_decoder_raises_an_unusual_error_is_recorded_not_a_crash(tmp_path: Path):
+    # PIL's AVIF decoder raises RuntimeError on damaged image data: a rejection like any other.
+    data = bytearray(encode(noise_image(1), "AVIF"))
+    start = data.find(b"mdat") + 8
+    data[start:start + 32] = bytes(32)
+    src = tmp_path / "src"
+    write_good_images(src, 2)
+    (src / "damaged.jpg").write_bytes(bytes(data))  # a web file's name says little of its format
+    result = ingest(src, tmp_path / "out")
+    totals = result.summary["totals"]
+    assert totals["ok"] == 2 and totals["reasons"] == {"corrupt": 1}
+
+
 def test_hf_dataset_saved_to_disk(tmp_path: Path):
     import datasets
 

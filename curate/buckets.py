@@ -25,7 +25,6 @@ batches the stage stacks. The stage converts a stacked batch on the device with
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -39,6 +38,7 @@ from PIL import Image, UnidentifiedImageError
 from curate.images import (
     _orientation,
     displayed_size,
+    open_image,
     out_of_shared_memory,
     stage_pixel_limit,
     to_rgb,
@@ -209,7 +209,7 @@ def preprocess(
     if not data:
         raise ValueError("empty image data")
     try:
-        with stage_pixel_limit(), Image.open(io.BytesIO(data)) as img:  # the pixel limit applied at ingest
+        with stage_pixel_limit(), open_image(data) as img:  # the pixel limit applied at ingest
             stored_w, stored_h = img.size
             width, height = displayed_size(img)
             target = assign_bucket(width, height, buckets) if buckets else (resolution, resolution)

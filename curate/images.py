@@ -56,6 +56,15 @@ _EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE
                    7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 
 
+def open_image(data: bytes) -> Image.Image:
+    """``data`` opened by PIL (the header read, nothing decoded yet), in any format PIL reads but
+    PostScript (EPS), which PIL renders by running Ghostscript on the bytes: a program run on
+    crawled data, where shards are data, never code. Raises what ``Image.open`` raises."""
+    Image.init()  # registers every plugin (once), in PIL's own order of trying them
+    # Read at every call: a plugin registered later (pillow-heif's HEIF) takes part too.
+    return Image.open(io.BytesIO(data), formats=[f for f in Image.ID if f != "EPS"])
+
+
 def sample_key(data: bytes) -> str:
     """The content-derived key of a sample: 128-bit BLAKE2b of its original bytes, in hex.
 
@@ -101,7 +110,7 @@ def check_image(data: bytes, *, min_side: int = 64, max_pixels: int = 89_478_485
         with warnings.catch_warnings():
             # We apply our own pixel limit; PIL's warning would be noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))  # reads the header only
+            img = open_image(data)  # reads the header only
         with img:
             width, height = img.size
             if width * height > max_pixels:
@@ -373,7 +382,7 @@ def out_of_shared_memory(e: RuntimeError) -> Exception | None:
 
 def _prepared(members: dict[str, bytes], prepare: Callable[[Image.Image], Any]) -> tuple[Any, str | None]:
     try:
-        with stage_pixel_limit(), Image.open(io.BytesIO(members["jpg"])) as img:
+        with stage_pixel_limit(), open_image(members["jpg"]) as img:
             img.load()
             rgb = to_rgb(img)
         return prepare(rgb), None

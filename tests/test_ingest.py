@@ -283,6 +283,26 @@ def test_an_image_whose_decoder_raises_an_unusual_error_is_recorded_not_a_crash(
     assert totals["ok"] == 2 and totals["reasons"] == {"corrupt": 1}
 
 
+def test_postscript_is_not_an_image_and_never_runs_ghostscript(tmp_path: Path, monkeypatch):
+    # PIL renders EPS by running Ghostscript on the bytes: a program run on crawled data (shards
+    # are data, never code). A stand-in gs here says whether anything ran it.
+    from PIL import EpsImagePlugin
+
+    from curate.buckets import preprocess
+    from curate.images import check_image
+
+    ran = tmp_path / "ghostscript-ran"
+    gs = tmp_path / "gs"
+    gs.write_text(f"#!/bin/sh\ntouch {ran}\nexit 1\n")
+    gs.chmod(0o755)
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", str(gs))
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\n%%EndComments\nshowpage\n"
+    assert check_image(eps).reason == "not_an_image"
+    with pytest.raises(ValueError, match="no image format recognised"):
+        preprocess(eps, resolution=64)
+    assert not ran.exists()
+
+
 def test_hf_dataset_saved_to_disk(tmp_path: Path):
     import datasets
 

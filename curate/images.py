@@ -24,7 +24,10 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+# .jfif and .jpe are JPEG's other names (what browsers save some JPEGs as); AVIF decodes with
+# Pillow >= 11.3 and is refused with its reason by an older one, never skipped unseen.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".avif", ".bmp", ".tif", ".tiff",
+                              ".gif"})
 
 # EXIF orientations 5-8 turn the image by 90 degrees: width and height swap on display.
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}

@@ -9,6 +9,7 @@ sample came from; a record that could not be read at all carries the rejection i
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import glob
 import hashlib
@@ -128,7 +129,7 @@ class FolderSource(Source):
         return str(self.root.resolve())
 
     def _files(self) -> list[tuple[str, os.stat_result, list[tuple[str, os.stat_result]]]]:
-        images, others = [], {}
+        images, others, skipped = [], {}, collections.Counter()
         for dirpath, dirnames, filenames in os.walk(self.root):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in filenames:
@@ -141,6 +142,11 @@ class FolderSource(Source):
                     images.append(rel)
                 elif suffix in (".txt", ".json"):
                     others[rel] = full
+                else:
+                    skipped[suffix or "(no suffix)"] += 1
+        if skipped:  # said, not silently passed over: a format to convert, or a folder of other things
+            log.info("%s: skipped %d files that are neither images nor captions (%s)", self.root, skipped.total(),
+                     ", ".join(f"{suffix} {count}" for suffix, count in skipped.most_common()))
         out = []
         for rel in sorted(images, key=_spread if self.order == "spread" else None):
             stem = rel.rsplit(".", 1)[0]

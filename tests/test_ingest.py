@@ -388,6 +388,22 @@ def test_folder_plan_does_not_depend_on_listing_order(tmp_path: Path):
     assert sorted(spread) == [rel for t in tasks for rel, _ in t.payload]
 
 
+def test_a_folder_takes_jpegs_of_every_suffix_and_says_what_it_skips(tmp_path: Path, caplog):
+    src = tmp_path / "src"
+    write_good_images(src, 3)
+    (src / "good_0000.jpg").rename(src / "photo.jfif")
+    (src / "good_0001.jpg").rename(src / "photo.JPE")
+    (src / "notes.pdf").write_bytes(b"%PDF-1.4")
+    (src / "clip.mp4").write_bytes(b"\0")
+    (src / "more.pdf").write_bytes(b"%PDF-1.4")
+    with caplog.at_level("INFO", logger="curate"):
+        files = sorted(rel for t in FolderSource(src).plan(10) for rel, _ in t.payload)
+    assert files == ["good_0002.jpg", "photo.JPE", "photo.jfif"]
+    assert "skipped 3 files that are neither images nor captions (.pdf 2, .mp4 1)" in caplog.text
+    out = tmp_path / "out"
+    assert run_stage(IngestStage(open_source(str(src)), out), out, progress=False).summary["totals"]["ok"] == 3
+
+
 def test_the_spread_order_puts_every_subfolder_in_every_shard(tmp_path: Path):
     src = tmp_path / "src"
     for i, name in enumerate(("cats", "dogs", "owls")):

@@ -223,11 +223,14 @@ def add_text_shards(
     return written
 
 
-def add_image_stage(dataset: dict[str, Path], *, seed: int = 0, quality: int = 90) -> Path:
+def add_image_stage(dataset: dict[str, Path], *, seed: int = 0, quality: int = 90,
+                    original: Callable[[int, int], tuple[int, int]] | None = None) -> Path:
     """An image stage for ``dataset`` (made by :func:`make_latent_dataset`), as `curate ingest`
     would have left it: ``root/images/NNNNNN.tar`` per latent shard, each accepted latent's key
     with a noise JPEG of exactly its bucket's size (so encode-latents' crop is the identity), in
-    the same order; the manifests' provenance names it. What REPA's loader reads."""
+    the same order; the manifests' provenance names it. What REPA's loader reads. ``original``:
+    the JPEG's (height, width) for a bucket's (height, width) instead (an image encode-latents
+    cropped)."""
     import io
 
     from PIL import Image
@@ -239,7 +242,8 @@ def add_image_stage(dataset: dict[str, Path], *, seed: int = 0, quality: int = 9
     for shard in committed_shards(dataset["latents"]):
         ok = pl.read_parquet(shard.index_path).filter(pl.col("status") == "ok")
         writer = ShardWriter(out_dir, shard.shard_id, IngestStage.index_schema)
-        for key, h, w in zip(ok["key"], ok["bucket_h"], ok["bucket_w"], strict=True):
+        for key, bucket_h, bucket_w in zip(ok["key"], ok["bucket_h"], ok["bucket_w"], strict=True):
+            h, w = original(bucket_h, bucket_w) if original is not None else (bucket_h, bucket_w)
             buffer = io.BytesIO()
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=quality)
             data = buffer.getvalue()

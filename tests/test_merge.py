@@ -159,6 +159,31 @@ def test_the_loader_reads_each_parts_originals_from_its_own_image_stage(datasets
         image_stages(manifest, f"c={moved}")
 
 
+def test_each_parts_originals_are_cropped_to_their_own_buckets(tmp_path: Path):
+    """A dataset encoded without buckets (its 3:2 originals centre-cropped to squares) merged with a
+    bucketed one: the merged manifest lists both parts' buckets, but REPA's loader crops each original
+    as its own encode-latents did, to the bucket its index records, not to the closest of the union."""
+    square = make_latent_dataset(tmp_path / "square", shards=1, per_shard=4, sizes=[(4, 4)], seed=0)
+    wide = make_latent_dataset(tmp_path / "wide", shards=1, per_shard=4, sizes=[(4, 4), (4, 6)], seed=1)
+    add_image_stage(square, seed=0, original=lambda h, w: (h, w * 3 // 2))
+    add_image_stage(wide, seed=1)
+    out = tmp_path / "mixed.json"
+    assert curate_main(["manifest", f"square={square['long']}", f"wide={wide['long']}", "--name", "m",
+                        "--out", str(out)]) == 0
+    assert load_manifest(out).latent.buckets == [(32, 32), (32, 48)]
+
+    def images(path: Path, steps: int) -> dict[str, torch.Tensor]:
+        manifest = load_manifest(path)
+        settings = DataSettings(seed=0, global_batch=4, micro_batch=4, workers=0, shuffle_buffer=8)
+        with LatentLoader(manifest, path, settings, images=image_stages(manifest)) as loader:
+            return {k: m.images[i] for batch, _ in zip(loader, range(steps), strict=False) for m in batch.micro
+                    for i, k in enumerate(m.keys)}
+
+    alone, mixed = images(square["long"], 1), images(out, 4)
+    assert len(alone) == 4 and set(alone) <= set(mixed)
+    assert all(torch.equal(mixed[k], alone[k]) and alone[k].shape == (3, 32, 32) for k in alone)
+
+
 def test_evaluation_takes_each_sample_once_with_its_parts_caption_and_original(merged):
     manifest = load_manifest(merged)
     evalset = choose_samples(manifest, merged, 100, seed=0)

@@ -851,17 +851,15 @@ class _Builder:
 
     def crop_images(self, refs: list[_Ref], samples: list[_Sample], label: Callable[[int], str]) -> torch.Tensor:
         """The originals cropped exactly as encode-latents cropped them for the VAE (same function,
-        same buckets), so image pixel (y, x) is the pixel latent (y / d, x / d) encodes."""
+        to the bucket it chose, which the index records), so image pixel (y, x) is the pixel latent
+        (y / d, x / d) encodes. Not to the closest of the manifest's buckets: a merged manifest lists
+        every part's, and a part encoded with fewer (or without buckets) chose among its own."""
         out = []
         for ref, s in zip(refs, samples, strict=True):
             try:
-                image, _ = preprocess(s.image, resolution=self.spec.resolution, buckets=self.spec.buckets or None)
+                image, _ = preprocess(s.image, resolution=self.spec.resolution, buckets=[_bucket_hw(ref.bucket)])
             except ValueError as e:
                 raise DataError(f"{label(ref.shard)}: the image of sample {s.key} cannot be decoded: {e}") from e
-            if tuple(image.shape[1:]) != _bucket_hw(ref.bucket):
-                raise DataError(f"{label(ref.shard)}: the image of sample {s.key} crops to "
-                                f"{list(image.shape[1:])}, not its bucket {list(_bucket_hw(ref.bucket))}: "
-                                "the image stage is not the one these latents were encoded from")
             out.append(image)
         return torch.stack(out)
 

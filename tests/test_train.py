@@ -370,6 +370,20 @@ def test_a_run_from_before_the_ablations_resumes_exactly(tmp_path: Path, models,
     assert resumed["ema"] is None and resumed["config"]["flow"]["prediction"] == "velocity"
 
 
+def test_caption_fallbacks_count_on_through_a_resume(tmp_path: Path, models):
+    """The logged caption_fallbacks (samples so far whose drawn variant was missing) reads like one
+    run after a resume: it counts on from the checkpoint, not from zero."""
+    lacking = make_latent_dataset(tmp_path / "lacking", shards=2, per_shard=4, vae_dir=models["flux"],
+                                  missing={0: ("long",), 5: ("long",), 6: ("long", "short", "orig")})
+    clean, resumed = tmp_path / "clean", tmp_path / "resumed"
+    assert run_train(lacking["long"], clean, models, steps=4, checkpoint_every=2) == 0
+    assert run_train(lacking["long"], resumed, models, steps=2, checkpoint_every=2) == 0
+    assert train_main(["--out", str(resumed), "--resume", "auto", "steps=4"]) == 0
+    counted = losses(clean, "caption_fallbacks")
+    assert [n for _, n in counted] == [3, 6, 9, 12]  # 3 of the 8 samples of every step
+    assert losses(resumed, "caption_fallbacks") == counted
+
+
 def test_a_cool_down_added_on_resume_trains_as_a_run_planned_with_it(tmp_path: Path, models, dataset, capsys):
     """Warm-up, stable, decay: a constant run extended with a decay of its last steps continues
     exactly as a run that had the decay from the start; the logged LR is the one each step used."""

@@ -373,6 +373,9 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
     first_slot = world.rank * accum
     weights_dtype = _param_dtype(model)  # a bf16-stored model takes bf16 inputs
     last_loss = None
+    # Rank 0's samples so far whose drawn caption variant was missing: those of the loaders before this
+    # one (a resume's checkpoint, REPA's loader with images), plus the current loader's.
+    fallbacks_before = int(state.get("caption_fallbacks", 0)) if state is not None else 0
     if data is None:
         loader = LatentLoader(manifest, cfg.shards, settings, rank=world.rank, world_size=world.world_size,
                               start_step=start_step, allow_pipe=cfg.data.allow_pipe, images=images)
@@ -394,6 +397,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
                 with_repa = None
                 gc.collect()  # the old DDP wrapper's gradient hooks go with it, before the next backward
                 if loader is not None and images is not None:  # the same batches, without reading the images
+                    fallbacks_before += sum(loader.fallbacks.values())
                     loader.close()
                     loader = LatentLoader(manifest, cfg.shards, settings, rank=world.rank,
                                           world_size=world.world_size, start_step=step,
@@ -511,7 +515,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
                 # Passes over the data so far (a merged manifest's epoch counts its repeats).
                 metrics["epoch"] = done * cfg.global_batch / max(manifest.samples, 1)
                 if loader is not None:  # rank 0's samples so far whose drawn caption variant was missing
-                    metrics["caption_fallbacks"] = sum(loader.fallbacks.values())
+                    metrics["caption_fallbacks"] = fallbacks_before + sum(loader.fallbacks.values())
                 logger.log(done, metrics)
                 window = _Window(world.device)
             housekeeping = time.perf_counter()
@@ -560,6 +564,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
                         "latent_spec": manifest.latent.model_dump(mode="json"),
                         "manifest_sha256": manifest_sha,
                         "data_fingerprint": fingerprint,
+                        "caption_fallbacks": fallbacks_before + (sum(loader.fallbacks.values())
+                                                                 if loader is not None else 0),
                         "text_encoder": {"name": text.name, "id": text.id, "revision": text.revision,
                                          "max_tokens": cfg.max_tokens},
                         "world_size": world.world_size,

@@ -18,7 +18,9 @@ How (the terms the code uses):
   after another. Epoch ``e`` orders the shards by a permutation seeded from (seed, e), the
   same for all streams. With at least ``S`` shards, stream ``j`` takes ``order[j::S]``;
   with fewer, every stream walks all shards and keeps the samples whose position in the
-  epoch's concatenation is ``j`` modulo ``S`` (each stream then reads every shard).
+  epoch's concatenation is ``j`` modulo ``S`` (each stream then reads every shard). Streams
+  with fewer shards (S not dividing their number) begin their next epoch sooner: one epoch's
+  worth of steps is not exactly each sample once, though a run draws every sample alike.
 - Shuffling is a *block* shuffle: the stream's samples of an epoch are cut into blocks of
   ``shuffle_buffer`` samples and each block is permuted (seeded from seed, e, j, block).
   Memory is one block per stream, not the dataset; samples move at most one block away

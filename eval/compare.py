@@ -10,7 +10,7 @@ is the ablation itself. ``by_step`` gives one row per evaluated step instead: me
 training steps, run by run; ``every`` one row per stored evaluation, with the sampler settings
 that differ between them as columns (a guidance sweep). Metrics are comparable only when they were measured the same way; when
 the runs' evaluations differ in any setting but the step (sample count, seed, sampler, caption
-choice, real images) or in a metric's network, the table says which.
+choice, prompts, real images) or in a metric's network, the table says which.
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ from train.remote_run import RemoteRun
 __all__ = ["compare_runs", "format_table"]
 
 # Settings of an evaluation that must agree for its metrics to be compared (the step may differ).
-_COMPARABLE = ("samples", "seed", "steps", "guidance", "guidance_interval", "captions", "resolution", "keys")
+# The prompts' hash too: two prompt files of one length (benchmarks scored with --prompts) have no
+# keys or caption choice to tell them apart.
+_COMPARABLE = ("samples", "seed", "steps", "guidance", "guidance_interval", "captions", "prompts", "resolution",
+               "keys")
 # Config keys that name a run rather than describe it.
 _NOT_COMPARED = ("out",)
 _TITLES = {"fid": "FID", "kid": "KID", "cmmd": "CMMD", "dino-mmd": "DINO-MMD", "fd-dinov2": "FD-DINOv2",

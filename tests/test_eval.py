@@ -530,6 +530,25 @@ def test_compare_puts_runs_side_by_side_with_their_differences(pipeline, incepti
         compare_runs(runs)
 
 
+def test_compare_notes_evaluations_on_other_prompts(tmp_path: Path):
+    """Two pipelines' CLIP scores on two benchmarks' prompt files (same count, no keys, no caption
+    choice) are not comparable, and the table says so."""
+    def evaluated(name: str, **settings) -> Path:
+        folder = tmp_path / name
+        (folder / "eval").mkdir(parents=True)
+        result = {"metrics": {"clip-score": {"value": 30.0, "network": {"id": "clip"}}}, "step": 0, "tag": name,
+                  "pipeline": {"path": name}, "finished": 1.0,
+                  "settings": {"step": 0, "samples": 4, "seed": 0, "steps": 28, "guidance": 4.0, "shift": 1.0,
+                               "resolution": 256, "prompts": "p1", "prompt_set": "genai-bench.txt", **settings}}
+        (folder / "eval" / f"step00000000-{name}.json").write_text(json.dumps(result))
+        return folder
+
+    same = [evaluated("a"), evaluated("b")]
+    assert compare_runs(same)[2] == []
+    _, _, notes = compare_runs([*same, evaluated("c", prompts="p2", prompt_set="dpg-bench.txt")])
+    assert notes == ["the evaluations differ in prompts: their metrics are not comparable"]
+
+
 def test_a_run_at_a_url_is_evaluated_and_compared_as_its_folder(pipeline, embedders, tmp_path: Path, monkeypatch):
     """`evaluate run URL` (a run of `train --out s3://...`): its checkpoint fetched, the result
     stored in the run's eval/ at the URL, where another machine finds it (nothing measured again,

@@ -627,7 +627,8 @@ def _preview(path: Path, generated: list[torch.Tensor], evalset: list[EvalSample
     if data is not None:
         folder = images_dir_of(data, images)
         real = [next(real_images([s], folder, resolution, batch_size=1))[0] for s in evalset[: len(generated)]]
-    grid = make_grid(torch.stack(generated + real).float() / 255, columns=len(generated))
+    # The generated images are where the VAE decoded them (a GPU), the real ones on the CPU.
+    grid = make_grid(torch.stack([image.cpu() for image in generated + real]).float() / 255, columns=len(generated))
     save_png(grid, path)
 
 

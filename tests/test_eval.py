@@ -496,6 +496,31 @@ def test_a_killed_evaluation_and_two_workers_give_the_clean_runs_numbers(pipelin
     assert _values(_evaluate(shared, embedders, rank=1, world_size=2)) == _values(clean)
 
 
+class _OnAccelerator(torch.Tensor):
+    """Stands for a tensor on a GPU (this machine need not have one): torch refuses to stack it with
+    CPU tensors, as it refuses a CUDA tensor; ``.cpu()`` gives a plain CPU tensor."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.cpu:
+            return args[0].as_subclass(torch.Tensor).clone()
+        if func in (torch.stack, torch.cat) and len({isinstance(t, cls) for t in args[0]}) > 1:
+            raise RuntimeError("Expected all tensors to be on the same device, but found at least two devices")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_the_preview_shows_images_generated_on_a_gpu_above_the_real_ones(pipeline, tmp_path: Path):
+    """The generator yields its images where the VAE decoded them (the GPU); the real images are
+    decoded on the CPU: the preview puts both in one grid."""
+    data = load_manifest(pipeline["manifest"])
+    evalset = choose_samples(data, pipeline["manifest"], 3)
+    generated = [torch.full((3, 32, 32), 255, dtype=torch.uint8).as_subclass(_OnAccelerator) for _ in evalset]
+    evaluation._preview(tmp_path / "preview.png", generated, evalset, data, None, 32)
+    with Image.open(tmp_path / "preview.png") as preview:
+        assert preview.size == (3 * 32, 2 * 32)
+        assert (np.asarray(preview)[:32] == 255).all()
+
+
 def test_compare_puts_runs_side_by_side_with_their_differences(pipeline, inception, embedders, tmp_path: Path):
     runs = [_fresh_copy(pipeline[name], tmp_path / name) for name in ("base", "slow")]
     for run in runs:

@@ -506,12 +506,12 @@ def _evaluate(
                 if c == 0 and len(first) < PREVIEW:
                     first.extend(batch[: PREVIEW - len(first)])
                 bar.update(len(batch))
+            if c == 0:  # before the features: a kill between the two would leave a done chunk and no preview
+                _preview(folder / "eval" / f"{name}.png", first, evalset, data, images, resolution)
             for net in nets:
                 _save_npy(chunk_file(c, net), np.concatenate(features[net.key]).astype(np.float32))
             if remote is not None:  # before any check of the others': of two last workers, one sees both
                 remote.upload(f"eval/{name}")
-            if c == 0:
-                _preview(folder / "eval" / f"{name}.png", first, evalset, data, images, resolution)
         bar.close()
     others_chunks()
     if not all(chunk_file(c, net).is_file() for c in range(chunks) for net in needed.values()):

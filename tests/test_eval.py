@@ -496,6 +496,25 @@ def test_a_killed_evaluation_and_two_workers_give_the_clean_runs_numbers(pipelin
     assert _values(_evaluate(shared, embedders, rank=1, world_size=2)) == _values(clean)
 
 
+def test_an_evaluation_killed_once_its_first_chunk_is_saved_still_writes_its_preview(pipeline, embedders,
+                                                                                    tmp_path: Path, monkeypatch):
+    run = _fresh_copy(pipeline["base"], tmp_path / "run")
+    save = evaluation._save_npy
+
+    def killed_after_the_first_chunk(path: Path, array: np.ndarray) -> None:
+        save(path, array)
+        if path.name.startswith("00000."):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "_save_npy", killed_after_the_first_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        _evaluate(run, embedders, samples=4, metrics=["cmmd"])
+    monkeypatch.setattr(evaluation, "_save_npy", save)
+    result = _evaluate(run, embedders, samples=4, metrics=["cmmd"])  # the chunk is done: not generated again
+    with Image.open(result["preview"]) as preview:
+        assert preview.size == (4 * 32, 2 * 32)
+
+
 class _OnAccelerator(torch.Tensor):
     """Stands for a tensor on a GPU (this machine need not have one): torch refuses to stack it with
     CPU tensors, as it refuses a CUDA tensor; ``.cpu()`` gives a plain CPU tensor."""

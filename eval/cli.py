@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if getattr(args, "shift", None) is not None and args.shift <= 0:
         parser.error("--shift must be positive")
+    if getattr(args, "seed", 0) < 0:  # numpy's generators, which choose the samples, take none
+        parser.error("--seed must be at least 0")
     try:
         if args.command in ("run", "pipeline"):
             return _run(args)

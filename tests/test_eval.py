@@ -641,6 +641,14 @@ def test_a_run_at_a_url_is_evaluated_and_compared_as_its_folder(pipeline, embedd
                                                    metrics=["cmmd"])) != _values(remote)
 
 
+def test_a_negative_seed_is_refused_with_a_message(tmp_path: Path, capsys):
+    """numpy's generators, which choose the samples, take no negative seed: a usage error, not a traceback."""
+    for command in (["run", str(tmp_path)], ["pipeline", str(tmp_path), "--out", str(tmp_path / "out")]):
+        with pytest.raises(SystemExit) as exit:
+            evaluate_main([*command, "--seed", "-1"])
+        assert exit.value.code == 2 and "--seed must be at least 0" in capsys.readouterr().err
+
+
 def test_the_evaluate_command(pipeline, inception, embedders, tmp_path: Path, capsys):
     run = _fresh_copy(pipeline["base"], tmp_path / "run")
     nets = ["--clip", str(embedders["clip"]), "--dino", str(embedders["dino"])]

@@ -833,3 +833,11 @@ def test_a_pipeline_measures_as_the_run_it_was_exported_from(pipeline, embedders
     proc = subprocess.run([sys.executable, "-m", "eval", *hub[:1], "prx-512", *hub[2:], "--manifest",
                            str(pipeline["manifest"])], env=env, capture_output=True, text=True)
     assert proc.returncode == 2 and "cannot fetch pipeline Photoroom/prx-512-t2i" in proc.stderr, proc.stderr
+
+
+def test_printed_metrics_keep_four_significant_digits_below_a_tenth():
+    """A good model's KID (about 0.001) would print as 0.0012 for both 0.00124 and 0.00116."""
+    from curate.stats import rounded
+
+    assert (rounded(0.00124), rounded(0.00116), rounded(0.0123456)) == (0.00124, 0.00116, 0.01235)
+    assert (rounded(12.345678), rounded(0.4007123), rounded(2.2314e-06)) == (12.3457, 0.4007, 2.231e-06)

@@ -316,6 +316,25 @@ def test_list_models(server: FakeOpenAIServer, with_key: str) -> None:
             list_models(locked.url, KEY_ENV)
 
 
+def test_a_server_that_refuses_caption_requests_fails_at_the_check(no_key: None) -> None:
+    """A server that lists the model but refuses every caption request (a text-only model, a field it
+    does not take, such as the vLLM extension repetition_penalty on OpenAI's own API) stops the stage
+    before any shard, rather than every image being committed as a rejected caption."""
+    from curate.captioners import open_captioner
+
+    refused = Reply.http_error(400, "Unrecognized request argument supplied: repetition_penalty")
+    with FakeOpenAIServer(models=("fake-vlm",), default=refused) as refusing:
+        with pytest.raises(CaptionerError, match="refuses caption requests.*repetition_penalty"):
+            open_captioner("openai", "fake-vlm", endpoint=refusing.url, api_key_env=KEY_ENV)
+        probe = refusing.chat_requests()[-1].body
+    assert probe["model"] == "fake-vlm" and probe["max_tokens"] == 1
+    assert decode_data_url(probe["messages"][-1]["content"][0]["image_url"]["url"]).size == (64, 64)
+    with FakeOpenAIServer(models=("fake-vlm",)) as serving:  # a server that captions passes the check
+        cap = open_captioner("openai", "fake-vlm", endpoint=serving.url, api_key_env=KEY_ENV)
+        cap.close()
+        assert len(serving.chat_requests()) == 1
+
+
 def test_close_then_generate_again(server: FakeOpenAIServer, no_key: None) -> None:
     cap = captioner(server)
     assert cap.generate([req(0)])[0].error is None

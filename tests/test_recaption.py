@@ -245,7 +245,8 @@ def test_openai_backend_through_the_cli_never_writes_the_api_key(images: Path, t
     secret = "sk-test-DO-NOT-LEAK-0123456789"
     out = tmp_path / "captions"
     with FakeOpenAIServer(models=("served-vlm",)) as server:
-        server.enqueue(Reply.http_error(429, retry_after="0"), Reply.http_error(500))  # retried, then fine
+        # Retried, then fine (on a caption request: the backend's check answers its own first).
+        server.on("dense paragraph", Reply.http_error(429, retry_after="0"), Reply.http_error(500))
         server.on("In one sentence", Reply.refusal())  # the first short caption is refused, then retried
         proc = run_cli("-v", "recaption", str(images), "--out", str(out), "--backend", "openai",
                        "--endpoint", server.url, "--model", "served-vlm", "--api-key-env", "MY_VLM_KEY",

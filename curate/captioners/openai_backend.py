@@ -33,7 +33,10 @@ Retries (per request, up to ``max_retries`` after the first attempt):
   model or path is not served: every request would fail the same way), and a batch in which
   every request ended without ever connecting (the server is down or the endpoint is
   wrong). Failing loudly matters: error Generations would otherwise be recorded as rejected
-  captions in committed shards, which a rerun does not redo.
+  captions in committed shards, which a rerun does not redo. For the same reason ``check``
+  (run before any shard) sends one caption request and fails on any error: a server that
+  refuses every request (a 400 for a text-only model or a field it does not take) is otherwise
+  only a run of rejected captions.
 
 The API key is read from the environment variable named by ``api_key_env`` (no variable, no
 ``Authorization`` header). It is never logged, never put in an exception or a repr, and any
@@ -60,8 +63,9 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx2
+from PIL import Image
 
-from curate.captioners.base import Captioner, CaptionerError, CaptionRequest, Generation
+from curate.captioners.base import Captioner, CaptionerError, CaptionRequest, Generation, Sampling
 
 __all__ = ["OpenAICaptioner", "list_models", "normalize_endpoint"]
 
@@ -361,9 +365,22 @@ class OpenAICaptioner(Captioner):
     # ------------------------------------------------------------------ public API
 
     def check(self) -> list[str]:
-        """Ask the server which models it serves; ``CaptionerError`` if ours is not one of them."""
-        return list_models(self.endpoint, self.api_key_env, model=self.model_id,
-                           timeout=min(self.timeout, 30.0))
+        """Ask the server which models it serves (``CaptionerError`` if ours is not one of them), then
+        send it one caption request of a small grey image (one token): ``CaptionerError`` if it does
+        not answer it. A server that lists the model but refuses our requests (a text-only model, a
+        field it does not take, such as the vLLM and SGLang extension ``repetition_penalty`` on
+        OpenAI's own API) would otherwise see every image recorded as a rejected caption in committed
+        shards, which a rerun does not redo."""
+        names = list_models(self.endpoint, self.api_key_env, model=self.model_id,
+                            timeout=min(self.timeout, 30.0))
+        probe = CaptionRequest(key="kiln-check", variant="check", image=Image.new("RGB", (64, 64), (128, 128, 128)),
+                               prompt="Describe this image in one word.", sampling=Sampling(max_new_tokens=1))
+        error = self.generate([probe])[0].error
+        if error is not None:
+            raise CaptionerError(f"{self._url_shown()} refuses caption requests for model {self.model_id!r}: "
+                                 f"{error}. Is the model a vision-language model, and does the server take "
+                                 "the fields vLLM's server takes (repetition_penalty)?")
+        return names
 
     def generate(self, requests: list[CaptionRequest]) -> list[Generation]:
         """One Generation per request, in request order; see the module docstring for failures."""

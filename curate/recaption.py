@@ -70,10 +70,13 @@ class RecaptionStage(Stage):
         self.open_captioner = open_captioner
         self.settings = settings
         self.variants = list(settings.prompts)
+        # Column names of this table, and "orig": the original caption in every later stage (encode-latents'
+        # KEY.orig.txt, a manifest's caption weights), where a variant of that name would be the alt-text.
         reserved = {"key", "status", "reason", "detail", "flags", "orig_caption", "model", "revision", "backend",
-                    "sampling", "seconds"}
+                    "sampling", "seconds", "orig"}
         if clash := reserved & set(self.variants):
-            raise CurateError(f"caption variant names {sorted(clash)} are reserved column names; rename them")
+            raise CurateError(f"caption variant names {sorted(clash)} are reserved (column names, and 'orig' for "
+                              "the original caption in training shards and manifests); rename them")
         self.chunk_images = max(1, chunk_images)
         self.decode_workers = decode_workers
         self.captioner: Captioner | None = None

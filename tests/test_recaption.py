@@ -127,6 +127,18 @@ def test_every_qa_flag_and_retry_path(images: Path, tmp_path: Path):
     assert summary["short_captions"]["words_median"] > 3
 
 
+@pytest.mark.parametrize("name", ["orig", "model"])
+def test_a_variant_named_like_a_column_or_the_original_caption_is_refused(images: Path, tmp_path: Path, name: str):
+    """`orig` is the original caption downstream (encode-latents' KEY.orig.txt, a manifest's `orig`
+    weight): a caption variant of that name would be overwritten by the alt-text there."""
+    prompts = tmp_path / "mine.json"
+    prompts.write_text(json.dumps({"variants": {name: {"prompt": "Caption it.", "min_words": 1, "max_words": 40,
+                                                       "max_new_tokens": 60}}}))
+    settings = CaptionSettings(prompts=load_prompts([prompts], ["long", name]), sampling=Sampling())
+    with pytest.raises(CurateError, match=f"caption variant names \\['{name}'\\] are reserved"):
+        RecaptionStage(images, "scripted/model", lambda: ScriptedCaptioner({}, {}), settings)
+
+
 def test_original_caption_is_context_only_when_asked(images: Path, tmp_path: Path):
     plain = ScriptedCaptioner({}, numbering(images))
     recaption(images, tmp_path / "a", plain)

@@ -237,6 +237,24 @@ def test_unreachable_endpoint_raises(no_key: None) -> None:
         list_models(endpoint, KEY_ENV)
 
 
+def test_a_server_gone_in_the_middle_of_a_batch_raises(no_key: None) -> None:
+    """The server dies while a batch is in flight: the requests it was answering lose their
+    connections, the queued ones never connect, and no retry reaches it. That is the server, not the
+    images: the batch raises rather than answering error Generations, which recaption would commit
+    as rejected captions (with --retries 0, or in a flagged caption's last try) that a rerun keeps."""
+    server = FakeOpenAIServer(default=Reply(kind="echo", delay=2.0)).start()
+    server.on("warm", Reply.echo())
+    try:
+        with captioner(server, concurrency=2, max_retries=2) as cap:
+            assert cap.generate([req(9, "warm")])[0].error is None  # connections open, loop running
+            threading.Timer(0.5, server.stop).start()  # two requests in flight, two waiting for a slot
+            with pytest.raises(CaptionerError, match="cannot reach"):
+                cap.generate([req(i) for i in range(4)])
+        assert len(server.chat_requests()) >= 2  # the warm-up, and what was in flight, reached it
+    finally:
+        server.stop()
+
+
 def test_model_not_served_and_wrong_key_are_fatal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KEY_ENV, SECRET)
     with FakeOpenAIServer(api_key="the-right-key") as locked, captioner(locked) as cap:

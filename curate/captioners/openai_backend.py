@@ -31,8 +31,9 @@ Retries (per request, up to ``max_retries`` after the first attempt):
   as does one that still fails after its last retry.
 - fatal (``CaptionerError``, the whole batch stops): 401, 403 and 404 (wrong key, or the
   model or path is not served: every request would fail the same way), and a batch in which
-  every request ended without ever connecting (the server is down or the endpoint is
-  wrong). Failing loudly matters: error Generations would otherwise be recorded as rejected
+  a request's last attempt could not connect (the server is down, gone in the middle of the
+  batch, or the endpoint is wrong: after every retry's wait, a fact about the server, not
+  about the image). Failing loudly matters: error Generations would otherwise be recorded as rejected
   captions in committed shards, which a rerun does not redo. For the same reason ``check``
   (run before any shard) sends one caption request and fails on any error: a server that
   refuses every request (a 400 for a text-only model or a field it does not take) is otherwise
@@ -220,7 +221,7 @@ def list_models(endpoint: str, api_key_env: str = "OPENAI_API_KEY", *, model: st
 @dataclass
 class _Outcome:
     generation: Generation
-    never_connected: bool = False  # every attempt failed before a connection was made
+    unreachable: bool = False  # the last attempt could not connect to the server
 
 
 class _Runtime:
@@ -410,12 +411,15 @@ class OpenAICaptioner(Captioner):
                 raise fatal[0] from None
             raise
         outcomes = [t.result() for t in tasks]
-        if all(o.never_connected for o in outcomes):
+        # Any, not all: a server that dies while a batch is in flight leaves a mix of requests that
+        # connected (and lost their connection) and requests that never did.
+        lost = [o for o in outcomes if o.unreachable]
+        if lost:
             raise CaptionerError(
-                f"cannot reach the OpenAI-compatible server at {self._shown}: every request of the "
-                f"batch failed to connect, after {self.max_retries} retries each "
-                f"({outcomes[0].generation.error}). Is the server (e.g. `vllm serve MODEL`) running "
-                "and is the endpoint right?")
+                f"cannot reach the OpenAI-compatible server at {self._shown}: {len(lost)} of the "
+                f"batch's {len(outcomes)} requests could not connect in their last attempt, after "
+                f"{self.max_retries} retries each ({lost[0].generation.error}). Is the server (e.g. "
+                "`vllm serve MODEL`) running and is the endpoint right?")
         # Logged once the batch is known to go on (a fatal batch would only repeat its error N times).
         for request, outcome in zip(requests, outcomes, strict=True):
             if outcome.generation.error is not None:
@@ -469,26 +473,25 @@ class OpenAICaptioner(Captioner):
     async def _send(self, client: httpx2.AsyncClient, request: CaptionRequest, body: bytes) -> _Outcome:
         headers = {"Content-Type": "application/json"}
         error = ""
-        connected = False
         attempts = self.max_retries + 1
         for attempt in range(attempts):
             retry_after: float | None = None
+            unreachable = False
             try:
                 resp = await client.post(self._url, content=body, headers=headers)
             except httpx2.ConnectTimeout as e:
+                unreachable = True
                 error = f"connect timeout after {self.timeout:g}s ({e})"
             except httpx2.TimeoutException as e:
-                connected = True
                 error = f"no answer within {self.timeout:g}s ({type(e).__name__})"
             except httpx2.ConnectError as e:
+                unreachable = True
                 error = f"connection failed ({e})"
             except (httpx2.NetworkError, httpx2.RemoteProtocolError) as e:
-                connected = True
                 error = f"connection dropped ({type(e).__name__}: {e})"
             except httpx2.HTTPError as e:  # a local problem (protocol, proxy): retrying cannot help
                 return _Outcome(self._failed(f"{type(e).__name__}: {e}"))
             else:
-                connected = True
                 status = resp.status_code
                 if status == 200:
                     return _Outcome(self._parse(request, resp))
@@ -508,8 +511,7 @@ class OpenAICaptioner(Captioner):
             log.debug("openai request %s attempt %d/%d failed: %s; retrying in %.2fs",
                       request.key, attempt + 1, attempts, self._scrub(error), delay)
             await asyncio.sleep(delay)
-        return _Outcome(self._failed(f"failed after {attempts} attempts: {error}"),
-                        never_connected=not connected)
+        return _Outcome(self._failed(f"failed after {attempts} attempts: {error}"), unreachable=unreachable)
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:

@@ -286,6 +286,23 @@ def test_openai_backend_with_a_wrong_model_name_fails_before_any_shard(images: P
     assert not list((tmp_path / "c").glob("*.parquet"))
 
 
+def test_a_captioner_that_fails_mid_run_is_a_clear_error(images: Path, tmp_path: Path, capsys):
+    """A backend that stops working after its check (a key revoked, the server gone) is the CLI's
+    clear error with exit code 2, like one that fails at loading, not a traceback."""
+    from fake_openai_server import FakeOpenAIServer, Reply
+
+    from curate.cli import main
+
+    with FakeOpenAIServer(models=("served-vlm",)) as server:
+        server.on("dense paragraph", *[Reply.http_error(401, "key revoked")] * 20)
+        code = main(["recaption", str(images), "--out", str(tmp_path / "c"), "--backend", "openai",
+                     "--endpoint", server.url, "--model", "served-vlm", "--decode-workers", "0", "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "curate: error:" in err and "HTTP 401" in err and "key revoked" in err
+    assert not list((tmp_path / "c").glob("*.parquet"))
+
+
 def test_rules_leave_images_out_before_the_model_and_encode_latents_leaves_them_out_too(images: Path,
                                                                                          tmp_path: Path):
     from curate.encode_latents import EncodeLatentsStage

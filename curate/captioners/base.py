@@ -13,6 +13,8 @@ from typing import Literal
 
 from PIL import Image
 
+from curate.runner import CurateError
+
 FinishReason = Literal["stop", "length", "error"]
 
 
@@ -79,5 +81,8 @@ class Captioner:
         """Free the model / connections."""
 
 
-class CaptionerError(RuntimeError):
-    """The backend cannot work at all (model not found, server unreachable after retries, ...)."""
+class CaptionerError(CurateError, RuntimeError):
+    """The backend cannot work at all (model not found, server unreachable after retries, ...).
+
+    A CurateError, so that one raised in the middle of a run (the server gone, its key revoked) is
+    the CLI's clear error with exit code 2, as one raised while loading is."""

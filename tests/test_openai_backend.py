@@ -106,6 +106,8 @@ def test_concurrency_is_bounded_and_connections_reused(server: FakeOpenAIServer,
 
 
 def test_request_format(server: FakeOpenAIServer, with_key: str) -> None:
+    from curate.captioners.base import request_seed
+
     sampling = Sampling(temperature=0.3, top_p=0.8, max_new_tokens=77, seed=42, repetition_penalty=1.1)
     requests = [
         CaptionRequest("a/long", "long", image(1, (64, 48)), "Describe it.", sampling, system="Be terse."),
@@ -119,7 +121,8 @@ def test_request_format(server: FakeOpenAIServer, with_key: str) -> None:
     body = first.body
     assert body["model"] == "fake-vlm"
     assert {k: body[k] for k in ("max_tokens", "temperature", "top_p", "seed", "repetition_penalty")} == {
-        "max_tokens": 77, "temperature": 0.3, "top_p": 0.8, "seed": 42, "repetition_penalty": 1.1}
+        "max_tokens": 77, "temperature": 0.3, "top_p": 0.8, "seed": request_seed(sampling, "a/long"),
+        "repetition_penalty": 1.1}
     assert body["messages"][0] == {"role": "system", "content": "Be terse."}
     user = body["messages"][1]
     assert user["role"] == "user" and [p["type"] for p in user["content"]] == ["image_url", "text"]
@@ -134,6 +137,24 @@ def test_request_format(server: FakeOpenAIServer, with_key: str) -> None:
     decoded = decode_data_url(second.image_urls[0])
     assert decoded.size == (33, 100) and decoded.mode == "RGB"
     assert second.body["max_tokens"] == Sampling().max_new_tokens
+
+
+def test_each_request_is_seeded_by_its_key(server: FakeOpenAIServer, no_key: None) -> None:
+    """As in the transformers and vllm backends: a server draws a seeded request's noise from its
+    seed, so one seed for every request would give every image the same noise at every step (and
+    near-identical images the same caption); each request's own seed keeps them independent, and a
+    rerun sends the same seeds."""
+    from curate.captioners.base import request_seed
+
+    sampling = Sampling(temperature=0.7, seed=7)
+    requests = [CaptionRequest(f"k{i}/{v}", v, image(i), "Describe it.", sampling)
+                for i in range(3) for v in ("long", "short")]
+    with captioner(server) as cap:
+        cap.generate(requests)
+        first = {r.body["seed"] for r in server.chat_requests()}
+        cap.generate(requests)
+    assert first == {request_seed(sampling, r.key) for r in requests} and len(first) == 6
+    assert {r.body["seed"] for r in server.chat_requests()} == first
 
 
 def test_no_authorization_header_without_key(server: FakeOpenAIServer, no_key: None) -> None:

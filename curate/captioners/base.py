@@ -8,6 +8,7 @@ cannot run in CI, thin, and everything else tested.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -43,6 +44,18 @@ class Sampling:
     def as_dict(self) -> dict:
         return {"temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens,
                 "seed": self.seed, "repetition_penalty": self.repetition_penalty}
+
+
+def request_seed(sampling: Sampling, key: str) -> int:
+    """The seed of one request's random stream: a 63-bit hash of the sampling seed and the key.
+
+    A hash (not ``seed + index``) so that it does not depend on the request's position in a
+    batch; 63 bits because vLLM and torch generators take a signed 64-bit seed. Every backend
+    seeds a request with it (the openai one sends it as the request's ``seed``), so that requests
+    draw independent noise and a rerun draws the same.
+    """
+    digest = hashlib.blake2b(f"{sampling.seed}\x00{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 @dataclass

@@ -66,7 +66,14 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx2
 from PIL import Image
 
-from curate.captioners.base import Captioner, CaptionerError, CaptionRequest, Generation, Sampling
+from curate.captioners.base import (
+    Captioner,
+    CaptionerError,
+    CaptionRequest,
+    Generation,
+    Sampling,
+    request_seed,
+)
 
 __all__ = ["OpenAICaptioner", "list_models", "normalize_endpoint"]
 
@@ -462,7 +469,9 @@ class OpenAICaptioner(Captioner):
             "max_tokens": s.max_new_tokens,
             "temperature": s.temperature,
             "top_p": s.top_p,
-            "seed": s.seed,
+            # The request's own seed, as in the other backends: one seed for every request would give
+            # every image the same sampling noise, step by step.
+            "seed": request_seed(s, request.key),
             # Not an OpenAI parameter; vLLM and SGLang take it at the top level of the body.
             "repetition_penalty": s.repetition_penalty,
             "n": 1,

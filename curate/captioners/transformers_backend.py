@@ -33,7 +33,6 @@ whole truth.
 from __future__ import annotations
 
 import gc
-import hashlib
 import importlib.util
 import logging
 import os
@@ -55,7 +54,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 from curate.models import resolved_commit
 from curate.runner import default_device, resolve_device
 
-from .base import Captioner, CaptionerError, CaptionRequest, Generation, Sampling
+from .base import Captioner, CaptionerError, CaptionRequest, Generation, Sampling, request_seed
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +77,6 @@ _DTYPES: dict[str, torch.dtype] = {
     "float": torch.float32,
 }
 _COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
-
-
-def request_seed(sampling: Sampling, key: str) -> int:
-    """The seed of one request's random stream: a 63-bit hash of the sampling seed and the key.
-
-    A hash (not ``seed + index``) so that it does not depend on the request's position in a
-    batch; 63 bits because vLLM and torch generators take a signed 64-bit seed.
-    """
-    digest = hashlib.blake2b(f"{sampling.seed}\x00{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1
 
 
 def chat_messages(request: CaptionRequest) -> list[dict[str, Any]]:

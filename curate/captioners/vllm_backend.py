@@ -155,7 +155,7 @@ class VLLMCaptioner(Captioner):
         return {"prompt": text, "multi_modal_data": {"image": request.image}}
 
     def _params(self, request: CaptionRequest) -> Any:
-        from .transformers_backend import request_seed
+        from .base import request_seed
 
         s = request.sampling
         sampled = s.temperature > 0

@@ -280,6 +280,22 @@ def test_a_bad_request_does_not_fail_its_batch(captioner: TransformersCaptioner)
     assert [out[i] for i in (0, 2, 3)] == one_at_a_time(captioner, good)
 
 
+def test_a_failed_gpu_stops_the_captioner(captioner: TransformersCaptioner, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CUDA error (an illegal memory access, a device-side assert) leaves the device unusable: every
+    later request would fail too, and as error Generations the stage would commit every image left as
+    a rejected caption. It raises instead, as a backend that cannot work at all."""
+    calls: list[int] = []
+
+    def generate_on_a_dead_gpu(**kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(captioner.model, "generate", generate_on_a_dead_gpu)
+    with pytest.raises(CaptionerError, match="illegal memory access"):
+        captioner.generate(make_requests(GREEDY, 4))
+    assert calls == [4]  # not retried one by one
+
+
 def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-model"
     with pytest.raises(CaptionerError, match="no-such-model"):

@@ -341,6 +341,8 @@ class TransformersCaptioner(Captioner):
                     )
                     continue
                 outs = [_error(f"CUDA out of memory on a single image: {e}")]
+            except torch.AcceleratorError as e:
+                raise _device_failed(e) from e
             except Exception as e:
                 # A request the processor or model rejects (an extreme aspect ratio, say)
                 # must not fail its neighbours: isolate it by running the batch one by one.
@@ -361,6 +363,8 @@ class TransformersCaptioner(Captioner):
         except torch.cuda.OutOfMemoryError as e:
             self._free_memory()
             return _error(f"CUDA out of memory on a single image: {e}")
+        except torch.AcceleratorError as e:
+            raise _device_failed(e) from e
         except Exception as e:
             log.warning("request %s failed: %s: %s", request.key, type(e).__name__, e)
             return _error(f"{type(e).__name__}: {e}")
@@ -422,3 +426,11 @@ class TransformersCaptioner(Captioner):
 
 def _error(message: str) -> Generation:
     return Generation("", "error", tokens=0, error=message)
+
+
+def _device_failed(e: Exception) -> CaptionerError:
+    """A CUDA error other than out-of-memory (an illegal memory access, a device-side assert) leaves
+    the device unusable for this process: every later request would fail too, and the stage would
+    commit each as a rejected caption that a rerun does not redo. It stops the stage instead."""
+    return CaptionerError(f"the accelerator failed ({type(e).__name__}: {e}); this process cannot caption "
+                          "any more: rerun the stage (the shard in progress is not committed)")

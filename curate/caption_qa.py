@@ -169,10 +169,13 @@ def clean_caption(text: str) -> tuple[str, list[str]]:
 
 def check_caption(text: str, finish_reason: str, spec: PromptSpec) -> CaptionQA:
     """Clean one generation and judge it against its variant. `finish_reason` is the
-    backend's: "stop", "length" (the token limit cut it) or "error" (the backend gave up)."""
+    backend's: "stop", "length" (the token limit cut it), "error" (the backend gave up) or
+    "refused" (the server marked the answer a refusal)."""
     if finish_reason == "error":
         # An error's text is a message or nothing; judging it as a caption means nothing.
         return CaptionQA(text="", words=0, flags=["backend_error"], failures=["backend_error"])
+    if finish_reason == "refused":  # said by the server, in words the patterns below may not know
+        return CaptionQA(text="", words=0, flags=["refusal"], failures=["refusal"])
     cleaned, info = clean_caption(text)
     words = len(cleaned.split())
     found: set[str] = set()

@@ -52,7 +52,7 @@ REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
 class Reply:
     """One scripted answer. ``delay`` is waited before answering (on top of the server latency)."""
 
-    kind: str = "text"  # text | http_error | drop | echo | model
+    kind: str = "text"  # text | refused (OpenAI's message.refusal) | http_error | drop | echo | model
     text: str = GOOD_TEXT
     finish_reason: str = "stop"
     status: int = 200
@@ -397,7 +397,10 @@ class FakeOpenAIServer:
                 text, finish, tokens = f"Caption for: {_prompt_text(body)}", "stop", None
             else:
                 text, finish, tokens = reply.text, reply.finish_reason, reply.tokens
-            await self._write(writer, 200, self._completion(body, text, finish, tokens))
+            answer = self._completion(body, text, finish, tokens)
+            if reply.kind == "refused":  # as OpenAI's API says one: no content, the words apart
+                answer["choices"][0]["message"] |= {"content": None, "refusal": text}
+            await self._write(writer, 200, answer)
             return True
         finally:
             self.in_flight -= 1

@@ -178,6 +178,19 @@ def test_scripted_captions_and_finish_reasons(server: FakeOpenAIServer, no_key: 
     assert all(g.error is None for g in (good, refusal, loop, cut))
 
 
+def test_a_refusal_the_server_marks_is_a_refusal_whatever_its_words(server: FakeOpenAIServer, no_key: None) -> None:
+    from curate.caption_qa import check_caption
+    from curate.prompts import load_prompts
+
+    server.on("refuse", Reply(kind="refused", text="That is not something I can describe."))
+    with captioner(server) as cap:
+        refused, = cap.generate([req(0, "refuse")])
+    assert (refused.text, refused.finish_reason, refused.error) == ("That is not something I can describe.",
+                                                                     "refused", None)
+    qa = check_caption(refused.text, refused.finish_reason, load_prompts()["long"])
+    assert qa.failures == ["refusal"] and qa.text == ""
+
+
 # --------------------------------------------------------------------------- failures and retries
 
 

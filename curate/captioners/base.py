@@ -16,7 +16,8 @@ from PIL import Image
 
 from curate.runner import CurateError
 
-FinishReason = Literal["stop", "length", "error"]
+# "refused": the server said the model refused (OpenAI's message.refusal), whatever its words.
+FinishReason = Literal["stop", "length", "error", "refused"]
 
 
 @dataclass(frozen=True)

@@ -532,7 +532,8 @@ class OpenAICaptioner(Captioner):
         try:
             data = resp.json()
             choice = data["choices"][0]
-            content = (choice.get("message") or {}).get("content")
+            message = choice.get("message") or {}
+            content = message.get("content")
             if isinstance(content, list):  # some servers answer content parts
                 content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
             text = "" if content is None else str(content)
@@ -540,6 +541,9 @@ class OpenAICaptioner(Captioner):
             tokens = int(usage.get("completion_tokens") or 0)
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
             return self._failed(f"malformed answer ({type(e).__name__}: {e}): {resp.text[:200]}")
+        refusal = message.get("refusal")
+        if isinstance(refusal, str) and refusal and not text:  # OpenAI's API: a refusal, not an empty caption
+            return Generation(text=refusal, finish_reason="refused", tokens=tokens)
         finish = "length" if choice.get("finish_reason") == "length" else "stop"
         return Generation(text=text, finish_reason=finish, tokens=tokens)
 

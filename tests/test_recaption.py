@@ -344,3 +344,11 @@ def test_rules_leave_images_out_before_the_model_and_encode_latents_leaves_them_
     index = pl.concat([read_index(s.index_path) for s in committed_shards(latents)])
     assert set(index.filter(pl.col("reason") == "filtered_out")["key"]) == set(left_out["key"])
     assert index.filter(pl.col("status") == "ok").height == 3
+
+
+def test_a_retry_samples_hotter_but_never_cooler_than_asked():
+    from curate.captioners.base import Sampling
+
+    assert [Sampling(temperature=0.0).for_attempt(a).temperature for a in range(4)] == [0.0, 0.7, 0.9, 1.1]
+    assert Sampling(temperature=1.0).for_attempt(3).temperature == 1.2
+    assert Sampling(temperature=1.5).for_attempt(1).temperature == 1.5  # was cooled to 1.2

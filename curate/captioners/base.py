@@ -31,11 +31,12 @@ class Sampling:
     repetition_penalty: float = 1.05
 
     def for_attempt(self, attempt: int) -> Sampling:
-        """Attempt 0 is the configured sampling; each retry gets a new seed and a bit more temperature."""
+        """Attempt 0 is the configured sampling; each retry gets a new seed and a bit more temperature
+        (up to 1.2, and never less than the configured one, however high that is)."""
         if attempt == 0:
             return self
         return Sampling(
-            temperature=min(1.2, max(self.temperature, 0.5) + 0.2 * attempt),
+            temperature=max(self.temperature, min(1.2, max(self.temperature, 0.5) + 0.2 * attempt)),
             top_p=self.top_p,
             max_new_tokens=self.max_new_tokens,
             seed=self.seed + 1000 * attempt,

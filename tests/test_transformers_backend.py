@@ -296,6 +296,32 @@ def test_a_failed_gpu_stops_the_captioner(captioner: TransformersCaptioner, monk
     assert calls == [4]  # not retried one by one
 
 
+@pytest.mark.parametrize("lost", [torch.AcceleratorError("CUDA error: an illegal memory access was encountered"),
+                                  type("EngineDeadError", (RuntimeError,), {})("EngineCore encountered an issue")])
+def test_a_lost_vllm_engine_stops_the_captioner_and_a_bad_request_does_not(lost: Exception) -> None:
+    from curate.captioners.vllm_backend import VLLMCaptioner
+
+    calls: list[int] = []
+
+    def run(requests):
+        calls.append(len(requests))
+        raise lost
+
+    captioner = object.__new__(VLLMCaptioner)  # no engine here: its generate's handling of errors alone
+    captioner._run = run
+    with pytest.raises(CaptionerError, match="cannot go on"):
+        captioner.generate(make_requests(GREEDY, 4))
+    assert calls == [4]  # not retried one by one
+
+    def refuse(requests):  # one image the processor refuses: the others are captioned
+        if any(r.key.startswith("0001") for r in requests):
+            raise ValueError("image too small")
+        return [Generation("A caption.", "stop") for _ in requests]
+
+    captioner._run = refuse
+    assert [g.finish_reason for g in captioner.generate(make_requests(GREEDY, 3))] == ["stop", "error", "stop"]
+
+
 def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-model"
     with pytest.raises(CaptionerError, match="no-such-model"):

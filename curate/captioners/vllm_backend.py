@@ -177,6 +177,9 @@ class VLLMCaptioner(Captioner):
         try:
             return self._run(requests)
         except Exception as e:
+            if _engine_lost(e):
+                raise CaptionerError(f"the vLLM engine cannot go on ({type(e).__name__}: {e}); rerun the stage (the "
+                                     "shard in progress is not committed)") from e
             if len(requests) == 1:
                 log.warning("request %s failed: %s: %s", requests[0].key, type(e).__name__, e)
                 return [Generation("", "error", error=f"{type(e).__name__}: {e}")]
@@ -219,3 +222,15 @@ class VLLMCaptioner(Captioner):
         import gc
 
         gc.collect()
+
+
+def _engine_lost(e: BaseException) -> bool:
+    """An error after which no request can succeed: vLLM's engine process is gone (EngineDeadError),
+    or the GPU failed (a CUDA error other than out-of-memory: an illegal memory access, a device-side
+    assert). Retried request by request, every image left would be committed as a rejected caption,
+    which a rerun does not redo."""
+    import torch
+
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return False
+    return isinstance(e, torch.AcceleratorError) or type(e).__name__ == "EngineDeadError"

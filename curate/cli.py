@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", action="append", default=[],
                    help="extra prompt file (.json like curate/prompt_sets/default.json, or .txt: one variant "
                         "named after the file); repeatable")
-    p.add_argument("--variants", default="long,short", help="caption variants to generate, in order")
+    p.add_argument("--variants", help="caption variants to generate, in order (default: long,short)")
     p.add_argument("--max-pixels", type=int, default=802_816, help="images are downscaled to at most this area")
     p.add_argument("--use-orig-caption", action="store_true",
                    help="give the model the image's original alt-text as context")
@@ -365,7 +365,7 @@ def cmd_recaption(args: argparse.Namespace) -> int:
     # A served model's name is whatever the server calls it; elsewhere resolve aliases and folders.
     model = args.model if backend == "openai" and not _is_alias(args.model) else resolve_model(args.model, "vlm").id
     try:
-        prompts = load_prompts(args.prompts, [v.strip() for v in args.variants.split(",") if v.strip()])
+        prompts = load_prompts(args.prompts, args.variants)  # None: long and short
     except ValueError as e:
         raise CurateError(str(e)) from e
     settings = CaptionSettings(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_VARIANTS: tuple[str, ...] = ("long", "short")
+
+log = logging.getLogger("curate")
 ORIG_CAPTION_FIELD = "{orig_caption}"
 # Alt-text scraped from the web can be kilobytes of keyword spam; only its start is useful
 # as context, and the prompt's token count must stay bounded.
@@ -74,6 +77,7 @@ def load_prompts(extra_files: Iterable[str | Path] = (),
     shipped_text = resources.files("curate").joinpath("prompt_sets", "default.json").read_text(
         encoding="utf-8")
     specs, context = _parse_json_set(shipped_text, _SHIPPED, inherited_context=None)
+    shipped = set(specs)
     for extra in extra_files:
         path = Path(extra)
         if path.suffix.lower() == ".json":
@@ -94,6 +98,11 @@ def load_prompts(extra_files: Iterable[str | Path] = (),
         # which would otherwise select variants named "l", "o", ...
         variants = [v.strip() for v in variants.split(",") if v.strip()]
     selected = list(DEFAULT_VARIANTS if variants is None else variants)
+    if variants is None and (added := [name for name in specs if name not in shipped]):
+        # Said, since a run over millions of images without the variant asked for is dear to redo.
+        log.warning("the prompt files add the variant(s) %s, which are not generated: only %s are, unless "
+                    "--variants names them (--variants %s)", ", ".join(added), ", ".join(selected),
+                    ",".join([*selected, *added]))
     if not selected:
         raise ValueError("no caption variant selected")
     seen: set[str] = set()

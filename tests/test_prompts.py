@@ -58,7 +58,7 @@ def test_variants_select_and_order():
         load_prompts(variants=[])
 
 
-def test_user_json_adds_and_replaces_variants(tmp_path):
+def test_user_json_adds_and_replaces_variants(tmp_path, caplog):
     user = write_json(tmp_path / "mine.json", {"variants": {
         "tags": {"prompt": "List 10 to 20 comma-separated tags.", "min_words": 5,
                  "max_words": 40, "max_new_tokens": 80},
@@ -74,8 +74,15 @@ def test_user_json_adds_and_replaces_variants(tmp_path):
     assert specs["tags"].max_new_tokens == 80
     # a file without orig_caption_context keeps the shipped template
     assert specs["tags"].orig_caption_context == shipped["long"].orig_caption_context
-    # added variants are only used when selected
-    assert "tags" not in load_prompts([str(user)])
+    # added variants are only used when selected, and the log says so when --variants was not given
+    with caplog.at_level("WARNING", logger="curate"):
+        assert "tags" not in load_prompts([str(user)])
+    assert "add the variant(s) tags, which are not generated" in caplog.text
+    assert "--variants long,short,tags" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="curate"):
+        load_prompts([str(user)], variants=["long", "short"])  # chosen: nothing to say
+    assert caplog.text == ""
 
 
 def test_later_files_win_and_context_can_be_replaced_or_turned_off(tmp_path):

@@ -439,6 +439,12 @@ class ShardWriter:
                 self.upload(replacing=replacing)
             return Shard(self.shard_id, self.final_index, self.final_tar, meta)
         if self.tmp_tar is not None:
+            if not replacing and self.final_index.exists():
+                # A shard redone (its input or setting changed) loses its index first, as upload does: a
+                # kill after the tar's rename would leave the old index describing the new tar, a shard
+                # that a rerun with the old setting skips whenever the two tars are the same size.
+                self.final_index.unlink()
+                fsync_dir(self.out_dir)
             _fsync_replace(self.tmp_tar, self.final_tar)
         _fsync_replace(self.tmp_index, self.final_index)
         fsync_dir(self.out_dir)

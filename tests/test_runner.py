@@ -282,6 +282,40 @@ def test_tar_without_index_is_not_a_shard_and_a_mismatched_tar_is_redone(tmp_pat
     assert all(s.intact() for s in committed_shards(tmp_path))
 
 
+class CubedValues(Squares):
+    """Another setting whose samples differ from Squares' but whose tars are the same size."""
+
+    def config(self):
+        return {"power": 3}
+
+    def process(self, task, writer, progress):
+        for x in task.payload:
+            writer.add(sample_key(str(x).encode()), {"txt": str(x**3).encode()}, row={"value": x})
+
+
+def test_a_redo_killed_between_its_renames_leaves_no_old_index_over_the_new_tar(tmp_path: Path, monkeypatch):
+    """A shard redone with another setting and killed after its tar's rename: the old index must not
+    describe the new tar (same size here), or a rerun with the old setting skips a shard of the other."""
+    import curate.shards
+
+    run_stage(Squares([[2]]), tmp_path, progress=False)
+    replace = curate.shards._fsync_replace
+
+    def killed_before_the_index(tmp: Path, final: Path) -> None:
+        if final.suffix == ".parquet":
+            raise KeyboardInterrupt("killed between the renames")
+        replace(tmp, final)
+
+    monkeypatch.setattr(curate.shards, "_fsync_replace", killed_before_the_index)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(CubedValues([[2]]), tmp_path, progress=False)
+    monkeypatch.setattr(curate.shards, "_fsync_replace", replace)
+    assert open_shard(tmp_path, 0) is None  # the tar without its index: no shard
+    result = run_stage(Squares([[2]]), tmp_path, progress=False)
+    assert result.processed == [0]
+    assert [m for _, m in iter_tar_samples(tmp_path / "000000.tar")] == [{"txt": b"4"}]
+
+
 def test_leftover_temporaries_are_cleaned_before_a_shard_is_redone(tmp_path: Path):
     tmp_path.mkdir(exist_ok=True)
     stale = tmp_path / ".000000.tar.tmp-99999"

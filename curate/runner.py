@@ -504,6 +504,7 @@ def run_stage(
 
         # Finish the stage if every worker's shards are in (this one may be the last to end).
         if _all_done(out_dir, tasks, config_hash, fingerprints):
+            _remove_unplanned(stage, out_dir, tasks)
             extra = stage.finalize(out_dir, tasks)
             result.summary = _finish(stage, out_dir, tasks, config, config_hash, extra)
             result.complete = True
@@ -511,6 +512,17 @@ def run_stage(
             log.info("%s: other workers' shards are still missing; the last worker to end finishes the stage",
                      stage.name)
     return result
+
+
+def _remove_unplanned(stage: Stage, out_dir: Path | str, tasks: list[ShardTask]) -> None:
+    """Remove the committed shards that the plan no longer has (left from an earlier run over a larger
+    input: a clean run would not have them), before the final pass, which reads the folder's shards
+    (its manifests, its summary, its cross-shard deduplication) and must see the plan's alone."""
+    planned = {t.shard_id for t in tasks}
+    for shard in committed_shards(out_dir):
+        if shard.shard_id not in planned:
+            log.info("%s: removing shard %d, which is no longer in the plan", stage.name, shard.shard_id)
+            delete_shard(shard)
 
 
 def _withdraw_completion(out_dir: Path | str) -> None:
@@ -580,10 +592,7 @@ def _finish(
     totals: dict[str, Any] = {}
     seconds = 0.0
     for shard in committed_shards(out_dir):
-        if shard.shard_id not in planned:
-            # Left from an earlier run over a larger input: a clean run would not have it.
-            log.info("%s: removing shard %d, which is no longer in the plan", stage.name, shard.shard_id)
-            delete_shard(shard)
+        if shard.shard_id not in planned:  # another worker's final pass is removing it too
             continue
         totals = add_counts(totals, shard.meta.counts)
         seconds += shard.meta.seconds

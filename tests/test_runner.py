@@ -316,6 +316,20 @@ def test_a_redo_killed_between_its_renames_leaves_no_old_index_over_the_new_tar(
     assert [m for _, m in iter_tar_samples(tmp_path / "000000.tar")] == [{"txt": b"4"}]
 
 
+class Counting(Squares):
+    """Squares whose final pass records the shards it finds, as encode-latents' manifests list them."""
+
+    def finalize(self, out_dir, tasks):
+        return {"shards": [s.shard_id for s in committed_shards(out_dir)]}
+
+
+def test_shards_no_longer_planned_are_gone_before_the_final_pass(tmp_path: Path):
+    run_stage(Counting([[2], [4], [6]]), tmp_path, progress=False)
+    result = run_stage(Counting([[2], [4]]), tmp_path, progress=False)
+    assert result.summary["summary"] == {"shards": [0, 1]}
+    assert [s.shard_id for s in committed_shards(tmp_path)] == [0, 1] and result.summary["totals"]["seen"] == 2
+
+
 def test_leftover_temporaries_are_cleaned_before_a_shard_is_redone(tmp_path: Path):
     tmp_path.mkdir(exist_ok=True)
     stale = tmp_path / ".000000.tar.tmp-99999"

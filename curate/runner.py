@@ -16,6 +16,8 @@ idempotent, so two workers doing it at once write the same bytes.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -449,7 +451,7 @@ def run_stage(
         stage.name, len(tasks), share.rank, share.world_size, len(mine), len(result.skipped), len(todo),
     )
 
-    with stage:
+    with _disk_full_named(stage, out_dir), stage:
         if todo and remote:
             _check_writable(out_dir)
         if todo:
@@ -512,6 +514,26 @@ def run_stage(
             log.info("%s: other workers' shards are still missing; the last worker to end finishes the stage",
                      stage.name)
     return result
+
+
+@contextlib.contextmanager
+def _disk_full_named(stage: Stage, out_dir: Path | str) -> Iterator[None]:
+    """A full disk (or quota) while a stage runs is the user's to fix: a clear error that names the
+    folder written to (an OSError's message names none), not a traceback. The shard being made stays
+    uncommitted, its temporaries removed, and the committed ones are kept for the rerun."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        from curate import storage
+        from curate.shards import work_dir
+
+        where = e.filename or work_dir(out_dir)
+        hint = (f" (the local staging folder of {out_dir}: point $KILN_STAGING at a larger disk)"
+                if storage.is_remote(out_dir) else "")
+        raise CurateError(f"{stage.name}: {e.strerror} writing to {where}{hint}; the shards committed so far "
+                          "are kept: free some space and rerun to go on") from e
 
 
 def _remove_unplanned(stage: Stage, out_dir: Path | str, tasks: list[ShardTask]) -> None:

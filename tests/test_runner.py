@@ -330,6 +330,30 @@ def test_shards_no_longer_planned_are_gone_before_the_final_pass(tmp_path: Path)
     assert [s.shard_id for s in committed_shards(tmp_path)] == [0, 1] and result.summary["totals"]["seen"] == 2
 
 
+def test_a_full_disk_mid_shard_is_a_clear_error_that_leaves_no_partial_shard(tmp_path: Path, monkeypatch):
+    import errno
+
+    import curate.shards
+
+    write = curate.shards._HashingFile.write
+
+    def full_at_the_third_shard(self, data):
+        if ".000002.tar" in self.raw.name:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(self, data)
+
+    monkeypatch.setattr(curate.shards._HashingFile, "write", full_at_the_third_shard)
+    with pytest.raises(CurateError, match=f"squares: No space left on device writing to {tmp_path}; the shards "
+                                          "committed so far are kept"):
+        run_stage(Squares([[2], [4], [6, 8]]), tmp_path, progress=False)
+    assert [s.shard_id for s in committed_shards(tmp_path)] == [0, 1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000000.parquet", "000000.tar", "000001.parquet",
+                                                          "000001.tar"]
+    monkeypatch.setattr(curate.shards._HashingFile, "write", write)
+    result = run_stage(Squares([[2], [4], [6, 8]]), tmp_path, progress=False)
+    assert result.skipped == [0, 1] and result.processed == [2] and result.complete
+
+
 def test_leftover_temporaries_are_cleaned_before_a_shard_is_redone(tmp_path: Path):
     tmp_path.mkdir(exist_ok=True)
     stale = tmp_path / ".000000.tar.tmp-99999"

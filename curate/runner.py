@@ -39,6 +39,7 @@ from tqdm import tqdm
 from curate.shards import (
     Shard,
     ShardWriter,
+    UnreadableIndex,
     add_counts,
     committed_shards,
     delete_shard,
@@ -374,7 +375,17 @@ def _done(out_dir: Path | str, tasks: list[ShardTask], config_hash: str,
     if remote:
         storage.forget_listings(str(out_dir))
     return storage.parallel_map(
-        lambda t: _is_done(open_shard(out_dir, t.shard_id), t, config_hash, fingerprints, stage_name), tasks, remote)
+        lambda t: _is_done(_own_shard(out_dir, t.shard_id), t, config_hash, fingerprints, stage_name), tasks, remote)
+
+
+def _own_shard(out_dir: Path | str, shard_id: int) -> Shard | None:
+    """A stage's own committed shard, as :func:`open_shard`; None (to be redone) for one whose index is
+    not readable (cut off by a copy), which would otherwise stop every rerun."""
+    try:
+        return open_shard(out_dir, shard_id)
+    except UnreadableIndex as e:
+        log.warning("%s; the shard is made again", e)
+        return None
 
 
 def _all_done(out_dir: Path | str, tasks: list[ShardTask], config_hash: str, fingerprints: dict[str, str]) -> bool:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 # Keys are part of the contract; images.py computes them so decoding workers import nothing heavy.
@@ -66,6 +67,11 @@ BASE_SCHEMA: dict[str, pl.DataType] = {
 
 class ShardError(RuntimeError):
     """A shard on disk is missing, inconsistent or not ours."""
+
+
+class UnreadableIndex(ShardError):
+    """A shard's index that is not readable Parquet: cut off (by a copy) or damaged. The stage that
+    writes the shard redoes it; a reader is stopped with its name."""
 
 
 def shard_name(shard_id: int) -> str:
@@ -509,7 +515,10 @@ def read_meta(index_path: str | os.PathLike | Any, file_size: int | None = None)
     from curate import storage
 
     remote = isinstance(index_path, str | os.PathLike) and storage.is_remote(index_path)
-    schema = pq.read_schema(storage.parquet_source(index_path, file_size) if remote else index_path)
+    try:
+        schema = pq.read_schema(storage.parquet_source(index_path, file_size) if remote else index_path)
+    except pa.ArrowInvalid as e:  # pyarrow's message does not name the file
+        raise UnreadableIndex(f"{index_path}: not a readable shard index, cut off or damaged ({e})") from e
     blob = (schema.metadata or {}).get(META_KEY)
     if blob is None:
         raise ShardError(f"{index_path}: not a shard index written by this toolkit (no metadata)")

@@ -23,6 +23,7 @@ from curate.runner import (
     run_stage,
 )
 from curate.shards import (
+    ShardError,
     ShardWriter,
     _tarinfo,
     committed_shards,
@@ -352,6 +353,17 @@ def test_a_full_disk_mid_shard_is_a_clear_error_that_leaves_no_partial_shard(tmp
     monkeypatch.setattr(curate.shards._HashingFile, "write", write)
     result = run_stage(Squares([[2], [4], [6, 8]]), tmp_path, progress=False)
     assert result.skipped == [0, 1] and result.processed == [2] and result.complete
+
+
+def test_an_index_cut_off_is_redone_by_its_stage_and_named_to_its_readers(tmp_path: Path):
+    run_stage(Squares([[2], [4]]), tmp_path, progress=False)
+    index = tmp_path / "000001.parquet"
+    index.write_bytes(index.read_bytes()[:100])  # a copy of the folder cut off
+    with pytest.raises(ShardError, match="000001.parquet: not a readable shard index, cut off or damaged"):
+        committed_shards(tmp_path)
+    result = run_stage(Squares([[2], [4]]), tmp_path, progress=False)
+    assert result.skipped == [0] and result.processed == [1] and result.complete
+    assert open_shard(tmp_path, 1).meta.counts["ok"] == 1
 
 
 def test_leftover_temporaries_are_cleaned_before_a_shard_is_redone(tmp_path: Path):

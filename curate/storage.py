@@ -138,9 +138,19 @@ def _filesystem(url: str) -> tuple[Any, str]:
 
 def _missing(e: BaseException) -> bool:
     """A missing file, not a failed request: fsspec's HTTP ``info`` turns any failure into
-    FileNotFoundError (a 503 included), with the real one as its cause."""
+    FileNotFoundError (a 503 included), with the real one as its cause; s3fs's ranged reads give
+    boto's NoSuchKey as the cause, its status in its response."""
     cause = e.__cause__
-    return cause is None or getattr(cause, "status", None) in (404, 410)
+    return cause is None or _status(cause) in (404, 410)
+
+
+def _status(e: BaseException) -> int | None:
+    """The HTTP status of a failed request: aiohttp's (fsspec's HTTP), or botocore's (s3fs)."""
+    status = getattr(e, "status", None)
+    response = getattr(e, "response", None)
+    if status is None and isinstance(response, dict):
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return status
 
 
 def _retried(url: str, what: str, call: Callable[[], T]) -> T:

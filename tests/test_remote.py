@@ -180,6 +180,19 @@ def test_a_large_index_in_an_s3_bucket_reads_as_the_file(tmp_path, s3_bucket):
         assert_frame_equal(read_index(remote.index_path, columns), read_index(shard.index_path, columns))
 
 
+def test_a_file_missing_from_an_s3_bucket_is_missing_to_ranged_reads_not_a_failure_retried(s3_bucket):
+    """s3fs gives a ranged read of a missing key boto's NoSuchKey as its FileNotFoundError's cause: not a
+    failed request to retry (15 s of waits) and report as the store's failure, but a file not there,
+    which readers answer (a score shard without its index, a stage not yet complete)."""
+    from curate.shards import read_index
+
+    missing = f"{s3_bucket}/never-written/000000.parquet"
+    for read in (lambda: storage.read_range(missing, 0, 4), lambda: read_index(missing, ["key"]),
+                 lambda: storage.parquet_source(missing)):
+        with pytest.raises(FileNotFoundError):
+            read()
+
+
 def test_failed_requests_are_retried_and_a_server_that_ignores_ranges_is_named(tmp_path):
     (tmp_path / "blob").write_bytes(bytes(range(256)) * 100)
     with serve(tmp_path) as server:

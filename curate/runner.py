@@ -242,7 +242,13 @@ def resolve_share(rank: int | None = None, world_size: int | None = None) -> Wor
             rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
         elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
             ntasks = slurm_tasks(env)
-            index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+            # --array=0-20:4 numbers its tasks 0, 4, ... 20: the index counts steps from the first.
+            step = int(env.get("SLURM_ARRAY_TASK_STEP") or 1)
+            offset = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+            if step < 1 or offset % step:
+                raise CurateError(f"Slurm array task {env['SLURM_ARRAY_TASK_ID']} is not the first task's number plus "
+                                  f"a multiple of its step {step}: give --rank and --world-size")
+            index = offset // step
             rank = index * ntasks + (int(env.get("SLURM_PROCID", 0)) if ntasks > 1 else 0)
             world_size = int(env["SLURM_ARRAY_TASK_COUNT"]) * ntasks
         elif "SLURM_PROCID" in env and slurm_tasks(env) > 1:

@@ -63,7 +63,7 @@ class Squares(Stage):
 
 
 ENV_KEYS = ["RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_ARRAY_TASK_ID",
-            "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"]
+            "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP"]
 
 
 @pytest.mark.parametrize(
@@ -76,6 +76,8 @@ ENV_KEYS = ["RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NU
         # a batch script with --ntasks 6 that runs the stage itself: one process, so all the work
         ({"SLURM_PROCID": "0", "SLURM_NTASKS": "6"}, (0, 1)),
         ({"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "10", "SLURM_ARRAY_TASK_MIN": "1"}, (6, 10)),
+        ({"SLURM_ARRAY_TASK_ID": "8", "SLURM_ARRAY_TASK_COUNT": "6", "SLURM_ARRAY_TASK_MIN": "0",
+          "SLURM_ARRAY_TASK_STEP": "4"}, (2, 6)),  # --array=0-20:4
         ({"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "10", "SLURM_ARRAY_TASK_MIN": "1",
           "SLURM_PROCID": "0", "SLURM_NTASKS": "4"}, (6, 10)),  # array tasks' batch scripts
         ({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_PROCID": "1", "SLURM_NTASKS": "3",
@@ -136,11 +138,18 @@ def test_vllm_workers_get_their_own_gpus(monkeypatch, env, parallel, expected):
         assert os.environ["CUDA_VISIBLE_DEVICES"] == expected
 
 
-def test_bad_worker_share_is_a_clear_error():
+def test_bad_worker_share_is_a_clear_error(monkeypatch):
     with pytest.raises(CurateError, match="outside"):
         resolve_share(4, 4)
     with pytest.raises(CurateError, match="go together"):
         resolve_share(1, None)
+    for key in ENV_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in {"SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_COUNT": "6", "SLURM_ARRAY_TASK_MIN": "0",
+                       "SLURM_ARRAY_TASK_STEP": "4"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(CurateError, match="not the first task's number plus a multiple of its step 4"):
+        resolve_share()
 
 
 def test_stage_counts_and_stage_file(tmp_path: Path):

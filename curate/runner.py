@@ -23,6 +23,7 @@ import logging
 import os
 import platform
 import posixpath
+import re
 import sys
 import time
 from collections import deque
@@ -553,15 +554,30 @@ def _disk_full_named(stage: Stage, out_dir: Path | str) -> Iterator[None]:
                           "are kept: free some space and rerun to go on") from e
 
 
+_TAR_RE = re.compile(r"^(\d{6,})\.tar$")
+
+
 def _remove_unplanned(stage: Stage, out_dir: Path | str, tasks: list[ShardTask]) -> None:
     """Remove the committed shards that the plan no longer has (left from an earlier run over a larger
     input: a clean run would not have them), before the final pass, which reads the folder's shards
     (its manifests, its summary, its cross-shard deduplication) and must see the plan's alone."""
+    from curate import storage
+
     planned = {t.shard_id for t in tasks}
     for shard in committed_shards(out_dir):
         if shard.shard_id not in planned:
             log.info("%s: removing shard %d, which is no longer in the plan", stage.name, shard.shard_id)
             delete_shard(shard)
+    # A tar whose index never came (its writer killed between the renames), outside the plan too: no
+    # run would redo it, and a reader that globs *.tar (datasets' webdataset loader) would read it.
+    remote = storage.is_remote(out_dir)
+    for name in storage.list_names(out_dir) if remote else os.listdir(out_dir):
+        if (m := _TAR_RE.match(name)) and int(m.group(1)) not in planned:
+            log.info("%s: removing %s, a tar without its index outside the plan", stage.name, name)
+            if remote:
+                storage.remove(storage.join(out_dir, name))
+            else:
+                Path(out_dir, name).unlink(missing_ok=True)
 
 
 def _withdraw_completion(out_dir: Path | str) -> None:

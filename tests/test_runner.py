@@ -375,6 +375,18 @@ def test_an_index_cut_off_is_redone_by_its_stage_and_named_to_its_readers(tmp_pa
     assert open_shard(tmp_path, 1).meta.counts["ok"] == 1
 
 
+def test_a_tar_without_its_index_outside_a_smaller_plan_is_removed(tmp_path: Path):
+    """A kill between a shard's renames leaves its tar alone; once the input shrinks, no run redoes that
+    shard, and a reader globbing *.tar would read it."""
+    run_stage(Squares([[2], [4], [6]]), tmp_path, progress=False)
+    (tmp_path / "000002.parquet").unlink()  # as if killed between the two renames
+    (tmp_path / "000003.tar").write_bytes(b"\0" * 1024)  # as if killed before shard 3's index, long ago
+    result = run_stage(Squares([[2], [4]]), tmp_path, progress=False)
+    assert result.complete
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith((".", "_"))) == [
+        "000000.parquet", "000000.tar", "000001.parquet", "000001.tar"]
+
+
 def test_leftover_temporaries_are_cleaned_before_a_shard_is_redone(tmp_path: Path):
     tmp_path.mkdir(exist_ok=True)
     stale = tmp_path / ".000000.tar.tmp-99999"

@@ -384,7 +384,8 @@ def test_caption_fallbacks_count_on_through_a_resume(tmp_path: Path, models):
     assert losses(resumed, "caption_fallbacks") == counted
 
 
-def test_a_cool_down_added_on_resume_trains_as_a_run_planned_with_it(tmp_path: Path, models, dataset, capsys):
+def test_a_cool_down_added_on_resume_trains_as_a_run_planned_with_it(tmp_path: Path, models, dataset, capsys,
+                                                                    monkeypatch):
     """Warm-up, stable, decay: a constant run extended with a decay of its last steps continues
     exactly as a run that had the decay from the start; the logged LR is the one each step used."""
     from train.schedule import lr_factor
@@ -402,10 +403,20 @@ def test_a_cool_down_added_on_resume_trains_as_a_run_planned_with_it(tmp_path: P
                                           *(f"{k}={v}" for k, v in cool_down.items())])
     assert [lr for _, lr in losses(planned, "lr")] == pytest.approx(
         [1e-3 * lr_factor(step, cfg.optim, 7) for step in range(7)])
-    # A decay that should already have begun is allowed too, and the log says the LR jumps.
+    # A decay that should already have begun is allowed too, and the log says the LR jumps: from the
+    # first update after the resume on, not one step late (the optimizer's state held the old LR).
+    used, step = [], torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
     assert train_main(["--out", str(extended), "--resume", "auto", "steps=9", "optim.decay=linear",
                        "optim.decay_steps=6"]) == 0
-    assert "schedule changed on resume: step 8 updates at lr" in capsys.readouterr().err
+    assert "schedule changed on resume: step 8 updates at lr 0.0004," in capsys.readouterr().err
+    assert used == pytest.approx([1e-3 * (0.1 + 0.9 * 2 / 6), 1e-3 * (0.1 + 0.9 / 6)])  # min_lr_ratio 0.1 kept
+    assert [lr for _, lr in losses(extended, "lr")][-2:] == pytest.approx(used)
 
 
 def test_weights_gone_non_finite_are_never_checkpointed(tmp_path: Path, models, dataset, monkeypatch):

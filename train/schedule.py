@@ -21,6 +21,7 @@ changed ``steps`` moves the decay with it.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -56,6 +57,19 @@ def build_schedule(optimizer: torch.optim.Optimizer, optim: OptimConfig,
     """The run's schedule over every parameter group. The factor is a closure, not an object, so the
     checkpoint stores only the step count and a resumed run's config decides the rest."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, optim, steps))
+
+
+def restore_schedule(schedule: torch.optim.lr_scheduler.LambdaLR, saved: dict[str, Any]) -> None:
+    """Continue a checkpoint's schedule: its step count, and this run's LR for the next update.
+
+    The optimizer's restored state holds the LR that the checkpointed run's schedule set for that
+    update, and loading a schedule does not touch it; where the decay keys changed on resume (a
+    cool-down added late) the next update would run at the old LR, one step before the new factor
+    took over."""
+    schedule.load_state_dict(saved)
+    for group, base, factor in zip(schedule.optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas,
+                                   strict=True):
+        group["lr"] = base * factor(schedule.last_epoch)
 
 
 def describe(optim: OptimConfig, lr: float, steps: int) -> str:

@@ -92,7 +92,7 @@ from train.repa import (
     spatial_normalize,
 )
 from train.routing import RoutedDenoiser, draw_route, gather_tokens
-from train.schedule import build_schedule, lr_factor
+from train.schedule import build_schedule, lr_factor, restore_schedule
 from train.schedule import describe as describe_schedule
 from train.sharding import (
     all_finite,
@@ -252,7 +252,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
     if state is not None:
         saved_optimizer = _optimizer_state(state["optimizer"], cfg, projector)
         optimizer.load_state_dict(sharded_optimizer_state(saved_optimizer, optimizer) if sharded else saved_optimizer)
-        schedule.load_state_dict(state["schedule"])
+        restore_schedule(schedule, state["schedule"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
         start_step = int(state["step"])

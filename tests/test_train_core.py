@@ -172,6 +172,22 @@ def test_bad_yaml_and_unknown_preset(tmp_path: Path):
         build_config("huge")
 
 
+def test_a_preset_named_by_key_is_applied_not_only_recorded(tmp_path: Path):
+    """`preset: tiny` in a config file, or preset=tiny on the command line, chooses the preset as
+    --preset does; it used to rename the run alone, which trained the PRX-1.2B baseline as "tiny"."""
+    tiny = build_config("tiny")
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("preset: tiny\nsteps: 50\n")
+    from_file = build_config(config_file=yaml_file)
+    assert (from_file.preset, from_file.model.hidden_size, from_file.steps) == ("tiny", tiny.model.hidden_size, 50)
+    assert build_config(overrides=["preset=tiny"]) == tiny
+    assert build_config("tiny", yaml_file).model.hidden_size == tiny.model.hidden_size  # the same preset twice
+    with pytest.raises(ConfigError, match="two presets are named: small by --preset, tiny by "):
+        build_config("small", yaml_file)
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        build_config(overrides=["preset=huge"])
+
+
 def test_bf16_weights_are_refused_with_the_reason_unless_overridden():
     with pytest.raises(ConfigError) as err:
         build_config("tiny", overrides=["weights_dtype=bfloat16"])

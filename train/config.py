@@ -312,6 +312,8 @@ def build_config(
     ``base`` (a resumed run's saved config) replaces defaults, preset and ablations: what the
     command line adds goes on top of it, and a preset or ablations named again must be the run's own.
     """
+    file_data = _read_yaml(config_file) if config_file is not None else {}
+    parsed = [_parse_override(item) for item in overrides or []]
     if base is not None:
         if preset is not None and preset != base.preset:
             raise ConfigError(f"the run was trained with --preset {base.preset}, not {preset}")
@@ -321,7 +323,7 @@ def build_config(
         cfg = from_dict(to_dict(base))
     else:
         cfg = TrainConfig()
-        preset = preset or fields.get("preset") or cfg.preset
+        preset = _named_preset(preset, file_data, str(config_file), parsed, fields.get("preset")) or cfg.preset
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         cfg.preset = preset
@@ -333,17 +335,9 @@ def build_config(
             cfg.ablations.append(name)
     applied = list(cfg.ablations)
     if config_file is not None:
-        apply_dict(cfg, _read_yaml(config_file), source=str(config_file))
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not key=value")
-        try:
-            parsed = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: its value is not YAML ({str(e).splitlines()[0]}); quote a "
-                              "string that starts with [ { or :") from None
-        set_key(cfg, key.strip(), parsed, source="command line")
+        apply_dict(cfg, file_data, source=str(config_file))
+    for key, value in parsed:
+        set_key(cfg, key, value, source="command line")
     for key, value in fields.items():
         if value is not None:
             set_key(cfg, key, value, source="command line")
@@ -352,6 +346,37 @@ def build_config(
                           f"key: {cfg.ablations}")
     validate(cfg)
     return cfg
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    """``key=value`` as (key, the value read as YAML)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not key=value")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: its value is not YAML ({str(e).splitlines()[0]}); quote a "
+                          "string that starts with [ { or :") from None
+    return key.strip(), parsed
+
+
+def _named_preset(flag: str | None, file_data: dict[str, Any], file_name: str, parsed: list[tuple[str, Any]],
+                  field_value: Any) -> str | None:
+    """The preset a new run applies: ``--preset``, or the ``preset`` key of the config file or the
+    command line. The key is applied like the flag (a key that only renamed the run would train the
+    baseline's model under another preset's name); naming two different presets is an error."""
+    named = {"--preset": flag} if flag is not None else {}
+    if file_data.get("preset") is not None:
+        named[file_name] = file_data["preset"]
+    for key, value in parsed:
+        if key == "preset":
+            named["the command line"] = value
+    if field_value is not None:
+        named["the command line"] = field_value
+    if len({str(v) for v in named.values()}) > 1:
+        raise ConfigError("two presets are named: " + ", ".join(f"{v} by {where}" for where, v in named.items()))
+    return str(next(iter(named.values()))) if named else None
 
 
 def _read_yaml(path: str | Path) -> dict[str, Any]:

@@ -512,6 +512,14 @@ def test_unknown_caption_key_is_refused(tmp_path: Path, models, dataset, capsys)
     assert _no_work_done(tmp_path / "run")
 
 
+def test_a_sample_grid_size_that_is_not_whole_tokens_is_refused_before_any_step(tmp_path: Path, models, dataset,
+                                                                                capsys):
+    # 40 px is 2.5 tokens of 16 px (Flux's 1/8 x patch size 2): the first grid would fail, steps in.
+    assert run_train(dataset["long"], tmp_path / "run", models, steps=2, sample_every=2, **{"sample.size": 40}) == 2
+    assert "sample.size=40" in (err := capsys.readouterr().err) and "multiple of 16" in err, err
+    assert _no_work_done(tmp_path / "run")
+
+
 def test_missing_and_corrupt_shards_are_refused(tmp_path: Path, models, capsys):
     data = make_latent_dataset(tmp_path / "d", shards=2, per_shard=4, vae_dir=models["flux"])
     tars = sorted(data["latents"].glob("*.tar"))

@@ -153,6 +153,8 @@ def test_precedence_defaults_preset_yaml_overrides(tmp_path: Path):
     ("sample.guidance_interval=[0.8, 0.2]", "sample.guidance_interval must be two times 0 <= low <= high <= 1"),
     ("optim.decay_steps=5", "optim.decay is none"),
     ("optim.min_lr_ratio=0.1", "optim.decay is none"),
+    ("sample.prompts=[]", "sample.prompts is empty"),  # the tiny preset samples every 100 steps
+    ("sample.size=-16", "sample.size cannot be negative"),
 ])
 def test_bad_overrides_are_named(override: str, message: str):
     with pytest.raises(ConfigError) as err:

@@ -587,6 +587,11 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"val.every, val.samples and val.timesteps must be positive (got {cfg.val.every}, "
                           f"{cfg.val.samples}, {cfg.val.timesteps})")
     check_guidance_interval(cfg.sample.guidance_interval, "sample.guidance_interval")
+    if cfg.sample.size < 0:
+        raise ConfigError(f"sample.size cannot be negative (0: the manifest's resolution), got {cfg.sample.size}")
+    if cfg.sample_every and not cfg.sample.prompts:
+        raise ConfigError("sample.prompts is empty, but sample_every asks for sample grids: name prompts, or "
+                          "turn the grids off with sample_every=0")
     if cfg.sample_every < 0 or cfg.data.workers < 0 or cfg.activation_checkpointing < 0:
         raise ConfigError("sample_every, data.workers and activation_checkpointing cannot be negative")
     if cfg.model.hidden_size % cfg.model.num_heads:

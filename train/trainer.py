@@ -194,6 +194,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None,
     check_token_grid(summary.buckets, manifest.latent, architecture["patch_size"])
     if validation is not None:
         check_token_grid(validation.sizes, manifest.latent, architecture["patch_size"], "the held-out manifest's")
+    if cfg.sample_every:
+        _check_sample_size(cfg, manifest.latent, architecture["patch_size"])
     if state is not None:
         _check_resume(state, cfg, manifest_sha, fingerprint, architecture, manifest, resumed_from)
     # A new run may start from trained weights (train/init.py); a resumed one has its own.
@@ -838,6 +840,16 @@ def _check_resume(state: dict[str, Any], cfg: TrainConfig, manifest_sha: str, fi
     if changed:
         raise CheckpointError(f"cannot resume {path}: the data order would differ from the run's: "
                               + "; ".join(changed))
+
+
+def _check_sample_size(cfg: TrainConfig, spec: LatentSpec, patch_size: int) -> None:
+    """The sample grids' images are whole tokens: checked before any step, not at the first grid."""
+    token = model_downsample(spec) * patch_size
+    size = cfg.sample.size or spec.resolution
+    if size % token:
+        raise ConfigError(f"sample.size={size}: the sample grids' images must be whole tokens of {token} px "
+                          f"(model-space downsampling {model_downsample(spec)} x patch size {patch_size}); "
+                          f"choose a multiple of {token}")
 
 
 def _load_vae(spec: LatentSpec, device: torch.device) -> Any:

@@ -63,6 +63,7 @@ from train.config import (
     repa_block,
     to_dict,
     to_yaml,
+    validate,
 )
 from train.data import DataSettings, LatentLoader, StepBatch, check_data, fingerprint_diff
 from train.data import fingerprint as data_fingerprint
@@ -153,6 +154,7 @@ def train(cfg: TrainConfig, *, resume: str = "never", data: DataSource | None = 
 def _train(cfg: TrainConfig, world: World, resume: str, data: DataSource | None, check_only: bool = False) -> RunResult:
     if not cfg.shards or not cfg.out:
         raise ConfigError("both --shards (a manifest) and --out (the run folder) are needed")
+    validate(cfg)  # again: a program may change a config after build_config (the bf16 guard holds for it too)
     # A run at a URL (train/remote_run.py) is written in a local copy and pushed there.
     remote = RemoteRun(cfg.out, reader=check_only) if storage.is_remote(cfg.out) else None
     run_dir = remote.local if remote is not None else Path(cfg.out)

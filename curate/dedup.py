@@ -64,6 +64,11 @@ FIT_PER_CENTROID = 256  # k-means is fitted on at most this many images per cent
 CHUNK = 65_536  # images per similarity product: bounds the memory of a step
 REFERENCE_PROBES = 3  # with --against, each reference image is in the clusters of its 3 nearest centroids
 BLOCK_ELEMENTS = 1 << 24  # similarities per product against a reference cluster (64 MiB in float32)
+# The embeddings are stored in float16, whose rounding moves a row's norm by up to ~1e-4: each row is
+# renormalised in float32 before it is compared, and a similarity within ROUNDING of the threshold
+# reaches it (float32's rounding of a dot product of unit rows is under 1e-6 at 1024 dimensions), so
+# that --threshold 1 finds identical embeddings (about half of them read 0.9999 unrenormalised).
+ROUNDING = 1e-5
 
 
 def fit_centroids(embeddings: torch.Tensor, clusters: int, *, seed: int = 0,
@@ -114,7 +119,7 @@ def find_duplicates(embeddings: np.ndarray, threshold: float, *, cluster_size: i
     for cluster, rows in _members(labels):
         if len(rows) < 2:
             continue
-        members = x[rows.to(device)].float()
+        members = _unit(x[rows.to(device)])
         # Column j's best match among rows i < j, a block of columns at a time.
         best, best_of = [], []
         for start in range(0, len(rows), CHUNK // 16):
@@ -125,8 +130,8 @@ def find_duplicates(embeddings: np.ndarray, threshold: float, *, cluster_size: i
             values, index = similarity.masked_fill(~earlier, -2.0).max(dim=0)
             best.append(values.cpu())
             best_of.append(index.cpu())
-        values, index = torch.cat(best), torch.cat(best_of)
-        hit = values >= threshold
+        values, index = torch.cat(best).clamp(max=1.0), torch.cat(best_of)
+        hit = values >= threshold - ROUNDING
         if hit.any():
             found.append((rows[hit].numpy(), rows[index[hit]].numpy(), values[hit].numpy(), cluster))
     return _found(found)
@@ -158,17 +163,22 @@ def find_matches(embeddings: np.ndarray, reference: np.ndarray, threshold: float
         members = members_of.get(cluster)
         if members is None:  # no reference row is nearest to this centroid
             continue
-        against = ref[members.to(device)].float()
+        against = _unit(ref[members.to(device)])
         best, best_of = [], []
         for block in rows.split(max(1, BLOCK_ELEMENTS // len(members))):
-            values, index = (x[block.to(device)].float() @ against.T).max(dim=1)
+            values, index = (_unit(x[block.to(device)]) @ against.T).max(dim=1)
             best.append(values.cpu())
             best_of.append(index.cpu())
-        values, index = torch.cat(best), torch.cat(best_of)
-        hit = values >= threshold
+        values, index = torch.cat(best).clamp(max=1.0), torch.cat(best_of)
+        hit = values >= threshold - ROUNDING
         if hit.any():
             found.append((rows[hit].numpy(), members[index[hit]].numpy(), values[hit].numpy(), cluster))
     return _found(found)
+
+
+def _unit(rows: torch.Tensor) -> torch.Tensor:
+    """Stored (float16) embeddings as float32 rows of norm 1, to compare (see ``ROUNDING``)."""
+    return torch.nn.functional.normalize(rows.float(), dim=1)
 
 
 def _check_settings(threshold: float, cluster_size: int) -> None:

@@ -86,6 +86,20 @@ def test_matches_against_a_reference_are_the_brute_force_ones_within_clusters():
         find_matches(x, reference, 0)
 
 
+def test_identical_embeddings_reach_a_threshold_of_one():
+    """float16 storage moves a row's norm by ~1e-4: an image's identical copy (the same pixels in
+    other bytes) read 0.9999 about half the time, and --threshold 1 missed it."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(100, 64))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+    copies = np.concatenate([x, x])  # row 100 + i is row i again
+    found = find_duplicates(copies, 1.0, device="cpu")
+    assert found["index"].tolist() == list(range(100, 200)) and found["of"].tolist() == list(range(100))
+    assert (found["similarity"] <= 1.0).all()
+    matches = find_matches(x, x[::-1], 1.0, device="cpu")
+    assert matches["index"].tolist() == list(range(100)) and matches["of"].tolist() == list(range(99, -1, -1))
+
+
 def _score_stage(out: Path, keys: list[str], embeddings: np.ndarray, model: str = "tiny-clip") -> Path:
     """A score stage holding ``embeddings`` as `curate score --embeddings` writes them (two shards)."""
     schema = {EMBEDDING_COLUMN: pl.Array(pl.Float32, embeddings.shape[1])}

@@ -190,6 +190,8 @@ def _check_settings(threshold: float, cluster_size: int) -> None:
 
 def _members(labels: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     """(cluster, its rows in ascending order) for every cluster that has rows."""
+    if not len(labels):  # no rows (--against a manifest of every scored image: no candidates left)
+        return []
     order = torch.argsort(labels, stable=True)  # a stable sort keeps the dataset's order within a cluster
     bounds = torch.searchsorted(labels[order], torch.arange(int(labels.max()) + 2))
     return [(cluster, order[bounds[cluster]: bounds[cluster + 1]]) for cluster in range(len(bounds) - 1)

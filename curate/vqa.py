@@ -32,6 +32,7 @@ from curate.shards import stable_hash
 QUESTION = 'Does this figure show "{}"? Please answer yes or no.'  # the paper's template
 ANSWER = "Yes"
 MAX_PIXELS = 448 * 448  # 256 visual tokens for Qwen2-VL (28 px a token after its 2x2 merge)
+MAX_ASPECT = 200  # Qwen2-VL's image processors refuse an image longer than 200 times its short side
 
 
 class VqaScorer:
@@ -102,9 +103,33 @@ class VqaScorer:
 
 
 def _fit(image: Image.Image) -> Image.Image:
-    """RGB, scaled down (bicubic, aspect kept) to at most ``MAX_PIXELS``."""
+    """RGB, scaled down (bicubic, aspect kept) to at most ``MAX_PIXELS``; one that would then be
+    longer than ``MAX_ASPECT`` times its short side padded to ``MAX_ASPECT``:1 (:func:`_letterbox`)."""
     image = image.convert("RGB")
-    if image.width * image.height <= MAX_PIXELS:
-        return image
-    scale = math.sqrt(MAX_PIXELS / (image.width * image.height))
-    return image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))), Image.Resampling.BICUBIC)
+    fitted = image
+    if image.width * image.height > MAX_PIXELS:
+        scale = math.sqrt(MAX_PIXELS / (image.width * image.height))
+        fitted = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))),
+                              Image.Resampling.BICUBIC)
+    if max(fitted.size) > MAX_ASPECT * min(fitted.size):
+        return _letterbox(image)
+    return fitted
+
+
+def _letterbox(image: Image.Image) -> Image.Image:
+    """An image longer than ``MAX_ASPECT`` times its short side (a banner, a whole page's
+    screenshot: ingest accepts them), which Qwen2-VL's processors refuse (a ValueError, which would
+    stop the stage): scaled down as needed (bicubic, aspect kept) and padded with black on both sides
+    of its short side to ``MAX_ASPECT``:1, within ``MAX_PIXELS`` (so that fitting it again keeps it)."""
+    wide = image.width >= image.height
+    long, short = (image.width, image.height) if wide else (image.height, image.width)
+    target = min(long, math.isqrt(MAX_PIXELS * MAX_ASPECT))
+    while target * math.ceil(target / MAX_ASPECT) > MAX_PIXELS:
+        target -= 1
+    content = max(1, round(short * target / long))
+    side = max(content, math.ceil(target / MAX_ASPECT))
+    if target != long:
+        image = image.resize((target, content) if wide else (content, target), Image.Resampling.BICUBIC)
+    canvas = Image.new("RGB", (target, side) if wide else (side, target))
+    canvas.paste(image, (0, (side - content) // 2) if wide else ((side - content) // 2, 0))
+    return canvas

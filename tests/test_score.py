@@ -293,8 +293,14 @@ def test_vqa_scores_every_caption_against_its_image(stage, tmp_path: Path, capsy
         member = next(m for m in tar.getmembers() if m.name.startswith(f"{key}.") and not m.name.endswith(".json"))
         image = Image.open(io.BytesIO(tar.extractfile(member).read()))
         image.load()
-    expected = VqaScorer(str(vlm), device="cpu")([VqaScorer.prepare(image)], ["a short one"])
+    scorer = VqaScorer(str(vlm), device="cpu")
+    expected = scorer([VqaScorer.prepare(image)], ["a short one"])
     assert rows.filter(pl.col("key") == key)["vqa_short"][0] == pytest.approx(float(expected[0, 0]), rel=1e-4)
+    # A banner longer than 200 times its height (ingest takes it) is one Qwen2-VL's processor
+    # refuses (a ValueError, which stopped the stage): it is padded to 200:1 and scored.
+    banner = VqaScorer.prepare(Image.new("RGB", (13000, 64), "red"))
+    assert max(banner.shape[1:]) <= 200 * min(banner.shape[1:]) and banner.shape[1] * banner.shape[2] <= 448 * 448
+    assert 0 < float(scorer([banner], ["a red banner"])[0, 0]) < 1
     stage_file = json.loads((out / "_stage.json").read_text())
     assert stage_file["config"]["vqa"]["question"] == 'Does this figure show "{}"? Please answer yes or no.'
     assert stage_file["config"]["vqa"]["fingerprint"] and stage_file["summary"]["vqa_long"]["samples"] == 10

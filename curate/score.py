@@ -215,8 +215,16 @@ class ImageClassifier:
             raise CurateError(f"--classifier {spec}: {ref.id} has no label {label!r}; its labels are "
                               f"{', '.join(repr(t) for _, t in sorted(labels.items()))}")
         self.index, self.label, self.column = found[0], labels[found[0]], _label_column(label)
-        # Multi-label heads score each label on its own (sigmoid); the others share one softmax.
-        self.multi_label = config.problem_type == "multi_label_classification"
+        # As transformers' image-classification pipeline reads a head: a regression head's value as it
+        # is, a multi-label head's labels each on its own (sigmoid), as a one-logit head's (a softmax
+        # over one logit is 1.0 for every image), the others' labels sharing one softmax.
+        problem = config.problem_type
+        self.activation = ("none" if problem == "regression" else
+                           "sigmoid" if problem == "multi_label_classification" or config.num_labels == 1 else "softmax")
+        # A one-logit or regression head was scored with a softmax before: its activation goes into
+        # the stage config, so that such a stage is scored again; the others keep their hash.
+        self._recorded_activation = problem == "regression" or (
+            config.num_labels == 1 and problem != "multi_label_classification")
         self.commit = None if ref.local else resolved_commit(ref.id, revision, config)  # the Hub snapshot read
         self._model = None
 
@@ -225,7 +233,8 @@ class ImageClassifier:
         from curate.models import local_fingerprint
 
         return {"model": self.name, "label": self.label, "column": self.column, "commit": self.commit,
-                "local_model_files": local_fingerprint(self.id)}
+                "local_model_files": local_fingerprint(self.id),
+                **({"activation": self.activation} if self._recorded_activation else {})}
 
     def load(self) -> torch.nn.Module:
         if self._model is None:
@@ -243,7 +252,8 @@ class ImageClassifier:
     def probabilities(self, pixels: torch.Tensor) -> list[float]:
         with _gpu_bf16(self.device):
             logits = self.load()(pixel_values=pixels.to(self.device)).logits.float()
-        scores = logits.sigmoid() if self.multi_label else logits.softmax(dim=-1)
+        scores = (logits if self.activation == "none" else logits.sigmoid() if self.activation == "sigmoid"
+                  else logits.softmax(dim=-1))
         return scores[:, self.index].tolist()
 
 

@@ -184,6 +184,22 @@ def test_a_classifier_scores_its_labels_probability_as_the_pipeline_does(classif
         reference = pipeline("image-classification", model=str(classifiers[name]), device="cpu")
         expected = [next(r["score"] for r in reference(image) if r["label"] == label) for image in images]
         assert got == pytest.approx(expected, abs=1e-5)
+    # A one-logit head (a binary detector trained with a sigmoid) and a regression head, read as the
+    # pipeline reads them: a softmax over one logit scored 1.0 for every image.
+    from curate.tiny import build_tiny_image_classifier
+
+    one = build_tiny_image_classifier(classifiers["nsfw"].parent / "one-logit", labels=("watermark",), seed=2)
+    regression = classifiers["nsfw"].parent / "regression"
+    shutil.copytree(one, regression, dirs_exist_ok=True)
+    config = json.loads((regression / "config.json").read_text())
+    (regression / "config.json").write_text(json.dumps({**config, "problem_type": "regression"}))
+    for folder, activation in ((one, "sigmoid"), (regression, "none")):
+        classifier = ImageClassifier(f"{folder}:watermark", device="cpu")
+        got = classifier.probabilities(torch.stack([classifier.prepare(i) for i in images]))
+        reference = pipeline("image-classification", model=str(folder), device="cpu")
+        assert got == pytest.approx([reference(image)[0]["score"] for image in images], abs=1e-5)
+        assert len(set(got)) == 3 and classifier.record()["activation"] == activation  # scored again
+    assert "activation" not in ImageClassifier(f"{classifiers['nsfw']}:nsfw").record()  # the same hash as before
     # "No Watermark" is another label, not a match of "watermark".
     assert ImageClassifier(f"{classifiers['watermark']}:no watermark").column == "no_watermark"
     with pytest.raises(CurateError, match="has no label 'porn'; its labels are 'normal', 'nsfw'"):

@@ -95,6 +95,10 @@ class AestheticHead(torch.nn.Module):
             raise CurateError(f"--aesthetic {path}: cannot read a state dict from it: {e}") from e
         if not isinstance(state, dict):
             raise CurateError(f"--aesthetic {path}: holds a {type(state).__name__}, not a state dict")
+        other = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+        if other:  # a training checkpoint (a state dict under "state_dict", an epoch...)
+            raise CurateError(f"--aesthetic {path}: not a state dict: {', '.join(map(str, other[:4]))} hold no tensor "
+                              "(a training checkpoint? save its model's state_dict)")
         return cls({k.removeprefix("module."): v.float() for k, v in state.items()}, str(path))
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:

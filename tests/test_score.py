@@ -13,6 +13,7 @@ import torch
 from conftest import kill_at, run_cli, write_good_images
 
 from curate.cli import main as curate_main
+from curate.runner import CurateError
 from curate.score import AestheticHead, ClipScorer
 from curate.shards import ShardWriter, committed_shards, stable_hash
 
@@ -149,6 +150,11 @@ def test_what_cannot_be_scored_is_named(clip, stage, tmp_path: Path, capsys):
     assert curate_main(["score", str(stage["images"]), "--model", str(clip), "--aesthetic",
                         str(tmp_path / "junk.pth"), *out]) == 2
     assert "cannot read a state dict" in capsys.readouterr().err
+    # A training checkpoint, the state dict inside it: named, not an AttributeError.
+    torch.save({"state_dict": torch.load(aesthetic_file(tmp_path / "a.pth", 16), weights_only=True), "epoch": 3},
+               tmp_path / "checkpoint.pth")
+    with pytest.raises(CurateError, match="epoch, state_dict hold no tensor"):
+        AestheticHead.load(tmp_path / "checkpoint.pth")
     vision_only = tmp_path / "vision-only"
     from curate.tiny import build_tiny_clip_vision
 

@@ -207,14 +207,23 @@ def _group_tar(tar_path: str, label: str) -> Iterator[Record]:
         yield _record_from_members(label, key, members)
 
 
+def _field(members: dict[str, bytes], suffix: str) -> str | None:
+    """The member of a sample that ends in ``suffix``: ``KEY.suffix``, else one whose name has more
+    dots (``img.0001.txt``: webdataset's key ends at the first dot, so its field is ``0001.txt``)."""
+    if suffix in members:
+        return suffix
+    return next((e for e in members if e.rsplit(".", 1)[-1] == suffix), None)
+
+
 def _record_from_members(label: str, key: str, members: dict[str, bytes]) -> Record:
     source = f"{label}::{key}"
     image_ext = next((e for e in members if "." + e.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS), None)
     meta: dict[str, Any] = {}
     caption = None
-    if "json" in members:
+    json_ext, txt_ext = _field(members, "json"), _field(members, "txt")
+    if json_ext is not None:
         try:
-            meta = json.loads(members["json"])
+            meta = json.loads(members[json_ext])
         except ValueError:
             meta = {}
         if isinstance(meta, dict):
@@ -222,8 +231,8 @@ def _record_from_members(label: str, key: str, members: dict[str, bytes]) -> Rec
             meta = {k: v for k, v in meta.items() if isinstance(v, str | int | float | bool) or v is None}
         else:
             meta = {}
-    if "txt" in members:
-        caption = members["txt"].decode("utf-8", errors="replace").strip()
+    if txt_ext is not None:
+        caption = members[txt_ext].decode("utf-8", errors="replace").strip()
     if image_ext is None:
         return Record(source=source, error=("unreadable", f"no image member among {sorted(members)}"))
     url = meta.get("url")

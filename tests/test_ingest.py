@@ -536,3 +536,31 @@ def test_numbers_out_of_range_and_a_file_given_as_a_folder_are_clear_errors(mixe
     assert main(["stats", str(tmp_path / "file.txt")]) == 2 and main(["stats", str(tmp_path / "no.json")]) == 2
     err = capsys.readouterr().err
     assert "file.txt: not a stage folder (of shards) nor a manifest" in err and "no.json: no such stage folder" in err
+
+
+def _tar_of(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_a_tar_key_with_several_dots_keeps_its_caption(tmp_path: Path):
+    # webdataset's key ends at the basename's first dot: img.0001.jpg and img.0001.txt are the fields
+    # "0001.jpg" and "0001.txt" of sample "img". The image was found by its last suffix; so is its caption.
+    images = write_good_images(tmp_path / "raw", 3)
+    tar = _tar_of(tmp_path / "odd.tar", [
+        ("img.0001.jpg", images[0].read_bytes()), ("img.0001.txt", b"a caption beside several dots"),
+        ("v.2.jpg", images[1].read_bytes()), ("v.2.json", json.dumps({"caption": "from the json"}).encode()),
+        ("B.JPG", images[2].read_bytes()), ("B.TXT", b"upper case"),
+    ])
+    source = TarSource(str(tar))
+    records = [r for task in source.plan(100) for r in source.records(task)]
+    assert [(r.caption, r.error) for r in records] == [
+        ("a caption beside several dots", None), ("from the json", None), ("upper case", None)]
+    assert [r.data for r in records] == [p.read_bytes() for p in images]

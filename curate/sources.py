@@ -9,6 +9,7 @@ sample came from; a record that could not be read at all carries the rejection i
 
 from __future__ import annotations
 
+import codecs
 import collections
 import contextlib
 import glob
@@ -53,12 +54,24 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, n)) for start in range(0, n, size)]
 
 
+# Byte order marks, the longest first (UTF-32 LE's begins with UTF-16 LE's).
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def _decode_text(data: bytes) -> str:
+    """Caption text: UTF-8, or what a byte order mark names (Windows editors write UTF-8 with a BOM,
+    and UTF-16 as "Unicode"); the mark is not part of the text."""
+    encoding = next((name for bom, name in _BOMS if data.startswith(bom)), "utf-8")
+    return data.decode(encoding, errors="replace")
+
+
 def _read_caption_file(path: Path) -> tuple[str | None, dict[str, Any]]:
     """A sidecar caption: .txt is the caption; .json may hold caption/text/alt plus metadata."""
     try:
         if path.suffix == ".txt":
-            return path.read_text(encoding="utf-8", errors="replace").strip(), {}
-        meta = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+            return _decode_text(path.read_bytes()).strip(), {}
+        meta = json.loads(_decode_text(path.read_bytes()))
     except (OSError, ValueError) as e:
         return None, {"sidecar_error": f"{path.name}: {e}"[:200]}
     if not isinstance(meta, dict):
@@ -232,7 +245,7 @@ def _record_from_members(label: str, key: str, members: dict[str, bytes]) -> Rec
         else:
             meta = {}
     if txt_ext is not None:
-        caption = members[txt_ext].decode("utf-8", errors="replace").strip()
+        caption = _decode_text(members[txt_ext]).strip()
     if image_ext is None:
         return Record(source=source, error=("unreadable", f"no image member among {sorted(members)}"))
     url = meta.get("url")

@@ -564,3 +564,20 @@ def test_a_tar_key_with_several_dots_keeps_its_caption(tmp_path: Path):
     assert [(r.caption, r.error) for r in records] == [
         ("a caption beside several dots", None), ("from the json", None), ("upper case", None)]
     assert [r.data for r in records] == [p.read_bytes() for p in images]
+
+
+def test_caption_files_with_a_byte_order_mark_are_read_as_text(tmp_path: Path):
+    # Windows editors save captions with a BOM (UTF-8's, or UTF-16 as "Unicode"): the mark is not part
+    # of the caption, and a .json behind one is still read.
+    src = tmp_path / "src"
+    images = write_good_images(src, 4)
+    (src / f"{images[0].stem}.txt").write_bytes("\ufeffa caption after a BOM".encode())
+    (src / f"{images[1].stem}.json").write_bytes(("\ufeff" + json.dumps({"caption": "json after a BOM"})).encode())
+    (src / f"{images[2].stem}.txt").write_bytes("utf-16 caption, café".encode("utf-16"))
+    (src / f"{images[3].stem}.json").write_bytes(json.dumps({"text": "utf-16 json"}).encode("utf-16"))
+    source = FolderSource(src, order="path")
+    assert [r.caption for task in source.plan(100) for r in source.records(task)] == [
+        "a caption after a BOM", "json after a BOM", "utf-16 caption, café", "utf-16 json"]
+    tar = _tar_of(tmp_path / "bom.tar", [("k.jpg", images[0].read_bytes()), ("k.txt", "\ufeffin a tar".encode())])
+    tars = TarSource(str(tar))
+    assert [r.caption for task in tars.plan(100) for r in tars.records(task)] == ["in a tar"]

@@ -69,7 +69,7 @@ def _decode_text(data: bytes) -> str:
 def _read_caption_file(path: Path) -> tuple[str | None, dict[str, Any]]:
     """A sidecar caption: .txt is the caption; .json may hold caption/text/alt plus metadata."""
     try:
-        if path.suffix == ".txt":
+        if path.suffix.lower() == ".txt":
             return _decode_text(path.read_bytes()).strip(), {}
         meta = json.loads(_decode_text(path.read_bytes()))
     except (OSError, ValueError) as e:
@@ -154,7 +154,13 @@ class FolderSource(Source):
                 if suffix in IMAGE_EXTENSIONS:
                     images.append(rel)
                 elif suffix in (".txt", ".json"):
-                    others[rel] = full
+                    # By the name with its suffix in lower case, as images are found: DSC_0001.TXT
+                    # is DSC_0001.JPG's caption (NAME.txt first where both are, then the first name
+                    # in sorted order).
+                    lowered = rel[: len(rel) - len(suffix)] + suffix
+                    current = others.get(lowered)
+                    if current != lowered and (current is None or rel == lowered or rel < current):
+                        others[lowered] = rel
                 else:
                     skipped[suffix or "(no suffix)"] += 1
         if skipped:  # said, not silently passed over: a format to convert, or a folder of other things
@@ -163,7 +169,8 @@ class FolderSource(Source):
         out = []
         for rel in sorted(images, key=_spread if self.order == "spread" else None):
             stem = rel.rsplit(".", 1)[0]
-            sidecars = [(s, (self.root / s).stat()) for s in (f"{stem}.txt", f"{stem}.json") if s in others]
+            sidecars = [(others[s], (self.root / others[s]).stat()) for s in (f"{stem}.txt", f"{stem}.json")
+                        if s in others]
             out.append((rel, (self.root / rel).stat(), sidecars))
         return out
 

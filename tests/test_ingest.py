@@ -581,3 +581,16 @@ def test_caption_files_with_a_byte_order_mark_are_read_as_text(tmp_path: Path):
     tar = _tar_of(tmp_path / "bom.tar", [("k.jpg", images[0].read_bytes()), ("k.txt", "\ufeffin a tar".encode())])
     tars = TarSource(str(tar))
     assert [r.caption for task in tars.plan(100) for r in tars.records(task)] == ["in a tar"]
+
+
+def test_a_sidecar_with_an_upper_case_suffix_is_read(tmp_path: Path):
+    # Images are found whatever the case of their suffix (DSC_0001.JPG); so are their captions.
+    src = tmp_path / "src"
+    images = write_good_images(src, 2)
+    (src / "DSC_0001.JPG").write_bytes(images[0].read_bytes())
+    (src / "DSC_0001.TXT").write_bytes(b"camera caption")
+    images[0].unlink()
+    (src / f"{images[1].stem}.JSON").write_text(json.dumps({"caption": "upper json"}))
+    source = FolderSource(src, order="path")
+    assert [(r.source, r.caption) for task in source.plan(100) for r in source.records(task)] == [
+        ("DSC_0001.JPG", "camera caption"), (images[1].name, "upper json")]

@@ -652,6 +652,14 @@ def _expand(spec: str, suffix: str) -> list[Path | str]:
     return [p for p in paths if not p.name.startswith(".")]
 
 
+def _is_hf_text(feature: Any) -> bool:
+    """A text feature of a datasets.Dataset: string, or large_string (polars' text, and so that of
+    Dataset.from_polars and of datasets read from parquet files polars wrote)."""
+    import datasets
+
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
+
 class HFSource(Source):
     """A Hugging Face dataset: ``hf:NAME[:SPLIT]`` from the Hub, or a ``save_to_disk`` folder."""
 
@@ -683,7 +691,7 @@ class HFSource(Source):
         if caption_column is not None and caption_column not in ds.column_names:
             raise CurateError(f"{spec}: no column {caption_column!r} (columns: {ds.column_names})")
         self.caption_column = caption_column or next(
-            (c for c in CAPTION_COLUMNS if c in ds.column_names and ds.features[c].dtype == "string"), None
+            (c for c in CAPTION_COLUMNS if c in ds.column_names and _is_hf_text(ds.features[c])), None
         )
         if isinstance(ds.features[self.image_column], datasets.Image):
             ds = ds.cast_column(self.image_column, datasets.Image(decode=False))  # original bytes

@@ -594,3 +594,16 @@ def test_a_sidecar_with_an_upper_case_suffix_is_read(tmp_path: Path):
     source = FolderSource(src, order="path")
     assert [(r.source, r.caption) for task in source.plan(100) for r in source.records(task)] == [
         ("DSC_0001.JPG", "camera caption"), (images[1].name, "upper json")]
+
+
+def test_an_hf_dataset_built_from_polars_keeps_its_captions(tmp_path: Path):
+    # polars (and so Dataset.from_polars, or a dataset loaded from its parquet) types text as
+    # large_string: still the caption column.
+    import datasets
+
+    files = write_good_images(tmp_path / "raw", 2)
+    table = pl.DataFrame({"image": [p.read_bytes() for p in files], "caption": ["first", "second"]})
+    datasets.Dataset.from_polars(table).save_to_disk(str(tmp_path / "hfds"))
+    source = open_source(str(tmp_path / "hfds"))
+    assert source.caption_column == "caption"
+    assert [r.caption for task in source.plan(100) for r in source.records(task)] == ["first", "second"]

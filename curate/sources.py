@@ -348,7 +348,13 @@ class UrlListSource(Source):
         self.path = Path(path)
         self.table = self._read(self.path)
         self.url_column = self._pick(url_column, URL_COLUMNS, "url")
-        self.caption_column = self._pick(caption_column, CAPTION_COLUMNS, "caption", required=False)
+        # Detected among the columns that read as text (numbers do, as their digits; lists do not).
+        texts = tuple(c for c in CAPTION_COLUMNS if c in self.table.columns and not self.table.schema[c].is_nested())
+        self.caption_column = self._pick(caption_column, texts, "caption", required=False)
+        for column in (self.url_column, self.caption_column):
+            if column is not None and self.table.schema[column].is_nested():
+                raise CurateError(f"{self.path}: column {column!r} holds {self.table.schema[column]}, not text; "
+                                  f"name another with --{'url' if column == self.url_column else 'caption'}-column")
         self.threads, self.timeout, self.retries = threads, timeout, retries
         self.downloads: dict[int, Path] = {}
 
@@ -473,6 +479,9 @@ class ParquetSource(Source):
                               f"{', '.join(IMAGE_COLUMNS)}) among {', '.join(schema.names)}; name it with --image-column")
         if caption_column is not None and caption_column not in schema.names:
             raise CurateError(f"{self.paths[0]}: no column {caption_column!r} (columns: {', '.join(schema.names)})")
+        if caption_column is not None and not _is_text(schema.field(caption_column).type):
+            raise CurateError(f"{self.paths[0]}: column {caption_column!r} holds {schema.field(caption_column).type}, "
+                              "not text; name another with --caption-column")
         self.caption_column = caption_column or next(
             (c for c in CAPTION_COLUMNS if c in schema.names and _is_text(schema.field(c).type)), None)
 
@@ -690,6 +699,9 @@ class HFSource(Source):
             raise CurateError(f"{spec}: no column {self.image_column!r} (columns: {ds.column_names})")
         if caption_column is not None and caption_column not in ds.column_names:
             raise CurateError(f"{spec}: no column {caption_column!r} (columns: {ds.column_names})")
+        if caption_column is not None and not _is_hf_text(ds.features[caption_column]):
+            raise CurateError(f"{spec}: column {caption_column!r} holds {ds.features[caption_column]}, not text; "
+                              "name another with --caption-column")
         self.caption_column = caption_column or next(
             (c for c in CAPTION_COLUMNS if c in ds.column_names and _is_hf_text(ds.features[c])), None
         )

@@ -607,3 +607,21 @@ def test_an_hf_dataset_built_from_polars_keeps_its_captions(tmp_path: Path):
     source = open_source(str(tmp_path / "hfds"))
     assert source.caption_column == "caption"
     assert [r.caption for task in source.plan(100) for r in source.records(task)] == ["first", "second"]
+
+
+def test_a_caption_column_that_is_not_text_is_a_clear_error(tmp_path: Path):
+    # COCO-style datasets hold a list of captions per image: named as the caption column, that was
+    # a traceback in the middle of the first shard ('list' object has no attribute 'encode').
+    import datasets
+
+    files = write_good_images(tmp_path / "raw", 1)
+    features = datasets.Features({"image": datasets.Image(), "captions": datasets.Sequence(datasets.Value("string"))})
+    ds = datasets.Dataset.from_dict({"image": [{"bytes": files[0].read_bytes(), "path": None}],
+                                     "captions": [["one", "two"]]}, features=features)
+    ds.save_to_disk(str(tmp_path / "hfds"))
+    ds.to_parquet(str(tmp_path / "images.parquet"))
+    (tmp_path / "urls.jsonl").write_text(json.dumps({"url": "http://127.0.0.1:9/a.jpg", "caption": ["a", "b"]}))
+    for src in ("hfds", "images.parquet", "urls.jsonl"):
+        with pytest.raises(CurateError, match="not text"):
+            open_source(str(tmp_path / src), caption_column="captions" if src != "urls.jsonl" else "caption")
+        assert open_source(str(tmp_path / src)).caption_column is None  # detection passes over it

@@ -368,11 +368,12 @@ class UrlListSource(Source):
                 return pl.read_csv(path, infer_schema=False)
             if name.endswith(".tsv"):
                 return pl.read_csv(path, separator="\t", infer_schema=False, quote_char=None)
-            if name.endswith((".jsonl", ".ndjson")):
-                return pl.read_ndjson(path)
-            if name.endswith(".json"):
-                return pl.read_json(path)
-            lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+            if name.endswith((".jsonl", ".ndjson", ".json")):
+                with path.open("rb") as f:  # polars' JSON readers stop at a UTF-8 byte order mark
+                    source = path.read_bytes()[len(codecs.BOM_UTF8):] if f.read(3) == codecs.BOM_UTF8 else path
+                return pl.read_json(source) if name.endswith(".json") else pl.read_ndjson(source)
+            # utf-8-sig: a byte order mark (Notepad's UTF-8) is not part of the first URL.
+            lines = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
             return pl.DataFrame({"url": lines})
         except Exception as e:
             raise CurateError(f"{path}: cannot read the URL list: {e}") from e

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
+import json
 import threading
 from pathlib import Path
 
@@ -108,3 +109,13 @@ def test_url_list_formats_are_read(tmp_path: Path, fmt: str):
     assert [t.num_inputs for t in tasks] == [1, 1]
     assert source._rows()["url"].to_list() == table["url"].to_list()
     assert source.caption_column == (None if fmt == "txt" else "caption")
+
+
+def test_a_txt_url_list_with_a_byte_order_mark_keeps_its_first_url(tmp_path: Path):
+    # Notepad's UTF-8 begins with a BOM: it was read into the first URL, which then failed to download.
+    path = tmp_path / "list.txt"
+    path.write_bytes("\ufeffhttp://127.0.0.1:9/a.jpg\r\nhttp://127.0.0.1:9/b.jpg\r\n".encode())
+    assert open_source(str(path))._rows()["url"].to_list() == ["http://127.0.0.1:9/a.jpg", "http://127.0.0.1:9/b.jpg"]
+    path = tmp_path / "list.jsonl"  # polars' reader stopped at the mark: no list at all
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"url": "http://127.0.0.1:9/a.jpg", "caption": "a"}).encode())
+    assert open_source(str(path))._rows().rows() == [("http://127.0.0.1:9/a.jpg", "a")]

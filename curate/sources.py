@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import shutil
 import tarfile
 from collections.abc import Iterator
@@ -66,12 +67,32 @@ def _decode_text(data: bytes) -> str:
     return data.decode(encoding, errors="replace")
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _load_json(data: bytes | str) -> Any:
+    """JSON whose strings UTF-8 can hold: a lone surrogate escape (``"\\ud83d"``, text cut in the
+    middle of an emoji by a count of UTF-16 units) is valid JSON, and becomes U+FFFD. (json.loads
+    joins the pairs that make a character, so any surrogate left is a lone one.)"""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, str):
+            return _LONE_SURROGATE.sub("\ufffd", value)
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        if isinstance(value, dict):
+            return {clean(k): clean(v) for k, v in value.items()}
+        return value
+
+    return clean(json.loads(data))
+
+
 def _read_caption_file(path: Path) -> tuple[str | None, dict[str, Any]]:
     """A sidecar caption: .txt is the caption; .json may hold caption/text/alt plus metadata."""
     try:
         if path.suffix.lower() == ".txt":
             return _decode_text(path.read_bytes()).strip(), {}
-        meta = json.loads(_decode_text(path.read_bytes()))
+        meta = _load_json(_decode_text(path.read_bytes()))
     except (OSError, ValueError) as e:
         return None, {"sidecar_error": f"{path.name}: {e}"[:200]}
     if not isinstance(meta, dict):
@@ -243,7 +264,7 @@ def _record_from_members(label: str, key: str, members: dict[str, bytes]) -> Rec
     json_ext, txt_ext = _field(members, "json"), _field(members, "txt")
     if json_ext is not None:
         try:
-            meta = json.loads(members[json_ext])
+            meta = _load_json(members[json_ext])
         except ValueError:
             meta = {}
         if isinstance(meta, dict):

@@ -625,3 +625,21 @@ def test_a_caption_column_that_is_not_text_is_a_clear_error(tmp_path: Path):
         with pytest.raises(CurateError, match="not text"):
             open_source(str(tmp_path / src), caption_column="captions" if src != "urls.jsonl" else "caption")
         assert open_source(str(tmp_path / src)).caption_column is None  # detection passes over it
+
+
+def test_a_caption_json_with_a_lone_surrogate_is_ingested_not_a_crash(tmp_path: Path):
+    # Alt text cut in the middle of an emoji (JavaScript counts UTF-16 units) is written by JSON
+    # encoders as a lone "\ud83d": valid JSON, but text that UTF-8 cannot hold. Writing the sample's
+    # metadata crashed the stage (UnicodeEncodeError); the half character is now U+FFFD.
+    src = tmp_path / "src"
+    images = write_good_images(src, 2)
+    (src / f"{images[0].stem}.json").write_text('{"caption": "smile \\ud83d", "note": "x"}')
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    _tar_of(tars / "000000.tar", [("k.jpg", images[1].read_bytes()),
+                                  ("k.json", b'{"caption": "in a tar \\udc00", "url": "http://x/k.jpg"}')])
+    for source, out in ((src, tmp_path / "from-folder"), (tars, tmp_path / "from-tars")):
+        assert ingest(source, out).summary["totals"]["ok"] >= 1
+    captions = [read_index(s.index_path)["caption"].to_list() for s in committed_shards(tmp_path / "from-folder")]
+    assert "smile \ufffd" in captions[0]
+    assert [m["txt"] for m in samples(tmp_path / "from-tars").values()] == ["in a tar \ufffd".encode()]

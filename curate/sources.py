@@ -50,6 +50,30 @@ class Record:
     meta: dict[str, Any] = field(default_factory=dict)
     error: tuple[str, str] | None = None  # (reason, detail) when nothing could be read
 
+    def __post_init__(self) -> None:
+        # What is written as text (the index, KEY.json, KEY.txt) must be UTF-8; ``path`` stays as it is.
+        self.source = _utf8_safe(self.source)
+        self.caption = _utf8_safe(self.caption)
+        self.meta = _utf8_safe(self.meta)
+
+
+# Surrogates in a Python string are text UTF-8 cannot hold: a file or tar member name whose bytes
+# are not UTF-8 (Python keeps each such byte as a surrogate), or a lone surrogate escape in JSON
+# ("\ud83d", alt text cut in the middle of an emoji by a count of UTF-16 units; json.loads joins the
+# pairs that make a character, so any left is a lone one).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _utf8_safe(value: Any) -> Any:
+    """``value`` with every surrogate in its strings (dict keys included) replaced by U+FFFD."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_utf8_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {_utf8_safe(k): _utf8_safe(v) for k, v in value.items()}
+    return value
+
 
 def _chunks(n: int, size: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, n)) for start in range(0, n, size)]
@@ -67,32 +91,12 @@ def _decode_text(data: bytes) -> str:
     return data.decode(encoding, errors="replace")
 
 
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _load_json(data: bytes | str) -> Any:
-    """JSON whose strings UTF-8 can hold: a lone surrogate escape (``"\\ud83d"``, text cut in the
-    middle of an emoji by a count of UTF-16 units) is valid JSON, and becomes U+FFFD. (json.loads
-    joins the pairs that make a character, so any surrogate left is a lone one.)"""
-
-    def clean(value: Any) -> Any:
-        if isinstance(value, str):
-            return _LONE_SURROGATE.sub("\ufffd", value)
-        if isinstance(value, list):
-            return [clean(v) for v in value]
-        if isinstance(value, dict):
-            return {clean(k): clean(v) for k, v in value.items()}
-        return value
-
-    return clean(json.loads(data))
-
-
 def _read_caption_file(path: Path) -> tuple[str | None, dict[str, Any]]:
     """A sidecar caption: .txt is the caption; .json may hold caption/text/alt plus metadata."""
     try:
         if path.suffix.lower() == ".txt":
             return _decode_text(path.read_bytes()).strip(), {}
-        meta = _load_json(_decode_text(path.read_bytes()))
+        meta = json.loads(_decode_text(path.read_bytes()))
     except (OSError, ValueError) as e:
         return None, {"sidecar_error": f"{path.name}: {e}"[:200]}
     if not isinstance(meta, dict):
@@ -132,7 +136,8 @@ FOLDER_ORDERS = ("spread", "path")
 
 
 def _spread(rel: str) -> tuple[bytes, str]:
-    return hashlib.blake2b(rel.encode(), digest_size=8).digest(), rel
+    # surrogateescape: a name whose bytes are not UTF-8 is hashed by its bytes.
+    return hashlib.blake2b(rel.encode("utf-8", "surrogateescape"), digest_size=8).digest(), rel
 
 
 class FolderSource(Source):
@@ -264,7 +269,7 @@ def _record_from_members(label: str, key: str, members: dict[str, bytes]) -> Rec
     json_ext, txt_ext = _field(members, "json"), _field(members, "txt")
     if json_ext is not None:
         try:
-            meta = _load_json(members[json_ext])
+            meta = json.loads(members[json_ext])
         except ValueError:
             meta = {}
         if isinstance(meta, dict):

@@ -643,3 +643,24 @@ def test_a_caption_json_with_a_lone_surrogate_is_ingested_not_a_crash(tmp_path: 
     captions = [read_index(s.index_path)["caption"].to_list() for s in committed_shards(tmp_path / "from-folder")]
     assert "smile \ufffd" in captions[0]
     assert [m["txt"] for m in samples(tmp_path / "from-tars").values()] == ["in a tar \ufffd".encode()]
+
+
+def test_file_names_that_are_not_utf8_are_ingested_not_a_crash(tmp_path: Path):
+    # A folder unzipped from an old archive, or a tar made on a Latin-1 system, has names whose bytes
+    # are not UTF-8 (Python keeps them as surrogates): the plan crashed on the folder's spread order,
+    # and writing the sample's source crashed the stage. The file is read; its source shows U+FFFD.
+    src = tmp_path / "src"
+    images = write_good_images(src, 2)
+    odd = os.path.join(os.fsencode(src), b"caf\xe9.jpg")
+    os.rename(images[0], odd)
+    with open(os.path.join(os.fsencode(src), b"caf\xe9.txt"), "wb") as f:
+        f.write(b"a caption beside a Latin-1 name")
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    _tar_of(tars / "000000.tar", [(os.fsdecode(b"caf\xe9.jpg"), images[1].read_bytes())])
+    for source, out in ((src, tmp_path / "from-folder"), (tars, tmp_path / "from-tars")):
+        assert ingest(source, out).summary["totals"]["ok"] >= 1
+    index = read_index(committed_shards(tmp_path / "from-folder")[0].index_path)
+    assert index.filter(pl.col("source") == "caf\ufffd.jpg")["caption"].to_list() == ["a caption beside a Latin-1 name"]
+    index = read_index(committed_shards(tmp_path / "from-tars")[0].index_path)
+    assert index["source"].to_list() == ["000000.tar::caf\ufffd"]

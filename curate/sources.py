@@ -135,6 +135,19 @@ class Source:
 FOLDER_ORDERS = ("spread", "path")
 
 
+# A file's size and modification time (ns); (None, None) for one that cannot be stat'ed (a link whose
+# target is gone), which is then read, and recorded as unreadable, rather than stop the plan.
+_Stat = tuple[int | None, int | None]
+
+
+def _stat(path: Path) -> _Stat:
+    try:
+        st = path.stat()
+    except OSError:
+        return None, None
+    return st.st_size, st.st_mtime_ns
+
+
 def _spread(rel: str) -> tuple[bytes, str]:
     # surrogateescape: a name whose bytes are not UTF-8 is hashed by its bytes.
     return hashlib.blake2b(rel.encode("utf-8", "surrogateescape"), digest_size=8).digest(), rel
@@ -167,7 +180,7 @@ class FolderSource(Source):
     def location(self) -> str:
         return str(self.root.resolve())
 
-    def _files(self) -> list[tuple[str, os.stat_result, list[tuple[str, os.stat_result]]]]:
+    def _files(self) -> list[tuple[str, _Stat, list[tuple[str, _Stat]]]]:
         images, others, skipped = [], {}, collections.Counter()
         for dirpath, dirnames, filenames in os.walk(self.root):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -195,9 +208,9 @@ class FolderSource(Source):
         out = []
         for rel in sorted(images, key=_spread if self.order == "spread" else None):
             stem = rel.rsplit(".", 1)[0]
-            sidecars = [(others[s], (self.root / others[s]).stat()) for s in (f"{stem}.txt", f"{stem}.json")
+            sidecars = [(others[s], _stat(self.root / others[s])) for s in (f"{stem}.txt", f"{stem}.json")
                         if s in others]
-            out.append((rel, (self.root / rel).stat(), sidecars))
+            out.append((rel, _stat(self.root / rel), sidecars))
         return out
 
     def plan(self, shard_size: int) -> list[ShardTask]:
@@ -210,8 +223,7 @@ class FolderSource(Source):
             # Path, size and mtime of every file (images and sidecars): a changed file changes
             # its shard's fingerprint, and only that shard is redone.
             fingerprint = stable_hash(
-                [(rel, st.st_size, st.st_mtime_ns, [(s, ss.st_size, ss.st_mtime_ns) for s, ss in side])
-                 for rel, st, side in chunk]
+                [(rel, *st, [(s, *ss) for s, ss in side]) for rel, st, side in chunk]
             )
             payload = [(rel, [s for s, _ in side]) for rel, _, side in chunk]
             tasks.append(ShardTask(shard_id, fingerprint, len(chunk), payload))

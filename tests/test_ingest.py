@@ -664,3 +664,19 @@ def test_file_names_that_are_not_utf8_are_ingested_not_a_crash(tmp_path: Path):
     assert index.filter(pl.col("source") == "caf\ufffd.jpg")["caption"].to_list() == ["a caption beside a Latin-1 name"]
     index = read_index(committed_shards(tmp_path / "from-tars")[0].index_path)
     assert index["source"].to_list() == ["000000.tar::caf\ufffd"]
+
+
+def test_a_dangling_link_in_a_folder_is_a_rejection_not_a_failed_run(tmp_path: Path):
+    # A folder assembled with links, one of whose targets went away: the plan's stat failed and the
+    # whole run stopped ("No such file or directory"). It is recorded as unreadable like any file that
+    # cannot be read, and a rerun once its target is back redoes its shard.
+    src = tmp_path / "src"
+    images = write_good_images(src, 3)
+    target = tmp_path / "elsewhere.jpg"
+    (src / "link.jpg").symlink_to(target)
+    (src / f"{images[0].stem}.txt").symlink_to(tmp_path / "gone.txt")
+    result = ingest(src, tmp_path / "out")
+    assert (result.summary["totals"]["ok"], result.summary["totals"]["reasons"]) == (3, {"unreadable": 1})
+    target.write_bytes(encode(noise_image(9), "JPEG"))
+    again = ingest(src, tmp_path / "out")
+    assert again.processed and again.summary["totals"]["ok"] == 4

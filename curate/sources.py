@@ -182,7 +182,8 @@ class FolderSource(Source):
 
     def _files(self) -> list[tuple[str, _Stat, list[tuple[str, _Stat]]]]:
         images, others, skipped = [], {}, collections.Counter()
-        for dirpath, dirnames, filenames in os.walk(self.root):
+        unlisted: list[OSError] = []  # os.walk passes over a folder it cannot list without a word
+        for dirpath, dirnames, filenames in os.walk(self.root, onerror=unlisted.append):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in filenames:
                 if name.startswith("."):
@@ -202,6 +203,9 @@ class FolderSource(Source):
                         others[lowered] = rel
                 else:
                     skipped[suffix or "(no suffix)"] += 1
+        if unlisted:
+            log.warning("%s: %d folders could not be listed, their images left out: %s", self.root, len(unlisted),
+                        "; ".join(str(e) for e in unlisted[:5]) + ("; ..." if len(unlisted) > 5 else ""))
         if skipped:  # said, not silently passed over: a format to convert, or a folder of other things
             log.info("%s: skipped %d files that are neither images nor captions (%s)", self.root, skipped.total(),
                      ", ".join(f"{suffix} {count}" for suffix, count in skipped.most_common()))

@@ -680,3 +680,22 @@ def test_a_dangling_link_in_a_folder_is_a_rejection_not_a_failed_run(tmp_path: P
     target.write_bytes(encode(noise_image(9), "JPEG"))
     again = ingest(src, tmp_path / "out")
     assert again.processed and again.summary["totals"]["ok"] == 4
+
+
+def test_a_subfolder_that_cannot_be_listed_is_said_not_passed_over(tmp_path: Path, monkeypatch, caplog):
+    # os.walk passes over a folder it cannot list (permissions, a stale mount) without a word: its
+    # images were silently missing from the stage.
+    src = tmp_path / "src"
+    write_good_images(src, 2)
+    write_good_images(src / "locked", 2, start_seed=5)
+    scandir = os.scandir
+
+    def refuse(path):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    with caplog.at_level("WARNING", logger="curate"):
+        assert len(FolderSource(src).plan(100)[0].payload) == 2
+    assert "locked" in caplog.text and "Permission denied" in caplog.text

@@ -671,6 +671,8 @@ def _is_binary(t: Any) -> bool:
 def _is_text(t: Any) -> bool:
     import pyarrow as pa
 
+    if pa.types.is_dictionary(t):  # dictionary-encoded text: a pandas categorical, for one
+        t = t.value_type
     return pa.types.is_string(t) or pa.types.is_large_string(t)
 
 

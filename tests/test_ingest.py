@@ -699,3 +699,16 @@ def test_a_subfolder_that_cannot_be_listed_is_said_not_passed_over(tmp_path: Pat
     with caplog.at_level("WARNING", logger="curate"):
         assert len(FolderSource(src).plan(100)[0].payload) == 2
     assert "locked" in caplog.text and "Permission denied" in caplog.text
+
+
+def test_a_dictionary_encoded_caption_column_is_text(tmp_path: Path):
+    # pandas writes a categorical column as dictionary-encoded text: still the caption column.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = write_good_images(tmp_path / "raw", 2)
+    captions = pa.array(["first", "second"]).dictionary_encode()
+    pq.write_table(pa.table({"image": [p.read_bytes() for p in files], "caption": captions}), tmp_path / "i.parquet")
+    for column in (None, "caption"):
+        source = open_source(str(tmp_path / "i.parquet"), caption_column=column)
+        assert [r.caption for task in source.plan(100) for r in source.records(task)] == ["first", "second"]

@@ -245,7 +245,7 @@ class FolderSource(Source):
 
 def _group_tar(tar_path: str, label: str) -> Iterator[Record]:
     """Records from a webdataset tar, reading members in order; a broken tar ends in a rejection."""
-    key, members, last = None, {}, None
+    key, members, last, cut = None, {}, None, False
     try:
         with storage.open_stream(tar_path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for info in tar:
@@ -257,6 +257,10 @@ def _group_tar(tar_path: str, label: str) -> Iterator[Record]:
                     members = {}
                 key, last = k, info.name
                 members[ext.lower()] = tar.extractfile(info).read()
+            # tarfile ends without a word at a header cut short (a copy or download interrupted
+            # there): less than a header's 512 bytes after the last member is no end of archive.
+            if getattr(tar.fileobj, "comptype", None) == "tar":
+                cut = 0 < storage.size(tar_path) - tar.offset < tarfile.BLOCKSIZE
     except storage.RemoteError:
         raise  # the network, not the data: the shard fails and a rerun reads it again
     except (tarfile.TarError, OSError, EOFError, UnicodeDecodeError) as e:
@@ -267,6 +271,9 @@ def _group_tar(tar_path: str, label: str) -> Iterator[Record]:
         return
     if key is not None:
         yield _record_from_members(label, key, members)
+    if cut:
+        yield Record(source=label, error=("unreadable", f"tar cut off inside a member's header after {last!r}: "
+                                                        "the samples after it are lost"))
 
 
 def _field(members: dict[str, bytes], suffix: str) -> str | None:

@@ -269,6 +269,32 @@ def test_broken_tar_member_is_recorded(tmp_path: Path):
     assert totals["ok"] >= 2
 
 
+def test_a_tar_cut_inside_a_members_header_is_recorded_not_ended_silently(tmp_path: Path):
+    """tarfile takes a header cut short for the end of the archive: the samples after it would be
+    lost without a word."""
+    import tarfile
+
+    src = tmp_path / "src"
+    write_good_images(src, 6, size=(200, 150))
+    out = tmp_path / "shards"
+    ingest(src, out)
+    data = (out / "000000.tar").read_bytes()
+    with tarfile.open(out / "000000.tar") as tar:
+        members = tar.getmembers()
+    cut_at = members[9].offset + 200  # inside the fourth sample's first header (jpg, json and txt each)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "000000.tar").write_bytes(data[:cut_at])
+    result = run_stage(IngestStage(open_source(str(broken)), tmp_path / "re"), tmp_path / "re", progress=False)
+    totals = result.summary["totals"]
+    assert (totals["ok"], totals["reasons"]) == (3, {"unreadable": 1})
+    rejected = read_index(tmp_path / "re" / "000000.parquet").filter(pl.col("status") != "ok")
+    assert "cut off inside a member's header" in rejected["detail"][0]
+    # A whole tar reads as before: nothing more than its samples.
+    whole = run_stage(IngestStage(open_source(str(out)), tmp_path / "again"), tmp_path / "again", progress=False)
+    assert whole.summary["totals"]["reasons"] == {}
+
+
 @pytest.mark.skipif(not __import__("PIL.features").features.check("avif"), reason="PIL without AVIF")
 def test_an_image_whose_decoder_raises_an_unusual_error_is_recorded_not_a_crash(tmp_path: Path):
     # PIL's AVIF decoder raises RuntimeError on damaged image data: a rejection like any other.

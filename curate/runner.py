@@ -23,7 +23,6 @@ import logging
 import os
 import platform
 import posixpath
-import re
 import sys
 import time
 from collections import deque
@@ -38,6 +37,7 @@ from typing import Any
 from tqdm import tqdm
 
 from curate.shards import (
+    TAR_RE,
     Shard,
     ShardWriter,
     UnreadableIndex,
@@ -474,7 +474,6 @@ def run_stage(
             _check_writable(out_dir)
         if todo:
             _withdraw_completion(out_dir)
-        if todo:
             stage.prepare(todo)
         bar = tqdm(
             total=sum(t.num_inputs for t in todo),
@@ -554,9 +553,6 @@ def _disk_full_named(stage: Stage, out_dir: Path | str) -> Iterator[None]:
                           "are kept: free some space and rerun to go on") from e
 
 
-_TAR_RE = re.compile(r"^(\d{6,})\.tar$")
-
-
 def _remove_unplanned(stage: Stage, out_dir: Path | str, tasks: list[ShardTask]) -> None:
     """Remove the committed shards that the plan no longer has (left from an earlier run over a larger
     input: a clean run would not have them), before the final pass, which reads the folder's shards
@@ -570,14 +566,10 @@ def _remove_unplanned(stage: Stage, out_dir: Path | str, tasks: list[ShardTask])
             delete_shard(shard)
     # A tar whose index never came (its writer killed between the renames), outside the plan too: no
     # run would redo it, and a reader that globs *.tar (datasets' webdataset loader) would read it.
-    remote = storage.is_remote(out_dir)
-    for name in storage.list_names(out_dir) if remote else os.listdir(out_dir):
-        if (m := _TAR_RE.match(name)) and int(m.group(1)) not in planned:
+    for name in storage.list_names(out_dir):
+        if (m := TAR_RE.match(name)) and int(m.group(1)) not in planned:
             log.info("%s: removing %s, a tar without its index outside the plan", stage.name, name)
-            if remote:
-                storage.remove(storage.join(out_dir, name))
-            else:
-                Path(out_dir, name).unlink(missing_ok=True)
+            storage.remove(storage.join(out_dir, name))
 
 
 def _withdraw_completion(out_dir: Path | str) -> None:
@@ -587,11 +579,7 @@ def _withdraw_completion(out_dir: Path | str) -> None:
     run that commits the last shard writes it again."""
     from curate import storage
 
-    record = storage.join(out_dir, STAGE_FILE)
-    if storage.is_remote(out_dir):
-        storage.remove(record)
-    else:
-        Path(record).unlink(missing_ok=True)
+    storage.remove(storage.join(out_dir, STAGE_FILE))
 
 
 def _check_writable(out_dir: str) -> None:

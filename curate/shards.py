@@ -49,6 +49,7 @@ OK = "ok"
 REJECTED = "rejected"
 META_KEY = b"kiln"
 SHARD_RE = re.compile(r"^(\d{6,})\.parquet$")
+TAR_RE = re.compile(r"^(\d{6,})\.tar$")
 
 # Columns every index has; stages add their own after these.
 BASE_SCHEMA: dict[str, pl.DataType] = {
@@ -593,7 +594,7 @@ def listed_shard_ids(stage_dir: str | os.PathLike, *, missing_ok: bool = True) -
     from curate import storage
 
     try:
-        names = storage.list_names(stage_dir) if storage.is_remote(stage_dir) else os.listdir(stage_dir)
+        names = storage.list_names(stage_dir)
     except (FileNotFoundError, NotADirectoryError):
         if not missing_ok:
             raise
@@ -626,12 +627,8 @@ def delete_shard(shard: Shard) -> None:
     from curate import storage
 
     for path in (shard.index_path, shard.tar_path):
-        if path is None:
-            continue
-        if storage.is_remote(path):
+        if path is not None:
             storage.remove(path)
-        else:
-            Path(path).unlink(missing_ok=True)
 
 
 def split_member(name: str) -> tuple[str, str]:

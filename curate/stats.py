@@ -25,7 +25,7 @@ def stage_stats(stage_dir: str | os.PathLike) -> dict[str, Any]:
     if stats is not None:
         stats["committed_shards"] = len(shards)
         # `curate dedup`'s tables beside a score stage's shards: images to leave out, per threshold.
-        names = storage.list_names(stage_dir) if remote else os.listdir(stage_dir)
+        names = storage.list_names(stage_dir)
         tables = sorted(n for n in names if n.startswith("duplicates-") and n.endswith(".parquet"))
         duplicates = {name: _rows(storage.join(stage_dir, name)) for name in tables}
         if duplicates:

@@ -319,8 +319,12 @@ def write_text(path: str | os.PathLike, text: str) -> Path | str:
     return write_whole(path, text.encode())
 
 
-def remove(url: str) -> None:
-    """Delete ``url``; a missing one is no error."""
+def remove(path: str | os.PathLike) -> None:
+    """Delete a file here or at a URL; a missing one is no error."""
+    if not is_remote(path):
+        Path(local_path(path)).unlink(missing_ok=True)
+        return
+    url = os.fspath(path)
     fs, inner = _filesystem(url)
 
     async def http_delete() -> None:
